@@ -1,0 +1,163 @@
+"""The on-disk format of an expert: what a contributor uploads and the coordinator stores.
+
+One expert is a directory (or, at the coordinator, a set of content-addressed blobs) holding:
+
+``adapter_config.json``
+    PEFT's own LoRA config, written by ``PeftModel.save_pretrained``.
+``adapter_model.safetensors``
+    PEFT's own LoRA weights. For classification experts the task head (``classifier.*``,
+    saved by PEFT through ``modules_to_save``) is included, as PEFT does for ``SEQ_CLS``.
+``statistics.safetensors``
+    Summary statistics of the contributor's data under the *frozen base model* (tensors below).
+``statistics.json``
+    The scalar part of the statistics and their provenance (:class:`StatisticsMeta`).
+
+Tensor keys in ``statistics.safetensors`` (``H`` = hidden size, ``k`` = covariance rank)::
+
+    embedding.mean        [H]     mean of the L2-normalised, mean-pooled last hidden states
+    embedding.cov_diag    [H]     diagonal part D of the covariance  Cov ~= U U^T + diag(D)
+    embedding.cov_factor  [H, k]  low-rank factor U of the covariance
+    gates.<module>        [d_in]  PHATGOOSE gate vector of one LoRA module, e.g.
+                                  ``gates.encoder.layer.0.attention.self.query`` (the module's
+                                  path in the *base* model, without PEFT's prefixes)
+
+Nothing here is per-example: no text, token ids or single embeddings ever enter these files.
+Only safetensors and JSON are read, never pickle. This module imports no torch so that the
+coordinator's validators and ``storage`` can use it; tensors are read with numpy.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+FORMAT_VERSION = 1
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+STATISTICS_TENSORS = "statistics.safetensors"
+STATISTICS_META = "statistics.json"
+
+#: Every file of an expert, in the order they are streamed on upload.
+EXPERT_FILES: tuple[str, ...] = (ADAPTER_CONFIG, ADAPTER_WEIGHTS, STATISTICS_TENSORS, STATISTICS_META)
+
+MEAN_KEY = "embedding.mean"
+COV_DIAG_KEY = "embedding.cov_diag"
+COV_FACTOR_KEY = "embedding.cov_factor"
+GATE_PREFIX = "gates."
+
+
+@dataclass
+class DifferentialPrivacy:
+    """Parameters of the Gaussian mechanism applied to the statistics (None when off).
+
+    ``clip_norm`` bounds each embedding's L2 norm before aggregation; ``noise_std`` records the
+    standard deviation of the noise added to each released quantity so the coordinator can
+    show (and routers can account for) the noise scale.
+    """
+
+    epsilon: float
+    delta: float
+    clip_norm: float
+    noise_std: dict[str, float] = field(default_factory=dict)
+    mechanism: str = "gaussian"
+
+
+@dataclass
+class StatisticsMeta:
+    """The JSON half of the statistics (``statistics.json``)."""
+
+    example_count: int
+    hidden_size: int
+    covariance_rank: int
+    task_name: str
+    task_type: str = "classification"  # "classification" or "causal_lm"
+    task_description: str = ""
+    label_names: list[str] = field(default_factory=list)
+    label_counts: list[int] = field(default_factory=list)
+    base_model_id: str = ""
+    base_model_revision: str = ""
+    pooling: str = "mean+l2"
+    gate_modules: list[str] = field(default_factory=list)
+    dp: DifferentialPrivacy | None = None
+    format_version: int = FORMAT_VERSION
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> StatisticsMeta:
+        """Build from parsed JSON, raising ``ValueError`` naming the offending field."""
+        if not isinstance(raw, dict):
+            raise ValueError("statistics.json: expected a JSON object")
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise ValueError(f"statistics.json: unknown field(s) {unknown}")
+        data = dict(raw)
+        dp = data.get("dp")
+        if dp is not None:
+            if not isinstance(dp, dict):
+                raise ValueError("statistics.json: field 'dp' must be an object or null")
+            try:
+                data["dp"] = DifferentialPrivacy(**dp)
+            except TypeError as exc:
+                raise ValueError(f"statistics.json: field 'dp': {exc}") from None
+        try:
+            meta = cls(**data)
+        except TypeError as exc:
+            raise ValueError(f"statistics.json: {exc}") from None
+        meta.validate()
+        return meta
+
+    @classmethod
+    def read(cls, path: str | Path) -> StatisticsMeta:
+        try:
+            raw = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ValueError(f"statistics.json: not valid JSON ({exc})") from None
+        return cls.from_dict(raw)
+
+    def write(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_json(), encoding="utf-8")
+
+    def validate(self) -> None:
+        """Check types and ranges; raise ``ValueError`` naming the field."""
+        _check_int("example_count", self.example_count, minimum=1)
+        _check_int("hidden_size", self.hidden_size, minimum=1)
+        _check_int("covariance_rank", self.covariance_rank, minimum=0)
+        _check_int("format_version", self.format_version, minimum=1)
+        if self.format_version != FORMAT_VERSION:
+            raise ValueError(f"statistics.json: format_version {self.format_version} unsupported")
+        for name in ("task_name", "task_type", "task_description", "base_model_id",
+                     "base_model_revision", "pooling"):
+            if not isinstance(getattr(self, name), str):
+                raise ValueError(f"statistics.json: field '{name}' must be a string")
+        if self.task_type not in ("classification", "causal_lm"):
+            raise ValueError("statistics.json: field 'task_type' must be classification|causal_lm")
+        if not all(isinstance(x, str) for x in self.label_names):
+            raise ValueError("statistics.json: field 'label_names' must be a list of strings")
+        if not all(isinstance(x, int) and x >= 0 for x in self.label_counts):
+            raise ValueError("statistics.json: field 'label_counts' must be non-negative ints")
+        if self.label_counts and len(self.label_counts) != len(self.label_names):
+            raise ValueError("statistics.json: 'label_counts' and 'label_names' differ in length")
+        if not all(isinstance(x, str) for x in self.gate_modules):
+            raise ValueError("statistics.json: field 'gate_modules' must be a list of strings")
+        if self.dp is not None:
+            for name in ("epsilon", "delta", "clip_norm"):
+                value = getattr(self.dp, name)
+                if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                    raise ValueError(f"statistics.json: field 'dp.{name}' must be a positive number")
+
+
+def _check_int(name: str, value: object, minimum: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"statistics.json: field '{name}' must be an integer >= {minimum}")
+
+
+def gate_key(module_name: str) -> str:
+    """``gates.<module>`` key of a module path in the base model."""
+    return GATE_PREFIX + module_name
