@@ -1,0 +1,148 @@
+"""Token authentication and role checks, as one gRPC server interceptor.
+
+Clients send ``authorization: Bearer <token>``. Tokens are looked up by id and their secret
+compared in constant time against a stored hash (see :mod:`moerge.storage.tokens`); nothing
+secret is logged. Each service has a set of roles that may call it; the authenticated
+:class:`~moerge.storage.records.Principal` reaches the servicer through :func:`current_principal`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+
+from moerge.storage.records import Principal
+
+PUBLIC_METHODS = frozenset(
+    {
+        "/moerge.v1.ContributorService/Join",
+        "/grpc.health.v1.Health/Check",
+        "/grpc.health.v1.Health/Watch",
+        "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+        "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+    }
+)
+
+#: service prefix -> roles allowed to call its methods
+SERVICE_ROLES: dict[str, frozenset[str]] = {
+    "/moerge.v1.ContributorService/": frozenset({"contributor"}),
+    "/moerge.v1.InferenceService/": frozenset({"contributor", "admin"}),
+    "/moerge.v1.AdminService/": frozenset({"admin"}),
+}
+
+_PRINCIPAL: contextvars.ContextVar[Principal | None] = contextvars.ContextVar(
+    "moerge_principal", default=None
+)
+
+
+def current_principal() -> Principal:
+    """The caller of the RPC being served (set by :class:`AuthInterceptor`)."""
+    principal = _PRINCIPAL.get()
+    if principal is None:
+        raise RuntimeError("no authenticated principal in this context")
+    return principal
+
+
+def required_roles(method: str) -> frozenset[str] | None:
+    """Roles that may call ``method``; None for public methods and methods we do not serve."""
+    if method in PUBLIC_METHODS:
+        return None
+    for prefix, roles in SERVICE_ROLES.items():
+        if method.startswith(prefix):
+            return roles
+    return None
+
+
+def bearer_token(metadata: tuple[Any, ...] | None) -> str | None:
+    for key, value in metadata or ():
+        if key == "authorization" and isinstance(value, str) and value.startswith("Bearer "):
+            return value[len("Bearer "):].strip()
+    return None
+
+
+class AuthInterceptor(grpc.aio.ServerInterceptor):
+    """UNAUTHENTICATED without a valid token; PERMISSION_DENIED for the wrong role."""
+
+    def __init__(self, authenticate: Callable[[str], Principal | None]) -> None:
+        self._authenticate = authenticate
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Any],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        handler = await continuation(handler_call_details)
+        method = handler_call_details.method
+        roles = required_roles(method)
+        if handler is None or roles is None:
+            return handler
+        token = bearer_token(handler_call_details.invocation_metadata)
+        principal = await asyncio.to_thread(self._authenticate, token) if token else None
+        if principal is None:
+            return _rejecting(handler, grpc.StatusCode.UNAUTHENTICATED,
+                              "missing, unknown or revoked credential")
+        if principal.role not in roles:
+            return _rejecting(handler, grpc.StatusCode.PERMISSION_DENIED,
+                              f"role '{principal.role}' may not call {method}")
+        return _with_principal(handler, principal)
+
+
+def _rebuild(handler: grpc.RpcMethodHandler, unary: Any, streaming: Any) -> grpc.RpcMethodHandler:
+    """A handler of the same kind and (de)serializers with a new behaviour."""
+    kwargs = {
+        "request_deserializer": handler.request_deserializer,
+        "response_serializer": handler.response_serializer,
+    }
+    if handler.unary_unary:
+        return grpc.unary_unary_rpc_method_handler(unary(handler.unary_unary), **kwargs)
+    if handler.stream_unary:
+        return grpc.stream_unary_rpc_method_handler(unary(handler.stream_unary), **kwargs)
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(streaming(handler.unary_stream), **kwargs)
+    return grpc.stream_stream_rpc_method_handler(streaming(handler.stream_stream), **kwargs)
+
+
+def _rejecting(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str) -> Any:
+    def unary(_behaviour: Any) -> Any:
+        async def reject(_request: Any, context: grpc.aio.ServicerContext) -> Any:
+            await context.abort(code, message)
+
+        return reject
+
+    def streaming(_behaviour: Any) -> Any:
+        async def reject(_request: Any, context: grpc.aio.ServicerContext) -> Any:
+            await context.abort(code, message)
+            yield  # pragma: no cover  (makes this an async generator)
+
+        return reject
+
+    return _rebuild(handler, unary, streaming)
+
+
+def _with_principal(handler: grpc.RpcMethodHandler, principal: Principal) -> Any:
+    def unary(behaviour: Any) -> Any:
+        async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            token = _PRINCIPAL.set(principal)
+            try:
+                return await behaviour(request, context)
+            finally:
+                _PRINCIPAL.reset(token)
+
+        return call
+
+    def streaming(behaviour: Any) -> Any:
+        async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            token = _PRINCIPAL.set(principal)
+            try:
+                async for item in behaviour(request, context):
+                    yield item
+            finally:
+                _PRINCIPAL.reset(token)
+
+        return call
+
+    return _rebuild(handler, unary, streaming)

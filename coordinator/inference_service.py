@@ -1,0 +1,236 @@
+"""Routed predictions at the coordinator: pick the router, restrict it, batch, call the engine.
+
+The engine (:mod:`moerge.coordinator.inference`) knows models and adapters; this module knows the
+registry: which experts are active, which router version a request asks for, and what to do
+when there is no router yet. Rules (documented in ``docs/inference.md``):
+
+* A request may name a router version, or a method (its newest ready version), else the active
+  version is used. With no trained router at all, a centroid router is fitted on the fly from
+  the active experts' uploaded statistics and the response says so in ``note``.
+* Only ACTIVE experts receive traffic: when a router was fitted over experts that have since been
+  quarantined or retired (or the request restricts ``expert_ids``), the router is wrapped by
+  :class:`RestrictedRouter`, which renormalises its softmax over the allowed experts only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from moerge.coordinator.config import CoordinatorConfig
+from moerge.coordinator.expert_store import ExpertStore
+from moerge.coordinator.inference.batcher import MicroBatcher
+from moerge.coordinator.inference.engine import InferenceEngine, InferenceRequest
+from moerge.coordinator.inference.errors import EmptyBatch, InputTooLong, InvalidTopK
+from moerge.coordinator.inference.plan import Aggregation, RoutingPlan
+from moerge.coordinator.inference.results import ExamplePrediction
+from moerge.coordinator.routers import RouterService
+from moerge.router_training.base import Router, RoutingDecision
+from moerge.router_training.fitting import fit_router
+from moerge.storage.errors import FailedPrecondition, NotFound
+from moerge.storage.records import ExpertInfo
+from moerge.storage.registry import Registry
+
+FALLBACK_METHOD = "centroid"
+
+
+class RestrictedRouter(Router):
+    """A fitted router limited to a subset of its experts (softmax renormalised over them).
+
+    For softmax-style weights ``p_i = exp(s_i) / sum_j exp(s_j)``, renormalising over a subset S
+    gives ``exp(s_i) / sum_{j in S} exp(s_j)``: exactly the router fitted over S would weigh them.
+    """
+
+    def __init__(self, inner: Router, allowed: Sequence[str]) -> None:
+        self.inner = inner
+        self.method = inner.method  # type: ignore[misc]
+        self.granularity = inner.granularity  # type: ignore[misc]
+        self.config = inner.config
+        self.expert_ids = list(inner.expert_ids)
+        allowed_set = set(allowed)
+        self.mask = torch.tensor([e in allowed_set for e in self.expert_ids])  # [E] bool
+        self.allowed_count = int(self.mask.sum())
+
+    @classmethod
+    def fit(cls, experts, config):  # type: ignore[no-untyped-def]  # noqa: ANN001, ANN206
+        raise TypeError("a RestrictedRouter wraps a fitted router; it is never fitted")
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.inner.load_state_dict(state)
+
+    @property
+    def modules(self) -> list[str]:
+        return self.inner.modules
+
+    def _restrict(self, full: RoutingDecision, k: int) -> RoutingDecision:
+        rows = full.indices.shape[0]
+        dense = torch.zeros(rows, self.num_experts)  # [R, E]
+        dense.scatter_(1, full.indices, full.weights.float())
+        dense[:, ~self.mask] = 0.0
+        weights, indices = torch.topk(dense, k, dim=-1)  # [R, k]
+        weights = weights / weights.sum(dim=-1, keepdim=True).clamp_min(1e-12)
+        return RoutingDecision(indices=indices, weights=weights)
+
+    def _k(self, top_k: int | None) -> int:
+        k = self.config.top_k if top_k is None else top_k
+        if k < 1 or k > self.allowed_count:
+            raise InvalidTopK(f"top_k must be between 1 and {self.allowed_count}, got {k}")
+        return k
+
+    def route_examples(self, embeddings: torch.Tensor, top_k: int | None = None) -> RoutingDecision:
+        k = self._k(top_k)
+        return self._restrict(self.inner.route_examples(embeddings, self.num_experts), k)
+
+    def route_tokens(self, module: str, hidden: torch.Tensor, top_k: int | None = None) -> RoutingDecision:
+        k = self._k(top_k)
+        return self._restrict(self.inner.route_tokens(module, hidden, self.num_experts), k)
+
+
+@dataclass(frozen=True)
+class Chosen:
+    """The router a request will use, and what to tell the caller about it."""
+
+    router: Router
+    version: int
+    note: str
+
+
+class InferenceService:
+    """Owns the engine and the micro-batcher; created on the first Predict/Route."""
+
+    def __init__(self, config: CoordinatorConfig, registry: Registry, experts: ExpertStore,
+                 routers: RouterService) -> None:
+        self.config = config
+        self.registry = registry
+        self.experts = experts
+        self.routers = routers
+        self.engine = InferenceEngine(
+            config.base_model,
+            task_type=config.task_type,
+            target_modules=list(config.target_modules),
+            max_rank=config.max_lora_rank,
+            cache_bytes=config.adapter_cache_bytes,
+            expert_loader=self._expert_folder,
+            max_chars=config.max_input_chars,
+        )
+        self.batcher: MicroBatcher[InferenceRequest, list[ExamplePrediction]] = MicroBatcher(
+            self.engine.predict_many,
+            max_wait_ms=config.batch_wait_ms,
+            executor=self.engine.executor,
+            size_of=lambda request: len(request.texts),
+        )
+        self._fallback: tuple[str, Router] | None = None
+        self._lock = threading.Lock()
+
+    def _expert_folder(self, expert_id: str):  # noqa: ANN202 - Path
+        return self.experts.folder(self.registry.get_expert(expert_id))
+
+    async def aclose(self) -> None:
+        await self.batcher.aclose()
+        await asyncio.to_thread(self.engine.close)
+
+    # -- choosing a router --------------------------------------------------------------------
+    def choose(self, method: str, version: int, expert_filter: Sequence[str]) -> Chosen:
+        """Router by version, by method, active, or the on-the-fly fallback; then restricted."""
+        active = {e.id: e for e in self.registry.active_experts()}
+        if not active:
+            raise FailedPrecondition("no active experts are registered yet")
+        for expert_id in expert_filter:
+            if expert_id not in active:
+                info = self.registry.get_expert(expert_id)  # NotFound for unknown ids
+                raise FailedPrecondition(f"expert {expert_id} is {info.state}, not active")
+        note = ""
+        if version:
+            loaded = self.routers.get(version)
+        elif method:
+            loaded = self._newest(method)
+        else:
+            loaded = self.routers.active
+        if loaded is None:
+            router, number = self._fallback_router(active), 0
+            note = (f"no router trained yet: routed with a {FALLBACK_METHOD} router fitted on the "
+                    f"fly over {len(active)} active experts")
+        else:
+            router, number = loaded.router, loaded.version.version
+        allowed = [e for e in router.expert_ids if e in active and
+                   (not expert_filter or e in expert_filter)]
+        if not allowed:
+            raise FailedPrecondition(
+                "none of the router's experts is active (or in expert_ids); train a new router"
+            )
+        if len(allowed) < router.num_experts:
+            router = RestrictedRouter(router, allowed)
+        return Chosen(router=router, version=number, note=note)
+
+    def _newest(self, method: str):  # noqa: ANN202 - LoadedRouter
+        page = self.registry.list_router_versions(page_size=50, method=method)
+        for info in page.items:
+            if info.status == "ready":
+                return self.routers.get(info.version)
+        raise FailedPrecondition(
+            f"no trained router for method {method!r}; train one with "
+            f"`moerge admin router train --method {method}`"
+        )
+
+    def _fallback_router(self, active: dict[str, ExpertInfo]) -> Router:
+        key = ",".join(sorted(active))
+        with self._lock:
+            if self._fallback is None or self._fallback[0] != key:
+                records = [self.experts.record(e) for e in active.values()]
+                self._fallback = (key, fit_router(FALLBACK_METHOD, records, {}).router)
+            return self._fallback[1]
+
+    # -- serving ------------------------------------------------------------------------------
+    def check_inputs(self, inputs: Sequence[str]) -> None:
+        if not inputs:
+            raise EmptyBatch("inputs is empty")
+        if len(inputs) > self.config.max_batch_inputs:
+            raise InputTooLong(f"inputs holds {len(inputs)} texts; at most "
+                               f"{self.config.max_batch_inputs} per call")
+        for i, text in enumerate(inputs):
+            if len(text) > self.config.max_input_chars:
+                raise InputTooLong(f"inputs[{i}] has {len(text)} characters; at most "
+                                   f"{self.config.max_input_chars}")
+
+    async def predict(
+        self, inputs: Sequence[str], method: str, version: int, expert_filter: Sequence[str],
+        top_k: int, aggregation: Aggregation | None, max_new_tokens: int,
+    ) -> tuple[list[ExamplePrediction], Chosen, float]:
+        started = time.perf_counter()
+        self.check_inputs(inputs)
+        chosen = await asyncio.to_thread(self.choose, method, version, expert_filter)
+        plan = RoutingPlan.routed(chosen.router, top_k or None, aggregation)
+        request = InferenceRequest(list(inputs), plan, max_new_tokens or None)
+        predictions = await self.batcher.submit(request)
+        return predictions, chosen, (time.perf_counter() - started) * 1000
+
+    async def route(
+        self, inputs: Sequence[str], method: str, version: int, expert_filter: Sequence[str],
+        top_k: int,
+    ) -> tuple[list[list[tuple[str, float]]], Chosen, float]:
+        started = time.perf_counter()
+        self.check_inputs(inputs)
+        chosen = await asyncio.to_thread(self.choose, method, version, expert_filter)
+        plan = RoutingPlan.routed(chosen.router, top_k or None)
+        routed = await asyncio.to_thread(self.engine.route, list(inputs), plan)
+        decisions = [[(w.expert_id, w.weight) for w in row] for row in routed]
+        return decisions, chosen, (time.perf_counter() - started) * 1000
+
+
+def expert_names(registry: Registry, expert_ids: Sequence[str]) -> dict[str, str]:
+    names = {}
+    for expert_id in set(expert_ids):
+        try:
+            info = registry.get_expert(expert_id)
+            names[expert_id] = f"{info.name} v{info.version}"
+        except NotFound:
+            names[expert_id] = ""
+    return names

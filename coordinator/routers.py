@@ -1,0 +1,167 @@
+"""Router versions at the coordinator: fit off the event loop, store, swap atomically, roll back.
+
+Every fit (manual, on an expert-set change, or periodic, as decided by
+:class:`~moerge.router_training.policy.RetrainPolicy`) writes a new router version: its method,
+parameters, experts, artifact blob, fit metrics and timings. Only a successful fit replaces the
+active router, by swapping one reference, so Predict never waits on training and a failed fit
+leaves the previous router serving. Quarantined and retired experts are never included.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from moerge.coordinator.expert_store import ExpertStore
+from moerge.router_training.base import Router, load_router
+from moerge.router_training.fitting import fit_router
+from moerge.router_training.policy import RetrainPolicy
+from moerge.router_training.registry import available_methods
+from moerge.storage.errors import FailedPrecondition, InvalidArgument, NotFound
+from moerge.storage.records import RouterVersionInfo
+from moerge.storage.blobstore import BlobStore
+from moerge.storage.registry import Registry
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LoadedRouter:
+    version: RouterVersionInfo
+    router: Router
+
+
+class RouterService:
+    """Owns the active router and the cache of loaded router versions."""
+
+    def __init__(
+        self, registry: Registry, blobs: BlobStore, experts: ExpertStore, default_method: str,
+        policy: RetrainPolicy | None = None,
+    ) -> None:
+        self.registry = registry
+        self.blobs = blobs
+        self.experts = experts
+        self.default_method = default_method
+        self.policy = policy
+        self._active: LoadedRouter | None = None
+        self._loaded: dict[int, LoadedRouter] = {}
+        self._train_lock = threading.Lock()
+        self._task: asyncio.Task[None] | None = None
+
+    # -- reading ------------------------------------------------------------------------------
+    @property
+    def active(self) -> LoadedRouter | None:
+        return self._active
+
+    def load_active(self) -> None:
+        """Load the registry's active version (at start, and after a rollback)."""
+        info = self.registry.active_router_version()
+        self._active = self.get(info.version) if info else None
+
+    def get(self, version: int) -> LoadedRouter:
+        """A loaded router version (cached; artifacts are verified blobs)."""
+        cached = self._loaded.get(version)
+        if cached is not None:
+            return cached
+        info = self.registry.get_router_version(version)
+        if info.status != "ready" or not info.artifact_sha256:
+            raise FailedPrecondition(f"router version {version} is {info.status}, not ready")
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "router.safetensors"
+            path.write_bytes(self.blobs.read_bytes(info.artifact_sha256))
+            loaded = LoadedRouter(version=info, router=load_router(path))
+        self._loaded[version] = loaded
+        return loaded
+
+    # -- training -----------------------------------------------------------------------------
+    def train(
+        self, method: str | None, params: dict[str, object], actor: str, trigger: str = "manual",
+        activate: bool = True,
+    ) -> RouterVersionInfo:
+        """Fit a router over the active experts and record it as a new version."""
+        method = method or self.default_method
+        if method not in available_methods():
+            raise InvalidArgument(
+                "method", f"unknown routing method {method!r}; known: {', '.join(available_methods())}"
+            )
+        with self._train_lock:
+            experts = self.registry.active_experts()
+            if not experts:
+                raise FailedPrecondition("no active experts to route among")
+            version = self.registry.create_router_version(
+                actor, method, params, [e.id for e in experts], trigger
+            )
+            try:
+                records = [self.experts.record(e) for e in experts]
+                result = fit_router(method, records, params)
+                with tempfile.TemporaryDirectory() as tmp:
+                    path = Path(tmp) / "router.safetensors"
+                    result.router.save(path)
+                    ref = self.blobs.put_file(path)
+                metrics = {k: float(v) for k, v in result.metrics.items()}
+                metrics["artifact_bytes"] = float(ref.size)
+                info = self.registry.complete_router_version(
+                    version.version, (ref.sha256, ref.size), metrics, result.fit_seconds,
+                    activate=activate,
+                )
+            except Exception as exc:
+                self.registry.fail_router_version(version.version, f"{type(exc).__name__}: {exc}")
+                log.warning("router fit %s (v%d) failed: %s", method, version.version, exc)
+                if isinstance(exc, ValueError):
+                    raise InvalidArgument("params_json", str(exc)) from exc
+                raise
+            loaded = LoadedRouter(version=info, router=result.router)
+            self._loaded[info.version] = loaded
+            if activate:
+                self._active = loaded
+            return info
+
+    def activate(self, actor: str, version: int) -> RouterVersionInfo:
+        info = self.registry.activate_router_version(actor, version)
+        self._active = self.get(version)
+        return info
+
+    # -- periodic retraining ------------------------------------------------------------------
+    async def run_scheduler(self, tick_seconds: float = 1.0) -> None:
+        """Ask the policy every tick; fit on a worker thread when it says so."""
+        assert self.policy is not None
+        while True:
+            await asyncio.sleep(tick_seconds)
+            try:
+                fingerprint = await asyncio.to_thread(self.registry.expert_set_fingerprint)
+                now = time.monotonic()
+                trigger = self.policy.should_train(now, fingerprint)
+                if trigger is None:
+                    continue
+                self.policy.mark_started(now, fingerprint)
+                ok = True
+                try:
+                    await asyncio.to_thread(self.train, None, {}, "system", trigger)
+                except (FailedPrecondition, NotFound):
+                    pass  # nothing to route among yet
+                except Exception:
+                    ok = False
+                    log.exception("scheduled router fit failed; the previous router stays active")
+                self.policy.mark_finished(time.monotonic(), fingerprint, ok)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("router scheduler tick failed")
+
+    def start(self) -> None:
+        if self.policy is not None and self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self.run_scheduler())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None

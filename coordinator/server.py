@@ -1,0 +1,101 @@
+"""The coordinator's asyncio gRPC server: services, auth, health, reflection, TLS, shutdown.
+
+``serve(config)`` runs until SIGINT/SIGTERM; :func:`start` returns a running server (tests bind
+``127.0.0.1:0`` and read the chosen port).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from moerge.coordinator.auth import AuthInterceptor
+from moerge.coordinator.config import CoordinatorConfig
+from moerge.coordinator.servicers import AdminServicer, ContributorServicer, InferenceServicer
+from moerge.coordinator.state import CoordinatorState
+from moerge.v1 import admin_pb2, admin_pb2_grpc, contributor_pb2, contributor_pb2_grpc
+from moerge.v1 import inference_pb2, inference_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAMES = (
+    contributor_pb2.DESCRIPTOR.services_by_name["ContributorService"].full_name,
+    inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name,
+    admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name,
+)
+
+
+@dataclass
+class RunningServer:
+    server: grpc.aio.Server
+    state: CoordinatorState
+    port: int
+    health: health.aio.HealthServicer
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Stop accepting RPCs, let in-flight ones finish (up to ``grace``), close the state."""
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace if grace is not None else self.state.config.grace_seconds)
+        await self.state.aclose()
+
+
+async def start(config: CoordinatorConfig, state: CoordinatorState | None = None) -> RunningServer:
+    """Open the registry (migrating it), bind the port and start serving."""
+    if state is None:
+        state = await asyncio.to_thread(CoordinatorState.open, config)
+    options = [
+        ("grpc.max_receive_message_length", config.max_message_bytes),
+        ("grpc.max_send_message_length", config.max_message_bytes),
+        ("grpc.so_reuseport", 0),
+    ]
+    server = grpc.aio.server(
+        interceptors=[AuthInterceptor(state.registry.authenticate)], options=options
+    )
+    contributor_pb2_grpc.add_ContributorServiceServicer_to_server(ContributorServicer(state), server)
+    inference_pb2_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(state), server)
+    admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(state), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
+    if config.tls_cert:
+        credentials = grpc.ssl_server_credentials(
+            [(Path(config.tls_key).read_bytes(), Path(config.tls_cert).read_bytes())]
+        )
+        port = server.add_secure_port(config.listen, credentials)
+    else:
+        port = server.add_insecure_port(config.listen)
+    if port == 0:
+        raise OSError(f"cannot listen on {config.listen}")
+    await server.start()
+    for name in ("", *SERVICE_NAMES):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    await state.start_background()
+    log.info("coordinator listening on %s (tls=%s)", config.listen.rsplit(":", 1)[0] + f":{port}",
+             bool(config.tls_cert))
+    return RunningServer(server=server, state=state, port=port, health=health_servicer)
+
+
+async def serve(config: CoordinatorConfig) -> None:
+    """Run until SIGINT or SIGTERM, then shut down gracefully."""
+    running = await start(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    print(f"moerge coordinator serving on port {running.port}", flush=True)
+    await stop.wait()
+    log.info("shutting down (grace %.1fs)", config.grace_seconds)
+    await running.stop()

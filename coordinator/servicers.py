@@ -1,0 +1,140 @@
+"""gRPC servicers: translate between protobuf, plain handlers and status codes, nothing more.
+
+Modelled on Flower's ``fleet_servicer.py``: each RPC hands its request, the coordinator state
+and the caller to a handler in ``*_handler.py`` (which never imports grpc) on a worker thread,
+and turns the handler's exceptions into status codes through :mod:`moerge.coordinator.errors`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar
+
+import grpc
+
+from moerge.coordinator import admin_handler, contributor_handler, inference_handler
+from moerge.coordinator.auth import current_principal
+from moerge.coordinator.errors import status_for
+from moerge.coordinator.state import CoordinatorState
+from moerge.v1 import (
+    admin_pb2,
+    admin_pb2_grpc,
+    common_pb2,
+    contributor_pb2,
+    contributor_pb2_grpc,
+    inference_pb2,
+    inference_pb2_grpc,
+)
+
+Response = TypeVar("Response")
+
+
+async def _serve(
+    handler: Callable[..., Response],
+    request: Any,
+    state: CoordinatorState,
+    context: grpc.aio.ServicerContext,
+    *,
+    authenticated: bool = True,
+) -> Response:
+    """Run a plain handler off the event loop; map its exceptions to a status and abort."""
+    args = (request, state, current_principal()) if authenticated else (request, state)
+    try:
+        return await asyncio.to_thread(handler, *args)
+    except Exception as exc:
+        code, message = status_for(exc)
+        await context.abort(code, message)
+        raise  # unreachable: abort raises
+
+
+class ContributorServicer(contributor_pb2_grpc.ContributorServiceServicer):
+    def __init__(self, state: CoordinatorState) -> None:
+        self.state = state
+
+    async def Join(self, request: contributor_pb2.JoinRequest, context: Any) -> Any:
+        return await _serve(contributor_handler.join, request, self.state, context,
+                            authenticated=False)
+
+    async def GetBaseModel(self, request: Any, context: Any) -> contributor_pb2.BaseModelInfo:
+        return await _serve(contributor_handler.get_base_model, request, self.state, context)
+
+    async def GetUploadStatus(self, request: Any, context: Any) -> contributor_pb2.UploadStatus:
+        return await _serve(contributor_handler.get_upload_status, request, self.state, context)
+
+    async def ListMyExperts(self, request: Any, context: Any) -> Any:
+        return await _serve(contributor_handler.list_my_experts, request, self.state, context)
+
+    async def UploadExpert(
+        self, request_iterator: AsyncIterator[contributor_pb2.UploadExpertRequest], context: Any
+    ) -> contributor_pb2.UploadExpertResponse:
+        """A manifest, then chunks; every step is a plain handler call."""
+        principal = current_principal()
+        upload = contributor_handler.UploadSession(self.state, principal)
+        try:
+            async for message in request_iterator:
+                await asyncio.to_thread(upload.receive, message)
+            return await asyncio.to_thread(upload.finish)
+        except Exception as exc:
+            code, message = status_for(exc)
+            await context.abort(code, message)
+            raise
+
+
+class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
+    def __init__(self, state: CoordinatorState) -> None:
+        self.state = state
+
+    async def Predict(self, request: inference_pb2.PredictRequest, context: Any) -> Any:
+        try:
+            return await inference_handler.predict(request, self.state, current_principal())
+        except Exception as exc:
+            code, message = status_for(exc)
+            await context.abort(code, message)
+            raise
+
+    async def Route(self, request: inference_pb2.RouteRequest, context: Any) -> Any:
+        try:
+            return await inference_handler.route(request, self.state, current_principal())
+        except Exception as exc:
+            code, message = status_for(exc)
+            await context.abort(code, message)
+            raise
+
+
+class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
+    def __init__(self, state: CoordinatorState) -> None:
+        self.state = state
+
+    async def ListExperts(self, request: Any, context: Any) -> admin_pb2.ListExpertsResponse:
+        return await _serve(admin_handler.list_experts, request, self.state, context)
+
+    async def GetExpert(self, request: Any, context: Any) -> common_pb2.Expert:
+        return await _serve(admin_handler.get_expert, request, self.state, context)
+
+    async def SetExpertState(self, request: Any, context: Any) -> common_pb2.Expert:
+        return await _serve(admin_handler.set_expert_state, request, self.state, context)
+
+    async def DeleteExpert(self, request: Any, context: Any) -> admin_pb2.DeleteExpertResponse:
+        return await _serve(admin_handler.delete_expert, request, self.state, context)
+
+    async def ListRouterVersions(self, request: Any, context: Any) -> Any:
+        return await _serve(admin_handler.list_router_versions, request, self.state, context)
+
+    async def TrainRouter(self, request: Any, context: Any) -> admin_pb2.RouterVersion:
+        return await _serve(admin_handler.train_router, request, self.state, context)
+
+    async def ActivateRouterVersion(self, request: Any, context: Any) -> admin_pb2.RouterVersion:
+        return await _serve(admin_handler.activate_router_version, request, self.state, context)
+
+    async def CreateEnrollmentToken(self, request: Any, context: Any) -> Any:
+        return await _serve(admin_handler.create_enrollment_token, request, self.state, context)
+
+    async def ListContributors(self, request: Any, context: Any) -> Any:
+        return await _serve(admin_handler.list_contributors, request, self.state, context)
+
+    async def RevokeContributor(self, request: Any, context: Any) -> admin_pb2.Contributor:
+        return await _serve(admin_handler.revoke_contributor, request, self.state, context)
+
+    async def ListAuditLog(self, request: Any, context: Any) -> admin_pb2.ListAuditLogResponse:
+        return await _serve(admin_handler.list_audit_log, request, self.state, context)

@@ -1,0 +1,101 @@
+"""Everything the servicers share: config, registry, blobs, base model, uploads, routers, engine.
+
+:meth:`CoordinatorState.open` migrates the database, cleans up after a crash (stale temp blobs,
+router fits that were interrupted) and bootstraps the admin credential; it is the only place that
+wires the pieces together.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from moerge.coordinator.base_model import BaseModelSpec, describe_base_model
+from moerge.coordinator.config import CoordinatorConfig
+from moerge.coordinator.expert_store import ExpertStore
+from moerge.coordinator.routers import RouterService
+from moerge.coordinator.uploads import UploadReceiver
+from moerge.router_training.policy import RetrainPolicy
+from moerge.storage.blobstore import BlobStore
+from moerge.storage.db import make_engine, upgrade
+from moerge.storage.registry import Registry
+from sqlalchemy import Engine
+
+log = logging.getLogger(__name__)
+
+ADMIN_TOKEN_FILE = "admin-token"
+
+
+@dataclass
+class CoordinatorState:
+    config: CoordinatorConfig
+    engine: Engine
+    registry: Registry
+    blobs: BlobStore
+    spec: BaseModelSpec
+    uploads: UploadReceiver
+    experts: ExpertStore
+    routers: RouterService
+    inference: object | None = None  # InferenceService, created lazily on first Predict
+
+    @classmethod
+    def open(cls, config: CoordinatorConfig) -> CoordinatorState:
+        data_dir = Path(config.data_dir)
+        data_dir.mkdir(parents=True, exist_ok=True)
+        engine = make_engine(config.database_url)
+        upgrade(engine)
+        blobs = BlobStore(config.blob_dir)
+        blobs.cleanup_temp()
+        registry = Registry(engine, blobs)
+        registry.fail_interrupted_router_versions()
+        bootstrap_admin(registry, config)
+        spec = describe_base_model(
+            config.base_model, config.base_model_id, config.task_type,
+            tuple(config.target_modules), config.max_lora_rank,
+        )
+        experts = ExpertStore(blobs, data_dir / "experts")
+        policy = (
+            RetrainPolicy(config.retrain_debounce_seconds, config.retrain_interval_seconds)
+            if config.auto_retrain else None
+        )
+        routers = RouterService(registry, blobs, experts, config.router_method, policy)
+        routers.load_active()
+        uploads = UploadReceiver(registry, blobs, config.staging_dir, spec, config.max_upload_bytes)
+        return cls(config=config, engine=engine, registry=registry, blobs=blobs, spec=spec, uploads=uploads,
+                   experts=experts, routers=routers)
+
+    async def start_background(self) -> None:
+        self.routers.start()
+
+    async def aclose(self) -> None:
+        await self.routers.stop()
+        if self.inference is not None:
+            await self.inference.aclose()  # type: ignore[attr-defined]
+        self.engine.dispose()
+
+
+def bootstrap_admin(registry: Registry, config: CoordinatorConfig) -> None:
+    """Use the operator's admin token, or mint one on first start and show it once.
+
+    The minted token is printed to stdout (never to the log) and written to
+    ``<data_dir>/admin-token`` with mode 0600 so that local tools on the same machine can use it.
+    """
+    if config.admin_token:
+        registry.import_admin_token(config.admin_token, "system")
+        return
+    if registry.has_admin_credential():
+        return
+    token = registry.create_admin_credential("system")
+    path = Path(config.data_dir) / ADMIN_TOKEN_FILE
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(token + "\n")
+    print(
+        "First start: created an admin token (shown once; also saved with mode 0600 in "
+        f"{path}):\n  {token}",
+        file=sys.stdout,
+        flush=True,
+    )

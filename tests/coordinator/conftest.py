@@ -1,0 +1,38 @@
+"""Fixtures: a tiny base model, and a real coordinator on 127.0.0.1:0 over a real database."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from moerge.coordinator.config import CoordinatorConfig
+from moerge.storage.tokens import new_token
+from tests.coordinator.harness import BackgroundCoordinator
+from tests.tiny_models import make_tiny_bert
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_bert(tmp_path_factory.mktemp("models") / "tiny-bert")
+
+
+def coordinator_config(data_dir: Path, base_model: Path, db_url: str = "", **extra: object) -> CoordinatorConfig:
+    _, admin = new_token("mga")
+    return CoordinatorConfig(
+        data_dir=data_dir,
+        db_url=db_url,
+        listen="127.0.0.1:0",
+        admin_token=admin,
+        base_model=str(base_model),
+        base_model_id="tiny-bert",
+        auto_retrain=False,
+        **extra,  # type: ignore[arg-type]
+    )
+
+
+@pytest.fixture
+def coordinator(tmp_path: Path, tiny_bert: Path) -> Iterator[BackgroundCoordinator]:
+    with BackgroundCoordinator(coordinator_config(tmp_path / "data", tiny_bert)) as running:
+        yield running

@@ -1,0 +1,1 @@
+"""Tests of the offline data sets and the R serialization reader."""
