@@ -147,7 +147,11 @@ def upload_expert(
 def _held_bytes(
     stub: contributor_pb2_grpc.ContributorServiceStub, target: Target, upload_id: str
 ) -> int:
-    """How many bytes the coordinator holds for this upload (0 if it has never seen it)."""
+    """How many bytes the coordinator holds for this upload (0 if it has never seen it).
+
+    A refused upload keeps its state and error at the coordinator: re-sending it answers with
+    that error, which is what the caller should see.
+    """
     try:
         status = stub.GetUploadStatus(
             contributor_pb2.GetUploadStatusRequest(upload_id=upload_id),
@@ -157,6 +161,6 @@ def _held_bytes(
         if exc.code() == grpc.StatusCode.NOT_FOUND:
             return 0
         raise
-    if status.state == "failed":
-        return 0
+    if status.state == "committed":
+        return status.total_bytes  # send only the manifest: the response names the expert
     return status.received_bytes if status.state == "receiving" else 0

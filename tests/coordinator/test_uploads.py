@@ -1,0 +1,221 @@
+"""Uploading experts through the real server: commit, idempotency, versions, resume, refusals."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import shutil
+import socket
+import struct
+import threading
+from pathlib import Path
+
+import grpc
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from moerge.contributor_client.connection import Target
+from moerge.contributor_client.upload import describe_files, make_manifest, upload_expert
+from moerge.expert_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS, STATISTICS_META, STATISTICS_TENSORS
+from moerge.v1 import contributor_pb2, contributor_pb2_grpc
+from tests.coordinator.harness import BackgroundCoordinator
+from tests.coordinator.snapshot import snapshot
+from tests.coordinator.test_server import enroll
+from tests.experts import make_expert_dir, rewrite_json
+
+
+@pytest.fixture(scope="module")
+def expert_template(tmp_path_factory: pytest.TempPathFactory, tiny_bert: Path) -> Path:
+    return make_expert_dir(tiny_bert, tmp_path_factory.mktemp("experts") / "template")
+
+
+@pytest.fixture
+def expert(tmp_path: Path, expert_template: Path) -> Path:
+    target = tmp_path / "expert"
+    shutil.copytree(expert_template, target)
+    return target
+
+
+def _target(coordinator: BackgroundCoordinator, name: str = "alice") -> Target:
+    _, credential = enroll(coordinator.address, coordinator.admin_token(), name)
+    return Target(address=coordinator.address, token=credential)
+
+
+def test_upload_registers_the_expert_and_reupload_is_idempotent(
+    coordinator: BackgroundCoordinator, expert: Path
+) -> None:
+    target = _target(coordinator)
+    first = upload_expert(target, expert, "sentiment", "toy", progress=False)
+    assert first.created and first.expert.version == 1
+    assert {f.name for f in first.expert.files} == {ADAPTER_CONFIG, ADAPTER_WEIGHTS,
+                                                    STATISTICS_TENSORS, STATISTICS_META}
+    again = upload_expert(target, expert, "sentiment", "toy", progress=False)
+    assert not again.created and again.expert.expert_id == first.expert.expert_id
+    for f in first.expert.files:
+        assert coordinator.state.blobs.verify(f.sha256)
+    # new content under the same name is the next version
+    weights = load_file(str(expert / ADAPTER_WEIGHTS))
+    key = next(k for k in weights if "lora_B" in k)
+    weights[key] = weights[key] + 0.5
+    save_file(weights, str(expert / ADAPTER_WEIGHTS))
+    second = upload_expert(target, expert, "sentiment", "toy", progress=False)
+    assert second.created and second.expert.version == 2
+    with grpc.insecure_channel(coordinator.address) as ch:
+        mine = contributor_pb2_grpc.ContributorServiceStub(ch).ListMyExperts(
+            contributor_pb2.ListMyExpertsRequest(), metadata=target.metadata())
+    assert sorted(e.version for e in mine.experts) == [1, 2]
+    other = _target(coordinator, "bob")
+    with grpc.insecure_channel(coordinator.address) as ch:
+        theirs = contributor_pb2_grpc.ContributorServiceStub(ch).ListMyExperts(
+            contributor_pb2.ListMyExpertsRequest(), metadata=other.metadata())
+        assert list(theirs.experts) == []
+        with pytest.raises(grpc.RpcError) as err:  # bob cannot see alice's uploads
+            contributor_pb2_grpc.ContributorServiceStub(ch).GetUploadStatus(
+                contributor_pb2.GetUploadStatusRequest(
+                    upload_id=make_manifest(describe_files(expert), "sentiment", "toy", "").upload_id),
+                metadata=other.metadata())
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+class CuttingProxy:
+    """A TCP proxy on 127.0.0.1 that cuts its first connection after ``cut_after`` client bytes."""
+
+    def __init__(self, upstream: str, cut_after: int) -> None:
+        host, port = upstream.rsplit(":", 1)
+        self.upstream = (host, int(port))
+        self.cut_after = cut_after
+        self.cuts = 0
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.address = f"127.0.0.1:{self.listener.getsockname()[1]}"
+        self._first = True
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(self.upstream)
+            limit = self.cut_after if self._first else None
+            self._first = False
+            threading.Thread(target=self._pipe, args=(client, server, limit), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(server, client, None), daemon=True).start()
+
+    def _pipe(self, source: socket.socket, sink: socket.socket, limit: int | None) -> None:
+        sent = 0
+        try:
+            while data := source.recv(65536):
+                if limit is not None and sent + len(data) > limit:
+                    self.cuts += 1
+                    for s in (source, sink):  # RST, not a clean close
+                        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                        s.close()
+                    return
+                sink.sendall(data)
+                sent += len(data)
+        except OSError:
+            pass
+        finally:
+            for s in (source, sink):
+                try:
+                    s.close()
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def test_upload_resumes_from_the_coordinators_offset_after_a_cut_connection(
+    coordinator: BackgroundCoordinator, expert: Path
+) -> None:
+    target = _target(coordinator)
+    total = sum(f.size for f in describe_files(expert))
+    proxy = CuttingProxy(coordinator.address, cut_after=total // 2)
+    try:
+        via_proxy = Target(address=proxy.address, token=target.token)
+        response = upload_expert(via_proxy, expert, "resumed", "toy", chunk_size=4096,
+                                 progress=False)
+    finally:
+        proxy.close()
+    assert proxy.cuts == 1
+    assert response.created
+    manifest = make_manifest(describe_files(expert), "resumed", "toy", "")
+    info = coordinator.state.registry.get_upload(
+        coordinator.state.registry.authenticate(target.token).contributor_id, manifest.upload_id)
+    assert info.state == "committed" and info.received_bytes == total
+    audit = coordinator.state.registry.list_audit(page_size=1000).items
+    assert sum(1 for a in audit if a.action.startswith("expert.register")
+               or a.action == "upload.commit") >= 1
+
+
+def _pickle_payload(path: Path) -> None:
+    path.write_bytes(pickle.dumps({"evil": "payload"}))
+
+
+def _nan(path: Path) -> None:
+    tensors = load_file(str(path))
+    key = next(k for k in tensors if "lora_A" in k)
+    tensors[key][0, 0] = float("nan")
+    save_file(tensors, str(path))
+
+
+def _wrong_shape(path: Path) -> None:
+    tensors = load_file(str(path))
+    key = next(k for k in tensors if "lora_A" in k)
+    tensors[key] = torch.zeros(tensors[key].shape[0], tensors[key].shape[1] + 1)
+    save_file(tensors, str(path))
+
+
+def _huge_declared_shape(path: Path) -> None:
+    header = json.dumps({"w": {"dtype": "F32", "shape": [1 << 30, 1 << 30],
+                               "data_offsets": [0, 16]}}).encode()
+    path.write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 16)
+
+
+def _truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def _wrong_hidden(path: Path) -> None:
+    tensors = load_file(str(path))
+    tensors["embedding.mean"] = torch.zeros(7)
+    save_file(tensors, str(path))
+
+
+REFUSALS = {
+    "pickle adapter": (ADAPTER_WEIGHTS, _pickle_payload, "not a safetensors file"),
+    "nan weights": (ADAPTER_WEIGHTS, _nan, "NaN"),
+    "wrong lora shape": (ADAPTER_WEIGHTS, _wrong_shape, "do not match"),
+    "huge declared shape": (ADAPTER_WEIGHTS, _huge_declared_shape, "does not fit"),
+    "truncated": (ADAPTER_WEIGHTS, _truncate, "safetensors"),
+    "unknown target": (ADAPTER_CONFIG, lambda p: rewrite_json(p, target_modules=["dense"]),
+                       "not allowed"),
+    "rank too high": (ADAPTER_CONFIG, lambda p: rewrite_json(p, r=1000), "r must be"),
+    "statistics hidden size": (STATISTICS_TENSORS, _wrong_hidden, "embedding.mean"),
+    "statistics meta": (STATISTICS_META, lambda p: rewrite_json(p, hidden_size=3), "hidden_size"),
+    "statistics unknown field": (STATISTICS_META, lambda p: rewrite_json(p, raw_texts=["x"]),
+                                 "unknown field"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(REFUSALS))
+def test_invalid_experts_are_refused_by_name_and_leave_nothing_behind(
+    case: str, coordinator: BackgroundCoordinator, expert: Path
+) -> None:
+    target = _target(coordinator)
+    file_name, corrupt, message = REFUSALS[case]
+    corrupt(expert / file_name)
+    before = snapshot(coordinator.state)
+    with pytest.raises(grpc.RpcError) as err:
+        upload_expert(target, expert, "bad", "toy", progress=False)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+    assert file_name in err.value.details() and message in err.value.details(), err.value.details()
+    after = snapshot(coordinator.state)
+    assert after["blobs"] == before["blobs"]
+    assert coordinator.state.registry.list_experts().items == ()
+    staged = list((Path(coordinator.config.data_dir) / "uploads").rglob("*.part"))
+    assert staged == []
