@@ -1,1 +1,67 @@
-"""x"""
+"""Persistent state of the coordinator: the expert registry (SQL) and the blob store (files).
+
+The coordinator builds one :class:`Registry` from :func:`make_engine` and a :class:`BlobStore`,
+calls :func:`upgrade` on every start, and never touches the ORM models directly.
+"""
+
+from moerge.storage.blobstore import (
+    BlobCorrupted,
+    BlobMismatch,
+    BlobNotFound,
+    BlobRef,
+    BlobStore,
+    GcResult,
+)
+from moerge.storage.db import current_revision, make_engine, upgrade
+from moerge.storage.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    RegistryError,
+    Unauthenticated,
+)
+from moerge.storage.records import (
+    AuditEntryInfo,
+    ContributorInfo,
+    EnrollmentTokenInfo,
+    ExpertInfo,
+    NewExpert,
+    Page,
+    Principal,
+    RouterVersionInfo,
+    StatisticsSummary,
+    UploadInfo,
+)
+from moerge.storage.registry import Registry
+
+__all__ = [
+    "AlreadyExists",
+    "AuditEntryInfo",
+    "BlobCorrupted",
+    "BlobMismatch",
+    "BlobNotFound",
+    "BlobRef",
+    "BlobStore",
+    "ContributorInfo",
+    "EnrollmentTokenInfo",
+    "ExpertInfo",
+    "FailedPrecondition",
+    "GcResult",
+    "InvalidArgument",
+    "NewExpert",
+    "NotFound",
+    "Page",
+    "PermissionDenied",
+    "Principal",
+    "Registry",
+    "RegistryError",
+    "RouterVersionInfo",
+    "StatisticsSummary",
+    "Unauthenticated",
+    "UploadInfo",
+    "current_revision",
+    "make_engine",
+    "upgrade",
+]

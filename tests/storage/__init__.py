@@ -1,0 +1,1 @@
+"""Tests of moerge.storage: registry, blob store, migrations, tokens and validation."""

@@ -1,0 +1,287 @@
+"""The content-addressed blob store: layout, verification, atomic writes and garbage collection."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from moerge.storage.blobstore import (
+    BlobCorrupted,
+    BlobMismatch,
+    BlobNotFound,
+    BlobRef,
+    BlobStore,
+    GcResult,
+)
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def visible_blobs(store: BlobStore) -> list[str]:
+    return list(store.iter_blobs())
+
+
+def temp_files(store: BlobStore) -> list[Path]:
+    return sorted((store.root / "tmp").iterdir())
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> BlobStore:
+    return BlobStore(tmp_path / "blobs")
+
+
+def test_put_bytes_round_trips_under_its_digest(store: BlobStore) -> None:
+    data = b"adapter weights"
+    ref = store.put_bytes(data)
+    digest = sha(data)
+    assert ref == BlobRef(digest, len(data))
+    assert store.path(digest) == store.root / "sha256" / digest[:2] / digest[2:]
+    assert store.exists(digest)
+    assert store.size(digest) == len(data)
+    assert store.read_bytes(digest) == data
+    assert store.verify(digest)
+    assert visible_blobs(store) == [digest]
+    assert temp_files(store) == []
+
+
+def test_put_file_streams_a_large_file(store: BlobStore, tmp_path: Path) -> None:
+    source = tmp_path / "adapter.safetensors"
+    data = os.urandom(3 * (1 << 20) + 17)
+    source.write_bytes(data)
+    ref = store.put_file(source)
+    assert ref == BlobRef(sha(data), len(data))
+    with store.open(ref.sha256) as blob:
+        assert blob.read(10) == data[:10]
+        assert blob.read() == data[10:]
+
+
+def test_the_same_content_is_stored_once(store: BlobStore) -> None:
+    first = store.put_bytes(b"same")
+    second = store.put_bytes(b"same")
+    assert first == second
+    assert visible_blobs(store) == [first.sha256]
+
+
+def test_an_empty_blob_is_a_valid_blob(store: BlobStore) -> None:
+    ref = store.put_bytes(b"")
+    assert ref.size == 0
+    assert store.read_bytes(ref.sha256) == b""
+
+
+def test_a_flipped_byte_is_detected_on_read(store: BlobStore) -> None:
+    ref = store.put_bytes(b"x" * 5000)
+    path = store.path(ref.sha256)
+    corrupted = bytearray(path.read_bytes())
+    corrupted[2500] ^= 0x01
+    path.write_bytes(bytes(corrupted))
+
+    with pytest.raises(BlobCorrupted, match=ref.sha256) as raised:
+        store.read_bytes(ref.sha256)
+    assert raised.value.sha256 == ref.sha256
+    with pytest.raises(BlobCorrupted), store.open(ref.sha256) as blob:
+        while blob.read(1024):
+            pass
+    assert not store.verify(ref.sha256)
+
+
+def test_writing_the_content_again_repairs_a_corrupted_blob(store: BlobStore) -> None:
+    ref = store.put_bytes(b"precious")
+    store.path(ref.sha256).write_bytes(b"garbage!")
+    store.put_bytes(b"precious")
+    assert store.read_bytes(ref.sha256) == b"precious"
+
+
+def test_a_missing_blob_raises_blob_not_found(store: BlobStore) -> None:
+    missing = sha(b"never stored")
+    assert not store.exists(missing)
+    assert store.size(missing) is None
+    with pytest.raises(BlobNotFound, match=missing):
+        store.read_bytes(missing)
+    with pytest.raises(FileNotFoundError):
+        store.verify(missing)
+
+
+@pytest.mark.parametrize(
+    "bad_sha",
+    [
+        "../" * 10 + "etc/passwd",
+        "/etc/passwd",
+        "A" * 64,
+        "a" * 63,
+        "a" * 65,
+        "a" * 62 + "/x",
+        "a" * 62 + "..",
+        "",
+        None,
+    ],
+)
+def test_digests_that_are_not_64_lowercase_hex_are_refused(store: BlobStore, bad_sha: Any) -> None:
+    for call in (store.path, store.exists, store.size, store.read_bytes, store.delete):
+        with pytest.raises(ValueError, match="sha256"):
+            call(bad_sha)
+
+
+def test_writer_commits_only_on_clean_exit(store: BlobStore) -> None:
+    with store.writer() as writer:
+        writer.write(b"part one, ")
+        writer.write(b"part two")
+        assert visible_blobs(store) == []
+        assert len(temp_files(store)) == 1
+    assert writer.ref == BlobRef(sha(b"part one, part two"), 18)
+    assert store.read_bytes(writer.ref.sha256) == b"part one, part two"
+
+    with pytest.raises(RuntimeError, match="stream broke"), store.writer() as writer:
+        writer.write(b"half of something")
+        raise RuntimeError("stream broke")
+    assert writer.ref is None
+    assert visible_blobs(store) == [sha(b"part one, part two")]
+    assert temp_files(store) == []
+
+
+def test_writer_refuses_to_commit_an_unexpected_digest(store: BlobStore) -> None:
+    with (
+        pytest.raises(BlobMismatch, match="sha256"),
+        store.writer(expected_sha256=sha(b"expected")) as writer,
+    ):
+        writer.write(b"something else")
+    assert visible_blobs(store) == []
+    assert temp_files(store) == []
+
+
+def test_writer_refuses_more_or_fewer_bytes_than_expected(store: BlobStore) -> None:
+    with pytest.raises(BlobMismatch, match="larger"), store.writer(expected_size=4) as writer:
+        writer.write(b"12345")
+    with pytest.raises(BlobMismatch, match="expected 4"), store.writer(expected_size=4) as writer:
+        writer.write(b"123")
+    assert visible_blobs(store) == []
+    assert temp_files(store) == []
+
+    with store.writer(expected_sha256=sha(b"1234"), expected_size=4) as writer:
+        writer.write(b"1234")
+    assert writer.ref == BlobRef(sha(b"1234"), 4)
+
+
+def test_a_full_disk_during_a_write_leaves_nothing_visible(
+    store: BlobStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def disk_full(fd: int, data: Any) -> int:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "write", disk_full)
+        with pytest.raises(OSError) as raised:
+            store.put_bytes(b"does not fit")
+    assert raised.value.errno == errno.ENOSPC
+    assert visible_blobs(store) == []
+    assert temp_files(store) == []
+
+
+def test_a_failing_fsync_leaves_nothing_visible(
+    store: BlobStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def io_error(fd: int) -> None:
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "fsync", io_error)
+        with pytest.raises(OSError, match=os.strerror(errno.EIO)):
+            store.put_bytes(b"never durable")
+    assert visible_blobs(store) == []
+    assert temp_files(store) == []
+
+
+WRITER_SCRIPT = textwrap.dedent(
+    """
+    import sys, time
+    from moerge.storage.blobstore import BlobStore
+
+    store = BlobStore(sys.argv[1])
+    with store.writer() as writer:
+        writer.write(b"a" * 1_000_000)
+        print("half written", flush=True)
+        time.sleep(60)
+        writer.write(b"b" * 1_000_000)
+    """
+)
+
+
+def test_a_writer_killed_half_way_leaves_only_a_temp_file_that_cleanup_removes(
+    store: BlobStore,
+) -> None:
+    child = subprocess.Popen(
+        [sys.executable, "-c", WRITER_SCRIPT, str(store.root)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert child.stdout is not None
+        assert child.stdout.readline().strip() == "half written"
+        child.send_signal(signal.SIGKILL)
+        assert child.wait(timeout=30) == -signal.SIGKILL
+    finally:
+        if child.poll() is None:
+            child.kill()
+        if child.stdout is not None:
+            child.stdout.close()
+
+    assert visible_blobs(store) == []
+    leftovers = temp_files(store)
+    assert len(leftovers) == 1
+    assert leftovers[0].stat().st_size == 1_000_000
+    assert store.cleanup_temp() == 1
+    assert temp_files(store) == []
+
+
+def test_cleanup_temp_spares_recent_temp_files_when_given_an_age(store: BlobStore) -> None:
+    old = store.root / "tmp" / "blob-old.tmp"
+    new = store.root / "tmp" / "blob-new.tmp"
+    old.write_bytes(b"old")
+    new.write_bytes(b"new")
+    an_hour_ago = time.time() - 3600
+    os.utime(old, (an_hour_ago, an_hour_ago))
+    assert store.cleanup_temp(older_than_seconds=600) == 1
+    assert temp_files(store) == [new]
+
+
+def test_gc_keeps_referenced_blobs_and_removes_the_rest(store: BlobStore) -> None:
+    kept = store.put_bytes(b"kept")
+    dropped = store.put_bytes(b"dropped")
+    result = store.gc({kept.sha256})
+    assert result == GcResult(removed=1, bytes_freed=dropped.size, digests=(dropped.sha256,))
+    assert visible_blobs(store) == [kept.sha256]
+
+
+def test_gc_spares_blobs_younger_than_min_age(store: BlobStore) -> None:
+    old = store.put_bytes(b"old orphan")
+    young = store.put_bytes(b"upload in progress")
+    an_hour_ago = time.time() - 3600
+    os.utime(store.path(old.sha256), (an_hour_ago, an_hour_ago))
+    result = store.gc(set(), min_age_seconds=600)
+    assert result.digests == (old.sha256,)
+    assert visible_blobs(store) == [young.sha256]
+
+
+def test_delete_returns_the_bytes_freed(store: BlobStore) -> None:
+    ref = store.put_bytes(b"12345")
+    assert store.delete(ref.sha256) == 5
+    assert store.delete(ref.sha256) == 0
+    assert not store.exists(ref.sha256)
+
+
+def test_iter_blobs_ignores_stray_files(store: BlobStore) -> None:
+    ref = store.put_bytes(b"real")
+    (store.root / "sha256" / "zz").mkdir()
+    (store.root / "sha256" / ref.sha256[:2] / "notes.txt").write_text("stray")
+    assert visible_blobs(store) == [ref.sha256]
