@@ -33,6 +33,7 @@ def coordinator_config(data_dir: Path, base_model: Path, db_url: str = "", **ext
 
 
 @pytest.fixture
-def coordinator(tmp_path: Path, tiny_bert: Path) -> Iterator[BackgroundCoordinator]:
-    with BackgroundCoordinator(coordinator_config(tmp_path / "data", tiny_bert)) as running:
+def coordinator(tmp_path: Path, tiny_bert: Path, db_url: str) -> Iterator[BackgroundCoordinator]:
+    """A coordinator over a fresh SQLite file and, in a second run, a fresh PostgreSQL database."""
+    with BackgroundCoordinator(coordinator_config(tmp_path / "data", tiny_bert, db_url)) as running:
         yield running
