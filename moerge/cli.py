@@ -7,6 +7,7 @@ import typer
 from moerge.contributor_client.admin_cli import app as admin_app
 from moerge.contributor_client.cli import register as register_contributor_commands
 from moerge.coordinator.cli import app as coordinator_app
+from moerge.demo import demo
 
 app = typer.Typer(
     help="moerge: pool LoRA experts trained on private data, and route among them.",
@@ -16,6 +17,7 @@ app = typer.Typer(
 app.add_typer(coordinator_app, name="coordinator")
 app.add_typer(admin_app, name="admin")
 register_contributor_commands(app)
+app.command()(demo)
 
 
 @app.command()

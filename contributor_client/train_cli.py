@@ -1,0 +1,255 @@
+"""``moerge train``, ``moerge stats`` and ``moerge contribute``: local data -> expert folder.
+
+Before training, the coordinator is asked (``GetBaseModel``) which base model, revision, LoRA
+targets and maximum rank experts must use; training against a local base model whose weights
+differ from the coordinator's is refused. ``--offline`` skips the question (for experiments).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from moerge.contributor_client.connection import Target
+from moerge.contributor_client.output import emit_json, err_console, table
+from moerge.contributor_client.rpc import call, guarded
+from moerge.v1 import contributor_pb2
+
+Coordinator = Annotated[str | None, typer.Option("--coordinator", "-c", help="HOST:PORT")]
+Token = Annotated[str | None, typer.Option("--token", help="credential (or MOERGE_TOKEN)")]
+TlsCa = Annotated[str | None, typer.Option("--tls-ca", help="CA certificate (PEM) for TLS")]
+Json = Annotated[bool, typer.Option("--json", help="print JSON instead of a table")]
+Data = Annotated[Path, typer.Argument(help="JSONL, CSV or Parquet file of your examples")]
+TaskName = Annotated[str, typer.Option("--task-name", help="what the expert is for")]
+
+
+def _default_base_model() -> str:
+    from moerge.coordinator.config import default_base_model
+
+    return default_base_model()
+
+
+def agreed_base_model(
+    base_model: str | None, offline: bool, target: Target
+) -> tuple[str, contributor_pb2.BaseModelInfo | None]:
+    """The local base model folder, checked against the coordinator's revision."""
+    from moerge.coordinator.base_model import model_revision
+
+    path = base_model or _default_base_model()
+    if not path:
+        err_console.print("[red]error[/red] no base model: pass --base-model PATH")
+        raise typer.Exit(2)
+    if offline:
+        return path, None
+    info = call(target, "contributor", "GetBaseModel", contributor_pb2.GetBaseModelRequest())
+    local = model_revision(path)
+    if local != info.revision:
+        err_console.print(
+            f"[red]error[/red] the coordinator serves {info.base_model_id} revision "
+            f"{info.revision[:12]}, but {path} has revision {local[:12]}: train against the "
+            "coordinator's base model (--base-model PATH)"
+        )
+        raise typer.Exit(2)
+    return path, info
+
+
+def _train_config(  # noqa: PLR0913 - one argument per CLI flag
+    base_model: str, info: contributor_pb2.BaseModelInfo | None, task_type: str | None,
+    epochs: int, rank: int, learning_rate: float, batch_size: int, max_length: int, seed: int,
+    max_examples: int | None, target_modules: list[str] | None,
+) -> object:
+    from moerge.contributor_client.training import TrainConfig
+
+    if info is not None:
+        if rank > info.max_lora_rank:
+            err_console.print(f"[red]error[/red] --rank {rank} exceeds the coordinator's "
+                              f"maximum of {info.max_lora_rank}")
+            raise typer.Exit(2)
+        allowed = list(info.allowed_target_modules)
+        targets = target_modules or allowed
+        refused = [t for t in targets if t not in allowed]
+        if refused:
+            err_console.print(f"[red]error[/red] target modules {refused} are not allowed "
+                              f"(allowed: {allowed})")
+            raise typer.Exit(2)
+        task_type = task_type or info.task_type
+        base_model_id = info.base_model_id
+    else:
+        targets, base_model_id = target_modules, ""
+    return TrainConfig(
+        base_model=base_model, task_type=task_type or "classification", lora_rank=rank,
+        lora_alpha=2 * rank, target_modules=targets, epochs=epochs, batch_size=batch_size,
+        learning_rate=learning_rate, max_length=max_length, seed=seed,
+        max_examples=max_examples, base_model_id=base_model_id,
+    )
+
+
+def _dp(epsilon: float | None, delta: float) -> object:
+    if epsilon is None:
+        return None
+    from moerge.contributor_client.privacy import DPConfig
+
+    return DPConfig(epsilon=epsilon, delta=delta)
+
+
+def _report(report: object, json_out: bool) -> None:
+    meta = report.meta  # type: ignore[attr-defined]
+    train = report.train  # type: ignore[attr-defined]
+    summary = {
+        "expert_dir": str(report.out_dir),  # type: ignore[attr-defined]
+        "task": meta.task_name,
+        "examples": meta.example_count,
+        "labels": meta.label_names,
+        "validation_accuracy": None if train is None else train.val_accuracy,
+        "validation_examples": None if train is None else train.val_count,
+        "gates": len(meta.gate_modules),
+        "gates_skipped": report.gates_skipped,  # type: ignore[attr-defined]
+        "dp": None if meta.dp is None else {"epsilon": meta.dp.epsilon, "delta": meta.dp.delta},
+        "seconds": {k: round(v, 2) for k, v in report.seconds.items()},  # type: ignore[attr-defined]
+    }
+    if json_out:
+        emit_json(summary)
+    else:
+        table("expert", ("field", "value"), [(k, v) for k, v in summary.items()])
+
+
+def train(
+    data: Data,
+    task_name: TaskName,
+    out: Annotated[Path, typer.Option("--out", "-o", help="expert folder to write")] = Path("expert"),
+    description: Annotated[str, typer.Option(help="task description")] = "",
+    text_field: Annotated[str, typer.Option(help="field holding the text")] = "text",
+    label_field: Annotated[str, typer.Option(help="field holding the label")] = "label",
+    task_type: Annotated[str | None, typer.Option(help="classification | causal_lm")] = None,
+    epochs: Annotated[int, typer.Option(help="passes over the training split")] = 3,
+    rank: Annotated[int, typer.Option(help="LoRA rank")] = 8,
+    learning_rate: Annotated[float, typer.Option("--lr", help="AdamW learning rate")] = 1e-3,
+    batch_size: Annotated[int, typer.Option(help="examples per step")] = 16,
+    max_length: Annotated[int, typer.Option(help="tokens kept per example")] = 128,
+    seed: Annotated[int, typer.Option(help="seed for split, init and order")] = 0,
+    max_examples: Annotated[int | None, typer.Option(help="train on a seeded subset")] = None,
+    target_module: Annotated[list[str] | None, typer.Option(help="LoRA target (repeat)")] = None,
+    stats_rank: Annotated[int, typer.Option(help="covariance rank of the statistics")] = 16,
+    no_gates: Annotated[bool, typer.Option("--no-gates", help="skip PHATGOOSE gates")] = False,
+    dp_epsilon: Annotated[float | None, typer.Option(help="DP epsilon for the statistics")] = None,
+    dp_delta: Annotated[float, typer.Option(help="DP delta for the statistics")] = 1e-5,
+    base_model: Annotated[str | None, typer.Option(help="local base model folder")] = None,
+    offline: Annotated[bool, typer.Option("--offline", help="do not ask the coordinator")] = False,
+    coordinator: Coordinator = None, token: Token = None, tls_ca: TlsCa = None, json_out: Json = False,
+) -> None:
+    """Train a LoRA expert on DATA and write its statistics (nothing leaves this machine)."""
+    from moerge.contributor_client.build import build_expert
+
+    target = Target.resolve(coordinator, token, tls_ca)
+    path, info = agreed_base_model(base_model, offline, target)
+    config = _train_config(path, info, task_type, epochs, rank, learning_rate, batch_size,
+                           max_length, seed, max_examples, target_module)
+    try:
+        report = build_expert(
+            data, out, task_name, config, task_description=description, text_field=text_field,
+            label_field=label_field or None, with_gates=not no_gates,
+            dp=_dp(dp_epsilon, dp_delta), statistics_rank=stats_rank, progress=not json_out,
+            base_model_revision=info.revision if info else "",
+        )
+    except (ValueError, FileNotFoundError) as exc:
+        err_console.print(f"[red]error[/red] {exc}")
+        raise typer.Exit(2) from None
+    _report(report, json_out)
+
+
+def stats(
+    data: Data,
+    adapter: Annotated[Path, typer.Option(help="PEFT LoRA adapter folder (safetensors)")],
+    task_name: TaskName,
+    description: Annotated[str, typer.Option(help="task description")] = "",
+    out: Annotated[Path | None, typer.Option(help="write here instead of the adapter folder")] = None,
+    text_field: str = "text",
+    label_field: str = "label",
+    label_names: Annotated[str | None, typer.Option(help="head's labels in output order, comma-separated")] = None,
+    stats_rank: int = 16,
+    no_gates: Annotated[bool, typer.Option("--no-gates")] = False,
+    dp_epsilon: float | None = None,
+    dp_delta: float = 1e-5,
+    base_model: Annotated[str | None, typer.Option(help="local base model folder")] = None,
+    offline: Annotated[bool, typer.Option("--offline")] = False,
+    coordinator: Coordinator = None, token: Token = None, tls_ca: TlsCa = None, json_out: Json = False,
+) -> None:
+    """Statistics (and gates) for a LoRA adapter trained elsewhere: bring your own adapter."""
+    from moerge.contributor_client.build import write_expert_statistics
+
+    target = Target.resolve(coordinator, token, tls_ca)
+    path, info = agreed_base_model(base_model, offline, target)
+    try:
+        report = write_expert_statistics(
+            adapter, data, task_name, base_model_path=path,
+            label_names=label_names.split(",") if label_names else None,
+            task_description=description, out_dir=out, text_field=text_field,
+            label_field=label_field or None, with_gates=not no_gates,
+            dp=_dp(dp_epsilon, dp_delta), statistics_rank=stats_rank,
+            base_model_id=info.base_model_id if info else "",
+            base_model_revision=info.revision if info else "", progress=not json_out,
+        )
+    except (ValueError, FileNotFoundError) as exc:
+        err_console.print(f"[red]error[/red] {exc}")
+        raise typer.Exit(2) from None
+    _report(report, json_out)
+
+
+def contribute(
+    data: Data,
+    task_name: TaskName,
+    name: Annotated[str | None, typer.Option(help="expert name (default: task name)")] = None,
+    out: Annotated[Path | None, typer.Option(help="keep the expert folder here")] = None,
+    description: str = "",
+    text_field: str = "text",
+    label_field: str = "label",
+    epochs: int = 3,
+    rank: int = 8,
+    learning_rate: Annotated[float, typer.Option("--lr")] = 1e-3,
+    batch_size: int = 16,
+    max_length: int = 128,
+    seed: int = 0,
+    max_examples: int | None = None,
+    stats_rank: int = 16,
+    no_gates: Annotated[bool, typer.Option("--no-gates")] = False,
+    dp_epsilon: float | None = None,
+    dp_delta: float = 1e-5,
+    base_model: str | None = None,
+    coordinator: Coordinator = None, token: Token = None, tls_ca: TlsCa = None, json_out: Json = False,
+) -> None:
+    """Train + statistics + upload in one step."""
+    import tempfile
+
+    from moerge.contributor_client.build import build_expert
+    from moerge.contributor_client.upload import upload_expert
+
+    target = Target.resolve(coordinator, token, tls_ca)
+    path, info = agreed_base_model(base_model, False, target)
+    config = _train_config(path, info, None, epochs, rank, learning_rate, batch_size, max_length,
+                           seed, max_examples, None)
+    with tempfile.TemporaryDirectory(prefix="moerge-expert-") as tmp:
+        folder = out or Path(tmp) / "expert"
+        try:
+            report = build_expert(
+                data, folder, task_name, config, task_description=description,
+                text_field=text_field, label_field=label_field or None,
+                with_gates=not no_gates, dp=_dp(dp_epsilon, dp_delta),
+                statistics_rank=stats_rank, progress=not json_out,
+                base_model_revision=info.revision if info else "",
+            )
+        except (ValueError, FileNotFoundError) as exc:
+            err_console.print(f"[red]error[/red] {exc}")
+            raise typer.Exit(2) from None
+        response = guarded(lambda: upload_expert(
+            target, folder, name or task_name, task_name, description, progress=not json_out))
+    if json_out:
+        emit_json({"expert": response.expert.expert_id, "version": response.expert.version,
+                   "created": response.created,
+                   "validation_accuracy": report.train.val_accuracy if report.train else None})
+        return
+    _report(report, False)
+    verb = "registered" if response.created else "already registered"
+    typer.echo(f"{verb}: expert {response.expert.expert_id} "
+               f"({response.expert.name} v{response.expert.version})")

@@ -1,0 +1,175 @@
+"""``moerge demo``: the whole platform, end to end, on real offline data, in a few minutes.
+
+1. starts a coordinator on the embedded defaults (SQLite, local blob store, 127.0.0.1) as its
+   own process;
+2. enrols one contributor per task; each is a separate process that sees only its own folder
+   (``<dir>/contributors/<task>/data.jsonl``) and runs ``moerge join`` + ``moerge contribute``
+   (train a LoRA expert, compute statistics, upload);
+3. trains every router from the uploaded adapters and statistics alone;
+4. sends a shuffled mixed stream of held-out examples to ``Predict`` with each method and prints
+   routing and task accuracy per method, saving the best router's routing confusion matrix as
+   a PNG.
+
+The data dir is left in place: ``moerge coordinator serve --data-dir <dir>/coordinator`` reopens
+it (the admin token is in ``<dir>/coordinator/admin-token``).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+from rich.table import Table
+
+console = Console()
+
+DEFAULT_TASKS = ("bbc_news", "rotten_tomatoes", "amazon_food", "fortunes", "wordnet_supersense")
+ROUTERS = ("centroid", "lda", "qda", "mlp", "arrow", "phatgoose", "uniform")
+
+
+def _moerge(*args: str) -> list[str]:
+    return [sys.executable, "-m", "moerge.cli", *args]
+
+
+def start_coordinator(data_dir: Path, admin_token: str, log: Path) -> tuple[subprocess.Popen, str]:
+    """Run ``moerge coordinator serve`` on a free loopback port; return (process, address)."""
+    env = {**os.environ, "MOERGE_ADMIN_TOKEN": admin_token, "MOERGE_AUTO_RETRAIN": "false"}
+    handle = open(log, "w")  # noqa: SIM115 - owned by the child process' lifetime
+    process = subprocess.Popen(
+        _moerge("coordinator", "serve", "--data-dir", str(data_dir), "--listen", "127.0.0.1:0"),
+        stdout=subprocess.PIPE, stderr=handle, text=True, env=env,
+    )
+    assert process.stdout is not None
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        line = process.stdout.readline()
+        if not line and process.poll() is not None:
+            break
+        if "serving on port" in line:
+            return process, f"127.0.0.1:{int(line.rsplit(' ', 1)[1])}"
+    process.kill()
+    raise RuntimeError(f"the coordinator did not start; see {log}")
+
+
+def run_contributor(
+    folder: Path, address: str, enrollment: str, task: str, epochs: int, max_examples: int
+) -> None:
+    """Join and contribute as a separate process whose home is ``folder`` (its data only)."""
+    env = {**os.environ, "MOERGE_HOME": str(folder / "home")}
+    env.pop("MOERGE_TOKEN", None)
+    log = folder / "contributor.log"
+    with open(log, "w") as out:
+        for args in (
+            ("join", "--coordinator", address, "--token", enrollment, "--name", f"lab-{task}"),
+            ("contribute", str(folder / "data.jsonl"), "--task-name", task, "--epochs",
+             str(epochs), "--max-examples", str(max_examples), "--json"),
+        ):
+            done = subprocess.run(_moerge(*args), stdout=out, stderr=subprocess.STDOUT, env=env,
+                                  cwd=folder, check=False)
+            if done.returncode != 0:
+                raise RuntimeError(f"contributor {task}: `moerge {args[0]}` failed; see {log}")
+
+
+def demo(
+    data_dir: Annotated[Path, typer.Option(help="where everything is written")] = Path("demo-data"),
+    tasks: Annotated[str, typer.Option(help="comma-separated task names")] = ",".join(DEFAULT_TASKS),
+    train_per_task: Annotated[int, typer.Option(help="training examples per contributor")] = 240,
+    test_per_task: Annotated[int, typer.Option(help="held-out examples per task")] = 40,
+    epochs: Annotated[int, typer.Option(help="training epochs per expert")] = 2,
+    seed: int = 0,
+) -> None:
+    """Run the end-to-end demo and print the routing table."""
+    from moerge.contributor_client.connection import Target
+    from moerge.contributor_client.datasets import available_tasks, load_task, write_jsonl
+    from moerge.contributor_client.rpc import call
+    from moerge.evaluation import mixed_stream, save_confusion_png, score_method
+    from moerge.storage.tokens import new_token
+    from moerge.v1 import admin_pb2
+
+    names = [t.strip() for t in tasks.split(",") if t.strip()]
+    missing = [t for t in names if t not in available_tasks()]
+    if missing:
+        console.print(f"[yellow]skipping tasks without data: {missing} "
+                      "(run scripts/fetch_data.sh)[/yellow]")
+        names = [t for t in names if t not in missing]
+    if len(names) < 2:
+        raise typer.BadParameter("the demo needs at least two tasks with data")
+    if data_dir.exists():
+        shutil.rmtree(data_dir)
+    coordinator_dir = data_dir / "coordinator"
+    coordinator_dir.mkdir(parents=True)
+    tests: dict[str, list[tuple[str, str]]] = {}
+    for task in names:
+        data = load_task(task, max_train=train_per_task, max_test=test_per_task, seed=seed)
+        folder = data_dir / "contributors" / task
+        folder.mkdir(parents=True)
+        write_jsonl(data.train, folder / "data.jsonl")
+        tests[task] = [(ex.text, ex.label) for ex in data.test]
+    _, admin_token = new_token("mga")
+    console.rule("moerge demo")
+    process, address = start_coordinator(coordinator_dir, admin_token, data_dir / "coordinator.log")
+    admin = Target(address=address, token=admin_token)
+    started = time.perf_counter()
+    try:
+        with Progress("[progress.description]{task.description}", BarColumn(),
+                      MofNCompleteColumn(), TimeElapsedColumn(), console=console) as bar:
+            job = bar.add_task("contributors train and upload experts", total=len(names))
+            for task in names:
+                bar.update(job, description=f"contributor {task}: train + upload")
+                token = call(admin, "admin", "CreateEnrollmentToken",
+                             admin_pb2.CreateEnrollmentTokenRequest(note=f"demo {task}")).token
+                run_contributor(data_dir / "contributors" / task, address, token, task, epochs,
+                                train_per_task)
+                bar.advance(job)
+            experts = call(admin, "admin", "ListExperts", admin_pb2.ListExpertsRequest(
+                page_size=100)).experts
+            expert_of_task = {e.task_name: e.expert_id for e in experts}
+            fit = bar.add_task("fit routers from adapters + statistics", total=len(ROUTERS))
+            fit_seconds = {}
+            for method in ROUTERS:
+                version = call(admin, "admin", "TrainRouter", admin_pb2.TrainRouterRequest(
+                    method=method, no_activate=method != "centroid"))
+                fit_seconds[method] = version.fit_seconds
+                bar.advance(fit)
+            stream = mixed_stream(tests, seed)
+            methods = ("oracle", *ROUTERS)
+            evaluate = bar.add_task("routed predictions on the mixed stream",
+                                    total=len(stream) * len(methods))
+            scores = [score_method(admin, m, stream, expert_of_task,
+                                   on_batch=lambda n: bar.advance(evaluate, n)) for m in methods]
+        _print_table(scores, fit_seconds, len(stream), names)
+        best = max((s for s in scores if s.method not in ("oracle", "uniform") and not s.error),
+                   key=lambda s: s.routing_accuracy)
+        png = save_confusion_png(best, names, data_dir / "routing_confusion.png")
+        console.print(f"routing confusion matrix of {best.method}: {png}")
+        console.print(f"total {time.perf_counter() - started:.0f} s; reopen with "
+                      f"`moerge coordinator serve --data-dir {coordinator_dir}` "
+                      f"(admin token in {coordinator_dir / 'admin-token'})")
+        (coordinator_dir / "admin-token").write_text(admin_token + "\n")
+        os.chmod(coordinator_dir / "admin-token", 0o600)
+    finally:
+        process.terminate()
+        process.wait(30)
+
+
+def _print_table(scores: list, fit_seconds: dict[str, float], n: int, tasks: list[str]) -> None:
+    oracle = next(s for s in scores if s.method == "oracle").task_accuracy or 1.0
+    grid = Table(title=f"mixed stream of {n} held-out examples from {len(tasks)} tasks")
+    for column in ("method", "routing acc", "task acc", "% of oracle", "fit s", "predict s"):
+        grid.add_column(column, justify="left" if column == "method" else "right")
+    for s in scores:
+        if s.error:
+            grid.add_row(s.method, "-", "-", "-", "-", s.error[:40])
+            continue
+        grid.add_row(s.method, f"{s.routing_accuracy:.1%}", f"{s.task_accuracy:.1%}",
+                     f"{s.task_accuracy / oracle:.1%}", f"{fit_seconds.get(s.method, 0):.2f}",
+                     f"{s.seconds:.1f}")
+    console.print(grid)
