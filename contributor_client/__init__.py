@@ -1,1 +1,1 @@
-"""x"""
+"""Contributor node: local data -> LoRA expert + statistics -> upload; and the CLI."""
