@@ -1,0 +1,1 @@
+"""Inference engine: base model, expert LoRA banks, routing and aggregation."""

@@ -1,0 +1,1 @@
+"""Tests of the inference engine: LoRA bank, mixing, caching, batching, routed predictions."""
