@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 from abc import ABC, abstractmethod
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -81,11 +82,25 @@ class RoutingDecision:
     """Top-k choice per row: ``indices`` [R, k] (long) into ``expert_ids``, ``weights`` [R, k].
 
     For example-level routing a row is an example; for token-level routing it is a token of one
-    module's input.
+    module's input. Weights are non-negative and sum to 1 per row, except for ``k == 0``: the
+    ``base`` router routes to no expert at all and returns ``[R, 0]`` tensors (use the frozen
+    base model alone).
     """
 
     indices: torch.Tensor
     weights: torch.Tensor
+
+    @property
+    def k(self) -> int:
+        """Experts per row (0 for the ``base`` router)."""
+        return int(self.indices.shape[-1])
+
+    def to_dense(self, num_experts: int) -> torch.Tensor:
+        """Scatter into a dense ``[R, num_experts]`` weight matrix (zeros off the top-k)."""
+        dense = self.weights.new_zeros(self.indices.shape[0], num_experts)
+        if self.k:
+            dense.scatter_(1, self.indices, self.weights)
+        return dense
 
 
 @dataclass
@@ -95,7 +110,7 @@ class RouterConfig:
     top_k: int = 1  # experts per example (or per token and module)
 
     def validate(self) -> None:
-        if not isinstance(self.top_k, int) or self.top_k < 1:
+        if not _is_int(self.top_k) or self.top_k < 1:
             raise ValueError(f"top_k must be an integer >= 1, got {self.top_k!r}")
 
     def to_json(self) -> str:
@@ -112,9 +127,22 @@ class Router(ABC):
     evaluation_only: ClassVar[bool] = False
 
     def __init__(self, config: RouterConfig, expert_ids: Sequence[str]) -> None:
+        if not isinstance(config, self.config_class):
+            raise TypeError(
+                f"router '{self.method}' needs a {self.config_class.__name__}, "
+                f"got {type(config).__name__}"
+            )
         config.validate()
         self.config = config
         self.expert_ids = list(expert_ids)
+        top_k = getattr(config, "top_k", None)
+        if _is_int(top_k) and top_k > len(self.expert_ids):
+            raise ValueError(
+                f"top_k={top_k} exceeds the number of experts ({len(self.expert_ids)})"
+            )
+        if len(set(self.expert_ids)) != len(self.expert_ids):
+            dupes = sorted(e for e, n in Counter(self.expert_ids).items() if n > 1)
+            raise ValueError(f"duplicate expert ids: {dupes}")
 
     @property
     def num_experts(self) -> int:
@@ -174,15 +202,31 @@ class Router(ABC):
             "expert_ids": json.loads(meta.get("expert_ids", "[]")),
         }
 
-    def _resolve_top_k(self, top_k: int | None) -> int:
+    def _resolve_top_k(self, top_k: int | None, num_candidates: int | None = None) -> int:
+        """``top_k`` (or the config's) checked against the candidates: 1 <= k <= candidates.
+
+        ``num_candidates`` defaults to every expert; token-level routers pass the number of
+        experts that adapt the module being routed.
+        """
         k = self.config.top_k if top_k is None else top_k
-        if k < 1 or k > self.num_experts:
-            raise ValueError(f"top_k must be between 1 and {self.num_experts}, got {k}")
+        limit = self.num_experts if num_candidates is None else num_candidates
+        if not _is_int(k) or k < 1 or k > limit:
+            raise ValueError(f"top_k must be an integer between 1 and {limit}, got {k!r}")
         return k
 
 
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def top_k_softmax(scores: torch.Tensor, k: int, temperature: float = 1.0) -> RoutingDecision:
-    """Keep the k best scores per row and softmax over them: ``scores`` [R, E] -> [R, k]."""
+    """Keep the k best scores per row and softmax over them: ``scores`` [R, E] -> [R, k].
+
+    ``softmax(topk(scores) / temperature)``: equal to the softmax over all E scores restricted to
+    the top-k and renormalised, so posterior logits give renormalised top-k posteriors.
+    """
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature!r}")
     values, indices = torch.topk(scores, k, dim=-1)
     weights = torch.softmax(values / temperature, dim=-1)
     return RoutingDecision(indices=indices, weights=weights)
@@ -194,7 +238,10 @@ def load_router(path: str | Path) -> Router:
 
     meta = Router.read_metadata(path)
     cls = get_router_class(meta["method"])
-    config = cls.config_class(**meta["config"])
+    try:
+        config = cls.config_class(**meta["config"])
+    except TypeError as exc:
+        raise ValueError(f"{path}: config does not fit method '{meta['method']}': {exc}") from None
     router = cls(config, meta["expert_ids"])
     router.load_state_dict(load_file(str(path)))
     return router
