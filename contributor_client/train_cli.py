@@ -94,6 +94,12 @@ def _dp(epsilon: float | None, delta: float) -> object:
     return DPConfig(epsilon=epsilon, delta=delta)
 
 
+def _gates(steps: int, max_length: int, seed: int) -> object:
+    from moerge.contributor_client.gates import GateConfig
+
+    return GateConfig(steps=steps, max_length=max_length, seed=seed)
+
+
 def _report(report: object, json_out: bool) -> None:
     meta = report.meta  # type: ignore[attr-defined]
     train = report.train  # type: ignore[attr-defined]
@@ -133,6 +139,7 @@ def train(
     target_module: Annotated[list[str] | None, typer.Option(help="LoRA target (repeat)")] = None,
     stats_rank: Annotated[int, typer.Option(help="covariance rank of the statistics")] = 16,
     no_gates: Annotated[bool, typer.Option("--no-gates", help="skip PHATGOOSE gates")] = False,
+    gate_steps: Annotated[int, typer.Option(help="PHATGOOSE gate training steps")] = 100,
     dp_epsilon: Annotated[float | None, typer.Option(help="DP epsilon for the statistics")] = None,
     dp_delta: Annotated[float, typer.Option(help="DP delta for the statistics")] = 1e-5,
     base_model: Annotated[str | None, typer.Option(help="local base model folder")] = None,
@@ -150,6 +157,7 @@ def train(
         report = build_expert(
             data, out, task_name, config, task_description=description, text_field=text_field,
             label_field=label_field or None, with_gates=not no_gates,
+            gate_config=_gates(gate_steps, max_length, seed),
             dp=_dp(dp_epsilon, dp_delta), statistics_rank=stats_rank, progress=not json_out,
             base_model_revision=info.revision if info else "",
         )
@@ -214,6 +222,7 @@ def contribute(
     max_examples: int | None = None,
     stats_rank: int = 16,
     no_gates: Annotated[bool, typer.Option("--no-gates")] = False,
+    gate_steps: Annotated[int, typer.Option(help="PHATGOOSE gate training steps")] = 100,
     dp_epsilon: float | None = None,
     dp_delta: float = 1e-5,
     base_model: str | None = None,
@@ -235,7 +244,8 @@ def contribute(
             report = build_expert(
                 data, folder, task_name, config, task_description=description,
                 text_field=text_field, label_field=label_field or None,
-                with_gates=not no_gates, dp=_dp(dp_epsilon, dp_delta),
+                with_gates=not no_gates, gate_config=_gates(gate_steps, max_length, seed),
+                dp=_dp(dp_epsilon, dp_delta),
                 statistics_rank=stats_rank, progress=not json_out,
                 base_model_revision=info.revision if info else "",
             )

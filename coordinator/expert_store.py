@@ -91,14 +91,22 @@ def read_statistics(folder: Path) -> ExpertStatistics:
 
 
 def read_lora(folder: Path) -> dict[str, LoraModuleWeights]:
-    """PEFT LoRA factors keyed by module path in the base model (head tensors skipped)."""
+    """PEFT LoRA factors keyed by module path in the base model (head tensors skipped).
+
+    A classification adapter was trained on a task wrapper (``BertForSequenceClassification``)
+    whose encoder sits under one more name (``bert.encoder...``); that first component is
+    dropped so that every router and the engine name modules as the base model does.
+    """
     from moerge.coordinator.inference.lora_bank import LoraBank
 
     config = json.loads((folder / ADAPTER_CONFIG).read_text())
     state = load_file(str(folder / ADAPTER_WEIGHTS))
     weights = LoraBank.lora_weights_from_peft(state, config)
+    wrapped = config.get("task_type") == "SEQ_CLS"
     return {
-        name: LoraModuleWeights(A=a.float(), B=b.float(), scaling=float(s))
+        (name.split(".", 1)[1] if wrapped else name): LoraModuleWeights(
+            A=a.float(), B=b.float(), scaling=float(s)
+        )
         for name, (a, b, s) in weights.items()
     }
 

@@ -160,6 +160,10 @@ class InferenceService:
                     f"fly over {len(active)} active experts")
         else:
             router, number = loaded.router, loaded.version.version
+        if router.evaluation_only:
+            raise FailedPrecondition(f"router {router.method!r} is for evaluation only")
+        if router.method == "base":
+            return Chosen(router=router, version=number, note=note)  # no expert to restrict
         allowed = [e for e in router.expert_ids if e in active and
                    (not expert_filter or e in expert_filter)]
         if not allowed:
@@ -188,6 +192,17 @@ class InferenceService:
                 self._fallback = (key, fit_router(FALLBACK_METHOD, records, {}).router)
             return self._fallback[1]
 
+    @staticmethod
+    def _top_k(router: Router, requested: int) -> int | None:
+        """The request's top_k; else the router's default, capped at the experts it may use."""
+        if requested:
+            return requested
+        default = router.config.top_k
+        available = getattr(router, "allowed_count", router.num_experts)
+        if default is not None and default > available:
+            return available
+        return None
+
     # -- serving ------------------------------------------------------------------------------
     def check_inputs(self, inputs: Sequence[str]) -> None:
         if not inputs:
@@ -207,7 +222,7 @@ class InferenceService:
         started = time.perf_counter()
         self.check_inputs(inputs)
         chosen = await asyncio.to_thread(self.choose, method, version, expert_filter)
-        plan = RoutingPlan.routed(chosen.router, top_k or None, aggregation)
+        plan = RoutingPlan.routed(chosen.router, self._top_k(chosen.router, top_k), aggregation)
         request = InferenceRequest(list(inputs), plan, max_new_tokens or None)
         predictions = await self.batcher.submit(request)
         return predictions, chosen, (time.perf_counter() - started) * 1000
@@ -219,7 +234,7 @@ class InferenceService:
         started = time.perf_counter()
         self.check_inputs(inputs)
         chosen = await asyncio.to_thread(self.choose, method, version, expert_filter)
-        plan = RoutingPlan.routed(chosen.router, top_k or None)
+        plan = RoutingPlan.routed(chosen.router, self._top_k(chosen.router, top_k))
         routed = await asyncio.to_thread(self.engine.route, list(inputs), plan)
         decisions = [[(w.expert_id, w.weight) for w in row] for row in routed]
         return decisions, chosen, (time.perf_counter() - started) * 1000

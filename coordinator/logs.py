@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from datetime import datetime, timezone
 
@@ -30,3 +31,22 @@ def setup_logging(level: int = logging.INFO, json_lines: bool = False) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    if json_lines:
+        _only_json_on_stderr()
+
+
+def _only_json_on_stderr() -> None:
+    """Log shippers expect one JSON object per stderr line, so silence what bypasses ``logging``.
+
+    Progress bars (Hugging Face's "Loading weights" tqdm) go off; Python warnings and the
+    transformers logger (which has its own stderr handler) go through the JSON handler instead.
+    """
+    logging.captureWarnings(True)
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return
+    hf_logging.disable_progress_bar()
+    hf_logging.disable_default_handler()
+    hf_logging.enable_propagation()

@@ -18,6 +18,7 @@ from grpc_reflection.v1alpha import reflection
 
 from moerge.coordinator.auth import AuthInterceptor
 from moerge.coordinator.config import CoordinatorConfig
+from moerge.coordinator.metrics import MetricsHTTPServer, MetricsInterceptor, RpcMetrics, collector
 from moerge.coordinator.servicers import AdminServicer, ContributorServicer, InferenceServicer
 from moerge.coordinator.state import CoordinatorState
 from moerge.v1 import admin_pb2, admin_pb2_grpc, contributor_pb2, contributor_pb2_grpc
@@ -38,6 +39,8 @@ class RunningServer:
     state: CoordinatorState
     port: int
     health: health.aio.HealthServicer
+    metrics: RpcMetrics
+    metrics_http: MetricsHTTPServer | None = None  # set when config.metrics_listen is
 
     @property
     def address(self) -> str:
@@ -47,6 +50,8 @@ class RunningServer:
         """Stop accepting RPCs, let in-flight ones finish (up to ``grace``), close the state."""
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace if grace is not None else self.state.config.grace_seconds)
+        if self.metrics_http is not None:
+            await asyncio.to_thread(self.metrics_http.stop)
         await self.state.aclose()
 
 
@@ -59,8 +64,11 @@ async def start(config: CoordinatorConfig, state: CoordinatorState | None = None
         ("grpc.max_send_message_length", config.max_message_bytes),
         ("grpc.so_reuseport", 0),
     ]
+    # Metrics first: it is the outermost interceptor, so it also counts calls auth rejects.
+    metrics = RpcMetrics()
     server = grpc.aio.server(
-        interceptors=[AuthInterceptor(state.registry.authenticate)], options=options
+        interceptors=[MetricsInterceptor(metrics), AuthInterceptor(state.registry.authenticate)],
+        options=options,
     )
     contributor_pb2_grpc.add_ContributorServiceServicer_to_server(ContributorServicer(state), server)
     inference_pb2_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(state), server)
@@ -82,10 +90,16 @@ async def start(config: CoordinatorConfig, state: CoordinatorState | None = None
     await server.start()
     for name in ("", *SERVICE_NAMES):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    metrics_http = None
+    if config.metrics_listen:
+        metrics_http = MetricsHTTPServer(config.metrics_listen, collector(metrics, state)).start()
+        log.info("metrics on http://%s:%d/metrics", config.metrics_listen.rsplit(":", 1)[0],
+                 metrics_http.port)
     await state.start_background()
     log.info("coordinator listening on %s (tls=%s)", config.listen.rsplit(":", 1)[0] + f":{port}",
              bool(config.tls_cert))
-    return RunningServer(server=server, state=state, port=port, health=health_servicer)
+    return RunningServer(server=server, state=state, port=port, health=health_servicer,
+                         metrics=metrics, metrics_http=metrics_http)
 
 
 async def serve(config: CoordinatorConfig) -> None:

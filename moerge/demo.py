@@ -21,6 +21,8 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Annotated
 
@@ -59,23 +61,48 @@ def start_coordinator(data_dir: Path, admin_token: str, log: Path) -> tuple[subp
     raise RuntimeError(f"the coordinator did not start; see {log}")
 
 
-def run_contributor(
-    folder: Path, address: str, enrollment: str, task: str, epochs: int, max_examples: int
-) -> None:
-    """Join and contribute as a separate process whose home is ``folder`` (its data only)."""
-    env = {**os.environ, "MOERGE_HOME": str(folder / "home")}
+def contributor_process(
+    folder: Path, address: str, enrollment: str, task: str, epochs: int, max_examples: int,
+    gate_steps: int,
+) -> subprocess.Popen:
+    """Join and contribute as a separate process whose home is ``folder`` (its data only).
+
+    One torch thread per contributor, so two contributors share the 2 cores side by side.
+    """
+    env = {**os.environ, "MOERGE_HOME": str(folder / "home"), "OMP_NUM_THREADS": "1"}
     env.pop("MOERGE_TOKEN", None)
-    log = folder / "contributor.log"
-    with open(log, "w") as out:
-        for args in (
-            ("join", "--coordinator", address, "--token", enrollment, "--name", f"lab-{task}"),
-            ("contribute", str(folder / "data.jsonl"), "--task-name", task, "--epochs",
-             str(epochs), "--max-examples", str(max_examples), "--json"),
-        ):
-            done = subprocess.run(_moerge(*args), stdout=out, stderr=subprocess.STDOUT, env=env,
-                                  cwd=folder, check=False)
-            if done.returncode != 0:
-                raise RuntimeError(f"contributor {task}: `moerge {args[0]}` failed; see {log}")
+    join = " ".join(_moerge("join", "--coordinator", address, "--token", enrollment,
+                            "--name", f"lab-{task}"))
+    contribute = " ".join(_moerge(
+        "contribute", str(folder / "data.jsonl"), "--task-name", task, "--epochs", str(epochs),
+        "--max-examples", str(max_examples), "--max-length", "96", "--gate-steps",
+        str(gate_steps), "--json"))
+    log = open(folder / "contributor.log", "w")  # noqa: SIM115 - closed when the process ends
+    return subprocess.Popen(["/bin/sh", "-c", f"{join} && {contribute}"], stdout=log,
+                            stderr=subprocess.STDOUT, env=env, cwd=folder)
+
+
+def run_contributors(
+    jobs: list[tuple[str, Callable[[], subprocess.Popen]]], parallel: int,
+    on_done: Callable[[str], None],
+) -> None:
+    """Run contributor processes ``parallel`` at a time; raise if any fails."""
+    waiting = list(jobs)
+    running: list[tuple[str, subprocess.Popen]] = []
+    while waiting or running:
+        while waiting and len(running) < parallel:
+            task, start = waiting.pop(0)
+            running.append((task, start()))
+        time.sleep(0.5)
+        for task, process in list(running):
+            if process.poll() is None:
+                continue
+            running.remove((task, process))
+            if process.returncode != 0:
+                for _, other in running:
+                    other.kill()
+                raise RuntimeError(f"contributor {task} failed; see its contributor.log")
+            on_done(task)
 
 
 def demo(
@@ -84,6 +111,8 @@ def demo(
     train_per_task: Annotated[int, typer.Option(help="training examples per contributor")] = 240,
     test_per_task: Annotated[int, typer.Option(help="held-out examples per task")] = 40,
     epochs: Annotated[int, typer.Option(help="training epochs per expert")] = 2,
+    gate_steps: Annotated[int, typer.Option(help="PHATGOOSE gate steps per expert")] = 40,
+    parallel: Annotated[int, typer.Option(help="contributors training at once")] = 2,
     seed: int = 0,
 ) -> None:
     """Run the end-to-end demo and print the routing table."""
@@ -121,14 +150,16 @@ def demo(
     try:
         with Progress("[progress.description]{task.description}", BarColumn(),
                       MofNCompleteColumn(), TimeElapsedColumn(), console=console) as bar:
-            job = bar.add_task("contributors train and upload experts", total=len(names))
+            job = bar.add_task("contributors train and upload experts (2 at a time)",
+                               total=len(names))
+            jobs = []
             for task in names:
-                bar.update(job, description=f"contributor {task}: train + upload")
                 token = call(admin, "admin", "CreateEnrollmentToken",
                              admin_pb2.CreateEnrollmentTokenRequest(note=f"demo {task}")).token
-                run_contributor(data_dir / "contributors" / task, address, token, task, epochs,
-                                train_per_task)
-                bar.advance(job)
+                folder = data_dir / "contributors" / task
+                jobs.append((task, partial(contributor_process, folder, address, token, task,
+                                           epochs, train_per_task, gate_steps)))
+            run_contributors(jobs, parallel, lambda _task: bar.advance(job))
             experts = call(admin, "admin", "ListExperts", admin_pb2.ListExpertsRequest(
                 page_size=100)).experts
             expert_of_task = {e.task_name: e.expert_id for e in experts}

@@ -249,21 +249,24 @@ def test_predict_many_batches_compatible_requests_and_isolates_bad_ones(engine, 
 
 
 @pytest.mark.parametrize(
-    ("texts", "plan", "error"),
+    ("texts", "plan", "error", "code"),
     [
-        ([], RoutingPlan.explicit([]), EmptyBatch),
-        (["good " * 40], RoutingPlan.explicit([["sent-a"]]), InputTooLong),
-        (TEXTS[:1], RoutingPlan.explicit([["sent-a"], ["sent-b"]]), InvalidPlan),
-        (TEXTS[:1], RoutingPlan.explicit([["no-such-expert"]]), UnknownExpert),
+        ([], RoutingPlan.explicit([]), EmptyBatch, grpc.StatusCode.INVALID_ARGUMENT),
+        (["good " * 40], RoutingPlan.explicit([["sent-a"]]), InputTooLong,
+         grpc.StatusCode.INVALID_ARGUMENT),
+        (TEXTS[:1], RoutingPlan.explicit([["sent-a"], ["sent-b"]]), InvalidPlan,
+         grpc.StatusCode.INVALID_ARGUMENT),
+        (TEXTS[:1], RoutingPlan.explicit([["no-such-expert"]]), UnknownExpert,
+         grpc.StatusCode.NOT_FOUND),
     ],
 )
-def test_bad_requests_raise_errors_the_servicer_shows_as_invalid_argument(
-    engine, texts, plan, error
+def test_bad_requests_raise_errors_the_servicer_shows_to_the_caller(
+    engine, texts, plan, error, code
 ):
     with pytest.raises(error) as caught:
         engine.predict(texts, plan)
     assert isinstance(caught.value, (ValueError, LookupError))
-    assert status_for(caught.value)[0] is grpc.StatusCode.INVALID_ARGUMENT
+    assert status_for(caught.value)[0] is code
 
 
 @pytest.mark.parametrize("top_k", [0, 4])

@@ -1,0 +1,528 @@
+"""A bank of LoRA experts inside one base model, mixed per example or per token at serving time.
+
+For every adapted linear layer (module) ``W`` [d_out, d_in] of the frozen base model, the bank
+holds every resident expert's LoRA factors in two stacked buffers, one row per *slot*::
+
+    A   [capacity, r_max, d_in]     A[s, :r_e]  = A_e                    (rows r_e.. are zero)
+    B^T [capacity, r_max, d_out]    B^T[s, :r_e] = (scaling_e * B_e)^T   (scaling folded in)
+
+so that slot ``s`` of expert ``e`` (rank ``r_e <= r_max``) gives ``delta W_e = B_e A_e`` exactly
+(zero padding adds nothing). ``B`` is kept transposed so that ``B^T`` viewed as ``[capacity
+r_max, d_out]`` is a plain matrix whose rows the token mixer reads without a copy;
+:attr:`RoutedLoraLinear.B` is the [capacity, d_out, r_max] view of it. A slot index is shared
+by every module of the bank; an expert that does not adapt a module has zeros there.
+
+The layer computes (see :mod:`.mixing` for the kernels and their cost)::
+
+    y = W x + b + sum_j w_j B_{s_j} A_{s_j} x
+
+where the slots ``s_j`` and weights ``w_j`` come from the routing in force:
+
+* :meth:`LoraBank.route_examples` — per example (every token of example ``b`` uses
+  ``slots[b]``, ``weights[b]``); top-1 with weight 1 is the single adapter, and ``k > 1`` is
+  exact linear merging ``(sum_j w_j delta W_j) x``;
+* :meth:`LoraBank.route_tokens` — per token and module: a callback
+  ``router(module_name, hidden [N, d_in]) -> (slots [N, k], weights [N, k])`` is called in every
+  module with that module's input (Arrow, Ostapenko et al. 2024; PHATGOOSE, Muqeeth et al.
+  2024); the bank does not care which method produced the decision;
+* :meth:`LoraBank.no_routing` (and outside any context) — the base model only.
+
+Capacity grows by amortised doubling when a slot beyond it is written: the module objects and
+the base weights stay where they are (the model is never rebuilt), and a forward pass never
+re-stacks weights; removing an expert zeroes its slot and returns it to a free list.
+
+The design follows S-LoRA's unified memory pool and Punica's slot-indexed kernels (Sheng et
+al., 2023, https://arxiv.org/abs/2311.03285; Chen et al., 2023,
+https://arxiv.org/abs/2310.18547), with the module wrapping and target matching of PEFT's
+``tuners/lora``.
+
+The routing in force is one value shared by all modules of a bank (not thread-local): run one
+routed forward pass at a time per bank.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from moerge.coordinator.inference.mixing import example_mixed_delta, token_mixed_delta
+
+if TYPE_CHECKING:
+    from moerge.router_training.base import Router
+
+__all__ = ["LoraBank", "RoutedLoraLinear", "TokenRouterFn"]
+
+#: ``router(module_name, hidden [N, d_in]) -> (slots [N, k] long, weights [N, k])``
+TokenRouterFn = Callable[[str, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+_PEFT_KEY = re.compile(
+    r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<which>[AB])(?:\.(?P<adapter>[^.]+))?"
+    r"\.weight$"
+)
+
+
+# ------------------------------------------------------------------------------------------
+# routing state
+# ------------------------------------------------------------------------------------------
+@dataclass
+class _ExampleRouting:
+    slots: torch.Tensor  # [B, k] long
+    weights: torch.Tensor  # [B, k]
+
+
+@dataclass
+class _TokenRouting:
+    router: TokenRouterFn
+
+
+class _RoutingState:
+    """The routing in force for every module of one bank (``None``: base model only)."""
+
+    def __init__(self) -> None:
+        self.current: _ExampleRouting | _TokenRouting | None = None
+
+    @contextmanager
+    def use(self, routing: _ExampleRouting | _TokenRouting | None) -> Iterator[None]:
+        previous, self.current = self.current, routing
+        try:
+            yield
+        finally:
+            self.current = previous
+
+
+# ------------------------------------------------------------------------------------------
+# one adapted module
+# ------------------------------------------------------------------------------------------
+class RoutedLoraLinear(nn.Module):
+    """Wraps a frozen base nn.Linear; holds all experts' LoRA factors of this module in stacked,
+    contiguous buffers A [capacity, r_max, d_in] and B [capacity, d_out, r_max] (scaling folded
+    into B), grown in place (amortised doubling) when experts are added, so adding an expert
+    never rebuilds the model and a forward pass never re-stacks weights.
+
+    ``B`` is a view of the contiguous buffer ``B_t`` [capacity, r_max, d_out] (see the module
+    docstring for why). Buffers are non-persistent: the model's ``state_dict`` is unchanged
+    apart from the ``base_layer.`` prefix of the wrapped layer.
+    """
+
+    def __init__(
+        self,
+        base_layer: nn.Linear,
+        name: str,
+        max_rank: int,
+        capacity: int = 8,
+        state: _RoutingState | None = None,
+    ) -> None:
+        super().__init__()
+        if not isinstance(base_layer, nn.Linear):
+            raise TypeError(f"{name}: expected nn.Linear, got {type(base_layer).__name__}")
+        if max_rank < 1 or capacity < 1:
+            raise ValueError(f"max_rank and capacity must be >= 1, got {max_rank}, {capacity}")
+        self.base_layer = base_layer
+        self.base_layer.requires_grad_(False)
+        self.name = name
+        self.r_max = int(max_rank)
+        self.in_features = base_layer.in_features
+        self.out_features = base_layer.out_features
+        self._state = state if state is not None else _RoutingState()
+        weight = base_layer.weight
+        opts = {"dtype": weight.dtype, "device": weight.device}
+        self.register_buffer(
+            "A", torch.zeros(capacity, self.r_max, self.in_features, **opts), persistent=False
+        )
+        self.register_buffer(
+            "B_t", torch.zeros(capacity, self.r_max, self.out_features, **opts), persistent=False
+        )
+
+    # -- the base layer's attributes, for code that reads them (e.g. ``q_proj.weight.dtype``)
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
+
+    @property
+    def B(self) -> torch.Tensor:
+        """[capacity, d_out, r_max] view of the up-projections (scaling folded in)."""
+        return self.B_t.transpose(1, 2)
+
+    @property
+    def capacity(self) -> int:
+        return self.A.shape[0]
+
+    def reserve(self, capacity: int) -> None:
+        """Make room for ``capacity`` slots; grows to ``max(capacity, 2 * current)``."""
+        if capacity <= self.capacity:
+            return
+        new = max(capacity, 2 * self.capacity)
+        for key in ("A", "B_t"):
+            old = getattr(self, key)
+            grown = old.new_empty(new, *old.shape[1:])
+            grown[: old.shape[0]].copy_(old)
+            grown[old.shape[0] :].zero_()
+            setattr(self, key, grown)
+
+    @torch.no_grad()
+    def set_slot(self, slot: int, A: torch.Tensor, B: torch.Tensor, scaling: float) -> None:
+        """Write one expert: ``A`` [r, d_in], ``B`` [d_out, r], r <= r_max (zero-padded)."""
+        if A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1]:
+            raise ValueError(
+                f"{self.name}: expected A [r, d_in] and B [d_out, r], "
+                f"got {tuple(A.shape)} and {tuple(B.shape)}"
+            )
+        r = A.shape[0]
+        if A.shape[1] != self.in_features or B.shape[0] != self.out_features:
+            raise ValueError(
+                f"{self.name}: expert factors {tuple(A.shape)}, {tuple(B.shape)} do not fit a "
+                f"layer of {self.in_features} -> {self.out_features}"
+            )
+        if r > self.r_max:
+            raise ValueError(f"{self.name}: rank {r} exceeds the bank's max_rank {self.r_max}")
+        if slot < 0:
+            raise ValueError(f"slot must be >= 0, got {slot}")
+        self.reserve(slot + 1)
+        A_dst, B_dst = self.A[slot], self.B_t[slot]  # [r_max, d_in], [r_max, d_out]
+        A_dst[:r].copy_(A)
+        A_dst[r:].zero_()
+        # Scale in float32 before the cast, so that bf16 banks round once.
+        B_dst[:r].copy_(B.detach().to(torch.float32).t() * float(scaling))
+        B_dst[r:].zero_()
+
+    @torch.no_grad()
+    def clear_slot(self, slot: int) -> None:
+        """Zero one slot (so it contributes nothing); grows capacity if needed."""
+        if slot < 0:
+            raise ValueError(f"slot must be >= 0, got {slot}")
+        if slot >= self.capacity:
+            self.reserve(slot + 1)  # new rows are zero already
+            return
+        self.A[slot].zero_()
+        self.B_t[slot].zero_()
+
+    def nbytes_per_slot(self) -> int:
+        return self.r_max * (self.in_features + self.out_features) * self.A.element_size()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` [..., d_in] -> base(x) + routed delta per the current routing context."""
+        out = self.base_layer(x)
+        routing = self._state.current
+        if routing is None:
+            return out
+        if isinstance(routing, _ExampleRouting):
+            delta = self._example_delta(x, routing)
+        else:
+            delta = self._token_delta(x, routing.router)
+        return out + delta.to(out.dtype)
+
+    def _example_delta(self, x: torch.Tensor, routing: _ExampleRouting) -> torch.Tensor:
+        if x.dim() < 2:
+            raise ValueError(f"{self.name}: example routing needs a batch dimension, got {x.shape}")
+        slots, weights = routing.slots, routing.weights
+        n_examples, rows = slots.shape[0], x.shape[0]
+        if rows != n_examples:
+            # generate() expands each example into consecutive rows (beams, several returns)
+            if n_examples == 0 or rows % n_examples:
+                raise ValueError(
+                    f"{self.name}: routing has {n_examples} examples, the batch has {rows} rows"
+                )
+            repeat = rows // n_examples
+            slots = slots.repeat_interleave(repeat, dim=0)
+            weights = weights.repeat_interleave(repeat, dim=0)
+        xb = x.reshape(rows, -1, self.in_features)  # [B, T, d_in]
+        delta = example_mixed_delta(xb, self.A, self.B, slots, weights)  # [B, T, d_out]
+        return delta.reshape(*x.shape[:-1], self.out_features)
+
+    def _token_delta(self, x: torch.Tensor, router: TokenRouterFn) -> torch.Tensor:
+        hidden = x.reshape(-1, self.in_features)  # [N, d_in]
+        slots, weights = router(self.name, hidden)  # [N, k], [N, k]
+        delta = token_mixed_delta(
+            hidden, self.A, self.B, slots.to(x.device), weights.to(x.device)
+        )  # [N, d_out]
+        return delta.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return (
+            f"name={self.name!r}, in_features={self.in_features}, "
+            f"out_features={self.out_features}, r_max={self.r_max}, capacity={self.capacity}"
+        )
+
+
+# ------------------------------------------------------------------------------------------
+# the bank
+# ------------------------------------------------------------------------------------------
+def _matches_target(name: str, targets: str | Sequence[str]) -> bool:
+    """PEFT's rule: a regex string must match the whole path; list entries match a suffix."""
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+class LoraBank:
+    """All RoutedLoraLinear modules of one model plus the expert -> slot table."""
+
+    def __init__(self, modules: Mapping[str, RoutedLoraLinear], state: _RoutingState) -> None:
+        if not modules:
+            raise ValueError("a LoraBank needs at least one module")
+        self.modules: dict[str, RoutedLoraLinear] = dict(modules)
+        self._state = state
+        self._slots: dict[str, int] = {}
+        self._free: list[int] = []  # released slots, reused lowest first
+        self._next_slot = 0
+
+    # -- construction ---------------------------------------------------------------------
+    @classmethod
+    def inject(
+        cls,
+        model: nn.Module,
+        target_modules: str | Sequence[str],
+        max_rank: int,
+        initial_capacity: int = 8,
+    ) -> LoraBank:
+        """Replace every ``nn.Linear`` whose path matches ``target_modules`` (as PEFT: suffix
+        match for a list, full regex match for a string) by a :class:`RoutedLoraLinear`, in
+        place, and return the bank over them."""
+        state = _RoutingState()
+        found: dict[str, RoutedLoraLinear] = {}
+        for name, module in list(model.named_modules()):
+            if not name or not _matches_target(name, target_modules):
+                continue
+            if isinstance(module, RoutedLoraLinear):
+                raise ValueError(f"{name} is already part of a LoraBank")
+            if not isinstance(module, nn.Linear):
+                continue  # e.g. a container whose name ends like a target
+            routed = RoutedLoraLinear(module, name, max_rank, initial_capacity, state)
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, routed)
+            found[name] = routed
+        if not found:
+            raise ValueError(f"no nn.Linear module matches target_modules={target_modules!r}")
+        return cls(found, state)
+
+    # -- experts --------------------------------------------------------------------------
+    @property
+    def expert_ids(self) -> list[str]:
+        """Resident experts, in slot order."""
+        return sorted(self._slots, key=self._slots.__getitem__)
+
+    @property
+    def capacity(self) -> int:
+        return min(m.capacity for m in self.modules.values())
+
+    def reserve(self, capacity: int) -> None:
+        """Grow every module to at least ``capacity`` slots now (e.g. to a cache's expert
+        budget), so that later additions never pay for a doubling."""
+        for module in self.modules.values():
+            module.reserve(capacity)
+
+    def __contains__(self, expert_id: object) -> bool:
+        return expert_id in self._slots
+
+    def __len__(self) -> int:
+        return len(self._slots)
+
+    def slot_of(self, expert_id: str) -> int:
+        try:
+            return self._slots[expert_id]
+        except KeyError:
+            raise KeyError(f"expert {expert_id!r} is not in the bank") from None
+
+    def slots_of(self, expert_ids: Sequence[str]) -> torch.Tensor:
+        """[len(expert_ids)] long: slots in the given order (map router indices to slots)."""
+        device = next(iter(self.modules.values())).A.device
+        return torch.tensor([self.slot_of(e) for e in expert_ids], dtype=torch.long,
+                            device=device)
+
+    def nbytes_of(self, expert_id: str) -> int:
+        """Bank memory held by the expert's slot: every module's rows, padded to ``max_rank``.
+
+        This is what a byte budget should count: the bank allocates whole slots, whatever the
+        expert's rank or the modules it adapts.
+        """
+        self.slot_of(expert_id)
+        return sum(m.nbytes_per_slot() for m in self.modules.values())
+
+    def _resolve(self, name: str) -> str:
+        """Module path of an expert's module in this bank (exact, else a unique dotted suffix
+        match either way, e.g. ``bert.encoder...query`` for ``encoder...query``)."""
+        if name in self.modules:
+            return name
+        hits = [m for m in self.modules if m.endswith("." + name) or name.endswith("." + m)]
+        if len(hits) != 1:
+            reason = "matches several" if hits else "matches no"
+            raise KeyError(f"expert module {name!r} {reason} module of the bank")
+        return hits[0]
+
+    def add_expert(
+        self, expert_id: str, weights: Mapping[str, tuple[torch.Tensor, torch.Tensor, float]]
+    ) -> int:
+        """Write an expert's factors (``module path -> (A [r, d_in], B [d_out, r], scaling)``)
+        into a slot and return it; an expert already present is replaced in its slot. Modules
+        of the bank that the expert does not adapt get zeros. Validates everything first, so
+        a failure leaves the bank unchanged."""
+        if not weights:
+            raise ValueError(f"expert {expert_id!r} has no LoRA modules")
+        resolved: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
+        for name, (A, B, scaling) in weights.items():
+            target = self._resolve(name)
+            if target in resolved:
+                raise ValueError(f"expert {expert_id!r}: two entries for module {target!r}")
+            module = self.modules[target]
+            r = A.shape[0]
+            if (
+                A.dim() != 2
+                or B.dim() != 2
+                or A.shape != (r, module.in_features)
+                or B.shape != (module.out_features, r)
+            ):
+                raise ValueError(
+                    f"expert {expert_id!r}, module {target!r}: factors {tuple(A.shape)}, "
+                    f"{tuple(B.shape)} do not fit {module.in_features} -> {module.out_features}"
+                )
+            if r > module.r_max:
+                raise ValueError(
+                    f"expert {expert_id!r}, module {target!r}: rank {r} exceeds max_rank "
+                    f"{module.r_max}"
+                )
+            if not math.isfinite(float(scaling)):
+                raise ValueError(f"expert {expert_id!r}: scaling {scaling!r} is not finite")
+            resolved[target] = (A, B, float(scaling))
+        slot = self._slots.get(expert_id)
+        if slot is None:
+            slot = self._take_slot()
+        for name, module in self.modules.items():
+            if name in resolved:
+                module.set_slot(slot, *resolved[name])
+            else:
+                module.clear_slot(slot)
+        self._slots[expert_id] = slot
+        return slot
+
+    def remove_expert(self, expert_id: str) -> None:
+        """Zero the expert's slot in every module and free it for the next expert."""
+        slot = self.slot_of(expert_id)
+        for module in self.modules.values():
+            module.clear_slot(slot)
+        del self._slots[expert_id]
+        self._free.append(slot)
+        self._free.sort()
+
+    def _take_slot(self) -> int:
+        if self._free:
+            return self._free.pop(0)
+        slot = self._next_slot
+        self._next_slot += 1
+        return slot
+
+    # -- routing --------------------------------------------------------------------------
+    def route_examples(
+        self, slots: torch.Tensor, weights: torch.Tensor
+    ) -> AbstractContextManager[None]:
+        """Every token of example ``b`` gets ``sum_j weights[b, j] * delta_{slots[b, j]}``.
+
+        ``slots`` [B, k] long (``-1`` with weight 0: no expert, i.e. the base model for that
+        example), ``weights`` [B, k].
+        """
+        if slots.dim() != 2 or slots.shape != weights.shape:
+            raise ValueError(
+                f"slots and weights must both be [B, k], got {tuple(slots.shape)} and "
+                f"{tuple(weights.shape)}"
+            )
+        self._check_slots(slots)
+        device = next(iter(self.modules.values())).A.device
+        routing = _ExampleRouting(slots.to(device=device, dtype=torch.long), weights.to(device))
+        return self._state.use(routing)
+
+    def route_tokens(self, router: TokenRouterFn) -> AbstractContextManager[None]:
+        """Per module: ``router(module_name, hidden [N, d_in]) -> (slots [N, k], weights
+        [N, k])`` decides for every token of that module's input."""
+        return self._state.use(_TokenRouting(router))
+
+    def no_routing(self) -> AbstractContextManager[None]:
+        """The base model only."""
+        return self._state.use(None)
+
+    def token_router(self, router: Router, top_k: int | None = None) -> TokenRouterFn:
+        """Adapt a fitted token-level :class:`~moerge.router_training.base.Router` to
+        :meth:`route_tokens`: its expert indices are mapped to this bank's slots (all of
+        ``router.expert_ids`` must be resident)."""
+        table = self.slots_of(router.expert_ids)  # [E_router]
+
+        def route(module: str, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            decision = router.route_tokens(module, hidden, top_k)
+            return table[decision.indices.to(table.device)], decision.weights
+
+        return route
+
+    def _check_slots(self, slots: torch.Tensor) -> None:
+        if slots.numel() == 0:
+            return
+        low, high = int(slots.min()), int(slots.max())
+        if low < -1 or high >= self.capacity:
+            raise ValueError(f"slots must lie in [-1, {self.capacity}), got [{low}, {high}]")
+
+    # -- PEFT files -----------------------------------------------------------------------
+    @staticmethod
+    def lora_weights_from_peft(
+        state_dict: Mapping[str, torch.Tensor], adapter_config: Mapping[str, object]
+    ) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
+        """Parse a PEFT adapter (``adapter_model.safetensors`` state dict and
+        ``adapter_config.json``) into ``module path -> (A [r, d_in], B [d_out, r], scaling)``.
+
+        Keys look like ``base_model.model.<path>.lora_A.weight`` (an in-memory state dict's
+        ``lora_A.<adapter>.weight`` is accepted too); other keys (task heads saved through
+        ``modules_to_save``) are ignored. ``scaling = lora_alpha / r``, or
+        ``lora_alpha / sqrt(r)`` with ``use_rslora``; PEFT's ``rank_pattern`` and
+        ``alpha_pattern`` apply per module, the rank being read from the tensors.
+        """
+        for flag in ("use_dora", "fan_in_fan_out"):
+            if adapter_config.get(flag):
+                raise ValueError(f"adapter uses {flag}, which the LoRA bank does not support")
+        if adapter_config.get("lora_bias"):
+            raise ValueError("adapter trains LoRA biases, which the LoRA bank does not support")
+        peft_type = adapter_config.get("peft_type", "LORA")
+        if str(peft_type).upper() != "LORA":
+            raise ValueError(f"adapter is of type {peft_type!r}, not LORA")
+        factors: dict[str, dict[str, torch.Tensor]] = {}
+        for key, tensor in state_dict.items():
+            match = _PEFT_KEY.match(key)
+            if match is None:
+                continue
+            factors.setdefault(match["module"], {})[match["which"]] = tensor
+        if not factors:
+            raise ValueError("no LoRA weights (keys '*.lora_A.weight') in the adapter")
+        alpha = float(adapter_config.get("lora_alpha", 8))  # type: ignore[arg-type]
+        alpha_pattern = dict(adapter_config.get("alpha_pattern") or {})  # type: ignore[call-overload]
+        rslora = bool(adapter_config.get("use_rslora", False))
+        out: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
+        for module, pair in sorted(factors.items()):
+            if set(pair) != {"A", "B"}:
+                raise ValueError(f"module {module!r} has lora_{next(iter(pair))} only")
+            A, B = pair["A"], pair["B"]
+            if A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1]:
+                raise ValueError(
+                    f"module {module!r}: lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)} are "
+                    "not [r, d_in] and [d_out, r] (only linear layers are supported)"
+                )
+            r = A.shape[0]
+            module_alpha = float(_pattern_value(module, alpha_pattern, alpha))
+            scaling = module_alpha / math.sqrt(r) if rslora else module_alpha / r
+            out[module] = (A, B, scaling)
+        return out
+
+
+def _pattern_value(module: str, pattern: Mapping[str, object], default: object) -> object:
+    """PEFT's ``get_pattern_key``: the first pattern key matching the end of the module path."""
+    for key, value in pattern.items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
