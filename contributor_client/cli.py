@@ -45,8 +45,11 @@ def join(
     request = contributor_pb2.JoinRequest(enrollment_token=token, name=name or socket.gethostname())
     response = call(target, "contributor", "Join", request)
     path = ClientConfig(
-        coordinator=coordinator, contributor_id=response.contributor_id, name=request.name,
-        credential=response.credential, tls_ca=tls_ca or "",
+        coordinator=coordinator,
+        contributor_id=response.contributor_id,
+        name=request.name,
+        credential=response.credential,
+        tls_ca=tls_ca or "",
     ).save()
     typer.echo(f"joined as {request.name} ({response.contributor_id}); credential saved in {path}")
 
@@ -54,10 +57,15 @@ def join(
 def upload(
     expert_dir: Annotated[Path, typer.Argument(help="folder with the expert's four files")],
     name: Annotated[str | None, typer.Option(help="expert name (default: folder name)")] = None,
-    task_name: Annotated[str | None, typer.Option(help="task name (default: statistics.json)")] = None,
+    task_name: Annotated[
+        str | None, typer.Option(help="task name (default: statistics.json)")
+    ] = None,
     description: Annotated[str | None, typer.Option(help="task description")] = None,
     chunk_size: Annotated[int, typer.Option(help="bytes per chunk")] = 1024 * 1024,
-    coordinator: Coordinator = None, token: Token = None, tls_ca: TlsCa = None, json_out: Json = False,
+    coordinator: Coordinator = None,
+    token: Token = None,
+    tls_ca: TlsCa = None,
+    json_out: Json = False,
 ) -> None:
     """Upload an expert folder (resumes an interrupted upload)."""
     from moerge.contributor_client.upload import upload_expert
@@ -65,16 +73,24 @@ def upload(
 
     meta_path = expert_dir / STATISTICS_META
     if not meta_path.is_file():
-        err_console.print(f"[red]error[/red] {expert_dir} has no {STATISTICS_META}: compute it "
-                          "with `moerge stats DATA --adapter DIR` first")
+        err_console.print(
+            f"[red]error[/red] {expert_dir} has no {STATISTICS_META}: compute it "
+            "with `moerge stats DATA --adapter DIR` first"
+        )
         raise typer.Exit(2)
     meta = StatisticsMeta.read(meta_path)
     target = Target.resolve(coordinator, token, tls_ca)
-    response = guarded(lambda: upload_expert(
-        target, expert_dir, name or expert_dir.resolve().name, task_name or meta.task_name,
-        description if description is not None else meta.task_description,
-        chunk_size=chunk_size, progress=not json_out,
-    ))
+    response = guarded(
+        lambda: upload_expert(
+            target,
+            expert_dir,
+            name or expert_dir.resolve().name,
+            task_name or meta.task_name,
+            description if description is not None else meta.task_description,
+            chunk_size=chunk_size,
+            progress=not json_out,
+        )
+    )
     if json_out:
         emit_json(response)
         return
@@ -84,16 +100,25 @@ def upload(
 
 
 def my_experts(
-    coordinator: Coordinator = None, token: Token = None, tls_ca: TlsCa = None, json_out: Json = False,
+    coordinator: Coordinator = None,
+    token: Token = None,
+    tls_ca: TlsCa = None,
+    json_out: Json = False,
 ) -> None:
     """List the experts this contributor has registered."""
-    response = call(Target.resolve(coordinator, token, tls_ca), "contributor", "ListMyExperts",
-                    contributor_pb2.ListMyExpertsRequest())
+    response = call(
+        Target.resolve(coordinator, token, tls_ca),
+        "contributor",
+        "ListMyExperts",
+        contributor_pb2.ListMyExpertsRequest(),
+    )
     if json_out:
         emit_json(response)
         return
-    rows = [(e.expert_id[:12], e.name, e.version, e.task_name, e.example_count)
-            for e in response.experts]
+    rows = [
+        (e.expert_id[:12], e.name, e.version, e.task_name, e.example_count)
+        for e in response.experts
+    ]
     table("my experts", ("id", "name", "v", "task", "examples"), rows)
 
 
@@ -106,35 +131,53 @@ def _read_inputs(texts: list[str] | None, file: Path | None) -> list[str]:
 
 def predict(
     texts: Annotated[list[str] | None, typer.Argument(help="inputs (else --file or stdin)")] = None,
-    file: Annotated[Path | None, typer.Option("--file", "-f", help="one input per line; - = stdin")] = None,
+    file: Annotated[
+        Path | None, typer.Option("--file", "-f", help="one input per line; - = stdin")
+    ] = None,
     top_k: Annotated[int, typer.Option(help="experts per input (0: router default)")] = 0,
     method: Annotated[str, typer.Option(help="routing method (default: active router)")] = "",
-    aggregation: Annotated[str, typer.Option(help="default|ensemble|merge|ties|dare|mix")] = "default",
+    aggregation: Annotated[
+        str, typer.Option(help="default|ensemble|merge|ties|dare|mix")
+    ] = "default",
     expert: Annotated[list[str] | None, typer.Option(help="restrict to these expert ids")] = None,
     router_version: Annotated[int, typer.Option(help="router version (0: active)")] = 0,
     max_new_tokens: Annotated[int, typer.Option(help="causal LM: tokens to generate")] = 0,
-    coordinator: Coordinator = None, token: Token = None, tls_ca: TlsCa = None, json_out: Json = False,
+    coordinator: Coordinator = None,
+    token: Token = None,
+    tls_ca: TlsCa = None,
+    json_out: Json = False,
 ) -> None:
     """Routed predictions for each input."""
     if aggregation not in AGGREGATIONS:
         raise typer.BadParameter(f"aggregation must be one of {', '.join(AGGREGATIONS)}")
     request = inference_pb2.PredictRequest(
-        inputs=_read_inputs(texts, file), top_k=top_k, routing_method=method,
-        expert_ids=expert or [], aggregation=AGGREGATIONS[aggregation],
-        router_version=router_version, max_new_tokens=max_new_tokens,
+        inputs=_read_inputs(texts, file),
+        top_k=top_k,
+        routing_method=method,
+        expert_ids=expert or [],
+        aggregation=AGGREGATIONS[aggregation],
+        router_version=router_version,
+        max_new_tokens=max_new_tokens,
     )
     response = call(Target.resolve(coordinator, token, tls_ca), "inference", "Predict", request)
     if json_out:
         emit_json(response)
         return
     rows = [
-        (text[:50], p.output[:60], f"{p.confidence:.3f}",
-         ", ".join(f"{e.expert_name or e.expert_id[:8]}:{e.weight:.2f}" for e in p.experts))
+        (
+            text[:50],
+            p.output[:60],
+            f"{p.confidence:.3f}",
+            ", ".join(f"{e.expert_name or e.expert_id[:8]}:{e.weight:.2f}" for e in p.experts),
+        )
         for text, p in zip(request.inputs, response.predictions, strict=True)
     ]
-    table(f"predictions (router v{response.router_version} {response.routing_method}, "
-          f"{response.aggregation}, {response.latency_ms:.1f} ms)",
-          ("input", "output", "conf", "experts"), rows)
+    table(
+        f"predictions (router v{response.router_version} {response.routing_method}, "
+        f"{response.aggregation}, {response.latency_ms:.1f} ms)",
+        ("input", "output", "conf", "experts"),
+        rows,
+    )
     if response.note:
         err_console.print(f"note: {response.note}")
 
@@ -142,21 +185,37 @@ def predict(
 def route(
     texts: Annotated[list[str] | None, typer.Argument(help="inputs (else --file or stdin)")] = None,
     file: Annotated[Path | None, typer.Option("--file", "-f", help="one input per line")] = None,
-    top_k: int = 0, method: str = "", router_version: int = 0,
-    coordinator: Coordinator = None, token: Token = None, tls_ca: TlsCa = None, json_out: Json = False,
+    top_k: int = 0,
+    method: str = "",
+    router_version: int = 0,
+    coordinator: Coordinator = None,
+    token: Token = None,
+    tls_ca: TlsCa = None,
+    json_out: Json = False,
 ) -> None:
     """The routing decision only (which experts, which weights)."""
-    request = inference_pb2.RouteRequest(inputs=_read_inputs(texts, file), top_k=top_k,
-                                         routing_method=method, router_version=router_version)
+    request = inference_pb2.RouteRequest(
+        inputs=_read_inputs(texts, file),
+        top_k=top_k,
+        routing_method=method,
+        router_version=router_version,
+    )
     response = call(Target.resolve(coordinator, token, tls_ca), "inference", "Route", request)
     if json_out:
         emit_json(response)
         return
-    rows = [(text[:60], ", ".join(f"{e.expert_name or e.expert_id[:8]}:{e.weight:.2f}"
-                                  for e in d.experts))
-            for text, d in zip(request.inputs, response.decisions, strict=True)]
-    table(f"routing (router v{response.router_version} {response.routing_method})",
-          ("input", "experts"), rows)
+    rows = [
+        (
+            text[:60],
+            ", ".join(f"{e.expert_name or e.expert_id[:8]}:{e.weight:.2f}" for e in d.experts),
+        )
+        for text, d in zip(request.inputs, response.decisions, strict=True)
+    ]
+    table(
+        f"routing (router v{response.router_version} {response.routing_method})",
+        ("input", "experts"),
+        rows,
+    )
 
 
 def register(app: typer.Typer) -> None:

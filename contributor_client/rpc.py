@@ -24,8 +24,9 @@ def call(target: Target, service: str, method: str, request: Any, timeout: float
     """One unary RPC with the target's credential; exits with a message on any gRPC error."""
     with target.channel() as channel:
         stub = STUBS[service](channel)
-        return guarded(lambda: getattr(stub, method)(request, metadata=target.metadata(),
-                                                     timeout=timeout))
+        return guarded(
+            lambda: getattr(stub, method)(request, metadata=target.metadata(), timeout=timeout)
+        )
 
 
 def guarded(thunk: Callable[[], T]) -> T:

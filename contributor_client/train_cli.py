@@ -55,34 +55,53 @@ def agreed_base_model(
     return path, info
 
 
-def _train_config(  # noqa: PLR0913 - one argument per CLI flag
-    base_model: str, info: contributor_pb2.BaseModelInfo | None, task_type: str | None,
-    epochs: int, rank: int, learning_rate: float, batch_size: int, max_length: int, seed: int,
-    max_examples: int | None, target_modules: list[str] | None,
+def _train_config(
+    base_model: str,
+    info: contributor_pb2.BaseModelInfo | None,
+    task_type: str | None,
+    epochs: int,
+    rank: int,
+    learning_rate: float,
+    batch_size: int,
+    max_length: int,
+    seed: int,
+    max_examples: int | None,
+    target_modules: list[str] | None,
 ) -> object:
     from moerge.contributor_client.training import TrainConfig
 
     if info is not None:
         if rank > info.max_lora_rank:
-            err_console.print(f"[red]error[/red] --rank {rank} exceeds the coordinator's "
-                              f"maximum of {info.max_lora_rank}")
+            err_console.print(
+                f"[red]error[/red] --rank {rank} exceeds the coordinator's "
+                f"maximum of {info.max_lora_rank}"
+            )
             raise typer.Exit(2)
         allowed = list(info.allowed_target_modules)
         targets = target_modules or allowed
         refused = [t for t in targets if t not in allowed]
         if refused:
-            err_console.print(f"[red]error[/red] target modules {refused} are not allowed "
-                              f"(allowed: {allowed})")
+            err_console.print(
+                f"[red]error[/red] target modules {refused} are not allowed (allowed: {allowed})"
+            )
             raise typer.Exit(2)
         task_type = task_type or info.task_type
         base_model_id = info.base_model_id
     else:
         targets, base_model_id = target_modules, ""
     return TrainConfig(
-        base_model=base_model, task_type=task_type or "classification", lora_rank=rank,
-        lora_alpha=2 * rank, target_modules=targets, epochs=epochs, batch_size=batch_size,
-        learning_rate=learning_rate, max_length=max_length, seed=seed,
-        max_examples=max_examples, base_model_id=base_model_id,
+        base_model=base_model,
+        task_type=task_type or "classification",
+        lora_rank=rank,
+        lora_alpha=2 * rank,
+        target_modules=targets,
+        epochs=epochs,
+        batch_size=batch_size,
+        learning_rate=learning_rate,
+        max_length=max_length,
+        seed=seed,
+        max_examples=max_examples,
+        base_model_id=base_model_id,
     )
 
 
@@ -124,7 +143,9 @@ def _report(report: object, json_out: bool) -> None:
 def train(
     data: Data,
     task_name: TaskName,
-    out: Annotated[Path, typer.Option("--out", "-o", help="expert folder to write")] = Path("expert"),
+    out: Annotated[Path, typer.Option("--out", "-o", help="expert folder to write")] = Path(
+        "expert"
+    ),
     description: Annotated[str, typer.Option(help="task description")] = "",
     text_field: Annotated[str, typer.Option(help="field holding the text")] = "text",
     label_field: Annotated[str, typer.Option(help="field holding the label")] = "label",
@@ -144,21 +165,43 @@ def train(
     dp_delta: Annotated[float, typer.Option(help="DP delta for the statistics")] = 1e-5,
     base_model: Annotated[str | None, typer.Option(help="local base model folder")] = None,
     offline: Annotated[bool, typer.Option("--offline", help="do not ask the coordinator")] = False,
-    coordinator: Coordinator = None, token: Token = None, tls_ca: TlsCa = None, json_out: Json = False,
+    coordinator: Coordinator = None,
+    token: Token = None,
+    tls_ca: TlsCa = None,
+    json_out: Json = False,
 ) -> None:
     """Train a LoRA expert on DATA and write its statistics (nothing leaves this machine)."""
     from moerge.contributor_client.build import build_expert
 
     target = Target.resolve(coordinator, token, tls_ca)
     path, info = agreed_base_model(base_model, offline, target)
-    config = _train_config(path, info, task_type, epochs, rank, learning_rate, batch_size,
-                           max_length, seed, max_examples, target_module)
+    config = _train_config(
+        path,
+        info,
+        task_type,
+        epochs,
+        rank,
+        learning_rate,
+        batch_size,
+        max_length,
+        seed,
+        max_examples,
+        target_module,
+    )
     try:
         report = build_expert(
-            data, out, task_name, config, task_description=description, text_field=text_field,
-            label_field=label_field or None, with_gates=not no_gates,
+            data,
+            out,
+            task_name,
+            config,
+            task_description=description,
+            text_field=text_field,
+            label_field=label_field or None,
+            with_gates=not no_gates,
             gate_config=_gates(gate_steps, max_length, seed),
-            dp=_dp(dp_epsilon, dp_delta), statistics_rank=stats_rank, progress=not json_out,
+            dp=_dp(dp_epsilon, dp_delta),
+            statistics_rank=stats_rank,
+            progress=not json_out,
             base_model_revision=info.revision if info else "",
         )
     except (ValueError, FileNotFoundError) as exc:
@@ -172,17 +215,24 @@ def stats(
     adapter: Annotated[Path, typer.Option(help="PEFT LoRA adapter folder (safetensors)")],
     task_name: TaskName,
     description: Annotated[str, typer.Option(help="task description")] = "",
-    out: Annotated[Path | None, typer.Option(help="write here instead of the adapter folder")] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="write here instead of the adapter folder")
+    ] = None,
     text_field: str = "text",
     label_field: str = "label",
-    label_names: Annotated[str | None, typer.Option(help="head's labels in output order, comma-separated")] = None,
+    label_names: Annotated[
+        str | None, typer.Option(help="head's labels in output order, comma-separated")
+    ] = None,
     stats_rank: int = 16,
     no_gates: Annotated[bool, typer.Option("--no-gates")] = False,
     dp_epsilon: float | None = None,
     dp_delta: float = 1e-5,
     base_model: Annotated[str | None, typer.Option(help="local base model folder")] = None,
     offline: Annotated[bool, typer.Option("--offline")] = False,
-    coordinator: Coordinator = None, token: Token = None, tls_ca: TlsCa = None, json_out: Json = False,
+    coordinator: Coordinator = None,
+    token: Token = None,
+    tls_ca: TlsCa = None,
+    json_out: Json = False,
 ) -> None:
     """Statistics (and gates) for a LoRA adapter trained elsewhere: bring your own adapter."""
     from moerge.contributor_client.build import write_expert_statistics
@@ -191,13 +241,21 @@ def stats(
     path, info = agreed_base_model(base_model, offline, target)
     try:
         report = write_expert_statistics(
-            adapter, data, task_name, base_model_path=path,
+            adapter,
+            data,
+            task_name,
+            base_model_path=path,
             label_names=label_names.split(",") if label_names else None,
-            task_description=description, out_dir=out, text_field=text_field,
-            label_field=label_field or None, with_gates=not no_gates,
-            dp=_dp(dp_epsilon, dp_delta), statistics_rank=stats_rank,
+            task_description=description,
+            out_dir=out,
+            text_field=text_field,
+            label_field=label_field or None,
+            with_gates=not no_gates,
+            dp=_dp(dp_epsilon, dp_delta),
+            statistics_rank=stats_rank,
             base_model_id=info.base_model_id if info else "",
-            base_model_revision=info.revision if info else "", progress=not json_out,
+            base_model_revision=info.revision if info else "",
+            progress=not json_out,
         )
     except (ValueError, FileNotFoundError) as exc:
         err_console.print(f"[red]error[/red] {exc}")
@@ -226,7 +284,10 @@ def contribute(
     dp_epsilon: float | None = None,
     dp_delta: float = 1e-5,
     base_model: str | None = None,
-    coordinator: Coordinator = None, token: Token = None, tls_ca: TlsCa = None, json_out: Json = False,
+    coordinator: Coordinator = None,
+    token: Token = None,
+    tls_ca: TlsCa = None,
+    json_out: Json = False,
 ) -> None:
     """Train + statistics + upload in one step."""
     import tempfile
@@ -236,30 +297,58 @@ def contribute(
 
     target = Target.resolve(coordinator, token, tls_ca)
     path, info = agreed_base_model(base_model, False, target)
-    config = _train_config(path, info, None, epochs, rank, learning_rate, batch_size, max_length,
-                           seed, max_examples, None)
+    config = _train_config(
+        path,
+        info,
+        None,
+        epochs,
+        rank,
+        learning_rate,
+        batch_size,
+        max_length,
+        seed,
+        max_examples,
+        None,
+    )
     with tempfile.TemporaryDirectory(prefix="moerge-expert-") as tmp:
         folder = out or Path(tmp) / "expert"
         try:
             report = build_expert(
-                data, folder, task_name, config, task_description=description,
-                text_field=text_field, label_field=label_field or None,
-                with_gates=not no_gates, gate_config=_gates(gate_steps, max_length, seed),
+                data,
+                folder,
+                task_name,
+                config,
+                task_description=description,
+                text_field=text_field,
+                label_field=label_field or None,
+                with_gates=not no_gates,
+                gate_config=_gates(gate_steps, max_length, seed),
                 dp=_dp(dp_epsilon, dp_delta),
-                statistics_rank=stats_rank, progress=not json_out,
+                statistics_rank=stats_rank,
+                progress=not json_out,
                 base_model_revision=info.revision if info else "",
             )
         except (ValueError, FileNotFoundError) as exc:
             err_console.print(f"[red]error[/red] {exc}")
             raise typer.Exit(2) from None
-        response = guarded(lambda: upload_expert(
-            target, folder, name or task_name, task_name, description, progress=not json_out))
+        response = guarded(
+            lambda: upload_expert(
+                target, folder, name or task_name, task_name, description, progress=not json_out
+            )
+        )
     if json_out:
-        emit_json({"expert": response.expert.expert_id, "version": response.expert.version,
-                   "created": response.created,
-                   "validation_accuracy": report.train.val_accuracy if report.train else None})
+        emit_json(
+            {
+                "expert": response.expert.expert_id,
+                "version": response.expert.version,
+                "created": response.created,
+                "validation_accuracy": report.train.val_accuracy if report.train else None,
+            }
+        )
         return
     _report(report, False)
     verb = "registered" if response.created else "already registered"
-    typer.echo(f"{verb}: expert {response.expert.expert_id} "
-               f"({response.expert.name} v{response.expert.version})")
+    typer.echo(
+        f"{verb}: expert {response.expert.expert_id} "
+        f"({response.expert.name} v{response.expert.version})"
+    )

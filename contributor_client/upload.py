@@ -52,8 +52,9 @@ def describe_files(expert_dir: Path) -> list[LocalFile]:
     for name in EXPERT_FILES:
         path = Path(expert_dir) / name
         if not path.is_file():
-            raise FileNotFoundError(f"{expert_dir} lacks {name} (an expert folder holds "
-                                    f"{', '.join(EXPERT_FILES)})")
+            raise FileNotFoundError(
+                f"{expert_dir} lacks {name} (an expert folder holds {', '.join(EXPERT_FILES)})"
+            )
         digest = hashlib.sha256()
         with open(path, "rb") as handle:
             for block in iter(lambda: handle.read(1 << 20), b""):
@@ -72,13 +73,18 @@ def make_manifest(
         expert_name=expert_name,
         task_name=task_name,
         task_description=task_description,
-        files=[contributor_pb2.UploadFile(name=f.name, size=f.size, sha256=f.sha256) for f in files],
+        files=[
+            contributor_pb2.UploadFile(name=f.name, size=f.size, sha256=f.sha256) for f in files
+        ],
     )
 
 
 def _stream(
-    manifest: contributor_pb2.UploadManifest, files: list[LocalFile], offset: int,
-    chunk_size: int, on_bytes: Callable[[int], None],
+    manifest: contributor_pb2.UploadManifest,
+    files: list[LocalFile],
+    offset: int,
+    chunk_size: int,
+    on_bytes: Callable[[int], None],
 ) -> Iterator[contributor_pb2.UploadExpertRequest]:
     """The manifest, then the files back to back from ``offset``, in ``chunk_size`` chunks."""
     yield contributor_pb2.UploadExpertRequest(manifest=manifest)
@@ -117,8 +123,13 @@ def upload_expert(
     manifest = make_manifest(files, expert_name, task_name, task_description)
     total = sum(f.size for f in files)
     bar = Progress(
-        "[progress.description]{task.description}", BarColumn(), DownloadColumn(),
-        TransferSpeedColumn(), TimeRemainingColumn(), disable=not progress, transient=False,
+        "[progress.description]{task.description}",
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        disable=not progress,
+        transient=False,
     )
     with bar, target.channel() as channel:
         stub = contributor_pb2_grpc.ContributorServiceStub(channel)
@@ -128,8 +139,7 @@ def upload_expert(
             bar.update(task, completed=offset)
             try:
                 return stub.UploadExpert(
-                    _stream(manifest, files, offset, chunk_size,
-                            lambda n: bar.advance(task, n)),
+                    _stream(manifest, files, offset, chunk_size, lambda n: bar.advance(task, n)),
                     metadata=target.metadata(),
                     timeout=3600,
                 )
@@ -155,7 +165,8 @@ def _held_bytes(
     try:
         status = stub.GetUploadStatus(
             contributor_pb2.GetUploadStatusRequest(upload_id=upload_id),
-            metadata=target.metadata(), timeout=30,
+            metadata=target.metadata(),
+            timeout=30,
         )
     except grpc.RpcError as exc:
         if exc.code() == grpc.StatusCode.NOT_FOUND:

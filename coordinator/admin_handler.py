@@ -6,6 +6,7 @@ Plain functions over :class:`~moerge.coordinator.state.CoordinatorState`; no grp
 from __future__ import annotations
 
 import json
+
 from moerge.coordinator import convert
 from moerge.coordinator.state import CoordinatorState
 from moerge.storage.errors import InvalidArgument
@@ -83,7 +84,10 @@ def train_router(
             raise InvalidArgument("rounds", "must be >= 0")
         params["rounds"] = request.rounds
     info = state.routers.train(
-        request.method or None, params, convert.actor_of(principal), "manual",
+        request.method or None,
+        params,
+        convert.actor_of(principal),
+        "manual",
         activate=not request.no_activate,
     )
     return convert.router_version(info)
@@ -94,7 +98,9 @@ def activate_router_version(
 ) -> admin_pb2.RouterVersion:
     if request.version < 1:
         raise InvalidArgument("version", "must be >= 1")
-    return convert.router_version(state.routers.activate(convert.actor_of(principal), request.version))
+    return convert.router_version(
+        state.routers.activate(convert.actor_of(principal), request.version)
+    )
 
 
 def create_enrollment_token(
@@ -169,4 +175,3 @@ def parse_params(raw: str) -> dict[str, object]:
     if not isinstance(params, dict):
         raise InvalidArgument("params_json", "must be a JSON object")
     return params
-

@@ -60,7 +60,7 @@ def required_roles(method: str) -> frozenset[str] | None:
 def bearer_token(metadata: tuple[Any, ...] | None) -> str | None:
     for key, value in metadata or ():
         if key == "authorization" and isinstance(value, str) and value.startswith("Bearer "):
-            return value[len("Bearer "):].strip()
+            return value[len("Bearer ") :].strip()
     return None
 
 
@@ -83,11 +83,15 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         token = bearer_token(handler_call_details.invocation_metadata)
         principal = await asyncio.to_thread(self._authenticate, token) if token else None
         if principal is None:
-            return _rejecting(handler, grpc.StatusCode.UNAUTHENTICATED,
-                              "missing, unknown or revoked credential")
+            return _rejecting(
+                handler, grpc.StatusCode.UNAUTHENTICATED, "missing, unknown or revoked credential"
+            )
         if principal.role not in roles:
-            return _rejecting(handler, grpc.StatusCode.PERMISSION_DENIED,
-                              f"role '{principal.role}' may not call {method}")
+            return _rejecting(
+                handler,
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"role '{principal.role}' may not call {method}",
+            )
         return _with_principal(handler, principal)
 
 

@@ -21,15 +21,26 @@ def run_checks(config: CoordinatorConfig) -> bool:
         with engine.connect():
             pass
         revision = current_revision(engine)
-        report("database", True, f"reachable, schema revision {revision or 'none (migrates on start)'}")
+        report(
+            "database", True, f"reachable, schema revision {revision or 'none (migrates on start)'}"
+        )
         engine.dispose()
     except Exception as exc:  # any driver error is a failed check, reported not raised
         report("database", False, f"{type(exc).__name__}: {exc}")
     try:
-        spec = describe_base_model(config.base_model, config.base_model_id, config.task_type,
-                                   tuple(config.target_modules), config.max_lora_rank)
-        report("base model", True, f"{spec.model_id} hidden={spec.hidden_size} "
-               f"targets={len(spec.target_shapes())} revision={spec.revision[:12]}")
+        spec = describe_base_model(
+            config.base_model,
+            config.base_model_id,
+            config.task_type,
+            tuple(config.target_modules),
+            config.max_lora_rank,
+        )
+        report(
+            "base model",
+            True,
+            f"{spec.model_id} hidden={spec.hidden_size} "
+            f"targets={len(spec.target_shapes())} revision={spec.revision[:12]}",
+        )
     except Exception as exc:
         report("base model", False, f"{type(exc).__name__}: {exc}")
     for name in ("tls_cert", "tls_key"):

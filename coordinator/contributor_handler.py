@@ -79,8 +79,10 @@ class UploadSession:
             if self.manifest is None:
                 raise InvalidArgument("manifest", "the first message must be a manifest")
             self.offset = self.state.uploads.append(
-                self.principal.contributor_id, self.manifest.upload_id,
-                message.chunk.offset, message.chunk.data,
+                self.principal.contributor_id,
+                self.manifest.upload_id,
+                message.chunk.offset,
+                message.chunk.data,
             )
         else:
             raise InvalidArgument("kind", "empty UploadExpertRequest")
@@ -89,7 +91,8 @@ class UploadSession:
         if self.manifest is None:
             raise InvalidArgument("manifest", "the stream held no manifest")
         info, created = self.state.uploads.finish(
-            convert.actor_of(self.principal), self.principal.contributor_id,
+            convert.actor_of(self.principal),
+            self.principal.contributor_id,
             self.manifest.upload_id,
         )
         return contributor_pb2.UploadExpertResponse(

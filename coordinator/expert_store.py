@@ -78,7 +78,9 @@ class ExpertStore:
 def read_statistics(folder: Path) -> ExpertStatistics:
     meta = StatisticsMeta.read(folder / STATISTICS_META)
     tensors = load_file(str(folder / STATISTICS_TENSORS))
-    gates = {k[len(GATE_PREFIX):]: v.float() for k, v in tensors.items() if k.startswith(GATE_PREFIX)}
+    gates = {
+        k[len(GATE_PREFIX) :]: v.float() for k, v in tensors.items() if k.startswith(GATE_PREFIX)
+    }
     return ExpertStatistics(
         example_count=meta.example_count,
         mean=tensors[MEAN_KEY].float(),
@@ -109,4 +111,3 @@ def read_lora(folder: Path) -> dict[str, LoraModuleWeights]:
         )
         for name, (a, b, s) in weights.items()
     }
-

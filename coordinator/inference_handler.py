@@ -61,8 +61,12 @@ async def predict(
         raise InvalidArgument("max_new_tokens", f"must be in 0..{MAX_NEW_TOKENS}")
     inference = await service(state)
     predictions, chosen, latency = await inference.predict(
-        list(request.inputs), request.routing_method, request.router_version,
-        list(request.expert_ids), request.top_k, AGGREGATIONS[request.aggregation],
+        list(request.inputs),
+        request.routing_method,
+        request.router_version,
+        list(request.expert_ids),
+        request.top_k,
+        AGGREGATIONS[request.aggregation],
         request.max_new_tokens,
     )
     ids = [w.expert_id for p in predictions for w in p.experts]
@@ -72,14 +76,22 @@ async def predict(
             inference_pb2.Prediction(
                 output=p.output,
                 confidence=p.confidence,
-                experts=[common_pb2.ExpertWeight(expert_id=w.expert_id,
-                                                 expert_name=names.get(w.expert_id, ""),
-                                                 weight=w.weight) for w in p.experts],
+                experts=[
+                    common_pb2.ExpertWeight(
+                        expert_id=w.expert_id,
+                        expert_name=names.get(w.expert_id, ""),
+                        weight=w.weight,
+                    )
+                    for w in p.experts
+                ],
                 expert_outputs=[
                     inference_pb2.ExpertOutput(
-                        expert_id=o.expert_id, text=o.text,
-                        scores=[inference_pb2.LabelScore(label=label, probability=prob)
-                                for label, prob in zip(o.labels, o.probabilities, strict=True)],
+                        expert_id=o.expert_id,
+                        text=o.text,
+                        scores=[
+                            inference_pb2.LabelScore(label=label, probability=prob)
+                            for label, prob in zip(o.labels, o.probabilities, strict=True)
+                        ],
                     )
                     for o in p.expert_outputs
                 ],
@@ -100,18 +112,23 @@ async def route(
     _common_checks(request.top_k, request.router_version)
     inference = await service(state)
     decisions, chosen, latency = await inference.route(
-        list(request.inputs), request.routing_method, request.router_version,
-        list(request.expert_ids), request.top_k,
+        list(request.inputs),
+        request.routing_method,
+        request.router_version,
+        list(request.expert_ids),
+        request.top_k,
     )
     names = await asyncio.to_thread(
         expert_names, state.registry, [e for row in decisions for e, _ in row]
     )
     return inference_pb2.RouteResponse(
         decisions=[
-            inference_pb2.RouteDecision(experts=[
-                common_pb2.ExpertWeight(expert_id=e, expert_name=names.get(e, ""), weight=w)
-                for e, w in row
-            ])
+            inference_pb2.RouteDecision(
+                experts=[
+                    common_pb2.ExpertWeight(expert_id=e, expert_name=names.get(e, ""), weight=w)
+                    for e, w in row
+                ]
+            )
             for row in decisions
         ],
         router_version=chosen.version,

@@ -57,7 +57,7 @@ class RestrictedRouter(Router):
         self.allowed_count = int(self.mask.sum())
 
     @classmethod
-    def fit(cls, experts, config):  # type: ignore[no-untyped-def]  # noqa: ANN001, ANN206
+    def fit(cls, experts, config):  # type: ignore[no-untyped-def]
         raise TypeError("a RestrictedRouter wraps a fitted router; it is never fitted")
 
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -89,7 +89,9 @@ class RestrictedRouter(Router):
         k = self._k(top_k)
         return self._restrict(self.inner.route_examples(embeddings, self.num_experts), k)
 
-    def route_tokens(self, module: str, hidden: torch.Tensor, top_k: int | None = None) -> RoutingDecision:
+    def route_tokens(
+        self, module: str, hidden: torch.Tensor, top_k: int | None = None
+    ) -> RoutingDecision:
         k = self._k(top_k)
         return self._restrict(self.inner.route_tokens(module, hidden, self.num_experts), k)
 
@@ -106,8 +108,13 @@ class Chosen:
 class InferenceService:
     """Owns the engine and the micro-batcher; created on the first Predict/Route."""
 
-    def __init__(self, config: CoordinatorConfig, registry: Registry, experts: ExpertStore,
-                 routers: RouterService) -> None:
+    def __init__(
+        self,
+        config: CoordinatorConfig,
+        registry: Registry,
+        experts: ExpertStore,
+        routers: RouterService,
+    ) -> None:
         self.config = config
         self.registry = registry
         self.experts = experts
@@ -130,7 +137,7 @@ class InferenceService:
         self._fallback: tuple[str, Router] | None = None
         self._lock = threading.Lock()
 
-    def _expert_folder(self, expert_id: str):  # noqa: ANN202 - Path
+    def _expert_folder(self, expert_id: str):
         return self.experts.folder(self.registry.get_expert(expert_id))
 
     async def aclose(self) -> None:
@@ -156,16 +163,21 @@ class InferenceService:
             loaded = self.routers.active
         if loaded is None:
             router, number = self._fallback_router(active), 0
-            note = (f"no router trained yet: routed with a {FALLBACK_METHOD} router fitted on the "
-                    f"fly over {len(active)} active experts")
+            note = (
+                f"no router trained yet: routed with a {FALLBACK_METHOD} router fitted on the "
+                f"fly over {len(active)} active experts"
+            )
         else:
             router, number = loaded.router, loaded.version.version
         if router.evaluation_only:
             raise FailedPrecondition(f"router {router.method!r} is for evaluation only")
         if router.method == "base":
             return Chosen(router=router, version=number, note=note)  # no expert to restrict
-        allowed = [e for e in router.expert_ids if e in active and
-                   (not expert_filter or e in expert_filter)]
+        allowed = [
+            e
+            for e in router.expert_ids
+            if e in active and (not expert_filter or e in expert_filter)
+        ]
         if not allowed:
             raise FailedPrecondition(
                 "none of the router's experts is active (or in expert_ids); train a new router"
@@ -174,7 +186,7 @@ class InferenceService:
             router = RestrictedRouter(router, allowed)
         return Chosen(router=router, version=number, note=note)
 
-    def _newest(self, method: str):  # noqa: ANN202 - LoadedRouter
+    def _newest(self, method: str):
         page = self.registry.list_router_versions(page_size=50, method=method)
         for info in page.items:
             if info.status == "ready":
@@ -208,16 +220,24 @@ class InferenceService:
         if not inputs:
             raise EmptyBatch("inputs is empty")
         if len(inputs) > self.config.max_batch_inputs:
-            raise InputTooLong(f"inputs holds {len(inputs)} texts; at most "
-                               f"{self.config.max_batch_inputs} per call")
+            raise InputTooLong(
+                f"inputs holds {len(inputs)} texts; at most {self.config.max_batch_inputs} per call"
+            )
         for i, text in enumerate(inputs):
             if len(text) > self.config.max_input_chars:
-                raise InputTooLong(f"inputs[{i}] has {len(text)} characters; at most "
-                                   f"{self.config.max_input_chars}")
+                raise InputTooLong(
+                    f"inputs[{i}] has {len(text)} characters; at most {self.config.max_input_chars}"
+                )
 
     async def predict(
-        self, inputs: Sequence[str], method: str, version: int, expert_filter: Sequence[str],
-        top_k: int, aggregation: Aggregation | None, max_new_tokens: int,
+        self,
+        inputs: Sequence[str],
+        method: str,
+        version: int,
+        expert_filter: Sequence[str],
+        top_k: int,
+        aggregation: Aggregation | None,
+        max_new_tokens: int,
     ) -> tuple[list[ExamplePrediction], Chosen, float]:
         started = time.perf_counter()
         self.check_inputs(inputs)
@@ -228,7 +248,11 @@ class InferenceService:
         return predictions, chosen, (time.perf_counter() - started) * 1000
 
     async def route(
-        self, inputs: Sequence[str], method: str, version: int, expert_filter: Sequence[str],
+        self,
+        inputs: Sequence[str],
+        method: str,
+        version: int,
+        expert_filter: Sequence[str],
         top_k: int,
     ) -> tuple[list[list[tuple[str, float]]], Chosen, float]:
         started = time.perf_counter()

@@ -25,7 +25,8 @@ class JsonFormatter(logging.Formatter):
 def setup_logging(level: int = logging.INFO, json_lines: bool = False) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(
-        JsonFormatter() if json_lines
+        JsonFormatter()
+        if json_lines
         else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
     )
     root = logging.getLogger()

@@ -10,6 +10,7 @@ leaves the previous router serving. Quarantined and retired experts are never in
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import tempfile
 import threading
@@ -22,9 +23,9 @@ from moerge.router_training.base import Router, load_router
 from moerge.router_training.fitting import fit_router
 from moerge.router_training.policy import RetrainPolicy
 from moerge.router_training.registry import available_methods
+from moerge.storage.blobstore import BlobStore
 from moerge.storage.errors import FailedPrecondition, InvalidArgument, NotFound
 from moerge.storage.records import RouterVersionInfo
-from moerge.storage.blobstore import BlobStore
 from moerge.storage.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -40,7 +41,11 @@ class RouterService:
     """Owns the active router and the cache of loaded router versions."""
 
     def __init__(
-        self, registry: Registry, blobs: BlobStore, experts: ExpertStore, default_method: str,
+        self,
+        registry: Registry,
+        blobs: BlobStore,
+        experts: ExpertStore,
+        default_method: str,
         policy: RetrainPolicy | None = None,
     ) -> None:
         self.registry = registry
@@ -80,14 +85,19 @@ class RouterService:
 
     # -- training -----------------------------------------------------------------------------
     def train(
-        self, method: str | None, params: dict[str, object], actor: str, trigger: str = "manual",
+        self,
+        method: str | None,
+        params: dict[str, object],
+        actor: str,
+        trigger: str = "manual",
         activate: bool = True,
     ) -> RouterVersionInfo:
         """Fit a router over the active experts and record it as a new version."""
         method = method or self.default_method
         if method not in available_methods():
             raise InvalidArgument(
-                "method", f"unknown routing method {method!r}; known: {', '.join(available_methods())}"
+                "method",
+                f"unknown routing method {method!r}; known: {', '.join(available_methods())}",
             )
         with self._train_lock:
             experts = self.registry.active_experts()
@@ -106,7 +116,10 @@ class RouterService:
                 metrics = {k: float(v) for k, v in result.metrics.items()}
                 metrics["artifact_bytes"] = float(ref.size)
                 info = self.registry.complete_router_version(
-                    version.version, (ref.sha256, ref.size), metrics, result.fit_seconds,
+                    version.version,
+                    (ref.sha256, ref.size),
+                    metrics,
+                    result.fit_seconds,
                     activate=activate,
                 )
             except Exception as exc:
@@ -160,8 +173,6 @@ class RouterService:
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-            except asyncio.CancelledError:
-                pass
             self._task = None

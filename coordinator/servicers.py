@@ -53,8 +53,9 @@ class ContributorServicer(contributor_pb2_grpc.ContributorServiceServicer):
         self.state = state
 
     async def Join(self, request: contributor_pb2.JoinRequest, context: Any) -> Any:
-        return await _serve(contributor_handler.join, request, self.state, context,
-                            authenticated=False)
+        return await _serve(
+            contributor_handler.join, request, self.state, context, authenticated=False
+        )
 
     async def GetBaseModel(self, request: Any, context: Any) -> contributor_pb2.BaseModelInfo:
         return await _serve(contributor_handler.get_base_model, request, self.state, context)

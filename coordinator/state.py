@@ -13,6 +13,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from sqlalchemy import Engine
+
 from moerge.coordinator.base_model import BaseModelSpec, describe_base_model
 from moerge.coordinator.config import CoordinatorConfig
 from moerge.coordinator.expert_store import ExpertStore
@@ -22,7 +24,6 @@ from moerge.router_training.policy import RetrainPolicy
 from moerge.storage.blobstore import BlobStore
 from moerge.storage.db import make_engine, upgrade
 from moerge.storage.registry import Registry
-from sqlalchemy import Engine
 
 log = logging.getLogger(__name__)
 
@@ -53,19 +54,31 @@ class CoordinatorState:
         registry.fail_interrupted_router_versions()
         bootstrap_admin(registry, config)
         spec = describe_base_model(
-            config.base_model, config.base_model_id, config.task_type,
-            tuple(config.target_modules), config.max_lora_rank,
+            config.base_model,
+            config.base_model_id,
+            config.task_type,
+            tuple(config.target_modules),
+            config.max_lora_rank,
         )
         experts = ExpertStore(blobs, data_dir / "experts")
         policy = (
             RetrainPolicy(config.retrain_debounce_seconds, config.retrain_interval_seconds)
-            if config.auto_retrain else None
+            if config.auto_retrain
+            else None
         )
         routers = RouterService(registry, blobs, experts, config.router_method, policy)
         routers.load_active()
         uploads = UploadReceiver(registry, blobs, config.staging_dir, spec, config.max_upload_bytes)
-        return cls(config=config, engine=engine, registry=registry, blobs=blobs, spec=spec, uploads=uploads,
-                   experts=experts, routers=routers)
+        return cls(
+            config=config,
+            engine=engine,
+            registry=registry,
+            blobs=blobs,
+            spec=spec,
+            uploads=uploads,
+            experts=experts,
+            routers=routers,
+        )
 
     async def start_background(self) -> None:
         self.routers.start()

@@ -88,7 +88,11 @@ class UploadReceiver:
     """Plain (grpc-free) upload logic used by the ContributorService servicer."""
 
     def __init__(
-        self, registry: Registry, blobs: BlobStore, staging_dir: Path, spec: BaseModelSpec,
+        self,
+        registry: Registry,
+        blobs: BlobStore,
+        staging_dir: Path,
+        spec: BaseModelSpec,
         max_bytes: int,
     ) -> None:
         self.registry = registry
@@ -191,8 +195,10 @@ class UploadReceiver:
                         covariance_rank=checked.meta.covariance_rank,
                         gate_modules=len(checked.meta.gate_modules),
                         dp=_dp_dict(checked),
-                        summary={"label_counts": checked.meta.label_counts,
-                                 "modules": checked.modules},
+                        summary={
+                            "label_counts": checked.meta.label_counts,
+                            "modules": checked.modules,
+                        },
                     ),
                 )
                 result = self.registry.commit_upload(actor, contributor_id, upload_id, spec)
@@ -243,4 +249,3 @@ def _dp_dict(checked: ValidatedExpert) -> dict[str, object] | None:
         "clip_norm": meta.dp.clip_norm,
         "noise_std": dict(meta.dp.noise_std),
     }
-

@@ -100,8 +100,11 @@ def read_safetensors_header(path: Path, max_bytes: int) -> dict[str, Any]:
             raise ExpertInvalid(name, f"tensor {key!r}: dtype {dtype!r} not allowed")
         if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
             raise ExpertInvalid(name, f"tensor {key!r}: bad shape {shape!r}")
-        if not (isinstance(offsets, list) and len(offsets) == 2
-                and all(isinstance(o, int) for o in offsets)):
+        if not (
+            isinstance(offsets, list)
+            and len(offsets) == 2
+            and all(isinstance(o, int) for o in offsets)
+        ):
             raise ExpertInvalid(name, f"tensor {key!r}: bad data_offsets")
         begin, end = offsets
         expected = math.prod(shape) * DTYPE_SIZES[dtype]
@@ -142,7 +145,7 @@ def _module_path(peft_module: str, spec: BaseModelSpec) -> str:
     """Map PEFT's module path to the base model's (``bert.encoder...`` -> ``encoder...``)."""
     if peft_module in spec.linear_shapes:
         return peft_module
-    head, _, rest = peft_module.partition(".")
+    _, _, rest = peft_module.partition(".")
     if rest in spec.linear_shapes:
         return rest
     raise ExpertInvalid(ADAPTER_WEIGHTS, f"module {peft_module!r} is not a layer of the base model")
@@ -153,7 +156,9 @@ def check_adapter_config(raw: Any, spec: BaseModelSpec) -> tuple[int, float, lis
     if not isinstance(raw, dict):
         raise ExpertInvalid(ADAPTER_CONFIG, "expected a JSON object")
     if raw.get("peft_type") != "LORA":
-        raise ExpertInvalid(ADAPTER_CONFIG, f"peft_type must be 'LORA', got {raw.get('peft_type')!r}")
+        raise ExpertInvalid(
+            ADAPTER_CONFIG, f"peft_type must be 'LORA', got {raw.get('peft_type')!r}"
+        )
     rank = raw.get("r")
     if not isinstance(rank, int) or isinstance(rank, bool) or not 1 <= rank <= spec.max_lora_rank:
         raise ExpertInvalid(ADAPTER_CONFIG, f"r must be an integer in 1..{spec.max_lora_rank}")
@@ -214,8 +219,10 @@ def check_adapter_weights(
     if spec.task_type == "classification":
         want = {"weight": (num_labels, spec.hidden_size), "bias": (num_labels,)}
         got = {k.split(".")[-1]: v for k, v in head_shapes.items()}
-        if set(got) - {"weight", "bias"} or got.get("weight") != want["weight"] or (
-            "bias" in got and got["bias"] != want["bias"]
+        if (
+            set(got) - {"weight", "bias"}
+            or got.get("weight") != want["weight"]
+            or ("bias" in got and got["bias"] != want["bias"])
         ):
             raise ExpertInvalid(
                 ADAPTER_WEIGHTS,
@@ -232,7 +239,9 @@ def check_statistics(
     """Dimensions against the base model; covariance parts non-negative; gates per module."""
     hidden = spec.hidden_size
     if meta.hidden_size != hidden:
-        raise ExpertInvalid(STATISTICS_META, f"hidden_size {meta.hidden_size} != base model's {hidden}")
+        raise ExpertInvalid(
+            STATISTICS_META, f"hidden_size {meta.hidden_size} != base model's {hidden}"
+        )
     if meta.covariance_rank > MAX_COVARIANCE_RANK:
         raise ExpertInvalid(STATISTICS_META, f"covariance_rank above {MAX_COVARIANCE_RANK}")
     expected = {
@@ -249,7 +258,7 @@ def check_statistics(
             )
     if (tensors[COV_DIAG_KEY] < 0).any():
         raise ExpertInvalid(STATISTICS_TENSORS, f"{COV_DIAG_KEY!r} has negative variances")
-    gates = {k[len(GATE_PREFIX):]: v for k, v in tensors.items() if k.startswith(GATE_PREFIX)}
+    gates = {k[len(GATE_PREFIX) :]: v for k, v in tensors.items() if k.startswith(GATE_PREFIX)}
     extra = set(tensors) - set(expected) - {GATE_PREFIX + g for g in gates}
     if extra:
         raise ExpertInvalid(STATISTICS_TENSORS, f"unexpected tensor(s) {sorted(extra)}")
@@ -258,7 +267,9 @@ def check_statistics(
             raise ExpertInvalid(STATISTICS_TENSORS, f"gate for {module!r}, a module not adapted")
         d_in = spec.linear_shapes[module][1]
         if tuple(gate.shape) != (d_in,):
-            raise ExpertInvalid(STATISTICS_TENSORS, f"gate {module!r} shape {gate.shape} != ({d_in},)")
+            raise ExpertInvalid(
+                STATISTICS_TENSORS, f"gate {module!r} shape {gate.shape} != ({d_in},)"
+            )
     if sorted(gates) != sorted(meta.gate_modules):
         raise ExpertInvalid(STATISTICS_META, "gate_modules does not list the gate tensors")
 

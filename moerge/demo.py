@@ -47,7 +47,10 @@ def start_coordinator(data_dir: Path, admin_token: str, log: Path) -> tuple[subp
     handle = open(log, "w")  # noqa: SIM115 - owned by the child process' lifetime
     process = subprocess.Popen(
         _moerge("coordinator", "serve", "--data-dir", str(data_dir), "--listen", "127.0.0.1:0"),
-        stdout=subprocess.PIPE, stderr=handle, text=True, env=env,
+        stdout=subprocess.PIPE,
+        stderr=handle,
+        text=True,
+        env=env,
     )
     assert process.stdout is not None
     deadline = time.monotonic() + 180
@@ -62,7 +65,12 @@ def start_coordinator(data_dir: Path, admin_token: str, log: Path) -> tuple[subp
 
 
 def contributor_process(
-    folder: Path, address: str, enrollment: str, task: str, epochs: int, max_examples: int,
+    folder: Path,
+    address: str,
+    enrollment: str,
+    task: str,
+    epochs: int,
+    max_examples: int,
     gate_steps: int,
 ) -> subprocess.Popen:
     """Join and contribute as a separate process whose home is ``folder`` (its data only).
@@ -71,19 +79,39 @@ def contributor_process(
     """
     env = {**os.environ, "MOERGE_HOME": str(folder / "home"), "OMP_NUM_THREADS": "1"}
     env.pop("MOERGE_TOKEN", None)
-    join = " ".join(_moerge("join", "--coordinator", address, "--token", enrollment,
-                            "--name", f"lab-{task}"))
-    contribute = " ".join(_moerge(
-        "contribute", str(folder / "data.jsonl"), "--task-name", task, "--epochs", str(epochs),
-        "--max-examples", str(max_examples), "--max-length", "96", "--gate-steps",
-        str(gate_steps), "--json"))
+    join = " ".join(
+        _moerge("join", "--coordinator", address, "--token", enrollment, "--name", f"lab-{task}")
+    )
+    contribute = " ".join(
+        _moerge(
+            "contribute",
+            str(folder / "data.jsonl"),
+            "--task-name",
+            task,
+            "--epochs",
+            str(epochs),
+            "--max-examples",
+            str(max_examples),
+            "--max-length",
+            "96",
+            "--gate-steps",
+            str(gate_steps),
+            "--json",
+        )
+    )
     log = open(folder / "contributor.log", "w")  # noqa: SIM115 - closed when the process ends
-    return subprocess.Popen(["/bin/sh", "-c", f"{join} && {contribute}"], stdout=log,
-                            stderr=subprocess.STDOUT, env=env, cwd=folder)
+    return subprocess.Popen(
+        ["/bin/sh", "-c", f"{join} && {contribute}"],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+        cwd=folder,
+    )
 
 
 def run_contributors(
-    jobs: list[tuple[str, Callable[[], subprocess.Popen]]], parallel: int,
+    jobs: list[tuple[str, Callable[[], subprocess.Popen]]],
+    parallel: int,
     on_done: Callable[[str], None],
 ) -> None:
     """Run contributor processes ``parallel`` at a time; raise if any fails."""
@@ -107,7 +135,9 @@ def run_contributors(
 
 def demo(
     data_dir: Annotated[Path, typer.Option(help="where everything is written")] = Path("demo-data"),
-    tasks: Annotated[str, typer.Option(help="comma-separated task names")] = ",".join(DEFAULT_TASKS),
+    tasks: Annotated[str, typer.Option(help="comma-separated task names")] = ",".join(
+        DEFAULT_TASKS
+    ),
     train_per_task: Annotated[int, typer.Option(help="training examples per contributor")] = 240,
     test_per_task: Annotated[int, typer.Option(help="held-out examples per task")] = 40,
     epochs: Annotated[int, typer.Option(help="training epochs per expert")] = 2,
@@ -126,8 +156,9 @@ def demo(
     names = [t.strip() for t in tasks.split(",") if t.strip()]
     missing = [t for t in names if t not in available_tasks()]
     if missing:
-        console.print(f"[yellow]skipping tasks without data: {missing} "
-                      "(run scripts/fetch_data.sh)[/yellow]")
+        console.print(
+            f"[yellow]skipping tasks without data: {missing} (run scripts/fetch_data.sh)[/yellow]"
+        )
         names = [t for t in names if t not in missing]
     if len(names) < 2:
         raise typer.BadParameter("the demo needs at least two tasks with data")
@@ -148,42 +179,79 @@ def demo(
     admin = Target(address=address, token=admin_token)
     started = time.perf_counter()
     try:
-        with Progress("[progress.description]{task.description}", BarColumn(),
-                      MofNCompleteColumn(), TimeElapsedColumn(), console=console) as bar:
-            job = bar.add_task("contributors train and upload experts (2 at a time)",
-                               total=len(names))
+        with Progress(
+            "[progress.description]{task.description}",
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=console,
+        ) as bar:
+            job = bar.add_task(
+                "contributors train and upload experts (2 at a time)", total=len(names)
+            )
             jobs = []
             for task in names:
-                token = call(admin, "admin", "CreateEnrollmentToken",
-                             admin_pb2.CreateEnrollmentTokenRequest(note=f"demo {task}")).token
+                token = call(
+                    admin,
+                    "admin",
+                    "CreateEnrollmentToken",
+                    admin_pb2.CreateEnrollmentTokenRequest(note=f"demo {task}"),
+                ).token
                 folder = data_dir / "contributors" / task
-                jobs.append((task, partial(contributor_process, folder, address, token, task,
-                                           epochs, train_per_task, gate_steps)))
+                jobs.append(
+                    (
+                        task,
+                        partial(
+                            contributor_process,
+                            folder,
+                            address,
+                            token,
+                            task,
+                            epochs,
+                            train_per_task,
+                            gate_steps,
+                        ),
+                    )
+                )
             run_contributors(jobs, parallel, lambda _task: bar.advance(job))
-            experts = call(admin, "admin", "ListExperts", admin_pb2.ListExpertsRequest(
-                page_size=100)).experts
+            experts = call(
+                admin, "admin", "ListExperts", admin_pb2.ListExpertsRequest(page_size=100)
+            ).experts
             expert_of_task = {e.task_name: e.expert_id for e in experts}
             fit = bar.add_task("fit routers from adapters + statistics", total=len(ROUTERS))
             fit_seconds = {}
             for method in ROUTERS:
-                version = call(admin, "admin", "TrainRouter", admin_pb2.TrainRouterRequest(
-                    method=method, no_activate=method != "centroid"))
+                version = call(
+                    admin,
+                    "admin",
+                    "TrainRouter",
+                    admin_pb2.TrainRouterRequest(method=method, no_activate=method != "centroid"),
+                )
                 fit_seconds[method] = version.fit_seconds
                 bar.advance(fit)
             stream = mixed_stream(tests, seed)
             methods = ("oracle", *ROUTERS)
-            evaluate = bar.add_task("routed predictions on the mixed stream",
-                                    total=len(stream) * len(methods))
-            scores = [score_method(admin, m, stream, expert_of_task,
-                                   on_batch=lambda n: bar.advance(evaluate, n)) for m in methods]
+            evaluate = bar.add_task(
+                "routed predictions on the mixed stream", total=len(stream) * len(methods)
+            )
+            scores = [
+                score_method(
+                    admin, m, stream, expert_of_task, on_batch=lambda n: bar.advance(evaluate, n)
+                )
+                for m in methods
+            ]
         _print_table(scores, fit_seconds, len(stream), names)
-        best = max((s for s in scores if s.method not in ("oracle", "uniform") and not s.error),
-                   key=lambda s: s.routing_accuracy)
+        best = max(
+            (s for s in scores if s.method not in ("oracle", "uniform") and not s.error),
+            key=lambda s: s.routing_accuracy,
+        )
         png = save_confusion_png(best, names, data_dir / "routing_confusion.png")
         console.print(f"routing confusion matrix of {best.method}: {png}")
-        console.print(f"total {time.perf_counter() - started:.0f} s; reopen with "
-                      f"`moerge coordinator serve --data-dir {coordinator_dir}` "
-                      f"(admin token in {coordinator_dir / 'admin-token'})")
+        console.print(
+            f"total {time.perf_counter() - started:.0f} s; reopen with "
+            f"`moerge coordinator serve --data-dir {coordinator_dir}` "
+            f"(admin token in {coordinator_dir / 'admin-token'})"
+        )
         (coordinator_dir / "admin-token").write_text(admin_token + "\n")
         os.chmod(coordinator_dir / "admin-token", 0o600)
     finally:
@@ -200,7 +268,12 @@ def _print_table(scores: list, fit_seconds: dict[str, float], n: int, tasks: lis
         if s.error:
             grid.add_row(s.method, "-", "-", "-", "-", s.error[:40])
             continue
-        grid.add_row(s.method, f"{s.routing_accuracy:.1%}", f"{s.task_accuracy:.1%}",
-                     f"{s.task_accuracy / oracle:.1%}", f"{fit_seconds.get(s.method, 0):.2f}",
-                     f"{s.seconds:.1f}")
+        grid.add_row(
+            s.method,
+            f"{s.routing_accuracy:.1%}",
+            f"{s.task_accuracy:.1%}",
+            f"{s.task_accuracy / oracle:.1%}",
+            f"{fit_seconds.get(s.method, 0):.2f}",
+            f"{s.seconds:.1f}",
+        )
     console.print(grid)

@@ -83,21 +83,34 @@ def score_method(
     with target.channel() as channel:
         stub = inference_pb2_grpc.InferenceServiceStub(channel)
         for start in range(0, len(stream), batch_size):
-            batch = stream[start:start + batch_size]
+            batch = stream[start : start + batch_size]
             if method == "oracle":
                 responses = [
-                    stub.Predict(inference_pb2.PredictRequest(
-                        inputs=[ex.text], expert_ids=[expert_of_task[ex.task]], top_k=1,
-                        aggregation=aggregation), metadata=target.metadata(), timeout=600)
+                    stub.Predict(
+                        inference_pb2.PredictRequest(
+                            inputs=[ex.text],
+                            expert_ids=[expert_of_task[ex.task]],
+                            top_k=1,
+                            aggregation=aggregation,
+                        ),
+                        metadata=target.metadata(),
+                        timeout=600,
+                    )
                     for ex in batch
                 ]
                 predictions = [r.predictions[0] for r in responses]
             else:
                 try:
-                    response = stub.Predict(inference_pb2.PredictRequest(
-                        inputs=[ex.text for ex in batch], routing_method=routing_method,
-                        aggregation=aggregation, top_k=top_k), metadata=target.metadata(),
-                        timeout=600)
+                    response = stub.Predict(
+                        inference_pb2.PredictRequest(
+                            inputs=[ex.text for ex in batch],
+                            routing_method=routing_method,
+                            aggregation=aggregation,
+                            top_k=top_k,
+                        ),
+                        metadata=target.metadata(),
+                        timeout=600,
+                    )
                 except grpc.RpcError as exc:
                     score.error = f"{exc.code().name}: {exc.details()}"
                     return score
@@ -133,8 +146,14 @@ def save_confusion_png(score: MethodScore, tasks: Sequence[str], path: Path) -> 
     peak = max(max(row) for row in matrix) or 1
     for i, row in enumerate(matrix):
         for j, value in enumerate(row):
-            ax.text(j, i, str(value), ha="center", va="center",
-                    color="white" if value > peak / 2 else "black")
+            ax.text(
+                j,
+                i,
+                str(value),
+                ha="center",
+                va="center",
+                color="white" if value > peak / 2 else "black",
+            )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -42,7 +42,12 @@ STATISTICS_TENSORS = "statistics.safetensors"
 STATISTICS_META = "statistics.json"
 
 #: Every file of an expert, in the order they are streamed on upload.
-EXPERT_FILES: tuple[str, ...] = (ADAPTER_CONFIG, ADAPTER_WEIGHTS, STATISTICS_TENSORS, STATISTICS_META)
+EXPERT_FILES: tuple[str, ...] = (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    STATISTICS_TENSORS,
+    STATISTICS_META,
+)
 
 MEAN_KEY = "embedding.mean"
 COV_DIAG_KEY = "embedding.cov_diag"
@@ -132,8 +137,14 @@ class StatisticsMeta:
         _check_int("format_version", self.format_version, minimum=1)
         if self.format_version != FORMAT_VERSION:
             raise ValueError(f"statistics.json: format_version {self.format_version} unsupported")
-        for name in ("task_name", "task_type", "task_description", "base_model_id",
-                     "base_model_revision", "pooling"):
+        for name in (
+            "task_name",
+            "task_type",
+            "task_description",
+            "base_model_id",
+            "base_model_revision",
+            "pooling",
+        ):
             if not isinstance(getattr(self, name), str):
                 raise ValueError(f"statistics.json: field '{name}' must be a string")
         if self.task_type not in ("classification", "causal_lm"):
@@ -150,7 +161,9 @@ class StatisticsMeta:
             for name in ("epsilon", "delta", "clip_norm"):
                 value = getattr(self.dp, name)
                 if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-                    raise ValueError(f"statistics.json: field 'dp.{name}' must be a positive number")
+                    raise ValueError(
+                        f"statistics.json: field 'dp.{name}' must be a positive number"
+                    )
 
 
 def _check_int(name: str, value: object, minimum: int) -> None:

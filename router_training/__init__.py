@@ -11,6 +11,7 @@ method         routes     fitted from
 ``lda``        examples   uploaded Gaussian statistics (shared covariance)
 ``qda``        examples   uploaded Gaussian statistics (per-expert covariance)
 ``mlp``        examples   samples drawn from the uploaded Gaussians
+``federated``  examples   LDA, then FedAvg rounds on contributors' own embeddings
 ``uniform``    both       nothing (every expert, weight 1/E)
 ``base``       both       nothing (no expert: ``k = 0``)
 ``oracle``     examples   nothing; evaluation only (each example's true source expert)
@@ -38,6 +39,7 @@ from moerge.router_training.baselines import (
     UniformRouterConfig,
 )
 from moerge.router_training.centroid import CentroidRouter, CentroidRouterConfig
+from moerge.router_training.federated import FederatedRouter, FederatedRouterConfig
 from moerge.router_training.fitting import FitResult, build_config, fit_metrics, fit_router
 from moerge.router_training.gaussian import GaussianBank, GaussianRouter, GaussianRouterConfig
 from moerge.router_training.lda import LDARouter, LDARouterConfig
@@ -56,6 +58,8 @@ __all__ = [
     "CentroidRouterConfig",
     "ExpertRecord",
     "ExpertStatistics",
+    "FederatedRouter",
+    "FederatedRouterConfig",
     "FitResult",
     "GaussianBank",
     "GaussianRouter",

@@ -96,6 +96,7 @@ def fit_metrics(
     routes_embeddings = isinstance(router, (GaussianRouter, CentroidRouter))
     if routes_embeddings and metric_samples > 0 and all(e.statistics for e in experts):
         metrics.update(_sample_metrics(router, experts, metric_samples))
+    metrics.update(getattr(router, "federation_metrics", {}))  # federated: rounds, failures
     return metrics
 
 

@@ -37,8 +37,9 @@ def make_expert_dir(
     out = Path(out)
     torch.manual_seed(seed)
     if task_type == "classification":
-        model = AutoModelForSequenceClassification.from_pretrained(str(base_model),
-                                                                   num_labels=len(labels))
+        model = AutoModelForSequenceClassification.from_pretrained(
+            str(base_model), num_labels=len(labels)
+        )
         peft_task = TaskType.SEQ_CLS
         targets = targets or ("query", "value")
     else:
@@ -46,8 +47,8 @@ def make_expert_dir(
         peft_task = TaskType.CAUSAL_LM
         targets = targets or ("q_proj", "v_proj")
     peft_model = get_peft_model(
-        model, LoraConfig(task_type=peft_task, r=rank, lora_alpha=2 * rank,
-                          target_modules=list(targets))
+        model,
+        LoraConfig(task_type=peft_task, r=rank, lora_alpha=2 * rank, target_modules=list(targets)),
     )
     modules = []
     for name, module in peft_model.named_modules():

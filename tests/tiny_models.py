@@ -19,16 +19,133 @@ from transformers import (
 )
 
 #: A small closed vocabulary; words outside it map to [UNK].
-WORDS = (
-    "the a an and or but of to in on for with at by from is are was were be been it this that "
-    "good bad great awful fine poor love hate like enjoy boring exciting film movie plot actor "
-    "scene music story ending sport match team goal player win lose score league cup season "
-    "money bank market stock price trade growth profit loss economy company shares tech "
-    "computer phone software internet data chip apple google online digital game network "
-    "politics government minister vote election party law policy tax labour tory council "
-    "food taste sweet salty dog cat tree river mountain city house car road sea sky sun moon "
-    "red green blue big small old new fast slow happy sad one two three four five"
-).split()
+WORDS = [
+    "the",
+    "a",
+    "an",
+    "and",
+    "or",
+    "but",
+    "of",
+    "to",
+    "in",
+    "on",
+    "for",
+    "with",
+    "at",
+    "by",
+    "from",
+    "is",
+    "are",
+    "was",
+    "were",
+    "be",
+    "been",
+    "it",
+    "this",
+    "that",
+    "good",
+    "bad",
+    "great",
+    "awful",
+    "fine",
+    "poor",
+    "love",
+    "hate",
+    "like",
+    "enjoy",
+    "boring",
+    "exciting",
+    "film",
+    "movie",
+    "plot",
+    "actor",
+    "scene",
+    "music",
+    "story",
+    "ending",
+    "sport",
+    "match",
+    "team",
+    "goal",
+    "player",
+    "win",
+    "lose",
+    "score",
+    "league",
+    "cup",
+    "season",
+    "money",
+    "bank",
+    "market",
+    "stock",
+    "price",
+    "trade",
+    "growth",
+    "profit",
+    "loss",
+    "economy",
+    "company",
+    "shares",
+    "tech",
+    "computer",
+    "phone",
+    "software",
+    "internet",
+    "data",
+    "chip",
+    "apple",
+    "google",
+    "online",
+    "digital",
+    "game",
+    "network",
+    "politics",
+    "government",
+    "minister",
+    "vote",
+    "election",
+    "party",
+    "law",
+    "policy",
+    "tax",
+    "labour",
+    "tory",
+    "council",
+    "food",
+    "taste",
+    "sweet",
+    "salty",
+    "dog",
+    "cat",
+    "tree",
+    "river",
+    "mountain",
+    "city",
+    "house",
+    "car",
+    "road",
+    "sea",
+    "sky",
+    "sun",
+    "moon",
+    "red",
+    "green",
+    "blue",
+    "big",
+    "small",
+    "old",
+    "new",
+    "fast",
+    "slow",
+    "happy",
+    "sad",
+    "one",
+    "two",
+    "three",
+    "four",
+    "five",
+]
 
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "<s>", "</s>"]
 
@@ -49,7 +166,9 @@ def vocab_size() -> int:
     return len(SPECIALS) + len(dict.fromkeys(WORDS))
 
 
-def make_tiny_bert(path: str | Path, hidden_size: int = 32, num_layers: int = 2, seed: int = 0) -> Path:
+def make_tiny_bert(
+    path: str | Path, hidden_size: int = 32, num_layers: int = 2, seed: int = 0
+) -> Path:
     """Write a tiny BERT encoder (modules named like MiniLM: ``...attention.self.query``)."""
     path = Path(path)
     torch.manual_seed(seed)
@@ -64,14 +183,20 @@ def make_tiny_bert(path: str | Path, hidden_size: int = 32, num_layers: int = 2,
     BertModel(config).save_pretrained(path)
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=_word_tokenizer("[CLS]", "[SEP]"),
-        unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]",
-        mask_token="[MASK]", model_max_length=128,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+        model_max_length=128,
     )
     tokenizer.save_pretrained(path)
     return path
 
 
-def make_tiny_llama(path: str | Path, hidden_size: int = 32, num_layers: int = 2, seed: int = 0) -> Path:
+def make_tiny_llama(
+    path: str | Path, hidden_size: int = 32, num_layers: int = 2, seed: int = 0
+) -> Path:
     """Write a tiny Llama-style causal LM (modules ``q_proj``/``k_proj``/``v_proj``/``o_proj``)."""
     path = Path(path)
     torch.manual_seed(seed)
@@ -90,7 +215,10 @@ def make_tiny_llama(path: str | Path, hidden_size: int = 32, num_layers: int = 2
     LlamaForCausalLM(config).save_pretrained(path)
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=_word_tokenizer("<s>", "</s>"),
-        unk_token="[UNK]", pad_token="[PAD]", bos_token="<s>", eos_token="</s>",
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        bos_token="<s>",
+        eos_token="</s>",
         model_max_length=128,
     )
     tokenizer.save_pretrained(path)

@@ -18,7 +18,9 @@ def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny_bert(tmp_path_factory.mktemp("models") / "tiny-bert")
 
 
-def coordinator_config(data_dir: Path, base_model: Path, db_url: str = "", **extra: object) -> CoordinatorConfig:
+def coordinator_config(
+    data_dir: Path, base_model: Path, db_url: str = "", **extra: object
+) -> CoordinatorConfig:
     _, admin = new_token("mga")
     return CoordinatorConfig(
         data_dir=data_dir,

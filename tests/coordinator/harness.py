@@ -34,7 +34,7 @@ class BackgroundCoordinator:
         self.thread.join(10)
 
     @property
-    def state(self):  # noqa: ANN201 - CoordinatorState
+    def state(self):
         assert self.running is not None
         return self.running.state
 
@@ -46,7 +46,7 @@ class BackgroundCoordinator:
     def admin_token(self) -> str:
         return self.config.admin_token
 
-    def run(self, coroutine):  # noqa: ANN001, ANN201
+    def run(self, coroutine):
         return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(120)
 
 

@@ -1,4 +1,4 @@
-"""A byte-for-byte picture of the registry and the blob store, to prove refused calls change nothing."""
+"""A byte-for-byte picture of the registry and blob store: refused calls must change nothing."""
 
 from __future__ import annotations
 

@@ -30,9 +30,13 @@ from tests.coordinator.snapshot import snapshot
 def enroll(address: str, admin_token: str, name: str) -> tuple[str, str]:
     """Create an enrollment token as admin and join with it; return (contributor id, credential)."""
     with grpc.insecure_channel(address) as ch:
-        token = admin_pb2_grpc.AdminServiceStub(ch).CreateEnrollmentToken(
-            admin_pb2.CreateEnrollmentTokenRequest(note="test"), metadata=bearer(admin_token)
-        ).token
+        token = (
+            admin_pb2_grpc.AdminServiceStub(ch)
+            .CreateEnrollmentToken(
+                admin_pb2.CreateEnrollmentTokenRequest(note="test"), metadata=bearer(admin_token)
+            )
+            .token
+        )
         joined = contributor_pb2_grpc.ContributorServiceStub(ch).Join(
             contributor_pb2.JoinRequest(enrollment_token=token, name=name)
         )
@@ -47,37 +51,94 @@ def _manifest_only() -> contributor_pb2.UploadExpertRequest:
 
 #: (stub class, method, request factory, streaming?)
 RPCS: list[tuple[type, str, Callable[[], Any], bool]] = [
-    (contributor_pb2_grpc.ContributorServiceStub, "GetBaseModel",
-     contributor_pb2.GetBaseModelRequest, False),
-    (contributor_pb2_grpc.ContributorServiceStub, "UploadExpert",
-     lambda: iter([_manifest_only()]), True),
-    (contributor_pb2_grpc.ContributorServiceStub, "GetUploadStatus",
-     lambda: contributor_pb2.GetUploadStatusRequest(upload_id="unknown-upload"), False),
-    (contributor_pb2_grpc.ContributorServiceStub, "ListMyExperts",
-     contributor_pb2.ListMyExpertsRequest, False),
-    (inference_pb2_grpc.InferenceServiceStub, "Predict",
-     lambda: inference_pb2.PredictRequest(inputs=["hello"]), False),
-    (inference_pb2_grpc.InferenceServiceStub, "Route",
-     lambda: inference_pb2.RouteRequest(inputs=["hello"]), False),
+    (
+        contributor_pb2_grpc.ContributorServiceStub,
+        "GetBaseModel",
+        contributor_pb2.GetBaseModelRequest,
+        False,
+    ),
+    (
+        contributor_pb2_grpc.ContributorServiceStub,
+        "UploadExpert",
+        lambda: iter([_manifest_only()]),
+        True,
+    ),
+    (
+        contributor_pb2_grpc.ContributorServiceStub,
+        "GetUploadStatus",
+        lambda: contributor_pb2.GetUploadStatusRequest(upload_id="unknown-upload"),
+        False,
+    ),
+    (
+        contributor_pb2_grpc.ContributorServiceStub,
+        "ListMyExperts",
+        contributor_pb2.ListMyExpertsRequest,
+        False,
+    ),
+    (
+        inference_pb2_grpc.InferenceServiceStub,
+        "Predict",
+        lambda: inference_pb2.PredictRequest(inputs=["hello"]),
+        False,
+    ),
+    (
+        inference_pb2_grpc.InferenceServiceStub,
+        "Route",
+        lambda: inference_pb2.RouteRequest(inputs=["hello"]),
+        False,
+    ),
     (admin_pb2_grpc.AdminServiceStub, "ListExperts", admin_pb2.ListExpertsRequest, False),
-    (admin_pb2_grpc.AdminServiceStub, "GetExpert",
-     lambda: admin_pb2.GetExpertRequest(expert_id="0" * 32), False),
-    (admin_pb2_grpc.AdminServiceStub, "SetExpertState",
-     lambda: admin_pb2.SetExpertStateRequest(expert_id="0" * 32,
-                                             state=common_pb2.EXPERT_STATE_RETIRED), False),
-    (admin_pb2_grpc.AdminServiceStub, "DeleteExpert",
-     lambda: admin_pb2.DeleteExpertRequest(expert_id="0" * 32), False),
-    (admin_pb2_grpc.AdminServiceStub, "ListRouterVersions",
-     admin_pb2.ListRouterVersionsRequest, False),
-    (admin_pb2_grpc.AdminServiceStub, "TrainRouter",
-     lambda: admin_pb2.TrainRouterRequest(method="centroid"), False),
-    (admin_pb2_grpc.AdminServiceStub, "ActivateRouterVersion",
-     lambda: admin_pb2.ActivateRouterVersionRequest(version=99), False),
-    (admin_pb2_grpc.AdminServiceStub, "CreateEnrollmentToken",
-     admin_pb2.CreateEnrollmentTokenRequest, False),
+    (
+        admin_pb2_grpc.AdminServiceStub,
+        "GetExpert",
+        lambda: admin_pb2.GetExpertRequest(expert_id="0" * 32),
+        False,
+    ),
+    (
+        admin_pb2_grpc.AdminServiceStub,
+        "SetExpertState",
+        lambda: admin_pb2.SetExpertStateRequest(
+            expert_id="0" * 32, state=common_pb2.EXPERT_STATE_RETIRED
+        ),
+        False,
+    ),
+    (
+        admin_pb2_grpc.AdminServiceStub,
+        "DeleteExpert",
+        lambda: admin_pb2.DeleteExpertRequest(expert_id="0" * 32),
+        False,
+    ),
+    (
+        admin_pb2_grpc.AdminServiceStub,
+        "ListRouterVersions",
+        admin_pb2.ListRouterVersionsRequest,
+        False,
+    ),
+    (
+        admin_pb2_grpc.AdminServiceStub,
+        "TrainRouter",
+        lambda: admin_pb2.TrainRouterRequest(method="centroid"),
+        False,
+    ),
+    (
+        admin_pb2_grpc.AdminServiceStub,
+        "ActivateRouterVersion",
+        lambda: admin_pb2.ActivateRouterVersionRequest(version=99),
+        False,
+    ),
+    (
+        admin_pb2_grpc.AdminServiceStub,
+        "CreateEnrollmentToken",
+        admin_pb2.CreateEnrollmentTokenRequest,
+        False,
+    ),
     (admin_pb2_grpc.AdminServiceStub, "ListContributors", admin_pb2.ListContributorsRequest, False),
-    (admin_pb2_grpc.AdminServiceStub, "RevokeContributor",
-     lambda: admin_pb2.RevokeContributorRequest(contributor_id="0" * 32), False),
+    (
+        admin_pb2_grpc.AdminServiceStub,
+        "RevokeContributor",
+        lambda: admin_pb2.RevokeContributorRequest(contributor_id="0" * 32),
+        False,
+    ),
     (admin_pb2_grpc.AdminServiceStub, "ListAuditLog", admin_pb2.ListAuditLogRequest, False),
 ]
 
@@ -89,8 +150,9 @@ ALLOWED = {
 DENIED = {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED}
 
 
-def _call(address: str, stub_cls: type, method: str, request: Any,
-          metadata: tuple[tuple[str, str], ...]) -> grpc.StatusCode:
+def _call(
+    address: str, stub_cls: type, method: str, request: Any, metadata: tuple[tuple[str, str], ...]
+) -> grpc.StatusCode:
     with grpc.insecure_channel(address) as ch:
         try:
             getattr(stub_cls(ch), method)(request, metadata=metadata, timeout=60)
@@ -127,15 +189,21 @@ def test_every_rpc_admits_exactly_the_roles_it_should(coordinator: BackgroundCoo
                 assert code == grpc.StatusCode.PERMISSION_DENIED, f"{method} as {role}: {code}"
 
 
-def test_join_refuses_unknown_and_reused_enrollment_tokens(coordinator: BackgroundCoordinator) -> None:
+def test_join_refuses_unknown_and_reused_enrollment_tokens(
+    coordinator: BackgroundCoordinator,
+) -> None:
     with grpc.insecure_channel(coordinator.address) as ch:
         stub = contributor_pb2_grpc.ContributorServiceStub(ch)
         with pytest.raises(grpc.RpcError) as bad:
             stub.Join(contributor_pb2.JoinRequest(enrollment_token="mge_nope", name="bob"))
         assert bad.value.code() == grpc.StatusCode.UNAUTHENTICATED
-        token = admin_pb2_grpc.AdminServiceStub(ch).CreateEnrollmentToken(
-            admin_pb2.CreateEnrollmentTokenRequest(), metadata=bearer(coordinator.admin_token())
-        ).token
+        token = (
+            admin_pb2_grpc.AdminServiceStub(ch)
+            .CreateEnrollmentToken(
+                admin_pb2.CreateEnrollmentTokenRequest(), metadata=bearer(coordinator.admin_token())
+            )
+            .token
+        )
         stub.Join(contributor_pb2.JoinRequest(enrollment_token=token, name="bob"))
         with pytest.raises(grpc.RpcError) as reused:
             stub.Join(contributor_pb2.JoinRequest(enrollment_token=token, name="carol"))
@@ -143,11 +211,21 @@ def test_join_refuses_unknown_and_reused_enrollment_tokens(coordinator: Backgrou
 
 
 def _upload_request(**manifest: Any) -> list[contributor_pb2.UploadExpertRequest]:
-    files = [contributor_pb2.UploadFile(name=n, size=1, sha256="a" * 64) for n in (
-        "adapter_config.json", "adapter_model.safetensors", "statistics.safetensors",
-        "statistics.json")]
-    fields = {"upload_id": "upload-0001", "expert_name": "good", "task_name": "task",
-              "files": files}
+    files = [
+        contributor_pb2.UploadFile(name=n, size=1, sha256="a" * 64)
+        for n in (
+            "adapter_config.json",
+            "adapter_model.safetensors",
+            "statistics.safetensors",
+            "statistics.json",
+        )
+    ]
+    fields = {
+        "upload_id": "upload-0001",
+        "expert_name": "good",
+        "task_name": "task",
+        "files": files,
+    }
     fields.update(manifest)
     return [contributor_pb2.UploadExpertRequest(manifest=contributor_pb2.UploadManifest(**fields))]
 
@@ -157,11 +235,20 @@ INVALID_UPLOADS = {
     "expert_name": _upload_request(expert_name="a/b"),
     "expert_name_control": _upload_request(expert_name="bad\x07name"),
     "task_name": _upload_request(task_name="x" * 500),
-    "files": _upload_request(files=[contributor_pb2.UploadFile(name="model.bin", size=1,
-                                                               sha256="a" * 64)]),
-    "sha256": _upload_request(files=[contributor_pb2.UploadFile(name=n, size=1, sha256="XYZ")
-                                     for n in ("adapter_config.json", "adapter_model.safetensors",
-                                               "statistics.safetensors", "statistics.json")]),
+    "files": _upload_request(
+        files=[contributor_pb2.UploadFile(name="model.bin", size=1, sha256="a" * 64)]
+    ),
+    "sha256": _upload_request(
+        files=[
+            contributor_pb2.UploadFile(name=n, size=1, sha256="XYZ")
+            for n in (
+                "adapter_config.json",
+                "adapter_model.safetensors",
+                "statistics.safetensors",
+                "statistics.json",
+            )
+        ]
+    ),
 }
 
 
@@ -181,15 +268,33 @@ def test_bad_input_is_invalid_argument_naming_the_field_and_changes_nothing(
         admin_stub = admin_pb2_grpc.AdminServiceStub(ch)
         cases = [
             ("state", admin_stub.ListExperts, admin_pb2.ListExpertsRequest(state=42)),
-            ("state", admin_stub.SetExpertState,
-             admin_pb2.SetExpertStateRequest(expert_id="0" * 32, state=42)),
-            ("state", admin_stub.SetExpertState,
-             admin_pb2.SetExpertStateRequest(expert_id="0" * 32)),
-            ("reason", admin_stub.SetExpertState, admin_pb2.SetExpertStateRequest(
-                expert_id="0" * 32, state=common_pb2.EXPERT_STATE_RETIRED, reason="r" * 5000)),
-            ("params_json", admin_stub.TrainRouter, admin_pb2.TrainRouterRequest(params_json="[1]")),
-            ("ttl_seconds", admin_stub.CreateEnrollmentToken,
-             admin_pb2.CreateEnrollmentTokenRequest(ttl_seconds=-5)),
+            (
+                "state",
+                admin_stub.SetExpertState,
+                admin_pb2.SetExpertStateRequest(expert_id="0" * 32, state=42),
+            ),
+            (
+                "state",
+                admin_stub.SetExpertState,
+                admin_pb2.SetExpertStateRequest(expert_id="0" * 32),
+            ),
+            (
+                "reason",
+                admin_stub.SetExpertState,
+                admin_pb2.SetExpertStateRequest(
+                    expert_id="0" * 32, state=common_pb2.EXPERT_STATE_RETIRED, reason="r" * 5000
+                ),
+            ),
+            (
+                "params_json",
+                admin_stub.TrainRouter,
+                admin_pb2.TrainRouterRequest(params_json="[1]"),
+            ),
+            (
+                "ttl_seconds",
+                admin_stub.CreateEnrollmentToken,
+                admin_pb2.CreateEnrollmentTokenRequest(ttl_seconds=-5),
+            ),
             ("page_token", admin_stub.ListExperts, admin_pb2.ListExpertsRequest(page_token="%%%")),
         ]
         for field, rpc, request in cases:
@@ -199,9 +304,12 @@ def test_bad_input_is_invalid_argument_naming_the_field_and_changes_nothing(
             assert field in err.value.details(), (field, err.value.details())
         with pytest.raises(grpc.RpcError) as err:
             contributor_pb2_grpc.ContributorServiceStub(ch).Join(
-                contributor_pb2.JoinRequest(enrollment_token="x", name="evil\nname"))
-        assert err.value.code() in (grpc.StatusCode.INVALID_ARGUMENT,
-                                    grpc.StatusCode.UNAUTHENTICATED)
+                contributor_pb2.JoinRequest(enrollment_token="x", name="evil\nname")
+            )
+        assert err.value.code() in (
+            grpc.StatusCode.INVALID_ARGUMENT,
+            grpc.StatusCode.UNAUTHENTICATED,
+        )
     after = snapshot(coordinator.state)
     assert after == before
 
@@ -217,8 +325,12 @@ def test_health_and_reflection_answer(coordinator: BackgroundCoordinator) -> Non
             iter([reflection_pb2.ServerReflectionRequest(list_services="")])
         )
         names = {s.name for r in responses for s in r.list_services_response.service}
-        assert {"moerge.v1.AdminService", "moerge.v1.ContributorService",
-                "moerge.v1.InferenceService", "grpc.health.v1.Health"} <= names
+        assert {
+            "moerge.v1.AdminService",
+            "moerge.v1.ContributorService",
+            "moerge.v1.InferenceService",
+            "grpc.health.v1.Health",
+        } <= names
 
 
 def _self_signed(tmp: Path) -> tuple[Path, Path]:
@@ -231,8 +343,11 @@ def _self_signed(tmp: Path) -> tuple[Path, Path]:
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
     now = datetime.datetime.now(datetime.timezone.utc)
     cert = (
-        x509.CertificateBuilder().subject_name(name).issuer_name(name)
-        .public_key(key.public_key()).serial_number(x509.random_serial_number())
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(minutes=1))
         .not_valid_after(now + datetime.timedelta(days=1))
         .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
@@ -241,9 +356,13 @@ def _self_signed(tmp: Path) -> tuple[Path, Path]:
     )
     cert_path, key_path = tmp / "cert.pem", tmp / "key.pem"
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                           serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
     return cert_path, key_path
 
 
@@ -267,7 +386,9 @@ def test_tls_round_trip_with_a_generated_certificate(tmp_path: Path, tiny_bert: 
 
 
 def test_admin_token_is_minted_once_and_never_logged(
-    tmp_path: Path, tiny_bert: Path, caplog: pytest.LogCaptureFixture,
+    tmp_path: Path,
+    tiny_bert: Path,
+    caplog: pytest.LogCaptureFixture,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     config = coordinator_config(tmp_path / "data", tiny_bert)
@@ -284,7 +405,8 @@ def test_admin_token_is_minted_once_and_never_logged(
         assert token not in capsys.readouterr().out
         with grpc.insecure_channel(again.address) as ch:
             admin_pb2_grpc.AdminServiceStub(ch).ListExperts(
-                admin_pb2.ListExpertsRequest(), metadata=bearer(token))
+                admin_pb2.ListExpertsRequest(), metadata=bearer(token)
+            )
     rows = again.state.registry.list_audit(page_size=1000).items
     assert all(token not in str(r.details) for r in rows)
     assert hashlib.sha256(token.encode()).hexdigest() not in printed

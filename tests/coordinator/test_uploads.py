@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import pickle
 import shutil
@@ -17,7 +18,12 @@ from safetensors.torch import load_file, save_file
 
 from moerge.contributor_client.connection import Target
 from moerge.contributor_client.upload import describe_files, make_manifest, upload_expert
-from moerge.expert_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS, STATISTICS_META, STATISTICS_TENSORS
+from moerge.expert_format import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    STATISTICS_META,
+    STATISTICS_TENSORS,
+)
 from moerge.v1 import contributor_pb2, contributor_pb2_grpc
 from tests.coordinator.harness import BackgroundCoordinator
 from tests.coordinator.snapshot import snapshot
@@ -48,8 +54,12 @@ def test_upload_registers_the_expert_and_reupload_is_idempotent(
     target = _target(coordinator)
     first = upload_expert(target, expert, "sentiment", "toy", progress=False)
     assert first.created and first.expert.version == 1
-    assert {f.name for f in first.expert.files} == {ADAPTER_CONFIG, ADAPTER_WEIGHTS,
-                                                    STATISTICS_TENSORS, STATISTICS_META}
+    assert {f.name for f in first.expert.files} == {
+        ADAPTER_CONFIG,
+        ADAPTER_WEIGHTS,
+        STATISTICS_TENSORS,
+        STATISTICS_META,
+    }
     again = upload_expert(target, expert, "sentiment", "toy", progress=False)
     assert not again.created and again.expert.expert_id == first.expert.expert_id
     for f in first.expert.files:
@@ -63,18 +73,24 @@ def test_upload_registers_the_expert_and_reupload_is_idempotent(
     assert second.created and second.expert.version == 2
     with grpc.insecure_channel(coordinator.address) as ch:
         mine = contributor_pb2_grpc.ContributorServiceStub(ch).ListMyExperts(
-            contributor_pb2.ListMyExpertsRequest(), metadata=target.metadata())
+            contributor_pb2.ListMyExpertsRequest(), metadata=target.metadata()
+        )
     assert sorted(e.version for e in mine.experts) == [1, 2]
     other = _target(coordinator, "bob")
     with grpc.insecure_channel(coordinator.address) as ch:
         theirs = contributor_pb2_grpc.ContributorServiceStub(ch).ListMyExperts(
-            contributor_pb2.ListMyExpertsRequest(), metadata=other.metadata())
+            contributor_pb2.ListMyExpertsRequest(), metadata=other.metadata()
+        )
         assert list(theirs.experts) == []
         with pytest.raises(grpc.RpcError) as err:  # bob cannot see alice's uploads
             contributor_pb2_grpc.ContributorServiceStub(ch).GetUploadStatus(
                 contributor_pb2.GetUploadStatusRequest(
-                    upload_id=make_manifest(describe_files(expert), "sentiment", "toy", "").upload_id),
-                metadata=other.metadata())
+                    upload_id=make_manifest(
+                        describe_files(expert), "sentiment", "toy", ""
+                    ).upload_id
+                ),
+                metadata=other.metadata(),
+            )
         assert err.value.code() == grpc.StatusCode.NOT_FOUND
 
 
@@ -119,10 +135,8 @@ class CuttingProxy:
             pass
         finally:
             for s in (source, sink):
-                try:
+                with contextlib.suppress(OSError):
                     s.close()
-                except OSError:
-                    pass
 
     def close(self) -> None:
         self.listener.close()
@@ -136,19 +150,27 @@ def test_upload_resumes_from_the_coordinators_offset_after_a_cut_connection(
     proxy = CuttingProxy(coordinator.address, cut_after=total // 2)
     try:
         via_proxy = Target(address=proxy.address, token=target.token)
-        response = upload_expert(via_proxy, expert, "resumed", "toy", chunk_size=4096,
-                                 progress=False)
+        response = upload_expert(
+            via_proxy, expert, "resumed", "toy", chunk_size=4096, progress=False
+        )
     finally:
         proxy.close()
     assert proxy.cuts == 1
     assert response.created
     manifest = make_manifest(describe_files(expert), "resumed", "toy", "")
     info = coordinator.state.registry.get_upload(
-        coordinator.state.registry.authenticate(target.token).contributor_id, manifest.upload_id)
+        coordinator.state.registry.authenticate(target.token).contributor_id, manifest.upload_id
+    )
     assert info.state == "committed" and info.received_bytes == total
     audit = coordinator.state.registry.list_audit(page_size=1000).items
-    assert sum(1 for a in audit if a.action.startswith("expert.register")
-               or a.action == "upload.commit") >= 1
+    assert (
+        sum(
+            1
+            for a in audit
+            if a.action.startswith("expert.register") or a.action == "upload.commit"
+        )
+        >= 1
+    )
 
 
 def _pickle_payload(path: Path) -> None:
@@ -170,8 +192,9 @@ def _wrong_shape(path: Path) -> None:
 
 
 def _huge_declared_shape(path: Path) -> None:
-    header = json.dumps({"w": {"dtype": "F32", "shape": [1 << 30, 1 << 30],
-                               "data_offsets": [0, 16]}}).encode()
+    header = json.dumps(
+        {"w": {"dtype": "F32", "shape": [1 << 30, 1 << 30], "data_offsets": [0, 16]}}
+    ).encode()
     path.write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 16)
 
 
@@ -192,13 +215,19 @@ REFUSALS = {
     "wrong lora shape": (ADAPTER_WEIGHTS, _wrong_shape, "do not match"),
     "huge declared shape": (ADAPTER_WEIGHTS, _huge_declared_shape, "does not fit"),
     "truncated": (ADAPTER_WEIGHTS, _truncate, "safetensors"),
-    "unknown target": (ADAPTER_CONFIG, lambda p: rewrite_json(p, target_modules=["dense"]),
-                       "not allowed"),
+    "unknown target": (
+        ADAPTER_CONFIG,
+        lambda p: rewrite_json(p, target_modules=["dense"]),
+        "not allowed",
+    ),
     "rank too high": (ADAPTER_CONFIG, lambda p: rewrite_json(p, r=1000), "r must be"),
     "statistics hidden size": (STATISTICS_TENSORS, _wrong_hidden, "embedding.mean"),
     "statistics meta": (STATISTICS_META, lambda p: rewrite_json(p, hidden_size=3), "hidden_size"),
-    "statistics unknown field": (STATISTICS_META, lambda p: rewrite_json(p, raw_texts=["x"]),
-                                 "unknown field"),
+    "statistics unknown field": (
+        STATISTICS_META,
+        lambda p: rewrite_json(p, raw_texts=["x"]),
+        "unknown field",
+    ),
 }
 
 

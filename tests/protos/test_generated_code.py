@@ -8,7 +8,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _generator():  # noqa: ANN202 - the protos/generate.py module
+def _generator():
     spec = importlib.util.spec_from_file_location("generate", REPO / "protos" / "generate.py")
     assert spec and spec.loader
     module = importlib.util.module_from_spec(spec)
@@ -37,5 +37,8 @@ def test_api_is_versioned_and_has_the_three_services() -> None:
         for module in (admin_pb2, contributor_pb2, inference_pb2)
         for s in module.DESCRIPTOR.services_by_name.values()
     }
-    assert services == {"moerge.v1.AdminService", "moerge.v1.ContributorService",
-                        "moerge.v1.InferenceService"}
+    assert services == {
+        "moerge.v1.AdminService",
+        "moerge.v1.ContributorService",
+        "moerge.v1.InferenceService",
+    }
