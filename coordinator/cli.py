@@ -22,14 +22,18 @@ app = typer.Typer(help="Run the coordinator.", no_args_is_help=True)
 @app.command()
 def serve(
     data_dir: Annotated[Path | None, typer.Option(help="blobs, uploads, SQLite registry")] = None,
-    db: Annotated[str | None, typer.Option(help="SQLAlchemy URL (default: SQLite in data dir)")] = None,
+    db: Annotated[
+        str | None, typer.Option(help="SQLAlchemy URL (default: SQLite in data dir)")
+    ] = None,
     listen: Annotated[str | None, typer.Option(help="HOST:PORT (default 127.0.0.1:50051)")] = None,
     tls_cert: Annotated[str | None, typer.Option(help="PEM certificate chain")] = None,
     tls_key: Annotated[str | None, typer.Option(help="PEM private key")] = None,
     base_model: Annotated[str | None, typer.Option(help="base model folder")] = None,
     router_method: Annotated[str | None, typer.Option(help="default routing method")] = None,
     config: Annotated[Path | None, typer.Option(help="TOML settings file")] = None,
-    check: Annotated[bool, typer.Option("--check", help="validate settings and DB, then exit")] = False,
+    check: Annotated[
+        bool, typer.Option("--check", help="validate settings and DB, then exit")
+    ] = False,
     log_json: Annotated[bool | None, typer.Option("--log-json", help="JSON log lines")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:

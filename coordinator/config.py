@@ -52,6 +52,7 @@ class CoordinatorConfig:
     chunk_size: int = 1024 * 1024  # preferred upload chunk size told to clients
     max_batch_inputs: int = 256  # inputs per Predict/Route call
     max_input_chars: int = 20_000  # characters per input
+    max_input_tokens: int = 128  # classification: longer inputs are truncated; LM prompts refused
     router_method: str = "centroid"  # the method trained automatically and used by default
     retrain_debounce_seconds: float = 10.0  # wait after an expert change before retraining
     retrain_interval_seconds: float = 600.0  # periodic retrain when anything changed

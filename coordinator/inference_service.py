@@ -127,6 +127,8 @@ class InferenceService:
             cache_bytes=config.adapter_cache_bytes,
             expert_loader=self._expert_folder,
             max_chars=config.max_input_chars,
+            max_length=config.max_input_tokens,
+            truncate=config.task_type == "classification",
         )
         self.batcher: MicroBatcher[InferenceRequest, list[ExamplePrediction]] = MicroBatcher(
             self.engine.predict_many,

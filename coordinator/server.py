@@ -21,8 +21,14 @@ from moerge.coordinator.config import CoordinatorConfig
 from moerge.coordinator.metrics import MetricsHTTPServer, MetricsInterceptor, RpcMetrics, collector
 from moerge.coordinator.servicers import AdminServicer, ContributorServicer, InferenceServicer
 from moerge.coordinator.state import CoordinatorState
-from moerge.v1 import admin_pb2, admin_pb2_grpc, contributor_pb2, contributor_pb2_grpc
-from moerge.v1 import inference_pb2, inference_pb2_grpc
+from moerge.v1 import (
+    admin_pb2,
+    admin_pb2_grpc,
+    contributor_pb2,
+    contributor_pb2_grpc,
+    inference_pb2,
+    inference_pb2_grpc,
+)
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +76,9 @@ async def start(config: CoordinatorConfig, state: CoordinatorState | None = None
         interceptors=[MetricsInterceptor(metrics), AuthInterceptor(state.registry.authenticate)],
         options=options,
     )
-    contributor_pb2_grpc.add_ContributorServiceServicer_to_server(ContributorServicer(state), server)
+    contributor_pb2_grpc.add_ContributorServiceServicer_to_server(
+        ContributorServicer(state), server
+    )
     inference_pb2_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(state), server)
     admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(state), server)
     health_servicer = health.aio.HealthServicer()

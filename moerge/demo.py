@@ -93,7 +93,7 @@ def contributor_process(
             "--max-examples",
             str(max_examples),
             "--max-length",
-            "96",
+            "64",
             "--gate-steps",
             str(gate_steps),
             "--json",
@@ -138,10 +138,10 @@ def demo(
     tasks: Annotated[str, typer.Option(help="comma-separated task names")] = ",".join(
         DEFAULT_TASKS
     ),
-    train_per_task: Annotated[int, typer.Option(help="training examples per contributor")] = 240,
+    train_per_task: Annotated[int, typer.Option(help="training examples per contributor")] = 200,
     test_per_task: Annotated[int, typer.Option(help="held-out examples per task")] = 40,
     epochs: Annotated[int, typer.Option(help="training epochs per expert")] = 2,
-    gate_steps: Annotated[int, typer.Option(help="PHATGOOSE gate steps per expert")] = 40,
+    gate_steps: Annotated[int, typer.Option(help="PHATGOOSE gate steps per expert")] = 30,
     parallel: Annotated[int, typer.Option(help="contributors training at once")] = 2,
     seed: int = 0,
 ) -> None:

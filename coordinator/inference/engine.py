@@ -114,6 +114,7 @@ class InferenceEngine:
         dtype: torch.dtype | None = None,
         max_chars: int | None = None,
         max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+        truncate: bool = False,
         ensemble_mode: EnsembleMode | None = None,
         initial_capacity: int = 8,
     ) -> None:
@@ -126,6 +127,9 @@ class InferenceEngine:
         self.task_type: TaskType = task_type
         self.device = torch.device(device)
         self.max_length = int(max_length)
+        #: classification: keep the first ``max_length`` tokens (as training did) instead of
+        #: refusing longer inputs; prompts of a causal LM are never truncated
+        self.truncate = bool(truncate) and task_type == "classification"
         self.max_chars = max_chars
         self.max_new_tokens = int(max_new_tokens)
         # k forwards measured faster than one forward over the k-times larger batch on CPU
@@ -282,9 +286,10 @@ class InferenceEngine:
         return texts
 
     def _encode(self, texts: list[str]) -> BatchEncoding:
-        """Tokenize with padding; refuse (never truncate) inputs over ``max_length`` tokens."""
+        """Tokenize with padding; inputs over ``max_length`` tokens are refused (or truncated)."""
         enc = self.tokenizer(
-            texts, padding=True, truncation=False, return_tensors="pt",
+            texts, padding=True, truncation=self.truncate,
+            max_length=self.max_length if self.truncate else None, return_tensors="pt",
             # decoders take no segment ids (generate() refuses unused inputs)
             return_token_type_ids=False if self.is_causal_lm else None,
         )

@@ -38,6 +38,7 @@ def fitted() -> dict[str, Router]:
 def test_every_builtin_method_is_registered() -> None:
     assert set(METHODS) == {
         "arrow", "phatgoose", "centroid", "lda", "qda", "mlp", "uniform", "base", "oracle",
+        "federated",
     }
 
 
