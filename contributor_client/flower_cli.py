@@ -1,0 +1,97 @@
+"""``moerge contributor serve``: run this contributor's Flower SuperNode for router rounds.
+
+A contributor joins federated router rounds (:mod:`moerge.router_training.federated`) by running
+a Flower SuperNode (``flower-supernode``) that connects out to the coordinator's SuperLink; the
+SuperLink then runs :data:`app` -- the ``ClientApp`` of :mod:`moerge.router_training.
+flower_client` -- on the node for each round. The node's local data is named by its node config:
+
+* ``embeddings-path``: a safetensors file with one tensor ``embeddings`` [n, H], the
+  :func:`~moerge.contributor_client.embedding.pooled_embeddings` of the contributor's own data
+  (written by :func:`save_local_embeddings`);
+* ``expert-id``: the id of the contributor's expert, the label of every row.
+
+Only the router's weights and the example count ever leave the node. The credential is the
+contributor's SuperNode key pair (``--auth-supernode-private-key``), registered with the
+SuperLink's node authentication; TLS uses the coordinator's root certificate.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+from pathlib import Path
+
+import torch
+import typer
+from flwr.app import Context
+from safetensors.torch import load_file, save_file
+
+from moerge.router_training.federated import ContributorData
+from moerge.router_training.flower_client import make_client_app
+
+
+def save_local_embeddings(path: str | Path, embeddings: torch.Tensor) -> None:
+    """Write ``embeddings`` [n, H] where :func:`load_node_data` reads them (never pickled)."""
+    save_file({"embeddings": embeddings.detach().to(torch.float32).contiguous().cpu()}, str(path))
+
+
+def load_node_data(context: Context) -> ContributorData:
+    """The node's own embeddings and expert id, from its node config (see module docstring)."""
+    config = context.node_config
+    try:
+        path, expert_id = str(config["embeddings-path"]), str(config["expert-id"])
+    except KeyError as exc:
+        hint = "start the node with `moerge contributor serve`"
+        raise ValueError(f"node config lacks {exc}; {hint}") from None
+    embeddings = load_file(path)["embeddings"]
+    return ContributorData.single_expert(embeddings, expert_id)
+
+
+#: The ClientApp a SuperLink runs on this node (``clientapp = "...flower_cli:app"`` in the FAB).
+app = make_client_app(load_node_data)
+
+
+def supernode_command(
+    superlink: str, embeddings: Path, expert_id: str, *, root_certificates: Path | None,
+    private_key: Path | None, public_key: Path | None, insecure: bool,
+) -> list[str]:
+    """The ``flower-supernode`` argv that serves :data:`app` with this contributor's data."""
+    node_config = f"embeddings-path={shlex.quote(str(embeddings.resolve()))} " \
+        f"expert-id={shlex.quote(expert_id)}"
+    argv = ["flower-supernode", "--superlink", superlink, "--node-config", node_config]
+    if insecure:
+        argv.append("--insecure")
+    elif root_certificates is not None:
+        argv += ["--root-certificates", str(root_certificates)]
+    if private_key is not None and public_key is not None:
+        argv += ["--auth-supernode-private-key", str(private_key),
+                 "--auth-supernode-public-key", str(public_key)]
+    return argv
+
+
+def serve(
+    superlink: str = typer.Option(..., help="Coordinator's SuperLink Fleet API, host:port."),
+    embeddings: Path = typer.Option(..., exists=True, dir_okay=False,
+                                    help="safetensors file with the tensor 'embeddings' [n, H]."),
+    expert_id: str = typer.Option(..., help="Your expert's id (label of every embedding)."),
+    root_certificates: Path | None = typer.Option(None, help="Coordinator CA certificate (PEM)."),
+    private_key: Path | None = typer.Option(None, help="SuperNode auth private key (credential)."),
+    public_key: Path | None = typer.Option(None, help="SuperNode auth public key."),
+    insecure: bool = typer.Option(False, help="No TLS (local testing only)."),
+    dry_run: bool = typer.Option(False, help="Print the flower-supernode command and exit."),
+) -> None:
+    """Serve federated router rounds from your own embeddings (a Flower SuperNode)."""
+    argv = supernode_command(
+        superlink, embeddings, expert_id, root_certificates=root_certificates,
+        private_key=private_key, public_key=public_key, insecure=insecure,
+    )
+    typer.echo(shlex.join(argv))
+    if not dry_run:
+        os.execvp(argv[0], argv)
+
+
+def register(parent: typer.Typer) -> None:
+    """Attach ``moerge contributor serve`` to the top-level app."""
+    group = typer.Typer(help="Contributor-side federated router rounds.", no_args_is_help=True)
+    group.command()(serve)
+    parent.add_typer(group, name="contributor")

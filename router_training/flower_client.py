@@ -1,0 +1,132 @@
+"""The contributor's side of a federated router round: a Flower ``ClientApp``.
+
+Flower's Message API (``flwr.clientapp.ClientApp``; Beutel et al., 2020, "Flower: A Friendly
+Federated Learning Research Framework"): the coordinator's ServerApp sends a ``train`` Message
+holding the router's trained arrays (``ArrayRecord`` "arrays") and a ``ConfigRecord`` "config"
+(hyper-parameters, expert ids, and the fixed centre and whitener as safetensors bytes); the
+contributor takes ``local-steps`` SGD steps on the cross-entropy of its *own* pooled embeddings,
+labelled with its own expert id(s), and replies with exactly three things:
+
+* ``ArrayRecord`` "arrays": the router's trained tensors (:data:`~.federated.FEDERATED_ARRAYS`:
+  ``weight`` [H, E], ``bias`` [E]), nothing else -- none is per-example;
+* ``MetricRecord`` "metrics": ``num-examples`` (the FedAvg weight), ``train-loss`` and
+  ``accuracy-before`` (top-1 accuracy of the received global router on the local data, i.e. a
+  free federated evaluation of the previous round's router).
+
+Embeddings and labels never leave :func:`local_train`. The data is supplied by a loader
+``Context -> ContributorData`` so that the same app serves a simulated node
+(``node_config["partition-id"]``) and a real SuperNode (``moerge contributor serve``).
+With ``clip=True`` the app runs Flower's ``fixedclipping_mod`` (client-side clipping for
+``DifferentialPrivacyClientSideFixedClipping``; see :mod:`.flower_server`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.clientapp.mod import fixedclipping_mod
+from flwr.clientapp.typing import Mod
+from safetensors.torch import load
+
+from moerge.router_training.federated import FEDERATED_ARRAYS, FROZEN_ARRAYS, ContributorData
+
+DataLoader = Callable[[Context], ContributorData]
+
+
+def local_train(
+    arrays: dict[str, torch.Tensor],
+    frozen: dict[str, torch.Tensor],
+    data: ContributorData,
+    expert_ids: list[str],
+    *,
+    temperature: float,
+    steps: int,
+    batch_size: int,
+    learning_rate: float,
+    proximal_mu: float,
+    seed: int,
+) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """``steps`` SGD steps on the local cross-entropy; returns new arrays and local metrics."""
+    x = data.embeddings.to(torch.float32)
+    y = data.labels(expert_ids)
+    if x.ndim != 2 or x.shape[0] == 0 or x.shape[1] != frozen["center"].shape[0]:
+        raise ValueError(f"local embeddings of shape {tuple(x.shape)} do not fit the router")
+    params = {k: arrays[k].detach().clone().requires_grad_(True) for k in FEDERATED_ARRAYS}
+    start = {k: arrays[k].detach() for k in FEDERATED_ARRAYS}
+    z = (x - frozen["center"]) @ frozen["whitener"]
+    with torch.no_grad():
+        before = (z @ params["weight"] + params["bias"]).argmax(-1) == y
+    generator = torch.Generator().manual_seed(seed)
+    loss_value = 0.0
+    for _ in range(steps):
+        rows = torch.randint(len(z), (min(batch_size, len(z)),), generator=generator)
+        logits = torch.addmm(params["bias"], z[rows], params["weight"]) / temperature
+        loss = F.cross_entropy(logits, y[rows])
+        if proximal_mu:
+            loss = loss + proximal_mu / 2 * sum(
+                (params[k] - start[k]).square().sum() for k in FEDERATED_ARRAYS
+            )
+        grads = torch.autograd.grad(loss, [params[k] for k in FEDERATED_ARRAYS])
+        with torch.no_grad():
+            for name, grad in zip(FEDERATED_ARRAYS, grads, strict=True):
+                params[name] -= learning_rate * grad
+        loss_value = float(loss.detach())
+    out = {k: params[k].detach() for k in FEDERATED_ARRAYS}
+    metrics = {
+        "num-examples": len(z),
+        "train-loss": loss_value,
+        "accuracy-before": float(before.float().mean()),
+    }
+    return out, metrics
+
+
+def make_client_app(
+    load_data: DataLoader, *, clip: bool = False, mods: list[Mod] | None = None
+) -> ClientApp:
+    """A ``ClientApp`` whose ``train`` runs :func:`local_train` on ``load_data(context)``.
+
+    ``mods`` are Flower client mods run around every Message (e.g. for auditing what leaves the
+    node); ``clip=True`` appends ``fixedclipping_mod``.
+    """
+    app = ClientApp(mods=[*(mods or []), *([fixedclipping_mod] if clip else [])])
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        config = msg.content["config"]
+        arrays = msg.content["arrays"].to_torch_state_dict()
+        data = load_data(context)
+        frozen = load(bytes(config["frozen-arrays"]))
+        if set(frozen) != set(FROZEN_ARRAYS):
+            raise ValueError(f"frozen-arrays must hold {FROZEN_ARRAYS}, got {sorted(frozen)}")
+        new_arrays, metrics = local_train(
+            arrays,
+            frozen,
+            data,
+            list(config["expert-ids"]),
+            temperature=float(config["temperature"]),
+            steps=int(config["local-steps"]),
+            batch_size=int(config["local-batch-size"]),
+            learning_rate=float(config["learning-rate"]),
+            proximal_mu=float(config["proximal-mu"]),
+            seed=int(config["seed"]) * 1_000_003 + int(config["server-round"]) * 7919
+            + int(context.node_id % 1_000_000),
+        )
+        content = RecordDict(
+            {"arrays": ArrayRecord(new_arrays), "metrics": MetricRecord(metrics)}
+        )
+        return Message(content=content, reply_to=msg)
+
+    return app
+
+
+def partition_loader(partitions: list[ContributorData]) -> DataLoader:
+    """Loader for simulated nodes: node ``partition-id`` holds ``partitions[partition-id]``."""
+
+    def load(context: Context) -> ContributorData:
+        return partitions[int(context.node_config["partition-id"])]
+
+    return load

@@ -1,0 +1,194 @@
+"""The coordinator's side of a federated router round: strategy and ``ServerApp`` wiring.
+
+A round (Flower Message API, ``flwr.serverapp``): the strategy samples ``fraction_train`` of the
+connected contributors (at least ``min_train_nodes``), sends each the router's arrays, and
+averages the returned arrays weighted by ``num-examples`` (FedAvg; McMahan et al., 2017).
+Replies that carry an error (a contributor that crashed or dropped out) are left out of the
+average; if fewer than ``min_train_nodes`` replies succeed, the round keeps the previous arrays
+instead of averaging a too-small, possibly identifying, set of updates.
+
+Central differential privacy (Flower's strategy wrappers, ``dp`` in the router config; off by
+default): ``"server"`` wraps the strategy in ``DifferentialPrivacyServerSideFixedClipping``
+(the coordinator clips each update to ``clipping_norm`` and adds Gaussian noise of std
+``noise_multiplier * clipping_norm / sampled`` to the average); ``"client"`` uses
+``DifferentialPrivacyClientSideFixedClipping`` with ``fixedclipping_mod`` in the contributor's
+``ClientApp`` (contributors clip, so the coordinator never sees an unclipped update). Both
+protect a contributor's *participation and data* in the released router, not individual
+updates from the coordinator; SecAgg+ (which would hide individual updates) is documented in
+``docs/federated.md``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import (
+    DifferentialPrivacyClientSideFixedClipping,
+    DifferentialPrivacyServerSideFixedClipping,
+    FedAvg,
+    Result,
+    Strategy,
+)
+from safetensors.torch import save
+
+from moerge.router_training.federated import FederatedRouter
+
+EvaluateFn = Callable[[int, ArrayRecord], MetricRecord | None]
+
+
+@dataclass
+class RoundRecord:
+    """Who took part in one round: sampled node ids, those that replied, those that failed."""
+
+    round: int
+    sampled: list[int] = field(default_factory=list)
+    succeeded: list[int] = field(default_factory=list)
+    failed: list[int] = field(default_factory=list)
+    aggregated: bool = False
+
+
+class RouterFedAvg(FedAvg):
+    """FedAvg that records each round's participants and needs ``min_replies`` good replies.
+
+    ``sample_size`` is passed to FedAvg as its ``min_train_nodes``: FedAvg sizes its sample from
+    the nodes connected *before* it waits for ``min_available_nodes``, so without it the first
+    round of a simulation samples only the nodes that registered first.
+    """
+
+    def __init__(
+        self, *, fraction_train: float, sample_size: int, min_available_nodes: int,
+        min_replies: int,
+    ) -> None:
+        super().__init__(
+            fraction_train=fraction_train,
+            fraction_evaluate=0.0,  # contributors report accuracy-before with every train reply
+            min_train_nodes=sample_size,
+            min_available_nodes=min_available_nodes,
+        )
+        self.min_replies = min_replies
+        self.rounds: list[RoundRecord] = []
+        #: every reply Message received (kept for audits and the privacy tests)
+        self.replies: list[Message] = []
+        self.keep_replies = False
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        messages = list(super().configure_train(server_round, arrays, config, grid))
+        self.rounds.append(
+            RoundRecord(server_round, sampled=[m.metadata.dst_node_id for m in messages])
+        )
+        return messages
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        if self.keep_replies:
+            self.replies.extend(replies)
+        record = self.rounds[-1]
+        record.succeeded = [m.metadata.src_node_id for m in replies if not m.has_error()]
+        record.failed = [m.metadata.src_node_id for m in replies if m.has_error()]
+        answered = set(record.succeeded) | set(record.failed)
+        record.failed += [n for n in record.sampled if n not in answered]  # timed out
+        if len(record.succeeded) < self.min_replies:
+            return None, None
+        record.aggregated = True
+        return super().aggregate_train(server_round, replies)
+
+
+def build_strategy(router: FederatedRouter, num_nodes: int) -> tuple[Strategy, RouterFedAvg]:
+    """The round strategy for ``router``'s config: (outermost strategy, the FedAvg inside).
+
+    Rounds wait until all ``num_nodes`` expected contributors are connected (otherwise the first
+    round of a simulation samples whichever nodes registered first, and experts whose
+    contributors are missing from a round lose probability mass in it).
+    """
+    config = router.config
+    min_nodes = min(config.min_train_nodes, num_nodes)
+    sampled = max(int(num_nodes * config.fraction_train), min_nodes)
+    base = RouterFedAvg(
+        fraction_train=config.fraction_train, sample_size=sampled,
+        min_available_nodes=num_nodes, min_replies=min_nodes,
+    )
+    if config.dp == "server":
+        return DifferentialPrivacyServerSideFixedClipping(
+            base, config.noise_multiplier, config.clipping_norm, sampled
+        ), base
+    if config.dp == "client":
+        return DifferentialPrivacyClientSideFixedClipping(
+            base, config.noise_multiplier, config.clipping_norm, sampled
+        ), base
+    return base, base
+
+
+def train_config(router: FederatedRouter) -> ConfigRecord:
+    """What every ``train`` Message carries besides the arrays (no data, no per-node values)."""
+    config = router.config
+    return ConfigRecord(
+        {
+            "expert-ids": list(router.expert_ids),
+            "temperature": float(router.temperature),
+            "local-steps": config.local_steps,
+            "local-batch-size": config.local_batch_size,
+            "learning-rate": float(config.learning_rate),
+            "proximal-mu": float(config.proximal_mu),
+            "seed": config.seed,
+            # The fixed tensors, as safetensors bytes: outside the averaged (and DP-noised) arrays.
+            "frozen-arrays": save(
+                {k: v.contiguous() for k, v in router.frozen_arrays().items()}
+            ),
+        }
+    )
+
+
+def accuracy_evaluator(
+    router: FederatedRouter, embeddings: torch.Tensor, labels: torch.Tensor
+) -> EvaluateFn:
+    """Server-side evaluation of each round's arrays on held-out labelled embeddings."""
+    probe = router.copy()
+
+    def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        probe.set_arrays(arrays.to_torch_state_dict())
+        with torch.no_grad():
+            accuracy = (probe.logits(embeddings).argmax(-1) == labels).float().mean()
+        return MetricRecord({"accuracy": float(accuracy)})
+
+    return evaluate
+
+
+@dataclass
+class ServerRun:
+    """Filled in by the ``ServerApp``: the strategy's result."""
+
+    result: Result | None = None
+
+
+def make_server_app(
+    router: FederatedRouter,
+    rounds: int,
+    strategy: Strategy,
+    evaluate_fn: EvaluateFn | None = None,
+    timeout: float = 600.0,
+) -> tuple[ServerApp, ServerRun]:
+    """A ``ServerApp`` running ``rounds`` rounds from ``router``'s arrays; its result lands in
+    the returned :class:`ServerRun` (the ServerApp runs in the caller's process)."""
+    app = ServerApp()
+    run = ServerRun()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        run.result = strategy.start(
+            grid=grid,
+            initial_arrays=ArrayRecord(router.arrays()),
+            num_rounds=rounds,
+            timeout=timeout,
+            train_config=train_config(router),
+            evaluate_fn=evaluate_fn,
+        )
+
+    return app, run
