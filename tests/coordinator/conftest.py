@@ -21,17 +21,19 @@ def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def coordinator_config(
     data_dir: Path, base_model: Path, db_url: str = "", **extra: object
 ) -> CoordinatorConfig:
+    """Loopback, a fresh admin token, no background retraining unless ``extra`` says so."""
     _, admin = new_token("mga")
-    return CoordinatorConfig(
-        data_dir=data_dir,
-        db_url=db_url,
-        listen="127.0.0.1:0",
-        admin_token=admin,
-        base_model=str(base_model),
-        base_model_id="tiny-bert",
-        auto_retrain=False,
-        **extra,  # type: ignore[arg-type]
-    )
+    values: dict[str, object] = {
+        "data_dir": data_dir,
+        "db_url": db_url,
+        "listen": "127.0.0.1:0",
+        "admin_token": admin,
+        "base_model": str(base_model),
+        "base_model_id": "tiny-bert",
+        "auto_retrain": False,
+    }
+    values.update(extra)
+    return CoordinatorConfig(**values)  # type: ignore[arg-type]
 
 
 @pytest.fixture

@@ -95,13 +95,15 @@ def test_upload_registers_the_expert_and_reupload_is_idempotent(
 
 
 class CuttingProxy:
-    """A TCP proxy on 127.0.0.1 that cuts its first connection after ``cut_after`` client bytes."""
+    """A TCP proxy on 127.0.0.1 that records every byte the client sends and (optionally) cuts
+    its first connection after ``cut_after`` of them."""
 
-    def __init__(self, upstream: str, cut_after: int) -> None:
+    def __init__(self, upstream: str, cut_after: int | None) -> None:
         host, port = upstream.rsplit(":", 1)
         self.upstream = (host, int(port))
         self.cut_after = cut_after
         self.cuts = 0
+        self.client_bytes = bytearray()
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.address = f"127.0.0.1:{self.listener.getsockname()[1]}"
         self._first = True
@@ -116,10 +118,16 @@ class CuttingProxy:
             server = socket.create_connection(self.upstream)
             limit = self.cut_after if self._first else None
             self._first = False
-            threading.Thread(target=self._pipe, args=(client, server, limit), daemon=True).start()
-            threading.Thread(target=self._pipe, args=(server, client, None), daemon=True).start()
+            threading.Thread(
+                target=self._pipe, args=(client, server, limit, True), daemon=True
+            ).start()
+            threading.Thread(
+                target=self._pipe, args=(server, client, None, False), daemon=True
+            ).start()
 
-    def _pipe(self, source: socket.socket, sink: socket.socket, limit: int | None) -> None:
+    def _pipe(
+        self, source: socket.socket, sink: socket.socket, limit: int | None, record: bool
+    ) -> None:
         sent = 0
         try:
             while data := source.recv(65536):
@@ -131,6 +139,8 @@ class CuttingProxy:
                     return
                 sink.sendall(data)
                 sent += len(data)
+                if record:
+                    self.client_bytes.extend(data)
         except OSError:
             pass
         finally:

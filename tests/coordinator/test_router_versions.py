@@ -1,0 +1,78 @@
+"""Router versions at the coordinator: failed fits keep the old router; changes trigger refits."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+
+from moerge.contributor_client.connection import Target
+from moerge.contributor_client.upload import upload_expert
+from moerge.v1 import admin_pb2, admin_pb2_grpc, common_pb2
+from tests.coordinator.conftest import coordinator_config
+from tests.coordinator.harness import BackgroundCoordinator, bearer
+from tests.coordinator.test_server import enroll
+from tests.experts import make_expert_dir
+
+
+def _upload(running: BackgroundCoordinator, tiny_bert: Path, tmp: Path, count: int) -> None:
+    _, credential = enroll(running.address, running.admin_token(), f"lab{count}")
+    target = Target(address=running.address, token=credential)
+    for i in range(count):
+        folder = make_expert_dir(tiny_bert, tmp / f"e{count}-{i}", seed=10 * count + i,
+                                 task_name=f"task{i}")
+        upload_expert(target, folder, f"expert{i}", f"task{i}", progress=False)
+
+
+def test_a_failed_fit_is_recorded_and_the_previous_router_stays_active(
+    tmp_path: Path, tiny_bert: Path
+) -> None:
+    with BackgroundCoordinator(coordinator_config(tmp_path / "d", tiny_bert)) as running:
+        _upload(running, tiny_bert, tmp_path, 2)
+        with grpc.insecure_channel(running.address) as channel:
+            admin = admin_pb2_grpc.AdminServiceStub(channel)
+            auth = bearer(running.admin_token())
+            good = admin.TrainRouter(admin_pb2.TrainRouterRequest(method="lda"), metadata=auth)
+            with pytest.raises(grpc.RpcError) as err:
+                admin.TrainRouter(admin_pb2.TrainRouterRequest(
+                    method="lda", params_json='{"no_such_parameter": 1}'), metadata=auth)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "no_such_parameter" in err.value.details()
+            versions = admin.ListRouterVersions(admin_pb2.ListRouterVersionsRequest(),
+                                                metadata=auth).versions
+        failed = [v for v in versions if v.status == "failed"]
+        assert len(failed) == 1 and "no_such_parameter" in failed[0].error
+        assert [v.version for v in versions if v.active] == [good.version]
+        assert running.state.routers.active.version.version == good.version
+
+
+def test_new_and_quarantined_experts_trigger_a_refit_after_the_debounce(
+    tmp_path: Path, tiny_bert: Path
+) -> None:
+    config = coordinator_config(tmp_path / "d", tiny_bert, auto_retrain=True,
+                                retrain_debounce_seconds=0.5, retrain_interval_seconds=3600)
+    with BackgroundCoordinator(config) as running:
+        _upload(running, tiny_bert, tmp_path, 2)
+        registry = running.state.registry
+        first = _wait_for_version(registry, lambda v: len(v.expert_ids) == 2)
+        assert first.trigger == "expert_change" and first.active
+        victim = first.expert_ids[0]
+        with grpc.insecure_channel(running.address) as channel:
+            admin_pb2_grpc.AdminServiceStub(channel).SetExpertState(
+                admin_pb2.SetExpertStateRequest(expert_id=victim, reason="test",
+                                                state=common_pb2.EXPERT_STATE_QUARANTINED),
+                metadata=bearer(running.admin_token()))
+        second = _wait_for_version(registry, lambda v: v.version > first.version)
+        assert victim not in second.expert_ids and second.active
+
+
+def _wait_for_version(registry, accept, timeout: float = 60.0):  # noqa: ANN001, ANN202
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        active = registry.active_router_version()
+        if active is not None and active.status == "ready" and accept(active):
+            return active
+        time.sleep(0.2)
+    raise AssertionError("no router version was fitted in time")
