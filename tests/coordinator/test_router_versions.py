@@ -68,7 +68,7 @@ def test_new_and_quarantined_experts_trigger_a_refit_after_the_debounce(
         assert victim not in second.expert_ids and second.active
 
 
-def _wait_for_version(registry, accept, timeout: float = 60.0):  # noqa: ANN001, ANN202
+def _wait_for_version(registry, accept, timeout: float = 60.0):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         active = registry.active_router_version()
