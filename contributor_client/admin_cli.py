@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from moerge.contributor_client.connection import Target
+from moerge.contributor_client.options import Coordinator, Json, TlsCa, Token
 from moerge.contributor_client.output import emit_json, fields, table, to_dict
 from moerge.contributor_client.rpc import call
 from moerge.v1 import admin_pb2, common_pb2
@@ -26,10 +27,6 @@ app.add_typer(router_app, name="router")
 app.add_typer(tokens_app, name="tokens")
 app.add_typer(contributors_app, name="contributors")
 
-Coordinator = Annotated[str | None, typer.Option("--coordinator", "-c", help="HOST:PORT")]
-Token = Annotated[str | None, typer.Option("--token", help="admin token (or MOERGE_TOKEN)")]
-TlsCa = Annotated[str | None, typer.Option("--tls-ca", help="CA certificate (PEM) for TLS")]
-Json = Annotated[bool, typer.Option("--json", help="print JSON instead of a table")]
 
 STATES = {
     "active": common_pb2.EXPERT_STATE_ACTIVE,

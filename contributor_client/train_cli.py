@@ -13,14 +13,11 @@ from typing import Annotated
 import typer
 
 from moerge.contributor_client.connection import Target
+from moerge.contributor_client.options import Coordinator, Json, TlsCa, Token
 from moerge.contributor_client.output import emit_json, err_console, table
 from moerge.contributor_client.rpc import call, guarded
 from moerge.v1 import contributor_pb2
 
-Coordinator = Annotated[str | None, typer.Option("--coordinator", "-c", help="HOST:PORT")]
-Token = Annotated[str | None, typer.Option("--token", help="credential (or MOERGE_TOKEN)")]
-TlsCa = Annotated[str | None, typer.Option("--tls-ca", help="CA certificate (PEM) for TLS")]
-Json = Annotated[bool, typer.Option("--json", help="print JSON instead of a table")]
 Data = Annotated[Path, typer.Argument(help="JSONL, CSV or Parquet file of your examples")]
 TaskName = Annotated[str, typer.Option("--task-name", help="what the expert is for")]
 

@@ -83,24 +83,24 @@ class ContributorServicer(contributor_pb2_grpc.ContributorServiceServicer):
 
 
 class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
+    """Async handlers: the micro-batcher needs the event loop, not a worker thread."""
+
     def __init__(self, state: CoordinatorState) -> None:
         self.state = state
 
-    async def Predict(self, request: inference_pb2.PredictRequest, context: Any) -> Any:
+    async def _serve(self, handler: Callable[..., Any], request: Any, context: Any) -> Any:
         try:
-            return await inference_handler.predict(request, self.state, current_principal())
+            return await handler(request, self.state, current_principal())
         except Exception as exc:
             code, message = status_for(exc)
             await context.abort(code, message)
             raise
 
+    async def Predict(self, request: inference_pb2.PredictRequest, context: Any) -> Any:
+        return await self._serve(inference_handler.predict, request, context)
+
     async def Route(self, request: inference_pb2.RouteRequest, context: Any) -> Any:
-        try:
-            return await inference_handler.route(request, self.state, current_principal())
-        except Exception as exc:
-            code, message = status_for(exc)
-            await context.abort(code, message)
-            raise
+        return await self._serve(inference_handler.route, request, context)
 
 
 class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
