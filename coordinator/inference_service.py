@@ -29,10 +29,11 @@ from moerge.coordinator.inference.engine import InferenceEngine, InferenceReques
 from moerge.coordinator.inference.errors import EmptyBatch, InputTooLong, InvalidTopK
 from moerge.coordinator.inference.plan import Aggregation, RoutingPlan
 from moerge.coordinator.inference.results import ExamplePrediction
-from moerge.coordinator.routers import RouterService
+from moerge.coordinator.routers import LoadedRouter, RouterService
 from moerge.router_training.base import Router, RoutingDecision
 from moerge.router_training.fitting import fit_router
-from moerge.storage.errors import FailedPrecondition, NotFound
+from moerge.router_training.registry import available_methods
+from moerge.storage.errors import FailedPrecondition, InvalidArgument, NotFound
 from moerge.storage.records import ExpertInfo
 from moerge.storage.registry import Registry
 
@@ -188,7 +189,12 @@ class InferenceService:
             router = RestrictedRouter(router, allowed)
         return Chosen(router=router, version=number, note=note)
 
-    def _newest(self, method: str):
+    def _newest(self, method: str) -> LoadedRouter:
+        if method not in available_methods():
+            raise InvalidArgument(
+                "routing_method",
+                f"unknown method {method!r}; known: {', '.join(available_methods())}",
+            )
         page = self.registry.list_router_versions(page_size=50, method=method)
         for info in page.items:
             if info.status == "ready":

@@ -119,8 +119,13 @@ def test_bad_prediction_requests_get_clear_statuses(served: BackgroundCoordinato
             ),
             (
                 inference_pb2.PredictRequest(inputs=["x"], routing_method="nonsense"),
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "known: ",
+            ),
+            (
+                inference_pb2.PredictRequest(inputs=["x"], routing_method="qda"),
                 grpc.StatusCode.FAILED_PRECONDITION,
-                "nonsense",
+                "no trained router",
             ),
             (
                 inference_pb2.PredictRequest(inputs=["x"], router_version=77),
