@@ -153,6 +153,7 @@ def demo(
     from moerge.storage.tokens import new_token
     from moerge.v1 import admin_pb2
 
+    data_dir = data_dir.resolve()  # contributors run in their own folders
     names = [t.strip() for t in tasks.split(",") if t.strip()]
     missing = [t for t in names if t not in available_tasks()]
     if missing:
