@@ -1,0 +1,168 @@
+"""Upload throughput of a large expert over loopback, against a raw TCP copy of the same bytes.
+
+A coordinator on 127.0.0.1 (SQLite, local blob store) receives a valid ~256 MiB expert: MiniLM
+shapes with a LoRA rank high enough to reach the size (the coordinator's rank limit is raised for
+this run). Reported: the client-streaming ``UploadExpert`` time to a committed expert (stream,
+sha256 verification, validation, blob store, registry), as MB/s and as a ratio to a raw TCP copy
+of the same number of bytes over loopback measured in the same run.
+
+    python benchmarks/upload_throughput.py [--mib 256]
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import socket
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+from safetensors.numpy import save_file
+
+from moerge.contributor_client.connection import Target
+from moerge.contributor_client.upload import describe_files, upload_expert
+from moerge.coordinator.config import CoordinatorConfig, default_base_model
+from moerge.expert_format import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    COV_DIAG_KEY,
+    COV_FACTOR_KEY,
+    MEAN_KEY,
+    STATISTICS_META,
+    STATISTICS_TENSORS,
+    StatisticsMeta,
+)
+from moerge.storage.tokens import new_token
+
+RESULTS = Path(__file__).parent / "results" / "upload_throughput.md"
+HIDDEN, LAYERS = 384, 6
+
+
+def write_expert(folder: Path, mib: int) -> int:
+    """A valid MiniLM-shaped expert of about ``mib`` MiB; returns its LoRA rank."""
+    modules = [f"bert.encoder.layer.{i}.attention.self.{m}" for i in range(LAYERS)
+               for m in ("query", "value")]
+    rank = max(1, (mib << 20) // (len(modules) * 2 * HIDDEN * 4))
+    rng = np.random.default_rng(0)
+    tensors = {}
+    for module in modules:
+        prefix = f"base_model.model.{module}"
+        tensors[f"{prefix}.lora_A.weight"] = rng.standard_normal((rank, HIDDEN), np.float32) * 0.01
+        tensors[f"{prefix}.lora_B.weight"] = rng.standard_normal((HIDDEN, rank), np.float32) * 0.01
+    tensors["base_model.model.classifier.weight"] = np.zeros((2, HIDDEN), np.float32)
+    tensors["base_model.model.classifier.bias"] = np.zeros(2, np.float32)
+    folder.mkdir(parents=True)
+    save_file(tensors, str(folder / ADAPTER_WEIGHTS))
+    (folder / ADAPTER_CONFIG).write_text(
+        '{"peft_type": "LORA", "task_type": "SEQ_CLS", "r": %d, "lora_alpha": %d, '
+        '"target_modules": ["query", "value"], "modules_to_save": ["classifier"]}' % (rank, rank)
+    )
+    save_file({MEAN_KEY: np.zeros(HIDDEN, np.float32), COV_DIAG_KEY: np.ones(HIDDEN, np.float32),
+               COV_FACTOR_KEY: np.zeros((HIDDEN, 4), np.float32)}, str(folder / STATISTICS_TENSORS))
+    StatisticsMeta(example_count=10, hidden_size=HIDDEN, covariance_rank=4, task_name="big",
+                   label_names=["a", "b"], label_counts=[5, 5]).write(folder / STATISTICS_META)
+    return rank
+
+
+def raw_tcp_seconds(total: int, chunk: int = 1 << 20) -> float:
+    """Send ``total`` bytes over a loopback TCP socket to a reader that discards them."""
+    server = socket.create_server(("127.0.0.1", 0))
+    received = 0
+
+    def drain() -> None:
+        nonlocal received
+        conn, _ = server.accept()
+        with conn:
+            while data := conn.recv(chunk):
+                received += len(data)
+
+    reader = threading.Thread(target=drain)
+    reader.start()
+    payload = b"\x01" * chunk
+    started = time.perf_counter()
+    with socket.create_connection(server.getsockname()) as client:
+        sent = 0
+        while sent < total:
+            client.sendall(payload[: min(chunk, total - sent)])
+            sent += min(chunk, total - sent)
+    reader.join()
+    elapsed = time.perf_counter() - started
+    server.close()
+    assert received == total
+    return elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mib", type=int, default=256)
+    parser.add_argument("--chunk-kib", type=int, default=1024)
+    parser.add_argument("--output", type=Path, default=RESULTS)
+    args = parser.parse_args()
+
+    import asyncio
+
+    import grpc
+
+    from moerge.coordinator.server import start
+    from moerge.v1 import admin_pb2, admin_pb2_grpc, contributor_pb2, contributor_pb2_grpc
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "expert"
+        rank = write_expert(folder, args.mib)
+        total = sum(f.size for f in describe_files(folder))
+        _, admin = new_token("mga")
+        config = CoordinatorConfig(
+            data_dir=Path(tmp) / "coordinator", listen="127.0.0.1:0", admin_token=admin,
+            base_model=default_base_model(), max_lora_rank=rank, auto_retrain=False,
+            max_upload_bytes=2 * total, max_message_bytes=4 * (args.chunk_kib << 10),
+        )
+        loop = asyncio.new_event_loop()
+        thread = threading.Thread(target=loop.run_forever, daemon=True)
+        thread.start()
+        running = asyncio.run_coroutine_threadsafe(start(config), loop).result(300)
+        address = f"127.0.0.1:{running.port}"
+        auth = (("authorization", f"Bearer {admin}"),)
+        with grpc.insecure_channel(address) as channel:
+            token = admin_pb2_grpc.AdminServiceStub(channel).CreateEnrollmentToken(
+                admin_pb2.CreateEnrollmentTokenRequest(), metadata=auth).token
+            credential = contributor_pb2_grpc.ContributorServiceStub(channel).Join(
+                contributor_pb2.JoinRequest(enrollment_token=token, name="bench")).credential
+        raw = raw_tcp_seconds(total)
+        started = time.perf_counter()
+        response = upload_expert(Target(address=address, token=credential), folder, "big",
+                                 "big", chunk_size=args.chunk_kib << 10, progress=False)
+        upload = time.perf_counter() - started
+        raw_after = raw_tcp_seconds(total)
+        asyncio.run_coroutine_threadsafe(running.stop(grace=1.0), loop).result(60)
+        loop.call_soon_threadsafe(loop.stop)
+    assert response.created
+    raw_best = min(raw, raw_after)
+    mb = total / 1e6
+    lines = [
+        "# Upload throughput over loopback",
+        "",
+        f"- command: `python benchmarks/upload_throughput.py --mib {args.mib} "
+        f"--chunk-kib {args.chunk_kib}`",
+        f"- date: {time.strftime('%Y-%m-%d')}; python {platform.python_version()}, "
+        f"grpcio {grpc.__version__}; {platform.machine()}, 2 cores",
+        f"- expert: {total / 2**20:.1f} MiB (MiniLM shapes, LoRA rank {rank}), "
+        f"{args.chunk_kib} KiB chunks",
+        "",
+        "| transfer | seconds | MB/s | ratio to raw TCP |",
+        "|---|---:|---:|---:|",
+        f"| raw TCP copy of the same bytes (best of before/after) | {raw_best:.2f} | "
+        f"{mb / raw_best:.0f} | 1.00x |",
+        f"| `UploadExpert` to a committed expert (stream + sha256 + validation + blob store "
+        f"+ registry) | {upload:.2f} | {mb / upload:.0f} | {raw_best / upload:.2f}x |",
+        "",
+    ]
+    text = "\n".join(lines)
+    print(text)
+    args.output.write_text(text)
+
+
+if __name__ == "__main__":
+    main()
