@@ -116,6 +116,48 @@ def _gates(steps: int, max_length: int, seed: int) -> object:
     return GateConfig(steps=steps, max_length=max_length, seed=seed)
 
 
+def _build(
+    data: Path,
+    out: Path,
+    task_name: str,
+    config: object,
+    info: contributor_pb2.BaseModelInfo | None,
+    description: str,
+    text_field: str,
+    label_field: str,
+    with_gates: bool,
+    gate_steps: int,
+    max_length: int,
+    seed: int,
+    dp: object,
+    stats_rank: int,
+    *,
+    progress: bool,
+) -> object:
+    """Train + gates + statistics into ``out``; a bad data file exits with its message."""
+    from moerge.contributor_client.build import build_expert
+
+    try:
+        return build_expert(
+            data,
+            out,
+            task_name,
+            config,
+            task_description=description,  # type: ignore[arg-type]
+            text_field=text_field,
+            label_field=label_field or None,
+            with_gates=with_gates,
+            gate_config=_gates(gate_steps, max_length, seed),
+            dp=dp,  # type: ignore[arg-type]
+            statistics_rank=stats_rank,
+            progress=progress,
+            base_model_revision=info.revision if info else "",
+        )
+    except (ValueError, FileNotFoundError) as exc:
+        err_console.print(f"[red]error[/red] {exc}")
+        raise typer.Exit(2) from None
+
+
 def _report(report: object, json_out: bool) -> None:
     meta = report.meta  # type: ignore[attr-defined]
     train = report.train  # type: ignore[attr-defined]
@@ -168,7 +210,6 @@ def train(
     json_out: Json = False,
 ) -> None:
     """Train a LoRA expert on DATA and write its statistics (nothing leaves this machine)."""
-    from moerge.contributor_client.build import build_expert
 
     target = Target.resolve(coordinator, token, tls_ca)
     path, info = agreed_base_model(base_model, offline, target)
@@ -185,25 +226,23 @@ def train(
         max_examples,
         target_module,
     )
-    try:
-        report = build_expert(
-            data,
-            out,
-            task_name,
-            config,
-            task_description=description,
-            text_field=text_field,
-            label_field=label_field or None,
-            with_gates=not no_gates,
-            gate_config=_gates(gate_steps, max_length, seed),
-            dp=_dp(dp_epsilon, dp_delta),
-            statistics_rank=stats_rank,
-            progress=not json_out,
-            base_model_revision=info.revision if info else "",
-        )
-    except (ValueError, FileNotFoundError) as exc:
-        err_console.print(f"[red]error[/red] {exc}")
-        raise typer.Exit(2) from None
+    report = _build(
+        data,
+        out,
+        task_name,
+        config,
+        info,
+        description,
+        text_field,
+        label_field,
+        not no_gates,
+        gate_steps,
+        max_length,
+        seed,
+        _dp(dp_epsilon, dp_delta),
+        stats_rank,
+        progress=not json_out,
+    )
     _report(report, json_out)
 
 
@@ -289,7 +328,6 @@ def contribute(
     """Train + statistics + upload in one step."""
     import tempfile
 
-    from moerge.contributor_client.build import build_expert
     from moerge.contributor_client.upload import upload_expert
 
     target = Target.resolve(coordinator, token, tls_ca)
@@ -309,25 +347,23 @@ def contribute(
     )
     with tempfile.TemporaryDirectory(prefix="moerge-expert-") as tmp:
         folder = out or Path(tmp) / "expert"
-        try:
-            report = build_expert(
-                data,
-                folder,
-                task_name,
-                config,
-                task_description=description,
-                text_field=text_field,
-                label_field=label_field or None,
-                with_gates=not no_gates,
-                gate_config=_gates(gate_steps, max_length, seed),
-                dp=_dp(dp_epsilon, dp_delta),
-                statistics_rank=stats_rank,
-                progress=not json_out,
-                base_model_revision=info.revision if info else "",
-            )
-        except (ValueError, FileNotFoundError) as exc:
-            err_console.print(f"[red]error[/red] {exc}")
-            raise typer.Exit(2) from None
+        report = _build(
+            data,
+            folder,
+            task_name,
+            config,
+            info,
+            description,
+            text_field,
+            label_field,
+            not no_gates,
+            gate_steps,
+            max_length,
+            seed,
+            _dp(dp_epsilon, dp_delta),
+            stats_rank,
+            progress=not json_out,
+        )
         response = guarded(
             lambda: upload_expert(
                 target, folder, name or task_name, task_name, description, progress=not json_out
