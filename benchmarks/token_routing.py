@@ -91,13 +91,34 @@ class Preset:
 
 
 PRESETS = {
-    "minilm": Preset(["query", "value"], 8, 32, 128, [8, 64, 512], 512,
-                     "all-MiniLM-L6-v2 (6-layer BERT, hidden 384)"),
-    "llama-1b": Preset(["q_proj", "k_proj", "v_proj", "o_proj"], 16, 64, 256, [64, 1024], 64,
-                       "Llama-shaped 1.1B (hidden 2048, 22 layers, 32 heads, 4 KV heads, "
-                       "intermediate 5632, vocab 32000), random weights"),
-    "tiny": Preset(["q_proj", "k_proj", "v_proj", "o_proj"], 8, 4, 32, [4, 16], 16,
-                   "tiny Llama (hidden 64, 2 layers, 4 heads, 2 KV heads), random weights"),
+    "minilm": Preset(
+        ["query", "value"],
+        8,
+        32,
+        128,
+        [8, 64, 512],
+        512,
+        "all-MiniLM-L6-v2 (6-layer BERT, hidden 384)",
+    ),
+    "llama-1b": Preset(
+        ["q_proj", "k_proj", "v_proj", "o_proj"],
+        16,
+        64,
+        256,
+        [64, 1024],
+        64,
+        "Llama-shaped 1.1B (hidden 2048, 22 layers, 32 heads, 4 KV heads, "
+        "intermediate 5632, vocab 32000), random weights",
+    ),
+    "tiny": Preset(
+        ["q_proj", "k_proj", "v_proj", "o_proj"],
+        8,
+        4,
+        32,
+        [4, 16],
+        16,
+        "tiny Llama (hidden 64, 2 layers, 4 heads, 2 KV heads), random weights",
+    ),
 }
 
 
@@ -112,14 +133,23 @@ def build_base(model: str, device: str, dtype: torch.dtype, seed: int = 0) -> nn
         return AutoModel.from_pretrained(path, dtype=dtype).to(device).eval()
     if model == "llama-1b":
         config = LlamaConfig(
-            hidden_size=2048, num_hidden_layers=22, num_attention_heads=32,
-            num_key_value_heads=4, intermediate_size=5632, vocab_size=32000,
+            hidden_size=2048,
+            num_hidden_layers=22,
+            num_attention_heads=32,
+            num_key_value_heads=4,
+            intermediate_size=5632,
+            vocab_size=32000,
             max_position_embeddings=2048,
         )
     else:
         config = LlamaConfig(
-            hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-            intermediate_size=128, vocab_size=1000, max_position_embeddings=256,
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=128,
+            vocab_size=1000,
+            max_position_embeddings=256,
         )
     torch.manual_seed(seed)
     with torch.device(device):
@@ -199,8 +229,12 @@ def peft_arrow_in_memory(
         for path, module in model.base_model.model.named_modules():
             if hasattr(module, "lora_A") and names[0] in module.lora_A:
                 for name, state in zip(names, states, strict=True):
-                    module.lora_A[name].weight.copy_(state[f"base_model.model.{path}.lora_A.weight"])
-                    module.lora_B[name].weight.copy_(state[f"base_model.model.{path}.lora_B.weight"])
+                    module.lora_A[name].weight.copy_(
+                        state[f"base_model.model.{path}.lora_A.weight"]
+                    )
+                    module.lora_B[name].weight.copy_(
+                        state[f"base_model.model.{path}.lora_B.weight"]
+                    )
     arrow_config.task_adapter_names = names
     arrow_config.gks_adapter_names = []
     modules, r = check_loaded_lora_compatibility_arrow(model, adapter_names=names)
@@ -214,35 +248,31 @@ def peft_arrow_in_memory(
 # ------------------------------------------------------------------------------------------
 # Arrow routing for the bank (as PEFT computes it)
 # ------------------------------------------------------------------------------------------
-def arrow_prototypes(A: torch.Tensor, B: torch.Tensor, seed: int, iters: int = 15) -> torch.Tensor:
-    """PEFT's power iteration on ``A^T B^T B A``, batched over experts.
+def arrow_router(
+    parsed: list[dict[str, tuple[torch.Tensor, torch.Tensor, float]]],
+    top_k: int,
+    device: str,
+    dtype: torch.dtype,
+):
+    """moerge's own Arrow router (``fit_router("arrow")``: PEFT's power iteration in float32),
+    fitted on ``device`` (see ``peft_start_vector``) on the experts ``e0 .. e{E-1}`` and warmed
+    up there in ``dtype`` (it scores
+    half-precision tokens in their dtype, as PEFT does, and caches its tables per device)."""
+    from moerge.router_training import fit_router
+    from moerge.router_training.base import ExpertRecord, LoraModuleWeights
 
-    A [E, r, d_in], B [E, d_out, r] (unscaled, as PEFT's) -> prototypes [E, d_in] in float32.
-    Every expert starts from the same seeded Gaussian vector, as in PEFT.
-    """
-    A32, B32 = A.float(), B.float()
-    C = B32.transpose(1, 2) @ B32  # [E, r, r]
-    generator = torch.Generator(device=A.device.type).manual_seed(seed)
-    v = torch.randn(A.shape[-1], generator=generator, device=A.device)
-    v = (v / (v.norm() + 1e-8)).expand(A.shape[0], -1).unsqueeze(-1)  # [E, d_in, 1]
-    for _ in range(iters):
-        w = A32.transpose(1, 2) @ (C @ (A32 @ v))  # [E, d_in, 1]
-        v = w / (w.norm(dim=1, keepdim=True) + 1e-8)
-    return v.squeeze(-1)
+    def loader(weights=None):  # on the device PEFT runs on: same power-iteration start
+        return {
+            m: LoraModuleWeights(A.to(device), B.to(device), s) for m, (A, B, s) in weights.items()
+        }
 
-
-class ArrowRouter:
-    """``router(module, hidden [N, d_in]) -> (slots [N, k], weights [N, k])`` for the bank."""
-
-    def __init__(self, prototypes: dict[str, torch.Tensor], slots: torch.Tensor, top_k: int):
-        self.prototypes = prototypes  # module -> [E, d_in], rows in expert order
-        self.slots = slots  # [E] bank slot of each expert
-        self.top_k = top_k
-
-    def __call__(self, module: str, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        sim = torch.abs(hidden @ self.prototypes[module].T)  # [N, E]
-        top, idx = torch.topk(sim, self.top_k, dim=1)  # [N, k]
-        return self.slots[idx], torch.softmax(top, dim=1)
+    records = [ExpertRecord(f"e{i}", load_lora=lambda w=w: loader(w)) for i, w in enumerate(parsed)]
+    router = fit_router("arrow", records, {"top_k": top_k, "temperature": 1.0, "rng_seed": 0})
+    router = router.router
+    for module in router.modules:  # place the tables before timing
+        d_in = router.vectors[module].shape[1]
+        router.route_tokens(module, torch.zeros(1, d_in, device=device, dtype=dtype))
+    return router
 
 
 # ------------------------------------------------------------------------------------------
@@ -312,8 +342,9 @@ def capture_module_inputs(model: nn.Module, bank: LoraBank, run: Callable[[], ob
     captured: dict[str, torch.Tensor] = {}
     hooks = [
         module.register_forward_pre_hook(
-            lambda mod, args, name=name: captured.__setitem__(name, args[0].reshape(
-                -1, args[0].shape[-1]))
+            lambda mod, args, name=name: captured.__setitem__(
+                name, args[0].reshape(-1, args[0].shape[-1])
+            )
         )
         for name, module in bank.modules.items()
     ]
@@ -346,8 +377,12 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", choices=sorted(PRESETS), default="minilm")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
-                        help="default: float32 on CPU, bfloat16 on CUDA")
+    parser.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16"],
+        default=None,
+        help="default: float32 on CPU, bfloat16 on CUDA",
+    )
     parser.add_argument("--experts", type=str, default=None, help="comma-separated E values")
     parser.add_argument("--batch", type=int, default=None)
     parser.add_argument("--seq", type=int, default=None)
@@ -356,12 +391,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2, help="CPU threads (CPU only)")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--reps", type=int, default=5)
-    parser.add_argument("--peft-reps", type=int, default=None,
-                        help="timed reps of PEFT Arrow at the largest E it runs (default: reps)")
-    parser.add_argument("--peft-max-experts", type=int, default=None,
-                        help="skip PEFT Arrow above this E (default: per model)")
     parser.add_argument(
-        "--peft-loader", choices=["auto", "create_arrow_model", "in-memory"], default="auto",
+        "--peft-reps",
+        type=int,
+        default=None,
+        help="timed reps of PEFT Arrow at the largest E it runs (default: reps)",
+    )
+    parser.add_argument(
+        "--peft-max-experts",
+        type=int,
+        default=None,
+        help="skip PEFT Arrow above this E (default: per model)",
+    )
+    parser.add_argument(
+        "--peft-loader",
+        choices=["auto", "create_arrow_model", "in-memory"],
+        default="auto",
         help="how PEFT Arrow gets its adapters: create_arrow_model (load_adapter from disk, "
         "quadratic in E), create_arrow_model's steps with the weights copied in memory, or "
         "auto (create_arrow_model up to E=64)",
@@ -384,8 +429,9 @@ def main(argv: list[str] | None = None) -> None:
     experts = [int(e) for e in args.experts.split(",")] if args.experts else preset.experts
     batch, seq = args.batch or preset.batch, args.seq or preset.seq
     rank, top_k = args.rank or preset.rank, args.top_k
-    peft_max = args.peft_max_experts if args.peft_max_experts is not None else (
-        preset.peft_max_experts)
+    peft_max = (
+        args.peft_max_experts if args.peft_max_experts is not None else (preset.peft_max_experts)
+    )
     tokens = batch * seq
     command = "python benchmarks/token_routing.py " + " ".join(
         sys.argv[1:] if argv is None else argv
@@ -399,7 +445,8 @@ def main(argv: list[str] | None = None) -> None:
     generator = torch.Generator().manual_seed(1)
     inputs = {
         "input_ids": torch.randint(0, vocab_size(base), (batch, seq), generator=generator).to(
-            device),
+            device
+        ),
         "attention_mask": torch.ones(batch, seq, dtype=torch.long, device=device),
     }
 
@@ -425,7 +472,7 @@ def main(argv: list[str] | None = None) -> None:
     variants.append(Variant("a", forward(one), args.reps))
 
     # (c) moerge banks, one per E (capacity grown from 8 by doubling, as in serving)
-    banks: dict[int, tuple[nn.Module, LoraBank, ArrowRouter]] = {}
+    banks: dict[int, tuple[nn.Module, LoraBank, Callable]] = {}
     parsed = [LoraBank.lora_weights_from_peft(s, config) for s in states]
     for E in experts:
         log(f"loading the bank with {E} experts")
@@ -436,13 +483,7 @@ def main(argv: list[str] | None = None) -> None:
             bank.add_expert(f"e{i}", parsed[i])
         sync(device)
         info[E]["bank_load_s"] = time.perf_counter() - start
-        prototypes = {}
-        for name in bank.modules:
-            # from the factors in the model's dtype, as PEFT holds them (power iteration in fp32)
-            A = torch.stack([parsed[i][name][0] for i in range(E)]).to(device, dtype)
-            B = torch.stack([parsed[i][name][1] for i in range(E)]).to(device, dtype)
-            prototypes[name] = arrow_prototypes(A, B, seed=0).to(dtype)
-        router = ArrowRouter(prototypes, bank.slots_of([f"e{i}" for i in range(E)]), top_k)
+        router = bank.token_router(arrow_router(parsed[:E], top_k, device, dtype))
         banks[E] = (model, bank, router)
 
         def run_bank(model=model, bank=bank, router=router) -> torch.Tensor:
@@ -467,8 +508,10 @@ def main(argv: list[str] | None = None) -> None:
         if peft_max < E:
             d_out = max(d for _, d in shapes.values())
             gib = tokens * E * d_out * torch.finfo(dtype).bits / 8 / 2**30
-            info[E]["peft"] = (f"skipped (E > {peft_max}): PEFT's [N, E, d_out] intermediate "
-                               f"alone would be {gib:.1f} GiB per module")
+            info[E]["peft"] = (
+                f"skipped (E > {peft_max}): PEFT's [N, E, d_out] intermediate "
+                f"alone would be {gib:.1f} GiB per module"
+            )
             continue
         loader = args.peft_loader
         if loader == "auto":
@@ -478,8 +521,9 @@ def main(argv: list[str] | None = None) -> None:
         start = time.perf_counter()
         try:
             if loader == "create_arrow_model":
-                folders = [str(save_adapter(workdir / f"expert_{i}", states[i], config))
-                           for i in range(E)]
+                folders = [
+                    str(save_adapter(workdir / f"expert_{i}", states[i], config)) for i in range(E)
+                ]
                 start = time.perf_counter()
                 arrow = create_arrow_model(
                     copy.deepcopy(base), folders, arrow_config, **peft_kwargs
@@ -540,8 +584,11 @@ def main(argv: list[str] | None = None) -> None:
         split += [Variant(f"route{E}", route_all, 7), Variant(f"mix{E}", mix_all, 7)]
     time_round_robin(split, 1, device)
     for v in split:
-        kind, E = ("routing_ms", int(v.label[5:])) if v.label.startswith("route") else (
-            "mixing_ms", int(v.label[3:]))
+        kind, E = (
+            ("routing_ms", int(v.label[5:]))
+            if v.label.startswith("route")
+            else ("mixing_ms", int(v.label[3:]))
+        )
         info[E][kind] = [1e3 * v.median, 1e3 * v.minimum]
 
     # one adapter's LoRA delta on the same module inputs, for scale
@@ -594,8 +641,11 @@ def main(argv: list[str] | None = None) -> None:
         f"- timing: median (and min) of {args.reps} forward passes after {args.warmup} "
         f"warm-up, variants interleaved round-robin; load average {load_before} before, "
         f"{load_average()} after"
-        + (f"; PEFT Arrow at E={max(arrows)}: {args.peft_reps} reps"
-           if args.peft_reps is not None and arrows else ""),
+        + (
+            f"; PEFT Arrow at E={max(arrows)}: {args.peft_reps} reps"
+            if args.peft_reps is not None and arrows
+            else ""
+        ),
         "",
         f"(a) one adapter (PEFT LoRA): {1e3 * base_time:.1f} ms (min "
         f"{1e3 * by_label['a'].minimum:.1f}), "
@@ -644,8 +694,11 @@ def main(argv: list[str] | None = None) -> None:
         peft_note = info[E].get("peft")
         part = f"- E={E}: bank loaded in {info[E]['bank_load_s']:.2f} s"
         if load is not None:
-            how = ("`create_arrow_model`" if info[E]["peft_loader"] == "create_arrow_model"
-                   else "create_arrow_model's steps with in-memory weights")
+            how = (
+                "`create_arrow_model`"
+                if info[E]["peft_loader"] == "create_arrow_model"
+                else "create_arrow_model's steps with in-memory weights"
+            )
             part += f"; PEFT Arrow ({how}) loaded {E} adapters in {load:.1f} s"
         if peft_note:
             part += f"; PEFT Arrow {peft_note}"
@@ -673,8 +726,10 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 def write_section(path: Path, title: str, body: str) -> None:
     """Replace the section ``title`` of the results file (or append it)."""
-    header = "# Token-level routing: cost vs number of experts\n\n" \
-             "Written by `benchmarks/token_routing.py`; one section per model and device.\n"
+    header = (
+        "# Token-level routing: cost vs number of experts\n\n"
+        "Written by `benchmarks/token_routing.py`; one section per model and device.\n"
+    )
     text = path.read_text() if path.exists() else header
     parts = text.split("\n## ")
     head, sections = parts[0], ["## " + p for p in parts[1:]]

@@ -85,10 +85,18 @@ class ArrowRouterConfig(RouterConfig):
             raise ValueError(f"rng_seed must be an integer, got {self.rng_seed!r}")
 
 
-def peft_start_vector(in_features: int, seed: int) -> torch.Tensor:
-    """PEFT's power-iteration start ``v_0`` [in_features] for its ``ArrowConfig(rng_seed=seed)``."""
-    generator = torch.Generator(device="cpu").manual_seed(int(seed))
-    v = torch.randn(in_features, dtype=torch.float32, generator=generator)
+def peft_start_vector(
+    in_features: int, seed: int, device: str | torch.device = "cpu"
+) -> torch.Tensor:
+    """PEFT's power-iteration start ``v_0`` [in_features] for its ``ArrowConfig(rng_seed=seed)``.
+
+    PEFT draws it with a generator on the adapters' device, and a CUDA generator draws other
+    numbers than a CPU one; as 15 iterations do not always converge (random adapters with a
+    small spectral gap), PEFT's prototypes depend on where it ran. Fitting on the same device
+    as PEFT reproduces them; the coordinator fits on CPU.
+    """
+    generator = torch.Generator(device=device).manual_seed(int(seed))
+    v = torch.randn(in_features, dtype=torch.float32, generator=generator, device=device)
     return v / (v.norm() + PEFT_EPS)
 
 
@@ -187,11 +195,11 @@ class ArrowRouter(ModuleVectorRouter):
             if self.config.prototype_solver == "svd":
                 protos = svd_prototypes(a, b)
             else:
-                start = peft_start_vector(a_shape[1], self.config.rng_seed)
+                start = peft_start_vector(a_shape[1], self.config.rng_seed, device=a.device)
                 protos = power_iteration_prototypes(a, b, start, self.config.power_iterations)
             for i, proto in zip(items, protos, strict=True):
                 per_module[pending[i][1]].append((pending[i][0], proto))
 
     def scores(self, module: str, hidden: torch.Tensor) -> torch.Tensor:
-        prototypes, _ = self._lookup(module)
-        return (hidden.to(torch.float32) @ prototypes.T).abs()
+        prototypes, _ = self._placed_for(module, hidden)
+        return (hidden.to(prototypes.dtype) @ prototypes.T).abs_()

@@ -219,17 +219,50 @@ def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def top_k_softmax(scores: torch.Tensor, k: int, temperature: float = 1.0) -> RoutingDecision:
+def top_k_softmax(
+    scores: torch.Tensor, k: int, temperature: float = 1.0, *, scratch: bool = False
+) -> RoutingDecision:
     """Keep the k best scores per row and softmax over them: ``scores`` [R, E] -> [R, k].
 
     ``softmax(topk(scores) / temperature)``: equal to the softmax over all E scores restricted to
     the top-k and renormalised, so posterior logits give renormalised top-k posteriors.
+    ``scratch=True`` lets it overwrite ``scores`` (a temporary of the caller) instead of copying.
     """
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature!r}")
-    values, indices = torch.topk(scores, k, dim=-1)
+    if scores.device.type == "cuda" and k <= _MAX_K_BY_MAX and scores.shape[-1] >= _MIN_E_BY_MAX:
+        values, indices = _top_k_by_max(scores, k, scratch=scratch)
+    else:
+        values, indices = torch.topk(scores, k, dim=-1)
     weights = torch.softmax(values / temperature, dim=-1)
     return RoutingDecision(indices=indices, weights=weights)
+
+
+#: On CUDA, top-k for k up to this over rows of at least ``_MIN_E_BY_MAX`` scores is taken by k
+#: row maxima. Measured on an H100, [16384, E] bf16 Arrow scores, top-2 and softmax: at E = 1024
+#: 0.45 ms with ``torch.topk`` (4.8x the scoring matmul) against 0.18 ms by maxima; at E = 64
+#: ``torch.topk`` was the faster (0.19 against 0.36 ms).
+_MAX_K_BY_MAX = 4
+_MIN_E_BY_MAX = 256
+
+
+def _top_k_by_max(
+    scores: torch.Tensor, k: int, *, scratch: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch.topk(scores, k)`` (sorted, largest first) as k row maxima: [R, E] -> 2 x [R, k].
+
+    Ties may resolve to a different index than ``torch.topk``'s; the values are the same. Marks
+    the maxima found in a copy of ``scores``, or in ``scores`` itself with ``scratch=True``.
+    """
+    work = scores if scratch or k == 1 else scores.clone()
+    values, indices = [], []
+    for j in range(k):
+        value, index = work.max(dim=-1, keepdim=True)  # [R, 1]
+        values.append(value)
+        indices.append(index)
+        if j + 1 < k:
+            work.scatter_(-1, index, float("-inf"))
+    return torch.cat(values, dim=-1), torch.cat(indices, dim=-1)
 
 
 def load_router(path: str | Path) -> Router:

@@ -70,9 +70,7 @@ class PhatgooseRouter(ModuleVectorRouter):
     @classmethod
     def fit(cls, experts: Sequence[ExpertRecord], config: RouterConfig) -> PhatgooseRouter:
         router = cls(config, [e.expert_id for e in experts])  # type: ignore[arg-type]
-        missing = [
-            e.expert_id for e in experts if e.statistics is None or not e.statistics.gates
-        ]
+        missing = [e.expert_id for e in experts if e.statistics is None or not e.statistics.gates]
         if missing:
             raise ValueError(f"experts without PHATGOOSE gate vectors: {missing[:10]}")
         per_module: dict[str, list[tuple[int, torch.Tensor]]] = defaultdict(list)
@@ -90,5 +88,5 @@ class PhatgooseRouter(ModuleVectorRouter):
         return router
 
     def scores(self, module: str, hidden: torch.Tensor) -> torch.Tensor:
-        vectors, _ = self._lookup(module)
-        return standardise(hidden, self.config.eps) @ vectors.T
+        vectors, _ = self._placed_for(module, hidden)
+        return standardise(hidden, self.config.eps).to(vectors.dtype) @ vectors.T

@@ -8,6 +8,10 @@ vectors and the score. An expert that does not adapt module ``m`` has no row in 
 globally, and ``top_k`` is bounded by ``E_m`` in that module.
 
 Artifact tensors: ``vectors/<module>`` [E_m, d_in] and ``members/<module>`` [E_m] (int64).
+
+Scores are computed on the hidden states' device, in their precision when that is half
+precision (as PEFT's ``ArrowLoraLinearLayer`` does in the adapters' dtype) and in float32
+otherwise; each module's table is copied there once and cached, not on every call.
 """
 
 from __future__ import annotations
@@ -31,6 +35,11 @@ VECTORS_PREFIX = "vectors/"
 MEMBERS_PREFIX = "members/"
 
 
+def score_dtype(hidden: torch.Tensor) -> torch.dtype:
+    """Half-precision hidden states are scored in their own dtype, anything else in float32."""
+    return hidden.dtype if hidden.dtype in (torch.bfloat16, torch.float16) else torch.float32
+
+
 class ModuleVectorRouter(Router):
     """Token-level router over per-module expert vectors (see the module docstring)."""
 
@@ -40,6 +49,7 @@ class ModuleVectorRouter(Router):
         super().__init__(config, expert_ids)
         self.vectors: dict[str, torch.Tensor] = {}
         self.members: dict[str, torch.Tensor] = {}
+        self._placed: dict[tuple[str, torch.device, torch.dtype], tuple[torch.Tensor, ...]] = {}
 
     @property
     def modules(self) -> list[str]:
@@ -59,6 +69,7 @@ class ModuleVectorRouter(Router):
                 raise ValueError(f"module {module!r}: experts disagree on its input size {dims}")
             self.members[module] = torch.tensor([i for i, _ in rows], dtype=torch.long)
             self.vectors[module] = torch.stack([v.to(torch.float32) for _, v in rows])
+        self._placed = {}
 
     def _lookup(self, module: str) -> tuple[torch.Tensor, torch.Tensor]:
         try:
@@ -69,21 +80,34 @@ class ModuleVectorRouter(Router):
                 f"known modules: {self.modules}"
             ) from None
 
+    def _placed_for(self, module: str, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The module's ``(vectors, members)`` on ``hidden``'s device, vectors in the score
+        dtype (see the module docstring); cached per module, device and dtype."""
+        dtype = score_dtype(hidden)
+        key = (module, hidden.device, dtype)
+        placed = self._placed.get(key)
+        if placed is None:
+            vectors, members = self._lookup(module)
+            placed = (vectors.to(hidden.device, dtype), members.to(hidden.device))
+            self._placed[key] = placed
+        return placed  # type: ignore[return-value]
+
     @abstractmethod
     def scores(self, module: str, hidden: torch.Tensor) -> torch.Tensor:
-        """Routing scores of each token against the module's experts: ``[N, d_in] -> [N, E_m]``."""
+        """Routing scores of each token against the module's experts: ``[N, d_in] -> [N, E_m]``,
+        a new tensor (routing may overwrite it)."""
 
     def route_tokens(
         self, module: str, hidden: torch.Tensor, top_k: int | None = None
     ) -> RoutingDecision:
-        vectors, members = self._lookup(module)
+        vectors, members = self._placed_for(module, hidden)
         if hidden.ndim != 2 or hidden.shape[1] != vectors.shape[1]:
             raise ValueError(
                 f"module {module!r} expects hidden states [N, {vectors.shape[1]}], "
                 f"got {tuple(hidden.shape)}"
             )
         k = self._resolve_top_k(top_k, num_candidates=len(members))
-        local = top_k_softmax(self.scores(module, hidden), k, self.temperature)
+        local = top_k_softmax(self.scores(module, hidden), k, self.temperature, scratch=True)
         return RoutingDecision(indices=members[local.indices], weights=local.weights)
 
     def vector_similarity(self, max_experts: int = 1024, seed: int = 0) -> dict[str, float]:
@@ -116,6 +140,7 @@ class ModuleVectorRouter(Router):
         return state
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        modules = sorted(k[len(VECTORS_PREFIX):] for k in state if k.startswith(VECTORS_PREFIX))
+        modules = sorted(k[len(VECTORS_PREFIX) :] for k in state if k.startswith(VECTORS_PREFIX))
         self.vectors = {m: state[VECTORS_PREFIX + m].to(torch.float32) for m in modules}
         self.members = {m: state[MEMBERS_PREFIX + m].to(torch.long) for m in modules}
+        self._placed = {}

@@ -98,9 +98,9 @@ __all__ = [
 #: Set (with the error) when the Triton kernel failed to build or run here: it is not retried.
 _TRITON_BROKEN: list[str] = []
 
-#: ``torch._grouped_mm`` on CUDA refuses more segments than this ("Can't process more than
-#: 1024 groups", PyTorch 2.11); more are processed in chunks of this many.
-GROUPED_MM_MAX_GROUPS = 1024
+#: ``torch._grouped_mm`` on CUDA refuses many segments ("Can't process more than 1024 groups",
+#: PyTorch 2.11, raised on an H100 for exactly 1024); more are processed in chunks of this many.
+GROUPED_MM_MAX_GROUPS = 512
 
 #: On CPU, top-1 examples are grouped by expert (instead of gathering each example's weights)
 #: when ``T <= r`` and ``d_in >= _SEGMENT_MIN_WIDTH`` (measurements in the module docstring).
@@ -138,8 +138,9 @@ def _clean_decision(
     _check_decision(slots, weights, rows)
     slots = slots.long()
     empty = slots < 0
-    weights = torch.where(empty, torch.zeros((), dtype=dtype, device=weights.device),
-                          weights.to(dtype))
+    weights = torch.where(
+        empty, torch.zeros((), dtype=dtype, device=weights.device), weights.to(dtype)
+    )
     return slots.masked_fill(empty, 0), weights
 
 
@@ -243,13 +244,7 @@ def example_mixed_delta(
     k = slots.shape[-1] if slots.dim() == 2 else 0
     slots, weights = _clean_decision(slots, weights, nb, x.dtype)
     xw = x.to(A.dtype)
-    if (
-        k == 1
-        and x.device.type == "cpu"
-        and r >= T
-        and d_in >= _SEGMENT_MIN_WIDTH
-        and nb > 1
-    ):
+    if k == 1 and x.device.type == "cpu" and r >= T and d_in >= _SEGMENT_MIN_WIDTH and nb > 1:
         delta = _example_delta_segmented(xw, A, B, slots[:, 0], weights[:, 0])
     else:
         # Gather: [B, k r, d_in] and [B, k r, d_out]
@@ -324,7 +319,8 @@ def token_mixed_delta(
             _TRITON_BROKEN.append(repr(exc))
             warnings.warn(
                 f"Triton SGMV kernel failed ({exc!r}); using the grouped-GEMM path instead",
-                RuntimeWarning, stacklevel=2,
+                RuntimeWarning,
+                stacklevel=2,
             )
     slots, weights = _clean_decision(slots, weights, N, A.dtype)
     if x.device.type == "cpu" and A.dtype in (torch.float32, torch.float64):
@@ -346,8 +342,11 @@ def _token_delta_sparse(
     with warnings.catch_warnings():  # "sparse CSR support is in beta", once per process
         warnings.simplefilter("ignore", UserWarning)
         pattern = torch.sparse_csr_tensor(
-            crow, cols.reshape(-1), torch.zeros(N * k * r, dtype=x.dtype, device=x.device),
-            size=(N, E * r), check_invariants=False,
+            crow,
+            cols.reshape(-1),
+            torch.zeros(N * k * r, dtype=x.dtype, device=x.device),
+            size=(N, E * r),
+            check_invariants=False,
         )
     # Stage 1 (shrink): z[n, j r + q] = <x[n], A[s_nj, q]>  only at the pattern: [N k r]
     z = torch.sparse.sampled_addmm(pattern, x, A.reshape(E * r, d_in).t(), beta=0.0).values()

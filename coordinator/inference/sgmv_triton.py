@@ -157,7 +157,17 @@ def segment_ends(sorted_ids: torch.Tensor, n: int, first: int = 0) -> torch.Tens
 
 
 def sgmv_token_delta(
-    x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor
+    x: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    slots: torch.Tensor,
+    weights: torch.Tensor,
+    *,
+    block_m: int | None = None,
+    block_n: int | None = None,
+    block_k: int = BLOCK_K,
+    num_warps: int = 4,
+    num_stages: int | None = None,
 ) -> torch.Tensor:
     """Token-level mixing with the Triton kernels (CUDA, bf16/fp16).
 
@@ -165,6 +175,13 @@ def sgmv_token_delta(
         x: [N, d_in]; A: [E, r, d_in]; B: [E, d_out, r] (any strides; the bank's is a view of a
             contiguous [E, r, d_out]); slots: [N, k] long, ``-1`` for "no expert" (skipped, its
             weight is never read); weights: [N, k].
+
+        block_m, block_n, block_k, num_warps, num_stages: tile sizes and launch settings.
+            Defaults from a sweep on an H100 (N = 16384, d_in = 2048, r = 16, top-2, E = 64
+            and 1024; 108 settings): ``block_m`` 32 for many small segments, else 64;
+            ``block_n`` 64 and 2 stages for d_out >= 1024 (0.36 ms against 0.40 ms with 128
+            and 3 at d_out = 2048, E = 64), else 128 and 3. No setting was more than 10%
+            faster than these at any of the four shapes.
 
     Returns:
         [N, d_out] float32 delta.
@@ -176,7 +193,11 @@ def sgmv_token_delta(
     x = x.contiguous()
     B_t = B.transpose(1, 2)  # [E, r, d_out]
     block_r = max(16, triton.next_power_of_2(r))
-    block_m = 32 if P < 64 * E else 64  # many small segments: smaller tiles waste less
+    wide = d_out >= 1024
+    block_n = block_n or (64 if wide else BLOCK_N)
+    num_stages = num_stages or (2 if wide else 3)
+    if block_m is None:
+        block_m = 32 if P < 64 * E else 64  # many small segments: smaller tiles waste less
     nseg = E + 1  # segment 0: slot -1 (no expert); segment 1 + s: slot s
     sorted_slot, order = torch.sort(slots.reshape(-1))  # [P], [P] (order = token * k + j)
     ends = segment_ends(sorted_slot, nseg, first=-1)  # [E + 1] exclusive row ends
@@ -188,7 +209,7 @@ def sgmv_token_delta(
         x, A, B_t, out, order, weights.reshape(-1), ends, tile_end, nseg, k, d_in, d_out, r,
         x.stride(0), A.stride(0), A.stride(1), A.stride(2),
         B_t.stride(0), B_t.stride(1), B_t.stride(2), out.stride(0),
-        LOG_NSEG=nseg.bit_length(), BLOCK_M=block_m, BLOCK_K=BLOCK_K, BLOCK_N=BLOCK_N,
-        BLOCK_R=block_r,
+        LOG_NSEG=nseg.bit_length(), BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_N=block_n,
+        BLOCK_R=block_r, num_warps=num_warps, num_stages=num_stages,
     )
     return out

@@ -73,8 +73,10 @@ def peft_arrow_run(
     hooks = []
     for name, module in model.named_modules():
         if hasattr(module, "lora_arrow"):
+
             def hook(mod, args, output, name=name) -> None:
                 captured[name] = (args[0].detach(), output.detach())
+
             hooks.append(module.register_forward_hook(hook))
     input_ids = torch.randint(7, 60, (2, 9), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
@@ -156,8 +158,9 @@ def test_zero_delta_w_gives_a_zero_prototype_with_both_solvers() -> None:
     a = torch.randn(1, 4, 10)
     b = torch.zeros(1, 6, 4)  # LoRA's own initialisation: B = 0
     assert torch.equal(svd_prototypes(a, b), torch.zeros(1, 10))
-    assert torch.equal(power_iteration_prototypes(a, b, peft_start_vector(10, 0), 15),
-                       torch.zeros(1, 10))
+    assert torch.equal(
+        power_iteration_prototypes(a, b, peft_start_vector(10, 0), 15), torch.zeros(1, 10)
+    )
 
 
 @pytest.mark.parametrize("solver", ["power_iteration", "svd"])
@@ -182,8 +185,9 @@ def test_experts_adapting_different_modules_are_routed_only_where_they_exist() -
 
     def lora(modules: list[str]) -> dict[str, LoraModuleWeights]:
         return {
-            m: LoraModuleWeights(torch.randn(2, 8, generator=gen), torch.randn(8, 2, generator=gen),
-                                 1.0)
+            m: LoraModuleWeights(
+                torch.randn(2, 8, generator=gen), torch.randn(8, 2, generator=gen), 1.0
+            )
             for m in modules
         }
 
@@ -195,3 +199,33 @@ def test_experts_adapting_different_modules_are_routed_only_where_they_exist() -
     assert set(decision.indices.flatten().tolist()) == {0, 2}
     with pytest.raises(ValueError, match="top_k"):
         router.route_tokens("v", torch.randn(2, 8), top_k=3)
+
+
+def test_half_precision_hidden_states_are_scored_in_their_own_dtype_like_peft(peft_setup) -> None:
+    """PEFT scores ``|x . p|`` in the adapters' dtype; a bf16 model's tokens are scored so here."""
+    _bert, paths = peft_setup
+    router = fit_router("arrow", records(paths), {"top_k": 2, "rng_seed": SEED}).router
+    module = router.modules[0]
+    hidden = torch.randn(
+        64, router.vectors[module].shape[1], generator=torch.Generator().manual_seed(0)
+    )
+    half = hidden.bfloat16()
+    expected = (half @ router.vectors[module].bfloat16().T).abs()
+    torch.testing.assert_close(router.scores(module, half), expected, rtol=0, atol=0)
+    assert router.scores(module, hidden).dtype == torch.float32
+    assert router.route_tokens(module, half).weights.dtype == torch.bfloat16
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_routing_cuda_hidden_states_keeps_decisions_on_the_gpu_and_equal_to_cpu(peft_setup) -> None:
+    _bert, paths = peft_setup
+    router = fit_router("arrow", records(paths), {"top_k": 2, "rng_seed": SEED}).router
+    module = router.modules[0]
+    hidden = torch.randn(
+        256, router.vectors[module].shape[1], generator=torch.Generator().manual_seed(1)
+    )
+    cpu = router.route_tokens(module, hidden)
+    gpu = router.route_tokens(module, hidden.cuda())
+    assert gpu.indices.is_cuda and gpu.weights.is_cuda
+    torch.testing.assert_close(gpu.indices.cpu(), cpu.indices)
+    torch.testing.assert_close(gpu.weights.cpu(), cpu.weights, rtol=1e-4, atol=1e-5)

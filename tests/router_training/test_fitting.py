@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from moerge.router_training import (
     LDARouter,
@@ -64,5 +65,18 @@ def test_token_level_fit_reports_how_distinct_the_expert_vectors_are() -> None:
 
 def test_baselines_report_only_their_size() -> None:
     assert fit_router("uniform", planted_experts()).metrics == {
-        "num_experts": 5.0, "state_bytes": 0.0,
+        "num_experts": 5.0,
+        "state_bytes": 0.0,
     }
+
+
+@pytest.mark.parametrize("k", [1, 2, 4])
+def test_top_k_by_row_maxima_equals_torch_topk(k: int) -> None:
+    from moerge.router_training.base import _top_k_by_max
+
+    scores = torch.randn(300, 1024, generator=torch.Generator().manual_seed(k))
+    values, indices = _top_k_by_max(scores, k)
+    expected_values, expected_indices = torch.topk(scores, k, dim=-1)
+    torch.testing.assert_close(values, expected_values, rtol=0, atol=0)
+    torch.testing.assert_close(indices, expected_indices)
+    assert not torch.isinf(scores).any()  # the input is left as it was
