@@ -220,6 +220,8 @@ class RoutedLoraLinear(nn.Module):
             delta = self._example_delta(x, routing)
         else:
             delta = self._token_delta(x, routing.router)
+        if not torch.is_grad_enabled():  # serving: add in place, rounding once to out's dtype
+            return out.add_(delta)
         return out + delta.to(out.dtype)
 
     def _example_delta(self, x: torch.Tensor, routing: _ExampleRouting) -> torch.Tensor:
@@ -244,7 +246,7 @@ class RoutedLoraLinear(nn.Module):
         hidden = x.reshape(-1, self.in_features)  # [N, d_in]
         slots, weights = router(self.name, hidden)  # [N, k], [N, k]
         delta = token_mixed_delta(
-            hidden, self.A, self.B, slots.to(x.device), weights.to(x.device)
+            hidden, self.A, self.B, slots.to(x.device), weights.to(x.device), keep_float32=True
         )  # [N, d_out]
         return delta.reshape(*x.shape[:-1], self.out_features)
 

@@ -283,6 +283,8 @@ def token_mixed_delta(
     B: torch.Tensor,
     slots: torch.Tensor,
     weights: torch.Tensor,
+    *,
+    keep_float32: bool = False,
 ) -> torch.Tensor:
     """``delta[n] = sum_j weights[n, j] * B[slots[n, j]] @ A[slots[n, j]] @ x[n]``.
 
@@ -293,9 +295,12 @@ def token_mixed_delta(
             transposed view of a contiguous [E, r, d_out] buffer, costs no copy.
         slots: [N, k] long, slots into the bank, ``-1`` for "no expert".
         weights: [N, k] mixing weights.
+        keep_float32: return the Triton kernel's float32 accumulator as it is instead of
+            rounding it to ``x``'s dtype (the bank adds it to the layer's output in one pass).
 
     Returns:
-        [N, d_out] delta, in ``x``'s dtype. Cost independent of ``E`` (see module docstring).
+        [N, d_out] delta, in ``x``'s dtype (or float32, see ``keep_float32``). Cost independent
+        of ``E`` (see module docstring).
     """
     _, _, d_in, d_out = _check_bank(A, B)
     if x.dim() != 2 or x.shape[-1] != d_in:
@@ -314,7 +319,7 @@ def token_mixed_delta(
         _check_decision(slots, weights, N)
         try:
             delta = sgmv_triton.sgmv_token_delta(xw, A, B, slots.long(), weights)
-            return delta.to(x.dtype)
+            return delta if keep_float32 else delta.to(x.dtype)
         except sgmv_triton.KERNEL_ERRORS as exc:  # a Triton/driver this kernel does not suit
             _TRITON_BROKEN.append(repr(exc))
             warnings.warn(
