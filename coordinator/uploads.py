@@ -1,10 +1,14 @@
 """Resumable expert uploads: stage the byte stream, verify it, validate it, then commit.
 
-An upload is one byte stream: the manifest's files back to back. Bytes are appended to a staging
-file ``<data>/uploads/<contributor>/<upload_id>.part``; its size *is* the resume offset, so a
-coordinator killed mid-stream resumes from whatever reached the disk. Nothing becomes visible in
-the registry or the blob store until every file's size and sha256 match the manifest and the
-expert passes :mod:`moerge.coordinator.validation`; a refused expert leaves nothing behind.
+An upload is one byte stream: the manifest's files back to back. Each file's bytes go straight
+into its own staging file ``<data>/uploads/<contributor>/<upload_id>.d/<name>`` while a sha256
+per file advances over the same bytes, so nothing is re-read to split or hash the stream at the
+end. The staged sizes *are* the resume offset: a coordinator killed mid-stream resumes from
+whatever reached the disk (it re-hashes that prefix once, on the first request after the
+restart). Nothing becomes visible in the registry or the blob store until every file's size and
+sha256 match the manifest and the expert passes :mod:`moerge.coordinator.validation`; the
+verified files are then hard-linked into the blob store (:meth:`BlobStore.adopt`) instead of
+copied. A refused expert leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from moerge.storage.validation import check_name, check_text
 
 UPLOAD_ID = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_BLOCK = 1 << 20
 MAX_DESCRIPTION = 4000
 
 
@@ -84,6 +89,59 @@ class Manifest:
             )
 
 
+class _Staged:
+    """One upload being received: its staging folder and a running sha256 per manifest file.
+
+    Private to :class:`UploadReceiver` and used under its per-upload lock. Every file exists
+    from the start; ``held`` counts the bytes on disk in manifest order (a file is filled
+    before the next one gets any).
+    """
+
+    def __init__(self, folder: Path, files: list[dict[str, object]]) -> None:
+        self.folder = folder
+        self.files = [(str(f["name"]), int(f["size"]), str(f["sha256"])) for f in files]
+        self.total = sum(size for _, size, _ in self.files)
+        self.hashes = [hashlib.sha256() for _ in self.files]
+        self.held = 0
+        folder.mkdir(parents=True, exist_ok=True)
+        self._rehash()
+
+    def _rehash(self) -> None:
+        """Hash what is already on disk (after a restart); empty every file after a gap."""
+        gap = False
+        for (name, size, _), digest in zip(self.files, self.hashes, strict=True):
+            with open(self.folder / name, "ab+") as handle:
+                if gap or handle.tell() > size:
+                    handle.truncate(0 if gap else size)
+                handle.seek(0)
+                while block := handle.read(_BLOCK):
+                    digest.update(block)
+                    self.held += len(block)
+                gap = handle.tell() < size
+
+    def write(self, data: bytes) -> None:
+        """Append ``data`` at ``held``: split it across files, hash it, write it."""
+        view = memoryview(data)
+        begin = 0
+        for (name, size, _), digest in zip(self.files, self.hashes, strict=True):
+            end = begin + size
+            if view and self.held < end:
+                take = view[: end - self.held]
+                with open(self.folder / name, "ab") as handle:
+                    handle.write(take)
+                digest.update(take)
+                self.held += len(take)
+                view = view[len(take) :]
+            begin = end
+
+    def mismatch(self) -> str | None:
+        """The first file whose size or sha256 differs from the manifest, if any."""
+        for (name, size, want), digest in zip(self.files, self.hashes, strict=True):
+            if (self.folder / name).stat().st_size != size or digest.hexdigest() != want:
+                return name
+        return None
+
+
 class UploadReceiver:
     """Plain (grpc-free) upload logic used by the ContributorService servicer."""
 
@@ -102,23 +160,40 @@ class UploadReceiver:
         self.max_bytes = max_bytes
         self._locks: dict[tuple[str, str], threading.Lock] = {}
         self._locks_guard = threading.Lock()
+        self._staged: dict[tuple[str, str], _Staged] = {}
 
     def _lock(self, contributor_id: str, upload_id: str) -> threading.Lock:
         with self._locks_guard:
             return self._locks.setdefault((contributor_id, upload_id), threading.Lock())
 
-    def _part(self, contributor_id: str, upload_id: str) -> Path:
-        return self.staging_dir / contributor_id / f"{upload_id}.part"
+    def _folder(self, contributor_id: str, upload_id: str) -> Path:
+        return self.staging_dir / contributor_id / f"{upload_id}.d"
+
+    def _stage(self, contributor_id: str, upload_id: str, info: UploadInfo) -> _Staged:
+        """The upload's staging state; rebuilt from disk on first use (e.g. after a restart).
+
+        Call with the upload's lock held and only for a ``receiving`` upload.
+        """
+        key = (contributor_id, upload_id)
+        staged = self._staged.get(key)
+        if staged is None:
+            folder = self._folder(contributor_id, upload_id)
+            staged = self._staged[key] = _Staged(folder, info.manifest["files"])
+        return staged
+
+    def _drop(self, contributor_id: str, upload_id: str) -> None:
+        """Forget the staging state and remove the staged files."""
+        self._staged.pop((contributor_id, upload_id), None)
+        shutil.rmtree(self._folder(contributor_id, upload_id), ignore_errors=True)
 
     def status(self, contributor_id: str, upload_id: str) -> UploadInfo:
-        info = self.registry.get_upload(contributor_id, upload_id)
-        if info.state == "receiving":
-            part = self._part(contributor_id, upload_id)
-            received = part.stat().st_size if part.exists() else 0
-            if received != info.received_bytes:
-                self.registry.set_upload_progress(contributor_id, upload_id, received)
-                info = self.registry.get_upload(contributor_id, upload_id)
-        return info
+        with self._lock(contributor_id, upload_id):
+            info = self.registry.get_upload(contributor_id, upload_id)
+            if info.state == "receiving":
+                received = self._stage(contributor_id, upload_id, info).held
+                if received != info.received_bytes:
+                    info = self.registry.set_upload_progress(contributor_id, upload_id, received)
+            return info
 
     def start(self, contributor_id: str, manifest: Manifest) -> UploadInfo:
         """Open (or reopen, to resume) an upload; returns the offset the client must send from."""
@@ -129,31 +204,37 @@ class UploadReceiver:
         if info.state == "failed":
             raise FailedPrecondition(f"upload {manifest.upload_id} was refused: {info.error}")
         if info.state == "receiving":
-            part = self._part(contributor_id, manifest.upload_id)
-            part.parent.mkdir(parents=True, exist_ok=True)
-            part.touch(exist_ok=True)
             return self.status(contributor_id, manifest.upload_id)
         return info
 
     def append(self, contributor_id: str, upload_id: str, offset: int, data: bytes) -> int:
-        """Append a chunk at ``offset`` (which must equal the bytes held); return the new size."""
+        """Append a chunk at ``offset`` (which must equal the bytes held); return the new size.
+
+        The registry is asked only when this process has no staging state for the upload:
+        while it has, the upload is ``receiving`` (finishing or refusing it drops the state).
+        """
         with self._lock(contributor_id, upload_id):
-            info = self.registry.get_upload(contributor_id, upload_id)
-            if info.state != "receiving":
-                raise FailedPrecondition(f"upload {upload_id} is {info.state}")
-            part = self._part(contributor_id, upload_id)
-            held = part.stat().st_size if part.exists() else 0
-            if offset != held:
+            staged = self._staged.get((contributor_id, upload_id))
+            if staged is None:
+                info = self.registry.get_upload(contributor_id, upload_id)
+                if info.state != "receiving":
+                    raise FailedPrecondition(f"upload {upload_id} is {info.state}")
+                staged = self._stage(contributor_id, upload_id, info)
+            if offset != staged.held:
                 raise FailedPrecondition(
-                    f"chunk.offset {offset} != {held} bytes held; resume from {held}"
+                    f"chunk.offset {offset} != {staged.held} bytes held; resume from {staged.held}"
                 )
-            if held + len(data) > info.total_bytes:
+            if staged.held + len(data) > staged.total:
                 raise InvalidArgument(
-                    "chunk.data", f"overruns the manifest's total of {info.total_bytes} bytes"
+                    "chunk.data", f"overruns the manifest's total of {staged.total} bytes"
                 )
-            with open(part, "ab") as handle:
-                handle.write(data)
-            return held + len(data)
+            try:
+                staged.write(data)
+            except BaseException:
+                # e.g. a full disk: forget the hashes, rebuild them from what reached the disk
+                self._staged.pop((contributor_id, upload_id), None)
+                raise
+            return staged.held
 
     def finish(self, actor: str, contributor_id: str, upload_id: str) -> tuple[ExpertInfo, bool]:
         """Verify every file, validate the expert, store blobs, and commit in one transaction."""
@@ -161,82 +242,71 @@ class UploadReceiver:
             info = self.registry.get_upload(contributor_id, upload_id)
             if info.state == "committed" and info.expert_id:
                 return self.registry.get_expert(info.expert_id), False
-            part = self._part(contributor_id, upload_id)
-            held = part.stat().st_size if part.exists() else 0
-            self.registry.set_upload_progress(contributor_id, upload_id, held)
-            if held < info.total_bytes:
+            if info.state != "receiving":
+                raise FailedPrecondition(f"upload {upload_id} is {info.state}")
+            staged = self._stage(contributor_id, upload_id, info)
+            self.registry.set_upload_progress(contributor_id, upload_id, staged.held)
+            if staged.held < staged.total:
                 raise FailedPrecondition(
-                    f"upload {upload_id} holds {held} of {info.total_bytes} bytes; send the rest"
+                    f"upload {upload_id} holds {staged.held} of {staged.total} bytes; send the rest"
                 )
             manifest = info.manifest
-            unpacked = part.with_suffix(".d")
             try:
-                files = self._unpack(part, unpacked, manifest["files"])
-                checked = validate_expert_dir(unpacked, self.spec, self.max_bytes)
+                bad = staged.mismatch()
+                if bad is not None:
+                    raise InvalidArgument(bad, "sha256 or size does not match the manifest")
+                checked = validate_expert_dir(staged.folder, self.spec, self.max_bytes)
             except (ExpertInvalid, InvalidArgument) as exc:
                 self.registry.fail_upload(contributor_id, upload_id, str(exc))
-                part.unlink(missing_ok=True)
+                self._drop(contributor_id, upload_id)
                 raise
-            try:
-                refs = {name: self.blobs.put_file(unpacked / name) for name in files}
-                spec = NewExpert(
-                    name=manifest["expert_name"],
-                    task_name=manifest["task_name"],
-                    task_description=manifest["task_description"],
-                    task_type=checked.task_type,
-                    base_model_id=self.spec.model_id,
-                    lora_rank=checked.lora_rank,
-                    target_modules=checked.target_modules,
-                    label_names=checked.label_names,
-                    example_count=checked.example_count,
-                    files=refs,
-                    statistics=StatisticsSummary(
-                        hidden_size=checked.meta.hidden_size,
-                        covariance_rank=checked.meta.covariance_rank,
-                        gate_modules=len(checked.meta.gate_modules),
-                        dp=_dp_dict(checked),
-                        summary={
-                            "label_counts": checked.meta.label_counts,
-                            "modules": checked.modules,
-                        },
-                    ),
-                )
-                result = self.registry.commit_upload(actor, contributor_id, upload_id, spec)
-            finally:
-                shutil.rmtree(unpacked, ignore_errors=True)
-            part.unlink(missing_ok=True)
+            # Hard links, not moves: if the commit below fails the staged files stay, and
+            # finishing again needs no re-upload.
+            refs = {
+                name: self.blobs.adopt(staged.folder / name, digest.hexdigest(), size)
+                for (name, size, _), digest in zip(staged.files, staged.hashes, strict=True)
+            }
+            spec = NewExpert(
+                name=manifest["expert_name"],
+                task_name=manifest["task_name"],
+                task_description=manifest["task_description"],
+                task_type=checked.task_type,
+                base_model_id=self.spec.model_id,
+                lora_rank=checked.lora_rank,
+                target_modules=checked.target_modules,
+                label_names=checked.label_names,
+                example_count=checked.example_count,
+                files=refs,
+                statistics=StatisticsSummary(
+                    hidden_size=checked.meta.hidden_size,
+                    covariance_rank=checked.meta.covariance_rank,
+                    gate_modules=len(checked.meta.gate_modules),
+                    dp=_dp_dict(checked),
+                    summary={
+                        "label_counts": checked.meta.label_counts,
+                        "modules": checked.modules,
+                    },
+                ),
+            )
+            result = self.registry.commit_upload(actor, contributor_id, upload_id, spec)
+            self._drop(contributor_id, upload_id)
             return result
 
-    @staticmethod
-    def _unpack(part: Path, out: Path, files: list[dict[str, object]]) -> list[str]:
-        """Split the staged stream into its files, checking each size and sha256."""
-        shutil.rmtree(out, ignore_errors=True)
-        out.mkdir(parents=True)
-        names = []
-        with open(part, "rb") as stream:
-            for entry in files:
-                name, size, want = str(entry["name"]), int(entry["size"]), str(entry["sha256"])
-                digest = hashlib.sha256()
-                remaining = size
-                with open(out / name, "wb") as handle:
-                    while remaining:
-                        block = stream.read(min(remaining, 1 << 20))
-                        if not block:
-                            break
-                        digest.update(block)
-                        handle.write(block)
-                        remaining -= len(block)
-                if remaining or digest.hexdigest() != want:
-                    shutil.rmtree(out, ignore_errors=True)
-                    raise InvalidArgument(name, "sha256 or size does not match the manifest")
-                names.append(name)
-        return names
+    def last_write(self, contributor_id: str, upload_id: str) -> float:
+        """When bytes of this upload were last staged (epoch seconds; 0 if none are)."""
+        folder = self._folder(contributor_id, upload_id)
+        times = [0.0]
+        for path in (folder, *folder.glob("*")) if folder.exists() else ():
+            try:
+                times.append(path.stat().st_mtime)
+            except FileNotFoundError:
+                continue
+        return max(times)
 
     def discard(self, contributor_id: str, upload_id: str) -> None:
-        """Remove the staging file of an abandoned upload."""
-        part = self._part(contributor_id, upload_id)
-        part.unlink(missing_ok=True)
-        shutil.rmtree(part.with_suffix(".d"), ignore_errors=True)
+        """Remove the staged files of an abandoned upload."""
+        with self._lock(contributor_id, upload_id):
+            self._drop(contributor_id, upload_id)
 
 
 def _dp_dict(checked: ValidatedExpert) -> dict[str, object] | None:

@@ -9,6 +9,7 @@ import shutil
 import socket
 import struct
 import threading
+import time
 from pathlib import Path
 
 import grpc
@@ -25,6 +26,7 @@ from moerge.expert_format import (
     STATISTICS_TENSORS,
 )
 from moerge.v1 import contributor_pb2, contributor_pb2_grpc
+from tests.coordinator.conftest import coordinator_config
 from tests.coordinator.harness import BackgroundCoordinator
 from tests.coordinator.snapshot import snapshot
 from tests.coordinator.test_server import enroll
@@ -132,6 +134,10 @@ class CuttingProxy:
         try:
             while data := source.recv(65536):
                 if limit is not None and sent + len(data) > limit:
+                    sink.sendall(data[: limit - sent])  # what got through before the cut
+                    if record:
+                        self.client_bytes.extend(data[: limit - sent])
+                    time.sleep(0.2)  # let the peer read it: a reset discards unread bytes
                     self.cuts += 1
                     for s in (source, sink):  # RST, not a clean close
                         s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
@@ -181,6 +187,96 @@ def test_upload_resumes_from_the_coordinators_offset_after_a_cut_connection(
         )
         >= 1
     )
+
+
+def _cut_half_way(coordinator: BackgroundCoordinator, target: Target, expert: Path) -> int:
+    """Send part of the expert, then lose the connection for good; return the bytes held.
+
+    The cut comes after as many bytes as the expert has; headers and framing ride in them.
+    """
+    total = sum(f.size for f in describe_files(expert))
+    proxy = CuttingProxy(coordinator.address, cut_after=total)
+    try:
+        with pytest.raises(grpc.RpcError):
+            upload_expert(
+                Target(address=proxy.address, token=target.token),
+                expert,
+                "restarted",
+                "toy",
+                chunk_size=1024,
+                max_attempts=1,
+                progress=False,
+            )
+    finally:
+        proxy.close()
+    manifest = make_manifest(describe_files(expert), "restarted", "toy", "")
+    contributor = coordinator.state.registry.authenticate(target.token).contributor_id
+    return coordinator.state.uploads.status(contributor, manifest.upload_id).received_bytes
+
+
+def test_upload_resumes_after_a_coordinator_restart(
+    tmp_path: Path, tiny_bert: Path, db_url: str, expert: Path
+) -> None:
+    config = coordinator_config(tmp_path / "data", tiny_bert, db_url)
+    with BackgroundCoordinator(config) as first:
+        target = _target(first)
+        held = _cut_half_way(first, target, expert)
+    assert 0 < held < sum(f.size for f in describe_files(expert))
+    with BackgroundCoordinator(config) as restarted:
+        again = Target(address=restarted.address, token=target.token)
+        manifest = make_manifest(describe_files(expert), "restarted", "toy", "")
+        with grpc.insecure_channel(restarted.address) as ch:
+            status = contributor_pb2_grpc.ContributorServiceStub(ch).GetUploadStatus(
+                contributor_pb2.GetUploadStatusRequest(upload_id=manifest.upload_id),
+                metadata=again.metadata(),
+            )
+        assert status.received_bytes == held  # re-hashed from the staged files, not resent
+        response = upload_expert(again, expert, "restarted", "toy", progress=False)
+        assert response.created
+        for f in response.expert.files:
+            assert restarted.state.blobs.verify(f.sha256)
+
+
+def test_staged_bytes_corrupted_while_the_coordinator_was_down_fail_the_upload(
+    tmp_path: Path, tiny_bert: Path, db_url: str, expert: Path
+) -> None:
+    config = coordinator_config(tmp_path / "data", tiny_bert, db_url)
+    with BackgroundCoordinator(config) as first:
+        target = _target(first)
+        assert _cut_half_way(first, target, expert) > 0
+    staged = next(
+        p
+        for p in (tmp_path / "data" / "uploads").rglob("*")
+        if p.is_file() and p.stat().st_size > 0
+    )
+    data = bytearray(staged.read_bytes())
+    data[0] ^= 0xFF
+    staged.write_bytes(bytes(data))
+    with BackgroundCoordinator(config) as restarted:
+        again = Target(address=restarted.address, token=target.token)
+        with pytest.raises(grpc.RpcError) as err:
+            upload_expert(again, expert, "restarted", "toy", progress=False)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "sha256 or size does not match" in err.value.details()
+        assert restarted.state.registry.list_experts().items == ()
+
+
+def test_bfloat16_weights_are_checked_for_inf_and_accepted_when_finite(
+    coordinator: BackgroundCoordinator, expert: Path
+) -> None:
+    target = _target(coordinator)
+    weights = load_file(str(expert / ADAPTER_WEIGHTS))
+    half = {k: v.to(torch.bfloat16) for k, v in weights.items()}
+    key = next(k for k in half if "lora_B" in k)
+    half[key][-1, -1] = float("inf")
+    save_file(half, str(expert / ADAPTER_WEIGHTS))
+    with pytest.raises(grpc.RpcError) as err:
+        upload_expert(target, expert, "half", "toy", progress=False)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert f"tensor {key!r} holds NaN or Inf" in err.value.details()
+    half[key][-1, -1] = 0.5
+    save_file(half, str(expert / ADAPTER_WEIGHTS))
+    assert upload_expert(target, expert, "half", "toy", progress=False).created
 
 
 def _pickle_payload(path: Path) -> None:
@@ -256,5 +352,5 @@ def test_invalid_experts_are_refused_by_name_and_leave_nothing_behind(
     after = snapshot(coordinator.state)
     assert after["blobs"] == before["blobs"]
     assert coordinator.state.registry.list_experts().items == ()
-    staged = list((Path(coordinator.config.data_dir) / "uploads").rglob("*.part"))
+    staged = [p for p in (Path(coordinator.config.data_dir) / "uploads").rglob("*") if p.is_file()]
     assert staged == []

@@ -5,11 +5,15 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -285,3 +289,53 @@ def test_iter_blobs_ignores_stray_files(store: BlobStore) -> None:
     (store.root / "sha256" / "zz").mkdir()
     (store.root / "sha256" / ref.sha256[:2] / "notes.txt").write_text("stray")
     assert visible_blobs(store) == [ref.sha256]
+
+
+def test_adopt_links_a_private_file_into_place_without_copying(
+    store: BlobStore, tmp_path: Path
+) -> None:
+    staged = tmp_path / "staged.bin"
+    staged.write_bytes(b"weights streamed in" * 1000)
+    digest = sha(staged.read_bytes())
+    old = time.time() - 3600
+    os.utime(staged, (old, old))  # staged long ago, e.g. an upload resumed the next day
+    ref = store.adopt(staged, digest, staged.stat().st_size)
+    assert ref == BlobRef(digest, staged.stat().st_size)
+    assert os.path.samefile(store.path(digest), staged)  # a hard link, not a copy
+    assert store.verify(digest)
+    assert temp_files(store) == []
+    # a fresh mtime: a sweep with an age margin spares it until the registry references it
+    assert store.gc(referenced=[], min_age_seconds=60).removed == 0
+
+
+def test_adopt_refuses_a_size_that_does_not_match_and_stores_nothing(
+    store: BlobStore, tmp_path: Path
+) -> None:
+    staged = tmp_path / "staged.bin"
+    staged.write_bytes(b"short")
+    with pytest.raises(BlobMismatch):
+        store.adopt(staged, sha(b"short"), 6)
+    assert visible_blobs(store) == [] and temp_files(store) == []
+
+
+@pytest.mark.skipif(not Path("/dev/shm").is_dir(), reason="needs a second filesystem")
+def test_adopt_from_another_filesystem_copies_and_verifies_the_digest(store: BlobStore) -> None:
+    with tempfile_on_shm() as staged:
+        staged.write_bytes(b"on tmpfs")
+        if os.stat(staged).st_dev == os.stat(store.root).st_dev:
+            pytest.skip("/dev/shm is on the store's filesystem here")
+        with pytest.raises(BlobMismatch):
+            store.adopt(staged, sha(b"something else"), staged.stat().st_size)
+        assert visible_blobs(store) == [] and temp_files(store) == []
+        ref = store.adopt(staged, sha(b"on tmpfs"), staged.stat().st_size)
+        assert store.read_bytes(ref.sha256) == b"on tmpfs"
+        assert not os.path.samefile(store.path(ref.sha256), staged)
+
+
+@contextmanager
+def tempfile_on_shm() -> Iterator[Path]:
+    folder = Path(tempfile.mkdtemp(dir="/dev/shm"))
+    try:
+        yield folder / "staged.bin"
+    finally:
+        shutil.rmtree(folder)
