@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from safetensors.numpy import load_file as load_numpy
 
 from moerge.coordinator.base_model import BaseModelSpec
 from moerge.expert_format import (
@@ -33,11 +32,15 @@ from moerge.expert_format import (
     StatisticsMeta,
 )
 from moerge.storage.errors import InvalidArgument
+from moerge.storage.registry import MAX_LIST_ITEMS
+from moerge.storage.validation import check_int, check_string_list, check_text
 
 MAX_HEADER_BYTES = 16 * 1024 * 1024
 MAX_JSON_BYTES = 1024 * 1024
 MAX_COVARIANCE_RANK = 256
 MAX_LABELS = 10_000
+MAX_LABEL_CHARS = 256
+MAX_EXAMPLE_COUNT = 2**62  # a BIGINT column
 DTYPE_SIZES = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8}
 HEAD_NAMES = ("classifier", "score")
 _LORA_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<which>[AB])\.weight$")
@@ -123,12 +126,53 @@ def read_safetensors_header(path: Path, max_bytes: int) -> dict[str, Any]:
     return header
 
 
+# safetensors dtype -> (numpy float type or None for BF16, same-width uint, exponent bits)
+_FLOAT_BITS = {
+    "F16": ("<f2", "<u2", 0x7C00),
+    "BF16": (None, "<u2", 0x7F80),
+    "F32": ("<f4", "<u4", 0x7F800000),
+    "F64": ("<f8", "<u8", 0x7FF0000000000000),
+}
+_CHECK_BLOCK = 1 << 20  # elements per NaN/Inf check, in two reused scratch arrays
+
+
+def _all_finite(bits: np.ndarray, exponent: int) -> bool:
+    """No element has an all-ones exponent (the only encodings of NaN and Inf)."""
+    flat = bits.reshape(-1)
+    mask = flat.dtype.type(exponent)
+    masked = np.empty(min(_CHECK_BLOCK, flat.size), flat.dtype)
+    hits = np.empty(masked.size, np.bool_)
+    for start in range(0, flat.size, _CHECK_BLOCK):
+        block = flat[start : start + _CHECK_BLOCK]
+        np.bitwise_and(block, mask, out=masked[: block.size])
+        if np.equal(masked[: block.size], mask, out=hits[: block.size]).any():
+            return False
+    return True
+
+
 def _load_tensors(path: Path, max_bytes: int) -> dict[str, np.ndarray]:
-    read_safetensors_header(path, max_bytes)
-    tensors = load_numpy(str(path))
-    for key, value in tensors.items():
-        if value.size and not np.isfinite(value.astype(np.float32)).all():
+    """Memory-map the tensors once the header passed (no copy of a large adapter) and refuse
+    NaN/Inf with a vectorised bit test. BF16 tensors are widened to float32."""
+    header = read_safetensors_header(path, max_bytes)
+    with open(path, "rb") as handle:
+        data_start = 8 + struct.unpack("<Q", handle.read(8))[0]
+    if path.stat().st_size > data_start:
+        buffer = np.memmap(path, np.uint8, "r", offset=data_start)
+    else:
+        buffer = np.empty(0, np.uint8)
+    tensors = {}
+    for key, entry in header.items():
+        if key == "__metadata__":
+            continue
+        float_type, uint_type, exponent = _FLOAT_BITS[entry["dtype"]]
+        begin, end = entry["data_offsets"]
+        bits = buffer[begin:end].view(uint_type).reshape(entry["shape"])
+        if not _all_finite(bits, exponent):
             raise ExpertInvalid(path.name, f"tensor {key!r} holds NaN or Inf")
+        if float_type is None:
+            tensors[key] = (bits.astype("<u4") << 16).view("<f4")
+        else:
+            tensors[key] = bits.view(float_type)
     return tensors
 
 
@@ -137,7 +181,7 @@ def _load_json(path: Path) -> Any:
         raise ExpertInvalid(path.name, f"larger than {MAX_JSON_BYTES} bytes")
     try:
         return json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise ExpertInvalid(path.name, f"not valid JSON ({exc.__class__.__name__})") from None
 
 
@@ -166,7 +210,7 @@ def check_adapter_config(raw: Any, spec: BaseModelSpec) -> tuple[int, float, lis
     if not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
         raise ExpertInvalid(ADAPTER_CONFIG, "lora_alpha must be a positive number")
     targets = raw.get("target_modules")
-    if isinstance(targets, str) or not isinstance(targets, list) or not targets:
+    if not isinstance(targets, list) or not targets or not all(isinstance(t, str) for t in targets):
         raise ExpertInvalid(ADAPTER_CONFIG, "target_modules must be a non-empty list of names")
     unknown = sorted({t for t in targets if t not in spec.allowed_targets})
     if unknown:
@@ -274,6 +318,20 @@ def check_statistics(
         raise ExpertInvalid(STATISTICS_META, "gate_modules does not list the gate tensors")
 
 
+def check_dp_record(noise_std: object, mechanism: object) -> None:
+    """The DP fields the registry stores as JSON: finite, non-negative noise scales by name."""
+    if not isinstance(noise_std, dict) or not all(
+        isinstance(k, str)
+        and isinstance(v, (int, float))
+        and not isinstance(v, bool)
+        and math.isfinite(v)
+        and v >= 0
+        for k, v in noise_std.items()
+    ):
+        raise InvalidArgument("dp.noise_std", "must map names to finite numbers >= 0")
+    check_text("dp.mechanism", mechanism, 64, multiline=False)
+
+
 def validate_expert_dir(root: Path, spec: BaseModelSpec, max_bytes: int) -> ValidatedExpert:
     """Validate the four files of an expert folder against the base model."""
     present = sorted(p.name for p in root.iterdir())
@@ -291,6 +349,13 @@ def validate_expert_dir(root: Path, spec: BaseModelSpec, max_bytes: int) -> Vali
         raise ExpertInvalid(STATISTICS_META, "trained against a different base model revision")
     if len(meta.label_names) > MAX_LABELS:
         raise ExpertInvalid(STATISTICS_META, f"more than {MAX_LABELS} labels")
+    try:  # what the registry will store must pass its checks before any blob is written
+        check_string_list("label_names", meta.label_names, MAX_LIST_ITEMS, MAX_LABEL_CHARS)
+        check_int("example_count", meta.example_count, minimum=1, maximum=MAX_EXAMPLE_COUNT)
+        if meta.dp is not None:
+            check_dp_record(meta.dp.noise_std, meta.dp.mechanism)
+    except InvalidArgument as exc:
+        raise ExpertInvalid(STATISTICS_META, str(exc)) from None
     if spec.task_type == "classification" and len(meta.label_names) < 2:
         raise ExpertInvalid(STATISTICS_META, "a classification expert needs >= 2 label_names")
     rank, _alpha, targets = check_adapter_config(_load_json(root / ADAPTER_CONFIG), spec)

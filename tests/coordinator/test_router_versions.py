@@ -1,4 +1,4 @@
-"""Router versions at the coordinator: failed fits keep the old router; changes trigger refits."""
+"""Router versions at the coordinator: refused fits keep the old router; changes trigger refits."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ def _upload(running: BackgroundCoordinator, tiny_bert: Path, tmp: Path, count: i
         upload_expert(target, folder, f"expert{i}", f"task{i}", progress=False)
 
 
-def test_a_failed_fit_is_recorded_and_the_previous_router_stays_active(
+def test_a_fit_refused_for_its_params_records_nothing_and_the_previous_router_stays_active(
     tmp_path: Path, tiny_bert: Path
 ) -> None:
     with BackgroundCoordinator(coordinator_config(tmp_path / "d", tiny_bert)) as running:
@@ -35,15 +35,16 @@ def test_a_failed_fit_is_recorded_and_the_previous_router_stays_active(
             admin = admin_pb2_grpc.AdminServiceStub(channel)
             auth = bearer(running.admin_token())
             good = admin.TrainRouter(admin_pb2.TrainRouterRequest(method="lda"), metadata=auth)
-            with pytest.raises(grpc.RpcError) as err:
-                admin.TrainRouter(admin_pb2.TrainRouterRequest(
-                    method="lda", params_json='{"no_such_parameter": 1}'), metadata=auth)
-            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-            assert "no_such_parameter" in err.value.details()
+            for params, named in (('{"no_such_parameter": 1}', "no_such_parameter"),
+                                  ('{"top_k": 5}', "top_k")):
+                with pytest.raises(grpc.RpcError) as err:
+                    admin.TrainRouter(admin_pb2.TrainRouterRequest(
+                        method="lda", params_json=params), metadata=auth)
+                assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+                assert named in err.value.details()
             versions = admin.ListRouterVersions(admin_pb2.ListRouterVersionsRequest(),
                                                 metadata=auth).versions
-        failed = [v for v in versions if v.status == "failed"]
-        assert len(failed) == 1 and "no_such_parameter" in failed[0].error
+        assert [v.version for v in versions] == [good.version]
         assert [v.version for v in versions if v.active] == [good.version]
         assert running.state.routers.active.version.version == good.version
 

@@ -1,0 +1,149 @@
+"""One test per defect the fuzzers found, named after the behaviour that is now guaranteed."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import grpc
+import pytest
+
+from moerge.expert_format import ADAPTER_CONFIG, STATISTICS_META
+from moerge.v1 import admin_pb2, admin_pb2_grpc, contributor_pb2, inference_pb2
+from tests.fuzz.conftest import FuzzServer
+from tests.fuzz.files import Upload, load_valid
+from tests.fuzz.oracle import check_alive, only_upload_bookkeeping
+from tests.fuzz.test_upload_fuzz import send_over_grpc
+
+
+def _edited(server: FuzzServer, name: str, edit) -> Upload:
+    valid = load_valid(server.expert_dir)
+    raw = json.loads(dict(valid.files)[name])
+    data = edit(raw)
+    data = data if isinstance(data, bytes) else json.dumps(data).encode()
+    files = tuple((n, data if n == name else d) for n, d in valid.files)
+    return replace(valid, files=files, label=f"edited {name}")
+
+
+def _refused_leaving_nothing(server: FuzzServer, upload: Upload) -> str:
+    before = server.snapshot()
+    refusal = send_over_grpc(server, upload)
+    after = server.snapshot()
+    check_alive(server.channel)
+    assert refusal is not None, "the upload was accepted"
+    code, message = refusal
+    assert code == grpc.StatusCode.INVALID_ARGUMENT, (code, message)
+    assert only_upload_bookkeeping(before, after), before.changes(after)
+    assert after.blobs == before.blobs
+    return message
+
+
+def test_router_params_that_do_not_fit_the_method_are_refused_before_a_version_is_recorded(
+    fuzz_server: FuzzServer,
+) -> None:
+    before = fuzz_server.snapshot()
+    with pytest.raises(grpc.RpcError) as err:
+        admin_pb2_grpc.AdminServiceStub(fuzz_server.channel).TrainRouter(
+            admin_pb2.TrainRouterRequest(method="centroid", rounds=1),
+            metadata=fuzz_server.admin,
+        )
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "rounds" in err.value.details()
+    assert fuzz_server.snapshot() == before
+
+
+@pytest.mark.parametrize(
+    ("path", "payload"),
+    [
+        ("/moerge.v1.InferenceService/Predict", b"\n\tgood fil"),  # a string cut short
+        ("/moerge.v1.AdminService/ListExperts", b"\x08" + b"\xff" * 10),  # a varint too long
+    ],
+)
+def test_request_bytes_that_do_not_parse_are_invalid_argument(
+    fuzz_server: FuzzServer, path: str, payload: bytes
+) -> None:
+    metadata = fuzz_server.admin if "Admin" in path else fuzz_server.contributor
+    with pytest.raises(grpc.RpcError) as err:
+        fuzz_server.channel.unary_unary(path)(payload, metadata=metadata, timeout=30)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "not a valid moerge.v1." in err.value.details()
+    check_alive(fuzz_server.channel)
+
+
+def test_an_upload_stream_with_a_message_that_does_not_parse_is_invalid_argument(
+    fuzz_server: FuzzServer,
+) -> None:
+    good = contributor_pb2.UploadExpertRequest(
+        manifest=contributor_pb2.UploadManifest(upload_id="x")
+    ).SerializeToString()
+    with pytest.raises(grpc.RpcError) as err:
+        fuzz_server.channel.stream_unary("/moerge.v1.ContributorService/UploadExpert")(
+            iter([b"\x0a\x05ab", good]), metadata=fuzz_server.contributor, timeout=30
+        )
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    check_alive(fuzz_server.channel)
+    # and a well-formed request on the same server still works
+    response = fuzz_server.channel.unary_unary(
+        "/moerge.v1.InferenceService/Route",
+        request_serializer=inference_pb2.RouteRequest.SerializeToString,
+        response_deserializer=inference_pb2.RouteResponse.FromString,
+    )(inference_pb2.RouteRequest(inputs=["good film"]), metadata=fuzz_server.contributor)
+    assert len(response.decisions) == 1
+
+
+def test_non_string_target_modules_are_refused_as_invalid_argument(
+    fuzz_server: FuzzServer,
+) -> None:
+    upload = _edited(fuzz_server, ADAPTER_CONFIG, lambda c: {**c, "target_modules": [None, 3]})
+    assert "target_modules" in _refused_leaving_nothing(fuzz_server, upload)
+
+
+def test_an_example_count_beyond_the_database_column_is_refused_before_any_blob_is_stored(
+    fuzz_server: FuzzServer,
+) -> None:
+    upload = _edited(fuzz_server, STATISTICS_META, lambda m: {**m, "example_count": 2**70})
+    assert "example_count" in _refused_leaving_nothing(fuzz_server, upload)
+
+
+@pytest.mark.parametrize(
+    "labels", [["neg\x00", "pos"], ["a" * 300, "pos"], [f"l{i}" for i in range(5000)]]
+)
+def test_label_names_the_registry_would_refuse_are_refused_before_any_blob_is_stored(
+    fuzz_server: FuzzServer, labels: list[str]
+) -> None:
+    def edit(meta: dict) -> dict:
+        return {**meta, "label_names": labels, "label_counts": [1] * len(labels)}
+
+    upload = _edited(fuzz_server, STATISTICS_META, edit)
+    assert "label_names" in _refused_leaving_nothing(fuzz_server, upload)
+
+
+@pytest.mark.parametrize("name", [ADAPTER_CONFIG, STATISTICS_META])
+def test_deeply_nested_json_is_refused_as_invalid_json(fuzz_server: FuzzServer, name: str) -> None:
+    upload = _edited(fuzz_server, name, lambda _: b"[" * 100_000 + b"]" * 100_000)
+    assert "not valid JSON" in _refused_leaving_nothing(fuzz_server, upload)
+
+
+@pytest.mark.parametrize("noise_std", [{"embedding.mean": float("nan")}, [1.0], {"m": "x"}])
+def test_dp_noise_that_the_registry_cannot_store_is_refused_before_any_blob_is_stored(
+    fuzz_server: FuzzServer, noise_std: object
+) -> None:
+    dp = {"epsilon": 1.0, "delta": 1e-5, "clip_norm": 1.0, "noise_std": noise_std}
+    upload = _edited(fuzz_server, STATISTICS_META, lambda m: {**m, "dp": dp})
+    assert "dp" in _refused_leaving_nothing(fuzz_server, upload)
+
+
+def test_a_router_asking_for_more_experts_than_are_active_is_refused_before_a_version_is_recorded(
+    fuzz_server: FuzzServer,
+) -> None:
+    before = fuzz_server.snapshot()
+    with pytest.raises(grpc.RpcError) as err:  # one active expert
+        admin_pb2_grpc.AdminServiceStub(fuzz_server.channel).TrainRouter(
+            admin_pb2.TrainRouterRequest(
+                method="phatgoose", params_json='{"top_k": 2}', no_activate=True
+            ),
+            metadata=fuzz_server.admin,
+        )
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "top_k" in err.value.details()
+    assert fuzz_server.snapshot() == before
