@@ -15,6 +15,7 @@ from typing import Any
 
 import grpc
 
+from moerge.coordinator.errors import status_for
 from moerge.storage.records import Principal
 
 PUBLIC_METHODS = frozenset(
@@ -81,7 +82,10 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         if handler is None or roles is None:
             return handler
         token = bearer_token(handler_call_details.invocation_metadata)
-        principal = await asyncio.to_thread(self._authenticate, token) if token else None
+        try:
+            principal = await asyncio.to_thread(self._authenticate, token) if token else None
+        except Exception as exc:  # e.g. the database is down: UNAVAILABLE, not UNKNOWN
+            return _rejecting(handler, *status_for(exc))
         if principal is None:
             return _rejecting(
                 handler, grpc.StatusCode.UNAUTHENTICATED, "missing, unknown or revoked credential"

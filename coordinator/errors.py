@@ -28,6 +28,10 @@ STATUS_BY_ERROR: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
 )
 
 
+# No space left, over quota, or over the file-size limit (RLIMIT_FSIZE): all "disk full".
+DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+
+
 class ResourceExhausted(Exception):
     """A quota or rate limit was hit (uploads per contributor, disk space)."""
 
@@ -40,8 +44,11 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
             return code, str(exc)
     if isinstance(exc, ResourceExhausted):
         return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
-    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return grpc.StatusCode.RESOURCE_EXHAUSTED, "the coordinator's storage is full"
+    if isinstance(exc, OSError) and exc.errno in DISK_FULL:
+        return (
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            "the coordinator is out of disk space (its storage is full); try again later",
+        )
     if isinstance(exc, UnknownExpert):
         return grpc.StatusCode.NOT_FOUND, str(exc)
     if isinstance(exc, (ValueError, LookupError)) and getattr(exc, "grpc_visible", False):
