@@ -8,9 +8,10 @@ from __future__ import annotations
 from typing import Any
 
 from moerge.coordinator import convert
+from moerge.coordinator.rate_limit import UploadLimiter
 from moerge.coordinator.state import CoordinatorState
 from moerge.coordinator.uploads import UPLOAD_ID, Manifest, ManifestFile
-from moerge.storage.errors import InvalidArgument
+from moerge.storage.errors import InvalidArgument, NotFound
 from moerge.storage.records import Principal
 from moerge.v1 import contributor_pb2
 
@@ -61,23 +62,34 @@ def list_my_experts(
 class UploadSession:
     """One UploadExpert stream: a manifest, then chunks at increasing offsets."""
 
-    def __init__(self, state: CoordinatorState, principal: Principal) -> None:
+    def __init__(
+        self, state: CoordinatorState, principal: Principal, limits: UploadLimiter | None = None
+    ) -> None:
         self.state = state
         self.principal = principal
+        self.limits = limits
         self.manifest: Manifest | None = None
         self.offset = 0
 
-    def receive(self, message: contributor_pb2.UploadExpertRequest) -> None:
+    def receive(self, message: contributor_pb2.UploadExpertRequest) -> float:
+        """Handle one message; return how long to pause before the next (upload pacing, s)."""
         kind = message.WhichOneof("kind")
+        delay = 0.0
         if kind == "manifest":
             if self.manifest is not None:
                 raise InvalidArgument("manifest", "sent twice in one stream")
             self.manifest = _manifest(message.manifest)
+            if self.limits is not None and self.limits.uploads_per_hour:
+                self.manifest.check(self.state.config.max_upload_bytes)  # count only valid ones
+                if self._is_new(self.manifest.upload_id):
+                    self.limits.start_upload(self.principal.contributor_id)
             info = self.state.uploads.start(self.principal.contributor_id, self.manifest)
             self.offset = info.received_bytes
         elif kind == "chunk":
             if self.manifest is None:
                 raise InvalidArgument("manifest", "the first message must be a manifest")
+            if self.limits is not None:
+                delay = self.limits.receive(self.principal.contributor_id, len(message.chunk.data))
             self.offset = self.state.uploads.append(
                 self.principal.contributor_id,
                 self.manifest.upload_id,
@@ -86,6 +98,14 @@ class UploadSession:
             )
         else:
             raise InvalidArgument("kind", "empty UploadExpertRequest")
+        return delay
+
+    def _is_new(self, upload_id: str) -> bool:
+        try:
+            self.state.registry.get_upload(self.principal.contributor_id, upload_id)
+        except NotFound:
+            return True
+        return False
 
     def finish(self) -> contributor_pb2.UploadExpertResponse:
         if self.manifest is None:

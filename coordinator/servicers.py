@@ -16,6 +16,7 @@ import grpc
 from moerge.coordinator import admin_handler, contributor_handler, inference_handler
 from moerge.coordinator.auth import current_principal
 from moerge.coordinator.errors import status_for
+from moerge.coordinator.rate_limit import UploadLimiter
 from moerge.coordinator.state import CoordinatorState
 from moerge.v1 import (
     admin_pb2,
@@ -51,6 +52,7 @@ async def _serve(
 class ContributorServicer(contributor_pb2_grpc.ContributorServiceServicer):
     def __init__(self, state: CoordinatorState) -> None:
         self.state = state
+        self.limits = UploadLimiter.from_config(state.config)
 
     async def Join(self, request: contributor_pb2.JoinRequest, context: Any) -> Any:
         return await _serve(
@@ -69,16 +71,25 @@ class ContributorServicer(contributor_pb2_grpc.ContributorServiceServicer):
     async def UploadExpert(
         self, request_iterator: AsyncIterator[contributor_pb2.UploadExpertRequest], context: Any
     ) -> contributor_pb2.UploadExpertResponse:
-        """A manifest, then chunks; every step is a plain handler call."""
+        """A manifest, then chunks; every step is a plain handler call.
+
+        A paced upload (``upload_bytes_per_second``) waits here, on the event loop, not in a
+        worker thread; a refused one gets ``retry-after`` (seconds) in its trailing metadata.
+        """
         principal = current_principal()
-        upload = contributor_handler.UploadSession(self.state, principal)
+        limits = self.limits if self.limits.enabled else None
+        upload = contributor_handler.UploadSession(self.state, principal, limits)
         try:
             async for message in request_iterator:
-                await asyncio.to_thread(upload.receive, message)
+                pause = await asyncio.to_thread(upload.receive, message)
+                if pause:
+                    await asyncio.sleep(pause)
             return await asyncio.to_thread(upload.finish)
         except Exception as exc:
             code, message = status_for(exc)
-            await context.abort(code, message)
+            retry_after = getattr(exc, "retry_after_seconds", None)
+            trailers = (("retry-after", str(retry_after)),) if retry_after else ()
+            await context.abort(code, message, trailing_metadata=trailers)
             raise
 
 

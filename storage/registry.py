@@ -9,7 +9,7 @@ audit entry in the same transaction; a method that refuses a call raises a
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 from typing import Any, cast
@@ -89,6 +89,8 @@ LAST_USED_RESOLUTION = timedelta(seconds=60)
 
 MAX_TEXT = 4096
 MAX_REASON = 1024
+#: The audit log's actor for experts quarantined by the admission hook (consistency checks).
+ADMISSION_ACTOR = "system:consistency"
 MAX_LIST_ITEMS = 4096
 MAX_FILES = 64
 # Compared against when a token id is unknown, so that unknown ids take as long as known ones.
@@ -111,6 +113,9 @@ class Registry:
         self._blobs = blobs
         self._read_sessions = sessionmaker(engine, expire_on_commit=False)
         self._write_sessions = sessionmaker(for_writing(engine), expire_on_commit=False)
+        #: Set by the coordinator: why a new expert must start quarantined ("" = admit it).
+        #: Called before the registering transaction, so it may read the registry.
+        self.admission: Callable[[str, NewExpert], str] | None = None
 
     # -- transactions ---------------------------------------------------------------------
 
@@ -424,12 +429,24 @@ class Registry:
         actor = _check_actor(actor)
         contributor_id = check_id("contributor_id", contributor_id)
         _check_new_expert(spec)
+        quarantine = self._admission_reason(contributor_id, spec)
         with self._write() as session:
-            return self._register(session, actor, contributor_id, spec)
+            return self._register(session, actor, contributor_id, spec, quarantine)
+
+    def _admission_reason(self, contributor_id: str, spec: NewExpert) -> str:
+        if self.admission is None:
+            return ""
+        return _truncate(self.admission(contributor_id, spec))[:MAX_REASON]
 
     def _register(
-        self, session: Session, actor: str, contributor_id: str, spec: NewExpert
+        self,
+        session: Session,
+        actor: str,
+        contributor_id: str,
+        spec: NewExpert,
+        quarantine: str = "",
     ) -> tuple[ExpertInfo, bool]:
+        """Insert the expert; with a ``quarantine`` reason it starts quarantined, not active."""
         # The row lock serialises registrations by one contributor on PostgreSQL, so two
         # concurrent uploads cannot both pick the same next version (SQLite: BEGIN IMMEDIATE).
         contributor = session.get(Contributor, contributor_id, with_for_update=True)
@@ -465,8 +482,8 @@ class Registry:
             task_name=spec.task_name,
             task_description=spec.task_description,
             task_type=spec.task_type,
-            state="active",
-            state_reason="",
+            state="quarantined" if quarantine else "active",
+            state_reason=quarantine,
             base_model_id=spec.base_model_id,
             lora_rank=spec.lora_rank,
             target_modules=list(spec.target_modules),
@@ -506,6 +523,15 @@ class Registry:
                 "content_sha256": digest,
             },
         )
+        if quarantine:
+            self._audit(
+                session,
+                ADMISSION_ACTOR,
+                "expert.set_state",
+                "expert",
+                expert.id,
+                {"from": "new", "to": "quarantined", "reason": quarantine},
+            )
         return _expert_info(expert), True
 
     def _require_blob(self, what: str, ref: BlobRef) -> None:
@@ -748,6 +774,7 @@ class Registry:
         """
         actor = _check_actor(actor)
         _check_new_expert(spec)
+        quarantine = self._admission_reason(contributor_id, spec)
         with self._write() as session:
             upload = _get_upload(session, contributor_id, upload_id)
             if upload.state == "committed":
@@ -759,7 +786,7 @@ class Registry:
                 return _expert_info(expert), False
             if upload.state != "receiving":
                 raise FailedPrecondition(f"upload {upload_id!r} is {upload.state}, not receiving")
-            info, created = self._register(session, actor, contributor_id, spec)
+            info, created = self._register(session, actor, contributor_id, spec, quarantine)
             upload.state = "committed"
             upload.expert_id = info.id
             upload.received_bytes = upload.total_bytes

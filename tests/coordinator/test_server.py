@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import io
+import json
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -13,6 +16,9 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from moerge.contributor_client.connection import Target
+from moerge.contributor_client.upload import describe_files, make_manifest, upload_expert
+from moerge.coordinator.logs import JsonFormatter
 from moerge.v1 import (
     admin_pb2,
     admin_pb2_grpc,
@@ -25,6 +31,7 @@ from moerge.v1 import (
 from tests.coordinator.conftest import coordinator_config
 from tests.coordinator.harness import BackgroundCoordinator, bearer
 from tests.coordinator.snapshot import snapshot
+from tests.experts import make_expert_dir
 
 
 def enroll(address: str, admin_token: str, name: str) -> tuple[str, str]:
@@ -410,3 +417,129 @@ def test_admin_token_is_minted_once_and_never_logged(
     rows = again.state.registry.list_audit(page_size=1000).items
     assert all(token not in str(r.details) for r in rows)
     assert hashlib.sha256(token.encode()).hexdigest() not in printed
+
+
+def test_a_contributor_cannot_reach_another_contributors_uploads_or_experts(
+    coordinator: BackgroundCoordinator, tiny_bert: Path, tmp_path: Path
+) -> None:
+    """The "other contributor" row of the auth matrix: upload ids are per contributor, and a
+    contributor's credential opens no admin RPC on anyone's expert."""
+    admin = coordinator.admin_token()
+    _, alice = enroll(coordinator.address, admin, "alice")
+    _, bob = enroll(coordinator.address, admin, "bob")
+    bobs_target = Target(address=coordinator.address, token=bob)
+    bobs_expert = upload_expert(
+        bobs_target,
+        make_expert_dir(tiny_bert, tmp_path / "done", seed=1),
+        "done",
+        "t",
+        progress=False,
+    ).expert.expert_id
+    files = describe_files(make_expert_dir(tiny_bert, tmp_path / "half", seed=2))
+    manifest = make_manifest(files, "half", "t", "")
+    first = files[0].path.read_bytes()
+    half = [
+        contributor_pb2.UploadExpertRequest(manifest=manifest),
+        contributor_pb2.UploadExpertRequest(
+            chunk=contributor_pb2.UploadChunk(offset=0, data=first)
+        ),
+    ]
+    status_request = contributor_pb2.GetUploadStatusRequest(upload_id=manifest.upload_id)
+    with grpc.insecure_channel(coordinator.address) as ch:
+        contributor = contributor_pb2_grpc.ContributorServiceStub(ch)
+        with pytest.raises(grpc.RpcError) as unfinished:
+            contributor.UploadExpert(iter(half), metadata=bearer(bob))
+        assert unfinished.value.code() == grpc.StatusCode.FAILED_PRECONDITION  # "send the rest"
+        before = contributor.GetUploadStatus(status_request, metadata=bearer(bob))
+        assert before.received_bytes == len(first)
+
+        with pytest.raises(grpc.RpcError) as hidden:
+            contributor.GetUploadStatus(status_request, metadata=bearer(alice))
+        assert hidden.value.code() == grpc.StatusCode.NOT_FOUND
+        # Alice naming Bob's upload id gets an upload of her own, which holds none of his bytes.
+        resume_bobs = [
+            half[0],
+            contributor_pb2.UploadExpertRequest(
+                chunk=contributor_pb2.UploadChunk(offset=len(first), data=b"x" * 16)
+            ),
+        ]
+        with pytest.raises(grpc.RpcError) as own:
+            contributor.UploadExpert(iter(resume_bobs), metadata=bearer(alice))
+        assert own.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "resume from 0" in own.value.details()
+        assert contributor.GetUploadStatus(status_request, metadata=bearer(bob)) == before
+        mine = contributor.ListMyExperts(
+            contributor_pb2.ListMyExpertsRequest(), metadata=bearer(alice)
+        )
+        assert list(mine.experts) == []
+
+        admin_stub = admin_pb2_grpc.AdminServiceStub(ch)
+        on_bobs_expert = [
+            (admin_stub.GetExpert, admin_pb2.GetExpertRequest(expert_id=bobs_expert)),
+            (
+                admin_stub.SetExpertState,
+                admin_pb2.SetExpertStateRequest(
+                    expert_id=bobs_expert, state=common_pb2.EXPERT_STATE_RETIRED
+                ),
+            ),
+            (admin_stub.DeleteExpert, admin_pb2.DeleteExpertRequest(expert_id=bobs_expert)),
+        ]
+        for call, request in on_bobs_expert:
+            with pytest.raises(grpc.RpcError) as denied:
+                call(request, metadata=bearer(alice))
+            assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert coordinator.state.registry.get_expert(bobs_expert).state == "active"
+
+
+def test_no_secret_reaches_the_debug_json_log_in_a_join_upload_predict_flow(
+    tmp_path: Path, tiny_bert: Path
+) -> None:
+    """Admin, enrollment and contributor tokens (and their hashes) never appear in the log."""
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger()
+    previous_level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG)
+    try:
+        with BackgroundCoordinator(
+            coordinator_config(tmp_path / "data", tiny_bert, log_json=True)
+        ) as running:
+            admin = running.admin_token()
+            with grpc.insecure_channel(running.address) as ch:
+                enrollment = (
+                    admin_pb2_grpc.AdminServiceStub(ch)
+                    .CreateEnrollmentToken(
+                        admin_pb2.CreateEnrollmentTokenRequest(), metadata=bearer(admin)
+                    )
+                    .token
+                )
+                credential = (
+                    contributor_pb2_grpc.ContributorServiceStub(ch)
+                    .Join(contributor_pb2.JoinRequest(enrollment_token=enrollment, name="alice"))
+                    .credential
+                )
+                target = Target(address=running.address, token=credential)
+                folder = make_expert_dir(tiny_bert, tmp_path / "e", seed=3)
+                upload_expert(target, folder, "e", "t", progress=False)
+                inference = inference_pb2_grpc.InferenceServiceStub(ch)
+                inference.Predict(
+                    inference_pb2.PredictRequest(inputs=["a fine film"]),
+                    metadata=bearer(credential),
+                )
+                wrong = credential[:-4] + ("aaaa" if not credential.endswith("aaaa") else "bbbb")
+                with pytest.raises(grpc.RpcError):
+                    inference.Predict(
+                        inference_pb2.PredictRequest(inputs=["x"]), metadata=bearer(wrong)
+                    )
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(previous_level)
+    text = stream.getvalue()
+    assert "coordinator listening" in text  # the handler did see the coordinator's log
+    assert all(json.loads(line) for line in text.splitlines() if line.strip())
+    for token in (admin, enrollment, credential, wrong):
+        secret = token.split("_", 2)[2]  # prefix_id_secret; the secret may contain "_"
+        for leak in (token, secret, hashlib.sha256(secret.encode()).hexdigest()):
+            assert leak not in text, f"a secret of a {token[:3]} token is in the log"
