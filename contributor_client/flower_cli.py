@@ -8,7 +8,10 @@ flower_client` -- on the node for each round. The node's local data is named by 
 * ``embeddings-path``: a safetensors file with one tensor ``embeddings`` [n, H], the
   :func:`~moerge.contributor_client.embedding.pooled_embeddings` of the contributor's own data
   (written by :func:`save_local_embeddings`);
-* ``expert-id``: the id of the contributor's expert, the label of every row.
+* ``expert-id``: the id of the contributor's expert, the label of every row;
+* ``contributor-id``: the contributor id ``moerge join`` saved (or ``--contributor-id``), which
+  the ClientApp returns with every update so the coordinator records who took part. It is
+  self-reported: bind it to the node with SuperNode authentication (the key pair below).
 
 Only the router's weights and the example count ever leave the node. The credential is the
 contributor's SuperNode key pair (``--auth-supernode-private-key``), registered with the
@@ -17,6 +20,7 @@ SuperLink's node authentication; TLS uses the coordinator's root certificate.
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 from pathlib import Path
@@ -26,8 +30,9 @@ import typer
 from flwr.app import Context
 from safetensors.torch import load_file, save_file
 
+from moerge.contributor_client.connection import ClientConfig
 from moerge.router_training.federated import ContributorData
-from moerge.router_training.flower_client import make_client_app
+from moerge.router_training.flower_client import CONTRIBUTOR_ID, make_client_app
 
 
 def save_local_embeddings(path: str | Path, embeddings: torch.Tensor) -> None:
@@ -52,38 +57,74 @@ app = make_client_app(load_node_data)
 
 
 def supernode_command(
-    superlink: str, embeddings: Path, expert_id: str, *, root_certificates: Path | None,
-    private_key: Path | None, public_key: Path | None, insecure: bool,
+    superlink: str,
+    embeddings: Path,
+    expert_id: str,
+    *,
+    root_certificates: Path | None,
+    private_key: Path | None,
+    public_key: Path | None,
+    insecure: bool,
+    contributor_id: str = "",
+    node_port: int = 0,
 ) -> list[str]:
     """The ``flower-supernode`` argv that serves :data:`app` with this contributor's data."""
-    node_config = f"embeddings-path={shlex.quote(str(embeddings.resolve()))} " \
-        f"expert-id={shlex.quote(expert_id)}"
+    values = {"embeddings-path": str(embeddings.resolve()), "expert-id": expert_id}
+    if contributor_id:
+        values[CONTRIBUTOR_ID] = contributor_id
+    # TOML strings: Flower parses node-config values as TOML
+    node_config = " ".join(f"{k}={json.dumps(v)}" for k, v in values.items())
     argv = ["flower-supernode", "--superlink", superlink, "--node-config", node_config]
+    if node_port:
+        argv += ["--port", str(node_port)]
     if insecure:
         argv.append("--insecure")
     elif root_certificates is not None:
         argv += ["--root-certificates", str(root_certificates)]
     if private_key is not None and public_key is not None:
-        argv += ["--auth-supernode-private-key", str(private_key),
-                 "--auth-supernode-public-key", str(public_key)]
+        argv += [
+            "--auth-supernode-private-key",
+            str(private_key),
+            "--auth-supernode-public-key",
+            str(public_key),
+        ]
     return argv
 
 
 def serve(
     superlink: str = typer.Option(..., help="Coordinator's SuperLink Fleet API, host:port."),
-    embeddings: Path = typer.Option(..., exists=True, dir_okay=False,
-                                    help="safetensors file with the tensor 'embeddings' [n, H]."),
+    embeddings: Path = typer.Option(
+        ...,
+        exists=True,
+        dir_okay=False,
+        help="safetensors file with the tensor 'embeddings' [n, H].",
+    ),
     expert_id: str = typer.Option(..., help="Your expert's id (label of every embedding)."),
     root_certificates: Path | None = typer.Option(None, help="Coordinator CA certificate (PEM)."),
     private_key: Path | None = typer.Option(None, help="SuperNode auth private key (credential)."),
     public_key: Path | None = typer.Option(None, help="SuperNode auth public key."),
     insecure: bool = typer.Option(False, help="No TLS (local testing only)."),
+    contributor_id: str = typer.Option(
+        "",
+        help="Contributor id the coordinator records for this node's rounds "
+        "(default: the one `moerge join` saved).",
+    ),
+    node_port: int = typer.Option(
+        0, help="Port of the SuperNode's local runtime API (0: Flower's default, 9094)."
+    ),
     dry_run: bool = typer.Option(False, help="Print the flower-supernode command and exit."),
 ) -> None:
     """Serve federated router rounds from your own embeddings (a Flower SuperNode)."""
     argv = supernode_command(
-        superlink, embeddings, expert_id, root_certificates=root_certificates,
-        private_key=private_key, public_key=public_key, insecure=insecure,
+        superlink,
+        embeddings,
+        expert_id,
+        root_certificates=root_certificates,
+        private_key=private_key,
+        public_key=public_key,
+        insecure=insecure,
+        contributor_id=contributor_id or ClientConfig.load().contributor_id,
+        node_port=node_port,
     )
     typer.echo(shlex.join(argv))
     if not dry_run:

@@ -21,8 +21,9 @@ deviation of the experts' prior mixture. Gradient descent on the raw discriminan
 ill-conditioned exactly where LDA's ``Sigma^{-1}`` is large (a few high-variance shared
 directions); in whitened coordinates every direction learns at the same rate (on the test
 federation, H = 32: within 1 point of LDA in 30 rounds from a nearest-mean start, against 2.5
-points with per-dimension scaling). At H = 384 one SGD step per round is still slow: see
-``benchmarks/results/federated_rounds.md`` (LDA's accuracy was not reached in 30 rounds).
+points with per-dimension scaling). At H = 384 from a nearest-mean start the rounds approach,
+but do not reach, LDA's accuracy: on Gaussian data the pooled-data optimum of this
+unregularised classifier is below LDA (``benchmarks/results/federated_rounds.md``).
 
 Why this aggregates correctly although every contributor holds a single class: with plain SGD and
 one local step, the example-weighted FedAvg of ``theta - lr * grad_i`` is exactly one step of
@@ -62,7 +63,8 @@ FEDERATED_ARRAYS = ("weight", "bias")
 #: safetensors bytes) so that DP clipping and noise apply to the trained tensors only.
 FROZEN_ARRAYS = ("center", "whitener")
 DP_CHOICES = ("none", "client", "server")
-BACKENDS = ("inprocess", "simulation")
+SERVER_OPTIMIZERS = ("sgd", "adam", "momentum")
+BACKENDS = ("inprocess", "simulation", "superlink")
 
 
 @dataclass
@@ -83,7 +85,19 @@ class FederatedRouterConfig(GaussianRouterConfig):
     clipping_norm: float = 1.0  # L2 clip of each contributor's update (dp != "none")
     noise_multiplier: float = 0.0  # Gaussian noise std / clipping_norm on the aggregate
     simulated_examples: int = 64  # draws per expert for the simulated contributors in ``fit``
-    backend: str = "inprocess"  # "inprocess" (Flower Messages, one process) or "simulation" (Ray)
+    backend: str = "inprocess"  # "inprocess" (one process), "simulation" (Ray), "superlink"
+    server_optimizer: str = "sgd"  # server step: "sgd" (FedAvg), "adam" (FedAdam), "momentum"
+    server_learning_rate: float = 1.0  # its step size (FedAdam: eta, per element)
+    server_adam_tau: float = 1e-3  # FedAdam's adaptivity (epsilon)
+    server_momentum: float = 0.9  # FedAvgM's momentum
+    secure_aggregation: bool = False  # SecAgg+ (Flower's legacy workflow): secure_aggregation.py
+    secagg_num_shares: float = 1.0  # shares per mask: int > 2, or a fraction of sampled nodes
+    secagg_reconstruction_threshold: float = 0.5  # shares to recover a mask (int or fraction)
+    secagg_max_weight: float = 10_000.0  # largest example count; weights are count / max_weight
+    secagg_clipping_range: float = 1.0  # |update * count / max_weight| is clipped to this
+    secagg_quantization_range: int = 2**22  # quantisation levels over [-range, range]
+    min_nodes: int = 2  # superlink: connected SuperNodes to wait for before round 1
+    node_wait_seconds: float = 120.0  # superlink: how long to wait for them
 
     def validate(self) -> None:
         super().validate()
@@ -95,11 +109,23 @@ class FederatedRouterConfig(GaussianRouterConfig):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
-        for name in ("local_steps", "local_batch_size", "min_train_nodes", "simulated_examples"):
+        for name in (
+            "local_steps",
+            "local_batch_size",
+            "min_train_nodes",
+            "simulated_examples",
+            "min_nodes",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-        for name in ("learning_rate", "clipping_norm"):
+        for name in (
+            "learning_rate",
+            "clipping_norm",
+            "node_wait_seconds",
+            "server_learning_rate",
+            "server_adam_tau",
+        ):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not value > 0:
                 raise ValueError(f"{name} must be > 0, got {value!r}")
@@ -111,6 +137,27 @@ class FederatedRouterConfig(GaussianRouterConfig):
             raise ValueError(f"fraction_train must be in (0, 1], got {self.fraction_train!r}")
         if self.dp not in DP_CHOICES:
             raise ValueError(f"dp must be one of {DP_CHOICES}, got {self.dp!r}")
+        if self.server_optimizer not in SERVER_OPTIMIZERS:
+            raise ValueError(f"server_optimizer must be one of {SERVER_OPTIMIZERS}")
+        if self.server_optimizer != "sgd" and self.secure_aggregation:
+            raise ValueError("secure_aggregation runs plain FedAvg (server_optimizer='sgd')")
+        if not isinstance(self.secure_aggregation, bool):
+            raise ValueError(f"secure_aggregation must be a bool, got {self.secure_aggregation!r}")
+        if self.secure_aggregation and self.dp != "none":
+            raise ValueError("secure_aggregation is not combined with dp here; use one of them")
+        for name in (
+            "secagg_max_weight",
+            "secagg_clipping_range",
+            "secagg_num_shares",
+            "secagg_reconstruction_threshold",
+        ):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not value > 0:
+                raise ValueError(f"{name} must be > 0, got {value!r}")
+        if not isinstance(self.secagg_quantization_range, int) or not (
+            1 < self.secagg_quantization_range < 2**32
+        ):
+            raise ValueError("secagg_quantization_range must be an integer in (1, 2**32)")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
 
@@ -136,6 +183,11 @@ class FederatedRouter(GaussianRouter):
         assert isinstance(router, FederatedRouter)
         if router.config.rounds == 0:
             return router
+        if router.config.backend == "superlink":
+            raise ValueError(
+                "backend 'superlink' runs at a coordinator with a Flower SuperLink (config "
+                "'superlink'); see moerge.router_training.superlink.fit_on_superlink"
+            )
         from moerge.router_training.federation import run_federated_rounds
 
         bank = GaussianBank.from_experts(experts, router.config.variance_floor)
@@ -144,13 +196,17 @@ class FederatedRouter(GaussianRouter):
         )
         outcome = run_federated_rounds(router, contributors, router.config.rounds)
         trained = outcome.router
-        if trained.config.calibrate:
-            generator = torch.Generator().manual_seed(router.config.seed + 2)
-            probs = bank.prior_probs(router.config.priors)
-            x, y = bank.draw_labelled(router.config.calibration_samples, probs, generator)
-            trained.temperature = fit_temperature(trained.logits(x), y)
+        trained.recalibrate(bank)
         trained.federation_metrics = outcome.summary()
         return trained
+
+    def recalibrate(self, bank: GaussianBank) -> None:
+        """Refit the temperature after rounds, on draws from the uploaded statistics."""
+        if self.config.calibrate:
+            generator = torch.Generator().manual_seed(self.config.seed + 2)
+            probs = bank.prior_probs(self.config.priors)
+            x, y = bank.draw_labelled(self.config.calibration_samples, probs, generator)
+            self.temperature = fit_temperature(self.logits(x), y)
 
     def __init__(self, config: FederatedRouterConfig, expert_ids: Sequence[str]) -> None:
         super().__init__(config, expert_ids)
@@ -160,8 +216,11 @@ class FederatedRouter(GaussianRouter):
     def _fit_bank(self, bank: GaussianBank, generator: torch.Generator) -> None:
         lda = LDARouter(
             LDARouterConfig(
-                top_k=self.config.top_k, priors=self.config.priors, calibrate=False,
-                variance_floor=self.config.variance_floor, seed=self.config.seed,
+                top_k=self.config.top_k,
+                priors=self.config.priors,
+                calibrate=False,
+                variance_floor=self.config.variance_floor,
+                seed=self.config.seed,
                 shrinkage=self.config.shrinkage,
             ),
             self.expert_ids,
@@ -209,8 +268,10 @@ class FederatedRouter(GaussianRouter):
             setattr(self, name, arrays[name].detach().to(torch.float32).contiguous())
         # Routing folds the whitener in once: (x - c) @ (P V) + b.
         self._routing_weight = (
-            self.whitener.to(torch.float64) @ self.weight.to(torch.float64)
-        ).to(torch.float32).contiguous()
+            (self.whitener.to(torch.float64) @ self.weight.to(torch.float64))
+            .to(torch.float32)
+            .contiguous()
+        )
 
     def copy(self) -> FederatedRouter:
         """An independent router with the same config, experts and tensors."""

@@ -15,8 +15,8 @@ returns the trained router, the per-round metrics and who took part. The same Fl
   nothing serialised, deterministic; used by the coordinator's ``fit``, the tests and the
   benchmark.
 
-Real rounds with real contributors use the same ``ServerApp`` under ``flwr run`` against a
-SuperLink, with contributors' SuperNodes running :mod:`moerge.contributor_client.flower_cli`.
+Real rounds with real contributors run the same strategy and ClientApp on Flower's deployment
+runtime (a SuperLink and the contributors' SuperNodes): :mod:`.superlink`.
 """
 
 from __future__ import annotations
@@ -24,20 +24,28 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from uuid import uuid4
 
 import torch
-from flwr.app import Context, Error, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
-from flwr.serverapp import Grid
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import Result
 from flwr.supercore.task_identity import TaskIdentity
 
 from moerge.router_training.base import Router
-from moerge.router_training.federated import ContributorData, FederatedRouter, as_federated
+from moerge.router_training.federated import (
+    FEDERATED_ARRAYS,
+    ContributorData,
+    FederatedRouter,
+    as_federated,
+)
 from moerge.router_training.flower_client import make_client_app, partition_loader
 from moerge.router_training.flower_server import (
     RoundRecord,
+    RouterFedAvg,
     accuracy_evaluator,
     build_strategy,
     make_server_app,
@@ -68,7 +76,27 @@ class FederationOutcome:
         if self.round_metrics:
             for key, value in self.round_metrics[-1].items():
                 out[f"federated_last_{key}"] = value
+        for row in self.round_metrics[1:]:  # round by round (round 0 = the starting router)
+            for key, value in row.items():
+                if key != "round":
+                    out[f"federated_round_{int(row['round'])}_{key}"] = value
+        for record in self.participants:
+            out[f"federated_round_{record.round}_succeeded"] = float(len(record.succeeded))
+            out[f"federated_round_{record.round}_failed"] = float(len(record.failed))
+        for contributor, count in self.contributor_rounds().items():
+            out[f"federated_contributor_{contributor}_rounds"] = float(count)
         return out
+
+    def contributor_rounds(self) -> dict[str, int]:
+        """Contributor id -> rounds in which its node's update was aggregated (nodes that named
+        a contributor: SuperNodes started by ``moerge contributor serve``)."""
+        counts: dict[str, int] = {}
+        for record in self.participants:
+            for node in record.succeeded if record.aggregated else []:
+                name = record.contributors.get(node)
+                if name:
+                    counts[name] = counts.get(name, 0) + 1
+        return counts
 
     def __iter__(self) -> Iterator[object]:
         """``router, round_metrics, participants = run_federated_rounds(...)``."""
@@ -84,9 +112,11 @@ class InProcessGrid(Grid):
         self._node_ids = list(range(1, num_nodes + 1))
         self._contexts = {
             node: Context(
-                run_id=run_id, node_id=node,
+                run_id=run_id,
+                node_id=node,
                 node_config={"partition-id": i, "num-partitions": num_nodes},
-                state=RecordDict(), run_config={},
+                state=RecordDict(),
+                run_config={},
             )
             for i, node in enumerate(self._node_ids)
         }
@@ -95,11 +125,17 @@ class InProcessGrid(Grid):
     def set_run(self, run: object) -> None:
         raise NotImplementedError("InProcessGrid serves one fixed run")
 
-    def run(self) -> object:
-        raise NotImplementedError("InProcessGrid has no SuperLink run record")
+    @property
+    def run(self) -> SimpleNamespace:
+        """Only the run id (Flower's legacy workflows, e.g. SecAgg+, read ``grid.run.run_id``)."""
+        return SimpleNamespace(run_id=self._run_id)
 
     def create_message(
-        self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str,
+        self,
+        content: RecordDict,
+        message_type: str,
+        dst_node_id: int,
+        group_id: str,
         ttl: float | None = None,
     ) -> Message:
         return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
@@ -113,6 +149,14 @@ class InProcessGrid(Grid):
             msg.metadata.__dict__["_message_id"] = str(uuid4())
             msg.metadata.__dict__["_run_id"] = self._run_id
             context = self._contexts[msg.metadata.dst_node_id]
+            # As if serialised: a node gets its own config records (a workflow may send one
+            # RecordDict to all nodes, and Flower's mods pop keys from it, e.g. SecAgg+'s stage).
+            msg.content = RecordDict(
+                {
+                    k: ConfigRecord(dict(v)) if isinstance(v, ConfigRecord) else v
+                    for k, v in msg.content.items()
+                }
+            )
             try:
                 reply = self.client_app(msg, context)
             except Exception as exc:  # a crashed or dropped-out contributor
@@ -157,6 +201,8 @@ def run_federated_rounds(
     if num_nodes < 1:
         raise ValueError("need at least one contributor")
     backend = backend or router.config.backend
+    if router.config.secure_aggregation:
+        return _run_secure_rounds(router, contributors, rounds, client_app, evaluation, backend)
     strategy, fedavg = build_strategy(router, num_nodes)
     fedavg.keep_replies = keep_replies
     app = client_app or make_client_app(
@@ -166,20 +212,14 @@ def run_federated_rounds(
     server_app, server_run = make_server_app(router, rounds, strategy, evaluate_fn)
     start = time.perf_counter()
     if backend == "inprocess":
-        grid = InProcessGrid(app, num_nodes)
-        saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
-        # What the SuperLink's ServerApp process sets: Messages take their sender from it.
-        TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID
-        try:
-            server_app(grid, Context(run_id=1, node_id=SUPERLINK_NODE_ID, node_config={},
-                                     state=RecordDict(), run_config={}))
-        finally:
-            TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+        run_in_process(server_app, app, num_nodes)
     elif backend == "simulation":
         from flwr.simulation import run_simulation
 
         run_simulation(
-            server_app=server_app, client_app=app, num_supernodes=num_nodes,
+            server_app=server_app,
+            client_app=app,
+            num_supernodes=num_nodes,
             backend_config={
                 "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
                 "init_args": {"num_cpus": num_cpus, "include_dashboard": False},
@@ -191,19 +231,92 @@ def run_federated_rounds(
     result = server_run.result
     if result is None:
         raise RuntimeError("the federated ServerApp did not finish (see the Flower log)")
+    return collect_outcome(router, result, fedavg, rounds, elapsed)
+
+
+def run_in_process(server_app: ServerApp, client_app: ClientApp, num_nodes: int) -> None:
+    """Run ``server_app`` against ``num_nodes`` in-process nodes of ``client_app``."""
+    grid = InProcessGrid(client_app, num_nodes)
+    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
+    # What the SuperLink's ServerApp process sets: Messages take their sender from it.
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID
+    try:
+        context = Context(
+            run_id=1, node_id=SUPERLINK_NODE_ID, node_config={}, state=RecordDict(), run_config={}
+        )
+        server_app(grid, context)
+    finally:
+        TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+
+
+def _run_secure_rounds(
+    router: FederatedRouter,
+    contributors: Sequence[ContributorData],
+    rounds: int,
+    client_app: ClientApp | None,
+    evaluation: tuple[torch.Tensor, torch.Tensor] | None,
+    backend: str,
+) -> FederationOutcome:
+    """Rounds with SecAgg+ (:mod:`.secure_aggregation`), in process only."""
+    from moerge.router_training.secure_aggregation import (
+        make_secure_client_app,
+        make_secure_server_app,
+    )
+
+    if backend != "inprocess":
+        raise ValueError("secure_aggregation runs on the 'inprocess' backend only")
+    num_nodes = len(contributors)
+    app = client_app or make_secure_client_app(partition_loader(list(contributors)))
+    server_app, strategy = make_secure_server_app(router, rounds, num_nodes)
+    start = time.perf_counter()
+    run_in_process(server_app, app, num_nodes)
+    elapsed = time.perf_counter() - start
+    current = zip(FEDERATED_ARRAYS, strategy.current, strict=True)
+    router.set_arrays({k: torch.from_numpy(v) for k, v in current})
+    round_metrics = [
+        {"round": float(r), **strategy.round_metrics.get(r, {})} for r in range(rounds + 1)
+    ]
+    if evaluation is not None:  # the final router only: the workflow keeps no per-round copies
+        evaluate = accuracy_evaluator(router, *evaluation)
+        round_metrics[-1].update(evaluate(rounds, ArrayRecord(router.arrays())).items())
+    return FederationOutcome(
+        router=router,
+        round_metrics=round_metrics,
+        participants=list(strategy.rounds),
+        seconds_per_round=elapsed / max(rounds, 1),
+    )
+
+
+def collect_outcome(
+    router: FederatedRouter, result: Result, fedavg: RouterFedAvg, rounds: int, seconds: float
+) -> FederationOutcome:
+    """The strategy's ``Result`` as a :class:`FederationOutcome`; sets ``router``'s arrays."""
     if len(result.arrays):
         router.set_arrays(result.arrays.to_torch_state_dict())
     round_metrics = []
     for r in range(rounds + 1):
         row: dict[str, float] = {"round": float(r)}
         if r in result.train_metrics_clientapp:
-            row.update({k: float(v) for k, v in result.train_metrics_clientapp[r].items()
-                        if isinstance(v, (int, float))})
+            row.update(
+                {
+                    k: float(v)
+                    for k, v in result.train_metrics_clientapp[r].items()
+                    if isinstance(v, (int, float))
+                }
+            )
         if r in result.evaluate_metrics_serverapp:
-            row.update({k: float(v) for k, v in result.evaluate_metrics_serverapp[r].items()
-                        if isinstance(v, (int, float))})
+            row.update(
+                {
+                    k: float(v)
+                    for k, v in result.evaluate_metrics_serverapp[r].items()
+                    if isinstance(v, (int, float))
+                }
+            )
         round_metrics.append(row)
     return FederationOutcome(
-        router=router, round_metrics=round_metrics, participants=list(fedavg.rounds),
-        seconds_per_round=elapsed / max(rounds, 1), replies=list(fedavg.replies),
+        router=router,
+        round_metrics=round_metrics,
+        participants=list(fedavg.rounds),
+        seconds_per_round=seconds / max(rounds, 1),
+        replies=list(fedavg.replies),
     )

@@ -22,17 +22,22 @@ With ``clip=True`` the app runs Flower's ``fixedclipping_mod`` (client-side clip
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
 from flwr.clientapp.typing import Mod
 from safetensors.torch import load
 
 from moerge.router_training.federated import FEDERATED_ARRAYS, FROZEN_ARRAYS, ContributorData
+
+#: Reply record naming the node's contributor (self-reported; see ``docs/federated.md``).
+NODE_RECORD = "node"
+CONTRIBUTOR_ID = "contributor-id"
 
 DataLoader = Callable[[Context], ContributorData]
 
@@ -55,8 +60,9 @@ def local_train(
     y = data.labels(expert_ids)
     if x.ndim != 2 or x.shape[0] == 0 or x.shape[1] != frozen["center"].shape[0]:
         raise ValueError(f"local embeddings of shape {tuple(x.shape)} do not fit the router")
-    params = {k: arrays[k].detach().clone().requires_grad_(True) for k in FEDERATED_ARRAYS}
-    start = {k: arrays[k].detach() for k in FEDERATED_ARRAYS}
+    # float32 whatever the server sent (FedAdam's and SecAgg+'s arithmetic is float64)
+    start = {k: arrays[k].detach().to(torch.float32) for k in FEDERATED_ARRAYS}
+    params = {k: v.clone().requires_grad_(True) for k, v in start.items()}
     z = (x - frozen["center"]) @ frozen["whitener"]
     with torch.no_grad():
         before = (z @ params["weight"] + params["bias"]).argmax(-1) == y
@@ -84,6 +90,32 @@ def local_train(
     return out, metrics
 
 
+def train_from_config(
+    arrays: dict[str, torch.Tensor],
+    frozen: dict[str, torch.Tensor],
+    data: ContributorData,
+    expert_ids: list[str],
+    config: Mapping[str, Any],
+    node_id: int,
+) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """:func:`local_train` with the round's settings as the server sends them (config keys
+    ``temperature``, ``local-steps``, ...); the seed differs per round and node."""
+    return local_train(
+        arrays,
+        frozen,
+        data,
+        expert_ids,
+        temperature=float(config["temperature"]),
+        steps=int(config["local-steps"]),
+        batch_size=int(config["local-batch-size"]),
+        learning_rate=float(config["learning-rate"]),
+        proximal_mu=float(config["proximal-mu"]),
+        seed=int(config["seed"]) * 1_000_003
+        + int(config["server-round"]) * 7919
+        + int(node_id % 1_000_000),
+    )
+
+
 def make_client_app(
     load_data: DataLoader, *, clip: bool = False, mods: list[Mod] | None = None
 ) -> ClientApp:
@@ -102,22 +134,13 @@ def make_client_app(
         frozen = load(bytes(config["frozen-arrays"]))
         if set(frozen) != set(FROZEN_ARRAYS):
             raise ValueError(f"frozen-arrays must hold {FROZEN_ARRAYS}, got {sorted(frozen)}")
-        new_arrays, metrics = local_train(
-            arrays,
-            frozen,
-            data,
-            list(config["expert-ids"]),
-            temperature=float(config["temperature"]),
-            steps=int(config["local-steps"]),
-            batch_size=int(config["local-batch-size"]),
-            learning_rate=float(config["learning-rate"]),
-            proximal_mu=float(config["proximal-mu"]),
-            seed=int(config["seed"]) * 1_000_003 + int(config["server-round"]) * 7919
-            + int(context.node_id % 1_000_000),
+        new_arrays, metrics = train_from_config(
+            arrays, frozen, data, list(config["expert-ids"]), config, context.node_id
         )
-        content = RecordDict(
-            {"arrays": ArrayRecord(new_arrays), "metrics": MetricRecord(metrics)}
-        )
+        content = RecordDict({"arrays": ArrayRecord(new_arrays), "metrics": MetricRecord(metrics)})
+        contributor = context.node_config.get(CONTRIBUTOR_ID)
+        if contributor:  # a deployed node names its contributor (moerge contributor serve)
+            content[NODE_RECORD] = ConfigRecord({CONTRIBUTOR_ID: str(contributor)})
         return Message(content=content, reply_to=msg)
 
     return app

@@ -14,8 +14,9 @@ default): ``"server"`` wraps the strategy in ``DifferentialPrivacyServerSideFixe
 ``DifferentialPrivacyClientSideFixedClipping`` with ``fixedclipping_mod`` in the contributor's
 ``ClientApp`` (contributors clip, so the coordinator never sees an unclipped update). Both
 protect a contributor's *participation and data* in the released router, not individual
-updates from the coordinator; SecAgg+ (which would hide individual updates) is documented in
-``docs/federated.md``.
+updates from the coordinator; SecAgg+ (which does hide them) is the opt-in
+:mod:`.secure_aggregation`. ``server_optimizer`` swaps FedAvg's server step for Flower's FedAvgM
+or FedAdam.
 """
 
 from __future__ import annotations
@@ -29,13 +30,16 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import (
     DifferentialPrivacyClientSideFixedClipping,
     DifferentialPrivacyServerSideFixedClipping,
+    FedAdam,
     FedAvg,
+    FedAvgM,
     Result,
     Strategy,
 )
 from safetensors.torch import save
 
 from moerge.router_training.federated import FederatedRouter
+from moerge.router_training.flower_client import CONTRIBUTOR_ID, NODE_RECORD
 
 EvaluateFn = Callable[[int, ArrayRecord], MetricRecord | None]
 
@@ -49,6 +53,8 @@ class RoundRecord:
     succeeded: list[int] = field(default_factory=list)
     failed: list[int] = field(default_factory=list)
     aggregated: bool = False
+    #: node id -> the contributor id its reply named (``ConfigRecord "node"``; deployment only)
+    contributors: dict[int, str] = field(default_factory=dict)
 
 
 class RouterFedAvg(FedAvg):
@@ -60,7 +66,11 @@ class RouterFedAvg(FedAvg):
     """
 
     def __init__(
-        self, *, fraction_train: float, sample_size: int, min_available_nodes: int,
+        self,
+        *,
+        fraction_train: float,
+        sample_size: int,
+        min_available_nodes: int,
         min_replies: int,
     ) -> None:
         super().__init__(
@@ -93,6 +103,10 @@ class RouterFedAvg(FedAvg):
         record = self.rounds[-1]
         record.succeeded = [m.metadata.src_node_id for m in replies if not m.has_error()]
         record.failed = [m.metadata.src_node_id for m in replies if m.has_error()]
+        for m in replies:
+            if not m.has_error() and NODE_RECORD in m.content.config_records:
+                name = m.content.config_records[NODE_RECORD].get(CONTRIBUTOR_ID, "")
+                record.contributors[m.metadata.src_node_id] = str(name)
         answered = set(record.succeeded) | set(record.failed)
         record.failed += [n for n in record.sampled if n not in answered]  # timed out
         if len(record.succeeded) < self.min_replies:
@@ -101,20 +115,44 @@ class RouterFedAvg(FedAvg):
         return super().aggregate_train(server_round, replies)
 
 
-def build_strategy(router: FederatedRouter, num_nodes: int) -> tuple[Strategy, RouterFedAvg]:
+class RouterFedAdam(RouterFedAvg, FedAdam):
+    """:class:`RouterFedAvg` with Flower's FedAdam server step (Reddi et al., 2021, "Adaptive
+    Federated Optimization"): the averaged update is a pseudo-gradient for server-side Adam."""
+
+
+class RouterFedAvgM(RouterFedAvg, FedAvgM):
+    """:class:`RouterFedAvg` with Flower's FedAvgM server momentum (Hsu et al., 2019)."""
+
+
+SERVER_OPTIMIZERS = {"sgd": RouterFedAvg, "adam": RouterFedAdam, "momentum": RouterFedAvgM}
+
+
+def build_strategy(
+    router: FederatedRouter, num_nodes: int, min_available: int | None = None
+) -> tuple[Strategy, RouterFedAvg]:
     """The round strategy for ``router``'s config: (outermost strategy, the FedAvg inside).
 
-    Rounds wait until all ``num_nodes`` expected contributors are connected (otherwise the first
-    round of a simulation samples whichever nodes registered first, and experts whose
-    contributors are missing from a round lose probability mass in it).
+    Rounds wait until ``min_available`` (default: all ``num_nodes`` expected) contributors are
+    connected (otherwise the first round of a simulation samples whichever nodes registered
+    first, and experts whose contributors are missing from a round lose probability mass in it).
+    A deployment passes the nodes already connected as ``num_nodes`` and a smaller
+    ``min_available``, so that a node that leaves does not stall the next round.
     """
     config = router.config
     min_nodes = min(config.min_train_nodes, num_nodes)
     sampled = max(int(num_nodes * config.fraction_train), min_nodes)
-    base = RouterFedAvg(
-        fraction_train=config.fraction_train, sample_size=sampled,
-        min_available_nodes=num_nodes, min_replies=min_nodes,
+    base = SERVER_OPTIMIZERS[config.server_optimizer](
+        fraction_train=config.fraction_train,
+        sample_size=sampled if min_available is None else min_nodes,
+        min_available_nodes=num_nodes if min_available is None else min_available,
+        min_replies=min_nodes,
     )
+    if isinstance(base, RouterFedAdam):
+        base.eta, base.tau = config.server_learning_rate, config.server_adam_tau
+    elif isinstance(base, RouterFedAvgM):
+        base.server_learning_rate = config.server_learning_rate
+        base.server_momentum = config.server_momentum
+        base.server_opt = True
     if config.dp == "server":
         return DifferentialPrivacyServerSideFixedClipping(
             base, config.noise_multiplier, config.clipping_norm, sampled
@@ -139,9 +177,7 @@ def train_config(router: FederatedRouter) -> ConfigRecord:
             "proximal-mu": float(config.proximal_mu),
             "seed": config.seed,
             # The fixed tensors, as safetensors bytes: outside the averaged (and DP-noised) arrays.
-            "frozen-arrays": save(
-                {k: v.contiguous() for k, v in router.frozen_arrays().items()}
-            ),
+            "frozen-arrays": save({k: v.contiguous() for k, v in router.frozen_arrays().items()}),
         }
     )
 
@@ -182,13 +218,25 @@ def make_server_app(
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        run.result = strategy.start(
-            grid=grid,
-            initial_arrays=ArrayRecord(router.arrays()),
-            num_rounds=rounds,
-            timeout=timeout,
-            train_config=train_config(router),
-            evaluate_fn=evaluate_fn,
-        )
+        run.result = start_rounds(grid, router, rounds, strategy, evaluate_fn, timeout)
 
     return app, run
+
+
+def start_rounds(
+    grid: Grid,
+    router: FederatedRouter,
+    rounds: int,
+    strategy: Strategy,
+    evaluate_fn: EvaluateFn | None = None,
+    timeout: float = 600.0,
+) -> Result:
+    """The body of every round ServerApp: ``strategy.start`` from ``router``'s arrays."""
+    return strategy.start(
+        grid=grid,
+        initial_arrays=ArrayRecord(router.arrays()),
+        num_rounds=rounds,
+        timeout=timeout,
+        train_config=train_config(router),
+        evaluate_fn=evaluate_fn,
+    )

@@ -32,7 +32,12 @@ class Federation:
 def federation() -> Federation:
     """Six contributors, one expert each, hidden size 32; separable but covariance-skewed."""
     experts = synthetic_gaussian_experts(
-        6, hidden_size=32, rank=4, seed=0, shared_covariance=1.0, within_variance=0.5,
+        6,
+        hidden_size=32,
+        rank=4,
+        seed=0,
+        shared_covariance=1.0,
+        within_variance=0.5,
         mean_spread=0.3,
     )
     bank = GaussianBank.from_experts(experts)

@@ -23,8 +23,9 @@ def _start(federation, **params) -> FederatedRouter:
 def test_round_zero_routes_exactly_like_the_lda_router(federation):
     lda = fit_router("lda", federation.experts, {"shrinkage": 0.2}).router
     fed = fit_router("federated", federation.experts, {"shrinkage": 0.2}).router
-    torch.testing.assert_close(fed.logits(federation.eval_x), lda.logits(federation.eval_x),
-                               rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(
+        fed.logits(federation.eval_x), lda.logits(federation.eval_x), rtol=1e-4, atol=1e-3
+    )
     a, b = lda.route_examples(federation.eval_x, 2), fed.route_examples(federation.eval_x, 2)
     assert torch.equal(a.indices, b.indices)
     assert fed.temperature == pytest.approx(lda.temperature, rel=1e-5)
@@ -108,7 +109,8 @@ def test_messages_hold_only_router_weights_and_counts(federation):
         assert list(config["expert-ids"]) == federation.expert_ids
         frozen = load(bytes(config["frozen-arrays"]))  # the router's centre and whitener only
         assert {k: tuple(v.shape) for k, v in frozen.items()} == {
-            "center": (32,), "whitener": (32, 32)
+            "center": (32,),
+            "whitener": (32, 32),
         }
         others = {k: v for k, v in config.items() if k not in ("expert-ids", "frozen-arrays")}
         assert all(isinstance(v, (int, float)) for v in others.values()), others
@@ -164,3 +166,19 @@ def test_client_side_dp_clips_updates_on_the_contributor(federation):
     assert participants[0].aggregated
     step = (clipped.weight - start.weight).norm() ** 2 + (clipped.bias - start.bias).norm() ** 2
     assert float(step.sqrt()) <= 0.05 + 1e-4
+
+
+@pytest.mark.parametrize("optimizer", ["momentum", "adam"])
+def test_server_side_optimisers_run_flowers_fedavgm_and_fedadam(federation, optimizer):
+    start = _start(federation, server_optimizer=optimizer, server_learning_rate=0.5)
+    router, metrics, participants = run_federated_rounds(
+        start, federation.contributors, rounds=4, evaluation=(federation.eval_x, federation.eval_y)
+    )
+    assert all(p.aggregated for p in participants)
+    assert not router.weight.equal(start.weight)
+    assert metrics[-1]["accuracy"] > metrics[0]["accuracy"]
+
+
+def test_superlink_backend_is_refused_outside_a_coordinator_with_a_superlink(federation):
+    with pytest.raises(ValueError, match="superlink"):
+        fit_router("federated", federation.experts, {"rounds": 1, "backend": "superlink"})
