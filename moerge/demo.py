@@ -21,15 +21,19 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 from rich.table import Table
+
+if TYPE_CHECKING:
+    from moerge.contributor_client.connection import Target
+    from moerge.contributor_client.datasets import TaskData
 
 console = Console()
 
@@ -41,9 +45,20 @@ def _moerge(*args: str) -> list[str]:
     return [sys.executable, "-m", "moerge.cli", *args]
 
 
-def start_coordinator(data_dir: Path, admin_token: str, log: Path) -> tuple[subprocess.Popen, str]:
-    """Run ``moerge coordinator serve`` on a free loopback port; return (process, address)."""
-    env = {**os.environ, "MOERGE_ADMIN_TOKEN": admin_token, "MOERGE_AUTO_RETRAIN": "false"}
+def start_coordinator(
+    data_dir: Path, admin_token: str, log: Path, settings: dict[str, str] | None = None
+) -> tuple[subprocess.Popen, str]:
+    """Run ``moerge coordinator serve`` on a free loopback port; return (process, address).
+
+    ``settings`` are extra ``MOERGE_*`` environment variables (automatic retraining is off
+    unless they turn it on).
+    """
+    env = {
+        **os.environ,
+        "MOERGE_ADMIN_TOKEN": admin_token,
+        "MOERGE_AUTO_RETRAIN": "false",
+        **(settings or {}),
+    }
     handle = open(log, "w")  # noqa: SIM115 - owned by the child process' lifetime
     process = subprocess.Popen(
         _moerge("coordinator", "serve", "--data-dir", str(data_dir), "--listen", "127.0.0.1:0"),
@@ -133,6 +148,87 @@ def run_contributors(
             on_done(task)
 
 
+def write_contributor_data(
+    data_dir: Path, names: list[str], train_per_task: int, test_per_task: int, seed: int
+) -> dict[str, TaskData]:
+    """Give each task's contributor a folder holding only its training data; return the tasks."""
+    from moerge.contributor_client.datasets import load_task, write_jsonl
+
+    tasks = {}
+    for task in names:
+        data = load_task(task, max_train=train_per_task, max_test=test_per_task, seed=seed)
+        folder = data_dir / "contributors" / task
+        folder.mkdir(parents=True)
+        write_jsonl(data.train, folder / "data.jsonl")
+        tasks[task] = data
+    return tasks
+
+
+def contributor_jobs(
+    admin: Target,
+    data_dir: Path,
+    names: list[str],
+    epochs: int,
+    max_examples: int,
+    gate_steps: int,
+) -> list[tuple[str, Callable[[], subprocess.Popen]]]:
+    """One enrollment token and one deferred contributor process per task."""
+    from moerge.contributor_client.rpc import call
+    from moerge.v1 import admin_pb2
+
+    jobs = []
+    for task in names:
+        token = call(
+            admin,
+            "admin",
+            "CreateEnrollmentToken",
+            admin_pb2.CreateEnrollmentTokenRequest(note=f"demo {task}"),
+        ).token
+        folder = data_dir / "contributors" / task
+        start = partial(
+            contributor_process,
+            folder,
+            admin.address,
+            token,
+            task,
+            epochs,
+            max_examples,
+            gate_steps,
+        )
+        jobs.append((task, start))
+    return jobs
+
+
+def experts_by_task(admin: Target) -> dict[str, str]:
+    """Task name -> expert id of every registered expert."""
+    from moerge.contributor_client.rpc import call
+    from moerge.v1 import admin_pb2
+
+    experts = call(admin, "admin", "ListExperts", admin_pb2.ListExpertsRequest(page_size=1000))
+    return {e.task_name: e.expert_id for e in experts.experts}
+
+
+def fit_routers(
+    admin: Target, methods: Sequence[str], on_fit: Callable[[str], None] | None = None
+) -> dict[str, float]:
+    """Train one router version per method (only ``centroid`` is activated); fit seconds each."""
+    from moerge.contributor_client.rpc import call
+    from moerge.v1 import admin_pb2
+
+    fit_seconds = {}
+    for method in methods:
+        version = call(
+            admin,
+            "admin",
+            "TrainRouter",
+            admin_pb2.TrainRouterRequest(method=method, no_activate=method != "centroid"),
+        )
+        fit_seconds[method] = version.fit_seconds
+        if on_fit:
+            on_fit(method)
+    return fit_seconds
+
+
 def demo(
     data_dir: Annotated[Path, typer.Option(help="where everything is written")] = Path("demo-data"),
     tasks: Annotated[str, typer.Option(help="comma-separated task names")] = ",".join(
@@ -147,11 +243,9 @@ def demo(
 ) -> None:
     """Run the end-to-end demo and print the routing table."""
     from moerge.contributor_client.connection import Target
-    from moerge.contributor_client.datasets import available_tasks, load_task, write_jsonl
-    from moerge.contributor_client.rpc import call
+    from moerge.contributor_client.datasets import available_tasks
     from moerge.evaluation import mixed_stream, save_confusion_png, score_method
     from moerge.storage.tokens import new_token
-    from moerge.v1 import admin_pb2
 
     data_dir = data_dir.resolve()  # contributors run in their own folders
     names = [t.strip() for t in tasks.split(",") if t.strip()]
@@ -167,13 +261,8 @@ def demo(
         shutil.rmtree(data_dir)
     coordinator_dir = data_dir / "coordinator"
     coordinator_dir.mkdir(parents=True)
-    tests: dict[str, list[tuple[str, str]]] = {}
-    for task in names:
-        data = load_task(task, max_train=train_per_task, max_test=test_per_task, seed=seed)
-        folder = data_dir / "contributors" / task
-        folder.mkdir(parents=True)
-        write_jsonl(data.train, folder / "data.jsonl")
-        tests[task] = [(ex.text, ex.label) for ex in data.test]
+    data = write_contributor_data(data_dir, names, train_per_task, test_per_task, seed)
+    tests = {task: [(ex.text, ex.label) for ex in d.test] for task, d in data.items()}
     _, admin_token = new_token("mga")
     console.rule("moerge demo")
     process, address = start_coordinator(coordinator_dir, admin_token, data_dir / "coordinator.log")
@@ -190,46 +279,11 @@ def demo(
             job = bar.add_task(
                 "contributors train and upload experts (2 at a time)", total=len(names)
             )
-            jobs = []
-            for task in names:
-                token = call(
-                    admin,
-                    "admin",
-                    "CreateEnrollmentToken",
-                    admin_pb2.CreateEnrollmentTokenRequest(note=f"demo {task}"),
-                ).token
-                folder = data_dir / "contributors" / task
-                jobs.append(
-                    (
-                        task,
-                        partial(
-                            contributor_process,
-                            folder,
-                            address,
-                            token,
-                            task,
-                            epochs,
-                            train_per_task,
-                            gate_steps,
-                        ),
-                    )
-                )
+            jobs = contributor_jobs(admin, data_dir, names, epochs, train_per_task, gate_steps)
             run_contributors(jobs, parallel, lambda _task: bar.advance(job))
-            experts = call(
-                admin, "admin", "ListExperts", admin_pb2.ListExpertsRequest(page_size=100)
-            ).experts
-            expert_of_task = {e.task_name: e.expert_id for e in experts}
+            expert_of_task = experts_by_task(admin)
             fit = bar.add_task("fit routers from adapters + statistics", total=len(ROUTERS))
-            fit_seconds = {}
-            for method in ROUTERS:
-                version = call(
-                    admin,
-                    "admin",
-                    "TrainRouter",
-                    admin_pb2.TrainRouterRequest(method=method, no_activate=method != "centroid"),
-                )
-                fit_seconds[method] = version.fit_seconds
-                bar.advance(fit)
+            fit_seconds = fit_routers(admin, ROUTERS, lambda _method: bar.advance(fit))
             stream = mixed_stream(tests, seed)
             methods = ("oracle", *ROUTERS)
             evaluate = bar.add_task(

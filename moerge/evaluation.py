@@ -9,6 +9,7 @@ source task's expert; *task accuracy* the share whose predicted label is the tru
 from __future__ import annotations
 
 import random
+import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -26,9 +27,11 @@ METHODS: dict[str, tuple[str, int, int]] = {
     "lda": ("lda", inference_pb2.AGGREGATION_OUTPUT_ENSEMBLE, 1),
     "qda": ("qda", inference_pb2.AGGREGATION_OUTPUT_ENSEMBLE, 1),
     "mlp": ("mlp", inference_pb2.AGGREGATION_OUTPUT_ENSEMBLE, 1),
+    "federated": ("federated", inference_pb2.AGGREGATION_OUTPUT_ENSEMBLE, 1),
     "arrow": ("arrow", inference_pb2.AGGREGATION_MODULE_MIX, 0),
     "phatgoose": ("phatgoose", inference_pb2.AGGREGATION_MODULE_MIX, 0),
     "uniform": ("uniform", inference_pb2.AGGREGATION_MERGE_LINEAR, 0),
+    "base": ("base", inference_pb2.AGGREGATION_OUTPUT_ENSEMBLE, 0),
 }
 
 
@@ -74,8 +77,10 @@ def score_method(
     on_batch: Callable[[int], None] | None = None,
 ) -> MethodScore:
     """Send the stream to Predict with one method; tally routing and task accuracy."""
-    import time
-
+    if method == "oracle":
+        return score_assigned(
+            target, method, stream, [ex.task for ex in stream], expert_of_task, batch_size, on_batch
+        )
     routing_method, aggregation, top_k = METHODS[method]
     task_of_expert = {e: t for t, e in expert_of_task.items()}
     score = MethodScore(method)
@@ -84,48 +89,76 @@ def score_method(
         stub = inference_pb2_grpc.InferenceServiceStub(channel)
         for start in range(0, len(stream), batch_size):
             batch = stream[start : start + batch_size]
-            if method == "oracle":
-                responses = [
-                    stub.Predict(
-                        inference_pb2.PredictRequest(
-                            inputs=[ex.text],
-                            expert_ids=[expert_of_task[ex.task]],
-                            top_k=1,
-                            aggregation=aggregation,
-                        ),
-                        metadata=target.metadata(),
-                        timeout=600,
-                    )
-                    for ex in batch
-                ]
-                predictions = [r.predictions[0] for r in responses]
-            else:
-                try:
-                    response = stub.Predict(
-                        inference_pb2.PredictRequest(
-                            inputs=[ex.text for ex in batch],
-                            routing_method=routing_method,
-                            aggregation=aggregation,
-                            top_k=top_k,
-                        ),
-                        metadata=target.metadata(),
-                        timeout=600,
-                    )
-                except grpc.RpcError as exc:
-                    score.error = f"{exc.code().name}: {exc.details()}"
-                    return score
-                predictions = list(response.predictions)
-            for ex, prediction in zip(batch, predictions, strict=True):
+            try:
+                response = stub.Predict(
+                    inference_pb2.PredictRequest(
+                        inputs=[ex.text for ex in batch],
+                        routing_method=routing_method,
+                        aggregation=aggregation,
+                        top_k=top_k,
+                    ),
+                    metadata=target.metadata(),
+                    timeout=600,
+                )
+            except grpc.RpcError as exc:
+                score.error = f"{exc.code().name}: {exc.details()}"
+                return score
+            for ex, prediction in zip(batch, response.predictions, strict=True):
                 top = max(prediction.experts, key=lambda e: e.weight).expert_id
-                routed_task = task_of_expert.get(top, "?")
-                score.examples += 1
-                score.routed_right += routed_task == ex.task
-                score.labelled_right += prediction.output == ex.label
-                score.confusion[(ex.task, routed_task)] += 1
+                _tally(score, ex, task_of_expert.get(top, "?"), prediction.output)
             if on_batch:
                 on_batch(len(batch))
     score.seconds = time.perf_counter() - started
     return score
+
+
+def score_assigned(
+    target: Target,
+    method: str,
+    stream: Sequence[StreamExample],
+    routed_tasks: Sequence[str],
+    expert_of_task: dict[str, str],
+    batch_size: int = 32,
+    on_batch: Callable[[int], None] | None = None,
+) -> MethodScore:
+    """Score routing decided by the caller: example i goes to ``routed_tasks[i]``'s expert.
+
+    The oracle passes each example's own task; a router fitted by the caller (e.g. the raw-data
+    ceiling of the benchmark) passes its predictions. Examples are batched per expert.
+    """
+    score = MethodScore(method)
+    started = time.perf_counter()
+    by_task: dict[str, list[int]] = {}
+    for i, task in enumerate(routed_tasks):
+        by_task.setdefault(task, []).append(i)
+    with target.channel() as channel:
+        stub = inference_pb2_grpc.InferenceServiceStub(channel)
+        for task, rows in by_task.items():
+            for start in range(0, len(rows), batch_size):
+                batch = [stream[i] for i in rows[start : start + batch_size]]
+                response = stub.Predict(
+                    inference_pb2.PredictRequest(
+                        inputs=[ex.text for ex in batch],
+                        expert_ids=[expert_of_task[task]],
+                        top_k=1,
+                        aggregation=inference_pb2.AGGREGATION_OUTPUT_ENSEMBLE,
+                    ),
+                    metadata=target.metadata(),
+                    timeout=600,
+                )
+                for ex, prediction in zip(batch, response.predictions, strict=True):
+                    _tally(score, ex, task, prediction.output)
+                if on_batch:
+                    on_batch(len(batch))
+    score.seconds = time.perf_counter() - started
+    return score
+
+
+def _tally(score: MethodScore, ex: StreamExample, routed_task: str, output: str) -> None:
+    score.examples += 1
+    score.routed_right += routed_task == ex.task
+    score.labelled_right += output == ex.label
+    score.confusion[(ex.task, routed_task)] += 1
 
 
 def save_confusion_png(score: MethodScore, tasks: Sequence[str], path: Path) -> Path:
