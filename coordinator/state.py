@@ -7,10 +7,12 @@ wires the pieces together.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from sqlalchemy import Engine
@@ -18,6 +20,7 @@ from sqlalchemy import Engine
 from moerge.coordinator.base_model import BaseModelSpec, describe_base_model
 from moerge.coordinator.config import CoordinatorConfig
 from moerge.coordinator.expert_store import ExpertStore
+from moerge.coordinator.housekeeping import run_periodically
 from moerge.coordinator.routers import RouterService
 from moerge.coordinator.uploads import UploadReceiver
 from moerge.router_training.policy import RetrainPolicy
@@ -41,6 +44,7 @@ class CoordinatorState:
     experts: ExpertStore
     routers: RouterService
     inference: object | None = None  # InferenceService, created lazily on first Predict
+    _housekeeping: asyncio.Task[None] | None = field(default=None, repr=False)
 
     @classmethod
     def open(cls, config: CoordinatorConfig) -> CoordinatorState:
@@ -82,8 +86,24 @@ class CoordinatorState:
 
     async def start_background(self) -> None:
         self.routers.start()
+        if self.config.housekeeping_interval_seconds > 0:
+            self._housekeeping = asyncio.create_task(
+                run_periodically(
+                    self.registry,
+                    self.blobs,
+                    self.uploads,
+                    interval_seconds=self.config.housekeeping_interval_seconds,
+                    blob_min_age_seconds=self.config.orphan_blob_min_age_seconds,
+                    stale_upload_seconds=self.config.stale_upload_seconds,
+                ),
+                name="moerge-housekeeping",
+            )
 
     async def aclose(self) -> None:
+        if self._housekeeping is not None:
+            self._housekeeping.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._housekeeping
         await self.routers.stop()
         if self.inference is not None:
             await self.inference.aclose()  # type: ignore[attr-defined]
