@@ -68,8 +68,15 @@ def fit_router(
     params: Mapping[str, Any] | None = None,
     metric_samples: int = METRIC_SAMPLES,
 ) -> FitResult:
-    """Fit ``method`` over ``experts`` with ``params``; see the module docstring for metrics."""
+    """Fit ``method`` over ``experts`` with ``params``; see the module docstring for metrics.
+
+    A default ``top_k`` larger than the number of experts (Arrow's 3 over a registry of two)
+    is lowered to that number; a ``top_k`` given in ``params`` is checked as it is.
+    """
     config = build_config(method, params)
+    default_k = getattr(config, "top_k", None)
+    if "top_k" not in (params or {}) and isinstance(default_k, int) and default_k > len(experts):
+        config = dataclasses.replace(config, top_k=max(len(experts), 1))
     cls = get_router_class(method)
     start = time.perf_counter()
     router = cls.fit(experts, config)

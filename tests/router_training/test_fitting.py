@@ -80,3 +80,10 @@ def test_top_k_by_row_maxima_equals_torch_topk(k: int) -> None:
     torch.testing.assert_close(values, expected_values, rtol=0, atol=0)
     torch.testing.assert_close(indices, expected_indices)
     assert not torch.isinf(scores).any()  # the input is left as it was
+
+
+def test_a_default_top_k_above_the_expert_count_is_lowered_but_an_explicit_one_is_not() -> None:
+    two = planted_experts(2)
+    assert fit_router("arrow", two).router.config.top_k == 2  # Arrow's default is 3
+    with pytest.raises(ValueError, match="top_k=3 exceeds"):
+        fit_router("arrow", two, {"top_k": 3})
