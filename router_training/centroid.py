@@ -96,7 +96,9 @@ class CentroidRouter(Router):
         self.centroids = centroids.to(torch.float32).contiguous()
         hidden = self.centroids.shape[1]
         self._scorer = LinearScorer(
-            self.centroids.T, torch.zeros(self.num_experts), torch.zeros(hidden),
+            self.centroids.T,
+            torch.zeros(self.num_experts),
+            torch.zeros(hidden),
             self.config.score_dtype,
         )
 

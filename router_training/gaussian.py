@@ -117,8 +117,11 @@ class GaussianBank:
         cov_factor = torch.zeros(num, hidden, rank)
         for i, s in enumerate(stats):
             cov_factor[i, :, : s.cov_factor.shape[1]] = s.cov_factor.to(torch.float32)
-        if not (torch.isfinite(means).all() and torch.isfinite(cov_diag).all()
-                and torch.isfinite(cov_factor).all()):
+        if not (
+            torch.isfinite(means).all()
+            and torch.isfinite(cov_diag).all()
+            and torch.isfinite(cov_factor).all()
+        ):
             raise ValueError("statistics contain NaN or infinite values")
         mean_variance = (cov_diag.clamp_min(0).sum(-1) + cov_factor.square().sum((1, 2))) / hidden
         floor = (variance_floor * mean_variance).clamp_min(1e-12)[:, None]
@@ -173,8 +176,9 @@ class GaussianBank:
 
         Returns ``x`` [n, H] and the source expert ``y`` [n] (long).
         """
-        labels = torch.multinomial(probs.to(torch.float32), num_samples, replacement=True,
-                                   generator=generator)
+        labels = torch.multinomial(
+            probs.to(torch.float32), num_samples, replacement=True, generator=generator
+        )
         return self.sample(labels, generator), labels
 
     def mixture_moments(self, probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

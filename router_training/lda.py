@@ -90,7 +90,7 @@ def pooled_covariance_solve(
         solver = "woodbury" if num * rank < hidden else "dense"
     if solver == "woodbury":
         # G [H, E k]: the columns sqrt(w_e (1 - alpha)) U_e, expert-major.
-        g = (bank.cov_factor.to(torch.float64) * (w.sqrt() * low_scale)[:, None, None])
+        g = bank.cov_factor.to(torch.float64) * (w.sqrt() * low_scale)[:, None, None]
         g = g.permute(1, 0, 2).reshape(hidden, num * rank)
         d_inv_rhs = rhs / d[:, None]
         d_inv_g = g / d[:, None]

@@ -136,9 +136,9 @@ class MLPRouter(GaussianRouter):
     input_mean: torch.Tensor
     input_scale: torch.Tensor
 
-    def _draw(self, bank: GaussianBank, n: int, generator: torch.Generator) -> tuple[
-        torch.Tensor, torch.Tensor
-    ]:
+    def _draw(
+        self, bank: GaussianBank, n: int, generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         groups = max(1, n // _DRAWS_PER_EXPERT)
         experts = torch.randint(bank.num_experts, (groups,), generator=generator)
         x, labels = bank.sample_grouped(experts, _DRAWS_PER_EXPERT, generator)
@@ -205,12 +205,14 @@ class MLPRouter(GaussianRouter):
         self.input_mean = state["input_mean"]
         self.input_scale = state["input_scale"]
         self.network = ResidualClassifier(
-            int(self.input_mean.shape[0]), list(self.config.hidden_sizes), self.num_experts,
+            int(self.input_mean.shape[0]),
+            list(self.config.hidden_sizes),
+            self.num_experts,
             self.config.lda_skip,
         )
         prefix = "network."
         self.network.load_state_dict(
-            {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+            {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
         )
         self.network.eval()
         self.network.requires_grad_(False)

@@ -99,9 +99,7 @@ class QDARouter(GaussianRouter):
         self.lowrank = lowrank.contiguous() if rank else torch.zeros(num, 0, bank.hidden_size)
         self.lowrank_mean = torch.einsum("ekh,eh->ek", self.lowrank, m)
         const = (m.to(torch.float64).square() * d_inv.to(torch.float64)).sum(-1)
-        self.bias = (-0.5 * (logdet + const) + self.log_priors.to(torch.float64)).to(
-            torch.float32
-        )
+        self.bias = (-0.5 * (logdet + const) + self.log_priors.to(torch.float64)).to(torch.float32)
 
     def logits(self, embeddings: torch.Tensor) -> torch.Tensor:
         x = as_float_batch(embeddings, self.center.shape[0]) - self.center

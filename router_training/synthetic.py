@@ -64,9 +64,10 @@ def synthetic_gaussian_experts(
     means = F.normalize(shared + mean_spread * noise, dim=-1) * math.sqrt(1 - within_variance)
     shared_factor = torch.randn(hidden_size, rank, generator=gen)
     own_factors = torch.randn(num_experts, hidden_size, rank, generator=gen)
-    factors = math.sqrt(shared_covariance) * shared_factor + math.sqrt(
-        1 - shared_covariance
-    ) * own_factors
+    factors = (
+        math.sqrt(shared_covariance) * shared_factor
+        + math.sqrt(1 - shared_covariance) * own_factors
+    )
     if rank:
         factors *= math.sqrt(within_variance / 2 / (hidden_size * rank))
     diag_share = within_variance / 2 if rank else within_variance
@@ -79,11 +80,15 @@ def synthetic_gaussian_experts(
     for e in range(num_experts):
         gates = {m: torch.randn(d_in, generator=gen) for m, d_in in (gate_modules or {}).items()}
         stats = ExpertStatistics(
-            example_count=int(counts[e]), mean=means[e], cov_diag=diags[e],
-            cov_factor=factors[e], gates=gates,
+            example_count=int(counts[e]),
+            mean=means[e],
+            cov_diag=diags[e],
+            cov_factor=factors[e],
+            gates=gates,
         )
-        experts.append(ExpertRecord(expert_id=f"expert-{e:05d}", task_name=f"task-{e}",
-                                    statistics=stats))
+        experts.append(
+            ExpertRecord(expert_id=f"expert-{e:05d}", task_name=f"task-{e}", statistics=stats)
+        )
     return experts
 
 
