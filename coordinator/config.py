@@ -50,6 +50,9 @@ class CoordinatorConfig:
     max_upload_bytes: int = 512 * 1024 * 1024  # per expert, all files together
     max_message_bytes: int = 8 * 1024 * 1024  # gRPC receive limit (chunks are smaller)
     chunk_size: int = 1024 * 1024  # preferred upload chunk size told to clients
+    upload_bytes_per_second: int = 0  # per contributor: faster streams are slowed; 0 = unlimited
+    upload_bytes_per_hour: int = 16 * 1024**3  # per contributor quota; 0 = unlimited
+    uploads_per_hour: int = 240  # new upload ids per contributor and hour; 0 = unlimited
     max_batch_inputs: int = 256  # inputs per Predict/Route call
     max_input_chars: int = 20_000  # characters per input
     max_input_tokens: int = 128  # classification: longer inputs are truncated; LM prompts refused
@@ -57,11 +60,22 @@ class CoordinatorConfig:
     retrain_debounce_seconds: float = 10.0  # wait after an expert change before retraining
     retrain_interval_seconds: float = 600.0  # periodic retrain when anything changed
     auto_retrain: bool = True
+    consistency_checks: bool = True  # screen experts for poisoning at upload and retrain
+    consistency_copy_p_value: float = 1e-6  # mean-copy check: chance of an honest false alarm
+    consistency_gate_z: float = 3.5  # gate-norm check: robust z-score (MAD) threshold
+    consistency_gate_ratio: float = 3.0  # gate-norm check: and at least this times the median
+    consistency_min_peers: int = 4  # gate-norm check: other experts needed to judge
     adapter_cache_bytes: int = 512 * 1024 * 1024  # experts' LoRA weights kept in memory
     batch_wait_ms: float = 5.0  # micro-batcher: how long to wait for more requests
     grace_seconds: float = 5.0  # graceful-shutdown grace for in-flight RPCs
     log_json: bool = False
     metrics_listen: str = ""  # host:port of the Prometheus /metrics endpoint; "" = off
+    superlink: str = ""  # Flower SuperLink for federated rounds: "" off, "start" or host:port
+    superlink_listen: str = "127.0.0.1:9092"  # where a started SuperLink listens (Fleet+Control)
+    superlink_ca: str = ""  # CA of the SuperLink's TLS certificate ("" = tls_cert, or plain)
+    housekeeping_interval_seconds: float = 3600.0  # sweep orphans every so often; 0 = never
+    stale_upload_seconds: float = 7 * 24 * 3600.0  # unfinished uploads untouched this long go
+    orphan_blob_min_age_seconds: float = 3600.0  # unreferenced blobs younger than this stay
 
     @property
     def database_url(self) -> str:
@@ -80,6 +94,22 @@ class CoordinatorConfig:
             raise ValueError("task_type must be 'classification' or 'causal_lm'")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ValueError("tls_cert and tls_key must be given together")
+        for name in ("upload_bytes_per_second", "upload_bytes_per_hour", "uploads_per_hour"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0 (0 = unlimited)")
+        if not 0 < self.consistency_copy_p_value < 1:
+            raise ValueError("consistency_copy_p_value must be in (0, 1)")
+        if self.consistency_gate_z <= 0 or self.consistency_gate_ratio < 1:
+            raise ValueError("consistency_gate_z must be > 0 and consistency_gate_ratio >= 1")
+        for name in (
+            "housekeeping_interval_seconds",
+            "stale_upload_seconds",
+            "orphan_blob_min_age_seconds",
+        ):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0")
+        if self.superlink not in ("", "start") and ":" not in self.superlink:
+            raise ValueError("superlink must be '', 'start' or a host:port")
         if self.max_lora_rank < 1:
             raise ValueError("max_lora_rank must be >= 1")
         if ":" not in self.listen:

@@ -4,7 +4,9 @@ Every fit (manual, on an expert-set change, or periodic, as decided by
 :class:`~moerge.router_training.policy.RetrainPolicy`) writes a new router version: its method,
 parameters, experts, artifact blob, fit metrics and timings. Only a successful fit replaces the
 active router, by swapping one reference, so Predict never waits on training and a failed fit
-leaves the previous router serving. Quarantined and retired experts are never included.
+leaves the previous router serving. Quarantined and retired experts are never included, and
+experts that fail the consistency checks (:mod:`moerge.coordinator.screening`) are quarantined
+first.
 """
 
 from __future__ import annotations
@@ -15,18 +17,24 @@ import logging
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from moerge.coordinator.expert_store import ExpertStore
 from moerge.router_training.base import Router, load_router
-from moerge.router_training.fitting import fit_router
+from moerge.router_training.fitting import FitResult, build_config, fit_router
 from moerge.router_training.policy import RetrainPolicy
 from moerge.router_training.registry import available_methods
 from moerge.storage.blobstore import BlobStore
 from moerge.storage.errors import FailedPrecondition, InvalidArgument, NotFound
-from moerge.storage.records import RouterVersionInfo
+from moerge.storage.records import ExpertInfo, RouterVersionInfo
 from moerge.storage.registry import Registry
+
+if TYPE_CHECKING:  # flwr is imported only when a SuperLink is configured
+    from moerge.coordinator.config import CoordinatorConfig
+    from moerge.router_training.superlink import SuperLinkFederation
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +65,11 @@ class RouterService:
         self._loaded: dict[int, LoadedRouter] = {}
         self._train_lock = threading.Lock()
         self._task: asyncio.Task[None] | None = None
+        #: Set by the coordinator: the active experts after consistency checks (which
+        #: quarantine what they flag); None = every active expert.
+        self.screen: Callable[[], list[ExpertInfo]] | None = None
+        #: Flower SuperLink for ``federated`` rounds with real contributors (config ``superlink``)
+        self.federation: SuperLinkFederation | None = None
 
     # -- reading ------------------------------------------------------------------------------
     @property
@@ -99,16 +112,27 @@ class RouterService:
                 "method",
                 f"unknown routing method {method!r}; known: {', '.join(available_methods())}",
             )
+        try:  # bad parameters are refused before anything is recorded
+            top_k = getattr(build_config(method, params), "top_k", None)
+        except (TypeError, ValueError) as exc:
+            raise InvalidArgument("params_json", str(exc)) from None
         with self._train_lock:
-            experts = self.registry.active_experts()
+            experts = self.screen() if self.screen else self.registry.active_experts()
             if not experts:
                 raise FailedPrecondition("no active experts to route among")
+            # a default top_k is lowered to the number of experts by fit_router; one asked for
+            # is refused here, before a version is recorded
+            if isinstance(top_k, int) and "top_k" in (params or {}) and top_k > len(experts):
+                raise InvalidArgument(
+                    "params_json",
+                    f"top_k={top_k} exceeds the number of active experts ({len(experts)})",
+                )
             version = self.registry.create_router_version(
                 actor, method, params, [e.id for e in experts], trigger
             )
             try:
                 records = [self.experts.record(e) for e in experts]
-                result = fit_router(method, records, params)
+                result = self._fit(method, records, params)
                 with tempfile.TemporaryDirectory() as tmp:
                     path = Path(tmp) / "router.safetensors"
                     result.router.save(path)
@@ -133,6 +157,22 @@ class RouterService:
             if activate:
                 self._active = loaded
             return info
+
+    def _fit(self, method: str, records: list, params: dict[str, object]) -> FitResult:
+        """``federated`` rounds run over the SuperLink's SuperNodes when one is configured
+        (unless ``params["backend"]`` asks for simulated contributors); all else fits here."""
+        superlink_rounds = (
+            method == "federated"
+            and self.federation is not None
+            and int(params.get("rounds", 0) or 0) > 0  # type: ignore[call-overload]
+            and params.get("backend", "superlink") == "superlink"
+        )
+        if superlink_rounds:
+            from moerge.router_training.superlink import fit_on_superlink
+
+            assert self.federation is not None
+            return fit_on_superlink(self.federation, records, params)
+        return fit_router(method, records, params)
 
     def activate(self, actor: str, version: int) -> RouterVersionInfo:
         info = self.registry.activate_router_version(actor, version)
@@ -176,3 +216,25 @@ class RouterService:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+        if self.federation is not None:  # a SuperLink this coordinator started stops with it
+            await asyncio.to_thread(self.federation.close)
+            self.federation = None
+
+
+def open_federation(config: CoordinatorConfig) -> SuperLinkFederation | None:
+    """The Flower SuperLink of config ``superlink``: started as a child process, or existing."""
+    if not config.superlink:
+        return None
+    from moerge.router_training.superlink import SuperLinkFederation
+
+    work_dir = Path(config.data_dir) / "federation"
+    ca = config.superlink_ca or config.tls_cert
+    if config.superlink == "start":
+        return SuperLinkFederation.start(
+            config.superlink_listen,
+            work_dir,
+            certfile=config.tls_cert,
+            keyfile=config.tls_key,
+            root_certificates=ca,
+        )
+    return SuperLinkFederation(config.superlink, work_dir, root_certificates=ca)

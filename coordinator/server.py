@@ -18,7 +18,10 @@ from grpc_reflection.v1alpha import reflection
 
 from moerge.coordinator.auth import AuthInterceptor
 from moerge.coordinator.config import CoordinatorConfig
+from moerge.coordinator.decoding import DecodeInterceptor
 from moerge.coordinator.metrics import MetricsHTTPServer, MetricsInterceptor, RpcMetrics, collector
+from moerge.coordinator.routers import open_federation
+from moerge.coordinator.screening import install as install_screen
 from moerge.coordinator.servicers import AdminServicer, ContributorServicer, InferenceServicer
 from moerge.coordinator.state import CoordinatorState
 from moerge.v1 import (
@@ -65,6 +68,7 @@ async def start(config: CoordinatorConfig, state: CoordinatorState | None = None
     """Open the registry (migrating it), bind the port and start serving."""
     if state is None:
         state = await asyncio.to_thread(CoordinatorState.open, config)
+    install_screen(state)  # poisoning checks at upload commit and before router fits
     options = [
         ("grpc.max_receive_message_length", config.max_message_bytes),
         ("grpc.max_send_message_length", config.max_message_bytes),
@@ -73,7 +77,11 @@ async def start(config: CoordinatorConfig, state: CoordinatorState | None = None
     # Metrics first: it is the outermost interceptor, so it also counts calls auth rejects.
     metrics = RpcMetrics()
     server = grpc.aio.server(
-        interceptors=[MetricsInterceptor(metrics), AuthInterceptor(state.registry.authenticate)],
+        interceptors=[
+            MetricsInterceptor(metrics),
+            AuthInterceptor(state.registry.authenticate),
+            DecodeInterceptor(),  # innermost: undecodable requests become INVALID_ARGUMENT
+        ],
         options=options,
     )
     contributor_pb2_grpc.add_ContributorServiceServicer_to_server(
@@ -103,6 +111,8 @@ async def start(config: CoordinatorConfig, state: CoordinatorState | None = None
         metrics_http = MetricsHTTPServer(config.metrics_listen, collector(metrics, state)).start()
         log.info("metrics on http://%s:%d/metrics", config.metrics_listen.rsplit(":", 1)[0],
                  metrics_http.port)
+    # A SuperLink for federated rounds (config `superlink`) before the scheduler can train.
+    state.routers.federation = await asyncio.to_thread(open_federation, config)
     await state.start_background()
     log.info("coordinator listening on %s (tls=%s)", config.listen.rsplit(":", 1)[0] + f":{port}",
              bool(config.tls_cert))
