@@ -61,12 +61,20 @@ def _expert_rows(experts: list[common_pb2.Expert]) -> list[tuple[object, ...]]:
             e.example_count,
             len(e.label_names),
             e.contributor_id[:12],
+            _short(e.state_reason),
         )
         for e in experts
     ]
 
 
-EXPERT_COLUMNS = ("id", "name", "v", "task", "state", "examples", "labels", "contributor")
+def _short(text: str, width: int = 48) -> str:
+    """A table cell's first ``width`` characters (``show`` and ``--json`` give all of it)."""
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+EXPERT_COLUMNS = (
+    "id", "name", "v", "task", "state", "examples", "labels", "contributor", "reason",
+)
 
 
 @experts_app.command("list")

@@ -109,6 +109,13 @@ def test_planted_poisoners_are_quarantined_at_upload_with_a_reason_and_get_no_tr
             "copycat": states["copycat"][1],
             "loud": states["loud"][1],
         }
+        table = CliRunner().invoke(
+            moerge_cli,
+            ["admin", "experts", "list", "--state", "quarantined", *cli[:-1]],
+            env={"COLUMNS": "400"},
+        )
+        assert table.exit_code == 0, table.output
+        assert "reason" in table.output and states["copycat"][1][:20] in table.output
 
         assert _routed(running).isdisjoint({copied.expert_id, shouting.expert_id})
         with grpc.insecure_channel(running.address) as ch:
