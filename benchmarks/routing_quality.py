@@ -309,7 +309,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tasks", default=",".join(DEFAULT_TASKS))
     # defaults: what fitted ~35-50 min on the 2 shared cores; 1000 / 300 on a quiet machine
     parser.add_argument("--train-per-task", type=int, default=600)
-    parser.add_argument("--test-per-task", type=int, default=100)
+    parser.add_argument("--test-per-task", type=int, default=300)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--gate-steps", type=int, default=100)
     parser.add_argument("--parallel", type=int, default=2, help="contributors training at once")
