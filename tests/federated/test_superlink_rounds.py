@@ -39,9 +39,9 @@ def superlink(tmp_path, request):
     try:
         flower_binary("flower-superlink")
         flower_binary("flower-supernode")
-        federation = SuperLinkFederation.start(f"127.0.0.1:{_free_port()}", tmp_path / "fl")
-    except (FileNotFoundError, RuntimeError, TimeoutError) as exc:
+    except FileNotFoundError as exc:  # flwr's binaries not installed; a failed start fails
         pytest.skip(f"cannot start a Flower SuperLink here: {exc}")
+    federation = SuperLinkFederation.start(f"127.0.0.1:{_free_port()}", tmp_path / "fl")
     yield federation
     federation.close()
 

@@ -22,13 +22,10 @@ import grpc
 from moerge.coordinator.health_cli import check_health
 from moerge.storage.tokens import new_token
 from moerge.v1 import (
-    admin_pb2,
-    admin_pb2_grpc,
-    contributor_pb2,
-    contributor_pb2_grpc,
     inference_pb2,
     inference_pb2_grpc,
 )
+from tests.coordinator.test_server import enroll
 
 MOERGE = str(Path(sys.executable).parent / "moerge")
 
@@ -147,20 +144,7 @@ class CoordinatorProcess:
 
     def enroll(self, name: str) -> str:
         """A contributor credential, obtained as a real contributor does (token, then Join)."""
-        with grpc.insecure_channel(self.address) as channel:
-            token = (
-                admin_pb2_grpc.AdminServiceStub(channel)
-                .CreateEnrollmentToken(
-                    admin_pb2.CreateEnrollmentTokenRequest(note="reliability"),
-                    metadata=bearer(self.admin_token),
-                    timeout=30,
-                )
-                .token
-            )
-            joined = contributor_pb2_grpc.ContributorServiceStub(channel).Join(
-                contributor_pb2.JoinRequest(enrollment_token=token, name=name), timeout=30
-            )
-        return joined.credential
+        return enroll(self.address, self.admin_token, name)[1]
 
     def predict(self, text: str = "the film was good") -> inference_pb2.PredictResponse:
         """One routed prediction as admin; raises ``grpc.RpcError`` on failure."""
