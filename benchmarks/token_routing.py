@@ -71,7 +71,7 @@ def _import_moerge() -> None:
 _import_moerge()
 
 from moerge.coordinator.inference.lora_bank import LoraBank  # noqa: E402
-from moerge.coordinator.inference.mixing import token_mixed_delta  # noqa: E402
+from moerge.coordinator.inference.mixing import add_token_mixed_delta_  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "token_routing.md"
 
@@ -575,11 +575,16 @@ def main(argv: list[str] | None = None) -> None:
                 for name, h in hidden.items():
                     router(name, h)
 
-        def mix_all(bank=bank, hidden=hidden, decisions=decisions) -> None:
+        outputs = {  # layer outputs to mix into, as serving does (values do not matter)
+            name: h.new_zeros(h.shape[0], bank.modules[name].out_features)
+            for name, h in hidden.items()
+        }
+
+        def mix_all(bank=bank, hidden=hidden, decisions=decisions, outputs=outputs) -> None:
             with torch.inference_mode():
                 for name, h in hidden.items():
                     module = bank.modules[name]
-                    token_mixed_delta(h, module.A, module.B, *decisions[name])
+                    add_token_mixed_delta_(outputs[name], h, module.A, module.B, *decisions[name])
 
         split += [Variant(f"route{E}", route_all, 7), Variant(f"mix{E}", mix_all, 7)]
     time_round_robin(split, 1, device)
@@ -678,7 +683,8 @@ def main(argv: list[str] | None = None) -> None:
     lines += [
         "",
         "Ratios are median throughput relative to (a) (higher is better). Routing = Arrow "
-        "prototype scoring (|h . p_e|, top-k, softmax) and mixing = `token_mixed_delta`, "
+        "prototype scoring (|h . p_e|, top-k, softmax) and mixing = `add_token_mixed_delta_` "
+        "(the delta added into the layer's output, as serving does), "
         f"summed over the {len(shapes)} adapted modules on one batch's captured module inputs; one "
         f"adapter's LoRA delta on the same inputs takes {one_delta_ms:.1f} ms. The diff column "
         "compares the last hidden states of (b) and (c) (per token: max over features); in "

@@ -3,7 +3,8 @@
 Answers "does moerge's bf16 output differ from PEFT Arrow's because of the Triton kernel, or
 because bf16 itself changes Arrow's top-k choices?" in two parts:
 
-1. the Triton SGMV kernel and the grouped-GEMM path against a float64 reference computed from
+1. the Triton SGMV kernel (both outputs: float32 atomics, and serving's bf16 per-pair rows
+   added in float32) and the grouped-GEMM path against a float64 reference computed from
    the same bf16 inputs, at serving sizes;
 2. a 1.1B Llama-shaped model (random weights), 64 Arrow experts, batch 8 x 256: moerge's bank and
    PEFT's Arrow, each in float32 and bfloat16, and the bank under a fixed (rounding-proof)
@@ -57,15 +58,18 @@ for N, d_in, d_out, r, E, k in [
         ref += w[:, j : j + 1].double() * torch.einsum("nr,nro->no", z, Bt[slots[:, j]].double())
     B = Bt.transpose(1, 2)
     tri = sgmv_triton.sgmv_token_delta(x, A, B, slots, w)
+    # serving's path, added into a float32 zero output so only the kernel's own rounding shows
+    tri_add = sgmv_triton.sgmv_token_add_(torch.zeros(N, d_out, device=dev), x, A, B, slots, w)
     seg = mixing._token_delta_segmented(
         x, A, B, *mixing._clean_decision(slots, w, N, torch.bfloat16)
     )
     disp = mixing.token_mixed_delta(x, A, B, slots, w)
     print(f"kernel N={N} d_in={d_in} d_out={d_out} r={r} E={E} k={k}")
-    print("   triton   :", rel(tri, ref))
+    print("   triton (float32 atomics):", rel(tri, ref))
+    print("   triton (bf16 pair rows)  :", rel(tri_add, ref))
     print("   segmented:", rel(seg, ref))
     print("   dispatch :", rel(disp, ref))
-    del ref, tri, seg, disp
+    del ref, tri, tri_add, seg, disp
     torch.cuda.empty_cache()
 
 # 2. model level, llama-1b, E=64, batch 8 x 256

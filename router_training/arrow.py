@@ -200,6 +200,8 @@ class ArrowRouter(ModuleVectorRouter):
             for i, proto in zip(items, protos, strict=True):
                 per_module[pending[i][1]].append((pending[i][0], proto))
 
-    def scores(self, module: str, hidden: torch.Tensor) -> torch.Tensor:
+    absolute_scores: ClassVar[bool] = True  # a prototype's sign is arbitrary: score |<v, h>|
+
+    def linear_scores(self, module: str, hidden: torch.Tensor) -> torch.Tensor:
         prototypes, _ = self._placed_for(module, hidden)
-        return (hidden.to(prototypes.dtype) @ prototypes.T).abs_()
+        return hidden.to(prototypes.dtype) @ prototypes.T

@@ -87,6 +87,6 @@ class PhatgooseRouter(ModuleVectorRouter):
         router._set_vectors(per_module)
         return router
 
-    def scores(self, module: str, hidden: torch.Tensor) -> torch.Tensor:
+    def linear_scores(self, module: str, hidden: torch.Tensor) -> torch.Tensor:
         vectors, _ = self._placed_for(module, hidden)
         return standardise(hidden, self.config.eps).to(vectors.dtype) @ vectors.T

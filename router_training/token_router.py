@@ -11,7 +11,10 @@ Artifact tensors: ``vectors/<module>`` [E_m, d_in] and ``members/<module>`` [E_m
 
 Scores are computed on the hidden states' device, in their precision when that is half
 precision (as PEFT's ``ArrowLoraLinearLayer`` does in the adapters' dtype) and in float32
-otherwise; each module's table is copied there once and cached, not on every call.
+otherwise; each module's table is copied there once and cached, not on every call. A score is a
+matmul ``linear_scores`` (``[N, d_in] @ V_m^T``), optionally made absolute (Arrow); on CUDA the
+absolute value, the top-k, the softmax and the map to global expert indices then run as one
+Triton kernel (:mod:`.topk_triton`) that reads the ``[N, E_m]`` scores once.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
+from moerge.router_training import topk_triton
 from moerge.router_training.base import (
     Granularity,
     Router,
@@ -30,6 +34,10 @@ from moerge.router_training.base import (
     RoutingDecision,
     top_k_softmax,
 )
+from moerge.triton_support import run_or_fall_back
+
+#: Set (with the error) when the Triton top-k kernel failed here: it is not retried.
+_TRITON_BROKEN: list[str] = []
 
 VECTORS_PREFIX = "vectors/"
 MEMBERS_PREFIX = "members/"
@@ -44,6 +52,8 @@ class ModuleVectorRouter(Router):
     """Token-level router over per-module expert vectors (see the module docstring)."""
 
     granularity: ClassVar[Granularity] = "token"
+    #: whether a token's score is ``|linear score|`` (Arrow) rather than the linear score itself
+    absolute_scores: ClassVar[bool] = False
 
     def __init__(self, config: RouterConfig, expert_ids: Sequence[str]) -> None:
         super().__init__(config, expert_ids)
@@ -93,9 +103,15 @@ class ModuleVectorRouter(Router):
         return placed  # type: ignore[return-value]
 
     @abstractmethod
+    def linear_scores(self, module: str, hidden: torch.Tensor) -> torch.Tensor:
+        """Each token's projection onto the module's expert vectors: ``[N, d_in] -> [N, E_m]``,
+        a new tensor (routing may overwrite it)."""
+
     def scores(self, module: str, hidden: torch.Tensor) -> torch.Tensor:
         """Routing scores of each token against the module's experts: ``[N, d_in] -> [N, E_m]``,
         a new tensor (routing may overwrite it)."""
+        scores = self.linear_scores(module, hidden)
+        return scores.abs_() if self.absolute_scores else scores
 
     def route_tokens(
         self, module: str, hidden: torch.Tensor, top_k: int | None = None
@@ -107,6 +123,26 @@ class ModuleVectorRouter(Router):
                 f"got {tuple(hidden.shape)}"
             )
         k = self._resolve_top_k(top_k, num_candidates=len(members))
+        if (
+            hidden.device.type == "cuda"
+            and k <= topk_triton.MAX_K
+            and topk_triton.available()
+            and not _TRITON_BROKEN
+        ):
+            kept = run_or_fall_back(
+                lambda: topk_triton.top_k_softmax_rows(
+                    self.linear_scores(module, hidden),
+                    k,
+                    self.temperature,
+                    absolute=self.absolute_scores,
+                    members=members,
+                ),
+                _TRITON_BROKEN,
+                "top-k kernel",
+                "torch.topk",
+            )
+            if kept is not None:
+                return RoutingDecision(indices=kept[0], weights=kept[1])
         local = top_k_softmax(self.scores(module, hidden), k, self.temperature, scratch=True)
         return RoutingDecision(indices=members[local.indices], weights=local.weights)
 

@@ -52,7 +52,11 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from moerge.coordinator.inference.mixing import example_mixed_delta, token_mixed_delta
+from moerge.coordinator.inference.mixing import (
+    add_token_mixed_delta_,
+    example_mixed_delta,
+    token_mixed_delta,
+)
 
 if TYPE_CHECKING:
     from moerge.router_training.base import Router
@@ -218,6 +222,18 @@ class RoutedLoraLinear(nn.Module):
             return out
         if isinstance(routing, _ExampleRouting):
             delta = self._example_delta(x, routing)
+        elif not torch.is_grad_enabled():  # serving: mix straight into the output
+            hidden = x.reshape(-1, self.in_features)  # [N, d_in]
+            slots, weights = routing.router(self.name, hidden)  # [N, k], [N, k]
+            add_token_mixed_delta_(
+                out.view(-1, self.out_features),
+                hidden,
+                self.A,
+                self.B,
+                slots.to(x.device),
+                weights.to(x.device),
+            )
+            return out
         else:
             delta = self._token_delta(x, routing.router)
         if not torch.is_grad_enabled():  # serving: add in place, rounding once to out's dtype
@@ -340,8 +356,7 @@ class LoraBank:
     def slots_of(self, expert_ids: Sequence[str]) -> torch.Tensor:
         """[len(expert_ids)] long: slots in the given order (map router indices to slots)."""
         device = next(iter(self.modules.values())).A.device
-        return torch.tensor([self.slot_of(e) for e in expert_ids], dtype=torch.long,
-                            device=device)
+        return torch.tensor([self.slot_of(e) for e in expert_ids], dtype=torch.long, device=device)
 
     def nbytes_of(self, expert_id: str) -> int:
         """Bank memory held by the expert's slot: every module's rows, padded to ``max_rank``.
@@ -527,4 +542,3 @@ def _pattern_value(module: str, pattern: Mapping[str, object], default: object) 
         if re.match(rf"(.*\.)?({key})$", module):
             return value
     return default
-

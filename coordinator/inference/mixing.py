@@ -87,8 +87,10 @@ import torch
 import torch.nn.functional as F
 
 from moerge.coordinator.inference import sgmv_triton
+from moerge.triton_support import run_or_fall_back
 
 __all__ = [
+    "add_token_mixed_delta_",
     "example_mixed_delta",
     "grouped_mm_supported",
     "segment_matmul",
@@ -97,6 +99,10 @@ __all__ = [
 
 #: Set (with the error) when the Triton kernel failed to build or run here: it is not retried.
 _TRITON_BROKEN: list[str] = []
+
+#: Serving adds the Triton kernel's per-pair deltas into the layer output in place (``False``:
+#: into a float32 buffer with atomics, then one ``add_``; kept for the benchmark's comparison).
+TRITON_ADD_IN_PLACE = True
 
 #: ``torch._grouped_mm`` on CUDA refuses many segments ("Can't process more than 1024 groups",
 #: PyTorch 2.11, raised on an H100 for exactly 1024); more are processed in chunks of this many.
@@ -317,22 +323,58 @@ def token_mixed_delta(
     ):
         # The kernel skips slot -1 itself (fewer launches: host time matters on GPU).
         _check_decision(slots, weights, N)
-        try:
-            delta = sgmv_triton.sgmv_token_delta(xw, A, B, slots.long(), weights)
+        delta = run_or_fall_back(
+            lambda: sgmv_triton.sgmv_token_delta(xw, A, B, slots.long(), weights),
+            _TRITON_BROKEN,
+            "SGMV kernel",
+            "the grouped-GEMM path",
+        )
+        if delta is not None:
             return delta if keep_float32 else delta.to(x.dtype)
-        except sgmv_triton.KERNEL_ERRORS as exc:  # a Triton/driver this kernel does not suit
-            _TRITON_BROKEN.append(repr(exc))
-            warnings.warn(
-                f"Triton SGMV kernel failed ({exc!r}); using the grouped-GEMM path instead",
-                RuntimeWarning,
-                stacklevel=2,
-            )
     slots, weights = _clean_decision(slots, weights, N, A.dtype)
     if x.device.type == "cpu" and A.dtype in (torch.float32, torch.float64):
         delta = _token_delta_sparse(xw, A, B, slots, weights)
     else:
         delta = _token_delta_segmented(xw, A, B, slots, weights)
     return delta.to(x.dtype)
+
+
+def add_token_mixed_delta_(
+    out: torch.Tensor,
+    x: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    slots: torch.Tensor,
+    weights: torch.Tensor,
+) -> torch.Tensor:
+    """``out += token_mixed_delta(x, A, B, slots, weights)`` in place: ``out`` [N, d_out].
+
+    Serving adds the delta to the frozen layer's output. On CUDA with Triton (half precision)
+    the kernel writes each (token, expert) pair's delta to its own row and one more pass adds
+    the ``k`` rows of each token into ``out`` (:func:`.sgmv_triton.sgmv_token_add_`): no float32
+    ``[N, d_out]`` buffer, no atomics, one rounding. Elsewhere it is ``out.add_(delta)``.
+    """
+    _check_bank(A, B)
+    if (
+        x.device.type == "cuda"
+        and A.dtype in (torch.float16, torch.bfloat16)
+        and out.dtype == A.dtype
+        and out.dim() == 2
+        and out.stride(1) == 1
+        and sgmv_triton.available()
+        and not _TRITON_BROKEN
+        and TRITON_ADD_IN_PLACE
+    ):
+        _check_decision(slots, weights, x.shape[0])
+        added = run_or_fall_back(
+            lambda: sgmv_triton.sgmv_token_add_(out, x.to(A.dtype), A, B, slots.long(), weights),
+            _TRITON_BROKEN,
+            "SGMV kernel",
+            "the grouped-GEMM path",
+        )
+        if added is not None:
+            return added
+    return out.add_(token_mixed_delta(x, A, B, slots, weights, keep_float32=True))
 
 
 def _token_delta_sparse(

@@ -88,8 +88,9 @@ def test_token_mixing_equals_dense_top_k_mixture(impl, E, r, d_in, d_out, k):
     slots, weights = random_decision(53, k, E)
     got = IMPLEMENTATIONS[impl](x, A, B, slots, weights)
     assert got.shape == (53, d_out) and got.dtype == torch.float32
-    torch.testing.assert_close(got.double(), dense_mixture(x, A, B, slots, weights),
-                               rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(
+        got.double(), dense_mixture(x, A, B, slots, weights), rtol=1e-5, atol=1e-4
+    )
 
 
 def test_token_mixing_ignores_empty_slots_whatever_their_weight():
@@ -164,11 +165,44 @@ def test_segment_matmul_splits_more_segments_than_grouped_mm_takes(monkeypatch):
     torch.testing.assert_close(got, expected)
 
 
+def added_into_zeros(add_):
+    """An in-place ``out += delta`` implementation as a delta function (``out`` starts at 0)."""
+
+    def delta(x, A, B, slots, weights):
+        return add_(x.new_zeros(x.shape[0], B.shape[1]), x, A, B, slots, weights)
+
+    return delta
+
+
 CUDA_IMPLEMENTATIONS = {
     "dispatch": mixing.token_mixed_delta,
     "segmented": IMPLEMENTATIONS["segmented"],
     "triton": mixing.sgmv_triton.sgmv_token_delta,  # takes slot -1 as it is
+    "add_in_place": added_into_zeros(mixing.add_token_mixed_delta_),
+    "triton_add_in_place": added_into_zeros(mixing.sgmv_triton.sgmv_token_add_),
 }
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_mixing_in_place_adds_to_the_layer_output_rounding_once():
+    """``out += delta`` in bf16 is the float64 sum up to one rounding of the result and the bf16
+    intermediates (each pair's ``z`` and delta): no float32 buffer, no second rounding."""
+    A, B = random_bank(64, 16, 256, 512, torch.bfloat16)
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(1000, 256, generator=generator).bfloat16()
+    out = torch.randn(1000, 512, generator=generator).bfloat16()
+    slots, weights = random_decision(1000, 2, 64)
+    truth = out.double() + dense_mixture(x, A, B, slots, weights)
+    used = (slots >= 0).double()
+    z = torch.einsum("nd,nkrd->nkr", x.double(), A[slots.clamp(min=0)].double())  # [N, k, r]
+    z = z.abs() * (weights.double() * used).unsqueeze(-1)
+    intermediates = torch.einsum("nkr,nkor->no", z, B[slots.clamp(min=0)].double().abs())
+    got = mixing.add_token_mixed_delta_(
+        out.cuda(), x.cuda(), A.cuda(), B.cuda(), slots.cuda(), weights.cuda()
+    )
+    assert got.dtype == torch.bfloat16 and got.shape == out.shape
+    bound = 2.0**-8 * truth.abs() + 2.0**-7 * intermediates + 1e-6
+    assert bool(((got.cpu().double() - truth).abs() <= bound).all())
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -179,7 +213,7 @@ CUDA_IMPLEMENTATIONS = {
     [(8, 16, 256, 128, 2), (1100, 8, 64, 48, 3), (5, 3, 7, 9, 1)],
 )
 def test_cuda_token_mixing_equals_dense_top_k_mixture(impl, dtype, E, r, d_in, d_out, k):
-    if impl == "triton" and (dtype == torch.float32 or not mixing.sgmv_triton.available()):
+    if impl.startswith("triton") and (dtype == torch.float32 or not mixing.sgmv_triton.available()):
         pytest.skip("the Triton kernels serve half precision, with Triton installed")
     A, B = random_bank(E, r, d_in, d_out, dtype)
     x = torch.randn(300, d_in, generator=torch.Generator().manual_seed(2)).to(dtype)
@@ -249,8 +283,9 @@ class ArrowRouting:
         scalings = [{m: s for m, (_, _, s) in e.items()} for e in experts]
         # PEFT builds prototypes from lora_A / lora_B as stored (scaling not applied)
         self.prototypes = {
-            module: torch.stack([arrow_prototype(e[module][0], e[module][1], ARROW_SEED)
-                                 for e in experts])
+            module: torch.stack(
+                [arrow_prototype(e[module][0], e[module][1], ARROW_SEED) for e in experts]
+            )
             for module in experts[0]
         }
         assert all(s == scalings[0] for s in scalings)
@@ -355,8 +390,9 @@ def test_bank_under_sigmoid_gate_routing_equals_dense_reference(library, top_k):
     for name in bank.modules:
         parent, _, child = name.rpartition(".")
         layer = reference.get_submodule(name)
-        setattr(reference.get_submodule(parent), child, DenseMixLinear(layer, name, experts,
-                                                                       routing))
+        setattr(
+            reference.get_submodule(parent), child, DenseMixLinear(layer, name, experts, routing)
+        )
     inputs = {"input_ids": token_ids(4, 10, seed=3)}
     with torch.no_grad():
         expected = reference(**inputs).last_hidden_state
