@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 import threading
 from pathlib import Path
 
@@ -60,6 +61,17 @@ class ExpertStore:
             shutil.rmtree(target, ignore_errors=True)
             os.replace(staging, target)
             return target
+
+    def statistics(self, digests: dict[str, str]) -> ExpertStatistics:
+        """An expert's statistics from its two statistics blobs alone (``{file name: sha256}``),
+        verified; the LoRA weights, hundreds of MiB, are neither hashed nor materialised."""
+        with tempfile.TemporaryDirectory() as tmp:
+            for name in (STATISTICS_META, STATISTICS_TENSORS):
+                digest = digests[name]
+                if not self.blobs.verify(digest):
+                    raise OSError(f"statistics blob {digest} ({name}) is corrupted")
+                (Path(tmp) / name).symlink_to(self.blobs.path(digest).resolve())
+            return read_statistics(Path(tmp))
 
     def forget(self, expert_id: str) -> None:
         shutil.rmtree(self.root / expert_id, ignore_errors=True)

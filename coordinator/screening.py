@@ -18,13 +18,10 @@ whose last state change was made by someone other than the checks are left alone
 from __future__ import annotations
 
 import logging
-import tempfile
 import threading
-from pathlib import Path
 from typing import TYPE_CHECKING
 
-from moerge.coordinator.expert_store import ExpertStore, read_statistics
-from moerge.expert_format import STATISTICS_META, STATISTICS_TENSORS
+from moerge.coordinator.expert_store import ExpertStore
 from moerge.router_training.base import ExpertRecord, ExpertStatistics
 from moerge.router_training.consistency import ConsistencyConfig, screen
 from moerge.storage.blobstore import BlobStore
@@ -55,9 +52,8 @@ class ExpertScreen:
     def _record(self, info: ExpertInfo) -> ExpertRecord:
         with self._lock:
             stats = self._cache.get(info.id)
-        if stats is None:
-            stats = self.experts.record(info).statistics
-            assert stats is not None
+        if stats is None:  # the statistics blobs only: never re-hash a peer's LoRA weights
+            stats = self.experts.statistics({n: ref.sha256 for n, ref in info.files.items()})
             with self._lock:
                 self._cache[info.id] = stats
         return ExpertRecord(expert_id=info.id, task_name=info.task_name, statistics=stats)
@@ -118,10 +114,7 @@ class ExpertScreen:
 
     def _read_new(self, spec: NewExpert) -> ExpertStatistics:
         """The candidate's statistics, read from its (already stored) blobs."""
-        with tempfile.TemporaryDirectory() as tmp:
-            for name in (STATISTICS_META, STATISTICS_TENSORS):
-                (Path(tmp) / name).symlink_to(self.blobs.path(spec.files[name][0]).resolve())
-            return read_statistics(Path(tmp))
+        return self.experts.statistics({name: ref[0] for name, ref in spec.files.items()})
 
 
 def install(state: CoordinatorState) -> ExpertScreen | None:
