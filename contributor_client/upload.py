@@ -1,14 +1,23 @@
-"""Upload an expert folder over the client-streaming ``UploadExpert`` RPC, resuming on failure.
+"""Upload an expert folder to the coordinator, resuming on failure.
+
+The bytes go over the coordinator's bulk data channel when it offers one (``StartBulkUpload``
+returns a ticket; the files are ``sendfile``-d over a plain TCP or TLS socket, see
+:mod:`moerge.bulk_protocol`), else, or when that channel cannot be reached or refuses, as chunks
+of the client-streaming ``UploadExpert`` RPC. Either way a manifest-only ``UploadExpert`` call
+commits the expert, so refusals arrive as the same gRPC status codes.
 
 The upload id is derived from the manifest (expert name + every file's name, size and sha256),
 so re-running ``moerge upload`` after a crash or a cut connection asks the coordinator how many
-bytes it holds (``GetUploadStatus``) and continues from there; re-uploading identical content is
-idempotent. Only the four files of :data:`moerge.expert_format.EXPERT_FILES` are ever read.
+bytes it holds and continues from there; re-uploading identical content is idempotent. Only the
+four files of :data:`moerge.expert_format.EXPERT_FILES` are ever read.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
+import socket
+import ssl
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -23,11 +32,17 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
-from moerge.contributor_client.connection import Target
+from moerge.bulk_protocol import Reply, Request, read_reply
+from moerge.contributor_client.connection import Target, client_home
+from moerge.contributor_client.digests import DigestCache, sha256_file
 from moerge.expert_format import EXPERT_FILES
 from moerge.v1 import contributor_pb2, contributor_pb2_grpc
 
+log = logging.getLogger(__name__)
+
 DEFAULT_CHUNK = 1024 * 1024  # 4 MiB measured slower in benchmarks/upload_throughput.py
+SENDFILE_SLICE = 16 << 20  # bytes per sendfile call: the progress bar moves between calls
+BULK_TIMEOUT = 60.0  # seconds a data-channel connect, send or reply may stall
 RETRYABLE = {
     grpc.StatusCode.UNAVAILABLE,
     grpc.StatusCode.DEADLINE_EXCEEDED,
@@ -46,22 +61,25 @@ class LocalFile:
     sha256: str
 
 
-def describe_files(expert_dir: Path) -> list[LocalFile]:
-    """The expert's four files with sizes and digests; refuses a folder that lacks one."""
+def describe_files(expert_dir: Path, cache: DigestCache | None = None) -> list[LocalFile]:
+    """The expert's four files with sizes and digests; refuses a folder that lacks one.
+
+    With ``cache``, digests of files unchanged since they were last hashed are reused.
+    """
     files = []
-    buffer = bytearray(1 << 20)  # one reused buffer: no fresh memory per block
-    view = memoryview(buffer)
     for name in EXPERT_FILES:
         path = Path(expert_dir) / name
         if not path.is_file():
             raise FileNotFoundError(
                 f"{expert_dir} lacks {name} (an expert folder holds {', '.join(EXPERT_FILES)})"
             )
-        digest = hashlib.sha256()
-        with open(path, "rb", buffering=0) as handle:
-            while count := handle.readinto(buffer):
-                digest.update(view[:count])
-        files.append(LocalFile(name, path, path.stat().st_size, digest.hexdigest()))
+        digest = cache.sha256(path) if cache is not None else sha256_file(path)
+        files.append(LocalFile(name, path, path.stat().st_size, digest))
+    if cache is not None:
+        try:
+            cache.save()
+        except OSError as exc:  # a read-only home must not stop an upload
+            log.info("cannot save the sha256 cache: %s", exc)
     return files
 
 
@@ -110,6 +128,126 @@ def _stream(
                 on_bytes(len(data))
 
 
+class BulkRefused(Exception):
+    """The data channel answered with an error (the gRPC path reports it properly)."""
+
+    def __init__(self, reply: Reply) -> None:
+        self.reply = reply
+        super().__init__(f"bulk upload refused ({grpc_code(reply.code).name}): {reply.message}")
+
+
+class BulkUnreachable(OSError):
+    """The data channel could not be connected to (firewall, NAT): use gRPC chunks."""
+
+
+def grpc_code(number: int) -> grpc.StatusCode:
+    return next((c for c in grpc.StatusCode if c.value[0] == number), grpc.StatusCode.UNKNOWN)
+
+
+def _host_of(address: str) -> str:
+    host = address.rsplit(":", 1)[0] if ":" in address else address
+    return host.removeprefix("dns:///").strip("[]")
+
+
+def _connect(target: Target, ticket: contributor_pb2.BulkUploadTicket) -> socket.socket:
+    """A connection to the data channel (TLS when it says so), or :class:`BulkUnreachable`."""
+    host = ticket.host or _host_of(target.address)
+    raw = None
+    try:
+        raw = socket.create_connection((host, ticket.port), timeout=BULK_TIMEOUT)
+        if not ticket.tls:
+            return raw
+        context = ssl.create_default_context(cafile=target.tls_ca or None)
+        return context.wrap_socket(raw, server_hostname=host)
+    except OSError as exc:
+        if raw is not None:
+            raw.close()
+        message = f"cannot reach the data channel at {host}:{ticket.port}: {exc}"
+        raise BulkUnreachable(message) from exc
+
+
+def send_bulk(
+    target: Target,
+    ticket: contributor_pb2.BulkUploadTicket,
+    upload_id: str,
+    files: list[LocalFile],
+    on_bytes: Callable[[int], None],
+) -> int:
+    """Stream the bytes the coordinator lacks over its data channel; return the bytes it holds.
+
+    Raises :class:`BulkUnreachable` if no connection opens, :class:`BulkRefused` on a refusal,
+    and another ``OSError`` when the connection breaks midway (resume with a new ticket).
+    """
+    with _connect(target, ticket) as sock:
+        offset = ticket.status.received_bytes
+        count = ticket.status.total_bytes - offset
+        sock.sendall(Request(ticket.ticket, upload_id, offset, count).encode())
+        go = read_reply(sock.recv_into)
+        if go.code:
+            raise BulkRefused(go)
+        try:
+            _send_files(sock, files, offset, on_bytes)
+        except OSError:
+            # a refusal mid-stream (a quota, a full disk) closes the connection: its reply
+            # may already be here, and says not to retry this channel
+            refusal = _reply_if_any(sock)
+            if refusal is not None and refusal.code:
+                raise BulkRefused(refusal) from None
+            raise
+        done = read_reply(sock.recv_into)
+        if done.code:
+            raise BulkRefused(done)
+        return done.held
+
+
+def _send_files(
+    sock: socket.socket, files: list[LocalFile], offset: int, on_bytes: Callable[[int], None]
+) -> None:
+    """The files back to back from stream offset ``offset``, zero-copy where possible."""
+    position = 0
+    for f in files:
+        skip = max(0, offset - position)
+        position += f.size
+        if skip >= f.size:
+            continue
+        with open(f.path, "rb") as handle:
+            while skip < f.size:
+                sent = sock.sendfile(handle, skip, min(SENDFILE_SLICE, f.size - skip))
+                if not sent:
+                    raise ConnectionError(f"{f.path} shrank while it was being sent")
+                skip += sent
+                on_bytes(sent)
+
+
+def _reply_if_any(sock: socket.socket) -> Reply | None:
+    try:
+        sock.settimeout(1.0)
+        return read_reply(sock.recv_into)
+    except (OSError, ValueError):
+        return None
+
+
+def _try_bulk(
+    stub: contributor_pb2_grpc.ContributorServiceStub,
+    target: Target,
+    manifest: contributor_pb2.UploadManifest,
+    files: list[LocalFile],
+    progress: Callable[[int | None, int], None],
+) -> int | None:
+    """Send the missing bytes over the data channel; the bytes held after, or None if it is off.
+
+    gRPC errors of ``StartBulkUpload`` propagate.
+    """
+    ticket = stub.StartBulkUpload(manifest, metadata=target.metadata(), timeout=30)
+    status = ticket.status
+    if status.state == "committed":
+        return status.total_bytes
+    if not ticket.available:
+        return None
+    progress(status.received_bytes, 0)
+    return send_bulk(target, ticket, manifest.upload_id, files, lambda n: progress(None, n))
+
+
 def upload_expert(
     target: Target,
     expert_dir: str | Path,
@@ -119,9 +257,17 @@ def upload_expert(
     chunk_size: int = DEFAULT_CHUNK,
     max_attempts: int = 8,
     progress: bool = True,
+    bulk: bool = True,
+    digest_cache: DigestCache | None = None,
 ) -> contributor_pb2.UploadExpertResponse:
-    """Upload (or resume uploading) an expert; returns the registered expert."""
-    files = describe_files(Path(expert_dir))
+    """Upload (or resume uploading) an expert; returns the registered expert.
+
+    ``bulk``: use the coordinator's data channel when it offers one (else gRPC chunks only).
+    ``digest_cache``: where to remember the files' sha256 (default: the joined client's home,
+    ``$MOERGE_HOME/sha256-cache.json``, if that folder exists).
+    """
+    cache = digest_cache if digest_cache is not None else DigestCache.in_home(client_home())
+    files = describe_files(Path(expert_dir), cache)
     manifest = make_manifest(files, expert_name, task_name, task_description)
     total = sum(f.size for f in files)
     bar = Progress(
@@ -136,8 +282,34 @@ def upload_expert(
     with bar, target.channel() as channel:
         stub = contributor_pb2_grpc.ContributorServiceStub(channel)
         task = bar.add_task(f"upload {expert_name}", total=total)
+
+        def advance(completed: int | None, count: int) -> None:
+            if completed is not None:
+                bar.update(task, completed=completed)
+            bar.advance(task, count)
+
         for attempt in range(1, max_attempts + 1):
-            offset = _held_bytes(stub, target, manifest.upload_id)
+            offset = None
+            if bulk:
+                try:
+                    offset = _try_bulk(stub, target, manifest, files, advance)
+                    bulk = offset is not None
+                except grpc.RpcError as exc:
+                    # e.g. UNIMPLEMENTED (an older coordinator) or a refusal, which the chunk
+                    # path below reports with UploadExpert's status code and trailers
+                    log.info("StartBulkUpload failed (%s); sending gRPC chunks", exc.code())
+                    bulk = False
+                except (BulkUnreachable, BulkRefused) as exc:
+                    log.info("%s; sending gRPC chunks instead", exc)
+                    bulk = False  # the chunk path resumes, or reports the refusal properly
+                except OSError as exc:  # cut midway: resume with a fresh ticket
+                    if attempt < max_attempts:
+                        log.info("data channel broke (%s); resuming", exc)
+                        time.sleep(min(0.2 * 2**attempt, 5.0))
+                        continue
+                    bulk = False
+            if offset is None:
+                offset = _held_bytes(stub, target, manifest.upload_id)
             bar.update(task, completed=offset)
             try:
                 return stub.UploadExpert(

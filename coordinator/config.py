@@ -50,6 +50,9 @@ class CoordinatorConfig:
     max_upload_bytes: int = 512 * 1024 * 1024  # per expert, all files together
     max_message_bytes: int = 8 * 1024 * 1024  # gRPC receive limit (chunks are smaller)
     chunk_size: int = 1024 * 1024  # preferred upload chunk size told to clients
+    bulk_listen: str = "auto"  # upload data channel: "auto" (listen's host, a free port), "off"
+    bulk_advertise: str = ""  # HOST[:PORT] clients dial for it; "" = their gRPC host, bound port
+    bulk_max_connections: int = 8  # data connections served at once; more are refused
     upload_bytes_per_second: int = 0  # per contributor: faster streams are slowed; 0 = unlimited
     upload_bytes_per_hour: int = 16 * 1024**3  # per contributor quota; 0 = unlimited
     uploads_per_hour: int = 240  # new upload ids per contributor and hour; 0 = unlimited
@@ -114,6 +117,12 @@ class CoordinatorConfig:
             raise ValueError("max_lora_rank must be >= 1")
         if ":" not in self.listen:
             raise ValueError(f"listen must be HOST:PORT, got {self.listen!r}")
+        if self.bulk_listen not in ("auto", "off") and ":" not in self.bulk_listen:
+            raise ValueError(
+                f"bulk_listen must be 'auto', 'off' or HOST:PORT, got {self.bulk_listen!r}"
+            )
+        if self.bulk_max_connections < 1:
+            raise ValueError("bulk_max_connections must be >= 1")
         if self.metrics_listen and ":" not in self.metrics_listen:
             raise ValueError(f"metrics_listen must be HOST:PORT, got {self.metrics_listen!r}")
         if not self.base_model:

@@ -5,15 +5,18 @@ Plain functions over :class:`~moerge.coordinator.state.CoordinatorState`; no grp
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from moerge.coordinator import convert
 from moerge.coordinator.rate_limit import UploadLimiter
 from moerge.coordinator.state import CoordinatorState
 from moerge.coordinator.uploads import UPLOAD_ID, Manifest, ManifestFile
 from moerge.storage.errors import InvalidArgument, NotFound
-from moerge.storage.records import Principal
+from moerge.storage.records import Principal, UploadInfo
 from moerge.v1 import contributor_pb2
+
+if TYPE_CHECKING:
+    from moerge.coordinator.bulk_transfer import BulkServer
 
 
 def join(request: contributor_pb2.JoinRequest, state: CoordinatorState) -> Any:
@@ -59,6 +62,37 @@ def list_my_experts(
     return contributor_pb2.ListMyExpertsResponse(experts=[convert.expert(e) for e in experts])
 
 
+def open_upload(
+    state: CoordinatorState, principal: Principal, limits: UploadLimiter | None, manifest: Manifest
+) -> UploadInfo:
+    """Begin or resume an upload (both upload paths): count new ids against the rate limit."""
+    if limits is not None and limits.uploads_per_hour:
+        manifest.check(state.config.max_upload_bytes)  # count only valid ones
+        if _is_new(state, principal.contributor_id, manifest.upload_id):
+            limits.start_upload(principal.contributor_id)
+    return state.uploads.start(principal.contributor_id, manifest)
+
+
+def start_bulk_upload(
+    request: contributor_pb2.UploadManifest,
+    state: CoordinatorState,
+    principal: Principal,
+    limits: UploadLimiter | None = None,
+    bulk: BulkServer | None = None,
+) -> contributor_pb2.BulkUploadTicket:
+    """Open the upload; if bytes are missing and the data channel runs, ticket them to it."""
+    info = open_upload(state, principal, limits, _manifest(request))
+    response = contributor_pb2.BulkUploadTicket(status=convert.upload_status(info))
+    if bulk is not None and info.state == "receiving" and info.received_bytes < info.total_bytes:
+        response.available = True
+        response.host = bulk.advertised_host
+        response.port = bulk.advertised_port
+        response.ticket = bulk.tickets.issue(principal.contributor_id, info.upload_id)
+        response.expires_in_seconds = bulk.tickets.ttl_seconds
+        response.tls = bulk.tls is not None
+    return response
+
+
 class UploadSession:
     """One UploadExpert stream: a manifest, then chunks at increasing offsets."""
 
@@ -79,11 +113,7 @@ class UploadSession:
             if self.manifest is not None:
                 raise InvalidArgument("manifest", "sent twice in one stream")
             self.manifest = _manifest(message.manifest)
-            if self.limits is not None and self.limits.uploads_per_hour:
-                self.manifest.check(self.state.config.max_upload_bytes)  # count only valid ones
-                if self._is_new(self.manifest.upload_id):
-                    self.limits.start_upload(self.principal.contributor_id)
-            info = self.state.uploads.start(self.principal.contributor_id, self.manifest)
+            info = open_upload(self.state, self.principal, self.limits, self.manifest)
             self.offset = info.received_bytes
         elif kind == "chunk":
             if self.manifest is None:
@@ -100,13 +130,6 @@ class UploadSession:
             raise InvalidArgument("kind", "empty UploadExpertRequest")
         return delay
 
-    def _is_new(self, upload_id: str) -> bool:
-        try:
-            self.state.registry.get_upload(self.principal.contributor_id, upload_id)
-        except NotFound:
-            return True
-        return False
-
     def finish(self) -> contributor_pb2.UploadExpertResponse:
         if self.manifest is None:
             raise InvalidArgument("manifest", "the stream held no manifest")
@@ -118,6 +141,14 @@ class UploadSession:
         return contributor_pb2.UploadExpertResponse(
             upload_id=self.manifest.upload_id, expert=convert.expert(info), created=created
         )
+
+
+def _is_new(state: CoordinatorState, contributor_id: str, upload_id: str) -> bool:
+    try:
+        state.registry.get_upload(contributor_id, upload_id)
+    except NotFound:
+        return True
+    return False
 
 
 def _check_upload_id(upload_id: str) -> None:

@@ -17,9 +17,11 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from moerge.coordinator.auth import AuthInterceptor
+from moerge.coordinator.bulk_transfer import BulkServer, open_bulk_channel
 from moerge.coordinator.config import CoordinatorConfig
 from moerge.coordinator.decoding import DecodeInterceptor
 from moerge.coordinator.metrics import MetricsHTTPServer, MetricsInterceptor, RpcMetrics, collector
+from moerge.coordinator.rate_limit import UploadLimiter
 from moerge.coordinator.routers import open_federation
 from moerge.coordinator.screening import install as install_screen
 from moerge.coordinator.servicers import AdminServicer, ContributorServicer, InferenceServicer
@@ -50,6 +52,7 @@ class RunningServer:
     health: health.aio.HealthServicer
     metrics: RpcMetrics
     metrics_http: MetricsHTTPServer | None = None  # set when config.metrics_listen is
+    bulk: BulkServer | None = None  # the upload data channel, unless config.bulk_listen is off
 
     @property
     def address(self) -> str:
@@ -59,6 +62,8 @@ class RunningServer:
         """Stop accepting RPCs, let in-flight ones finish (up to ``grace``), close the state."""
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace if grace is not None else self.state.config.grace_seconds)
+        if self.bulk is not None:
+            await asyncio.to_thread(self.bulk.stop)
         if self.metrics_http is not None:
             await asyncio.to_thread(self.metrics_http.stop)
         await self.state.aclose()
@@ -84,8 +89,10 @@ async def start(config: CoordinatorConfig, state: CoordinatorState | None = None
         ],
         options=options,
     )
+    limits = UploadLimiter.from_config(config)  # one budget for both upload paths
+    bulk = await asyncio.to_thread(open_bulk_channel, config, state.uploads, limits)
     contributor_pb2_grpc.add_ContributorServiceServicer_to_server(
-        ContributorServicer(state), server
+        ContributorServicer(state, limits, bulk), server
     )
     inference_pb2_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(state), server)
     admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(state), server)
@@ -102,6 +109,8 @@ async def start(config: CoordinatorConfig, state: CoordinatorState | None = None
     else:
         port = server.add_insecure_port(config.listen)
     if port == 0:
+        if bulk is not None:
+            bulk.stop()
         raise OSError(f"cannot listen on {config.listen}")
     await server.start()
     for name in ("", *SERVICE_NAMES):
@@ -117,7 +126,7 @@ async def start(config: CoordinatorConfig, state: CoordinatorState | None = None
     log.info("coordinator listening on %s (tls=%s)", config.listen.rsplit(":", 1)[0] + f":{port}",
              bool(config.tls_cert))
     return RunningServer(server=server, state=state, port=port, health=health_servicer,
-                         metrics=metrics, metrics_http=metrics_http)
+                         metrics=metrics, metrics_http=metrics_http, bulk=bulk)
 
 
 async def serve(config: CoordinatorConfig) -> None:

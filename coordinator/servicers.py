@@ -8,6 +8,7 @@ and turns the handler's exceptions into status codes through :mod:`moerge.coordi
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
@@ -15,6 +16,7 @@ import grpc
 
 from moerge.coordinator import admin_handler, contributor_handler, inference_handler
 from moerge.coordinator.auth import current_principal
+from moerge.coordinator.bulk_transfer import BulkServer
 from moerge.coordinator.errors import status_for
 from moerge.coordinator.rate_limit import UploadLimiter
 from moerge.coordinator.state import CoordinatorState
@@ -45,14 +47,26 @@ async def _serve(
         return await asyncio.to_thread(handler, *args)
     except Exception as exc:
         code, message = status_for(exc)
-        await context.abort(code, message)
+        await context.abort(code, message, trailing_metadata=_retry_after(exc))
         raise  # unreachable: abort raises
 
 
+def _retry_after(exc: Exception) -> tuple[tuple[str, str], ...]:
+    """``retry-after`` (seconds) trailing metadata for a rate-limit refusal, else nothing."""
+    retry_after = getattr(exc, "retry_after_seconds", None)
+    return (("retry-after", str(retry_after)),) if retry_after else ()
+
+
 class ContributorServicer(contributor_pb2_grpc.ContributorServiceServicer):
-    def __init__(self, state: CoordinatorState) -> None:
+    def __init__(
+        self,
+        state: CoordinatorState,
+        limits: UploadLimiter | None = None,
+        bulk: BulkServer | None = None,
+    ) -> None:
         self.state = state
-        self.limits = UploadLimiter.from_config(state.config)
+        self.limits = limits or UploadLimiter.from_config(state.config)
+        self.bulk = bulk  # the bulk data channel, if it runs
 
     async def Join(self, request: contributor_pb2.JoinRequest, context: Any) -> Any:
         return await _serve(
@@ -67,6 +81,13 @@ class ContributorServicer(contributor_pb2_grpc.ContributorServiceServicer):
 
     async def ListMyExperts(self, request: Any, context: Any) -> Any:
         return await _serve(contributor_handler.list_my_experts, request, self.state, context)
+
+    async def StartBulkUpload(self, request: Any, context: Any) -> Any:
+        limits = self.limits if self.limits.enabled else None
+        handler = functools.partial(
+            contributor_handler.start_bulk_upload, limits=limits, bulk=self.bulk
+        )
+        return await _serve(handler, request, self.state, context)
 
     async def UploadExpert(
         self, request_iterator: AsyncIterator[contributor_pb2.UploadExpertRequest], context: Any
@@ -87,9 +108,7 @@ class ContributorServicer(contributor_pb2_grpc.ContributorServiceServicer):
             return await asyncio.to_thread(upload.finish)
         except Exception as exc:
             code, message = status_for(exc)
-            retry_after = getattr(exc, "retry_after_seconds", None)
-            trailers = (("retry-after", str(retry_after)),) if retry_after else ()
-            await context.abort(code, message, trailing_metadata=trailers)
+            await context.abort(code, message, trailing_metadata=_retry_after(exc))
             raise
 
 

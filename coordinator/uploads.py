@@ -9,14 +9,25 @@ restart). Nothing becomes visible in the registry or the blob store until every 
 sha256 match the manifest and the expert passes :mod:`moerge.coordinator.validation`; the
 verified files are then hard-linked into the blob store (:meth:`BlobStore.adopt`) instead of
 copied. A refused expert leaves nothing behind.
+
+Bytes reach :class:`UploadReceiver` two ways, both into the same staging files and the same
+per-file sha256: :meth:`~UploadReceiver.append` takes one gRPC ``UploadChunk``;
+:meth:`~UploadReceiver.receive` pulls a run of bytes from a socket of the bulk data channel
+(:mod:`moerge.coordinator.bulk_transfer`), reading and writing on the calling thread while a
+second thread hashes (``hashlib`` releases the GIL on large buffers). Start, status, resume,
+verification, validation and commit are the same calls for both.
 """
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
+import os
+import queue
 import re
 import shutil
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +44,13 @@ UPLOAD_ID = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _BLOCK = 1 << 20
 MAX_DESCRIPTION = 4000
+PUMP_BLOCK = 4 << 20  # bytes per socket read batch on the data channel
+PUMP_BUFFERS = 4  # read/write ahead of the hashing thread by at most this many blocks
+WRITEBACK_EVERY = 32 << 20  # start writing staged bytes to disk every so many (see below)
+
+
+class SourceClosed(ConnectionError):
+    """The sender's stream ended before the bytes it announced."""
 
 
 @dataclass(frozen=True)
@@ -103,6 +121,7 @@ class _Staged:
         self.total = sum(size for _, size, _ in self.files)
         self.hashes = [hashlib.sha256() for _ in self.files]
         self.held = 0
+        self.intact = True  # False while a pump's write is under way (see UploadReceiver)
         folder.mkdir(parents=True, exist_ok=True)
         self._rehash()
 
@@ -119,20 +138,100 @@ class _Staged:
                     self.held += len(block)
                 gap = handle.tell() < size
 
+    def pieces(self, count: int) -> list[tuple[int, int, int]]:
+        """Where the next ``count`` bytes go: ``(file index, start, end)`` within them."""
+        result, begin, start = [], 0, 0
+        for index, (_, size, _) in enumerate(self.files):
+            end = begin + size
+            position = self.held + start
+            if start < count and position < end:
+                take = min(count - start, end - position)
+                result.append((index, start, start + take))
+                start += take
+            begin = end
+        return result
+
     def write(self, data: bytes) -> None:
         """Append ``data`` at ``held``: split it across files, hash it, write it."""
         view = memoryview(data)
-        begin = 0
-        for (name, size, _), digest in zip(self.files, self.hashes, strict=True):
-            end = begin + size
-            if view and self.held < end:
-                take = view[: end - self.held]
-                with open(self.folder / name, "ab") as handle:
-                    handle.write(take)
-                digest.update(take)
-                self.held += len(take)
-                view = view[len(take) :]
-            begin = end
+        for index, start, end in self.pieces(len(view)):
+            with open(self.folder / self.files[index][0], "ab") as handle:
+                handle.write(view[start:end])
+            self.hashes[index].update(view[start:end])
+        self.held += len(view)
+
+    def pump(
+        self,
+        read_into: Callable[[memoryview], int],
+        count: int,
+        admit: Callable[[int], None] | None = None,
+    ) -> None:
+        """Read ``count`` bytes with ``read_into`` (a socket's ``recv_into``) and stage them.
+
+        This thread reads a block and writes it; a second thread hashes the block meanwhile,
+        over the very buffer that was written, which is reused only once hashed. ``admit(n)``
+        runs before each block is written (rate limits: it may sleep or raise). When the
+        source fails or ends early, what was read is still written and hashed, so the
+        upload resumes from there; the error is raised after that.
+        """
+        free: queue.SimpleQueue[bytearray] = queue.SimpleQueue()
+        for _ in range(min(PUMP_BUFFERS, count // PUMP_BLOCK + 1)):
+            free.put(bytearray(PUMP_BLOCK))
+        todo: queue.SimpleQueue[tuple[bytearray, list[tuple[int, int, int]]] | None]
+        todo = queue.SimpleQueue()
+
+        def hash_blocks() -> None:
+            while (item := todo.get()) is not None:
+                buffer, pieces = item
+                view = memoryview(buffer)
+                for index, start, end in pieces:
+                    self.hashes[index].update(view[start:end])
+                free.put(buffer)
+
+        hasher = threading.Thread(target=hash_blocks, name="moerge-upload-hash", daemon=True)
+        hasher.start()
+        fds: dict[int, int] = {}
+        flushed: dict[int, int] = {}  # per file: where writeback was last started
+        try:
+            remaining = count
+            while remaining:
+                buffer = free.get()
+                view = memoryview(buffer)[: min(PUMP_BLOCK, remaining)]
+                filled, failure = 0, None
+                try:
+                    while filled < len(view):
+                        got = read_into(view[filled:])
+                        if not got:
+                            done = count - remaining + filled
+                            raise SourceClosed(f"the sender stopped after {done} of {count} bytes")
+                        filled += got
+                except Exception as exc:  # a cut or a stall: keep what arrived
+                    failure = exc
+                if filled and admit is not None:
+                    admit(filled)
+                pieces = self.pieces(filled)
+                self.intact = False  # until the block is on disk and counted
+                for index, start, end in pieces:
+                    if index not in fds:
+                        path = self.folder / self.files[index][0]
+                        fds[index] = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+                        flushed[index] = os.lseek(fds[index], 0, os.SEEK_END)
+                    _write_all(fds[index], view[start:end])
+                    written = os.lseek(fds[index], 0, os.SEEK_END)
+                    if written - flushed[index] >= WRITEBACK_EVERY:
+                        start_writeback(fds[index], flushed[index], written - flushed[index])
+                        flushed[index] = written
+                self.held += filled
+                self.intact = True
+                remaining -= filled
+                todo.put((buffer, pieces))
+                if failure is not None:
+                    raise failure
+        finally:
+            todo.put(None)
+            hasher.join()
+            for fd in fds.values():
+                os.close(fd)
 
     def mismatch(self) -> str | None:
         """The first file whose size or sha256 differs from the manifest, if any."""
@@ -208,26 +307,9 @@ class UploadReceiver:
         return info
 
     def append(self, contributor_id: str, upload_id: str, offset: int, data: bytes) -> int:
-        """Append a chunk at ``offset`` (which must equal the bytes held); return the new size.
-
-        The registry is asked only when this process has no staging state for the upload:
-        while it has, the upload is ``receiving`` (finishing or refusing it drops the state).
-        """
+        """Append a chunk at ``offset`` (which must equal the bytes held); return the new size."""
         with self._lock(contributor_id, upload_id):
-            staged = self._staged.get((contributor_id, upload_id))
-            if staged is None:
-                info = self.registry.get_upload(contributor_id, upload_id)
-                if info.state != "receiving":
-                    raise FailedPrecondition(f"upload {upload_id} is {info.state}")
-                staged = self._stage(contributor_id, upload_id, info)
-            if offset != staged.held:
-                raise FailedPrecondition(
-                    f"chunk.offset {offset} != {staged.held} bytes held; resume from {staged.held}"
-                )
-            if staged.held + len(data) > staged.total:
-                raise InvalidArgument(
-                    "chunk.data", f"overruns the manifest's total of {staged.total} bytes"
-                )
+            staged = self._receiving(contributor_id, upload_id, offset, len(data), "chunk")
             try:
                 staged.write(data)
             except BaseException:
@@ -235,6 +317,60 @@ class UploadReceiver:
                 self._staged.pop((contributor_id, upload_id), None)
                 raise
             return staged.held
+
+    def receive(
+        self,
+        contributor_id: str,
+        upload_id: str,
+        offset: int,
+        count: int,
+        read_into: Callable[[memoryview], int],
+        admit: Callable[[int], None] | None = None,
+        ready: Callable[[], None] | None = None,
+    ) -> int:
+        """Stage ``count`` bytes at ``offset`` pulled by ``read_into``; return the bytes held.
+
+        The bulk data channel's counterpart of :meth:`append`, with the same checks; ``ready``
+        runs once they pass, before the first read (to tell the sender to go). If the source
+        fails midway, what arrived stays staged (hashed and counted) and the error is raised;
+        a failed write (a full disk) forgets the hashes, as in :meth:`append`.
+        """
+        with self._lock(contributor_id, upload_id):
+            staged = self._receiving(contributor_id, upload_id, offset, count, "bulk")
+            if ready is not None:
+                ready()
+            try:
+                staged.pump(read_into, count, admit)
+            except BaseException:
+                if not staged.intact:  # a write failed: rebuild the hashes from the disk
+                    self._staged.pop((contributor_id, upload_id), None)
+                raise
+            return staged.held
+
+    def _receiving(
+        self, contributor_id: str, upload_id: str, offset: int, count: int, field: str
+    ) -> _Staged:
+        """The staging state of a receiving upload that ``count`` bytes at ``offset`` fit.
+
+        The registry is asked only when this process has no staging state for the upload:
+        while it has, the upload is ``receiving`` (finishing or refusing it drops the state).
+        Call with the upload's lock held.
+        """
+        staged = self._staged.get((contributor_id, upload_id))
+        if staged is None:
+            info = self.registry.get_upload(contributor_id, upload_id)
+            if info.state != "receiving":
+                raise FailedPrecondition(f"upload {upload_id} is {info.state}")
+            staged = self._stage(contributor_id, upload_id, info)
+        if offset != staged.held:
+            raise FailedPrecondition(
+                f"{field}.offset {offset} != {staged.held} bytes held; resume from {staged.held}"
+            )
+        if staged.held + count > staged.total:
+            raise InvalidArgument(
+                f"{field}.data", f"overruns the manifest's total of {staged.total} bytes"
+            )
+        return staged
 
     def finish(self, actor: str, contributor_id: str, upload_id: str) -> tuple[ExpertInfo, bool]:
         """Verify every file, validate the expert, store blobs, and commit in one transaction."""
@@ -307,6 +443,37 @@ class UploadReceiver:
         """Remove the staged files of an abandoned upload."""
         with self._lock(contributor_id, upload_id):
             self._drop(contributor_id, upload_id)
+
+
+def _libc_sync_file_range() -> Callable[[int, int, int, int], int] | None:
+    try:
+        function = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):  # not Linux
+        return None
+    function.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+    function.restype = ctypes.c_int
+    return function
+
+
+_SYNC_FILE_RANGE = _libc_sync_file_range()
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+def start_writeback(fd: int, offset: int, count: int) -> None:
+    """Ask the kernel to start writing a range to disk, without waiting (Linux; else nothing).
+
+    A hint, not a durability step: ``BlobStore.adopt`` still fsyncs at commit, but finds little
+    left to flush (256 MiB, loopback: the commit's fsync fell from ~0.1 s to ~0.01 s, and staging
+    plus fsync from 0.26 s to 0.21 s, median of 6). An fdatasync thread instead slowed the
+    stream by more than it saved.
+    """
+    if _SYNC_FILE_RANGE is not None:
+        _SYNC_FILE_RANGE(fd, offset, count, _SYNC_FILE_RANGE_WRITE)
+
+
+def _write_all(fd: int, view: memoryview) -> None:
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 def _dp_dict(checked: ValidatedExpert) -> dict[str, object] | None:

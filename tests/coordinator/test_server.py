@@ -83,6 +83,12 @@ RPCS: list[tuple[type, str, Callable[[], Any], bool]] = [
         False,
     ),
     (
+        contributor_pb2_grpc.ContributorServiceStub,
+        "StartBulkUpload",
+        lambda: _manifest_only().manifest,
+        False,
+    ),
+    (
         inference_pb2_grpc.InferenceServiceStub,
         "Predict",
         lambda: inference_pb2.PredictRequest(inputs=["hello"]),

@@ -141,6 +141,10 @@ class CuttingProxy:
                     self.cuts += 1
                     for s in (source, sink):  # RST, not a clean close
                         s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                        # wake the other direction's blocked recv: until it returns, close()
+                        # cannot release the socket and no RST goes out
+                        with contextlib.suppress(OSError):
+                            s.shutdown(socket.SHUT_RD)
                         s.close()
                     return
                 sink.sendall(data)
@@ -158,7 +162,7 @@ class CuttingProxy:
         self.listener.close()
 
 
-def test_upload_resumes_from_the_coordinators_offset_after_a_cut_connection(
+def test_grpc_chunk_upload_resumes_from_the_coordinators_offset_after_a_cut_connection(
     coordinator: BackgroundCoordinator, expert: Path
 ) -> None:
     target = _target(coordinator)
@@ -166,8 +170,8 @@ def test_upload_resumes_from_the_coordinators_offset_after_a_cut_connection(
     proxy = CuttingProxy(coordinator.address, cut_after=total // 2)
     try:
         via_proxy = Target(address=proxy.address, token=target.token)
-        response = upload_expert(
-            via_proxy, expert, "resumed", "toy", chunk_size=4096, progress=False
+        response = upload_expert(  # gRPC chunks: tests/coordinator/test_bulk_uploads.py
+            via_proxy, expert, "resumed", "toy", chunk_size=4096, progress=False, bulk=False
         )
     finally:
         proxy.close()
@@ -206,6 +210,7 @@ def _cut_half_way(coordinator: BackgroundCoordinator, target: Target, expert: Pa
                 chunk_size=1024,
                 max_attempts=1,
                 progress=False,
+                bulk=False,
             )
     finally:
         proxy.close()

@@ -275,6 +275,13 @@ RPCS: tuple[Rpc, ...] = (
         "contributor",
     ),
     Rpc("ContributorService", "ListMyExperts", contributor_pb2.ListMyExpertsRequest, "contributor"),
+    Rpc(
+        "ContributorService",
+        "StartBulkUpload",
+        contributor_pb2.UploadManifest,
+        "contributor",
+        mutates=True,
+    ),
     Rpc("InferenceService", "Predict", inference_pb2.PredictRequest, "contributor"),
     Rpc("InferenceService", "Route", inference_pb2.RouteRequest, "contributor"),
     Rpc("AdminService", "ListExperts", admin_pb2.ListExpertsRequest, "admin"),

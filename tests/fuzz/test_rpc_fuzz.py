@@ -147,6 +147,7 @@ def seeds(server: FuzzServer) -> dict[str, Any]:
         "UploadExpert": upload,
         "GetUploadStatus": contributor_pb2.GetUploadStatusRequest(upload_id="fuzz-seed-0001"),
         "ListMyExperts": contributor_pb2.ListMyExpertsRequest(),
+        "StartBulkUpload": manifest,
         "Predict": inference_pb2.PredictRequest(
             inputs=["good film"], top_k=1, expert_ids=[server.expert_id]
         ),

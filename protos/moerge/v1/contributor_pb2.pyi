@@ -322,6 +322,50 @@ class UploadStatus(_message.Message):
 Global___UploadStatus: _TypeAlias = UploadStatus  # noqa: Y015
 
 @_typing.final
+class BulkUploadTicket(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATUS_FIELD_NUMBER: _builtins.int
+    AVAILABLE_FIELD_NUMBER: _builtins.int
+    HOST_FIELD_NUMBER: _builtins.int
+    PORT_FIELD_NUMBER: _builtins.int
+    TICKET_FIELD_NUMBER: _builtins.int
+    EXPIRES_IN_SECONDS_FIELD_NUMBER: _builtins.int
+    TLS_FIELD_NUMBER: _builtins.int
+    available: _builtins.bool
+    """false: no data channel; send UploadExpert chunks instead"""
+    host: _builtins.str
+    """"" = the host this RPC reached"""
+    port: _builtins.int
+    ticket: _builtins.bytes
+    """32 random bytes; single use, bound to this upload"""
+    expires_in_seconds: _builtins.float
+    tls: _builtins.bool
+    """the channel speaks TLS with the gRPC server's certificate"""
+    @_builtins.property
+    def status(self) -> Global___UploadStatus:
+        """received_bytes is the offset to send from"""
+
+    def __init__(
+        self,
+        *,
+        status: Global___UploadStatus | None = ...,
+        available: _builtins.bool = ...,
+        host: _builtins.str = ...,
+        port: _builtins.int = ...,
+        ticket: _builtins.bytes = ...,
+        expires_in_seconds: _builtins.float = ...,
+        tls: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["status", b"status"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["available", b"available", "expires_in_seconds", b"expires_in_seconds", "host", b"host", "port", b"port", "status", b"status", "ticket", b"ticket", "tls", b"tls"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BulkUploadTicket: _TypeAlias = BulkUploadTicket  # noqa: Y015
+
+@_typing.final
 class ListMyExpertsRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

@@ -54,6 +54,11 @@ class ContributorServiceStub:
                 request_serializer=moerge_dot_v1_dot_contributor__pb2.GetUploadStatusRequest.SerializeToString,
                 response_deserializer=moerge_dot_v1_dot_contributor__pb2.UploadStatus.FromString,
                 _registered_method=True)
+        self.StartBulkUpload = channel.unary_unary(
+                '/moerge.v1.ContributorService/StartBulkUpload',
+                request_serializer=moerge_dot_v1_dot_contributor__pb2.UploadManifest.SerializeToString,
+                response_deserializer=moerge_dot_v1_dot_contributor__pb2.BulkUploadTicket.FromString,
+                _registered_method=True)
         self.ListMyExperts = channel.unary_unary(
                 '/moerge.v1.ContributorService/ListMyExperts',
                 request_serializer=moerge_dot_v1_dot_contributor__pb2.ListMyExpertsRequest.SerializeToString,
@@ -93,6 +98,15 @@ class ContributorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StartBulkUpload(self, request, context):
+        """Open (or resume) an upload and, when the coordinator runs its bulk data channel, get a
+        single-use ticket to stream the bytes over plain TCP (or TLS) beside gRPC; then call
+        UploadExpert with the manifest alone to commit. See docs/upload-protocol.md.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListMyExperts(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -121,6 +135,11 @@ def add_ContributorServiceServicer_to_server(servicer, server):
                     servicer.GetUploadStatus,
                     request_deserializer=moerge_dot_v1_dot_contributor__pb2.GetUploadStatusRequest.FromString,
                     response_serializer=moerge_dot_v1_dot_contributor__pb2.UploadStatus.SerializeToString,
+            ),
+            'StartBulkUpload': grpc.unary_unary_rpc_method_handler(
+                    servicer.StartBulkUpload,
+                    request_deserializer=moerge_dot_v1_dot_contributor__pb2.UploadManifest.FromString,
+                    response_serializer=moerge_dot_v1_dot_contributor__pb2.BulkUploadTicket.SerializeToString,
             ),
             'ListMyExperts': grpc.unary_unary_rpc_method_handler(
                     servicer.ListMyExperts,
@@ -236,6 +255,33 @@ class ContributorService:
             '/moerge.v1.ContributorService/GetUploadStatus',
             moerge_dot_v1_dot_contributor__pb2.GetUploadStatusRequest.SerializeToString,
             moerge_dot_v1_dot_contributor__pb2.UploadStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StartBulkUpload(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/moerge.v1.ContributorService/StartBulkUpload',
+            moerge_dot_v1_dot_contributor__pb2.UploadManifest.SerializeToString,
+            moerge_dot_v1_dot_contributor__pb2.BulkUploadTicket.FromString,
             options,
             channel_credentials,
             insecure,

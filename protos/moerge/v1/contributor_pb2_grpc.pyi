@@ -43,6 +43,11 @@ class ContributorServiceStub:
     file's size and sha256 verify and the adapter and statistics pass validation.
     """
     GetUploadStatus: _grpc.UnaryUnaryMultiCallable[_contributor_pb2.GetUploadStatusRequest, _contributor_pb2.UploadStatus]
+    StartBulkUpload: _grpc.UnaryUnaryMultiCallable[_contributor_pb2.UploadManifest, _contributor_pb2.BulkUploadTicket]
+    """Open (or resume) an upload and, when the coordinator runs its bulk data channel, get a
+    single-use ticket to stream the bytes over plain TCP (or TLS) beside gRPC; then call
+    UploadExpert with the manifest alone to commit. See docs/upload-protocol.md.
+    """
     ListMyExperts: _grpc.UnaryUnaryMultiCallable[_contributor_pb2.ListMyExpertsRequest, _contributor_pb2.ListMyExpertsResponse]
 
 @_typing.type_check_only
@@ -58,6 +63,11 @@ class ContributorServiceAsyncStub(ContributorServiceStub):
     file's size and sha256 verify and the adapter and statistics pass validation.
     """
     GetUploadStatus: _aio.UnaryUnaryMultiCallable[_contributor_pb2.GetUploadStatusRequest, _contributor_pb2.UploadStatus]  # type: ignore[assignment]
+    StartBulkUpload: _aio.UnaryUnaryMultiCallable[_contributor_pb2.UploadManifest, _contributor_pb2.BulkUploadTicket]  # type: ignore[assignment]
+    """Open (or resume) an upload and, when the coordinator runs its bulk data channel, get a
+    single-use ticket to stream the bytes over plain TCP (or TLS) beside gRPC; then call
+    UploadExpert with the manifest alone to commit. See docs/upload-protocol.md.
+    """
     ListMyExperts: _aio.UnaryUnaryMultiCallable[_contributor_pb2.ListMyExpertsRequest, _contributor_pb2.ListMyExpertsResponse]  # type: ignore[assignment]
 
 class ContributorServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -94,6 +104,17 @@ class ContributorServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _contributor_pb2.GetUploadStatusRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_contributor_pb2.UploadStatus, _abc.Awaitable[_contributor_pb2.UploadStatus]]: ...
+
+    @_abc_1.abstractmethod
+    def StartBulkUpload(
+        self,
+        request: _contributor_pb2.UploadManifest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_contributor_pb2.BulkUploadTicket, _abc.Awaitable[_contributor_pb2.BulkUploadTicket]]:
+        """Open (or resume) an upload and, when the coordinator runs its bulk data channel, get a
+        single-use ticket to stream the bytes over plain TCP (or TLS) beside gRPC; then call
+        UploadExpert with the manifest alone to commit. See docs/upload-protocol.md.
+        """
 
     @_abc_1.abstractmethod
     def ListMyExperts(
