@@ -13,7 +13,14 @@ from typing import Annotated
 import typer
 
 from moerge.contributor_client.connection import ClientConfig, Target
-from moerge.contributor_client.options import Coordinator, Json, TlsCa, Token
+from moerge.contributor_client.options import (
+    Coordinator,
+    Json,
+    TlsCa,
+    Token,
+    Transport,
+    TransportChoice,
+)
 from moerge.contributor_client.output import emit_json, err_console, table
 from moerge.contributor_client.rpc import call, guarded
 from moerge.v1 import contributor_pb2, inference_pb2
@@ -58,13 +65,14 @@ def upload(
     ] = None,
     description: Annotated[str | None, typer.Option(help="task description")] = None,
     chunk_size: Annotated[int, typer.Option(help="bytes per chunk")] = 1024 * 1024,
+    transport: Transport = TransportChoice.auto,
     coordinator: Coordinator = None,
     token: Token = None,
     tls_ca: TlsCa = None,
     json_out: Json = False,
 ) -> None:
     """Upload an expert folder (resumes an interrupted upload)."""
-    from moerge.contributor_client.upload import upload_expert
+    from moerge.contributor_client.upload import BulkUnavailable, upload_expert
     from moerge.expert_format import STATISTICS_META, StatisticsMeta
 
     meta_path = expert_dir / STATISTICS_META
@@ -76,17 +84,22 @@ def upload(
         raise typer.Exit(2)
     meta = StatisticsMeta.read(meta_path)
     target = Target.resolve(coordinator, token, tls_ca)
-    response = guarded(
-        lambda: upload_expert(
-            target,
-            expert_dir,
-            name or expert_dir.resolve().name,
-            task_name or meta.task_name,
-            description if description is not None else meta.task_description,
-            chunk_size=chunk_size,
-            progress=not json_out,
+    try:
+        response = guarded(
+            lambda: upload_expert(
+                target,
+                expert_dir,
+                name or expert_dir.resolve().name,
+                task_name or meta.task_name,
+                description if description is not None else meta.task_description,
+                chunk_size=chunk_size,
+                progress=not json_out,
+                transport=transport.value,
+            )
         )
-    )
+    except BulkUnavailable as exc:
+        err_console.print(f"[red]error[/red] {exc}")
+        raise typer.Exit(1) from None
     if json_out:
         emit_json(response)
         return

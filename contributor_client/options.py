@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from enum import Enum
 from typing import Annotated
 
 import typer
@@ -10,3 +11,22 @@ Coordinator = Annotated[str | None, typer.Option("--coordinator", "-c", help="HO
 Token = Annotated[str | None, typer.Option("--token", help="credential (or MOERGE_TOKEN)")]
 TlsCa = Annotated[str | None, typer.Option("--tls-ca", help="CA certificate (PEM) for TLS")]
 Json = Annotated[bool, typer.Option("--json", help="print JSON instead of a table")]
+
+
+class TransportChoice(str, Enum):
+    """How ``upload``/``contribute`` send the expert's bytes (docs/upload-protocol.md)."""
+
+    auto = "auto"  # the bulk data channel if the coordinator offers it, else gRPC chunks
+    bulk = "bulk"  # the data channel only: fail with a clear error if it cannot be used
+    grpc = "grpc"  # gRPC chunks only, never the data channel
+
+
+Transport = Annotated[
+    TransportChoice,
+    typer.Option(
+        "--transport",
+        case_sensitive=False,
+        help="auto: data channel if offered, else gRPC chunks; bulk: data channel or fail; "
+        "grpc: chunks only",
+    ),
+]

@@ -13,7 +13,14 @@ from typing import Annotated
 import typer
 
 from moerge.contributor_client.connection import Target
-from moerge.contributor_client.options import Coordinator, Json, TlsCa, Token
+from moerge.contributor_client.options import (
+    Coordinator,
+    Json,
+    TlsCa,
+    Token,
+    Transport,
+    TransportChoice,
+)
 from moerge.contributor_client.output import emit_json, err_console, table
 from moerge.contributor_client.rpc import call, guarded
 from moerge.v1 import contributor_pb2
@@ -320,6 +327,7 @@ def contribute(
     dp_epsilon: float | None = None,
     dp_delta: float = 1e-5,
     base_model: str | None = None,
+    transport: Transport = TransportChoice.auto,
     coordinator: Coordinator = None,
     token: Token = None,
     tls_ca: TlsCa = None,
@@ -328,7 +336,7 @@ def contribute(
     """Train + statistics + upload in one step."""
     import tempfile
 
-    from moerge.contributor_client.upload import upload_expert
+    from moerge.contributor_client.upload import BulkUnavailable, upload_expert
 
     target = Target.resolve(coordinator, token, tls_ca)
     path, info = agreed_base_model(base_model, False, target)
@@ -364,11 +372,21 @@ def contribute(
             stats_rank,
             progress=not json_out,
         )
-        response = guarded(
-            lambda: upload_expert(
-                target, folder, name or task_name, task_name, description, progress=not json_out
+        try:
+            response = guarded(
+                lambda: upload_expert(
+                    target,
+                    folder,
+                    name or task_name,
+                    task_name,
+                    description,
+                    progress=not json_out,
+                    transport=transport.value,
+                )
             )
-        )
+        except BulkUnavailable as exc:
+            err_console.print(f"[red]error[/red] {exc}")
+            raise typer.Exit(1) from None
     if json_out:
         emit_json(
             {

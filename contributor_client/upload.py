@@ -32,7 +32,7 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
-from moerge.bulk_protocol import Reply, Request, read_reply
+from moerge.bulk_protocol import ProtocolError, Reply, Request, read_reply
 from moerge.contributor_client.connection import Target, client_home
 from moerge.contributor_client.digests import DigestCache, sha256_file
 from moerge.expert_format import EXPERT_FILES
@@ -140,6 +140,13 @@ class BulkUnreachable(OSError):
     """The data channel could not be connected to (firewall, NAT): use gRPC chunks."""
 
 
+class BulkUnavailable(RuntimeError):
+    """``transport="bulk"`` was asked for but the data channel cannot carry this upload."""
+
+
+TRANSPORTS = ("auto", "bulk", "grpc")
+
+
 def grpc_code(number: int) -> grpc.StatusCode:
     return next((c for c in grpc.StatusCode if c.value[0] == number), grpc.StatusCode.UNKNOWN)
 
@@ -182,7 +189,7 @@ def send_bulk(
         offset = ticket.status.received_bytes
         count = ticket.status.total_bytes - offset
         sock.sendall(Request(ticket.ticket, upload_id, offset, count).encode())
-        go = read_reply(sock.recv_into)
+        go = _read_reply(sock)
         if go.code:
             raise BulkRefused(go)
         try:
@@ -194,7 +201,7 @@ def send_bulk(
             if refusal is not None and refusal.code:
                 raise BulkRefused(refusal) from None
             raise
-        done = read_reply(sock.recv_into)
+        done = _read_reply(sock)
         if done.code:
             raise BulkRefused(done)
         return done.held
@@ -217,6 +224,14 @@ def _send_files(
                     raise ConnectionError(f"{f.path} shrank while it was being sent")
                 skip += sent
                 on_bytes(sent)
+
+
+def _read_reply(sock: socket.socket) -> Reply:
+    """The coordinator's reply; a connection that ends without one is a cut (resume)."""
+    try:
+        return read_reply(sock.recv_into)
+    except ProtocolError as exc:  # closed early (a crash, a stall timeout) or garbled
+        raise ConnectionError(f"the data channel ended without a reply: {exc}") from exc
 
 
 def _reply_if_any(sock: socket.socket) -> Reply | None:
@@ -242,6 +257,8 @@ def _try_bulk(
     status = ticket.status
     if status.state == "committed":
         return status.total_bytes
+    if status.state == "receiving" and status.received_bytes == status.total_bytes:
+        return status.received_bytes  # every byte is staged: only the commit is left
     if not ticket.available:
         return None
     progress(status.received_bytes, 0)
@@ -259,13 +276,21 @@ def upload_expert(
     progress: bool = True,
     bulk: bool = True,
     digest_cache: DigestCache | None = None,
+    transport: str = "auto",
 ) -> contributor_pb2.UploadExpertResponse:
     """Upload (or resume uploading) an expert; returns the registered expert.
 
-    ``bulk``: use the coordinator's data channel when it offers one (else gRPC chunks only).
+    ``transport``: ``"auto"`` sends the bytes over the coordinator's data channel when it
+    offers one and falls back to gRPC chunks; ``"bulk"`` uses only the data channel and raises
+    :class:`BulkUnavailable` when it cannot (off, unreachable, refusing); ``"grpc"`` sends
+    chunks only. ``bulk=False`` is the same as ``transport="grpc"`` (kept for callers).
     ``digest_cache``: where to remember the files' sha256 (default: the joined client's home,
     ``$MOERGE_HOME/sha256-cache.json``, if that folder exists).
     """
+    if transport not in TRANSPORTS:
+        raise ValueError(f"transport must be one of {', '.join(TRANSPORTS)}, got {transport!r}")
+    only_bulk = transport == "bulk"
+    bulk = bulk and transport != "grpc"
     cache = digest_cache if digest_cache is not None else DigestCache.in_home(client_home())
     files = describe_files(Path(expert_dir), cache)
     manifest = make_manifest(files, expert_name, task_name, task_description)
@@ -294,12 +319,26 @@ def upload_expert(
                 try:
                     offset = _try_bulk(stub, target, manifest, files, advance)
                     bulk = offset is not None
+                    if only_bulk and not bulk:
+                        raise BulkUnavailable(
+                            f"the coordinator at {target.address} does not offer the bulk data "
+                            "channel (its bulk_listen is off); use --transport auto or grpc"
+                        )
                 except grpc.RpcError as exc:
                     # e.g. UNIMPLEMENTED (an older coordinator) or a refusal, which the chunk
                     # path below reports with UploadExpert's status code and trailers
+                    if only_bulk and exc.code() == grpc.StatusCode.UNIMPLEMENTED:
+                        raise BulkUnavailable(
+                            f"the coordinator at {target.address} has no bulk data channel "
+                            "(StartBulkUpload is unimplemented); use --transport auto or grpc"
+                        ) from None
+                    if only_bulk:
+                        raise
                     log.info("StartBulkUpload failed (%s); sending gRPC chunks", exc.code())
                     bulk = False
                 except (BulkUnreachable, BulkRefused) as exc:
+                    if only_bulk:
+                        raise BulkUnavailable(f"{exc}; use --transport auto or grpc") from None
                     log.info("%s; sending gRPC chunks instead", exc)
                     bulk = False  # the chunk path resumes, or reports the refusal properly
                 except OSError as exc:  # cut midway: resume with a fresh ticket
@@ -307,6 +346,10 @@ def upload_expert(
                         log.info("data channel broke (%s); resuming", exc)
                         time.sleep(min(0.2 * 2**attempt, 5.0))
                         continue
+                    if only_bulk:
+                        raise BulkUnavailable(
+                            f"the data channel broke {max_attempts} times (last: {exc})"
+                        ) from None
                     bulk = False
             if offset is None:
                 offset = _held_bytes(stub, target, manifest.upload_id)

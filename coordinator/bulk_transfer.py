@@ -38,8 +38,9 @@ from moerge.storage.errors import PermissionDenied, Unauthenticated
 
 log = logging.getLogger(__name__)
 
-TICKET_SECONDS = 60.0  # a ticket is good for this long after StartBulkUpload
-STALL_SECONDS = 30.0  # a connection that sends nothing for this long is dropped
+# The defaults of the config fields bulk_ticket_seconds and bulk_stall_seconds:
+TICKET_SECONDS = CoordinatorConfig.bulk_ticket_seconds  # a ticket is good this long after issue
+STALL_SECONDS = CoordinatorConfig.bulk_stall_seconds  # a connection silent this long is dropped
 MAX_TICKETS = 4096  # outstanding tickets kept; the oldest go first beyond this
 
 
@@ -264,6 +265,8 @@ def open_bulk_channel(
         limits=limits,
         tls=tls,
         max_connections=config.bulk_max_connections,
+        stall_seconds=config.bulk_stall_seconds,
+        tickets=Tickets(config.bulk_ticket_seconds),
         advertised_host=advertised_host,
         advertised_port=advertised_port,
     )

@@ -53,6 +53,8 @@ class CoordinatorConfig:
     bulk_listen: str = "auto"  # upload data channel: "auto" (listen's host, a free port), "off"
     bulk_advertise: str = ""  # HOST[:PORT] clients dial for it; "" = their gRPC host, bound port
     bulk_max_connections: int = 8  # data connections served at once; more are refused
+    bulk_ticket_seconds: float = 60.0  # a data-channel ticket expires this long after issue
+    bulk_stall_seconds: float = 30.0  # a data connection silent this long is dropped
     upload_bytes_per_second: int = 0  # per contributor: faster streams are slowed; 0 = unlimited
     upload_bytes_per_hour: int = 16 * 1024**3  # per contributor quota; 0 = unlimited
     uploads_per_hour: int = 240  # new upload ids per contributor and hour; 0 = unlimited
@@ -123,6 +125,9 @@ class CoordinatorConfig:
             )
         if self.bulk_max_connections < 1:
             raise ValueError("bulk_max_connections must be >= 1")
+        for name in ("bulk_ticket_seconds", "bulk_stall_seconds"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0")
         if self.metrics_listen and ":" not in self.metrics_listen:
             raise ValueError(f"metrics_listen must be HOST:PORT, got {self.metrics_listen!r}")
         if not self.base_model:

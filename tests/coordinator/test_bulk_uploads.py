@@ -17,8 +17,14 @@ import pytest
 
 from moerge.bulk_protocol import Reply, Request, read_reply
 from moerge.contributor_client.connection import Target
-from moerge.contributor_client.upload import describe_files, make_manifest, upload_expert
+from moerge.contributor_client.upload import (
+    BulkUnavailable,
+    describe_files,
+    make_manifest,
+    upload_expert,
+)
 from moerge.coordinator import bulk_transfer
+from moerge.coordinator.config import CoordinatorConfig
 from moerge.expert_format import ADAPTER_WEIGHTS
 from moerge.v1 import contributor_pb2, contributor_pb2_grpc
 from tests.coordinator.conftest import coordinator_config
@@ -190,13 +196,28 @@ def test_more_bytes_than_the_manifest_declares_are_never_staged(
     assert upload_expert(target, expert, "exact", "toy", progress=False).created
 
 
-def test_stalled_connections_time_out_and_extra_connections_are_refused(
-    coordinator: BackgroundCoordinator, expert: Path
+@pytest.fixture
+def impatient(tmp_path: Path, tiny_bert: Path) -> Iterator[BackgroundCoordinator]:
+    """A coordinator with a short configured stall timeout and short-lived tickets."""
+    config = coordinator_config(
+        tmp_path / "data",
+        tiny_bert,
+        bulk_max_connections=2,
+        bulk_stall_seconds=0.5,
+        bulk_ticket_seconds=5.0,
+    )
+    with BackgroundCoordinator(config) as running:
+        yield running
+
+
+def test_configured_timeouts_drop_silent_connections_and_expire_tickets(
+    impatient: BackgroundCoordinator, expert: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    coordinator = impatient
     target = _target(coordinator)
     manifest = make_manifest(describe_files(expert), "slow", "toy", "")
     bulk = _bulk(coordinator)
-    bulk.stall_seconds = 0.5
+    assert (bulk.stall_seconds, bulk.tickets.ttl_seconds) == (0.5, 5.0)
     ticket = _ticket(coordinator, target, manifest)
     stalled = [socket.create_connection(("127.0.0.1", bulk.port)) for _ in range(2)]
     try:
@@ -215,7 +236,14 @@ def test_stalled_connections_time_out_and_extra_connections_are_refused(
         for sock in stalled:
             sock.close()
     assert _held(coordinator, target, manifest.upload_id) == 0
-    bulk.stall_seconds = bulk_transfer.STALL_SECONDS
+
+    # a ticket older than the configured 5 s is refused; a fresh one carries the upload
+    stale = _ticket(coordinator, target, manifest)
+    later = time.monotonic() + 5.5
+    with monkeypatch.context() as patched:
+        patched.setattr(bulk_transfer, "now", lambda: later)
+        (expired,) = _exchange(bulk.port, Request(stale.ticket, manifest.upload_id, 0, 1))
+    assert expired.code == UNAUTHENTICATED
     assert upload_expert(target, expert, "slow", "toy", progress=False).created
 
 
@@ -328,3 +356,83 @@ def test_the_byte_quota_applies_to_the_data_channel_too(
             upload_expert(target, expert, "second", "toy", progress=False)
         assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "retry-after" in dict(refused.value.trailing_metadata())
+
+
+@pytest.mark.parametrize("field", ["bulk_ticket_seconds", "bulk_stall_seconds"])
+def test_data_channel_timeouts_must_be_positive(tiny_bert: Path, field: str) -> None:
+    with pytest.raises(ValueError, match=f"{field} must be > 0"):
+        CoordinatorConfig.load(base_model=str(tiny_bert), **{field: "0"})
+    assert (
+        getattr(CoordinatorConfig.load(base_model=str(tiny_bert), **{field: "2.5"}), field) == 2.5
+    )
+
+
+@pytest.mark.parametrize("transport", ["auto", "bulk", "grpc"])
+def test_transport_chooses_which_channel_carries_the_bytes(
+    coordinator: BackgroundCoordinator, expert: Path, transport: str
+) -> None:
+    target = _target(coordinator)
+    total = sum(f.size for f in describe_files(expert))
+    bulk = _bulk(coordinator)
+    grpc_proxy = CuttingProxy(coordinator.address, cut_after=None)
+    data_proxy = CuttingProxy(f"127.0.0.1:{bulk.port}", cut_after=None)
+    bulk.advertised_host, bulk.advertised_port = "127.0.0.1", int(data_proxy.address.split(":")[1])
+    try:
+        via_proxy = Target(address=grpc_proxy.address, token=target.token)
+        response = upload_expert(via_proxy, expert, "x", "toy", progress=False, transport=transport)
+    finally:
+        grpc_proxy.close()
+        data_proxy.close()
+    assert response.created
+    for f in response.expert.files:
+        assert coordinator.state.blobs.verify(f.sha256)
+    if transport == "grpc":
+        assert len(data_proxy.client_bytes) == 0 and len(grpc_proxy.client_bytes) >= total
+    else:
+        assert len(data_proxy.client_bytes) >= total and len(grpc_proxy.client_bytes) < total // 4
+
+
+def test_transport_bulk_fails_clearly_when_the_channel_is_off_or_unreachable(
+    tmp_path: Path, tiny_bert: Path, expert: Path
+) -> None:
+    config = coordinator_config(tmp_path / "off", tiny_bert, bulk_listen="off")
+    with BackgroundCoordinator(config) as off:
+        target = _target(off)
+        with pytest.raises(BulkUnavailable, match="does not offer the bulk data channel"):
+            upload_expert(target, expert, "x", "toy", progress=False, transport="bulk")
+        assert off.state.registry.list_experts().items == ()
+        # grpc and auto still work against it (auto falls back to chunks)
+        assert upload_expert(target, expert, "x", "toy", progress=False, transport="grpc").created
+        again = upload_expert(target, expert, "x", "toy", progress=False, transport="auto")
+        assert not again.created
+    with BackgroundCoordinator(coordinator_config(tmp_path / "on", tiny_bert)) as on:
+        with socket.socket() as probe:  # a port nobody listens on
+            probe.bind(("127.0.0.1", 0))
+            _bulk(on).advertised_port = probe.getsockname()[1]
+        with pytest.raises(BulkUnavailable, match="cannot reach the data channel"):
+            upload_expert(_target(on), expert, "y", "toy", progress=False, transport="bulk")
+
+
+def test_upload_command_takes_the_transport_option(
+    tmp_path: Path, tiny_bert: Path, expert: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from typer.testing import CliRunner
+
+    from moerge.cli import app
+
+    monkeypatch.setenv("MOERGE_HOME", str(tmp_path / "home"))
+    config = coordinator_config(tmp_path / "off", tiny_bert, bulk_listen="off")
+    with BackgroundCoordinator(config) as off:
+        target = _target(off)
+        command = ["upload", str(expert), "-c", off.address, "--token", target.token, "--json"]
+        refused = CliRunner().invoke(app, [*command, "--transport", "bulk"])
+        assert refused.exit_code == 1
+        message = " ".join(refused.output.split())
+        assert "does not offer the bulk data channel" in message
+        assert "use --transport auto or grpc" in message
+        assert off.state.registry.list_experts().items == ()
+        bogus = CliRunner().invoke(app, [*command, "--transport", "carrier-pigeon"])
+        assert bogus.exit_code == 2
+        sent = CliRunner().invoke(app, [*command, "--transport", "grpc"])
+        assert sent.exit_code == 0, sent.output
+        assert len(off.state.registry.list_experts().items) == 1

@@ -6,6 +6,8 @@ through a slow proxy, so the kill always finds uploads with bytes staged. After 
 the same data dir and database: every acknowledged expert is there and its blobs verify,
 nothing half-written is visible, the interrupted uploads resume from the coordinator's offset
 and complete, and the router that was active before the kill is still active and serves.
+(The slow uploads send gRPC chunks; a kill in the middle of a bulk data-channel stream is
+``test_bulk_kill.py``.)
 """
 
 from __future__ import annotations
