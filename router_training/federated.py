@@ -84,6 +84,7 @@ class FederatedRouterConfig(GaussianRouterConfig):
     dp: str = "none"  # "none", "client" (client clips) or "server" (server clips): central DP
     clipping_norm: float = 1.0  # L2 clip of each contributor's update (dp != "none")
     noise_multiplier: float = 0.0  # Gaussian noise std / clipping_norm on the aggregate
+    dp_delta: float = 1e-5  # the delta at which the rounds' epsilon is reported (dp != "none")
     simulated_examples: int = 64  # draws per expert for the simulated contributors in ``fit``
     backend: str = "inprocess"  # "inprocess" (one process), "simulation" (Ray), "superlink"
     server_optimizer: str = "sgd"  # server step: "sgd" (FedAvg), "adam" (FedAdam), "momentum"
@@ -139,6 +140,14 @@ class FederatedRouterConfig(GaussianRouterConfig):
             raise ValueError(f"dp must be one of {DP_CHOICES}, got {self.dp!r}")
         if self.server_optimizer not in SERVER_OPTIMIZERS:
             raise ValueError(f"server_optimizer must be one of {SERVER_OPTIMIZERS}")
+        if self.dp != "none" and self.server_optimizer != "sgd":
+            raise ValueError(
+                "dp runs plain FedAvg (server_optimizer='sgd'): the noise is added after the "
+                "server step, so momentum or Adam state would carry un-noised updates into later "
+                "rounds"
+            )
+        if not isinstance(self.dp_delta, (int, float)) or not 0 < self.dp_delta < 1:
+            raise ValueError(f"dp_delta must be in (0, 1), got {self.dp_delta!r}")
         if self.server_optimizer != "sgd" and self.secure_aggregation:
             raise ValueError("secure_aggregation runs plain FedAvg (server_optimizer='sgd')")
         if not isinstance(self.secure_aggregation, bool):

@@ -85,7 +85,32 @@ class FederationOutcome:
             out[f"federated_round_{record.round}_failed"] = float(len(record.failed))
         for contributor, count in self.contributor_rounds().items():
             out[f"federated_contributor_{contributor}_rounds"] = float(count)
+        out.update(self.privacy())
         return out
+
+    def privacy(self) -> dict[str, float]:
+        """``dp_epsilon`` at ``dp_delta`` spent by the released rounds, under DP with noise
+        (:mod:`.federated_privacy`); nothing without DP or with clipping only."""
+        config = self.router.config
+        if config.dp == "none" or not config.noise_multiplier > 0 or not self.participants:
+            return {}
+        from moerge.router_training.federated_privacy import rounds_privacy
+
+        sampled = max(len(r.sampled) for r in self.participants)
+        nodes = {n for r in self.participants for n in r.sampled}
+        spent = rounds_privacy(
+            config.noise_multiplier,
+            sum(r.aggregated for r in self.participants),
+            max(sampled, 1),
+            max(len(nodes), sampled, 1),
+            config.dp_delta,
+        )
+        return {
+            "dp_epsilon": spent.epsilon,
+            "dp_delta": spent.delta,
+            "dp_noise_multiplier": spent.noise_multiplier,
+            "dp_released_rounds": float(spent.released_rounds),
+        }
 
     def contributor_rounds(self) -> dict[str, int]:
         """Contributor id -> rounds in which its node's update was aggregated (nodes that named

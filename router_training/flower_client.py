@@ -9,7 +9,8 @@ labelled with its own expert id(s), and replies with exactly three things:
 
 * ``ArrayRecord`` "arrays": the router's trained tensors (:data:`~.federated.FEDERATED_ARRAYS`:
   ``weight`` [H, E], ``bias`` [E]), nothing else -- none is per-example;
-* ``MetricRecord`` "metrics": ``num-examples`` (the FedAvg weight), ``train-loss`` and
+* ``MetricRecord`` "metrics": ``num-examples`` (the FedAvg weight; ``unit-weight`` = 1 under
+  DP), ``train-loss`` and
   ``accuracy-before`` (top-1 accuracy of the received global router on the local data, i.e. a
   free federated evaluation of the previous round's router).
 
@@ -84,6 +85,7 @@ def local_train(
     out = {k: params[k].detach() for k in FEDERATED_ARRAYS}
     metrics = {
         "num-examples": len(z),
+        "unit-weight": 1,  # the FedAvg weight under DP: every contributor counts once
         "train-loss": loss_value,
         "accuracy-before": float(before.float().mean()),
     }

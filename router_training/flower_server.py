@@ -12,7 +12,11 @@ default): ``"server"`` wraps the strategy in ``DifferentialPrivacyServerSideFixe
 (the coordinator clips each update to ``clipping_norm`` and adds Gaussian noise of std
 ``noise_multiplier * clipping_norm / sampled`` to the average); ``"client"`` uses
 ``DifferentialPrivacyClientSideFixedClipping`` with ``fixedclipping_mod`` in the contributor's
-``ClientApp`` (contributors clip, so the coordinator never sees an unclipped update). Both
+``ClientApp`` (contributors clip, so the coordinator never sees an unclipped update). Under DP
+every contributor weighs the same in the average (``unit-weight``), so one contributor moves it
+by at most ``clipping_norm / sampled``, the sensitivity the noise is calibrated to (weighting by
+example count would let a large contributor move it further), and a round in which a sampled
+contributor failed is not released. Both
 protect a contributor's *participation and data* in the released router, not individual
 updates from the coordinator; SecAgg+ (which does hide them) is the opt-in
 :mod:`.secure_aggregation`. ``server_optimizer`` swaps FedAvg's server step for Flower's FedAvgM
@@ -57,6 +61,10 @@ class RoundRecord:
     contributors: dict[int, str] = field(default_factory=dict)
 
 
+#: the reply metric FedAvg weights by under DP (each contributor's reply carries 1)
+UNIT_WEIGHT = "unit-weight"
+
+
 class RouterFedAvg(FedAvg):
     """FedAvg that records each round's participants and needs ``min_replies`` good replies.
 
@@ -72,14 +80,19 @@ class RouterFedAvg(FedAvg):
         sample_size: int,
         min_available_nodes: int,
         min_replies: int,
+        uniform: bool = False,
     ) -> None:
         super().__init__(
             fraction_train=fraction_train,
             fraction_evaluate=0.0,  # contributors report accuracy-before with every train reply
             min_train_nodes=sample_size,
             min_available_nodes=min_available_nodes,
+            weighted_by_key=UNIT_WEIGHT if uniform else "num-examples",
         )
         self.min_replies = min_replies
+        #: DP rounds: every contributor counts once, and a round with a failed reply is not
+        #: released (the noise is calibrated to one contributor's share of the sampled ones)
+        self.uniform = uniform
         self.rounds: list[RoundRecord] = []
         #: every reply Message received (kept for audits and the privacy tests)
         self.replies: list[Message] = []
@@ -109,7 +122,7 @@ class RouterFedAvg(FedAvg):
                 record.contributors[m.metadata.src_node_id] = str(name)
         answered = set(record.succeeded) | set(record.failed)
         record.failed += [n for n in record.sampled if n not in answered]  # timed out
-        if len(record.succeeded) < self.min_replies:
+        if len(record.succeeded) < self.min_replies or (self.uniform and record.failed):
             return None, None
         record.aggregated = True
         return super().aggregate_train(server_round, replies)
@@ -146,6 +159,7 @@ def build_strategy(
         sample_size=sampled if min_available is None else min_nodes,
         min_available_nodes=num_nodes if min_available is None else min_available,
         min_replies=min_nodes,
+        uniform=config.dp != "none",
     )
     if isinstance(base, RouterFedAdam):
         base.eta, base.tau = config.server_learning_rate, config.server_adam_tau

@@ -45,17 +45,22 @@ def test_six_contributors_improve_routing_accuracy_over_the_starting_router(fede
     assert federation.accuracy(start) == before  # the starting router is left unchanged
 
 
-def test_contributor_that_raises_mid_round_does_not_stop_the_round(federation):
+def _offline(federation, partition: int):
+    """A ClientApp whose contributor ``partition`` raises in every round."""
     load = partition_loader(federation.contributors)
 
     def flaky(context: Context):
-        if int(context.node_config["partition-id"]) == 2:
+        if int(context.node_config["partition-id"]) == partition:
             raise ConnectionError("contributor went offline")
         return load(context)
 
+    return make_client_app(flaky)
+
+
+def test_contributor_that_raises_mid_round_does_not_stop_the_round(federation):
     start = _start(federation)
     router, _, participants = run_federated_rounds(
-        start, federation.contributors, rounds=4, client_app=make_client_app(flaky)
+        start, federation.contributors, rounds=4, client_app=_offline(federation, 2)
     )
     assert len(participants) == 4
     for record in participants:
@@ -118,7 +123,7 @@ def test_messages_hold_only_router_weights_and_counts(federation):
     for msg in sent:
         assert set(content_keys(msg)) == {"arrays", "metrics"}
         metrics = msg.content["metrics"]
-        assert set(metrics) == {"num-examples", "train-loss", "accuracy-before"}
+        assert set(metrics) == {"num-examples", "unit-weight", "train-loss", "accuracy-before"}
         assert metrics["num-examples"] in sizes
     assert not msg.content.config_records  # replies carry no config, hence no bytes
 
@@ -182,3 +187,56 @@ def test_server_side_optimisers_run_flowers_fedavgm_and_fedadam(federation, opti
 def test_superlink_backend_is_refused_outside_a_coordinator_with_a_superlink(federation):
     with pytest.raises(ValueError, match="superlink"):
         fit_router("federated", federation.experts, {"rounds": 1, "backend": "superlink"})
+
+
+def test_dp_rounds_weigh_every_contributor_once(federation):
+    """Under DP the average is unweighted, so one contributor moves it by at most
+    clipping_norm / sampled, the sensitivity the noise is calibrated to."""
+    sizes = {len(c.embeddings) for c in federation.contributors}
+    assert len(sizes) > 1  # example counts differ: weighting by them would differ
+    start = _start(federation, dp="server", clipping_norm=1e6, noise_multiplier=0.0)
+    outcome = run_federated_rounds(start, federation.contributors, rounds=1, keep_replies=True)
+    updates = [m.content["arrays"].to_torch_state_dict() for m in outcome.replies]
+    assert len(updates) == len(federation.contributors)
+    mean = torch.stack([u["weight"] for u in updates]).mean(0)
+    torch.testing.assert_close(outcome.router.weight, mean, rtol=1e-5, atol=1e-6)
+
+
+def test_dp_round_with_a_failed_contributor_is_not_released(federation):
+    start = _start(federation, dp="server", clipping_norm=0.05, noise_multiplier=1.0)
+    outcome = run_federated_rounds(
+        start, federation.contributors, rounds=2, client_app=_offline(federation, 2)
+    )
+    assert not any(r.aggregated for r in outcome.participants)
+    torch.testing.assert_close(outcome.router.weight, start.weight)
+    assert outcome.summary()["dp_released_rounds"] == 0.0
+    assert outcome.summary()["dp_epsilon"] == 0.0
+
+
+def test_dp_rounds_report_the_epsilon_they_spent(federation):
+    from moerge.router_training.federated_privacy import rounds_privacy
+
+    start = _start(federation, dp="server", clipping_norm=0.05, noise_multiplier=1.0, dp_delta=1e-5)
+    outcome = run_federated_rounds(start, federation.contributors, rounds=3)
+    summary = outcome.summary()
+    assert summary["dp_released_rounds"] == 3.0 and summary["dp_delta"] == 1e-5
+    assert summary["dp_epsilon"] == pytest.approx(rounds_privacy(1.0, 3, 6, 6, 1e-5).epsilon)
+    # The Gaussian mechanism's zCDP bound, rho + 2 sqrt(rho log(1/delta)), rho = T / (2 sigma^2),
+    # holds for the RDP accountant's epsilon, and the accountant is not far below it.
+    rho = 3 / 2
+    bound = rho + 2 * (rho * torch.tensor(1e5).log().item()) ** 0.5
+    assert 0.7 * bound < summary["dp_epsilon"] <= bound
+    # More rounds spend more; more noise spends less.
+    assert rounds_privacy(1.0, 6, 6, 6, 1e-5).epsilon > summary["dp_epsilon"]
+    assert rounds_privacy(2.0, 3, 6, 6, 1e-5).epsilon < summary["dp_epsilon"]
+
+
+def test_dp_without_noise_reports_no_epsilon(federation):
+    start = _start(federation, dp="server", clipping_norm=0.05, noise_multiplier=0.0)
+    assert "dp_epsilon" not in run_federated_rounds(start, federation.contributors, 1).summary()
+
+
+@pytest.mark.parametrize("optimizer", ["momentum", "adam"])
+def test_dp_refuses_server_optimisers_that_would_keep_unnoised_state(federation, optimizer):
+    with pytest.raises(ValueError, match="dp runs plain FedAvg"):
+        _start(federation, dp="server", noise_multiplier=1.0, server_optimizer=optimizer)
