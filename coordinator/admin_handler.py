@@ -11,7 +11,7 @@ from moerge.coordinator import convert
 from moerge.coordinator.state import CoordinatorState
 from moerge.storage.errors import InvalidArgument
 from moerge.storage.records import Principal
-from moerge.storage.validation import check_text
+from moerge.storage.validation import MAX_INT32, check_int, check_text
 from moerge.v1 import admin_pb2, common_pb2
 
 MAX_REASON = 1000
@@ -96,8 +96,7 @@ def train_router(
 def activate_router_version(
     request: admin_pb2.ActivateRouterVersionRequest, state: CoordinatorState, principal: Principal
 ) -> admin_pb2.RouterVersion:
-    if request.version < 1:
-        raise InvalidArgument("version", "must be >= 1")
+    check_int("version", request.version, minimum=1, maximum=MAX_INT32)
     return convert.router_version(
         state.routers.activate(convert.actor_of(principal), request.version)
     )

@@ -14,6 +14,7 @@ from moerge.coordinator.inference_service import InferenceService, expert_names
 from moerge.coordinator.state import CoordinatorState
 from moerge.storage.errors import InvalidArgument
 from moerge.storage.records import Principal
+from moerge.storage.validation import MAX_INT32
 from moerge.v1 import common_pb2, inference_pb2
 
 AGGREGATIONS = {
@@ -47,8 +48,10 @@ async def service(state: CoordinatorState) -> InferenceService:
 def _common_checks(top_k: int, router_version: int) -> None:
     if top_k < 0:
         raise InvalidArgument("top_k", "must be >= 0 (0: the router's default)")
-    if router_version < 0:
-        raise InvalidArgument("router_version", "must be >= 0 (0: the active version)")
+    if not 0 <= router_version <= MAX_INT32:
+        raise InvalidArgument(
+            "router_version", f"must be in 0..{MAX_INT32} (0: the active version)"
+        )
 
 
 async def predict(

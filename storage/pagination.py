@@ -13,6 +13,7 @@ import json
 from datetime import datetime
 
 from moerge.storage.errors import InvalidArgument
+from moerge.storage.validation import fits_column
 
 Key = tuple[datetime | str | int, ...]
 
@@ -45,7 +46,7 @@ def decode_page_token(listing: str, token: object, types: tuple[type, ...]) -> K
             if parsed is None or parsed.tzinfo is None:
                 raise malformed
             key.append(parsed)
-        elif isinstance(value, kind) and not isinstance(value, bool):
+        elif isinstance(value, kind) and not isinstance(value, bool) and fits_column(value):
             key.append(value)
         else:
             raise malformed

@@ -15,6 +15,8 @@ from moerge.storage.errors import InvalidArgument
 
 MAX_PAGE_SIZE = 1000
 MAX_JSON_BYTES = 1 << 20
+#: The largest value of an ``Integer`` column (PostgreSQL's int4; SQLite would store more).
+MAX_INT32 = 2**31 - 1
 
 _HEX_ID_RE = re.compile(r"[0-9a-f]{32}")
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
@@ -62,6 +64,19 @@ def check_text(field: str, value: object, max_len: int, *, multiline: bool = Tru
         if unicodedata.category(char) in _TEXT_FORBIDDEN_CATEGORIES:
             raise InvalidArgument(field, f"must not contain control characters ({char!r})")
     return text
+
+
+def fits_column(value: object) -> bool:
+    """Whether an int fits an ``Integer`` column and a str a text column (no NUL) on PostgreSQL.
+
+    For values that reach a query without a field check, e.g. a page token's key: PostgreSQL
+    refuses the query itself (INTERNAL), where SQLite would simply match nothing.
+    """
+    if isinstance(value, int):
+        return -MAX_INT32 - 1 <= value <= MAX_INT32
+    if isinstance(value, str):
+        return "\x00" not in value
+    return True
 
 
 def check_page_size(value: object, maximum: int = MAX_PAGE_SIZE) -> int:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from sqlalchemy.engine import make_url
 
 from moerge.contributor_client.connection import Target
 from moerge.contributor_client.upload import upload_expert
@@ -49,6 +50,7 @@ class FuzzServer:
     expert_id: str
     expert_dir: Path
     snapshot: Snapshotter
+    db: str  # "sqlite" or "postgresql"
 
     @property
     def state(self):
@@ -65,11 +67,20 @@ def fuzz_expert_template(tmp_path_factory: pytest.TempPathFactory, fuzz_base_mod
     return make_expert_dir(fuzz_base_model, tmp_path_factory.mktemp("fuzz-experts") / "valid")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(
+    scope="module", params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)]
+)
 def fuzz_server(
-    tmp_path_factory: pytest.TempPathFactory, fuzz_base_model: Path, fuzz_expert_template: Path
+    request: pytest.FixtureRequest,
+    tmp_path_factory: pytest.TempPathFactory,
+    fuzz_base_model: Path,
+    fuzz_expert_template: Path,
 ) -> Iterator[FuzzServer]:
-    """A coordinator on SQLite with one contributor, one committed expert, one active router."""
+    """A coordinator with one contributor, one committed expert, one active router.
+
+    Once on SQLite and once on PostgreSQL (a new database in the session's cluster): the
+    PostgreSQL driver refuses input SQLite stores (NUL in text, integers past a column's range).
+    """
     root = tmp_path_factory.mktemp("fuzz-server")
     # Thousands of refused uploads each commit a few small transactions: on tmpfs (where there
     # is one) an fsync costs nothing, and the oracle compares contents, not durability.
@@ -77,13 +88,21 @@ def fuzz_server(
     # Upload quotas off: thousands of uploads from one contributor would hit them, and the
     # fuzzers test what happens to input that gets through, not the rate limiter.
     quotas = {f.name: 0 for f in dataclasses.fields(CoordinatorConfig) if f.name in QUOTAS}
-    config = coordinator_config(data, fuzz_base_model, max_upload_bytes=MAX_UPLOAD_BYTES, **quotas)
+    db_url = ""
+    cleanup = contextlib.ExitStack()
+    if request.param == "postgresql":
+        cluster = request.getfixturevalue("postgres_cluster")
+        db_url = cluster.create_database()
+        cleanup.callback(cluster.drop_database, str(make_url(db_url).database))
+    cleanup.callback(shutil.rmtree, data, ignore_errors=True)
+    config = coordinator_config(
+        data, fuzz_base_model, db_url, max_upload_bytes=MAX_UPLOAD_BYTES, **quotas
+    )
     with (
-        contextlib.ExitStack() as cleanup,
+        cleanup,
         BackgroundCoordinator(config) as running,
         grpc.insecure_channel(running.address) as ch,
     ):
-        cleanup.callback(shutil.rmtree, data, ignore_errors=True)
         contributor_id, credential = enroll(running.address, config.admin_token, "fuzzer")
         expert_dir = root / "expert"
         shutil.copytree(fuzz_expert_template, expert_dir)
@@ -109,6 +128,7 @@ def fuzz_server(
             expert_id=uploaded.expert.expert_id,
             expert_dir=expert_dir,
             snapshot=Snapshotter(running.state),
+            db=request.param,
         )
 
 
@@ -116,7 +136,7 @@ def fuzz_server(
     params=[pytest.param(False, id="ci"), pytest.param(True, marks=pytest.mark.soak, id="soak")]
 )
 def soak(request: pytest.FixtureRequest) -> bool:
-    """Each fuzzer runs in CI size and, under ``-m soak``, in soak size."""
+    """Each fuzzer runs in CI size and, under ``-m soak``, in soak size (on both databases)."""
     if request.param and "soak" not in (request.config.option.markexpr or ""):
         pytest.skip("soak size: run with -m soak (MOERGE_FUZZ_CASES sets the total)")
     return bool(request.param)

@@ -7,6 +7,8 @@ values that get past the first check (real ids, method names, the four expert fi
 
 from __future__ import annotations
 
+import base64
+import json
 import random
 import string
 from collections.abc import Callable
@@ -191,6 +193,41 @@ def _upload_ids(ctx: Context) -> st.SearchStrategy[str]:
     return st.one_of(st.text(alphabet=HEX, min_size=8, max_size=32), evil_text())
 
 
+#: The listing each request's page token belongs to, and its key's kind.
+PAGE_TOKEN_FIELDS = {
+    "moerge.v1.ListExpertsRequest.page_token": "experts",
+    "moerge.v1.ListContributorsRequest.page_token": "contributors",
+    "moerge.v1.ListRouterVersionsRequest.page_token": "router_versions",
+    "moerge.v1.ListAuditLogRequest.page_token": "audit",
+}
+
+
+def crafted_page_token(field: str, rng: random.Random) -> str:
+    """A token shaped like a real one for ``field`` (base64 JSON of its listing and key).
+
+    Only a token that decodes gets its key into the query, where PostgreSQL checks its type.
+    """
+    listing = PAGE_TOKEN_FIELDS[field]
+    if listing in ("router_versions", "audit"):
+        key = [listing, rng.choice([2**31, *EVIL_INT64S[-4:], *EVIL_INTS])]
+    else:
+        when = rng.choice(["2026-01-01T00:00:00+00:00", "0001-01-01T00:00:00+00:00"])
+        key = [listing, when, rng.choice(EVIL_STRINGS[:40])]
+    return base64.urlsafe_b64encode(json.dumps(key).encode()).decode("ascii").rstrip("=")
+
+
+def _page_tokens(field: str) -> Callable[[Context], st.SearchStrategy[str]]:
+    def strategy(ctx: Context) -> st.SearchStrategy[str]:
+        crafted = st.randoms(use_true_random=False).map(lambda r: crafted_page_token(field, r))
+        return st.one_of(crafted, evil_text())
+
+    return strategy
+
+
+for _field in PAGE_TOKEN_FIELDS:
+    HINTS[_field] = _page_tokens(_field)
+
+
 @_hint("moerge.v1.UploadManifest.files")
 def _manifest_files(ctx: Context) -> st.SearchStrategy[list[Any]]:
     one = message_strategy(contributor_pb2.UploadFile.DESCRIPTOR, ctx)
@@ -331,6 +368,8 @@ def request_strategy(rpc: Rpc, ctx: Context) -> st.SearchStrategy[Any]:
 
 
 def _evil_value(field: FieldDescriptor, rng: random.Random) -> Any:
+    if field.full_name in PAGE_TOKEN_FIELDS and rng.random() < 0.5:
+        return crafted_page_token(field.full_name, rng)
     if field.type == FieldDescriptor.TYPE_STRING:
         value = rng.choice(EVIL_STRINGS)
         return value if rng.random() < 0.8 else value + rng.choice(EVIL_STRINGS)

@@ -15,7 +15,7 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from sqlalchemy import MetaData
+from sqlalchemy import JSON, MetaData
 
 #: Codes that say "your request was refused" (as opposed to "the server broke").
 REFUSALS = frozenset(
@@ -65,6 +65,11 @@ class Snapshot:
         return out
 
 
+def _as_stored(column: str, type_: Any) -> str:
+    """JSON as its stored text: psycopg would decode it to (unhashable) dicts and lists."""
+    return f"CAST({column} AS TEXT)" if isinstance(type_, JSON) else column
+
+
 class Snapshotter:
     """Reflects the schema once, then reads every raw row and hashes every blob on each call.
 
@@ -83,8 +88,10 @@ class Snapshotter:
             if name == "alembic_version":
                 continue
             # last_used_at moves on every authenticated call: bookkeeping, not state.
-            cols = tuple(c.name for c in table.columns if c.name != "last_used_at")
-            sql = f"SELECT {', '.join(quote(c) for c in cols)} FROM {quote(name)}"
+            columns = [c for c in table.columns if c.name != "last_used_at"]
+            cols = tuple(c.name for c in columns)
+            sql = f"SELECT {', '.join(_as_stored(quote(c.name), c.type) for c in columns)} "
+            sql += f"FROM {quote(name)}"
             self.queries[name] = (cols, sql)
 
     def __call__(self) -> Snapshot:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 from dataclasses import replace
 
@@ -9,7 +10,13 @@ import grpc
 import pytest
 
 from moerge.expert_format import ADAPTER_CONFIG, STATISTICS_META
-from moerge.v1 import admin_pb2, admin_pb2_grpc, contributor_pb2, inference_pb2
+from moerge.v1 import (
+    admin_pb2,
+    admin_pb2_grpc,
+    contributor_pb2,
+    inference_pb2,
+    inference_pb2_grpc,
+)
 from tests.fuzz.conftest import FuzzServer
 from tests.fuzz.files import Upload, load_valid
 from tests.fuzz.oracle import check_alive, only_upload_bookkeeping
@@ -147,3 +154,51 @@ def test_a_router_asking_for_more_experts_than_are_active_is_refused_before_a_ve
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "top_k" in err.value.details()
     assert fuzz_server.snapshot() == before
+
+
+@pytest.mark.parametrize("version", [2**31, 10**12, 2**63 - 1])
+def test_router_versions_beyond_the_integer_column_are_invalid_argument(
+    fuzz_server: FuzzServer, version: int
+) -> None:
+    """PostgreSQL's int4 column refused them in the query: INTERNAL (SQLite said NOT_FOUND)."""
+    before = fuzz_server.snapshot()
+    calls = [
+        lambda: admin_pb2_grpc.AdminServiceStub(fuzz_server.channel).ActivateRouterVersion(
+            admin_pb2.ActivateRouterVersionRequest(version=version), metadata=fuzz_server.admin
+        ),
+        lambda: inference_pb2_grpc.InferenceServiceStub(fuzz_server.channel).Route(
+            inference_pb2.RouteRequest(inputs=["good film"], router_version=version),
+            metadata=fuzz_server.contributor,
+        ),
+    ]
+    for call in calls:
+        with pytest.raises(grpc.RpcError) as err:
+            call()
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+        assert "version" in err.value.details()
+    check_alive(fuzz_server.channel)
+    assert fuzz_server.snapshot() == before
+
+
+@pytest.mark.parametrize(
+    ("rpc", "key"),
+    [
+        ("ListAuditLog", ["audit", 2**40]),
+        ("ListRouterVersions", ["router_versions", 2**63 - 1]),
+        ("ListExperts", ["experts", "2026-01-01T00:00:00+00:00", "a\x00b"]),
+        ("ListContributors", ["contributors", "2026-01-01T00:00:00+00:00", "a\x00b"]),
+    ],
+)
+def test_page_tokens_the_database_cannot_compare_are_refused(
+    fuzz_server: FuzzServer, rpc: str, key: list
+) -> None:
+    """A crafted token's key reached the query: on PostgreSQL, INTERNAL (an int past int4, NUL)."""
+    token = base64.urlsafe_b64encode(json.dumps(key).encode()).decode().rstrip("=")
+    request = getattr(admin_pb2, f"{rpc}Request")(page_token=token)
+    with pytest.raises(grpc.RpcError) as err:
+        getattr(admin_pb2_grpc.AdminServiceStub(fuzz_server.channel), rpc)(
+            request, metadata=fuzz_server.admin
+        )
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+    assert "page_token" in err.value.details()
+    check_alive(fuzz_server.channel)

@@ -78,9 +78,9 @@ def check_case(fuzzer: str, server: FuzzServer, rpc: Rpc, request: Any, raw: boo
         code = check_refused(error, case)
         if not (rpc.streaming and only_upload_bookkeeping(before, after)):
             check_unchanged(before, after, case)
-        budget.record(fuzzer, f"{rpc.method} refused:{code.name}")
+        budget.record(budget.label(fuzzer, server.db), f"{rpc.method} refused:{code.name}")
         return
-    budget.record(fuzzer, f"{rpc.method} accepted")
+    budget.record(budget.label(fuzzer, server.db), f"{rpc.method} accepted")
     if not rpc.mutates:
         check_unchanged(before, after, case)
         return
@@ -107,7 +107,7 @@ def test_every_rpc_refuses_generated_requests_cleanly(fuzz_server: FuzzServer, s
     )
 
     @settings(
-        max_examples=budget.cases("rpc_property", soak),
+        max_examples=budget.cases("rpc_property", soak, fuzz_server.db),
         deadline=None,
         database=None,
         derandomize=not soak,
@@ -191,7 +191,7 @@ def test_every_rpc_refuses_mutated_requests_cleanly(fuzz_server: FuzzServer, soa
     rng = random.Random(seed)
     valid = seeds(fuzz_server)
     by_name = {rpc.method: rpc for rpc in RPCS}
-    for index in range(budget.cases("rpc_mutation", soak)):
+    for index in range(budget.cases("rpc_mutation", soak, fuzz_server.db)):
         rpc = by_name[rng.choice(sorted(by_name))]
         request, raw = mutant(rpc, valid[rpc.method], rng)
         try:

@@ -60,7 +60,7 @@ def check_upload(fuzzer: str, server: FuzzServer, upload: Upload, send) -> None:
     case = upload.label
     staging = Path(server.state.config.staging_dir)
     if refusal is None:
-        budget.record(fuzzer, "accepted")
+        budget.record(budget.label(fuzzer, server.db), "accepted")
         check_blobs_verify(server.state)
         changes = before.changes(after)
         if changes.get("experts", ([], []))[1]:
@@ -70,7 +70,7 @@ def check_upload(fuzzer: str, server: FuzzServer, upload: Upload, send) -> None:
             raise Defect(f"{case}: name {upload.expert_name!r} stored as {added[0]['name']!r}")
         return
     code, message = refusal
-    budget.record(fuzzer, f"refused:{code.name}")
+    budget.record(budget.label(fuzzer, server.db), f"refused:{code.name}")
     if os.environ.get("MOERGE_FUZZ_VERBOSE"):
         print(f"{case} -> {code.name}: {message[:150]}")
     if code not in REFUSALS or not message.strip():
@@ -92,7 +92,7 @@ def _fuzz(fuzzer: str, server: FuzzServer, soak: bool, send) -> None:
     valid = load_valid(server.expert_dir)
 
     @settings(
-        max_examples=budget.cases(fuzzer, soak),
+        max_examples=budget.cases(fuzzer, soak, server.db),
         deadline=None,
         database=None,
         derandomize=not soak,
