@@ -232,14 +232,9 @@ def top_k_softmax(
     """
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature!r}")
-    if (
-        scores.device.type == "cuda"
-        and scores.dim() == 2
-        and k <= topk_triton.MAX_K
-        and topk_triton.available()
-    ):
-        indices, weights = topk_triton.top_k_softmax_rows(scores, k, temperature)
-        return RoutingDecision(indices=indices, weights=weights)
+    kept = topk_triton.try_top_k_softmax(scores, k, temperature)
+    if kept is not None:
+        return RoutingDecision(indices=kept[0], weights=kept[1])
     if scores.device.type == "cuda" and k <= _MAX_K_BY_MAX and scores.shape[-1] >= _MIN_E_BY_MAX:
         values, indices = _top_k_by_max(scores, k, scratch=scratch)
     else:

@@ -34,10 +34,6 @@ from moerge.router_training.base import (
     RoutingDecision,
     top_k_softmax,
 )
-from moerge.triton_support import run_or_fall_back
-
-#: Set (with the error) when the Triton top-k kernel failed here: it is not retried.
-_TRITON_BROKEN: list[str] = []
 
 VECTORS_PREFIX = "vectors/"
 MEMBERS_PREFIX = "members/"
@@ -123,27 +119,14 @@ class ModuleVectorRouter(Router):
                 f"got {tuple(hidden.shape)}"
             )
         k = self._resolve_top_k(top_k, num_candidates=len(members))
-        if (
-            hidden.device.type == "cuda"
-            and k <= topk_triton.MAX_K
-            and topk_triton.available()
-            and not _TRITON_BROKEN
-        ):
-            kept = run_or_fall_back(
-                lambda: topk_triton.top_k_softmax_rows(
-                    self.linear_scores(module, hidden),
-                    k,
-                    self.temperature,
-                    absolute=self.absolute_scores,
-                    members=members,
-                ),
-                _TRITON_BROKEN,
-                "top-k kernel",
-                "torch.topk",
-            )
-            if kept is not None:
-                return RoutingDecision(indices=kept[0], weights=kept[1])
-        local = top_k_softmax(self.scores(module, hidden), k, self.temperature, scratch=True)
+        linear = self.linear_scores(module, hidden)
+        kept = topk_triton.try_top_k_softmax(  # CUDA: |score|, top-k, softmax, ids in one kernel
+            linear, k, self.temperature, absolute=self.absolute_scores, members=members
+        )
+        if kept is not None:
+            return RoutingDecision(indices=kept[0], weights=kept[1])
+        scores = linear.abs_() if self.absolute_scores else linear
+        local = top_k_softmax(scores, k, self.temperature, scratch=True)
         return RoutingDecision(indices=members[local.indices], weights=local.weights)
 
     def vector_similarity(self, max_experts: int = 1024, seed: int = 0) -> dict[str, float]:

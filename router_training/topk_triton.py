@@ -19,12 +19,15 @@ from __future__ import annotations
 
 import torch
 
-from moerge.triton_support import KERNEL_ERRORS, available, tl, triton
+from moerge.triton_support import KERNEL_ERRORS, available, run_or_fall_back, tl, triton
 
-__all__ = ["KERNEL_ERRORS", "MAX_K", "available", "top_k_softmax_rows"]
+__all__ = ["KERNEL_ERRORS", "MAX_K", "available", "top_k_softmax_rows", "try_top_k_softmax"]
 
 #: the largest k the kernel keeps in registers
 MAX_K = 4
+
+#: Set (with the error) when the kernel failed to build or run here: it is not retried.
+_BROKEN: list[str] = []
 
 
 if triton is not None:
@@ -176,3 +179,29 @@ def top_k_softmax_rows(
         num_warps=num_warps,
     )
     return indices, weights
+
+
+def try_top_k_softmax(
+    scores: torch.Tensor,
+    k: int,
+    temperature: float = 1.0,
+    *,
+    absolute: bool = False,
+    members: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """:func:`top_k_softmax_rows` where it can run (CUDA, Triton, 2-D scores, k <= ``MAX_K``,
+    the kernel not broken here), else ``None``: the caller takes its PyTorch path."""
+    if not (
+        scores.device.type == "cuda"
+        and scores.dim() == 2
+        and k <= MAX_K
+        and available()
+        and not _BROKEN
+    ):
+        return None
+    return run_or_fall_back(
+        lambda: top_k_softmax_rows(scores, k, temperature, absolute=absolute, members=members),
+        _BROKEN,
+        "top-k kernel",
+        "torch.topk",
+    )

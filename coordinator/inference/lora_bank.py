@@ -222,7 +222,9 @@ class RoutedLoraLinear(nn.Module):
             return out
         if isinstance(routing, _ExampleRouting):
             delta = self._example_delta(x, routing)
-        elif not torch.is_grad_enabled():  # serving: mix straight into the output
+        elif torch.is_grad_enabled():
+            delta = self._token_delta(x, routing.router)
+        else:  # serving: mix straight into the output
             hidden = x.reshape(-1, self.in_features)  # [N, d_in]
             slots, weights = routing.router(self.name, hidden)  # [N, k], [N, k]
             add_token_mixed_delta_(
@@ -234,8 +236,6 @@ class RoutedLoraLinear(nn.Module):
                 weights.to(x.device),
             )
             return out
-        else:
-            delta = self._token_delta(x, routing.router)
         if not torch.is_grad_enabled():  # serving: add in place, rounding once to out's dtype
             return out.add_(delta)
         return out + delta.to(out.dtype)

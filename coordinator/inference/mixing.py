@@ -100,10 +100,6 @@ __all__ = [
 #: Set (with the error) when the Triton kernel failed to build or run here: it is not retried.
 _TRITON_BROKEN: list[str] = []
 
-#: Serving adds the Triton kernel's per-pair deltas into the layer output in place (``False``:
-#: into a float32 buffer with atomics, then one ``add_``; kept for the benchmark's comparison).
-TRITON_ADD_IN_PLACE = True
-
 #: ``torch._grouped_mm`` on CUDA refuses many segments ("Can't process more than 1024 groups",
 #: PyTorch 2.11, raised on an H100 for exactly 1024); more are processed in chunks of this many.
 GROUPED_MM_MAX_GROUPS = 512
@@ -363,7 +359,6 @@ def add_token_mixed_delta_(
         and out.stride(1) == 1
         and sgmv_triton.available()
         and not _TRITON_BROKEN
-        and TRITON_ADD_IN_PLACE
     ):
         _check_decision(slots, weights, x.shape[0])
         added = run_or_fall_back(

@@ -12,19 +12,17 @@ import socket
 import struct
 import threading
 import time
+from abc import ABC, abstractmethod
 
 from moerge.bulk_protocol import REQUEST, Request, read_exactly, read_request
 
 
-class ThrottlingProxy:
-    """Forward 127.0.0.1:<port> to ``upstream``; client bytes at most ``rate`` bytes/s."""
+class _LoopbackProxy(ABC):
+    """Listens on 127.0.0.1:<port>; each client is connected to ``upstream`` and handed to
+    :meth:`_serve` (a client that cannot be connected is closed)."""
 
-    def __init__(self, upstream: str, rate: float | None = None) -> None:
-        host, port = upstream.rsplit(":", 1)
-        self.upstream = (host, int(port))
-        self.rate = rate
-        self.client_bytes = 0
-        self._count = threading.Lock()
+    def __init__(self, upstream: tuple[str, int] | None) -> None:
+        self.upstream = upstream
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.address = f"127.0.0.1:{self.listener.getsockname()[1]}"
         threading.Thread(target=self._accept, daemon=True).start()
@@ -35,13 +33,37 @@ class ThrottlingProxy:
                 client, _ = self.listener.accept()
             except OSError:
                 return
+            if self.upstream is None:
+                client.close()
+                continue
             try:
                 server = socket.create_connection(self.upstream)
             except OSError:
                 client.close()
                 continue
-            threading.Thread(target=self._pipe, args=(client, server, True), daemon=True).start()
-            threading.Thread(target=self._pipe, args=(server, client, False), daemon=True).start()
+            self._serve(client, server)
+
+    @abstractmethod
+    def _serve(self, client: socket.socket, server: socket.socket) -> None:
+        """Take over both sockets (start the threads that forward between them)."""
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+class ThrottlingProxy(_LoopbackProxy):
+    """Forward 127.0.0.1:<port> to ``upstream``; client bytes at most ``rate`` bytes/s."""
+
+    def __init__(self, upstream: str, rate: float | None = None) -> None:
+        host, port = upstream.rsplit(":", 1)
+        self.rate = rate
+        self.client_bytes = 0
+        self._count = threading.Lock()
+        super().__init__((host, int(port)))
+
+    def _serve(self, client: socket.socket, server: socket.socket) -> None:
+        threading.Thread(target=self._pipe, args=(client, server, True), daemon=True).start()
+        threading.Thread(target=self._pipe, args=(server, client, False), daemon=True).start()
 
     def _pipe(self, source: socket.socket, sink: socket.socket, from_client: bool) -> None:
         block = 1024 if from_client and self.rate else 65536
@@ -56,14 +78,7 @@ class ThrottlingProxy:
         except OSError:
             pass
         finally:
-            for s in (source, sink):
-                with contextlib.suppress(OSError):
-                    s.shutdown(socket.SHUT_RDWR)
-                with contextlib.suppress(OSError):
-                    s.close()
-
-    def close(self) -> None:
-        self.listener.close()
+            _close(source, sink)
 
     def __enter__(self) -> ThrottlingProxy:
         return self
@@ -72,7 +87,7 @@ class ThrottlingProxy:
         self.close()
 
 
-class DataChannelProxy:
+class DataChannelProxy(_LoopbackProxy):
     """A proxy in front of the bulk data channel that reads each connection's request header.
 
     The coordinator advertises this proxy (``bulk_advertise``), so the real client streams
@@ -83,37 +98,23 @@ class DataChannelProxy:
     """
 
     def __init__(self) -> None:
-        self.upstream: tuple[str, int] | None = None
         self.cut_after: int | None = None
         self.rate: float | None = None
         self.requests: list[Request] = []
         self.forwarded: list[int] = []  # payload bytes forwarded, per connection
         self._lock = threading.Lock()
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.address = f"127.0.0.1:{self.listener.getsockname()[1]}"
-        threading.Thread(target=self._accept, daemon=True).start()
+        super().__init__(None)
 
     def point_at(self, address: str) -> None:
         host, port = address.rsplit(":", 1)
         self.upstream = (host, int(port))
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            try:
-                assert self.upstream is not None
-                server = socket.create_connection(self.upstream)
-            except (OSError, AssertionError):
-                client.close()
-                continue
-            cut_after, self.cut_after = self.cut_after, None
-            threading.Thread(
-                target=self._forward_request, args=(client, server, cut_after), daemon=True
-            ).start()
-            threading.Thread(target=_pipe, args=(server, client), daemon=True).start()
+    def _serve(self, client: socket.socket, server: socket.socket) -> None:
+        cut_after, self.cut_after = self.cut_after, None
+        threading.Thread(
+            target=self._forward_request, args=(client, server, cut_after), daemon=True
+        ).start()
+        threading.Thread(target=_pipe, args=(server, client), daemon=True).start()
 
     def _forward_request(
         self, client: socket.socket, server: socket.socket, cut_after: int | None
@@ -142,9 +143,6 @@ class DataChannelProxy:
         except (OSError, ValueError):
             pass
         _close(client, server)
-
-    def close(self) -> None:
-        self.listener.close()
 
 
 class _Replay:
