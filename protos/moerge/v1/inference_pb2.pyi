@@ -295,3 +295,282 @@ class RouteResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RouteResponse: _TypeAlias = RouteResponse  # noqa: Y015
+
+@_typing.final
+class SamplingParams(_message.Message):
+    """How the next token is chosen. Every field is optional; unset fields take the defaults given.
+    Out-of-range values are refused with INVALID_ARGUMENT (never clamped silently).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MAX_NEW_TOKENS_FIELD_NUMBER: _builtins.int
+    TEMPERATURE_FIELD_NUMBER: _builtins.int
+    TOP_P_FIELD_NUMBER: _builtins.int
+    TOP_K_FIELD_NUMBER: _builtins.int
+    SEED_FIELD_NUMBER: _builtins.int
+    STOP_FIELD_NUMBER: _builtins.int
+    REPETITION_PENALTY_FIELD_NUMBER: _builtins.int
+    max_new_tokens: _builtins.int
+    """1..coordinator limit (512); 0: the coordinator's default"""
+    temperature: _builtins.float
+    """0 (default): greedy; else 0 < t <= 10"""
+    top_p: _builtins.float
+    """nucleus sampling, 0 < p <= 1 (default 1: off)"""
+    top_k: _builtins.int
+    """sample among the k most likely tokens; 0: off"""
+    seed: _builtins.int
+    """same seed, prompt and experts: same text; unset: random"""
+    repetition_penalty: _builtins.float
+    """CTRL-style, 0 < r <= 10 (default 1: off)"""
+    @_builtins.property
+    def stop(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """at most 8 strings of 1..64 characters; not in the output"""
+
+    def __init__(
+        self,
+        *,
+        max_new_tokens: _builtins.int = ...,
+        temperature: _builtins.float | None = ...,
+        top_p: _builtins.float | None = ...,
+        top_k: _builtins.int = ...,
+        seed: _builtins.int | None = ...,
+        stop: _abc.Iterable[_builtins.str] | None = ...,
+        repetition_penalty: _builtins.float | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_repetition_penalty", b"_repetition_penalty", "_seed", b"_seed", "_temperature", b"_temperature", "_top_p", b"_top_p", "repetition_penalty", b"repetition_penalty", "seed", b"seed", "temperature", b"temperature", "top_p", b"top_p"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_repetition_penalty", b"_repetition_penalty", "_seed", b"_seed", "_temperature", b"_temperature", "_top_p", b"_top_p", "max_new_tokens", b"max_new_tokens", "repetition_penalty", b"repetition_penalty", "seed", b"seed", "stop", b"stop", "temperature", b"temperature", "top_k", b"top_k", "top_p", b"top_p"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__repetition_penalty: _TypeAlias = _typing.Literal["repetition_penalty"]  # noqa: Y015
+    _WhichOneofArgType__repetition_penalty: _TypeAlias = _typing.Literal["_repetition_penalty", b"_repetition_penalty"]  # noqa: Y015
+    _WhichOneofReturnType__seed: _TypeAlias = _typing.Literal["seed"]  # noqa: Y015
+    _WhichOneofArgType__seed: _TypeAlias = _typing.Literal["_seed", b"_seed"]  # noqa: Y015
+    _WhichOneofReturnType__temperature: _TypeAlias = _typing.Literal["temperature"]  # noqa: Y015
+    _WhichOneofArgType__temperature: _TypeAlias = _typing.Literal["_temperature", b"_temperature"]  # noqa: Y015
+    _WhichOneofReturnType__top_p: _TypeAlias = _typing.Literal["top_p"]  # noqa: Y015
+    _WhichOneofArgType__top_p: _TypeAlias = _typing.Literal["_top_p", b"_top_p"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__repetition_penalty) -> _WhichOneofReturnType__repetition_penalty | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__seed) -> _WhichOneofReturnType__seed | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__temperature) -> _WhichOneofReturnType__temperature | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__top_p) -> _WhichOneofReturnType__top_p | None: ...
+
+Global___SamplingParams: _TypeAlias = SamplingParams  # noqa: Y015
+
+@_typing.final
+class ChatMessage(_message.Message):
+    """One turn of a chat prompt, rendered with the base model's chat template."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROLE_FIELD_NUMBER: _builtins.int
+    CONTENT_FIELD_NUMBER: _builtins.int
+    role: _builtins.str
+    """"system", "user" or "assistant" """
+    content: _builtins.str
+    def __init__(
+        self,
+        *,
+        role: _builtins.str = ...,
+        content: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "role", b"role"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ChatMessage: _TypeAlias = ChatMessage  # noqa: Y015
+
+@_typing.final
+class GenerateRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROMPT_FIELD_NUMBER: _builtins.int
+    MESSAGES_FIELD_NUMBER: _builtins.int
+    SAMPLING_FIELD_NUMBER: _builtins.int
+    TOP_K_FIELD_NUMBER: _builtins.int
+    ROUTING_METHOD_FIELD_NUMBER: _builtins.int
+    EXPERT_IDS_FIELD_NUMBER: _builtins.int
+    AGGREGATION_FIELD_NUMBER: _builtins.int
+    ROUTER_VERSION_FIELD_NUMBER: _builtins.int
+    prompt: _builtins.str
+    """plain prompt; exactly one of prompt and messages is set"""
+    top_k: _builtins.int
+    """experts per input; 0: the router's default"""
+    routing_method: _builtins.str
+    """"": the active router; else a method name"""
+    aggregation: Global___Aggregation.ValueType
+    router_version: _builtins.int
+    """0: the active version"""
+    @_builtins.property
+    def messages(self) -> _containers.RepeatedCompositeFieldContainer[Global___ChatMessage]:
+        """chat prompt (routing reads the last user message)"""
+
+    @_builtins.property
+    def sampling(self) -> Global___SamplingParams: ...
+    @_builtins.property
+    def expert_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """restrict routing to these active experts (empty: all)"""
+
+    def __init__(
+        self,
+        *,
+        prompt: _builtins.str = ...,
+        messages: _abc.Iterable[Global___ChatMessage] | None = ...,
+        sampling: Global___SamplingParams | None = ...,
+        top_k: _builtins.int = ...,
+        routing_method: _builtins.str = ...,
+        expert_ids: _abc.Iterable[_builtins.str] | None = ...,
+        aggregation: Global___Aggregation.ValueType = ...,
+        router_version: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["sampling", b"sampling"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["aggregation", b"aggregation", "expert_ids", b"expert_ids", "messages", b"messages", "prompt", b"prompt", "router_version", b"router_version", "routing_method", b"routing_method", "sampling", b"sampling", "top_k", b"top_k"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GenerateRequest: _TypeAlias = GenerateRequest  # noqa: Y015
+
+@_typing.final
+class GenerateStart(_message.Message):
+    """First event of a stream: who serves the request. For token-level routers (module_mix)
+    `experts` is empty here; the experts actually used come with GenerateEnd.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EXPERTS_FIELD_NUMBER: _builtins.int
+    ROUTER_VERSION_FIELD_NUMBER: _builtins.int
+    ROUTING_METHOD_FIELD_NUMBER: _builtins.int
+    AGGREGATION_FIELD_NUMBER: _builtins.int
+    NOTE_FIELD_NUMBER: _builtins.int
+    PROMPT_TOKENS_FIELD_NUMBER: _builtins.int
+    router_version: _builtins.int
+    routing_method: _builtins.str
+    aggregation: _builtins.str
+    note: _builtins.str
+    prompt_tokens: _builtins.int
+    @_builtins.property
+    def experts(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.ExpertWeight]: ...
+    def __init__(
+        self,
+        *,
+        experts: _abc.Iterable[_common_pb2.ExpertWeight] | None = ...,
+        router_version: _builtins.int = ...,
+        routing_method: _builtins.str = ...,
+        aggregation: _builtins.str = ...,
+        note: _builtins.str = ...,
+        prompt_tokens: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["aggregation", b"aggregation", "experts", b"experts", "note", b"note", "prompt_tokens", b"prompt_tokens", "router_version", b"router_version", "routing_method", b"routing_method"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GenerateStart: _TypeAlias = GenerateStart  # noqa: Y015
+
+@_typing.final
+class GenerateDelta(_message.Message):
+    """Text produced since the previous event (UTF-8 complete; stop strings never appear)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TEXT_FIELD_NUMBER: _builtins.int
+    TOKENS_FIELD_NUMBER: _builtins.int
+    text: _builtins.str
+    tokens: _builtins.int
+    """tokens this delta covers"""
+    def __init__(
+        self,
+        *,
+        text: _builtins.str = ...,
+        tokens: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["text", b"text", "tokens", b"tokens"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GenerateDelta: _TypeAlias = GenerateDelta  # noqa: Y015
+
+@_typing.final
+class GenerateEnd(_message.Message):
+    """Last event of a stream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FINISH_REASON_FIELD_NUMBER: _builtins.int
+    PROMPT_TOKENS_FIELD_NUMBER: _builtins.int
+    COMPLETION_TOKENS_FIELD_NUMBER: _builtins.int
+    EXPERTS_FIELD_NUMBER: _builtins.int
+    CONFIDENCE_FIELD_NUMBER: _builtins.int
+    TIME_TO_FIRST_TOKEN_MS_FIELD_NUMBER: _builtins.int
+    LATENCY_MS_FIELD_NUMBER: _builtins.int
+    finish_reason: _builtins.str
+    """"stop" (EOS or a stop string) or "length" """
+    prompt_tokens: _builtins.int
+    completion_tokens: _builtins.int
+    confidence: _builtins.float
+    """geometric mean probability of the generated tokens"""
+    time_to_first_token_ms: _builtins.float
+    latency_ms: _builtins.float
+    @_builtins.property
+    def experts(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.ExpertWeight]:
+        """token-level: mean routing weight over generated tokens"""
+
+    def __init__(
+        self,
+        *,
+        finish_reason: _builtins.str = ...,
+        prompt_tokens: _builtins.int = ...,
+        completion_tokens: _builtins.int = ...,
+        experts: _abc.Iterable[_common_pb2.ExpertWeight] | None = ...,
+        confidence: _builtins.float = ...,
+        time_to_first_token_ms: _builtins.float = ...,
+        latency_ms: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["completion_tokens", b"completion_tokens", "confidence", b"confidence", "experts", b"experts", "finish_reason", b"finish_reason", "latency_ms", b"latency_ms", "prompt_tokens", b"prompt_tokens", "time_to_first_token_ms", b"time_to_first_token_ms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GenerateEnd: _TypeAlias = GenerateEnd  # noqa: Y015
+
+@_typing.final
+class GenerateResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    START_FIELD_NUMBER: _builtins.int
+    DELTA_FIELD_NUMBER: _builtins.int
+    END_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def start(self) -> Global___GenerateStart: ...
+    @_builtins.property
+    def delta(self) -> Global___GenerateDelta: ...
+    @_builtins.property
+    def end(self) -> Global___GenerateEnd: ...
+    def __init__(
+        self,
+        *,
+        start: Global___GenerateStart | None = ...,
+        delta: Global___GenerateDelta | None = ...,
+        end: Global___GenerateEnd | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["delta", b"delta", "end", b"end", "event", b"event", "start", b"start"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["delta", b"delta", "end", b"end", "event", b"event", "start", b"start"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["start", "delta", "end"]  # noqa: Y015
+    _WhichOneofArgType_event: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_event) -> _WhichOneofReturnType_event | None: ...
+
+Global___GenerateResponse: _TypeAlias = GenerateResponse  # noqa: Y015

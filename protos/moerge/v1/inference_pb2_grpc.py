@@ -44,6 +44,11 @@ class InferenceServiceStub:
                 request_serializer=moerge_dot_v1_dot_inference__pb2.RouteRequest.SerializeToString,
                 response_deserializer=moerge_dot_v1_dot_inference__pb2.RouteResponse.FromString,
                 _registered_method=True)
+        self.Generate = channel.unary_stream(
+                '/moerge.v1.InferenceService/Generate',
+                request_serializer=moerge_dot_v1_dot_inference__pb2.GenerateRequest.SerializeToString,
+                response_deserializer=moerge_dot_v1_dot_inference__pb2.GenerateResponse.FromString,
+                _registered_method=True)
 
 
 class InferenceServiceServicer:
@@ -62,6 +67,16 @@ class InferenceServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Generate(self, request, context):
+        """Routed generation (causal-LM coordinators), streamed: one GenerateStart, GenerateDelta
+        events as tokens are produced, one GenerateEnd. Requests join the running batch between
+        decode steps; cancelling the call frees its place at once. A classification coordinator
+        answers FAILED_PRECONDITION; a full queue answers RESOURCE_EXHAUSTED.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_InferenceServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -74,6 +89,11 @@ def add_InferenceServiceServicer_to_server(servicer, server):
                     servicer.Route,
                     request_deserializer=moerge_dot_v1_dot_inference__pb2.RouteRequest.FromString,
                     response_serializer=moerge_dot_v1_dot_inference__pb2.RouteResponse.SerializeToString,
+            ),
+            'Generate': grpc.unary_stream_rpc_method_handler(
+                    servicer.Generate,
+                    request_deserializer=moerge_dot_v1_dot_inference__pb2.GenerateRequest.FromString,
+                    response_serializer=moerge_dot_v1_dot_inference__pb2.GenerateResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -130,6 +150,33 @@ class InferenceService:
             '/moerge.v1.InferenceService/Route',
             moerge_dot_v1_dot_inference__pb2.RouteRequest.SerializeToString,
             moerge_dot_v1_dot_inference__pb2.RouteResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Generate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/moerge.v1.InferenceService/Generate',
+            moerge_dot_v1_dot_inference__pb2.GenerateRequest.SerializeToString,
+            moerge_dot_v1_dot_inference__pb2.GenerateResponse.FromString,
             options,
             channel_credentials,
             insecure,

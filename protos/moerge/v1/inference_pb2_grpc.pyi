@@ -34,6 +34,12 @@ class InferenceServiceStub:
     Predict: _grpc.UnaryUnaryMultiCallable[_inference_pb2.PredictRequest, _inference_pb2.PredictResponse]
     Route: _grpc.UnaryUnaryMultiCallable[_inference_pb2.RouteRequest, _inference_pb2.RouteResponse]
     """The routing decision only, without running any expert."""
+    Generate: _grpc.UnaryStreamMultiCallable[_inference_pb2.GenerateRequest, _inference_pb2.GenerateResponse]
+    """Routed generation (causal-LM coordinators), streamed: one GenerateStart, GenerateDelta
+    events as tokens are produced, one GenerateEnd. Requests join the running batch between
+    decode steps; cancelling the call frees its place at once. A classification coordinator
+    answers FAILED_PRECONDITION; a full queue answers RESOURCE_EXHAUSTED.
+    """
 
 @_typing.type_check_only
 class InferenceServiceAsyncStub(InferenceServiceStub):
@@ -41,6 +47,12 @@ class InferenceServiceAsyncStub(InferenceServiceStub):
     Predict: _aio.UnaryUnaryMultiCallable[_inference_pb2.PredictRequest, _inference_pb2.PredictResponse]  # type: ignore[assignment]
     Route: _aio.UnaryUnaryMultiCallable[_inference_pb2.RouteRequest, _inference_pb2.RouteResponse]  # type: ignore[assignment]
     """The routing decision only, without running any expert."""
+    Generate: _aio.UnaryStreamMultiCallable[_inference_pb2.GenerateRequest, _inference_pb2.GenerateResponse]  # type: ignore[assignment]
+    """Routed generation (causal-LM coordinators), streamed: one GenerateStart, GenerateDelta
+    events as tokens are produced, one GenerateEnd. Requests join the running batch between
+    decode steps; cancelling the call frees its place at once. A classification coordinator
+    answers FAILED_PRECONDITION; a full queue answers RESOURCE_EXHAUSTED.
+    """
 
 class InferenceServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -57,5 +69,17 @@ class InferenceServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_inference_pb2.RouteResponse, _abc.Awaitable[_inference_pb2.RouteResponse]]:
         """The routing decision only, without running any expert."""
+
+    @_abc_1.abstractmethod
+    def Generate(
+        self,
+        request: _inference_pb2.GenerateRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_inference_pb2.GenerateResponse], _abc.AsyncIterator[_inference_pb2.GenerateResponse]]:
+        """Routed generation (causal-LM coordinators), streamed: one GenerateStart, GenerateDelta
+        events as tokens are produced, one GenerateEnd. Requests join the running batch between
+        decode steps; cancelling the call frees its place at once. A classification coordinator
+        answers FAILED_PRECONDITION; a full queue answers RESOURCE_EXHAUSTED.
+        """
 
 def add_InferenceServiceServicer_to_server(servicer: InferenceServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
