@@ -16,6 +16,9 @@ flower_client` -- on the node for each round. The node's local data is named by 
 Only the router's weights and the example count ever leave the node. The credential is the
 contributor's SuperNode key pair (``--auth-supernode-private-key``), registered with the
 SuperLink's node authentication; TLS uses the coordinator's root certificate.
+
+torch, safetensors and flwr are imported where they are used (and :data:`app` is built on first
+access), so that ``moerge --help`` does not pay for them.
 """
 
 from __future__ import annotations
@@ -24,24 +27,34 @@ import json
 import os
 import shlex
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 import typer
-from flwr.app import Context
-from safetensors.torch import load_file, save_file
 
 from moerge.contributor_client.connection import ClientConfig
-from moerge.router_training.federated import ContributorData
-from moerge.router_training.flower_client import CONTRIBUTOR_ID, make_client_app
+
+if TYPE_CHECKING:
+    import torch
+    from flwr.app import Context
+    from flwr.clientapp import ClientApp
+
+    from moerge.router_training.federated import ContributorData
 
 
 def save_local_embeddings(path: str | Path, embeddings: torch.Tensor) -> None:
     """Write ``embeddings`` [n, H] where :func:`load_node_data` reads them (never pickled)."""
+    import torch
+    from safetensors.torch import save_file
+
     save_file({"embeddings": embeddings.detach().to(torch.float32).contiguous().cpu()}, str(path))
 
 
 def load_node_data(context: Context) -> ContributorData:
     """The node's own embeddings and expert id, from its node config (see module docstring)."""
+    from safetensors.torch import load_file
+
+    from moerge.router_training.federated import ContributorData
+
     config = context.node_config
     try:
         path, expert_id = str(config["embeddings-path"]), str(config["expert-id"])
@@ -52,8 +65,16 @@ def load_node_data(context: Context) -> ContributorData:
     return ContributorData.single_expert(embeddings, expert_id)
 
 
-#: The ClientApp a SuperLink runs on this node (``clientapp = "...flower_cli:app"`` in the FAB).
-app = make_client_app(load_node_data)
+def __getattr__(name: str) -> ClientApp:
+    """``app``: the ClientApp a SuperLink runs on this node (``clientapp = "...flower_cli:app"``
+    in the FAB), built on first access so that importing this module stays light."""
+    if name != "app":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from moerge.router_training.flower_client import make_client_app
+
+    global app
+    app = make_client_app(load_node_data)
+    return app
 
 
 def supernode_command(
@@ -69,6 +90,8 @@ def supernode_command(
     node_port: int = 0,
 ) -> list[str]:
     """The ``flower-supernode`` argv that serves :data:`app` with this contributor's data."""
+    from moerge.router_training.flower_client import CONTRIBUTOR_ID
+
     values = {"embeddings-path": str(embeddings.resolve()), "expert-id": expert_id}
     if contributor_id:
         values[CONTRIBUTOR_ID] = contributor_id

@@ -2,6 +2,7 @@
 
 Why here: container healthchecks need a probe, and ``grpc_health_probe`` is not in the image;
 this uses the ``grpc.health.v1.Health/Check`` RPC the coordinator already serves (no credential).
+grpc is imported inside :func:`check_health` so that the rest of the ``moerge`` CLI starts fast.
 """
 
 from __future__ import annotations
@@ -9,13 +10,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated
 
-import grpc
 import typer
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 
 def check_health(address: str, service: str = "", timeout: float = 5.0, tls_ca: str = "") -> str:
     """The serving status name (``SERVING``, ``NOT_SERVING``, ...) or ``UNREACHABLE: <why>``."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
     channel = (
         grpc.secure_channel(address, grpc.ssl_channel_credentials(Path(tls_ca).read_bytes()))
         if tls_ca else grpc.insecure_channel(address)
