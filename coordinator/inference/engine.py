@@ -74,6 +74,7 @@ from moerge.coordinator.inference.errors import (
     InvalidPlan,
     InvalidTopK,
 )
+from moerge.coordinator.inference.generation.scheduler import GenerationScheduler
 from moerge.coordinator.inference.heads import ClassificationHead
 from moerge.coordinator.inference.lora_bank import LoraBank
 from moerge.coordinator.inference.plan import Aggregation, MergeOptions, RoutingPlan
@@ -117,6 +118,8 @@ class InferenceEngine:
         truncate: bool = False,
         ensemble_mode: EnsembleMode | None = None,
         initial_capacity: int = 8,
+        generation_max_batch: int = 32,
+        generation_max_waiting: int = 256,
     ) -> None:
         if task_type not in ("classification", "causal_lm"):
             raise ValueError(f"task_type must be classification|causal_lm, got {task_type!r}")
@@ -170,6 +173,9 @@ class InferenceEngine:
         )
         self._temp_counter = 0
         self._closed = False
+        self.generation_max_batch = int(generation_max_batch)
+        self.generation_max_waiting = int(generation_max_waiting)
+        self._scheduler: GenerationScheduler | None = None
 
     # -- configuration (atomic swaps) ---------------------------------------------------------
     @property
@@ -238,6 +244,17 @@ class InferenceEngine:
         if not self.is_causal_lm:
             raise InvalidPlan("generate needs a causal LM engine")
         return self.predict(texts, plan, max_new_tokens)
+
+    @property
+    def scheduler(self) -> GenerationScheduler:
+        """Continuous batching of streamed generation (causal LM; created on first use)."""
+        if not self.is_causal_lm:
+            raise InvalidPlan("streamed generation needs a causal-LM base model")
+        if self._scheduler is None:
+            self._scheduler = GenerationScheduler(
+                self, self.generation_max_batch, self.generation_max_waiting
+            )
+        return self._scheduler
 
     def predict_many(
         self, requests: Sequence[InferenceRequest]
@@ -310,8 +327,10 @@ class InferenceEngine:
                 batch_size=max(len(texts), 1), max_length=EMBEDDING_MAX_LENGTH,
             )
 
-    def _resolve(self, texts: list[str], plan: RoutingPlan) -> RoutingPlan:
-        """An explicit plan, or a routed one with its router bound (token-level)."""
+    def resolve_plan(self, texts: list[str], plan: RoutingPlan) -> RoutingPlan:
+        """An explicit plan, or a routed one with its router bound (token-level).
+
+        Example-level routers embed ``texts`` here. Worker thread only."""
         if plan.is_explicit:
             plan.check_batch(len(texts))
             if plan.aggregation is Aggregation.MODULE_MIX:
@@ -340,7 +359,7 @@ class InferenceEngine:
         return RoutingPlan.from_decision(router, decision, aggregation, plan.merge)
 
     def _route(self, texts: list[str], plan: RoutingPlan) -> list[tuple[ExpertWeight, ...]]:
-        resolved = self._resolve(texts, plan)
+        resolved = self.resolve_plan(texts, plan)
         if resolved.is_explicit:
             return [_expert_weights(ids, w) for ids, w in _rows(resolved)]
         return [p.experts for p in self._run_request(InferenceRequest(texts, resolved))]
@@ -396,7 +415,7 @@ class InferenceEngine:
         if request.max_new_tokens is not None and request.max_new_tokens < 1:
             raise InferenceInputError(f"max_new_tokens must be >= 1, got {request.max_new_tokens}")
         enc = self._encode(texts)
-        plan = self._resolve(texts, request.plan or RoutingPlan.routed())
+        plan = self.resolve_plan(texts, request.plan or RoutingPlan.routed())
         if self.is_causal_lm:
             predictions = self._generate(enc, plan, request.max_new_tokens or self.max_new_tokens)
         else:
@@ -508,14 +527,9 @@ class InferenceEngine:
             for ids, weights in rows:
                 key = _combination_key(ids, weights)
                 if key not in slot_by_key:
-                    for e in ids:
-                        if e not in factors:
-                            factors[e] = experts[e].factors(self.bank)
-                    with _seeded(merge.seed, key, "lora", self.device):
-                        merged = _merge_experts([factors[e] for e in ids], weights, method, merge)
-                    self._temp_counter += 1
-                    temp_id = f"{RESERVED_PREFIX}{self._temp_counter}"
-                    slot_by_key[key] = self.bank.add_expert(temp_id, merged)
+                    temp_id, slot_by_key[key] = self.add_merged_slot(
+                        ids, weights, method, merge, experts, factors
+                    )
                     temporary.append(temp_id)
                 row_slots.append([slot_by_key[key]])
             slots = self._slots(row_slots)  # [B, 1]
@@ -524,6 +538,31 @@ class InferenceEngine:
         finally:
             for temp_id in temporary:
                 self.bank.remove_expert(temp_id)
+
+    def add_merged_slot(
+        self,
+        ids: Sequence[str],
+        weights: Sequence[float],
+        method: str,
+        merge: MergeOptions,
+        experts: dict[str, LoadedExpert],
+        factors: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor, float]]] | None = None,
+    ) -> tuple[str, int]:
+        """Write PEFT's ``method`` merge of ``ids`` into a temporary slot: (its id, its slot).
+
+        The caller removes it with ``bank.remove_expert(id)``; ``factors`` caches experts'
+        factors across calls. Worker thread only.
+        """
+        factors = {} if factors is None else factors
+        for e in ids:
+            if e not in factors:
+                factors[e] = experts[e].factors(self.bank)
+        key = _combination_key(ids, weights)
+        with _seeded(merge.seed, key, "lora", self.device):
+            merged = _merge_experts([factors[e] for e in ids], list(weights), method, merge)
+        self._temp_counter += 1
+        temp_id = f"{RESERVED_PREFIX}{self._temp_counter}"
+        return temp_id, self.bank.add_expert(temp_id, merged)
 
     def _classify_module_mix(
         self, enc: BatchEncoding, plan: RoutingPlan
@@ -559,7 +598,7 @@ class InferenceEngine:
     ) -> Iterator[_TokenUsage]:
         """Token-level routing through ``router`` for the forwards inside the block."""
         slot_table = self._slots([[experts[e].slot] for e in router.expert_ids]).flatten()  # [E]
-        names = self._router_modules(router)  # bank module -> the router's name for it
+        names = self.router_modules(router)  # bank module -> the router's name for it
         usage = _TokenUsage(attention_mask, router.num_experts)
 
         def callback(module: str, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -574,8 +613,8 @@ class InferenceEngine:
         with self.bank.route_tokens(callback):
             yield usage
 
-    def _router_modules(self, router: Router) -> dict[str, str]:
-        """Bank module name -> the token router's name for the same module."""
+    def router_modules(self, router: Router) -> dict[str, str]:
+        """Bank module name -> the token router's name for the same module (worker thread)."""
         bank_names = list(self.bank.modules)
         mapping = {}
         for name in router.modules:

@@ -1,0 +1,547 @@
+"""Continuous batching for routed generation: requests join and leave between decode steps.
+
+One scheduler per causal-LM :class:`~..engine.InferenceEngine`. Its loop runs on the engine's
+single worker thread, one *step* per executor job, so Predict batches and expert loads queued on
+the same worker interleave with decoding instead of waiting for whole generations. A step:
+
+1. drops cancelled requests (their rows, pinned experts and temporary merge slots are freed);
+2. admits waiting requests while rows are free: routes each prompt (example-level routers embed
+   ``routing_text`` once; token-level routers decide inside every forward), tokenizes it,
+   prefills the newcomers together (left-padded) and samples their first token, then appends
+   their KV rows to the running batch (:class:`~.kv_batch.PaddedKVBatch`);
+3. runs one decode step for every running row and samples each request's next token
+   (:class:`~.sampling.BatchSampler`), streams text deltas (:class:`~.detokenizer.
+   StreamingDetokenizer`), and retires requests that hit EOS, a stop string or their token
+   budget.
+
+Rows and routing. A request occupies one row, or ``k`` rows for an output ensemble (the
+weighted mixture of its experts' next-token distributions: ``log sum_j w_j p_j``). The LoRA bank
+is told per forward how each row is routed:
+
+* every row example-routed (one expert, an exact linear merge ``sum_j w_j B_j A_j``, a temporary
+  TIES/DARE slot, or the base model): ``LoraBank.route_examples(slots [R, k], weights [R, k])``,
+  the fast path, rebuilt only when the batch changes;
+* any row token-routed (``module_mix``): ``LoraBank.route_tokens`` with a callback that asks each
+  token router about its own rows' tokens in every adapted module, at every step (*step-level
+  routing* in the MoErging survey, Yadav et al., 2024) and gives the other rows their fixed
+  slots. Mean routing weights per expert are accumulated on the device and reported at the end.
+
+Why not transformers' ``ContinuousBatchingManager``: it packs every sequence into one row of a
+paged cache, and the bank needs to know which request each token belongs to (see
+:mod:`.kv_batch`).
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, ExitStack
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from transformers import DynamicCache
+
+from moerge.coordinator.inference.errors import InputTooLong, InvalidPlan
+from moerge.coordinator.inference.generation.detokenizer import StreamingDetokenizer
+from moerge.coordinator.inference.generation.kv_batch import PaddedKVBatch
+from moerge.coordinator.inference.generation.requests import (
+    GenerationEvent,
+    GenerationFailed,
+    GenerationFinished,
+    GenerationRequest,
+    GenerationStarted,
+    RequestState,
+    TextDelta,
+)
+from moerge.coordinator.inference.generation.sampling import BatchSampler
+from moerge.coordinator.inference.plan import Aggregation, RoutingPlan
+from moerge.coordinator.inference.results import ExpertWeight
+
+if TYPE_CHECKING:
+    from moerge.coordinator.inference.engine import InferenceEngine
+    from moerge.router_training.base import Router
+
+log = logging.getLogger(__name__)
+
+
+class QueueFull(RuntimeError):
+    """More requests are waiting than the scheduler accepts; the caller should retry later."""
+
+
+@dataclass
+class _TokenRouting:
+    """A token-level router bound to the bank: its slot table and module names."""
+
+    router: Router
+    top_k: int | None
+    slot_table: torch.Tensor  # [E] long: router expert index -> bank slot
+    names: dict[str, str]  # bank module -> the router's module name
+
+
+@dataclass
+class _Running:
+    """A request in the running batch, with everything freed when it leaves."""
+
+    request: GenerationRequest
+    rows: int  # k for an output ensemble, else 1
+    slots: list[list[int]]  # per row (example routing); [] for token routing
+    weights: list[list[float]]
+    mix: torch.Tensor | None  # [k] log-weights of an output ensemble
+    token: _TokenRouting | None
+    experts: tuple[ExpertWeight, ...]
+    aggregation: str
+    prompt_ids: list[int]
+    resources: ExitStack
+    detokenizer: StreamingDetokenizer
+    generator: torch.Generator | None
+    generated: list[int] = field(default_factory=list)
+    logprob_sum: float = 0.0
+    first_token_at: float | None = None
+    usage: torch.Tensor | None = None  # [E] token-routing weight received (token routing)
+
+
+class _Forward:
+    """The bank routing of one forward over ``members`` (rows in order), usage accumulated."""
+
+    def __init__(self, scheduler: GenerationScheduler, members: list[_Running]) -> None:
+        self.members = members
+        self.bank = scheduler.engine.bank
+        device = scheduler.engine.device
+        self.rows = sum(m.rows for m in members)
+        self.token_groups: dict[int, tuple[_TokenRouting, list[int], list[_Running]]] = {}
+        fixed_rows, fixed_slots, fixed_weights = [], [], []
+        row = 0
+        for m in members:
+            if m.token is not None:
+                group = self.token_groups.setdefault(id(m.token.router), (m.token, [], []))
+                group[1].append(row)
+                group[2].append(m)
+            else:
+                for j in range(m.rows):
+                    fixed_rows.append(row + j)
+                    fixed_slots.append(m.slots[j])
+                    fixed_weights.append(m.weights[j])
+            row += m.rows
+        width = max((len(s) for s in fixed_slots), default=1)
+        dtype = scheduler.engine.dtype
+        self.fixed_rows = torch.tensor(fixed_rows, dtype=torch.long, device=device)
+        self.fixed_slots = torch.tensor(
+            [s + [-1] * (width - len(s)) for s in fixed_slots] or [[-1]], device=device
+        )[: len(fixed_slots)]  # [R_fixed, k]
+        self.fixed_weights = torch.tensor(
+            [w + [0.0] * (width - len(w)) for w in fixed_weights] or [[0.0]],
+            dtype=dtype, device=device,
+        )[: len(fixed_weights)]
+        self.usage = {
+            key: torch.zeros(len(rows), group.router.num_experts, device=device)
+            for key, (group, rows, _) in self.token_groups.items()
+        }
+        self.mask: torch.Tensor | None = None  # [R, T] for prefill (padding is not usage)
+
+    def context(self, mask: torch.Tensor | None = None) -> AbstractContextManager[None]:
+        self.mask = mask
+        if not self.token_groups:
+            return self.bank.route_examples(self.fixed_slots, self.fixed_weights)
+        return self.bank.route_tokens(self._route)
+
+    def _route(self, module: str, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per token of ``hidden`` [N = R * T, d]: (slots [N, k], weights [N, k])."""
+        n = hidden.shape[0]
+        length = n // self.rows
+        parts: list[tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]] = []
+        if self.fixed_rows.numel():
+            tokens = _token_index(self.fixed_rows, length)
+            parts.append((
+                tokens,
+                self.fixed_slots.repeat_interleave(length, 0),
+                self.fixed_weights.repeat_interleave(length, 0),
+            ))
+        for key, (group, rows, _) in self.token_groups.items():
+            if module not in group.names:
+                continue
+            everything = len(rows) == self.rows
+            tokens = None if everything else _token_index(torch.tensor(rows, device=hidden.device),
+                                                          length)
+            x = hidden if tokens is None else hidden.index_select(0, tokens)
+            decision = group.router.route_tokens(group.names[module], x, group.top_k)
+            dense = decision.to_dense(group.router.num_experts).float()  # [n_g, E]
+            dense = dense.view(len(rows), length, -1)
+            if self.mask is not None:
+                row_mask = self.mask if everything else self.mask[rows]
+                dense = dense * row_mask.unsqueeze(-1).to(dense)
+            self.usage[key] += dense.sum(dim=1)
+            parts.append((tokens, group.slot_table[decision.indices], decision.weights))
+        if len(parts) == 1 and parts[0][0] is None:
+            return parts[0][1], parts[0][2]
+        width = max((p[1].shape[1] for p in parts), default=1)
+        slots = torch.full((n, width), -1, dtype=torch.long, device=hidden.device)
+        weights = torch.zeros(n, width, dtype=hidden.dtype, device=hidden.device)
+        for tokens, s, w in parts:
+            index = tokens if tokens is not None else slice(None)
+            slots[index, : s.shape[1]] = s
+            weights[index, : w.shape[1]] = w.to(weights.dtype)
+        return slots, weights
+
+    def flush_usage(self) -> None:
+        """Add the accumulated token-routing weights to each request's total."""
+        for key, (_, _, members) in self.token_groups.items():
+            for i, m in enumerate(members):
+                m.usage = self.usage[key][i] if m.usage is None else m.usage + self.usage[key][i]
+            self.usage[key].zero_()
+
+
+def _token_index(rows: torch.Tensor, length: int) -> torch.Tensor:
+    """Flat token positions of ``rows`` in an [R, length] batch."""
+    return (rows.unsqueeze(1) * length + torch.arange(length, device=rows.device)).flatten()
+
+
+class GenerationScheduler:
+    """Continuous batching over one engine (see the module docstring)."""
+
+    def __init__(
+        self, engine: InferenceEngine, max_batch_rows: int = 32, max_waiting: int = 256
+    ) -> None:
+        if max_batch_rows < 1 or max_waiting < 0:
+            raise ValueError("max_batch_rows must be >= 1 and max_waiting >= 0")
+        self.engine = engine
+        self.max_batch_rows = max_batch_rows
+        self.max_waiting = max_waiting
+        self.sampler = BatchSampler(engine.device)
+        self.batch = PaddedKVBatch()
+        self.running: list[_Running] = []
+        self.waiting: collections.deque[GenerationRequest] = collections.deque()
+        self._lock = threading.Lock()
+        self._scheduled = False
+        self._forward: _Forward | None = None  # decode routing, rebuilt when the batch changes
+        tokenizer = engine.tokenizer
+        eos = engine.model.generation_config.eos_token_id
+        eos = tokenizer.eos_token_id if eos is None else eos
+        self.eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        config = engine.model.config
+        self.max_positions = int(getattr(config, "max_position_embeddings", 0) or 0)
+        self.steps = 0  # decode steps run (for metrics and tests)
+
+    # -- the caller's side (any thread) ----------------------------------------------------
+    def submit(self, request: GenerationRequest) -> None:
+        """Queue ``request``; its events go to ``request.sink``. Raises :class:`QueueFull`."""
+        with self._lock:
+            if len(self.waiting) >= self.max_waiting:
+                raise QueueFull(
+                    f"{len(self.waiting)} generation requests are waiting; try again shortly"
+                )
+            self.waiting.append(request)
+            self._schedule_locked()
+
+    @property
+    def load(self) -> tuple[int, int]:
+        """(running requests, waiting requests)."""
+        return len(self.running), len(self.waiting)
+
+    def _schedule_locked(self) -> None:
+        if self._scheduled:
+            return
+        try:
+            self.engine.executor.submit(self._step)
+        except RuntimeError:  # the engine is closing: nothing will run any more
+            self._fail_waiting_locked(RuntimeError("the inference engine is closed"))
+            return
+        self._scheduled = True
+
+    def _fail_waiting_locked(self, error: BaseException) -> None:
+        while self.waiting:
+            request = self.waiting.popleft()
+            request.state = RequestState.FAILED
+            request.sink(GenerationFailed(error))
+
+    # -- the worker's side -----------------------------------------------------------------
+    def _step(self) -> None:
+        try:
+            with torch.no_grad():
+                self._drop_cancelled()
+                self._admit()
+                if self.running:
+                    self._decode()
+        except Exception as exc:  # a failed forward: fail what ran, keep serving
+            log.exception("generation step failed; failing %d running request(s)",
+                          len(self.running))
+            self._retire(list(self.running), error=exc)
+        finally:
+            with self._lock:
+                self._scheduled = False
+                if self.running or self.waiting:
+                    self._schedule_locked()
+
+    def _drop_cancelled(self) -> None:
+        gone = [m for m in self.running if m.request.cancelled]
+        if gone:
+            self._retire(gone, cancelled=True)
+
+    def _admit(self) -> None:
+        free = self.max_batch_rows - self.batch.rows
+        admitted: list[_Running] = []
+        while free > 0:
+            with self._lock:
+                if not self.waiting:
+                    break
+                request = self.waiting.popleft()
+            if request.cancelled:
+                request.state = RequestState.CANCELLED
+                continue
+            try:
+                member = self._prepare(request)
+            except Exception as exc:
+                request.state = RequestState.FAILED
+                request.sink(GenerationFailed(exc))
+                continue
+            if member.rows > free and (self.running or admitted):
+                member.resources.close()  # no room yet: back to the front of the queue
+                with self._lock:
+                    self.waiting.appendleft(request)
+                break
+            admitted.append(member)
+            free -= member.rows
+        if admitted:
+            self._prefill(admitted)
+
+    def _prepare(self, request: GenerationRequest) -> _Running:
+        """Route and tokenize one request; pin its experts. Raises on a bad request."""
+        engine = self.engine
+        ids = engine.tokenizer(
+            request.prompt, add_special_tokens=not request.chat, return_token_type_ids=False
+        )["input_ids"]
+        if not ids:
+            raise InputTooLong("the prompt is empty after tokenization")
+        if len(ids) > engine.max_length:
+            raise InputTooLong(f"the prompt has {len(ids)} tokens; the limit is "
+                               f"{engine.max_length}")
+        budget = request.sampling.max_new_tokens
+        if self.max_positions and len(ids) + budget > self.max_positions:
+            raise InputTooLong(
+                f"prompt ({len(ids)} tokens) + max_new_tokens ({budget}) exceeds the model's "
+                f"{self.max_positions} positions"
+            )
+        plan = engine.resolve_plan([request.routing_text], request.plan or RoutingPlan.routed())
+        resources = ExitStack()
+        try:
+            member = self._bind(request, plan, resources, ids)
+        except BaseException:
+            resources.close()
+            raise
+        request.state = RequestState.RUNNING
+        request.sink(GenerationStarted(
+            experts=member.experts, aggregation=member.aggregation, prompt_tokens=len(ids)
+        ))
+        return member
+
+    def _bind(
+        self, request: GenerationRequest, plan: RoutingPlan, resources: ExitStack,
+        prompt_ids: list[int],
+    ) -> _Running:
+        engine = self.engine
+        aggregation = plan.aggregation or Aggregation.ENSEMBLE
+        seed = request.sampling.seed
+        common: dict[str, Any] = {
+            "request": request, "prompt_ids": prompt_ids, "resources": resources,
+            "aggregation": aggregation.value,
+            "detokenizer": StreamingDetokenizer(engine.tokenizer, request.sampling.stop),
+            "generator": None if seed is None else self.sampler.new_generator(seed),
+        }
+        if aggregation is Aggregation.MODULE_MIX:
+            router = plan.router
+            assert router is not None
+            loaded = resources.enter_context(engine.cache.acquire(router.expert_ids))
+            table = torch.tensor([loaded[e].slot for e in router.expert_ids],
+                                 dtype=torch.long, device=engine.device)
+            token = _TokenRouting(router, plan.top_k, table, engine.router_modules(router))
+            return _Running(rows=1, slots=[], weights=[], mix=None, token=token, experts=(),
+                            **common)
+        assert plan.expert_ids is not None and plan.weights is not None
+        ids, weights = plan.expert_ids[0], [float(w) for w in plan.weights[0].tolist()]
+        experts = tuple(ExpertWeight(e, w) for e, w in zip(ids, weights, strict=True))
+        base = {"token": None, "experts": experts}
+        if not ids:  # the base router: no expert
+            return _Running(rows=1, slots=[[-1]], weights=[[0.0]], mix=None, **base, **common)
+        loaded = resources.enter_context(engine.cache.acquire(list(ids)))
+        slots = [loaded[e].slot for e in ids]
+        if aggregation is Aggregation.ENSEMBLE and len(ids) > 1:
+            mix = torch.tensor(weights, device=engine.device).clamp_min(1e-30).log()
+            return _Running(rows=len(ids), slots=[[s] for s in slots],
+                            weights=[[1.0]] * len(ids), mix=mix, **base, **common)
+        if aggregation in (Aggregation.ENSEMBLE, Aggregation.MERGE_LINEAR):
+            return _Running(rows=1, slots=[slots], weights=[weights], mix=None, **base, **common)
+        method = aggregation.merge_method
+        if method is None:
+            raise InvalidPlan(f"aggregation {aggregation.value} cannot serve generation")
+        temp_id, slot = engine.add_merged_slot(ids, weights, method, plan.merge, loaded)
+        resources.callback(engine.bank.remove_expert, temp_id)
+        return _Running(rows=1, slots=[[slot]], weights=[[1.0]], mix=None, **base, **common)
+
+    def _prefill(self, members: list[_Running]) -> None:
+        engine = self.engine
+        prompts = [m.prompt_ids for m in members for _ in range(m.rows)]
+        length = max(len(p) for p in prompts)
+        input_ids = torch.tensor([[self.pad_id] * (length - len(p)) + p for p in prompts],
+                                 device=engine.device)  # [R_new, P]
+        mask = torch.tensor([[0] * (length - len(p)) + [1] * len(p) for p in prompts],
+                            device=engine.device)
+        positions = (mask.cumsum(dim=1) - 1).clamp_min(0)
+        cache = DynamicCache()
+        forward = _Forward(self, members)
+        try:
+            with forward.context(mask):
+                out = engine.model(input_ids=input_ids, attention_mask=mask,
+                                   position_ids=positions, cache=cache, use_cache=True,
+                                   logits_to_keep=1)
+            forward.flush_usage()
+            self.batch.extend(cache, mask)
+        except Exception as exc:  # these newcomers fail; the running batch goes on
+            log.exception("prefill of %d request(s) failed", len(members))
+            for m in members:
+                m.resources.close()
+                m.request.state = RequestState.FAILED
+                m.request.sink(GenerationFailed(exc))
+            return
+        self.running.extend(members)
+        self._forward = None
+        self._advance(members, out.logits[:, -1])
+
+    def _decode(self) -> None:
+        engine = self.engine
+        last = [m.generated[-1] for m in self.running for _ in range(m.rows)]
+        input_ids = torch.tensor(last, device=engine.device).unsqueeze(1)  # [R, 1]
+        mask, positions = self.batch.step_inputs()
+        if self._forward is None:
+            self._forward = _Forward(self, self.running)
+        with self._forward.context():
+            out = engine.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
+                               cache=self.batch.cache, use_cache=True)
+        self.steps += 1
+        self._advance(self.running, out.logits[:, -1])
+
+    def _advance(self, members: Sequence[_Running], logits: torch.Tensor) -> None:
+        """Sample one token per member from ``logits`` [R, V]; stream it; retire the done."""
+        if any(m.mix is not None for m in members):
+            rows, start = [], 0
+            for m in members:
+                part = logits[start : start + m.rows].float()
+                if m.mix is not None:  # log sum_j w_j p_j
+                    part = torch.logsumexp(torch.log_softmax(part, -1) + m.mix[:, None], 0)[None]
+                rows.append(part)
+                start += m.rows
+            logits = torch.cat(rows)  # [Q, V]
+        params = [m.request.sampling for m in members]
+        seen = None
+        if any(p.repetition_penalty != 1.0 for p in params):
+            seen = torch.zeros(logits.shape, dtype=torch.bool, device=logits.device)
+            for q, m in enumerate(members):
+                seen[q, torch.tensor(m.prompt_ids + m.generated, device=logits.device)] = True
+        tokens, logprobs = self.sampler.sample(logits, params, [m.generator for m in members],
+                                               seen)
+        now = time.perf_counter()
+        done: list[tuple[_Running, str]] = []
+        for m, token, logprob in zip(members, tokens.tolist(), logprobs.tolist(), strict=True):
+            m.generated.append(token)
+            m.logprob_sum += logprob
+            if m.first_token_at is None:
+                m.first_token_at = now
+            reason = ""
+            if token in self.eos_ids:
+                reason = "stop"
+            else:
+                text = m.detokenizer.add(token)
+                if text:
+                    m.request.sink(TextDelta(text, 1))
+                if m.detokenizer.stopped:
+                    reason = "stop"
+                elif len(m.generated) >= m.request.sampling.max_new_tokens:
+                    reason = "length"
+            if reason:
+                done.append((m, reason))
+        for m, _ in done:
+            tail = m.detokenizer.flush()
+            if tail:
+                m.request.sink(TextDelta(tail, 0))
+        if done:
+            self._retire([m for m, _ in done], reasons={id(m): r for m, r in done})
+
+    def _retire(
+        self,
+        members: list[_Running],
+        reasons: dict[int, str] | None = None,
+        cancelled: bool = False,
+        error: BaseException | None = None,
+    ) -> None:
+        """Remove ``members`` from the batch, free their resources and send their last event."""
+        if self._forward is not None:
+            self._forward.flush_usage()
+        self._forward = None
+        leaving = {id(m) for m in members}
+        keep, row = [], 0
+        for m in self.running:
+            if id(m) not in leaving:
+                keep.extend(range(row, row + m.rows))
+            row += m.rows
+        if self.running:
+            self.batch.select(torch.tensor(keep, dtype=torch.long, device=self.engine.device))
+        self.running = [m for m in self.running if id(m) not in leaving]
+        now = time.perf_counter()
+        for m in members:
+            m.resources.close()
+            request = m.request
+            if cancelled:
+                request.state = RequestState.CANCELLED
+                continue
+            if error is not None:
+                request.state = RequestState.FAILED
+                request.sink(GenerationFailed(error))
+                continue
+            request.state = RequestState.FINISHED
+            count = len(m.generated)
+            request.sink(GenerationFinished(
+                finish_reason=(reasons or {}).get(id(m), "length"),
+                prompt_tokens=len(m.prompt_ids),
+                completion_tokens=count,
+                experts=self._experts_used(m),
+                confidence=math.exp(m.logprob_sum / count) if count else 0.0,
+                time_to_first_token_ms=((m.first_token_at or now) - request.created) * 1000.0,
+                latency_ms=(now - request.created) * 1000.0,
+            ))
+
+    @staticmethod
+    def _experts_used(m: _Running) -> tuple[ExpertWeight, ...]:
+        if m.token is None or m.usage is None:
+            return m.experts
+        usage = m.usage.cpu()
+        total = float(usage.sum())
+        if total <= 0:
+            return ()
+        mean = usage / total
+        order = torch.argsort(mean, descending=True).tolist()
+        ids = m.token.router.expert_ids
+        return tuple(ExpertWeight(ids[i], float(mean[i])) for i in order if mean[i] > 0)
+
+
+def iter_events(
+    scheduler: GenerationScheduler, request_factory: Callable[..., GenerationRequest], **kwargs: Any
+) -> Iterator[GenerationEvent]:
+    """Submit one request built by ``request_factory(sink=..., **kwargs)`` and yield its events
+    in this thread until the last one (for in-process callers, tests and benchmarks)."""
+    import queue
+
+    events: queue.Queue[GenerationEvent] = queue.Queue()
+    request = request_factory(sink=events.put, **kwargs)
+    scheduler.submit(request)
+    try:
+        while True:
+            event = events.get()
+            yield event
+            if isinstance(event, (GenerationFinished, GenerationFailed)):
+                return
+    finally:
+        request.cancel()

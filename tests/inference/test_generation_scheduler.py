@@ -1,0 +1,277 @@
+"""Continuous batching: streamed generation equals PEFT's own, whoever shares the batch."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from moerge.coordinator.expert_store import read_lora
+from moerge.coordinator.inference.engine import InferenceEngine
+from moerge.coordinator.inference.errors import InputTooLong, InvalidTopK
+from moerge.coordinator.inference.generation.requests import (
+    GenerationEvent,
+    GenerationFailed,
+    GenerationFinished,
+    GenerationRequest,
+    GenerationStarted,
+    RequestState,
+    TextDelta,
+)
+from moerge.coordinator.inference.generation.sampling import SamplingParams
+from moerge.coordinator.inference.generation.scheduler import QueueFull, iter_events
+from moerge.coordinator.inference.plan import Aggregation, MergeOptions, RoutingPlan
+from moerge.router_training.arrow import ArrowRouter, ArrowRouterConfig
+from moerge.router_training.base import ExpertRecord
+from tests.inference.engine_helpers import make_causal_experts, peft_generate
+from tests.tiny_models import make_tiny_llama
+
+PROMPTS = ["the film was", "one two three four five", "a big red car on the road to the city"]
+NEW_TOKENS = 8
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_llama(tmp_path_factory.mktemp("causal") / "llama")
+
+
+@pytest.fixture(scope="module")
+def experts(base: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return make_causal_experts(base, tmp_path_factory.mktemp("lm-experts"))
+
+
+@pytest.fixture(scope="module")
+def engine(base: Path, experts: dict[str, Path]) -> Iterator[InferenceEngine]:
+    engine = InferenceEngine(base, "causal_lm", ["q_proj", "v_proj"], max_rank=8,
+                             cache_bytes=1 << 30, max_length=32, max_new_tokens=NEW_TOKENS,
+                             expert_loader=experts.__getitem__)
+    yield engine
+    engine.close()
+
+
+@pytest.fixture(scope="module")
+def own_generations(base: Path, experts: dict[str, Path]) -> dict[str, list[str]]:
+    return {e: peft_generate(base, {e: f}, PROMPTS, NEW_TOKENS) for e, f in experts.items()}
+
+
+def greedy(max_new_tokens: int = NEW_TOKENS, **kwargs: object) -> SamplingParams:
+    return SamplingParams(max_new_tokens=max_new_tokens, **kwargs)  # type: ignore[arg-type]
+
+
+def events_of(engine: InferenceEngine, prompt: str, plan: RoutingPlan | None = None,
+              sampling: SamplingParams | None = None) -> list[GenerationEvent]:
+    return list(iter_events(engine.scheduler, GenerationRequest, prompt=prompt,
+                            routing_text=prompt, sampling=sampling or greedy(), plan=plan))
+
+
+def text_of(events: list[GenerationEvent]) -> str:
+    return "".join(e.text for e in events if isinstance(e, TextDelta))
+
+
+class Held:
+    """Blocks the engine's worker so that several submissions meet in one scheduler step."""
+
+    def __init__(self, engine: InferenceEngine) -> None:
+        self.release = threading.Event()
+        self.engine = engine
+
+    def __enter__(self) -> Held:
+        self.engine.executor.submit(self.release.wait)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release.set()
+
+
+def submit_all(engine: InferenceEngine, specs: list[tuple[str, RoutingPlan | None,
+                                                          SamplingParams]]):
+    """Submit every spec while the worker is held; return each request's events when done."""
+    results: list[list[GenerationEvent]] = [[] for _ in specs]
+    done = [threading.Event() for _ in specs]
+
+    def sink_for(i: int):
+        def sink(event: GenerationEvent) -> None:
+            results[i].append(event)
+            if isinstance(event, (GenerationFinished, GenerationFailed)):
+                done[i].set()
+        return sink
+
+    requests = []
+    with Held(engine):
+        for i, (prompt, plan, sampling) in enumerate(specs):
+            request = GenerationRequest(prompt=prompt, routing_text=prompt, sampling=sampling,
+                                        sink=sink_for(i), plan=plan)
+            engine.scheduler.submit(request)
+            requests.append(request)
+    for event in done:
+        assert event.wait(60)
+    return results, requests
+
+
+def one(expert: str) -> RoutingPlan:
+    return RoutingPlan.explicit([[expert]])
+
+
+def test_streamed_generation_with_one_expert_equals_peft_greedy_generation(
+    engine, own_generations
+):
+    for expert, expected in own_generations.items():
+        for prompt, text in zip(PROMPTS, expected, strict=True):
+            events = events_of(engine, prompt, one(expert))
+            assert isinstance(events[0], GenerationStarted)
+            assert [w.expert_id for w in events[0].experts] == [expert]
+            assert isinstance(events[-1], GenerationFinished)
+            assert text_of(events) == text
+
+
+def test_requests_batched_together_each_get_their_own_experts_text(engine, own_generations):
+    chosen = ["lm-1", "lm-0", "lm-1", "lm-0"]
+    prompts = [PROMPTS[0], PROMPTS[1], PROMPTS[2], PROMPTS[2]]
+    steps = engine.scheduler.steps
+    results, _ = submit_all(engine, [(p, one(e), greedy()) for p, e in zip(prompts, chosen,
+                                                                            strict=True)])
+    for events, prompt, expert in zip(results, prompts, chosen, strict=True):
+        assert text_of(events) == own_generations[expert][PROMPTS.index(prompt)]
+    # all four shared the decode steps: at most NEW_TOKENS - 1 steps for 4 x 8 tokens
+    assert engine.scheduler.steps - steps <= NEW_TOKENS - 1
+
+
+def test_a_request_joining_a_running_batch_gets_the_same_text(engine, own_generations):
+    long_running = GenerationRequest(prompt=PROMPTS[2], routing_text=PROMPTS[2],
+                                     sampling=greedy(), sink=lambda e: None, plan=one("lm-0"))
+    events: list[GenerationEvent] = []
+    first_delta = threading.Event()
+
+    def sink(event: GenerationEvent) -> None:
+        events.append(event)
+        if isinstance(event, TextDelta):
+            first_delta.set()
+
+    long_running.sink = sink
+    engine.scheduler.submit(long_running)
+    assert first_delta.wait(30)
+    joined = events_of(engine, PROMPTS[0], one("lm-1"))  # joins while the first one decodes
+    assert text_of(joined) == own_generations["lm-1"][0]
+    while long_running.state is not RequestState.FINISHED:
+        threading.Event().wait(0.01)
+    assert text_of(events) == own_generations["lm-0"][2]
+
+
+def test_merges_ensembles_and_module_mixing_share_one_batch_with_exact_results(
+    engine, base, experts, own_generations
+):
+    weights = [0.3, 0.7]
+    linear = RoutingPlan.explicit([["lm-0", "lm-1"]], [weights], Aggregation.MERGE_LINEAR)
+    ties = RoutingPlan.explicit([["lm-0", "lm-1"]], [[0.4, 0.6]], Aggregation.MERGE_TIES,
+                                MergeOptions(density=0.5))
+    ensemble = RoutingPlan.explicit([["lm-0", "lm-1"]], [weights])
+    record = ExpertRecord("lm-1", "lm-1", None, lambda: read_lora(experts["lm-1"]))
+    arrow = RoutingPlan.routed(ArrowRouter.fit([record], ArrowRouterConfig(top_k=1)))
+    specs = [(PROMPTS[0], linear, greedy()), (PROMPTS[1], ties, greedy()),
+             (PROMPTS[2], arrow, greedy()), (PROMPTS[0], ensemble, greedy()),
+             (PROMPTS[1], one("lm-0"), greedy())]
+    results, _ = submit_all(engine, specs)
+    assert text_of(results[0]) == peft_generate(
+        base, experts, PROMPTS, NEW_TOKENS, combine=("cat", weights, {}))[0]
+    assert text_of(results[1]) == peft_generate(
+        base, experts, PROMPTS, NEW_TOKENS, combine=("ties", [0.4, 0.6], {"density": 0.5}))[1]
+    assert text_of(results[2]) == own_generations["lm-1"][2]  # Arrow over one expert
+    final = results[2][-1]
+    assert isinstance(final, GenerationFinished)
+    assert [w.expert_id for w in final.experts] == ["lm-1"]
+    # the ensemble equals the engine's unary ensemble generation (tested against PEFT there)
+    unary = engine.generate([PROMPTS[0]], ensemble)[0].output
+    assert text_of(results[3]) == unary
+    assert text_of(results[4]) == own_generations["lm-0"][1]
+    assert "~" not in "".join(engine.bank.expert_ids)  # temporary merge slots were freed
+
+
+def test_max_new_tokens_and_stop_strings_end_the_stream(engine, own_generations):
+    full = own_generations["lm-0"][1]
+    words = full.split()
+    assert len(words) >= 3
+    short = events_of(engine, PROMPTS[1], one("lm-0"), greedy(max_new_tokens=2))
+    assert isinstance(short[-1], GenerationFinished)
+    assert short[-1].finish_reason == "length" and short[-1].completion_tokens == 2
+    stop = " " + words[2]
+    stopped = events_of(engine, PROMPTS[1], one("lm-0"), greedy(stop=(stop,)))
+    assert stopped[-1].finish_reason == "stop"
+    assert text_of(stopped) == full[: full.index(stop)]
+
+
+def test_the_same_seed_gives_the_same_sample_whatever_shares_the_batch(engine):
+    sampling = greedy(temperature=1.5, top_p=0.95, top_k=20, seed=1234)
+    alone = text_of(events_of(engine, PROMPTS[0], one("lm-0"), sampling))
+    results, _ = submit_all(engine, [
+        (PROMPTS[1], one("lm-1"), greedy(temperature=1.0)),
+        (PROMPTS[0], one("lm-0"), sampling),
+        (PROMPTS[2], one("lm-0"), greedy(repetition_penalty=1.3)),
+    ])
+    assert text_of(results[1]) == alone
+
+
+def test_a_cancelled_request_leaves_the_batch_and_frees_its_experts(engine, own_generations):
+    events: list[GenerationEvent] = []
+    request = GenerationRequest(prompt=PROMPTS[2], routing_text=PROMPTS[2],
+                                sampling=greedy(max_new_tokens=30), sink=events.append,
+                                plan=one("lm-1"))
+    with Held(engine):
+        engine.scheduler.submit(request)
+        request.cancel()
+    assert text_of(events_of(engine, PROMPTS[0], one("lm-0"))) == own_generations["lm-0"][0]
+    assert request.state is RequestState.CANCELLED
+    assert engine.scheduler.load == (0, 0)
+    assert engine.cache._pins["lm-1"] == 0  # no pin left behind
+
+
+def test_bad_requests_fail_alone_with_a_clear_error(engine, own_generations):
+    too_long = " ".join(["one"] * 40)
+    results, _ = submit_all(engine, [
+        (too_long, one("lm-0"), greedy()),
+        (PROMPTS[0], RoutingPlan.routed(top_k=5), greedy()),
+        (PROMPTS[0], one("lm-1"), greedy()),
+    ])
+    assert isinstance(results[0][-1], GenerationFailed)
+    assert isinstance(results[0][-1].error, InputTooLong)
+    assert isinstance(results[1][-1], GenerationFailed)
+    assert isinstance(results[1][-1].error, (InvalidTopK, ValueError))
+    assert text_of(results[2]) == own_generations["lm-1"][0]
+
+
+def test_a_full_queue_refuses_new_requests(base, experts):
+    engine = InferenceEngine(base, "causal_lm", ["q_proj", "v_proj"], max_rank=8, max_length=32,
+                             expert_loader=experts.__getitem__, generation_max_waiting=1)
+    try:
+        with Held(engine):
+            first = GenerationRequest(prompt="one", routing_text="one", sampling=greedy(2),
+                                      sink=lambda e: None, plan=one("lm-0"))
+            engine.scheduler.submit(first)
+            with pytest.raises(QueueFull):
+                engine.scheduler.submit(GenerationRequest(
+                    prompt="two", routing_text="two", sampling=greedy(2), sink=lambda e: None,
+                    plan=one("lm-0")))
+    finally:
+        engine.close()
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("max_new_tokens", 0), ("max_new_tokens", 10_000), ("temperature", -1.0),
+     ("temperature", float("nan")), ("top_p", 0.0), ("top_k", -3),
+     ("repetition_penalty", 0.0), ("stop", ("",)), ("stop", tuple("abcdefghi"))],
+)
+def test_absurd_sampling_values_are_refused(field, value):
+    from moerge.coordinator.inference.generation.sampling import InvalidSampling
+
+    with pytest.raises(InvalidSampling):
+        SamplingParams(**{field: value}).check(512)  # type: ignore[arg-type]
+
+
+def test_top_k_one_sampling_is_greedy(engine, own_generations):
+    sampling = greedy(temperature=2.0, top_k=1)
+    assert text_of(events_of(engine, PROMPTS[1], one("lm-0"), sampling)) == \
+        own_generations["lm-0"][1]
+    assert torch.is_grad_enabled()  # the scheduler never leaks no_grad into callers
