@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import logging
 import os
 import queue
 import re
@@ -39,6 +40,8 @@ from moerge.storage.errors import FailedPrecondition, InvalidArgument
 from moerge.storage.records import ExpertInfo, NewExpert, StatisticsSummary, UploadInfo
 from moerge.storage.registry import Registry
 from moerge.storage.validation import check_name, check_text
+
+log = logging.getLogger(__name__)
 
 UPLOAD_ID = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -394,6 +397,17 @@ class UploadReceiver:
                 checked = validate_expert_dir(staged.folder, self.spec, self.max_bytes)
             except (ExpertInvalid, InvalidArgument) as exc:
                 self.registry.fail_upload(contributor_id, upload_id, str(exc))
+                self._drop(contributor_id, upload_id)
+                raise
+            except OSError:
+                raise  # e.g. a read error: transient, finishing again may succeed
+            except Exception as exc:
+                # A defect of validation itself: the same bytes would fail the same way on
+                # every retry, so the upload is refused for good rather than left wedged.
+                log.exception("validating upload %s of %s failed", upload_id, contributor_id)
+                self.registry.fail_upload(
+                    contributor_id, upload_id, f"validation failed ({type(exc).__name__})"
+                )
                 self._drop(contributor_id, upload_id)
                 raise
             # Hard links, not moves: if the commit below fails the staged files stay, and

@@ -1,9 +1,12 @@
 """Validate an uploaded expert before anything of it is committed.
 
-Only safetensors and JSON are accepted. The safetensors header is parsed and bounds-checked by
-hand *before* any tensor is read, so a pickle payload, a truncated file or a header that declares
-a huge shape is refused without being loaded. Every refusal is an :class:`ExpertInvalid` whose
-message names the file and the problem.
+Only safetensors and JSON are accepted. Safetensors files are parsed by the ``safetensors``
+library, which refuses a pickle payload, a truncated file, a header that is not a JSON object
+(however deeply nested), gaps, overlaps and shapes that overflow before any tensor is read.
+On top of it sits moerge's policy: size caps, a dtype allow-list, shapes against the base
+model, and a magnitude bound on every element (NaN and Inf included), so that one expert's
+huge but finite weights cannot overflow a shared ensemble to NaN. Every refusal is an
+:class:`ExpertInvalid` whose message names the file and the problem.
 """
 
 from __future__ import annotations
@@ -17,6 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import safetensors
+import torch
+from safetensors import SafetensorError
 
 from moerge.coordinator.base_model import BaseModelSpec
 from moerge.expert_format import (
@@ -41,7 +47,16 @@ MAX_COVARIANCE_RANK = 256
 MAX_LABELS = 10_000
 MAX_LABEL_CHARS = 256
 MAX_EXAMPLE_COUNT = 2**62  # a BIGINT column
-DTYPE_SIZES = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8}
+ALLOWED_DTYPES = ("F16", "BF16", "F32", "F64")  # float tensors only; ints have no use here
+#: Largest magnitude of any LoRA factor or head element. Trained adapters stay far below 1
+#: (PEFT initialises B to 0 and A to ~1/sqrt(d)); 1e4 leaves room for any honest training
+#: while a layer's output, ~1e4 * 1e4 * rank * |x|, stays finite in float32 (max ~3.4e38).
+MAX_WEIGHT_MAGNITUDE = 1e4
+#: Largest magnitude of a statistics element (means, variances, covariance factors, gates):
+#: hidden states of large LMs reach ~1e4, variances ~1e8; squared distances over 1e12-sized
+#: entries still fit float32.
+MAX_STATISTIC_MAGNITUDE = 1e12
+_CHECK_BLOCK = 1 << 20  # elements per magnitude check (bounds the scratch memory)
 HEAD_NAMES = ("classifier", "score")
 _LORA_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<which>[AB])\.weight$")
 
@@ -66,12 +81,11 @@ class ValidatedExpert:
     modules: list[str] = field(default_factory=list)  # adapted module paths in the base model
 
 
-def read_safetensors_header(path: Path, max_bytes: int) -> dict[str, Any]:
-    """Parse and check a safetensors header without reading tensor data.
+def _open_safetensors(path: Path, max_bytes: int) -> safetensors.safe_open:
+    """Open an untrusted safetensors file with the ``safetensors`` library, under moerge's caps.
 
-    Layout: 8-byte little-endian header length N, N bytes of JSON, then the data buffer. Each
-    entry's ``data_offsets`` must lie inside the buffer, match ``dtype`` x ``shape`` exactly, and
-    the entries must tile the buffer without overlap.
+    The library parses the header (depth-limited JSON) and refuses gaps, overlaps, truncation,
+    trailing bytes and shapes whose size overflows; only the size caps are checked here first.
     """
     name = path.name
     size = path.stat().st_size
@@ -79,100 +93,56 @@ def read_safetensors_header(path: Path, max_bytes: int) -> dict[str, Any]:
         raise ExpertInvalid(name, f"{size} bytes exceeds the limit of {max_bytes}")
     with open(path, "rb") as handle:
         prefix = handle.read(8)
-        if len(prefix) < 8:
-            raise ExpertInvalid(name, "not a safetensors file (shorter than 8 bytes)")
-        (header_len,) = struct.unpack("<Q", prefix)
-        if header_len > min(MAX_HEADER_BYTES, size - 8):
-            raise ExpertInvalid(name, "not a safetensors file (bad header length)")
-        raw = handle.read(header_len)
+    if len(prefix) < 8:
+        raise ExpertInvalid(name, "not a safetensors file (shorter than 8 bytes)")
+    (header_len,) = struct.unpack("<Q", prefix)
+    if header_len > min(MAX_HEADER_BYTES, size - 8):
+        raise ExpertInvalid(name, "not a safetensors file (bad header length)")
     try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise ExpertInvalid(name, "not a safetensors file (header is not JSON)") from None
-    if not isinstance(header, dict):
-        raise ExpertInvalid(name, "safetensors header is not a JSON object")
-    data_len = size - 8 - header_len
-    spans = []
-    for key, entry in header.items():
-        if key == "__metadata__":
-            continue
-        if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
-            raise ExpertInvalid(name, f"tensor {key!r}: malformed header entry")
-        dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-        if dtype not in DTYPE_SIZES:
-            raise ExpertInvalid(name, f"tensor {key!r}: dtype {dtype!r} not allowed")
-        if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
-            raise ExpertInvalid(name, f"tensor {key!r}: bad shape {shape!r}")
-        if not (
-            isinstance(offsets, list)
-            and len(offsets) == 2
-            and all(isinstance(o, int) for o in offsets)
-        ):
-            raise ExpertInvalid(name, f"tensor {key!r}: bad data_offsets")
-        begin, end = offsets
-        expected = math.prod(shape) * DTYPE_SIZES[dtype]
-        if not 0 <= begin <= end <= data_len or end - begin != expected:
-            raise ExpertInvalid(
-                name, f"tensor {key!r}: shape {shape} does not fit its data ({end - begin} bytes)"
-            )
-        spans.append((begin, end))
-    position = 0
-    for begin, end in sorted(spans):
-        if begin != position:
-            raise ExpertInvalid(name, "tensor data overlaps or leaves gaps")
-        position = end
-    if position != data_len:
-        raise ExpertInvalid(name, "file has trailing bytes after the tensor data")
-    return header
+        return safetensors.safe_open(str(path), framework="pt")
+    except SafetensorError as exc:
+        reason = _library_reason(exc)
+        raise ExpertInvalid(name, f"not a valid safetensors file ({reason})") from None
 
 
-# safetensors dtype -> (numpy float type or None for BF16, same-width uint, exponent bits)
-_FLOAT_BITS = {
-    "F16": ("<f2", "<u2", 0x7C00),
-    "BF16": (None, "<u2", 0x7F80),
-    "F32": ("<f4", "<u4", 0x7F800000),
-    "F64": ("<f8", "<u8", 0x7FF0000000000000),
-}
-_CHECK_BLOCK = 1 << 20  # elements per NaN/Inf check, in two reused scratch arrays
+def _library_reason(exc: Exception) -> str:
+    """The library's own words, on one line and bounded (they may quote the header)."""
+    return " ".join(str(exc).split())[:300]
 
 
-def _all_finite(bits: np.ndarray, exponent: int) -> bool:
-    """No element has an all-ones exponent (the only encodings of NaN and Inf)."""
-    flat = bits.reshape(-1)
-    mask = flat.dtype.type(exponent)
-    masked = np.empty(min(_CHECK_BLOCK, flat.size), flat.dtype)
-    hits = np.empty(masked.size, np.bool_)
-    for start in range(0, flat.size, _CHECK_BLOCK):
-        block = flat[start : start + _CHECK_BLOCK]
-        np.bitwise_and(block, mask, out=masked[: block.size])
-        if np.equal(masked[: block.size], mask, out=hits[: block.size]).any():
-            return False
-    return True
+def _peak(tensor: torch.Tensor) -> float:
+    """The largest magnitude of any element (Inf if any is infinite); NaN if any is NaN."""
+    peak = 0.0
+    for block in tensor.reshape(-1).split(_CHECK_BLOCK) if tensor.numel() else ():
+        block_peak = float(block.abs().amax())  # amax propagates NaN
+        if math.isnan(block_peak):
+            return math.nan
+        peak = max(peak, block_peak)
+    return peak
 
 
-def _load_tensors(path: Path, max_bytes: int) -> dict[str, np.ndarray]:
-    """Memory-map the tensors once the header passed (no copy of a large adapter) and refuse
-    NaN/Inf with a vectorised bit test. BF16 tensors are widened to float32."""
-    header = read_safetensors_header(path, max_bytes)
-    with open(path, "rb") as handle:
-        data_start = 8 + struct.unpack("<Q", handle.read(8))[0]
-    if path.stat().st_size > data_start:
-        buffer = np.memmap(path, np.uint8, "r", offset=data_start)
-    else:
-        buffer = np.empty(0, np.uint8)
+def _load_tensors(path: Path, max_bytes: int, limit: float) -> dict[str, np.ndarray]:
+    """Every tensor of a checked safetensors file, refused if any element is NaN, Inf or above
+    ``limit`` in magnitude. Tensors stay views on the file's memory map (no copy of a large
+    adapter), except BF16 ones, widened to float32 for numpy."""
     tensors = {}
-    for key, entry in header.items():
-        if key == "__metadata__":
-            continue
-        float_type, uint_type, exponent = _FLOAT_BITS[entry["dtype"]]
-        begin, end = entry["data_offsets"]
-        bits = buffer[begin:end].view(uint_type).reshape(entry["shape"])
-        if not _all_finite(bits, exponent):
-            raise ExpertInvalid(path.name, f"tensor {key!r} holds NaN or Inf")
-        if float_type is None:
-            tensors[key] = (bits.astype("<u4") << 16).view("<f4")
-        else:
-            tensors[key] = bits.view(float_type)
+    with _open_safetensors(path, max_bytes) as handle:
+        for key in handle.keys():  # noqa: SIM118 (safe_open is not a mapping)
+            dtype = handle.get_slice(key).get_dtype()
+            if dtype not in ALLOWED_DTYPES:
+                allowed = ", ".join(ALLOWED_DTYPES)
+                raise ExpertInvalid(
+                    path.name, f"tensor {key!r}: dtype {dtype!r} not allowed (allowed: {allowed})"
+                )
+            tensor = handle.get_tensor(key)
+            peak = _peak(tensor)
+            if not math.isfinite(peak):
+                raise ExpertInvalid(path.name, f"tensor {key!r} holds NaN or Inf")
+            if peak > limit:
+                raise ExpertInvalid(
+                    path.name, f"tensor {key!r} holds a value of size {peak:.3g} (limit {limit:g})"
+                )
+            tensors[key] = (tensor.float() if tensor.dtype == torch.bfloat16 else tensor).numpy()
     return tensors
 
 
@@ -183,6 +153,8 @@ def _load_json(path: Path) -> Any:
         return json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise ExpertInvalid(path.name, f"not valid JSON ({exc.__class__.__name__})") from None
+    except ValueError:  # Python refuses integers of more than 4300 digits
+        raise ExpertInvalid(path.name, "not valid JSON (a number has too many digits)") from None
 
 
 def _module_path(peft_module: str, spec: BaseModelSpec) -> str:
@@ -359,9 +331,9 @@ def validate_expert_dir(root: Path, spec: BaseModelSpec, max_bytes: int) -> Vali
     if spec.task_type == "classification" and len(meta.label_names) < 2:
         raise ExpertInvalid(STATISTICS_META, "a classification expert needs >= 2 label_names")
     rank, _alpha, targets = check_adapter_config(_load_json(root / ADAPTER_CONFIG), spec)
-    weights = _load_tensors(root / ADAPTER_WEIGHTS, max_bytes)
+    weights = _load_tensors(root / ADAPTER_WEIGHTS, max_bytes, MAX_WEIGHT_MAGNITUDE)
     modules = check_adapter_weights(weights, rank, spec, len(meta.label_names))
-    stats = _load_tensors(root / STATISTICS_TENSORS, max_bytes)
+    stats = _load_tensors(root / STATISTICS_TENSORS, max_bytes, MAX_STATISTIC_MAGNITUDE)
     check_statistics(stats, meta, spec, modules)
     return ValidatedExpert(
         task_type=meta.task_type,

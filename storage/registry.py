@@ -423,8 +423,9 @@ class Registry:
     ) -> tuple[ExpertInfo, bool]:
         """Record an expert whose files are already in the blob store.
 
-        Idempotent: if this contributor has an expert of this name with the same content,
-        that expert is returned with ``created=False``; otherwise the next version is created.
+        Idempotent: if this contributor has an expert with the same content (under any name),
+        that expert is returned with ``created=False``; otherwise the next version of the name
+        is created (quarantined if another contributor's identical expert is not active).
         """
         actor = _check_actor(actor)
         contributor_id = check_id("contributor_id", contributor_id)
@@ -455,18 +456,25 @@ class Registry:
         if contributor.revoked_at is not None:
             raise PermissionDenied(f"contributor {contributor_id} has been revoked")
         digest = content_digest(spec.files)
+        # Identical content is registered once per contributor, whatever its name: a new name
+        # must not multiply a contributor's share of routing, nor bring back an expert an
+        # admin quarantined. The same name is preferred, then the oldest.
         same = session.scalar(
             select(Expert)
-            .where(
-                Expert.contributor_id == contributor_id,
-                Expert.name == spec.name,
-                Expert.content_sha256 == digest,
-            )
-            .order_by(Expert.version)
+            .where(Expert.contributor_id == contributor_id, Expert.content_sha256 == digest)
+            .order_by(Expert.name != spec.name, Expert.created_at, Expert.version)
             .limit(1)
         )
         if same is not None:
             return _expert_info(same), False
+        if not quarantine:  # another contributor's copy of an expert taken out of routing
+            withdrawn = session.scalar(
+                select(Expert.id)
+                .where(Expert.content_sha256 == digest, Expert.state != "active")
+                .limit(1)
+            )
+            if withdrawn is not None:
+                quarantine = f"identical content to expert {withdrawn}, which is not active"
         latest = session.scalar(
             select(func.max(Expert.version)).where(
                 Expert.contributor_id == contributor_id, Expert.name == spec.name

@@ -324,7 +324,7 @@ REFUSALS = {
     "pickle adapter": (ADAPTER_WEIGHTS, _pickle_payload, "not a safetensors file"),
     "nan weights": (ADAPTER_WEIGHTS, _nan, "NaN"),
     "wrong lora shape": (ADAPTER_WEIGHTS, _wrong_shape, "do not match"),
-    "huge declared shape": (ADAPTER_WEIGHTS, _huge_declared_shape, "does not fit"),
+    "huge declared shape": (ADAPTER_WEIGHTS, _huge_declared_shape, "overflow"),
     "truncated": (ADAPTER_WEIGHTS, _truncate, "safetensors"),
     "unknown target": (
         ADAPTER_CONFIG,
@@ -359,3 +359,66 @@ def test_invalid_experts_are_refused_by_name_and_leave_nothing_behind(
     assert coordinator.state.registry.list_experts().items == ()
     staged = [p for p in (Path(coordinator.config.data_dir) / "uploads").rglob("*") if p.is_file()]
     assert staged == []
+
+
+def test_an_upload_whose_validation_breaks_is_failed_and_its_staging_removed(
+    coordinator: BackgroundCoordinator, expert: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A defect in validation (once: RecursionError) must not leave the upload ``receiving``
+    with its bytes held and every retry answered INTERNAL."""
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RecursionError("maximum recursion depth exceeded")
+
+    monkeypatch.setattr("moerge.coordinator.uploads.validate_expert_dir", broken)
+    target = _target(coordinator)
+    with pytest.raises(grpc.RpcError):  # INTERNAL (the client's own retry: refused for good)
+        upload_expert(target, expert, "broken", "toy", progress=False)
+    registry = coordinator.state.registry
+    (upload,) = [u for u in registry.stale_uploads(0) if u.manifest["expert_name"] == "broken"]
+    assert upload.state == "failed" and "RecursionError" in upload.error
+    staged = Path(coordinator.config.data_dir) / "uploads" / upload.contributor_id
+    assert not list(staged.glob(f"{upload.upload_id}.*"))
+    with pytest.raises(grpc.RpcError) as again:  # a retry is refused for good, not INTERNAL
+        upload_expert(target, expert, "broken", "toy", progress=False)
+    assert again.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "validation failed (RecursionError)" in again.value.details()
+
+
+def test_huge_but_finite_weights_are_refused(
+    coordinator: BackgroundCoordinator, expert: Path
+) -> None:
+    """+-3e38 in a head is finite float32 but turned every ensemble it joined into NaN."""
+    weights = load_file(str(expert / ADAPTER_WEIGHTS))
+    key = next(k for k in weights if k.endswith("classifier.weight"))
+    weights[key] = torch.full_like(weights[key], 3e38) * torch.sign(torch.randn_like(weights[key]))
+    save_file(weights, str(expert / ADAPTER_WEIGHTS))
+    with pytest.raises(grpc.RpcError) as err:
+        upload_expert(_target(coordinator), expert, "huge", "toy", progress=False)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert f"tensor {key!r} holds a value of size 3e+38" in err.value.details()
+    assert coordinator.state.registry.list_experts().items == ()
+
+
+def test_a_json_integer_of_thousands_of_digits_is_refused_in_moerge_words(
+    coordinator: BackgroundCoordinator, expert: Path
+) -> None:
+    path = expert / STATISTICS_META
+    path.write_text(path.read_text().replace('"example_count": ', '"example_count": ' + "9" * 5000))
+    with pytest.raises(grpc.RpcError) as err:
+        upload_expert(_target(coordinator), expert, "digits", "toy", progress=False)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "too many digits" in err.value.details()
+    assert "set_int_max_str_digits" not in err.value.details()
+
+
+def test_a_lora_module_missing_its_b_factor_is_named(
+    coordinator: BackgroundCoordinator, expert: Path
+) -> None:
+    weights = load_file(str(expert / ADAPTER_WEIGHTS))
+    key = next(k for k in weights if "lora_B" in k)
+    del weights[key]
+    save_file(weights, str(expert / ADAPTER_WEIGHTS))
+    with pytest.raises(grpc.RpcError) as err:
+        upload_expert(_target(coordinator), expert, "missing", "toy", progress=False)
+    assert "lacks lora_A or lora_B" in err.value.details()

@@ -208,6 +208,23 @@ def safetensors_header(up: Upload, rng: random.Random) -> Upload:
 
 
 @mutator
+def deep_json_header(up: Upload, rng: random.Random) -> Upload:
+    """A safetensors header of deeply nested JSON arrays (once a RecursionError: INTERNAL)."""
+    name = rng.choice([ADAPTER_WEIGHTS, STATISTICS_TENSORS])
+    depth = rng.choice([200, 5_000, 50_000])
+    opener, closer = rng.choice([(b"[", b"]"), (b'{"a":', b"}")])
+    raw = opener * depth + b"1" + closer * depth
+    return _with(up, name, struct.pack("<Q", len(raw)) + raw, f"header nested {depth} deep {name}")
+
+
+@mutator
+def same_content_new_name(up: Upload, rng: random.Random) -> Upload:
+    """The valid expert again under a fresh name: accepted, but never a second expert."""
+    name = f"renamed-{rng.randrange(10**9)}"
+    return replace(up, expert_name=name, label=f"same content as {name}")
+
+
+@mutator
 def pickle_payload(up: Upload, rng: random.Random) -> Upload:
     """A pickle that would run code if loaded, disguised as safetensors or named .bin/.pt."""
 

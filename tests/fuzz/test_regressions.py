@@ -4,16 +4,24 @@ from __future__ import annotations
 
 import base64
 import json
+import struct
 from dataclasses import replace
+from pathlib import Path
 
 import grpc
 import pytest
 
-from moerge.expert_format import ADAPTER_CONFIG, STATISTICS_META
+from moerge.expert_format import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    STATISTICS_META,
+    STATISTICS_TENSORS,
+)
 from moerge.v1 import (
     admin_pb2,
     admin_pb2_grpc,
     contributor_pb2,
+    contributor_pb2_grpc,
     inference_pb2,
     inference_pb2_grpc,
 )
@@ -202,3 +210,37 @@ def test_page_tokens_the_database_cannot_compare_are_refused(
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
     assert "page_token" in err.value.details()
     check_alive(fuzz_server.channel)
+
+
+@pytest.mark.parametrize("name", [ADAPTER_WEIGHTS, STATISTICS_TENSORS])
+def test_a_safetensors_header_of_deeply_nested_json_is_refused_and_the_upload_is_failed(
+    fuzz_server: FuzzServer, name: str
+) -> None:
+    """Once a RecursionError: INTERNAL, and the upload stayed ``receiving`` with its bytes."""
+    raw = b"[" * 50_000 + b"]" * 50_000
+    upload = _replaced(fuzz_server, name, struct.pack("<Q", len(raw)) + raw)
+    assert "not a valid safetensors file" in _refused_leaving_nothing(fuzz_server, upload)
+    upload_id = upload.manifest().upload_id
+    info = fuzz_server.state.registry.get_upload(fuzz_server.contributor_id, upload_id)
+    assert info.state == "failed" and "safetensors" in info.error
+    staging = Path(fuzz_server.state.config.staging_dir) / fuzz_server.contributor_id
+    assert not list(staging.glob(f"{upload_id}.*"))
+
+
+def test_the_same_content_under_a_new_name_is_not_registered_again(
+    fuzz_server: FuzzServer,
+) -> None:
+    before = fuzz_server.snapshot()
+    upload = replace(load_valid(fuzz_server.expert_dir), expert_name="seed-expert-copy")
+    response = contributor_pb2_grpc.ContributorServiceStub(fuzz_server.channel).UploadExpert(
+        iter(upload.stream()), metadata=fuzz_server.contributor, timeout=60
+    )
+    assert not response.created
+    assert response.expert.expert_id == fuzz_server.expert_id
+    assert "experts" not in before.changes(fuzz_server.snapshot())
+
+
+def _replaced(server: FuzzServer, name: str, data: bytes) -> Upload:
+    valid = load_valid(server.expert_dir)
+    files = tuple((n, data if n == name else d) for n, d in valid.files)
+    return replace(valid, files=files, label=f"replaced {name}")

@@ -66,6 +66,10 @@ def check_upload(fuzzer: str, server: FuzzServer, upload: Upload, send) -> None:
         if changes.get("experts", ([], []))[1]:
             raise Defect(f"{case}: an accepted upload changed an existing expert: {changes}")
         added = changes.get("experts", ([], []))[0]
+        digest = before.columns["experts"].index("content_sha256")
+        known = {row[digest] for row in before.rows["experts"]}
+        if added and added[0]["content_sha256"] in known:
+            raise Defect(f"{case}: content already registered became a new expert: {added[0]}")
         if added and added[0]["name"] != upload.expert_name:
             raise Defect(f"{case}: name {upload.expert_name!r} stored as {added[0]['name']!r}")
         return

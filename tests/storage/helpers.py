@@ -14,12 +14,15 @@ ADMIN = "admin:test"
 
 
 def new_expert(
-    blobs: BlobStore, name: str = "sentiment", content: bytes = b"weights", **changes: Any
+    blobs: BlobStore, name: str = "sentiment", content: bytes | None = None, **changes: Any
 ) -> NewExpert:
-    """A valid expert whose files are in ``blobs``; ``content`` varies the adapter weights."""
+    """A valid expert whose files are in ``blobs``; ``content`` varies the adapter weights
+    (by default they depend on the name: identical content is one expert per contributor)."""
     files = {
         "adapter_config.json": blobs.put_bytes(b'{"r": 8}'),
-        "adapter_model.safetensors": blobs.put_bytes(content),
+        "adapter_model.safetensors": blobs.put_bytes(
+            f"weights of {name}".encode() if content is None else content
+        ),
         "statistics.json": blobs.put_bytes(b'{"example_count": 100}'),
     }
     fields: dict[str, Any] = {

@@ -272,3 +272,41 @@ def test_delete_expert_removes_only_blobs_nothing_else_uses(
     assert registry.referenced_blobs() == {r.sha256 for r in kept.files.values()} | {
         own_weights.sha256
     }
+
+
+def test_identical_content_under_a_new_name_is_the_expert_already_registered(
+    registry: Registry, blobs: BlobStore, contributor_id: str
+) -> None:
+    first, _ = registry.register_expert(ADMIN, contributor_id, new_expert(blobs, content=b"w"))
+    again, created = registry.register_expert(
+        ADMIN, contributor_id, new_expert(blobs, name="renamed", content=b"w")
+    )
+    assert not created
+    assert again.id == first.id
+    assert [e.id for e in registry.active_experts()] == [first.id]
+
+
+def test_a_quarantined_expert_uploaded_again_under_a_new_name_stays_quarantined(
+    registry: Registry, blobs: BlobStore, contributor_id: str
+) -> None:
+    first, _ = registry.register_expert(ADMIN, contributor_id, new_expert(blobs, content=b"w"))
+    registry.set_expert_state(ADMIN, first.id, "quarantined", "poisoned")
+    again, created = registry.register_expert(
+        ADMIN, contributor_id, new_expert(blobs, name="innocent", content=b"w")
+    )
+    assert (again.id, again.state, created) == (first.id, "quarantined", False)
+    assert registry.active_experts() == []
+
+
+def test_another_contributors_copy_of_a_quarantined_expert_starts_quarantined(
+    registry: Registry, blobs: BlobStore, contributor_id: str
+) -> None:
+    first, _ = registry.register_expert(ADMIN, contributor_id, new_expert(blobs, content=b"w"))
+    registry.set_expert_state(ADMIN, first.id, "quarantined", "poisoned")
+    _, enrollment = registry.create_enrollment_token(ADMIN)
+    other, _ = registry.join(enrollment, "mallory")
+    copy, created = registry.register_expert(ADMIN, other.id, new_expert(blobs, content=b"w"))
+    assert created
+    assert copy.state == "quarantined"
+    assert first.id in copy.state_reason
+    assert registry.active_experts() == []
