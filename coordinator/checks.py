@@ -43,6 +43,12 @@ def run_checks(config: CoordinatorConfig) -> bool:
         )
     except Exception as exc:
         report("base model", False, f"{type(exc).__name__}: {exc}")
+    try:
+        from moerge.coordinator.inference.device import resolve_placement
+
+        report("inference device", True, resolve_placement(config.device, config.dtype).description)
+    except Exception as exc:
+        report("inference device", False, f"{type(exc).__name__}: {exc}")
     for name in ("tls_cert", "tls_key"):
         path = getattr(config, name)
         if path:

@@ -30,6 +30,12 @@ def serve(
     tls_key: Annotated[str | None, typer.Option(help="PEM private key")] = None,
     base_model: Annotated[str | None, typer.Option(help="base model folder")] = None,
     router_method: Annotated[str | None, typer.Option(help="default routing method")] = None,
+    device: Annotated[
+        str | None, typer.Option(help="inference device: auto|cpu|cuda|cuda:N (default auto)")
+    ] = None,
+    dtype: Annotated[
+        str | None, typer.Option(help="auto|float32|bfloat16|float16 (auto: bf16 on CUDA)")
+    ] = None,
     config: Annotated[Path | None, typer.Option(help="TOML settings file")] = None,
     check: Annotated[
         bool, typer.Option("--check", help="validate settings and DB, then exit")
@@ -42,6 +48,7 @@ def serve(
         settings = CoordinatorConfig.load(
             config, data_dir=data_dir, db_url=db, listen=listen, tls_cert=tls_cert,
             tls_key=tls_key, base_model=base_model, router_method=router_method, log_json=log_json,
+            device=device, dtype=dtype,
         )
     except (OSError, ValueError) as exc:
         typer.echo(f"error: {exc}", err=True)

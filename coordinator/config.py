@@ -71,6 +71,11 @@ class CoordinatorConfig:
     consistency_gate_ratio: float = 3.0  # gate-norm check: and at least this times the median
     consistency_min_peers: int = 4  # gate-norm check: other experts needed to judge
     adapter_cache_bytes: int = 512 * 1024 * 1024  # experts' LoRA weights kept in memory
+    device: str = "auto"  # inference device: auto (CUDA when present), cpu, cuda, cuda:N
+    dtype: str = "auto"  # inference precision: auto (bfloat16 on CUDA), float32, bfloat16, float16
+    generation_max_batch: int = 32  # rows decoded together (continuous batching)
+    generation_max_waiting: int = 256  # Generate requests queued beyond that; more: refused
+    max_new_tokens: int = 64  # Generate/Predict default when a request does not say
     batch_wait_ms: float = 5.0  # micro-batcher: how long to wait for more requests
     grace_seconds: float = 5.0  # graceful-shutdown grace for in-flight RPCs
     log_json: bool = False
@@ -115,6 +120,13 @@ class CoordinatorConfig:
                 raise ValueError(f"{name} must be >= 0")
         if self.superlink not in ("", "start") and ":" not in self.superlink:
             raise ValueError("superlink must be '', 'start' or a host:port")
+        from moerge.coordinator.inference.device import check_device_settings
+
+        check_device_settings(self.device, self.dtype)
+        if self.generation_max_batch < 1 or self.generation_max_waiting < 0:
+            raise ValueError("generation_max_batch must be >= 1 and generation_max_waiting >= 0")
+        if not 1 <= self.max_new_tokens <= 512:
+            raise ValueError("max_new_tokens must be in 1..512")
         if self.max_lora_rank < 1:
             raise ValueError("max_lora_rank must be >= 1")
         if ":" not in self.listen:

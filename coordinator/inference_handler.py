@@ -7,9 +7,13 @@ exceptions that :mod:`moerge.coordinator.errors` maps to status codes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
+from collections.abc import AsyncIterator, Sequence
 
+from moerge.coordinator.inference.generation.sampling import SamplingParams
 from moerge.coordinator.inference.plan import Aggregation
+from moerge.coordinator.inference.results import ExpertWeight
 from moerge.coordinator.inference_service import InferenceService, expert_names
 from moerge.coordinator.state import CoordinatorState
 from moerge.storage.errors import InvalidArgument
@@ -26,6 +30,7 @@ AGGREGATIONS = {
     inference_pb2.AGGREGATION_MODULE_MIX: Aggregation.MODULE_MIX,
 }
 MAX_NEW_TOKENS = 512
+MAX_EXPERT_FILTER = 1024  # expert_ids per request
 _create_lock = threading.Lock()
 
 
@@ -139,3 +144,84 @@ async def route(
         note=chosen.note,
         latency_ms=latency,
     )
+
+
+def sampling_params(
+    message: inference_pb2.SamplingParams, default_max_new_tokens: int
+) -> SamplingParams:
+    """The request's sampling settings, unset fields at their documented defaults, checked."""
+    return SamplingParams(
+        max_new_tokens=message.max_new_tokens or default_max_new_tokens,
+        temperature=message.temperature if message.HasField("temperature") else 0.0,
+        top_p=message.top_p if message.HasField("top_p") else 1.0,
+        top_k=message.top_k,
+        seed=message.seed if message.HasField("seed") else None,
+        stop=tuple(message.stop),
+        repetition_penalty=(
+            message.repetition_penalty if message.HasField("repetition_penalty") else 1.0
+        ),
+    ).check(MAX_NEW_TOKENS)
+
+
+async def generate(
+    request: inference_pb2.GenerateRequest, state: CoordinatorState, principal: Principal
+) -> AsyncIterator[inference_pb2.GenerateResponse]:
+    """One GenerateStart, GenerateDelta per released text, one GenerateEnd (see the proto)."""
+    from moerge.coordinator import generation_service
+    from moerge.coordinator.inference.generation.requests import (
+        GenerationFinished,
+        GenerationStarted,
+        TextDelta,
+    )
+
+    _common_checks(request.top_k, request.router_version)
+    if request.aggregation not in AGGREGATIONS:
+        raise InvalidArgument("aggregation", f"unknown value {request.aggregation}")
+    if len(request.expert_ids) > MAX_EXPERT_FILTER:
+        raise InvalidArgument("expert_ids", f"at most {MAX_EXPERT_FILTER} ids")
+    sampling = sampling_params(request.sampling, state.config.max_new_tokens)
+    inference = await service(state)
+    stream = await generation_service.generate(
+        inference,
+        request.prompt,
+        [(m.role, m.content) for m in request.messages],
+        sampling,
+        request.routing_method,
+        request.router_version,
+        list(request.expert_ids),
+        request.top_k,
+        AGGREGATIONS[request.aggregation],
+    )
+
+    async def weights(experts: Sequence[ExpertWeight]) -> list[common_pb2.ExpertWeight]:
+        names = await asyncio.to_thread(
+            expert_names, state.registry, [w.expert_id for w in experts]
+        )
+        return [common_pb2.ExpertWeight(expert_id=w.expert_id, weight=w.weight,
+                                        expert_name=names.get(w.expert_id, "")) for w in experts]
+
+    async with contextlib.aclosing(stream.events) as events:
+        async for event in events:
+            if isinstance(event, TextDelta):
+                yield inference_pb2.GenerateResponse(
+                    delta=inference_pb2.GenerateDelta(text=event.text, tokens=event.tokens)
+                )
+            elif isinstance(event, GenerationStarted):
+                yield inference_pb2.GenerateResponse(start=inference_pb2.GenerateStart(
+                    experts=await weights(event.experts),
+                    router_version=stream.chosen.version,
+                    routing_method=stream.chosen.router.method,
+                    aggregation=event.aggregation,
+                    note=stream.chosen.note,
+                    prompt_tokens=event.prompt_tokens,
+                ))
+            elif isinstance(event, GenerationFinished):
+                yield inference_pb2.GenerateResponse(end=inference_pb2.GenerateEnd(
+                    finish_reason=event.finish_reason,
+                    prompt_tokens=event.prompt_tokens,
+                    completion_tokens=event.completion_tokens,
+                    experts=await weights(event.experts),
+                    confidence=event.confidence,
+                    time_to_first_token_ms=event.time_to_first_token_ms,
+                    latency_ms=event.latency_ms,
+                ))

@@ -15,6 +15,7 @@ when there is no router yet. Rules (documented in ``docs/inference.md``):
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 from collections.abc import Sequence
@@ -25,6 +26,7 @@ import torch
 from moerge.coordinator.config import CoordinatorConfig
 from moerge.coordinator.expert_store import ExpertStore
 from moerge.coordinator.inference.batcher import MicroBatcher
+from moerge.coordinator.inference.device import resolve_placement
 from moerge.coordinator.inference.engine import InferenceEngine, InferenceRequest
 from moerge.coordinator.inference.errors import EmptyBatch, InputTooLong, InvalidTopK
 from moerge.coordinator.inference.plan import Aggregation, RoutingPlan
@@ -36,6 +38,8 @@ from moerge.router_training.registry import available_methods
 from moerge.storage.errors import FailedPrecondition, InvalidArgument, NotFound
 from moerge.storage.records import ExpertInfo
 from moerge.storage.registry import Registry
+
+log = logging.getLogger(__name__)
 
 FALLBACK_METHOD = "centroid"
 
@@ -120,6 +124,8 @@ class InferenceService:
         self.registry = registry
         self.experts = experts
         self.routers = routers
+        self.placement = resolve_placement(config.device, config.dtype)
+        log.info("inference on %s", self.placement.description)
         self.engine = InferenceEngine(
             config.base_model,
             task_type=config.task_type,
@@ -130,6 +136,11 @@ class InferenceService:
             max_chars=config.max_input_chars,
             max_length=config.max_input_tokens,
             truncate=config.task_type == "classification",
+            device=self.placement.device,
+            dtype=self.placement.torch_dtype,
+            max_new_tokens=config.max_new_tokens,
+            generation_max_batch=config.generation_max_batch,
+            generation_max_waiting=config.generation_max_waiting,
         )
         self.batcher: MicroBatcher[InferenceRequest, list[ExamplePrediction]] = MicroBatcher(
             self.engine.predict_many,

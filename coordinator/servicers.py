@@ -8,6 +8,7 @@ and turns the handler's exceptions into status codes through :mod:`moerge.coordi
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
@@ -131,6 +132,16 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
 
     async def Route(self, request: inference_pb2.RouteRequest, context: Any) -> Any:
         return await self._serve(inference_handler.route, request, context)
+
+    async def Generate(self, request: inference_pb2.GenerateRequest, context: Any) -> Any:
+        try:
+            stream = inference_handler.generate(request, self.state, current_principal())
+            async with contextlib.aclosing(stream) as messages:
+                async for message in messages:
+                    yield message
+        except Exception as exc:
+            code, message = status_for(exc)
+            await context.abort(code, message)
 
 
 class AdminServicer(admin_pb2_grpc.AdminServiceServicer):

@@ -1,0 +1,144 @@
+"""Streamed generation at the coordinator: prompt or chat -> router -> scheduler -> events.
+
+The registry-aware half of ``Generate`` (the engine half is
+:mod:`moerge.coordinator.inference.generation`). It renders chat prompts with the base model's
+chat template, picks the router exactly as Predict does (:meth:`InferenceService.choose`), hands
+the request to the engine's continuous-batching scheduler and turns the scheduler's thread-side
+events into an async iterator. Leaving the iterator early (the client went away, the RPC was
+cancelled) cancels the request, which frees its rows before the next decode step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+
+from moerge.coordinator.errors import ResourceExhausted
+from moerge.coordinator.inference.generation.requests import (
+    GenerationEvent,
+    GenerationFailed,
+    GenerationFinished,
+    GenerationRequest,
+)
+from moerge.coordinator.inference.generation.sampling import SamplingParams
+from moerge.coordinator.inference.generation.scheduler import QueueFull
+from moerge.coordinator.inference.plan import Aggregation, RoutingPlan
+from moerge.coordinator.inference_service import Chosen, InferenceService
+from moerge.storage.errors import FailedPrecondition, InvalidArgument
+
+CHAT_ROLES = ("system", "user", "assistant")
+MAX_CHAT_MESSAGES = 64
+
+
+@dataclass(frozen=True)
+class RenderedPrompt:
+    """What the tokenizer reads, what example-level routers embed, and whether it is a chat."""
+
+    text: str
+    routing_text: str
+    chat: bool
+
+
+def render_prompt(
+    tokenizer: object, prompt: str, messages: Sequence[tuple[str, str]], max_chars: int
+) -> RenderedPrompt:
+    """Check a plain prompt or chat messages and render the latter with the chat template.
+
+    Routing reads the last user message of a chat: that is the task the answer is for, and
+    contributors' statistics were computed on such texts, not on template markup.
+    """
+    if bool(prompt) == bool(messages):
+        raise InvalidArgument("prompt", "give exactly one of prompt and messages")
+    if prompt:
+        if not prompt.strip():
+            raise InvalidArgument("prompt", "is blank")
+        if len(prompt) > max_chars:
+            raise InvalidArgument("prompt", f"has {len(prompt)} characters; at most {max_chars}")
+        return RenderedPrompt(prompt, prompt, chat=False)
+    if len(messages) > MAX_CHAT_MESSAGES:
+        raise InvalidArgument("messages", f"at most {MAX_CHAT_MESSAGES} messages")
+    total = sum(len(content) for _, content in messages)
+    if total > max_chars:
+        raise InvalidArgument("messages", f"hold {total} characters; at most {max_chars}")
+    for i, (role, content) in enumerate(messages):
+        if role not in CHAT_ROLES:
+            raise InvalidArgument(f"messages[{i}].role", f"must be one of {', '.join(CHAT_ROLES)}")
+        if not content.strip():
+            raise InvalidArgument(f"messages[{i}].content", "is blank")
+    users = [content for role, content in messages if role == "user"]
+    if not users:
+        raise InvalidArgument("messages", "need at least one user message")
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise FailedPrecondition(
+            "the base model has no chat template: send a plain prompt instead of messages"
+        )
+    text = tokenizer.apply_chat_template(  # type: ignore[attr-defined]
+        [{"role": r, "content": c} for r, c in messages],
+        tokenize=False, add_generation_prompt=True,
+    )
+    return RenderedPrompt(text, users[-1], chat=True)
+
+
+@dataclass(frozen=True)
+class GenerationStream:
+    """The chosen router (for the first message) and the engine's events."""
+
+    chosen: Chosen
+    events: AsyncIterator[GenerationEvent]
+    started: float
+
+
+async def generate(
+    service: InferenceService,
+    prompt: str,
+    messages: Sequence[tuple[str, str]],
+    sampling: SamplingParams,
+    method: str,
+    version: int,
+    expert_filter: Sequence[str],
+    top_k: int,
+    aggregation: Aggregation | None,
+) -> GenerationStream:
+    """Check, route and queue one request; events come from the returned stream."""
+    started = time.perf_counter()
+    engine = service.engine
+    if not engine.is_causal_lm:
+        raise FailedPrecondition(
+            "this coordinator serves a classification model; Generate needs one started with "
+            "task_type causal_lm (use Predict for classification)"
+        )
+    rendered = render_prompt(engine.tokenizer, prompt, messages, service.config.max_input_chars)
+    chosen = await asyncio.to_thread(service.choose, method, version, expert_filter)
+    plan = RoutingPlan.routed(chosen.router, service._top_k(chosen.router, top_k), aggregation)
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[GenerationEvent] = asyncio.Queue()
+
+    def sink(event: GenerationEvent) -> None:  # the scheduler's thread
+        with contextlib.suppress(RuntimeError):  # the loop is gone (shutdown): nobody listens
+            loop.call_soon_threadsafe(queue.put_nowait, event)
+
+    request = GenerationRequest(prompt=rendered.text, routing_text=rendered.routing_text,
+                                sampling=sampling, sink=sink, plan=plan, chat=rendered.chat)
+    try:
+        engine.scheduler.submit(request)
+    except QueueFull as exc:
+        raise ResourceExhausted(str(exc)) from None
+    return GenerationStream(chosen, _events(request, queue), started)
+
+
+async def _events(
+    request: GenerationRequest, queue: asyncio.Queue[GenerationEvent]
+) -> AsyncIterator[GenerationEvent]:
+    try:
+        while True:
+            event = await queue.get()
+            if isinstance(event, GenerationFailed):
+                raise event.error
+            yield event
+            if isinstance(event, GenerationFinished):
+                return
+    finally:
+        request.cancel()  # a no-op when finished; frees the rows when the caller left early

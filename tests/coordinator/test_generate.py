@@ -1,0 +1,165 @@
+"""Streamed generation through the real server: events, equality with Predict, bad input,
+chat prompts and a client that leaves mid-stream."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from transformers import AutoTokenizer
+
+from moerge.contributor_client.connection import Target
+from moerge.contributor_client.upload import upload_expert
+from moerge.v1 import inference_pb2, inference_pb2_grpc
+from tests.coordinator.conftest import coordinator_config
+from tests.coordinator.harness import BackgroundCoordinator, bearer
+from tests.coordinator.test_server import enroll
+from tests.experts import make_expert_dir
+from tests.tiny_models import make_tiny_llama
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} </s> {% endfor %}"
+    "{% if add_generation_prompt %}assistant :{% endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = make_tiny_llama(tmp_path_factory.mktemp("models") / "tiny-llama")
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory, tiny_llama: Path) -> Iterator[
+        BackgroundCoordinator]:
+    """A causal-LM coordinator (SQLite) with two uploaded experts."""
+    root = tmp_path_factory.mktemp("generate")
+    config = coordinator_config(
+        root / "data", tiny_llama, base_model_id="tiny-llama", task_type="causal_lm",
+        target_modules=("q_proj", "v_proj"), max_input_tokens=32, max_new_tokens=8,
+        device="auto", dtype="auto",
+    )
+    with BackgroundCoordinator(config) as running:
+        _, credential = enroll(running.address, running.admin_token(), "lab")
+        target = Target(address=running.address, token=credential)
+        for i in range(2):
+            folder = make_expert_dir(tiny_llama, root / f"lm{i}", rank=4, seed=10 + i,
+                                     task_type="causal_lm", task_name=f"task{i}")
+            upload_expert(target, folder, f"lm{i}", f"task{i}", progress=False)
+        yield running
+
+
+def stub(running: BackgroundCoordinator) -> tuple[grpc.Channel, object, tuple]:
+    channel = grpc.insecure_channel(running.address)
+    return channel, inference_pb2_grpc.InferenceServiceStub(channel), bearer(running.admin_token())
+
+
+def events(running: BackgroundCoordinator, request: inference_pb2.GenerateRequest) -> list:
+    channel, inference, auth = stub(running)
+    with channel:
+        return list(inference.Generate(request, metadata=auth))  # type: ignore[attr-defined]
+
+
+def test_a_stream_is_start_then_deltas_then_end_and_equals_predict(served) -> None:
+    prompt = "the film was"
+    got = events(served, inference_pb2.GenerateRequest(prompt=prompt))
+    kinds = [m.WhichOneof("event") for m in got]
+    assert kinds[0] == "start" and kinds[-1] == "end"
+    assert set(kinds[1:-1]) <= {"delta"}
+    start, end = got[0].start, got[-1].end
+    assert start.routing_method == "centroid" and "no router trained yet" in start.note
+    assert len(start.experts) == 1 and start.experts[0].expert_name.startswith("lm")
+    assert end.finish_reason in ("stop", "length")
+    assert end.completion_tokens <= 8 and end.prompt_tokens > 0
+    assert 0 < end.time_to_first_token_ms <= end.latency_ms
+    text = "".join(m.delta.text for m in got[1:-1])
+    channel, inference, auth = stub(served)
+    with channel:
+        unary = inference.Predict(  # type: ignore[attr-defined]
+            inference_pb2.PredictRequest(inputs=[prompt]), metadata=auth
+        ).predictions[0]
+    assert text == unary.output
+    assert [e.expert_id for e in unary.experts] == [e.expert_id for e in start.experts]
+
+
+def test_chat_messages_use_the_chat_template_and_route_on_the_last_user_message(served) -> None:
+    request = inference_pb2.GenerateRequest(
+        messages=[inference_pb2.ChatMessage(role="system", content="be brief"),
+                  inference_pb2.ChatMessage(role="user", content="the film was good")],
+        sampling=inference_pb2.SamplingParams(max_new_tokens=4),
+    )
+    got = events(served, request)
+    start, end = got[0].start, got[-1].end
+    assert end.completion_tokens <= 4
+    # the rendered template is longer than the bare user message
+    bare = events(served, inference_pb2.GenerateRequest(prompt="the film was good"))
+    assert start.prompt_tokens > bare[0].start.prompt_tokens
+    assert [e.expert_id for e in start.experts] == [e.expert_id for e in bare[0].start.experts]
+
+
+@pytest.mark.parametrize(
+    "request_, fragment",
+    [
+        (inference_pb2.GenerateRequest(), "exactly one of prompt and messages"),
+        (inference_pb2.GenerateRequest(prompt="   "), "blank"),
+        (inference_pb2.GenerateRequest(
+            prompt="x", messages=[inference_pb2.ChatMessage(role="user", content="y")]),
+         "exactly one"),
+        (inference_pb2.GenerateRequest(
+            messages=[inference_pb2.ChatMessage(role="robot", content="y")]), "role"),
+        (inference_pb2.GenerateRequest(
+            prompt="x", sampling=inference_pb2.SamplingParams(temperature=1e9)), "temperature"),
+        (inference_pb2.GenerateRequest(
+            prompt="x", sampling=inference_pb2.SamplingParams(top_p=-1)), "top_p"),
+        (inference_pb2.GenerateRequest(
+            prompt="x", sampling=inference_pb2.SamplingParams(max_new_tokens=100_000)),
+         "max_new_tokens"),
+        (inference_pb2.GenerateRequest(
+            prompt="x", sampling=inference_pb2.SamplingParams(stop=["s"] * 20)), "stop"),
+        (inference_pb2.GenerateRequest(prompt=" ".join(["one"] * 60)), "tokens"),
+        (inference_pb2.GenerateRequest(prompt="x", top_k=9), "top_k"),
+    ],
+)
+def test_bad_requests_get_invalid_argument_and_the_server_keeps_serving(
+    served, request_, fragment
+) -> None:
+    with pytest.raises(grpc.RpcError) as caught:
+        events(served, request_)
+    assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert fragment in caught.value.details()
+    assert events(served, inference_pb2.GenerateRequest(prompt="one two"))[-1].end
+
+
+def test_a_client_that_leaves_mid_stream_frees_its_place(served) -> None:
+    scheduler = served.state.inference.engine.scheduler
+    channel, inference, auth = stub(served)
+    with channel:
+        call = inference.Generate(  # type: ignore[attr-defined]
+            inference_pb2.GenerateRequest(
+                prompt="one", sampling=inference_pb2.SamplingParams(max_new_tokens=100)),
+            metadata=auth,
+        )
+        first = next(call)
+        assert first.WhichOneof("event") == "start"
+        call.cancel()
+    deadline = time.monotonic() + 10
+    while scheduler.load != (0, 0) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert scheduler.load == (0, 0)
+    assert events(served, inference_pb2.GenerateRequest(prompt="one two"))[-1].end
+
+
+def test_generate_on_a_classification_coordinator_is_a_failed_precondition(
+    tmp_path: Path, tiny_bert: Path
+) -> None:
+    config = coordinator_config(tmp_path / "data", tiny_bert)
+    with BackgroundCoordinator(config) as running, pytest.raises(grpc.RpcError) as caught:
+        events(running, inference_pb2.GenerateRequest(prompt="hello"))
+    assert caught.value.code() is grpc.StatusCode.FAILED_PRECONDITION
+    assert "causal_lm" in caught.value.details()
