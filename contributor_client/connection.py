@@ -17,6 +17,10 @@ import grpc
 
 DEFAULT_COORDINATOR = "127.0.0.1:50051"
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+_OPTIONS = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+]
 
 
 def client_home() -> Path:
@@ -76,14 +80,18 @@ class Target:
         )
 
     def channel(self) -> grpc.Channel:
-        options = [
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-        ]
         if self.tls_ca:
-            credentials = grpc.ssl_channel_credentials(Path(self.tls_ca).read_bytes())
-            return grpc.secure_channel(self.address, credentials, options=options)
-        return grpc.insecure_channel(self.address, options=options)
+            return grpc.secure_channel(self.address, self._credentials(), options=_OPTIONS)
+        return grpc.insecure_channel(self.address, options=_OPTIONS)
+
+    def aio_channel(self) -> grpc.aio.Channel:
+        """The asyncio twin of :meth:`channel` (create it inside the running event loop)."""
+        if self.tls_ca:
+            return grpc.aio.secure_channel(self.address, self._credentials(), options=_OPTIONS)
+        return grpc.aio.insecure_channel(self.address, options=_OPTIONS)
+
+    def _credentials(self) -> grpc.ChannelCredentials:
+        return grpc.ssl_channel_credentials(Path(self.tls_ca).read_bytes())
 
     def metadata(self) -> tuple[tuple[str, str], ...]:
         return (("authorization", f"Bearer {self.token}"),) if self.token else ()

@@ -1,0 +1,322 @@
+"""The coordinator's unary calls, written once for :class:`moerge.Client` and
+:class:`moerge.AsyncClient`.
+
+Each method of :class:`Calls` builds its request and hands it, with the function that turns the
+response into a :mod:`moerge.results` dataclass, to ``_unary``: the synchronous client runs the
+call and returns the result, the asyncio client returns an awaitable of the same result. Enum
+arguments take the CLI's words (``state="quarantined"``, ``aggregation="merge"``).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
+
+from moerge.contributor_client.connection import ClientConfig, Target
+from moerge.errors import MoergeError
+from moerge.results import (
+    AGGREGATIONS,
+    STATES,
+    AuditEntry,
+    BaseModel,
+    Contributor,
+    DeletedExpert,
+    EnrollmentToken,
+    Expert,
+    Joined,
+    Page,
+    Predictions,
+    RouterVersion,
+    Routing,
+    scalars,
+)
+from moerge.v1 import admin_pb2, common_pb2, contributor_pb2, inference_pb2
+
+T = TypeVar("T")
+DEFAULT_TIMEOUT = 300.0  # seconds per call: a first Predict loads the base model
+
+
+def _state(word: str | None) -> int:
+    if word is None:
+        return common_pb2.EXPERT_STATE_UNSPECIFIED
+    if word not in STATES:
+        raise MoergeError.invalid(f"state must be one of {', '.join(STATES)}, got {word!r}")
+    return STATES[word]
+
+
+def _aggregation(word: str) -> int:
+    if word not in AGGREGATIONS:
+        raise MoergeError.invalid(
+            f"aggregation must be one of {', '.join(AGGREGATIONS)}, got {word!r}"
+        )
+    return AGGREGATIONS[word]
+
+
+def _page(convert: Callable[[Any], T], field: str) -> Callable[[Any], Page[T]]:
+    return lambda r: Page(tuple(convert(x) for x in getattr(r, field)), r.next_page_token)
+
+
+class Calls:
+    """The unary calls, shared by :class:`~moerge.Client` and :class:`~moerge.AsyncClient`."""
+
+    def __init__(
+        self,
+        coordinator: str | None = None,
+        token: str | None = None,
+        tls_ca: str | None = None,
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+    ) -> None:
+        """``coordinator`` HOST:PORT, ``token`` and ``tls_ca`` default to the saved client
+        config (``moerge join``) or ``MOERGE_COORDINATOR``/``MOERGE_TOKEN``/``MOERGE_TLS_CA``;
+        ``timeout``: seconds per call."""
+        self.target = Target.resolve(coordinator, token, tls_ca)
+        self.timeout = timeout
+
+    def _unary(self, service: str, method: str, request: Any, convert: Callable[[Any], T]) -> T:
+        raise NotImplementedError
+
+    # -- contributors ------------------------------------------------------------------------
+
+    def join(self, enrollment_token: str, name: str | None = None, *, save: bool = True) -> Joined:
+        """Exchange an admin's enrollment token for a contributor credential.
+
+        The client uses the credential from then on; ``save`` also writes it, with the
+        coordinator address, to ``$MOERGE_HOME/client.json`` (mode 0600) as ``moerge join`` does.
+        """
+        import socket
+
+        request = contributor_pb2.JoinRequest(
+            enrollment_token=enrollment_token, name=name or socket.gethostname()
+        )
+
+        def joined(response: contributor_pb2.JoinResponse) -> Joined:
+            self.target.token = response.credential
+            path = None
+            if save:
+                path = ClientConfig(
+                    coordinator=self.target.address,
+                    contributor_id=response.contributor_id,
+                    name=request.name,
+                    credential=response.credential,
+                    tls_ca=self.target.tls_ca,
+                ).save()
+            return Joined(response.contributor_id, request.name, response.credential, path)
+
+        return self._unary("contributor", "Join", request, joined)
+
+    def base_model(self) -> BaseModel:
+        """The base model, revision and LoRA limits experts must be trained with."""
+        request = contributor_pb2.GetBaseModelRequest()
+        return self._unary("contributor", "GetBaseModel", request, BaseModel.from_proto)
+
+    def my_experts(self) -> list[Expert]:
+        """The experts this contributor registered, with their state and its reason."""
+        request = contributor_pb2.ListMyExpertsRequest()
+        return self._unary(
+            "contributor",
+            "ListMyExperts",
+            request,
+            lambda r: [Expert.from_proto(e) for e in r.experts],
+        )
+
+    # -- inference ---------------------------------------------------------------------------
+
+    def predict(
+        self,
+        inputs: Iterable[str],
+        *,
+        top_k: int = 0,
+        method: str = "",
+        aggregation: str = "default",
+        experts: Iterable[str] = (),
+        router_version: int = 0,
+        max_new_tokens: int = 0,
+    ) -> Predictions:
+        """Routed predictions, one per input.
+
+        ``top_k``: experts per input (0: the router's default); ``method``: a routing method
+        ("": the active router); ``aggregation``: default, ensemble, merge, ties, dare or mix;
+        ``experts``: route among these expert ids only; ``router_version``: 0 for the active one.
+        """
+        request = inference_pb2.PredictRequest(
+            inputs=list(inputs),
+            top_k=top_k,
+            routing_method=method,
+            expert_ids=list(experts),
+            aggregation=_aggregation(aggregation),
+            router_version=router_version,
+            max_new_tokens=max_new_tokens,
+        )
+        return self._unary("inference", "Predict", request, Predictions.from_proto)
+
+    def route(
+        self,
+        inputs: Iterable[str],
+        *,
+        top_k: int = 0,
+        method: str = "",
+        experts: Iterable[str] = (),
+        router_version: int = 0,
+    ) -> Routing:
+        """The routing decision only: which experts, with which weights, for each input."""
+        request = inference_pb2.RouteRequest(
+            inputs=list(inputs),
+            top_k=top_k,
+            routing_method=method,
+            expert_ids=list(experts),
+            router_version=router_version,
+        )
+        return self._unary("inference", "Route", request, Routing.from_proto)
+
+    # -- administration (admin token) ---------------------------------------------------------
+
+    def list_experts(
+        self,
+        *,
+        state: str | None = None,
+        contributor: str = "",
+        task: str = "",
+        page_size: int = 50,
+        page_token: str = "",
+    ) -> Page[Expert]:
+        """One page of the registry's experts (``state``: active, quarantined or retired)."""
+        request = admin_pb2.ListExpertsRequest(
+            page_size=page_size,
+            page_token=page_token,
+            state=_state(state),
+            contributor_id=contributor,
+            task_name=task,
+        )
+        return self._unary("admin", "ListExperts", request, _page(Expert.from_proto, "experts"))
+
+    def get_expert(self, expert_id: str) -> Expert:
+        request = admin_pb2.GetExpertRequest(expert_id=expert_id)
+        return self._unary("admin", "GetExpert", request, Expert.from_proto)
+
+    def set_expert_state(self, expert_id: str, state: str, reason: str = "") -> Expert:
+        """Activate, quarantine or retire an expert (the reason goes to the audit log)."""
+        request = admin_pb2.SetExpertStateRequest(
+            expert_id=expert_id, state=_state(state), reason=reason
+        )
+        return self._unary("admin", "SetExpertState", request, Expert.from_proto)
+
+    def delete_expert(self, expert_id: str) -> DeletedExpert:
+        """Delete an expert and garbage-collect the blobs nothing else uses."""
+        request = admin_pb2.DeleteExpertRequest(expert_id=expert_id)
+        return self._unary("admin", "DeleteExpert", request, lambda r: scalars(DeletedExpert, r))
+
+    def list_router_versions(
+        self, *, method: str = "", page_size: int = 50, page_token: str = ""
+    ) -> Page[RouterVersion]:
+        """Router versions, newest first."""
+        request = admin_pb2.ListRouterVersionsRequest(
+            page_size=page_size, page_token=page_token, method=method
+        )
+        convert = _page(RouterVersion.from_proto, "versions")
+        return self._unary("admin", "ListRouterVersions", request, convert)
+
+    def train_router(
+        self,
+        method: str = "",
+        *,
+        params: dict[str, Any] | None = None,
+        rounds: int = 0,
+        activate: bool = True,
+    ) -> RouterVersion:
+        """Fit a router now over the active experts ("": the coordinator's default method)."""
+        request = admin_pb2.TrainRouterRequest(
+            method=method,
+            params_json=json.dumps(params) if params else "",
+            no_activate=not activate,
+            rounds=rounds,
+        )
+        return self._unary("admin", "TrainRouter", request, RouterVersion.from_proto)
+
+    def activate_router_version(self, version: int) -> RouterVersion:
+        """Make an earlier router version active again (roll back)."""
+        request = admin_pb2.ActivateRouterVersionRequest(version=version)
+        return self._unary("admin", "ActivateRouterVersion", request, RouterVersion.from_proto)
+
+    def create_enrollment_token(
+        self, *, note: str = "", ttl_seconds: int = 0, max_uses: int = 1
+    ) -> EnrollmentToken:
+        """A token a new contributor joins with (``ttl_seconds`` 0: never expires)."""
+        request = admin_pb2.CreateEnrollmentTokenRequest(
+            note=note, ttl_seconds=ttl_seconds, max_uses=max_uses
+        )
+        return self._unary("admin", "CreateEnrollmentToken", request, EnrollmentToken.from_proto)
+
+    def list_contributors(
+        self, *, exclude_revoked: bool = False, page_size: int = 50, page_token: str = ""
+    ) -> Page[Contributor]:
+        request = admin_pb2.ListContributorsRequest(
+            page_size=page_size, page_token=page_token, exclude_revoked=exclude_revoked
+        )
+        convert = _page(Contributor.from_proto, "contributors")
+        return self._unary("admin", "ListContributors", request, convert)
+
+    def revoke_contributor(self, contributor_id: str, reason: str = "") -> Contributor:
+        """Revoke a contributor's credential (its experts keep their state)."""
+        request = admin_pb2.RevokeContributorRequest(contributor_id=contributor_id, reason=reason)
+        return self._unary("admin", "RevokeContributor", request, Contributor.from_proto)
+
+    def audit_log(
+        self, *, action: str = "", target: str = "", page_size: int = 100, page_token: str = ""
+    ) -> Page[AuditEntry]:
+        """The audit log, newest first."""
+        request = admin_pb2.ListAuditLogRequest(
+            page_size=page_size, page_token=page_token, action=action, target_id=target
+        )
+        return self._unary(
+            "admin", "ListAuditLog", request, _page(AuditEntry.from_proto, "entries")
+        )
+
+
+def generate_request(
+    prompt: str | None = None,
+    *,
+    messages: Iterable[dict[str, str]] | None = None,
+    max_new_tokens: int = 0,
+    temperature: float | None = None,
+    top_p: float | None = None,
+    sample_top_k: int = 0,
+    seed: int | None = None,
+    stop: Iterable[str] = (),
+    repetition_penalty: float | None = None,
+    top_k: int = 0,
+    method: str = "",
+    experts: Iterable[str] = (),
+    aggregation: str = "default",
+    router_version: int = 0,
+) -> inference_pb2.GenerateRequest:
+    """The ``Generate`` request for Client.generate`'s arguments.
+
+    A plain ``prompt`` or chat ``messages`` (``{"role": ..., "content": ...}``), not both.
+    Sampling: ``max_new_tokens`` (0: the coordinator's default), ``temperature`` (unset:
+    greedy), ``top_p``, ``sample_top_k`` (0: off), ``seed``, ``stop`` strings,
+    ``repetition_penalty``; unset values take the coordinator's defaults. Routing: ``top_k``
+    experts, ``method``, ``experts``, ``aggregation`` and ``router_version`` as in
+    Client.predict`.
+    """
+    if (prompt is None) == (messages is None):
+        raise MoergeError.invalid("pass exactly one of prompt and messages")
+    optional = {"temperature": temperature, "top_p": top_p, "seed": seed}
+    optional["repetition_penalty"] = repetition_penalty
+    sampling = inference_pb2.SamplingParams(
+        max_new_tokens=max_new_tokens,
+        top_k=sample_top_k,
+        stop=list(stop),
+        **{k: v for k, v in optional.items() if v is not None},
+    )
+    return inference_pb2.GenerateRequest(
+        prompt=prompt or "",
+        messages=[inference_pb2.ChatMessage(**m) for m in messages or ()],
+        sampling=sampling,
+        top_k=top_k,
+        routing_method=method,
+        expert_ids=list(experts),
+        aggregation=_aggregation(aggregation),
+        router_version=router_version,
+    )

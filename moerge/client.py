@@ -1,0 +1,335 @@
+"""``moerge.Client`` and ``moerge.AsyncClient``: everything the CLI does, from Python.
+
+Both take the CLI's settings: ``coordinator`` (HOST:PORT), ``token`` (a contributor credential,
+or the admin token) and ``tls_ca``, each defaulting to what ``moerge join`` saved or to the
+``MOERGE_COORDINATOR``, ``MOERGE_TOKEN`` and ``MOERGE_TLS_CA`` environment variables. Results
+are the frozen dataclasses of :mod:`moerge.results`; every failure is a
+:class:`~moerge.errors.MoergeError` with the gRPC status code, the message and, where no
+coordinator answered, a hint.
+
+The unary calls are written once, in :class:`~moerge.calls.Calls`; this module adds the two
+transports, the streamed ``generate``, and the work done locally (train, upload), which
+:class:`AsyncClient` runs in a worker thread since it is blocking file and CPU work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import tempfile
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+
+from moerge.calls import Calls, generate_request
+from moerge.client_training import TrainOptions, build, local_base_model, train_config
+from moerge.errors import MoergeError
+from moerge.results import Expert, GenerateEvent, Upload, generate_event
+from moerge.v1 import admin_pb2_grpc, contributor_pb2_grpc, inference_pb2_grpc
+
+T = TypeVar("T")
+STUBS = {
+    "admin": admin_pb2_grpc.AdminServiceStub,
+    "contributor": contributor_pb2_grpc.ContributorServiceStub,
+    "inference": inference_pb2_grpc.InferenceServiceStub,
+}
+_FULL_ID = re.compile(r"[0-9a-f]{32}")
+
+
+class Client(Calls):
+    """A synchronous client; close it, or use it as a context manager.
+
+    >>> with moerge.Client("127.0.0.1:50051", token=admin_token) as client:
+    ...     client.predict(["the film was a delight"]).predictions[0].output
+    """
+
+    _channel: grpc.Channel | None = None
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._channel is not None:
+            self._channel.close()
+            self._channel = None
+
+    def _stub(self, service: str) -> Any:
+        if self._channel is None:
+            self._channel = self.target.channel()
+        return STUBS[service](self._channel)
+
+    def _unary(self, service: str, method: str, request: Any, convert: Callable[[Any], T]) -> T:
+        rpc = getattr(self._stub(service), method)
+        try:
+            response = rpc(request, metadata=self.target.metadata(), timeout=self.timeout)
+        except grpc.RpcError as exc:
+            raise MoergeError.from_rpc(exc, self.target.address) from None
+        return convert(response)
+
+    def generate(self, prompt: str | None = None, **options: Any) -> Iterator[GenerateEvent]:
+        """Routed generation, streamed: a :class:`GenerateStart`, :class:`GenerateDelta` events
+        as tokens come, a :class:`GenerateEnd` (causal-LM coordinators only).
+
+        ``options``: the keywords of :func:`generate_request` (``messages``,
+        ``max_new_tokens``, ``temperature``, ``seed``, ``stop``, ``top_k``, ...). Leaving the
+        loop early cancels the call, which frees its place in the coordinator's batch.
+        """
+        request = generate_request(prompt, **options)
+        stream = self._stub("inference").Generate(
+            request, metadata=self.target.metadata(), timeout=self.timeout
+        )
+        try:
+            for response in stream:
+                yield generate_event(response)
+        except grpc.RpcError as exc:
+            raise MoergeError.from_rpc(exc, self.target.address) from None
+        finally:
+            stream.cancel()
+
+    # -- contributing: local work, then an upload ---------------------------------------------
+
+    def upload(
+        self,
+        expert_dir: str | Path,
+        name: str | None = None,
+        *,
+        task_name: str | None = None,
+        description: str | None = None,
+        transport: str = "auto",
+        chunk_size: int | None = None,
+        progress: bool = False,
+    ) -> Upload:
+        """Upload an expert folder (resuming an interrupted upload of the same files).
+
+        ``name`` defaults to the folder's name, ``task_name`` and ``description`` to its
+        statistics.json. ``transport``: auto (the bulk data channel if the coordinator offers
+        one, else gRPC chunks), bulk (the data channel or fail) or grpc (chunks only).
+        """
+        from moerge.contributor_client.upload import DEFAULT_CHUNK, BulkUnavailable, upload_expert
+        from moerge.expert_format import STATISTICS_META, StatisticsMeta
+
+        folder = Path(expert_dir)
+        meta_path = folder / STATISTICS_META
+        if not meta_path.is_file():
+            raise MoergeError.invalid(
+                f"{folder} has no {STATISTICS_META}: compute it with "
+                "`moerge stats DATA --adapter DIR` first"
+            )
+        meta = StatisticsMeta.read(meta_path)
+        try:
+            response = upload_expert(
+                self.target,
+                folder,
+                name or folder.resolve().name,
+                task_name or meta.task_name,
+                description if description is not None else meta.task_description,
+                chunk_size=chunk_size or DEFAULT_CHUNK,
+                progress=progress,
+                transport=transport,
+            )
+        except grpc.RpcError as exc:
+            raise MoergeError.from_rpc(exc, self.target.address) from None
+        except BulkUnavailable as exc:
+            raise MoergeError.precondition(str(exc)) from None
+        except (FileNotFoundError, ValueError) as exc:
+            raise MoergeError.invalid(str(exc)) from None
+        return Upload.from_proto(response)
+
+    def train(
+        self,
+        data: str | Path,
+        task_name: str,
+        out: str | Path,
+        *,
+        description: str = "",
+        base_model: str | None = None,
+        offline: bool = False,
+        progress: bool = False,
+        **options: Any,
+    ) -> Any:
+        """Train a LoRA expert on ``data`` and write its statistics to ``out``; nothing is sent.
+
+        The coordinator is asked which base model revision and LoRA limits to use unless
+        ``offline``. ``options`` are :class:`~moerge.client_training.TrainOptions` fields
+        (``epochs=2``, ``rank=4``, ...). Returns the
+        :class:`~moerge.contributor_client.build.BuildReport`.
+        """
+        settings = TrainOptions(**options)
+        info = None if offline else self.base_model()
+        path = local_base_model(base_model, info)
+        config = train_config(path, info, settings)
+        return build(data, out, task_name, description, settings, config, info, progress)
+
+    def contribute(
+        self,
+        data: str | Path,
+        task_name: str,
+        *,
+        name: str | None = None,
+        out: str | Path | None = None,
+        description: str = "",
+        base_model: str | None = None,
+        transport: str = "auto",
+        progress: bool = False,
+        **options: Any,
+    ) -> tuple[Upload, Any]:
+        """Train, compute statistics and upload in one step: ``(upload, build report)``.
+
+        ``out`` keeps the expert folder (default: a temporary folder, removed after upload);
+        ``options`` as in :meth:`train`.
+        """
+        with tempfile.TemporaryDirectory(prefix="moerge-expert-") as tmp:
+            folder = Path(out) if out is not None else Path(tmp) / "expert"
+            report = self.train(
+                data, task_name, folder, description=description, base_model=base_model,
+                progress=progress, **options,
+            )  # fmt: skip
+            upload = self.upload(
+                folder,
+                name or task_name,
+                task_name=task_name,
+                description=description,
+                transport=transport,
+                progress=progress,
+            )
+        return upload, report
+
+    # -- ids: unique prefixes, as git takes them ---------------------------------------------
+
+    def resolve_expert_id(self, prefix: str) -> str:
+        """The one expert id starting with ``prefix`` (a full id is returned as is).
+
+        Looks through the registry (admin) or, for a contributor, its own experts; no match or
+        more than one is ``INVALID_ARGUMENT``, naming the candidates.
+        """
+        if _FULL_ID.fullmatch(prefix):
+            return prefix
+        try:
+            ids = [e.expert_id for e in self._all_experts()]
+        except MoergeError as exc:
+            if exc.code != grpc.StatusCode.PERMISSION_DENIED:
+                raise
+            ids = [e.expert_id for e in self.my_experts()]
+        return unique_prefix("expert", prefix, ids)
+
+    def resolve_contributor_id(self, prefix: str) -> str:
+        """The one contributor id starting with ``prefix`` (admin token)."""
+        if _FULL_ID.fullmatch(prefix):
+            return prefix
+        ids, token = [], ""
+        while True:
+            page = self.list_contributors(page_size=1000, page_token=token)
+            ids += [c.contributor_id for c in page.items]
+            token = page.next_page_token
+            if not token:
+                return unique_prefix("contributor", prefix, ids)
+
+    def _all_experts(self) -> list[Expert]:
+        experts: list[Expert] = []
+        token = ""
+        while True:
+            page = self.list_experts(page_size=1000, page_token=token)
+            experts += page.items
+            token = page.next_page_token
+            if not token:
+                return experts
+
+
+def unique_prefix(kind: str, prefix: str, ids: Iterable[str]) -> str:
+    """The one id in ``ids`` that starts with ``prefix``, or ``INVALID_ARGUMENT`` saying why."""
+    if not prefix:
+        raise MoergeError.invalid(f"an empty {kind} id")
+    matches = sorted({i for i in ids if i.startswith(prefix.lower())})
+    if len(matches) == 1:
+        return matches[0]
+    if not matches:
+        raise MoergeError(grpc.StatusCode.NOT_FOUND, f"no {kind} id starts with {prefix!r}")
+    shown = ", ".join(m[:12] for m in matches[:5]) + (", ..." if len(matches) > 5 else "")
+    raise MoergeError.invalid(
+        f"{kind} id prefix {prefix!r} is ambiguous: {len(matches)} match ({shown})"
+    )
+
+
+class AsyncClient(Calls):
+    """The asyncio twin of :class:`Client`: the same methods, awaited.
+
+    >>> async with moerge.AsyncClient("127.0.0.1:50051", token=admin_token) as client:
+    ...     routing = await client.route(["the film was a delight"])
+
+    The channel opens on the first call, inside the running event loop. ``upload``, ``train``
+    and ``contribute`` run :class:`Client`'s in a worker thread.
+    """
+
+    _channel: grpc.aio.Channel | None = None
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        if self._channel is not None:
+            await self._channel.close()
+            self._channel = None
+
+    def _stub(self, service: str) -> Any:
+        if self._channel is None:
+            self._channel = self.target.aio_channel()
+        return STUBS[service](self._channel)
+
+    async def _unary(  # type: ignore[override]
+        self, service: str, method: str, request: Any, convert: Callable[[Any], T]
+    ) -> T:
+        rpc = getattr(self._stub(service), method)
+        try:
+            response = await rpc(request, metadata=self.target.metadata(), timeout=self.timeout)
+        except grpc.RpcError as exc:
+            raise MoergeError.from_rpc(exc, self.target.address) from None
+        return convert(response)
+
+    async def generate(
+        self, prompt: str | None = None, **options: Any
+    ) -> AsyncIterator[GenerateEvent]:
+        """:meth:`Client.generate`, as an async iterator (``async for event in ...``)."""
+        request = generate_request(prompt, **options)
+        call = self._stub("inference").Generate(
+            request, metadata=self.target.metadata(), timeout=self.timeout
+        )
+        try:
+            async for response in call:
+                yield generate_event(response)
+        except grpc.RpcError as exc:
+            raise MoergeError.from_rpc(exc, self.target.address) from None
+        finally:
+            call.cancel()
+
+    def _blocking(self) -> Client:
+        """A :class:`Client` with this client's target, for the work done in threads."""
+        client = Client(timeout=self.timeout)
+        client.target = self.target
+        return client
+
+    async def upload(
+        self, expert_dir: str | Path, name: str | None = None, **kwargs: Any
+    ) -> Upload:
+        """:meth:`Client.upload` in a worker thread."""
+        with self._blocking() as client:
+            return await asyncio.to_thread(client.upload, expert_dir, name, **kwargs)
+
+    async def train(self, data: str | Path, task_name: str, out: str | Path, **kwargs: Any) -> Any:
+        """:meth:`Client.train` in a worker thread."""
+        with self._blocking() as client:
+            return await asyncio.to_thread(client.train, data, task_name, out, **kwargs)
+
+    async def contribute(
+        self, data: str | Path, task_name: str, **kwargs: Any
+    ) -> tuple[Upload, Any]:
+        """:meth:`Client.contribute` in a worker thread."""
+        with self._blocking() as client:
+            return await asyncio.to_thread(client.contribute, data, task_name, **kwargs)

@@ -1,0 +1,136 @@
+"""The local half of :meth:`moerge.Client.train` and :meth:`~moerge.Client.contribute`.
+
+Training happens on the contributor's machine against the coordinator's base model: these
+functions check that the local base model has the coordinator's revision, apply its LoRA limits
+to the options, and build the expert folder with :func:`~moerge.contributor_client.build.
+build_expert`. torch, transformers and PEFT are imported only when an expert is built.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from moerge.errors import MoergeError
+from moerge.results import BaseModel
+
+if TYPE_CHECKING:
+    from moerge.contributor_client.build import BuildReport
+    from moerge.contributor_client.training import TrainConfig
+
+
+@dataclasses.dataclass
+class TrainOptions:
+    """How to train an expert and summarise its data; every field has the CLI's default."""
+
+    task_type: str | None = None  # "classification" | "causal_lm"; None: the coordinator's
+    epochs: int = 3  # passes over the training split
+    rank: int = 8  # LoRA rank (the coordinator sets a maximum)
+    learning_rate: float = 1e-3  # AdamW learning rate
+    batch_size: int = 16  # examples per step
+    max_length: int = 128  # tokens kept per example
+    seed: int = 0  # seeds the split, the initialisation and the order
+    max_examples: int | None = None  # train on a seeded subset of this size
+    target_modules: list[str] | None = None  # None: every module the coordinator allows
+    text_field: str = "text"  # the data file's field holding the text
+    label_field: str = "label"  # ... and the label ("" for causal LM data)
+    stats_rank: int = 16  # covariance rank of the statistics
+    gates: bool = True  # train PHATGOOSE gates
+    gate_steps: int = 100  # PHATGOOSE gate training steps
+    dp_epsilon: float | None = None  # differential privacy of the statistics (None: off)
+    dp_delta: float = 1e-5
+
+
+def local_base_model(base_model: str | None, info: BaseModel | None) -> str:
+    """The local base model folder; refused when its revision is not the coordinator's."""
+    from moerge.coordinator.base_model import model_revision
+    from moerge.coordinator.config import default_base_model
+
+    path = base_model or default_base_model()
+    if not path:
+        raise MoergeError.invalid("no base model: pass base_model (--base-model PATH)")
+    if info is None:
+        return path
+    local = model_revision(path)
+    if local != info.revision:
+        raise MoergeError.precondition(
+            f"the coordinator serves {info.base_model_id} revision {info.revision[:12]}, but "
+            f"{path} has revision {local[:12]}: train against the coordinator's base model "
+            "(--base-model PATH)"
+        )
+    return path
+
+
+def train_config(path: str, info: BaseModel | None, options: TrainOptions) -> TrainConfig:
+    """The :class:`TrainConfig` for ``options``, within the coordinator's limits (``info``)."""
+    from moerge.contributor_client.training import TrainConfig
+
+    targets, base_model_id, task_type = options.target_modules, "", options.task_type
+    if info is not None:
+        if options.rank > info.max_lora_rank:
+            raise MoergeError.invalid(
+                f"--rank {options.rank} exceeds the coordinator's maximum of {info.max_lora_rank}"
+            )
+        allowed = list(info.allowed_target_modules)
+        targets = targets or allowed
+        refused = [t for t in targets if t not in allowed]
+        if refused:
+            raise MoergeError.invalid(
+                f"target modules {refused} are not allowed (allowed: {allowed})"
+            )
+        task_type = task_type or info.task_type
+        base_model_id = info.base_model_id
+    return TrainConfig(
+        base_model=path,
+        task_type=task_type or "classification",
+        lora_rank=options.rank,
+        lora_alpha=2 * options.rank,
+        target_modules=targets,
+        epochs=options.epochs,
+        batch_size=options.batch_size,
+        learning_rate=options.learning_rate,
+        max_length=options.max_length,
+        seed=options.seed,
+        max_examples=options.max_examples,
+        base_model_id=base_model_id,
+    )
+
+
+def build(
+    data: str | Path,
+    out: str | Path,
+    task_name: str,
+    description: str,
+    options: TrainOptions,
+    config: TrainConfig,
+    info: BaseModel | None,
+    progress: bool,
+) -> BuildReport:
+    """Train + gates + statistics into ``out``; a bad data file is ``INVALID_ARGUMENT``."""
+    from moerge.contributor_client.build import build_expert
+    from moerge.contributor_client.gates import GateConfig
+    from moerge.contributor_client.privacy import DPConfig
+
+    dp = None
+    if options.dp_epsilon is not None:
+        dp = DPConfig(epsilon=options.dp_epsilon, delta=options.dp_delta)
+    gates = GateConfig(steps=options.gate_steps, max_length=options.max_length, seed=options.seed)
+    try:
+        return build_expert(
+            data,
+            out,
+            task_name,
+            config,
+            task_description=description,
+            text_field=options.text_field,
+            label_field=options.label_field or None,
+            with_gates=options.gates,
+            gate_config=gates,
+            dp=dp,
+            statistics_rank=options.stats_rank,
+            progress=progress,
+            base_model_revision=info.revision if info else "",
+        )
+    except (ValueError, FileNotFoundError) as exc:
+        raise MoergeError.invalid(str(exc)) from None
