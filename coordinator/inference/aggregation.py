@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 from peft.utils import merge_utils
@@ -36,6 +37,7 @@ from transformers import LogitsProcessor
 
 from moerge.coordinator.inference.heads import ClassificationHead
 from moerge.coordinator.inference.results import ExpertOutput
+from moerge.storage.errors import FailedPrecondition
 
 LoraFactors = tuple[torch.Tensor, torch.Tensor, float]  # A [r, d_in], B [d_out, r], scaling
 
@@ -58,35 +60,73 @@ def top_index(weights: Sequence[float]) -> int:
 
 
 # -- output ensembling -------------------------------------------------------------------------
+class Ensembled(NamedTuple):
+    """One input's combined prediction; ``expert_ids``/``weights`` are the experts that took
+    part (renormalised when one was dropped) and ``notes`` says why any was dropped."""
+
+    label: str
+    confidence: float
+    labels: tuple[str, ...]
+    probabilities: tuple[float, ...]
+    expert_outputs: tuple[ExpertOutput, ...]
+    expert_ids: tuple[str, ...]
+    weights: tuple[float, ...]
+    notes: tuple[str, ...]
+
+
 def ensemble_distributions(
     expert_ids: Sequence[str],
     weights: Sequence[float],
     distributions: Sequence[Sequence[float]],
     heads: Sequence[ClassificationHead],
-) -> tuple[str, float, tuple[str, ...], tuple[float, ...], tuple[ExpertOutput, ...]]:
+) -> Ensembled:
     """Combine one input's per-expert distributions by the rule in the module docstring.
 
     ``distributions[j]`` is expert ``j``'s probability vector in its head's label order.
-    Returns ``(label, confidence, labels, probabilities, expert_outputs)``; ``labels`` and
-    ``probabilities`` are empty when the label sets differ.
+    ``labels`` and ``probabilities`` are empty when the label sets differ. An expert whose
+    distribution holds NaN or Inf has failed for this input: it is dropped, the others'
+    weights are renormalised to the original total, and a note names it (one expert's
+    overflow must not turn everyone's answer into NaN). If every expert failed,
+    ``FailedPrecondition`` is raised.
     """
+    finite = [all(math.isfinite(float(p)) for p in dist) for dist in distributions]
+    notes: tuple[str, ...] = ()
+    if not all(finite):
+        dropped = [e for e, ok in zip(expert_ids, finite, strict=True) if not ok]
+        if not any(finite):
+            raise FailedPrecondition(
+                f"every chosen expert's output was NaN or Inf ({', '.join(dropped)})"
+            )
+        total = sum(float(w) for w in weights)
+        kept_total = sum(float(w) for w, ok in zip(weights, finite, strict=True) if ok)
+        scale = total / kept_total if kept_total > 0 else 0.0
+        keep = [j for j, ok in enumerate(finite) if ok]
+        expert_ids = [expert_ids[j] for j in keep]
+        weights = [float(weights[j]) * scale if scale else 1.0 / len(keep) for j in keep]
+        distributions = [distributions[j] for j in keep]
+        heads = [heads[j] for j in keep]
+        notes = (f"dropped expert(s) {', '.join(dropped)}: output was NaN or Inf",)
     outputs = tuple(
         ExpertOutput(e, h.label_names, tuple(float(p) for p in dist))
         for e, h, dist in zip(expert_ids, heads, distributions, strict=True)
     )
+    ids, kept_weights = tuple(expert_ids), tuple(float(w) for w in weights)
     labels = shared_labels(heads)
     if labels is None:
         j = top_index(weights)
         dist = distributions[j]
         best = max(range(len(dist)), key=lambda i: dist[i])
-        return heads[j].label_names[best], float(dist[best]), (), (), outputs
+        label = heads[j].label_names[best]
+        return Ensembled(label, float(dist[best]), (), (), outputs, ids, kept_weights, notes)
     combined = [0.0] * len(labels)
     for w, head, dist in zip(weights, heads, distributions, strict=True):
         position = {name: i for i, name in enumerate(head.label_names)}
         for i, name in enumerate(labels):
             combined[i] += float(w) * float(dist[position[name]])
     best = max(range(len(combined)), key=lambda i: combined[i])
-    return labels[best], combined[best], labels, tuple(combined), outputs
+    return Ensembled(
+        labels[best], combined[best], labels, tuple(combined), outputs, ids, kept_weights, notes
+    )
 
 
 class EnsembleLogitsProcessor(LogitsProcessor):

@@ -459,13 +459,15 @@ class InferenceEngine:
         predictions = []
         for b, (ids, weights) in enumerate(rows):
             heads = [_head(experts[e]) for e in ids]
-            label, confidence, labels, probs, outputs = ensemble_distributions(
+            result = ensemble_distributions(
                 ids, weights, distributions[b * k : (b + 1) * k], heads
             )
             predictions.append(ExamplePrediction(
-                output=label, confidence=confidence, experts=_expert_weights(ids, weights),
-                expert_outputs=outputs, labels=labels, probabilities=probs,
-                aggregation=Aggregation.ENSEMBLE.value,
+                output=result.label, confidence=result.confidence,
+                experts=_expert_weights(result.expert_ids, result.weights),
+                expert_outputs=result.expert_outputs, labels=result.labels,
+                probabilities=result.probabilities, aggregation=Aggregation.ENSEMBLE.value,
+                notes=result.notes,
             ))
         return predictions
 
