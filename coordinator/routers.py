@@ -6,7 +6,9 @@ parameters, experts, artifact blob, fit metrics and timings. Only a successful f
 active router, by swapping one reference, so Predict never waits on training and a failed fit
 leaves the previous router serving. Quarantined and retired experts are never included, and
 experts that fail the consistency checks (:mod:`moerge.coordinator.screening`) are quarantined
-first.
+first. A scheduled refit trains the active router's method and parameters, so an admin's choice
+persists; the configured ``router_method`` is used only while no router is active. A method
+that cannot serve (evaluation only, or no expert for classification) is never activated.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from moerge.coordinator.expert_store import ExpertStore
 from moerge.router_training.base import Router, load_router
 from moerge.router_training.fitting import FitResult, build_config, fit_router
 from moerge.router_training.policy import RetrainPolicy
-from moerge.router_training.registry import available_methods
+from moerge.router_training.registry import available_methods, get_router_class
 from moerge.storage.blobstore import BlobStore
 from moerge.storage.errors import FailedPrecondition, InvalidArgument, NotFound
 from moerge.storage.records import ExpertInfo, RouterVersionInfo
@@ -112,6 +114,11 @@ class RouterService:
                 "method",
                 f"unknown routing method {method!r}; known: {', '.join(available_methods())}",
             )
+        if activate and get_router_class(method).evaluation_only:
+            raise InvalidArgument(
+                "method",
+                f"{method!r} is for evaluation only and cannot serve; train it with no_activate",
+            )
         try:  # bad parameters are refused before anything is recorded
             top_k = getattr(build_config(method, params), "top_k", None)
         except (TypeError, ValueError) as exc:
@@ -120,6 +127,12 @@ class RouterService:
             experts = self.screen() if self.screen else self.registry.active_experts()
             if not experts:
                 raise FailedPrecondition("no active experts to route among")
+            if activate and top_k == 0 and any(e.task_type == "classification" for e in experts):
+                raise InvalidArgument(
+                    "method",
+                    f"{method!r} routes to no expert, but a classification Predict needs one "
+                    "(the base model has no head); train it with no_activate",
+                )
             # a default top_k is lowered to the number of experts by fit_router; one asked for
             # is refused here, before a version is recorded
             if isinstance(top_k, int) and "top_k" in (params or {}) and top_k > len(experts):
@@ -180,6 +193,15 @@ class RouterService:
         return info
 
     # -- periodic retraining ------------------------------------------------------------------
+    def scheduled_fit(self) -> tuple[str, dict[str, object]]:
+        """The method and parameters a scheduled refit trains: the active router's, so that an
+        admin's choice persists across expert changes; the configured default when none is
+        active."""
+        info = self.registry.active_router_version()
+        if info is None:
+            return self.default_method, {}
+        return info.method, dict(info.params)
+
     async def run_scheduler(self, tick_seconds: float = 1.0) -> None:
         """Ask the policy every tick; fit on a worker thread when it says so."""
         assert self.policy is not None
@@ -194,7 +216,8 @@ class RouterService:
                 self.policy.mark_started(now, fingerprint)
                 ok = True
                 try:
-                    await asyncio.to_thread(self.train, None, {}, "system", trigger)
+                    method, params = await asyncio.to_thread(self.scheduled_fit)
+                    await asyncio.to_thread(self.train, method, params, "system", trigger)
                 except (FailedPrecondition, NotFound):
                     pass  # nothing to route among yet
                 except Exception:

@@ -9,7 +9,7 @@ audit entry in the same transaction; a method that refuses a call raises a
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 from typing import Any, cast
@@ -387,6 +387,19 @@ class Registry:
                 session, Contributor, "contributors", conditions, page_size, page_token
             )
             return Page(tuple(_contributor_info(row) for row in rows), next_token)
+
+    def expert_counts(self, contributor_ids: Sequence[str]) -> dict[str, int]:
+        """Experts registered by each contributor (every name, version and state)."""
+        ids = [check_id("contributor_id", c) for c in contributor_ids]
+        with self._read() as session:
+            rows = session.execute(
+                select(Expert.contributor_id, func.count())
+                .where(Expert.contributor_id.in_(ids))
+                .group_by(Expert.contributor_id)
+            ).all()
+        counts = dict.fromkeys(ids, 0)
+        counts.update({contributor: int(count) for contributor, count in rows})
+        return counts
 
     def revoke_contributor(self, actor: str, contributor_id: str, reason: str) -> ContributorInfo:
         """Lock a contributor out: its credentials are revoked; its experts keep their state."""

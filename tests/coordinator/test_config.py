@@ -49,3 +49,21 @@ def test_every_setting_is_documented() -> None:
     for field in dataclasses.fields(CoordinatorConfig):
         assert f"`{field.name}`" in text, field.name
         assert f"`MOERGE_{field.name.upper()}`" in text, field.name
+
+
+@pytest.mark.parametrize(
+    ("method", "message"),
+    [("centriod", "not a routing method"), ("oracle", "cannot serve"), ("base", "cannot serve")],
+)
+def test_a_router_method_that_cannot_serve_is_refused_at_start(method: str, message: str) -> None:
+    """A typo once started the server and failed every scheduled fit in the log."""
+    with pytest.raises(ValueError, match=f"router_method {method!r} .*{message}"):
+        CoordinatorConfig.load(router_method=method)
+
+
+def test_every_serving_router_method_is_accepted() -> None:
+    from moerge.router_training.registry import available_methods
+
+    for method in set(available_methods()) - {"oracle", "base"}:
+        assert CoordinatorConfig.load(router_method=method).router_method == method
+    assert CoordinatorConfig.load(router_method="base", task_type="causal_lm").task_type
