@@ -104,6 +104,28 @@ def _sentence(rng: random.Random) -> str:
     return " ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 16)))
 
 
+def seed(coordinator: CoordinatorProcess, folders: list[Path]) -> list[str]:
+    """Upload ``folders`` as experts of one contributor, then fit a centroid router; their ids."""
+    seeder = Target(address=coordinator.address, token=coordinator.enroll("seeder"))
+    expert_ids = [
+        upload_expert(seeder, folder, f"seed{i}", folder.name, progress=False).expert.expert_id
+        for i, folder in enumerate(folders)
+    ]
+    with grpc.insecure_channel(coordinator.address) as channel:
+        admin_pb2_grpc.AdminServiceStub(channel).TrainRouter(
+            admin_pb2.TrainRouterRequest(method="centroid"),
+            metadata=bearer(coordinator.admin_token),
+            timeout=300,
+        )
+    return expert_ids
+
+
+def predict_request(rng: random.Random, expert_ids: list[str]) -> inference_pb2.PredictRequest:
+    """One input; half of the calls restricted to one random expert (every expert is used)."""
+    only = [rng.choice(expert_ids)] if rng.random() < 0.5 else []
+    return inference_pb2.PredictRequest(inputs=[_sentence(rng)], expert_ids=only)
+
+
 def run_load(
     base_model: Path,
     workdir: Path,
@@ -131,17 +153,7 @@ def run_load(
     )
     report = LoadReport(seconds=seconds)
     with coordinator:
-        seeder = Target(address=coordinator.address, token=coordinator.enroll("seeder"))
-        expert_ids = [
-            upload_expert(seeder, folder, f"seed{i}", folder.name, progress=False).expert.expert_id
-            for i, folder in enumerate(folders[:experts])
-        ]
-        with grpc.insecure_channel(coordinator.address) as channel:
-            admin_pb2_grpc.AdminServiceStub(channel).TrainRouter(
-                admin_pb2.TrainRouterRequest(method="centroid"),
-                metadata=bearer(coordinator.admin_token),
-                timeout=300,
-            )
+        expert_ids = seed(coordinator, folders[:experts])
         tokens = [coordinator.enroll(f"uploader{i}") for i in range(uploaders)]
         lock = threading.Lock()
         stop = threading.Event()
@@ -152,8 +164,7 @@ def run_load(
             with grpc.insecure_channel(coordinator.address, options=options) as channel:
                 stub = inference_pb2_grpc.InferenceServiceStub(channel)
                 while not stop.is_set():
-                    only = [rng.choice(expert_ids)] if rng.random() < 0.5 else []
-                    request = inference_pb2.PredictRequest(inputs=[_sentence(rng)], expert_ids=only)
+                    request = predict_request(rng, expert_ids)
                     started = time.perf_counter()
                     try:
                         stub.Predict(request, metadata=bearer(coordinator.admin_token), timeout=60)

@@ -4,18 +4,26 @@ Clients send ``authorization: Bearer <token>``. Tokens are looked up by id and t
 compared in constant time against a stored hash (see :mod:`moerge.storage.tokens`); nothing
 secret is logged. Each service has a set of roles that may call it; the authenticated
 :class:`~moerge.storage.records.Principal` reaches the servicer through :func:`current_principal`.
+
+Given the registry's ``generation``, accepted tokens are remembered (by their SHA-256, on the
+event loop, no thread hop) until the registry is written or
+:data:`~moerge.coordinator.registry_cache.MAX_AGE_SECONDS` pass; see
+:mod:`moerge.coordinator.registry_cache`. A revoke through this coordinator is refused on the very
+next call; rejected tokens are never remembered.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextvars
+import hashlib
 from collections.abc import Callable
 from typing import Any
 
 import grpc
 
 from moerge.coordinator.errors import status_for
+from moerge.coordinator.registry_cache import GenerationCache
 from moerge.storage.records import Principal
 
 PUBLIC_METHODS = frozenset(
@@ -59,17 +67,40 @@ def required_roles(method: str) -> frozenset[str] | None:
 
 
 def bearer_token(metadata: tuple[Any, ...] | None) -> str | None:
+    """The token of ``authorization: Bearer <token>`` (the scheme is case-insensitive, RFC 7235)."""
     for key, value in metadata or ():
-        if key == "authorization" and isinstance(value, str) and value.startswith("Bearer "):
-            return value[len("Bearer ") :].strip()
+        if key == "authorization" and isinstance(value, str):
+            scheme, _, token = value.partition(" ")
+            if scheme.lower() == "bearer":
+                return token.strip()
     return None
 
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):
     """UNAUTHENTICATED without a valid token; PERMISSION_DENIED for the wrong role."""
 
-    def __init__(self, authenticate: Callable[[str], Principal | None]) -> None:
+    def __init__(
+        self,
+        authenticate: Callable[[str], Principal | None],
+        generation: Callable[[], int] | None = None,
+    ) -> None:
         self._authenticate = authenticate
+        #: token digest -> principal; None without a ``generation`` to invalidate it by
+        self._accepted: GenerationCache[Principal] | None = (
+            GenerationCache(generation) if generation is not None else None
+        )
+
+    async def _principal(self, token: str) -> Principal | None:
+        if self._accepted is None:
+            return await asyncio.to_thread(self._authenticate, token)
+        key = hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
+        principal = self._accepted.get(key)
+        if principal is None:
+            generation = self._accepted.generation()
+            principal = await asyncio.to_thread(self._authenticate, token)
+            if principal is not None:
+                self._accepted.put(key, principal, generation)
+        return principal
 
     async def intercept_service(
         self,
@@ -83,7 +114,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             return handler
         token = bearer_token(handler_call_details.invocation_metadata)
         try:
-            principal = await asyncio.to_thread(self._authenticate, token) if token else None
+            principal = await self._principal(token) if token else None
         except Exception as exc:  # e.g. the database is down: UNAVAILABLE, not UNKNOWN
             return _rejecting(handler, *status_for(exc))
         if principal is None:

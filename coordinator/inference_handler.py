@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Sequence
 from moerge.coordinator.inference.generation.sampling import SamplingParams
 from moerge.coordinator.inference.plan import Aggregation
 from moerge.coordinator.inference.results import ExpertWeight
-from moerge.coordinator.inference_service import InferenceService, expert_names
+from moerge.coordinator.inference_service import InferenceService
 from moerge.coordinator.state import CoordinatorState
 from moerge.storage.errors import InvalidArgument
 from moerge.storage.records import Principal
@@ -78,7 +78,7 @@ async def predict(
         request.max_new_tokens,
     )
     ids = [w.expert_id for p in predictions for w in p.experts]
-    names = await asyncio.to_thread(expert_names, state.registry, ids)
+    names = await inference.expert_names(ids)
     return inference_pb2.PredictResponse(
         predictions=[
             inference_pb2.Prediction(
@@ -126,9 +126,7 @@ async def route(
         list(request.expert_ids),
         request.top_k,
     )
-    names = await asyncio.to_thread(
-        expert_names, state.registry, [e for row in decisions for e, _ in row]
-    )
+    names = await inference.expert_names([e for row in decisions for e, _ in row])
     return inference_pb2.RouteResponse(
         decisions=[
             inference_pb2.RouteDecision(
@@ -194,9 +192,7 @@ async def generate(
     )
 
     async def weights(experts: Sequence[ExpertWeight]) -> list[common_pb2.ExpertWeight]:
-        names = await asyncio.to_thread(
-            expert_names, state.registry, [w.expert_id for w in experts]
-        )
+        names = await inference.expert_names([w.expert_id for w in experts])
         return [common_pb2.ExpertWeight(expert_id=w.expert_id, weight=w.weight,
                                         expert_name=names.get(w.expert_id, "")) for w in experts]
 

@@ -10,6 +10,12 @@ when there is no router yet. Rules (documented in ``docs/inference.md``):
 * Only ACTIVE experts receive traffic: when a router was fitted over experts that have since been
   quarantined or retired (or the request restricts ``expert_ids``), the router is wrapped by
   :class:`RestrictedRouter`, which renormalises its softmax over the allowed experts only.
+
+The request path reads no database when nothing changed: the active experts and the router each
+request resolves to are kept in :class:`~moerge.coordinator.registry_cache.GenerationCache`
+maps, dropped on any registry write (a quarantine is obeyed by the next request) and after
+:data:`~moerge.coordinator.registry_cache.MAX_AGE_SECONDS`. Requests that resolve alike share one
+router object, so the micro-batcher runs them as one engine batch.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from moerge.coordinator.inference.engine import InferenceEngine, InferenceReques
 from moerge.coordinator.inference.errors import EmptyBatch, InputTooLong, InvalidTopK
 from moerge.coordinator.inference.plan import Aggregation, RoutingPlan
 from moerge.coordinator.inference.results import ExamplePrediction
+from moerge.coordinator.registry_cache import GenerationCache
 from moerge.coordinator.routers import LoadedRouter, RouterService
 from moerge.router_training.base import Router, RoutingDecision
 from moerge.router_training.fitting import fit_router
@@ -150,6 +157,11 @@ class InferenceService:
         )
         self._fallback: tuple[str, Router] | None = None
         self._lock = threading.Lock()
+        self._active: GenerationCache[dict[str, ExpertInfo]] = GenerationCache(
+            registry.generation
+        )
+        #: (method, version, expert filter, active router) -> the request's router
+        self._chosen: GenerationCache[Chosen] = GenerationCache(registry.generation)
 
     def _expert_folder(self, expert_id: str):
         return self.experts.folder(self.registry.get_expert(expert_id))
@@ -159,9 +171,31 @@ class InferenceService:
         await asyncio.to_thread(self.engine.close)
 
     # -- choosing a router --------------------------------------------------------------------
+    def active_experts(self) -> dict[str, ExpertInfo]:
+        """The ACTIVE experts by id, read from the registry only when it may have changed."""
+        active = self._active.get_or_read(
+            "active", lambda: {e.id: e for e in self.registry.active_experts()}
+        )
+        assert active is not None  # a dict, perhaps empty, is never None
+        return active
+
+    async def chosen(self, method: str, version: int, expert_filter: Sequence[str]) -> Chosen:
+        """:meth:`choose`, remembered per request shape while the registry is unchanged.
+
+        A hit costs no thread hop and returns the same router object as the last request of its
+        shape, which is what lets the batcher put them in one engine call.
+        """
+        key = (method, version, tuple(expert_filter), id(self.routers.active))
+        chosen = self._chosen.get(key)
+        if chosen is None:
+            generation = self.registry.generation()
+            chosen = await asyncio.to_thread(self.choose, method, version, expert_filter)
+            self._chosen.put(key, chosen, generation)
+        return chosen
+
     def choose(self, method: str, version: int, expert_filter: Sequence[str]) -> Chosen:
         """Router by version, by method, active, or the on-the-fly fallback; then restricted."""
-        active = {e.id: e for e in self.registry.active_experts()}
+        active = self.active_experts()
         if not active:
             raise FailedPrecondition("no active experts are registered yet")
         for expert_id in expert_filter:
@@ -260,7 +294,7 @@ class InferenceService:
     ) -> tuple[list[ExamplePrediction], Chosen, float]:
         started = time.perf_counter()
         self.check_inputs(inputs)
-        chosen = await asyncio.to_thread(self.choose, method, version, expert_filter)
+        chosen = await self.chosen(method, version, expert_filter)
         plan = RoutingPlan.routed(chosen.router, self._top_k(chosen.router, top_k), aggregation)
         request = InferenceRequest(list(inputs), plan, max_new_tokens or None)
         predictions = await self.batcher.submit(request)
@@ -276,11 +310,25 @@ class InferenceService:
     ) -> tuple[list[list[tuple[str, float]]], Chosen, float]:
         started = time.perf_counter()
         self.check_inputs(inputs)
-        chosen = await asyncio.to_thread(self.choose, method, version, expert_filter)
+        chosen = await self.chosen(method, version, expert_filter)
         plan = RoutingPlan.routed(chosen.router, self._top_k(chosen.router, top_k))
-        routed = await asyncio.to_thread(self.engine.route, list(inputs), plan)
+        routed = await asyncio.get_running_loop().run_in_executor(  # straight to the model thread
+            self.engine.executor, self.engine.route, list(inputs), plan
+        )
         decisions = [[(w.expert_id, w.weight) for w in row] for row in routed]
         return decisions, chosen, (time.perf_counter() - started) * 1000
+
+    async def expert_names(self, expert_ids: Sequence[str]) -> dict[str, str]:
+        """``"name vN"`` per expert id: active experts from the cache, others from the registry."""
+        active = self._active.get("active")
+        if active is None:  # read off the event loop; experts routed to are normally active
+            active = await asyncio.to_thread(self.active_experts)
+        wanted = set(expert_ids)
+        names = {e: f"{active[e].name} v{active[e].version}" for e in wanted if e in active}
+        missing = [e for e in wanted if e not in names]
+        if missing:
+            names.update(await asyncio.to_thread(expert_names, self.registry, missing))
+        return names
 
 
 def expert_names(registry: Registry, expert_ids: Sequence[str]) -> dict[str, str]:

@@ -84,7 +84,7 @@ async def start(config: CoordinatorConfig, state: CoordinatorState | None = None
     server = grpc.aio.server(
         interceptors=[
             MetricsInterceptor(metrics),
-            AuthInterceptor(state.registry.authenticate),
+            AuthInterceptor(state.registry.authenticate, state.registry.generation),
             DecodeInterceptor(),  # innermost: undecodable requests become INVALID_ARGUMENT
         ],
         options=options,

@@ -116,6 +116,7 @@ class Registry:
         #: Set by the coordinator: why a new expert must start quarantined ("" = admit it).
         #: Called before the registering transaction, so it may read the registry.
         self.admission: Callable[[str, NewExpert], str] | None = None
+        self._writes = 0  # see :meth:`generation`
 
     # -- transactions ---------------------------------------------------------------------
 
@@ -126,8 +127,21 @@ class Registry:
 
     @contextmanager
     def _write(self) -> Iterator[Session]:
-        with self._write_sessions() as session, session.begin():
-            yield session
+        try:
+            with self._write_sessions() as session, session.begin():
+                yield session
+        finally:
+            self._writes += 1  # after the commit (or rollback): see :meth:`generation`
+
+    def generation(self) -> int:
+        """Changes after every write transaction of this ``Registry``, committed or not.
+
+        Request-path caches (:mod:`moerge.coordinator.registry_cache`) remember the generation
+        they read under and drop what they hold once it moves, so a revoke or a quarantine made
+        through this object is seen by the very next request. It counts after the commit: read
+        it *before* the value you remember, and a write that commits in between moves it.
+        """
+        return self._writes
 
     @staticmethod
     def _audit(

@@ -327,10 +327,13 @@ class InferenceEngine:
                 batch_size=max(len(texts), 1), max_length=EMBEDDING_MAX_LENGTH,
             )
 
-    def resolve_plan(self, texts: list[str], plan: RoutingPlan) -> RoutingPlan:
+    def resolve_plan(
+        self, texts: list[str], plan: RoutingPlan, embeddings: torch.Tensor | None = None
+    ) -> RoutingPlan:
         """An explicit plan, or a routed one with its router bound (token-level).
 
-        Example-level routers embed ``texts`` here. Worker thread only."""
+        Example-level routers embed ``texts`` here, unless their ``embeddings`` [B, H] are given.
+        Worker thread only."""
         if plan.is_explicit:
             plan.check_batch(len(texts))
             if plan.aggregation is Aggregation.MODULE_MIX:
@@ -352,7 +355,9 @@ class InferenceEngine:
         aggregation = plan.aggregation or Aggregation.ENSEMBLE
         if aggregation is Aggregation.MODULE_MIX:
             raise InvalidPlan(f"router '{router.method}' routes examples: module_mix needs tokens")
-        decision = router.route_examples(self._embed(texts), k)
+        decision = router.route_examples(
+            self._embed(texts) if embeddings is None else embeddings, k
+        )
         if decision.k == 0:  # the ``base`` router: no expert at all
             return RoutingPlan(aggregation, expert_ids=((),) * len(texts),
                                weights=torch.empty(len(texts), 0), merge=plan.merge)
@@ -364,13 +369,60 @@ class InferenceEngine:
             return [_expert_weights(ids, w) for ids, w in _rows(resolved)]
         return [p.experts for p in self._run_request(InferenceRequest(texts, resolved))]
 
+    def _routes_examples(self, plan: RoutingPlan | None) -> bool:
+        plan = plan or RoutingPlan.routed()
+        router = plan.router if plan.router is not None else self._router
+        return (
+            not plan.is_explicit
+            and router is not None
+            and router.granularity == "example"
+            and plan.aggregation is not Aggregation.MODULE_MIX
+        )
+
+    def _route_together(
+        self, requests: list[InferenceRequest]
+    ) -> list[InferenceRequest | BaseException]:
+        """Route all example-level routed requests with one embedding pass over their texts.
+
+        Their plans become explicit, so requests routed by different routers (e.g. each one
+        restricted to other experts) share a batch key: one embedding pass and one forward per
+        expert instead of both per router. A request that fails to route gets its error.
+        """
+        members = [i for i, r in enumerate(requests) if self._routes_examples(r.plan)]
+        routed: list[InferenceRequest | BaseException] = list(requests)
+        if len(members) < 2:
+            return routed
+        try:
+            texts = [self._checked(requests[i].texts) for i in members]
+            embeddings = self._embed([t for batch in texts for t in batch])  # [sum B_i, H]
+        except Exception:
+            return routed  # each request meets its own error when run alone
+        start = 0
+        for i, batch in zip(members, texts, strict=True):
+            request = requests[i]
+            try:
+                plan = self.resolve_plan(
+                    batch, request.plan or RoutingPlan.routed(),
+                    embeddings[start : start + len(batch)],
+                )
+                routed[i] = replace(request, plan=plan)
+            except Exception as exc:
+                routed[i] = exc
+            start += len(batch)
+        return routed
+
     # -- request execution --------------------------------------------------------------------
     def _predict_many(
         self, requests: list[InferenceRequest]
     ) -> list[list[ExamplePrediction] | BaseException]:
         results: list[list[ExamplePrediction] | BaseException | None] = [None] * len(requests)
         groups: dict[tuple[object, ...], list[int]] = {}
-        for i, request in enumerate(requests):
+        routed = self._route_together(requests)
+        for i, request in enumerate(routed):
+            if isinstance(request, BaseException):
+                results[i] = request
+                continue
+            requests[i] = request
             try:
                 texts = self._checked(request.texts)
                 plan = request.plan or RoutingPlan.routed()

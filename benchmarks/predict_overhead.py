@@ -1,0 +1,327 @@
+"""Overhead of the Predict path: a coordinator against a bare ``grpc.aio`` echo server, one run.
+
+The same ``--clients`` threads (one channel each) send the same requests (one input; half of
+them restricted to one random expert, as in ``load_test.py``) back to back, for ``--seconds``
+each, to:
+
+1. a bare ``grpc.aio`` unary echo server in its own process (the transport's ceiling);
+2. a ``moerge coordinator serve`` process (tiny random BERT, ``--experts`` LoRA experts behind a
+   centroid router, SQLite, an adapter cache holding every expert, warmed before timing);
+3. the echo server again (the machine's load drifts: the ratio uses the mean of 1 and 3).
+
+Reported: requests/s and p50/p99 latency of each phase, the ratio Predict / echo, and the
+model-only time of the engine (in this process, no gRPC, no registry) for one batch of
+``--clients`` such requests and for one request alone: what the model itself allows.
+
+    python benchmarks/predict_overhead.py [--seconds 20] [--clients 16] [--experts 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))  # the tiny model and expert builders live in tests/
+
+import grpc  # noqa: E402
+
+from benchmarks.load_test import predict_request, seed  # noqa: E402
+from moerge.v1 import inference_pb2  # noqa: E402
+from tests.experts import make_expert_dir  # noqa: E402
+from tests.reliability.coordinator_process import CoordinatorProcess, bearer  # noqa: E402
+from tests.tiny_models import make_tiny_bert  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results" / "predict_overhead.md"
+ECHO_METHOD = "/bench.Echo/Echo"
+PREDICT_METHOD = "/moerge.v1.InferenceService/Predict"
+CLIENT_OPTIONS = [("grpc.use_local_subchannel_pool", 1)]  # one connection per client
+
+
+# -- the echo server (its own process) ---------------------------------------------------------
+async def _serve_echo() -> None:
+    async def echo(request: bytes, _context: grpc.aio.ServicerContext) -> bytes:
+        return request
+
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers(
+        (
+            grpc.method_handlers_generic_handler(
+                "bench.Echo", {"Echo": grpc.unary_unary_rpc_method_handler(echo)}
+            ),
+        )
+    )
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    print(port, flush=True)
+    await server.wait_for_termination()
+
+
+class EchoProcess:
+    """``python predict_overhead.py --serve-echo`` as a child; its address once it listens."""
+
+    def __enter__(self) -> str:
+        self.process = subprocess.Popen(
+            [sys.executable, __file__, "--serve-echo"], stdout=subprocess.PIPE, text=True
+        )
+        assert self.process.stdout is not None
+        return f"127.0.0.1:{int(self.process.stdout.readline())}"
+
+    def __exit__(self, *exc: object) -> None:
+        self.process.terminate()
+        self.process.wait(30)
+
+
+# -- closed-loop clients -----------------------------------------------------------------------
+@dataclass
+class Phase:
+    name: str
+    seconds: float
+    latencies_ms: list[float] = field(default_factory=list)
+    errors: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def per_second(self) -> float:
+        return len(self.latencies_ms) / self.seconds
+
+    def percentile(self, q: float) -> float:
+        ordered = sorted(self.latencies_ms)
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
+
+
+Call = Callable[[bytes], object]
+
+
+def hammer(
+    name: str,
+    connect: Callable[[grpc.Channel], Call],
+    address: str,
+    requests: Callable[[random.Random], bytes],
+    clients: int,
+    seconds: float,
+) -> Phase:
+    """``clients`` threads, each on its own channel, calling back to back for ``seconds``."""
+    phase = Phase(name, seconds)
+    lock = threading.Lock()
+    start = threading.Barrier(clients + 1)
+    stop = threading.Event()
+
+    def client(index: int) -> None:
+        rng = random.Random(index)
+        with grpc.insecure_channel(address, options=CLIENT_OPTIONS) as channel:
+            call = connect(channel)
+            call(requests(rng))  # connect before the clock starts
+            start.wait()
+            while not stop.is_set():
+                request = requests(rng)
+                began = time.perf_counter()
+                try:
+                    call(request)
+                    code = None
+                except grpc.RpcError as exc:
+                    code = exc.code().name
+                elapsed = (time.perf_counter() - began) * 1000
+                with lock:
+                    if code is None:
+                        phase.latencies_ms.append(elapsed)
+                    else:
+                        phase.errors[code] = phase.errors.get(code, 0) + 1
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    for thread in threads:
+        thread.start()
+    start.wait()
+    time.sleep(seconds)
+    stop.set()
+    for thread in threads:
+        thread.join(120)
+    return phase
+
+
+# -- the model alone ---------------------------------------------------------------------------
+@dataclass
+class ModelTimes:
+    batch_ms: float  # median engine time for one batch of ``clients`` requests
+    single_ms: float  # median engine time for one request alone
+
+
+def model_only(
+    base: Path, folders: list[Path], rank: int, clients: int, rounds: int = 30
+) -> ModelTimes:
+    """The coordinator's engine in this process, with the router objects the server would use."""
+    import torch
+
+    from moerge.coordinator.expert_store import read_statistics
+    from moerge.coordinator.inference.engine import InferenceEngine, InferenceRequest
+    from moerge.coordinator.inference.plan import RoutingPlan
+    from moerge.coordinator.inference_service import InferenceService, RestrictedRouter
+    from moerge.router_training.base import ExpertRecord
+    from moerge.router_training.fitting import fit_router
+
+    torch.set_num_threads(1)  # as the coordinator process runs (OMP_NUM_THREADS=1)
+    by_id = {folder.name: folder for folder in folders}
+    records = [ExpertRecord(e, e, read_statistics(f)) for e, f in by_id.items()]
+    router = fit_router("centroid", records, {}).router
+    engine = InferenceEngine(
+        base, max_rank=rank, expert_loader=by_id.__getitem__, router=router, truncate=True
+    )
+    restricted = {e: RestrictedRouter(router, [e]) for e in by_id}
+
+    def plan(rng: random.Random) -> InferenceRequest:
+        message = predict_request(rng, list(by_id))
+        chosen = restricted[message.expert_ids[0]] if message.expert_ids else router
+        routed = RoutingPlan.routed(chosen, InferenceService._top_k(chosen, 0))
+        return InferenceRequest(list(message.inputs), routed)
+
+    rng = random.Random(0)
+    batches = [[plan(rng) for _ in range(clients)] for _ in range(rounds)]
+
+    def median_ms(run: Callable[[list[InferenceRequest]], object], items: list) -> float:
+        run(items[0])  # warm: experts loaded, kernels picked
+        times = []
+        for item in items:
+            began = time.perf_counter()
+            run(item)
+            times.append((time.perf_counter() - began) * 1000)
+        return statistics.median(times)
+
+    try:
+        return ModelTimes(
+            batch_ms=median_ms(engine.predict_many, batches),
+            single_ms=median_ms(engine.predict_many, [[b[0]] for b in batches]),
+        )
+    finally:
+        engine.close()
+
+
+# -- the run -----------------------------------------------------------------------------------
+def run(args: argparse.Namespace, workdir: Path) -> tuple[list[Phase], ModelTimes]:
+    base = make_tiny_bert(workdir / "tiny-bert")
+    folders = [
+        make_expert_dir(base, workdir / "experts" / f"e{i}", rank=args.rank, seed=i,
+                        task_name=f"task{i}")
+        for i in range(args.experts)
+    ]
+    settings: dict[str, object] = {"adapter_cache_bytes": 64 << 20, "max_lora_rank": args.rank}
+    if args.batch_wait_ms is not None:
+        settings["batch_wait_ms"] = args.batch_wait_ms
+    with CoordinatorProcess(workdir / "data", base, **settings) as coordinator:
+        expert_ids = seed(coordinator, folders)
+        metadata = bearer(coordinator.admin_token)
+
+        def predict_bytes(rng: random.Random) -> bytes:
+            return predict_request(rng, expert_ids).SerializeToString()
+
+        def predict(channel: grpc.Channel) -> Call:
+            # serialized once by the caller, so both servers are sent the same bytes
+            method = channel.unary_unary(
+                PREDICT_METHOD, response_deserializer=inference_pb2.PredictResponse.FromString
+            )
+            return lambda request: method(request, metadata=metadata, timeout=60)
+
+        def echo(channel: grpc.Channel) -> Call:
+            method = channel.unary_unary(ECHO_METHOD)
+            return lambda request: method(request, metadata=metadata, timeout=60)
+
+        for expert_id in [*expert_ids, ""]:  # warm: every expert in the adapter cache
+            warm = predict_request(random.Random(0), expert_ids)
+            warm.expert_ids[:] = [expert_id] if expert_id else []
+            with grpc.insecure_channel(coordinator.address) as channel:
+                predict(channel)(warm.SerializeToString())
+        hammer("warm-up", predict, coordinator.address, predict_bytes, args.clients, 3)
+        with EchoProcess() as echo_address:
+            phases = [
+                hammer("echo", echo, echo_address, predict_bytes, args.clients, args.seconds),
+                hammer("Predict", predict, coordinator.address, predict_bytes, args.clients,
+                       args.seconds),
+                hammer("echo", echo, echo_address, predict_bytes, args.clients, args.seconds),
+            ]
+    return phases, model_only(base, folders, args.rank, args.clients)
+
+
+def markdown(phases: list[Phase], model: ModelTimes, args: argparse.Namespace) -> str:
+    import torch
+
+    echo = statistics.mean(p.per_second for p in phases if p.name == "echo")
+    predict = next(p for p in phases if p.name == "Predict")
+    load = os.getloadavg()
+    lines = [
+        "# Predict overhead: the coordinator against a bare grpc.aio echo server",
+        "",
+        f"- command: `{' '.join(['python benchmarks/predict_overhead.py', *sys.argv[1:]])}`",
+        f"- date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC; python "
+        f"{platform.python_version()}, grpcio {grpc.__version__}, torch {torch.__version__}",
+        f"- machine: {platform.machine()}, {os.cpu_count()} cores, CPU only, shared by the "
+        f"clients, the server and other jobs; load average at the end {load[0]:.1f} / "
+        f"{load[1]:.1f} / {load[2]:.1f} (1/5/15 min)",
+        f"- workload: {args.clients} closed-loop client threads (one channel each), one input per "
+        f"call, half restricted to one random expert; tiny random BERT, {args.experts} experts "
+        f"(LoRA r={args.rank}) behind a centroid router, adapter cache warm; "
+        f"{args.seconds:.0f} s per phase, echo before and after Predict",
+        "",
+        "| phase | requests | errors | requests/s | p50 | p99 |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for phase in phases:
+        lines.append(
+            f"| {phase.name} | {len(phase.latencies_ms)} | {sum(phase.errors.values())} "
+            f"{phase.errors or ''} | {phase.per_second:.1f} | {phase.percentile(0.5):.1f} ms | "
+            f"{phase.percentile(0.99):.1f} ms |"
+        )
+    lines += [
+        "",
+        f"**Predict / echo: {predict.per_second / echo:.2f}x** (goal >= 0.5x; echo = mean of "
+        f"its two phases, {echo:.1f} requests/s).",
+        "",
+        f"Model only (the engine in-process, no gRPC, no registry, 1 thread): "
+        f"{model.batch_ms:.1f} ms per batch of {args.clients} requests "
+        f"({args.clients / model.batch_ms * 1000:.0f} predictions/s if every batch were full), "
+        f"{model.single_ms:.1f} ms for one request alone "
+        f"({1000 / model.single_ms:.0f} predictions/s unbatched).",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--experts", type=int, default=4)
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--batch-wait-ms", type=float, default=None,
+                        help="the coordinator's batch_wait_ms (default: its own default)")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--serve-echo", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve_echo:
+        asyncio.run(_serve_echo())
+        return
+    workdir = Path(tempfile.mkdtemp(prefix="moerge-overhead-"))
+    try:
+        phases, model = run(args, workdir)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    text = markdown(phases, model, args)
+    print(text)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text)
+
+
+if __name__ == "__main__":
+    main()
