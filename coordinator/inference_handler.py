@@ -50,7 +50,9 @@ async def service(state: CoordinatorState) -> InferenceService:
     return state.inference  # type: ignore[return-value]
 
 
-def _common_checks(top_k: int, router_version: int) -> None:
+def _common_checks(top_k: int, router_version: int, expert_ids: Sequence[str] = ()) -> None:
+    if len(expert_ids) > MAX_EXPERT_FILTER:
+        raise InvalidArgument("expert_ids", f"at most {MAX_EXPERT_FILTER} ids")
     if top_k < 0:
         raise InvalidArgument("top_k", "must be >= 0 (0: the router's default)")
     if not 0 <= router_version <= MAX_INT32:
@@ -62,7 +64,7 @@ def _common_checks(top_k: int, router_version: int) -> None:
 async def predict(
     request: inference_pb2.PredictRequest, state: CoordinatorState, principal: Principal
 ) -> inference_pb2.PredictResponse:
-    _common_checks(request.top_k, request.router_version)
+    _common_checks(request.top_k, request.router_version, request.expert_ids)
     if request.aggregation not in AGGREGATIONS:
         raise InvalidArgument("aggregation", f"unknown value {request.aggregation}")
     if not 0 <= request.max_new_tokens <= MAX_NEW_TOKENS:
@@ -117,7 +119,7 @@ async def predict(
 async def route(
     request: inference_pb2.RouteRequest, state: CoordinatorState, principal: Principal
 ) -> inference_pb2.RouteResponse:
-    _common_checks(request.top_k, request.router_version)
+    _common_checks(request.top_k, request.router_version, request.expert_ids)
     inference = await service(state)
     decisions, chosen, latency = await inference.route(
         list(request.inputs),

@@ -68,6 +68,7 @@ from moerge.storage.tokens import (
     secret_matches,
 )
 from moerge.storage.validation import (
+    check_contributor_name,
     check_id,
     check_int,
     check_json_object,
@@ -349,7 +350,7 @@ class Registry:
                 raise Unauthenticated("enrollment token has expired")
             if row.uses >= row.max_uses:
                 raise Unauthenticated("enrollment token has been used up")
-            checked_name = check_name("name", name)
+            checked_name = check_contributor_name("name", name)
             if session.scalar(select(Contributor.id).where(Contributor.name == checked_name)):
                 raise AlreadyExists(f"contributor name {checked_name!r} is taken")
             # Conditional increment: two joins racing for the last use cannot both succeed.

@@ -34,6 +34,7 @@ paged cache, and the bank needs to know which request each token belongs to (see
 from __future__ import annotations
 
 import collections
+import inspect
 import logging
 import math
 import threading
@@ -223,6 +224,9 @@ class GenerationScheduler:
         eos = tokenizer.eos_token_id if eos is None else eos
         self.eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        # transformers renamed ``past_key_values`` to ``cache`` (5.2x); accept both releases
+        forward = inspect.signature(engine.model.forward).parameters
+        self.cache_kwarg = "cache" if "cache" in forward else "past_key_values"
         config = engine.model.config
         self.max_positions = int(getattr(config, "max_position_embeddings", 0) or 0)
         self.steps = 0  # decode steps run (for metrics and tests)
@@ -396,8 +400,8 @@ class GenerationScheduler:
         try:
             with forward.context(mask):
                 out = engine.model(input_ids=input_ids, attention_mask=mask,
-                                   position_ids=positions, cache=cache, use_cache=True,
-                                   logits_to_keep=1)
+                                   position_ids=positions, use_cache=True, logits_to_keep=1,
+                                   **{self.cache_kwarg: cache})
             forward.flush_usage()
             self.batch.extend(cache, mask)
         except Exception as exc:  # these newcomers fail; the running batch goes on
@@ -420,7 +424,7 @@ class GenerationScheduler:
             self._forward = _Forward(self, self.running)
         with self._forward.context():
             out = engine.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
-                               cache=self.batch.cache, use_cache=True)
+                               use_cache=True, **{self.cache_kwarg: self.batch.cache})
         self.steps += 1
         self._advance(self.running, out.logits[:, -1])
 
