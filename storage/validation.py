@@ -53,6 +53,18 @@ def check_name(field: str, value: object, max_len: int = 128) -> str:
     return name
 
 
+def check_contributor_name(field: str, value: object, max_len: int = 128) -> str:
+    """A contributor's name, as the ``JoinRequest.name`` comment promises: letters, digits,
+    ``-``, ``_``, ``.`` and spaces inside (it is shown to admins and written in the audit log)."""
+    name = check_name(field, value, max_len)
+    bad = sorted({c for c in name if not (c.isalnum() or c in "-_. ")})
+    if bad:
+        raise InvalidArgument(
+            field, f"may hold letters, digits, '-', '_', '.' and inner spaces only, not {bad}"
+        )
+    return name
+
+
 def check_text(field: str, value: object, max_len: int, *, multiline: bool = True) -> str:
     """Free text such as a description: any printable text, newlines and tabs if multiline."""
     text = _require_str(field, value)

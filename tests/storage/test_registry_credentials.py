@@ -198,7 +198,8 @@ def test_join_refuses_a_taken_name_without_using_up_the_token(registry: Registry
 
 def test_join_refuses_bad_names(registry: Registry) -> None:
     _, enrollment = registry.create_enrollment_token(ADMIN)
-    for name in ["", "../etc", "a/b", " padded", "ctl\x1b", "x" * 129]:
+    for name in ["", "../etc", "a/b", " padded", "ctl\x1b", "x" * 129, "x;DROP TABLE contributors",
+                 "<b>", "a'b"]:
         with pytest.raises(InvalidArgument) as raised:
             registry.join(enrollment, name)
         assert raised.value.field == "name"
@@ -255,3 +256,10 @@ def test_list_contributors_pages_oldest_first_and_can_hide_revoked(registry: Reg
 
     active = registry.list_contributors(include_revoked=False).items
     assert [c.name for c in active] == ["member-0", "member-2", "member-3", "member-4"]
+
+
+def test_join_accepts_the_names_the_protocol_documents(registry: Registry) -> None:
+    """JoinRequest.name: letters, digits, '-', '_', '.' and spaces inside."""
+    _, enrollment = registry.create_enrollment_token(ADMIN, max_uses=3)
+    for name in ["Lab-7_b.v2", "Team Ø 1", "研究室"]:
+        assert registry.join(enrollment, name)[0].name == name
