@@ -41,7 +41,7 @@ from moerge.coordinator.registry_cache import GenerationCache
 from moerge.coordinator.routers import LoadedRouter, RouterService
 from moerge.router_training.base import Router, RoutingDecision
 from moerge.router_training.fitting import fit_router
-from moerge.router_training.registry import available_methods
+from moerge.router_training.registry import available_methods, get_router_class
 from moerge.storage.errors import FailedPrecondition, InvalidArgument, NotFound
 from moerge.storage.records import ExpertInfo
 from moerge.storage.registry import Registry
@@ -239,6 +239,11 @@ class InferenceService:
             raise InvalidArgument(
                 "routing_method",
                 f"unknown method {method!r}; known: {', '.join(available_methods())}",
+            )
+        if get_router_class(method).evaluation_only:
+            raise FailedPrecondition(
+                f"{method!r} is for evaluation only (it needs each example's source expert) "
+                "and serves no Predict; `moerge demo` scores it"
             )
         page = self.registry.list_router_versions(page_size=50, method=method)
         for info in page.items:

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import grpc
 import pytest
 
+from moerge.contributor_client.connection import Target
+from moerge.contributor_client.upload import upload_expert
 from moerge.v1 import admin_pb2, admin_pb2_grpc, inference_pb2, inference_pb2_grpc
 from tests.coordinator.harness import BackgroundCoordinator
 from tests.coordinator.test_server import enroll
+from tests.experts import make_expert_dir
 
 
 @pytest.mark.parametrize("scheme", ["bearer", "BEARER", "Bearer"])
@@ -44,3 +49,20 @@ def test_a_contributor_name_outside_the_documented_characters_is_refused(
         enroll(coordinator.address, coordinator.admin_token(), "x;DROP TABLE contributors")
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "name" in err.value.details()
+
+
+def test_predict_with_the_oracle_method_says_it_is_for_evaluation_only(
+    coordinator: BackgroundCoordinator, tiny_bert: Path, tmp_path: Path
+) -> None:
+    """It used to suggest `moerge admin router train --method oracle`."""
+    _, credential = enroll(coordinator.address, coordinator.admin_token(), "lab")
+    target = Target(address=coordinator.address, token=credential)
+    upload_expert(target, make_expert_dir(tiny_bert, tmp_path / "e"), "e", "toy", progress=False)
+    metadata = (("authorization", f"Bearer {coordinator.admin_token()}"),)
+    with grpc.insecure_channel(coordinator.address) as channel, pytest.raises(grpc.RpcError) as err:
+        inference_pb2_grpc.InferenceServiceStub(channel).Predict(
+            inference_pb2.PredictRequest(inputs=["x"], routing_method="oracle"), metadata=metadata
+        )
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "evaluation only" in err.value.details()
+    assert "router train" not in err.value.details()
