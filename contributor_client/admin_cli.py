@@ -1,17 +1,23 @@
-"""``moerge admin ...``: one command per AdminService call, as tables or ``--json``."""
+"""``moerge admin ...``: one command per AdminService call, as tables or ``--json``.
+
+A thin layer over :class:`moerge.Client`'s admin calls. Wherever a command takes an expert or
+contributor id, a unique prefix of it will do (as git takes commit ids): the id is resolved
+with a list call, and a prefix that matches several ids is refused, naming them.
+"""
 
 from __future__ import annotations
 
-import json
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from moerge.contributor_client.connection import Target
 from moerge.contributor_client.options import Coordinator, Json, TlsCa, Token
-from moerge.contributor_client.output import emit_json, fields, table, to_dict
-from moerge.contributor_client.rpc import call
-from moerge.v1 import admin_pb2, common_pb2
+from moerge.contributor_client.output import emit_json, fields, table
+from moerge.contributor_client.rpc import client, guarded
+
+if TYPE_CHECKING:
+    from moerge.client import Client
+    from moerge.results import Expert, RouterVersion
 
 app = typer.Typer(help="Administer the registry, routers and contributors.", no_args_is_help=True)
 experts_app = typer.Typer(
@@ -27,37 +33,32 @@ app.add_typer(router_app, name="router")
 app.add_typer(tokens_app, name="tokens")
 app.add_typer(contributors_app, name="contributors")
 
-
-STATES = {
-    "active": common_pb2.EXPERT_STATE_ACTIVE,
-    "quarantined": common_pb2.EXPERT_STATE_QUARANTINED,
-    "retired": common_pb2.EXPERT_STATE_RETIRED,
-}
-
-
-def _admin(
-    method: str, request: object, coordinator: str | None, token: str | None, tls_ca: str | None
-) -> object:
-    return call(Target.resolve(coordinator, token, tls_ca), "admin", method, request)
+STATE_WORDS = "active | quarantined | retired"
+#: The coordinator's routing methods, for ``router train --help`` without importing torch
+#: (tests/client checks this against router_training.registry.available_methods()).
+ROUTER_METHODS = (
+    "arrow", "base", "centroid", "federated", "lda", "mlp", "oracle", "phatgoose", "qda",
+    "uniform",
+)  # fmt: skip
+ExpertId = Annotated[str, typer.Argument(help="expert id or a unique prefix of it")]
 
 
-def _state(value: str | None) -> int:
-    if value is None:
-        return common_pb2.EXPERT_STATE_UNSPECIFIED
-    if value not in STATES:
-        raise typer.BadParameter(f"state must be one of {', '.join(STATES)}")
-    return STATES[value]
+def _run(
+    coordinator: str | None, token: str | None, tls_ca: str | None, work: Any
+) -> Any:
+    """``work(client)`` with the command's client; errors print and exit 1."""
+    with client(coordinator, token, tls_ca) as api:
+        return guarded(lambda: work(api))
 
 
-def _expert_rows(experts: list[common_pb2.Expert]) -> list[tuple[object, ...]]:
-    names = {v: k for k, v in STATES.items()}
+def _expert_rows(experts: list[Expert]) -> list[tuple[object, ...]]:
     return [
         (
             e.expert_id[:12],
             e.name,
             e.version,
             e.task_name,
-            names.get(e.state, "?"),
+            e.state,
             e.example_count,
             len(e.label_names),
             e.contributor_id[:12],
@@ -74,13 +75,13 @@ def _short(text: str, width: int = 48) -> str:
 
 EXPERT_COLUMNS = (
     "id", "name", "v", "task", "state", "examples", "labels", "contributor", "reason",
-)
+)  # fmt: skip
 
 
 @experts_app.command("list")
 def experts_list(
-    state: Annotated[str | None, typer.Option(help="active | quarantined | retired")] = None,
-    contributor: Annotated[str | None, typer.Option(help="contributor id")] = None,
+    state: Annotated[str | None, typer.Option(help=STATE_WORDS)] = None,
+    contributor: Annotated[str | None, typer.Option(help="contributor id (or prefix)")] = None,
     task: Annotated[str | None, typer.Option(help="task name")] = None,
     page_size: int = 50,
     page_token: str = "",
@@ -91,23 +92,27 @@ def experts_list(
     json_out: Json = False,
 ) -> None:
     """List experts (paginated, filterable)."""
-    experts: list[common_pb2.Expert] = []
-    next_token = page_token
-    while True:
-        request = admin_pb2.ListExpertsRequest(
-            page_size=page_size,
-            page_token=next_token,
-            state=_state(state),
-            contributor_id=contributor or "",
-            task_name=task or "",
-        )
-        response = _admin("ListExperts", request, coordinator, token, tls_ca)
-        experts.extend(response.experts)
-        next_token = response.next_page_token
-        if not (all_pages and next_token):
-            break
+
+    def pages(api: Client) -> tuple[list[Expert], str]:
+        owner = api.resolve_contributor_id(contributor) if contributor else ""
+        experts: list[Expert] = []
+        next_token = page_token
+        while True:
+            page = api.list_experts(
+                state=state,
+                contributor=owner,
+                task=task or "",
+                page_size=page_size,
+                page_token=next_token,
+            )
+            experts += page.items
+            next_token = page.next_page_token
+            if not (all_pages and next_token):
+                return experts, next_token
+
+    experts, next_token = _run(coordinator, token, tls_ca, pages)
     if json_out:
-        emit_json({"experts": [to_dict(e) for e in experts], "next_page_token": next_token})
+        emit_json({"experts": experts, "next_page_token": next_token})
         return
     table(f"experts ({len(experts)})", EXPERT_COLUMNS, _expert_rows(experts))
     if next_token:
@@ -116,23 +121,23 @@ def experts_list(
 
 @experts_app.command("show")
 def experts_show(
-    expert_id: str,
+    expert_id: ExpertId,
     coordinator: Coordinator = None,
     token: Token = None,
     tls_ca: TlsCa = None,
     json_out: Json = False,
 ) -> None:
     """Every field of one expert."""
-    expert = _admin(
-        "GetExpert", admin_pb2.GetExpertRequest(expert_id=expert_id), coordinator, token, tls_ca
+    expert = _run(
+        coordinator, token, tls_ca, lambda api: api.get_expert(api.resolve_expert_id(expert_id))
     )
-    emit_json(expert) if json_out else fields(f"expert {expert_id}", expert)
+    emit_json(expert) if json_out else fields(f"expert {expert.expert_id}", expert)
 
 
 @experts_app.command("set-state")
 def experts_set_state(
-    expert_id: str,
-    state: Annotated[str, typer.Argument(help="active | quarantined | retired")],
+    expert_id: ExpertId,
+    state: Annotated[str, typer.Argument(help=STATE_WORDS)],
     reason: Annotated[str, typer.Option(help="why (kept in the audit log)")] = "",
     coordinator: Coordinator = None,
     token: Token = None,
@@ -140,16 +145,18 @@ def experts_set_state(
     json_out: Json = False,
 ) -> None:
     """Activate, quarantine or retire an expert."""
-    request = admin_pb2.SetExpertStateRequest(
-        expert_id=expert_id, state=_state(state), reason=reason
+    expert = _run(
+        coordinator,
+        token,
+        tls_ca,
+        lambda api: api.set_expert_state(api.resolve_expert_id(expert_id), state, reason),
     )
-    expert = _admin("SetExpertState", request, coordinator, token, tls_ca)
     emit_json(expert) if json_out else table("expert", EXPERT_COLUMNS, _expert_rows([expert]))
 
 
 @experts_app.command("delete")
 def experts_delete(
-    expert_id: str,
+    expert_id: ExpertId,
     yes: Annotated[bool, typer.Option("--yes", help="do not ask")] = False,
     coordinator: Coordinator = None,
     token: Token = None,
@@ -157,24 +164,23 @@ def experts_delete(
     json_out: Json = False,
 ) -> None:
     """Delete an expert and garbage-collect its blobs."""
-    if not yes:
-        typer.confirm(f"Delete expert {expert_id} and its files?", abort=True)
-    response = _admin(
-        "DeleteExpert",
-        admin_pb2.DeleteExpertRequest(expert_id=expert_id),
-        coordinator,
-        token,
-        tls_ca,
-    )
+    with client(coordinator, token, tls_ca) as api:
+        full_id = guarded(lambda: api.resolve_expert_id(expert_id))
+        if not yes:
+            typer.confirm(f"Delete expert {full_id} and its files?", abort=True)
+        deleted = guarded(lambda: api.delete_expert(full_id))
     if json_out:
-        emit_json(response)
+        emit_json(deleted)
     else:
         typer.echo(
-            f"deleted; {response.blobs_removed} blobs removed, {response.bytes_freed} bytes freed"
+            f"deleted {full_id}; {deleted.blobs_removed} blobs removed, "
+            f"{deleted.bytes_freed} bytes freed"
         )
 
 
-def _version_rows(versions: list[admin_pb2.RouterVersion]) -> list[tuple[object, ...]]:
+def _version_rows(versions: list[RouterVersion]) -> list[tuple[object, ...]]:
+    import json
+
     return [
         (
             v.version,
@@ -184,24 +190,16 @@ def _version_rows(versions: list[admin_pb2.RouterVersion]) -> list[tuple[object,
             len(v.expert_ids),
             v.trigger,
             f"{v.fit_seconds:.2f}",
-            json.dumps(dict(v.metrics), sort_keys=True)[:60],
-            v.error[:60],
+            _short(json.dumps(v.metrics, sort_keys=True), 60),
+            _short(v.error, 60),
         )
         for v in versions
     ]
 
 
 VERSION_COLUMNS = (
-    "version",
-    "active",
-    "method",
-    "status",
-    "experts",
-    "trigger",
-    "fit s",
-    "metrics",
-    "error",
-)
+    "version", "active", "method", "status", "experts", "trigger", "fit s", "metrics", "error",
+)  # fmt: skip
 
 
 @router_app.command("list")
@@ -215,19 +213,26 @@ def router_list(
     json_out: Json = False,
 ) -> None:
     """Router versions, newest first; the active one is starred."""
-    request = admin_pb2.ListRouterVersionsRequest(
-        page_size=page_size, page_token=page_token, method=method or ""
+    page = _run(
+        coordinator,
+        token,
+        tls_ca,
+        lambda api: api.list_router_versions(
+            method=method or "", page_size=page_size, page_token=page_token
+        ),
     )
-    response = _admin("ListRouterVersions", request, coordinator, token, tls_ca)
     if json_out:
-        emit_json(response)
+        emit_json({"versions": page.items, "next_page_token": page.next_page_token})
         return
-    table("router versions", VERSION_COLUMNS, _version_rows(list(response.versions)))
+    table("router versions", VERSION_COLUMNS, _version_rows(list(page.items)))
 
 
 @router_app.command("train")
 def router_train(
-    method: Annotated[str | None, typer.Option(help="routing method (default: server's)")] = None,
+    method: Annotated[
+        str | None,
+        typer.Option(help=f"routing method: {', '.join(ROUTER_METHODS)} (default: server's)"),
+    ] = None,
     params: Annotated[str, typer.Option(help="method parameters as a JSON object")] = "",
     rounds: Annotated[int, typer.Option(help="federated rounds (method federated)")] = 0,
     no_activate: Annotated[
@@ -239,10 +244,20 @@ def router_train(
     json_out: Json = False,
 ) -> None:
     """Fit a router now over the active experts."""
-    request = admin_pb2.TrainRouterRequest(
-        method=method or "", params_json=params, no_activate=no_activate, rounds=rounds
+    import json
+
+    try:
+        parsed = json.loads(params) if params else None
+    except json.JSONDecodeError as exc:
+        raise typer.BadParameter(f"--params is not JSON: {exc}") from None
+    version = _run(
+        coordinator,
+        token,
+        tls_ca,
+        lambda api: api.train_router(
+            method or "", params=parsed, rounds=rounds, activate=not no_activate
+        ),
     )
-    version = _admin("TrainRouter", request, coordinator, token, tls_ca)
     emit_json(version) if json_out else table(
         "new router version", VERSION_COLUMNS, _version_rows([version])
     )
@@ -257,13 +272,7 @@ def router_activate(
     json_out: Json = False,
 ) -> None:
     """Make an earlier router version active again (roll back)."""
-    info = _admin(
-        "ActivateRouterVersion",
-        admin_pb2.ActivateRouterVersionRequest(version=version),
-        coordinator,
-        token,
-        tls_ca,
-    )
+    info = _run(coordinator, token, tls_ca, lambda api: api.activate_router_version(version))
     emit_json(info) if json_out else table("active router", VERSION_COLUMNS, _version_rows([info]))
 
 
@@ -278,12 +287,13 @@ def tokens_create(
     json_out: Json = False,
 ) -> None:
     """Create an enrollment token (shown once)."""
-    request = admin_pb2.CreateEnrollmentTokenRequest(note=note, ttl_seconds=ttl, max_uses=max_uses)
-    response = _admin("CreateEnrollmentToken", request, coordinator, token, tls_ca)
-    if json_out:
-        emit_json(response)
-    else:
-        typer.echo(response.token)
+    created = _run(
+        coordinator,
+        token,
+        tls_ca,
+        lambda api: api.create_enrollment_token(note=note, ttl_seconds=ttl, max_uses=max_uses),
+    )
+    emit_json(created) if json_out else typer.echo(created.token)
 
 
 @contributors_app.command("list")
@@ -297,29 +307,33 @@ def contributors_list(
     json_out: Json = False,
 ) -> None:
     """Contributors and whether they are revoked."""
-    request = admin_pb2.ListContributorsRequest(
-        page_size=page_size, page_token=page_token, exclude_revoked=exclude_revoked
+    page = _run(
+        coordinator,
+        token,
+        tls_ca,
+        lambda api: api.list_contributors(
+            exclude_revoked=exclude_revoked, page_size=page_size, page_token=page_token
+        ),
     )
-    response = _admin("ListContributors", request, coordinator, token, tls_ca)
     if json_out:
-        emit_json(response)
+        emit_json({"contributors": page.items, "next_page_token": page.next_page_token})
         return
     rows = [
         (
             c.contributor_id,
             c.name,
-            c.created_at.ToDatetime().isoformat(timespec="seconds"),
+            c.created_at.isoformat(timespec="seconds") if c.created_at else "",
             "revoked" if c.revoked else "",
             c.revoke_reason,
         )
-        for c in response.contributors
+        for c in page.items
     ]
     table("contributors", ("id", "name", "joined", "status", "reason"), rows)
 
 
 @contributors_app.command("revoke")
 def contributors_revoke(
-    contributor_id: str,
+    contributor_id: Annotated[str, typer.Argument(help="contributor id or a unique prefix")],
     reason: Annotated[str, typer.Option(help="why (kept in the audit log)")] = "",
     coordinator: Coordinator = None,
     token: Token = None,
@@ -327,8 +341,12 @@ def contributors_revoke(
     json_out: Json = False,
 ) -> None:
     """Revoke a contributor's credentials (its experts keep their state)."""
-    request = admin_pb2.RevokeContributorRequest(contributor_id=contributor_id, reason=reason)
-    info = _admin("RevokeContributor", request, coordinator, token, tls_ca)
+    info = _run(
+        coordinator,
+        token,
+        tls_ca,
+        lambda api: api.revoke_contributor(api.resolve_contributor_id(contributor_id), reason),
+    )
     emit_json(info) if json_out else typer.echo(f"revoked {info.contributor_id} ({info.name})")
 
 
@@ -344,22 +362,26 @@ def audit(
     json_out: Json = False,
 ) -> None:
     """The audit log, newest first."""
-    request = admin_pb2.ListAuditLogRequest(
-        page_size=page_size, page_token=page_token, action=action or "", target_id=target or ""
+    page = _run(
+        coordinator,
+        token,
+        tls_ca,
+        lambda api: api.audit_log(
+            action=action or "", target=target or "", page_size=page_size, page_token=page_token
+        ),
     )
-    response = _admin("ListAuditLog", request, coordinator, token, tls_ca)
     if json_out:
-        emit_json(response)
+        emit_json({"entries": page.items, "next_page_token": page.next_page_token})
         return
     rows = [
         (
             e.id,
-            e.at.ToDatetime().isoformat(timespec="seconds"),
+            e.at.isoformat(timespec="seconds") if e.at else "",
             e.actor,
             e.action,
             f"{e.target_type}:{e.target_id}",
-            e.details_json[:80],
+            _short(e.details_json, 80),
         )
-        for e in response.entries
+        for e in page.items
     ]
     table("audit log", ("id", "at", "actor", "action", "target", "details"), rows)

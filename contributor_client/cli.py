@@ -1,18 +1,19 @@
-"""Contributor commands: ``join``, ``train``, ``stats``, ``upload``, ``contribute``, ``predict``.
+"""Contributor commands: ``join``, ``upload``, ``my-experts``, ``predict``, ``route``.
 
-Thin wrappers: training lives in :mod:`~moerge.contributor_client.training`, statistics in
-:mod:`~moerge.contributor_client.statistics`, transport in :mod:`~moerge.contributor_client.upload`.
+A thin layer over :class:`moerge.Client`: each command parses its options, makes one or two
+calls and prints the result as a table or, with ``--json``, as JSON. Training commands live in
+:mod:`~moerge.contributor_client.train_cli`.
 """
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from moerge.contributor_client.connection import ClientConfig, Target
 from moerge.contributor_client.options import (
     Coordinator,
     Json,
@@ -22,17 +23,21 @@ from moerge.contributor_client.options import (
     TransportChoice,
 )
 from moerge.contributor_client.output import emit_json, err_console, table
-from moerge.contributor_client.rpc import call, guarded
-from moerge.v1 import contributor_pb2, inference_pb2
+from moerge.contributor_client.rpc import client, guarded
 
-AGGREGATIONS = {
-    "default": inference_pb2.AGGREGATION_UNSPECIFIED,
-    "ensemble": inference_pb2.AGGREGATION_OUTPUT_ENSEMBLE,
-    "merge": inference_pb2.AGGREGATION_MERGE_LINEAR,
-    "ties": inference_pb2.AGGREGATION_MERGE_TIES,
-    "dare": inference_pb2.AGGREGATION_MERGE_DARE,
-    "mix": inference_pb2.AGGREGATION_MODULE_MIX,
-}
+if TYPE_CHECKING:
+    from moerge.results import ExpertWeight
+
+AGGREGATION_WORDS = "default|ensemble|merge|ties|dare|mix"
+InputsFile = Annotated[
+    Path | None,
+    typer.Option(
+        "--file",
+        "-f",
+        help='JSONL, one {"text": ...} per line (texts may hold newlines), or plain text, one '
+        "input per line; - reads stdin, as does piping with no inputs and no --file",
+    ),
+]
 
 
 def join(
@@ -42,19 +47,12 @@ def join(
     tls_ca: TlsCa = None,
 ) -> None:
     """Join a coordinator; stores the credential in a 0600 file."""
-    import socket
-
-    target = Target(address=coordinator, tls_ca=tls_ca or "")
-    request = contributor_pb2.JoinRequest(enrollment_token=token, name=name or socket.gethostname())
-    response = call(target, "contributor", "Join", request)
-    path = ClientConfig(
-        coordinator=coordinator,
-        contributor_id=response.contributor_id,
-        name=request.name,
-        credential=response.credential,
-        tls_ca=tls_ca or "",
-    ).save()
-    typer.echo(f"joined as {request.name} ({response.contributor_id}); credential saved in {path}")
+    with client(coordinator, None, tls_ca) as api:
+        joined = guarded(lambda: api.join(token, name))
+    typer.echo(
+        f"joined as {joined.name} ({joined.contributor_id}); "
+        f"credential saved in {joined.config_path}"
+    )
 
 
 def upload(
@@ -72,39 +70,23 @@ def upload(
     json_out: Json = False,
 ) -> None:
     """Upload an expert folder (resumes an interrupted upload)."""
-    from moerge.contributor_client.upload import BulkUnavailable, upload_expert
-    from moerge.expert_format import STATISTICS_META, StatisticsMeta
-
-    meta_path = expert_dir / STATISTICS_META
-    if not meta_path.is_file():
-        err_console.print(
-            f"[red]error[/red] {expert_dir} has no {STATISTICS_META}: compute it "
-            "with `moerge stats DATA --adapter DIR` first"
-        )
-        raise typer.Exit(2)
-    meta = StatisticsMeta.read(meta_path)
-    target = Target.resolve(coordinator, token, tls_ca)
-    try:
-        response = guarded(
-            lambda: upload_expert(
-                target,
+    with client(coordinator, token, tls_ca) as api:
+        result = guarded(
+            lambda: api.upload(
                 expert_dir,
-                name or expert_dir.resolve().name,
-                task_name or meta.task_name,
-                description if description is not None else meta.task_description,
+                name,
+                task_name=task_name,
+                description=description,
+                transport=transport.value,
                 chunk_size=chunk_size,
                 progress=not json_out,
-                transport=transport.value,
             )
         )
-    except BulkUnavailable as exc:
-        err_console.print(f"[red]error[/red] {exc}")
-        raise typer.Exit(1) from None
     if json_out:
-        emit_json(response)
+        emit_json(result)
         return
-    e = response.expert
-    verb = "registered" if response.created else "already registered"
+    e = result.expert
+    verb = "registered" if result.created else "already registered"
     typer.echo(f"{verb}: expert {e.expert_id} ({e.name} v{e.version}, task {e.task_name})")
 
 
@@ -114,41 +96,58 @@ def my_experts(
     tls_ca: TlsCa = None,
     json_out: Json = False,
 ) -> None:
-    """List the experts this contributor has registered."""
-    response = call(
-        Target.resolve(coordinator, token, tls_ca),
-        "contributor",
-        "ListMyExperts",
-        contributor_pb2.ListMyExpertsRequest(),
-    )
+    """List the experts this contributor has registered, with their state and its reason."""
+    with client(coordinator, token, tls_ca) as api:
+        experts = guarded(api.my_experts)
     if json_out:
-        emit_json(response)
+        emit_json({"experts": experts})
         return
     rows = [
-        (e.expert_id[:12], e.name, e.version, e.task_name, e.example_count)
-        for e in response.experts
+        (e.expert_id[:12], e.name, e.version, e.task_name, e.state, e.example_count, e.state_reason)
+        for e in experts
     ]
-    table("my experts", ("id", "name", "v", "task", "examples"), rows)
+    table("my experts", ("id", "name", "v", "task", "state", "examples", "reason"), rows)
 
 
-def _read_inputs(texts: list[str] | None, file: Path | None) -> list[str]:
+def read_inputs(texts: list[str] | None, file: Path | None) -> list[str]:
+    """The inputs: the arguments, else the file (``-``: stdin), else piped stdin.
+
+    A file whose first line starts with ``{`` is JSONL, one object with a string ``text`` per
+    line; any other file holds one input per non-empty line.
+    """
     if texts:
         return list(texts)
+    if file is None and sys.stdin.isatty():
+        raise typer.BadParameter("give inputs as arguments, with --file, or on stdin")
     source = file.read_text(encoding="utf-8") if file and str(file) != "-" else sys.stdin.read()
-    return [line for line in (line.strip() for line in source.splitlines()) if line]
+    lines = [(n, line.strip()) for n, line in enumerate(source.splitlines(), 1) if line.strip()]
+    if not lines or not lines[0][1].startswith("{"):
+        return [line for _, line in lines]
+    inputs = []
+    for number, line in lines:
+        try:
+            text = json.loads(line).get("text")
+        except (json.JSONDecodeError, AttributeError):
+            text = None
+        if not isinstance(text, str):
+            raise typer.BadParameter(f'line {number} is not a JSON object with a string "text"')
+        inputs.append(text)
+    return inputs
+
+
+def _weights(experts: tuple[ExpertWeight, ...]) -> str:
+    return ", ".join(f"{e.expert_name or e.expert_id[:8]}:{e.weight:.2f}" for e in experts)
 
 
 def predict(
     texts: Annotated[list[str] | None, typer.Argument(help="inputs (else --file or stdin)")] = None,
-    file: Annotated[
-        Path | None, typer.Option("--file", "-f", help="one input per line; - = stdin")
-    ] = None,
+    file: InputsFile = None,
     top_k: Annotated[int, typer.Option(help="experts per input (0: router default)")] = 0,
     method: Annotated[str, typer.Option(help="routing method (default: active router)")] = "",
-    aggregation: Annotated[
-        str, typer.Option(help="default|ensemble|merge|ties|dare|mix")
-    ] = "default",
-    expert: Annotated[list[str] | None, typer.Option(help="restrict to these expert ids")] = None,
+    aggregation: Annotated[str, typer.Option(help=AGGREGATION_WORDS)] = "default",
+    expert: Annotated[
+        list[str] | None, typer.Option(help="restrict to these expert ids (unique prefixes ok)")
+    ] = None,
     router_version: Annotated[int, typer.Option(help="router version (0: active)")] = 0,
     max_new_tokens: Annotated[int, typer.Option(help="causal LM: tokens to generate")] = 0,
     coordinator: Coordinator = None,
@@ -156,72 +155,73 @@ def predict(
     tls_ca: TlsCa = None,
     json_out: Json = False,
 ) -> None:
-    """Routed predictions for each input."""
-    if aggregation not in AGGREGATIONS:
-        raise typer.BadParameter(f"aggregation must be one of {', '.join(AGGREGATIONS)}")
-    request = inference_pb2.PredictRequest(
-        inputs=_read_inputs(texts, file),
-        top_k=top_k,
-        routing_method=method,
-        expert_ids=expert or [],
-        aggregation=AGGREGATIONS[aggregation],
-        router_version=router_version,
-        max_new_tokens=max_new_tokens,
-    )
-    response = call(Target.resolve(coordinator, token, tls_ca), "inference", "Predict", request)
+    """Routed predictions for each input (arguments, a JSONL/text file, or stdin)."""
+    if aggregation not in AGGREGATION_WORDS.split("|"):
+        raise typer.BadParameter(f"aggregation must be one of {AGGREGATION_WORDS}")
+    inputs = read_inputs(texts, file)
+    with client(coordinator, token, tls_ca) as api:
+        result = guarded(
+            lambda: api.predict(
+                inputs,
+                top_k=top_k,
+                method=method,
+                aggregation=aggregation,
+                experts=[api.resolve_expert_id(e) for e in expert or ()],
+                router_version=router_version,
+                max_new_tokens=max_new_tokens,
+            )
+        )
     if json_out:
-        emit_json(response)
+        emit_json(result)
         return
     rows = [
-        (
-            text[:50],
-            p.output[:60],
-            f"{p.confidence:.3f}",
-            ", ".join(f"{e.expert_name or e.expert_id[:8]}:{e.weight:.2f}" for e in p.experts),
-        )
-        for text, p in zip(request.inputs, response.predictions, strict=True)
+        (text[:50], p.output[:60], f"{p.confidence:.3f}", _weights(p.experts))
+        for text, p in zip(inputs, result.predictions, strict=True)
     ]
     table(
-        f"predictions (router v{response.router_version} {response.routing_method}, "
-        f"{response.aggregation}, {response.latency_ms:.1f} ms)",
+        f"predictions (router v{result.router_version} {result.routing_method}, "
+        f"{result.aggregation}, {result.latency_ms:.1f} ms)",
         ("input", "output", "conf", "experts"),
         rows,
     )
-    if response.note:
-        err_console.print(f"note: {response.note}")
+    if result.note:
+        err_console.print(f"note: {result.note}")
 
 
 def route(
     texts: Annotated[list[str] | None, typer.Argument(help="inputs (else --file or stdin)")] = None,
-    file: Annotated[Path | None, typer.Option("--file", "-f", help="one input per line")] = None,
-    top_k: int = 0,
-    method: str = "",
-    router_version: int = 0,
+    file: InputsFile = None,
+    top_k: Annotated[int, typer.Option(help="experts per input (0: router default)")] = 0,
+    method: Annotated[str, typer.Option(help="routing method (default: active router)")] = "",
+    expert: Annotated[
+        list[str] | None, typer.Option(help="route among these expert ids (unique prefixes ok)")
+    ] = None,
+    router_version: Annotated[int, typer.Option(help="router version (0: active)")] = 0,
     coordinator: Coordinator = None,
     token: Token = None,
     tls_ca: TlsCa = None,
     json_out: Json = False,
 ) -> None:
-    """The routing decision only (which experts, which weights)."""
-    request = inference_pb2.RouteRequest(
-        inputs=_read_inputs(texts, file),
-        top_k=top_k,
-        routing_method=method,
-        router_version=router_version,
-    )
-    response = call(Target.resolve(coordinator, token, tls_ca), "inference", "Route", request)
+    """The routing decision only (which experts, which weights) for each input."""
+    inputs = read_inputs(texts, file)
+    with client(coordinator, token, tls_ca) as api:
+        result = guarded(
+            lambda: api.route(
+                inputs,
+                top_k=top_k,
+                method=method,
+                experts=[api.resolve_expert_id(e) for e in expert or ()],
+                router_version=router_version,
+            )
+        )
     if json_out:
-        emit_json(response)
+        emit_json(result)
         return
     rows = [
-        (
-            text[:60],
-            ", ".join(f"{e.expert_name or e.expert_id[:8]}:{e.weight:.2f}" for e in d.experts),
-        )
-        for text, d in zip(request.inputs, response.decisions, strict=True)
+        (text[:60], _weights(d)) for text, d in zip(inputs, result.decisions, strict=True)
     ]
     table(
-        f"routing (router v{response.router_version} {response.routing_method})",
+        f"routing (router v{result.router_version} {result.routing_method})",
         ("input", "experts"),
         rows,
     )

@@ -1,39 +1,66 @@
-"""Call the coordinator and turn gRPC errors into one readable line and exit code 1."""
+"""The CLI's side of :class:`moerge.Client`: one client per command, errors as one line + exit 1.
+
+Commands build a client with :func:`client` and run its calls inside :func:`guarded`, which
+prints a :class:`~moerge.MoergeError` (status code, message, and a hint such as "is a
+coordinator listening at HOST:PORT?") on stderr and exits with status 1.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-import grpc
 import typer
 
-from moerge.contributor_client.connection import Target
-from moerge.contributor_client.output import err_console
-from moerge.v1 import admin_pb2_grpc, contributor_pb2_grpc, inference_pb2_grpc
+from moerge.contributor_client.output import error
+
+if TYPE_CHECKING:
+    from moerge.client import Client
+    from moerge.contributor_client.connection import Target
 
 T = TypeVar("T")
-STUBS = {
-    "admin": admin_pb2_grpc.AdminServiceStub,
-    "contributor": contributor_pb2_grpc.ContributorServiceStub,
-    "inference": inference_pb2_grpc.InferenceServiceStub,
-}
 
 
-def call(target: Target, service: str, method: str, request: Any, timeout: float = 300.0) -> Any:
-    """One unary RPC with the target's credential; exits with a message on any gRPC error."""
-    with target.channel() as channel:
-        stub = STUBS[service](channel)
-        return guarded(
-            lambda: getattr(stub, method)(request, metadata=target.metadata(), timeout=timeout)
-        )
+def client(coordinator: str | None, token: str | None, tls_ca: str | None) -> Client:
+    """A client for the command's ``--coordinator``/``--token``/``--tls-ca`` (or defaults)."""
+    from moerge.client import Client
+
+    return Client(coordinator, token, tls_ca)
 
 
 def guarded(thunk: Callable[[], T]) -> T:
+    """Run ``thunk``; a :class:`~moerge.MoergeError` becomes a message on stderr and exit 1."""
+    import grpc
+
+    from moerge.errors import MoergeError
+
     try:
         return thunk()
-    except grpc.RpcError as exc:
+    except MoergeError as exc:
+        error(f"{exc.code.name}: {exc.message}", exc.hint)
+    except grpc.RpcError as exc:  # callers that drive the stubs themselves
         code = exc.code().name if hasattr(exc, "code") else "UNKNOWN"
-        details = exc.details() if hasattr(exc, "details") else str(exc)
-        err_console.print(f"[red]error[/red] {code}: {details}")
-        raise typer.Exit(1) from None
+        error(f"{code}: {exc.details() if hasattr(exc, 'details') else exc}")
+    raise typer.Exit(1)
+
+
+def call(target: Target, service: str, method: str, request: Any, timeout: float = 300.0) -> Any:
+    """One unary RPC with the target's credential, returning the raw response message.
+
+    For scripts that work with the protobuf messages (the demo, benchmarks); exits like
+    :func:`guarded` on an error.
+    """
+    import grpc
+
+    from moerge.client import STUBS
+    from moerge.errors import MoergeError
+
+    def run() -> Any:
+        with target.channel() as channel:
+            rpc = getattr(STUBS[service](channel), method)
+            try:
+                return rpc(request, metadata=target.metadata(), timeout=timeout)
+            except grpc.RpcError as exc:
+                raise MoergeError.from_rpc(exc, target.address) from None
+
+    return guarded(run)

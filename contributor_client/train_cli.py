@@ -7,8 +7,9 @@ differ from the coordinator's is refused. ``--offline`` skips the question (for 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, TypeVar
 
 import typer
 
@@ -21,47 +22,46 @@ from moerge.contributor_client.options import (
     Transport,
     TransportChoice,
 )
-from moerge.contributor_client.output import emit_json, err_console, table
-from moerge.contributor_client.rpc import call, guarded
-from moerge.v1 import contributor_pb2
+from moerge.contributor_client.output import emit_json, err_console, error, table
+from moerge.contributor_client.rpc import guarded
+
+if TYPE_CHECKING:
+    from moerge.results import BaseModel
+
+T = TypeVar("T")
 
 Data = Annotated[Path, typer.Argument(help="JSONL, CSV or Parquet file of your examples")]
 TaskName = Annotated[str, typer.Option("--task-name", help="what the expert is for")]
 
 
-def _default_base_model() -> str:
-    from moerge.coordinator.config import default_base_model
-
-    return default_base_model()
-
-
 def agreed_base_model(
     base_model: str | None, offline: bool, target: Target
-) -> tuple[str, contributor_pb2.BaseModelInfo | None]:
+) -> tuple[str, BaseModel | None]:
     """The local base model folder, checked against the coordinator's revision."""
-    from moerge.coordinator.base_model import model_revision
+    from moerge.client import Client
+    from moerge.client_training import local_base_model
 
-    path = base_model or _default_base_model()
-    if not path:
-        err_console.print("[red]error[/red] no base model: pass --base-model PATH")
-        raise typer.Exit(2)
-    if offline:
-        return path, None
-    info = call(target, "contributor", "GetBaseModel", contributor_pb2.GetBaseModelRequest())
-    local = model_revision(path)
-    if local != info.revision:
-        err_console.print(
-            f"[red]error[/red] the coordinator serves {info.base_model_id} revision "
-            f"{info.revision[:12]}, but {path} has revision {local[:12]}: train against the "
-            "coordinator's base model (--base-model PATH)"
-        )
-        raise typer.Exit(2)
-    return path, info
+    api = Client()
+    api.target = target
+    with api:
+        info = None if offline else guarded(api.base_model)
+    return _or_exit(lambda: local_base_model(base_model, info)), info
+
+
+def _or_exit(thunk: Callable[[], T]) -> T:
+    """A :class:`~moerge.MoergeError` found locally (bad options, bad data) exits with 2."""
+    from moerge.errors import MoergeError
+
+    try:
+        return thunk()
+    except MoergeError as exc:
+        error(exc.message)
+        raise typer.Exit(2) from None
 
 
 def _train_config(
     base_model: str,
-    info: contributor_pb2.BaseModelInfo | None,
+    info: BaseModel | None,
     task_type: str | None,
     epochs: int,
     rank: int,
@@ -72,41 +72,20 @@ def _train_config(
     max_examples: int | None,
     target_modules: list[str] | None,
 ) -> object:
-    from moerge.contributor_client.training import TrainConfig
+    from moerge.client_training import TrainOptions, train_config
 
-    if info is not None:
-        if rank > info.max_lora_rank:
-            err_console.print(
-                f"[red]error[/red] --rank {rank} exceeds the coordinator's "
-                f"maximum of {info.max_lora_rank}"
-            )
-            raise typer.Exit(2)
-        allowed = list(info.allowed_target_modules)
-        targets = target_modules or allowed
-        refused = [t for t in targets if t not in allowed]
-        if refused:
-            err_console.print(
-                f"[red]error[/red] target modules {refused} are not allowed (allowed: {allowed})"
-            )
-            raise typer.Exit(2)
-        task_type = task_type or info.task_type
-        base_model_id = info.base_model_id
-    else:
-        targets, base_model_id = target_modules, ""
-    return TrainConfig(
-        base_model=base_model,
-        task_type=task_type or "classification",
-        lora_rank=rank,
-        lora_alpha=2 * rank,
-        target_modules=targets,
+    options = TrainOptions(
+        task_type=task_type,
         epochs=epochs,
-        batch_size=batch_size,
+        rank=rank,
         learning_rate=learning_rate,
+        batch_size=batch_size,
         max_length=max_length,
         seed=seed,
         max_examples=max_examples,
-        base_model_id=base_model_id,
+        target_modules=target_modules,
     )
+    return _or_exit(lambda: train_config(base_model, info, options))
 
 
 def _dp(epsilon: float | None, delta: float) -> object:
@@ -117,18 +96,12 @@ def _dp(epsilon: float | None, delta: float) -> object:
     return DPConfig(epsilon=epsilon, delta=delta)
 
 
-def _gates(steps: int, max_length: int, seed: int) -> object:
-    from moerge.contributor_client.gates import GateConfig
-
-    return GateConfig(steps=steps, max_length=max_length, seed=seed)
-
-
 def _build(
     data: Path,
     out: Path,
     task_name: str,
     config: object,
-    info: contributor_pb2.BaseModelInfo | None,
+    info: BaseModel | None,
     description: str,
     text_field: str,
     label_field: str,
@@ -142,27 +115,22 @@ def _build(
     progress: bool,
 ) -> object:
     """Train + gates + statistics into ``out``; a bad data file exits with its message."""
-    from moerge.contributor_client.build import build_expert
+    from moerge.client_training import TrainOptions, build
 
-    try:
-        return build_expert(
-            data,
-            out,
-            task_name,
-            config,
-            task_description=description,  # type: ignore[arg-type]
-            text_field=text_field,
-            label_field=label_field or None,
-            with_gates=with_gates,
-            gate_config=_gates(gate_steps, max_length, seed),
-            dp=dp,  # type: ignore[arg-type]
-            statistics_rank=stats_rank,
-            progress=progress,
-            base_model_revision=info.revision if info else "",
-        )
-    except (ValueError, FileNotFoundError) as exc:
-        err_console.print(f"[red]error[/red] {exc}")
-        raise typer.Exit(2) from None
+    options = TrainOptions(
+        max_length=max_length,
+        seed=seed,
+        text_field=text_field,
+        label_field=label_field,
+        stats_rank=stats_rank,
+        gates=with_gates,
+        gate_steps=gate_steps,
+        dp_epsilon=getattr(dp, "epsilon", None),
+        dp_delta=getattr(dp, "delta", 1e-5),
+    )
+    return _or_exit(
+        lambda: build(data, out, task_name, description, options, config, info, progress)  # type: ignore[arg-type]
+    )
 
 
 def _report(report: object, json_out: bool) -> None:

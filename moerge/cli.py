@@ -1,13 +1,19 @@
-"""The ``moerge`` command: coordinator, admin and contributor commands in one Typer app."""
+"""The ``moerge`` command: coordinator, admin and contributor commands in one Typer app.
+
+Only Typer, rich and the command modules load here: every command imports torch, transformers,
+flwr or grpc itself, when it runs (``moerge --help`` and ``moerge version`` import none of
+them; tests/client/test_cli_startup.py guards it).
+"""
 
 from __future__ import annotations
+
+from typing import Annotated
 
 import typer
 
 from moerge.contributor_client.admin_cli import app as admin_app
 from moerge.contributor_client.cli import register as register_contributor_commands
 from moerge.contributor_client.flower_cli import register as register_flower_commands
-from moerge.contributor_client.generate_cli import generate
 from moerge.coordinator.cli import app as coordinator_app
 from moerge.demo import demo
 
@@ -16,11 +22,32 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
 )
+
+
+@app.callback()
+def main(
+    ctx: typer.Context,
+    verbose: Annotated[
+        bool,
+        typer.Option(
+            "--verbose",
+            envvar="MOERGE_VERBOSE",
+            help="keep the libraries' own messages (transformers load reports, progress bars, "
+            "warnings)",
+        ),
+    ] = False,
+) -> None:
+    """moerge: pool LoRA experts trained on private data, and route among them."""
+    if not verbose and ctx.invoked_subcommand != "coordinator":  # the server keeps its logs
+        from moerge.contributor_client.output import quiet_libraries
+
+        quiet_libraries()
+
+
 app.add_typer(coordinator_app, name="coordinator")
 app.add_typer(admin_app, name="admin")
 register_contributor_commands(app)
 register_flower_commands(app)
-app.command()(generate)
 app.command()(demo)
 
 
