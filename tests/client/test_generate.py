@@ -60,7 +60,7 @@ def test_async_generate_is_an_async_iterator(served: BackgroundCoordinator) -> N
 def test_generate_on_a_classification_coordinator_is_a_failed_precondition(
     running: BackgroundCoordinator,
 ) -> None:
-    with moerge.Client(running.address, token=running.admin_token()) as client:
-        with pytest.raises(moerge.MoergeError) as refused:
-            list(client.generate("hello"))
+    client = moerge.Client(running.address, token=running.admin_token())
+    with client, pytest.raises(moerge.MoergeError) as refused:
+        list(client.generate("hello"))
     assert refused.value.code == grpc.StatusCode.FAILED_PRECONDITION
