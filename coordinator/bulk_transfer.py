@@ -9,9 +9,13 @@ commit are the receiver's, shared with the gRPC chunk path.
 
 A threaded server with blocking sockets: each connection ``recv_into``-s large reused buffers
 (:meth:`UploadReceiver.receive`). Guards, as on the gRPC path: tickets are single use, bound to
-one contributor's upload, and expire; a connection never stages more than the manifest
-declares; each read times out after ``stall_seconds``; at most ``max_connections`` are served
-at once (the others are refused at once); the upload rate limits apply per block.
+one contributor's upload, and expire, and a revoked contributor's tickets write nothing; a
+connection never stages more than the manifest declares. Before its ticket is verified a
+connection holds no upload slot: it must deliver the TLS handshake and the request header
+within ``stall_seconds`` *in all* (an absolute deadline, not per read), and at most
+``max_unverified`` such connections wait at once. Only a verified connection counts against
+``max_connections`` (beyond it: RESOURCE_EXHAUSTED, and the client falls back to gRPC chunks);
+then each read times out after ``stall_seconds``; the upload rate limits apply per block.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from dataclasses import dataclass
 
 import grpc
 
-from moerge.bulk_protocol import TICKET_BYTES, ProtocolError, Reply, read_request
+from moerge.bulk_protocol import TICKET_BYTES, ProtocolError, Reply, Request, read_request
 from moerge.coordinator.config import CoordinatorConfig
 from moerge.coordinator.errors import DISK_FULL, status_for
 from moerge.coordinator.rate_limit import UploadLimiter
@@ -42,6 +46,11 @@ log = logging.getLogger(__name__)
 TICKET_SECONDS = CoordinatorConfig.bulk_ticket_seconds  # a ticket is good this long after issue
 STALL_SECONDS = CoordinatorConfig.bulk_stall_seconds  # a connection silent this long is dropped
 MAX_TICKETS = 4096  # outstanding tickets kept; the oldest go first beyond this
+BUSY = Reply(
+    grpc.StatusCode.RESOURCE_EXHAUSTED.value[0],
+    0,
+    "too many bulk data connections; try again or use UploadExpert chunks",
+)
 
 
 def now() -> float:
@@ -79,15 +88,25 @@ class Tickets:
             self._grants[_digest(ticket)] = Grant(contributor_id, upload_id, at + self.ttl_seconds)
         return ticket
 
+    def check(self, ticket: bytes, upload_id: str) -> Grant:
+        """What ``ticket`` grants, without consuming it (Unauthenticated/PermissionDenied)."""
+        with self._lock:
+            grant = self._grants.get(_digest(ticket))
+        return _granted(grant, upload_id)
+
     def redeem(self, ticket: bytes, upload_id: str) -> Grant:
         """Consume ``ticket`` (whatever happens next) and return what it grants."""
         with self._lock:
             grant = self._grants.pop(_digest(ticket), None)
-        if grant is None or grant.expires_at <= now():
-            raise Unauthenticated("unknown, already used or expired bulk upload ticket")
-        if grant.upload_id != upload_id:
-            raise PermissionDenied(f"the ticket is not for upload {upload_id!r}")
-        return grant
+        return _granted(grant, upload_id)
+
+
+def _granted(grant: Grant | None, upload_id: str) -> Grant:
+    if grant is None or grant.expires_at <= now():
+        raise Unauthenticated("unknown, already used or expired bulk upload ticket")
+    if grant.upload_id != upload_id:
+        raise PermissionDenied(f"the ticket is not for upload {upload_id!r}")
+    return grant
 
 
 def _digest(ticket: bytes) -> bytes:
@@ -106,6 +125,7 @@ class BulkServer:
         limits: UploadLimiter | None = None,
         tls: ssl.SSLContext | None = None,
         max_connections: int = 8,
+        max_unverified: int = 0,
         stall_seconds: float = STALL_SECONDS,
         tickets: Tickets | None = None,
         advertised_host: str = "",
@@ -117,6 +137,9 @@ class BulkServer:
         self.stall_seconds = stall_seconds
         self.tickets = tickets or Tickets()
         self._slots = threading.BoundedSemaphore(max_connections)
+        # connections whose ticket is not verified yet: bounded apart, each for at most
+        # stall_seconds in all, so that silent clients cannot take the slots of real uploads
+        self._unverified = threading.BoundedSemaphore(max_unverified or 8 * max_connections)
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self._listener = socket.create_server((host, port), family=family, backlog=64)
         self.port = int(self._listener.getsockname()[1])
@@ -153,7 +176,7 @@ class BulkServer:
                 conn, peer = self._listener.accept()
             except OSError:
                 return
-            if not self._slots.acquire(blocking=False):
+            if not self._unverified.acquire(blocking=False):
                 threading.Thread(target=self._refuse_busy, args=(conn,), daemon=True).start()
                 continue
             thread = threading.Thread(
@@ -171,18 +194,28 @@ class BulkServer:
             with contextlib.suppress(OSError):
                 if self.tls is not None:
                     conn = self.tls.wrap_socket(conn, server_side=True)
-                message = "too many bulk data connections; try again or use UploadExpert chunks"
-                conn.sendall(
-                    Reply(grpc.StatusCode.RESOURCE_EXHAUSTED.value[0], 0, message).encode()
-                )
+                conn.sendall(BUSY.encode())
 
     def _serve(self, raw: socket.socket, peer: object) -> None:
-        conn = raw
+        """Header phase (unverified, under an absolute deadline), then the bytes (in a slot)."""
+        conn, slot = raw, False
+        deadline = threading.Timer(self.stall_seconds, _cut, (raw,))
+        deadline.daemon = True
         try:
-            raw.settimeout(self.stall_seconds)
-            if self.tls is not None:
-                conn = self.tls.wrap_socket(raw, server_side=True)
-            reply = self._receive(conn)
+            try:
+                raw.settimeout(self.stall_seconds)
+                deadline.start()  # the TLS handshake and the header, all together
+                if self.tls is not None:
+                    conn = self.tls.wrap_socket(raw, server_side=True)
+                verified = self._verify(conn)
+            finally:
+                deadline.cancel()
+                self._unverified.release()
+            if isinstance(verified, Reply):  # refused
+                reply = verified
+            else:
+                slot = self._slots.acquire(blocking=False)
+                reply = self._receive(conn, verified) if slot else BUSY
             conn.sendall(reply.encode())
         except OSError as exc:  # ssl.SSLError included
             log.info("bulk connection from %s ended: %s", peer, exc)
@@ -193,13 +226,29 @@ class BulkServer:
             for s in (conn, raw):
                 with contextlib.suppress(OSError):
                     s.close()
-            self._slots.release()
+            if slot:
+                self._slots.release()
 
-    def _receive(self, conn: socket.socket) -> Reply:
-        """Read the request and the bytes; turn every refusal into a reply."""
+    def _verify(self, conn: socket.socket) -> Request | Reply:
+        """Read the request header and check its ticket (not yet consumed); a refusal is a
+        reply. A cut or a stall raises OSError (nobody is left to read a reply)."""
         try:
             request = read_request(conn.recv_into)
+            self.tickets.check(request.ticket, request.upload_id)
+        except ProtocolError as exc:
+            return Reply(grpc.StatusCode.INVALID_ARGUMENT.value[0], 0, str(exc))
+        except (Unauthenticated, PermissionDenied) as exc:
+            code, message = status_for(exc)
+            return Reply(code.value[0], 0, message)
+        return request
+
+    def _receive(self, conn: socket.socket, request: Request) -> Reply:
+        """Redeem the ticket and stage the bytes; turn every refusal into a reply."""
+        try:
             grant = self.tickets.redeem(request.ticket, request.upload_id)
+            # a ticket issued before RevokeContributor must not write afterwards
+            if self.uploads.registry.get_contributor(grant.contributor_id).revoked_at:
+                raise PermissionDenied(f"contributor {grant.contributor_id} has been revoked")
             held = self.uploads.receive(
                 grant.contributor_id,
                 grant.upload_id,
@@ -209,8 +258,6 @@ class BulkServer:
                 self._admit(grant.contributor_id),
                 lambda: conn.sendall(Reply(0, request.offset, "send").encode()),
             )
-        except ProtocolError as exc:
-            return Reply(grpc.StatusCode.INVALID_ARGUMENT.value[0], 0, str(exc))
         except OSError as exc:
             if _disk_full(exc):
                 code, message = status_for(exc)
@@ -233,6 +280,12 @@ class BulkServer:
                 time.sleep(delay)
 
         return admit
+
+
+def _cut(conn: socket.socket) -> None:
+    """The header deadline passed: end the connection (the serving thread sees an OSError)."""
+    with contextlib.suppress(OSError):
+        conn.shutdown(socket.SHUT_RDWR)
 
 
 def _disk_full(exc: BaseException) -> bool:

@@ -26,9 +26,9 @@ from moerge.contributor_client.upload import (
 from moerge.coordinator import bulk_transfer
 from moerge.coordinator.config import CoordinatorConfig
 from moerge.expert_format import ADAPTER_WEIGHTS
-from moerge.v1 import contributor_pb2, contributor_pb2_grpc
+from moerge.v1 import admin_pb2, admin_pb2_grpc, contributor_pb2, contributor_pb2_grpc
 from tests.coordinator.conftest import coordinator_config
-from tests.coordinator.harness import BackgroundCoordinator
+from tests.coordinator.harness import BackgroundCoordinator, bearer
 from tests.coordinator.snapshot import snapshot
 from tests.coordinator.test_server import _self_signed, enroll
 from tests.coordinator.test_uploads import CuttingProxy, _nan
@@ -218,15 +218,18 @@ def test_configured_timeouts_drop_silent_connections_and_expire_tickets(
     manifest = make_manifest(describe_files(expert), "slow", "toy", "")
     bulk = _bulk(coordinator)
     assert (bulk.stall_seconds, bulk.tickets.ttl_seconds) == (0.5, 5.0)
-    ticket = _ticket(coordinator, target, manifest)
+    others = [make_manifest(describe_files(expert), f"slow{i}", "toy", "") for i in (1, 2)]
     stalled = [socket.create_connection(("127.0.0.1", bulk.port)) for _ in range(2)]
     try:
-        stalled[0].sendall(Request(ticket.ticket, manifest.upload_id, 0, 100).encode())
-        assert read_reply(stalled[0].recv_into).code == OK  # then never send the bytes
-        time.sleep(0.1)
-        # both slots are taken (bulk_max_connections=2): a third connection is turned away
-        with socket.create_connection(("127.0.0.1", bulk.port), timeout=5) as third:
-            assert read_reply(third.recv_into).code == RESOURCE_EXHAUSTED
+        for sock, each in zip(stalled, [manifest, others[0]], strict=True):
+            ticket = _ticket(coordinator, target, each)
+            sock.sendall(Request(ticket.ticket, each.upload_id, 0, 100).encode())
+            assert read_reply(sock.recv_into).code == OK  # then never send the bytes
+        # both slots are taken (bulk_max_connections=2): a third verified connection is
+        # turned away (an unverified one would hold no slot)
+        ticket = _ticket(coordinator, target, others[1])
+        (third,) = _exchange(bulk.port, Request(ticket.ticket, others[1].upload_id, 0, 100))
+        assert third.code == RESOURCE_EXHAUSTED
         for sock in stalled:
             sock.settimeout(5)
             started = time.monotonic()
@@ -436,3 +439,66 @@ def test_upload_command_takes_the_transport_option(
         sent = CliRunner().invoke(app, [*command, "--transport", "grpc"])
         assert sent.exit_code == 0, sent.output
         assert len(off.state.registry.list_experts().items) == 1
+
+
+def test_silent_unverified_connections_take_no_upload_slot(
+    impatient: BackgroundCoordinator, expert: Path
+) -> None:
+    """Pre-authentication slot exhaustion: idle sockets once filled bulk_max_connections."""
+    coordinator = impatient
+    target = _target(coordinator)
+    manifest = make_manifest(describe_files(expert), "busy", "toy", "")
+    bulk = _bulk(coordinator)
+    idle = [socket.create_connection(("127.0.0.1", bulk.port)) for _ in range(6)]
+    try:
+        time.sleep(0.1)  # accepted, header pending
+        payload = _payload(expert)
+        ticket = _ticket(coordinator, target, manifest)
+        go, done = _exchange(
+            bulk.port, Request(ticket.ticket, manifest.upload_id, 0, len(payload)), payload
+        )
+        assert (go.code, done.code, done.held) == (OK, OK, len(payload))
+    finally:
+        for sock in idle:
+            sock.close()
+
+
+def test_the_request_header_has_an_absolute_deadline(
+    impatient: BackgroundCoordinator, expert: Path
+) -> None:
+    """A byte every 0.3 s never tripped the 0.5 s per-read stall timeout."""
+    coordinator = impatient
+    target = _target(coordinator)
+    manifest = make_manifest(describe_files(expert), "drip", "toy", "")
+    header = Request(_ticket(coordinator, target, manifest).ticket, manifest.upload_id, 0, 1)
+    with socket.create_connection(("127.0.0.1", _bulk(coordinator).port), timeout=5) as sock:
+        started = time.monotonic()
+        with pytest.raises(OSError):  # the cut shows on a send (or as the end of the stream)
+            for byte in header.encode()[:-1]:
+                sock.sendall(bytes([byte]))
+                time.sleep(0.3)
+            if sock.recv(1024) == b"":
+                raise ConnectionResetError("closed")
+        assert time.monotonic() - started < 3.0  # 0.5 s deadline, not 0.3 s x header bytes
+    assert _held(coordinator, target, manifest.upload_id) == 0
+
+
+def test_a_ticket_issued_before_revoking_the_contributor_writes_nothing(
+    coordinator: BackgroundCoordinator, expert: Path
+) -> None:
+    target = _target(coordinator)
+    manifest = make_manifest(describe_files(expert), "revoked", "toy", "")
+    ticket = _ticket(coordinator, target, manifest)
+    contributor_id = coordinator.state.registry.authenticate(target.token).contributor_id
+    with grpc.insecure_channel(coordinator.address) as ch:
+        admin_pb2_grpc.AdminServiceStub(ch).RevokeContributor(
+            admin_pb2.RevokeContributorRequest(contributor_id=contributor_id, reason="test"),
+            metadata=bearer(coordinator.admin_token()),
+        )
+    payload = _payload(expert)[:1000]
+    replies = _exchange(
+        _bulk(coordinator).port, Request(ticket.ticket, manifest.upload_id, 0, 1000), payload
+    )
+    assert replies[-1].code == PERMISSION_DENIED and "revoked" in replies[-1].message
+    staged = coordinator.state.uploads._folder(contributor_id, manifest.upload_id)
+    assert sum(p.stat().st_size for p in staged.iterdir()) == 0
