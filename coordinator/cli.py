@@ -58,7 +58,14 @@ def serve(
         from moerge.coordinator.checks import run_checks
 
         raise typer.Exit(0 if run_checks(settings) else 1)
+    from moerge.coordinator.inference.device import resolve_placement
     from moerge.coordinator.server import serve as run
+
+    try:  # a GPU asked for but absent: one line and exit 2, not a traceback
+        resolve_placement(settings.device, settings.dtype)
+    except ValueError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
 
     asyncio.run(run(settings))
 

@@ -20,6 +20,7 @@ from moerge.coordinator.auth import AuthInterceptor
 from moerge.coordinator.bulk_transfer import BulkServer, open_bulk_channel
 from moerge.coordinator.config import CoordinatorConfig
 from moerge.coordinator.decoding import DecodeInterceptor
+from moerge.coordinator.inference.device import resolve_placement
 from moerge.coordinator.metrics import MetricsHTTPServer, MetricsInterceptor, RpcMetrics, collector
 from moerge.coordinator.rate_limit import UploadLimiter
 from moerge.coordinator.routers import open_federation
@@ -74,6 +75,10 @@ async def start(config: CoordinatorConfig, state: CoordinatorState | None = None
     if state is None:
         state = await asyncio.to_thread(CoordinatorState.open, config)
     install_screen(state)  # poisoning checks at upload commit and before router fits
+    # Resolve the inference device now: a missing GPU stops the start instead of a first request
+    placement = await asyncio.to_thread(resolve_placement, config.device, config.dtype)
+    log.info("inference on %s (task %s, base model %s)", placement.description,
+             config.task_type, config.base_model_id)
     options = [
         ("grpc.max_receive_message_length", config.max_message_bytes),
         ("grpc.max_send_message_length", config.max_message_bytes),
