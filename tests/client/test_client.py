@@ -169,3 +169,16 @@ def test_contribute_trains_against_the_coordinators_base_model_and_uploads(
         assert big.value.code == grpc.StatusCode.INVALID_ARGUMENT
         with pytest.raises(TypeError, match="unexpected keyword argument 'epoch'"):
             client.train(data, "toy", tmp_path / "typo", base_model=str(tiny_bert), epoch=1)
+
+
+def test_every_client_method_the_docs_call_exists() -> None:
+    import re
+
+    text = (Path(__file__).parents[2] / "docs" / "python-client.md").read_text(encoding="utf-8")
+    called = set(re.findall(r"\b(?:client|admin)\.([a-z_]+)\(", text))
+    assert {"predict", "generate", "contribute", "list_experts"} <= called
+    assert not {name for name in called if not hasattr(moerge.Client, name)}
+    assert not {
+        name for name in called - {"resolve_expert_id", "resolve_contributor_id"}
+        if not hasattr(moerge.AsyncClient, name)
+    }
