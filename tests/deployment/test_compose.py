@@ -8,13 +8,13 @@ The SuperLink service is not started (Flower's own image; nothing here talks to 
 
 from __future__ import annotations
 
-import re
 import subprocess
 import urllib.request
 from pathlib import Path
 
 import grpc
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy.engine import make_url
 
 from moerge.v1 import admin_pb2, admin_pb2_grpc, inference_pb2, inference_pb2_grpc
@@ -54,11 +54,12 @@ def scrape(port: int) -> str:
 
 
 def sample(text: str, name: str, **labels: str) -> float:
-    wanted = ",".join(f'{k}="{v}"' for k, v in labels.items())
-    pattern = rf"^{re.escape(name)}{re.escape('{' + wanted + '}') if labels else ''} (\S+)$"
-    match = re.search(pattern, text, re.MULTILINE)
-    assert match, f"no sample {name}{{{wanted}}} in:\n{text}"
-    return float(match.group(1))
+    """The value of the sample ``name`` with exactly these labels (in any order)."""
+    for family in text_string_to_metric_families(text):
+        for found in family.samples:
+            if found.name == name and found.labels == labels:
+                return float(found.value)
+    raise AssertionError(f"no sample {name}{labels} in:\n{text}")
 
 
 def test_documented_commands_match_the_compose_file() -> None:

@@ -12,7 +12,6 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from moerge.coordinator.config import CoordinatorConfig
-from moerge.coordinator.metrics import Family, Sample, render
 from moerge.storage.tokens import new_token
 from moerge.v1 import admin_pb2, admin_pb2_grpc, contributor_pb2, contributor_pb2_grpc
 from tests.coordinator.harness import BackgroundCoordinator
@@ -98,14 +97,22 @@ def test_metrics_endpoint_is_off_by_default(tmp_path: Path, tiny_base_model: Pat
         assert running.running is not None and running.running.metrics_http is None
 
 
-def test_render_escapes_label_values_and_writes_prometheus_numbers() -> None:
-    family = Family("m", "gauge", "help text", (
-        Sample("m", (("path", 'a"b\\c\nd'),), 2.0),
-        Sample("m", (), 0.25),
-    ))
-    assert render([family]) == (
-        '# HELP m help text\n# TYPE m gauge\nm{path="a\\"b\\\\c\\nd"} 2\nm 0.25\n'
+def test_scrape_has_process_metrics_and_speaks_openmetrics_when_asked(
+    coordinator: BackgroundCoordinator,
+) -> None:
+    """prometheus_client's exposition: process/GC collectors and OpenMetrics negotiation."""
+    text = scrape(metrics_port(coordinator))
+    assert sample(text, "process_resident_memory_bytes") > 0
+    assert "python_gc_collections_total" in text
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{metrics_port(coordinator)}/metrics",
+        headers={"Accept": "application/openmetrics-text; version=1.0.0"},
     )
+    with urllib.request.urlopen(request, timeout=10) as response:
+        assert response.headers["Content-Type"].startswith("application/openmetrics-text")
+        body = response.read().decode()
+    assert body.rstrip().endswith("# EOF")
+    assert "# TYPE moerge_grpc_requests counter" in body
 
 
 def test_streaming_health_watch_still_works_through_the_interceptor(

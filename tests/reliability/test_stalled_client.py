@@ -17,6 +17,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from moerge.contributor_client.connection import Target
 from moerge.contributor_client.upload import describe_files, make_manifest, upload_expert
@@ -41,9 +42,13 @@ def _stalling_stream(
 
 
 def _upload_calls(metrics: str, code: str) -> int:
-    prefix = f'moerge_grpc_requests_total{{method="{UPLOAD}",code="{code}"}} '
-    lines = [line for line in metrics.splitlines() if line.startswith(prefix)]
-    return int(float(lines[0].split()[-1])) if lines else 0
+    return sum(
+        int(found.value)
+        for family in text_string_to_metric_families(metrics)
+        for found in family.samples
+        if found.name == "moerge_grpc_requests_total"
+        and found.labels == {"method": UPLOAD, "code": code}
+    )
 
 
 def _open_upload_files(pid: int, data_dir: Path) -> list[str]:
