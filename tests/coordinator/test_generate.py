@@ -163,3 +163,21 @@ def test_generate_on_a_classification_coordinator_is_a_failed_precondition(
         events(running, inference_pb2.GenerateRequest(prompt="hello"))
     assert caught.value.code() is grpc.StatusCode.FAILED_PRECONDITION
     assert "causal_lm" in caught.value.details()
+
+
+def test_metrics_show_the_device_and_the_generation_load(served) -> None:
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from moerge.coordinator.metrics import StateCollector
+
+    events(served, inference_pb2.GenerateRequest(
+        prompt="one two", sampling=inference_pb2.SamplingParams(max_new_tokens=3)))
+    registry = CollectorRegistry()
+    registry.register(StateCollector(served.state))
+    text = generate_latest(registry).decode()
+    assert 'moerge_inference_device_info{device="cpu",dtype="float32",task_type="causal_lm"} 1.0' \
+        in text
+    tokens = float(next(line.split()[-1] for line in text.splitlines()
+                        if line.startswith("moerge_generation_tokens_total")))
+    assert tokens >= 1
+    assert "moerge_generation_running 0.0" in text

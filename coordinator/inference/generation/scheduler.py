@@ -230,6 +230,7 @@ class GenerationScheduler:
         config = engine.model.config
         self.max_positions = int(getattr(config, "max_position_embeddings", 0) or 0)
         self.steps = 0  # decode steps run (for metrics and tests)
+        self.tokens = 0  # tokens generated (for metrics)
 
     # -- the caller's side (any thread) ----------------------------------------------------
     def submit(self, request: GenerationRequest) -> None:
@@ -448,6 +449,7 @@ class GenerationScheduler:
         tokens, logprobs = self.sampler.sample(logits, params, [m.generator for m in members],
                                                seen)
         now = time.perf_counter()
+        self.tokens += len(members)
         done: list[tuple[_Running, str]] = []
         for m, token, logprob in zip(members, tokens.tolist(), logprobs.tolist(), strict=True):
             m.generated.append(token)
