@@ -10,12 +10,15 @@ example (one text). They are derived from three noisy releases of the clipped em
     second  M = sum_i x_i x_i^T           [H, H] (noise on the upper   L2 sensitivity C^2
                                           triangle, mirrored)
 
-The budget is split equally (basic composition): each release is (epsilon/3, delta/3)-DP.
-Each noise std is the smallest sigma for which the Gaussian mechanism is (epsilon', delta')-DP,
-found by bisection on the exact privacy curve of the *analytic Gaussian mechanism* (Balle & Wang,
-2018, "Improving the Gaussian Mechanism for Differential Privacy", Theorem 8). Unlike the
-classic ``sigma = sqrt(2 ln(1.25/delta)) * sensitivity / epsilon`` (only valid for epsilon < 1)
-it holds for every epsilon and never needs more noise.
+The three releases are Gaussian mechanisms with one common *noise multiplier* z (noise std /
+L2 sensitivity), so each is noised in proportion to its sensitivity. z is the smallest value for
+which the three, composed, are (epsilon, delta)-DP according to ``dp_accounting``'s privacy loss
+distribution (PLD) accountant (Koskela et al. 2020; Doroshenko et al. 2022), whose estimate is
+pessimistic, so the guarantee holds. Splitting the budget in three instead (basic composition,
+each release (epsilon/3, delta/3)-DP through the analytic Gaussian mechanism of Balle & Wang,
+2018) is valid too but wasteful: at epsilon 1, delta 1e-5 it needs z = 10.97 where the
+accountant shows z = 6.46 is enough (41% less noise; 36% at epsilon 8, 42% at epsilon 0.1).
+:func:`noise_saved` reports the saving for a budget.
 
 Not protected: the LoRA weights and PHATGOOSE gates are trained on the same data without DP.
 Units are examples, not people: a person with k examples gets roughly k times the epsilon.
@@ -25,15 +28,19 @@ cryptographically hardened float sampler.
 
 from __future__ import annotations
 
+import functools
 import math
 import secrets
 from dataclasses import dataclass
 
+import dp_accounting
 import torch
+from dp_accounting import mechanism_calibration
+from dp_accounting.pld import PLDAccountant
 
 #: Releases that share the budget, and the name of each noise std in ``meta.dp.noise_std``.
 RELEASES = ("count", "sum", "second_moment")
-MECHANISM = "analytic_gaussian"
+MECHANISM = "gaussian_pld"  # Gaussian releases composed by the PLD accountant
 
 
 @dataclass
@@ -90,11 +97,45 @@ def clip_rows(x: torch.Tensor, clip_norm: float) -> torch.Tensor:
     return x * (clip_norm / norms.clamp(min=clip_norm))
 
 
+@functools.lru_cache(maxsize=64)  # a pure function of the budget; a search takes ~0.1-2 s
+def noise_multiplier(epsilon: float, delta: float, releases: int = len(RELEASES)) -> float:
+    """Smallest z such that ``releases`` Gaussian mechanisms of noise multiplier z compose to
+    (epsilon, delta)-DP under the PLD accountant.
+
+    The search is bracketed by the exact answer (a composition of Gaussian mechanisms is a
+    Gaussian mechanism of multiplier z / sqrt(releases), which the pessimistic accountant never
+    beats) and by basic composition (always valid). The discretization of the privacy loss grows
+    with epsilon so that large budgets stay fast; it only makes the estimate more pessimistic.
+    """
+    exact = math.sqrt(releases) * analytic_gaussian_sigma(epsilon, delta, 1.0)
+    basic = analytic_gaussian_sigma(epsilon / releases, delta / releases, 1.0)
+    interval = 1e-3 * max(epsilon, 1.0)
+
+    def composed(z: float) -> dp_accounting.DpEvent:
+        return dp_accounting.SelfComposedDpEvent(dp_accounting.GaussianDpEvent(z), releases)
+
+    z = mechanism_calibration.calibrate_dp_mechanism(
+        lambda: PLDAccountant(value_discretization_interval=interval),
+        composed,
+        epsilon,
+        delta,
+        mechanism_calibration.ExplicitBracketInterval(0.999 * exact, basic),
+        tol=1e-4 * exact,
+    )
+    return min(float(z), basic)
+
+
 def noise_stds(config: DPConfig) -> dict[str, float]:
     """Noise std of each release (keys ``RELEASES``) for the budget of ``config``."""
-    epsilon, delta = config.epsilon / len(RELEASES), config.delta / len(RELEASES)
+    z = noise_multiplier(config.epsilon, config.delta)
     sensitivities = {"count": 1.0, "sum": config.clip_norm, "second_moment": config.clip_norm**2}
-    return {name: analytic_gaussian_sigma(epsilon, delta, s) for name, s in sensitivities.items()}
+    return {name: z * s for name, s in sensitivities.items()}
+
+
+def noise_saved(epsilon: float, delta: float) -> float:
+    """The fraction of noise std the accountant saves over splitting the budget in three."""
+    basic = analytic_gaussian_sigma(epsilon / len(RELEASES), delta / len(RELEASES), 1.0)
+    return 1.0 - noise_multiplier(epsilon, delta) / basic
 
 
 def privatize(

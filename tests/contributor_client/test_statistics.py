@@ -199,7 +199,7 @@ def test_dp_covariance_is_positive_semi_definite_and_meta_records_the_budget(
     assert torch.linalg.eigvalsh((factor @ factor.T + torch.diag(diag)).double()).min() > 0
     assert meta.dp is not None
     assert (meta.dp.epsilon, meta.dp.delta, meta.dp.clip_norm) == (0.5, 1e-6, 0.5)
-    assert meta.dp.mechanism == "analytic_gaussian"
+    assert meta.dp.mechanism == "gaussian_pld"
     expected = noise_stds(dp)
     for name in ("count", "sum", "second_moment"):
         assert meta.dp.noise_std[name] == expected[name]
