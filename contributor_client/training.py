@@ -2,7 +2,9 @@
 
 Classification experts are ``AutoModelForSequenceClassification`` + LoRA (PEFT ``SEQ_CLS``:
 PEFT trains and saves the new ``classifier`` head through ``modules_to_save``); causal LM
-experts are ``AutoModelForCausalLM`` + LoRA trained with the LM loss. The result is PEFT's own
+experts are ``AutoModelForCausalLM`` + LoRA trained with the LM loss: on the whole text, or, when
+each text comes with a completion (the data's label field), on the completion's tokens only
+(instruction tuning: prompt -> answer). The result is PEFT's own
 format, exactly ``adapter_config.json`` and ``adapter_model.safetensors``. For a BERT base such
 as all-MiniLM-L6-v2 with the default targets the saved keys are::
 
@@ -48,6 +50,7 @@ from moerge.contributor_client.batching import (
     IGNORE_INDEX,
     collate,
     encode,
+    encode_completions,
     length_grouped_batches,
     load_tokenizer,
     sorted_batches,
@@ -138,8 +141,10 @@ def train_expert(
     """Train a LoRA expert and save it (PEFT format) into ``out_dir``.
 
     The same inputs and ``config.seed`` give bit-identical weights on the same machine.
-    ``labels`` are required for classification (at least two distinct) and ignored for
-    causal LM. The caller's global torch RNG state is left untouched.
+    ``labels`` are required for classification (at least two distinct). For causal LM they
+    are optional completions: with them the expert learns to continue ``texts[i]`` with
+    ``labels[i]`` (loss on the completion's tokens and the EOS after it only); without them
+    it learns the texts themselves. The caller's global torch RNG state is left untouched.
     """
     started = time.perf_counter()
     config.validate()
@@ -154,19 +159,27 @@ def train_expert(
         split_labels, len(texts), config.validation_fraction, config.seed
     )
     tokenizer = load_tokenizer(config.base_model)
-    token_ids = encode(tokenizer, texts, config.max_length)
+    prompt_lengths = None
+    if causal_lm and labels is not None:
+        token_ids, prompt_lengths = encode_completions(
+            tokenizer, texts, labels, config.max_length
+        )
+    else:
+        token_ids = encode(tokenizer, texts, config.max_length)
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         base = load_task_model(config.base_model, config.task_type, label_names, tokenizer)
         model = get_peft_model(base, lora_config(config))
-        curve = _train(model, tokenizer, token_ids, label_ids, train_idx, config, progress)
+        curve = _train(
+            model, tokenizer, token_ids, label_ids, train_idx, config, progress, prompt_lengths
+        )
 
     val_accuracy = None
     if val_idx:
         val_accuracy = evaluate(
             model, tokenizer, token_ids, label_ids, val_idx, config.batch_size, causal_lm,
-            config.bf16,
+            config.bf16, prompt_lengths,
         )
     save_adapter(model, out_dir, config.base_model_id or config.base_model)
     return TrainResult(
@@ -228,8 +241,10 @@ def evaluate(
     batch_size: int,
     causal_lm: bool,
     bf16: bool = False,
+    prompt_lengths: Sequence[int] | None = None,
 ) -> float:
-    """Accuracy on ``indices``: of the predicted label, or of every next token for causal LM."""
+    """Accuracy on ``indices``: of the predicted label, or for causal LM of every next token
+    (of the completion's tokens only, given ``prompt_lengths``)."""
     model.eval()
     correct = 0
     total = 0
@@ -240,6 +255,7 @@ def evaluate(
             tokenizer,
             None if label_ids is None else [label_ids[i] for i in chosen],
             causal_lm=causal_lm,
+            prompt_lengths=None if prompt_lengths is None else [prompt_lengths[i] for i in chosen],
         )
         labels = batch.pop("labels")
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
@@ -282,6 +298,7 @@ def _train(
     train_idx: Sequence[int],
     config: TrainConfig,
     progress: bool,
+    prompt_lengths: Sequence[int] | None = None,
 ) -> list[float]:
     """AdamW over the trainable (LoRA + head) parameters; returns the loss of every step."""
     generator = torch.Generator().manual_seed(config.seed)
@@ -309,6 +326,9 @@ def _train(
                     tokenizer,
                     None if label_ids is None else [label_ids[i] for i in chosen],
                     causal_lm=causal_lm,
+                    prompt_lengths=(
+                        None if prompt_lengths is None else [prompt_lengths[i] for i in chosen]
+                    ),
                 )
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16):
                     loss = model(**batch).loss
