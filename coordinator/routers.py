@@ -171,6 +171,58 @@ class RouterService:
                 self._active = loaded
             return info
 
+    def try_extend(self, actor: str = "system") -> RouterVersionInfo | None:
+        """Add newly active experts to the active router without a refit, as a new version.
+
+        Applies when the active router's method is incremental (``Router.incremental``, e.g.
+        Arrow: a new expert's prototypes are computed, nobody else's) and experts were only
+        added since it was fitted; returns None otherwise (the scheduler then refits as usual).
+        The extended router serves from the moment it exists; its artifact is written and its
+        version completed right after (a failure there puts the previous router back).
+        """
+        active = self._active
+        if active is None or not active.router.incremental:
+            return None
+        with self._train_lock:
+            if self._active is not active:  # a fit finished meanwhile: look again next tick
+                return None
+            experts = self.screen() if self.screen else self.registry.active_experts()
+            known = set(active.router.expert_ids)
+            if not known <= {e.id for e in experts}:
+                return None  # an expert left: its prototypes must go, a refit is needed
+            new = [e for e in experts if e.id not in known]
+            if not new:
+                return None
+            started = time.perf_counter()
+            router = active.router.extended([self.experts.record(e) for e in new])
+            version = self.registry.create_router_version(
+                actor, active.version.method, dict(active.version.params),
+                list(router.expert_ids), "expert_added",
+            )
+            self._active = LoadedRouter(version=version, router=router)  # serves from now on
+            served_after = time.perf_counter() - started
+            try:
+                with tempfile.TemporaryDirectory() as tmp:
+                    path = Path(tmp) / "router.safetensors"
+                    router.save(path)
+                    ref = self.blobs.put_file(path)
+                info = self.registry.complete_router_version(
+                    version.version, (ref.sha256, ref.size),
+                    {"artifact_bytes": float(ref.size), "added_experts": float(len(new)),
+                     "serving_after_seconds": served_after},
+                    time.perf_counter() - started, activate=True,
+                )
+            except Exception as exc:
+                self._active = active
+                self.registry.fail_router_version(version.version, f"{type(exc).__name__}: {exc}")
+                raise
+            loaded = LoadedRouter(version=info, router=router)
+            self._loaded[info.version] = loaded
+            self._active = loaded
+            log.info("router v%d: %s extended by %d expert(s), serving after %.3f s",
+                     info.version, info.method, len(new), served_after)
+            return info
+
     def _fit(self, method: str, records: list, params: dict[str, object]) -> FitResult:
         """``federated`` rounds run over the SuperLink's SuperNodes when one is configured
         (unless ``params["backend"]`` asks for simulated contributors); all else fits here."""
@@ -202,14 +254,25 @@ class RouterService:
             return self.default_method, {}
         return info.method, dict(info.params)
 
-    async def run_scheduler(self, tick_seconds: float = 1.0) -> None:
-        """Ask the policy every tick; fit on a worker thread when it says so."""
+    async def run_scheduler(self, tick_seconds: float = 1.0, poll_seconds: float = 0.05) -> None:
+        """Ask the policy every tick; fit on a worker thread when it says so.
+
+        Between ticks the registry's in-memory write counter is polled every ``poll_seconds``,
+        so that a new expert reaches an incremental router (:meth:`try_extend`) at once rather
+        than at the next tick or after the policy's debounce.
+        """
         assert self.policy is not None
         while True:
-            await asyncio.sleep(tick_seconds)
+            generation = self.registry.generation()
+            waited = 0.0
+            while waited < tick_seconds and self.registry.generation() == generation:
+                await asyncio.sleep(poll_seconds)
+                waited += poll_seconds
             try:
                 fingerprint = await asyncio.to_thread(self.registry.expert_set_fingerprint)
                 now = time.monotonic()
+                if await self._extended(now, fingerprint):
+                    continue
                 trigger = self.policy.should_train(now, fingerprint)
                 if trigger is None:
                     continue
@@ -228,6 +291,25 @@ class RouterService:
                 raise
             except Exception:
                 log.exception("router scheduler tick failed")
+
+    async def _extended(self, now: float, fingerprint: str) -> bool:
+        """Try :meth:`try_extend` for a changed expert set; True when it produced a version."""
+        policy = self.policy
+        assert policy is not None
+        active = self._active
+        if (policy.running or fingerprint == policy.trained_fingerprint or active is None
+                or not active.router.incremental):
+            return False
+        try:
+            info = await asyncio.to_thread(self.try_extend)
+        except Exception:
+            log.exception("extending the active router failed; a full refit follows")
+            return False
+        if info is None:
+            return False
+        policy.mark_started(now, fingerprint)
+        policy.mark_finished(time.monotonic(), fingerprint, True)
+        return True
 
     def start(self) -> None:
         if self.policy is not None and self._task is None:

@@ -157,15 +157,50 @@ class ArrowRouter(ModuleVectorRouter):
     config_class: ClassVar[type[RouterConfig]] = ArrowRouterConfig
     config: ArrowRouterConfig
 
+    incremental: ClassVar[bool] = True  # a prototype depends on its own expert only
+
     @classmethod
     def fit(cls, experts: Sequence[ExpertRecord], config: RouterConfig) -> ArrowRouter:
         router = cls(config, [e.expert_id for e in experts])  # type: ignore[arg-type]
+        router._set_vectors(router._prototypes(experts, first_index=0))
+        return router
+
+    def extended(self, experts: Sequence[ExpertRecord]) -> ArrowRouter:
+        """This router plus ``experts``' prototypes (see :meth:`Router.extended`).
+
+        Each prototype depends on its own expert's factors and the fixed start vector only, so
+        the result equals :meth:`fit` over the old experts then the new ones; the old tables are
+        concatenated, not recomputed: ``O(new experts)`` solves and one copy per module.
+        """
+        router = type(self)(self.config, [*self.expert_ids, *(e.expert_id for e in experts)])
+        added = self._prototypes(experts, first_index=self.num_experts)
+        for module in sorted(set(self.vectors) | set(added)):
+            rows = sorted(added.get(module, []), key=lambda item: item[0])
+            old_vectors, old_members = self.vectors.get(module), self.members.get(module)
+            new_vectors = [v.to(torch.float32) for _, v in rows]
+            new_members = torch.tensor([i for i, _ in rows], dtype=torch.long)
+            if old_vectors is None:
+                router.vectors[module] = torch.stack(new_vectors)
+                router.members[module] = new_members
+            elif not rows:
+                router.vectors[module], router.members[module] = old_vectors, old_members
+            else:
+                if int(new_vectors[0].shape[-1]) != int(old_vectors.shape[1]):
+                    raise ValueError(f"module {module!r}: experts disagree on its input size")
+                router.vectors[module] = torch.cat([old_vectors, torch.stack(new_vectors)])
+                router.members[module] = torch.cat([old_members, new_members])
+        return router
+
+    def _prototypes(
+        self, experts: Sequence[ExpertRecord], first_index: int
+    ) -> dict[str, list[tuple[int, torch.Tensor]]]:
+        """``{module: [(expert index, prototype [d_in]), ...]}``, experts loaded one at a time."""
         missing = [e.expert_id for e in experts if e.load_lora is None]
         if missing:
             raise ValueError(f"experts without a LoRA adapter to load: {missing[:10]}")
         per_module: dict[str, list[tuple[int, torch.Tensor]]] = defaultdict(list)
         pending: list[tuple[int, str, LoraModuleWeights]] = []
-        for index, expert in enumerate(experts):
+        for index, expert in enumerate(experts, start=first_index):
             assert expert.load_lora is not None
             lora = expert.load_lora()
             if not lora:
@@ -174,11 +209,10 @@ class ArrowRouter(ModuleVectorRouter):
                 _check_factors(expert.expert_id, module, weights)
                 pending.append((index, module, weights))
             if len(pending) >= _BATCH_MODULES:
-                router._solve(pending, per_module)
+                self._solve(pending, per_module)
                 pending = []
-        router._solve(pending, per_module)
-        router._set_vectors(per_module)
-        return router
+        self._solve(pending, per_module)
+        return per_module
 
     def _solve(
         self,

@@ -156,6 +156,15 @@ class Router(ABC):
     def fit(cls, experts: Sequence[ExpertRecord], config: RouterConfig) -> Router:
         """Fit from experts' adapters and/or statistics alone (never raw data)."""
 
+    #: whether :meth:`extended` adds experts without a refit (their own parameters only)
+    incremental: ClassVar[bool] = False
+
+    def extended(self, experts: Sequence[ExpertRecord]) -> Router:
+        """A new router over this one's experts followed by ``experts``, equal to a refit over
+        all of them but computed from the new experts alone (methods whose parameters are per
+        expert, e.g. Arrow's prototypes). This router is left unchanged."""
+        raise NotImplementedError(f"router '{self.method}' cannot add experts without a refit")
+
     # -- routing ------------------------------------------------------------------------------
     def route_examples(self, embeddings: torch.Tensor, top_k: int | None = None) -> RoutingDecision:
         """Example-level routing: ``embeddings`` [B, H] -> decision with rows = examples."""

@@ -9,8 +9,9 @@ import pytest
 
 import moerge
 from moerge.results import GenerateDelta, GenerateEnd, GenerateStart
+from tests.coordinator.conftest import tiny_llama  # noqa: F401 (fixture)
 from tests.coordinator.harness import BackgroundCoordinator
-from tests.coordinator.test_generate import served, tiny_llama  # noqa: F401 (fixtures)
+from tests.coordinator.test_generate import served  # noqa: F401 (fixture)
 
 
 def test_generate_streams_start_deltas_end_as_dataclasses(served: BackgroundCoordinator) -> None:  # noqa: F811

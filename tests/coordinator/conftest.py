@@ -6,11 +6,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from transformers import AutoTokenizer
 
 from moerge.coordinator.config import CoordinatorConfig
 from moerge.storage.tokens import new_token
 from tests.coordinator.harness import BackgroundCoordinator
-from tests.tiny_models import make_tiny_bert
+from tests.tiny_models import make_tiny_bert, make_tiny_llama
 
 
 @pytest.fixture(scope="session")
@@ -41,3 +42,19 @@ def coordinator(tmp_path: Path, tiny_bert: Path, db_url: str) -> Iterator[Backgr
     """A coordinator over a fresh SQLite file and, in a second run, a fresh PostgreSQL database."""
     with BackgroundCoordinator(coordinator_config(tmp_path / "data", tiny_bert, db_url)) as running:
         yield running
+
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} </s> {% endfor %}"
+    "{% if add_generation_prompt %}assistant :{% endif %}"
+)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Llama with a chat template, for causal-LM coordinators."""
+    path = make_tiny_llama(tmp_path_factory.mktemp("models") / "tiny-llama")
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(str(path))
+    return path

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import grpc
 import pytest
-from transformers import AutoTokenizer
 
 from moerge.contributor_client.connection import Target
 from moerge.contributor_client.upload import upload_expert
@@ -18,21 +17,6 @@ from tests.coordinator.conftest import coordinator_config
 from tests.coordinator.harness import BackgroundCoordinator, bearer
 from tests.coordinator.test_server import enroll
 from tests.experts import make_expert_dir
-from tests.tiny_models import make_tiny_llama
-
-CHAT_TEMPLATE = (
-    "{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} </s> {% endfor %}"
-    "{% if add_generation_prompt %}assistant :{% endif %}"
-)
-
-
-@pytest.fixture(scope="module")
-def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = make_tiny_llama(tmp_path_factory.mktemp("models") / "tiny-llama")
-    tokenizer = AutoTokenizer.from_pretrained(str(path))
-    tokenizer.chat_template = CHAT_TEMPLATE
-    tokenizer.save_pretrained(str(path))
-    return path
 
 
 @pytest.fixture(scope="module")
