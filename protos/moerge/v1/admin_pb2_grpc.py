@@ -127,7 +127,10 @@ class AdminServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def TrainRouter(self, request, context):
-        """Fits a router now and (unless activate=false) makes it the active version.
+        """Fits a router now and (unless no_activate) makes it the active version. Scheduled refits
+        (after an expert change, or periodic) train the active version's method and params again.
+        A method that cannot serve (evaluation-only "oracle", or "base" for classification) is
+        INVALID_ARGUMENT unless no_activate.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -87,13 +87,22 @@ class ContributorServiceServicer:
         """Client streaming: one UploadManifest first, then UploadChunk messages from the offset that
         GetUploadStatus reports (0 for a new upload). The expert is committed only after every
         file's size and sha256 verify and the adapter and statistics pass validation.
+        Upload states: "receiving" -> "committed" (after the commit) or "failed" (validation
+        refused it: terminal; start again under a new upload_id). Sending the manifest of a
+        receiving upload again resumes it; of a committed one returns its expert (created=false);
+        of a failed one is FAILED_PRECONDITION with the reason. A chunk whose offset is not the
+        bytes held is FAILED_PRECONDITION (resume from GetUploadStatus), one that passes the
+        manifest's total is INVALID_ARGUMENT; ending the stream before the last byte is
+        FAILED_PRECONDITION (the bytes stay; resume). A refusal of the content (sha256, NaN,
+        shapes, ...) is INVALID_ARGUMENT and marks the upload failed.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetUploadStatus(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """An upload id this contributor never started is NOT_FOUND.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -108,7 +117,8 @@ class ContributorServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListMyExperts(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Every expert this contributor registered, every version and state (no paging).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
