@@ -168,6 +168,11 @@ class InferenceService:
 
     async def aclose(self) -> None:
         await self.batcher.aclose()
+        batches, items = self.batcher.batches, self.batcher.items
+        log.info(
+            "inference: served %d requests in %d engine batches (%.1f per batch)",
+            items, batches, items / max(1, batches),
+        )
         await asyncio.to_thread(self.engine.close)
 
     # -- choosing a router --------------------------------------------------------------------

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 Item = TypeVar("Item")
+RECENT_BATCHES = 1024
 Result = TypeVar("Result")
 
 
@@ -62,7 +63,10 @@ class MicroBatcher(Generic[Item, Result]):
         self._task: asyncio.Task[None] | None = None
         self._closed = False
         self.batches = 0  # batches executed so far
-        self.batch_sizes: list[int] = []  # items per executed batch (for tests and metrics)
+        self.items = 0  # items in them
+        #: items per executed batch, the latest :data:`RECENT_BATCHES` (for tests and metrics;
+        #: a serving coordinator runs batches for months)
+        self.batch_sizes: list[int] = []
 
     # -- public -------------------------------------------------------------------------------
     async def submit(self, item: Item) -> Result:
@@ -142,7 +146,10 @@ class MicroBatcher(Generic[Item, Result]):
         if not live:
             return
         self.batches += 1
+        self.items += len(live)
         self.batch_sizes.append(len(live))
+        if len(self.batch_sizes) > 2 * RECENT_BATCHES:
+            del self.batch_sizes[:-RECENT_BATCHES]
         loop = asyncio.get_running_loop()
         try:
             results = await loop.run_in_executor(self._executor, self.fn, [p.item for p in live])

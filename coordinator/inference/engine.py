@@ -393,22 +393,35 @@ class InferenceEngine:
         if len(members) < 2:
             return routed
         try:
-            texts = [self._checked(requests[i].texts) for i in members]
-            embeddings = self._embed([t for batch in texts for t in batch])  # [sum B_i, H]
+            texts = {i: self._checked(requests[i].texts) for i in members}
+            embeddings = self._embed([t for i in members for t in texts[i]])  # [sum B_i, H]
         except Exception:
             return routed  # each request meets its own error when run alone
-        start = 0
-        for i, batch in zip(members, texts, strict=True):
-            request = requests[i]
+        rows: dict[int, list[int]] = {}  # request -> its rows of ``embeddings``
+        by_router: dict[tuple[object, ...], list[int]] = {}  # same router, top_k, aggregation
+        offset = 0
+        for i in members:
+            rows[i] = list(range(offset, offset + len(texts[i])))
+            offset += len(texts[i])
+            plan = requests[i].plan or RoutingPlan.routed()
+            by_router.setdefault(plan.batch_key(), []).append(i)
+        for group in by_router.values():
+            # one routing call per router; its requests share its settings, hence its errors
+            plan = requests[group[0]].plan or RoutingPlan.routed()
             try:
-                plan = self.resolve_plan(
-                    batch, request.plan or RoutingPlan.routed(),
-                    embeddings[start : start + len(batch)],
+                whole = self.resolve_plan(
+                    [t for i in group for t in texts[i]], plan,
+                    embeddings[[r for i in group for r in rows[i]]],
                 )
-                routed[i] = replace(request, plan=plan)
             except Exception as exc:
-                routed[i] = exc
-            start += len(batch)
+                for i in group:
+                    routed[i] = exc
+                continue
+            start = 0
+            for i in group:
+                part = whole.rows(range(start, start + len(rows[i])))
+                routed[i] = replace(requests[i], plan=part)
+                start += len(rows[i])
         return routed
 
     # -- request execution --------------------------------------------------------------------
