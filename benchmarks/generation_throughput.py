@@ -256,7 +256,32 @@ def moerge_in_process(base: Path, folders: list[Path], prompts: list[str], args,
 
     run(prompts)  # warm-up: loads every expert used
     elapsed, _, count = run(prompts)
-    ttft = [run([prompts[0]])[1][0] for _ in range(5)]
+    # time to first token alone, routed as the server routes: a centroid router over the same
+    # statistics (the prompt is embedded by the base model first)
+    from moerge.coordinator.expert_store import read_statistics
+    from moerge.router_training import fit_router
+    from moerge.router_training.base import ExpertRecord
+
+    centroid = fit_router("centroid", [
+        ExpertRecord(expert_id=e, statistics=read_statistics(f))
+        for e, f in zip(ids, folders, strict=True)], {"top_k": 1}).router
+    routed = RoutingPlan.routed(centroid, 1)
+    ttft = []
+    for _ in range(6):
+        done = threading.Event()
+        firsts: list[float] = []
+
+        def sink(event, firsts=firsts, done=done):
+            if isinstance(event, GenerationFinished):
+                firsts.append(event.time_to_first_token_ms)
+                done.set()
+
+        engine.scheduler.submit(GenerationRequest(
+            prompt=prompts[0], routing_text=prompts[0], sampling=sampling, sink=sink,
+            plan=routed))
+        done.wait()
+        ttft.append(firsts[0])
+    ttft = ttft[1:]  # the first one warms the routing path up
     engine.close()
     gc.collect()
     if args.device == "cuda":
