@@ -19,7 +19,7 @@ from rich.table import Table
 
 from moerge.results import Result
 
-err_console = Console(stderr=True)
+err_console = Console(stderr=True, soft_wrap=True)  # a message stays one greppable line
 PIPED_WIDTH = 100_000  # "unlimited": a table is only as wide as its content needs
 
 
@@ -53,13 +53,16 @@ def table(title: str, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> 
 
 
 def fields(title: str, result: Result) -> None:
-    """A two-column table of one object's fields."""
-    table(title, ("field", "value"), ((k, _short(v)) for k, v in result.to_dict().items()))
+    """A two-column table of one object's fields, whole (a list shows one item per line)."""
+    table(title, ("field", "value"), ((k, _cell(v)) for k, v in result.to_dict().items()))
 
 
-def _short(value: Any) -> str:
-    text = value if isinstance(value, str) else json.dumps(value, default=str)
-    return text if len(text) <= 200 else text[:197] + "..."
+def _cell(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        return "\n".join(v if isinstance(v, str) else json.dumps(v) for v in value)
+    return json.dumps(value, default=str)
 
 
 def error(message: object, hint: str = "") -> None:

@@ -178,3 +178,11 @@ def test_library_noise_is_silenced_unless_verbose(tiny_bert: Path, tmp_path: Pat
     assert "LOAD REPORT" in outputs[True]
     assert "LOAD REPORT" not in outputs[False] and "FutureWarning" not in outputs[False]
     assert "it/s]" not in outputs[False]  # no tqdm bar between moerge's own progress bars
+
+
+def test_experts_show_prints_every_field_whole(served: dict) -> None:
+    shown = _invoke("admin", "experts", "show", served["ids"][0][:6], *served["admin"])
+    assert shown.exit_code == 0, shown.output
+    for name in ("adapter_config.json", "adapter_model.safetensors", "statistics.json"):
+        assert f'"name": "{name}"' in shown.stdout
+    assert "..." not in shown.stdout and "…" not in shown.stdout
