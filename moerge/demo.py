@@ -17,6 +17,7 @@ it (the admin token is in ``<dir>/coordinator/admin-token``).
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -38,6 +39,8 @@ if TYPE_CHECKING:
 console = Console()
 
 DEFAULT_TASKS = ("bbc_news", "rotten_tomatoes", "amazon_food", "fortunes", "wordnet_supersense")
+#: ``--llm``: the instruction tasks of moerge.contributor_client.instruction_tasks
+LLM_TASKS = ("word_class", "news_topic", "review_verdict")
 ROUTERS = ("centroid", "lda", "qda", "mlp", "arrow", "phatgoose", "uniform")
 
 
@@ -87,17 +90,21 @@ def contributor_process(
     epochs: int,
     max_examples: int,
     gate_steps: int,
+    max_length: int = 64,
+    extra: Sequence[str] = (),
 ) -> subprocess.Popen:
     """Join and contribute as a separate process whose home is ``folder`` (its data only).
 
     One torch thread per contributor, so two contributors share the 2 cores side by side.
+    ``gate_steps=0`` trains no PHATGOOSE gates; ``extra`` are more ``moerge contribute``
+    options (e.g. ``--base-model``).
     """
     env = {**os.environ, "MOERGE_HOME": str(folder / "home"), "OMP_NUM_THREADS": "1"}
     env.pop("MOERGE_TOKEN", None)
-    join = " ".join(
+    join = shlex.join(
         _moerge("join", "--coordinator", address, "--token", enrollment, "--name", f"lab-{task}")
     )
-    contribute = " ".join(
+    contribute = shlex.join(
         _moerge(
             "contribute",
             str(folder / "data.jsonl"),
@@ -108,9 +115,9 @@ def contributor_process(
             "--max-examples",
             str(max_examples),
             "--max-length",
-            "64",
-            "--gate-steps",
-            str(gate_steps),
+            str(max_length),
+            *(["--gate-steps", str(gate_steps)] if gate_steps else ["--no-gates"]),
+            *extra,
             "--json",
         )
     )
@@ -149,14 +156,24 @@ def run_contributors(
 
 
 def write_contributor_data(
-    data_dir: Path, names: list[str], train_per_task: int, test_per_task: int, seed: int
+    data_dir: Path,
+    names: list[str],
+    train_per_task: int,
+    test_per_task: int,
+    seed: int,
+    load: Callable[..., TaskData] | None = None,
 ) -> dict[str, TaskData]:
-    """Give each task's contributor a folder holding only its training data; return the tasks."""
+    """Give each task's contributor a folder holding only its training data; return the tasks.
+
+    ``load(name, max_train=, max_test=, seed=)`` reads a task (default: ``datasets.load_task``).
+    """
     from moerge.contributor_client.datasets import load_task, write_jsonl
 
     tasks = {}
     for task in names:
-        data = load_task(task, max_train=train_per_task, max_test=test_per_task, seed=seed)
+        data = (load or load_task)(
+            task, max_train=train_per_task, max_test=test_per_task, seed=seed
+        )
         folder = data_dir / "contributors" / task
         folder.mkdir(parents=True)
         write_jsonl(data.train, folder / "data.jsonl")
@@ -171,6 +188,8 @@ def contributor_jobs(
     epochs: int,
     max_examples: int,
     gate_steps: int,
+    max_length: int = 64,
+    extra: Sequence[str] = (),
 ) -> list[tuple[str, Callable[[], subprocess.Popen]]]:
     """One enrollment token and one deferred contributor process per task."""
     from moerge.contributor_client.rpc import call
@@ -194,6 +213,8 @@ def contributor_jobs(
             epochs,
             max_examples,
             gate_steps,
+            max_length,
+            extra,
         )
         jobs.append((task, start))
     return jobs
@@ -229,17 +250,42 @@ def fit_routers(
     return fit_seconds
 
 
+def demo_progress(console: Console) -> Progress:
+    """The demo's progress bars: one per phase, with counts and elapsed time."""
+    return Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+    )
+
+
 def demo(
     data_dir: Annotated[Path, typer.Option(help="where everything is written")] = Path("demo-data"),
-    tasks: Annotated[str, typer.Option(help="comma-separated task names")] = ",".join(
-        DEFAULT_TASKS
-    ),
-    train_per_task: Annotated[int, typer.Option(help="training examples per contributor")] = 200,
-    test_per_task: Annotated[int, typer.Option(help="held-out examples per task")] = 40,
+    tasks: Annotated[
+        str | None,
+        typer.Option(help=f"comma-separated task names (default {','.join(DEFAULT_TASKS)})"),
+    ] = None,
+    train_per_task: Annotated[
+        int | None, typer.Option(help="training examples per contributor (200; 48 with --llm)")
+    ] = None,
+    test_per_task: Annotated[
+        int | None, typer.Option(help="held-out examples per task (40; 20 with --llm)")
+    ] = None,
     epochs: Annotated[int, typer.Option(help="training epochs per expert")] = 2,
     gate_steps: Annotated[int, typer.Option(help="PHATGOOSE gate steps per expert")] = 30,
     parallel: Annotated[int, typer.Option(help="contributors training at once")] = 2,
     seed: int = 0,
+    llm: Annotated[
+        bool,
+        typer.Option(
+            "--llm",
+            help="causal-LM experts on SmolLM2-135M-Instruct, scored on routed generation "
+            f"(default tasks {','.join(LLM_TASKS)}; no gates)",
+        ),
+    ] = False,
+    max_new_tokens: Annotated[int, typer.Option(help="--llm: tokens generated per answer")] = 8,
 ) -> None:
     """Run the end-to-end demo and print the routing table."""
     from moerge.contributor_client.connection import Target
@@ -248,7 +294,25 @@ def demo(
     from moerge.storage.tokens import new_token
 
     data_dir = data_dir.resolve()  # contributors run in their own folders
-    names = [t.strip() for t in tasks.split(",") if t.strip()]
+    default_tasks = LLM_TASKS if llm else DEFAULT_TASKS
+    names = [t.strip() for t in (tasks or ",".join(default_tasks)).split(",") if t.strip()]
+    train_per_task = train_per_task or (48 if llm else 200)
+    test_per_task = test_per_task or (20 if llm else 40)
+    if llm:
+        from moerge.contributor_client.instruction_tasks import INSTRUCTION_TASKS
+        from moerge.llm_demo import run_llm_demo
+
+        unknown = [t for t in names if t not in INSTRUCTION_TASKS]
+        if unknown or len(names) < 2:
+            raise typer.BadParameter(
+                f"--llm needs at least two of {sorted(INSTRUCTION_TASKS)}; got {names}"
+            )
+        if data_dir.exists():
+            shutil.rmtree(data_dir)
+        run_llm_demo(
+            data_dir, names, train_per_task, test_per_task, epochs, parallel, seed, max_new_tokens
+        )
+        return
     missing = [t for t in names if t not in available_tasks()]
     if missing:
         console.print(
@@ -269,13 +333,7 @@ def demo(
     admin = Target(address=address, token=admin_token)
     started = time.perf_counter()
     try:
-        with Progress(
-            "[progress.description]{task.description}",
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            console=console,
-        ) as bar:
+        with demo_progress(console) as bar:
             job = bar.add_task(
                 "contributors train and upload experts (2 at a time)", total=len(names)
             )

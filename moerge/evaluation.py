@@ -51,6 +51,7 @@ class MethodScore:
     seconds: float = 0.0
     confusion: Counter[tuple[str, str]] = field(default_factory=Counter)  # (source, routed)
     error: str = ""
+    outputs: list[tuple[StreamExample, str]] = field(default_factory=list)  # for other metrics
 
     @property
     def routing_accuracy(self) -> float:
@@ -75,11 +76,16 @@ def score_method(
     expert_of_task: dict[str, str],
     batch_size: int = 32,
     on_batch: Callable[[int], None] | None = None,
+    max_new_tokens: int = 0,
 ) -> MethodScore:
-    """Send the stream to Predict with one method; tally routing and task accuracy."""
+    """Send the stream to Predict with one method; tally routing and task accuracy.
+
+    ``max_new_tokens`` bounds generation for causal LMs (0: the coordinator's default).
+    """
     if method == "oracle":
         return score_assigned(
-            target, method, stream, [ex.task for ex in stream], expert_of_task, batch_size, on_batch
+            target, method, stream, [ex.task for ex in stream], expert_of_task, batch_size,
+            on_batch, max_new_tokens,
         )
     routing_method, aggregation, top_k = METHODS[method]
     task_of_expert = {e: t for t, e in expert_of_task.items()}
@@ -96,6 +102,7 @@ def score_method(
                         routing_method=routing_method,
                         aggregation=aggregation,
                         top_k=top_k,
+                        max_new_tokens=max_new_tokens,
                     ),
                     metadata=target.metadata(),
                     timeout=600,
@@ -104,8 +111,9 @@ def score_method(
                 score.error = f"{exc.code().name}: {exc.details()}"
                 return score
             for ex, prediction in zip(batch, response.predictions, strict=True):
-                top = max(prediction.experts, key=lambda e: e.weight).expert_id
-                _tally(score, ex, task_of_expert.get(top, "?"), prediction.output)
+                top = max(prediction.experts, key=lambda e: e.weight, default=None)
+                routed = task_of_expert.get(top.expert_id, "?") if top else "-"  # "-": no expert
+                _tally(score, ex, routed, prediction.output)
             if on_batch:
                 on_batch(len(batch))
     score.seconds = time.perf_counter() - started
@@ -120,6 +128,7 @@ def score_assigned(
     expert_of_task: dict[str, str],
     batch_size: int = 32,
     on_batch: Callable[[int], None] | None = None,
+    max_new_tokens: int = 0,
 ) -> MethodScore:
     """Score routing decided by the caller: example i goes to ``routed_tasks[i]``'s expert.
 
@@ -142,6 +151,7 @@ def score_assigned(
                         expert_ids=[expert_of_task[task]],
                         top_k=1,
                         aggregation=inference_pb2.AGGREGATION_OUTPUT_ENSEMBLE,
+                        max_new_tokens=max_new_tokens,
                     ),
                     metadata=target.metadata(),
                     timeout=600,
@@ -159,6 +169,7 @@ def _tally(score: MethodScore, ex: StreamExample, routed_task: str, output: str)
     score.routed_right += routed_task == ex.task
     score.labelled_right += output == ex.label
     score.confusion[(ex.task, routed_task)] += 1
+    score.outputs.append((ex, output))
 
 
 def save_confusion_png(score: MethodScore, tasks: Sequence[str], path: Path) -> Path:
