@@ -56,7 +56,6 @@ MAX_WEIGHT_MAGNITUDE = 1e4
 #: hidden states of large LMs reach ~1e4, variances ~1e8; squared distances over 1e12-sized
 #: entries still fit float32.
 MAX_STATISTIC_MAGNITUDE = 1e12
-_CHECK_BLOCK = 1 << 20  # elements per magnitude check (bounds the scratch memory)
 HEAD_NAMES = ("classifier", "score")
 _LORA_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<which>[AB])\.weight$")
 
@@ -111,14 +110,13 @@ def _library_reason(exc: Exception) -> str:
 
 
 def _peak(tensor: torch.Tensor) -> float:
-    """The largest magnitude of any element (Inf if any is infinite); NaN if any is NaN."""
-    peak = 0.0
-    for block in tensor.reshape(-1).split(_CHECK_BLOCK) if tensor.numel() else ():
-        block_peak = float(block.abs().amax())  # amax propagates NaN
-        if math.isnan(block_peak):
-            return math.nan
-        peak = max(peak, block_peak)
-    return peak
+    """The largest magnitude of any element (Inf if any is infinite); NaN if any is NaN.
+
+    One ``aminmax`` pass (it propagates NaN), with no scratch copy of the tensor."""
+    if tensor.numel() == 0:
+        return 0.0
+    low, high = torch.aminmax(tensor.reshape(-1))
+    return max(-float(low), float(high)) if not torch.isnan(low) else math.nan
 
 
 def _load_tensors(path: Path, max_bytes: int, limit: float) -> dict[str, np.ndarray]:
