@@ -118,8 +118,13 @@ def run_llm_demo(
     parallel: int,
     seed: int,
     max_new_tokens: int,
+    model_dir: Path | None = None,
 ) -> list[GenerationScore]:
-    """Run the LLM demo into ``data_dir`` (which must not exist) and print its table."""
+    """Run the LLM demo into ``data_dir`` (which must not exist) and print its table.
+
+    ``model_dir`` is the causal LM (default: SmolLM2, converted first if needed); it needs a
+    chat template and ``q_proj``/``v_proj`` modules.
+    """
     from transformers import AutoTokenizer
 
     from moerge.contributor_client.connection import Target
@@ -137,7 +142,7 @@ def run_llm_demo(
     from moerge.storage.tokens import new_token
 
     started = time.perf_counter()
-    model_dir = ensure_converted()
+    model_dir = model_dir or ensure_converted()
     coordinator_dir = data_dir / "coordinator"
     coordinator_dir.mkdir(parents=True)
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
