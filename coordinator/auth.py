@@ -90,7 +90,8 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             GenerationCache(generation) if generation is not None else None
         )
 
-    async def _principal(self, token: str) -> Principal | None:
+    async def principal(self, token: str) -> Principal | None:
+        """Who ``token`` belongs to (None: nobody); the HTTP API asks this same cache."""
         if self._accepted is None:
             return await asyncio.to_thread(self._authenticate, token)
         key = hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
@@ -114,7 +115,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             return handler
         token = bearer_token(handler_call_details.invocation_metadata)
         try:
-            principal = await self._principal(token) if token else None
+            principal = await self.principal(token) if token else None
         except Exception as exc:  # e.g. the database is down: UNAVAILABLE, not UNKNOWN
             return _rejecting(handler, *status_for(exc))
         if principal is None:

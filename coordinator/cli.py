@@ -26,6 +26,9 @@ def serve(
         str | None, typer.Option(help="SQLAlchemy URL (default: SQLite in data dir)")
     ] = None,
     listen: Annotated[str | None, typer.Option(help="HOST:PORT (default 127.0.0.1:50051)")] = None,
+    http_listen: Annotated[
+        str | None, typer.Option(help="HOST:PORT of the HTTP API (OpenAI-compatible); default off")
+    ] = None,
     tls_cert: Annotated[str | None, typer.Option(help="PEM certificate chain")] = None,
     tls_key: Annotated[str | None, typer.Option(help="PEM private key")] = None,
     base_model: Annotated[str | None, typer.Option(help="base model folder")] = None,
@@ -48,7 +51,7 @@ def serve(
         settings = CoordinatorConfig.load(
             config, data_dir=data_dir, db_url=db, listen=listen, tls_cert=tls_cert,
             tls_key=tls_key, base_model=base_model, router_method=router_method, log_json=log_json,
-            device=device, dtype=dtype,
+            device=device, dtype=dtype, http_listen=http_listen,
         )
     except (OSError, ValueError) as exc:
         typer.echo(f"error: {exc}", err=True)

