@@ -8,13 +8,13 @@ the request's place in the coordinator's batch at once.
 
 from __future__ import annotations
 
+import json
 import sys
 from typing import Annotated
 
 import typer
 
-from moerge.contributor_client.connection import Target
-from moerge.contributor_client.options import Coordinator, Json, TlsCa, Token
+from moerge.contributor_client.options import Coordinator, TlsCa, Token
 
 
 def generate(
@@ -24,13 +24,13 @@ def generate(
     ] = False,
     system: Annotated[str, typer.Option(help="with --chat: a system message first")] = "",
     max_new_tokens: Annotated[int, typer.Option(help="0: the coordinator's default")] = 0,
-    temperature: Annotated[float, typer.Option(help="0: greedy")] = 0.0,
-    top_p: Annotated[float, typer.Option(help="nucleus sampling (1: off)")] = 1.0,
+    temperature: Annotated[float | None, typer.Option(help="unset or 0: greedy")] = None,
+    top_p: Annotated[float | None, typer.Option(help="nucleus sampling (unset: off)")] = None,
     top_k: Annotated[int, typer.Option("--sample-top-k", help="sample among k tokens (0: off)")]
     = 0,
     seed: Annotated[int | None, typer.Option(help="fixes the sample")] = None,
     stop: Annotated[list[str] | None, typer.Option(help="stop string (repeatable)")] = None,
-    repetition_penalty: Annotated[float, typer.Option(help="1: off")] = 1.0,
+    repetition_penalty: Annotated[float | None, typer.Option(help="unset: off")] = None,
     experts: Annotated[int, typer.Option("--top-k", help="experts (0: router default)")] = 0,
     method: Annotated[str, typer.Option(help="routing method (default: active router)")] = "",
     aggregation: Annotated[
@@ -40,80 +40,65 @@ def generate(
     coordinator: Coordinator = None,
     token: Token = None,
     tls_ca: TlsCa = None,
-    json_out: Json = False,
+    json_out: Annotated[
+        bool, typer.Option("--json", help="one JSON object per stream event (JSON Lines)")
+    ] = False,
 ) -> None:
     """Routed generation from a causal-LM coordinator, streamed as it is produced."""
-    from google.protobuf.json_format import MessageToDict
-
-    from moerge.contributor_client.cli import AGGREGATIONS
     from moerge.contributor_client.output import err_console
-    from moerge.contributor_client.rpc import STUBS, guarded
-    from moerge.v1 import inference_pb2
+    from moerge.contributor_client.rpc import client, guarded
 
-    if aggregation not in AGGREGATIONS:
-        raise typer.BadParameter(f"aggregation must be one of {', '.join(AGGREGATIONS)}")
     text = prompt if prompt is not None else sys.stdin.read()
-    sampling = inference_pb2.SamplingParams(
-        max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-        stop=stop or [], repetition_penalty=repetition_penalty,
-    )
-    if seed is not None:
-        sampling.seed = seed
-    request = inference_pb2.GenerateRequest(
-        sampling=sampling, top_k=experts, routing_method=method, expert_ids=expert or [],
-        aggregation=AGGREGATIONS[aggregation],
-    )
+    messages = None
     if chat:
-        if system:
-            request.messages.add(role="system", content=system)
-        request.messages.add(role="user", content=text)
-    else:
-        request.prompt = text
-    target = Target.resolve(coordinator, token, tls_ca)
+        messages = [{"role": "system", "content": system}] if system else []
+        messages.append({"role": "user", "content": text})
+    options = {
+        "messages": messages, "max_new_tokens": max_new_tokens, "sample_top_k": top_k,
+        "temperature": temperature, "top_p": top_p, "seed": seed, "stop": stop or (),
+        "repetition_penalty": repetition_penalty, "top_k": experts, "method": method,
+        "experts": expert or (), "aggregation": aggregation,
+    }
 
     def stream() -> None:
-        with target.channel() as channel:
-            call = STUBS["inference"](channel).Generate(request, metadata=target.metadata())
+        with client(coordinator, token, tls_ca) as moerge_client:
+            events = moerge_client.generate(None if chat else text, **options)
             try:
-                for message in call:
+                for event in events:
                     if json_out:
-                        typer.echo(_json_line(MessageToDict(message)))
-                        continue
-                    _show(message, err_console)
+                        typer.echo(json.dumps({type(event).__name__: event.to_dict()},
+                                              ensure_ascii=False))
+                    else:
+                        _show(event, err_console)
             except KeyboardInterrupt:
-                call.cancel()
+                events.close()  # cancels the call: the coordinator frees the request's rows
                 err_console.print("\n[yellow]cancelled[/yellow]")
                 raise typer.Exit(130) from None
 
     guarded(stream)
 
 
-def _json_line(event: dict[str, object]) -> str:
-    import json
+def _experts(weights: object) -> str:
+    return ", ".join(f"{w.expert_name or w.expert_id[:8]}:{w.weight:.2f}"  # type: ignore[attr-defined]
+                     for w in weights)  # type: ignore[attr-defined]
 
-    return json.dumps(event, ensure_ascii=False)
 
+def _show(event: object, err_console: object) -> None:
+    from moerge.results import GenerateDelta, GenerateEnd, GenerateStart
 
-def _show(message: object, err_console: object) -> None:
-    event = message.WhichOneof("event")  # type: ignore[attr-defined]
-    if event == "delta":
-        sys.stdout.write(message.delta.text)  # type: ignore[attr-defined]
+    if isinstance(event, GenerateDelta):
+        sys.stdout.write(event.text)
         sys.stdout.flush()
-    elif event == "start":
-        start = message.start  # type: ignore[attr-defined]
-        experts = ", ".join(f"{e.expert_name or e.expert_id[:8]}:{e.weight:.2f}"
-                            for e in start.experts) or "per token"
+    elif isinstance(event, GenerateStart):
         err_console.print(  # type: ignore[attr-defined]
-            f"[dim]router v{start.router_version} {start.routing_method}, {start.aggregation}: "
-            f"{experts}[/dim]"
+            f"[dim]router v{event.router_version} {event.routing_method}, {event.aggregation}: "
+            f"{_experts(event.experts) or 'per token'}[/dim]"
         )
-    elif event == "end":
-        end = message.end  # type: ignore[attr-defined]
+    elif isinstance(event, GenerateEnd):
         sys.stdout.write("\n")
-        used = ", ".join(f"{e.expert_name or e.expert_id[:8]}:{e.weight:.2f}"
-                         for e in end.experts[:4])
         err_console.print(  # type: ignore[attr-defined]
-            f"[dim]{end.finish_reason}; {end.prompt_tokens} prompt + {end.completion_tokens} "
-            f"generated tokens; first token {end.time_to_first_token_ms:.0f} ms, "
-            f"total {end.latency_ms:.0f} ms; experts {used}[/dim]"
+            f"[dim]{event.finish_reason}; {event.prompt_tokens} prompt + "
+            f"{event.completion_tokens} generated tokens; first token "
+            f"{event.time_to_first_token_ms:.0f} ms, total {event.latency_ms:.0f} ms; experts "
+            f"{_experts(event.experts[:4])}[/dim]"
         )

@@ -14,6 +14,7 @@ import typer
 from moerge.contributor_client.admin_cli import app as admin_app
 from moerge.contributor_client.cli import register as register_contributor_commands
 from moerge.contributor_client.flower_cli import register as register_flower_commands
+from moerge.contributor_client.generate_cli import generate
 from moerge.coordinator.cli import app as coordinator_app
 from moerge.demo import demo
 
@@ -48,6 +49,7 @@ app.add_typer(coordinator_app, name="coordinator")
 app.add_typer(admin_app, name="admin")
 register_contributor_commands(app)
 register_flower_commands(app)
+app.command()(generate)
 app.command()(demo)
 
 

@@ -165,3 +165,26 @@ def test_metrics_show_the_device_and_the_generation_load(served) -> None:
                         if line.startswith("moerge_generation_tokens_total")))
     assert tokens >= 1
     assert "moerge_generation_running 0.0" in text
+
+
+def test_moerge_generate_streams_the_text_to_stdout_and_the_routing_to_stderr(served) -> None:
+    import json as json_module
+
+    from typer.testing import CliRunner
+
+    from moerge.cli import app
+
+    prompt = "the film was"
+    expected = "".join(m.delta.text for m in events(
+        served, inference_pb2.GenerateRequest(prompt=prompt))[1:-1])
+    auth = ["--coordinator", served.address, "--token", served.admin_token()]
+    result = CliRunner().invoke(app, ["generate", prompt, *auth])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.rstrip("\n") == expected
+    assert "centroid" in result.stderr and "generated tokens" in result.stderr
+    lines = CliRunner().invoke(app, ["generate", prompt, "--json", "--max-new-tokens", "2",
+                                     *auth]).stdout.splitlines()
+    kinds = [next(iter(json_module.loads(line))) for line in lines]
+    assert kinds[0] == "GenerateStart" and kinds[-1] == "GenerateEnd"
+    bad = CliRunner().invoke(app, ["generate", prompt, "--temperature", "99", *auth])
+    assert bad.exit_code == 1 and "INVALID_ARGUMENT" in bad.stderr
