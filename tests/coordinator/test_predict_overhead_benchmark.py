@@ -1,0 +1,35 @@
+"""A short run of ``benchmarks/predict_overhead.py``: both servers answer every call, and the
+report gives the ratio, the latencies, the server's CPU per call and the engine's batch size."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
+BENCHMARK = Path(__file__).resolve().parents[2] / "benchmarks" / "predict_overhead.py"
+
+
+def _bench() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("predict_overhead", BENCHMARK)
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_short_run_measures_both_servers_without_errors(tmp_path: Path) -> None:
+    bench = _bench()
+    args = argparse.Namespace(seconds=1.0, clients=4, experts=2, rank=4, batch_wait_ms=None)
+    phases, model, batch = bench.run(args, tmp_path)
+    assert [p.name for p in phases] == ["echo", "Predict", "echo"]
+    for phase in phases:
+        assert phase.latencies_ms and not phase.errors
+        assert phase.server_cpu_seconds > 0
+    assert batch >= 1.0  # parsed from the coordinator's shutdown line
+    assert model.batch_ms > 0 and model.single_ms > 0
+    report = bench.markdown(phases, model, batch, args)
+    assert "Predict / echo" in report and "server CPU per request" in report
