@@ -7,8 +7,10 @@ flower_client` -- on the node for each round. The node's local data is named by 
 
 * ``embeddings-path``: a safetensors file with one tensor ``embeddings`` [n, H], the
   :func:`~moerge.contributor_client.embedding.pooled_embeddings` of the contributor's own data
-  (written by :func:`save_local_embeddings`);
-* ``expert-id``: the id of the contributor's expert, the label of every row;
+  (``moerge contributor serve --data FILE`` embeds the data file ``moerge train`` read, with
+  the same base model, and caches the result under ``$MOERGE_HOME/federated``);
+* ``expert-id``: the id of the contributor's expert, the label of every row (``--expert``
+  takes its name; by default the contributor's only active expert);
 * ``contributor-id``: the contributor id ``moerge join`` saved (or ``--contributor-id``), which
   the ClientApp returns with every update so the coordinator records who took part. It is
   self-reported: bind it to the node with SuperNode authentication (the key pair below).
@@ -31,7 +33,7 @@ from typing import TYPE_CHECKING
 
 import typer
 
-from moerge.contributor_client.connection import ClientConfig
+from moerge.contributor_client.connection import ClientConfig, Target
 
 if TYPE_CHECKING:
     import torch
@@ -116,13 +118,28 @@ def supernode_command(
 
 def serve(
     superlink: str = typer.Option(..., help="Coordinator's SuperLink Fleet API, host:port."),
-    embeddings: Path = typer.Option(
-        ...,
+    data: Path | None = typer.Option(
+        None,
         exists=True,
         dir_okay=False,
-        help="safetensors file with the tensor 'embeddings' [n, H].",
+        help="Your data file, as `moerge train` reads it (.jsonl, .csv, .parquet); embedded "
+        "here with the base model.",
     ),
-    expert_id: str = typer.Option(..., help="Your expert's id (label of every embedding)."),
+    text_field: str = typer.Option("text", help="Field of --data holding the text."),
+    expert: str = typer.Option(
+        "",
+        help="Your expert: its name (newest active version), id or id prefix "
+        "(default: your only active expert).",
+    ),
+    expert_id: str = typer.Option("", help="Your expert's id as is (no lookup; see --expert)."),
+    embeddings: Path | None = typer.Option(
+        None,
+        exists=True,
+        dir_okay=False,
+        help="Instead of --data: a safetensors file with the tensor 'embeddings' [n, H].",
+    ),
+    base_model: str | None = typer.Option(None, help="Local base model folder (with --data)."),
+    offline: bool = typer.Option(False, help="Do not ask the coordinator for the base model."),
     root_certificates: Path | None = typer.Option(None, help="Coordinator CA certificate (PEM)."),
     private_key: Path | None = typer.Option(None, help="SuperNode auth private key (credential)."),
     public_key: Path | None = typer.Option(None, help="SuperNode auth public key."),
@@ -137,7 +154,14 @@ def serve(
     ),
     dry_run: bool = typer.Option(False, help="Print the flower-supernode command and exit."),
 ) -> None:
-    """Serve federated router rounds from your own embeddings (a Flower SuperNode)."""
+    """Serve federated router rounds from your own data (a Flower SuperNode)."""
+    if (data is None) == (embeddings is None):
+        raise typer.BadParameter("give exactly one of --data and --embeddings")
+    target = Target.resolve(None, None, None)
+    expert_id = expert_id or own_expert_id(target, expert)
+    if data is not None:
+        embeddings = embed_data(target, data, text_field, base_model, offline)
+    assert embeddings is not None
     argv = supernode_command(
         superlink,
         embeddings,
@@ -152,6 +176,56 @@ def serve(
     typer.echo(shlex.join(argv))
     if not dry_run:
         os.execvp(argv[0], argv)
+
+
+def own_expert_id(target: Target, expert: str) -> str:
+    """The id of one of this contributor's experts: by name (its newest active version), by
+    id or id prefix, or, with ``expert`` empty, the only active one."""
+    from moerge.client import Client
+
+    client = Client()
+    client.target = target
+    with client:
+        mine = client.my_experts()
+        active = [e for e in mine if e.state == "active"]
+        named = [e for e in active if e.name == expert] if expert else active
+        if named and (expert or len(named) == 1):
+            return max(named, key=lambda e: e.version).expert_id
+        if not expert:
+            names = sorted({e.name for e in active}) or ["none"]
+            raise typer.BadParameter(
+                f"name your expert with --expert (active ones: {', '.join(names)})"
+            )
+        return client.resolve_expert_id(expert)
+
+
+def embed_data(
+    target: Target, data: Path, text_field: str, base_model: str | None, offline: bool
+) -> Path:
+    """Embed the texts of ``data`` with the agreed base model (as the statistics were) into a
+    file under ``$MOERGE_HOME/federated``, named by the data's and the model's digests so that
+    a restart reuses it. Nothing leaves this machine."""
+    import hashlib
+
+    from transformers import AutoModel
+
+    from moerge.contributor_client.batching import load_tokenizer
+    from moerge.contributor_client.connection import client_home
+    from moerge.contributor_client.data import load_examples
+    from moerge.contributor_client.embedding import pooled_embeddings
+    from moerge.contributor_client.train_cli import agreed_base_model
+
+    model_path, info = agreed_base_model(base_model, offline, target)
+    digest = hashlib.sha256(data.read_bytes())
+    digest.update(f"\n{text_field}\n{info.revision if info else model_path}".encode())
+    path = client_home() / "federated" / f"embeddings-{digest.hexdigest()[:32]}.safetensors"
+    if not path.exists():
+        texts = load_examples(data, text_field, label_field=None).texts
+        model = AutoModel.from_pretrained(str(model_path))
+        tokenizer = load_tokenizer(str(model_path))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_local_embeddings(path, pooled_embeddings(model, tokenizer, texts))  # [n, H]
+    return path
 
 
 def register(parent: typer.Typer) -> None:
