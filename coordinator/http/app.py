@@ -63,7 +63,7 @@ class HttpServer:
         self._socket = bind(listen)
         self.port: int = self._socket.getsockname()[1]
         config = uvicorn.Config(
-            app, lifespan="off", log_config=None, access_log=False,
+            app, lifespan="off", ws="none", log_config=None, access_log=False,
             timeout_graceful_shutdown=max(1, int(grace_seconds)),
             ssl_certfile=tls_cert or None, ssl_keyfile=tls_key or None,
         )
