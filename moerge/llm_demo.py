@@ -228,7 +228,8 @@ def _print_table(
             *(f"{s.exact_by_task.get(t, 0.0):.1%}" for t in tasks),
             f"{s.seconds:.1f}",
         )
-    console.print(grid, width=max(console.width, 110))  # not wrapped when piped to a file
+    # piped to a file, rich would wrap the table at 80 columns
+    (console if console.is_terminal else Console(width=120)).print(grid)
     console.print(
         "wall time: " + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items())
     )
