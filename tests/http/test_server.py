@@ -1,9 +1,10 @@
 """The ``http_listen`` setting: off by default, HOST:PORT checked, a busy port stops the start,
-and the HTTP API stops with the coordinator."""
+the API stops with the coordinator, and with a TLS certificate it speaks HTTPS only."""
 
 from __future__ import annotations
 
 import socket
+import ssl
 from pathlib import Path
 
 import httpx
@@ -12,6 +13,7 @@ import pytest
 from moerge.coordinator.config import CoordinatorConfig
 from tests.coordinator.conftest import coordinator_config, tiny_bert  # noqa: F401
 from tests.coordinator.harness import BackgroundCoordinator
+from tests.coordinator.test_server import _self_signed
 
 
 def test_http_is_off_by_default_and_set_by_env_or_flag(
@@ -49,3 +51,17 @@ def test_the_http_api_stops_with_the_coordinator(tmp_path: Path, tiny_bert: Path
         assert httpx.get(url).status_code == 401  # up, and asking for a credential
     with pytest.raises(httpx.ConnectError):
         httpx.get(url)
+
+
+def test_with_a_tls_certificate_http_is_https_only(tmp_path: Path, tiny_bert: Path) -> None:  # noqa: F811
+    cert, key = _self_signed(tmp_path)
+    config = coordinator_config(tmp_path / "data", tiny_bert, tls_cert=str(cert),
+                                tls_key=str(key), http_listen="127.0.0.1:0")
+    with BackgroundCoordinator(config) as running:
+        port = running.running.http_port
+        headers = {"Authorization": f"Bearer {config.admin_token}"}
+        with httpx.Client(verify=ssl.create_default_context(cafile=str(cert))) as client:
+            response = client.get(f"https://localhost:{port}/v1/models", headers=headers)
+        assert response.status_code == 200 and response.json()["data"][0]["id"] == "moerge"
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(f"http://127.0.0.1:{port}/v1/models", headers=headers, timeout=5)
