@@ -11,6 +11,7 @@ import logging
 import signal
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -20,7 +21,6 @@ from moerge.coordinator.auth import AuthInterceptor
 from moerge.coordinator.bulk_transfer import BulkServer, open_bulk_channel
 from moerge.coordinator.config import CoordinatorConfig
 from moerge.coordinator.decoding import DecodeInterceptor
-from moerge.coordinator.http.app import HttpServer, build_app
 from moerge.coordinator.inference.device import resolve_placement
 from moerge.coordinator.metrics import MetricsHTTPServer, MetricsInterceptor, RpcMetrics, collector
 from moerge.coordinator.rate_limit import UploadLimiter
@@ -36,6 +36,9 @@ from moerge.v1 import (
     inference_pb2,
     inference_pb2_grpc,
 )
+
+if TYPE_CHECKING:
+    from moerge.coordinator.http.app import HttpServer
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +133,8 @@ async def start(config: CoordinatorConfig, state: CoordinatorState | None = None
         raise OSError(f"cannot listen on {config.listen}")
     http = None
     if config.http_listen:  # the same handlers, in this loop, over HTTP (docs/http-api.md)
+        from moerge.coordinator.http.app import HttpServer, build_app  # FastAPI only when used
+
         try:  # bound now: a busy port stops the start, as a busy gRPC port does
             http = HttpServer(build_app(state, auth), config.http_listen, config.grace_seconds,
                               config.tls_cert, config.tls_key)
