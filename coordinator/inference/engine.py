@@ -320,6 +320,10 @@ class InferenceEngine:
         return enc.to(self.device)
 
     # -- routing ------------------------------------------------------------------------------
+    def embed_batch(self, texts: list[str]) -> torch.Tensor:
+        """Routing embeddings [B, H] of ``texts`` in one pass (worker thread only)."""
+        return self._embed(texts)
+
     def _embed(self, texts: list[str]) -> torch.Tensor:
         with self.bank.no_routing():
             return pooled_embeddings(

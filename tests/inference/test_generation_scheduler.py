@@ -275,3 +275,26 @@ def test_top_k_one_sampling_is_greedy(engine, own_generations):
     assert text_of(events_of(engine, PROMPTS[1], one("lm-0"), sampling)) == \
         own_generations["lm-0"][1]
     assert torch.is_grad_enabled()  # the scheduler never leaks no_grad into callers
+
+
+def test_requests_admitted_together_are_embedded_for_routing_in_one_pass(engine, experts):
+    from moerge.coordinator.expert_store import read_statistics
+    from moerge.router_training import fit_router
+    from moerge.router_training.base import ExpertRecord
+
+    router = fit_router("centroid", [ExpertRecord(e, statistics=read_statistics(f))
+                                     for e, f in experts.items()], {"top_k": 1}).router
+    plan = RoutingPlan.routed(router, 1)
+    alone = [engine.route([p], plan)[0] for p in PROMPTS]
+    calls = []
+    original = engine.embed_batch
+    engine.embed_batch = lambda texts: calls.append(len(texts)) or original(texts)
+    try:
+        results, _ = submit_all(engine, [(p, plan, greedy(2)) for p in PROMPTS])
+    finally:
+        del engine.embed_batch
+    assert calls == [len(PROMPTS)]
+    for events, expected in zip(results, alone, strict=True):
+        started = events[0]
+        assert isinstance(started, GenerationStarted)
+        assert [w.expert_id for w in started.experts] == [w.expert_id for w in expected]

@@ -289,17 +289,21 @@ class GenerationScheduler:
 
     def _admit(self) -> None:
         free = self.max_batch_rows - self.batch.rows
-        admitted: list[_Running] = []
-        while free > 0:
-            with self._lock:
-                if not self.waiting:
-                    break
+        candidates: list[GenerationRequest] = []
+        with self._lock:  # at least one row each; an ensemble may need more (checked below)
+            while self.waiting and len(candidates) < free:
                 request = self.waiting.popleft()
-            if request.cancelled:
-                request.state = RequestState.CANCELLED
-                continue
+                if request.cancelled:
+                    request.state = RequestState.CANCELLED
+                else:
+                    candidates.append(request)
+        if not candidates:
+            return
+        embeddings = self._routing_embeddings(candidates)
+        admitted: list[_Running] = []
+        for i, request in enumerate(candidates):
             try:
-                member = self._prepare(request)
+                member = self._prepare(request, embeddings.get(i))
             except Exception as exc:
                 request.state = RequestState.FAILED
                 request.sink(GenerationFailed(exc))
@@ -307,14 +311,37 @@ class GenerationScheduler:
             if member.rows > free and (self.running or admitted):
                 member.resources.close()  # no room yet: back to the front of the queue
                 with self._lock:
-                    self.waiting.appendleft(request)
+                    self.waiting.extendleft(reversed(candidates[i:]))
                 break
+            request.state = RequestState.RUNNING
+            request.sink(GenerationStarted(experts=member.experts, aggregation=member.aggregation,
+                                           prompt_tokens=len(member.prompt_ids)))
             admitted.append(member)
             free -= member.rows
         if admitted:
             self._prefill(admitted)
 
-    def _prepare(self, request: GenerationRequest) -> _Running:
+    def _routing_embeddings(self, requests: list[GenerationRequest]) -> dict[int, torch.Tensor]:
+        """One batched embedding pass for every request an example-level router will route
+        (``{index: [1, H]}``), instead of one base-model forward per admitted request."""
+        engine = self.engine
+        wanted = []
+        for i, request in enumerate(requests):
+            plan = request.plan or RoutingPlan.routed()
+            router = plan.router if plan.router is not None else engine.router
+            if not plan.is_explicit and router is not None and router.granularity == "example":
+                wanted.append(i)
+        if not wanted:
+            return {}
+        try:
+            pooled = engine.embed_batch([requests[i].routing_text for i in wanted])  # [n, H]
+        except Exception:  # each request meets its own error when routed alone
+            return {}
+        return {i: pooled[j : j + 1] for j, i in enumerate(wanted)}
+
+    def _prepare(
+        self, request: GenerationRequest, embedding: torch.Tensor | None = None
+    ) -> _Running:
         """Route and tokenize one request; pin its experts. Raises on a bad request."""
         engine = self.engine
         ids = engine.tokenizer(
@@ -331,18 +358,14 @@ class GenerationScheduler:
                 f"prompt ({len(ids)} tokens) + max_new_tokens ({budget}) exceeds the model's "
                 f"{self.max_positions} positions"
             )
-        plan = engine.resolve_plan([request.routing_text], request.plan or RoutingPlan.routed())
+        plan = engine.resolve_plan([request.routing_text], request.plan or RoutingPlan.routed(),
+                                   embedding)
         resources = ExitStack()
         try:
-            member = self._bind(request, plan, resources, ids)
+            return self._bind(request, plan, resources, ids)
         except BaseException:
             resources.close()
             raise
-        request.state = RequestState.RUNNING
-        request.sink(GenerationStarted(
-            experts=member.experts, aggregation=member.aggregation, prompt_tokens=len(ids)
-        ))
-        return member
 
     def _bind(
         self, request: GenerationRequest, plan: RoutingPlan, resources: ExitStack,
