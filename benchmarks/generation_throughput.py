@@ -531,7 +531,10 @@ def main(argv: list[str] | None = None) -> None:
     ]
     body = "\n".join(lines)
     print(body)
-    tr.write_section(args.output, f"{args.preset} on {device_name}", body)
+    title = f"{args.preset} on {device_name}"
+    tr.write_section(args.output, title, f"## {title}\n\n" + body, header=(
+        "# Routed generation through the server vs HF generate with PEFT\n\n"
+        "Written by `benchmarks/generation_throughput.py`; one section per setting and device.\n"))
 
 
 if __name__ == "__main__":

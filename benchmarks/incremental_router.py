@@ -111,7 +111,10 @@ def main(argv: list[str] | None = None) -> None:
         f"sooner than a refit.",
     ])
     print(body)
-    tr.write_section(args.output, f"E={args.experts} on {device}", body)
+    title = f"E={args.experts} on {device}"
+    tr.write_section(args.output, title, f"## {title}\n\n" + body, header=(
+        "# A new expert routable: extending an Arrow router vs refitting it\n\n"
+        "Written by `benchmarks/incremental_router.py`; one section per setting and device.\n"))
 
 
 if __name__ == "__main__":

@@ -730,9 +730,10 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def write_section(path: Path, title: str, body: str) -> None:
-    """Replace the section ``title`` of the results file (or append it)."""
-    header = (
+def write_section(path: Path, title: str, body: str, header: str | None = None) -> None:
+    """Replace the section ``title`` of the results file (or append it); ``body`` starts with
+    ``## title``. ``header`` opens a new file."""
+    header = header or (
         "# Token-level routing: cost vs number of experts\n\n"
         "Written by `benchmarks/token_routing.py`; one section per model and device.\n"
     )
