@@ -35,7 +35,12 @@ from moerge.contributor_client.training import (
     select_examples,
     train_expert,
 )
-from moerge.expert_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS, StatisticsMeta
+from moerge.expert_format import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    STATISTICS_META,
+    StatisticsMeta,
+)
 
 #: PEFT task types of adapters whose loss the gates can be trained with.
 PEFT_TASK_TYPES = {"SEQ_CLS": "classification", "CAUSAL_LM": "causal_lm"}
@@ -96,6 +101,8 @@ def build_expert(
         progress=progress,
     )
     report.train = train
+    report.meta.quality = train.quality()  # the expert beside its baselines (issue 22)
+    report.meta.write(Path(out_dir) / STATISTICS_META)
     report.seconds["train"] = train.seconds
     report.seconds["total"] = time.perf_counter() - started
     return report

@@ -32,6 +32,26 @@ T = TypeVar("T")
 
 Data = Annotated[Path, typer.Argument(help="JSONL, CSV or Parquet file of your examples")]
 TaskName = Annotated[str, typer.Option("--task-name", help="what the expert is for")]
+# The training recipe (docs/training.md); options left unset take the recipe's value.
+Recipe = Annotated[str, typer.Option(help="training recipe: default (LP-FT) | legacy")]
+LearningRate = Annotated[
+    float | None, typer.Option("--lr", help="AdamW peak learning rate [recipe's]")
+]
+MinSteps = Annotated[int | None, typer.Option(help="at least this many optimizer steps")]
+LrSchedule = Annotated[str | None, typer.Option(help="decay after warm-up: linear | cosine")]
+ClassWeighting = Annotated[
+    str | None, typer.Option(help="loss weight per label: none | sqrt | balanced")
+]
+ProbeInit = Annotated[
+    bool | None,
+    typer.Option("--probe-init/--no-probe-init", help="start the head from a linear probe"),
+]
+EarlyStopping = Annotated[
+    bool | None,
+    typer.Option(
+        "--early-stopping/--no-early-stopping", help="restore the best validation checkpoint"
+    ),
+]
 
 
 def agreed_base_model(
@@ -71,10 +91,12 @@ def _train_config(
     seed: int,
     max_examples: int | None,
     target_modules: list[str] | None,
+    recipe: dict[str, object],
 ) -> object:
     from moerge.client_training import TrainOptions, train_config
 
     options = TrainOptions(
+        **recipe,  # type: ignore[arg-type]
         task_type=task_type,
         epochs=epochs,
         rank=rank,
@@ -133,9 +155,65 @@ def _build(
     )
 
 
+def _recipe(
+    recipe: str,
+    min_steps: int | None,
+    lr_schedule: str | None,
+    class_weighting: str | None,
+    probe_init: bool | None,
+    early_stopping: bool | None,
+) -> dict[str, object]:
+    return {
+        "recipe": recipe,
+        "min_steps": min_steps,
+        "lr_schedule": lr_schedule,
+        "class_weighting": class_weighting,
+        "probe_init": probe_init,
+        "early_stopping": early_stopping,
+    }
+
+
+def quality_rows(quality: object) -> dict[str, object]:
+    """The expert's validation figures beside its baselines (see ``ExpertQuality``)."""
+    names = (
+        "validation_accuracy",
+        "probe_accuracy",
+        "majority_accuracy",
+        "validation_loss",
+        "base_validation_loss",
+    )
+    values = {name: getattr(quality, name) for name in names}
+    return {
+        ("linear_probe_accuracy" if k == "probe_accuracy" else k): round(v, 4)
+        for k, v in values.items()
+        if v is not None
+    }
+
+
+def quality_warnings(quality: object) -> list[str]:
+    """Why the expert may not be worth routing to (empty when it beats its baselines)."""
+    accuracy = getattr(quality, "validation_accuracy", None)
+    warnings = []
+    for name, label in (("majority_accuracy", "the majority class"),
+                        ("probe_accuracy", "a linear probe on the base model")):
+        floor = getattr(quality, name, None)
+        if accuracy is not None and floor is not None and accuracy <= floor:
+            warnings.append(
+                f"validation accuracy {accuracy:.3f} does not beat {label} ({floor:.3f})"
+            )
+    loss, base_loss = (getattr(quality, n, None) for n in ("validation_loss",
+                                                           "base_validation_loss"))
+    if loss is not None and base_loss is not None and loss >= base_loss:
+        warnings.append(
+            f"validation loss {loss:.3f} is not below the base model's ({base_loss:.3f})"
+        )
+    return warnings
+
+
 def _report(report: object, json_out: bool) -> None:
     meta = report.meta  # type: ignore[attr-defined]
     train = report.train  # type: ignore[attr-defined]
+    quality = getattr(meta, "quality", None)
     summary = {
         "expert_dir": str(report.out_dir),  # type: ignore[attr-defined]
         "task": meta.task_name,
@@ -143,15 +221,19 @@ def _report(report: object, json_out: bool) -> None:
         "labels": meta.label_names,
         "validation_accuracy": None if train is None else train.val_accuracy,
         "validation_examples": None if train is None else train.val_count,
+        **({} if quality is None else quality_rows(quality)),
         "gates": len(meta.gate_modules),
         "gates_skipped": report.gates_skipped,  # type: ignore[attr-defined]
         "dp": None if meta.dp is None else {"epsilon": meta.dp.epsilon, "delta": meta.dp.delta},
         "seconds": {k: round(v, 2) for k, v in report.seconds.items()},  # type: ignore[attr-defined]
     }
+    warnings = [] if quality is None else quality_warnings(quality)
     if json_out:
-        emit_json(summary)
-    else:
-        table("expert", ("field", "value"), [(k, v) for k, v in summary.items()])
+        emit_json({**summary, "warnings": warnings})
+        return
+    table("expert", ("field", "value"), [(k, v) for k, v in summary.items()])
+    for warning in warnings:
+        err_console.print(f"[yellow]warning[/yellow] {warning}")
 
 
 def train(
@@ -166,7 +248,13 @@ def train(
     task_type: Annotated[str | None, typer.Option(help="classification | causal_lm")] = None,
     epochs: Annotated[int, typer.Option(help="passes over the training split")] = 3,
     rank: Annotated[int, typer.Option(help="LoRA rank")] = 8,
-    learning_rate: Annotated[float, typer.Option("--lr", help="AdamW learning rate")] = 1e-3,
+    recipe: Recipe = "default",
+    learning_rate: LearningRate = None,
+    min_steps: MinSteps = None,
+    lr_schedule: LrSchedule = None,
+    class_weighting: ClassWeighting = None,
+    probe_init: ProbeInit = None,
+    early_stopping: EarlyStopping = None,
     batch_size: Annotated[int, typer.Option(help="examples per step")] = 16,
     max_length: Annotated[int, typer.Option(help="tokens kept per example")] = 128,
     seed: Annotated[int, typer.Option(help="seed for split, init and order")] = 0,
@@ -200,6 +288,7 @@ def train(
         seed,
         max_examples,
         target_module,
+        _recipe(recipe, min_steps, lr_schedule, class_weighting, probe_init, early_stopping),
     )
     report = _build(
         data,
@@ -284,7 +373,13 @@ def contribute(
     label_field: str = "label",
     epochs: int = 3,
     rank: int = 8,
-    learning_rate: Annotated[float, typer.Option("--lr")] = 1e-3,
+    recipe: Recipe = "default",
+    learning_rate: LearningRate = None,
+    min_steps: MinSteps = None,
+    lr_schedule: LrSchedule = None,
+    class_weighting: ClassWeighting = None,
+    probe_init: ProbeInit = None,
+    early_stopping: EarlyStopping = None,
     batch_size: int = 16,
     max_length: int = 128,
     seed: int = 0,
@@ -320,6 +415,7 @@ def contribute(
         seed,
         max_examples,
         None,
+        _recipe(recipe, min_steps, lr_schedule, class_weighting, probe_init, early_stopping),
     )
     with tempfile.TemporaryDirectory(prefix="moerge-expert-") as tmp:
         folder = out or Path(tmp) / "expert"
@@ -362,6 +458,10 @@ def contribute(
                 "version": response.expert.version,
                 "created": response.created,
                 "validation_accuracy": report.train.val_accuracy if report.train else None,
+                **({} if report.meta.quality is None else quality_rows(report.meta.quality)),
+                "warnings": [] if report.meta.quality is None else quality_warnings(
+                    report.meta.quality
+                ),
             }
         )
         return

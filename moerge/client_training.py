@@ -25,9 +25,18 @@ class TrainOptions:
     """How to train an expert and summarise its data; every field has the CLI's default."""
 
     task_type: str | None = None  # "classification" | "causal_lm"; None: the coordinator's
-    epochs: int = 3  # passes over the training split
+    epochs: int = 3  # passes over the training split (at least; see min_steps)
     rank: int = 8  # LoRA rank (the coordinator sets a maximum)
-    learning_rate: float = 1e-3  # AdamW learning rate
+    # The training recipe (training.RECIPES: "default" = LP-FT, or "legacy"); the fields
+    # below left at None take the recipe's value (see TrainConfig for what each does).
+    recipe: str = "default"
+    learning_rate: float | None = None  # AdamW peak learning rate
+    min_steps: int | None = None  # at least this many optimizer steps
+    lr_schedule: str | None = None  # "linear" | "cosine" decay after warm-up
+    warmup_fraction: float | None = None  # share of the steps warming up
+    class_weighting: str | None = None  # "none" | "sqrt" | "balanced"
+    probe_init: bool | None = None  # start the head from a linear probe (LP-FT)
+    early_stopping: bool | None = None  # restore the best validation checkpoint
     batch_size: int = 16  # examples per step
     max_length: int = 128  # tokens kept per example
     seed: int = 0  # seeds the split, the initialisation and the order
@@ -40,6 +49,18 @@ class TrainOptions:
     gate_steps: int = 100  # PHATGOOSE gate training steps
     dp_epsilon: float | None = None  # differential privacy of the statistics (None: off)
     dp_delta: float = 1e-5
+
+
+#: TrainOptions fields that override the recipe's TrainConfig value when not None.
+RECIPE_OPTIONS = (
+    "learning_rate",
+    "min_steps",
+    "lr_schedule",
+    "warmup_fraction",
+    "class_weighting",
+    "probe_init",
+    "early_stopping",
+)
 
 
 def local_base_model(base_model: str | None, info: BaseModel | None) -> str:
@@ -64,8 +85,15 @@ def local_base_model(base_model: str | None, info: BaseModel | None) -> str:
 
 def train_config(path: str, info: BaseModel | None, options: TrainOptions) -> TrainConfig:
     """The :class:`TrainConfig` for ``options``, within the coordinator's limits (``info``)."""
-    from moerge.contributor_client.training import TrainConfig
+    from moerge.contributor_client.training import RECIPES, TrainConfig
 
+    if options.recipe not in RECIPES:
+        raise MoergeError.invalid(f"--recipe must be one of {sorted(RECIPES)}")
+    chosen = {
+        name: getattr(options, name)
+        for name in RECIPE_OPTIONS
+        if getattr(options, name) is not None
+    }
     targets, base_model_id, task_type = options.target_modules, "", options.task_type
     if info is not None:
         if options.rank > info.max_lora_rank:
@@ -81,7 +109,7 @@ def train_config(path: str, info: BaseModel | None, options: TrainOptions) -> Tr
             )
         task_type = task_type or info.task_type
         base_model_id = info.base_model_id
-    return TrainConfig(
+    config = TrainConfig(
         base_model=path,
         task_type=task_type or "classification",
         lora_rank=options.rank,
@@ -89,12 +117,17 @@ def train_config(path: str, info: BaseModel | None, options: TrainOptions) -> Tr
         target_modules=targets,
         epochs=options.epochs,
         batch_size=options.batch_size,
-        learning_rate=options.learning_rate,
         max_length=options.max_length,
         seed=options.seed,
         max_examples=options.max_examples,
         base_model_id=base_model_id,
     )
+    config = dataclasses.replace(config, **{**RECIPES[options.recipe], **chosen})
+    try:
+        config.validate()
+    except ValueError as exc:
+        raise MoergeError.invalid(str(exc)) from None
+    return config
 
 
 def build(

@@ -72,6 +72,33 @@ class DifferentialPrivacy:
 
 
 @dataclass
+class ExpertQuality:
+    """How good the expert is on its contributor's held-out validation split, beside baselines.
+
+    Every figure is optional (None where not measured, e.g. no validation split). Accuracies
+    are in [0, 1]; ``probe_accuracy`` is a logistic regression on the frozen base model's
+    pooled embeddings and ``majority_accuracy`` always answers the most common training label:
+    an expert that does not beat them adds nothing a router could not get cheaper. Losses are
+    mean cross-entropies; for causal LM experts ``base_validation_loss`` is the base model's
+    on the same completions, without the adapter.
+    """
+
+    validation_examples: int = 0
+    validation_accuracy: float | None = None
+    probe_accuracy: float | None = None
+    majority_accuracy: float | None = None
+    validation_loss: float | None = None
+    base_validation_loss: float | None = None
+
+    def validate(self) -> None:
+        _check_int("quality.validation_examples", self.validation_examples, minimum=0)
+        for name in ("validation_accuracy", "probe_accuracy", "majority_accuracy"):
+            _check_number(f"quality.{name}", getattr(self, name), 0.0, 1.0)
+        for name in ("validation_loss", "base_validation_loss"):
+            _check_number(f"quality.{name}", getattr(self, name), 0.0, 1e6)
+
+
+@dataclass
 class StatisticsMeta:
     """The JSON half of the statistics (``statistics.json``)."""
 
@@ -89,6 +116,7 @@ class StatisticsMeta:
     gate_modules: list[str] = field(default_factory=list)
     dp: DifferentialPrivacy | None = None
     format_version: int = FORMAT_VERSION
+    quality: ExpertQuality | None = None  # absent from files written before issue 22
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
@@ -111,6 +139,14 @@ class StatisticsMeta:
                 data["dp"] = DifferentialPrivacy(**dp)
             except TypeError as exc:
                 raise ValueError(f"statistics.json: field 'dp': {exc}") from None
+        quality = data.get("quality")
+        if quality is not None:
+            if not isinstance(quality, dict):
+                raise ValueError("statistics.json: field 'quality' must be an object or null")
+            try:
+                data["quality"] = ExpertQuality(**quality)
+            except TypeError as exc:
+                raise ValueError(f"statistics.json: field 'quality': {exc}") from None
         try:
             meta = cls(**data)
         except TypeError as exc:
@@ -164,11 +200,26 @@ class StatisticsMeta:
                     raise ValueError(
                         f"statistics.json: field 'dp.{name}' must be a positive number"
                     )
+        if self.quality is not None:
+            self.quality.validate()
 
 
 def _check_int(name: str, value: object, minimum: int) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
         raise ValueError(f"statistics.json: field '{name}' must be an integer >= {minimum}")
+
+
+def _check_number(name: str, value: object, low: float, high: float) -> None:
+    """None, or a finite number in [low, high]."""
+    if value is None:
+        return
+    if (
+        not isinstance(value, (int, float))
+        or isinstance(value, bool)
+        or not math.isfinite(value)
+        or not low <= value <= high
+    ):
+        raise ValueError(f"statistics.json: field '{name}' must be a number in [{low}, {high}]")
 
 
 def gate_key(module_name: str) -> str:
