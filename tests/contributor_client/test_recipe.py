@@ -170,3 +170,14 @@ def test_causal_lm_reports_its_loss_beside_the_base_model(
     assert quality.validation_loss is not None and quality.base_validation_loss is not None
     assert quality.probe_accuracy is None and quality.majority_accuracy is None
     assert len(result.train_loss_curve) <= 2 * 2  # 16 examples, batch 16, 2 epochs
+
+
+def test_report_warns_when_the_expert_does_not_beat_its_baselines() -> None:
+    from moerge.contributor_client.train_cli import quality_warnings
+
+    good = ExpertQuality(10, validation_accuracy=0.9, probe_accuracy=0.8, majority_accuracy=0.5)
+    assert quality_warnings(good) == []
+    weak = ExpertQuality(10, validation_accuracy=0.5, probe_accuracy=0.8, majority_accuracy=0.5)
+    assert len(quality_warnings(weak)) == 2
+    lm = ExpertQuality(10, validation_loss=2.0, base_validation_loss=1.5)
+    assert ["base model" in w for w in quality_warnings(lm)] == [True]
