@@ -13,6 +13,7 @@ import typer
 
 from moerge.contributor_client.admin_cli import app as admin_app
 from moerge.contributor_client.cli import register as register_contributor_commands
+from moerge.contributor_client.evaluate_cli import evaluate
 from moerge.contributor_client.flower_cli import register as register_flower_commands
 from moerge.contributor_client.generate_cli import generate
 from moerge.coordinator.cli import app as coordinator_app
@@ -50,6 +51,7 @@ app.add_typer(admin_app, name="admin")
 register_contributor_commands(app)
 register_flower_commands(app)
 app.command()(generate)
+app.command()(evaluate)
 app.command()(demo)
 
 

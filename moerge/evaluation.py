@@ -1,19 +1,25 @@
-"""Score routing methods on a mixed stream of held-out examples, through the public Predict API.
+"""Score routing methods on a mixed stream of labelled examples, through the public Predict API.
 
-Used by ``moerge demo`` and ``benchmarks/routing_quality.py``. Each example knows its source task
-(hence the expert that should serve it) and its true label; nothing here looks inside the
-coordinator. *Routing accuracy* is the share of examples whose highest-weight expert is their
-source task's expert; *task accuracy* the share whose predicted label is the true label.
+The one scorer of ``moerge evaluate``, ``moerge demo`` (and ``--llm``) and
+``benchmarks/routing_quality.py``. Each example knows its source task (hence the expert that
+should serve it) and its true label; nothing here looks inside the coordinator. *Routing
+accuracy* is the share of examples whose highest-weight expert is their source task's expert;
+*task accuracy* the share whose output matches the true label (equal labels for classifiers,
+normalised exact match of the generated text for causal LMs). The *majority floor* is what
+always answering each task's most common label would score, counted on the evaluated examples'
+own labels (the coordinator does not share the training data's).
 """
 
 from __future__ import annotations
 
+import json
 import random
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 
@@ -33,6 +39,10 @@ METHODS: dict[str, tuple[str, int, int]] = {
     "uniform": ("uniform", inference_pb2.AGGREGATION_MERGE_LINEAR, 0),
     "base": ("base", inference_pb2.AGGREGATION_OUTPUT_ENSEMBLE, 0),
 }
+
+
+#: ``match(output, label)``: whether an output counts as right (None: equality).
+Match = Callable[[str, str], bool] | None
 
 
 @dataclass(frozen=True)
@@ -77,17 +87,21 @@ def score_method(
     batch_size: int = 32,
     on_batch: Callable[[int], None] | None = None,
     max_new_tokens: int = 0,
+    match: Match = None,
 ) -> MethodScore:
     """Send the stream to Predict with one method; tally routing and task accuracy.
 
-    ``max_new_tokens`` bounds generation for causal LMs (0: the coordinator's default).
+    ``max_new_tokens`` bounds generation for causal LMs (0: the coordinator's default);
+    ``match(output, label)`` decides a right answer (default: equality). A method outside
+    :data:`METHODS` (a router added later) is sent as is, top-1 output ensemble.
     """
     if method == "oracle":
         return score_assigned(
             target, method, stream, [ex.task for ex in stream], expert_of_task, batch_size,
-            on_batch, max_new_tokens,
+            on_batch, max_new_tokens, match,
         )
-    routing_method, aggregation, top_k = METHODS[method]
+    default = (method, inference_pb2.AGGREGATION_OUTPUT_ENSEMBLE, 1)
+    routing_method, aggregation, top_k = METHODS.get(method, default)
     task_of_expert = {e: t for t, e in expert_of_task.items()}
     score = MethodScore(method)
     started = time.perf_counter()
@@ -95,25 +109,17 @@ def score_method(
         stub = inference_pb2_grpc.InferenceServiceStub(channel)
         for start in range(0, len(stream), batch_size):
             batch = stream[start : start + batch_size]
-            try:
-                response = stub.Predict(
-                    inference_pb2.PredictRequest(
-                        inputs=[ex.text for ex in batch],
-                        routing_method=routing_method,
-                        aggregation=aggregation,
-                        top_k=top_k,
-                        max_new_tokens=max_new_tokens,
-                    ),
-                    metadata=target.metadata(),
-                    timeout=600,
-                )
-            except grpc.RpcError as exc:
-                score.error = f"{exc.code().name}: {exc.details()}"
+            response = _predict(
+                stub, target, score, inputs=[ex.text for ex in batch],
+                routing_method=routing_method, aggregation=aggregation, top_k=top_k,
+                max_new_tokens=max_new_tokens,
+            )  # fmt: skip
+            if response is None:
                 return score
             for ex, prediction in zip(batch, response.predictions, strict=True):
                 top = max(prediction.experts, key=lambda e: e.weight, default=None)
                 routed = task_of_expert.get(top.expert_id, "?") if top else "-"  # "-": no expert
-                _tally(score, ex, routed, prediction.output)
+                _tally(score, ex, routed, prediction.output, match)
             if on_batch:
                 on_batch(len(batch))
     score.seconds = time.perf_counter() - started
@@ -129,6 +135,7 @@ def score_assigned(
     batch_size: int = 32,
     on_batch: Callable[[int], None] | None = None,
     max_new_tokens: int = 0,
+    match: Match = None,
 ) -> MethodScore:
     """Score routing decided by the caller: example i goes to ``routed_tasks[i]``'s expert.
 
@@ -145,29 +152,61 @@ def score_assigned(
         for task, rows in by_task.items():
             for start in range(0, len(rows), batch_size):
                 batch = [stream[i] for i in rows[start : start + batch_size]]
-                response = stub.Predict(
-                    inference_pb2.PredictRequest(
-                        inputs=[ex.text for ex in batch],
-                        expert_ids=[expert_of_task[task]],
-                        top_k=1,
-                        aggregation=inference_pb2.AGGREGATION_OUTPUT_ENSEMBLE,
-                        max_new_tokens=max_new_tokens,
-                    ),
-                    metadata=target.metadata(),
-                    timeout=600,
-                )
+                response = _predict(
+                    stub, target, score, inputs=[ex.text for ex in batch],
+                    expert_ids=[expert_of_task[task]], top_k=1,
+                    aggregation=inference_pb2.AGGREGATION_OUTPUT_ENSEMBLE,
+                    max_new_tokens=max_new_tokens,
+                )  # fmt: skip
+                if response is None:
+                    return score
                 for ex, prediction in zip(batch, response.predictions, strict=True):
-                    _tally(score, ex, task, prediction.output)
+                    _tally(score, ex, task, prediction.output, match)
                 if on_batch:
                     on_batch(len(batch))
     score.seconds = time.perf_counter() - started
     return score
 
 
-def _tally(score: MethodScore, ex: StreamExample, routed_task: str, output: str) -> None:
+def _predict(
+    stub: inference_pb2_grpc.InferenceServiceStub, target: Target, score: MethodScore, **fields: Any
+) -> inference_pb2.PredictResponse | None:
+    """One Predict call; a refusal is recorded as the method's ``error`` (None returned)."""
+    try:
+        return stub.Predict(
+            inference_pb2.PredictRequest(**fields), metadata=target.metadata(), timeout=600
+        )
+    except grpc.RpcError as exc:
+        score.error = f"{exc.code().name}: {exc.details()}"
+        return None
+
+
+def score_methods(
+    target: Target,
+    methods: Sequence[str],
+    stream: Sequence[StreamExample],
+    expert_of_task: dict[str, str],
+    batch_size: int = 32,
+    on_batch: Callable[[int], None] | None = None,
+    max_new_tokens: int = 0,
+    match: Match = None,
+) -> list[MethodScore]:
+    """:func:`score_method` for each method in turn; a method the coordinator refuses (not
+    trained, unknown) comes back with ``error`` set rather than stopping the others."""
+    return [
+        score_method(
+            target, m, stream, expert_of_task, batch_size, on_batch, max_new_tokens, match
+        )
+        for m in methods
+    ]
+
+
+def _tally(
+    score: MethodScore, ex: StreamExample, routed_task: str, output: str, match: Match = None
+) -> None:
     score.examples += 1
     score.routed_right += routed_task == ex.task
-    score.labelled_right += output == ex.label
+    score.labelled_right += match(output, ex.label) if match else output == ex.label
     score.confusion[(ex.task, routed_task)] += 1
     score.outputs.append((ex, output))
 
@@ -202,3 +241,190 @@ def save_confusion_png(score: MethodScore, tasks: Sequence[str], path: Path) -> 
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+# -- labelled data from a user: ``moerge evaluate DATA.jsonl`` -------------------------------------
+
+
+class LabelledDataError(ValueError):
+    """A labelled JSONL file that cannot be evaluated; the message names the line."""
+
+
+@dataclass(frozen=True)
+class LabelledRow:
+    """One line of a labelled file: the example and the task or expert it belongs to."""
+
+    line: int
+    text: str
+    label: str
+    task: str  # a registered expert's task name ("" when ``expert`` is given)
+    expert: str  # an expert id, unique id prefix or name ("" when ``task`` is given)
+
+
+def read_labelled(lines: Iterable[str], source: str = "DATA") -> list[LabelledRow]:
+    """Parse JSON Lines of ``{"text", "label", "task" | "expert"}``; blank lines are skipped.
+
+    Texts may span lines inside their JSON string (``\\n``); a label may be a number (read as
+    its text). Errors say ``SOURCE:LINE: what is wrong``.
+    """
+    rows: list[LabelledRow] = []
+    for number, raw in enumerate(lines, start=1):
+        if not raw.strip():
+            continue
+        where = f"{source}:{number}"
+        try:
+            record = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise LabelledDataError(f"{where}: not JSON ({exc.msg}, column {exc.colno})") from None
+        if not isinstance(record, dict):
+            raise LabelledDataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+        text, label = record.get("text"), record.get("label")
+        if not isinstance(text, str) or not text.strip():
+            raise LabelledDataError(f"{where}: \"text\" must be a non-empty string")
+        if isinstance(label, bool) or not isinstance(label, str | int | float):
+            raise LabelledDataError(f"{where}: \"label\" must be a string or a number")
+        task, expert = record.get("task", ""), record.get("expert", "")
+        if not isinstance(task, str) or not isinstance(expert, str) or bool(task) == bool(expert):
+            raise LabelledDataError(
+                f"{where}: give exactly one of \"task\" (a registered task name) or "
+                "\"expert\" (an expert id or name)"
+            )
+        rows.append(LabelledRow(number, text, str(label), task, expert))
+    if not rows:
+        raise LabelledDataError(f"{source}: no examples")
+    return rows
+
+
+def assign_tasks(
+    rows: Sequence[LabelledRow], experts: Sequence[tuple[str, str, str]], source: str = "DATA"
+) -> list[StreamExample]:
+    """Each row's source task among the registered ``(expert_id, name, task_name)`` experts.
+
+    An ``expert`` is matched by name, full id or unique id prefix and stands for its task. A
+    task no registered expert serves is refused, naming the line and the tasks there are.
+    """
+    tasks = {task for _, _, task in experts}
+    stream: list[StreamExample] = []
+    for row in rows:
+        where = f"{source}:{row.line}"
+        if row.task:
+            if row.task not in tasks:
+                raise LabelledDataError(
+                    f"{where}: no registered expert serves task {row.task!r} "
+                    f"(tasks: {', '.join(sorted(tasks)) or 'none'})"
+                )
+            stream.append(StreamExample(row.text, row.label, row.task))
+            continue
+        found = {t for i, n, t in experts if row.expert in (i, n)}
+        found = found or {t for i, _, t in experts if i.startswith(row.expert.lower())}
+        if len(found) != 1:
+            why = "is ambiguous" if found else "matches no registered expert"
+            raise LabelledDataError(f"{where}: expert {row.expert!r} {why}")
+        stream.append(StreamExample(row.text, row.label, found.pop()))
+    return stream
+
+
+@dataclass(frozen=True)
+class MajorityFloor:
+    """Always answering each task's most common label, counted on the evaluated labels."""
+
+    by_task: dict[str, tuple[str, int, int]]  # task -> (label, its count, examples)
+
+    @property
+    def accuracy(self) -> float:
+        right = sum(count for _, count, _ in self.by_task.values())
+        total = sum(n for _, _, n in self.by_task.values())
+        return right / total if total else 0.0
+
+
+def majority_floor(stream: Sequence[StreamExample]) -> MajorityFloor:
+    """The majority-class floor of ``stream``, from its own labels, per task."""
+    labels: dict[str, Counter[str]] = {}
+    for ex in stream:
+        labels.setdefault(ex.task, Counter())[ex.label] += 1
+    return MajorityFloor(
+        {
+            task: (*counts.most_common(1)[0], sum(counts.values()))
+            for task, counts in sorted(labels.items())
+        }
+    )
+
+
+@dataclass
+class Evaluation:
+    """Everything ``moerge evaluate`` reports about one labelled file."""
+
+    tasks: list[str]
+    metric: str  # how a right answer is decided
+    scores: list[MethodScore]  # the oracle first; methods with ``error`` set were skipped
+    floor: MajorityFloor
+
+    @property
+    def examples(self) -> int:
+        return sum(n for _, _, n in self.floor.by_task.values())
+
+    def best_router(self) -> MethodScore | None:
+        """The scored router (not the oracle nor uniform) with the best routing accuracy."""
+        routers = [s for s in self.scores if s.method not in ("oracle", "uniform") and not s.error]
+        return max(routers, key=lambda s: s.routing_accuracy, default=None)
+
+    def to_dict(self) -> dict[str, object]:
+        """Plain JSON values: numbers as numbers, the confusion as nested task counts."""
+        return {
+            "examples": self.examples,
+            "tasks": self.tasks,
+            "metric": self.metric,
+            "majority_floor": {
+                "source": "the evaluated file's own labels, per task",
+                "accuracy": self.floor.accuracy,
+                "by_task": {
+                    task: {"label": label, "accuracy": count / n, "examples": n}
+                    for task, (label, count, n) in self.floor.by_task.items()
+                },
+            },
+            "methods": [
+                {
+                    "method": s.method,
+                    "routing_accuracy": s.routing_accuracy,
+                    "task_accuracy": s.task_accuracy,
+                    "examples": s.examples,
+                    "seconds": s.seconds,
+                    "confusion": _nested(s.confusion),
+                }
+                for s in self.scores
+                if not s.error
+            ],
+            "skipped": [{"method": s.method, "reason": s.error} for s in self.scores if s.error],
+        }
+
+
+def _nested(confusion: Counter[tuple[str, str]]) -> dict[str, dict[str, int]]:
+    out: dict[str, dict[str, int]] = {}
+    for (source, routed), n in sorted(confusion.items()):
+        out.setdefault(source, {})[routed] = n
+    return out
+
+
+def evaluate(
+    target: Target,
+    stream: Sequence[StreamExample],
+    methods: Sequence[str],
+    expert_of_task: dict[str, str],
+    causal_lm: bool = False,
+    batch_size: int = 32,
+    max_new_tokens: int = 0,
+    on_batch: Callable[[int], None] | None = None,
+) -> Evaluation:
+    """Score the oracle and ``methods`` on ``stream``, beside its majority-class floor."""
+    match: Match = None
+    if causal_lm:
+        from moerge.contributor_client.instruction_tasks import answers_match
+
+        match = answers_match
+    ordered = ["oracle", *(m for m in dict.fromkeys(methods) if m != "oracle")]
+    scores = score_methods(
+        target, ordered, stream, expert_of_task, batch_size, on_batch, max_new_tokens, match
+    )
+    metric = "exact match of the normalised generated text" if causal_lm else "label equality"
+    tasks = sorted({ex.task for ex in stream})
+    return Evaluation(tasks, metric, scores, majority_floor(stream))
