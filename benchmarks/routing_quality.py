@@ -51,6 +51,7 @@ from moerge.evaluation import (
     save_confusion_png,
     score_assigned,
     score_method,
+    score_methods,
 )
 from moerge.v1 import admin_pb2
 
@@ -385,11 +386,13 @@ def main(argv: list[str] | None = None) -> None:
         fit_seconds = fit_routers(admin, others)
         fit_seconds[args.retrain_method] = active_router(admin).fit_seconds
         log(f"routers fitted: {fit_seconds}")
-        scores = [score_method(admin, "oracle", stream, expert_of_task)]
-        for method in (*ROUTERS, *BASELINES):
-            score = after if method == args.retrain_method else None
-            scores.append(score or score_method(admin, method, stream, expert_of_task))
-            log(f"{method}: {scores[-1].routing_accuracy:.1%} / {scores[-1].task_accuracy:.1%}")
+        scored = {s.method: s for s in score_methods(
+            admin, ["oracle", *others], stream, expert_of_task
+        )}  # fmt: skip
+        scored[args.retrain_method] = after
+        scores = [scored[m] for m in ("oracle", *ROUTERS, *BASELINES)]
+        for s in scores[1:]:
+            log(f"{s.method}: {s.routing_accuracy:.1%} / {s.task_accuracy:.1%}")
         routed, fit_seconds[CEILING] = ceiling.routes(names)
         log(f"ceiling embeddings took {ceiling.seconds:.0f} s")
         scores.insert(1, score_assigned(admin, CEILING, stream, routed, expert_of_task))

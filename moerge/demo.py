@@ -290,7 +290,7 @@ def demo(
     """Run the end-to-end demo and print the routing table."""
     from moerge.contributor_client.connection import Target
     from moerge.contributor_client.datasets import available_tasks
-    from moerge.evaluation import mixed_stream, save_confusion_png, score_method
+    from moerge.evaluation import mixed_stream, save_confusion_png, score_methods
     from moerge.storage.tokens import new_token
 
     data_dir = data_dir.resolve()  # contributors run in their own folders
@@ -347,12 +347,10 @@ def demo(
             evaluate = bar.add_task(
                 "routed predictions on the mixed stream", total=len(stream) * len(methods)
             )
-            scores = [
-                score_method(
-                    admin, m, stream, expert_of_task, on_batch=lambda n: bar.advance(evaluate, n)
-                )
-                for m in methods
-            ]
+            scores = score_methods(
+                admin, methods, stream, expert_of_task,
+                on_batch=lambda n: bar.advance(evaluate, n),
+            )  # fmt: skip
         _print_table(scores, fit_seconds, len(stream), names)
         best = max(
             (s for s in scores if s.method not in ("oracle", "uniform") and not s.error),

@@ -128,6 +128,7 @@ def run_llm_demo(
     from transformers import AutoTokenizer
 
     from moerge.contributor_client.connection import Target
+    from moerge.contributor_client.instruction_tasks import answers_match
     from moerge.demo import (
         contributor_jobs,
         demo_progress,
@@ -137,7 +138,7 @@ def run_llm_demo(
         start_coordinator,
         write_contributor_data,
     )
-    from moerge.evaluation import mixed_stream, score_method
+    from moerge.evaluation import mixed_stream, score_methods
     from moerge.smollm2 import ensure_converted
     from moerge.storage.tokens import new_token
 
@@ -183,17 +184,12 @@ def run_llm_demo(
                 "routed generation on the mixed stream", total=len(stream) * len(methods)
             )
             begin = time.perf_counter()
-            scores = [
-                generation_score(
-                    score_method(
-                        admin, method, stream, expert_of_task, batch_size=16,
-                        on_batch=lambda n: bar.advance(evaluate, n),
-                        max_new_tokens=max_new_tokens,
-                    ),
-                    tasks,
-                )
-                for method in methods
-            ]
+            scored = score_methods(
+                admin, methods, stream, expert_of_task, batch_size=16,
+                on_batch=lambda n: bar.advance(evaluate, n),
+                max_new_tokens=max_new_tokens, match=answers_match,
+            )  # fmt: skip
+            scores = [generation_score(score, tasks) for score in scored]
             seconds["generation"] = time.perf_counter() - begin
     finally:
         process.terminate()
