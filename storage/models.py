@@ -125,6 +125,22 @@ class EnrollmentToken(Base):
     revoked_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
 
 
+class ApiKey(Base):
+    """An inference-only credential of the "user" role; only the hash of its secret is kept."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[str] = mapped_column(TOKEN_ID, primary_key=True)
+    secret_hash: Mapped[str] = mapped_column(SHA256)
+    note: Mapped[str] = mapped_column(Text)
+    created_by: Mapped[str] = mapped_column(ACTOR)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    expires_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    rate_limit_per_minute: Mapped[int | None] = mapped_column(Integer)
+    revoked_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    last_used_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+
+
 class Expert(Base):
     """One version of a contributor's LoRA expert; its files live in the blob store."""
 

@@ -14,7 +14,7 @@ from typing import Any, Generic, Literal, TypeVar
 
 from moerge.storage.blobstore import BlobRef
 
-Role = Literal["admin", "contributor"]
+Role = Literal["admin", "contributor", "user"]
 ExpertState = Literal["active", "quarantined", "retired"]
 UploadState = Literal["receiving", "committed", "failed"]
 RouterStatus = Literal["training", "ready", "failed"]
@@ -48,6 +48,10 @@ class Principal:
     role: Role
     contributor_id: str | None
     credential_id: str
+    #: A user API key's own limit on inference requests per minute (None: the coordinator's)
+    rate_limit_per_minute: int | None = None
+    #: When a user API key stops working; checked on every call, even one served from a cache
+    expires_at: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -73,6 +77,20 @@ class EnrollmentTokenInfo:
     max_uses: int
     uses: int
     revoked_at: datetime | None
+
+
+@dataclass(frozen=True)
+class ApiKeyInfo:
+    """A user's inference-only API key, without its secret (shown only when it is created)."""
+
+    id: str
+    note: str
+    created_by: str
+    created_at: datetime
+    expires_at: datetime | None
+    rate_limit_per_minute: int | None  # None: the coordinator's default
+    revoked_at: datetime | None
+    last_used_at: datetime | None
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,7 @@ from moerge.storage.errors import (
     Unauthenticated,
 )
 from moerge.storage.models import (
+    ApiKey,
     AuditEntry,
     Contributor,
     Credential,
@@ -43,6 +44,7 @@ from moerge.storage.models import (
 from moerge.storage.pagination import decode_page_token, encode_page_token
 from moerge.storage.records import (
     EXPERT_STATES,
+    ApiKeyInfo,
     AuditEntryInfo,
     ContributorInfo,
     EnrollmentTokenInfo,
@@ -62,6 +64,7 @@ from moerge.storage.tokens import (
     ADMIN_PREFIX,
     CONTRIBUTOR_PREFIX,
     ENROLLMENT_PREFIX,
+    USER_PREFIX,
     hash_secret,
     new_token,
     parse_token,
@@ -82,6 +85,7 @@ from moerge.storage.validation import (
 
 ADMIN = "admin"
 CONTRIBUTOR = "contributor"
+USER = "user"
 SYSTEM_ACTOR = "system"
 _ROLE_BY_PREFIX = {ADMIN_PREFIX: ADMIN, CONTRIBUTOR_PREFIX: CONTRIBUTOR}
 
@@ -215,6 +219,8 @@ class Registry:
     def authenticate(self, token: str) -> Principal | None:
         """Who ``token`` belongs to, or None if it is malformed, unknown or revoked."""
         parsed = parse_token(token)
+        if parsed is not None and parsed[0] == USER_PREFIX:
+            return self._authenticate_api_key(parsed[1], parsed[2])
         if parsed is None or parsed[0] not in _ROLE_BY_PREFIX:
             return None
         prefix, token_id, secret = parsed
@@ -267,6 +273,103 @@ class Registry:
             credential.revoked_at = utcnow()
             self._audit(session, actor, "credential.revoke", "credential", credential_id)
 
+    # -- user API keys (inference only) ---------------------------------------------------
+
+    def create_api_key(
+        self,
+        actor: str,
+        note: str = "",
+        ttl_seconds: float | None = None,
+        rate_limit_per_minute: int | None = None,
+    ) -> tuple[ApiKeyInfo, str]:
+        """Mint a user's API key; the key itself is returned once and never stored."""
+        actor = _check_actor(actor)
+        note = check_text("note", note, MAX_REASON)
+        if rate_limit_per_minute is not None:
+            rate_limit_per_minute = check_int(
+                "rate_limit_per_minute", rate_limit_per_minute, minimum=1, maximum=1_000_000
+            )
+        now = utcnow()
+        expires_at = None
+        if ttl_seconds is not None:
+            ttl = check_seconds("ttl_seconds", ttl_seconds, allow_zero=False)
+            expires_at = now + timedelta(seconds=min(ttl, 100 * 365 * 86400))
+        key_id, key = new_token(USER_PREFIX)
+        row = ApiKey(
+            id=key_id,
+            secret_hash=_secret_hash(key),
+            note=note,
+            created_by=actor,
+            created_at=now,
+            expires_at=expires_at,
+            rate_limit_per_minute=rate_limit_per_minute,
+            revoked_at=None,
+            last_used_at=None,
+        )
+        with self._write() as session:
+            session.add(row)
+            self._audit(
+                session,
+                actor,
+                "api_key.create",
+                "api_key",
+                key_id,
+                {"expires_at": _iso(expires_at), "rate_limit_per_minute": rate_limit_per_minute,
+                 "note": note},
+            )
+            info = _api_key_info(row)
+        return info, key
+
+    def list_api_keys(
+        self, page_size: int = 50, page_token: str | None = None, include_revoked: bool = True
+    ) -> Page[ApiKeyInfo]:
+        """API keys, oldest first (expired ones included: their ``expires_at`` says so)."""
+        conditions = [] if include_revoked else [ApiKey.revoked_at.is_(None)]
+        with self._read() as session:
+            rows, next_token = _page_oldest_first(
+                session, ApiKey, "api_keys", conditions, page_size, page_token
+            )
+            return Page(tuple(_api_key_info(row) for row in rows), next_token)
+
+    def revoke_api_key(self, actor: str, key_id: str) -> ApiKeyInfo:
+        """Stop a key from authenticating; the next request with it is UNAUTHENTICATED."""
+        actor = _check_actor(actor)
+        key_id = check_name("key_id", key_id, max_len=16)
+        with self._write() as session:
+            row = session.get(ApiKey, key_id)
+            if row is None:
+                raise NotFound(f"API key {key_id!r:.40} not found")
+            if row.revoked_at is not None:
+                raise FailedPrecondition(f"API key {key_id} is already revoked")
+            row.revoked_at = utcnow()
+            self._audit(session, actor, "api_key.revoke", "api_key", key_id)
+            return _api_key_info(row)
+
+    def _authenticate_api_key(self, key_id: str, secret: str) -> Principal | None:
+        now = utcnow()
+        with self._read() as session:
+            row = session.get(ApiKey, key_id)
+            matches = secret_matches(secret, row.secret_hash if row else _DUMMY_HASH)
+            if (
+                row is None
+                or not matches
+                or row.revoked_at is not None
+                or (row.expires_at is not None and row.expires_at <= now)
+            ):
+                return None
+            principal = Principal(
+                role=USER,
+                contributor_id=None,
+                credential_id=row.id,
+                rate_limit_per_minute=row.rate_limit_per_minute,
+                expires_at=row.expires_at,
+            )
+            last_used = row.last_used_at
+        if last_used is None or now - last_used >= LAST_USED_RESOLUTION:
+            with self._write() as session:
+                session.execute(update(ApiKey).where(ApiKey.id == key_id).values(last_used_at=now))
+        return principal
+
     # -- enrollment and contributors ------------------------------------------------------
 
     def create_enrollment_token(
@@ -317,6 +420,17 @@ class Registry:
             if row is None:
                 raise NotFound(f"enrollment token {token_id!r:.40} not found")
             return _enrollment_info(row)
+
+    def list_enrollment_tokens(
+        self, page_size: int = 50, page_token: str | None = None, include_revoked: bool = True
+    ) -> Page[EnrollmentTokenInfo]:
+        """Enrollment tokens, oldest first (used-up and expired ones included)."""
+        conditions = [] if include_revoked else [EnrollmentToken.revoked_at.is_(None)]
+        with self._read() as session:
+            rows, next_token = _page_oldest_first(
+                session, EnrollmentToken, "enrollment_tokens", conditions, page_size, page_token
+            )
+            return Page(tuple(_enrollment_info(row) for row in rows), next_token)
 
     def revoke_enrollment_token(self, actor: str, token_id: str) -> EnrollmentTokenInfo:
         actor = _check_actor(actor)
@@ -1188,7 +1302,7 @@ def _iso(value: datetime | None) -> str | None:
 
 def _page_oldest_first(
     session: Session,
-    model: type[Contributor] | type[Expert],
+    model: type[Contributor] | type[Expert] | type[ApiKey] | type[EnrollmentToken],
     listing: str,
     conditions: list[ColumnElement[bool]],
     page_size: int,
@@ -1249,6 +1363,19 @@ def _contributor_info(row: Contributor) -> ContributorInfo:
         created_at=row.created_at,
         revoked_at=row.revoked_at,
         revoke_reason=row.revoke_reason,
+    )
+
+
+def _api_key_info(row: ApiKey) -> ApiKeyInfo:
+    return ApiKeyInfo(
+        id=row.id,
+        note=row.note,
+        created_by=row.created_by,
+        created_at=row.created_at,
+        expires_at=row.expires_at,
+        rate_limit_per_minute=row.rate_limit_per_minute,
+        revoked_at=row.revoked_at,
+        last_used_at=row.last_used_at,
     )
 
 

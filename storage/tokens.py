@@ -15,13 +15,14 @@ import secrets
 ADMIN_PREFIX = "mga"
 CONTRIBUTOR_PREFIX = "mgc"
 ENROLLMENT_PREFIX = "mge"
-PREFIXES = (ADMIN_PREFIX, CONTRIBUTOR_PREFIX, ENROLLMENT_PREFIX)
+USER_PREFIX = "mgu"  # API keys of the inference-only "user" role
+PREFIXES = (ADMIN_PREFIX, CONTRIBUTOR_PREFIX, ENROLLMENT_PREFIX, USER_PREFIX)
 
 TOKEN_ID_HEX = 16
 MAX_TOKEN_LENGTH = 256
 
 # token_urlsafe(32) yields 43 characters; at least 32 keeps operator-chosen admin tokens strong.
-_TOKEN_RE = re.compile(r"(mga|mgc|mge)_([0-9a-f]{16})_([A-Za-z0-9_-]{32,128})")
+_TOKEN_RE = re.compile(r"(mga|mgc|mge|mgu)_([0-9a-f]{16})_([A-Za-z0-9_-]{32,128})")
 
 
 def new_token(prefix: str) -> tuple[str, str]:
