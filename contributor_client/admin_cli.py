@@ -17,7 +17,7 @@ from moerge.contributor_client.rpc import client, guarded
 
 if TYPE_CHECKING:
     from moerge.client import Client
-    from moerge.results import Expert, RouterVersion
+    from moerge.results import ApiKey, EnrollmentTokenInfo, Expert, RouterVersion
 
 app = typer.Typer(help="Administer the registry, routers and contributors.", no_args_is_help=True)
 experts_app = typer.Typer(
@@ -28,10 +28,15 @@ router_app = typer.Typer(
 )
 tokens_app = typer.Typer(help="Enrollment tokens for new contributors.", no_args_is_help=True)
 contributors_app = typer.Typer(help="List and revoke contributors.", no_args_is_help=True)
+keys_app = typer.Typer(
+    help="API keys for users: inference only (predict, route, generate, the HTTP API).",
+    no_args_is_help=True,
+)
 app.add_typer(experts_app, name="experts")
 app.add_typer(router_app, name="router")
 app.add_typer(tokens_app, name="tokens")
 app.add_typer(contributors_app, name="contributors")
+app.add_typer(keys_app, name="keys")
 
 STATE_WORDS = "active | quarantined | retired"
 #: The coordinator's routing methods, for ``router train --help`` without importing torch
@@ -279,7 +284,10 @@ def router_activate(
 @tokens_app.command("create")
 def tokens_create(
     note: Annotated[str, typer.Option(help="what the token is for")] = "",
-    ttl: Annotated[int, typer.Option(help="seconds until it expires (0: never)")] = 0,
+    ttl: Annotated[
+        int,
+        typer.Option(help="seconds until it expires (0: the coordinator's default, 7 days)"),
+    ] = 0,
     max_uses: Annotated[int, typer.Option(help="how many contributors may join with it")] = 1,
     coordinator: Coordinator = None,
     token: Token = None,
@@ -294,6 +302,139 @@ def tokens_create(
         lambda api: api.create_enrollment_token(note=note, ttl_seconds=ttl, max_uses=max_uses),
     )
     emit_json(created) if json_out else typer.echo(created.token)
+
+
+def _when(moment: object) -> str:
+    return moment.isoformat(timespec="seconds") if moment else ""  # type: ignore[attr-defined]
+
+
+def _token_rows(tokens: list[EnrollmentTokenInfo]) -> list[tuple[object, ...]]:
+    return [
+        (t.token_id, t.note, _when(t.created_at), _when(t.expires_at) or "never",
+         f"{t.uses}/{t.max_uses}", "revoked" if t.revoked else "")
+        for t in tokens
+    ]  # fmt: skip
+
+
+@tokens_app.command("list")
+def tokens_list(
+    exclude_revoked: Annotated[bool, typer.Option("--exclude-revoked")] = False,
+    page_size: int = 50,
+    page_token: str = "",
+    coordinator: Coordinator = None,
+    token: Token = None,
+    tls_ca: TlsCa = None,
+    json_out: Json = False,
+) -> None:
+    """Enrollment tokens: note, expiry, uses and whether revoked (never their secrets)."""
+    page = _run(
+        coordinator,
+        token,
+        tls_ca,
+        lambda api: api.list_enrollment_tokens(
+            exclude_revoked=exclude_revoked, page_size=page_size, page_token=page_token
+        ),
+    )
+    if json_out:
+        emit_json({"tokens": page.items, "next_page_token": page.next_page_token})
+        return
+    columns = ("id", "note", "created", "expires", "uses", "status")
+    table("enrollment tokens", columns, _token_rows(list(page.items)))
+
+
+@tokens_app.command("revoke")
+def tokens_revoke(
+    token_id: Annotated[str, typer.Argument(help="the token id (as `tokens list` shows it)")],
+    coordinator: Coordinator = None,
+    token: Token = None,
+    tls_ca: TlsCa = None,
+    json_out: Json = False,
+) -> None:
+    """Revoke an enrollment token: nobody else can join with it."""
+    info = _run(coordinator, token, tls_ca, lambda api: api.revoke_enrollment_token(token_id))
+    emit_json(info) if json_out else typer.echo(f"revoked enrollment token {info.token_id}")
+
+
+def _key_rows(keys: list[ApiKey]) -> list[tuple[object, ...]]:
+    return [
+        (k.key_id, k.note, _when(k.created_at), _when(k.expires_at) or "never",
+         k.rate_limit_per_minute or "default", _when(k.last_used_at),
+         "revoked" if k.revoked else "")
+        for k in keys
+    ]  # fmt: skip
+
+
+KEY_COLUMNS = ("id", "note", "created", "expires", "per minute", "last used", "status")
+
+
+@keys_app.command("create")
+def keys_create(
+    note: Annotated[str, typer.Option(help="who or what the key is for")] = "",
+    expires_in: Annotated[
+        float, typer.Option("--expires-in", help="days until it expires (0: never)")
+    ] = 0,
+    rate_limit: Annotated[
+        int,
+        typer.Option(
+            "--rate-limit",
+            help="inference requests per minute (0: the coordinator's default)",
+        ),
+    ] = 0,
+    coordinator: Coordinator = None,
+    token: Token = None,
+    tls_ca: TlsCa = None,
+    json_out: Json = False,
+) -> None:
+    """Create a user's API key (shown once): it may call predict, route and generate only."""
+    if expires_in < 0:
+        raise typer.BadParameter("must be >= 0", param_hint="--expires-in")
+    created = _run(
+        coordinator,
+        token,
+        tls_ca,
+        lambda api: api.create_api_key(
+            note=note, ttl_seconds=round(expires_in * 86400), rate_limit_per_minute=rate_limit
+        ),
+    )
+    emit_json(created) if json_out else typer.echo(created.api_key)
+
+
+@keys_app.command("list")
+def keys_list(
+    exclude_revoked: Annotated[bool, typer.Option("--exclude-revoked")] = False,
+    page_size: int = 50,
+    page_token: str = "",
+    coordinator: Coordinator = None,
+    token: Token = None,
+    tls_ca: TlsCa = None,
+    json_out: Json = False,
+) -> None:
+    """API keys: note, expiry, rate limit, last use and whether revoked (never their secrets)."""
+    page = _run(
+        coordinator,
+        token,
+        tls_ca,
+        lambda api: api.list_api_keys(
+            exclude_revoked=exclude_revoked, page_size=page_size, page_token=page_token
+        ),
+    )
+    if json_out:
+        emit_json({"keys": page.items, "next_page_token": page.next_page_token})
+        return
+    table("API keys", KEY_COLUMNS, _key_rows(list(page.items)))
+
+
+@keys_app.command("revoke")
+def keys_revoke(
+    key_id: Annotated[str, typer.Argument(help="the key id (as `keys list` shows it)")],
+    coordinator: Coordinator = None,
+    token: Token = None,
+    tls_ca: TlsCa = None,
+    json_out: Json = False,
+) -> None:
+    """Revoke an API key: its very next request is refused."""
+    info = _run(coordinator, token, tls_ca, lambda api: api.revoke_api_key(key_id))
+    emit_json(info) if json_out else typer.echo(f"revoked API key {info.key_id}")
 
 
 @contributors_app.command("list")

@@ -10,13 +10,14 @@ import json
 from moerge.coordinator import convert
 from moerge.coordinator.state import CoordinatorState
 from moerge.storage.errors import InvalidArgument
-from moerge.storage.records import ContributorInfo, Principal
+from moerge.storage.records import ApiKeyInfo, ContributorInfo, EnrollmentTokenInfo, Principal
 from moerge.storage.validation import MAX_INT32, check_int, check_text
 from moerge.v1 import admin_pb2, common_pb2
 
 MAX_REASON = 1000
 MAX_TTL_SECONDS = 365 * 24 * 3600
 MAX_TOKEN_USES = 10_000
+MAX_RATE_LIMIT = 1_000_000  # requests per minute
 
 
 def list_experts(
@@ -110,10 +111,11 @@ def create_enrollment_token(
         raise InvalidArgument("ttl_seconds", f"must be in 0..{MAX_TTL_SECONDS}")
     if not 0 <= request.max_uses <= MAX_TOKEN_USES:
         raise InvalidArgument("max_uses", f"must be in 0..{MAX_TOKEN_USES}")
+    default_ttl = state.config.enrollment_token_ttl_days * 86400  # 0: never expires
     info, token = state.registry.create_enrollment_token(
         convert.actor_of(principal),
         note=request.note,
-        ttl_seconds=request.ttl_seconds or None,
+        ttl_seconds=request.ttl_seconds or default_ttl or None,
         max_uses=request.max_uses or 1,
     )
     response = admin_pb2.CreateEnrollmentTokenResponse(
@@ -122,6 +124,89 @@ def create_enrollment_token(
     if info.expires_at:
         response.expires_at.CopyFrom(convert.timestamp(info.expires_at))
     return response
+
+
+def _enrollment_token(info: EnrollmentTokenInfo) -> admin_pb2.EnrollmentToken:
+    return admin_pb2.EnrollmentToken(
+        token_id=info.id,
+        note=info.note,
+        created_by=info.created_by,
+        created_at=convert.timestamp(info.created_at),
+        expires_at=convert.timestamp(info.expires_at),
+        max_uses=info.max_uses,
+        uses=info.uses,
+        revoked=info.revoked_at is not None,
+    )
+
+
+def list_enrollment_tokens(
+    request: admin_pb2.ListEnrollmentTokensRequest, state: CoordinatorState, principal: Principal
+) -> admin_pb2.ListEnrollmentTokensResponse:
+    page = state.registry.list_enrollment_tokens(
+        page_size=request.page_size or 50,
+        page_token=request.page_token or None,
+        include_revoked=not request.exclude_revoked,
+    )
+    return admin_pb2.ListEnrollmentTokensResponse(
+        tokens=[_enrollment_token(t) for t in page.items],
+        next_page_token=page.next_page_token or "",
+    )
+
+
+def revoke_enrollment_token(
+    request: admin_pb2.RevokeEnrollmentTokenRequest, state: CoordinatorState, principal: Principal
+) -> admin_pb2.EnrollmentToken:
+    info = state.registry.revoke_enrollment_token(convert.actor_of(principal), request.token_id)
+    return _enrollment_token(info)
+
+
+def _api_key(info: ApiKeyInfo) -> admin_pb2.ApiKey:
+    return admin_pb2.ApiKey(
+        key_id=info.id,
+        note=info.note,
+        created_by=info.created_by,
+        created_at=convert.timestamp(info.created_at),
+        expires_at=convert.timestamp(info.expires_at),
+        rate_limit_per_minute=info.rate_limit_per_minute or 0,
+        revoked=info.revoked_at is not None,
+        last_used_at=convert.timestamp(info.last_used_at),
+    )
+
+
+def create_api_key(
+    request: admin_pb2.CreateApiKeyRequest, state: CoordinatorState, principal: Principal
+) -> admin_pb2.CreateApiKeyResponse:
+    check_text("note", request.note, MAX_REASON)
+    if not 0 <= request.ttl_seconds <= MAX_TTL_SECONDS:
+        raise InvalidArgument("ttl_seconds", f"must be in 0..{MAX_TTL_SECONDS}")
+    if not 0 <= request.rate_limit_per_minute <= MAX_RATE_LIMIT:
+        raise InvalidArgument("rate_limit_per_minute", f"must be in 0..{MAX_RATE_LIMIT}")
+    info, key = state.registry.create_api_key(
+        convert.actor_of(principal),
+        note=request.note,
+        ttl_seconds=request.ttl_seconds or None,
+        rate_limit_per_minute=request.rate_limit_per_minute or None,
+    )
+    return admin_pb2.CreateApiKeyResponse(key=_api_key(info), api_key=key)
+
+
+def list_api_keys(
+    request: admin_pb2.ListApiKeysRequest, state: CoordinatorState, principal: Principal
+) -> admin_pb2.ListApiKeysResponse:
+    page = state.registry.list_api_keys(
+        page_size=request.page_size or 50,
+        page_token=request.page_token or None,
+        include_revoked=not request.exclude_revoked,
+    )
+    return admin_pb2.ListApiKeysResponse(
+        keys=[_api_key(k) for k in page.items], next_page_token=page.next_page_token or ""
+    )
+
+
+def revoke_api_key(
+    request: admin_pb2.RevokeApiKeyRequest, state: CoordinatorState, principal: Principal
+) -> admin_pb2.ApiKey:
+    return _api_key(state.registry.revoke_api_key(convert.actor_of(principal), request.key_id))
 
 
 def list_contributors(

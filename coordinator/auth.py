@@ -9,7 +9,13 @@ Given the registry's ``generation``, accepted tokens are remembered (by their SH
 event loop, no thread hop) until the registry is written or
 :data:`~moerge.coordinator.registry_cache.MAX_AGE_SECONDS` pass; see
 :mod:`moerge.coordinator.registry_cache`. A revoke through this coordinator is refused on the very
-next call; rejected tokens are never remembered.
+next call; rejected tokens are never remembered. A user API key's expiry is checked on every
+call, cached or not.
+
+Three roles: ``admin`` (everything but contributing), ``contributor`` (contributing and
+inference) and ``user`` (inference only: an API key from ``moerge admin keys create``). Inference
+calls are also counted against the caller's rate limit
+(:mod:`moerge.coordinator.inference_limit`).
 """
 
 from __future__ import annotations
@@ -18,11 +24,13 @@ import asyncio
 import contextvars
 import hashlib
 from collections.abc import Callable
+from datetime import datetime, timezone
 from typing import Any
 
 import grpc
 
 from moerge.coordinator.errors import status_for
+from moerge.coordinator.inference_limit import InferenceLimiter, InferenceRateLimited
 from moerge.coordinator.registry_cache import GenerationCache
 from moerge.storage.records import Principal
 
@@ -39,7 +47,7 @@ PUBLIC_METHODS = frozenset(
 #: service prefix -> roles allowed to call its methods
 SERVICE_ROLES: dict[str, frozenset[str]] = {
     "/moerge.v1.ContributorService/": frozenset({"contributor"}),
-    "/moerge.v1.InferenceService/": frozenset({"contributor", "admin"}),
+    "/moerge.v1.InferenceService/": frozenset({"contributor", "admin", "user"}),
     "/moerge.v1.AdminService/": frozenset({"admin"}),
 }
 
@@ -83,8 +91,11 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         self,
         authenticate: Callable[[str], Principal | None],
         generation: Callable[[], int] | None = None,
+        limiter: InferenceLimiter | None = None,
     ) -> None:
         self._authenticate = authenticate
+        #: per-caller inference rate limits (None: unlimited); the HTTP API shares it
+        self.limiter = limiter
         #: token digest -> principal; None without a ``generation`` to invalidate it by
         self._accepted: GenerationCache[Principal] | None = (
             GenerationCache(generation) if generation is not None else None
@@ -93,15 +104,24 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
     async def principal(self, token: str) -> Principal | None:
         """Who ``token`` belongs to (None: nobody); the HTTP API asks this same cache."""
         if self._accepted is None:
-            return await asyncio.to_thread(self._authenticate, token)
-        key = hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
-        principal = self._accepted.get(key)
-        if principal is None:
-            generation = self._accepted.generation()
             principal = await asyncio.to_thread(self._authenticate, token)
-            if principal is not None:
-                self._accepted.put(key, principal, generation)
+        else:
+            key = hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
+            principal = self._accepted.get(key)
+            if principal is None:
+                generation = self._accepted.generation()
+                principal = await asyncio.to_thread(self._authenticate, token)
+                if principal is not None:
+                    self._accepted.put(key, principal, generation)
+        expires_at = principal.expires_at if principal is not None else None
+        if expires_at is not None and expires_at <= datetime.now(timezone.utc):
+            return None  # expired while remembered
         return principal
+
+    def admit(self, principal: Principal, method: str) -> None:
+        """Count an inference call against the caller's rate limit (raises when over it)."""
+        if self.limiter is not None:
+            self.limiter.admit(principal, method)
 
     async def intercept_service(
         self,
@@ -128,6 +148,11 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
                 grpc.StatusCode.PERMISSION_DENIED,
                 f"role '{principal.role}' may not call {method}",
             )
+        try:
+            self.admit(principal, method)
+        except InferenceRateLimited as exc:
+            trailer = (("retry-after", str(exc.retry_after_seconds)),)
+            return _rejecting(handler, *status_for(exc), trailer)
         return _with_principal(handler, principal)
 
 
@@ -146,16 +171,21 @@ def _rebuild(handler: grpc.RpcMethodHandler, unary: Any, streaming: Any) -> grpc
     return grpc.stream_stream_rpc_method_handler(streaming(handler.stream_stream), **kwargs)
 
 
-def _rejecting(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str) -> Any:
+def _rejecting(
+    handler: grpc.RpcMethodHandler,
+    code: grpc.StatusCode,
+    message: str,
+    trailing_metadata: tuple[tuple[str, str], ...] = (),
+) -> Any:
     def unary(_behaviour: Any) -> Any:
         async def reject(_request: Any, context: grpc.aio.ServicerContext) -> Any:
-            await context.abort(code, message)
+            await context.abort(code, message, trailing_metadata)
 
         return reject
 
     def streaming(_behaviour: Any) -> Any:
         async def reject(_request: Any, context: grpc.aio.ServicerContext) -> Any:
-            await context.abort(code, message)
+            await context.abort(code, message, trailing_metadata)
             yield  # pragma: no cover  (makes this an async generator)
 
         return reject

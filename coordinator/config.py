@@ -58,6 +58,8 @@ class CoordinatorConfig:
     upload_bytes_per_second: int = 0  # per contributor: faster streams are slowed; 0 = unlimited
     upload_bytes_per_hour: int = 16 * 1024**3  # per contributor quota; 0 = unlimited
     uploads_per_hour: int = 240  # new upload ids per contributor and hour; 0 = unlimited
+    inference_requests_per_minute: int = 0  # per caller (Predict/Route/Generate); 0 = unlimited
+    enrollment_token_ttl_days: float = 7.0  # default expiry of new enrollment tokens; 0 = never
     max_batch_inputs: int = 256  # inputs per Predict/Route call
     max_input_chars: int = 20_000  # characters per input
     max_input_tokens: int = 128  # classification: longer inputs are truncated; LM prompts refused
@@ -105,7 +107,8 @@ class CoordinatorConfig:
             raise ValueError("task_type must be 'classification' or 'causal_lm'")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ValueError("tls_cert and tls_key must be given together")
-        for name in ("upload_bytes_per_second", "upload_bytes_per_hour", "uploads_per_hour"):
+        for name in ("upload_bytes_per_second", "upload_bytes_per_hour", "uploads_per_hour",
+                     "inference_requests_per_minute", "enrollment_token_ttl_days"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0 (0 = unlimited)")
         if not 0 < self.consistency_copy_p_value < 1:

@@ -22,6 +22,7 @@ from moerge.coordinator.bulk_transfer import BulkServer, open_bulk_channel
 from moerge.coordinator.config import CoordinatorConfig
 from moerge.coordinator.decoding import DecodeInterceptor
 from moerge.coordinator.inference.device import resolve_placement
+from moerge.coordinator.inference_limit import InferenceLimiter
 from moerge.coordinator.metrics import MetricsHTTPServer, MetricsInterceptor, RpcMetrics, collector
 from moerge.coordinator.rate_limit import UploadLimiter
 from moerge.coordinator.routers import open_federation
@@ -99,7 +100,11 @@ async def start(config: CoordinatorConfig, state: CoordinatorState | None = None
     ]
     # Metrics first: it is the outermost interceptor, so it also counts calls auth rejects.
     metrics = RpcMetrics()
-    auth = AuthInterceptor(state.registry.authenticate, state.registry.generation)
+    auth = AuthInterceptor(
+        state.registry.authenticate,
+        state.registry.generation,
+        InferenceLimiter(config.inference_requests_per_minute),
+    )
     server = grpc.aio.server(
         interceptors=[
             MetricsInterceptor(metrics),

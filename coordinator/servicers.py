@@ -172,6 +172,21 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     async def CreateEnrollmentToken(self, request: Any, context: Any) -> Any:
         return await _serve(admin_handler.create_enrollment_token, request, self.state, context)
 
+    async def ListEnrollmentTokens(self, request: Any, context: Any) -> Any:
+        return await _serve(admin_handler.list_enrollment_tokens, request, self.state, context)
+
+    async def RevokeEnrollmentToken(self, request: Any, context: Any) -> Any:
+        return await _serve(admin_handler.revoke_enrollment_token, request, self.state, context)
+
+    async def CreateApiKey(self, request: Any, context: Any) -> Any:
+        return await _serve(admin_handler.create_api_key, request, self.state, context)
+
+    async def ListApiKeys(self, request: Any, context: Any) -> Any:
+        return await _serve(admin_handler.list_api_keys, request, self.state, context)
+
+    async def RevokeApiKey(self, request: Any, context: Any) -> admin_pb2.ApiKey:
+        return await _serve(admin_handler.revoke_api_key, request, self.state, context)
+
     async def ListContributors(self, request: Any, context: Any) -> Any:
         return await _serve(admin_handler.list_contributors, request, self.state, context)
 

@@ -18,11 +18,14 @@ from moerge.errors import MoergeError
 from moerge.results import (
     AGGREGATIONS,
     STATES,
+    ApiKey,
     AuditEntry,
     BaseModel,
     Contributor,
+    CreatedApiKey,
     DeletedExpert,
     EnrollmentToken,
+    EnrollmentTokenInfo,
     Expert,
     Joined,
     Page,
@@ -242,11 +245,51 @@ class Calls:
     def create_enrollment_token(
         self, *, note: str = "", ttl_seconds: int = 0, max_uses: int = 1
     ) -> EnrollmentToken:
-        """A token a new contributor joins with (``ttl_seconds`` 0: never expires)."""
+        """A token a new contributor joins with (``ttl_seconds`` 0: the coordinator's default,
+        ``enrollment_token_ttl_days``)."""
         request = admin_pb2.CreateEnrollmentTokenRequest(
             note=note, ttl_seconds=ttl_seconds, max_uses=max_uses
         )
         return self._unary("admin", "CreateEnrollmentToken", request, EnrollmentToken.from_proto)
+
+    def list_enrollment_tokens(
+        self, *, exclude_revoked: bool = False, page_size: int = 50, page_token: str = ""
+    ) -> Page[EnrollmentTokenInfo]:
+        request = admin_pb2.ListEnrollmentTokensRequest(
+            page_size=page_size, page_token=page_token, exclude_revoked=exclude_revoked
+        )
+        convert = _page(EnrollmentTokenInfo.from_proto, "tokens")
+        return self._unary("admin", "ListEnrollmentTokens", request, convert)
+
+    def revoke_enrollment_token(self, token_id: str) -> EnrollmentTokenInfo:
+        """Stop an enrollment token from letting anyone else join."""
+        request = admin_pb2.RevokeEnrollmentTokenRequest(token_id=token_id)
+        return self._unary(
+            "admin", "RevokeEnrollmentToken", request, EnrollmentTokenInfo.from_proto
+        )
+
+    def create_api_key(
+        self, *, note: str = "", ttl_seconds: int = 0, rate_limit_per_minute: int = 0
+    ) -> CreatedApiKey:
+        """An inference-only key for a user (``ttl_seconds`` 0: never expires;
+        ``rate_limit_per_minute`` 0: the coordinator's ``inference_requests_per_minute``)."""
+        request = admin_pb2.CreateApiKeyRequest(
+            note=note, ttl_seconds=ttl_seconds, rate_limit_per_minute=rate_limit_per_minute
+        )
+        return self._unary("admin", "CreateApiKey", request, CreatedApiKey.from_proto)
+
+    def list_api_keys(
+        self, *, exclude_revoked: bool = False, page_size: int = 50, page_token: str = ""
+    ) -> Page[ApiKey]:
+        request = admin_pb2.ListApiKeysRequest(
+            page_size=page_size, page_token=page_token, exclude_revoked=exclude_revoked
+        )
+        return self._unary("admin", "ListApiKeys", request, _page(ApiKey.from_proto, "keys"))
+
+    def revoke_api_key(self, key_id: str) -> ApiKey:
+        """Refuse the key from its very next request on."""
+        request = admin_pb2.RevokeApiKeyRequest(key_id=key_id)
+        return self._unary("admin", "RevokeApiKey", request, ApiKey.from_proto)
 
     def list_contributors(
         self, *, exclude_revoked: bool = False, page_size: int = 50, page_token: str = ""

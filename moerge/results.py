@@ -291,6 +291,58 @@ class EnrollmentToken(Result):
 
 
 @dataclasses.dataclass(frozen=True)
+class EnrollmentTokenInfo(Result):
+    """An enrollment token as ``admin tokens list`` shows it (its secret is never shown again)."""
+
+    token_id: str
+    note: str
+    created_by: str
+    created_at: datetime | None
+    expires_at: datetime | None  # None: never
+    max_uses: int
+    uses: int
+    revoked: bool
+
+    @classmethod
+    def from_proto(cls, m: Message) -> EnrollmentTokenInfo:
+        return _scalars(cls, m, created_at=_time(m.created_at), expires_at=_time(m.expires_at))
+
+
+@dataclasses.dataclass(frozen=True)
+class ApiKey(Result):
+    """A user's inference-only API key (its secret is shown once, by :class:`CreatedApiKey`)."""
+
+    key_id: str
+    note: str
+    created_by: str
+    created_at: datetime | None
+    expires_at: datetime | None  # None: never
+    rate_limit_per_minute: int  # 0: the coordinator's inference_requests_per_minute
+    revoked: bool
+    last_used_at: datetime | None
+
+    @classmethod
+    def from_proto(cls, m: Message) -> ApiKey:
+        return _scalars(
+            cls,
+            m,
+            created_at=_time(m.created_at),
+            expires_at=_time(m.expires_at),
+            last_used_at=_time(m.last_used_at),
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class CreatedApiKey(Result):
+    key: ApiKey
+    api_key: str  # shown once: pass it as the token (Authorization: Bearer) of inference calls
+
+    @classmethod
+    def from_proto(cls, m: Message) -> CreatedApiKey:
+        return cls(key=ApiKey.from_proto(m.key), api_key=m.api_key)
+
+
+@dataclasses.dataclass(frozen=True)
 class DeletedExpert(Result):
     blobs_removed: int
     bytes_freed: int

@@ -41,6 +41,10 @@ def caller(method: str) -> Callable[[Request], Awaitable[Principal]]:
             raise error
         if principal.role not in roles:
             raise ApiError.of(PermissionDenied(f"role '{principal.role}' may not call {method}"))
+        try:
+            authenticator.admit(principal, method)  # 429 with Retry-After beyond the rate limit
+        except Exception as exc:
+            raise ApiError.of(exc) from None
         return principal
 
     return authenticated

@@ -75,6 +75,31 @@ class AdminServiceStub:
                 request_serializer=moerge_dot_v1_dot_admin__pb2.CreateEnrollmentTokenRequest.SerializeToString,
                 response_deserializer=moerge_dot_v1_dot_admin__pb2.CreateEnrollmentTokenResponse.FromString,
                 _registered_method=True)
+        self.ListEnrollmentTokens = channel.unary_unary(
+                '/moerge.v1.AdminService/ListEnrollmentTokens',
+                request_serializer=moerge_dot_v1_dot_admin__pb2.ListEnrollmentTokensRequest.SerializeToString,
+                response_deserializer=moerge_dot_v1_dot_admin__pb2.ListEnrollmentTokensResponse.FromString,
+                _registered_method=True)
+        self.RevokeEnrollmentToken = channel.unary_unary(
+                '/moerge.v1.AdminService/RevokeEnrollmentToken',
+                request_serializer=moerge_dot_v1_dot_admin__pb2.RevokeEnrollmentTokenRequest.SerializeToString,
+                response_deserializer=moerge_dot_v1_dot_admin__pb2.EnrollmentToken.FromString,
+                _registered_method=True)
+        self.CreateApiKey = channel.unary_unary(
+                '/moerge.v1.AdminService/CreateApiKey',
+                request_serializer=moerge_dot_v1_dot_admin__pb2.CreateApiKeyRequest.SerializeToString,
+                response_deserializer=moerge_dot_v1_dot_admin__pb2.CreateApiKeyResponse.FromString,
+                _registered_method=True)
+        self.ListApiKeys = channel.unary_unary(
+                '/moerge.v1.AdminService/ListApiKeys',
+                request_serializer=moerge_dot_v1_dot_admin__pb2.ListApiKeysRequest.SerializeToString,
+                response_deserializer=moerge_dot_v1_dot_admin__pb2.ListApiKeysResponse.FromString,
+                _registered_method=True)
+        self.RevokeApiKey = channel.unary_unary(
+                '/moerge.v1.AdminService/RevokeApiKey',
+                request_serializer=moerge_dot_v1_dot_admin__pb2.RevokeApiKeyRequest.SerializeToString,
+                response_deserializer=moerge_dot_v1_dot_admin__pb2.ApiKey.FromString,
+                _registered_method=True)
         self.ListContributors = channel.unary_unary(
                 '/moerge.v1.AdminService/ListContributors',
                 request_serializer=moerge_dot_v1_dot_admin__pb2.ListContributorsRequest.SerializeToString,
@@ -149,6 +174,37 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListEnrollmentTokens(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeEnrollmentToken(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateApiKey(self, request, context):
+        """API keys of the "user" role: InferenceService only, with an optional per-key rate limit.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListApiKeys(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeApiKey(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListContributors(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -209,6 +265,31 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.CreateEnrollmentToken,
                     request_deserializer=moerge_dot_v1_dot_admin__pb2.CreateEnrollmentTokenRequest.FromString,
                     response_serializer=moerge_dot_v1_dot_admin__pb2.CreateEnrollmentTokenResponse.SerializeToString,
+            ),
+            'ListEnrollmentTokens': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListEnrollmentTokens,
+                    request_deserializer=moerge_dot_v1_dot_admin__pb2.ListEnrollmentTokensRequest.FromString,
+                    response_serializer=moerge_dot_v1_dot_admin__pb2.ListEnrollmentTokensResponse.SerializeToString,
+            ),
+            'RevokeEnrollmentToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeEnrollmentToken,
+                    request_deserializer=moerge_dot_v1_dot_admin__pb2.RevokeEnrollmentTokenRequest.FromString,
+                    response_serializer=moerge_dot_v1_dot_admin__pb2.EnrollmentToken.SerializeToString,
+            ),
+            'CreateApiKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateApiKey,
+                    request_deserializer=moerge_dot_v1_dot_admin__pb2.CreateApiKeyRequest.FromString,
+                    response_serializer=moerge_dot_v1_dot_admin__pb2.CreateApiKeyResponse.SerializeToString,
+            ),
+            'ListApiKeys': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListApiKeys,
+                    request_deserializer=moerge_dot_v1_dot_admin__pb2.ListApiKeysRequest.FromString,
+                    response_serializer=moerge_dot_v1_dot_admin__pb2.ListApiKeysResponse.SerializeToString,
+            ),
+            'RevokeApiKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeApiKey,
+                    request_deserializer=moerge_dot_v1_dot_admin__pb2.RevokeApiKeyRequest.FromString,
+                    response_serializer=moerge_dot_v1_dot_admin__pb2.ApiKey.SerializeToString,
             ),
             'ListContributors': grpc.unary_unary_rpc_method_handler(
                     servicer.ListContributors,
@@ -442,6 +523,141 @@ class AdminService:
             '/moerge.v1.AdminService/CreateEnrollmentToken',
             moerge_dot_v1_dot_admin__pb2.CreateEnrollmentTokenRequest.SerializeToString,
             moerge_dot_v1_dot_admin__pb2.CreateEnrollmentTokenResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListEnrollmentTokens(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/moerge.v1.AdminService/ListEnrollmentTokens',
+            moerge_dot_v1_dot_admin__pb2.ListEnrollmentTokensRequest.SerializeToString,
+            moerge_dot_v1_dot_admin__pb2.ListEnrollmentTokensResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeEnrollmentToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/moerge.v1.AdminService/RevokeEnrollmentToken',
+            moerge_dot_v1_dot_admin__pb2.RevokeEnrollmentTokenRequest.SerializeToString,
+            moerge_dot_v1_dot_admin__pb2.EnrollmentToken.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateApiKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/moerge.v1.AdminService/CreateApiKey',
+            moerge_dot_v1_dot_admin__pb2.CreateApiKeyRequest.SerializeToString,
+            moerge_dot_v1_dot_admin__pb2.CreateApiKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListApiKeys(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/moerge.v1.AdminService/ListApiKeys',
+            moerge_dot_v1_dot_admin__pb2.ListApiKeysRequest.SerializeToString,
+            moerge_dot_v1_dot_admin__pb2.ListApiKeysResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeApiKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/moerge.v1.AdminService/RevokeApiKey',
+            moerge_dot_v1_dot_admin__pb2.RevokeApiKeyRequest.SerializeToString,
+            moerge_dot_v1_dot_admin__pb2.ApiKey.FromString,
             options,
             channel_credentials,
             insecure,

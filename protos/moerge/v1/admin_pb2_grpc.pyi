@@ -51,6 +51,12 @@ class AdminServiceStub:
     ActivateRouterVersion: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ActivateRouterVersionRequest, _admin_pb2.RouterVersion]
     """Makes an earlier, successfully trained version active again (roll back)."""
     CreateEnrollmentToken: _grpc.UnaryUnaryMultiCallable[_admin_pb2.CreateEnrollmentTokenRequest, _admin_pb2.CreateEnrollmentTokenResponse]
+    ListEnrollmentTokens: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListEnrollmentTokensRequest, _admin_pb2.ListEnrollmentTokensResponse]
+    RevokeEnrollmentToken: _grpc.UnaryUnaryMultiCallable[_admin_pb2.RevokeEnrollmentTokenRequest, _admin_pb2.EnrollmentToken]
+    CreateApiKey: _grpc.UnaryUnaryMultiCallable[_admin_pb2.CreateApiKeyRequest, _admin_pb2.CreateApiKeyResponse]
+    """API keys of the "user" role: InferenceService only, with an optional per-key rate limit."""
+    ListApiKeys: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListApiKeysRequest, _admin_pb2.ListApiKeysResponse]
+    RevokeApiKey: _grpc.UnaryUnaryMultiCallable[_admin_pb2.RevokeApiKeyRequest, _admin_pb2.ApiKey]
     ListContributors: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListContributorsRequest, _admin_pb2.ListContributorsResponse]
     RevokeContributor: _grpc.UnaryUnaryMultiCallable[_admin_pb2.RevokeContributorRequest, _admin_pb2.Contributor]
     ListAuditLog: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListAuditLogRequest, _admin_pb2.ListAuditLogResponse]
@@ -73,6 +79,12 @@ class AdminServiceAsyncStub(AdminServiceStub):
     ActivateRouterVersion: _aio.UnaryUnaryMultiCallable[_admin_pb2.ActivateRouterVersionRequest, _admin_pb2.RouterVersion]  # type: ignore[assignment]
     """Makes an earlier, successfully trained version active again (roll back)."""
     CreateEnrollmentToken: _aio.UnaryUnaryMultiCallable[_admin_pb2.CreateEnrollmentTokenRequest, _admin_pb2.CreateEnrollmentTokenResponse]  # type: ignore[assignment]
+    ListEnrollmentTokens: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListEnrollmentTokensRequest, _admin_pb2.ListEnrollmentTokensResponse]  # type: ignore[assignment]
+    RevokeEnrollmentToken: _aio.UnaryUnaryMultiCallable[_admin_pb2.RevokeEnrollmentTokenRequest, _admin_pb2.EnrollmentToken]  # type: ignore[assignment]
+    CreateApiKey: _aio.UnaryUnaryMultiCallable[_admin_pb2.CreateApiKeyRequest, _admin_pb2.CreateApiKeyResponse]  # type: ignore[assignment]
+    """API keys of the "user" role: InferenceService only, with an optional per-key rate limit."""
+    ListApiKeys: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListApiKeysRequest, _admin_pb2.ListApiKeysResponse]  # type: ignore[assignment]
+    RevokeApiKey: _aio.UnaryUnaryMultiCallable[_admin_pb2.RevokeApiKeyRequest, _admin_pb2.ApiKey]  # type: ignore[assignment]
     ListContributors: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListContributorsRequest, _admin_pb2.ListContributorsResponse]  # type: ignore[assignment]
     RevokeContributor: _aio.UnaryUnaryMultiCallable[_admin_pb2.RevokeContributorRequest, _admin_pb2.Contributor]  # type: ignore[assignment]
     ListAuditLog: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListAuditLogRequest, _admin_pb2.ListAuditLogResponse]  # type: ignore[assignment]
@@ -140,6 +152,42 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _admin_pb2.CreateEnrollmentTokenRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.CreateEnrollmentTokenResponse, _abc.Awaitable[_admin_pb2.CreateEnrollmentTokenResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def ListEnrollmentTokens(
+        self,
+        request: _admin_pb2.ListEnrollmentTokensRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.ListEnrollmentTokensResponse, _abc.Awaitable[_admin_pb2.ListEnrollmentTokensResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def RevokeEnrollmentToken(
+        self,
+        request: _admin_pb2.RevokeEnrollmentTokenRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.EnrollmentToken, _abc.Awaitable[_admin_pb2.EnrollmentToken]]: ...
+
+    @_abc_1.abstractmethod
+    def CreateApiKey(
+        self,
+        request: _admin_pb2.CreateApiKeyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.CreateApiKeyResponse, _abc.Awaitable[_admin_pb2.CreateApiKeyResponse]]:
+        """API keys of the "user" role: InferenceService only, with an optional per-key rate limit."""
+
+    @_abc_1.abstractmethod
+    def ListApiKeys(
+        self,
+        request: _admin_pb2.ListApiKeysRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.ListApiKeysResponse, _abc.Awaitable[_admin_pb2.ListApiKeysResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def RevokeApiKey(
+        self,
+        request: _admin_pb2.RevokeApiKeyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.ApiKey, _abc.Awaitable[_admin_pb2.ApiKey]]: ...
 
     @_abc_1.abstractmethod
     def ListContributors(
