@@ -23,6 +23,7 @@ ERRORS = {status: {"model": api.ErrorResponse} for status in (400, 401, 403, 404
 GenerateCaller = Annotated[Principal, Depends(caller(INFERENCE + "Generate"))]
 PredictCaller = Annotated[Principal, Depends(caller(INFERENCE + "Predict"))]
 RouteCaller = Annotated[Principal, Depends(caller(INFERENCE + "Route"))]
+ModelsCaller = Annotated[Principal, Depends(caller(INFERENCE + "Route", counted=False))]
 
 
 def _state(request: Request) -> CoordinatorState:
@@ -30,7 +31,7 @@ def _state(request: Request) -> CoordinatorState:
 
 
 @router.get("/v1/models", response_model=api.ModelList, responses=ERRORS)
-async def list_models(request: Request, _caller: RouteCaller) -> api.ModelList:
+async def list_models(request: Request, _caller: ModelsCaller) -> api.ModelList:
     """The routed model ``moerge`` and one model per active expert (``model=`` pins it)."""
     return await serving.list_models(_state(request), request.app.state.started)
 

@@ -22,8 +22,12 @@ from moerge.storage.records import Principal
 INFERENCE = "/moerge.v1.InferenceService/"
 
 
-def caller(method: str) -> Callable[[Request], Awaitable[Principal]]:
-    """A FastAPI dependency: the authenticated caller allowed to call gRPC ``method``."""
+def caller(method: str, *, counted: bool = True) -> Callable[[Request], Awaitable[Principal]]:
+    """A FastAPI dependency: the authenticated caller allowed to call gRPC ``method``.
+
+    ``counted``: the request draws from the caller's inference rate limit as ``method`` does
+    over gRPC (429 with ``Retry-After`` beyond it); listing models is not counted.
+    """
     roles = required_roles(method)
     if roles is None:
         raise ValueError(f"{method} is not an authenticated gRPC method")
@@ -42,7 +46,8 @@ def caller(method: str) -> Callable[[Request], Awaitable[Principal]]:
         if principal.role not in roles:
             raise ApiError.of(PermissionDenied(f"role '{principal.role}' may not call {method}"))
         try:
-            authenticator.admit(principal, method)  # 429 with Retry-After beyond the rate limit
+            if counted:
+                authenticator.admit(principal, method)  # 429 with Retry-After beyond the rate limit
         except Exception as exc:
             raise ApiError.of(exc) from None
         return principal
