@@ -307,6 +307,10 @@ def class_weight_vector(
     return (weights.sqrt() if weighting == "sqrt" else weights).float()
 
 
+#: the largest weight a probe-initialised head starts with (see :func:`fit_linear_probe`)
+MAX_PROBE_WEIGHT = 100.0
+
+
 def fit_linear_probe(
     features: torch.Tensor,
     targets: torch.Tensor,
@@ -323,8 +327,13 @@ def fit_linear_probe(
     """
     features = features.double()
     mean = features.mean(dim=0)  # [H]
-    std = features.std(dim=0, unbiased=False).clamp_min(1e-6)  # [H]
+    std = features.std(dim=0, unbiased=False)  # [H]
+    # A (nearly) constant feature carries no signal, but dividing by its tiny spread would give
+    # it an enormous weight once folded back: it is left out (its weight stays 0).
+    flat = std < 1e-3 * std.max().clamp_min(1e-12)
+    std = torch.where(flat, torch.ones_like(std), std)
     x = (features - mean) / std  # [N, H]
+    x[:, flat] = 0.0
     n = len(x)
     weight = torch.zeros(num_labels, x.shape[1], dtype=torch.float64, requires_grad=True)
     bias = torch.zeros(num_labels, dtype=torch.float64, requires_grad=True)
@@ -345,7 +354,14 @@ def fit_linear_probe(
     with torch.enable_grad():
         optimizer.step(objective)
     folded = weight.detach() / std  # [L, H]
-    return folded.float(), (bias.detach() - folded @ mean).float()
+    bias_folded = bias.detach() - folded @ mean
+    # Scaling weight and bias together keeps every argmax; it bounds the head a LoRA is then
+    # tuned against (a nearly separable probe grows large weights, which fine-tuning at a LoRA
+    # learning rate cannot move and the coordinator refuses above 1e4)
+    scale = float(folded.abs().max()) / MAX_PROBE_WEIGHT
+    if scale > 1.0:
+        folded, bias_folded = folded / scale, bias_folded / scale
+    return folded.float(), bias_folded.float()
 
 
 @torch.inference_mode()
