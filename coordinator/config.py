@@ -38,6 +38,9 @@ class CoordinatorConfig:
 
     data_dir: Path = Path(".moerge")  # blobs, staging uploads and (by default) the SQLite registry
     db_url: str = ""  # SQLAlchemy URL; "" = sqlite:///<data_dir>/registry.db
+    blob_store: str = ""  # "" = files under <data_dir>/blobs; s3://BUCKET[/PREFIX] = object store
+    s3_endpoint_url: str = ""  # S3 API endpoint of a non-AWS store (MinIO); "" = AWS
+    s3_region: str = ""  # "" = boto3's default (AWS_DEFAULT_REGION)
     listen: str = "127.0.0.1:50051"  # host:port; port 0 picks a free port
     tls_cert: str = ""  # PEM certificate chain; with tls_key, serve TLS only
     tls_key: str = ""  # PEM private key

@@ -1,8 +1,9 @@
 """Read registered experts back out of the blob store, for routers and the inference engine.
 
-Experts are materialised once into ``<data>/experts/<expert_id>/`` (hard links to the verified
-blobs when the file system allows, copies otherwise) so that PEFT-format readers see an ordinary
-adapter folder. Statistics are parsed into :class:`~moerge.router_training.base.ExpertRecord`.
+Experts are materialised once into ``<data>/experts/<expert_id>/`` (:meth:`BlobStore.fetch`:
+hard links to the verified blobs of a local store when the file system allows, verified
+downloads from an object store) so that PEFT-format readers see an ordinary adapter folder.
+Statistics are parsed into :class:`~moerge.router_training.base.ExpertRecord`.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from moerge.expert_format import (
     StatisticsMeta,
 )
 from moerge.router_training.base import ExpertRecord, ExpertStatistics, LoraModuleWeights
-from moerge.storage.blobstore import BlobStore
+from moerge.storage.blobstore import BlobCorrupted, BlobStore
 from moerge.storage.records import ExpertInfo
 
 
@@ -50,13 +51,10 @@ class ExpertStore:
             shutil.rmtree(staging, ignore_errors=True)
             staging.mkdir(parents=True)
             for name, ref in expert.files.items():
-                if not self.blobs.verify(ref.sha256):
-                    raise OSError(f"blob {ref.sha256} of expert {expert.id} is corrupted")
-                source = self.blobs.path(ref.sha256)
                 try:
-                    os.link(source, staging / name)
-                except OSError:
-                    shutil.copyfile(source, staging / name)
+                    self.blobs.fetch(ref.sha256, staging / name)
+                except BlobCorrupted:
+                    raise OSError(f"blob {ref.sha256} of expert {expert.id} is corrupted") from None
             (staging / ".complete").touch()
             shutil.rmtree(target, ignore_errors=True)
             os.replace(staging, target)
@@ -68,9 +66,10 @@ class ExpertStore:
         with tempfile.TemporaryDirectory() as tmp:
             for name in (STATISTICS_META, STATISTICS_TENSORS):
                 digest = digests[name]
-                if not self.blobs.verify(digest):
-                    raise OSError(f"statistics blob {digest} ({name}) is corrupted")
-                (Path(tmp) / name).symlink_to(self.blobs.path(digest).resolve())
+                try:
+                    self.blobs.fetch(digest, Path(tmp) / name)
+                except BlobCorrupted:
+                    raise OSError(f"statistics blob {digest} ({name}) is corrupted") from None
             return read_statistics(Path(tmp))
 
     def forget(self, expert_id: str) -> None:

@@ -24,7 +24,7 @@ from moerge.coordinator.housekeeping import run_periodically
 from moerge.coordinator.routers import RouterService
 from moerge.coordinator.uploads import UploadReceiver
 from moerge.router_training.policy import RetrainPolicy
-from moerge.storage.blobstore import BlobStore
+from moerge.storage.blobstore import BlobStore, open_blob_store
 from moerge.storage.db import make_engine, upgrade
 from moerge.storage.registry import Registry
 
@@ -52,8 +52,14 @@ class CoordinatorState:
         data_dir.mkdir(parents=True, exist_ok=True)
         engine = make_engine(config.database_url)
         upgrade(engine)
-        blobs = BlobStore(config.blob_dir)
-        blobs.cleanup_temp()
+        blobs = open_blob_store(
+            config.blob_store,
+            config.blob_dir,
+            data_dir / "blob-tmp",
+            config.s3_endpoint_url,
+            config.s3_region,
+        )
+        blobs.cleanup_temp()  # this process's temp files only
         registry = Registry(engine, blobs)
         registry.fail_interrupted_router_versions()
         bootstrap_admin(registry, config)

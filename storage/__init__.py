@@ -1,6 +1,7 @@
-"""Persistent state of the coordinator: the expert registry (SQL) and the blob store (files).
+"""Persistent state of the coordinator: the expert registry (SQL) and the blob store.
 
-The coordinator builds one :class:`Registry` from :func:`make_engine` and a :class:`BlobStore`,
+The coordinator builds one :class:`Registry` from :func:`make_engine` and a :class:`BlobStore`
+(:func:`open_blob_store`: local files or an S3-compatible object store),
 calls :func:`upgrade` on every start, and never touches the ORM models directly.
 """
 
@@ -11,7 +12,9 @@ from moerge.storage.blobstore import (
     BlobRef,
     BlobStore,
     GcResult,
+    open_blob_store,
 )
+from moerge.storage.blobstore_local import LocalBlobStore
 from moerge.storage.db import current_revision, make_engine, upgrade
 from moerge.storage.errors import (
     AlreadyExists,
@@ -50,6 +53,7 @@ __all__ = [
     "FailedPrecondition",
     "GcResult",
     "InvalidArgument",
+    "LocalBlobStore",
     "NewExpert",
     "NotFound",
     "Page",
@@ -63,5 +67,6 @@ __all__ = [
     "UploadInfo",
     "current_revision",
     "make_engine",
+    "open_blob_store",
     "upgrade",
 ]

@@ -1,10 +1,28 @@
-"""Content-addressed file store for expert files and router artifacts.
+"""The content-addressed blob store: one interface, a back end per store.
 
-A blob lives at ``<root>/sha256/ab/cdef...`` (its digest, the first two hex characters as a
-folder). Writes go to a temp file under ``<root>/tmp/``, are fsynced and then renamed into
-place, so a crash or a full disk never leaves a partial blob visible: a blob either exists
-with its full content or not at all. Reads verify the digest, so silent corruption on disk is
-reported instead of served.
+Expert files and router artifacts are blobs named by the SHA-256 of their bytes. Two back ends
+implement :class:`BlobStore` (the shape of MLflow's artifact repositories: one interface, one
+class per store, one test suite over all of them):
+
+* :class:`~moerge.storage.blobstore_local.LocalBlobStore`, the default: files under one folder;
+* :class:`~moerge.storage.blobstore_s3.S3BlobStore`: any S3-compatible object store (AWS S3,
+  MinIO, GCS's S3 API) through ``boto3``, which several coordinator replicas can share.
+
+What both guarantee, and this module implements once:
+
+* **Content addressing**: a blob's name is its digest; writing the same bytes twice stores them
+  once, and writing them again repairs a corrupted copy.
+* **Only complete blobs are visible**: a write streams into a local temp file while a SHA-256
+  advances over it, and only a complete blob that matches the expected digest and size is
+  installed (a rename on a file system, one PUT of the whole object on S3).
+* **Verification on read**: reading a blob to its end raises :class:`BlobCorrupted` when the
+  bytes no longer match the name, so silent corruption is reported instead of served.
+* **Garbage collection**: :meth:`BlobStore.gc` removes every blob nothing references, sparing
+  those younger than a margin (an upload being committed stores blobs before the registry
+  references them).
+
+:func:`open_blob_store` picks the back end from a URL (``""`` or a path: local; ``s3://bucket/
+prefix``: S3).
 """
 
 from __future__ import annotations
@@ -13,21 +31,19 @@ import hashlib
 import io
 import os
 import re
-import secrets
 import tempfile
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import IO, NamedTuple
 
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
-_SHARD_RE = re.compile(r"[0-9a-f]{2}")
-_REST_RE = re.compile(r"[0-9a-f]{62}")
-_CHUNK = 1 << 20
-_TEMP_PREFIX = "blob-"
-_TEMP_SUFFIX = ".tmp"
+CHUNK = 1 << 20
+TEMP_PREFIX = "blob-"
+TEMP_SUFFIX = ".tmp"
 
 
 class BlobRef(NamedTuple):
@@ -67,30 +83,21 @@ class BlobMismatch(ValueError):
 
 
 def check_sha256(sha256: object) -> str:
-    """Refuse anything but 64 lowercase hex characters before it becomes part of a path."""
+    """Refuse anything but 64 lowercase hex characters before it becomes part of a name."""
     if not isinstance(sha256, str) or not _SHA256_RE.fullmatch(sha256):
         raise ValueError(f"not a sha256 digest (64 lowercase hex characters): {sha256!r:.80}")
     return sha256
 
 
-def _write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
+def write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
     view = memoryview(data)
     while view:
         written = os.write(fd, view)
         view = view[written:]
 
 
-def _fsync_dir(path: Path) -> None:
-    """Make a rename or unlink in ``path`` durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class BlobWriter:
-    """One streaming write into the store; obtained from :meth:`BlobStore.writer`."""
+    """One streaming write into a local temp file; obtained from :meth:`BlobStore.writer`."""
 
     def __init__(
         self,
@@ -118,7 +125,7 @@ class BlobWriter:
             raise ValueError("write to a closed blob writer")
         if self._expected_size is not None and self._size + len(data) > self._expected_size:
             raise BlobMismatch(f"blob is larger than the expected {self._expected_size} bytes")
-        _write_all(self._fd, data)
+        write_all(self._fd, data)
         self._hash.update(data)
         self._size += len(data)
         return len(data)
@@ -133,9 +140,10 @@ class BlobWriter:
             raise BlobMismatch(f"blob has {self._size} bytes, expected {self._expected_size}")
         if self._expected_sha256 is not None and sha256 != self._expected_sha256:
             raise BlobMismatch(f"blob has sha256 {sha256}, expected {self._expected_sha256}")
-        store._install(self._temp_path, sha256)
-        self.ref = BlobRef(sha256, self._size)
-        return self.ref
+        ref = BlobRef(sha256, self._size)
+        store._install(self._temp_path, ref)
+        self.ref = ref
+        return ref
 
     def _abort(self) -> None:
         if self._fd is not None:
@@ -144,12 +152,12 @@ class BlobWriter:
         self._temp_path.unlink(missing_ok=True)
 
 
-class _VerifyingReader(io.RawIOBase):
-    """Reads a blob and checks its digest when the end is reached."""
+class VerifyingReader(io.RawIOBase):
+    """Reads a blob from any binary stream and checks its digest when the end is reached."""
 
-    def __init__(self, sha256: str, file: io.FileIO) -> None:
+    def __init__(self, sha256: str, source: IO[bytes]) -> None:
         super().__init__()
-        self._file = file
+        self._source = source
         self._sha256 = sha256
         self._hash = hashlib.sha256()
         self._verified = False
@@ -157,48 +165,117 @@ class _VerifyingReader(io.RawIOBase):
     def readable(self) -> bool:
         return True
 
-    def readinto(self, buffer: bytearray | memoryview) -> int:
+    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
         if len(buffer) == 0:
             return 0
-        count = self._file.readinto(buffer)
+        data = self._source.read(len(buffer))
+        count = len(data)
         if count:
-            self._hash.update(memoryview(buffer)[:count])
+            memoryview(buffer)[:count] = data
+            self._hash.update(data)
         elif not self._verified:
             if self._hash.hexdigest() != self._sha256:
                 raise BlobCorrupted(self._sha256)
             self._verified = True
-        return count or 0
+        return count
 
     def close(self) -> None:
         if not self.closed:
-            self._file.close()
+            self._source.close()
         super().close()
 
 
-class BlobStore:
-    """Blobs under one root folder, named by their SHA-256."""
+class BlobStore(ABC):
+    """Blobs named by their SHA-256, in some store; see the module docstring for the contract.
 
-    def __init__(self, root: str | os.PathLike[str]) -> None:
-        self.root = Path(root)
-        self._blob_dir = self.root / "sha256"
-        self._temp_dir = self.root / "tmp"
-        self._blob_dir.mkdir(parents=True, exist_ok=True)
-        self._temp_dir.mkdir(parents=True, exist_ok=True)
+    A back end implements the few primitives below (``_install``, ``_open_raw``, ``size``,
+    ``delete``, ``_list``, ``adopt``, ``cleanup_temp``); reading, verifying, writing and
+    garbage collection are shared. ``temp_dir`` is a local folder for writes in progress.
+    """
 
-    def path(self, sha256: str) -> Path:
-        """Where the blob lives (whether or not it exists)."""
-        check_sha256(sha256)
-        return self._blob_dir / sha256[:2] / sha256[2:]
+    temp_dir: Path
 
-    def exists(self, sha256: str) -> bool:
-        return self.path(sha256).is_file()
+    # -- primitives of a back end ---------------------------------------------------------
 
+    @abstractmethod
+    def _install(self, temp_path: Path, ref: BlobRef) -> None:
+        """Make a complete, verified local temp file the blob ``ref`` (consuming the file).
+
+        An existing blob of the same digest is replaced, which also repairs a corrupted copy.
+        """
+
+    @abstractmethod
+    def _open_raw(self, sha256: str) -> IO[bytes]:
+        """The stored bytes, unverified; ``BlobNotFound`` when missing."""
+
+    @abstractmethod
     def size(self, sha256: str) -> int | None:
         """Size in bytes, or None if the blob is not stored."""
+
+    @abstractmethod
+    def delete(self, sha256: str) -> int:
+        """Remove a blob; returns the bytes freed (0 if it was not there)."""
+
+    @abstractmethod
+    def _list(self) -> Iterator[tuple[str, float]]:
+        """``(sha256, last modified as epoch seconds)`` of every stored blob, sorted by digest."""
+
+    @abstractmethod
+    def adopt(self, path: str | os.PathLike[str], sha256: str, size: int) -> BlobRef:
+        """Store a local file whose digest the caller computed over the very bytes written.
+
+        The upload staging's shortcut: no second hash (a local store hard-links the file).
+        """
+
+    @abstractmethod
+    def cleanup_temp(self, older_than_seconds: float = 0.0) -> int:
+        """Remove what interrupted writes left (temp files, unfinished multipart uploads)."""
+
+    # -- shared -------------------------------------------------------------------------------
+
+    def exists(self, sha256: str) -> bool:
+        return self.size(sha256) is not None
+
+    def open(self, sha256: str) -> io.BufferedReader:
+        """Open for reading; reading to the end raises ``BlobCorrupted`` if the digest is off."""
+        check_sha256(sha256)
+        return io.BufferedReader(VerifyingReader(sha256, self._open_raw(sha256)), CHUNK)
+
+    def read_bytes(self, sha256: str) -> bytes:
+        with self.open(sha256) as blob:
+            return blob.read()
+
+    def verify(self, sha256: str) -> bool:
+        """True if the stored content matches its digest; ``BlobNotFound`` if it is missing."""
         try:
-            return self.path(sha256).stat().st_size
-        except FileNotFoundError:
-            return None
+            with self.open(sha256) as blob:
+                while blob.read(CHUNK):
+                    pass
+        except BlobCorrupted:
+            return False
+        return True
+
+    def fetch(self, sha256: str, destination: str | os.PathLike[str]) -> Path:
+        """Write the blob to a local file, verified; nothing is left at ``destination`` if not.
+
+        Readers that need a real file (safetensors, PEFT) get one; a local store may hard-link.
+        """
+        destination = Path(destination)
+        temp = destination.with_name(destination.name + TEMP_SUFFIX)
+        try:
+            with self.open(sha256) as blob, open(temp, "wb") as out:
+                while chunk := blob.read(CHUNK):
+                    out.write(chunk)
+            os.replace(temp, destination)
+        except BaseException:
+            temp.unlink(missing_ok=True)
+            raise
+        return destination
+
+    def iter_blobs(self) -> Iterator[str]:
+        """Digests of all stored blobs, in sorted order; stray files or keys are ignored."""
+        for sha256, _ in self._list():
+            yield sha256
 
     @contextmanager
     def writer(
@@ -215,9 +292,7 @@ class BlobStore:
             check_sha256(expected_sha256)
         if expected_size is not None and expected_size < 0:
             raise ValueError("expected_size must be >= 0")
-        fd, temp_name = tempfile.mkstemp(
-            dir=self._temp_dir, prefix=_TEMP_PREFIX, suffix=_TEMP_SUFFIX
-        )
+        fd, temp_name = tempfile.mkstemp(dir=self.temp_dir, prefix=TEMP_PREFIX, suffix=TEMP_SUFFIX)
         writer = BlobWriter(fd, Path(temp_name), expected_sha256, expected_size)
         try:
             yield writer
@@ -234,86 +309,10 @@ class BlobStore:
 
     def put_file(self, path: str | os.PathLike[str]) -> BlobRef:
         with open(path, "rb") as source, self.writer() as writer:
-            while chunk := source.read(_CHUNK):
+            while chunk := source.read(CHUNK):
                 writer.write(chunk)
         assert writer.ref is not None
         return writer.ref
-
-    def adopt(self, path: str | os.PathLike[str], sha256: str, size: int) -> BlobRef:
-        """Store a file by hard-linking it into place: no copy, no re-read.
-
-        The caller vouches for ``sha256``: use it only for a file private to this process whose
-        digest was computed over the very bytes written to it (the coordinator's upload
-        staging). The size is checked, the file fsynced, then linked under a temp name and
-        renamed into place like any write, so a blob is still visible only complete. ``path``
-        keeps its link. On another filesystem it falls back to a copy that verifies the digest.
-        """
-        check_sha256(sha256)
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            if os.fstat(fd).st_size != size:
-                raise BlobMismatch(f"{path} has {os.fstat(fd).st_size} bytes, expected {size}")
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        temp = self._temp_dir / f"{_TEMP_PREFIX}{secrets.token_hex(16)}{_TEMP_SUFFIX}"
-        try:
-            os.link(path, temp)
-        except OSError:  # another filesystem, or no hard links there
-            with open(path, "rb") as source, self.writer(sha256, size) as writer:
-                while chunk := source.read(_CHUNK):
-                    writer.write(chunk)
-            assert writer.ref is not None
-            return writer.ref
-        try:
-            os.utime(temp)  # a fresh mtime, so gc(min_age_seconds) spares it until referenced
-            self._install(temp, sha256)
-        except BaseException:
-            temp.unlink(missing_ok=True)
-            raise
-        return BlobRef(sha256, size)
-
-    def open(self, sha256: str) -> io.BufferedReader:
-        """Open for reading; reading to the end raises ``BlobCorrupted`` if the digest is off."""
-        try:
-            file = io.FileIO(self.path(sha256), "rb")
-        except FileNotFoundError:
-            raise BlobNotFound(sha256) from None
-        return io.BufferedReader(_VerifyingReader(sha256, file), _CHUNK)
-
-    def read_bytes(self, sha256: str) -> bytes:
-        with self.open(sha256) as blob:
-            return blob.read()
-
-    def verify(self, sha256: str) -> bool:
-        """True if the stored content matches its digest; ``BlobNotFound`` if it is missing."""
-        try:
-            with self.open(sha256) as blob:
-                while blob.read(_CHUNK):
-                    pass
-        except BlobCorrupted:
-            return False
-        return True
-
-    def delete(self, sha256: str) -> int:
-        """Remove a blob; returns the bytes freed (0 if it was not there)."""
-        path = self.path(sha256)
-        try:
-            size = path.stat().st_size
-            path.unlink()
-        except FileNotFoundError:
-            return 0
-        _fsync_dir(path.parent)
-        return size
-
-    def iter_blobs(self) -> Iterator[str]:
-        """Digests of all stored blobs, in sorted order; stray files are ignored."""
-        for shard in sorted(self._blob_dir.iterdir()):
-            if not (shard.is_dir() and _SHARD_RE.fullmatch(shard.name)):
-                continue
-            for blob in sorted(shard.iterdir()):
-                if _REST_RE.fullmatch(blob.name) and blob.is_file():
-                    yield shard.name + blob.name
 
     def gc(self, referenced: Iterable[str], min_age_seconds: float = 0.0) -> GcResult:
         """Remove every blob not in ``referenced``.
@@ -325,46 +324,30 @@ class BlobStore:
         cutoff = time.time() - min_age_seconds
         removed: list[str] = []
         freed = 0
-        for sha256 in list(self.iter_blobs()):
-            if sha256 in keep:
-                continue
-            try:
-                if min_age_seconds > 0 and self.path(sha256).stat().st_mtime > cutoff:
-                    continue
-            except FileNotFoundError:
+        for sha256, modified in list(self._list()):
+            if sha256 in keep or (min_age_seconds > 0 and modified > cutoff):
                 continue
             freed += self.delete(sha256)
             removed.append(sha256)
         return GcResult(len(removed), freed, tuple(removed))
 
-    def cleanup_temp(self, older_than_seconds: float = 0.0) -> int:
-        """Remove temp files left by interrupted writes; returns how many.
 
-        Call it at start, before any write begins, or with an age margin while running.
-        """
-        cutoff = time.time() - older_than_seconds
-        removed = 0
-        for entry in self._temp_dir.iterdir():
-            if not (entry.name.startswith(_TEMP_PREFIX) and entry.name.endswith(_TEMP_SUFFIX)):
-                continue
-            try:
-                if older_than_seconds > 0 and entry.stat().st_mtime > cutoff:
-                    continue
-                entry.unlink()
-            except FileNotFoundError:
-                continue
-            removed += 1
-        return removed
+def open_blob_store(
+    url: str,
+    local_root: str | os.PathLike[str],
+    temp_dir: str | os.PathLike[str],
+    endpoint_url: str = "",
+    region: str = "",
+) -> BlobStore:
+    """The store ``url`` names: ``""`` the folder ``local_root``; ``s3://bucket[/prefix]`` an
+    S3-compatible store at ``endpoint_url`` (AWS when empty), credentials from boto3's usual
+    chain, with ``temp_dir`` for its writes in progress."""
+    if not url:
+        from moerge.storage.blobstore_local import LocalBlobStore
 
-    def _install(self, temp_path: Path, sha256: str) -> None:
-        """Rename a complete, fsynced temp file into place and make the rename durable.
+        return LocalBlobStore(local_root)
+    if url.startswith("s3://"):
+        from moerge.storage.blobstore_s3 import S3BlobStore
 
-        An existing blob of the same digest is replaced, which also repairs a corrupted copy.
-        """
-        destination = self.path(sha256)
-        shard = destination.parent
-        if not shard.is_dir():
-            shard.mkdir(exist_ok=True)
-            _fsync_dir(self._blob_dir)
-        os.replace(temp_path, destination)
-        _fsync_dir(shard)
+        return S3BlobStore.from_url(url, temp_dir, endpoint_url, region)
+    raise ValueError(f"blob_store must be '' (local files) or s3://BUCKET[/PREFIX], got {url!r}")

@@ -13,6 +13,7 @@ import pytest
 from sqlalchemy.engine import make_url
 
 from tests.postgres import PostgresCluster, find_postgres_bin
+from tests.s3server import S3Server
 
 
 @pytest.fixture(scope="session")
@@ -52,3 +53,13 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'registry.db'}"
     return str(request.getfixturevalue("fresh_postgres_url"))
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[S3Server]:
+    """A real S3 API server (moto's, in its own process) for the whole session."""
+    server = S3Server()
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -13,6 +13,7 @@ import pytest
 from moerge.contributor_client.upload import describe_files, make_manifest, upload_expert
 from moerge.coordinator.housekeeping import ACTOR, sweep
 from moerge.storage.blobstore import BlobStore
+from moerge.storage.blobstore_local import LocalBlobStore
 from moerge.v1 import contributor_pb2, contributor_pb2_grpc
 from tests.coordinator.conftest import coordinator_config
 from tests.coordinator.harness import BackgroundCoordinator
@@ -106,7 +107,7 @@ def test_sweep_keeps_an_unfinished_upload_that_is_still_being_written(
 
 def test_coordinator_sweeps_orphan_blobs_at_start(tmp_path: Path, tiny_bert: Path) -> None:
     config = coordinator_config(tmp_path / "data", tiny_bert, housekeeping_interval_seconds=3600.0)
-    store = BlobStore(config.blob_dir)
+    store = LocalBlobStore(config.blob_dir)
     orphan = store.put_bytes(b"left by a crash").sha256
     _age(store, orphan, 2 * 3600)
     with BackgroundCoordinator(config):

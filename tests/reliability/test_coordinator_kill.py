@@ -21,7 +21,7 @@ import grpc
 
 from moerge.contributor_client.connection import Target
 from moerge.contributor_client.upload import describe_files, make_manifest, upload_expert
-from moerge.storage.blobstore import BlobStore
+from moerge.storage.blobstore_local import LocalBlobStore
 from moerge.storage.db import make_engine
 from moerge.storage.registry import Registry
 from moerge.v1 import (
@@ -211,7 +211,7 @@ def test_sigkill_during_uploads_and_a_router_fit_loses_nothing_acknowledged(
 
         # After the restart: everything acknowledged is there, nothing half-written is.
         coordinator.start()
-        blobs = BlobStore(data_dir / "blobs")
+        blobs = LocalBlobStore(data_dir / "blobs")
         engine = make_engine(db_url)
         registry = Registry(engine, blobs)
         for upload in acknowledged:

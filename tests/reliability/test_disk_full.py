@@ -21,7 +21,7 @@ import pytest
 from moerge.contributor_client.connection import Target
 from moerge.contributor_client.upload import upload_expert
 from moerge.expert_format import ADAPTER_WEIGHTS
-from moerge.storage.blobstore import BlobStore
+from moerge.storage.blobstore_local import LocalBlobStore
 from moerge.storage.db import make_engine
 from moerge.storage.registry import Registry
 from tests.reliability.coordinator_process import CoordinatorProcess, file_size_limit
@@ -65,7 +65,7 @@ def full_disk(
 
 
 def _state(coordinator: CoordinatorProcess, db_url: str) -> tuple[object, ...]:
-    blobs = BlobStore(coordinator.data_dir / "blobs")
+    blobs = LocalBlobStore(coordinator.data_dir / "blobs")
     registry = Registry(make_engine(db_url), blobs)
     experts = registry.list_experts(page_size=500).items
     digests = tuple(blobs.iter_blobs())

@@ -15,6 +15,7 @@ from sqlalchemy import Engine
 from sqlalchemy.engine import make_url
 
 from moerge.storage.blobstore import BlobStore
+from moerge.storage.blobstore_local import LocalBlobStore
 from moerge.storage.db import make_engine, upgrade
 from moerge.storage.registry import Registry
 from tests.postgres import PostgresCluster
@@ -58,7 +59,7 @@ def engine(migrated_db_url: str) -> Iterator[Engine]:
 
 @pytest.fixture
 def blobs(tmp_path: Path) -> BlobStore:
-    return BlobStore(tmp_path / "blobs")
+    return LocalBlobStore(tmp_path / "blobs")
 
 
 @pytest.fixture

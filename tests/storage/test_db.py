@@ -9,7 +9,7 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.exc import OperationalError
 
-from moerge.storage.blobstore import BlobStore
+from moerge.storage.blobstore_local import LocalBlobStore
 from moerge.storage.db import for_writing, make_engine, upgrade
 from moerge.storage.registry import Registry
 
@@ -55,7 +55,7 @@ def test_a_lost_database_surfaces_as_operational_error(tmp_path: Path) -> None:
         port = probe.getsockname()[1]
     engine = make_engine(f"postgresql+psycopg://postgres@127.0.0.1:{port}/moerge?connect_timeout=5")
     try:
-        registry = Registry(engine, BlobStore(tmp_path / "blobs"))
+        registry = Registry(engine, LocalBlobStore(tmp_path / "blobs"))
         with pytest.raises(OperationalError):
             registry.has_admin_credential()
         with pytest.raises(OperationalError):

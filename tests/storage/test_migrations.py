@@ -14,7 +14,7 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import CheckConstraint, Column, Engine, Integer, MetaData, inspect
 
-from moerge.storage.blobstore import BlobStore
+from moerge.storage.blobstore_local import LocalBlobStore
 from moerge.storage.db import alembic_config, current_revision, head_revision, make_engine, upgrade
 from moerge.storage.models import Base
 from moerge.storage.registry import Registry
@@ -45,7 +45,7 @@ def test_upgrade_is_idempotent_and_keeps_data(db_url: str, tmp_path: Path) -> No
     engine = make_engine(db_url)
     try:
         upgrade(engine)
-        registry = Registry(engine, BlobStore(tmp_path / "blobs"))
+        registry = Registry(engine, LocalBlobStore(tmp_path / "blobs"))
         token = registry.create_admin_credential(ADMIN)
         assert upgrade(engine) == head_revision()
         assert upgrade(engine) == head_revision()
