@@ -25,7 +25,7 @@ from moerge.contributor_client.upload import (
     make_manifest,
     upload_expert,
 )
-from moerge.storage.blobstore import BlobStore
+from moerge.storage.blobstore_local import LocalBlobStore
 from moerge.storage.db import make_engine
 from moerge.storage.registry import Registry
 from moerge.v1 import contributor_pb2, contributor_pb2_grpc
