@@ -271,3 +271,25 @@ class AuditEntry(Base):
     target_type: Mapped[str] = mapped_column(String(32))
     target_id: Mapped[str] = mapped_column(String(200), index=True)
     details: Mapped[dict[str, Any]] = mapped_column(JSON)
+
+
+class Composition(Base):
+    """One version of a named few-shot composition: signed merge weights over experts.
+
+    ``examples`` holds the labelled examples the weights were searched on only when the user
+    asked to keep them (``None`` otherwise: they were used for the search and dropped).
+    """
+
+    __tablename__ = "compositions"
+    __table_args__ = (UniqueConstraint("name", "version"),)
+
+    id: Mapped[str] = mapped_column(ID, primary_key=True)
+    name: Mapped[str] = mapped_column(NAME, index=True)
+    version: Mapped[int] = mapped_column(Integer)
+    expert_ids: Mapped[list[str]] = mapped_column(JSON)
+    weights: Mapped[list[float]] = mapped_column(JSON)
+    label_names: Mapped[list[str]] = mapped_column(JSON)
+    search: Mapped[dict[str, Any]] = mapped_column(JSON)  # config, loss, evaluations, seconds
+    examples: Mapped[list[dict[str, str]] | None] = mapped_column(JSON)
+    created_by: Mapped[str] = mapped_column(ACTOR)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime)

@@ -198,3 +198,23 @@ class AuditEntryInfo:
     target_type: str
     target_id: str
     details: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class CompositionInfo:
+    """A named, versioned few-shot composition: ``sum_j weights[j] * expert_ids[j]``'s LoRA.
+
+    ``search`` records how the weights were found (config, example count, loss before/after,
+    evaluations, seconds); ``examples`` is empty unless the user asked to keep them.
+    """
+
+    id: str
+    name: str
+    version: int
+    expert_ids: tuple[str, ...]
+    weights: tuple[float, ...]
+    label_names: tuple[str, ...]
+    search: Mapping[str, Any]
+    examples: tuple[tuple[str, str], ...]
+    created_by: str
+    created_at: datetime

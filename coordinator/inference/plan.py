@@ -9,7 +9,9 @@ A :class:`RoutingPlan` is either
   routers inside every adapted module (module-level mixing).
 
 plus the :class:`Aggregation` and, for TIES/DARE, :class:`MergeOptions`. Weights of each row are
-normalised to sum 1 (an all-zero row is refused).
+normalised to sum 1 (an all-zero row is refused), except in a *signed* linear merge: a few-shot
+composition (:mod:`moerge.router_training.composition`) is ``sum_j w_j B_j A_j`` with LoraHub's
+raw weights, which may be negative and need not sum to 1, so they are used as given.
 """
 
 from __future__ import annotations
@@ -94,8 +96,13 @@ class RoutingPlan:
         weights: Sequence[Sequence[float]] | torch.Tensor | None = None,
         aggregation: Aggregation | str = Aggregation.ENSEMBLE,
         merge: MergeOptions | None = None,
+        signed: bool = False,
     ) -> RoutingPlan:
-        """Per input the chosen experts; ``weights`` default to uniform."""
+        """Per input the chosen experts; ``weights`` default to uniform.
+
+        ``signed``: the weights are a composition's, used as given (finite, any sign, not
+        normalised); only ``merge_linear`` can apply them exactly.
+        """
         ids = tuple(tuple(row) for row in expert_ids)
         if weights is None:
             w = torch.tensor([[1.0] * len(row) for row in ids]) if ids else torch.empty(0, 0)
@@ -104,10 +111,13 @@ class RoutingPlan:
                 w = torch.as_tensor(weights, dtype=torch.float32)
             except (TypeError, ValueError) as exc:
                 raise InvalidPlan(f"routing weights are not a [B, k] matrix: {exc}") from None
+        aggregation = _aggregation(aggregation)
+        if signed and aggregation is not Aggregation.MERGE_LINEAR:
+            raise InvalidPlan(f"signed weights need merge_linear, not {aggregation.value}")
         plan = cls(
-            aggregation=_aggregation(aggregation),
+            aggregation=aggregation,
             expert_ids=ids,
-            weights=_normalise(ids, w),
+            weights=_normalise(ids, w, signed),
             merge=merge or MergeOptions(),
         )
         plan.merge.validate()
@@ -203,8 +213,10 @@ def _aggregation(value: Aggregation | str) -> Aggregation:
         raise InvalidPlan(f"unknown aggregation {value!r} (known: {known})") from None
 
 
-def _normalise(ids: tuple[tuple[str, ...], ...], weights: torch.Tensor) -> torch.Tensor:
-    """Check ``ids`` [B][k] against ``weights`` [B, k]; rows rescaled to sum 1."""
+def _normalise(
+    ids: tuple[tuple[str, ...], ...], weights: torch.Tensor, signed: bool = False
+) -> torch.Tensor:
+    """Check ``ids`` [B][k] against ``weights`` [B, k]; rows rescaled to sum 1 unless signed."""
     if not ids:
         return torch.empty(0, 0)
     k = len(ids[0])
@@ -220,6 +232,10 @@ def _normalise(ids: tuple[tuple[str, ...], ...], weights: torch.Tensor) -> torch
                 raise InvalidPlan(f"expert ids must be non-empty strings, got {expert_id!r}")
     if tuple(weights.shape) != (len(ids), k):
         raise InvalidPlan(f"weights have shape {list(weights.shape)}, expected [{len(ids)}, {k}]")
+    if signed:
+        if not torch.isfinite(weights).all():
+            raise InvalidPlan("composition weights must be finite")
+        return weights.contiguous()
     if not torch.isfinite(weights).all() or (weights < 0).any():
         raise InvalidPlan("routing weights must be finite and non-negative")
     totals = weights.sum(dim=1, keepdim=True)  # [B, 1]

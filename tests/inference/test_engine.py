@@ -160,10 +160,11 @@ def test_ensemble_of_experts_with_different_labels_answers_with_the_top_expert(e
 
 
 @torch.no_grad()
+@pytest.mark.parametrize(("w", "signed"), [([0.3, 0.7], False), ([1.2, -0.5], True)])
 def test_linear_merge_equals_peft_with_both_adapters_active_and_the_merged_head(
-    engine, base, experts
+    engine, base, experts, w, signed
 ):
-    w = [0.3, 0.7]
+    """Also with a composition's signed weights, which are used as given (not normalised)."""
     tokenizer = AutoTokenizer.from_pretrained(str(base))
     model = AutoModelForSequenceClassification.from_pretrained(str(base), num_labels=2)
     peft_model = PeftModel.from_pretrained(model, str(experts["sent-a"]), adapter_name="a")
@@ -184,9 +185,19 @@ def test_linear_merge_equals_peft_with_both_adapters_active_and_the_merged_head(
     expected = torch.softmax(pooled @ weight.T + bias, dim=-1)
 
     plan = RoutingPlan.explicit([["sent-a", "sent-b"]] * len(TEXTS), [w] * len(TEXTS),
-                                Aggregation.MERGE_LINEAR)
+                                Aggregation.MERGE_LINEAR, signed=signed)
     got = torch.stack([probs(p.probabilities) for p in engine.predict(TEXTS, plan)])
     torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
+
+
+def test_signed_weights_are_refused_outside_a_linear_merge_and_when_not_finite():
+    with pytest.raises(InvalidPlan, match="merge_linear"):
+        RoutingPlan.explicit([["a", "b"]], [[1.0, -0.5]], Aggregation.MERGE_TIES, signed=True)
+    with pytest.raises(InvalidPlan, match="finite"):
+        RoutingPlan.explicit([["a", "b"]], [[1.0, float("inf")]], Aggregation.MERGE_LINEAR,
+                             signed=True)
+    with pytest.raises(InvalidPlan, match="non-negative"):
+        RoutingPlan.explicit([["a", "b"]], [[1.0, -0.5]], Aggregation.MERGE_LINEAR)
 
 
 def test_merge_with_different_label_sets_uses_the_top_experts_head(engine):
