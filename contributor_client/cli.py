@@ -68,20 +68,38 @@ def upload(
     token: Token = None,
     tls_ca: TlsCa = None,
     json_out: Json = False,
+    no_statistics: Annotated[
+        bool,
+        typer.Option(
+            "--no-statistics",
+            help="a bare PEFT adapter folder whose data is gone: upload it as an adapter-only "
+            "expert (needs --task-name; routed by Arrow, left out by statistics routers)",
+        ),
+    ] = False,
+    labels: Annotated[
+        str | None,
+        typer.Option(help="--no-statistics: the head's label names in order, comma-separated"),
+    ] = None,
 ) -> None:
     """Upload an expert folder (resumes an interrupted upload)."""
+    options = {"transport": transport.value, "chunk_size": chunk_size, "progress": not json_out}
+    if no_statistics and not task_name:
+        raise typer.BadParameter("--no-statistics needs --task-name")
     with client(coordinator, token, tls_ca) as api:
-        result = guarded(
-            lambda: api.upload(
-                expert_dir,
-                name,
-                task_name=task_name,
-                description=description,
-                transport=transport.value,
-                chunk_size=chunk_size,
-                progress=not json_out,
+        if no_statistics:
+            label_names = [x.strip() for x in labels.split(",")] if labels else None
+            result = guarded(
+                lambda: api.upload_adapter(
+                    expert_dir, str(task_name), name, label_names=label_names,
+                    description=description or "", **options,
+                )
             )
-        )
+        else:
+            result = guarded(
+                lambda: api.upload(
+                    expert_dir, name, task_name=task_name, description=description, **options
+                )
+            )
     if json_out:
         emit_json(result)
         return

@@ -60,7 +60,7 @@ class ExpertStore:
             os.replace(staging, target)
             return target
 
-    def statistics(self, digests: dict[str, str]) -> ExpertStatistics:
+    def statistics(self, digests: dict[str, str]) -> ExpertStatistics | None:
         """An expert's statistics from its two statistics blobs alone (``{file name: sha256}``),
         verified; the LoRA weights, hundreds of MiB, are neither hashed nor materialised."""
         with tempfile.TemporaryDirectory() as tmp:
@@ -86,8 +86,11 @@ class ExpertStore:
         )
 
 
-def read_statistics(folder: Path) -> ExpertStatistics:
+def read_statistics(folder: Path) -> ExpertStatistics | None:
+    """The expert's statistics, or None for an adapter-only expert (it has none)."""
     meta = StatisticsMeta.read(folder / STATISTICS_META)
+    if not meta.embedding_statistics:
+        return None
     tensors = load_file(str(folder / STATISTICS_TENSORS))
     gates = {
         k[len(GATE_PREFIX) :]: v.float() for k, v in tensors.items() if k.startswith(GATE_PREFIX)

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 
 from moerge.coordinator.expert_store import ExpertStore
 from moerge.router_training.base import Router, load_router
-from moerge.router_training.fitting import FitResult, build_config, fit_router
+from moerge.router_training.fitting import FitResult, build_config, fit_router, routable_experts
 from moerge.router_training.policy import RetrainPolicy
 from moerge.router_training.registry import available_methods, get_router_class
 from moerge.storage.blobstore import BlobStore
@@ -140,11 +140,22 @@ class RouterService:
                     "params_json",
                     f"top_k={top_k} exceeds the number of active experts ({len(experts)})",
                 )
+            try:  # experts the method cannot learn from (adapter-only: no statistics) stay out
+                records, skipped = routable_experts(
+                    method, [self.experts.record(e) for e in experts]
+                )
+            except ValueError as exc:
+                raise FailedPrecondition(str(exc)) from None
+            if skipped:
+                log.warning(
+                    "router %s leaves out %d expert(s) it cannot learn from: %s",
+                    method, len(skipped),
+                    "; ".join(f"{e} ({why})" for e, why in list(skipped.items())[:10]),
+                )
             version = self.registry.create_router_version(
-                actor, method, params, [e.id for e in experts], trigger
+                actor, method, params, [r.expert_id for r in records], trigger
             )
             try:
-                records = [self.experts.record(e) for e in experts]
                 result = self._fit(method, records, params)
                 with tempfile.TemporaryDirectory() as tmp:
                     path = Path(tmp) / "router.safetensors"
@@ -152,6 +163,7 @@ class RouterService:
                     ref = self.blobs.put_file(path)
                 metrics = {k: float(v) for k, v in result.metrics.items()}
                 metrics["artifact_bytes"] = float(ref.size)
+                metrics["skipped_experts"] = float(len(skipped))
                 info = self.registry.complete_router_version(
                     version.version,
                     (ref.sha256, ref.size),

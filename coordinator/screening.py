@@ -46,13 +46,14 @@ class ExpertScreen:
         self.experts = experts
         self.blobs = blobs
         self.config = config
-        self._cache: dict[str, ExpertStatistics] = {}
+        self._cache: dict[str, ExpertStatistics | None] = {}
         self._lock = threading.Lock()
 
     def _record(self, info: ExpertInfo) -> ExpertRecord:
         with self._lock:
+            cached = info.id in self._cache
             stats = self._cache.get(info.id)
-        if stats is None:  # the statistics blobs only: never re-hash a peer's LoRA weights
+        if not cached:  # the statistics blobs only: never re-hash a peer's LoRA weights
             stats = self.experts.statistics({n: ref.sha256 for n, ref in info.files.items()})
             with self._lock:
                 self._cache[info.id] = stats
@@ -71,8 +72,10 @@ class ExpertScreen:
 
     def _admit(self, contributor_id: str, spec: NewExpert) -> str:
         candidate = ExpertRecord(expert_id=NEW_EXPERT, statistics=self._read_new(spec))
+        if candidate.statistics is None:  # adapter-only: no statistics to check
+            return ""
         peers = self.registry.active_experts()
-        records = [self._record(e) for e in peers] + [candidate]
+        records = [r for r in map(self._record, peers) if r.statistics] + [candidate]
         owners = {e.id: e.contributor_id for e in peers} | {NEW_EXPERT: contributor_id}
         findings = screen(records, owners, self.config, candidates={NEW_EXPERT})
         if findings:
@@ -91,7 +94,7 @@ class ExpertScreen:
         """
         active = self.registry.active_experts()
         try:
-            records = [self._record(e) for e in active]
+            records = [r for r in map(self._record, active) if r.statistics]
             findings = screen(records, {e.id: e.contributor_id for e in active}, self.config)
         except Exception:
             log.exception("consistency checks failed before a router fit; fitting without them")
@@ -112,8 +115,8 @@ class ExpertScreen:
         page = self.registry.list_audit(page_size=1, action="expert.set_state", target_id=expert_id)
         return bool(page.items) and page.items[0].actor != ADMISSION_ACTOR
 
-    def _read_new(self, spec: NewExpert) -> ExpertStatistics:
-        """The candidate's statistics, read from its (already stored) blobs."""
+    def _read_new(self, spec: NewExpert) -> ExpertStatistics | None:
+        """The candidate's statistics (None: adapter-only), read from its stored blobs."""
         return self.experts.statistics({name: ref[0] for name, ref in spec.files.items()})
 
 

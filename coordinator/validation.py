@@ -258,6 +258,13 @@ def check_statistics(
         )
     if meta.covariance_rank > MAX_COVARIANCE_RANK:
         raise ExpertInvalid(STATISTICS_META, f"covariance_rank above {MAX_COVARIANCE_RANK}")
+    if not meta.embedding_statistics:  # adapter-only: no statistics of any data
+        if tensors:
+            raise ExpertInvalid(
+                STATISTICS_TENSORS,
+                f"an adapter-only expert carries no statistics, got tensor(s) {sorted(tensors)}",
+            )
+        return
     expected = {
         MEAN_KEY: (hidden,),
         COV_DIAG_KEY: (hidden,),
@@ -321,7 +328,12 @@ def validate_expert_dir(root: Path, spec: BaseModelSpec, max_bytes: int) -> Vali
         raise ExpertInvalid(STATISTICS_META, f"more than {MAX_LABELS} labels")
     try:  # what the registry will store must pass its checks before any blob is written
         check_string_list("label_names", meta.label_names, MAX_LIST_ITEMS, MAX_LABEL_CHARS)
-        check_int("example_count", meta.example_count, minimum=1, maximum=MAX_EXAMPLE_COUNT)
+        check_int(
+            "example_count",
+            meta.example_count,
+            minimum=int(meta.embedding_statistics),  # 0 for an adapter-only expert
+            maximum=MAX_EXAMPLE_COUNT,
+        )
         if meta.dp is not None:
             check_dp_record(meta.dp.noise_std, meta.dp.mechanism)
     except InvalidArgument as exc:

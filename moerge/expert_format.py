@@ -21,6 +21,13 @@ Tensor keys in ``statistics.safetensors`` (``H`` = hidden size, ``k`` = covarian
                                   ``gates.encoder.layer.0.attention.self.query`` (the module's
                                   path in the *base* model, without PEFT's prefixes)
 
+An **adapter-only** expert (``embedding_statistics: false`` in ``statistics.json``: a PEFT
+adapter trained elsewhere whose data is gone) carries no statistics of any data: its
+``statistics.safetensors`` holds no tensor, ``example_count`` is 0 and no gates are listed. The
+JSON still names its task, labels and base model, which serving needs. Routers that learn from
+statistics or gates skip such experts; Arrow routes them from the LoRA weights
+(docs/routing.md).
+
 Nothing here is per-example: no text, token ids or single embeddings ever enter these files.
 Only safetensors and JSON are read, never pickle. This module imports no torch so that the
 coordinator's validators and ``storage`` can use it; tensors are read with numpy.
@@ -117,6 +124,8 @@ class StatisticsMeta:
     dp: DifferentialPrivacy | None = None
     format_version: int = FORMAT_VERSION
     quality: ExpertQuality | None = None  # absent from files written before issue 22
+    #: False for an adapter-only expert: no data statistics at all (see the module docstring)
+    embedding_statistics: bool = True
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
@@ -167,7 +176,11 @@ class StatisticsMeta:
 
     def validate(self) -> None:
         """Check types and ranges; raise ``ValueError`` naming the field."""
-        _check_int("example_count", self.example_count, minimum=1)
+        if not isinstance(self.embedding_statistics, bool):
+            raise ValueError("statistics.json: field 'embedding_statistics' must be a boolean")
+        _check_int("example_count", self.example_count, minimum=int(self.embedding_statistics))
+        if not self.embedding_statistics:
+            self._validate_adapter_only()
         _check_int("hidden_size", self.hidden_size, minimum=1)
         _check_int("covariance_rank", self.covariance_rank, minimum=0)
         _check_int("format_version", self.format_version, minimum=1)
@@ -202,6 +215,48 @@ class StatisticsMeta:
                     )
         if self.quality is not None:
             self.quality.validate()
+
+
+    def _validate_adapter_only(self) -> None:
+        """An adapter-only expert claims no data: nothing counted, summarised or gated."""
+        claims = {
+            "example_count": self.example_count != 0,
+            "covariance_rank": self.covariance_rank != 0,
+            "label_counts": bool(self.label_counts),
+            "gate_modules": bool(self.gate_modules),
+            "dp": self.dp is not None,
+        }
+        bad = [name for name, claimed in claims.items() if claimed]
+        if bad:
+            raise ValueError(
+                f"statistics.json: an adapter-only expert (embedding_statistics false) has no "
+                f"data statistics, but sets {bad}"
+            )
+
+
+def adapter_only_meta(
+    task_name: str,
+    hidden_size: int,
+    label_names: list[str],
+    task_type: str = "classification",
+    task_description: str = "",
+    base_model_id: str = "",
+) -> StatisticsMeta:
+    """``statistics.json`` of an adapter-only expert (its ``statistics.safetensors`` is empty)."""
+    meta = StatisticsMeta(
+        example_count=0,
+        hidden_size=hidden_size,
+        covariance_rank=0,
+        task_name=task_name,
+        task_type=task_type,
+        task_description=task_description,
+        label_names=list(label_names),
+        base_model_id=base_model_id,
+        pooling="",
+        embedding_statistics=False,
+    )
+    meta.validate()
+    return meta
 
 
 def _check_int(name: str, value: object, minimum: int) -> None:

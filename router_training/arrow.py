@@ -49,7 +49,7 @@ from typing import ClassVar
 
 import torch
 
-from moerge.router_training.base import ExpertRecord, LoraModuleWeights, RouterConfig
+from moerge.router_training.base import ExpertRecord, LoraModuleWeights, Needs, RouterConfig
 from moerge.router_training.registry import register_router
 from moerge.router_training.token_router import ModuleVectorRouter
 
@@ -152,6 +152,8 @@ def _check_factors(expert_id: str, module: str, weights: LoraModuleWeights) -> N
 @register_router
 class ArrowRouter(ModuleVectorRouter):
     """Arrow prototypes per module; ``vectors/<module>`` holds the prototypes [E_m, d_in]."""
+
+    needs: ClassVar[Needs] = "adapter"
 
     method: ClassVar[str] = "arrow"
     config_class: ClassVar[type[RouterConfig]] = ArrowRouterConfig

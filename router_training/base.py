@@ -34,6 +34,7 @@ from safetensors.torch import load_file, save_file
 from moerge.router_training import topk_triton
 
 Granularity = Literal["example", "token"]
+Needs = Literal["statistics", "gates", "adapter", "nothing"]
 
 
 @dataclass
@@ -127,6 +128,10 @@ class Router(ABC):
     config_class: ClassVar[type[RouterConfig]] = RouterConfig
     #: whether the router sees raw data labels at fit time (only the oracle baseline does)
     evaluation_only: ClassVar[bool] = False
+    #: what the router learns each expert from (see :func:`missing_input`): ``"statistics"``
+    #: (the uploaded embedding Gaussian), ``"gates"`` (PHATGOOSE gate vectors), ``"adapter"``
+    #: (the LoRA weights) or ``"nothing"``
+    needs: ClassVar[Needs] = "nothing"
 
     def __init__(self, config: RouterConfig, expert_ids: Sequence[str]) -> None:
         if not isinstance(config, self.config_class):
@@ -292,3 +297,18 @@ def load_router(path: str | Path) -> Router:
     router = cls(config, meta["expert_ids"])
     router.load_state_dict(load_file(str(path)))
     return router
+
+
+def missing_input(needs: Needs, expert: ExpertRecord) -> str:
+    """Why a router that learns from ``needs`` cannot route ``expert`` ("" when it can).
+
+    Adapter-only experts (no statistics of any data, see :mod:`moerge.expert_format`) lack
+    both the embedding statistics and the gates; an expert uploaded without gates lacks those.
+    """
+    if needs == "statistics" and expert.statistics is None:
+        return "adapter-only expert: no data statistics"
+    if needs == "gates" and (expert.statistics is None or not expert.statistics.gates):
+        return "no PHATGOOSE gates"
+    if needs == "adapter" and expert.load_lora is None:
+        return "no LoRA adapter to load"
+    return ""

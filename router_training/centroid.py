@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from moerge.router_training.base import (
     ExpertRecord,
     Granularity,
+    Needs,
     Router,
     RouterConfig,
     RoutingDecision,
@@ -69,6 +70,8 @@ class CentroidRouter(Router):
 
     Fitted tensors: ``centroids`` [E, H] (unit norm) and ``temperature`` [1].
     """
+
+    needs: ClassVar[Needs] = "statistics"
 
     method: ClassVar[str] = "centroid"
     granularity: ClassVar[Granularity] = "example"

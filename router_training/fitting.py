@@ -11,6 +11,9 @@ e.g. from the coordinator's YAML or an API call), fits, times the fit and comput
   top-k), ``sample_mean_top_weight`` (mean weight of the first choice); and for the posterior
   routers also ``sample_nll`` and ``sample_ece`` (top-1 expected calibration error) of the full
   posterior, and ``temperature``;
+* ``skipped_experts``: experts the method cannot learn from (adapter-only experts for the
+  statistics routers, experts without gates for ``phatgoose``); they are left out of the router
+  and :attr:`FitResult.skipped` says why (:func:`routable_experts`);
 * token-level routers (``arrow``, ``phatgoose``): ``num_modules`` and the mean / max ``|cos|``
   between different experts' vectors in a module (``vector_mean_abs_cos``,
   ``vector_max_abs_cos``) -- near-parallel prototypes cannot be told apart by the router.
@@ -26,7 +29,13 @@ from typing import Any
 
 import torch
 
-from moerge.router_training.base import ExpertRecord, Router, RouterConfig, top_k_softmax
+from moerge.router_training.base import (
+    ExpertRecord,
+    Router,
+    RouterConfig,
+    missing_input,
+    top_k_softmax,
+)
 from moerge.router_training.calibration import expected_calibration_error
 from moerge.router_training.centroid import CentroidRouter
 from moerge.router_training.gaussian import GaussianBank, GaussianRouter
@@ -45,6 +54,30 @@ class FitResult:
     router: Router
     metrics: dict[str, float] = field(default_factory=dict)
     fit_seconds: float = 0.0
+    skipped: dict[str, str] = field(default_factory=dict)  # expert id -> why it is left out
+
+
+def routable_experts(
+    method: str, experts: Sequence[ExpertRecord]
+) -> tuple[list[ExpertRecord], dict[str, str]]:
+    """The experts ``method`` can learn from, and ``{expert id: why not}`` for the others.
+
+    Raises ``ValueError`` when none is left, naming what the method needs.
+    """
+    needs = get_router_class(method).needs
+    kept, skipped = [], {}
+    for expert in experts:
+        reason = missing_input(needs, expert)
+        if reason:
+            skipped[expert.expert_id] = reason
+        else:
+            kept.append(expert)
+    if experts and not kept:
+        raise ValueError(
+            f"router '{method}' learns from {needs} and none of the {len(experts)} experts has "
+            f"it (e.g. {next(iter(skipped))}: {next(iter(skipped.values()))})"
+        )
+    return kept, skipped
 
 
 def build_config(method: str, params: Mapping[str, Any] | None = None) -> RouterConfig:
@@ -71,9 +104,11 @@ def fit_router(
     """Fit ``method`` over ``experts`` with ``params``; see the module docstring for metrics.
 
     A default ``top_k`` larger than the number of experts (Arrow's 3 over a registry of two)
-    is lowered to that number; a ``top_k`` given in ``params`` is checked as it is.
+    is lowered to that number; a ``top_k`` given in ``params`` is checked as it is. Experts the
+    method cannot learn from are left out (:func:`routable_experts`).
     """
     config = build_config(method, params)
+    experts, skipped = routable_experts(method, experts)
     default_k = getattr(config, "top_k", None)
     if "top_k" not in (params or {}) and isinstance(default_k, int) and default_k > len(experts):
         config = dataclasses.replace(config, top_k=max(len(experts), 1))
@@ -82,7 +117,9 @@ def fit_router(
     router = cls.fit(experts, config)
     fit_seconds = time.perf_counter() - start
     metrics = fit_metrics(router, experts, metric_samples)
-    return FitResult(router=router, metrics=metrics, fit_seconds=fit_seconds)
+    if skipped:
+        metrics["skipped_experts"] = float(len(skipped))
+    return FitResult(router=router, metrics=metrics, fit_seconds=fit_seconds, skipped=skipped)
 
 
 def fit_metrics(

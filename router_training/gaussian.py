@@ -39,6 +39,7 @@ import torch
 from moerge.router_training.base import (
     ExpertRecord,
     Granularity,
+    Needs,
     Router,
     RouterConfig,
     RoutingDecision,
@@ -225,6 +226,8 @@ class GaussianRouter(Router):
     :meth:`logits` (``[B, H] -> [B, E]``, log joint ``log p(x|e) + log pi_e`` up to a per-row
     constant). This class handles priors, the calibration temperature and top-k selection.
     """
+
+    needs: ClassVar[Needs] = "statistics"
 
     granularity: ClassVar[Granularity] = "example"
     config_class: ClassVar[type[RouterConfig]] = GaussianRouterConfig

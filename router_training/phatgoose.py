@@ -33,7 +33,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from moerge.router_training.base import ExpertRecord, RouterConfig
+from moerge.router_training.base import ExpertRecord, Needs, RouterConfig
 from moerge.router_training.registry import register_router
 from moerge.router_training.token_router import ModuleVectorRouter
 
@@ -62,6 +62,8 @@ def standardise(vectors: torch.Tensor, eps: float) -> torch.Tensor:
 @register_router
 class PhatgooseRouter(ModuleVectorRouter):
     """``vectors/<module>`` holds ``z(g_e) / sqrt(d_in)`` [E_m, d_in] per module."""
+
+    needs: ClassVar[Needs] = "gates"
 
     method: ClassVar[str] = "phatgoose"
     config_class: ClassVar[type[RouterConfig]] = PhatgooseRouterConfig

@@ -1248,7 +1248,7 @@ def _check_new_expert(spec: object) -> None:
     check_int("lora_rank", spec.lora_rank, minimum=1, maximum=1 << 20)
     check_string_list("target_modules", spec.target_modules, MAX_LIST_ITEMS, 256)
     check_string_list("label_names", spec.label_names, MAX_LIST_ITEMS, 256)
-    check_int("example_count", spec.example_count, minimum=1)
+    check_int("example_count", spec.example_count, minimum=0)  # 0: adapter-only expert
     if not isinstance(spec.files, Mapping) or not spec.files:
         raise InvalidArgument("files", "must name at least one file")
     if len(spec.files) > MAX_FILES:
