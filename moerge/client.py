@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import re
 import tempfile
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -92,6 +92,37 @@ class Client(Calls):
             stream.cancel()
 
     # -- contributing: local work, then an upload ---------------------------------------------
+
+    def upload_adapter(
+        self,
+        adapter_dir: str | Path,
+        task_name: str,
+        name: str | None = None,
+        *,
+        label_names: Sequence[str] | None = None,
+        description: str = "",
+        **upload: Any,
+    ) -> Upload:
+        """Upload a bare PEFT adapter folder as an *adapter-only* expert (no data statistics).
+
+        For an adapter whose training data is gone: the two statistics files are written,
+        claiming no data (:mod:`moerge.contributor_client.adapter_only`), into a temporary
+        copy, which :meth:`upload` sends (``upload`` takes its keyword options). ``label_names``
+        are the head's labels in order (default ``LABEL_i``); ``name`` defaults to the folder's.
+        Statistics routers leave such experts out; Arrow routes them (docs/routing.md).
+        """
+        from moerge.contributor_client.adapter_only import write_adapter_only
+
+        folder = Path(adapter_dir)
+        with tempfile.TemporaryDirectory(prefix="moerge-adapter-only-") as tmp:
+            try:
+                staged = write_adapter_only(
+                    folder, Path(tmp) / "expert", task_name,
+                    None if label_names is None else list(label_names), description,
+                )  # fmt: skip
+            except (FileNotFoundError, ValueError) as exc:
+                raise MoergeError.invalid(str(exc)) from None
+            return self.upload(staged, name or folder.resolve().name, **upload)
 
     def upload(
         self,
