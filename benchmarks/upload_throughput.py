@@ -1,22 +1,21 @@
-"""Upload throughput of a large expert over loopback, against a raw TCP copy of the same bytes.
+"""Upload throughput of a large expert over loopback: presigned URLs vs gRPC chunks, one run.
 
-A coordinator on 127.0.0.1 (SQLite, local blob store), in its own process as in a deployment,
-receives a valid ~256 MiB expert: MiniLM shapes with a LoRA rank high enough to reach the size
-(the coordinator's rank limit is raised for this run). Reported, as MB/s and as a ratio to a raw
-TCP copy of the same number of bytes over loopback measured in the same run (the goal's
-reference; a second baseline also writes and fsyncs what it receives):
+Two coordinators on 127.0.0.1 (SQLite, each in its own process as in a deployment) receive the
+same valid ~256 MiB expert (MiniLM shapes, a LoRA rank high enough to reach the size; the rank
+limit is raised for this run), each upload under a new expert name, rows interleaved
+``--rounds`` times, the table giving the median and the best:
 
-* ``upload_expert`` over the bulk data channel (the default) to a committed expert: client
-  sha256, ``StartBulkUpload``, the bytes (``sendfile`` -> ``recv_into``, staged and hashed by
-  the coordinator as they arrive), the manifest-only ``UploadExpert`` commit (verify, validate,
-  blob store, registry);
-* the same files again under another name, timed in three parts as the client sees them:
-  the files' digests (from the client's sha256 cache, filled by the first upload), the data
-  channel (ticket + bytes + the coordinator's reply), the commit;
-* the same bytes as gRPC ``UploadExpert`` chunks (the fallback path).
+* **gRPC chunks** (``UploadExpert``) to a coordinator with a local blob store: the client's
+  sha256, the chunks, verification, validation, blob store, registry;
+* **presigned URLs** to a coordinator whose blobs are in an S3 API server: the client's
+  sha256 per file and per part, ``StartObjectUpload``, the parts PUT straight into the store
+  (4 at a time), ``CompleteObjectUpload`` (the coordinator reads every file back from the
+  store, verifies, validates, copies into the content-addressed names, registers).
 
-Every upload goes under a new expert name; the rows run round-robin ``--rounds`` times and
-the table gives the median and the best of each.
+The S3 server is moto's (``moto[server]``, in its own process; MinIO's server cannot be
+installed here): a Python server that keeps objects in memory, so the presigned row measures
+moto as much as the protocol; a real object store moves parts in parallel on other machines.
+A raw TCP copy of the same bytes over loopback is measured in the same run as the reference.
 
     python benchmarks/upload_throughput.py [--mib 256] [--chunk-kib 1024] [--rounds 3]
 """
@@ -31,6 +30,7 @@ import os
 import platform
 import socket
 import statistics
+import sys
 import tempfile
 import threading
 import time
@@ -43,13 +43,7 @@ from safetensors.numpy import save_file
 
 from moerge.contributor_client.connection import Target
 from moerge.contributor_client.digests import DigestCache
-from moerge.contributor_client.upload import (
-    DEFAULT_CHUNK,
-    describe_files,
-    make_manifest,
-    send_bulk,
-    upload_expert,
-)
+from moerge.contributor_client.upload import DEFAULT_CHUNK, describe_files, upload_expert
 from moerge.coordinator.config import CoordinatorConfig, default_base_model
 from moerge.expert_format import (
     ADAPTER_CONFIG,
@@ -63,8 +57,13 @@ from moerge.expert_format import (
 )
 from moerge.storage.tokens import new_token
 
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))  # the S3 test server lives in tests/
+
+from tests.s3server import REGION, S3Server  # noqa: E402
+
 RESULTS = Path(__file__).parent / "results" / "upload_throughput.md"
-PARTS = ("hash", "stream", "commit")
 HIDDEN, LAYERS = 384, 6
 
 
@@ -170,45 +169,40 @@ def serve(config: CoordinatorConfig, ports: Queue, stop: Event) -> None:
     asyncio.run(run())
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process so far (Linux /proc), all its threads included."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+def start_coordinator(config: CoordinatorConfig) -> tuple[multiprocessing.Process, Event, str]:
+    """A coordinator in its own process; returns it, its stop event and its address."""
+    spawn = multiprocessing.get_context("spawn")
+    ports, stop = spawn.Queue(), spawn.Event()
+    process = spawn.Process(target=serve, args=(config, ports, stop))
+    process.start()
+    return process, stop, f"127.0.0.1:{ports.get(timeout=300)}"
 
 
-def timed_parts(
-    target: Target, folder: Path, name: str, pid: int, cache: DigestCache
-) -> dict[str, float]:
-    """One data-channel upload timed in parts as the client sees them, plus CPU time."""
+def join(address: str, admin: str) -> Target:
+    """Enrol a contributor; its target."""
     import grpc
 
-    from moerge.v1 import contributor_pb2, contributor_pb2_grpc
+    from moerge.v1 import admin_pb2, admin_pb2_grpc, contributor_pb2, contributor_pb2_grpc
 
-    with grpc.insecure_channel(target.address) as channel:
-        stub = contributor_pb2_grpc.ContributorServiceStub(channel)
-        cpu_client, cpu_coordinator = time.process_time(), cpu_seconds(pid)
-        started = time.perf_counter()
-        files = describe_files(folder, cache)
-        manifest = make_manifest(files, name, name, "")
-        hashed = time.perf_counter()
-        ticket = stub.StartBulkUpload(manifest, metadata=target.metadata(), timeout=60)
-        assert ticket.available
-        held = send_bulk(target, ticket, manifest.upload_id, files, lambda n: None)
-        sent = time.perf_counter()
-        response = stub.UploadExpert(
-            iter([contributor_pb2.UploadExpertRequest(manifest=manifest)]),
-            metadata=target.metadata(),
-            timeout=3600,
+    auth = (("authorization", f"Bearer {admin}"),)
+    with grpc.insecure_channel(address) as channel:
+        token = (
+            admin_pb2_grpc.AdminServiceStub(channel)
+            .CreateEnrollmentToken(admin_pb2.CreateEnrollmentTokenRequest(), metadata=auth)
+            .token
         )
-        done = time.perf_counter()
-    assert response.created and held == ticket.status.total_bytes
-    return {
-        "hash": hashed - started,
-        "stream": sent - hashed,
-        "commit": done - sent,
-        "client_cpu": time.process_time() - cpu_client,
-        "coordinator_cpu": cpu_seconds(pid) - cpu_coordinator,
-    }
+        credential = (
+            contributor_pb2_grpc.ContributorServiceStub(channel)
+            .Join(contributor_pb2.JoinRequest(enrollment_token=token, name="bench"))
+            .credential
+        )
+    return Target(address=address, token=credential)
+
+
+def moto_version() -> str:
+    from importlib.metadata import version
+
+    return version("moto")
 
 
 def main() -> None:
@@ -221,16 +215,14 @@ def main() -> None:
 
     import grpc
 
-    from moerge.v1 import admin_pb2, admin_pb2_grpc, contributor_pb2, contributor_pb2_grpc
-
     chunk = args.chunk_kib << 10
+    s3 = S3Server()
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "expert"
         rank = write_expert(folder, args.mib)
         total = sum(f.size for f in describe_files(folder))
         _, admin = new_token("mga")
-        config = CoordinatorConfig(
-            data_dir=Path(tmp) / "coordinator",
+        common = dict(
             listen="127.0.0.1:0",
             admin_token=admin,
             base_model=default_base_model(),
@@ -239,55 +231,37 @@ def main() -> None:
             max_upload_bytes=2 * total,
             max_message_bytes=2 * chunk + (1 << 20),
         )
-        spawn = multiprocessing.get_context("spawn")
-        ports, stop = spawn.Queue(), spawn.Event()
-        coordinator = spawn.Process(target=serve, args=(config, ports, stop))
-        coordinator.start()
-        address = f"127.0.0.1:{ports.get(timeout=300)}"
-        auth = (("authorization", f"Bearer {admin}"),)
-        with grpc.insecure_channel(address) as channel:
-            token = (
-                admin_pb2_grpc.AdminServiceStub(channel)
-                .CreateEnrollmentToken(admin_pb2.CreateEnrollmentTokenRequest(), metadata=auth)
-                .token
-            )
-            credential = (
-                contributor_pb2_grpc.ContributorServiceStub(channel)
-                .Join(contributor_pb2.JoinRequest(enrollment_token=token, name="bench"))
-                .credential
-            )
-        target = Target(address=address, token=credential)
+        local = CoordinatorConfig(data_dir=Path(tmp) / "local", **common)  # type: ignore[arg-type]
+        objects = CoordinatorConfig(  # type: ignore[arg-type]
+            data_dir=Path(tmp) / "s3",
+            blob_store=f"s3://{s3.new_bucket()}/moerge",
+            s3_endpoint_url=s3.endpoint_url,
+            s3_region=REGION,
+            **common,
+        )
+        started_local = start_coordinator(local)
+        started_s3 = start_coordinator(objects)
+        grpc_target = join(started_local[2], admin)
+        s3_target = join(started_s3[2], admin)
         load_before = os.getloadavg()
         times: dict[str, list[float]] = {}
-        parts: list[dict[str, float]] = []
         for round_ in range(args.rounds):  # variants interleaved round-robin
             times.setdefault("raw", []).append(raw_tcp_seconds(total))
-            sink = Path(tmp) / "raw-copy"
-            times.setdefault("raw_file", []).append(raw_tcp_seconds(total, sink=sink))
-            cache = DigestCache(Path(tmp) / f"sha256-cache-{round_}.json")  # empty: cold
-            started = time.perf_counter()
-            response = upload_expert(
-                target, folder, f"big-{round_}", "big", progress=False, digest_cache=cache
-            )
-            times.setdefault("upload", []).append(time.perf_counter() - started)
-            assert response.created
-            parts.append(timed_parts(target, folder, f"again-{round_}", coordinator.pid, cache))
-            times.setdefault("cached", []).append(sum(parts[-1][k] for k in PARTS))
-            started = time.perf_counter()
-            chunks = upload_expert(
-                target,
-                folder,
-                f"chunks-{round_}",
-                "big",
-                chunk_size=chunk,
-                progress=False,
-                bulk=False,
-            )
-            times.setdefault("chunks", []).append(time.perf_counter() - started)
-            assert chunks.created
+            for key, target, transport in (
+                ("chunks", grpc_target, "grpc"),
+                ("presigned", s3_target, "object"),
+            ):
+                cache = DigestCache(Path(tmp) / f"sha256-{key}-{round_}.json")  # empty: cold
+                started = time.perf_counter()
+                response = upload_expert(target, folder, f"{key}-{round_}", "big", chunk_size=chunk,
+                                         progress=False, digest_cache=cache, transport=transport)
+                times.setdefault(key, []).append(time.perf_counter() - started)
+                assert response.created
         load_after = os.getloadavg()
-        stop.set()
-        coordinator.join(60)
+        for process, stop, _ in (started_local, started_s3):
+            stop.set()
+            process.join(60)
+    s3.stop()
     mb = total / 1e6
     raw_median, raw_best = statistics.median(times["raw"]), min(times["raw"])
 
@@ -298,10 +272,6 @@ def main() -> None:
             f"{raw_median / median:.2f}x | {raw_best / best:.2f}x |"
         )
 
-    def part(label: str, key: str) -> str:
-        values = [p[key] for p in parts]
-        return f"| - {label} | {statistics.median(values):.2f} | {min(values):.2f} | | | |"
-
     lines = [
         "# Upload throughput over loopback",
         "",
@@ -310,40 +280,25 @@ def main() -> None:
         f"- date: {time.strftime('%Y-%m-%d %H:%M')}; python {platform.python_version()}, "
         f"grpcio {grpc.__version__}; {platform.machine()}, {os.cpu_count()} cores (shared); "
         f"load average {load_before[0]:.2f} before, {load_after[0]:.2f} after",
-        f"- expert: {total / 2**20:.1f} MiB (MiniLM shapes, LoRA rank {rank}); coordinator in its "
-        f"own process; gRPC chunks of {args.chunk_kib} KiB; {args.rounds} rounds of every row, "
-        "interleaved; each upload under a new name",
+        f"- expert: {total / 2**20:.1f} MiB (MiniLM shapes, LoRA rank {rank}); each coordinator "
+        f"in its own process, the S3 server (moto {moto_version()}) in a third; gRPC chunks of "
+        f"{args.chunk_kib} KiB, parts of 16 MiB; {args.rounds} rounds of every row, interleaved; "
+        "each upload under a new name",
         "",
         "| transfer | median s | best s | MB/s (median) | ratio to raw TCP (medians) "
         "| ratio (bests) |",
         "|---|---:|---:|---:|---:|---:|",
-        row("raw TCP copy of the same bytes (the goal's reference)", "raw"),
-        row("raw TCP copy that also writes the bytes to a file and fsyncs it", "raw_file"),
+        row("raw TCP copy of the same bytes (reference)", "raw"),
+        row("gRPC `UploadExpert` chunks to a committed expert (local blob store)", "chunks"),
         row(
-            "**upload over the bulk data channel** to a committed expert (client sha256 + "
-            "ticket + stream + verification + validation + blob store + registry)",
-            "upload",
+            "presigned multipart URLs straight into the S3 server (moto), 4 PUTs at a time, "
+            "to a committed expert (read back, verified, validated, copied in)",
+            "presigned",
         ),
-        row(
-            "the same files again, another name (data channel, digests from the client's "
-            "sha256 cache, timed in parts)",
-            "cached",
-        ),
-        part("client sha256 of the files for the manifest (cached)", "hash"),
-        part(
-            "data channel: ticket, bytes, the coordinator's reply (it stages and hashes as "
-            "they arrive)",
-            "stream",
-        ),
-        part(
-            "commit: manifest-only `UploadExpert` (verify, validate, blob store, registry)",
-            "commit",
-        ),
-        row("the same bytes as gRPC `UploadExpert` chunks (the fallback)", "chunks"),
         "",
-        "CPU time of the timed-in-parts upload (median): client "
-        f"{statistics.median(p['client_cpu'] for p in parts):.2f} s, coordinator "
-        f"{statistics.median(p['coordinator_cpu'] for p in parts):.2f} s (all threads).",
+        "Presigned / gRPC chunks (medians): "
+        f"{statistics.median(times['presigned']) / statistics.median(times['chunks']):.2f}x "
+        "the time.",
         "",
     ]
     text = "\n".join(lines)

@@ -16,9 +16,9 @@ Json = Annotated[bool, typer.Option("--json", help="print JSON instead of a tabl
 class TransportChoice(str, Enum):
     """How ``upload``/``contribute`` send the expert's bytes (docs/upload-protocol.md)."""
 
-    auto = "auto"  # the bulk data channel if the coordinator offers it, else gRPC chunks
-    bulk = "bulk"  # the data channel only: fail with a clear error if it cannot be used
-    grpc = "grpc"  # gRPC chunks only, never the data channel
+    auto = "auto"  # straight into the coordinator's object store if it has one, else gRPC chunks
+    object = "object"  # the object store only: fail with a clear error if there is none
+    grpc = "grpc"  # gRPC chunks only
 
 
 Transport = Annotated[
@@ -26,7 +26,7 @@ Transport = Annotated[
     typer.Option(
         "--transport",
         case_sensitive=False,
-        help="auto: data channel if offered, else gRPC chunks; bulk: data channel or fail; "
-        "grpc: chunks only",
+        help="auto: the coordinator's object store if it has one, else gRPC chunks; "
+        "object: object store or fail; grpc: chunks only",
     ),
 ]

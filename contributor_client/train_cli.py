@@ -399,7 +399,7 @@ def contribute(
     """Train + statistics + upload in one step."""
     import tempfile
 
-    from moerge.contributor_client.upload import BulkUnavailable, upload_expert
+    from moerge.contributor_client.upload import TransportUnavailable, upload_expert
 
     target = Target.resolve(coordinator, token, tls_ca)
     path, info = agreed_base_model(base_model, False, target)
@@ -448,7 +448,7 @@ def contribute(
                     transport=transport.value,
                 )
             )
-        except BulkUnavailable as exc:
+        except TransportUnavailable as exc:
             err_console.print(f"[red]error[/red] {exc}")
             raise typer.Exit(1) from None
     if json_out:

@@ -1,10 +1,9 @@
 """Upload an expert folder to the coordinator, resuming on failure.
 
-The bytes go over the coordinator's bulk data channel when it offers one (``StartBulkUpload``
-returns a ticket; the files are ``sendfile``-d over a plain TCP or TLS socket, see
-:mod:`moerge.bulk_protocol`), else, or when that channel cannot be reached or refuses, as chunks
-of the client-streaming ``UploadExpert`` RPC. Either way a manifest-only ``UploadExpert`` call
-commits the expert, so refusals arrive as the same gRPC status codes.
+When the coordinator keeps its blobs in an object store (``BaseModelInfo.object_part_size`` >
+0), the files go straight into the store through presigned part URLs
+(:mod:`moerge.contributor_client.object_upload`); otherwise as chunks of the client-streaming
+``UploadExpert`` RPC. Refusals arrive as the same gRPC status codes either way.
 
 The upload id is derived from the manifest (expert name + every file's name, size and sha256),
 so re-running ``moerge upload`` after a crash or a cut connection asks the coordinator how many
@@ -16,14 +15,13 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import socket
-import ssl
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+import httpx
 from rich.progress import (
     BarColumn,
     DownloadColumn,
@@ -32,17 +30,15 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
-from moerge.bulk_protocol import ProtocolError, Reply, Request, read_reply
 from moerge.contributor_client.connection import Target, client_home
 from moerge.contributor_client.digests import DigestCache, sha256_file
+from moerge.contributor_client.object_upload import part_digests, upload_via_object_store
 from moerge.expert_format import EXPERT_FILES
 from moerge.v1 import contributor_pb2, contributor_pb2_grpc
 
 log = logging.getLogger(__name__)
 
 DEFAULT_CHUNK = 1024 * 1024  # 4 MiB measured slower in benchmarks/upload_throughput.py
-SENDFILE_SLICE = 16 << 20  # bytes per sendfile call: the progress bar moves between calls
-BULK_TIMEOUT = 60.0  # seconds a data-channel connect, send or reply may stall
 RETRYABLE = {
     grpc.StatusCode.UNAVAILABLE,
     grpc.StatusCode.DEADLINE_EXCEEDED,
@@ -128,141 +124,11 @@ def _stream(
                 on_bytes(len(data))
 
 
-class BulkRefused(Exception):
-    """The data channel answered with an error (the gRPC path reports it properly)."""
-
-    def __init__(self, reply: Reply) -> None:
-        self.reply = reply
-        super().__init__(f"bulk upload refused ({grpc_code(reply.code).name}): {reply.message}")
+class TransportUnavailable(RuntimeError):
+    """``transport="object"`` was asked for but the coordinator takes no direct uploads."""
 
 
-class BulkUnreachable(OSError):
-    """The data channel could not be connected to (firewall, NAT): use gRPC chunks."""
-
-
-class BulkUnavailable(RuntimeError):
-    """``transport="bulk"`` was asked for but the data channel cannot carry this upload."""
-
-
-TRANSPORTS = ("auto", "bulk", "grpc")
-
-
-def grpc_code(number: int) -> grpc.StatusCode:
-    return next((c for c in grpc.StatusCode if c.value[0] == number), grpc.StatusCode.UNKNOWN)
-
-
-def _host_of(address: str) -> str:
-    host = address.rsplit(":", 1)[0] if ":" in address else address
-    return host.removeprefix("dns:///").strip("[]")
-
-
-def _connect(target: Target, ticket: contributor_pb2.BulkUploadTicket) -> socket.socket:
-    """A connection to the data channel (TLS when it says so), or :class:`BulkUnreachable`."""
-    host = ticket.host or _host_of(target.address)
-    raw = None
-    try:
-        raw = socket.create_connection((host, ticket.port), timeout=BULK_TIMEOUT)
-        if not ticket.tls:
-            return raw
-        context = ssl.create_default_context(cafile=target.tls_ca or None)
-        return context.wrap_socket(raw, server_hostname=host)
-    except OSError as exc:
-        if raw is not None:
-            raw.close()
-        message = f"cannot reach the data channel at {host}:{ticket.port}: {exc}"
-        raise BulkUnreachable(message) from exc
-
-
-def send_bulk(
-    target: Target,
-    ticket: contributor_pb2.BulkUploadTicket,
-    upload_id: str,
-    files: list[LocalFile],
-    on_bytes: Callable[[int], None],
-) -> int:
-    """Stream the bytes the coordinator lacks over its data channel; return the bytes it holds.
-
-    Raises :class:`BulkUnreachable` if no connection opens, :class:`BulkRefused` on a refusal,
-    and another ``OSError`` when the connection breaks midway (resume with a new ticket).
-    """
-    with _connect(target, ticket) as sock:
-        offset = ticket.status.received_bytes
-        count = ticket.status.total_bytes - offset
-        sock.sendall(Request(ticket.ticket, upload_id, offset, count).encode())
-        go = _read_reply(sock)
-        if go.code:
-            raise BulkRefused(go)
-        try:
-            _send_files(sock, files, offset, on_bytes)
-        except OSError:
-            # a refusal mid-stream (a quota, a full disk) closes the connection: its reply
-            # may already be here, and says not to retry this channel
-            refusal = _reply_if_any(sock)
-            if refusal is not None and refusal.code:
-                raise BulkRefused(refusal) from None
-            raise
-        done = _read_reply(sock)
-        if done.code:
-            raise BulkRefused(done)
-        return done.held
-
-
-def _send_files(
-    sock: socket.socket, files: list[LocalFile], offset: int, on_bytes: Callable[[int], None]
-) -> None:
-    """The files back to back from stream offset ``offset``, zero-copy where possible."""
-    position = 0
-    for f in files:
-        skip = max(0, offset - position)
-        position += f.size
-        if skip >= f.size:
-            continue
-        with open(f.path, "rb") as handle:
-            while skip < f.size:
-                sent = sock.sendfile(handle, skip, min(SENDFILE_SLICE, f.size - skip))
-                if not sent:
-                    raise ConnectionError(f"{f.path} shrank while it was being sent")
-                skip += sent
-                on_bytes(sent)
-
-
-def _read_reply(sock: socket.socket) -> Reply:
-    """The coordinator's reply; a connection that ends without one is a cut (resume)."""
-    try:
-        return read_reply(sock.recv_into)
-    except ProtocolError as exc:  # closed early (a crash, a stall timeout) or garbled
-        raise ConnectionError(f"the data channel ended without a reply: {exc}") from exc
-
-
-def _reply_if_any(sock: socket.socket) -> Reply | None:
-    try:
-        sock.settimeout(1.0)
-        return read_reply(sock.recv_into)
-    except (OSError, ValueError):
-        return None
-
-
-def _try_bulk(
-    stub: contributor_pb2_grpc.ContributorServiceStub,
-    target: Target,
-    manifest: contributor_pb2.UploadManifest,
-    files: list[LocalFile],
-    progress: Callable[[int | None, int], None],
-) -> int | None:
-    """Send the missing bytes over the data channel; the bytes held after, or None if it is off.
-
-    gRPC errors of ``StartBulkUpload`` propagate.
-    """
-    ticket = stub.StartBulkUpload(manifest, metadata=target.metadata(), timeout=30)
-    status = ticket.status
-    if status.state == "committed":
-        return status.total_bytes
-    if status.state == "receiving" and status.received_bytes == status.total_bytes:
-        return status.received_bytes  # every byte is staged: only the commit is left
-    if not ticket.available:
-        return None
-    progress(status.received_bytes, 0)
-    return send_bulk(target, ticket, manifest.upload_id, files, lambda n: progress(None, n))
+TRANSPORTS = ("auto", "object", "grpc")
 
 
 def upload_expert(
@@ -274,23 +140,19 @@ def upload_expert(
     chunk_size: int = DEFAULT_CHUNK,
     max_attempts: int = 8,
     progress: bool = True,
-    bulk: bool = True,
     digest_cache: DigestCache | None = None,
     transport: str = "auto",
 ) -> contributor_pb2.UploadExpertResponse:
     """Upload (or resume uploading) an expert; returns the registered expert.
 
-    ``transport``: ``"auto"`` sends the bytes over the coordinator's data channel when it
-    offers one and falls back to gRPC chunks; ``"bulk"`` uses only the data channel and raises
-    :class:`BulkUnavailable` when it cannot (off, unreachable, refusing); ``"grpc"`` sends
-    chunks only. ``bulk=False`` is the same as ``transport="grpc"`` (kept for callers).
+    ``transport``: ``"auto"`` PUTs the files into the coordinator's object store when it
+    offers direct uploads, else sends gRPC chunks; ``"object"`` raises
+    :class:`TransportUnavailable` when there is no object store; ``"grpc"`` sends chunks only.
     ``digest_cache``: where to remember the files' sha256 (default: the joined client's home,
     ``$MOERGE_HOME/sha256-cache.json``, if that folder exists).
     """
     if transport not in TRANSPORTS:
         raise ValueError(f"transport must be one of {', '.join(TRANSPORTS)}, got {transport!r}")
-    only_bulk = transport == "bulk"
-    bulk = bulk and transport != "grpc"
     cache = digest_cache if digest_cache is not None else DigestCache.in_home(client_home())
     files = describe_files(Path(expert_dir), cache)
     manifest = make_manifest(files, expert_name, task_name, task_description)
@@ -313,46 +175,39 @@ def upload_expert(
                 bar.update(task, completed=completed)
             bar.advance(task, count)
 
+        part_size = 0
+        if transport != "grpc":
+            part_size = stub.GetBaseModel(
+                contributor_pb2.GetBaseModelRequest(), metadata=target.metadata(), timeout=30
+            ).object_part_size
+            if not part_size and transport == "object":
+                raise TransportUnavailable(
+                    f"the coordinator at {target.address} takes no direct uploads (no object "
+                    "store); use --transport auto or grpc"
+                )
+        if part_size:
+            request = contributor_pb2.ObjectUploadRequest(
+                manifest=manifest, files=part_digests(files, part_size)
+            )
         for attempt in range(1, max_attempts + 1):
-            offset = None
-            if bulk:
+            if part_size:
                 try:
-                    offset = _try_bulk(stub, target, manifest, files, advance)
-                    bulk = offset is not None
-                    if only_bulk and not bulk:
-                        raise BulkUnavailable(
-                            f"the coordinator at {target.address} does not offer the bulk data "
-                            "channel (its bulk_listen is off); use --transport auto or grpc"
-                        )
+                    return upload_via_object_store(stub, target, request, files, advance)
                 except grpc.RpcError as exc:
-                    # e.g. UNIMPLEMENTED (an older coordinator) or a refusal, which the chunk
-                    # path below reports with UploadExpert's status code and trailers
-                    if only_bulk and exc.code() == grpc.StatusCode.UNIMPLEMENTED:
-                        raise BulkUnavailable(
-                            f"the coordinator at {target.address} has no bulk data channel "
-                            "(StartBulkUpload is unimplemented); use --transport auto or grpc"
-                        ) from None
-                    if only_bulk:
+                    details = exc.details() or ""
+                    resumable = exc.code() in RETRYABLE or (
+                        exc.code() == grpc.StatusCode.FAILED_PRECONDITION
+                        and ("have not arrived" in details or "send the file again" in details)
+                    )
+                    if not resumable or attempt == max_attempts:
                         raise
-                    log.info("StartBulkUpload failed (%s); sending gRPC chunks", exc.code())
-                    bulk = False
-                except (BulkUnreachable, BulkRefused) as exc:
-                    if only_bulk:
-                        raise BulkUnavailable(f"{exc}; use --transport auto or grpc") from None
-                    log.info("%s; sending gRPC chunks instead", exc)
-                    bulk = False  # the chunk path resumes, or reports the refusal properly
-                except OSError as exc:  # cut midway: resume with a fresh ticket
-                    if attempt < max_attempts:
-                        log.info("data channel broke (%s); resuming", exc)
-                        time.sleep(min(0.2 * 2**attempt, 5.0))
-                        continue
-                    if only_bulk:
-                        raise BulkUnavailable(
-                            f"the data channel broke {max_attempts} times (last: {exc})"
-                        ) from None
-                    bulk = False
-            if offset is None:
-                offset = _held_bytes(stub, target, manifest.upload_id)
+                except (OSError, httpx.HTTPError) as exc:  # a cut PUT, a refused part
+                    if attempt == max_attempts:
+                        raise
+                    log.info("a part did not arrive (%s); resuming", exc)
+                time.sleep(min(0.2 * 2**attempt, 5.0))
+                continue
+            offset = _held_bytes(stub, target, manifest.upload_id)
             bar.update(task, completed=offset)
             try:
                 return stub.UploadExpert(

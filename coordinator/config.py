@@ -53,11 +53,9 @@ class CoordinatorConfig:
     max_upload_bytes: int = 512 * 1024 * 1024  # per expert, all files together
     max_message_bytes: int = 8 * 1024 * 1024  # gRPC receive limit (chunks are smaller)
     chunk_size: int = 1024 * 1024  # preferred upload chunk size told to clients
-    bulk_listen: str = "auto"  # upload data channel: "auto" (listen's host, a free port), "off"
-    bulk_advertise: str = ""  # HOST[:PORT] clients dial for it; "" = their gRPC host, bound port
-    bulk_max_connections: int = 8  # data connections served at once; more are refused
-    bulk_ticket_seconds: float = 60.0  # a data-channel ticket expires this long after issue
-    bulk_stall_seconds: float = 30.0  # a data connection silent this long is dropped
+    object_part_bytes: int = 16 * 1024 * 1024  # direct uploads (S3 store): part size; 0 = off
+    object_url_seconds: float = 900.0  # lifetime of a presigned part URL
+    s3_public_endpoint_url: str = ""  # S3 endpoint contributors reach, if not s3_endpoint_url
     upload_bytes_per_second: int = 0  # per contributor: faster streams are slowed; 0 = unlimited
     upload_bytes_per_hour: int = 16 * 1024**3  # per contributor quota; 0 = unlimited
     uploads_per_hour: int = 240  # new upload ids per contributor and hour; 0 = unlimited
@@ -139,15 +137,10 @@ class CoordinatorConfig:
         self._check_router_method()
         if ":" not in self.listen:
             raise ValueError(f"listen must be HOST:PORT, got {self.listen!r}")
-        if self.bulk_listen not in ("auto", "off") and ":" not in self.bulk_listen:
-            raise ValueError(
-                f"bulk_listen must be 'auto', 'off' or HOST:PORT, got {self.bulk_listen!r}"
-            )
-        if self.bulk_max_connections < 1:
-            raise ValueError("bulk_max_connections must be >= 1")
-        for name in ("bulk_ticket_seconds", "bulk_stall_seconds"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be > 0")
+        if self.object_part_bytes and self.object_part_bytes < 5 * 1024 * 1024:
+            raise ValueError("object_part_bytes must be 0 (off) or >= 5 MiB (S3's minimum part)")
+        if self.object_url_seconds <= 0:
+            raise ValueError("object_url_seconds must be > 0")
         if self.metrics_listen and ":" not in self.metrics_listen:
             raise ValueError(f"metrics_listen must be HOST:PORT, got {self.metrics_listen!r}")
         if self.http_listen and ":" not in self.http_listen:

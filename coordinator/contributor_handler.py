@@ -11,12 +11,12 @@ from moerge.coordinator import convert
 from moerge.coordinator.rate_limit import UploadLimiter
 from moerge.coordinator.state import CoordinatorState
 from moerge.coordinator.uploads import UPLOAD_ID, Manifest, ManifestFile
-from moerge.storage.errors import InvalidArgument, NotFound
+from moerge.storage.errors import FailedPrecondition, InvalidArgument, NotFound
 from moerge.storage.records import Principal, UploadInfo
 from moerge.v1 import contributor_pb2
 
 if TYPE_CHECKING:
-    from moerge.coordinator.bulk_transfer import BulkServer
+    from moerge.coordinator.object_uploads import ObjectUploads
 
 
 def join(request: contributor_pb2.JoinRequest, state: CoordinatorState) -> Any:
@@ -37,6 +37,7 @@ def get_base_model(
         task_type=spec.task_type,
         max_upload_bytes=state.config.max_upload_bytes,
         chunk_size=state.config.chunk_size,
+        object_part_size=state.objects.part_size if state.objects is not None else 0,
     )
 
 
@@ -65,7 +66,7 @@ def list_my_experts(
 def open_upload(
     state: CoordinatorState, principal: Principal, limits: UploadLimiter | None, manifest: Manifest
 ) -> UploadInfo:
-    """Begin or resume an upload (both upload paths): count new ids against the rate limit."""
+    """Begin or resume a chunked upload: count new ids against the rate limit."""
     if limits is not None and limits.uploads_per_hour:
         manifest.check(state.config.max_upload_bytes)  # count only valid ones
         if _is_new(state, principal.contributor_id, manifest.upload_id):
@@ -73,24 +74,71 @@ def open_upload(
     return state.uploads.start(principal.contributor_id, manifest)
 
 
-def start_bulk_upload(
-    request: contributor_pb2.UploadManifest,
+def start_object_upload(
+    request: contributor_pb2.ObjectUploadRequest,
     state: CoordinatorState,
     principal: Principal,
     limits: UploadLimiter | None = None,
-    bulk: BulkServer | None = None,
-) -> contributor_pb2.BulkUploadTicket:
-    """Open the upload; if bytes are missing and the data channel runs, ticket them to it."""
-    info = open_upload(state, principal, limits, _manifest(request))
-    response = contributor_pb2.BulkUploadTicket(status=convert.upload_status(info))
-    if bulk is not None and info.state == "receiving" and info.received_bytes < info.total_bytes:
-        response.available = True
-        response.host = bulk.advertised_host
-        response.port = bulk.advertised_port
-        response.ticket = bulk.tickets.issue(principal.contributor_id, info.upload_id)
-        response.expires_in_seconds = bulk.tickets.ttl_seconds
-        response.tls = bulk.tls is not None
-    return response
+) -> contributor_pb2.ObjectUploadPlan:
+    """Open or resume a direct upload: a presigned URL for every part not in the store yet.
+
+    The hourly byte quota is charged for the parts handed out (again if they are handed out
+    again); ``upload_bytes_per_second`` cannot pace bytes that do not pass through here.
+    """
+    from moerge.storage.blobstore_s3 import checksum_header  # boto3: only with an S3 store
+
+    objects = _objects(state)
+    manifest = _manifest(request.manifest)
+    if limits is not None and limits.uploads_per_hour:
+        manifest.check(state.config.max_upload_bytes)
+        if _is_new(state, principal.contributor_id, manifest.upload_id):
+            limits.start_upload(principal.contributor_id)
+    info, targets = objects.plan(principal.contributor_id, manifest, _part_digests(request))
+    missing = sum(t.size for t in targets if not t.uploaded)
+    if limits is not None and limits.bytes_per_hour and missing:
+        limits.receive(principal.contributor_id, missing)
+    return contributor_pb2.ObjectUploadPlan(
+        status=convert.upload_status(info),
+        part_size=objects.part_size,
+        expires_in_seconds=objects.url_seconds,
+        parts=[
+            contributor_pb2.UploadPart(
+                file=t.file,
+                part_number=t.part_number,
+                offset=t.offset,
+                size=t.size,
+                uploaded=t.uploaded,
+                url=t.url,
+                checksum_sha256="" if t.uploaded else checksum_header(t.sha256),
+            )
+            for t in targets
+        ],
+    )
+
+
+def complete_object_upload(
+    request: contributor_pb2.ObjectUploadRequest, state: CoordinatorState, principal: Principal
+) -> contributor_pb2.UploadExpertResponse:
+    manifest = _manifest(request.manifest)
+    info, created = _objects(state).complete(
+        convert.actor_of(principal), principal.contributor_id, manifest, _part_digests(request)
+    )
+    return contributor_pb2.UploadExpertResponse(
+        upload_id=manifest.upload_id, expert=convert.expert(info), created=created
+    )
+
+
+def _objects(state: CoordinatorState) -> ObjectUploads:
+    if state.objects is None:
+        raise FailedPrecondition(
+            "this coordinator takes no direct uploads (no object store, or object_part_bytes "
+            "is 0); send UploadExpert chunks"
+        )
+    return state.objects
+
+
+def _part_digests(request: contributor_pb2.ObjectUploadRequest) -> dict[str, list[str]]:
+    return {f.name: list(f.part_sha256) for f in request.files}
 
 
 class UploadSession:

@@ -18,7 +18,6 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from moerge.coordinator.auth import AuthInterceptor
-from moerge.coordinator.bulk_transfer import BulkServer, open_bulk_channel
 from moerge.coordinator.config import CoordinatorConfig
 from moerge.coordinator.decoding import DecodeInterceptor
 from moerge.coordinator.inference.device import resolve_placement
@@ -58,7 +57,6 @@ class RunningServer:
     health: health.aio.HealthServicer
     metrics: RpcMetrics
     metrics_http: MetricsHTTPServer | None = None  # set when config.metrics_listen is
-    bulk: BulkServer | None = None  # the upload data channel, unless config.bulk_listen is off
     http: HttpServer | None = None  # the HTTP API, when config.http_listen is set
 
     @property
@@ -77,8 +75,6 @@ class RunningServer:
             await asyncio.gather(self.http.stop(), self.server.stop(grace))
         else:
             await self.server.stop(grace)
-        if self.bulk is not None:
-            await asyncio.to_thread(self.bulk.stop)
         if self.metrics_http is not None:
             await asyncio.to_thread(self.metrics_http.stop)
         await self.state.aclose()
@@ -114,9 +110,8 @@ async def start(config: CoordinatorConfig, state: CoordinatorState | None = None
         options=options,
     )
     limits = UploadLimiter.from_config(config)  # one budget for both upload paths
-    bulk = await asyncio.to_thread(open_bulk_channel, config, state.uploads, limits)
     contributor_pb2_grpc.add_ContributorServiceServicer_to_server(
-        ContributorServicer(state, limits, bulk), server
+        ContributorServicer(state, limits), server
     )
     inference_pb2_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(state), server)
     admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(state), server)
@@ -133,20 +128,14 @@ async def start(config: CoordinatorConfig, state: CoordinatorState | None = None
     else:
         port = server.add_insecure_port(config.listen)
     if port == 0:
-        if bulk is not None:
-            bulk.stop()
         raise OSError(f"cannot listen on {config.listen}")
     http = None
     if config.http_listen:  # the same handlers, in this loop, over HTTP (docs/http-api.md)
         from moerge.coordinator.http.app import HttpServer, build_app  # FastAPI only when used
 
-        try:  # bound now: a busy port stops the start, as a busy gRPC port does
-            http = HttpServer(build_app(state, auth), config.http_listen, config.grace_seconds,
-                              config.tls_cert, config.tls_key)
-        except OSError:
-            if bulk is not None:
-                bulk.stop()
-            raise
+        # bound now: a busy port stops the start, as a busy gRPC port does
+        http = HttpServer(build_app(state, auth), config.http_listen, config.grace_seconds,
+                          config.tls_cert, config.tls_key)
     await server.start()
     for name in ("", *SERVICE_NAMES):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -165,8 +154,7 @@ async def start(config: CoordinatorConfig, state: CoordinatorState | None = None
     log.info("coordinator listening on %s (tls=%s)", config.listen.rsplit(":", 1)[0] + f":{port}",
              bool(config.tls_cert))
     return RunningServer(server=server, state=state, port=port, health=health_servicer,
-                         metrics=metrics, metrics_http=metrics_http, bulk=bulk,
-                         http=http)
+                         metrics=metrics, metrics_http=metrics_http, http=http)
 
 
 async def serve(config: CoordinatorConfig) -> None:

@@ -17,7 +17,6 @@ import grpc
 
 from moerge.coordinator import admin_handler, contributor_handler, inference_handler
 from moerge.coordinator.auth import current_principal
-from moerge.coordinator.bulk_transfer import BulkServer
 from moerge.coordinator.errors import status_for
 from moerge.coordinator.rate_limit import UploadLimiter
 from moerge.coordinator.state import CoordinatorState
@@ -63,11 +62,9 @@ class ContributorServicer(contributor_pb2_grpc.ContributorServiceServicer):
         self,
         state: CoordinatorState,
         limits: UploadLimiter | None = None,
-        bulk: BulkServer | None = None,
     ) -> None:
         self.state = state
         self.limits = limits or UploadLimiter.from_config(state.config)
-        self.bulk = bulk  # the bulk data channel, if it runs
 
     async def Join(self, request: contributor_pb2.JoinRequest, context: Any) -> Any:
         return await _serve(
@@ -83,12 +80,14 @@ class ContributorServicer(contributor_pb2_grpc.ContributorServiceServicer):
     async def ListMyExperts(self, request: Any, context: Any) -> Any:
         return await _serve(contributor_handler.list_my_experts, request, self.state, context)
 
-    async def StartBulkUpload(self, request: Any, context: Any) -> Any:
+    async def StartObjectUpload(self, request: Any, context: Any) -> Any:
         limits = self.limits if self.limits.enabled else None
-        handler = functools.partial(
-            contributor_handler.start_bulk_upload, limits=limits, bulk=self.bulk
-        )
+        handler = functools.partial(contributor_handler.start_object_upload, limits=limits)
         return await _serve(handler, request, self.state, context)
+
+    async def CompleteObjectUpload(self, request: Any, context: Any) -> Any:
+        return await _serve(contributor_handler.complete_object_upload, request, self.state,
+                            context)
 
     async def UploadExpert(
         self, request_iterator: AsyncIterator[contributor_pb2.UploadExpertRequest], context: Any

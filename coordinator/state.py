@@ -14,6 +14,7 @@ import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sqlalchemy import Engine
 
@@ -27,6 +28,9 @@ from moerge.router_training.policy import RetrainPolicy
 from moerge.storage.blobstore import BlobStore, open_blob_store
 from moerge.storage.db import make_engine, upgrade
 from moerge.storage.registry import Registry
+
+if TYPE_CHECKING:  # boto3 only with an S3 store
+    from moerge.coordinator.object_uploads import ObjectUploads
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +47,7 @@ class CoordinatorState:
     uploads: UploadReceiver
     experts: ExpertStore
     routers: RouterService
+    objects: ObjectUploads | None = None  # direct uploads, with an S3 store and part size > 0
     inference: object | None = None  # InferenceService, created lazily on first Predict
     _housekeeping: asyncio.Task[None] | None = field(default=None, repr=False)
 
@@ -80,6 +85,7 @@ class CoordinatorState:
         routers.load_active()
         uploads = UploadReceiver(registry, blobs, config.staging_dir, spec, config.max_upload_bytes)
         return cls(
+            objects=open_object_uploads(config, registry, blobs, uploads),
             config=config,
             engine=engine,
             registry=registry,
@@ -114,6 +120,23 @@ class CoordinatorState:
         if self.inference is not None:
             await self.inference.aclose()  # type: ignore[attr-defined]
         self.engine.dispose()
+
+
+def open_object_uploads(
+    config: CoordinatorConfig, registry: Registry, blobs: BlobStore, uploads: UploadReceiver
+) -> ObjectUploads | None:
+    """Direct uploads when the blobs live in an S3 store and ``object_part_bytes`` > 0."""
+    if not config.blob_store or not config.object_part_bytes:
+        return None
+    from moerge.coordinator.object_uploads import ObjectUploads
+    from moerge.storage.blobstore_s3 import S3BlobStore, make_client
+
+    assert isinstance(blobs, S3BlobStore)
+    presigner = None
+    if config.s3_public_endpoint_url:
+        presigner = make_client(config.s3_public_endpoint_url, config.s3_region)
+    return ObjectUploads(registry, blobs, uploads, config.object_part_bytes,
+                         config.object_url_seconds, presigner)
 
 
 def bootstrap_admin(registry: Registry, config: CoordinatorConfig) -> None:

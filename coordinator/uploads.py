@@ -10,32 +10,26 @@ sha256 match the manifest and the expert passes :mod:`moerge.coordinator.validat
 verified files are then hard-linked into the blob store (:meth:`BlobStore.adopt`) instead of
 copied. A refused expert leaves nothing behind.
 
-Bytes reach :class:`UploadReceiver` two ways, both into the same staging files and the same
-per-file sha256: :meth:`~UploadReceiver.append` takes one gRPC ``UploadChunk``;
-:meth:`~UploadReceiver.receive` pulls a run of bytes from a socket of the bulk data channel
-(:mod:`moerge.coordinator.bulk_transfer`), reading and writing on the calling thread while a
-second thread hashes (``hashlib`` releases the GIL on large buffers). Start, status, resume,
-verification, validation and commit are the same calls for both.
+Bytes reach :class:`UploadReceiver` as gRPC ``UploadChunk`` messages
+(:meth:`~UploadReceiver.append`). With an object store, contributors PUT them into the store
+instead (:mod:`moerge.coordinator.object_uploads`), which shares :meth:`UploadReceiver.open`
+and :func:`expert_spec` with this module.
 """
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import logging
-import os
-import queue
 import re
 import shutil
 import threading
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from moerge.coordinator.base_model import BaseModelSpec
 from moerge.coordinator.validation import ExpertInvalid, ValidatedExpert, validate_expert_dir
 from moerge.expert_format import EXPERT_FILES
-from moerge.storage.blobstore import BlobStore
+from moerge.storage.blobstore import BlobRef, BlobStore
 from moerge.storage.errors import FailedPrecondition, InvalidArgument
 from moerge.storage.records import ExpertInfo, NewExpert, StatisticsSummary, UploadInfo
 from moerge.storage.registry import Registry
@@ -47,13 +41,6 @@ UPLOAD_ID = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _BLOCK = 1 << 20
 MAX_DESCRIPTION = 4000
-PUMP_BLOCK = 4 << 20  # bytes per socket read batch on the data channel
-PUMP_BUFFERS = 4  # read/write ahead of the hashing thread by at most this many blocks
-WRITEBACK_EVERY = 32 << 20  # start writing staged bytes to disk every so many (see below)
-
-
-class SourceClosed(ConnectionError):
-    """The sender's stream ended before the bytes it announced."""
 
 
 @dataclass(frozen=True)
@@ -124,7 +111,6 @@ class _Staged:
         self.total = sum(size for _, size, _ in self.files)
         self.hashes = [hashlib.sha256() for _ in self.files]
         self.held = 0
-        self.intact = True  # False while a pump's write is under way (see UploadReceiver)
         folder.mkdir(parents=True, exist_ok=True)
         self._rehash()
 
@@ -162,79 +148,6 @@ class _Staged:
                 handle.write(view[start:end])
             self.hashes[index].update(view[start:end])
         self.held += len(view)
-
-    def pump(
-        self,
-        read_into: Callable[[memoryview], int],
-        count: int,
-        admit: Callable[[int], None] | None = None,
-    ) -> None:
-        """Read ``count`` bytes with ``read_into`` (a socket's ``recv_into``) and stage them.
-
-        This thread reads a block and writes it; a second thread hashes the block meanwhile,
-        over the very buffer that was written, which is reused only once hashed. ``admit(n)``
-        runs before each block is written (rate limits: it may sleep or raise). When the
-        source fails or ends early, what was read is still written and hashed, so the
-        upload resumes from there; the error is raised after that.
-        """
-        free: queue.SimpleQueue[bytearray] = queue.SimpleQueue()
-        for _ in range(min(PUMP_BUFFERS, count // PUMP_BLOCK + 1)):
-            free.put(bytearray(PUMP_BLOCK))
-        todo: queue.SimpleQueue[tuple[bytearray, list[tuple[int, int, int]]] | None]
-        todo = queue.SimpleQueue()
-
-        def hash_blocks() -> None:
-            while (item := todo.get()) is not None:
-                buffer, pieces = item
-                view = memoryview(buffer)
-                for index, start, end in pieces:
-                    self.hashes[index].update(view[start:end])
-                free.put(buffer)
-
-        hasher = threading.Thread(target=hash_blocks, name="moerge-upload-hash", daemon=True)
-        hasher.start()
-        fds: dict[int, int] = {}
-        flushed: dict[int, int] = {}  # per file: where writeback was last started
-        try:
-            remaining = count
-            while remaining:
-                buffer = free.get()
-                view = memoryview(buffer)[: min(PUMP_BLOCK, remaining)]
-                filled, failure = 0, None
-                try:
-                    while filled < len(view):
-                        got = read_into(view[filled:])
-                        if not got:
-                            done = count - remaining + filled
-                            raise SourceClosed(f"the sender stopped after {done} of {count} bytes")
-                        filled += got
-                except Exception as exc:  # a cut or a stall: keep what arrived
-                    failure = exc
-                if filled and admit is not None:
-                    admit(filled)
-                pieces = self.pieces(filled)
-                self.intact = False  # until the block is on disk and counted
-                for index, start, end in pieces:
-                    if index not in fds:
-                        path = self.folder / self.files[index][0]
-                        fds[index] = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-                        flushed[index] = os.lseek(fds[index], 0, os.SEEK_END)
-                    _write_all(fds[index], view[start:end])
-                    written = os.lseek(fds[index], 0, os.SEEK_END)
-                    if written - flushed[index] >= WRITEBACK_EVERY:
-                        start_writeback(fds[index], flushed[index], written - flushed[index])
-                        flushed[index] = written
-                self.held += filled
-                self.intact = True
-                remaining -= filled
-                todo.put((buffer, pieces))
-                if failure is not None:
-                    raise failure
-        finally:
-            todo.put(None)
-            hasher.join()
-            for fd in fds.values():
-                os.close(fd)
 
     def mismatch(self) -> str | None:
         """The first file whose size or sha256 differs from the manifest, if any."""
@@ -297,14 +210,19 @@ class UploadReceiver:
                     info = self.registry.set_upload_progress(contributor_id, upload_id, received)
             return info
 
-    def start(self, contributor_id: str, manifest: Manifest) -> UploadInfo:
-        """Open (or reopen, to resume) an upload; returns the offset the client must send from."""
+    def open(self, contributor_id: str, manifest: Manifest) -> UploadInfo:
+        """Begin (or find again) the upload's registry row; a refused upload stays refused."""
         manifest.check(self.max_bytes)
         info = self.registry.begin_upload(
             contributor_id, manifest.upload_id, manifest.as_dict(), manifest.total_bytes
         )
         if info.state == "failed":
             raise FailedPrecondition(f"upload {manifest.upload_id} was refused: {info.error}")
+        return info
+
+    def start(self, contributor_id: str, manifest: Manifest) -> UploadInfo:
+        """Open (or reopen, to resume) an upload; returns the offset the client must send from."""
+        info = self.open(contributor_id, manifest)
         if info.state == "receiving":
             return self.status(contributor_id, manifest.upload_id)
         return info
@@ -312,7 +230,7 @@ class UploadReceiver:
     def append(self, contributor_id: str, upload_id: str, offset: int, data: bytes) -> int:
         """Append a chunk at ``offset`` (which must equal the bytes held); return the new size."""
         with self._lock(contributor_id, upload_id):
-            staged = self._receiving(contributor_id, upload_id, offset, len(data), "chunk")
+            staged = self._receiving(contributor_id, upload_id, offset, len(data))
             try:
                 staged.write(data)
             except BaseException:
@@ -321,37 +239,8 @@ class UploadReceiver:
                 raise
             return staged.held
 
-    def receive(
-        self,
-        contributor_id: str,
-        upload_id: str,
-        offset: int,
-        count: int,
-        read_into: Callable[[memoryview], int],
-        admit: Callable[[int], None] | None = None,
-        ready: Callable[[], None] | None = None,
-    ) -> int:
-        """Stage ``count`` bytes at ``offset`` pulled by ``read_into``; return the bytes held.
-
-        The bulk data channel's counterpart of :meth:`append`, with the same checks; ``ready``
-        runs once they pass, before the first read (to tell the sender to go). If the source
-        fails midway, what arrived stays staged (hashed and counted) and the error is raised;
-        a failed write (a full disk) forgets the hashes, as in :meth:`append`.
-        """
-        with self._lock(contributor_id, upload_id):
-            staged = self._receiving(contributor_id, upload_id, offset, count, "bulk")
-            if ready is not None:
-                ready()
-            try:
-                staged.pump(read_into, count, admit)
-            except BaseException:
-                if not staged.intact:  # a write failed: rebuild the hashes from the disk
-                    self._staged.pop((contributor_id, upload_id), None)
-                raise
-            return staged.held
-
     def _receiving(
-        self, contributor_id: str, upload_id: str, offset: int, count: int, field: str
+        self, contributor_id: str, upload_id: str, offset: int, count: int
     ) -> _Staged:
         """The staging state of a receiving upload that ``count`` bytes at ``offset`` fit.
 
@@ -367,11 +256,11 @@ class UploadReceiver:
             staged = self._stage(contributor_id, upload_id, info)
         if offset != staged.held:
             raise FailedPrecondition(
-                f"{field}.offset {offset} != {staged.held} bytes held; resume from {staged.held}"
+                f"chunk.offset {offset} != {staged.held} bytes held; resume from {staged.held}"
             )
         if staged.held + count > staged.total:
             raise InvalidArgument(
-                f"{field}.data", f"overruns the manifest's total of {staged.total} bytes"
+                "chunk.data", f"overruns the manifest's total of {staged.total} bytes"
             )
         return staged
 
@@ -416,28 +305,7 @@ class UploadReceiver:
                 name: self.blobs.adopt(staged.folder / name, digest.hexdigest(), size)
                 for (name, size, _), digest in zip(staged.files, staged.hashes, strict=True)
             }
-            spec = NewExpert(
-                name=manifest["expert_name"],
-                task_name=manifest["task_name"],
-                task_description=manifest["task_description"],
-                task_type=checked.task_type,
-                base_model_id=self.spec.model_id,
-                lora_rank=checked.lora_rank,
-                target_modules=checked.target_modules,
-                label_names=checked.label_names,
-                example_count=checked.example_count,
-                files=refs,
-                statistics=StatisticsSummary(
-                    hidden_size=checked.meta.hidden_size,
-                    covariance_rank=checked.meta.covariance_rank,
-                    gate_modules=len(checked.meta.gate_modules),
-                    dp=_dp_dict(checked),
-                    summary={
-                        "label_counts": checked.meta.label_counts,
-                        "modules": checked.modules,
-                    },
-                ),
-            )
+            spec = expert_spec(manifest, checked, refs, self.spec)
             result = self.registry.commit_upload(actor, contributor_id, upload_id, spec)
             self._drop(contributor_id, upload_id)
             return result
@@ -459,35 +327,35 @@ class UploadReceiver:
             self._drop(contributor_id, upload_id)
 
 
-def _libc_sync_file_range() -> Callable[[int, int, int, int], int] | None:
-    try:
-        function = ctypes.CDLL(None, use_errno=True).sync_file_range
-    except (OSError, AttributeError):  # not Linux
-        return None
-    function.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
-    function.restype = ctypes.c_int
-    return function
-
-
-_SYNC_FILE_RANGE = _libc_sync_file_range()
-_SYNC_FILE_RANGE_WRITE = 2
-
-
-def start_writeback(fd: int, offset: int, count: int) -> None:
-    """Ask the kernel to start writing a range to disk, without waiting (Linux; else nothing).
-
-    A hint, not a durability step: ``BlobStore.adopt`` still fsyncs at commit, but finds little
-    left to flush (256 MiB, loopback: the commit's fsync fell from ~0.1 s to ~0.01 s, and staging
-    plus fsync from 0.26 s to 0.21 s, median of 6). An fdatasync thread instead slowed the
-    stream by more than it saved.
-    """
-    if _SYNC_FILE_RANGE is not None:
-        _SYNC_FILE_RANGE(fd, offset, count, _SYNC_FILE_RANGE_WRITE)
-
-
-def _write_all(fd: int, view: memoryview) -> None:
-    while view:
-        view = view[os.write(fd, view) :]
+def expert_spec(
+    manifest: dict[str, object],
+    checked: ValidatedExpert,
+    refs: dict[str, BlobRef],
+    spec: BaseModelSpec,
+) -> NewExpert:
+    """The registry row of a verified, validated upload (both upload paths)."""
+    return NewExpert(
+        name=str(manifest["expert_name"]),
+        task_name=str(manifest["task_name"]),
+        task_description=str(manifest["task_description"]),
+        task_type=checked.task_type,
+        base_model_id=spec.model_id,
+        lora_rank=checked.lora_rank,
+        target_modules=checked.target_modules,
+        label_names=checked.label_names,
+        example_count=checked.example_count,
+        files=refs,
+        statistics=StatisticsSummary(
+            hidden_size=checked.meta.hidden_size,
+            covariance_rank=checked.meta.covariance_rank,
+            gate_modules=len(checked.meta.gate_modules),
+            dp=_dp_dict(checked),
+            summary={
+                "label_counts": checked.meta.label_counts,
+                "modules": checked.modules,
+            },
+        ),
+    )
 
 
 def _dp_dict(checked: ValidatedExpert) -> dict[str, object] | None:

@@ -138,10 +138,14 @@ class Client(Calls):
         """Upload an expert folder (resuming an interrupted upload of the same files).
 
         ``name`` defaults to the folder's name, ``task_name`` and ``description`` to its
-        statistics.json. ``transport``: auto (the bulk data channel if the coordinator offers
-        one, else gRPC chunks), bulk (the data channel or fail) or grpc (chunks only).
+        statistics.json. ``transport``: auto (straight into the coordinator's object store
+        if it has one, else gRPC chunks), object (the object store or fail) or grpc (chunks).
         """
-        from moerge.contributor_client.upload import DEFAULT_CHUNK, BulkUnavailable, upload_expert
+        from moerge.contributor_client.upload import (
+            DEFAULT_CHUNK,
+            TransportUnavailable,
+            upload_expert,
+        )
         from moerge.expert_format import STATISTICS_META, StatisticsMeta
 
         folder = Path(expert_dir)
@@ -165,7 +169,7 @@ class Client(Calls):
             )
         except grpc.RpcError as exc:
             raise MoergeError.from_rpc(exc, self.target.address) from None
-        except BulkUnavailable as exc:
+        except TransportUnavailable as exc:
             raise MoergeError.precondition(str(exc)) from None
         except (FileNotFoundError, ValueError) as exc:
             raise MoergeError.invalid(str(exc)) from None

@@ -43,7 +43,13 @@ def checksum_header(digest_hex: str) -> str:
 
 
 def make_client(endpoint_url: str = "", region: str = "") -> Any:
-    """A boto3 S3 client; path-style addressing, which MinIO and local servers need."""
+    """A boto3 S3 client; path-style addressing, which MinIO and local servers need.
+
+    botocore's own check of response checksums is left to when an operation requires it: a
+    multipart object's stored checksum is a checksum of part checksums, which copies and
+    some servers report inconsistently, and every read is verified against the blob's
+    SHA-256 here anyway.
+    """
     return boto3.client(
         "s3",
         endpoint_url=endpoint_url or None,
@@ -52,6 +58,7 @@ def make_client(endpoint_url: str = "", region: str = "") -> Any:
             signature_version="s3v4",
             s3={"addressing_style": "path"},
             retries={"max_attempts": 5, "mode": "standard"},
+            response_checksum_validation="when_required",
         ),
     )
 

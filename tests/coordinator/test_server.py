@@ -84,8 +84,8 @@ RPCS: list[tuple[type, str, Callable[[], Any], bool]] = [
     ),
     (
         contributor_pb2_grpc.ContributorServiceStub,
-        "StartBulkUpload",
-        lambda: _manifest_only().manifest,
+        "StartObjectUpload",
+        lambda: contributor_pb2.ObjectUploadRequest(manifest=_manifest_only().manifest),
         False,
     ),
     (

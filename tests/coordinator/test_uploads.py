@@ -170,8 +170,8 @@ def test_grpc_chunk_upload_resumes_from_the_coordinators_offset_after_a_cut_conn
     proxy = CuttingProxy(coordinator.address, cut_after=total // 2)
     try:
         via_proxy = Target(address=proxy.address, token=target.token)
-        response = upload_expert(  # gRPC chunks: tests/coordinator/test_bulk_uploads.py
-            via_proxy, expert, "resumed", "toy", chunk_size=4096, progress=False, bulk=False
+        response = upload_expert(
+            via_proxy, expert, "resumed", "toy", chunk_size=4096, progress=False
         )
     finally:
         proxy.close()
@@ -210,7 +210,6 @@ def _cut_half_way(coordinator: BackgroundCoordinator, target: Target, expert: Pa
                 chunk_size=1024,
                 max_attempts=1,
                 progress=False,
-                bulk=False,
             )
     finally:
         proxy.close()

@@ -112,8 +112,6 @@ def test_contributors_experts_reach_the_registry_and_predict_answers(
         assert sample(metrics, "moerge_grpc_requests_total", method=join, code="OK") == 2
         upload = "/moerge.v1.ContributorService/UploadExpert"
         assert sample(metrics, "moerge_grpc_requests_total", method=upload, code="OK") == 2
-        bulk = "/moerge.v1.ContributorService/StartBulkUpload"  # the bytes took the data channel
-        assert sample(metrics, "moerge_grpc_requests_total", method=bulk, code="OK") == 2
         predict = "/moerge.v1.InferenceService/Predict"
         assert sample(metrics, "moerge_grpc_requests_total", method=predict, code="OK") == 1
         assert sample(metrics, "moerge_grpc_request_duration_seconds_count", method=predict) == 1
@@ -125,4 +123,3 @@ def test_contributors_experts_reach_the_registry_and_predict_answers(
     # compose sets MOERGE_LOG_JSON=true: every line the coordinator logged is one JSON object
     records = json_log_lines(tmp_path / "logs" / "coordinator.err")
     assert any("coordinator listening" in str(r["msg"]) for r in records)
-    assert any("bulk upload channel on" in str(r["msg"]) for r in records)

@@ -314,8 +314,15 @@ RPCS: tuple[Rpc, ...] = (
     Rpc("ContributorService", "ListMyExperts", contributor_pb2.ListMyExpertsRequest, "contributor"),
     Rpc(
         "ContributorService",
-        "StartBulkUpload",
-        contributor_pb2.UploadManifest,
+        "StartObjectUpload",
+        contributor_pb2.ObjectUploadRequest,
+        "contributor",
+        mutates=True,
+    ),
+    Rpc(
+        "ContributorService",
+        "CompleteObjectUpload",
+        contributor_pb2.ObjectUploadRequest,
         "contributor",
         mutates=True,
     ),

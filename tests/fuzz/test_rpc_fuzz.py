@@ -147,7 +147,8 @@ def seeds(server: FuzzServer) -> dict[str, Any]:
         "UploadExpert": upload,
         "GetUploadStatus": contributor_pb2.GetUploadStatusRequest(upload_id="fuzz-seed-0001"),
         "ListMyExperts": contributor_pb2.ListMyExpertsRequest(),
-        "StartBulkUpload": manifest,
+        "StartObjectUpload": contributor_pb2.ObjectUploadRequest(manifest=manifest),
+        "CompleteObjectUpload": contributor_pb2.ObjectUploadRequest(manifest=manifest),
         "Predict": inference_pb2.PredictRequest(
             inputs=["good film"], top_k=1, expert_ids=[server.expert_id]
         ),

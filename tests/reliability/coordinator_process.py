@@ -84,24 +84,14 @@ class CoordinatorProcess:
         }
         self.process: subprocess.Popen[bytes] | None = None
         self.address = ""
-        self.bulk_address = ""  # the data channel's HOST:PORT this start ("" when off)
         self.starts = 0
 
     def start(
         self, timeout: float = 90, preexec_fn: Callable[[], None] | None = None
     ) -> CoordinatorProcess:
-        """Start on fresh loopback ports and wait for the health service to say SERVING.
-
-        The data channel gets its own fresh port too, unless ``bulk_listen`` was given, so that
-        a test can reach (or proxy) it after a restart as it reaches gRPC.
-        """
+        """Start on a fresh loopback port and wait for the health service to say SERVING."""
         self.address = f"127.0.0.1:{free_port()}"
         env = {**self.env, "MOERGE_LISTEN": self.address}
-        self.bulk_address = ""
-        if env.get("MOERGE_BULK_LISTEN", "auto") == "auto":
-            self.bulk_address = env["MOERGE_BULK_LISTEN"] = f"127.0.0.1:{free_port()}"
-        elif env["MOERGE_BULK_LISTEN"] != "off":
-            self.bulk_address = env["MOERGE_BULK_LISTEN"]
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.starts += 1
         log = self.log_dir / f"coordinator-{self.starts}.err"

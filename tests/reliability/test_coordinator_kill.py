@@ -6,8 +6,7 @@ through a slow proxy, so the kill always finds uploads with bytes staged. After 
 the same data dir and database: every acknowledged expert is there and its blobs verify,
 nothing half-written is visible, the interrupted uploads resume from the coordinator's offset
 and complete, and the router that was active before the kill is still active and serves.
-(The slow uploads send gRPC chunks; a kill in the middle of a bulk data-channel stream is
-``test_bulk_kill.py``.)
+(Uploads send gRPC chunks; the slow ones through a throttling proxy.)
 """
 
 from __future__ import annotations
@@ -65,9 +64,6 @@ class Upload:
                 chunk_size=CHUNK,
                 max_attempts=1,
                 progress=False,
-                # slow ones as gRPC chunks through the throttling proxy; fast ones take the
-                # bulk data channel (which the proxy does not see)
-                bulk=not self.slow,
             )
         except grpc.RpcError as exc:
             self.error = exc.code()

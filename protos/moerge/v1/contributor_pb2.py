@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from moerge.v1 import common_pb2 as moerge_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bmoerge/v1/contributor.proto\x12\tmoerge.v1\x1a\x16moerge/v1/common.proto\"5\n\x0bJoinRequest\x12\x18\n\x10\x65nrollment_token\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\":\n\x0cJoinResponse\x12\x16\n\x0e\x63ontributor_id\x18\x01 \x01(\t\x12\x12\n\ncredential\x18\x02 \x01(\t\"\x15\n\x13GetBaseModelRequest\"\xc5\x01\n\rBaseModelInfo\x12\x15\n\rbase_model_id\x18\x01 \x01(\t\x12\x10\n\x08revision\x18\x02 \x01(\t\x12\x1e\n\x16\x61llowed_target_modules\x18\x03 \x03(\t\x12\x15\n\rmax_lora_rank\x18\x04 \x01(\x05\x12\x13\n\x0bhidden_size\x18\x05 \x01(\x05\x12\x11\n\ttask_type\x18\x06 \x01(\t\x12\x18\n\x10max_upload_bytes\x18\x07 \x01(\x03\x12\x12\n\nchunk_size\x18\x08 \x01(\x05\"8\n\nUploadFile\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x03\x12\x0e\n\x06sha256\x18\x03 \x01(\t\"\x8b\x01\n\x0eUploadManifest\x12\x11\n\tupload_id\x18\x01 \x01(\t\x12\x13\n\x0b\x65xpert_name\x18\x02 \x01(\t\x12\x11\n\ttask_name\x18\x03 \x01(\t\x12\x18\n\x10task_description\x18\x04 \x01(\t\x12$\n\x05\x66iles\x18\x05 \x03(\x0b\x32\x15.moerge.v1.UploadFile\"+\n\x0bUploadChunk\x12\x0e\n\x06offset\x18\x01 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"u\n\x13UploadExpertRequest\x12-\n\x08manifest\x18\x01 \x01(\x0b\x32\x19.moerge.v1.UploadManifestH\x00\x12\'\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x16.moerge.v1.UploadChunkH\x00\x42\x06\n\x04kind\"]\n\x14UploadExpertResponse\x12\x11\n\tupload_id\x18\x01 \x01(\t\x12!\n\x06\x65xpert\x18\x02 \x01(\x0b\x32\x11.moerge.v1.Expert\x12\x0f\n\x07\x63reated\x18\x03 \x01(\x08\"+\n\x16GetUploadStatusRequest\x12\x11\n\tupload_id\x18\x01 \x01(\t\"\x7f\n\x0cUploadStatus\x12\x11\n\tupload_id\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\x16\n\x0ereceived_bytes\x18\x03 \x01(\x03\x12\x13\n\x0btotal_bytes\x18\x04 \x01(\x03\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x12\x11\n\texpert_id\x18\x06 \x01(\t\"\xa3\x01\n\x10\x42ulkUploadTicket\x12\'\n\x06status\x18\x01 \x01(\x0b\x32\x17.moerge.v1.UploadStatus\x12\x11\n\tavailable\x18\x02 \x01(\x08\x12\x0c\n\x04host\x18\x03 \x01(\t\x12\x0c\n\x04port\x18\x04 \x01(\x05\x12\x0e\n\x06ticket\x18\x05 \x01(\x0c\x12\x1a\n\x12\x65xpires_in_seconds\x18\x06 \x01(\x01\x12\x0b\n\x03tls\x18\x07 \x01(\x08\"\x16\n\x14ListMyExpertsRequest\";\n\x15ListMyExpertsResponse\x12\"\n\x07\x65xperts\x18\x01 \x03(\x0b\x32\x11.moerge.v1.Expert2\xd8\x03\n\x12\x43ontributorService\x12\x37\n\x04Join\x12\x16.moerge.v1.JoinRequest\x1a\x17.moerge.v1.JoinResponse\x12H\n\x0cGetBaseModel\x12\x1e.moerge.v1.GetBaseModelRequest\x1a\x18.moerge.v1.BaseModelInfo\x12Q\n\x0cUploadExpert\x12\x1e.moerge.v1.UploadExpertRequest\x1a\x1f.moerge.v1.UploadExpertResponse(\x01\x12M\n\x0fGetUploadStatus\x12!.moerge.v1.GetUploadStatusRequest\x1a\x17.moerge.v1.UploadStatus\x12I\n\x0fStartBulkUpload\x12\x19.moerge.v1.UploadManifest\x1a\x1b.moerge.v1.BulkUploadTicket\x12R\n\rListMyExperts\x12\x1f.moerge.v1.ListMyExpertsRequest\x1a .moerge.v1.ListMyExpertsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bmoerge/v1/contributor.proto\x12\tmoerge.v1\x1a\x16moerge/v1/common.proto\"5\n\x0bJoinRequest\x12\x18\n\x10\x65nrollment_token\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\":\n\x0cJoinResponse\x12\x16\n\x0e\x63ontributor_id\x18\x01 \x01(\t\x12\x12\n\ncredential\x18\x02 \x01(\t\"\x15\n\x13GetBaseModelRequest\"\xdf\x01\n\rBaseModelInfo\x12\x15\n\rbase_model_id\x18\x01 \x01(\t\x12\x10\n\x08revision\x18\x02 \x01(\t\x12\x1e\n\x16\x61llowed_target_modules\x18\x03 \x03(\t\x12\x15\n\rmax_lora_rank\x18\x04 \x01(\x05\x12\x13\n\x0bhidden_size\x18\x05 \x01(\x05\x12\x11\n\ttask_type\x18\x06 \x01(\t\x12\x18\n\x10max_upload_bytes\x18\x07 \x01(\x03\x12\x12\n\nchunk_size\x18\x08 \x01(\x05\x12\x18\n\x10object_part_size\x18\t \x01(\x03\"8\n\nUploadFile\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x03\x12\x0e\n\x06sha256\x18\x03 \x01(\t\"\x8b\x01\n\x0eUploadManifest\x12\x11\n\tupload_id\x18\x01 \x01(\t\x12\x13\n\x0b\x65xpert_name\x18\x02 \x01(\t\x12\x11\n\ttask_name\x18\x03 \x01(\t\x12\x18\n\x10task_description\x18\x04 \x01(\t\x12$\n\x05\x66iles\x18\x05 \x03(\x0b\x32\x15.moerge.v1.UploadFile\"+\n\x0bUploadChunk\x12\x0e\n\x06offset\x18\x01 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"u\n\x13UploadExpertRequest\x12-\n\x08manifest\x18\x01 \x01(\x0b\x32\x19.moerge.v1.UploadManifestH\x00\x12\'\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x16.moerge.v1.UploadChunkH\x00\x42\x06\n\x04kind\"]\n\x14UploadExpertResponse\x12\x11\n\tupload_id\x18\x01 \x01(\t\x12!\n\x06\x65xpert\x18\x02 \x01(\x0b\x32\x11.moerge.v1.Expert\x12\x0f\n\x07\x63reated\x18\x03 \x01(\x08\"+\n\x16GetUploadStatusRequest\x12\x11\n\tupload_id\x18\x01 \x01(\t\"\x7f\n\x0cUploadStatus\x12\x11\n\tupload_id\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\x16\n\x0ereceived_bytes\x18\x03 \x01(\x03\x12\x13\n\x0btotal_bytes\x18\x04 \x01(\x03\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x12\x11\n\texpert_id\x18\x06 \x01(\t\"g\n\x13ObjectUploadRequest\x12+\n\x08manifest\x18\x01 \x01(\x0b\x32\x19.moerge.v1.UploadManifest\x12#\n\x05\x66iles\x18\x02 \x03(\x0b\x32\x14.moerge.v1.FileParts\".\n\tFileParts\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0bpart_sha256\x18\x02 \x03(\t\"\x85\x01\n\nUploadPart\x12\x0c\n\x04\x66ile\x18\x01 \x01(\t\x12\x13\n\x0bpart_number\x18\x02 \x01(\x05\x12\x0e\n\x06offset\x18\x03 \x01(\x03\x12\x0c\n\x04size\x18\x04 \x01(\x03\x12\x10\n\x08uploaded\x18\x05 \x01(\x08\x12\x0b\n\x03url\x18\x06 \x01(\t\x12\x17\n\x0f\x63hecksum_sha256\x18\x07 \x01(\t\"\x90\x01\n\x10ObjectUploadPlan\x12\'\n\x06status\x18\x01 \x01(\x0b\x32\x17.moerge.v1.UploadStatus\x12\x11\n\tpart_size\x18\x02 \x01(\x03\x12$\n\x05parts\x18\x03 \x03(\x0b\x32\x15.moerge.v1.UploadPart\x12\x1a\n\x12\x65xpires_in_seconds\x18\x04 \x01(\x01\"\x16\n\x14ListMyExpertsRequest\";\n\x15ListMyExpertsResponse\x12\"\n\x07\x65xperts\x18\x01 \x03(\x0b\x32\x11.moerge.v1.Expert2\xb8\x04\n\x12\x43ontributorService\x12\x37\n\x04Join\x12\x16.moerge.v1.JoinRequest\x1a\x17.moerge.v1.JoinResponse\x12H\n\x0cGetBaseModel\x12\x1e.moerge.v1.GetBaseModelRequest\x1a\x18.moerge.v1.BaseModelInfo\x12Q\n\x0cUploadExpert\x12\x1e.moerge.v1.UploadExpertRequest\x1a\x1f.moerge.v1.UploadExpertResponse(\x01\x12M\n\x0fGetUploadStatus\x12!.moerge.v1.GetUploadStatusRequest\x1a\x17.moerge.v1.UploadStatus\x12P\n\x11StartObjectUpload\x12\x1e.moerge.v1.ObjectUploadRequest\x1a\x1b.moerge.v1.ObjectUploadPlan\x12W\n\x14\x43ompleteObjectUpload\x12\x1e.moerge.v1.ObjectUploadRequest\x1a\x1f.moerge.v1.UploadExpertResponse\x12R\n\rListMyExperts\x12\x1f.moerge.v1.ListMyExpertsRequest\x1a .moerge.v1.ListMyExpertsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,27 +39,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETBASEMODELREQUEST']._serialized_start=181
   _globals['_GETBASEMODELREQUEST']._serialized_end=202
   _globals['_BASEMODELINFO']._serialized_start=205
-  _globals['_BASEMODELINFO']._serialized_end=402
-  _globals['_UPLOADFILE']._serialized_start=404
-  _globals['_UPLOADFILE']._serialized_end=460
-  _globals['_UPLOADMANIFEST']._serialized_start=463
-  _globals['_UPLOADMANIFEST']._serialized_end=602
-  _globals['_UPLOADCHUNK']._serialized_start=604
-  _globals['_UPLOADCHUNK']._serialized_end=647
-  _globals['_UPLOADEXPERTREQUEST']._serialized_start=649
-  _globals['_UPLOADEXPERTREQUEST']._serialized_end=766
-  _globals['_UPLOADEXPERTRESPONSE']._serialized_start=768
-  _globals['_UPLOADEXPERTRESPONSE']._serialized_end=861
-  _globals['_GETUPLOADSTATUSREQUEST']._serialized_start=863
-  _globals['_GETUPLOADSTATUSREQUEST']._serialized_end=906
-  _globals['_UPLOADSTATUS']._serialized_start=908
-  _globals['_UPLOADSTATUS']._serialized_end=1035
-  _globals['_BULKUPLOADTICKET']._serialized_start=1038
-  _globals['_BULKUPLOADTICKET']._serialized_end=1201
-  _globals['_LISTMYEXPERTSREQUEST']._serialized_start=1203
-  _globals['_LISTMYEXPERTSREQUEST']._serialized_end=1225
-  _globals['_LISTMYEXPERTSRESPONSE']._serialized_start=1227
-  _globals['_LISTMYEXPERTSRESPONSE']._serialized_end=1286
-  _globals['_CONTRIBUTORSERVICE']._serialized_start=1289
-  _globals['_CONTRIBUTORSERVICE']._serialized_end=1761
+  _globals['_BASEMODELINFO']._serialized_end=428
+  _globals['_UPLOADFILE']._serialized_start=430
+  _globals['_UPLOADFILE']._serialized_end=486
+  _globals['_UPLOADMANIFEST']._serialized_start=489
+  _globals['_UPLOADMANIFEST']._serialized_end=628
+  _globals['_UPLOADCHUNK']._serialized_start=630
+  _globals['_UPLOADCHUNK']._serialized_end=673
+  _globals['_UPLOADEXPERTREQUEST']._serialized_start=675
+  _globals['_UPLOADEXPERTREQUEST']._serialized_end=792
+  _globals['_UPLOADEXPERTRESPONSE']._serialized_start=794
+  _globals['_UPLOADEXPERTRESPONSE']._serialized_end=887
+  _globals['_GETUPLOADSTATUSREQUEST']._serialized_start=889
+  _globals['_GETUPLOADSTATUSREQUEST']._serialized_end=932
+  _globals['_UPLOADSTATUS']._serialized_start=934
+  _globals['_UPLOADSTATUS']._serialized_end=1061
+  _globals['_OBJECTUPLOADREQUEST']._serialized_start=1063
+  _globals['_OBJECTUPLOADREQUEST']._serialized_end=1166
+  _globals['_FILEPARTS']._serialized_start=1168
+  _globals['_FILEPARTS']._serialized_end=1214
+  _globals['_UPLOADPART']._serialized_start=1217
+  _globals['_UPLOADPART']._serialized_end=1350
+  _globals['_OBJECTUPLOADPLAN']._serialized_start=1353
+  _globals['_OBJECTUPLOADPLAN']._serialized_end=1497
+  _globals['_LISTMYEXPERTSREQUEST']._serialized_start=1499
+  _globals['_LISTMYEXPERTSREQUEST']._serialized_end=1521
+  _globals['_LISTMYEXPERTSRESPONSE']._serialized_start=1523
+  _globals['_LISTMYEXPERTSRESPONSE']._serialized_end=1582
+  _globals['_CONTRIBUTORSERVICE']._serialized_start=1585
+  _globals['_CONTRIBUTORSERVICE']._serialized_end=2153
 # @@protoc_insertion_point(module_scope)

@@ -103,6 +103,7 @@ class BaseModelInfo(_message.Message):
     TASK_TYPE_FIELD_NUMBER: _builtins.int
     MAX_UPLOAD_BYTES_FIELD_NUMBER: _builtins.int
     CHUNK_SIZE_FIELD_NUMBER: _builtins.int
+    OBJECT_PART_SIZE_FIELD_NUMBER: _builtins.int
     base_model_id: _builtins.str
     revision: _builtins.str
     """sha256 over the base model's weight files"""
@@ -113,6 +114,10 @@ class BaseModelInfo(_message.Message):
     max_upload_bytes: _builtins.int
     chunk_size: _builtins.int
     """preferred chunk size in bytes"""
+    object_part_size: _builtins.int
+    """> 0: direct uploads to the object store are offered, in parts of this many bytes (the
+    last part of a file may be smaller); 0: send UploadExpert chunks.
+    """
     @_builtins.property
     def allowed_target_modules(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
@@ -126,10 +131,11 @@ class BaseModelInfo(_message.Message):
         task_type: _builtins.str = ...,
         max_upload_bytes: _builtins.int = ...,
         chunk_size: _builtins.int = ...,
+        object_part_size: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed_target_modules", b"allowed_target_modules", "base_model_id", b"base_model_id", "chunk_size", b"chunk_size", "hidden_size", b"hidden_size", "max_lora_rank", b"max_lora_rank", "max_upload_bytes", b"max_upload_bytes", "revision", b"revision", "task_type", b"task_type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed_target_modules", b"allowed_target_modules", "base_model_id", b"base_model_id", "chunk_size", b"chunk_size", "hidden_size", b"hidden_size", "max_lora_rank", b"max_lora_rank", "max_upload_bytes", b"max_upload_bytes", "object_part_size", b"object_part_size", "revision", b"revision", "task_type", b"task_type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -350,48 +356,130 @@ class UploadStatus(_message.Message):
 Global___UploadStatus: _TypeAlias = UploadStatus  # noqa: Y015
 
 @_typing.final
-class BulkUploadTicket(_message.Message):
+class ObjectUploadRequest(_message.Message):
+    """The manifest and, per file, the SHA-256 of each part of BaseModelInfo.object_part_size
+    bytes (a file of n bytes has max(1, ceil(n / part_size)) parts; 64 lowercase hex each).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MANIFEST_FIELD_NUMBER: _builtins.int
+    FILES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def manifest(self) -> Global___UploadManifest: ...
+    @_builtins.property
+    def files(self) -> _containers.RepeatedCompositeFieldContainer[Global___FileParts]: ...
+    def __init__(
+        self,
+        *,
+        manifest: Global___UploadManifest | None = ...,
+        files: _abc.Iterable[Global___FileParts] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["manifest", b"manifest"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["files", b"files", "manifest", b"manifest"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ObjectUploadRequest: _TypeAlias = ObjectUploadRequest  # noqa: Y015
+
+@_typing.final
+class FileParts(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    PART_SHA256_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    @_builtins.property
+    def part_sha256(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        part_sha256: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "part_sha256", b"part_sha256"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FileParts: _TypeAlias = FileParts  # noqa: Y015
+
+@_typing.final
+class UploadPart(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FILE_FIELD_NUMBER: _builtins.int
+    PART_NUMBER_FIELD_NUMBER: _builtins.int
+    OFFSET_FIELD_NUMBER: _builtins.int
+    SIZE_FIELD_NUMBER: _builtins.int
+    UPLOADED_FIELD_NUMBER: _builtins.int
+    URL_FIELD_NUMBER: _builtins.int
+    CHECKSUM_SHA256_FIELD_NUMBER: _builtins.int
+    file: _builtins.str
+    part_number: _builtins.int
+    """1-based, within the file"""
+    offset: _builtins.int
+    """within the file"""
+    size: _builtins.int
+    uploaded: _builtins.bool
+    """already in the store: nothing to send"""
+    url: _builtins.str
+    """presigned PUT URL (when not uploaded)"""
+    checksum_sha256: _builtins.str
+    """send as the x-amz-checksum-sha256 header (base64)"""
+    def __init__(
+        self,
+        *,
+        file: _builtins.str = ...,
+        part_number: _builtins.int = ...,
+        offset: _builtins.int = ...,
+        size: _builtins.int = ...,
+        uploaded: _builtins.bool = ...,
+        url: _builtins.str = ...,
+        checksum_sha256: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checksum_sha256", b"checksum_sha256", "file", b"file", "offset", b"offset", "part_number", b"part_number", "size", b"size", "uploaded", b"uploaded", "url", b"url"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UploadPart: _TypeAlias = UploadPart  # noqa: Y015
+
+@_typing.final
+class ObjectUploadPlan(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     STATUS_FIELD_NUMBER: _builtins.int
-    AVAILABLE_FIELD_NUMBER: _builtins.int
-    HOST_FIELD_NUMBER: _builtins.int
-    PORT_FIELD_NUMBER: _builtins.int
-    TICKET_FIELD_NUMBER: _builtins.int
+    PART_SIZE_FIELD_NUMBER: _builtins.int
+    PARTS_FIELD_NUMBER: _builtins.int
     EXPIRES_IN_SECONDS_FIELD_NUMBER: _builtins.int
-    TLS_FIELD_NUMBER: _builtins.int
-    available: _builtins.bool
-    """false: no data channel; send UploadExpert chunks instead"""
-    host: _builtins.str
-    """"" = the host this RPC reached"""
-    port: _builtins.int
-    ticket: _builtins.bytes
-    """32 random bytes; single use, bound to this upload"""
+    part_size: _builtins.int
     expires_in_seconds: _builtins.float
-    tls: _builtins.bool
-    """the channel speaks TLS with the gRPC server's certificate"""
+    """the URLs' lifetime"""
     @_builtins.property
     def status(self) -> Global___UploadStatus:
-        """received_bytes is the offset to send from"""
+        """received_bytes: bytes of parts already in the store"""
 
+    @_builtins.property
+    def parts(self) -> _containers.RepeatedCompositeFieldContainer[Global___UploadPart]: ...
     def __init__(
         self,
         *,
         status: Global___UploadStatus | None = ...,
-        available: _builtins.bool = ...,
-        host: _builtins.str = ...,
-        port: _builtins.int = ...,
-        ticket: _builtins.bytes = ...,
+        part_size: _builtins.int = ...,
+        parts: _abc.Iterable[Global___UploadPart] | None = ...,
         expires_in_seconds: _builtins.float = ...,
-        tls: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["status", b"status"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["available", b"available", "expires_in_seconds", b"expires_in_seconds", "host", b"host", "port", b"port", "status", b"status", "ticket", b"ticket", "tls", b"tls"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expires_in_seconds", b"expires_in_seconds", "part_size", b"part_size", "parts", b"parts", "status", b"status"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___BulkUploadTicket: _TypeAlias = BulkUploadTicket  # noqa: Y015
+Global___ObjectUploadPlan: _TypeAlias = ObjectUploadPlan  # noqa: Y015
 
 @_typing.final
 class ListMyExpertsRequest(_message.Message):

@@ -54,10 +54,15 @@ class ContributorServiceStub:
                 request_serializer=moerge_dot_v1_dot_contributor__pb2.GetUploadStatusRequest.SerializeToString,
                 response_deserializer=moerge_dot_v1_dot_contributor__pb2.UploadStatus.FromString,
                 _registered_method=True)
-        self.StartBulkUpload = channel.unary_unary(
-                '/moerge.v1.ContributorService/StartBulkUpload',
-                request_serializer=moerge_dot_v1_dot_contributor__pb2.UploadManifest.SerializeToString,
-                response_deserializer=moerge_dot_v1_dot_contributor__pb2.BulkUploadTicket.FromString,
+        self.StartObjectUpload = channel.unary_unary(
+                '/moerge.v1.ContributorService/StartObjectUpload',
+                request_serializer=moerge_dot_v1_dot_contributor__pb2.ObjectUploadRequest.SerializeToString,
+                response_deserializer=moerge_dot_v1_dot_contributor__pb2.ObjectUploadPlan.FromString,
+                _registered_method=True)
+        self.CompleteObjectUpload = channel.unary_unary(
+                '/moerge.v1.ContributorService/CompleteObjectUpload',
+                request_serializer=moerge_dot_v1_dot_contributor__pb2.ObjectUploadRequest.SerializeToString,
+                response_deserializer=moerge_dot_v1_dot_contributor__pb2.UploadExpertResponse.FromString,
                 _registered_method=True)
         self.ListMyExperts = channel.unary_unary(
                 '/moerge.v1.ContributorService/ListMyExperts',
@@ -107,10 +112,21 @@ class ContributorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def StartBulkUpload(self, request, context):
-        """Open (or resume) an upload and, when the coordinator runs its bulk data channel, get a
-        single-use ticket to stream the bytes over plain TCP (or TLS) beside gRPC; then call
-        UploadExpert with the manifest alone to commit. See docs/upload-protocol.md.
+    def StartObjectUpload(self, request, context):
+        """Direct upload to the coordinator's object store (BaseModelInfo.object_part_size > 0):
+        open (or resume) the upload and get a presigned PUT URL for every part that has not
+        arrived, each bound to the part's SHA-256 (header x-amz-checksum-sha256). Without an
+        object store: FAILED_PRECONDITION; use UploadExpert chunks. See docs/upload-protocol.md.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CompleteObjectUpload(self, request, context):
+        """After the PUTs: the coordinator reads every file back from the store, verifies each part's
+        and each file's sha256, validates the expert and commits it. A missing part, or a part
+        whose bytes do not match its sha256, is FAILED_PRECONDITION (StartObjectUpload again for
+        new URLs); files that do not match the manifest or fail validation are INVALID_ARGUMENT.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -146,10 +162,15 @@ def add_ContributorServiceServicer_to_server(servicer, server):
                     request_deserializer=moerge_dot_v1_dot_contributor__pb2.GetUploadStatusRequest.FromString,
                     response_serializer=moerge_dot_v1_dot_contributor__pb2.UploadStatus.SerializeToString,
             ),
-            'StartBulkUpload': grpc.unary_unary_rpc_method_handler(
-                    servicer.StartBulkUpload,
-                    request_deserializer=moerge_dot_v1_dot_contributor__pb2.UploadManifest.FromString,
-                    response_serializer=moerge_dot_v1_dot_contributor__pb2.BulkUploadTicket.SerializeToString,
+            'StartObjectUpload': grpc.unary_unary_rpc_method_handler(
+                    servicer.StartObjectUpload,
+                    request_deserializer=moerge_dot_v1_dot_contributor__pb2.ObjectUploadRequest.FromString,
+                    response_serializer=moerge_dot_v1_dot_contributor__pb2.ObjectUploadPlan.SerializeToString,
+            ),
+            'CompleteObjectUpload': grpc.unary_unary_rpc_method_handler(
+                    servicer.CompleteObjectUpload,
+                    request_deserializer=moerge_dot_v1_dot_contributor__pb2.ObjectUploadRequest.FromString,
+                    response_serializer=moerge_dot_v1_dot_contributor__pb2.UploadExpertResponse.SerializeToString,
             ),
             'ListMyExperts': grpc.unary_unary_rpc_method_handler(
                     servicer.ListMyExperts,
@@ -276,7 +297,7 @@ class ContributorService:
             _registered_method=True)
 
     @staticmethod
-    def StartBulkUpload(request,
+    def StartObjectUpload(request,
             target,
             options=(),
             channel_credentials=None,
@@ -289,9 +310,36 @@ class ContributorService:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/moerge.v1.ContributorService/StartBulkUpload',
-            moerge_dot_v1_dot_contributor__pb2.UploadManifest.SerializeToString,
-            moerge_dot_v1_dot_contributor__pb2.BulkUploadTicket.FromString,
+            '/moerge.v1.ContributorService/StartObjectUpload',
+            moerge_dot_v1_dot_contributor__pb2.ObjectUploadRequest.SerializeToString,
+            moerge_dot_v1_dot_contributor__pb2.ObjectUploadPlan.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CompleteObjectUpload(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/moerge.v1.ContributorService/CompleteObjectUpload',
+            moerge_dot_v1_dot_contributor__pb2.ObjectUploadRequest.SerializeToString,
+            moerge_dot_v1_dot_contributor__pb2.UploadExpertResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -59,10 +59,17 @@ class ContributorServiceStub:
     """
     GetUploadStatus: _grpc.UnaryUnaryMultiCallable[_contributor_pb2.GetUploadStatusRequest, _contributor_pb2.UploadStatus]
     """An upload id this contributor never started is NOT_FOUND."""
-    StartBulkUpload: _grpc.UnaryUnaryMultiCallable[_contributor_pb2.UploadManifest, _contributor_pb2.BulkUploadTicket]
-    """Open (or resume) an upload and, when the coordinator runs its bulk data channel, get a
-    single-use ticket to stream the bytes over plain TCP (or TLS) beside gRPC; then call
-    UploadExpert with the manifest alone to commit. See docs/upload-protocol.md.
+    StartObjectUpload: _grpc.UnaryUnaryMultiCallable[_contributor_pb2.ObjectUploadRequest, _contributor_pb2.ObjectUploadPlan]
+    """Direct upload to the coordinator's object store (BaseModelInfo.object_part_size > 0):
+    open (or resume) the upload and get a presigned PUT URL for every part that has not
+    arrived, each bound to the part's SHA-256 (header x-amz-checksum-sha256). Without an
+    object store: FAILED_PRECONDITION; use UploadExpert chunks. See docs/upload-protocol.md.
+    """
+    CompleteObjectUpload: _grpc.UnaryUnaryMultiCallable[_contributor_pb2.ObjectUploadRequest, _contributor_pb2.UploadExpertResponse]
+    """After the PUTs: the coordinator reads every file back from the store, verifies each part's
+    and each file's sha256, validates the expert and commits it. A missing part, or a part
+    whose bytes do not match its sha256, is FAILED_PRECONDITION (StartObjectUpload again for
+    new URLs); files that do not match the manifest or fail validation are INVALID_ARGUMENT.
     """
     ListMyExperts: _grpc.UnaryUnaryMultiCallable[_contributor_pb2.ListMyExpertsRequest, _contributor_pb2.ListMyExpertsResponse]
     """Every expert this contributor registered, every version and state (no paging)."""
@@ -89,10 +96,17 @@ class ContributorServiceAsyncStub(ContributorServiceStub):
     """
     GetUploadStatus: _aio.UnaryUnaryMultiCallable[_contributor_pb2.GetUploadStatusRequest, _contributor_pb2.UploadStatus]  # type: ignore[assignment]
     """An upload id this contributor never started is NOT_FOUND."""
-    StartBulkUpload: _aio.UnaryUnaryMultiCallable[_contributor_pb2.UploadManifest, _contributor_pb2.BulkUploadTicket]  # type: ignore[assignment]
-    """Open (or resume) an upload and, when the coordinator runs its bulk data channel, get a
-    single-use ticket to stream the bytes over plain TCP (or TLS) beside gRPC; then call
-    UploadExpert with the manifest alone to commit. See docs/upload-protocol.md.
+    StartObjectUpload: _aio.UnaryUnaryMultiCallable[_contributor_pb2.ObjectUploadRequest, _contributor_pb2.ObjectUploadPlan]  # type: ignore[assignment]
+    """Direct upload to the coordinator's object store (BaseModelInfo.object_part_size > 0):
+    open (or resume) the upload and get a presigned PUT URL for every part that has not
+    arrived, each bound to the part's SHA-256 (header x-amz-checksum-sha256). Without an
+    object store: FAILED_PRECONDITION; use UploadExpert chunks. See docs/upload-protocol.md.
+    """
+    CompleteObjectUpload: _aio.UnaryUnaryMultiCallable[_contributor_pb2.ObjectUploadRequest, _contributor_pb2.UploadExpertResponse]  # type: ignore[assignment]
+    """After the PUTs: the coordinator reads every file back from the store, verifies each part's
+    and each file's sha256, validates the expert and commits it. A missing part, or a part
+    whose bytes do not match its sha256, is FAILED_PRECONDITION (StartObjectUpload again for
+    new URLs); files that do not match the manifest or fail validation are INVALID_ARGUMENT.
     """
     ListMyExperts: _aio.UnaryUnaryMultiCallable[_contributor_pb2.ListMyExpertsRequest, _contributor_pb2.ListMyExpertsResponse]  # type: ignore[assignment]
     """Every expert this contributor registered, every version and state (no paging)."""
@@ -142,14 +156,27 @@ class ContributorServiceServicer(metaclass=_abc_1.ABCMeta):
         """An upload id this contributor never started is NOT_FOUND."""
 
     @_abc_1.abstractmethod
-    def StartBulkUpload(
+    def StartObjectUpload(
         self,
-        request: _contributor_pb2.UploadManifest,
+        request: _contributor_pb2.ObjectUploadRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_contributor_pb2.BulkUploadTicket, _abc.Awaitable[_contributor_pb2.BulkUploadTicket]]:
-        """Open (or resume) an upload and, when the coordinator runs its bulk data channel, get a
-        single-use ticket to stream the bytes over plain TCP (or TLS) beside gRPC; then call
-        UploadExpert with the manifest alone to commit. See docs/upload-protocol.md.
+    ) -> _typing.Union[_contributor_pb2.ObjectUploadPlan, _abc.Awaitable[_contributor_pb2.ObjectUploadPlan]]:
+        """Direct upload to the coordinator's object store (BaseModelInfo.object_part_size > 0):
+        open (or resume) the upload and get a presigned PUT URL for every part that has not
+        arrived, each bound to the part's SHA-256 (header x-amz-checksum-sha256). Without an
+        object store: FAILED_PRECONDITION; use UploadExpert chunks. See docs/upload-protocol.md.
+        """
+
+    @_abc_1.abstractmethod
+    def CompleteObjectUpload(
+        self,
+        request: _contributor_pb2.ObjectUploadRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_contributor_pb2.UploadExpertResponse, _abc.Awaitable[_contributor_pb2.UploadExpertResponse]]:
+        """After the PUTs: the coordinator reads every file back from the store, verifies each part's
+        and each file's sha256, validates the expert and commits it. A missing part, or a part
+        whose bytes do not match its sha256, is FAILED_PRECONDITION (StartObjectUpload again for
+        new URLs); files that do not match the manifest or fail validation are INVALID_ARGUMENT.
         """
 
     @_abc_1.abstractmethod
