@@ -114,17 +114,20 @@ def my_experts(
     tls_ca: TlsCa = None,
     json_out: Json = False,
 ) -> None:
-    """List the experts this contributor has registered, with their state and its reason."""
+    """List the experts this contributor has registered: state and its reason, and privacy (what
+    each releases under which epsilon; ``--json`` gives the whole report)."""
     with client(coordinator, token, tls_ca) as api:
         experts = guarded(api.my_experts)
     if json_out:
         emit_json({"experts": experts})
         return
     rows = [
-        (e.expert_id[:12], e.name, e.version, e.task_name, e.state, e.example_count, e.state_reason)
+        (e.expert_id[:12], e.name, e.version, e.task_name, e.state, e.example_count,
+         e.privacy_report.summary() if e.privacy_report else "", e.state_reason)
         for e in experts
     ]
-    table("my experts", ("id", "name", "v", "task", "state", "examples", "reason"), rows)
+    table("my experts", ("id", "name", "v", "task", "state", "examples", "privacy", "reason"),
+          rows)
 
 
 def read_inputs(texts: list[str] | None, file: Path | None) -> list[str]:
@@ -168,6 +171,12 @@ def predict(
     ] = None,
     router_version: Annotated[int, typer.Option(help="router version (0: active)")] = 0,
     max_new_tokens: Annotated[int, typer.Option(help="causal LM: tokens to generate")] = 0,
+    composition: Annotated[
+        str, typer.Option(help="serve this few-shot composition (moerge compose) instead")
+    ] = "",
+    composition_version: Annotated[
+        int, typer.Option(help="the composition's version (0: newest)")
+    ] = 0,
     coordinator: Coordinator = None,
     token: Token = None,
     tls_ca: TlsCa = None,
@@ -187,6 +196,8 @@ def predict(
                 experts=[api.resolve_expert_id(e) for e in expert or ()],
                 router_version=router_version,
                 max_new_tokens=max_new_tokens,
+                composition=composition,
+                composition_version=composition_version,
             )
         )
     if json_out:

@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Sequence
 
 from moerge.coordinator.inference.generation.sampling import SamplingParams
 from moerge.coordinator.inference.plan import Aggregation
-from moerge.coordinator.inference.results import ExpertWeight
+from moerge.coordinator.inference.results import ExamplePrediction, ExpertWeight
 from moerge.coordinator.inference_service import InferenceService
 from moerge.coordinator.state import CoordinatorState
 from moerge.storage.errors import InvalidArgument
@@ -70,6 +70,8 @@ async def predict(
     if not 0 <= request.max_new_tokens <= MAX_NEW_TOKENS:
         raise InvalidArgument("max_new_tokens", f"must be in 0..{MAX_NEW_TOKENS}")
     inference = await service(state)
+    if request.composition:
+        return await _predict_composition(request, inference)
     predictions, chosen, latency = await inference.predict(
         list(request.inputs),
         request.routing_method,
@@ -79,6 +81,40 @@ async def predict(
         AGGREGATIONS[request.aggregation],
         request.max_new_tokens,
     )
+    return await _response(
+        inference, predictions, chosen.version, chosen.router.method, chosen.note, latency
+    )
+
+
+async def _predict_composition(
+    request: inference_pb2.PredictRequest, inference: InferenceService
+) -> inference_pb2.PredictResponse:
+    """A composition pinned by name: no router, so no routing field may be set."""
+    if request.routing_method or request.router_version or request.expert_ids or request.top_k:
+        raise InvalidArgument(
+            "composition", "a composition fixes its experts: leave routing_method, "
+            "router_version, expert_ids and top_k unset"
+        )
+    if AGGREGATIONS[request.aggregation] not in (None, Aggregation.MERGE_LINEAR):
+        raise InvalidArgument("aggregation", "a composition is served as a linear merge")
+    if not 0 <= request.composition_version <= MAX_INT32:
+        raise InvalidArgument("composition_version", f"must be in 0..{MAX_INT32} (0: newest)")
+    predictions, info, latency = await inference.predict_composition(
+        list(request.inputs), request.composition, request.composition_version,
+        request.max_new_tokens,
+    )
+    note = f"composition {info.name} v{info.version}"
+    return await _response(inference, predictions, 0, "composition", note, latency)
+
+
+async def _response(
+    inference: InferenceService,
+    predictions: Sequence[ExamplePrediction],
+    router_version: int,
+    method: str,
+    note: str,
+    latency: float,
+) -> inference_pb2.PredictResponse:
     ids = [w.expert_id for p in predictions for w in p.experts]
     names = await inference.expert_names(ids)
     return inference_pb2.PredictResponse(
@@ -108,10 +144,10 @@ async def predict(
             )
             for p in predictions
         ],
-        router_version=chosen.version,
-        routing_method=chosen.router.method,
+        router_version=router_version,
+        routing_method=method,
         aggregation=predictions[0].aggregation if predictions else "",
-        note="; ".join(filter(None, [chosen.note, *{n for p in predictions for n in p.notes}])),
+        note="; ".join(filter(None, [note, *{n for p in predictions for n in p.notes}])),
         latency_ms=latency,
     )
 

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
+from moerge.coordinator.composition_objective import composition_plan
 from moerge.coordinator.config import CoordinatorConfig
 from moerge.coordinator.expert_store import ExpertStore
 from moerge.coordinator.inference.batcher import MicroBatcher
@@ -42,8 +43,9 @@ from moerge.coordinator.routers import LoadedRouter, RouterService
 from moerge.router_training.base import Router, RoutingDecision
 from moerge.router_training.fitting import fit_router
 from moerge.router_training.registry import available_methods, get_router_class
+from moerge.storage.compositions import CompositionStore
 from moerge.storage.errors import FailedPrecondition, InvalidArgument, NotFound
-from moerge.storage.records import ExpertInfo
+from moerge.storage.records import CompositionInfo, ExpertInfo
 from moerge.storage.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -162,6 +164,10 @@ class InferenceService:
         )
         #: (method, version, expert filter, active router) -> the request's router
         self._chosen: GenerationCache[Chosen] = GenerationCache(registry.generation)
+        #: (composition name, version) -> the stored composition
+        self._compositions: GenerationCache[CompositionInfo] = GenerationCache(
+            registry.generation
+        )
 
     def _expert_folder(self, expert_id: str):
         return self.experts.folder(self.registry.get_expert(expert_id))
@@ -309,6 +315,30 @@ class InferenceService:
         request = InferenceRequest(list(inputs), plan, max_new_tokens or None)
         predictions = await self.batcher.submit(request)
         return predictions, chosen, (time.perf_counter() - started) * 1000
+
+    async def predict_composition(
+        self, inputs: Sequence[str], name: str, version: int, max_new_tokens: int
+    ) -> tuple[list[ExamplePrediction], CompositionInfo, float]:
+        """Serve a stored few-shot composition: its signed linear merge for every input."""
+        started = time.perf_counter()
+        self.check_inputs(inputs)
+        key = (name, version)
+        info = self._compositions.get(key)
+        if info is None:
+            generation = self.registry.generation()
+            info = await asyncio.to_thread(CompositionStore(self.registry).get, name, version)
+            self._compositions.put(key, info, generation)
+        active = self.active_experts()
+        inactive = [e for e in info.expert_ids if e not in active]
+        if inactive:
+            raise FailedPrecondition(
+                f"composition {info.name} v{info.version} uses expert {inactive[0]}, which is "
+                "no longer active; compose it again"
+            )
+        plan = composition_plan(info.expert_ids, info.weights, len(inputs))
+        request = InferenceRequest(list(inputs), plan, max_new_tokens or None)
+        predictions = await self.batcher.submit(request)
+        return predictions, info, (time.perf_counter() - started) * 1000
 
     async def route(
         self,

@@ -15,7 +15,12 @@ from typing import Any, TypeVar
 
 import grpc
 
-from moerge.coordinator import admin_handler, contributor_handler, inference_handler
+from moerge.coordinator import (
+    admin_handler,
+    composition_handler,
+    contributor_handler,
+    inference_handler,
+)
 from moerge.coordinator.auth import current_principal
 from moerge.coordinator.errors import status_for
 from moerge.coordinator.rate_limit import UploadLimiter
@@ -141,6 +146,21 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         except Exception as exc:
             code, message = status_for(exc)
             await context.abort(code, message)
+
+    async def Compose(self, request: inference_pb2.ComposeRequest, context: Any) -> Any:
+        try:
+            stream = composition_handler.compose(request, self.state, current_principal())
+            async with contextlib.aclosing(stream) as messages:
+                async for message in messages:
+                    yield message
+        except Exception as exc:
+            code, message = status_for(exc)
+            await context.abort(code, message)
+
+    async def ListCompositions(
+        self, request: inference_pb2.ListCompositionsRequest, context: Any
+    ) -> Any:
+        return await self._serve(composition_handler.list_compositions, request, context)
 
 
 class AdminServicer(admin_pb2_grpc.AdminServiceServicer):

@@ -21,6 +21,7 @@ from moerge.results import (
     ApiKey,
     AuditEntry,
     BaseModel,
+    Composition,
     Contributor,
     CreatedApiKey,
     DeletedExpert,
@@ -136,12 +137,16 @@ class Calls:
         experts: Iterable[str] = (),
         router_version: int = 0,
         max_new_tokens: int = 0,
+        composition: str = "",
+        composition_version: int = 0,
     ) -> Predictions:
         """Routed predictions, one per input.
 
         ``top_k``: experts per input (0: the router's default); ``method``: a routing method
         ("": the active router); ``aggregation``: default, ensemble, merge, ties, dare or mix;
         ``experts``: route among these expert ids only; ``router_version``: 0 for the active one.
+        ``composition``: serve this few-shot composition instead of routing (its newest
+        version, or ``composition_version``); the routing arguments must then stay unset.
         """
         request = inference_pb2.PredictRequest(
             inputs=list(inputs),
@@ -151,8 +156,18 @@ class Calls:
             aggregation=_aggregation(aggregation),
             router_version=router_version,
             max_new_tokens=max_new_tokens,
+            composition=composition,
+            composition_version=composition_version,
         )
         return self._unary("inference", "Predict", request, Predictions.from_proto)
+
+    def compositions(self, name: str = "") -> list[Composition]:
+        """Stored few-shot compositions (every version; only ``name``'s if given), newest first."""
+        request = inference_pb2.ListCompositionsRequest(name=name)
+        return self._unary(
+            "inference", "ListCompositions", request,
+            lambda r: [Composition.from_proto(c) for c in r.compositions],
+        )
 
     def route(
         self,
@@ -362,4 +377,34 @@ def generate_request(
         expert_ids=list(experts),
         aggregation=_aggregation(aggregation),
         router_version=router_version,
+    )
+
+
+def compose_request(
+    name: str,
+    examples: Iterable[tuple[str, str]],
+    *,
+    experts: Iterable[str] = (),
+    budget: int = 0,
+    time_limit_s: float = 0.0,
+    l1: float | None = None,
+    seed: int = 0,
+    keep_examples: bool = False,
+) -> inference_pb2.ComposeRequest:
+    """The ``Compose`` request for :meth:`Client.compose`'s arguments.
+
+    ``examples``: (text, label) pairs of the new task (1..100); ``experts``: candidate expert
+    ids (empty: every active expert whose labels cover the examples'); ``budget`` loss
+    evaluations (0: 40), ``time_limit_s`` (0: 120 s), ``l1`` penalty (unset: 0.05), ``seed``;
+    ``keep_examples`` stores the examples with the composition (default: dropped).
+    """
+    return inference_pb2.ComposeRequest(
+        name=name,
+        examples=[inference_pb2.LabelledExample(text=t, label=y) for t, y in examples],
+        expert_ids=list(experts),
+        budget=budget,
+        time_limit_s=time_limit_s,
+        seed=seed,
+        keep_examples=keep_examples,
+        **({} if l1 is None else {"l1": l1}),
     )

@@ -13,6 +13,7 @@ import typer
 
 from moerge.contributor_client.admin_cli import app as admin_app
 from moerge.contributor_client.cli import register as register_contributor_commands
+from moerge.contributor_client.compose_cli import app as compose_app
 from moerge.contributor_client.evaluate_cli import evaluate
 from moerge.contributor_client.flower_cli import register as register_flower_commands
 from moerge.contributor_client.generate_cli import generate
@@ -48,6 +49,7 @@ def main(
 
 app.add_typer(coordinator_app, name="coordinator")
 app.add_typer(admin_app, name="admin")
+app.add_typer(compose_app, name="compose")
 register_contributor_commands(app)
 register_flower_commands(app)
 app.command()(generate)

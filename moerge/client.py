@@ -23,10 +23,17 @@ from typing import Any, TypeVar
 
 import grpc
 
-from moerge.calls import Calls, generate_request
+from moerge.calls import Calls, compose_request, generate_request
 from moerge.client_training import TrainOptions, build, local_base_model, train_config
 from moerge.errors import MoergeError
-from moerge.results import Expert, GenerateEvent, Upload, generate_event
+from moerge.results import (
+    ComposeEvent,
+    Expert,
+    GenerateEvent,
+    Upload,
+    compose_event,
+    generate_event,
+)
 from moerge.v1 import admin_pb2_grpc, contributor_pb2_grpc, inference_pb2_grpc
 
 T = TypeVar("T")
@@ -79,13 +86,32 @@ class Client(Calls):
         ``max_new_tokens``, ``temperature``, ``seed``, ``stop``, ``top_k``, ...). Leaving the
         loop early cancels the call, which frees its place in the coordinator's batch.
         """
-        request = generate_request(prompt, **options)
-        stream = self._stub("inference").Generate(
+        yield from self._stream("Generate", generate_request(prompt, **options), generate_event)
+
+    def compose(
+        self, name: str, examples: Iterable[tuple[str, str]], **options: Any
+    ) -> Iterator[ComposeEvent]:
+        """Few-shot composition, streamed: a :class:`ComposeProgress` after every loss
+        evaluation, then the stored :class:`Composition` (serve it with
+        ``predict(..., composition=name)``).
+
+        ``options``: the keywords of :func:`compose_request` (``experts``, ``budget``,
+        ``time_limit_s``, ``l1``, ``seed``, ``keep_examples``). Leaving the loop early cancels
+        the search; nothing is stored.
+        """
+        yield from self._stream(
+            "Compose", compose_request(name, examples, **options), compose_event
+        )
+
+    def _stream(self, method: str, request: Any, convert: Callable[[Any], T]) -> Iterator[T]:
+        """A server-streaming InferenceService call, each response converted; cancelled when
+        the caller stops iterating."""
+        stream = getattr(self._stub("inference"), method)(
             request, metadata=self.target.metadata(), timeout=self.timeout
         )
         try:
             for response in stream:
-                yield generate_event(response)
+                yield convert(response)
         except grpc.RpcError as exc:
             raise MoergeError.from_rpc(exc, self.target.address) from None
         finally:
@@ -332,13 +358,28 @@ class AsyncClient(Calls):
         self, prompt: str | None = None, **options: Any
     ) -> AsyncIterator[GenerateEvent]:
         """:meth:`Client.generate`, as an async iterator (``async for event in ...``)."""
-        request = generate_request(prompt, **options)
-        call = self._stub("inference").Generate(
+        async for event in self._stream("Generate", generate_request(prompt, **options),
+                                        generate_event):
+            yield event
+
+    async def compose(
+        self, name: str, examples: Iterable[tuple[str, str]], **options: Any
+    ) -> AsyncIterator[ComposeEvent]:
+        """:meth:`Client.compose`, as an async iterator (``async for event in ...``)."""
+        async for event in self._stream("Compose", compose_request(name, examples, **options),
+                                        compose_event):
+            yield event
+
+    async def _stream(
+        self, method: str, request: Any, convert: Callable[[Any], T]
+    ) -> AsyncIterator[T]:
+        """:meth:`Client._stream`, awaited."""
+        call = getattr(self._stub("inference"), method)(
             request, metadata=self.target.metadata(), timeout=self.timeout
         )
         try:
             async for response in call:
-                yield generate_event(response)
+                yield convert(response)
         except grpc.RpcError as exc:
             raise MoergeError.from_rpc(exc, self.target.address) from None
         finally:

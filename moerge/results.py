@@ -89,6 +89,57 @@ class Privacy(Result):
 
 
 @dataclasses.dataclass(frozen=True)
+class PrivacyRelease(Result):
+    """One data-dependent part of an expert and how it was released."""
+
+    what: str  # "statistics", "adapter" or "gates"
+    mechanism: str  # "gaussian_pld", "dp_sgd", "none" (no DP), "external" (brought adapter)
+    epsilon: float | None  # None when the release is not DP
+    delta: float | None
+
+
+@dataclasses.dataclass(frozen=True)
+class PrivacyReport(Result):
+    """What an expert releases about its contributor's data (docs/security.md)."""
+
+    releases: tuple[PrivacyRelease, ...]
+    all_dp: bool  # every release is DP: epsilon/delta cover the whole expert
+    epsilon: float | None  # the DP releases composed; None when none is DP
+    delta: float | None
+    statistics_opt_out: bool  # the contributor turned the statistics' default DP off
+    unit: str
+
+    @classmethod
+    def from_proto(cls, m: common_pb2.PrivacyReport) -> PrivacyReport:
+        def release(r: common_pb2.PrivacyRelease) -> PrivacyRelease:
+            dp = r.mechanism not in ("none", "external", "")
+            return PrivacyRelease(r.what, r.mechanism, r.epsilon if dp else None,
+                                  r.delta if dp else None)
+
+        any_dp = m.epsilon > 0
+        return cls(
+            releases=tuple(release(r) for r in m.releases),
+            all_dp=m.all_dp,
+            epsilon=m.epsilon if any_dp else None,
+            delta=m.delta if any_dp else None,
+            statistics_opt_out=m.statistics_opt_out,
+            unit=m.unit or "example",
+        )
+
+    def summary(self) -> str:
+        """One line for a table cell: ``DP eps 4`` / ``not DP (opted out)`` / ..."""
+        stats = next((r for r in self.releases if r.what == "statistics"), None)
+        if stats is None or stats.epsilon is None:
+            text = "statistics NOT DP" + (" (opted out)" if self.statistics_opt_out else "")
+        else:
+            text = f"statistics eps {stats.epsilon:g}"
+        if self.all_dp and self.epsilon is not None:
+            return f"all DP, eps {self.epsilon:.3g}"
+        weights = [r.what for r in self.releases if r.what != "statistics" and r.epsilon is None]
+        return text + (f"; {'+'.join(weights)} not DP" if weights else "")
+
+
+@dataclasses.dataclass(frozen=True)
 class Expert(Result):
     expert_id: str
     name: str
@@ -108,6 +159,7 @@ class Expert(Result):
     privacy: Privacy | None  # None: the statistics carry no DP noise
     created_at: datetime | None
     content_sha256: str
+    privacy_report: PrivacyReport | None = None  # what was released, under which (eps, delta)
 
     @classmethod
     def from_proto(cls, m: common_pb2.Expert) -> Expert:
@@ -120,6 +172,10 @@ class Expert(Result):
             files=tuple(_scalars(ExpertFile, f) for f in m.files),
             privacy=_scalars(Privacy, m.privacy) if m.HasField("privacy") else None,
             created_at=_time(m.created_at),
+            privacy_report=(
+                PrivacyReport.from_proto(m.privacy_report)
+                if m.HasField("privacy_report") else None
+            ),
         )
 
 
@@ -414,3 +470,46 @@ def generate_event(response: Any) -> GenerateEvent:
 def scalars(cls: type[T], message: Message) -> T:
     """A result whose fields are all scalars, copied from the message."""
     return _scalars(cls, message)  # type: ignore[no-any-return]
+
+
+@dataclasses.dataclass(frozen=True)
+class ComposeProgress(Result):
+    """A composition search after ``evaluations`` of at most ``budget`` loss evaluations."""
+
+    evaluations: int
+    budget: int
+    best_loss: float  # mean cross-entropy on the examples of the best weights so far
+    elapsed_s: float
+
+
+@dataclasses.dataclass(frozen=True)
+class Composition(Result):
+    """A stored few-shot composition: signed merge weights of experts (``experts[i].weight``)."""
+
+    name: str
+    version: int
+    experts: tuple[ExpertWeight, ...]
+    label_names: tuple[str, ...]
+    loss: float  # on the examples, without the L1 penalty
+    start_loss: float  # of the uniform merge the search started from
+    evaluations: int
+    elapsed_s: float
+    stopped_by: str  # "budget" or "time"
+    example_count: int
+    examples_kept: bool
+    created_by: str
+    created_at: str
+
+    @classmethod
+    def from_proto(cls, m: inference_pb2.Composition) -> Composition:
+        return _scalars(cls, m, experts=_weights(m.experts), label_names=tuple(m.label_names))
+
+
+ComposeEvent = ComposeProgress | Composition
+
+
+def compose_event(response: Any) -> ComposeEvent:
+    """One ``ComposeResponse`` of the stream as its event."""
+    if response.WhichOneof("event") == "progress":
+        return _scalars(ComposeProgress, response.progress)  # type: ignore[no-any-return]
+    return Composition.from_proto(response.composition)

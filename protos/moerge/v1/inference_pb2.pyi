@@ -57,6 +57,8 @@ class PredictRequest(_message.Message):
     AGGREGATION_FIELD_NUMBER: _builtins.int
     ROUTER_VERSION_FIELD_NUMBER: _builtins.int
     MAX_NEW_TOKENS_FIELD_NUMBER: _builtins.int
+    COMPOSITION_FIELD_NUMBER: _builtins.int
+    COMPOSITION_VERSION_FIELD_NUMBER: _builtins.int
     top_k: _builtins.int
     """0: the router's default"""
     routing_method: _builtins.str
@@ -66,6 +68,10 @@ class PredictRequest(_message.Message):
     """0: the active version"""
     max_new_tokens: _builtins.int
     """causal LM only; 0: default"""
+    composition: _builtins.str
+    """serve this few-shot composition (no router); "": route"""
+    composition_version: _builtins.int
+    """0: the composition's newest version"""
     @_builtins.property
     def inputs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -82,10 +88,12 @@ class PredictRequest(_message.Message):
         aggregation: Global___Aggregation.ValueType = ...,
         router_version: _builtins.int = ...,
         max_new_tokens: _builtins.int = ...,
+        composition: _builtins.str = ...,
+        composition_version: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["aggregation", b"aggregation", "expert_ids", b"expert_ids", "inputs", b"inputs", "max_new_tokens", b"max_new_tokens", "router_version", b"router_version", "routing_method", b"routing_method", "top_k", b"top_k"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["aggregation", b"aggregation", "composition", b"composition", "composition_version", b"composition_version", "expert_ids", b"expert_ids", "inputs", b"inputs", "max_new_tokens", b"max_new_tokens", "router_version", b"router_version", "routing_method", b"routing_method", "top_k", b"top_k"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -398,6 +406,8 @@ class GenerateRequest(_message.Message):
     EXPERT_IDS_FIELD_NUMBER: _builtins.int
     AGGREGATION_FIELD_NUMBER: _builtins.int
     ROUTER_VERSION_FIELD_NUMBER: _builtins.int
+    COMPOSITION_FIELD_NUMBER: _builtins.int
+    COMPOSITION_VERSION_FIELD_NUMBER: _builtins.int
     prompt: _builtins.str
     """plain prompt; exactly one of prompt and messages is set"""
     top_k: _builtins.int
@@ -407,6 +417,10 @@ class GenerateRequest(_message.Message):
     aggregation: Global___Aggregation.ValueType
     router_version: _builtins.int
     """0: the active version"""
+    composition: _builtins.str
+    """serve this few-shot composition (no router); "": route"""
+    composition_version: _builtins.int
+    """0: the composition's newest version"""
     @_builtins.property
     def messages(self) -> _containers.RepeatedCompositeFieldContainer[Global___ChatMessage]:
         """chat prompt (routing reads the last user message)"""
@@ -428,10 +442,12 @@ class GenerateRequest(_message.Message):
         expert_ids: _abc.Iterable[_builtins.str] | None = ...,
         aggregation: Global___Aggregation.ValueType = ...,
         router_version: _builtins.int = ...,
+        composition: _builtins.str = ...,
+        composition_version: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["sampling", b"sampling"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["aggregation", b"aggregation", "expert_ids", b"expert_ids", "messages", b"messages", "prompt", b"prompt", "router_version", b"router_version", "routing_method", b"routing_method", "sampling", b"sampling", "top_k", b"top_k"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["aggregation", b"aggregation", "composition", b"composition", "composition_version", b"composition_version", "expert_ids", b"expert_ids", "messages", b"messages", "prompt", b"prompt", "router_version", b"router_version", "routing_method", b"routing_method", "sampling", b"sampling", "top_k", b"top_k"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -574,3 +590,244 @@ class GenerateResponse(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType_event) -> _WhichOneofReturnType_event | None: ...
 
 Global___GenerateResponse: _TypeAlias = GenerateResponse  # noqa: Y015
+
+@_typing.final
+class LabelledExample(_message.Message):
+    """One labelled example of a new task (used for the search only, unless keep_examples)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TEXT_FIELD_NUMBER: _builtins.int
+    LABEL_FIELD_NUMBER: _builtins.int
+    text: _builtins.str
+    label: _builtins.str
+    def __init__(
+        self,
+        *,
+        text: _builtins.str = ...,
+        label: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["label", b"label", "text", b"text"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LabelledExample: _TypeAlias = LabelledExample  # noqa: Y015
+
+@_typing.final
+class ComposeRequest(_message.Message):
+    """Find merge weights of registered experts that fit a few examples of a new task (LoraHub)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    EXAMPLES_FIELD_NUMBER: _builtins.int
+    EXPERT_IDS_FIELD_NUMBER: _builtins.int
+    BUDGET_FIELD_NUMBER: _builtins.int
+    TIME_LIMIT_S_FIELD_NUMBER: _builtins.int
+    L1_FIELD_NUMBER: _builtins.int
+    SEED_FIELD_NUMBER: _builtins.int
+    KEEP_EXAMPLES_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """saved as the next version of this name"""
+    budget: _builtins.int
+    """loss evaluations at most; 0: 40"""
+    time_limit_s: _builtins.float
+    """wall-clock bound; 0: 120 s"""
+    l1: _builtins.float
+    """L1 penalty weight; unset: 0.05"""
+    seed: _builtins.int
+    keep_examples: _builtins.bool
+    """store the examples with the composition (default: dropped)"""
+    @_builtins.property
+    def examples(self) -> _containers.RepeatedCompositeFieldContainer[Global___LabelledExample]:
+        """1..100"""
+
+    @_builtins.property
+    def expert_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """candidates; empty: every active expert whose labels cover the examples'"""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        examples: _abc.Iterable[Global___LabelledExample] | None = ...,
+        expert_ids: _abc.Iterable[_builtins.str] | None = ...,
+        budget: _builtins.int = ...,
+        time_limit_s: _builtins.float = ...,
+        l1: _builtins.float | None = ...,
+        seed: _builtins.int = ...,
+        keep_examples: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_l1", b"_l1", "l1", b"l1"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_l1", b"_l1", "budget", b"budget", "examples", b"examples", "expert_ids", b"expert_ids", "keep_examples", b"keep_examples", "l1", b"l1", "name", b"name", "seed", b"seed", "time_limit_s", b"time_limit_s"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__l1: _TypeAlias = _typing.Literal["l1"]  # noqa: Y015
+    _WhichOneofArgType__l1: _TypeAlias = _typing.Literal["_l1", b"_l1"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__l1) -> _WhichOneofReturnType__l1 | None: ...
+
+Global___ComposeRequest: _TypeAlias = ComposeRequest  # noqa: Y015
+
+@_typing.final
+class ComposeProgress(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVALUATIONS_FIELD_NUMBER: _builtins.int
+    BUDGET_FIELD_NUMBER: _builtins.int
+    BEST_LOSS_FIELD_NUMBER: _builtins.int
+    ELAPSED_S_FIELD_NUMBER: _builtins.int
+    evaluations: _builtins.int
+    budget: _builtins.int
+    best_loss: _builtins.float
+    """mean cross-entropy of the best weights so far"""
+    elapsed_s: _builtins.float
+    def __init__(
+        self,
+        *,
+        evaluations: _builtins.int = ...,
+        budget: _builtins.int = ...,
+        best_loss: _builtins.float = ...,
+        elapsed_s: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["best_loss", b"best_loss", "budget", b"budget", "elapsed_s", b"elapsed_s", "evaluations", b"evaluations"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ComposeProgress: _TypeAlias = ComposeProgress  # noqa: Y015
+
+@_typing.final
+class Composition(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    EXPERTS_FIELD_NUMBER: _builtins.int
+    LABEL_NAMES_FIELD_NUMBER: _builtins.int
+    LOSS_FIELD_NUMBER: _builtins.int
+    START_LOSS_FIELD_NUMBER: _builtins.int
+    EVALUATIONS_FIELD_NUMBER: _builtins.int
+    ELAPSED_S_FIELD_NUMBER: _builtins.int
+    STOPPED_BY_FIELD_NUMBER: _builtins.int
+    EXAMPLE_COUNT_FIELD_NUMBER: _builtins.int
+    EXAMPLES_KEPT_FIELD_NUMBER: _builtins.int
+    CREATED_BY_FIELD_NUMBER: _builtins.int
+    CREATED_AT_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    version: _builtins.int
+    loss: _builtins.float
+    """on the examples, without the penalty"""
+    start_loss: _builtins.float
+    """of the uniform merge the search started from"""
+    evaluations: _builtins.int
+    elapsed_s: _builtins.float
+    stopped_by: _builtins.str
+    """"budget" or "time" """
+    example_count: _builtins.int
+    examples_kept: _builtins.bool
+    created_by: _builtins.str
+    created_at: _builtins.str
+    """ISO 8601, UTC"""
+    @_builtins.property
+    def experts(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.ExpertWeight]:
+        """signed merge weights"""
+
+    @_builtins.property
+    def label_names(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        version: _builtins.int = ...,
+        experts: _abc.Iterable[_common_pb2.ExpertWeight] | None = ...,
+        label_names: _abc.Iterable[_builtins.str] | None = ...,
+        loss: _builtins.float = ...,
+        start_loss: _builtins.float = ...,
+        evaluations: _builtins.int = ...,
+        elapsed_s: _builtins.float = ...,
+        stopped_by: _builtins.str = ...,
+        example_count: _builtins.int = ...,
+        examples_kept: _builtins.bool = ...,
+        created_by: _builtins.str = ...,
+        created_at: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "created_by", b"created_by", "elapsed_s", b"elapsed_s", "evaluations", b"evaluations", "example_count", b"example_count", "examples_kept", b"examples_kept", "experts", b"experts", "label_names", b"label_names", "loss", b"loss", "name", b"name", "start_loss", b"start_loss", "stopped_by", b"stopped_by", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Composition: _TypeAlias = Composition  # noqa: Y015
+
+@_typing.final
+class ComposeResponse(_message.Message):
+    """Progress events while the search runs, then the stored composition."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROGRESS_FIELD_NUMBER: _builtins.int
+    COMPOSITION_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def progress(self) -> Global___ComposeProgress: ...
+    @_builtins.property
+    def composition(self) -> Global___Composition: ...
+    def __init__(
+        self,
+        *,
+        progress: Global___ComposeProgress | None = ...,
+        composition: Global___Composition | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["composition", b"composition", "event", b"event", "progress", b"progress"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["composition", b"composition", "event", b"event", "progress", b"progress"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["progress", "composition"]  # noqa: Y015
+    _WhichOneofArgType_event: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_event) -> _WhichOneofReturnType_event | None: ...
+
+Global___ComposeResponse: _TypeAlias = ComposeResponse  # noqa: Y015
+
+@_typing.final
+class ListCompositionsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """"": every name"""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListCompositionsRequest: _TypeAlias = ListCompositionsRequest  # noqa: Y015
+
+@_typing.final
+class ListCompositionsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    COMPOSITIONS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def compositions(self) -> _containers.RepeatedCompositeFieldContainer[Global___Composition]:
+        """newest first"""
+
+    def __init__(
+        self,
+        *,
+        compositions: _abc.Iterable[Global___Composition] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["compositions", b"compositions"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListCompositionsResponse: _TypeAlias = ListCompositionsResponse  # noqa: Y015

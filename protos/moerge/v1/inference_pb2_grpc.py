@@ -49,6 +49,16 @@ class InferenceServiceStub:
                 request_serializer=moerge_dot_v1_dot_inference__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=moerge_dot_v1_dot_inference__pb2.GenerateResponse.FromString,
                 _registered_method=True)
+        self.Compose = channel.unary_stream(
+                '/moerge.v1.InferenceService/Compose',
+                request_serializer=moerge_dot_v1_dot_inference__pb2.ComposeRequest.SerializeToString,
+                response_deserializer=moerge_dot_v1_dot_inference__pb2.ComposeResponse.FromString,
+                _registered_method=True)
+        self.ListCompositions = channel.unary_unary(
+                '/moerge.v1.InferenceService/ListCompositions',
+                request_serializer=moerge_dot_v1_dot_inference__pb2.ListCompositionsRequest.SerializeToString,
+                response_deserializer=moerge_dot_v1_dot_inference__pb2.ListCompositionsResponse.FromString,
+                _registered_method=True)
 
 
 class InferenceServiceServicer:
@@ -77,6 +87,21 @@ class InferenceServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Compose(self, request, context):
+        """Few-shot composition (classification coordinators): streams ComposeProgress after every
+        loss evaluation, then the stored Composition. Cancelling the call stops the search and
+        stores nothing. One search runs at a time; another answers RESOURCE_EXHAUSTED.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListCompositions(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_InferenceServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -94,6 +119,16 @@ def add_InferenceServiceServicer_to_server(servicer, server):
                     servicer.Generate,
                     request_deserializer=moerge_dot_v1_dot_inference__pb2.GenerateRequest.FromString,
                     response_serializer=moerge_dot_v1_dot_inference__pb2.GenerateResponse.SerializeToString,
+            ),
+            'Compose': grpc.unary_stream_rpc_method_handler(
+                    servicer.Compose,
+                    request_deserializer=moerge_dot_v1_dot_inference__pb2.ComposeRequest.FromString,
+                    response_serializer=moerge_dot_v1_dot_inference__pb2.ComposeResponse.SerializeToString,
+            ),
+            'ListCompositions': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListCompositions,
+                    request_deserializer=moerge_dot_v1_dot_inference__pb2.ListCompositionsRequest.FromString,
+                    response_serializer=moerge_dot_v1_dot_inference__pb2.ListCompositionsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -177,6 +212,60 @@ class InferenceService:
             '/moerge.v1.InferenceService/Generate',
             moerge_dot_v1_dot_inference__pb2.GenerateRequest.SerializeToString,
             moerge_dot_v1_dot_inference__pb2.GenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Compose(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/moerge.v1.InferenceService/Compose',
+            moerge_dot_v1_dot_inference__pb2.ComposeRequest.SerializeToString,
+            moerge_dot_v1_dot_inference__pb2.ComposeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListCompositions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/moerge.v1.InferenceService/ListCompositions',
+            moerge_dot_v1_dot_inference__pb2.ListCompositionsRequest.SerializeToString,
+            moerge_dot_v1_dot_inference__pb2.ListCompositionsResponse.FromString,
             options,
             channel_credentials,
             insecure,

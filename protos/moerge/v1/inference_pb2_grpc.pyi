@@ -40,6 +40,12 @@ class InferenceServiceStub:
     decode steps; cancelling the call frees its place at once. A classification coordinator
     answers FAILED_PRECONDITION; a full queue answers RESOURCE_EXHAUSTED.
     """
+    Compose: _grpc.UnaryStreamMultiCallable[_inference_pb2.ComposeRequest, _inference_pb2.ComposeResponse]
+    """Few-shot composition (classification coordinators): streams ComposeProgress after every
+    loss evaluation, then the stored Composition. Cancelling the call stops the search and
+    stores nothing. One search runs at a time; another answers RESOURCE_EXHAUSTED.
+    """
+    ListCompositions: _grpc.UnaryUnaryMultiCallable[_inference_pb2.ListCompositionsRequest, _inference_pb2.ListCompositionsResponse]
 
 @_typing.type_check_only
 class InferenceServiceAsyncStub(InferenceServiceStub):
@@ -53,6 +59,12 @@ class InferenceServiceAsyncStub(InferenceServiceStub):
     decode steps; cancelling the call frees its place at once. A classification coordinator
     answers FAILED_PRECONDITION; a full queue answers RESOURCE_EXHAUSTED.
     """
+    Compose: _aio.UnaryStreamMultiCallable[_inference_pb2.ComposeRequest, _inference_pb2.ComposeResponse]  # type: ignore[assignment]
+    """Few-shot composition (classification coordinators): streams ComposeProgress after every
+    loss evaluation, then the stored Composition. Cancelling the call stops the search and
+    stores nothing. One search runs at a time; another answers RESOURCE_EXHAUSTED.
+    """
+    ListCompositions: _aio.UnaryUnaryMultiCallable[_inference_pb2.ListCompositionsRequest, _inference_pb2.ListCompositionsResponse]  # type: ignore[assignment]
 
 class InferenceServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -81,5 +93,23 @@ class InferenceServiceServicer(metaclass=_abc_1.ABCMeta):
         decode steps; cancelling the call frees its place at once. A classification coordinator
         answers FAILED_PRECONDITION; a full queue answers RESOURCE_EXHAUSTED.
         """
+
+    @_abc_1.abstractmethod
+    def Compose(
+        self,
+        request: _inference_pb2.ComposeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_inference_pb2.ComposeResponse], _abc.AsyncIterator[_inference_pb2.ComposeResponse]]:
+        """Few-shot composition (classification coordinators): streams ComposeProgress after every
+        loss evaluation, then the stored Composition. Cancelling the call stops the search and
+        stores nothing. One search runs at a time; another answers RESOURCE_EXHAUSTED.
+        """
+
+    @_abc_1.abstractmethod
+    def ListCompositions(
+        self,
+        request: _inference_pb2.ListCompositionsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_inference_pb2.ListCompositionsResponse, _abc.Awaitable[_inference_pb2.ListCompositionsResponse]]: ...
 
 def add_InferenceServiceServicer_to_server(servicer: InferenceServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
