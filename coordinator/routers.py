@@ -157,6 +157,15 @@ class RouterService:
             )
             try:
                 result = self._fit(method, records, params)
+                blind = getattr(result.router, "zero_vector_experts", list)()
+                if blind:
+                    log.warning(
+                        "router %s knows nothing about %d expert(s): their %s zero (a LoRA "
+                        "update of zero, e.g. training kept the linear probe's start): %s",
+                        method, len(blind),
+                        "gates are" if method == "phatgoose" else "LoRA updates are",
+                        ", ".join(blind[:10]),
+                    )
                 with tempfile.TemporaryDirectory() as tmp:
                     path = Path(tmp) / "router.safetensors"
                     result.router.save(path)

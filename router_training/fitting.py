@@ -14,7 +14,9 @@ e.g. from the coordinator's YAML or an API call), fits, times the fit and comput
 * ``skipped_experts``: experts the method cannot learn from (adapter-only experts for the
   statistics routers, experts without gates for ``phatgoose``); they are left out of the router
   and :attr:`FitResult.skipped` says why (:func:`routable_experts`);
-* token-level routers (``arrow``, ``phatgoose``): ``num_modules`` and the mean / max ``|cos|``
+* token-level routers (``arrow``, ``phatgoose``): ``num_modules``, ``zero_vector_experts``
+  (experts whose vectors are all zero, e.g. a LoRA update of zero: the router knows nothing
+  about them; see :meth:`ModuleVectorRouter.zero_vector_experts`) and the mean / max ``|cos|``
   between different experts' vectors in a module (``vector_mean_abs_cos``,
   ``vector_max_abs_cos``) -- near-parallel prototypes cannot be told apart by the router.
 """
@@ -134,6 +136,7 @@ def fit_metrics(
     }
     if isinstance(router, ModuleVectorRouter):
         metrics["num_modules"] = float(len(router.modules))
+        metrics["zero_vector_experts"] = float(len(router.zero_vector_experts()))
         for name, value in router.vector_similarity().items():
             metrics[f"vector_{name}"] = value
         return metrics

@@ -129,6 +129,22 @@ class ModuleVectorRouter(Router):
         local = top_k_softmax(scores, k, self.temperature, scratch=True)
         return RoutingDecision(indices=members[local.indices], weights=local.weights)
 
+    def zero_vector_experts(self) -> list[str]:
+        """Experts whose vector is zero in every module: the router knows nothing about them.
+
+        An Arrow prototype is zero when the expert's LoRA update ``B A`` is zero (a LoRA left at
+        its initialisation, ``B = 0``, e.g. when training kept the linear probe's start): Arrow
+        scores ``|<h, 0>| = 0`` and never picks it first. A PHATGOOSE gate stays at its zero
+        start when no gradient reaches it through such an update: every token scores 0, so the
+        expert is picked exactly when all the other experts score below 0, for no reason of its
+        own.
+        """
+        informed: set[int] = set()
+        for module, vectors in self.vectors.items():
+            nonzero = vectors.abs().amax(dim=1) > 0  # [E_m]
+            informed.update(self.members[module][nonzero].tolist())
+        return [e for i, e in enumerate(self.expert_ids) if i not in informed]
+
     def vector_similarity(self, max_experts: int = 1024, seed: int = 0) -> dict[str, float]:
         """Mean and max ``|cos|`` between different experts' vectors, over all modules.
 
