@@ -68,6 +68,9 @@ class CoordinatorConfig:
     retrain_debounce_seconds: float = 10.0  # wait after an expert change before retraining
     retrain_interval_seconds: float = 600.0  # periodic retrain when anything changed
     auto_retrain: bool = True
+    role: str = "all"  # "all": uploads, admin, inference; "inference": Predict/Route/Generate only
+    router_poll_seconds: float = 2.0  # every replica serves a newly activated router within this
+    leader_check_seconds: float = 1.0  # replicas on PostgreSQL: leader election / lock check
     consistency_checks: bool = True  # screen experts for poisoning at upload and retrain
     consistency_copy_p_value: float = 1e-6  # mean-copy check: chance of an honest false alarm
     consistency_gate_z: float = 3.5  # gate-norm check: robust z-score (MAD) threshold
@@ -139,6 +142,10 @@ class CoordinatorConfig:
             raise ValueError(f"listen must be HOST:PORT, got {self.listen!r}")
         if self.object_part_bytes and self.object_part_bytes < 5 * 1024 * 1024:
             raise ValueError("object_part_bytes must be 0 (off) or >= 5 MiB (S3's minimum part)")
+        if self.role not in ("all", "inference"):
+            raise ValueError(f"role must be 'all' or 'inference', got {self.role!r}")
+        if self.router_poll_seconds <= 0 or self.leader_check_seconds <= 0:
+            raise ValueError("router_poll_seconds and leader_check_seconds must be > 0")
         if self.object_url_seconds <= 0:
             raise ValueError("object_url_seconds must be > 0")
         if self.metrics_listen and ":" not in self.metrics_listen:

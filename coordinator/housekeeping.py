@@ -21,11 +21,15 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from moerge.coordinator.uploads import UploadReceiver
 from moerge.storage.blobstore import BlobStore
 from moerge.storage.errors import NotFound
 from moerge.storage.registry import Registry
+
+if TYPE_CHECKING:
+    from moerge.coordinator.object_uploads import ObjectUploads
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +50,13 @@ def sweep(
     *,
     blob_min_age_seconds: float,
     stale_upload_seconds: float,
+    objects: ObjectUploads | None = None,
 ) -> SweepResult:
-    """Remove stale unfinished uploads, then unreferenced blobs older than the margin."""
+    """Remove stale unfinished uploads, then unreferenced blobs older than the margin.
+
+    With direct uploads (``objects``), a stale upload's staging objects and multipart uploads
+    in the store go too.
+    """
     removed_uploads = 0
     cutoff = time.time() - stale_upload_seconds
     for info in registry.stale_uploads(older_than_seconds=stale_upload_seconds):
@@ -55,6 +64,9 @@ def sweep(
         if uploads.last_write(info.contributor_id, info.upload_id) > cutoff:
             continue
         uploads.discard(info.contributor_id, info.upload_id)
+        if objects is not None:
+            names = [str(f["name"]) for f in info.manifest.get("files", ())]
+            objects.discard(info.contributor_id, info.upload_id, names)
         try:
             registry.delete_upload(ACTOR, info.contributor_id, info.upload_id)
         except NotFound:  # removed meanwhile (e.g. by a concurrent sweep)
@@ -81,6 +93,7 @@ async def run_periodically(
     interval_seconds: float,
     blob_min_age_seconds: float,
     stale_upload_seconds: float,
+    objects: ObjectUploads | None = None,
 ) -> None:
     """:func:`sweep` now and every ``interval_seconds`` (off the event loop) until cancelled."""
     while True:
@@ -92,6 +105,7 @@ async def run_periodically(
                 uploads,
                 blob_min_age_seconds=blob_min_age_seconds,
                 stale_upload_seconds=stale_upload_seconds,
+                objects=objects,
             )
         except asyncio.CancelledError:
             raise

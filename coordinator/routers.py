@@ -336,12 +336,29 @@ class RouterService:
         if self.policy is not None and self._task is None:
             self._task = asyncio.get_running_loop().create_task(self.run_scheduler())
 
-    async def stop(self) -> None:
+    async def stop_scheduler(self) -> None:
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+
+    async def follow_active(self, poll_seconds: float) -> None:
+        """Serve the registry's active version within ``poll_seconds`` of any replica (or an
+        admin through another replica) activating it; runs until cancelled."""
+        while True:
+            await asyncio.sleep(poll_seconds)
+            try:
+                info = await asyncio.to_thread(self.registry.active_router_version)
+                current = self._active.version.version if self._active is not None else None
+                if info is not None and info.version != current:
+                    self._active = await asyncio.to_thread(self.get, info.version)
+                    log.info("now serving router version %d (activated elsewhere)", info.version)
+            except Exception:  # a database blip must not stop the next poll
+                log.warning("cannot read the active router version", exc_info=True)
+
+    async def stop(self) -> None:
+        await self.stop_scheduler()
         if self.federation is not None:  # a SuperLink this coordinator started stops with it
             await asyncio.to_thread(self.federation.close)
             self.federation = None

@@ -49,6 +49,14 @@ SERVICE_NAMES = (
 )
 
 
+CONTRIBUTOR, INFERENCE, ADMIN = SERVICE_NAMES
+
+
+def served_services(config: CoordinatorConfig) -> tuple[str, ...]:
+    """All three services, or InferenceService alone on an inference-only replica."""
+    return (INFERENCE,) if config.role == "inference" else SERVICE_NAMES
+
+
 @dataclass
 class RunningServer:
     server: grpc.aio.Server
@@ -109,16 +117,18 @@ async def start(config: CoordinatorConfig, state: CoordinatorState | None = None
         ],
         options=options,
     )
-    limits = UploadLimiter.from_config(config)  # one budget for both upload paths
-    contributor_pb2_grpc.add_ContributorServiceServicer_to_server(
-        ContributorServicer(state, limits), server
-    )
+    services = served_services(config)
+    if CONTRIBUTOR in services:  # an inference-only replica (role) takes no uploads
+        limits = UploadLimiter.from_config(config)  # one budget for both upload paths
+        contributor_pb2_grpc.add_ContributorServiceServicer_to_server(
+            ContributorServicer(state, limits), server
+        )
+        admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(state), server)
     inference_pb2_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(state), server)
-    admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(state), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
-        (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        (*services, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
     if config.tls_cert:
         credentials = grpc.ssl_server_credentials(
@@ -137,7 +147,7 @@ async def start(config: CoordinatorConfig, state: CoordinatorState | None = None
         http = HttpServer(build_app(state, auth), config.http_listen, config.grace_seconds,
                           config.tls_cert, config.tls_key)
     await server.start()
-    for name in ("", *SERVICE_NAMES):
+    for name in ("", *services):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     metrics_http = None
     if config.metrics_listen:

@@ -1,8 +1,8 @@
 """Everything the servicers share: config, registry, blobs, base model, uploads, routers, engine.
 
-:meth:`CoordinatorState.open` migrates the database, cleans up after a crash (stale temp blobs,
-router fits that were interrupted) and bootstraps the admin credential; it is the only place that
-wires the pieces together.
+:meth:`CoordinatorState.open` migrates the database, cleans up after a crash (stale temp blobs)
+and bootstraps the admin credential; it is the only place that wires the pieces together. The
+replica that leads (:mod:`moerge.coordinator.leadership`) fails router fits a dead process left.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from moerge.coordinator.base_model import BaseModelSpec, describe_base_model
 from moerge.coordinator.config import CoordinatorConfig
 from moerge.coordinator.expert_store import ExpertStore
 from moerge.coordinator.housekeeping import run_periodically
+from moerge.coordinator.leadership import Leadership
 from moerge.coordinator.routers import RouterService
 from moerge.coordinator.uploads import UploadReceiver
 from moerge.router_training.policy import RetrainPolicy
@@ -49,7 +50,9 @@ class CoordinatorState:
     routers: RouterService
     objects: ObjectUploads | None = None  # direct uploads, with an S3 store and part size > 0
     inference: object | None = None  # InferenceService, created lazily on first Predict
+    leadership: Leadership | None = None  # set by start_background unless role is inference
     _housekeeping: asyncio.Task[None] | None = field(default=None, repr=False)
+    _tasks: list[asyncio.Task[None]] = field(default_factory=list, repr=False)
 
     @classmethod
     def open(cls, config: CoordinatorConfig) -> CoordinatorState:
@@ -66,7 +69,6 @@ class CoordinatorState:
         )
         blobs.cleanup_temp()  # this process's temp files only
         registry = Registry(engine, blobs)
-        registry.fail_interrupted_router_versions()
         bootstrap_admin(registry, config)
         spec = describe_base_model(
             config.base_model,
@@ -97,6 +99,25 @@ class CoordinatorState:
         )
 
     async def start_background(self) -> None:
+        """Every replica follows the active router; the leader alone also runs the scheduler
+        and housekeeping (``coordinator/leadership.py``; on SQLite this process, at once)."""
+        self._tasks.append(asyncio.create_task(
+            self.routers.follow_active(self.config.router_poll_seconds), name="moerge-router-follow"
+        ))
+        if self.config.role == "inference":
+            return
+        self.leadership = Leadership(self.engine, self._lead, self._stop_leading,
+                                     self.config.leader_check_seconds)
+        if not self.leadership.shared:
+            self.leadership.is_leader = True
+            await self._lead()
+            return
+        self._tasks.append(asyncio.create_task(self.leadership.run(), name="moerge-leadership"))
+
+    async def _lead(self) -> None:
+        """Become the leader: fits a dead leader left are failed, the scheduler and the sweep
+        start."""
+        await asyncio.to_thread(self.registry.fail_interrupted_router_versions)
         self.routers.start()
         if self.config.housekeeping_interval_seconds > 0:
             self._housekeeping = asyncio.create_task(
@@ -107,15 +128,25 @@ class CoordinatorState:
                     interval_seconds=self.config.housekeeping_interval_seconds,
                     blob_min_age_seconds=self.config.orphan_blob_min_age_seconds,
                     stale_upload_seconds=self.config.stale_upload_seconds,
+                    objects=self.objects,
                 ),
                 name="moerge-housekeeping",
             )
 
-    async def aclose(self) -> None:
+    async def _stop_leading(self) -> None:
         if self._housekeeping is not None:
             self._housekeeping.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._housekeeping
+            self._housekeeping = None
+        await self.routers.stop_scheduler()
+
+    async def aclose(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self._stop_leading()
         await self.routers.stop()
         if self.inference is not None:
             await self.inference.aclose()  # type: ignore[attr-defined]
