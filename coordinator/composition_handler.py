@@ -1,7 +1,7 @@
 """Compose and ListCompositions: few-shot composition at the coordinator (grpc-free).
 
 ``Compose`` checks the request, picks the candidate experts (the request's, or every active
-expert whose labels cover the examples' labels), runs
+expert whose labels cover the examples' labels; for a causal LM every active expert), runs
 :func:`~moerge.router_training.composition.search_weights` on a worker thread with the engine's
 loss (:mod:`moerge.coordinator.composition_objective`), streams a progress event after every
 evaluation, then stores the weights as the next version of the name and sends it. The examples
@@ -18,7 +18,7 @@ from collections import Counter
 from collections.abc import AsyncIterator
 
 from moerge.coordinator import inference_handler
-from moerge.coordinator.composition_objective import classification_loss
+from moerge.coordinator.composition_objective import classification_loss, generation_loss
 from moerge.coordinator.convert import actor_of
 from moerge.coordinator.errors import ResourceExhausted
 from moerge.coordinator.inference_service import expert_names
@@ -32,7 +32,7 @@ from moerge.router_training.composition import (
 )
 from moerge.storage.compositions import CompositionStore
 from moerge.storage.errors import FailedPrecondition, InvalidArgument
-from moerge.storage.records import CompositionInfo, Principal
+from moerge.storage.records import CompositionInfo, ExpertInfo, Principal
 from moerge.storage.validation import check_name
 from moerge.v1 import common_pb2, inference_pb2
 
@@ -75,6 +75,26 @@ def _config(request: inference_pb2.ComposeRequest) -> CompositionConfig:
     return config
 
 
+def _active(state: CoordinatorState, requested: list[str]) -> dict[str, ExpertInfo]:
+    """The active experts by id; refused when a requested one is unknown or not active."""
+    active = {e.id: e for e in state.registry.active_experts()}
+    for expert_id in requested:
+        if expert_id not in active:
+            info = state.registry.get_expert(expert_id)  # NotFound for unknown ids
+            raise FailedPrecondition(f"expert {expert_id} is {info.state}, not active")
+    return active
+
+
+def _any_experts(
+    state: CoordinatorState, requested: list[str]
+) -> tuple[list[str], tuple[str, ...]]:
+    """Causal LM: the requested experts (each must be active), else every active expert."""
+    active = _active(state, requested)
+    if not active:
+        raise FailedPrecondition("no active experts are registered yet")
+    return (requested or sorted(active)), ()
+
+
 def _candidates(
     state: CoordinatorState, requested: list[str], labels: set[str]
 ) -> tuple[list[str], tuple[str, ...]]:
@@ -85,11 +105,7 @@ def _candidates(
     ``requested`` ids the candidates are the active experts whose labels cover the examples'
     and whose label set is the most common among those.
     """
-    active = {e.id: e for e in state.registry.active_experts()}
-    for expert_id in requested:
-        if expert_id not in active:
-            info = state.registry.get_expert(expert_id)  # NotFound for unknown ids
-            raise FailedPrecondition(f"expert {expert_id} is {info.state}, not active")
+    active = _active(state, requested)
     if requested:
         chosen = [active[e] for e in requested]
     else:
@@ -119,8 +135,7 @@ async def compose(
     request: inference_pb2.ComposeRequest, state: CoordinatorState, principal: Principal
 ) -> AsyncIterator[inference_pb2.ComposeResponse]:
     """Progress events, then the stored composition (see the module docstring)."""
-    if state.config.task_type != "classification":
-        raise FailedPrecondition("few-shot composition needs a classification coordinator")
+    causal_lm = state.config.task_type == "causal_lm"
     texts = [e.text for e in request.examples]
     labels = [e.label for e in request.examples]
     try:
@@ -134,9 +149,15 @@ async def compose(
     name = check_name("name", request.name)  # before the search, not only when storing
     inference = await inference_handler.service(state)
     inference.check_inputs(texts)
-    experts, label_names = await asyncio.to_thread(
-        _candidates, state, list(request.expert_ids), set(labels)
-    )
+    if causal_lm:  # answers are text: every (requested or active) expert may take part
+        experts, label_names = await asyncio.to_thread(
+            _any_experts, state, list(request.expert_ids)
+        )
+    else:
+        experts, label_names = await asyncio.to_thread(
+            _candidates, state, list(request.expert_ids), set(labels)
+        )
+    build_loss = generation_loss if causal_lm else classification_loss
     if not _busy.acquire(blocking=False):
         raise ResourceExhausted("a composition search is already running; try again later")
     try:
@@ -146,7 +167,7 @@ async def compose(
 
         def run() -> None:
             try:
-                loss = classification_loss(inference.engine, experts, texts, labels)
+                loss = build_loss(inference.engine, experts, texts, labels)
                 result = search_weights(
                     loss, len(experts), config,
                     on_progress=lambda p: loop.call_soon_threadsafe(events.put_nowait, p),

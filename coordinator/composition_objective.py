@@ -6,6 +6,11 @@ plan (every example gets ``sum_j w_j B_j A_j`` and the heads merged with the sam
 exactly as Predict serves the stored composition), and the engine runs it on its own worker.
 The benchmark (``benchmarks/generalization.py``) calls the same function, so what it measures is
 what the coordinator stores.
+
+For a causal LM the loss is ``1 - exact match`` of the greedy answer (normalised as
+``moerge evaluate`` scores it), not LoraHub's token cross-entropy: the engine has no path that
+scores a given answer yet, and this loss is coarse (k + 1 values for k examples), so the search
+mostly tells apart mixtures that answer differently.
 """
 
 from __future__ import annotations
@@ -45,6 +50,28 @@ def classification_loss(
         return cross_entropy(
             [p.probabilities for p in predictions], [p.labels for p in predictions], labels
         )
+
+    return loss
+
+
+def generation_loss(
+    engine: InferenceEngine,
+    expert_ids: Sequence[str],
+    prompts: Sequence[str],
+    answers: Sequence[str],
+) -> Callable[[np.ndarray], float]:
+    """``w`` [E] -> share of ``prompts`` whose greedy answer under the merge is not the answer."""
+    from moerge.contributor_client.instruction_tasks import answers_match, normalise_answer
+
+    prompts, answers = list(prompts), list(answers)
+    # room for the longest answer and a little more: an answer that runs on is wrong anyway
+    budget = max(len(engine.tokenizer(normalise_answer(a))["input_ids"]) for a in answers) + 4
+
+    def loss(weights: np.ndarray) -> float:
+        plan = composition_plan(expert_ids, weights, len(prompts))
+        outputs = [p.output for p in engine.predict(prompts, plan, max_new_tokens=budget)]
+        wrong = sum(not answers_match(o, a) for o, a in zip(outputs, answers, strict=True))
+        return wrong / len(answers)
 
     return loss
 

@@ -16,6 +16,7 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
+from moerge.coordinator.composition_objective import composition_plan
 from moerge.coordinator.errors import ResourceExhausted
 from moerge.coordinator.inference.generation.requests import (
     GenerationEvent,
@@ -101,8 +102,14 @@ async def generate(
     expert_filter: Sequence[str],
     top_k: int,
     aggregation: Aggregation | None,
+    composition: str = "",
+    composition_version: int = 0,
 ) -> GenerationStream:
-    """Check, route and queue one request; events come from the returned stream."""
+    """Check, route and queue one request; events come from the returned stream.
+
+    ``composition`` pins a stored few-shot composition (its signed linear merge) instead of
+    routing.
+    """
     started = time.perf_counter()
     engine = service.engine
     if not engine.is_causal_lm:
@@ -111,8 +118,14 @@ async def generate(
             "task_type causal_lm (use Predict for classification)"
         )
     rendered = render_prompt(engine.tokenizer, prompt, messages, service.config.max_input_chars)
-    chosen = await asyncio.to_thread(service.choose, method, version, expert_filter)
-    plan = RoutingPlan.routed(chosen.router, service._top_k(chosen.router, top_k), aggregation)
+    if composition:
+        info = await service.composition(composition, composition_version)
+        plan = composition_plan(info.expert_ids, info.weights, 1)
+        chosen = Chosen(None, 0, f"composition {info.name} v{info.version}")
+    else:
+        chosen = await asyncio.to_thread(service.choose, method, version, expert_filter)
+        plan = RoutingPlan.routed(chosen.router, service._top_k(chosen.router, top_k),
+                                  aggregation)
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[GenerationEvent] = asyncio.Queue()
 

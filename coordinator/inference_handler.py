@@ -82,7 +82,7 @@ async def predict(
         request.max_new_tokens,
     )
     return await _response(
-        inference, predictions, chosen.version, chosen.router.method, chosen.note, latency
+        inference, predictions, chosen.version, chosen.method, chosen.note, latency
     )
 
 
@@ -90,6 +90,18 @@ async def _predict_composition(
     request: inference_pb2.PredictRequest, inference: InferenceService
 ) -> inference_pb2.PredictResponse:
     """A composition pinned by name: no router, so no routing field may be set."""
+    _check_composition_request(request)
+    predictions, info, latency = await inference.predict_composition(
+        list(request.inputs), request.composition, request.composition_version,
+        request.max_new_tokens,
+    )
+    note = f"composition {info.name} v{info.version}"
+    return await _response(inference, predictions, 0, "composition", note, latency)
+
+
+def _check_composition_request(
+    request: inference_pb2.PredictRequest | inference_pb2.GenerateRequest,
+) -> None:
     if request.routing_method or request.router_version or request.expert_ids or request.top_k:
         raise InvalidArgument(
             "composition", "a composition fixes its experts: leave routing_method, "
@@ -99,12 +111,6 @@ async def _predict_composition(
         raise InvalidArgument("aggregation", "a composition is served as a linear merge")
     if not 0 <= request.composition_version <= MAX_INT32:
         raise InvalidArgument("composition_version", f"must be in 0..{MAX_INT32} (0: newest)")
-    predictions, info, latency = await inference.predict_composition(
-        list(request.inputs), request.composition, request.composition_version,
-        request.max_new_tokens,
-    )
-    note = f"composition {info.name} v{info.version}"
-    return await _response(inference, predictions, 0, "composition", note, latency)
 
 
 async def _response(
@@ -176,7 +182,7 @@ async def route(
             for row in decisions
         ],
         router_version=chosen.version,
-        routing_method=chosen.router.method,
+        routing_method=chosen.method,
         note=chosen.note,
         latency_ms=latency,
     )
@@ -213,6 +219,8 @@ async def generate(
     _common_checks(request.top_k, request.router_version)
     if request.aggregation not in AGGREGATIONS:
         raise InvalidArgument("aggregation", f"unknown value {request.aggregation}")
+    if request.composition:
+        _check_composition_request(request)
     if len(request.expert_ids) > MAX_EXPERT_FILTER:
         raise InvalidArgument("expert_ids", f"at most {MAX_EXPERT_FILTER} ids")
     sampling = sampling_params(request.sampling, state.config.max_new_tokens)
@@ -227,6 +235,8 @@ async def generate(
         list(request.expert_ids),
         request.top_k,
         AGGREGATIONS[request.aggregation],
+        request.composition,
+        request.composition_version,
     )
 
     async def weights(experts: Sequence[ExpertWeight]) -> list[common_pb2.ExpertWeight]:
@@ -244,7 +254,7 @@ async def generate(
                 yield inference_pb2.GenerateResponse(start=inference_pb2.GenerateStart(
                     experts=await weights(event.experts),
                     router_version=stream.chosen.version,
-                    routing_method=stream.chosen.router.method,
+                    routing_method=stream.chosen.method,
                     aggregation=event.aggregation,
                     note=stream.chosen.note,
                     prompt_tokens=event.prompt_tokens,

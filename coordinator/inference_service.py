@@ -112,11 +112,19 @@ class RestrictedRouter(Router):
 
 @dataclass(frozen=True)
 class Chosen:
-    """The router a request will use, and what to tell the caller about it."""
+    """The router a request will use, and what to tell the caller about it.
 
-    router: Router
+    A generation pinned to a few-shot composition has no router: ``router`` is ``None`` and
+    ``method`` says ``composition``.
+    """
+
+    router: Router | None
     version: int
     note: str
+
+    @property
+    def method(self) -> str:
+        return self.router.method if self.router is not None else "composition"
 
 
 class InferenceService:
@@ -322,6 +330,15 @@ class InferenceService:
         """Serve a stored few-shot composition: its signed linear merge for every input."""
         started = time.perf_counter()
         self.check_inputs(inputs)
+        info = await self.composition(name, version)
+        plan = composition_plan(info.expert_ids, info.weights, len(inputs))
+        request = InferenceRequest(list(inputs), plan, max_new_tokens or None)
+        predictions = await self.batcher.submit(request)
+        return predictions, info, (time.perf_counter() - started) * 1000
+
+    async def composition(self, name: str, version: int) -> CompositionInfo:
+        """A stored composition (remembered while the registry is unchanged) whose experts
+        are all still active."""
         key = (name, version)
         info = self._compositions.get(key)
         if info is None:
@@ -335,10 +352,7 @@ class InferenceService:
                 f"composition {info.name} v{info.version} uses expert {inactive[0]}, which is "
                 "no longer active; compose it again"
             )
-        plan = composition_plan(info.expert_ids, info.weights, len(inputs))
-        request = InferenceRequest(list(inputs), plan, max_new_tokens or None)
-        predictions = await self.batcher.submit(request)
-        return predictions, info, (time.perf_counter() - started) * 1000
+        return info
 
     async def route(
         self,

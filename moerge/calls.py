@@ -348,6 +348,8 @@ def generate_request(
     experts: Iterable[str] = (),
     aggregation: str = "default",
     router_version: int = 0,
+    composition: str = "",
+    composition_version: int = 0,
 ) -> inference_pb2.GenerateRequest:
     """The ``Generate`` request for Client.generate`'s arguments.
 
@@ -356,7 +358,8 @@ def generate_request(
     greedy), ``top_p``, ``sample_top_k`` (0: off), ``seed``, ``stop`` strings,
     ``repetition_penalty``; unset values take the coordinator's defaults. Routing: ``top_k``
     experts, ``method``, ``experts``, ``aggregation`` and ``router_version`` as in
-    Client.predict`.
+    Client.predict`; or ``composition`` (and ``composition_version``) to serve a stored
+    few-shot composition instead of routing.
     """
     if (prompt is None) == (messages is None):
         raise MoergeError.invalid("pass exactly one of prompt and messages")
@@ -377,6 +380,8 @@ def generate_request(
         expert_ids=list(experts),
         aggregation=_aggregation(aggregation),
         router_version=router_version,
+        composition=composition,
+        composition_version=composition_version,
     )
 
 
