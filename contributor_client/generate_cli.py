@@ -37,6 +37,10 @@ def generate(
         str, typer.Option(help="default|ensemble|merge|ties|dare|mix")
     ] = "default",
     expert: Annotated[list[str] | None, typer.Option(help="restrict to these expert ids")] = None,
+    composition: Annotated[
+        str, typer.Option(help="serve this few-shot composition (moerge compose) instead")
+    ] = "",
+    composition_version: Annotated[int, typer.Option(help="its version (0: newest)")] = 0,
     coordinator: Coordinator = None,
     token: Token = None,
     tls_ca: TlsCa = None,
@@ -57,7 +61,8 @@ def generate(
         "messages": messages, "max_new_tokens": max_new_tokens, "sample_top_k": top_k,
         "temperature": temperature, "top_p": top_p, "seed": seed, "stop": stop or (),
         "repetition_penalty": repetition_penalty, "top_k": experts, "method": method,
-        "experts": expert or (), "aggregation": aggregation,
+        "experts": expert or (), "aggregation": aggregation, "composition": composition,
+        "composition_version": composition_version,
     }
 
     def stream() -> None:

@@ -59,3 +59,20 @@ def test_a_causal_lm_composition_is_searched_on_answers_and_served_by_generate_a
         assert predicted.predictions[0].output == text  # both greedy under the same merge
         with pytest.raises(moerge.MoergeError, match="composition fixes its experts"):
             list(admin.generate("x", composition="define", method="centroid"))
+
+
+def test_moerge_generate_takes_a_composition(served: BackgroundCoordinator) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from moerge.cli import app
+
+    admin = ["-c", served.address, "--token", served.admin_token()]
+    with moerge.Client(served.address, token=served.admin_token()) as client:
+        list(client.compose("cli-define", EXAMPLES[:2], budget=2))
+    result = CliRunner().invoke(app, ["generate", "Define: canine", "--composition",
+                                      "cli-define", "--max-new-tokens", "3", *admin, "--json"])
+    assert result.exit_code == 0, result.output
+    first = json.loads(result.stdout.splitlines()[0])
+    assert first["GenerateStart"]["routing_method"] == "composition"
