@@ -103,12 +103,12 @@ def write_expert(folder: Path, mib: int) -> int:
         str(folder / STATISTICS_TENSORS),
     )
     StatisticsMeta(
-        example_count=10,
+        example_count=100,  # above any minimum for statistics without DP
         hidden_size=HIDDEN,
         covariance_rank=4,
         task_name="big",
         label_names=["a", "b"],
-        label_counts=[5, 5],
+        label_counts=[50, 50],
     ).write(folder / STATISTICS_META)
     return rank
 
@@ -178,7 +178,7 @@ def start_coordinator(config: CoordinatorConfig) -> tuple[multiprocessing.Proces
     return process, stop, f"127.0.0.1:{ports.get(timeout=300)}"
 
 
-def join(address: str, admin: str) -> Target:
+def join(address: str, admin: str, name: str) -> Target:
     """Enrol a contributor; its target."""
     import grpc
 
@@ -193,7 +193,7 @@ def join(address: str, admin: str) -> Target:
         )
         credential = (
             contributor_pb2_grpc.ContributorServiceStub(channel)
-            .Join(contributor_pb2.JoinRequest(enrollment_token=token, name="bench"))
+            .Join(contributor_pb2.JoinRequest(enrollment_token=token, name=name))
             .credential
         )
     return Target(address=address, token=credential)
@@ -241,16 +241,15 @@ def main() -> None:
         )
         started_local = start_coordinator(local)
         started_s3 = start_coordinator(objects)
-        grpc_target = join(started_local[2], admin)
-        s3_target = join(started_s3[2], admin)
         load_before = os.getloadavg()
         times: dict[str, list[float]] = {}
         for round_ in range(args.rounds):  # variants interleaved round-robin
             times.setdefault("raw", []).append(raw_tcp_seconds(total))
-            for key, target, transport in (
-                ("chunks", grpc_target, "grpc"),
-                ("presigned", s3_target, "object"),
+            for key, address, transport in (  # a new contributor each round: the same content
+                ("chunks", started_local[2], "grpc"),  # from the same one is not stored again
+                ("presigned", started_s3[2], "object"),
             ):
+                target = join(address, admin, f"bench-{round_}")
                 cache = DigestCache(Path(tmp) / f"sha256-{key}-{round_}.json")  # empty: cold
                 started = time.perf_counter()
                 response = upload_expert(target, folder, f"{key}-{round_}", "big", chunk_size=chunk,
