@@ -13,6 +13,7 @@ a second caller gets RESOURCE_EXHAUSTED rather than an unbounded wait.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -160,55 +161,52 @@ async def compose(
     build_loss = generation_loss if causal_lm else classification_loss
     if not _busy.acquire(blocking=False):
         raise ResourceExhausted("a composition search is already running; try again later")
-    try:
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue[SearchProgress | SearchResult | BaseException] = asyncio.Queue()
-        stop = threading.Event()
+    loop = asyncio.get_running_loop()
+    events: asyncio.Queue[SearchProgress | SearchResult | BaseException] = asyncio.Queue()
+    stop = threading.Event()
 
-        def run() -> None:
-            try:
-                loss = build_loss(inference.engine, experts, texts, labels)
-                result = search_weights(
-                    loss, len(experts), config,
-                    on_progress=lambda p: loop.call_soon_threadsafe(events.put_nowait, p),
-                    cancelled=stop.is_set,
-                )
-                loop.call_soon_threadsafe(events.put_nowait, result)
-            except BaseException as exc:  # handed to the caller's stream
-                loop.call_soon_threadsafe(events.put_nowait, exc)
-
-        worker = loop.run_in_executor(None, run)
+    def run() -> None:  # the slot is held exactly as long as this search runs
         try:
-            while True:
-                event = await events.get()
-                if isinstance(event, BaseException):
-                    raise event
-                if isinstance(event, SearchProgress):
-                    yield inference_pb2.ComposeResponse(progress=inference_pb2.ComposeProgress(
-                        evaluations=event.evaluations, budget=event.budget,
-                        best_loss=event.best_loss, elapsed_s=event.elapsed_s,
-                    ))
-                    continue
-                result = event
-                break
+            loss = build_loss(inference.engine, experts, texts, labels)
+            result = search_weights(
+                loss, len(experts), config,
+                on_progress=lambda p: loop.call_soon_threadsafe(events.put_nowait, p),
+                cancelled=stop.is_set,
+            )
+            loop.call_soon_threadsafe(events.put_nowait, result)
+        except BaseException as exc:  # handed to the caller's stream
+            with contextlib.suppress(RuntimeError):  # the loop is gone: nobody listens
+                loop.call_soon_threadsafe(events.put_nowait, exc)
         finally:
-            stop.set()  # the caller left (or the search ended): stop, store nothing
-            await asyncio.shield(worker)
-        search = {
-            "config": {"budget": config.budget, "time_limit_s": config.time_limit_s,
-                       "l1": config.l1, "optimizer": config.optimizer, "seed": config.seed},
-            "example_count": len(texts),
-            "loss": result.loss, "start_loss": result.start_loss,
-            "objective": result.objective, "evaluations": result.evaluations,
-            "elapsed_s": result.elapsed_s, "stopped_by": result.stopped_by,
-        }
-        info = await asyncio.to_thread(
-            store.create, actor_of(principal), name, experts, result.weights,
-            label_names, search,
-            list(zip(texts, labels, strict=True)) if request.keep_examples else None,
-        )
-    finally:
+            _busy.release()
+
+    try:
+        loop.run_in_executor(None, run)
+    except BaseException:
         _busy.release()
+        raise
+    try:
+        while not isinstance(event := await events.get(), SearchResult):
+            if isinstance(event, BaseException):
+                raise event
+            yield inference_pb2.ComposeResponse(progress=inference_pb2.ComposeProgress(
+                evaluations=event.evaluations, budget=event.budget,
+                best_loss=event.best_loss, elapsed_s=event.elapsed_s,
+            ))
+    finally:
+        stop.set()  # the caller left or the search failed: stop it, store nothing
+    search = {
+        "config": {"budget": config.budget, "time_limit_s": config.time_limit_s,
+                   "l1": config.l1, "optimizer": config.optimizer, "seed": config.seed},
+        "example_count": len(texts),
+        "loss": event.loss, "start_loss": event.start_loss,
+        "objective": event.objective, "evaluations": event.evaluations,
+        "elapsed_s": event.elapsed_s, "stopped_by": event.stopped_by,
+    }
+    info = await asyncio.to_thread(
+        store.create, actor_of(principal), name, experts, event.weights, label_names, search,
+        list(zip(texts, labels, strict=True)) if request.keep_examples else None,
+    )
     names = await inference.expert_names(info.expert_ids)
     yield inference_pb2.ComposeResponse(composition=composition_message(info, names))
 

@@ -127,3 +127,25 @@ def test_the_cli_composes_from_a_jsonl_file_lists_it_and_predicts_with_it(
     bad.write_text('{"text": "no label"}\n')
     refused = runner.invoke(app, ["compose", "create", "bad", str(bad), *admin])
     assert refused.exit_code == 2 and "expected a JSON object" in " ".join(refused.output.split())
+
+
+def test_leaving_the_stream_cancels_the_search_and_stores_nothing(
+    running: BackgroundCoordinator, experts: list[str]
+) -> None:
+    import time
+
+    with moerge.Client(running.address, token=running.admin_token()) as admin:
+        events = admin.compose("cancelled", EXAMPLES, budget=1000, time_limit_s=600)
+        assert isinstance(next(events), ComposeProgress)
+        events.close()  # cancels the call
+        deadline = time.monotonic() + 30
+        while True:  # the coordinator frees its one search slot once the search has stopped
+            try:
+                done = list(admin.compose("after", EXAMPLES, budget=1))[-1]
+                break
+            except moerge.MoergeError as exc:
+                assert exc.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+                assert time.monotonic() < deadline
+                time.sleep(0.2)
+        assert done.name == "after"
+        assert admin.compositions("cancelled") == []
