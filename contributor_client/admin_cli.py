@@ -66,6 +66,7 @@ def _expert_rows(experts: list[Expert]) -> list[tuple[object, ...]]:
             e.state,
             e.example_count,
             len(e.label_names),
+            e.privacy_report.summary() if e.privacy_report else "",
             e.contributor_id[:12],
             _short(e.state_reason),
         )
@@ -79,7 +80,7 @@ def _short(text: str, width: int = 48) -> str:
 
 
 EXPERT_COLUMNS = (
-    "id", "name", "v", "task", "state", "examples", "labels", "contributor", "reason",
+    "id", "name", "v", "task", "state", "examples", "labels", "privacy", "contributor", "reason",
 )  # fmt: skip
 
 
@@ -136,7 +137,14 @@ def experts_show(
     expert = _run(
         coordinator, token, tls_ca, lambda api: api.get_expert(api.resolve_expert_id(expert_id))
     )
-    emit_json(expert) if json_out else fields(f"expert {expert.expert_id}", expert)
+    if json_out:
+        emit_json(expert)
+        return
+    fields(f"expert {expert.expert_id}", expert)
+    if expert.privacy_report is not None:
+        from moerge.contributor_client.train_cli import privacy_table
+
+        privacy_table(expert.privacy_report)
 
 
 @experts_app.command("set-state")

@@ -21,10 +21,18 @@ from safetensors import safe_open
 
 from moerge.contributor_client.batching import load_tokenizer
 from moerge.contributor_client.data import Examples, label_order, load_examples
+from moerge.contributor_client.dp_sgd import DPSGDConfig
 from moerge.contributor_client.gates import GateConfig, train_gates
-from moerge.contributor_client.privacy import DPConfig
+from moerge.contributor_client.privacy import (
+    DEFAULT_DELTA,
+    DEFAULT_EPSILON,
+    DPConfig,
+    SGDAccount,
+    privacy_report,
+)
 from moerge.contributor_client.statistics import (
     COVARIANCE_RANK,
+    check_release_size,
     compute_statistics,
     save_statistics,
 )
@@ -39,6 +47,7 @@ from moerge.expert_format import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
     STATISTICS_META,
+    ExpertQuality,
     StatisticsMeta,
 )
 
@@ -55,6 +64,9 @@ class BuildReport:
     train: TrainResult | None  # None when the adapter was brought rather than trained here
     gates_skipped: str  # why no gates were trained; "" when they were
     seconds: dict[str, float]  # wall time per phase: "train", "gates", "statistics", "total"
+    gates_dp: SGDAccount | str = "none"  # the gates' DP-SGD account, "none" without DP
+    # the quality figures (also in meta.quality unless DP-SGD kept them local)
+    quality: ExpertQuality | None = None
 
 
 def build_expert(
@@ -69,6 +81,8 @@ def build_expert(
     gate_config: GateConfig | None = None,
     with_gates: bool = True,
     dp: DPConfig | None = None,
+    no_dp: bool = False,
+    dp_sgd: DPSGDConfig | None = None,
     statistics_rank: int = COVARIANCE_RANK,
     base_model_revision: str = "",
     progress: bool = True,
@@ -78,13 +92,21 @@ def build_expert(
     Gates use ``gate_config`` (default :class:`GateConfig`) unless ``with_gates`` is False.
     Gates and statistics see the examples training saw (all, or ``config.max_examples``).
     ``base_model_revision`` (e.g. the coordinator's) is recorded in ``statistics.json``.
+    The statistics are DP with ``dp``, by default :data:`DEFAULT_EPSILON`; ``no_dp`` turns
+    that off (recorded). ``dp_sgd`` trains the adapter and the gates with DP-SGD (Opacus).
+    ``statistics.json`` gets the privacy report of everything the folder releases.
     """
     started = time.perf_counter()
+    dp = statistics_dp(dp, no_dp)
     examples = load_examples(data_path, text_field, label_field)
     texts, labels = select_examples(
         examples.texts, examples.labels, config.max_examples, config.seed
     )
-    train = train_expert(texts, labels, config, out_dir, progress=progress)
+    check_release_size(len(texts), dp)  # before training, not after
+    if dp_sgd is not None and with_gates:  # one noise multiplier for adapter and gates
+        dp_sgd.gate_steps = (gate_config or GateConfig()).steps
+        dp_sgd.gate_examples = len(texts)
+    train = train_expert(texts, labels, config, out_dir, progress=progress, dp_sgd=dp_sgd)
     report = _complete_adapter(
         Path(out_dir),
         Path(out_dir),
@@ -99,9 +121,23 @@ def build_expert(
         base_model_id=config.base_model_id or config.base_model,
         base_model_revision=base_model_revision,
         progress=progress,
+        dp_sgd=dp_sgd,
     )
     report.train = train
-    report.meta.quality = train.quality()  # the expert beside its baselines (issue 22)
+    report.quality = train.quality()
+    # The quality figures are measured on held-out data; under DP-SGD they would be a release
+    # without DP, so they stay in the local report only.
+    report.meta.quality = None if dp_sgd is not None else report.quality
+    report.meta.privacy = privacy_report(
+        dp,
+        opt_out=no_dp,
+        adapter=train.dp_sgd or "none",
+        gates=report.gates_dp if report.meta.gate_modules else None,
+    )
+    if dp_sgd is None:
+        report.meta.privacy.not_covered.append(
+            "quality (validation accuracy and loss on a held-out split)"
+        )
     report.meta.write(Path(out_dir) / STATISTICS_META)
     report.seconds["train"] = train.seconds
     report.seconds["total"] = time.perf_counter() - started
@@ -122,6 +158,7 @@ def write_expert_statistics(
     gate_config: GateConfig | None = None,
     with_gates: bool = True,
     dp: DPConfig | None = None,
+    no_dp: bool = False,
     statistics_rank: int = COVARIANCE_RANK,
     base_model_id: str = "",
     base_model_revision: str = "",
@@ -144,8 +181,10 @@ def write_expert_statistics(
     ``base_model_id`` defaults to the adapter's ``base_model_name_or_path``.
     """
     started = time.perf_counter()
+    dp = statistics_dp(dp, no_dp)
     adapter_dir = Path(adapter_dir)
     examples = load_examples(data_path, text_field, label_field)
+    check_release_size(len(examples.texts), dp)
     report = _complete_adapter(
         adapter_dir,
         Path(out_dir) if out_dir is not None else adapter_dir,
@@ -161,8 +200,23 @@ def write_expert_statistics(
         base_model_revision=base_model_revision,
         progress=progress,
     )
+    # The adapter was trained elsewhere: moerge cannot say how; its gates are trained here.
+    report.meta.privacy = privacy_report(
+        dp, opt_out=no_dp, adapter="external",
+        gates="none" if report.meta.gate_modules else None,
+    )
+    report.meta.write(Path(report.out_dir) / STATISTICS_META)
     report.seconds["total"] = time.perf_counter() - started
     return report
+
+
+def statistics_dp(dp: DPConfig | None, no_dp: bool) -> DPConfig | None:
+    """The statistics' DP: ``dp``, else the default budget, unless the caller opted out."""
+    if no_dp:
+        if dp is not None:
+            raise ValueError("no_dp (--no-dp) and a DP budget (--dp-epsilon) contradict")
+        return None
+    return dp or DPConfig(epsilon=DEFAULT_EPSILON, delta=DEFAULT_DELTA)
 
 
 def _complete_adapter(
@@ -180,6 +234,7 @@ def _complete_adapter(
     base_model_id: str,
     base_model_revision: str,
     progress: bool,
+    dp_sgd: DPSGDConfig | None = None,
 ) -> BuildReport:
     """Gates (when possible) and statistics for the adapter in ``adapter_dir``."""
     adapter_config = _read_adapter_config(adapter_dir)
@@ -201,11 +256,14 @@ def _complete_adapter(
     seconds: dict[str, float] = {}
     gates: dict[str, torch.Tensor] = {}
     skipped = _why_no_gates(peft_task, head_size, labels, gate_config)
+    gates_dp: SGDAccount | str = "none"
     if not skipped and gate_config is not None:
         begin = time.perf_counter()
-        gates = _adapter_gates(
-            base, adapter_dir, task_type, label_names, examples, labels, gate_config, progress
+        gates, account = _adapter_gates(
+            base, adapter_dir, task_type, label_names, examples, labels, gate_config, progress,
+            dp_sgd,
         )
+        gates_dp = account or "none"
         seconds["gates"] = time.perf_counter() - begin
 
     begin = time.perf_counter()
@@ -229,7 +287,8 @@ def _complete_adapter(
         for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
             shutil.copyfile(adapter_dir / name, out_dir / name)
     return BuildReport(
-        out_dir=out_dir, meta=meta, train=None, gates_skipped=skipped, seconds=seconds
+        out_dir=out_dir, meta=meta, train=None, gates_skipped=skipped, seconds=seconds,
+        gates_dp=gates_dp,
     )
 
 
@@ -261,7 +320,8 @@ def _adapter_gates(
     labels: list[str] | None,
     gate_config: GateConfig,
     progress: bool,
-) -> dict[str, torch.Tensor]:
+    dp_sgd: DPSGDConfig | None = None,
+) -> tuple[dict[str, torch.Tensor], SGDAccount | None]:
     tokenizer = load_tokenizer(base)
     with torch.random.fork_rng(devices=[]):
         # The head is replaced by the adapter's; seeding keeps even its throwaway init fixed.
@@ -275,7 +335,14 @@ def _adapter_gates(
         if unknown:
             raise ValueError(f"labels {unknown[:5]} are not among label_names {label_names}")
         label_ids = [index[label] for label in labels]
-    return train_gates(
+    if dp_sgd is not None:
+        from moerge.contributor_client.dp_sgd import train_gates_dp
+
+        return train_gates_dp(
+            model, tokenizer, examples.texts, label_ids, gate_config, dp_sgd,
+            causal_lm=task_type == "causal_lm", progress=progress,
+        )
+    gates = train_gates(
         model,
         tokenizer,
         examples.texts,
@@ -284,6 +351,7 @@ def _adapter_gates(
         causal_lm=task_type == "causal_lm",
         progress=progress,
     )
+    return gates, None
 
 
 def _read_adapter_config(adapter_dir: Path) -> dict[str, Any]:

@@ -99,6 +99,8 @@ class LoraGates:
             name: nn.Parameter(torch.full((layer.in_features,), float(init)))
             for name, layer in self.layers.items()
         }
+        # Optional modules computing a gate's score (DP-SGD: Opacus must see the gate's calls).
+        self.score_modules: dict[str, nn.Module] = {}
         self._scores: dict[str, torch.Tensor] = {}  # name -> sigmoid(v . x) [..., 1]
         self._handles: list[RemovableHandle] = []
 
@@ -129,6 +131,10 @@ class LoraGates:
 
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             x = args[0] if args else kwargs["x"]  # [..., d_in], the LoRA layer's input
+            scorer = self.score_modules.get(name)
+            if scorer is not None:
+                self._scores[name] = scorer(x)
+                return
             self._scores[name] = torch.sigmoid(x @ gate.to(x.dtype)).unsqueeze(-1)  # [..., 1]
 
         return hook

@@ -14,11 +14,14 @@ embedding space) and summarised by its count, label counts, mean ``mu`` [H] and 
 The sample covariance is the unbiased one (``torch.cov``: divide by ``N - 1``; zero for N = 1).
 With :class:`DPConfig`, count, sum and second moment are released with Gaussian noise
 (:mod:`privacy`) and mean and covariance are derived from those releases alone, the covariance
-projected onto the positive semi-definite cone. See :mod:`moerge.expert_format` for the keys.
+denoised (:func:`denoise_covariance`: directions above the noise's spectrum kept, the rest
+isotropic). Without DP, fewer than ``MIN_EXAMPLES_WITHOUT_DP`` examples are refused. See
+:mod:`moerge.expert_format` for the keys.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +36,14 @@ from moerge.contributor_client.embedding import (
     EMBEDDING_MAX_LENGTH,
     pooled_embeddings,
 )
-from moerge.contributor_client.privacy import MECHANISM, DPConfig, clip_rows, privatize
+from moerge.contributor_client.privacy import (
+    MECHANISM,
+    MIN_EXAMPLES_WITHOUT_DP,
+    DPConfig,
+    clip_rows,
+    privacy_report,
+    privatize,
+)
 from moerge.expert_format import (
     COV_DIAG_KEY,
     COV_FACTOR_KEY,
@@ -90,6 +100,7 @@ def compute_statistics(
     """
     if not texts:
         raise ValueError("statistics need at least one example")
+    check_release_size(len(texts), dp)
     label_ids = _label_ids(labels, label_names, len(texts))
     tokenizer = load_tokenizer(str(base_model_path))
     model = AutoModel.from_pretrained(str(base_model_path), dtype=torch.float32)
@@ -125,9 +136,24 @@ def compute_statistics(
         base_model_revision=base_model_revision,
         gate_modules=list(gates or {}),
         dp=privacy,
+        privacy=privacy_report(dp, opt_out=dp is None, adapter=None),
     )
     meta.validate()
     return tensors, meta
+
+
+class TooFewExamples(ValueError):
+    """Statistics without DP of fewer than :data:`MIN_EXAMPLES_WITHOUT_DP` examples."""
+
+
+def check_release_size(count: int, dp: DPConfig | None) -> None:
+    """Refuse statistics without DP of fewer than ``MIN_EXAMPLES_WITHOUT_DP`` examples: their
+    mean is close to single texts' embeddings, which inversion attacks turn back into text."""
+    if dp is None and count < MIN_EXAMPLES_WITHOUT_DP:
+        raise TooFewExamples(
+            f"statistics without differential privacy need at least {MIN_EXAMPLES_WITHOUT_DP} "
+            f"examples, got {count}: keep DP on (drop --no-dp) or add examples"
+        )
 
 
 def summarize_embeddings(
@@ -156,7 +182,7 @@ def summarize_embeddings(
     count = float(counts.sum().clamp(min=1.0))
     mean, cov = mean_and_covariance(count, total, second)
     if dp is not None:
-        cov = nearest_psd(cov)
+        cov = denoise_covariance(cov, noise_std["second_moment"] / max(count - 1.0, 1.0))
         noise_std["mean"] = noise_std["sum"] / count  # std of each mean entry, to first order
     factor, diag = low_rank_plus_diag(cov, rank)
     return EmbeddingSummary(
@@ -186,6 +212,30 @@ def nearest_psd(matrix: torch.Tensor) -> torch.Tensor:
     """The positive semi-definite matrix nearest to symmetric ``matrix`` [H, H] (Frobenius)."""
     values, vectors = torch.linalg.eigh(matrix)
     return (vectors * values.clamp(min=0.0)) @ vectors.T
+
+
+def denoise_covariance(cov: torch.Tensor, noise: float) -> torch.Tensor:
+    """The covariance behind ``cov`` [H, H] = true + symmetric Gaussian noise of std ``noise``
+    per entry: a positive semi-definite estimate (post-processing: no privacy cost).
+
+    The noise's eigenvalues fill a semicircle of radius ``2 s``, ``s = noise sqrt(H)``; an
+    eigenvalue above it is a true direction ``theta`` seen at ``theta + s^2 / theta``
+    (Wigner spiked model), so it is kept as ``(lambda + sqrt(lambda^2 - 4 s^2)) / 2``; the
+    rest is noise, replaced by the isotropic variance that the trace leaves. Measured against
+    the nearest PSD matrix (which keeps half the noise as spurious directions): QDA routing
+    at epsilon 4, 200 examples per task, 51% -> 81% (benchmarks/dp_statistics.py).
+    """
+    size = cov.shape[0]
+    s = noise * math.sqrt(size)
+    values, vectors = torch.linalg.eigh(0.5 * (cov + cov.T))
+    spikes = values > 2.0 * s
+    theta = torch.where(
+        spikes, 0.5 * (values + (values**2 - 4.0 * s * s).clamp(min=0.0).sqrt()),
+        torch.zeros_like(values),
+    )
+    rest = (torch.diagonal(cov).sum() - theta.sum()) / max(size - int(spikes.sum()), 1)
+    isotropic = float(rest.clamp(min=COV_DIAG_FLOOR))
+    return (vectors * theta) @ vectors.T + isotropic * torch.eye(size, dtype=cov.dtype)
 
 
 def low_rank_plus_diag(

@@ -8,8 +8,9 @@ differ from the coordinator's is refused. ``--offline`` skips the question (for 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 
@@ -110,12 +111,47 @@ def _train_config(
     return _or_exit(lambda: train_config(base_model, info, options))
 
 
-def _dp(epsilon: float | None, delta: float) -> object:
-    if epsilon is None:
-        return None
-    from moerge.contributor_client.privacy import DPConfig
+# Differential privacy (docs/security.md): the statistics are DP by default; --no-dp opts out.
+DpEpsilon = Annotated[
+    float | None,
+    typer.Option(help="DP epsilon of the statistics [default: 8, see docs/security.md]"),
+]
+DpDelta = Annotated[float, typer.Option(help="DP delta of the statistics")]
+NoDp = Annotated[
+    bool,
+    typer.Option(
+        "--no-dp",
+        help="release the statistics WITHOUT differential privacy (recorded and shown by the "
+        "coordinator; needs at least 50 examples)",
+    ),
+]
+DpSgdEpsilon = Annotated[
+    float | None,
+    typer.Option(help="train the adapter and gates with DP-SGD (Opacus) at this epsilon"),
+]
+DpSgdDelta = Annotated[float, typer.Option(help="DP-SGD delta")]
 
-    return DPConfig(epsilon=epsilon, delta=delta)
+
+@dataclass
+class Privacy:
+    """The privacy options of a command, as given."""
+
+    dp_epsilon: float | None = None
+    dp_delta: float = 1e-5
+    no_dp: bool = False
+    dp_sgd_epsilon: float | None = None
+    dp_sgd_delta: float = 1e-5
+
+    def statistics(self) -> object:
+        """The statistics' ``DPConfig`` (None only with --no-dp); bad options exit with 2."""
+        from moerge.client_training import TrainOptions, privacy_options
+
+        options = TrainOptions(**vars(self))
+        try:
+            return privacy_options(options)[0]
+        except ValueError as exc:
+            error(exc)
+            raise typer.Exit(2) from None
 
 
 def _build(
@@ -131,7 +167,7 @@ def _build(
     gate_steps: int,
     max_length: int,
     seed: int,
-    dp: object,
+    privacy: Privacy,
     stats_rank: int,
     *,
     progress: bool,
@@ -147,8 +183,7 @@ def _build(
         stats_rank=stats_rank,
         gates=with_gates,
         gate_steps=gate_steps,
-        dp_epsilon=getattr(dp, "epsilon", None),
-        dp_delta=getattr(dp, "delta", 1e-5),
+        **vars(privacy),
     )
     return _or_exit(
         lambda: build(data, out, task_name, description, options, config, info, progress)  # type: ignore[arg-type]
@@ -225,15 +260,43 @@ def _report(report: object, json_out: bool) -> None:
         "gates": len(meta.gate_modules),
         "gates_skipped": report.gates_skipped,  # type: ignore[attr-defined]
         "dp": None if meta.dp is None else {"epsilon": meta.dp.epsilon, "delta": meta.dp.delta},
+        "privacy": None if meta.privacy is None else meta.privacy.summary(),
         "seconds": {k: round(v, 2) for k, v in report.seconds.items()},  # type: ignore[attr-defined]
     }
     warnings = [] if quality is None else quality_warnings(quality)
+    if meta.privacy is not None and meta.privacy.statistics_opt_out:
+        warnings.append("the statistics are released WITHOUT differential privacy (--no-dp)")
     if json_out:
-        emit_json({**summary, "warnings": warnings})
+        emit_json({**summary, "privacy_report": meta.privacy, "warnings": warnings})
         return
     table("expert", ("field", "value"), [(k, v) for k, v in summary.items()])
+    if meta.privacy is not None:
+        privacy_table(meta.privacy)
     for warning in warnings:
         err_console.print(f"[yellow]warning[/yellow] {warning}")
+
+
+def privacy_rows(report: Any) -> list[tuple[object, ...]]:
+    """One row per release of a :class:`~moerge.expert_format.PrivacyReport`, then the total."""
+    rows: list[tuple[object, ...]] = []
+    for r in report.releases:
+        budget = ("-", "-") if r.epsilon is None else (f"{r.epsilon:.3g}", f"{r.delta:.2g}")
+        rows.append((r.what, r.mechanism, *budget))
+    if report.epsilon is not None:
+        scope = "all together" if report.all_dp else "DP releases together"
+        accountant = getattr(report, "accountant", "dp_accounting PLD")
+        rows.append((scope, accountant, f"{report.epsilon:.3g}", f"{report.delta:.2g}"))
+    if not report.all_dp:
+        rows.append(("everything released", "not DP", "-", "-"))
+    return rows
+
+
+def privacy_table(report: Any) -> None:
+    """The privacy report as a table (what was released, mechanism, epsilon, delta)."""
+    table(f"privacy (per {report.unit})", ("released", "mechanism", "epsilon", "delta"),
+          privacy_rows(report))
+    if report.statistics_opt_out:
+        err_console.print("[yellow]warning[/yellow] DP on the statistics was turned off (--no-dp)")
 
 
 def train(
@@ -263,8 +326,11 @@ def train(
     stats_rank: Annotated[int, typer.Option(help="covariance rank of the statistics")] = 16,
     no_gates: Annotated[bool, typer.Option("--no-gates", help="skip PHATGOOSE gates")] = False,
     gate_steps: Annotated[int, typer.Option(help="PHATGOOSE gate training steps")] = 100,
-    dp_epsilon: Annotated[float | None, typer.Option(help="DP epsilon for the statistics")] = None,
-    dp_delta: Annotated[float, typer.Option(help="DP delta for the statistics")] = 1e-5,
+    dp_epsilon: DpEpsilon = None,
+    dp_delta: DpDelta = 1e-5,
+    no_dp: NoDp = False,
+    dp_sgd_epsilon: DpSgdEpsilon = None,
+    dp_sgd_delta: DpSgdDelta = 1e-5,
     base_model: Annotated[str | None, typer.Option(help="local base model folder")] = None,
     offline: Annotated[bool, typer.Option("--offline", help="do not ask the coordinator")] = False,
     coordinator: Coordinator = None,
@@ -274,6 +340,8 @@ def train(
 ) -> None:
     """Train a LoRA expert on DATA and write its statistics (nothing leaves this machine)."""
 
+    privacy = Privacy(dp_epsilon, dp_delta, no_dp, dp_sgd_epsilon, dp_sgd_delta)
+    privacy.statistics()  # contradicting options exit before anything is loaded
     target = Target.resolve(coordinator, token, tls_ca)
     path, info = agreed_base_model(base_model, offline, target)
     config = _train_config(
@@ -303,7 +371,7 @@ def train(
         gate_steps,
         max_length,
         seed,
-        _dp(dp_epsilon, dp_delta),
+        privacy,
         stats_rank,
         progress=not json_out,
     )
@@ -325,8 +393,9 @@ def stats(
     ] = None,
     stats_rank: int = 16,
     no_gates: Annotated[bool, typer.Option("--no-gates")] = False,
-    dp_epsilon: float | None = None,
-    dp_delta: float = 1e-5,
+    dp_epsilon: DpEpsilon = None,
+    dp_delta: DpDelta = 1e-5,
+    no_dp: NoDp = False,
     base_model: Annotated[str | None, typer.Option(help="local base model folder")] = None,
     offline: Annotated[bool, typer.Option("--offline")] = False,
     coordinator: Coordinator = None,
@@ -337,6 +406,7 @@ def stats(
     """Statistics (and gates) for a LoRA adapter trained elsewhere: bring your own adapter."""
     from moerge.contributor_client.build import write_expert_statistics
 
+    dp = Privacy(dp_epsilon, dp_delta, no_dp).statistics()
     target = Target.resolve(coordinator, token, tls_ca)
     path, info = agreed_base_model(base_model, offline, target)
     try:
@@ -351,7 +421,8 @@ def stats(
             text_field=text_field,
             label_field=label_field or None,
             with_gates=not no_gates,
-            dp=_dp(dp_epsilon, dp_delta),
+            dp=dp,
+            no_dp=no_dp,
             statistics_rank=stats_rank,
             base_model_id=info.base_model_id if info else "",
             base_model_revision=info.revision if info else "",
@@ -387,8 +458,11 @@ def contribute(
     stats_rank: int = 16,
     no_gates: Annotated[bool, typer.Option("--no-gates")] = False,
     gate_steps: Annotated[int, typer.Option(help="PHATGOOSE gate training steps")] = 100,
-    dp_epsilon: float | None = None,
-    dp_delta: float = 1e-5,
+    dp_epsilon: DpEpsilon = None,
+    dp_delta: DpDelta = 1e-5,
+    no_dp: NoDp = False,
+    dp_sgd_epsilon: DpSgdEpsilon = None,
+    dp_sgd_delta: DpSgdDelta = 1e-5,
     base_model: str | None = None,
     transport: Transport = TransportChoice.auto,
     coordinator: Coordinator = None,
@@ -401,6 +475,8 @@ def contribute(
 
     from moerge.contributor_client.upload import TransportUnavailable, upload_expert
 
+    privacy = Privacy(dp_epsilon, dp_delta, no_dp, dp_sgd_epsilon, dp_sgd_delta)
+    privacy.statistics()
     target = Target.resolve(coordinator, token, tls_ca)
     path, info = agreed_base_model(base_model, False, target)
     config = _train_config(
@@ -432,7 +508,7 @@ def contribute(
             gate_steps,
             max_length,
             seed,
-            _dp(dp_epsilon, dp_delta),
+            privacy,
             stats_rank,
             progress=not json_out,
         )
@@ -462,6 +538,7 @@ def contribute(
                 "warnings": [] if report.meta.quality is None else quality_warnings(
                     report.meta.quality
                 ),
+                "privacy_report": report.meta.privacy,
             }
         )
         return

@@ -27,6 +27,7 @@ back the earlier recipe (random head, fixed epochs, unweighted loss, last step k
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import random
@@ -35,6 +36,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -66,6 +68,10 @@ from moerge.contributor_client.batching import (
 )
 from moerge.contributor_client.data import label_order, train_validation_split
 from moerge.expert_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS, ExpertQuality
+
+if TYPE_CHECKING:
+    from moerge.contributor_client.dp_sgd import DPSGDConfig
+    from moerge.contributor_client.privacy import SGDAccount
 
 TASK_TYPES = ("classification", "causal_lm")
 SCHEDULES = ("linear", "cosine")
@@ -189,6 +195,7 @@ class TrainResult:
     base_val_loss: float | None = None  # causal LM: the base model's, without the adapter
     best_step: int | None = None  # optimizer steps of the restored checkpoint (early stopping)
     probe_seconds: float = 0.0  # share of `seconds` spent fitting the linear probe
+    dp_sgd: SGDAccount | None = None  # the adapter's DP-SGD run (None: trained without DP)
 
     def quality(self) -> ExpertQuality:
         """The figures recorded in ``statistics.json`` (see :class:`ExpertQuality`)."""
@@ -208,6 +215,7 @@ def train_expert(
     config: TrainConfig,
     out_dir: str | Path,
     progress: bool = True,
+    dp_sgd: DPSGDConfig | None = None,
 ) -> TrainResult:
     """Train a LoRA expert and save it (PEFT format) into ``out_dir``.
 
@@ -216,8 +224,17 @@ def train_expert(
     are optional completions: with them the expert learns to continue ``texts[i]`` with
     ``labels[i]`` (loss on the completion's tokens and the EOS after it only); without them
     it learns the texts themselves. The caller's global torch RNG state is left untouched.
+
+    With ``dp_sgd`` the adapter and head are trained with DP-SGD (:mod:`dp_sgd`): no probe
+    initialisation, class weights or early stopping (each would use the data without noise).
     """
     started = time.perf_counter()
+    if dp_sgd is not None:
+        if config.task_type != "classification":
+            raise ValueError("DP-SGD (--dp-sgd-epsilon) supports classification experts only")
+        config = dataclasses.replace(
+            config, probe_init=False, class_weighting="none", early_stopping=False
+        )
     config.validate()
     texts, labels = select_examples(texts, labels, config.max_examples, config.seed)
     causal_lm = config.task_type == "causal_lm"
@@ -262,10 +279,21 @@ def train_expert(
                     model, tokenizer, token_ids, None, val_idx, config.batch_size, True,
                     config.bf16, prompt_lengths,
                 )
-        curve, best_step = _train(
-            model, tokenizer, token_ids, label_ids, train_idx, val_idx, config, progress,
-            prompt_lengths, class_weights,
-        )
+        sgd_account = None
+        if dp_sgd is not None:
+            from moerge.contributor_client.dp_sgd import calibrate, train_adapter_dp
+
+            calibrate(dp_sgd, dp_sgd.runs(len(train_idx), config.epochs))
+            curve, sgd_account = train_adapter_dp(
+                model, tokenizer, token_ids, label_ids, train_idx, dp_sgd, config.epochs,
+                config.seed, config.warmup_fraction, progress,
+            )
+            best_step = None
+        else:
+            curve, best_step = _train(
+                model, tokenizer, token_ids, label_ids, train_idx, val_idx, config, progress,
+                prompt_lengths, class_weights,
+            )
 
     val_accuracy = val_loss = None
     if val_idx:
@@ -287,6 +315,7 @@ def train_expert(
         base_val_loss=base_val_loss,
         best_step=best_step,
         probe_seconds=probe_seconds,
+        dp_sgd=sgd_account,
     )
 
 

@@ -8,12 +8,14 @@ config alone.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+from moerge.coordinator.privacy_policy import PrivacyPolicy
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf")
 
@@ -29,6 +31,8 @@ class BaseModelSpec:
     linear_shapes: dict[str, tuple[int, int]]
     allowed_targets: tuple[str, ...]
     max_lora_rank: int
+    #: what uploaded experts must declare about privacy (checked with the rest at validation)
+    privacy: PrivacyPolicy = field(default_factory=PrivacyPolicy)
 
     def target_shapes(self) -> dict[str, tuple[int, int]]:
         """Linear modules whose last name component is an allowed LoRA target."""
@@ -60,6 +64,7 @@ def describe_base_model(
     task_type: str,
     allowed_targets: tuple[str, ...],
     max_lora_rank: int,
+    privacy: PrivacyPolicy | None = None,
 ) -> BaseModelSpec:
     """Read config + weights' digest; enumerate linear layers on the meta device."""
     config = AutoConfig.from_pretrained(str(path))
@@ -83,4 +88,5 @@ def describe_base_model(
         linear_shapes=shapes,
         allowed_targets=tuple(allowed_targets),
         max_lora_rank=max_lora_rank,
+        privacy=privacy or PrivacyPolicy(),
     )

@@ -51,6 +51,12 @@ class CoordinatorConfig:
     target_modules: tuple[str, ...] = ("query", "value")  # LoRA targets allowed
     max_lora_rank: int = 64
     max_upload_bytes: int = 512 * 1024 * 1024  # per expert, all files together
+    # Privacy of uploaded experts (docs/security.md): statistics without DP of fewer examples
+    # are refused; a maximum epsilon (0 = none) refuses statistics without DP and any declared
+    # epsilon above it; require_dp_training refuses adapters and gates trained without DP-SGD.
+    min_examples_without_dp: int = 50
+    max_epsilon: float = 0.0
+    require_dp_training: bool = False
     max_message_bytes: int = 8 * 1024 * 1024  # gRPC receive limit (chunks are smaller)
     chunk_size: int = 1024 * 1024  # preferred upload chunk size told to clients
     object_part_bytes: int = 16 * 1024 * 1024  # direct uploads (S3 store): part size; 0 = off
@@ -109,6 +115,8 @@ class CoordinatorConfig:
     def validate(self) -> None:
         if self.task_type not in ("classification", "causal_lm"):
             raise ValueError("task_type must be 'classification' or 'causal_lm'")
+        if self.min_examples_without_dp < 1 or self.max_epsilon < 0:
+            raise ValueError("min_examples_without_dp must be >= 1 and max_epsilon >= 0")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ValueError("tls_cert and tls_key must be given together")
         for name in ("upload_bytes_per_second", "upload_bytes_per_hour", "uploads_per_hour",

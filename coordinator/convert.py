@@ -81,9 +81,43 @@ def expert(info: ExpertInfo) -> common_pb2.Expert:
                 clip_norm=float(dp.get("clip_norm", 0.0)),
             )
         )
+    message.privacy_report.CopyFrom(privacy_report(info))
     if info.created_at:
         message.created_at.CopyFrom(timestamp(info.created_at))
     return message
+
+
+def privacy_report(info: ExpertInfo) -> common_pb2.PrivacyReport:
+    """The expert's privacy report as recorded at upload; for experts registered before issue
+    23, derived from the statistics' DP record (adapter trained without DP)."""
+    raw = (info.statistics.summary or {}).get("privacy")
+    if not isinstance(raw, dict):
+        dp = info.statistics.dp or {}
+        epsilon, delta = float(dp.get("epsilon", 0.0)), float(dp.get("delta", 0.0))
+        stats = common_pb2.PrivacyRelease(
+            what="statistics", mechanism="gaussian" if dp else "none", epsilon=epsilon,
+            delta=delta,
+        )
+        return common_pb2.PrivacyReport(
+            releases=[stats, common_pb2.PrivacyRelease(what="adapter", mechanism="none")],
+            epsilon=epsilon, delta=delta, all_dp=False, statistics_opt_out=not dp,
+            unit="example",
+        )
+    return common_pb2.PrivacyReport(
+        releases=[
+            common_pb2.PrivacyRelease(
+                what=str(r.get("what", "")), mechanism=str(r.get("mechanism", "")),
+                epsilon=float(r.get("epsilon") or 0.0), delta=float(r.get("delta") or 0.0),
+            )
+            for r in raw.get("releases", [])
+            if isinstance(r, dict)
+        ],
+        all_dp=bool(raw.get("all_dp")),
+        epsilon=float(raw.get("epsilon") or 0.0),
+        delta=float(raw.get("delta") or 0.0),
+        statistics_opt_out=bool(raw.get("statistics_opt_out")),
+        unit=str(raw.get("unit") or "example"),
+    )
 
 
 def router_version(info: RouterVersionInfo) -> admin_pb2.RouterVersion:

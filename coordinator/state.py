@@ -23,6 +23,7 @@ from moerge.coordinator.config import CoordinatorConfig
 from moerge.coordinator.expert_store import ExpertStore
 from moerge.coordinator.housekeeping import run_periodically
 from moerge.coordinator.leadership import Leadership
+from moerge.coordinator.privacy_policy import PrivacyPolicy
 from moerge.coordinator.routers import RouterService
 from moerge.coordinator.uploads import UploadReceiver
 from moerge.router_training.policy import RetrainPolicy
@@ -76,6 +77,9 @@ class CoordinatorState:
             config.task_type,
             tuple(config.target_modules),
             config.max_lora_rank,
+            PrivacyPolicy(
+                config.min_examples_without_dp, config.max_epsilon, config.require_dp_training
+            ),
         )
         experts = ExpertStore(blobs, data_dir / "experts")
         policy = (

@@ -23,10 +23,11 @@ import logging
 import re
 import shutil
 import threading
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from moerge.coordinator.base_model import BaseModelSpec
+from moerge.coordinator.privacy_policy import effective_report
 from moerge.coordinator.validation import ExpertInvalid, ValidatedExpert, validate_expert_dir
 from moerge.expert_format import EXPERT_FILES
 from moerge.storage.blobstore import BlobRef, BlobStore
@@ -353,6 +354,7 @@ def expert_spec(
             summary={
                 "label_counts": checked.meta.label_counts,
                 "modules": checked.modules,
+                "privacy": asdict(effective_report(checked.meta)),  # issue 23
             },
         ),
     )

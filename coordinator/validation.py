@@ -25,6 +25,7 @@ import torch
 from safetensors import SafetensorError
 
 from moerge.coordinator.base_model import BaseModelSpec
+from moerge.coordinator.privacy_policy import privacy_refusal
 from moerge.expert_format import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
@@ -338,6 +339,9 @@ def validate_expert_dir(root: Path, spec: BaseModelSpec, max_bytes: int) -> Vali
             check_dp_record(meta.dp.noise_std, meta.dp.mechanism)
     except InvalidArgument as exc:
         raise ExpertInvalid(STATISTICS_META, str(exc)) from None
+    refusal = privacy_refusal(meta, spec.privacy)
+    if refusal:
+        raise ExpertInvalid(STATISTICS_META, refusal)
     if spec.task_type == "classification" and len(meta.label_names) < 2:
         raise ExpertInvalid(STATISTICS_META, "a classification expert needs >= 2 label_names")
     rank, _alpha, targets = check_adapter_config(_load_json(root / ADAPTER_CONFIG), spec)

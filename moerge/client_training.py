@@ -47,8 +47,14 @@ class TrainOptions:
     stats_rank: int = 16  # covariance rank of the statistics
     gates: bool = True  # train PHATGOOSE gates
     gate_steps: int = 100  # PHATGOOSE gate training steps
-    dp_epsilon: float | None = None  # differential privacy of the statistics (None: off)
+    # Differential privacy of the statistics: on by default (None: privacy.DEFAULT_EPSILON);
+    # no_dp=True is the explicit opt-out, recorded in statistics.json and by the coordinator.
+    dp_epsilon: float | None = None
     dp_delta: float = 1e-5
+    no_dp: bool = False
+    # DP-SGD for the adapter and the gates together (None: trained without DP).
+    dp_sgd_epsilon: float | None = None
+    dp_sgd_delta: float = 1e-5
 
 
 #: TrainOptions fields that override the recipe's TrainConfig value when not None.
@@ -143,13 +149,10 @@ def build(
     """Train + gates + statistics into ``out``; a bad data file is ``INVALID_ARGUMENT``."""
     from moerge.contributor_client.build import build_expert
     from moerge.contributor_client.gates import GateConfig
-    from moerge.contributor_client.privacy import DPConfig
 
-    dp = None
-    if options.dp_epsilon is not None:
-        dp = DPConfig(epsilon=options.dp_epsilon, delta=options.dp_delta)
     gates = GateConfig(steps=options.gate_steps, max_length=options.max_length, seed=options.seed)
     try:
+        dp, dp_sgd = privacy_options(options)
         return build_expert(
             data,
             out,
@@ -161,9 +164,30 @@ def build(
             with_gates=options.gates,
             gate_config=gates,
             dp=dp,
+            no_dp=options.no_dp,
+            dp_sgd=dp_sgd,
             statistics_rank=options.stats_rank,
             progress=progress,
             base_model_revision=info.revision if info else "",
         )
     except (ValueError, FileNotFoundError) as exc:
         raise MoergeError.invalid(str(exc)) from None
+
+
+def privacy_options(options: TrainOptions) -> tuple[object, object]:
+    """The statistics' ``DPConfig`` (None: the default budget, or the opt-out) and the
+    ``DPSGDConfig`` (None: no DP-SGD) of ``options``; ``ValueError`` when they contradict."""
+    from moerge.contributor_client.dp_sgd import DPSGDConfig
+    from moerge.contributor_client.privacy import DEFAULT_EPSILON, DPConfig
+
+    if options.no_dp and options.dp_epsilon is not None:
+        raise ValueError("--no-dp and --dp-epsilon contradict: choose one")
+    dp = None
+    if not options.no_dp:
+        dp = DPConfig(epsilon=options.dp_epsilon or DEFAULT_EPSILON, delta=options.dp_delta)
+        dp.validate()
+    dp_sgd = None
+    if options.dp_sgd_epsilon is not None:
+        dp_sgd = DPSGDConfig(epsilon=options.dp_sgd_epsilon, delta=options.dp_sgd_delta)
+        dp_sgd.validate()
+    return dp, dp_sgd

@@ -78,6 +78,123 @@ class DifferentialPrivacy:
     mechanism: str = "gaussian"
 
 
+#: Mechanisms that come with (epsilon, delta); "none" and "external" (a brought adapter) do not.
+DP_MECHANISMS = ("gaussian_pld", "gaussian", "dp_sgd")
+
+
+@dataclass
+class PrivacyRelease:
+    """One part of an expert that depends on the contributor's data, and how it was released.
+
+    ``what``: ``statistics`` (count, label counts, mean, covariance), ``adapter`` (LoRA weights
+    and head) or ``gates`` (PHATGOOSE gates). ``mechanism``: ``gaussian_pld`` (the statistics'
+    Gaussian releases), ``dp_sgd`` (Opacus per-example clipping and Gaussian noise, Poisson
+    sampling) or ``none``; ``epsilon``/``delta`` are null for ``none``. ``details`` are the
+    mechanism's parameters (noise multiplier, clipping norm, sampling rate, steps).
+    """
+
+    what: str
+    mechanism: str
+    epsilon: float | None = None
+    delta: float | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class PrivacyReport:
+    """What an expert releases about its contributor's data, under which (epsilon, delta).
+
+    ``epsilon``/``delta`` compose every DP release with one accountant (``dp_accounting``'s
+    PLD); they cover the whole expert only when ``all_dp`` is true (otherwise some release has
+    no DP and they cover the DP releases alone). ``statistics_opt_out`` records that the
+    contributor turned the statistics' default DP off (``--no-dp``). ``unit`` is what one
+    neighbouring data set differs by. Self-declared by the contributor's client: the
+    coordinator checks it against its policy but cannot verify the noise.
+    """
+
+    releases: list[PrivacyRelease] = field(default_factory=list)
+    epsilon: float | None = None
+    delta: float | None = None
+    all_dp: bool = False
+    statistics_opt_out: bool = False
+    unit: str = "example"
+    accountant: str = "dp_accounting PLD"
+    not_covered: list[str] = field(default_factory=list)
+
+    def release(self, what: str) -> PrivacyRelease | None:
+        return next((r for r in self.releases if r.what == what), None)
+
+    def summary(self) -> str:
+        """One line: ``statistics gaussian_pld eps 4 | adapter none | ... ; total eps 4.2``."""
+        parts = []
+        for r in self.releases:
+            budget = "" if r.epsilon is None else f" (eps {r.epsilon:.3g}, delta {r.delta:.2g})"
+            parts.append(f"{r.what}: {r.mechanism}{budget}")
+        text = "; ".join(parts)
+        if self.epsilon is not None:
+            scope = "everything released" if self.all_dp else "the DP releases"
+            text += f"; {scope}: eps {self.epsilon:.3g}, delta {self.delta:.2g}"
+        if self.statistics_opt_out:
+            text += "; DP on the statistics turned off by the contributor"
+        return text
+
+    def validate(self) -> None:
+        if not isinstance(self.releases, list):
+            raise ValueError("statistics.json: field 'privacy.releases' must be a list")
+        for i, r in enumerate(self.releases):
+            if not isinstance(r, PrivacyRelease):
+                raise ValueError(f"statistics.json: field 'privacy.releases[{i}]' is invalid")
+            for name in ("what", "mechanism"):
+                value = getattr(r, name)
+                if not isinstance(value, str) or not value or len(value) > 64:
+                    raise ValueError(
+                        f"statistics.json: field 'privacy.releases[{i}].{name}' must be a "
+                        "short string"
+                    )
+            _check_budget(f"privacy.releases[{i}]", r.epsilon, r.delta,
+                          r.mechanism in DP_MECHANISMS)
+            if not isinstance(r.details, dict):
+                raise ValueError(f"statistics.json: 'privacy.releases[{i}].details' not an object")
+        _check_budget("privacy", self.epsilon, self.delta, self.all_dp)
+        for name in ("all_dp", "statistics_opt_out"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"statistics.json: field 'privacy.{name}' must be a boolean")
+        if not all(isinstance(x, str) for x in self.not_covered):
+            raise ValueError("statistics.json: field 'privacy.not_covered' must be strings")
+
+    @classmethod
+    def from_dict(cls, raw: Any) -> PrivacyReport:
+        if not isinstance(raw, dict):
+            raise ValueError("statistics.json: field 'privacy' must be an object or null")
+        data = dict(raw)
+        releases = data.get("releases", [])
+        if not isinstance(releases, list) or not all(isinstance(r, dict) for r in releases):
+            raise ValueError("statistics.json: field 'privacy.releases' must be a list of objects")
+        try:
+            data["releases"] = [PrivacyRelease(**r) for r in releases]
+            report = cls(**data)
+        except TypeError as exc:
+            raise ValueError(f"statistics.json: field 'privacy': {exc}") from None
+        report.validate()
+        return report
+
+
+def _check_budget(name: str, epsilon: object, delta: object, required: bool) -> None:
+    """Epsilon > 0 finite and delta in [0, 1), both or neither (both when ``required``)."""
+    if epsilon is None and delta is None and not required:
+        return
+    ok = (
+        isinstance(epsilon, (int, float)) and not isinstance(epsilon, bool)
+        and math.isfinite(epsilon) and epsilon > 0
+        and isinstance(delta, (int, float)) and not isinstance(delta, bool)
+        and 0 <= delta < 1
+    )
+    if not ok:
+        raise ValueError(
+            f"statistics.json: field '{name}' needs epsilon > 0 and delta in [0, 1)"
+        )
+
+
 @dataclass
 class ExpertQuality:
     """How good the expert is on its contributor's held-out validation split, beside baselines.
@@ -124,6 +241,7 @@ class StatisticsMeta:
     dp: DifferentialPrivacy | None = None
     format_version: int = FORMAT_VERSION
     quality: ExpertQuality | None = None  # absent from files written before issue 22
+    privacy: PrivacyReport | None = None  # absent from files written before issue 23
     #: False for an adapter-only expert: no data statistics at all (see the module docstring)
     embedding_statistics: bool = True
 
@@ -159,6 +277,8 @@ class StatisticsMeta:
                 data["quality"] = ExpertQuality(**quality)
             except TypeError as exc:
                 raise ValueError(f"statistics.json: field 'quality': {exc}") from None
+        if data.get("privacy") is not None:
+            data["privacy"] = PrivacyReport.from_dict(data["privacy"])
         try:
             meta = cls(**data)
         except TypeError as exc:
@@ -218,6 +338,8 @@ class StatisticsMeta:
                     )
         if self.quality is not None:
             self.quality.validate()
+        if self.privacy is not None:
+            self.privacy.validate()
 
 
     def _validate_adapter_only(self) -> None:

@@ -12,7 +12,12 @@ from transformers import AutoModel
 
 from moerge.contributor_client.build import build_expert, write_expert_statistics
 from moerge.contributor_client.gates import GateConfig
-from moerge.contributor_client.statistics import load_statistics
+from moerge.contributor_client.privacy import (
+    DEFAULT_DELTA,
+    DEFAULT_EPSILON,
+    MIN_EXAMPLES_WITHOUT_DP,
+)
+from moerge.contributor_client.statistics import TooFewExamples, load_statistics
 from moerge.contributor_client.training import TrainConfig, TrainResult
 from moerge.expert_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS, EXPERT_FILES, gate_key
 
@@ -42,11 +47,38 @@ def test_build_expert_writes_a_complete_classification_expert(
     assert_complete_expert(tmp_path / "expert")
     assert report.train is not None and report.gates_skipped == ""
     assert report.meta.label_names == report.train.label_names == ["finance", "sport"]
-    assert report.meta.label_counts == [30, 30] and report.meta.example_count == 60
+    # DP is on by default: the counts are released with noise of std ~1.0 (epsilon 8).
+    assert report.meta.dp is not None and report.meta.dp.epsilon == DEFAULT_EPSILON
+    assert all(abs(c - 30) <= 12 for c in report.meta.label_counts)
+    assert abs(report.meta.example_count - 60) <= 16
+    privacy = report.meta.privacy
+    assert privacy is not None and not privacy.statistics_opt_out and not privacy.all_dp
+    assert [(r.what, r.mechanism) for r in privacy.releases] == [
+        ("statistics", "gaussian_pld"), ("adapter", "none"), ("gates", "none")
+    ]
+    assert (privacy.epsilon, privacy.delta) == (DEFAULT_EPSILON, DEFAULT_DELTA)
     assert report.meta.task_type == "classification"
     assert (report.meta.base_model_id, report.meta.base_model_revision) == ("tiny-bert", "rev-1")
     assert len(report.meta.gate_modules) == 4
     assert set(report.seconds) == {"train", "gates", "statistics", "total"}
+
+
+def test_build_expert_without_dp_is_an_explicit_recorded_choice(
+    tiny_bert: Path, tmp_path: Path
+) -> None:
+    texts, labels = toy_examples(60)
+    data = write_jsonl(tmp_path / "data.jsonl", texts, labels)
+    report = build_expert(data, tmp_path / "expert", "toy", toy_config(tiny_bert, epochs=1),
+                          with_gates=False, no_dp=True, progress=False)
+    assert report.meta.dp is None
+    assert report.meta.label_counts == [30, 30] and report.meta.example_count == 60
+    assert report.meta.privacy.statistics_opt_out and report.meta.privacy.epsilon is None
+    assert load_statistics(tmp_path / "expert")[1].privacy.statistics_opt_out
+    small = write_jsonl(tmp_path / "small.jsonl", *toy_examples(MIN_EXAMPLES_WITHOUT_DP - 1))
+    with pytest.raises(TooFewExamples):  # refused before any training
+        build_expert(small, tmp_path / "no", "toy", toy_config(tiny_bert, epochs=1),
+                     no_dp=True, progress=False)
+    assert not (tmp_path / "no").exists()
 
 
 def test_build_expert_for_a_causal_lm_from_label_free_data(

@@ -13,6 +13,7 @@ from transformers import AutoModel
 from moerge.contributor_client.batching import load_tokenizer
 from moerge.contributor_client.embedding import pooled_embeddings
 from moerge.contributor_client.privacy import (
+    MIN_EXAMPLES_WITHOUT_DP,
     DPConfig,
     analytic_gaussian_sigma,
     classic_gaussian_sigma,
@@ -22,6 +23,7 @@ from moerge.contributor_client.privacy import (
 )
 from moerge.contributor_client.statistics import (
     COV_DIAG_FLOOR,
+    TooFewExamples,
     compute_statistics,
     load_statistics,
     low_rank_plus_diag,
@@ -89,7 +91,7 @@ def test_low_rank_factor_is_deterministic_in_sign() -> None:
 
 
 def test_compute_statistics_summarises_base_model_embeddings(tiny_bert: Path) -> None:
-    texts, labels = toy_examples(30)
+    texts, labels = toy_examples(60)  # without DP, at least MIN_EXAMPLES_WITHOUT_DP
     gates = {"encoder.layer.0.attention.self.query": torch.ones(32)}
     tensors, meta = compute_statistics(
         tiny_bert, texts, labels, ["finance", "sport"], "toy", "sport or money",
@@ -101,18 +103,20 @@ def test_compute_statistics_summarises_base_model_embeddings(tiny_bert: Path) ->
     assert tensors[COV_FACTOR_KEY].shape == (32, 4)
     assert tensors[COV_DIAG_KEY].shape == (32,)
     assert tensors["gates.encoder.layer.0.attention.self.query"].shape == (32,)
-    assert meta.example_count == 30 and meta.label_counts == [15, 15]
+    assert meta.example_count == 60 and meta.label_counts == [30, 30]
     assert (meta.hidden_size, meta.covariance_rank) == (32, 4)
     assert meta.gate_modules == list(gates)
     assert (meta.task_name, meta.task_description, meta.base_model_id) == (
         "toy", "sport or money", "tiny-bert"
     )
     assert meta.dp is None
+    assert meta.privacy is not None and meta.privacy.statistics_opt_out
+    assert meta.privacy.release("statistics").mechanism == "none"
 
 
 def test_saved_statistics_hold_no_per_example_data(tiny_bert: Path, tmp_path: Path) -> None:
     sizes = []
-    for count in (20, 50):
+    for count in (50, 80):
         texts, labels = toy_examples(count, seed=count)
         tensors, meta = compute_statistics(tiny_bert, texts, labels, ["finance", "sport"], "t")
         save_statistics(tmp_path / str(count), tensors, meta)
@@ -139,19 +143,32 @@ def test_statistics_round_trip_through_the_files(tiny_bert: Path, tmp_path: Path
 def test_save_statistics_rejects_tensors_that_disagree_with_the_meta(
     tiny_bert: Path, tmp_path: Path
 ) -> None:
-    tensors, meta = compute_statistics(tiny_bert, ["good film"], None, [], "t", rank=2)
+    dp = DPConfig(epsilon=1.0, delta=1e-5, seed=0)
+    tensors, meta = compute_statistics(tiny_bert, ["good film"], None, [], "t", rank=2, dp=dp)
     with pytest.raises(ValueError, match=r"embedding\.cov_factor"):
         save_statistics(tmp_path, {**tensors, COV_FACTOR_KEY: torch.zeros(32, 3)}, meta)
     with pytest.raises(ValueError, match="gate tensors"):
         save_statistics(tmp_path, {**tensors, "gates.encoder.x": torch.zeros(32)}, meta)
 
 
-def test_single_example_has_zero_covariance_and_floor_diagonal(tiny_bert: Path) -> None:
-    tensors, meta = compute_statistics(tiny_bert, ["good film"], None, [], "t", rank=2,
-                                       task_type="causal_lm")
-    assert meta.example_count == 1 and meta.label_counts == []
-    assert torch.all(tensors[COV_FACTOR_KEY] == 0)
-    assert torch.all(tensors[COV_DIAG_KEY] == COV_DIAG_FLOOR)
+def test_single_example_has_zero_covariance_and_floor_diagonal() -> None:
+    summary = summarize_embeddings(unit_rows(1, 8), rank=2)
+    assert summary.count == 1 and summary.label_counts == [1]
+    assert torch.all(summary.cov_factor == 0)
+    assert torch.all(summary.cov_diag == COV_DIAG_FLOOR)
+
+
+def test_statistics_without_dp_of_too_few_examples_are_refused(tiny_bert: Path) -> None:
+    texts, labels = toy_examples(MIN_EXAMPLES_WITHOUT_DP - 1)
+    with pytest.raises(TooFewExamples, match=f"at least {MIN_EXAMPLES_WITHOUT_DP} examples"):
+        compute_statistics(tiny_bert, texts, labels, ["finance", "sport"], "t")
+    with pytest.raises(TooFewExamples):  # the mean of one text is that text's embedding
+        compute_statistics(tiny_bert, ["good film"], None, [], "t", task_type="causal_lm")
+    # Under DP the noise protects any count: a single example is released, noised.
+    dp = DPConfig(epsilon=1.0, delta=1e-5, seed=0)
+    _, meta = compute_statistics(tiny_bert, ["good film"], None, [], "t", dp=dp,
+                                 task_type="causal_lm")
+    assert meta.dp is not None and not meta.privacy.statistics_opt_out
 
 
 def test_analytic_sigma_is_private_and_no_larger_than_the_classic_one() -> None:

@@ -25,21 +25,25 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16moerge/v1/common.proto\x12\tmoerge.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"8\n\nExpertFile\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06sha256\x18\x02 \x01(\t\x12\x0c\n\x04size\x18\x03 \x01(\x03\"@\n\x0bPrivacyInfo\x12\x0f\n\x07\x65psilon\x18\x01 \x01(\x01\x12\r\n\x05\x64\x65lta\x18\x02 \x01(\x01\x12\x11\n\tclip_norm\x18\x03 \x01(\x01\"\xd4\x03\n\x06\x45xpert\x12\x11\n\texpert_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x05\x12\x16\n\x0e\x63ontributor_id\x18\x04 \x01(\t\x12\x11\n\ttask_name\x18\x05 \x01(\t\x12\x18\n\x10task_description\x18\x06 \x01(\t\x12\x11\n\ttask_type\x18\x07 \x01(\t\x12%\n\x05state\x18\x08 \x01(\x0e\x32\x16.moerge.v1.ExpertState\x12\x14\n\x0cstate_reason\x18\t \x01(\t\x12\x15\n\rbase_model_id\x18\n \x01(\t\x12\x11\n\tlora_rank\x18\x0b \x01(\x05\x12\x16\n\x0etarget_modules\x18\x0c \x03(\t\x12\x13\n\x0blabel_names\x18\r \x03(\t\x12\x15\n\rexample_count\x18\x0e \x01(\x03\x12$\n\x05\x66iles\x18\x0f \x03(\x0b\x32\x15.moerge.v1.ExpertFile\x12\'\n\x07privacy\x18\x10 \x01(\x0b\x32\x16.moerge.v1.PrivacyInfo\x12.\n\ncreated_at\x18\x11 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0e\x63ontent_sha256\x18\x12 \x01(\t\"F\n\x0c\x45xpertWeight\x12\x11\n\texpert_id\x18\x01 \x01(\t\x12\x13\n\x0b\x65xpert_name\x18\x02 \x01(\t\x12\x0e\n\x06weight\x18\x03 \x01(\x02*|\n\x0b\x45xpertState\x12\x1c\n\x18\x45XPERT_STATE_UNSPECIFIED\x10\x00\x12\x17\n\x13\x45XPERT_STATE_ACTIVE\x10\x01\x12\x1c\n\x18\x45XPERT_STATE_QUARANTINED\x10\x02\x12\x18\n\x14\x45XPERT_STATE_RETIRED\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16moerge/v1/common.proto\x12\tmoerge.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"8\n\nExpertFile\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06sha256\x18\x02 \x01(\t\x12\x0c\n\x04size\x18\x03 \x01(\x03\"@\n\x0bPrivacyInfo\x12\x0f\n\x07\x65psilon\x18\x01 \x01(\x01\x12\r\n\x05\x64\x65lta\x18\x02 \x01(\x01\x12\x11\n\tclip_norm\x18\x03 \x01(\x01\"Q\n\x0ePrivacyRelease\x12\x0c\n\x04what\x18\x01 \x01(\t\x12\x11\n\tmechanism\x18\x02 \x01(\t\x12\x0f\n\x07\x65psilon\x18\x03 \x01(\x01\x12\r\n\x05\x64\x65lta\x18\x04 \x01(\x01\"\x96\x01\n\rPrivacyReport\x12+\n\x08releases\x18\x01 \x03(\x0b\x32\x19.moerge.v1.PrivacyRelease\x12\x0e\n\x06\x61ll_dp\x18\x02 \x01(\x08\x12\x0f\n\x07\x65psilon\x18\x03 \x01(\x01\x12\r\n\x05\x64\x65lta\x18\x04 \x01(\x01\x12\x1a\n\x12statistics_opt_out\x18\x05 \x01(\x08\x12\x0c\n\x04unit\x18\x06 \x01(\t\"\x86\x04\n\x06\x45xpert\x12\x11\n\texpert_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x05\x12\x16\n\x0e\x63ontributor_id\x18\x04 \x01(\t\x12\x11\n\ttask_name\x18\x05 \x01(\t\x12\x18\n\x10task_description\x18\x06 \x01(\t\x12\x11\n\ttask_type\x18\x07 \x01(\t\x12%\n\x05state\x18\x08 \x01(\x0e\x32\x16.moerge.v1.ExpertState\x12\x14\n\x0cstate_reason\x18\t \x01(\t\x12\x15\n\rbase_model_id\x18\n \x01(\t\x12\x11\n\tlora_rank\x18\x0b \x01(\x05\x12\x16\n\x0etarget_modules\x18\x0c \x03(\t\x12\x13\n\x0blabel_names\x18\r \x03(\t\x12\x15\n\rexample_count\x18\x0e \x01(\x03\x12$\n\x05\x66iles\x18\x0f \x03(\x0b\x32\x15.moerge.v1.ExpertFile\x12\'\n\x07privacy\x18\x10 \x01(\x0b\x32\x16.moerge.v1.PrivacyInfo\x12.\n\ncreated_at\x18\x11 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0e\x63ontent_sha256\x18\x12 \x01(\t\x12\x30\n\x0eprivacy_report\x18\x1e \x01(\x0b\x32\x18.moerge.v1.PrivacyReport\"F\n\x0c\x45xpertWeight\x12\x11\n\texpert_id\x18\x01 \x01(\t\x12\x13\n\x0b\x65xpert_name\x18\x02 \x01(\t\x12\x0e\n\x06weight\x18\x03 \x01(\x02*|\n\x0b\x45xpertState\x12\x1c\n\x18\x45XPERT_STATE_UNSPECIFIED\x10\x00\x12\x17\n\x13\x45XPERT_STATE_ACTIVE\x10\x01\x12\x1c\n\x18\x45XPERT_STATE_QUARANTINED\x10\x02\x12\x18\n\x14\x45XPERT_STATE_RETIRED\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'moerge.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_EXPERTSTATE']._serialized_start=737
-  _globals['_EXPERTSTATE']._serialized_end=861
+  _globals['_EXPERTSTATE']._serialized_start=1023
+  _globals['_EXPERTSTATE']._serialized_end=1147
   _globals['_EXPERTFILE']._serialized_start=70
   _globals['_EXPERTFILE']._serialized_end=126
   _globals['_PRIVACYINFO']._serialized_start=128
   _globals['_PRIVACYINFO']._serialized_end=192
-  _globals['_EXPERT']._serialized_start=195
-  _globals['_EXPERT']._serialized_end=663
-  _globals['_EXPERTWEIGHT']._serialized_start=665
-  _globals['_EXPERTWEIGHT']._serialized_end=735
+  _globals['_PRIVACYRELEASE']._serialized_start=194
+  _globals['_PRIVACYRELEASE']._serialized_end=275
+  _globals['_PRIVACYREPORT']._serialized_start=278
+  _globals['_PRIVACYREPORT']._serialized_end=428
+  _globals['_EXPERT']._serialized_start=431
+  _globals['_EXPERT']._serialized_end=949
+  _globals['_EXPERTWEIGHT']._serialized_start=951
+  _globals['_EXPERTWEIGHT']._serialized_end=1021
 # @@protoc_insertion_point(module_scope)

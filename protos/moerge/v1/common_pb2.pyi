@@ -100,6 +100,82 @@ class PrivacyInfo(_message.Message):
 Global___PrivacyInfo: _TypeAlias = PrivacyInfo  # noqa: Y015
 
 @_typing.final
+class PrivacyRelease(_message.Message):
+    """One part of an expert that depends on its contributor's data, and how it was released."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WHAT_FIELD_NUMBER: _builtins.int
+    MECHANISM_FIELD_NUMBER: _builtins.int
+    EPSILON_FIELD_NUMBER: _builtins.int
+    DELTA_FIELD_NUMBER: _builtins.int
+    what: _builtins.str
+    """"statistics", "adapter" (LoRA weights + head) or "gates" """
+    mechanism: _builtins.str
+    """"gaussian_pld", "dp_sgd", "none" (no DP) or "external" (brought)"""
+    epsilon: _builtins.float
+    """0 when the release is not DP"""
+    delta: _builtins.float
+    def __init__(
+        self,
+        *,
+        what: _builtins.str = ...,
+        mechanism: _builtins.str = ...,
+        epsilon: _builtins.float = ...,
+        delta: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["delta", b"delta", "epsilon", b"epsilon", "mechanism", b"mechanism", "what", b"what"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PrivacyRelease: _TypeAlias = PrivacyRelease  # noqa: Y015
+
+@_typing.final
+class PrivacyReport(_message.Message):
+    """What an expert releases about its contributor's data (statistics.json "privacy", declared
+    by the contributor's client and checked against the coordinator's policy, not verified).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RELEASES_FIELD_NUMBER: _builtins.int
+    ALL_DP_FIELD_NUMBER: _builtins.int
+    EPSILON_FIELD_NUMBER: _builtins.int
+    DELTA_FIELD_NUMBER: _builtins.int
+    STATISTICS_OPT_OUT_FIELD_NUMBER: _builtins.int
+    UNIT_FIELD_NUMBER: _builtins.int
+    all_dp: _builtins.bool
+    """every release is DP: epsilon/delta cover the whole expert"""
+    epsilon: _builtins.float
+    """the DP releases composed (PLD accountant); 0 if none is DP"""
+    delta: _builtins.float
+    statistics_opt_out: _builtins.bool
+    """the contributor turned the statistics' default DP off"""
+    unit: _builtins.str
+    """what neighbouring data sets differ by: "example" """
+    @_builtins.property
+    def releases(self) -> _containers.RepeatedCompositeFieldContainer[Global___PrivacyRelease]: ...
+    def __init__(
+        self,
+        *,
+        releases: _abc.Iterable[Global___PrivacyRelease] | None = ...,
+        all_dp: _builtins.bool = ...,
+        epsilon: _builtins.float = ...,
+        delta: _builtins.float = ...,
+        statistics_opt_out: _builtins.bool = ...,
+        unit: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["all_dp", b"all_dp", "delta", b"delta", "epsilon", b"epsilon", "releases", b"releases", "statistics_opt_out", b"statistics_opt_out", "unit", b"unit"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PrivacyReport: _TypeAlias = PrivacyReport  # noqa: Y015
+
+@_typing.final
 class Expert(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -121,6 +197,7 @@ class Expert(_message.Message):
     PRIVACY_FIELD_NUMBER: _builtins.int
     CREATED_AT_FIELD_NUMBER: _builtins.int
     CONTENT_SHA256_FIELD_NUMBER: _builtins.int
+    PRIVACY_REPORT_FIELD_NUMBER: _builtins.int
     expert_id: _builtins.str
     name: _builtins.str
     version: _builtins.int
@@ -147,6 +224,10 @@ class Expert(_message.Message):
 
     @_builtins.property
     def created_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def privacy_report(self) -> Global___PrivacyReport:
+        """always set (derived from `privacy` for older experts)"""
+
     def __init__(
         self,
         *,
@@ -168,10 +249,11 @@ class Expert(_message.Message):
         privacy: Global___PrivacyInfo | None = ...,
         created_at: _timestamp_pb2.Timestamp | None = ...,
         content_sha256: _builtins.str = ...,
+        privacy_report: Global___PrivacyReport | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "privacy", b"privacy"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "privacy", b"privacy", "privacy_report", b"privacy_report"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_model_id", b"base_model_id", "content_sha256", b"content_sha256", "contributor_id", b"contributor_id", "created_at", b"created_at", "example_count", b"example_count", "expert_id", b"expert_id", "files", b"files", "label_names", b"label_names", "lora_rank", b"lora_rank", "name", b"name", "privacy", b"privacy", "state", b"state", "state_reason", b"state_reason", "target_modules", b"target_modules", "task_description", b"task_description", "task_name", b"task_name", "task_type", b"task_type", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_model_id", b"base_model_id", "content_sha256", b"content_sha256", "contributor_id", b"contributor_id", "created_at", b"created_at", "example_count", b"example_count", "expert_id", b"expert_id", "files", b"files", "label_names", b"label_names", "lora_rank", b"lora_rank", "name", b"name", "privacy", b"privacy", "privacy_report", b"privacy_report", "state", b"state", "state_reason", b"state_reason", "target_modules", b"target_modules", "task_description", b"task_description", "task_name", b"task_name", "task_type", b"task_type", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
