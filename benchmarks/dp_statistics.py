@@ -125,6 +125,7 @@ def main() -> None:
     parser.add_argument("--draws", type=int, default=5, help="noise draws per epsilon")
     parser.add_argument("--experts", action="store_true", help="train experts: task accuracy")
     parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--attack-trials", type=int, default=1000)
     parser.add_argument("--cache", type=Path, default=Path(".bench-cache/dp_statistics"))
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
@@ -184,7 +185,28 @@ def main() -> None:
             + " ".join(f"{m}={100 * pystats.mean(routing[m]):.1f}" for m in ROUTERS))
     oracle = None if correct_if is None else float(
         correct_if[test_task, torch.arange(len(test_task))].float().mean())
-    write(args, rows, oracle, expert_seconds, time.perf_counter() - started)
+    attacks = membership(train, test, test_task, epsilons, args.attack_trials)
+    write(args, rows, oracle, expert_seconds, time.perf_counter() - started, attacks)
+
+
+def membership(train, test, test_task, epsilons, trials: int) -> list[tuple]:
+    """Both attacks of :mod:`membership` on real embeddings (the first task's; the population
+    attack on a release of 50 examples, against held-out texts of the same task)."""
+    from moerge.contributor_client.membership import population_attack, worst_case_attack
+
+    rows = []
+    data = train[0]
+    held_out = test[test_task == 0]
+    members, reference = data[:50], data[50:]
+    for epsilon in epsilons:
+        config = None if epsilon is None else DPConfig(epsilon=epsilon, delta=DELTA)
+        worst = worst_case_attack(data[1:], data[0], config, trials=trials if config else 20)
+        population = population_attack(members, held_out[:50], reference, config,
+                                       releases=1 if config is None else 40)
+        rows.append((epsilon, worst, population))
+        log(f"attacks at epsilon {epsilon}: worst case {worst.advantage:.3f}, "
+            f"population {population.advantage:.3f}")
+    return rows
 
 
 def _pct(values: list[float]) -> str:
@@ -196,7 +218,7 @@ def _pct(values: list[float]) -> str:
     return f"{mean:.1f}% +- {100 * pystats.stdev(values):.1f}"
 
 
-def write(args, rows, oracle, expert_seconds: float, seconds: float) -> None:
+def write(args, rows, oracle, expert_seconds: float, seconds: float, attacks=()) -> None:
     lines = [
         "# DP statistics: routing and task accuracy per epsilon (issue 23)",
         "",
@@ -226,6 +248,24 @@ def write(args, rows, oracle, expert_seconds: float, seconds: float) -> None:
     for epsilon in sorted({e for e, *_ in rows if e is not None}):
         best = max(pystats.mean(r) for e, _, _, r, _ in rows if e == epsilon)
         lines.append(f"* epsilon {epsilon:g}: {100 * (best_none - best):+.1f} points")
+    if attacks:
+        lines += [
+            "", "Membership inference on the first task's real embeddings "
+            "(`moerge.contributor_client.membership`): *worst case*, the attacker of the DP "
+            f"definition (knows the other {args.train_per_task - 1} examples, likelihood-ratio "
+            f"test on the raw releases, {args.attack_trials} trials), beside the exact advantage "
+            "of the optimal test and the (epsilon, delta) bound; *population*, an attacker who "
+            "knows only other texts of the task, on a release of 50 examples (40 releases; "
+            "50 members vs 50 held-out texts).", "",
+            "| epsilon | worst-case advantage | exact (optimal test) | DP bound | "
+            "population advantage (n=50) |",
+            "| --- | ---: | ---: | ---: | ---: |",
+        ]
+        for epsilon, worst, population in attacks:
+            eps = "none" if epsilon is None else f"{epsilon:g}"
+            bound = "-" if worst.dp_bound is None else f"{worst.dp_bound:.4f}"
+            lines.append(f"| {eps} | {worst.advantage:.3f} +- {worst.standard_error:.3f} | "
+                         f"{worst.exact:.3f} | {bound} | {population.advantage:.3f} |")
     text = "\n".join(lines) + "\n"
     print(text)
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -24,6 +24,7 @@ it with its generic ``functorch`` mode.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -113,6 +114,11 @@ def account(config: DPSGDConfig, q: float, steps: int) -> SGDAccount:
     )
 
 
+#: Opacus' hooks on a frozen base model: the inputs of the first trainable layer need no
+#: gradient, which torch reports on every backward pass although nothing is wrong.
+_HOOK_WARNING = "Full backward hook is firing when gradients are computed with respect to module"
+
+
 def poisson_rows(count: int, q: float, generator: torch.Generator) -> list[int]:
     """Each of ``range(count)`` independently with probability ``q`` (Opacus' DPDataLoader)."""
     return torch.nonzero(torch.rand(count, generator=generator) < q).flatten().tolist()
@@ -173,6 +179,7 @@ def train_adapter_dp(
     )
     curve: list[float] = []
     wrapped.train()
+    warnings.filterwarnings("ignore", message=_HOOK_WARNING)
     try:
         with training_progress(progress) as bar:
             task = bar.add_task("training (DP-SGD)", total=steps, loss=float("nan"))
@@ -254,6 +261,7 @@ def train_gates_dp(
     parameters = list(modules.parameters())
     private = DPSGDConfig(**{**config.__dict__, "batch_size": config.gate_batch_size})
     optimizer = private_optimizer(parameters, private, gate_config.learning_rate)
+    warnings.filterwarnings("ignore", message=_HOOK_WARNING)
     try:
         with gates, training_progress(progress) as bar:
             task = bar.add_task("gates (DP-SGD)", total=gate_config.steps, loss=float("nan"))

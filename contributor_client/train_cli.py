@@ -260,7 +260,6 @@ def _report(report: object, json_out: bool) -> None:
         "gates": len(meta.gate_modules),
         "gates_skipped": report.gates_skipped,  # type: ignore[attr-defined]
         "dp": None if meta.dp is None else {"epsilon": meta.dp.epsilon, "delta": meta.dp.delta},
-        "privacy": None if meta.privacy is None else meta.privacy.summary(),
         "seconds": {k: round(v, 2) for k, v in report.seconds.items()},  # type: ignore[attr-defined]
     }
     warnings = [] if quality is None else quality_warnings(quality)
