@@ -556,7 +556,7 @@ class InferenceEngine:
             if key not in by_key:
                 with _seeded(plan.merge.seed, key, "head", self.device):
                     by_key[key] = merge_heads(
-                        [_head(experts[e]) for e in ids], weights, method,
+                        [_head(experts[e]) for e in ids], _unit_l1(weights), method,
                         plan.merge.density, plan.merge.majority_sign_method,
                     )
             heads.append(by_key[key])
@@ -839,6 +839,18 @@ def _rows(plan: RoutingPlan) -> Iterator[tuple[tuple[str, ...], list[float]]]:
 
 def _distinct(plan: RoutingPlan) -> list[str]:
     return list(dict.fromkeys(e for ids in plan.expert_ids or () for e in ids))
+
+
+def _unit_l1(weights: Sequence[float]) -> list[float]:
+    """Head merge weights: ``w_j / sum_i |w_i|``.
+
+    Routed weights already sum to 1, so this changes nothing for them. A few-shot composition's
+    signed weights scale the LoRA deltas as given (LoraHub), but a head is a whole layer, not a
+    delta: scaled with them, shrinking every weight towards 0 would shrink the logits towards a
+    uniform answer, which the search would learn to prefer on confidently wrong experts.
+    """
+    total = sum(abs(float(w)) for w in weights)
+    return [float(w) / total for w in weights] if total > 0 else [float(w) for w in weights]
 
 
 def _head(expert: LoadedExpert) -> ClassificationHead:

@@ -11,7 +11,8 @@ A :class:`RoutingPlan` is either
 plus the :class:`Aggregation` and, for TIES/DARE, :class:`MergeOptions`. Weights of each row are
 normalised to sum 1 (an all-zero row is refused), except in a *signed* linear merge: a few-shot
 composition (:mod:`moerge.router_training.composition`) is ``sum_j w_j B_j A_j`` with LoraHub's
-raw weights, which may be negative and need not sum to 1, so they are used as given.
+raw weights, which may be negative and need not sum to 1, so they are used as given (the heads
+of a classification merge take them scaled to unit L1 norm: ``engine._unit_l1``).
 """
 
 from __future__ import annotations

@@ -164,7 +164,8 @@ def test_ensemble_of_experts_with_different_labels_answers_with_the_top_expert(e
 def test_linear_merge_equals_peft_with_both_adapters_active_and_the_merged_head(
     engine, base, experts, w, signed
 ):
-    """Also with a composition's signed weights, which are used as given (not normalised)."""
+    """Also with a composition's signed weights: the LoRA deltas take them as given, the heads
+    with unit L1 norm (routed weights already have it)."""
     tokenizer = AutoTokenizer.from_pretrained(str(base))
     model = AutoModelForSequenceClassification.from_pretrained(str(base), num_labels=2)
     peft_model = PeftModel.from_pretrained(model, str(experts["sent-a"]), adapter_name="a")
@@ -178,9 +179,10 @@ def test_linear_merge_equals_peft_with_both_adapters_active_and_the_merged_head(
     pooled = peft_model.base_model.model.bert(**tokenizer(TEXTS, padding=True,
                                                            return_tensors="pt")).pooler_output
     heads = [load_file(str(experts[e] / ADAPTER_WEIGHTS)) for e in ("sent-a", "sent-b")]
-    weight = w[0] * heads[0]["base_model.model.classifier.weight"] + w[1] * heads[1][
+    h = [x / sum(abs(y) for y in w) for x in w]  # heads: weights with unit L1 norm
+    weight = h[0] * heads[0]["base_model.model.classifier.weight"] + h[1] * heads[1][
         "base_model.model.classifier.weight"]
-    bias = w[0] * heads[0]["base_model.model.classifier.bias"] + w[1] * heads[1][
+    bias = h[0] * heads[0]["base_model.model.classifier.bias"] + h[1] * heads[1][
         "base_model.model.classifier.bias"]
     expected = torch.softmax(pooled @ weight.T + bias, dim=-1)
 
