@@ -3,7 +3,8 @@
 
 Per task: the default recipe without DP (LP-FT, early stopping), then DP-SGD
 (:mod:`moerge.contributor_client.dp_sgd`: Poisson batches of 64, per-example clipping at 1,
-AdamW lr 2e-3, at least 150 steps; the whole epsilon on the adapter, no gates) at each epsilon.
+AdamW, at least 150 steps; the head alone by default, head + LoRA with ``--lora-epsilons``; the
+whole epsilon on the adapter, no gates) at each epsilon.
 Accuracy is on the task's held-out test split; the attack (Yeom et al. 2018) compares the
 loss of ``--attack`` training members with that of as many test examples.
 Writes ``benchmarks/results/dp_sgd.md``.
@@ -70,6 +71,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--max-length", type=int, default=64)
     parser.add_argument("--attack", type=int, default=200)
+    parser.add_argument("--lora-epsilons", default="",
+                        help="also DP-SGD on head + LoRA (train_lora) at these epsilons")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     base = default_base_model()
@@ -83,6 +86,8 @@ def main() -> None:
         variants: list[tuple[str, DPSGDConfig | None]] = [("none", None)] + [
             (eps, DPSGDConfig(epsilon=float(eps))) for eps in args.epsilons.split(",")
         ]
+        variants += [(f"{eps} (head + LoRA)", DPSGDConfig(epsilon=float(eps), train_lora=True))
+                     for eps in args.lora_epsilons.split(",") if eps]
         baseline = None
         for label, dp_sgd in variants:
             config = TrainConfig(base_model=base, epochs=args.epochs, max_length=args.max_length)

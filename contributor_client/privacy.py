@@ -222,6 +222,7 @@ class SGDAccount:
     max_grad_norm: float  # per-example gradient clipping norm
     epsilon: float  # of this run alone, at `delta`
     delta: float
+    parameters: str = ""  # what the run trained, e.g. "head" or "head+lora" or "gates"
 
     def event(self) -> dp_accounting.DpEvent:
         return dp_sgd_event(self.noise_multiplier, self.sample_rate, self.steps)
@@ -235,6 +236,7 @@ class SGDAccount:
                 "steps": self.steps,
                 "max_grad_norm": self.max_grad_norm,
                 "library": "opacus",
+                **({"parameters": self.parameters} if self.parameters else {}),
             },
         )
 

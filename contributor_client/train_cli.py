@@ -114,7 +114,7 @@ def _train_config(
 # Differential privacy (docs/security.md): the statistics are DP by default; --no-dp opts out.
 DpEpsilon = Annotated[
     float | None,
-    typer.Option(help="DP epsilon of the statistics [default: 8, see docs/security.md]"),
+    typer.Option(help="DP epsilon of the statistics (default 8; docs/security.md)"),
 ]
 DpDelta = Annotated[float, typer.Option(help="DP delta of the statistics")]
 NoDp = Annotated[

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from moerge.cli import app
@@ -14,7 +15,7 @@ from moerge.contributor_client.dp_sgd import DPSGDConfig, adapter_steps, calibra
 from moerge.contributor_client.gates import GateConfig
 from moerge.contributor_client.privacy import composed_epsilon, dp_sgd_event
 from moerge.contributor_client.training import TrainConfig, train_expert
-from moerge.expert_format import STATISTICS_META, StatisticsMeta
+from moerge.expert_format import ADAPTER_WEIGHTS, STATISTICS_META, StatisticsMeta
 
 from .toy import toy_config, toy_examples, write_jsonl
 
@@ -45,6 +46,12 @@ def test_dp_sgd_expert_reports_every_release_and_keeps_quality_local(
     adapter, gates = privacy.release("adapter"), privacy.release("gates")
     assert adapter.details["noise_multiplier"] == gates.details["noise_multiplier"]
     assert adapter.details["library"] == "opacus" and adapter.details["steps"] >= 6
+    assert adapter.details["parameters"] == "head" and gates.details["parameters"] == "gates"
+    weights = load_file(str(tmp_path / "expert" / ADAPTER_WEIGHTS))
+    lora_b = [v for k, v in weights.items() if "lora_B" in k]
+    assert lora_b and all(float(v.abs().max()) == 0.0 for v in lora_b)  # head only by default
+    head = weights["base_model.model.classifier.weight"]
+    assert float(head.abs().max()) > 0.0
     # adapter + gates spend the DP-SGD budget; the statistics' release comes on top of it.
     assert max(adapter.epsilon, gates.epsilon) < 8.0 < privacy.epsilon < 8.0 + 8.0
     assert privacy.delta == pytest.approx(3e-5)
