@@ -476,8 +476,9 @@ def main(argv: list[str] | None = None) -> None:
         weight_bytes = params * dtype.itemsize
         floor_ms = weight_bytes / floor_bw * 1000
         baselines = hf_baselines(base, folders, prompts, args, dtype)
+        log(f"baselines (tokens/s): {baselines}")
         inproc = moerge_in_process(base, folders, prompts, args, dtype)
-        log("moerge in-process done")
+        log(f"moerge in-process done: {inproc}")
         server = Server(work, base, args)
         try:
             server.enroll_and_upload(folders)

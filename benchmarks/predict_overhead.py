@@ -39,10 +39,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # the tiny model and expert builders live in tests/
+# load_test by its own folder: a top-level ``benchmarks`` package installed by opacus would
+# shadow this folder (a namespace package) if it were imported as ``benchmarks.load_test``.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import grpc  # noqa: E402
+from load_test import predict_request, seed  # noqa: E402
 
-from benchmarks.load_test import predict_request, seed  # noqa: E402
 from moerge.v1 import inference_pb2  # noqa: E402
 from tests.experts import make_expert_dir  # noqa: E402
 from tests.reliability.coordinator_process import CoordinatorProcess, bearer  # noqa: E402

@@ -1,0 +1,102 @@
+"""Streamed generation on a CUDA device gives the CPU engine's text (skipped without a GPU).
+
+The CPU tests pin the scheduler's behaviour against PEFT; these check that nothing in the
+continuous-batching loop (padded KV rows, per-row bank slots, token routing, sampling) silently
+falls back to the CPU or changes the result when the engine is placed on a GPU. float32 keeps
+greedy decoding comparable token for token; bfloat16 is checked to run and stay on the device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from moerge.coordinator.expert_store import read_lora
+from moerge.coordinator.inference.engine import InferenceEngine
+from moerge.coordinator.inference.generation.requests import (
+    GenerationFinished,
+    GenerationRequest,
+    TextDelta,
+)
+from moerge.coordinator.inference.generation.sampling import SamplingParams
+from moerge.coordinator.inference.generation.scheduler import iter_events
+from moerge.coordinator.inference.plan import RoutingPlan
+from moerge.router_training.arrow import ArrowRouter, ArrowRouterConfig
+from moerge.router_training.base import ExpertRecord
+from tests.inference.engine_helpers import make_causal_experts
+from tests.tiny_models import make_tiny_llama
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+PROMPTS = ["the film was", "one two three four five", "a big red car on the road to the city"]
+NEW_TOKENS = 8
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_llama(tmp_path_factory.mktemp("causal") / "llama")
+
+
+@pytest.fixture(scope="module")
+def experts(base: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return make_causal_experts(base, tmp_path_factory.mktemp("lm-experts"))
+
+
+def make_engine(base: Path, experts: dict[str, Path], device: str,
+                dtype: torch.dtype | None = None) -> InferenceEngine:
+    return InferenceEngine(base, "causal_lm", ["q_proj", "v_proj"], max_rank=8,
+                           cache_bytes=1 << 30, max_length=32, max_new_tokens=NEW_TOKENS,
+                           expert_loader=experts.__getitem__, device=device, dtype=dtype)
+
+
+@pytest.fixture(scope="module")
+def engines(base: Path, experts: dict[str, Path]) -> Iterator[dict[str, InferenceEngine]]:
+    pair = {"cpu": make_engine(base, experts, "cpu"), "cuda": make_engine(base, experts, "cuda")}
+    yield pair
+    for engine in pair.values():
+        engine.close()
+
+
+def stream(engine: InferenceEngine, prompt: str, plan: RoutingPlan) -> tuple[str, list]:
+    events = list(iter_events(engine.scheduler, GenerationRequest, prompt=prompt,
+                              routing_text=prompt, sampling=SamplingParams(
+                                  max_new_tokens=NEW_TOKENS), plan=plan))
+    assert isinstance(events[-1], GenerationFinished), events[-1]
+    return "".join(e.text for e in events if isinstance(e, TextDelta)), events
+
+
+def arrow_plan(experts: dict[str, Path]) -> RoutingPlan:
+    records = [ExpertRecord(e, e, None, lambda f=f: read_lora(f)) for e, f in experts.items()]
+    return RoutingPlan.routed(ArrowRouter.fit(records, ArrowRouterConfig(top_k=2)))
+
+
+def test_cuda_engine_streams_the_cpu_engines_greedy_text_per_expert(engines, experts):
+    assert engines["cuda"].device.type == "cuda"
+    for expert in experts:
+        plan = RoutingPlan.explicit([[expert]])
+        for prompt in PROMPTS:
+            assert stream(engines["cuda"], prompt, plan)[0] == stream(
+                engines["cpu"], prompt, plan)[0]
+
+
+def test_cuda_token_level_routing_streams_the_cpu_engines_text(engines, experts):
+    plan = arrow_plan(experts)
+    for prompt in PROMPTS:
+        gpu_text, gpu_events = stream(engines["cuda"], prompt, plan)
+        cpu_text, _ = stream(engines["cpu"], prompt, plan)
+        assert gpu_text == cpu_text
+        assert {w.expert_id for w in gpu_events[-1].experts} <= set(experts)
+
+
+def test_bfloat16_cuda_engine_generates_with_its_weights_on_the_gpu(base, experts):
+    engine = make_engine(base, experts, "cuda", torch.bfloat16)
+    try:
+        parameter = next(engine.model.parameters())
+        assert parameter.is_cuda and parameter.dtype == torch.bfloat16
+        _text, events = stream(engine, PROMPTS[2], arrow_plan(experts))
+        assert 1 <= events[-1].completion_tokens <= NEW_TOKENS
+    finally:
+        engine.close()
