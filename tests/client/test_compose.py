@@ -44,7 +44,9 @@ def test_compose_streams_progress_then_stores_a_version_that_predict_serves(
         assert isinstance(done, Composition) and (done.name, done.version) == ("reviews", 1)
         # the topic expert's labels do not cover neg/pos, so only the sentiment experts take part
         assert sorted(e.expert_id for e in done.experts) == sorted(experts[:2])
-        assert done.loss <= done.start_loss and done.evaluations == 6
+        # the search minimises loss + 0.05 * mean|w| from the uniform merge (mean|w| = 1/2), so
+        # the loss kept may exceed the start's by the L1 term it saved, never by more
+        assert done.loss <= done.start_loss + 0.05 * 0.5 and done.evaluations == 6
         assert done.example_count == 5 and not done.examples_kept
         assert set(done.label_names) == {"neg", "pos"} and done.stopped_by == "budget"
 
