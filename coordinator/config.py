@@ -87,6 +87,7 @@ class CoordinatorConfig:
     dtype: str = "auto"  # inference precision: auto (bfloat16 on CUDA), float32, bfloat16, float16
     generation_max_batch: int = 32  # rows decoded together (continuous batching)
     generation_max_waiting: int = 256  # Generate requests queued beyond that; more: refused
+    generation_cuda_graphs: bool = True  # on CUDA, replay decode steps as captured CUDA graphs
     max_new_tokens: int = 32  # Generate/Predict default when a request does not say
     batch_wait_ms: float = 5.0  # micro-batcher: how long to wait for more requests
     grace_seconds: float = 5.0  # graceful-shutdown grace for in-flight RPCs

@@ -23,6 +23,7 @@ from moerge.coordinator.inference.generation.requests import (
     GenerationFailed,
     GenerationFinished,
     GenerationRequest,
+    TextDelta,
 )
 from moerge.coordinator.inference.generation.sampling import SamplingParams
 from moerge.coordinator.inference.generation.scheduler import QueueFull
@@ -148,6 +149,12 @@ async def _events(
     try:
         while True:
             event = await queue.get()
+            if isinstance(event, TextDelta):
+                event, after = _coalesce(event, queue)
+                yield event
+                if after is None:
+                    continue
+                event = after
             if isinstance(event, GenerationFailed):
                 raise event.error
             yield event
@@ -155,3 +162,25 @@ async def _events(
                 return
     finally:
         request.cancel()  # a no-op when finished; frees the rows when the caller left early
+
+
+def _coalesce(
+    delta: TextDelta, queue: asyncio.Queue[GenerationEvent]
+) -> tuple[TextDelta, GenerationEvent | None]:
+    """``delta`` joined with the text deltas already waiting behind it, and the first other
+    event taken from the queue (``None`` if none).
+
+    A stream whose writer falls behind the decode loop (a slow client, a busy event loop)
+    then sends one message per write instead of one per token: the text is the same, and the
+    per-message cost stops growing with the backlog.
+    """
+    texts, tokens = [delta.text], delta.tokens
+    while True:
+        try:
+            event = queue.get_nowait()
+        except asyncio.QueueEmpty:
+            return TextDelta("".join(texts), tokens), None
+        if not isinstance(event, TextDelta):
+            return TextDelta("".join(texts), tokens), event
+        texts.append(event.text)
+        tokens += event.tokens

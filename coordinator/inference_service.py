@@ -158,6 +158,7 @@ class InferenceService:
             max_new_tokens=config.max_new_tokens,
             generation_max_batch=config.generation_max_batch,
             generation_max_waiting=config.generation_max_waiting,
+            generation_cuda_graphs=config.generation_cuda_graphs,
         )
         self.batcher: MicroBatcher[InferenceRequest, list[ExamplePrediction]] = MicroBatcher(
             self.engine.predict_many,

@@ -120,6 +120,7 @@ class InferenceEngine:
         initial_capacity: int = 8,
         generation_max_batch: int = 32,
         generation_max_waiting: int = 256,
+        generation_cuda_graphs: bool = True,
     ) -> None:
         if task_type not in ("classification", "causal_lm"):
             raise ValueError(f"task_type must be classification|causal_lm, got {task_type!r}")
@@ -175,6 +176,7 @@ class InferenceEngine:
         self._closed = False
         self.generation_max_batch = int(generation_max_batch)
         self.generation_max_waiting = int(generation_max_waiting)
+        self.generation_cuda_graphs = bool(generation_cuda_graphs)
         self._scheduler: GenerationScheduler | None = None
 
     # -- configuration (atomic swaps) ---------------------------------------------------------
@@ -252,7 +254,8 @@ class InferenceEngine:
             raise InvalidPlan("streamed generation needs a causal-LM base model")
         if self._scheduler is None:
             self._scheduler = GenerationScheduler(
-                self, self.generation_max_batch, self.generation_max_waiting
+                self, self.generation_max_batch, self.generation_max_waiting,
+                cuda_graphs=self.generation_cuda_graphs,
             )
         return self._scheduler
 

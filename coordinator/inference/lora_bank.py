@@ -441,19 +441,22 @@ class LoraBank:
 
     # -- routing --------------------------------------------------------------------------
     def route_examples(
-        self, slots: torch.Tensor, weights: torch.Tensor
+        self, slots: torch.Tensor, weights: torch.Tensor, validate: bool = True
     ) -> AbstractContextManager[None]:
         """Every token of example ``b`` gets ``sum_j weights[b, j] * delta_{slots[b, j]}``.
 
         ``slots`` [B, k] long (``-1`` with weight 0: no expert, i.e. the base model for that
-        example), ``weights`` [B, k].
+        example), ``weights`` [B, k]. ``validate=False`` skips the range check, which reads the
+        slots back to the host: for buffers filled from checked values (a CUDA graph's inputs,
+        whose capture forbids reading back).
         """
         if slots.dim() != 2 or slots.shape != weights.shape:
             raise ValueError(
                 f"slots and weights must both be [B, k], got {tuple(slots.shape)} and "
                 f"{tuple(weights.shape)}"
             )
-        self._check_slots(slots)
+        if validate:
+            self._check_slots(slots)
         device = next(iter(self.modules.values())).A.device
         routing = _ExampleRouting(slots.to(device=device, dtype=torch.long), weights.to(device))
         return self._state.use(routing)

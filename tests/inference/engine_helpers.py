@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import torch
@@ -9,6 +10,16 @@ from peft import PeftModel
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
+from moerge.coordinator.inference.engine import InferenceEngine
+from moerge.coordinator.inference.generation.requests import (
+    GenerationEvent,
+    GenerationFailed,
+    GenerationFinished,
+    GenerationRequest,
+    TextDelta,
+)
+from moerge.coordinator.inference.generation.sampling import SamplingParams
+from moerge.coordinator.inference.plan import RoutingPlan
 from moerge.expert_format import ADAPTER_WEIGHTS
 from tests.experts import make_expert_dir
 
@@ -107,3 +118,48 @@ def peft_generate(
             row = row[: row.index(tokenizer.eos_token_id) + 1]
         texts_out.append(tokenizer.decode(row, skip_special_tokens=True))
     return texts_out
+
+
+# -- streamed generation ----------------------------------------------------------------------
+def text_of(events: list[GenerationEvent]) -> str:
+    return "".join(e.text for e in events if isinstance(e, TextDelta))
+
+
+class Held:
+    """Blocks the engine's worker so that several submissions meet in one scheduler step."""
+
+    def __init__(self, engine: InferenceEngine) -> None:
+        self.release = threading.Event()
+        self.engine = engine
+
+    def __enter__(self) -> Held:
+        self.engine.executor.submit(self.release.wait)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release.set()
+
+
+def submit_all(engine: InferenceEngine, specs: list[tuple[str, RoutingPlan | None,
+                                                          SamplingParams]]):
+    """Submit every spec while the worker is held; return each request's events when done."""
+    results: list[list[GenerationEvent]] = [[] for _ in specs]
+    done = [threading.Event() for _ in specs]
+
+    def sink_for(i: int):
+        def sink(event: GenerationEvent) -> None:
+            results[i].append(event)
+            if isinstance(event, (GenerationFinished, GenerationFailed)):
+                done[i].set()
+        return sink
+
+    requests = []
+    with Held(engine):
+        for i, (prompt, plan, sampling) in enumerate(specs):
+            request = GenerationRequest(prompt=prompt, routing_text=prompt, sampling=sampling,
+                                        sink=sink_for(i), plan=plan)
+            engine.scheduler.submit(request)
+            requests.append(request)
+    for event in done:
+        assert event.wait(60)
+    return results, requests

@@ -1,8 +1,9 @@
 """Streamed generation on a CUDA device gives the CPU engine's text (skipped without a GPU).
 
 The CPU tests pin the scheduler's behaviour against PEFT; these check that nothing in the
-continuous-batching loop (padded KV rows, per-row bank slots, token routing, sampling) silently
-falls back to the CPU or changes the result when the engine is placed on a GPU. float32 keeps
+continuous-batching loop (fixed KV rows, CUDA-graph replays, per-row bank slots, token routing,
+sampling) silently falls back to the CPU or changes the result when the engine is placed on a
+GPU. float32 keeps
 greedy decoding comparable token for token; bfloat16 is checked to run and stay on the device.
 """
 
@@ -23,10 +24,10 @@ from moerge.coordinator.inference.generation.requests import (
 )
 from moerge.coordinator.inference.generation.sampling import SamplingParams
 from moerge.coordinator.inference.generation.scheduler import iter_events
-from moerge.coordinator.inference.plan import RoutingPlan
+from moerge.coordinator.inference.plan import Aggregation, RoutingPlan
 from moerge.router_training.arrow import ArrowRouter, ArrowRouterConfig
 from moerge.router_training.base import ExpertRecord
-from tests.inference.engine_helpers import make_causal_experts
+from tests.inference.engine_helpers import make_causal_experts, submit_all, text_of
 from tests.tiny_models import make_tiny_llama
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -100,3 +101,32 @@ def test_bfloat16_cuda_engine_generates_with_its_weights_on_the_gpu(base, expert
         assert 1 <= events[-1].completion_tokens <= NEW_TOKENS
     finally:
         engine.close()
+
+
+def test_graph_replayed_decode_steps_give_the_eager_steps_text(base, experts):
+    """Batches decoded by replaying captured CUDA graphs (example routing, merges, token
+    routing) equal the same batches decoded step by step; a mixed batch runs eagerly."""
+    graphed = make_engine(base, experts, "cuda")
+    eager = InferenceEngine(base, "causal_lm", ["q_proj", "v_proj"], max_rank=8,
+                            cache_bytes=1 << 30, max_length=32, max_new_tokens=NEW_TOKENS,
+                            expert_loader=experts.__getitem__, device="cuda",
+                            generation_cuda_graphs=False)
+    try:
+        sampling = SamplingParams(max_new_tokens=NEW_TOKENS)
+        merge = RoutingPlan.explicit([["lm-0", "lm-1"]], [[0.3, 0.7]], Aggregation.MERGE_LINEAR)
+        example = [(p, RoutingPlan.explicit([[e]]), sampling) for e in experts for p in PROMPTS]
+        example.append((PROMPTS[0], merge, sampling))
+        token = [(p, arrow_plan(experts), sampling) for p in PROMPTS]
+        batches = [example, token, example[:2] + token[:1]]
+        texts = {}
+        for name, engine in (("graphed", graphed), ("eager", eager)):
+            texts[name] = [[text_of(events) for events in submit_all(engine, batch)[0]]
+                           for batch in batches]
+        assert texts["graphed"] == texts["eager"]
+        assert all(text for batch in texts["graphed"] for text in batch)
+        graphs = graphed.scheduler.graphs
+        assert graphs is not None and graphs.captures >= 2 and graphs.replays > 0
+        assert eager.scheduler.graphs is None
+    finally:
+        graphed.close()
+        eager.close()

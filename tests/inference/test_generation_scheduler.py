@@ -26,7 +26,13 @@ from moerge.coordinator.inference.generation.scheduler import QueueFull, iter_ev
 from moerge.coordinator.inference.plan import Aggregation, MergeOptions, RoutingPlan
 from moerge.router_training.arrow import ArrowRouter, ArrowRouterConfig
 from moerge.router_training.base import ExpertRecord
-from tests.inference.engine_helpers import make_causal_experts, peft_generate
+from tests.inference.engine_helpers import (
+    Held,
+    make_causal_experts,
+    peft_generate,
+    submit_all,
+    text_of,
+)
 from tests.tiny_models import make_tiny_llama
 
 PROMPTS = ["the film was", "one two three four five", "a big red car on the road to the city"]
@@ -65,50 +71,6 @@ def events_of(engine: InferenceEngine, prompt: str, plan: RoutingPlan | None = N
               sampling: SamplingParams | None = None) -> list[GenerationEvent]:
     return list(iter_events(engine.scheduler, GenerationRequest, prompt=prompt,
                             routing_text=prompt, sampling=sampling or greedy(), plan=plan))
-
-
-def text_of(events: list[GenerationEvent]) -> str:
-    return "".join(e.text for e in events if isinstance(e, TextDelta))
-
-
-class Held:
-    """Blocks the engine's worker so that several submissions meet in one scheduler step."""
-
-    def __init__(self, engine: InferenceEngine) -> None:
-        self.release = threading.Event()
-        self.engine = engine
-
-    def __enter__(self) -> Held:
-        self.engine.executor.submit(self.release.wait)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.release.set()
-
-
-def submit_all(engine: InferenceEngine, specs: list[tuple[str, RoutingPlan | None,
-                                                          SamplingParams]]):
-    """Submit every spec while the worker is held; return each request's events when done."""
-    results: list[list[GenerationEvent]] = [[] for _ in specs]
-    done = [threading.Event() for _ in specs]
-
-    def sink_for(i: int):
-        def sink(event: GenerationEvent) -> None:
-            results[i].append(event)
-            if isinstance(event, (GenerationFinished, GenerationFailed)):
-                done[i].set()
-        return sink
-
-    requests = []
-    with Held(engine):
-        for i, (prompt, plan, sampling) in enumerate(specs):
-            request = GenerationRequest(prompt=prompt, routing_text=prompt, sampling=sampling,
-                                        sink=sink_for(i), plan=plan)
-            engine.scheduler.submit(request)
-            requests.append(request)
-    for event in done:
-        assert event.wait(60)
-    return results, requests
 
 
 def one(expert: str) -> RoutingPlan:
@@ -298,3 +260,54 @@ def test_requests_admitted_together_are_embedded_for_routing_in_one_pass(engine,
         started = events[0]
         assert isinstance(started, GenerationStarted)
         assert [w.expert_id for w in started.experts] == [w.expert_id for w in expected]
+
+
+def test_a_row_freed_mid_batch_is_reused_and_no_neighbours_text_changes(base, experts):
+    """Three rows: the middle request is cancelled and a newcomer takes its row while the
+    others decode; every text equals the same request generated alone."""
+    engine = InferenceEngine(base, "causal_lm", ["q_proj", "v_proj"], max_rank=8, max_length=32,
+                             expert_loader=experts.__getitem__, generation_max_batch=3)
+    try:
+        specs = [(PROMPTS[2], one("lm-0")), (PROMPTS[1], one("lm-1")),
+                 (PROMPTS[0], one("lm-1")), (PROMPTS[1], one("lm-0"))]
+        alone = [text_of(events_of(engine, p, plan, greedy(24))) for p, plan in specs]
+        results: list[list[GenerationEvent]] = [[] for _ in specs]
+        finished = [threading.Event() for _ in specs]
+        requests: list[GenerationRequest] = []
+
+        def sink_for(i: int):
+            def sink(event: GenerationEvent) -> None:
+                results[i].append(event)
+                if i == 0 and isinstance(event, TextDelta) and not requests[1].cancelled:
+                    requests[1].cancel()  # frees row 1 while rows 0 and 2 decode
+                    engine.scheduler.submit(requests[3])
+                if isinstance(event, (GenerationFinished, GenerationFailed)):
+                    finished[i].set()
+            return sink
+
+        for i, (prompt, plan) in enumerate(specs):
+            requests.append(GenerationRequest(prompt=prompt, routing_text=prompt,
+                                              sampling=greedy(24), sink=sink_for(i), plan=plan))
+        with Held(engine):
+            for request in requests[:3]:
+                engine.scheduler.submit(request)
+        for i in (0, 2, 3):
+            assert finished[i].wait(60)
+        assert requests[1].state is RequestState.CANCELLED
+        assert [text_of(results[i]) for i in (0, 2, 3)] == [alone[i] for i in (0, 2, 3)]
+        assert engine.scheduler.kv.free_rows == 3 and engine.scheduler.load == (0, 0)
+    finally:
+        engine.close()
+
+
+def test_an_ensemble_wider_than_the_batch_fails_with_the_setting_to_raise(base, experts):
+    engine = InferenceEngine(base, "causal_lm", ["q_proj", "v_proj"], max_rank=8, max_length=32,
+                             expert_loader=experts.__getitem__, generation_max_batch=1)
+    try:
+        ensemble = RoutingPlan.explicit([["lm-0", "lm-1"]], [[0.5, 0.5]])
+        events = events_of(engine, PROMPTS[0], ensemble)
+        assert isinstance(events[-1], GenerationFailed)
+        assert "generation_max_batch" in str(events[-1].error)
+        assert text_of(events_of(engine, PROMPTS[0], one("lm-0"))) != ""  # still serving
+    finally:
+        engine.close()

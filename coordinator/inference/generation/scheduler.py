@@ -7,14 +7,15 @@ the same worker interleave with decoding instead of waiting for whole generation
 1. drops cancelled requests (their rows, pinned experts and temporary merge slots are freed);
 2. admits waiting requests while rows are free: routes each prompt (example-level routers embed
    ``routing_text`` once; token-level routers decide inside every forward), tokenizes it,
-   prefills the newcomers together (left-padded) and samples their first token, then appends
-   their KV rows to the running batch (:class:`~.kv_batch.PaddedKVBatch`);
-3. runs one decode step for every running row and samples each request's next token
+   prefills the newcomers together (left-padded) and samples their first token, then copies
+   their keys and values into free rows of the running batch (:class:`~.kv_rows.KVRows`);
+3. runs one decode step for every running row (on CUDA, a replay of a captured graph:
+   :mod:`.cuda_graphs`) and samples each request's next token
    (:class:`~.sampling.BatchSampler`), streams text deltas (:class:`~.detokenizer.
    StreamingDetokenizer`), and retires requests that hit EOS, a stop string or their token
    budget.
 
-Rows and routing. A request occupies one row, or ``k`` rows for an output ensemble (the
+Rows and routing. A request occupies one row, or ``k`` adjacent rows for an output ensemble (the
 weighted mixture of its experts' next-token distributions: ``log sum_j w_j p_j``). The LoRA bank
 is told per forward how each row is routed:
 
@@ -28,7 +29,7 @@ is told per forward how each row is routed:
 
 Why not transformers' ``ContinuousBatchingManager``: it packs every sequence into one row of a
 paged cache, and the bank needs to know which request each token belongs to (see
-:mod:`.kv_batch`).
+:mod:`.kv_rows`).
 """
 
 from __future__ import annotations
@@ -48,8 +49,14 @@ import torch
 from transformers import DynamicCache
 
 from moerge.coordinator.inference.errors import InputTooLong, InvalidPlan
+from moerge.coordinator.inference.generation.cuda_graphs import (
+    DecodeGraphs,
+    ExampleForm,
+    RoutingForm,
+    TokenForm,
+)
 from moerge.coordinator.inference.generation.detokenizer import StreamingDetokenizer
-from moerge.coordinator.inference.generation.kv_batch import PaddedKVBatch
+from moerge.coordinator.inference.generation.kv_rows import KVRows
 from moerge.coordinator.inference.generation.requests import (
     GenerationEvent,
     GenerationFailed,
@@ -100,6 +107,7 @@ class _Running:
     resources: ExitStack
     detokenizer: StreamingDetokenizer
     generator: torch.Generator | None
+    row: int = -1  # first of its rows in the KV buffers (KVRows), once admitted
     generated: list[int] = field(default_factory=list)
     logprob_sum: float = 0.0
     first_token_at: float | None = None
@@ -107,47 +115,69 @@ class _Running:
 
 
 class _Forward:
-    """The bank routing of one forward over ``members`` (rows in order), usage accumulated."""
+    """The bank routing of one forward over ``rows`` rows: member ``i`` occupies rows
+    ``starts[i] ..`` (rows of no member decode nothing anyone reads: the base model); token
+    routing weights are accumulated per member."""
 
-    def __init__(self, scheduler: GenerationScheduler, members: list[_Running]) -> None:
+    def __init__(self, scheduler: GenerationScheduler, members: Sequence[_Running],
+                 starts: Sequence[int], rows: int) -> None:
         self.members = members
         self.bank = scheduler.engine.bank
-        device = scheduler.engine.device
-        self.rows = sum(m.rows for m in members)
+        device, dtype = scheduler.engine.device, scheduler.engine.dtype
+        self.rows = rows
+        # token routers: id(router) -> (routing, member rows, members)
         self.token_groups: dict[int, tuple[_TokenRouting, list[int], list[_Running]]] = {}
-        fixed_rows, fixed_slots, fixed_weights = [], [], []
-        row = 0
-        for m in members:
+        width = max((len(s) for m in members if m.token is None for s in m.slots), default=1)
+        slots = [[-1] * width for _ in range(rows)]
+        weights = [[0.0] * width for _ in range(rows)]
+        for m, start in zip(members, starts, strict=True):
             if m.token is not None:
                 group = self.token_groups.setdefault(id(m.token.router), (m.token, [], []))
-                group[1].append(row)
+                group[1].append(start)
                 group[2].append(m)
-            else:
-                for j in range(m.rows):
-                    fixed_rows.append(row + j)
-                    fixed_slots.append(m.slots[j])
-                    fixed_weights.append(m.weights[j])
-            row += m.rows
-        width = max((len(s) for s in fixed_slots), default=1)
-        dtype = scheduler.engine.dtype
-        self.fixed_rows = torch.tensor(fixed_rows, dtype=torch.long, device=device)
-        self.fixed_slots = torch.tensor(
-            [s + [-1] * (width - len(s)) for s in fixed_slots] or [[-1]], device=device
-        )[: len(fixed_slots)]  # [R_fixed, k]
-        self.fixed_weights = torch.tensor(
-            [w + [0.0] * (width - len(w)) for w in fixed_weights] or [[0.0]],
-            dtype=dtype, device=device,
-        )[: len(fixed_weights)]
+                continue
+            for j in range(m.rows):
+                slots[start + j][: len(m.slots[j])] = m.slots[j]
+                weights[start + j][: len(m.weights[j])] = m.weights[j]
+        self.has_fixed = any(m.token is None for m in members)
+        self.slots = torch.tensor(slots, dtype=torch.long, device=device)  # [R, k]
+        self.weights = torch.tensor(weights, dtype=dtype, device=device)  # [R, k]
+        self.group_rows = {key: torch.tensor(rows_, dtype=torch.long, device=device)
+                           for key, (_, rows_, _) in self.token_groups.items()}
         self.usage = {
-            key: torch.zeros(len(rows), group.router.num_experts, device=device)
-            for key, (group, rows, _) in self.token_groups.items()
+            key: torch.zeros(len(rows_), group.router.num_experts, device=device)
+            for key, (group, rows_, _) in self.token_groups.items()
         }
         self.mask: torch.Tensor | None = None  # [R, T] for prefill (padding is not usage)
+
+    def form(self) -> RoutingForm | None:
+        """This batch's routing as a CUDA graph takes it (``None``: mixed, run eagerly)."""
+        if not self.token_groups:
+            return ExampleForm(int(self.slots.shape[1]))
+        if self.has_fixed or len(self.token_groups) > 1:
+            return None
+        (routing, _, _), = self.token_groups.values()
+        return TokenForm(routing.router, routing.top_k)
+
+    def fill(self, graph: Any) -> None:
+        """Write this batch's routing into a captured step's buffers."""
+        if graph.slots is not None:
+            graph.slots.copy_(self.slots)
+            graph.weights.copy_(self.weights)
+        else:
+            (routing, _, _), = self.token_groups.values()
+            graph.table.copy_(routing.slot_table)
+
+    def collect(self, graph: Any) -> None:
+        """After a replay: add the step's token-routing weights to each member's."""
+        if graph.usage is not None:
+            for key, rows in self.group_rows.items():
+                self.usage[key] += graph.usage.index_select(0, rows)
 
     def context(self, mask: torch.Tensor | None = None) -> AbstractContextManager[None]:
         self.mask = mask
         if not self.token_groups:
-            return self.bank.route_examples(self.fixed_slots, self.fixed_weights)
+            return self.bank.route_examples(self.slots, self.weights)
         return self.bank.route_tokens(self._route)
 
     def _route(self, module: str, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -155,25 +185,20 @@ class _Forward:
         n = hidden.shape[0]
         length = n // self.rows
         parts: list[tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]] = []
-        if self.fixed_rows.numel():
-            tokens = _token_index(self.fixed_rows, length)
-            parts.append((
-                tokens,
-                self.fixed_slots.repeat_interleave(length, 0),
-                self.fixed_weights.repeat_interleave(length, 0),
-            ))
+        if self.has_fixed:  # every row's fixed routing; token-routed rows are overwritten
+            parts.append((None, self.slots.repeat_interleave(length, 0),
+                          self.weights.repeat_interleave(length, 0)))
         for key, (group, rows, _) in self.token_groups.items():
             if module not in group.names:
                 continue
             everything = len(rows) == self.rows
-            tokens = None if everything else _token_index(torch.tensor(rows, device=hidden.device),
-                                                          length)
+            tokens = None if everything else _token_index(self.group_rows[key], length)
             x = hidden if tokens is None else hidden.index_select(0, tokens)
             decision = group.router.route_tokens(group.names[module], x, group.top_k)
             dense = decision.to_dense(group.router.num_experts).float()  # [n_g, E]
             dense = dense.view(len(rows), length, -1)
             if self.mask is not None:
-                row_mask = self.mask if everything else self.mask[rows]
+                row_mask = self.mask if everything else self.mask[self.group_rows[key]]
                 dense = dense * row_mask.unsqueeze(-1).to(dense)
             self.usage[key] += dense.sum(dim=1)
             parts.append((tokens, group.slot_table[decision.indices], decision.weights))
@@ -205,7 +230,8 @@ class GenerationScheduler:
     """Continuous batching over one engine (see the module docstring)."""
 
     def __init__(
-        self, engine: InferenceEngine, max_batch_rows: int = 32, max_waiting: int = 256
+        self, engine: InferenceEngine, max_batch_rows: int = 32, max_waiting: int = 256,
+        cuda_graphs: bool = True,
     ) -> None:
         if max_batch_rows < 1 or max_waiting < 0:
             raise ValueError("max_batch_rows must be >= 1 and max_waiting >= 0")
@@ -213,7 +239,7 @@ class GenerationScheduler:
         self.max_batch_rows = max_batch_rows
         self.max_waiting = max_waiting
         self.sampler = BatchSampler(engine.device)
-        self.batch = PaddedKVBatch()
+        self.kv = KVRows(max_batch_rows)
         self.running: list[_Running] = []
         self.waiting: collections.deque[GenerationRequest] = collections.deque()
         self._lock = threading.Lock()
@@ -227,6 +253,9 @@ class GenerationScheduler:
         # transformers renamed ``past_key_values`` to ``cache`` (5.2x); accept both releases
         forward = inspect.signature(engine.model.forward).parameters
         self.cache_kwarg = "cache" if "cache" in forward else "past_key_values"
+        #: captured decode steps (CUDA only; see :mod:`.cuda_graphs`)
+        self.graphs = (DecodeGraphs(engine, self.kv, self.cache_kwarg, self.pad_id)
+                       if cuda_graphs and DecodeGraphs.enabled_for(engine) else None)
         config = engine.model.config
         self.max_positions = int(getattr(config, "max_position_embeddings", 0) or 0)
         self.steps = 0  # decode steps run (for metrics and tests)
@@ -288,7 +317,7 @@ class GenerationScheduler:
             self._retire(gone, cancelled=True)
 
     def _admit(self) -> None:
-        free = self.max_batch_rows - self.batch.rows
+        free = self.kv.free_rows
         candidates: list[GenerationRequest] = []
         with self._lock:  # at least one row each; an ensemble may need more (checked below)
             while self.waiting and len(candidates) < free:
@@ -308,11 +337,20 @@ class GenerationScheduler:
                 request.state = RequestState.FAILED
                 request.sink(GenerationFailed(exc))
                 continue
-            if member.rows > free and (self.running or admitted):
+            if member.rows > self.kv.max_rows:
+                member.resources.close()
+                request.state = RequestState.FAILED
+                request.sink(GenerationFailed(InvalidPlan(
+                    f"an output ensemble of {member.rows} experts decodes {member.rows} rows; "
+                    f"the batch holds {self.kv.max_rows} (generation_max_batch)")))
+                continue
+            start = self.kv.allocate(member.rows)
+            if start is None:
                 member.resources.close()  # no room yet: back to the front of the queue
                 with self._lock:
                     self.waiting.extendleft(reversed(candidates[i:]))
                 break
+            member.row = start
             request.state = RequestState.RUNNING
             request.sink(GenerationStarted(experts=member.experts, aggregation=member.aggregation,
                                            prompt_tokens=len(member.prompt_ids)))
@@ -420,17 +458,21 @@ class GenerationScheduler:
                             device=engine.device)
         positions = (mask.cumsum(dim=1) - 1).clamp_min(0)
         cache = DynamicCache()
-        forward = _Forward(self, members)
+        starts = [sum(m.rows for m in members[:i]) for i in range(len(members))]
+        forward = _Forward(self, members, starts, len(prompts))
         try:
             with forward.context(mask):
                 out = engine.model(input_ids=input_ids, attention_mask=mask,
                                    position_ids=positions, use_cache=True, logits_to_keep=1,
                                    **{self.cache_kwarg: cache})
             forward.flush_usage()
-            self.batch.extend(cache, mask)
+            need = max(len(m.prompt_ids) + m.request.sampling.max_new_tokens for m in members)
+            self.kv.write_prompt([m.row for m in members], [m.rows for m in members], cache,
+                                 mask, need)
         except Exception as exc:  # these newcomers fail; the running batch goes on
             log.exception("prefill of %d request(s) failed", len(members))
             for m in members:
+                self.kv.release(m.row, m.rows)
                 m.resources.close()
                 m.request.state = RequestState.FAILED
                 m.request.sink(GenerationFailed(exc))
@@ -440,17 +482,36 @@ class GenerationScheduler:
         self._advance(members, out.logits[:, -1])
 
     def _decode(self) -> None:
-        engine = self.engine
-        last = [m.generated[-1] for m in self.running for _ in range(m.rows)]
-        input_ids = torch.tensor(last, device=engine.device).unsqueeze(1)  # [R, 1]
-        mask, positions = self.batch.step_inputs()
-        if self._forward is None:
-            self._forward = _Forward(self, self.running)
-        with self._forward.context():
-            out = engine.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
-                               use_cache=True, **{self.cache_kwarg: self.batch.cache})
+        """One decode step over the rows in use (padded up to a graph's bucket on CUDA)."""
+        engine, kv = self.engine, self.kv
+        rows = kv.used_bound
+        if self.graphs is not None:
+            rows = self.graphs.bucket(rows)
+        order = [m.row + j for m in self.running for j in range(m.rows)]  # member order
+        ids = [self.pad_id] * rows
+        for m in self.running:
+            for j in range(m.rows):
+                ids[m.row + j] = m.generated[-1]
+        if self._forward is None or self._forward.rows != rows:
+            self._forward = _Forward(self, self.running, [m.row for m in self.running], rows)
+        forward = self._forward
+        logits = None
+        if self.graphs is not None:
+            logits = self.graphs.run(rows, forward.form(), ids, forward.fill, forward.collect)
+        if logits is None:
+            mask = kv.prepare_step(rows, full_width=False)
+            assert kv.positions is not None
+            input_ids = torch.tensor(ids, device=engine.device).unsqueeze(1)  # [R, 1]
+            with forward.context():
+                out = engine.model(input_ids=input_ids, attention_mask=mask,
+                                   position_ids=kv.positions[:rows, None], use_cache=True,
+                                   **{self.cache_kwarg: kv.cache})
+            logits = out.logits[:, -1]
+        kv.advance(order)
         self.steps += 1
-        self._advance(self.running, out.logits[:, -1])
+        if order != list(range(rows)):
+            logits = logits.index_select(0, torch.tensor(order, device=logits.device))
+        self._advance(self.running, logits)
 
     def _advance(self, members: Sequence[_Running], logits: torch.Tensor) -> None:
         """Sample one token per member from ``logits`` [R, V]; stream it; retire the done."""
@@ -511,13 +572,9 @@ class GenerationScheduler:
             self._forward.flush_usage()
         self._forward = None
         leaving = {id(m) for m in members}
-        keep, row = [], 0
         for m in self.running:
-            if id(m) not in leaving:
-                keep.extend(range(row, row + m.rows))
-            row += m.rows
-        if self.running:
-            self.batch.select(torch.tensor(keep, dtype=torch.long, device=self.engine.device))
+            if id(m) in leaving:
+                self.kv.release(m.row, m.rows)
         self.running = [m for m in self.running if id(m) not in leaving]
         now = time.perf_counter()
         for m in members:
