@@ -172,26 +172,11 @@ class ArrowRouter(ModuleVectorRouter):
 
         Each prototype depends on its own expert's factors and the fixed start vector only, so
         the result equals :meth:`fit` over the old experts then the new ones; the old tables are
-        concatenated, not recomputed: ``O(new experts)`` solves and one copy per module.
+        appended to, not recomputed nor copied (:meth:`ModuleVectorRouter._extended_by`):
+        ``O(new experts)`` solves and rows, here and on the device that routes.
         """
-        router = type(self)(self.config, [*self.expert_ids, *(e.expert_id for e in experts)])
-        added = self._prototypes(experts, first_index=self.num_experts)
-        for module in sorted(set(self.vectors) | set(added)):
-            rows = sorted(added.get(module, []), key=lambda item: item[0])
-            old_vectors, old_members = self.vectors.get(module), self.members.get(module)
-            new_vectors = [v.to(torch.float32) for _, v in rows]
-            new_members = torch.tensor([i for i, _ in rows], dtype=torch.long)
-            if old_vectors is None:
-                router.vectors[module] = torch.stack(new_vectors)
-                router.members[module] = new_members
-            elif not rows:
-                router.vectors[module], router.members[module] = old_vectors, old_members
-            else:
-                if int(new_vectors[0].shape[-1]) != int(old_vectors.shape[1]):
-                    raise ValueError(f"module {module!r}: experts disagree on its input size")
-                router.vectors[module] = torch.cat([old_vectors, torch.stack(new_vectors)])
-                router.members[module] = torch.cat([old_members, new_members])
-        return router
+        ids = [*self.expert_ids, *(e.expert_id for e in experts)]
+        return self._extended_by(ids, self._prototypes(experts, first_index=self.num_experts))
 
     def _prototypes(
         self, experts: Sequence[ExpertRecord], first_index: int
