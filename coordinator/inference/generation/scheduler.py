@@ -55,7 +55,7 @@ from moerge.coordinator.inference.generation.cuda_graphs import (
     RoutingForm,
     TokenForm,
 )
-from moerge.coordinator.inference.generation.detokenizer import StreamingDetokenizer
+from moerge.coordinator.inference.generation.detokenizer import StreamingDetokenizer, add_tokens
 from moerge.coordinator.inference.generation.kv_rows import KVRows
 from moerge.coordinator.inference.generation.requests import (
     GenerationEvent,
@@ -532,27 +532,30 @@ class GenerationScheduler:
                 seen[q, torch.tensor(m.prompt_ids + m.generated, device=logits.device)] = True
         tokens, logprobs = self.sampler.sample(logits, params, [m.generator for m in members],
                                                seen)
+        # one read-back for both (float64 holds every token id exactly)
+        token_list, logprob_list = torch.stack((tokens.double(), logprobs.double())).tolist()
         now = time.perf_counter()
         self.tokens += len(members)
         done: list[tuple[_Running, str]] = []
-        for m, token, logprob in zip(members, tokens.tolist(), logprobs.tolist(), strict=True):
+        texts: list[_Running] = []
+        for m, token, logprob in zip(members, token_list, logprob_list, strict=True):
+            token = int(token)
             m.generated.append(token)
             m.logprob_sum += logprob
             if m.first_token_at is None:
                 m.first_token_at = now
-            reason = ""
             if token in self.eos_ids:
-                reason = "stop"
+                done.append((m, "stop"))
             else:
-                text = m.detokenizer.add(token)
-                if text:
-                    m.request.sink(TextDelta(text, 1))
-                if m.detokenizer.stopped:
-                    reason = "stop"
-                elif len(m.generated) >= m.request.sampling.max_new_tokens:
-                    reason = "length"
-            if reason:
-                done.append((m, reason))
+                texts.append(m)
+        deltas = add_tokens([m.detokenizer for m in texts], [m.generated[-1] for m in texts])
+        for m, text in zip(texts, deltas, strict=True):
+            if text:
+                m.request.sink(TextDelta(text, 1))
+            if m.detokenizer.stopped:
+                done.append((m, "stop"))
+            elif len(m.generated) >= m.request.sampling.max_new_tokens:
+                done.append((m, "length"))
         for m, _ in done:
             tail = m.detokenizer.flush()
             if tail:
