@@ -1,8 +1,10 @@
 """``moerge admin ...``: one command per AdminService call, as tables or ``--json``.
 
-A thin layer over :class:`moerge.Client`'s admin calls. Wherever a command takes an expert or
-contributor id, a unique prefix of it will do (as git takes commit ids): the id is resolved
-with a list call, and a prefix that matches several ids is refused, naming them.
+A thin layer over :class:`moerge.Client`'s admin calls. Wherever a command takes an expert,
+contributor, API key or enrollment token id, a unique prefix of it will do (as git takes commit
+ids): the client resolves it with a list call, and a prefix that matches several ids is refused,
+naming them. ``audit --target`` is the exception: it filters entries about any kind of target
+(router version numbers, uploads, ...), so it takes the exact id.
 """
 
 from __future__ import annotations
@@ -100,13 +102,12 @@ def experts_list(
     """List experts (paginated, filterable)."""
 
     def pages(api: Client) -> tuple[list[Expert], str]:
-        owner = api.resolve_contributor_id(contributor) if contributor else ""
         experts: list[Expert] = []
         next_token = page_token
         while True:
             page = api.list_experts(
                 state=state,
-                contributor=owner,
+                contributor=contributor or "",
                 task=task or "",
                 page_size=page_size,
                 page_token=next_token,
@@ -134,9 +135,7 @@ def experts_show(
     json_out: Json = False,
 ) -> None:
     """Every field of one expert."""
-    expert = _run(
-        coordinator, token, tls_ca, lambda api: api.get_expert(api.resolve_expert_id(expert_id))
-    )
+    expert = _run(coordinator, token, tls_ca, lambda api: api.get_expert(expert_id))
     if json_out:
         emit_json(expert)
         return
@@ -162,7 +161,7 @@ def experts_set_state(
         coordinator,
         token,
         tls_ca,
-        lambda api: api.set_expert_state(api.resolve_expert_id(expert_id), state, reason),
+        lambda api: api.set_expert_state(expert_id, state, reason),
     )
     emit_json(expert) if json_out else table("expert", EXPERT_COLUMNS, _expert_rows([expert]))
 
@@ -352,7 +351,9 @@ def tokens_list(
 
 @tokens_app.command("revoke")
 def tokens_revoke(
-    token_id: Annotated[str, typer.Argument(help="the token id (as `tokens list` shows it)")],
+    token_id: Annotated[
+        str, typer.Argument(help="the token id (as `tokens list` shows it) or a unique prefix")
+    ],
     coordinator: Coordinator = None,
     token: Token = None,
     tls_ca: TlsCa = None,
@@ -434,7 +435,9 @@ def keys_list(
 
 @keys_app.command("revoke")
 def keys_revoke(
-    key_id: Annotated[str, typer.Argument(help="the key id (as `keys list` shows it)")],
+    key_id: Annotated[
+        str, typer.Argument(help="the key id (as `keys list` shows it) or a unique prefix")
+    ],
     coordinator: Coordinator = None,
     token: Token = None,
     tls_ca: TlsCa = None,
@@ -494,7 +497,7 @@ def contributors_revoke(
         coordinator,
         token,
         tls_ca,
-        lambda api: api.revoke_contributor(api.resolve_contributor_id(contributor_id), reason),
+        lambda api: api.revoke_contributor(contributor_id, reason),
     )
     emit_json(info) if json_out else typer.echo(f"revoked {info.contributor_id} ({info.name})")
 
@@ -502,7 +505,9 @@ def contributors_revoke(
 @app.command("audit")
 def audit(
     action: Annotated[str | None, typer.Option(help="only this action")] = None,
-    target: Annotated[str | None, typer.Option(help="only this target id")] = None,
+    target: Annotated[
+        str | None, typer.Option(help="only this target id (exact: targets are of many kinds)")
+    ] = None,
     page_size: int = 100,
     page_token: str = "",
     coordinator: Coordinator = None,

@@ -82,7 +82,8 @@ def upload(
     ] = None,
 ) -> None:
     """Upload an expert folder (resumes an interrupted upload)."""
-    options = {"transport": transport.value, "chunk_size": chunk_size, "progress": not json_out}
+    # the progress bar is on stderr: shown with --json too, whose JSON alone is on stdout
+    options = {"transport": transport.value, "chunk_size": chunk_size, "progress": True}
     if no_statistics and not task_name:
         raise typer.BadParameter("--no-statistics needs --task-name")
     with client(coordinator, token, tls_ca) as api:
@@ -193,7 +194,7 @@ def predict(
                 top_k=top_k,
                 method=method,
                 aggregation=aggregation,
-                experts=[api.resolve_expert_id(e) for e in expert or ()],
+                experts=expert or (),
                 router_version=router_version,
                 max_new_tokens=max_new_tokens,
                 composition=composition,
@@ -239,7 +240,7 @@ def route(
                 inputs,
                 top_k=top_k,
                 method=method,
-                experts=[api.resolve_expert_id(e) for e in expert or ()],
+                experts=expert or (),
                 router_version=router_version,
             )
         )

@@ -85,19 +85,18 @@ def create(
 
     examples = read_examples(data, text_field, label_field)
     with client(coordinator, token, tls_ca) as api:
-        experts = [api.resolve_expert_id(e) for e in expert or ()] if expert else []
         progress = Progress(
             TextColumn("composing {task.fields[name]}"), BarColumn(),
             TextColumn("{task.completed}/{task.total} evaluations"),
             TextColumn("best loss {task.fields[loss]}"), TimeElapsedColumn(),
-            console=err_console, transient=True, disable=json_out,
+            console=err_console, transient=True,
         )
 
         def run():  # type: ignore[no-untyped-def]
             with progress:
                 bar = progress.add_task("search", total=None, name=name, loss="-")
                 for event in api.compose(
-                    name, examples, experts=experts, budget=budget, time_limit_s=time_limit,
+                    name, examples, experts=expert or [], budget=budget, time_limit_s=time_limit,
                     l1=l1, seed=seed, keep_examples=keep_examples,
                 ):
                     if isinstance(event, ComposeProgress):

@@ -1,8 +1,13 @@
 """``moerge evaluate DATA.jsonl``: how well each router routes a user's labelled data.
 
 A thin layer over :mod:`moerge.evaluation` (the scorer the demo and the routing-quality
-benchmark use too): read the file, find the registered experts and the methods to score, print
+benchmark use too): read the file, find the active experts and the methods to score, print
 the table (or ``--json``), draw the confusion matrix with ``--plot``.
+
+What it needs from the coordinator is what ``Predict`` serves anyway: the active experts (to
+map each line's task to its expert) and the routing methods with a trained router. Both come
+from ``ListModels``, which every inference credential may call, so a user's inference-only API
+key can evaluate; nothing else (no admin listing) is asked for.
 """
 
 from __future__ import annotations
@@ -16,8 +21,8 @@ import typer
 from moerge.contributor_client.options import Coordinator, Json, TlsCa, Token
 
 if TYPE_CHECKING:
-    from moerge.client import Client
     from moerge.evaluation import Evaluation
+    from moerge.results import Models
 
 
 def evaluate(
@@ -31,8 +36,8 @@ def evaluate(
     methods: Annotated[
         str | None,
         typer.Option(
-            help="comma-separated routing methods (default, admin only: every ready router "
-            "version's method plus uniform); the oracle is always scored"
+            help="comma-separated routing methods (default: every method with a trained "
+            "router, plus uniform); the oracle is always scored"
         ),
     ] = None,
     plot: Annotated[
@@ -66,8 +71,9 @@ def evaluate(
 
     def run() -> Evaluation:
         with client(coordinator, token, tls_ca) as moerge_client:
-            chosen = _methods(moerge_client, methods)
-            experts = _active_experts(moerge_client)
+            models = moerge_client.models()
+            chosen = _methods(models, methods)
+            experts = models.experts
             stream = assign_tasks(rows, [(e.expert_id, e.name, e.task_name) for e in experts],
                                   source)
             expert_of_task = {e.task_name: e.expert_id for e in experts}
@@ -90,45 +96,12 @@ def evaluate(
         _print(result, plot)
 
 
-def _active_experts(moerge_client: Client) -> list:
-    """Active experts: the whole registry for an admin, else the caller's own."""
-    import grpc
-
-    from moerge.errors import MoergeError
-
-    experts, page_token = [], ""
-    try:
-        while True:
-            page = moerge_client.list_experts(page_size=1000, page_token=page_token)
-            experts += page.items
-            page_token = page.next_page_token
-            if not page_token:
-                break
-    except MoergeError as exc:
-        if exc.code != grpc.StatusCode.PERMISSION_DENIED:
-            raise
-        experts = moerge_client.my_experts()
-    return [e for e in experts if e.state == "active"]
-
-
-def _methods(moerge_client: Client, methods: str | None) -> list[str]:
-    """``--methods``, else every ready router version's method plus uniform (admin only)."""
-    import grpc
-
-    from moerge.errors import MoergeError
-
+def _methods(models: Models, methods: str | None) -> list[str]:
+    """``--methods``, else every method with a trained router (oldest first) plus uniform."""
     if methods is not None:
         return [m.strip() for m in methods.split(",") if m.strip()]
-    try:
-        versions = moerge_client.list_router_versions(page_size=1000).items
-    except MoergeError as exc:
-        if exc.code != grpc.StatusCode.PERMISSION_DENIED:
-            raise
-        raise MoergeError(
-            exc.code, "listing router versions needs the admin token: pass --methods a,b,c"
-        ) from None
-    ready = [v.method for v in reversed(versions) if v.status == "ready"]  # oldest first
-    return [*dict.fromkeys(m for m in ready if m != "uniform"), "uniform"]
+    ready = sorted(models.routers, key=lambda r: r.version)
+    return [*dict.fromkeys(r.method for r in ready if r.method != "uniform"), "uniform"]
 
 
 def _plot(result: Evaluation, path: Path) -> None:

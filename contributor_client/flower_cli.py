@@ -181,7 +181,7 @@ def serve(
 def own_expert_id(target: Target, expert: str) -> str:
     """The id of one of this contributor's experts: by name (its newest active version), by
     id or id prefix, or, with ``expert`` empty, the only active one."""
-    from moerge.client import Client
+    from moerge.client import Client, unique_prefix
 
     client = Client()
     client.target = target
@@ -196,7 +196,7 @@ def own_expert_id(target: Target, expert: str) -> str:
             raise typer.BadParameter(
                 f"name your expert with --expert (active ones: {', '.join(names)})"
             )
-        return client.resolve_expert_id(expert)
+        return unique_prefix("expert", expert, [e.expert_id for e in mine])  # its own only
 
 
 def embed_data(

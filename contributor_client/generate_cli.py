@@ -36,7 +36,9 @@ def generate(
     aggregation: Annotated[
         str, typer.Option(help="default|ensemble|merge|ties|dare|mix")
     ] = "default",
-    expert: Annotated[list[str] | None, typer.Option(help="restrict to these expert ids")] = None,
+    expert: Annotated[
+        list[str] | None, typer.Option(help="restrict to these expert ids (unique prefixes ok)")
+    ] = None,
     composition: Annotated[
         str, typer.Option(help="serve this few-shot composition (moerge compose) instead")
     ] = "",

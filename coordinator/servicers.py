@@ -20,6 +20,7 @@ from moerge.coordinator import (
     composition_handler,
     contributor_handler,
     inference_handler,
+    models_handler,
 )
 from moerge.coordinator.auth import current_principal
 from moerge.coordinator.errors import status_for
@@ -161,6 +162,9 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         self, request: inference_pb2.ListCompositionsRequest, context: Any
     ) -> Any:
         return await self._serve(composition_handler.list_compositions, request, context)
+
+    async def ListModels(self, request: inference_pb2.ListModelsRequest, context: Any) -> Any:
+        return await self._serve(models_handler.list_models, request, context)
 
 
 class AdminServicer(admin_pb2_grpc.AdminServiceServicer):

@@ -5,11 +5,16 @@ Each method of :class:`Calls` builds its request and hands it, with the function
 response into a :mod:`moerge.results` dataclass, to ``_unary``: the synchronous client runs the
 call and returns the result, the asyncio client returns an awaitable of the same result. Enum
 arguments take the CLI's words (``state="quarantined"``, ``aggregation="merge"``).
+
+Every id argument takes a unique prefix, as git takes commit ids: :meth:`Calls._with_ids` passes
+complete ids through untouched (no extra call) and has the client resolve the others with a
+list call first (:meth:`moerge.Client.resolve_id`).
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
@@ -29,6 +34,7 @@ from moerge.results import (
     EnrollmentTokenInfo,
     Expert,
     Joined,
+    Models,
     Page,
     Predictions,
     RouterVersion,
@@ -39,6 +45,14 @@ from moerge.v1 import admin_pb2, common_pb2, contributor_pb2, inference_pb2
 
 T = TypeVar("T")
 DEFAULT_TIMEOUT = 300.0  # seconds per call: a first Predict loads the base model
+_HEX32, _HEX16 = re.compile(r"[0-9a-f]{32}"), re.compile(r"[0-9a-f]{16}")
+#: what a complete id of each kind looks like; anything else is taken as a prefix to resolve
+FULL_IDS: dict[str, re.Pattern[str]] = {
+    "expert": _HEX32,  # uuid4().hex
+    "contributor": _HEX32,
+    "API key": _HEX16,  # the id inside mgu_<id>_<secret>
+    "enrollment token": _HEX16,  # the id inside mge_<id>_<secret>
+}
 
 
 def _state(word: str | None) -> int:
@@ -79,6 +93,17 @@ class Calls:
         self.timeout = timeout
 
     def _unary(self, service: str, method: str, request: Any, convert: Callable[[Any], T]) -> T:
+        raise NotImplementedError
+
+    def _with_ids(self, kind: str, ids: Iterable[str], call: Callable[[list[str]], T]) -> T:
+        """``call(full_ids)``: ids of ``kind`` as given when complete, else resolved first."""
+        given = list(ids)
+        if all(FULL_IDS[kind].fullmatch(i) for i in given):
+            return call(given)
+        return self._resolving(kind, given, call)
+
+    def _resolving(self, kind: str, prefixes: list[str], call: Callable[[list[str]], T]) -> T:
+        """``call`` with each of ``prefixes`` resolved to the one id of ``kind`` it starts."""
         raise NotImplementedError
 
     # -- contributors ------------------------------------------------------------------------
@@ -148,18 +173,16 @@ class Calls:
         ``composition``: serve this few-shot composition instead of routing (its newest
         version, or ``composition_version``); the routing arguments must then stay unset.
         """
-        request = inference_pb2.PredictRequest(
-            inputs=list(inputs),
-            top_k=top_k,
-            routing_method=method,
-            expert_ids=list(experts),
-            aggregation=_aggregation(aggregation),
-            router_version=router_version,
-            max_new_tokens=max_new_tokens,
-            composition=composition,
-            composition_version=composition_version,
-        )
-        return self._unary("inference", "Predict", request, Predictions.from_proto)
+        fields = {
+            "inputs": list(inputs), "top_k": top_k, "routing_method": method,
+            "aggregation": _aggregation(aggregation), "router_version": router_version,
+            "max_new_tokens": max_new_tokens, "composition": composition,
+            "composition_version": composition_version,
+        }
+        return self._with_ids("expert", experts, lambda ids: self._unary(
+            "inference", "Predict", inference_pb2.PredictRequest(expert_ids=ids, **fields),
+            Predictions.from_proto,
+        ))
 
     def compositions(self, name: str = "") -> list[Composition]:
         """Stored few-shot compositions (every version; only ``name``'s if given), newest first."""
@@ -179,14 +202,19 @@ class Calls:
         router_version: int = 0,
     ) -> Routing:
         """The routing decision only: which experts, with which weights, for each input."""
-        request = inference_pb2.RouteRequest(
-            inputs=list(inputs),
-            top_k=top_k,
-            routing_method=method,
-            expert_ids=list(experts),
-            router_version=router_version,
-        )
-        return self._unary("inference", "Route", request, Routing.from_proto)
+        fields = {"inputs": list(inputs), "top_k": top_k, "routing_method": method,
+                  "router_version": router_version}
+        return self._with_ids("expert", experts, lambda ids: self._unary(
+            "inference", "Route", inference_pb2.RouteRequest(expert_ids=ids, **fields),
+            Routing.from_proto,
+        ))
+
+    def models(self) -> Models:
+        """What a request may name: the active experts, the routing methods with a trained
+        router, the active router and the newest version of each composition. Any credential
+        that may predict may ask (a user's API key too); ``GET /v1/models`` lists the same."""
+        request = inference_pb2.ListModelsRequest()
+        return self._unary("inference", "ListModels", request, Models.from_proto)
 
     # -- administration (admin token) ---------------------------------------------------------
 
@@ -199,31 +227,38 @@ class Calls:
         page_size: int = 50,
         page_token: str = "",
     ) -> Page[Expert]:
-        """One page of the registry's experts (``state``: active, quarantined or retired)."""
-        request = admin_pb2.ListExpertsRequest(
-            page_size=page_size,
-            page_token=page_token,
-            state=_state(state),
-            contributor_id=contributor,
-            task_name=task,
-        )
-        return self._unary("admin", "ListExperts", request, _page(Expert.from_proto, "experts"))
+        """One page of the registry's experts (``state``: active, quarantined or retired;
+        ``contributor``: an id or a unique prefix of it)."""
+        fields = {"page_size": page_size, "page_token": page_token, "state": _state(state),
+                  "task_name": task}
+        return self._with_ids("contributor", [contributor] if contributor else [],
+                              lambda ids: self._unary(
+            "admin", "ListExperts",
+            admin_pb2.ListExpertsRequest(contributor_id="".join(ids), **fields),
+            _page(Expert.from_proto, "experts"),
+        ))  # fmt: skip
 
     def get_expert(self, expert_id: str) -> Expert:
-        request = admin_pb2.GetExpertRequest(expert_id=expert_id)
-        return self._unary("admin", "GetExpert", request, Expert.from_proto)
+        """Every field of one expert (``expert_id``: an id or a unique prefix of it)."""
+        return self._with_ids("expert", [expert_id], lambda ids: self._unary(
+            "admin", "GetExpert", admin_pb2.GetExpertRequest(expert_id=ids[0]), Expert.from_proto
+        ))
 
     def set_expert_state(self, expert_id: str, state: str, reason: str = "") -> Expert:
         """Activate, quarantine or retire an expert (the reason goes to the audit log)."""
-        request = admin_pb2.SetExpertStateRequest(
-            expert_id=expert_id, state=_state(state), reason=reason
-        )
-        return self._unary("admin", "SetExpertState", request, Expert.from_proto)
+        number = _state(state)
+        return self._with_ids("expert", [expert_id], lambda ids: self._unary(
+            "admin", "SetExpertState",
+            admin_pb2.SetExpertStateRequest(expert_id=ids[0], state=number, reason=reason),
+            Expert.from_proto,
+        ))
 
     def delete_expert(self, expert_id: str) -> DeletedExpert:
         """Delete an expert and garbage-collect the blobs nothing else uses."""
-        request = admin_pb2.DeleteExpertRequest(expert_id=expert_id)
-        return self._unary("admin", "DeleteExpert", request, lambda r: scalars(DeletedExpert, r))
+        return self._with_ids("expert", [expert_id], lambda ids: self._unary(
+            "admin", "DeleteExpert", admin_pb2.DeleteExpertRequest(expert_id=ids[0]),
+            lambda r: scalars(DeletedExpert, r),
+        ))
 
     def list_router_versions(
         self, *, method: str = "", page_size: int = 50, page_token: str = ""
@@ -277,11 +312,11 @@ class Calls:
         return self._unary("admin", "ListEnrollmentTokens", request, convert)
 
     def revoke_enrollment_token(self, token_id: str) -> EnrollmentTokenInfo:
-        """Stop an enrollment token from letting anyone else join."""
-        request = admin_pb2.RevokeEnrollmentTokenRequest(token_id=token_id)
-        return self._unary(
-            "admin", "RevokeEnrollmentToken", request, EnrollmentTokenInfo.from_proto
-        )
+        """Stop an enrollment token from letting anyone else join (an id or unique prefix)."""
+        return self._with_ids("enrollment token", [token_id], lambda ids: self._unary(
+            "admin", "RevokeEnrollmentToken", admin_pb2.RevokeEnrollmentTokenRequest(
+                token_id=ids[0]), EnrollmentTokenInfo.from_proto,
+        ))
 
     def create_api_key(
         self, *, note: str = "", ttl_seconds: int = 0, rate_limit_per_minute: int = 0
@@ -302,9 +337,11 @@ class Calls:
         return self._unary("admin", "ListApiKeys", request, _page(ApiKey.from_proto, "keys"))
 
     def revoke_api_key(self, key_id: str) -> ApiKey:
-        """Refuse the key from its very next request on."""
-        request = admin_pb2.RevokeApiKeyRequest(key_id=key_id)
-        return self._unary("admin", "RevokeApiKey", request, ApiKey.from_proto)
+        """Refuse the key from its very next request on (an id or a unique prefix of it)."""
+        return self._with_ids("API key", [key_id], lambda ids: self._unary(
+            "admin", "RevokeApiKey", admin_pb2.RevokeApiKeyRequest(key_id=ids[0]),
+            ApiKey.from_proto,
+        ))
 
     def list_contributors(
         self, *, exclude_revoked: bool = False, page_size: int = 50, page_token: str = ""
@@ -317,13 +354,17 @@ class Calls:
 
     def revoke_contributor(self, contributor_id: str, reason: str = "") -> Contributor:
         """Revoke a contributor's credential (its experts keep their state)."""
-        request = admin_pb2.RevokeContributorRequest(contributor_id=contributor_id, reason=reason)
-        return self._unary("admin", "RevokeContributor", request, Contributor.from_proto)
+        return self._with_ids("contributor", [contributor_id], lambda ids: self._unary(
+            "admin", "RevokeContributor",
+            admin_pb2.RevokeContributorRequest(contributor_id=ids[0], reason=reason),
+            Contributor.from_proto,
+        ))
 
     def audit_log(
         self, *, action: str = "", target: str = "", page_size: int = 100, page_token: str = ""
     ) -> Page[AuditEntry]:
-        """The audit log, newest first."""
+        """The audit log, newest first. ``target`` is the exact target id: entries are about
+        many kinds of thing (router version numbers, uploads, ...), so no prefix is resolved."""
         request = admin_pb2.ListAuditLogRequest(
             page_size=page_size, page_token=page_token, action=action, target_id=target
         )

@@ -15,20 +15,18 @@ transports, the streamed ``generate``, and the work done locally (train, upload)
 from __future__ import annotations
 
 import asyncio
-import re
 import tempfile
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
 
-from moerge.calls import Calls, compose_request, generate_request
+from moerge.calls import FULL_IDS, Calls, compose_request, generate_request
 from moerge.client_training import TrainOptions, build, local_base_model, train_config
 from moerge.errors import MoergeError
 from moerge.results import (
     ComposeEvent,
-    Expert,
     GenerateEvent,
     Upload,
     compose_event,
@@ -42,7 +40,6 @@ STUBS = {
     "contributor": contributor_pb2_grpc.ContributorServiceStub,
     "inference": inference_pb2_grpc.InferenceServiceStub,
 }
-_FULL_ID = re.compile(r"[0-9a-f]{32}")
 
 
 class Client(Calls):
@@ -86,6 +83,7 @@ class Client(Calls):
         ``max_new_tokens``, ``temperature``, ``seed``, ``stop``, ``top_k``, ...). Leaving the
         loop early cancels the call, which frees its place in the coordinator's batch.
         """
+        options["experts"] = self.resolve_ids("expert", options.get("experts", ()))
         yield from self._stream("Generate", generate_request(prompt, **options), generate_event)
 
     def compose(
@@ -99,6 +97,7 @@ class Client(Calls):
         ``time_limit_s``, ``l1``, ``seed``, ``keep_examples``). Leaving the loop early cancels
         the search; nothing is stored.
         """
+        options["experts"] = self.resolve_ids("expert", options.get("experts", ()))
         yield from self._stream(
             "Compose", compose_request(name, examples, **options), compose_event
         )
@@ -262,43 +261,59 @@ class Client(Calls):
 
     # -- ids: unique prefixes, as git takes them ---------------------------------------------
 
-    def resolve_expert_id(self, prefix: str) -> str:
-        """The one expert id starting with ``prefix`` (a full id is returned as is).
+    def _resolving(self, kind: str, prefixes: list[str], call: Callable[[list[str]], T]) -> T:
+        return call(self.resolve_ids(kind, prefixes))
 
-        Looks through the registry (admin) or, for a contributor, its own experts; no match or
-        more than one is ``INVALID_ARGUMENT``, naming the candidates.
+    def resolve_id(self, kind: str, prefix: str) -> str:
+        """The one id of ``kind`` (expert, contributor, API key, enrollment token) that starts
+        with ``prefix``; a complete id is returned as is, without a call.
+
+        No match is ``NOT_FOUND``; more than one is ``INVALID_ARGUMENT``, naming the
+        candidates. Every method that takes an id does this for an incomplete one.
         """
-        if _FULL_ID.fullmatch(prefix):
-            return prefix
+        return self.resolve_ids(kind, [prefix])[0]
+
+    def resolve_ids(self, kind: str, prefixes: Iterable[str]) -> list[str]:
+        """:meth:`resolve_id` of each prefix, with one listing for all of them (if any)."""
+        given = list(prefixes)
+        complete = FULL_IDS[kind].fullmatch
+        known = [] if all(complete(p) for p in given) else self._ids(kind)
+        return [p if complete(p) else unique_prefix(kind, p, known) for p in given]
+
+    def resolve_expert_id(self, prefix: str) -> str:
+        """:meth:`resolve_id` of an expert: among the whole registry for the admin, else among
+        the active experts (:meth:`models`), which any inference credential may list."""
+        return self.resolve_id("expert", prefix)
+
+    def resolve_contributor_id(self, prefix: str) -> str:
+        """:meth:`resolve_id` of a contributor (admin token)."""
+        return self.resolve_id("contributor", prefix)
+
+    def _ids(self, kind: str) -> list[str]:
+        if kind == "contributor":
+            return [c.contributor_id for c in self._every(self.list_contributors)]
+        if kind == "API key":
+            return [k.key_id for k in self._every(self.list_api_keys)]
+        if kind == "enrollment token":
+            return [t.token_id for t in self._every(self.list_enrollment_tokens)]
         try:
-            ids = [e.expert_id for e in self._all_experts()]
+            return [e.expert_id for e in self._every(self.list_experts)]
         except MoergeError as exc:
             if exc.code != grpc.StatusCode.PERMISSION_DENIED:
                 raise
-            ids = [e.expert_id for e in self.my_experts()]
-        return unique_prefix("expert", prefix, ids)
+            return [e.expert_id for e in self.models().experts]
 
-    def resolve_contributor_id(self, prefix: str) -> str:
-        """The one contributor id starting with ``prefix`` (admin token)."""
-        if _FULL_ID.fullmatch(prefix):
-            return prefix
-        ids, token = [], ""
-        while True:
-            page = self.list_contributors(page_size=1000, page_token=token)
-            ids += [c.contributor_id for c in page.items]
-            token = page.next_page_token
-            if not token:
-                return unique_prefix("contributor", prefix, ids)
-
-    def _all_experts(self) -> list[Expert]:
-        experts: list[Expert] = []
+    @staticmethod
+    def _every(list_page: Callable[..., Any]) -> list[Any]:
+        """Every item of a paginated admin listing."""
+        items: list[Any] = []
         token = ""
         while True:
-            page = self.list_experts(page_size=1000, page_token=token)
-            experts += page.items
+            page = list_page(page_size=1000, page_token=token)
+            items += page.items
             token = page.next_page_token
             if not token:
-                return experts
+                return items
 
 
 def unique_prefix(kind: str, prefix: str, ids: Iterable[str]) -> str:
@@ -358,6 +373,7 @@ class AsyncClient(Calls):
         self, prompt: str | None = None, **options: Any
     ) -> AsyncIterator[GenerateEvent]:
         """:meth:`Client.generate`, as an async iterator (``async for event in ...``)."""
+        options["experts"] = await self.resolve_ids("expert", options.get("experts", ()))
         async for event in self._stream("Generate", generate_request(prompt, **options),
                                         generate_event):
             yield event
@@ -366,6 +382,7 @@ class AsyncClient(Calls):
         self, name: str, examples: Iterable[tuple[str, str]], **options: Any
     ) -> AsyncIterator[ComposeEvent]:
         """:meth:`Client.compose`, as an async iterator (``async for event in ...``)."""
+        options["experts"] = await self.resolve_ids("expert", options.get("experts", ()))
         async for event in self._stream("Compose", compose_request(name, examples, **options),
                                         compose_event):
             yield event
@@ -390,6 +407,30 @@ class AsyncClient(Calls):
         client = Client(timeout=self.timeout)
         client.target = self.target
         return client
+
+    async def _resolving(  # type: ignore[override]
+        self, kind: str, prefixes: list[str], call: Callable[[list[str]], Awaitable[T]]
+    ) -> T:
+        """:meth:`Client._resolving`: the list calls run on a worker thread, then ``call``."""
+        return await call(await self.resolve_ids(kind, prefixes))
+
+    async def resolve_id(self, kind: str, prefix: str) -> str:
+        """:meth:`Client.resolve_id`, awaited (a complete id makes no call)."""
+        return (await self.resolve_ids(kind, [prefix]))[0]
+
+    async def resolve_ids(self, kind: str, prefixes: Iterable[str]) -> list[str]:
+        """:meth:`Client.resolve_ids`, awaited; the listing runs in a worker thread."""
+        given = list(prefixes)
+        if all(FULL_IDS[kind].fullmatch(p) for p in given):
+            return given
+        with self._blocking() as client:
+            return await asyncio.to_thread(client.resolve_ids, kind, given)
+
+    async def resolve_expert_id(self, prefix: str) -> str:
+        return await self.resolve_id("expert", prefix)
+
+    async def resolve_contributor_id(self, prefix: str) -> str:
+        return await self.resolve_id("contributor", prefix)
 
     async def upload(
         self, expert_dir: str | Path, name: str | None = None, **kwargs: Any

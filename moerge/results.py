@@ -513,3 +513,50 @@ def compose_event(response: Any) -> ComposeEvent:
     if response.WhichOneof("event") == "progress":
         return _scalars(ComposeProgress, response.progress)  # type: ignore[no-any-return]
     return Composition.from_proto(response.composition)
+
+
+@dataclasses.dataclass(frozen=True)
+class ServedExpert(Result):
+    """An active expert as any inference caller sees it (``Client.models``)."""
+
+    expert_id: str
+    name: str
+    version: int
+    task_name: str
+    task_type: str  # "classification" or "causal_lm"
+    label_names: tuple[str, ...]
+    contributor_id: str
+    created_at: datetime | None
+
+    @classmethod
+    def from_proto(cls, m: Message) -> ServedExpert:
+        return _scalars(cls, m, label_names=tuple(m.label_names), created_at=_time(m.created_at))
+
+
+@dataclasses.dataclass(frozen=True)
+class ServedRouter(Result):
+    """A routing method that ``method=`` serves, with its newest ready router version."""
+
+    method: str
+    version: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Models(Result):
+    """What a request may name: active experts, routing methods, compositions (``ListModels``)."""
+
+    experts: tuple[ServedExpert, ...]
+    routers: tuple[ServedRouter, ...]
+    active_router_version: int  # 0: no router trained yet (a fallback router is fitted)
+    active_router_method: str
+    compositions: tuple[Composition, ...]  # the newest version of each name
+
+    @classmethod
+    def from_proto(cls, m: inference_pb2.ListModelsResponse) -> Models:
+        return cls(
+            experts=tuple(ServedExpert.from_proto(e) for e in m.experts),
+            routers=tuple(_scalars(ServedRouter, r) for r in m.routers),
+            active_router_version=m.active_router_version,
+            active_router_method=m.active_router_method,
+            compositions=tuple(Composition.from_proto(c) for c in m.compositions),
+        )

@@ -31,7 +31,8 @@ def test_admin_keys_create_list_and_revoke_and_the_key_may_only_infer(
     assert key not in listed.stdout  # the secret is shown once, at creation
     refused = _invoke("admin", "experts", "list", "-c", running.address, "--token", key)
     assert refused.exit_code == 1 and "PERMISSION_DENIED" in refused.output
-    assert _invoke("admin", "keys", "revoke", key_id, *admin).exit_code == 0
+    revoked = _invoke("admin", "keys", "revoke", key_id[:5], *admin)  # a unique prefix will do
+    assert revoked.exit_code == 0 and f"revoked API key {key_id}" in revoked.stdout
     gone = json.loads(_invoke("admin", "keys", "list", *admin, "--json").stdout)
     assert gone["keys"][0]["revoked"] is True
     again = _invoke("admin", "keys", "revoke", key_id, *admin)
@@ -48,7 +49,8 @@ def test_admin_tokens_list_shows_expiry_and_uses_and_revoke_marks_it(
     listed = _invoke("admin", "tokens", "list", *admin)
     assert listed.exit_code == 0 and created["token_id"] in listed.stdout
     assert "0/1" in listed.stdout and created["token"] not in listed.stdout
-    revoked = _invoke("admin", "tokens", "revoke", created["token_id"], *admin)
+    revoked = _invoke("admin", "tokens", "revoke", created["token_id"][:4], *admin)
     assert revoked.exit_code == 0, revoked.output
+    assert f"revoked enrollment token {created['token_id']}" in revoked.stdout
     (token,) = json.loads(_invoke("admin", "tokens", "list", *admin, "--json").stdout)["tokens"]
     assert token["revoked"] is True and token["note"] == "lab"

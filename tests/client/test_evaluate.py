@@ -98,15 +98,22 @@ def test_a_task_no_expert_serves_is_refused_naming_the_line(
     assert "data.jsonl:3: no registered expert serves task 't9' (tasks: t0, t1)" in result.stderr
 
 
-def test_without_the_admin_token_methods_must_be_named(evaluated: dict, tmp_path: Path) -> None:
+def test_a_user_api_key_evaluates_as_the_admin_does(evaluated: dict, tmp_path: Path) -> None:
+    """Evaluate needs only what Predict serves (ListModels): an inference-only key suffices."""
     data = _write(tmp_path / "data.jsonl", ROWS)
     with moerge.Client(evaluated["address"], token=evaluated["token"]) as api:
-        invite = api.create_enrollment_token().token
-    with moerge.Client(evaluated["address"]) as user:
-        credential = user.join(invite, "user", save=False).credential
-    result = _invoke("evaluate", str(data), "-c", evaluated["address"], "--token", credential)
-    assert result.exit_code == 1
-    assert "pass --methods" in result.stderr
+        key = api.create_api_key(note="evaluate").api_key
+    as_user = _invoke("evaluate", str(data), "-c", evaluated["address"], "--token", key, "--json")
+    assert as_user.exit_code == 0, as_user.output
+    as_admin = _invoke("evaluate", str(data), *evaluated["admin"], "--json")
+    user, admin = json.loads(as_user.stdout), json.loads(as_admin.stdout)
+    scored = {m["method"]: m for m in user["methods"]}
+    assert "centroid" in scored and scored["oracle"]["routing_accuracy"] == 1.0
+    assert {s["method"] for s in user["skipped"]} == {s["method"] for s in admin["skipped"]}
+    for method in admin["methods"]:  # the same experts, routers and answers
+        ours = scored[method["method"]]
+        assert (ours["routing_accuracy"], ours["task_accuracy"], ours["confusion"]) == (
+            method["routing_accuracy"], method["task_accuracy"], method["confusion"])
 
 
 def test_jsonl_errors_name_the_line(tmp_path: Path) -> None:

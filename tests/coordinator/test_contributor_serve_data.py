@@ -73,6 +73,9 @@ def test_serve_embeds_the_data_file_and_finds_the_expert_by_name(joined, tiny_be
     # the same data and model again: the cached file, not a second embedding pass
     assert _node_config(_serve("--data", str(data), "--expert", "topics", "--base-model",
                                str(tiny_bert), "--offline")) == config
+    # a unique prefix of the id names it too (among the contributor's own experts only)
+    assert _node_config(_serve("--data", str(data), "--expert", ids["topics"][:6],
+                               "--base-model", str(tiny_bert), "--offline")) == config
 
 
 def test_serve_needs_a_name_when_the_contributor_has_several_experts(

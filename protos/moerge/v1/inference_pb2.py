@@ -22,62 +22,71 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from moerge.v1 import common_pb2 as moerge_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19moerge/v1/inference.proto\x12\tmoerge.v1\x1a\x16moerge/v1/common.proto\"\xea\x01\n\x0ePredictRequest\x12\x0e\n\x06inputs\x18\x01 \x03(\t\x12\r\n\x05top_k\x18\x02 \x01(\x05\x12\x16\n\x0erouting_method\x18\x03 \x01(\t\x12\x12\n\nexpert_ids\x18\x04 \x03(\t\x12+\n\x0b\x61ggregation\x18\x05 \x01(\x0e\x32\x16.moerge.v1.Aggregation\x12\x16\n\x0erouter_version\x18\x06 \x01(\x03\x12\x16\n\x0emax_new_tokens\x18\x07 \x01(\x05\x12\x13\n\x0b\x63omposition\x18\x08 \x01(\t\x12\x1b\n\x13\x63omposition_version\x18\t \x01(\x05\"0\n\nLabelScore\x12\r\n\x05label\x18\x01 \x01(\t\x12\x13\n\x0bprobability\x18\x02 \x01(\x02\"V\n\x0c\x45xpertOutput\x12\x11\n\texpert_id\x18\x01 \x01(\t\x12%\n\x06scores\x18\x02 \x03(\x0b\x32\x15.moerge.v1.LabelScore\x12\x0c\n\x04text\x18\x03 \x01(\t\"\x8b\x01\n\nPrediction\x12\x0e\n\x06output\x18\x01 \x01(\t\x12\x12\n\nconfidence\x18\x02 \x01(\x02\x12(\n\x07\x65xperts\x18\x03 \x03(\x0b\x32\x17.moerge.v1.ExpertWeight\x12/\n\x0e\x65xpert_outputs\x18\x04 \x03(\x0b\x32\x17.moerge.v1.ExpertOutput\"\xa4\x01\n\x0fPredictResponse\x12*\n\x0bpredictions\x18\x01 \x03(\x0b\x32\x15.moerge.v1.Prediction\x12\x16\n\x0erouter_version\x18\x02 \x01(\x03\x12\x16\n\x0erouting_method\x18\x03 \x01(\t\x12\x13\n\x0b\x61ggregation\x18\x04 \x01(\t\x12\x0c\n\x04note\x18\x05 \x01(\t\x12\x12\n\nlatency_ms\x18\x06 \x01(\x01\"q\n\x0cRouteRequest\x12\x0e\n\x06inputs\x18\x01 \x03(\t\x12\r\n\x05top_k\x18\x02 \x01(\x05\x12\x16\n\x0erouting_method\x18\x03 \x01(\t\x12\x12\n\nexpert_ids\x18\x04 \x03(\t\x12\x16\n\x0erouter_version\x18\x05 \x01(\x03\"9\n\rRouteDecision\x12(\n\x07\x65xperts\x18\x01 \x03(\x0b\x32\x17.moerge.v1.ExpertWeight\"\x8e\x01\n\rRouteResponse\x12+\n\tdecisions\x18\x01 \x03(\x0b\x32\x18.moerge.v1.RouteDecision\x12\x16\n\x0erouter_version\x18\x02 \x01(\x03\x12\x16\n\x0erouting_method\x18\x03 \x01(\t\x12\x0c\n\x04note\x18\x04 \x01(\t\x12\x12\n\nlatency_ms\x18\x05 \x01(\x01\"\xe1\x01\n\x0eSamplingParams\x12\x16\n\x0emax_new_tokens\x18\x01 \x01(\x05\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x01\x88\x01\x01\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x02\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x1f\n\x12repetition_penalty\x18\x07 \x01(\x02H\x03\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seedB\x15\n\x13_repetition_penalty\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xaa\x02\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12(\n\x08messages\x18\x02 \x03(\x0b\x32\x16.moerge.v1.ChatMessage\x12+\n\x08sampling\x18\x03 \x01(\x0b\x32\x19.moerge.v1.SamplingParams\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\x16\n\x0erouting_method\x18\x05 \x01(\t\x12\x12\n\nexpert_ids\x18\x06 \x03(\t\x12+\n\x0b\x61ggregation\x18\x07 \x01(\x0e\x32\x16.moerge.v1.Aggregation\x12\x16\n\x0erouter_version\x18\x08 \x01(\x03\x12\x13\n\x0b\x63omposition\x18\t \x01(\t\x12\x1b\n\x13\x63omposition_version\x18\n \x01(\x05\"\xa3\x01\n\rGenerateStart\x12(\n\x07\x65xperts\x18\x01 \x03(\x0b\x32\x17.moerge.v1.ExpertWeight\x12\x16\n\x0erouter_version\x18\x02 \x01(\x03\x12\x16\n\x0erouting_method\x18\x03 \x01(\t\x12\x13\n\x0b\x61ggregation\x18\x04 \x01(\t\x12\x0c\n\x04note\x18\x05 \x01(\t\x12\x15\n\rprompt_tokens\x18\x06 \x01(\x05\"-\n\rGenerateDelta\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x0e\n\x06tokens\x18\x02 \x01(\x05\"\xc8\x01\n\x0bGenerateEnd\x12\x15\n\rfinish_reason\x18\x01 \x01(\t\x12\x15\n\rprompt_tokens\x18\x02 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x03 \x01(\x05\x12(\n\x07\x65xperts\x18\x04 \x03(\x0b\x32\x17.moerge.v1.ExpertWeight\x12\x12\n\nconfidence\x18\x05 \x01(\x02\x12\x1e\n\x16time_to_first_token_ms\x18\x06 \x01(\x01\x12\x12\n\nlatency_ms\x18\x07 \x01(\x01\"\x98\x01\n\x10GenerateResponse\x12)\n\x05start\x18\x01 \x01(\x0b\x32\x18.moerge.v1.GenerateStartH\x00\x12)\n\x05\x64\x65lta\x18\x02 \x01(\x0b\x32\x18.moerge.v1.GenerateDeltaH\x00\x12%\n\x03\x65nd\x18\x03 \x01(\x0b\x32\x16.moerge.v1.GenerateEndH\x00\x42\x07\n\x05\x65vent\".\n\x0fLabelledExample\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\r\n\x05label\x18\x02 \x01(\t\"\xc3\x01\n\x0e\x43omposeRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12,\n\x08\x65xamples\x18\x02 \x03(\x0b\x32\x1a.moerge.v1.LabelledExample\x12\x12\n\nexpert_ids\x18\x03 \x03(\t\x12\x0e\n\x06\x62udget\x18\x04 \x01(\x05\x12\x14\n\x0ctime_limit_s\x18\x05 \x01(\x01\x12\x0f\n\x02l1\x18\x06 \x01(\x02H\x00\x88\x01\x01\x12\x0c\n\x04seed\x18\x07 \x01(\x03\x12\x15\n\rkeep_examples\x18\x08 \x01(\x08\x42\x05\n\x03_l1\"\\\n\x0f\x43omposeProgress\x12\x13\n\x0b\x65valuations\x18\x01 \x01(\x05\x12\x0e\n\x06\x62udget\x18\x02 \x01(\x05\x12\x11\n\tbest_loss\x18\x03 \x01(\x02\x12\x11\n\telapsed_s\x18\x04 \x01(\x01\"\x9f\x02\n\x0b\x43omposition\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x05\x12(\n\x07\x65xperts\x18\x03 \x03(\x0b\x32\x17.moerge.v1.ExpertWeight\x12\x13\n\x0blabel_names\x18\x04 \x03(\t\x12\x0c\n\x04loss\x18\x05 \x01(\x02\x12\x12\n\nstart_loss\x18\x06 \x01(\x02\x12\x13\n\x0b\x65valuations\x18\x07 \x01(\x05\x12\x11\n\telapsed_s\x18\x08 \x01(\x01\x12\x12\n\nstopped_by\x18\t \x01(\t\x12\x15\n\rexample_count\x18\n \x01(\x05\x12\x15\n\rexamples_kept\x18\x0b \x01(\x08\x12\x12\n\ncreated_by\x18\x0c \x01(\t\x12\x12\n\ncreated_at\x18\r \x01(\t\"y\n\x0f\x43omposeResponse\x12.\n\x08progress\x18\x01 \x01(\x0b\x32\x1a.moerge.v1.ComposeProgressH\x00\x12-\n\x0b\x63omposition\x18\x02 \x01(\x0b\x32\x16.moerge.v1.CompositionH\x00\x42\x07\n\x05\x65vent\"\'\n\x17ListCompositionsRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"H\n\x18ListCompositionsResponse\x12,\n\x0c\x63ompositions\x18\x01 \x03(\x0b\x32\x16.moerge.v1.Composition*\xbd\x01\n\x0b\x41ggregation\x12\x1b\n\x17\x41GGREGATION_UNSPECIFIED\x10\x00\x12\x1f\n\x1b\x41GGREGATION_OUTPUT_ENSEMBLE\x10\x01\x12\x1c\n\x18\x41GGREGATION_MERGE_LINEAR\x10\x02\x12\x1a\n\x16\x41GGREGATION_MERGE_TIES\x10\x03\x12\x1a\n\x16\x41GGREGATION_MERGE_DARE\x10\x04\x12\x1a\n\x16\x41GGREGATION_MODULE_MIX\x10\x05\x32\xf8\x02\n\x10InferenceService\x12@\n\x07Predict\x12\x19.moerge.v1.PredictRequest\x1a\x1a.moerge.v1.PredictResponse\x12:\n\x05Route\x12\x17.moerge.v1.RouteRequest\x1a\x18.moerge.v1.RouteResponse\x12\x45\n\x08Generate\x12\x1a.moerge.v1.GenerateRequest\x1a\x1b.moerge.v1.GenerateResponse0\x01\x12\x42\n\x07\x43ompose\x12\x19.moerge.v1.ComposeRequest\x1a\x1a.moerge.v1.ComposeResponse0\x01\x12[\n\x10ListCompositions\x12\".moerge.v1.ListCompositionsRequest\x1a#.moerge.v1.ListCompositionsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19moerge/v1/inference.proto\x12\tmoerge.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x16moerge/v1/common.proto\"\xea\x01\n\x0ePredictRequest\x12\x0e\n\x06inputs\x18\x01 \x03(\t\x12\r\n\x05top_k\x18\x02 \x01(\x05\x12\x16\n\x0erouting_method\x18\x03 \x01(\t\x12\x12\n\nexpert_ids\x18\x04 \x03(\t\x12+\n\x0b\x61ggregation\x18\x05 \x01(\x0e\x32\x16.moerge.v1.Aggregation\x12\x16\n\x0erouter_version\x18\x06 \x01(\x03\x12\x16\n\x0emax_new_tokens\x18\x07 \x01(\x05\x12\x13\n\x0b\x63omposition\x18\x08 \x01(\t\x12\x1b\n\x13\x63omposition_version\x18\t \x01(\x05\"0\n\nLabelScore\x12\r\n\x05label\x18\x01 \x01(\t\x12\x13\n\x0bprobability\x18\x02 \x01(\x02\"V\n\x0c\x45xpertOutput\x12\x11\n\texpert_id\x18\x01 \x01(\t\x12%\n\x06scores\x18\x02 \x03(\x0b\x32\x15.moerge.v1.LabelScore\x12\x0c\n\x04text\x18\x03 \x01(\t\"\x8b\x01\n\nPrediction\x12\x0e\n\x06output\x18\x01 \x01(\t\x12\x12\n\nconfidence\x18\x02 \x01(\x02\x12(\n\x07\x65xperts\x18\x03 \x03(\x0b\x32\x17.moerge.v1.ExpertWeight\x12/\n\x0e\x65xpert_outputs\x18\x04 \x03(\x0b\x32\x17.moerge.v1.ExpertOutput\"\xa4\x01\n\x0fPredictResponse\x12*\n\x0bpredictions\x18\x01 \x03(\x0b\x32\x15.moerge.v1.Prediction\x12\x16\n\x0erouter_version\x18\x02 \x01(\x03\x12\x16\n\x0erouting_method\x18\x03 \x01(\t\x12\x13\n\x0b\x61ggregation\x18\x04 \x01(\t\x12\x0c\n\x04note\x18\x05 \x01(\t\x12\x12\n\nlatency_ms\x18\x06 \x01(\x01\"q\n\x0cRouteRequest\x12\x0e\n\x06inputs\x18\x01 \x03(\t\x12\r\n\x05top_k\x18\x02 \x01(\x05\x12\x16\n\x0erouting_method\x18\x03 \x01(\t\x12\x12\n\nexpert_ids\x18\x04 \x03(\t\x12\x16\n\x0erouter_version\x18\x05 \x01(\x03\"9\n\rRouteDecision\x12(\n\x07\x65xperts\x18\x01 \x03(\x0b\x32\x17.moerge.v1.ExpertWeight\"\x8e\x01\n\rRouteResponse\x12+\n\tdecisions\x18\x01 \x03(\x0b\x32\x18.moerge.v1.RouteDecision\x12\x16\n\x0erouter_version\x18\x02 \x01(\x03\x12\x16\n\x0erouting_method\x18\x03 \x01(\t\x12\x0c\n\x04note\x18\x04 \x01(\t\x12\x12\n\nlatency_ms\x18\x05 \x01(\x01\"\xe1\x01\n\x0eSamplingParams\x12\x16\n\x0emax_new_tokens\x18\x01 \x01(\x05\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x01\x88\x01\x01\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x02\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x1f\n\x12repetition_penalty\x18\x07 \x01(\x02H\x03\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seedB\x15\n\x13_repetition_penalty\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xaa\x02\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12(\n\x08messages\x18\x02 \x03(\x0b\x32\x16.moerge.v1.ChatMessage\x12+\n\x08sampling\x18\x03 \x01(\x0b\x32\x19.moerge.v1.SamplingParams\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\x16\n\x0erouting_method\x18\x05 \x01(\t\x12\x12\n\nexpert_ids\x18\x06 \x03(\t\x12+\n\x0b\x61ggregation\x18\x07 \x01(\x0e\x32\x16.moerge.v1.Aggregation\x12\x16\n\x0erouter_version\x18\x08 \x01(\x03\x12\x13\n\x0b\x63omposition\x18\t \x01(\t\x12\x1b\n\x13\x63omposition_version\x18\n \x01(\x05\"\xa3\x01\n\rGenerateStart\x12(\n\x07\x65xperts\x18\x01 \x03(\x0b\x32\x17.moerge.v1.ExpertWeight\x12\x16\n\x0erouter_version\x18\x02 \x01(\x03\x12\x16\n\x0erouting_method\x18\x03 \x01(\t\x12\x13\n\x0b\x61ggregation\x18\x04 \x01(\t\x12\x0c\n\x04note\x18\x05 \x01(\t\x12\x15\n\rprompt_tokens\x18\x06 \x01(\x05\"-\n\rGenerateDelta\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x0e\n\x06tokens\x18\x02 \x01(\x05\"\xc8\x01\n\x0bGenerateEnd\x12\x15\n\rfinish_reason\x18\x01 \x01(\t\x12\x15\n\rprompt_tokens\x18\x02 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x03 \x01(\x05\x12(\n\x07\x65xperts\x18\x04 \x03(\x0b\x32\x17.moerge.v1.ExpertWeight\x12\x12\n\nconfidence\x18\x05 \x01(\x02\x12\x1e\n\x16time_to_first_token_ms\x18\x06 \x01(\x01\x12\x12\n\nlatency_ms\x18\x07 \x01(\x01\"\x98\x01\n\x10GenerateResponse\x12)\n\x05start\x18\x01 \x01(\x0b\x32\x18.moerge.v1.GenerateStartH\x00\x12)\n\x05\x64\x65lta\x18\x02 \x01(\x0b\x32\x18.moerge.v1.GenerateDeltaH\x00\x12%\n\x03\x65nd\x18\x03 \x01(\x0b\x32\x16.moerge.v1.GenerateEndH\x00\x42\x07\n\x05\x65vent\".\n\x0fLabelledExample\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\r\n\x05label\x18\x02 \x01(\t\"\xc3\x01\n\x0e\x43omposeRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12,\n\x08\x65xamples\x18\x02 \x03(\x0b\x32\x1a.moerge.v1.LabelledExample\x12\x12\n\nexpert_ids\x18\x03 \x03(\t\x12\x0e\n\x06\x62udget\x18\x04 \x01(\x05\x12\x14\n\x0ctime_limit_s\x18\x05 \x01(\x01\x12\x0f\n\x02l1\x18\x06 \x01(\x02H\x00\x88\x01\x01\x12\x0c\n\x04seed\x18\x07 \x01(\x03\x12\x15\n\rkeep_examples\x18\x08 \x01(\x08\x42\x05\n\x03_l1\"\\\n\x0f\x43omposeProgress\x12\x13\n\x0b\x65valuations\x18\x01 \x01(\x05\x12\x0e\n\x06\x62udget\x18\x02 \x01(\x05\x12\x11\n\tbest_loss\x18\x03 \x01(\x02\x12\x11\n\telapsed_s\x18\x04 \x01(\x01\"\x9f\x02\n\x0b\x43omposition\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x05\x12(\n\x07\x65xperts\x18\x03 \x03(\x0b\x32\x17.moerge.v1.ExpertWeight\x12\x13\n\x0blabel_names\x18\x04 \x03(\t\x12\x0c\n\x04loss\x18\x05 \x01(\x02\x12\x12\n\nstart_loss\x18\x06 \x01(\x02\x12\x13\n\x0b\x65valuations\x18\x07 \x01(\x05\x12\x11\n\telapsed_s\x18\x08 \x01(\x01\x12\x12\n\nstopped_by\x18\t \x01(\t\x12\x15\n\rexample_count\x18\n \x01(\x05\x12\x15\n\rexamples_kept\x18\x0b \x01(\x08\x12\x12\n\ncreated_by\x18\x0c \x01(\t\x12\x12\n\ncreated_at\x18\r \x01(\t\"y\n\x0f\x43omposeResponse\x12.\n\x08progress\x18\x01 \x01(\x0b\x32\x1a.moerge.v1.ComposeProgressH\x00\x12-\n\x0b\x63omposition\x18\x02 \x01(\x0b\x32\x16.moerge.v1.CompositionH\x00\x42\x07\n\x05\x65vent\"\'\n\x17ListCompositionsRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"H\n\x18ListCompositionsResponse\x12,\n\x0c\x63ompositions\x18\x01 \x03(\x0b\x32\x16.moerge.v1.Composition\"\x13\n\x11ListModelsRequest\"\xc3\x01\n\x0cServedExpert\x12\x11\n\texpert_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x05\x12\x11\n\ttask_name\x18\x04 \x01(\t\x12\x11\n\ttask_type\x18\x05 \x01(\t\x12\x13\n\x0blabel_names\x18\x06 \x03(\t\x12\x16\n\x0e\x63ontributor_id\x18\x07 \x01(\t\x12.\n\ncreated_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"/\n\x0cServedRouter\x12\x0e\n\x06method\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x05\"\xd3\x01\n\x12ListModelsResponse\x12(\n\x07\x65xperts\x18\x01 \x03(\x0b\x32\x17.moerge.v1.ServedExpert\x12(\n\x07routers\x18\x02 \x03(\x0b\x32\x17.moerge.v1.ServedRouter\x12\x1d\n\x15\x61\x63tive_router_version\x18\x03 \x01(\x05\x12\x1c\n\x14\x61\x63tive_router_method\x18\x04 \x01(\t\x12,\n\x0c\x63ompositions\x18\x05 \x03(\x0b\x32\x16.moerge.v1.Composition*\xbd\x01\n\x0b\x41ggregation\x12\x1b\n\x17\x41GGREGATION_UNSPECIFIED\x10\x00\x12\x1f\n\x1b\x41GGREGATION_OUTPUT_ENSEMBLE\x10\x01\x12\x1c\n\x18\x41GGREGATION_MERGE_LINEAR\x10\x02\x12\x1a\n\x16\x41GGREGATION_MERGE_TIES\x10\x03\x12\x1a\n\x16\x41GGREGATION_MERGE_DARE\x10\x04\x12\x1a\n\x16\x41GGREGATION_MODULE_MIX\x10\x05\x32\xc3\x03\n\x10InferenceService\x12@\n\x07Predict\x12\x19.moerge.v1.PredictRequest\x1a\x1a.moerge.v1.PredictResponse\x12:\n\x05Route\x12\x17.moerge.v1.RouteRequest\x1a\x18.moerge.v1.RouteResponse\x12\x45\n\x08Generate\x12\x1a.moerge.v1.GenerateRequest\x1a\x1b.moerge.v1.GenerateResponse0\x01\x12\x42\n\x07\x43ompose\x12\x19.moerge.v1.ComposeRequest\x1a\x1a.moerge.v1.ComposeResponse0\x01\x12[\n\x10ListCompositions\x12\".moerge.v1.ListCompositionsRequest\x1a#.moerge.v1.ListCompositionsResponse\x12I\n\nListModels\x12\x1c.moerge.v1.ListModelsRequest\x1a\x1d.moerge.v1.ListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'moerge.v1.inference_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_AGGREGATION']._serialized_start=3082
-  _globals['_AGGREGATION']._serialized_end=3271
-  _globals['_PREDICTREQUEST']._serialized_start=65
-  _globals['_PREDICTREQUEST']._serialized_end=299
-  _globals['_LABELSCORE']._serialized_start=301
-  _globals['_LABELSCORE']._serialized_end=349
-  _globals['_EXPERTOUTPUT']._serialized_start=351
-  _globals['_EXPERTOUTPUT']._serialized_end=437
-  _globals['_PREDICTION']._serialized_start=440
-  _globals['_PREDICTION']._serialized_end=579
-  _globals['_PREDICTRESPONSE']._serialized_start=582
-  _globals['_PREDICTRESPONSE']._serialized_end=746
-  _globals['_ROUTEREQUEST']._serialized_start=748
-  _globals['_ROUTEREQUEST']._serialized_end=861
-  _globals['_ROUTEDECISION']._serialized_start=863
-  _globals['_ROUTEDECISION']._serialized_end=920
-  _globals['_ROUTERESPONSE']._serialized_start=923
-  _globals['_ROUTERESPONSE']._serialized_end=1065
-  _globals['_SAMPLINGPARAMS']._serialized_start=1068
-  _globals['_SAMPLINGPARAMS']._serialized_end=1293
-  _globals['_CHATMESSAGE']._serialized_start=1295
-  _globals['_CHATMESSAGE']._serialized_end=1339
-  _globals['_GENERATEREQUEST']._serialized_start=1342
-  _globals['_GENERATEREQUEST']._serialized_end=1640
-  _globals['_GENERATESTART']._serialized_start=1643
-  _globals['_GENERATESTART']._serialized_end=1806
-  _globals['_GENERATEDELTA']._serialized_start=1808
-  _globals['_GENERATEDELTA']._serialized_end=1853
-  _globals['_GENERATEEND']._serialized_start=1856
-  _globals['_GENERATEEND']._serialized_end=2056
-  _globals['_GENERATERESPONSE']._serialized_start=2059
-  _globals['_GENERATERESPONSE']._serialized_end=2211
-  _globals['_LABELLEDEXAMPLE']._serialized_start=2213
-  _globals['_LABELLEDEXAMPLE']._serialized_end=2259
-  _globals['_COMPOSEREQUEST']._serialized_start=2262
-  _globals['_COMPOSEREQUEST']._serialized_end=2457
-  _globals['_COMPOSEPROGRESS']._serialized_start=2459
-  _globals['_COMPOSEPROGRESS']._serialized_end=2551
-  _globals['_COMPOSITION']._serialized_start=2554
-  _globals['_COMPOSITION']._serialized_end=2841
-  _globals['_COMPOSERESPONSE']._serialized_start=2843
-  _globals['_COMPOSERESPONSE']._serialized_end=2964
-  _globals['_LISTCOMPOSITIONSREQUEST']._serialized_start=2966
-  _globals['_LISTCOMPOSITIONSREQUEST']._serialized_end=3005
-  _globals['_LISTCOMPOSITIONSRESPONSE']._serialized_start=3007
-  _globals['_LISTCOMPOSITIONSRESPONSE']._serialized_end=3079
-  _globals['_INFERENCESERVICE']._serialized_start=3274
-  _globals['_INFERENCESERVICE']._serialized_end=3650
+  _globals['_AGGREGATION']._serialized_start=3597
+  _globals['_AGGREGATION']._serialized_end=3786
+  _globals['_PREDICTREQUEST']._serialized_start=98
+  _globals['_PREDICTREQUEST']._serialized_end=332
+  _globals['_LABELSCORE']._serialized_start=334
+  _globals['_LABELSCORE']._serialized_end=382
+  _globals['_EXPERTOUTPUT']._serialized_start=384
+  _globals['_EXPERTOUTPUT']._serialized_end=470
+  _globals['_PREDICTION']._serialized_start=473
+  _globals['_PREDICTION']._serialized_end=612
+  _globals['_PREDICTRESPONSE']._serialized_start=615
+  _globals['_PREDICTRESPONSE']._serialized_end=779
+  _globals['_ROUTEREQUEST']._serialized_start=781
+  _globals['_ROUTEREQUEST']._serialized_end=894
+  _globals['_ROUTEDECISION']._serialized_start=896
+  _globals['_ROUTEDECISION']._serialized_end=953
+  _globals['_ROUTERESPONSE']._serialized_start=956
+  _globals['_ROUTERESPONSE']._serialized_end=1098
+  _globals['_SAMPLINGPARAMS']._serialized_start=1101
+  _globals['_SAMPLINGPARAMS']._serialized_end=1326
+  _globals['_CHATMESSAGE']._serialized_start=1328
+  _globals['_CHATMESSAGE']._serialized_end=1372
+  _globals['_GENERATEREQUEST']._serialized_start=1375
+  _globals['_GENERATEREQUEST']._serialized_end=1673
+  _globals['_GENERATESTART']._serialized_start=1676
+  _globals['_GENERATESTART']._serialized_end=1839
+  _globals['_GENERATEDELTA']._serialized_start=1841
+  _globals['_GENERATEDELTA']._serialized_end=1886
+  _globals['_GENERATEEND']._serialized_start=1889
+  _globals['_GENERATEEND']._serialized_end=2089
+  _globals['_GENERATERESPONSE']._serialized_start=2092
+  _globals['_GENERATERESPONSE']._serialized_end=2244
+  _globals['_LABELLEDEXAMPLE']._serialized_start=2246
+  _globals['_LABELLEDEXAMPLE']._serialized_end=2292
+  _globals['_COMPOSEREQUEST']._serialized_start=2295
+  _globals['_COMPOSEREQUEST']._serialized_end=2490
+  _globals['_COMPOSEPROGRESS']._serialized_start=2492
+  _globals['_COMPOSEPROGRESS']._serialized_end=2584
+  _globals['_COMPOSITION']._serialized_start=2587
+  _globals['_COMPOSITION']._serialized_end=2874
+  _globals['_COMPOSERESPONSE']._serialized_start=2876
+  _globals['_COMPOSERESPONSE']._serialized_end=2997
+  _globals['_LISTCOMPOSITIONSREQUEST']._serialized_start=2999
+  _globals['_LISTCOMPOSITIONSREQUEST']._serialized_end=3038
+  _globals['_LISTCOMPOSITIONSRESPONSE']._serialized_start=3040
+  _globals['_LISTCOMPOSITIONSRESPONSE']._serialized_end=3112
+  _globals['_LISTMODELSREQUEST']._serialized_start=3114
+  _globals['_LISTMODELSREQUEST']._serialized_end=3133
+  _globals['_SERVEDEXPERT']._serialized_start=3136
+  _globals['_SERVEDEXPERT']._serialized_end=3331
+  _globals['_SERVEDROUTER']._serialized_start=3333
+  _globals['_SERVEDROUTER']._serialized_end=3380
+  _globals['_LISTMODELSRESPONSE']._serialized_start=3383
+  _globals['_LISTMODELSRESPONSE']._serialized_end=3594
+  _globals['_INFERENCESERVICE']._serialized_start=3789
+  _globals['_INFERENCESERVICE']._serialized_end=4240
 # @@protoc_insertion_point(module_scope)

@@ -59,6 +59,11 @@ class InferenceServiceStub:
                 request_serializer=moerge_dot_v1_dot_inference__pb2.ListCompositionsRequest.SerializeToString,
                 response_deserializer=moerge_dot_v1_dot_inference__pb2.ListCompositionsResponse.FromString,
                 _registered_method=True)
+        self.ListModels = channel.unary_unary(
+                '/moerge.v1.InferenceService/ListModels',
+                request_serializer=moerge_dot_v1_dot_inference__pb2.ListModelsRequest.SerializeToString,
+                response_deserializer=moerge_dot_v1_dot_inference__pb2.ListModelsResponse.FromString,
+                _registered_method=True)
 
 
 class InferenceServiceServicer:
@@ -102,6 +107,13 @@ class InferenceServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListModels(self, request, context):
+        """The experts, routing methods and compositions a request may name (any inference role).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_InferenceServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -129,6 +141,11 @@ def add_InferenceServiceServicer_to_server(servicer, server):
                     servicer.ListCompositions,
                     request_deserializer=moerge_dot_v1_dot_inference__pb2.ListCompositionsRequest.FromString,
                     response_serializer=moerge_dot_v1_dot_inference__pb2.ListCompositionsResponse.SerializeToString,
+            ),
+            'ListModels': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListModels,
+                    request_deserializer=moerge_dot_v1_dot_inference__pb2.ListModelsRequest.FromString,
+                    response_serializer=moerge_dot_v1_dot_inference__pb2.ListModelsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -266,6 +283,33 @@ class InferenceService:
             '/moerge.v1.InferenceService/ListCompositions',
             moerge_dot_v1_dot_inference__pb2.ListCompositionsRequest.SerializeToString,
             moerge_dot_v1_dot_inference__pb2.ListCompositionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListModels(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/moerge.v1.InferenceService/ListModels',
+            moerge_dot_v1_dot_inference__pb2.ListModelsRequest.SerializeToString,
+            moerge_dot_v1_dot_inference__pb2.ListModelsResponse.FromString,
             options,
             channel_credentials,
             insecure,
