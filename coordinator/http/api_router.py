@@ -32,7 +32,8 @@ def _state(request: Request) -> CoordinatorState:
 
 @router.get("/v1/models", response_model=api.ModelList, responses=ERRORS)
 async def list_models(request: Request, _caller: ModelsCaller) -> api.ModelList:
-    """The routed model ``moerge`` and one model per active expert (``model=`` pins it)."""
+    """Every ``model=`` value: ``moerge`` (routed), each trained routing method, each active
+    expert (pinned) and each composition (``composition/NAME``), as gRPC ``ListModels``."""
     return await serving.list_models(_state(request), request.app.state.started)
 
 

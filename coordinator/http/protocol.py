@@ -12,11 +12,14 @@ same values ``moerge.Client`` returns.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 ROUTED_MODEL = "moerge"  # the model name that lets the router choose
+#: ``model="composition/NAME"`` (newest version) or ``"composition/NAME/vN"`` serves a stored
+#: few-shot composition; names hold no "/", so this never collides with an expert's name
+COMPOSITION_PREFIX = "composition/"
 
 
 class Routing(BaseModel):
@@ -33,6 +36,10 @@ class Routing(BaseModel):
     aggregation: str = Field(
         "default", description="default, ensemble, merge, ties, dare or mix (as the CLI)"
     )
+    composition: str = Field(
+        "", description="serve this few-shot composition instead of routing (no router field)"
+    )
+    composition_version: int = Field(0, description="the composition's version; 0: newest")
 
 
 class StreamOptions(BaseModel):
@@ -175,14 +182,19 @@ class ChatCompletionChunk(Envelope):
 
 
 class ModelCard(BaseModel):
-    """One ``model=`` value: the routed model, or one active expert pinned."""
+    """One ``model=`` value: the routed model, a routing method, an expert, a composition.
+
+    ``moerge.kind`` says which (``routed``, ``router``, ``expert``, ``composition``); the rest
+    of ``moerge`` describes it (an expert's name, version and task; a composition's version and
+    signed expert weights; a router's version).
+    """
 
     id: str
     object: Literal["model"] = "model"
     created: int
     owned_by: str
-    root: str  # the expert id (the routed model: "moerge")
-    moerge: dict[str, str | int] = Field(default_factory=dict)  # name, version, task_name
+    root: str  # what the id resolves to now: an expert id, "composition/NAME/vN", a method
+    moerge: dict[str, Any] = Field(default_factory=dict)
 
 
 class ModelList(BaseModel):

@@ -8,7 +8,9 @@ routing and batching are those of gRPC, and a completion, a gRPC ``Generate`` an
 
 * ``model``: ``"moerge"`` (or a routing method's name) lets the router choose; an expert's id,
   ``"name vN"`` or name pins that expert, as ``expert_ids=[id]`` would (LoRAX/vLLM pick an adapter
-  with ``model=`` the same way).
+  with ``model=`` the same way); ``"composition/NAME"`` (or ``".../vN"``) serves a stored few-shot
+  composition, as the ``composition`` field of gRPC ``Predict``/``Generate`` does.
+  ``GET /v1/models`` lists every such name, from gRPC ``ListModels``.
 * OpenAI's sampling defaults: ``temperature`` is 1.0 when absent (gRPC's is 0, greedy);
   ``max_tokens`` absent is the coordinator's ``max_new_tokens``. Fields moerge cannot honour
   (``n`` > 1, non-zero ``frequency_penalty``/``presence_penalty``, ``logprobs``, ``logit_bias``,
@@ -28,13 +30,14 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, ParamSpec, TypeVar
 
 from pydantic import BaseModel
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from moerge.coordinator import inference_handler
+from moerge.coordinator import inference_handler, models_handler
 from moerge.coordinator.http import protocol as api
 from moerge.coordinator.http.errors import ApiError
 from moerge.coordinator.inference_handler import MAX_NEW_TOKENS
@@ -44,6 +47,7 @@ from moerge.results import Routing as RoutingResult
 from moerge.router_training.registry import available_methods
 from moerge.storage.errors import InvalidArgument, NotFound
 from moerge.storage.records import ExpertInfo, Principal
+from moerge.storage.validation import MAX_INT32
 from moerge.v1 import common_pb2, inference_pb2
 
 P = ParamSpec("P")
@@ -79,25 +83,39 @@ def _aggregation(word: str) -> int:
     return AGGREGATIONS[word]
 
 
-# -- models -----------------------------------------------------------------------------------
-def _active_experts(state: CoordinatorState) -> list[ExpertInfo]:
-    """From the inference service's cache once it runs; else one registry read."""
-    if state.inference is not None:
-        return list(state.inference.active_experts().values())
-    return state.registry.active_experts()
-
-
+# -- models ---------------------------------------------------------------------------------
 @refusals
 async def list_models(state: CoordinatorState, started: float) -> api.ModelList:
-    experts = await asyncio.to_thread(_active_experts, state)
-    routed = api.ModelCard(id=api.ROUTED_MODEL, created=int(started), owned_by="moerge",
-                           root=api.ROUTED_MODEL)
-    return api.ModelList(data=[routed, *(
-        api.ModelCard(id=e.id, created=int(e.created_at.timestamp()), owned_by=e.contributor_id,
-                      root=e.id, moerge={"name": e.name, "version": e.version,
-                                         "task_name": e.task_name})
-        for e in experts
-    )])
+    """gRPC ``ListModels`` as OpenAI's model list: the routed model, then every routing method
+    with a trained router, every active expert and every servable composition."""
+    models = await asyncio.to_thread(models_handler.models, state)
+    routed = api.ModelCard(
+        id=api.ROUTED_MODEL, created=int(started), owned_by="moerge", root=api.ROUTED_MODEL,
+        moerge={"kind": "routed", "router_version": models.active_router_version,
+                "routing_method": models.active_router_method},
+    )
+    routers = [
+        api.ModelCard(id=r.method, created=int(started), owned_by="moerge", root=r.method,
+                      moerge={"kind": "router", "version": r.version})
+        for r in models.routers
+    ]
+    experts = [
+        api.ModelCard(id=e.expert_id, created=e.created_at.seconds, owned_by=e.contributor_id,
+                      root=e.expert_id, moerge={"kind": "expert", "name": e.name,
+                                                "version": e.version, "task_name": e.task_name})
+        for e in models.experts
+    ]
+    compositions = [
+        api.ModelCard(
+            id=api.COMPOSITION_PREFIX + c.name,
+            created=int(datetime.fromisoformat(c.created_at).timestamp()),
+            owned_by=c.created_by, root=f"{api.COMPOSITION_PREFIX}{c.name}/v{c.version}",
+            moerge={"kind": "composition", "name": c.name, "version": c.version,
+                    "experts": [_weight(w).model_dump() for w in c.experts]},
+        )
+        for c in models.compositions
+    ]
+    return api.ModelList(data=[routed, *routers, *experts, *compositions])
 
 
 def _pinned(model: str, experts: Sequence[ExpertInfo]) -> ExpertInfo:
@@ -116,16 +134,35 @@ def _pinned(model: str, experts: Sequence[ExpertInfo]) -> ExpertInfo:
     return max(named, key=lambda e: e.version)
 
 
+def _composition(model: str) -> tuple[str, int]:
+    """``"composition/NAME"`` -> (NAME, 0: newest); ``"composition/NAME/vN"`` -> (NAME, N)."""
+    name, _, version = model.removeprefix(api.COMPOSITION_PREFIX).partition("/")
+    if not name or (version and not (version[:1] == "v" and version[1:].isdigit())):
+        raise InvalidArgument("model", 'a composition is "composition/NAME" or '
+                              '"composition/NAME/vN"')
+    number = int(version[1:]) if version else 0
+    if not 0 <= number <= MAX_INT32:
+        raise InvalidArgument("model", f"composition version must be in 1..{MAX_INT32}")
+    return name, number
+
+
 async def _routing(model: str, routing: api.Routing, state: CoordinatorState) -> api.Routing:
-    """``routing`` with what ``model`` says: the router's choice, a method, or one expert."""
+    """``routing`` with what ``model`` says: the router's choice, a method, one expert, or a
+    composition."""
     if model in ("", api.ROUTED_MODEL):
         return routing
+    if model.startswith(api.COMPOSITION_PREFIX):
+        name, version = _composition(model)
+        if routing.composition not in ("", name):
+            raise InvalidArgument("model", f"names composition {name!r}, moerge.composition "
+                                  f"{routing.composition!r}")
+        return routing.model_copy(update={"composition": name, "composition_version": version})
     if model in available_methods():
         if routing.routing_method not in ("", model):
             raise InvalidArgument("model", f"names method {model!r}, moerge.routing_method "
                                   f"{routing.routing_method!r}")
         return routing.model_copy(update={"routing_method": model})
-    expert = _pinned(model, await asyncio.to_thread(_active_experts, state))
+    expert = _pinned(model, await asyncio.to_thread(models_handler.active_experts, state))
     if routing.expert_ids not in ([], [expert.id]):
         raise InvalidArgument("model", "pins one expert; leave moerge.expert_ids empty")
     return routing.model_copy(update={"expert_ids": [expert.id]})
@@ -140,7 +177,8 @@ async def predict(
         inference_pb2.PredictRequest, inputs=body.inputs, top_k=body.top_k,
         routing_method=body.routing_method, expert_ids=body.expert_ids,
         aggregation=_aggregation(body.aggregation), router_version=body.router_version,
-        max_new_tokens=body.max_new_tokens,
+        max_new_tokens=body.max_new_tokens, composition=body.composition,
+        composition_version=body.composition_version,
     )
     response = await inference_handler.predict(request, state, principal)
     return api.PredictResponse.model_validate(Predictions.from_proto(response).to_dict())
@@ -152,6 +190,9 @@ async def route(
 ) -> api.RouteResponse:
     if body.aggregation != "default" or body.max_new_tokens:
         raise InvalidArgument("aggregation", "and max_new_tokens are for /v1/predict")
+    if body.composition or body.composition_version:
+        raise InvalidArgument("composition", "does not route: its fixed expert weights are in "
+                              "GET /v1/models; use /v1/predict to serve it")
     request = _message(
         inference_pb2.RouteRequest, inputs=body.inputs, top_k=body.top_k,
         routing_method=body.routing_method, expert_ids=body.expert_ids,
@@ -280,6 +321,7 @@ async def _start(
         inference_pb2.GenerateRequest, sampling=_sampling(body), top_k=routing.top_k,
         routing_method=routing.routing_method, expert_ids=routing.expert_ids,
         aggregation=_aggregation(routing.aggregation), router_version=routing.router_version,
+        composition=routing.composition, composition_version=routing.composition_version,
         **prompt,
     )
     events = inference_handler.generate(request, state, principal)

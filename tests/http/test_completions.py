@@ -41,7 +41,7 @@ def openai_client(served: Served, token: str | None = None) -> openai.OpenAI:
 def expert_ids(served: Served) -> dict[str, str]:
     with served.client() as http:
         models = http.get("/v1/models").json()["data"]
-    return {m["moerge"]["name"]: m["id"] for m in models if m["id"] != "moerge"}
+    return {m["moerge"]["name"]: m["id"] for m in models if m["moerge"]["kind"] == "expert"}
 
 
 def test_a_completion_has_openai_fields_usage_routing_and_the_grpc_text(lm: Served) -> None:
@@ -112,8 +112,9 @@ def test_the_openai_package_gets_completions_and_chat_streamed_and_not(lm: Serve
 
 def test_models_list_the_routed_model_and_each_active_expert(lm: Served) -> None:
     models = openai_client(lm).models.list().data
-    assert models[0].id == "moerge"
-    experts = {m.model_extra["moerge"]["name"]: m for m in models[1:]}
+    assert models[0].id == "moerge" and models[0].model_extra["moerge"]["kind"] == "routed"
+    experts = {m.model_extra["moerge"]["name"]: m for m in models
+               if m.model_extra["moerge"]["kind"] == "expert"}
     assert sorted(experts) == ["expert0", "expert1"]
     assert all(m.owned_by and m.model_extra["root"] == m.id for m in experts.values())
 
@@ -133,8 +134,12 @@ def test_model_pins_one_expert_like_expert_ids(lm: Served, naming: str) -> None:
 
 def test_a_method_name_as_model_and_the_moerge_extension_reach_the_router(lm: Served) -> None:
     with grpc.insecure_channel(lm.running.address) as channel:  # `model="centroid"` needs one
-        admin_pb2_grpc.AdminServiceStub(channel).TrainRouter(
+        trained = admin_pb2_grpc.AdminServiceStub(channel).TrainRouter(
             admin_pb2.TrainRouterRequest(method="centroid"), metadata=bearer(lm.admin_token))
+    with lm.client() as http:  # now listed, as the router that `model="centroid"` serves
+        models = {m["id"]: m["moerge"] for m in http.get("/v1/models").json()["data"]}
+    assert models["centroid"] == {"kind": "router", "version": trained.version}
+    assert models["moerge"]["router_version"] == trained.version
     target = expert_ids(lm)["expert0"]
     chat = openai_client(lm).chat.completions.create(
         model="centroid", messages=CHAT, max_tokens=3,
