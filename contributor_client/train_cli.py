@@ -3,6 +3,8 @@
 Before training, the coordinator is asked (``GetBaseModel``) which base model, revision, LoRA
 targets and maximum rank experts must use; training against a local base model whose weights
 differ from the coordinator's is refused. ``--offline`` skips the question (for experiments).
+
+Progress bars go to stderr, so they are shown with ``--json`` too: stdout holds only the JSON.
 """
 
 from __future__ import annotations
@@ -372,7 +374,7 @@ def train(
         seed,
         privacy,
         stats_rank,
-        progress=not json_out,
+        progress=True,
     )
     _report(report, json_out)
 
@@ -425,7 +427,7 @@ def stats(
             statistics_rank=stats_rank,
             base_model_id=info.base_model_id if info else "",
             base_model_revision=info.revision if info else "",
-            progress=not json_out,
+            progress=True,
         )
     except (ValueError, FileNotFoundError) as exc:
         err_console.print(f"[red]error[/red] {exc}")
@@ -509,7 +511,7 @@ def contribute(
             seed,
             privacy,
             stats_rank,
-            progress=not json_out,
+            progress=True,
         )
         try:
             response = guarded(
@@ -519,7 +521,7 @@ def contribute(
                     name or task_name,
                     task_name,
                     description,
-                    progress=not json_out,
+                    progress=True,
                     transport=transport.value,
                 )
             )

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import grpc
 import httpx
+from rich.console import Console
 from rich.progress import (
     BarColumn,
     DownloadColumn,
@@ -163,6 +164,7 @@ def upload_expert(
         DownloadColumn(),
         TransferSpeedColumn(),
         TimeRemainingColumn(),
+        console=Console(stderr=True),  # stdout stays for results (``--json``)
         disable=not progress,
         transient=False,
     )

@@ -52,7 +52,7 @@ def mixed(running: BackgroundCoordinator, tiny_bert: Path, tmp_path: Path) -> di
         "--labels", "sport,tech,money", "--json",
     ])  # fmt: skip
     assert result.exit_code == 0, result.output
-    uploaded = json.loads(result.output)
+    uploaded = json.loads(result.stdout)  # the progress bar is on stderr
     return {"full": full.expert.expert_id, "bare": uploaded["expert"]["expert_id"]}
 
 

@@ -186,3 +186,27 @@ def test_experts_show_prints_every_field_whole(served: dict) -> None:
     for name in ("adapter_config.json", "adapter_model.safetensors", "statistics.json"):
         assert f'"name": "{name}"' in shown.stdout
     assert "..." not in shown.stdout and "…" not in shown.stdout
+
+
+def test_contribute_json_keeps_stdout_for_json_and_reports_progress_on_stderr(
+    running: BackgroundCoordinator, tiny_bert: Path, tmp_path: Path
+) -> None:
+    from tests.contributor_client.toy import toy_examples, write_jsonl
+
+    with moerge.Client(running.address, token=running.admin_token()) as admin:
+        invite = admin.create_enrollment_token().token
+    with moerge.Client(running.address) as lab:
+        credential = lab.join(invite, "lab", save=False).credential
+    data = write_jsonl(tmp_path / "data.jsonl", *toy_examples(60))
+    done = subprocess.run(
+        [sys.executable, "-m", "moerge.cli", "contribute", str(data), "--task-name", "toy",
+         "--base-model", str(tiny_bert), "--epochs", "1", "--no-gates", "--stats-rank", "2",
+         "--max-length", "16", "-c", running.address, "--token", credential, "--json"],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "COLUMNS": "200"},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(done.stdout)  # nothing but the JSON on stdout
+    assert report["created"] is True and len(report["expert"]) == 32
+    assert "steps  loss" in done.stderr  # the training bar
+    assert "upload toy" in done.stderr  # the upload bar
+
