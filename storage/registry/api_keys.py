@@ -7,8 +7,6 @@ kind of token and sends the users' keys here.
 
 from __future__ import annotations
 
-from datetime import timedelta
-
 from sqlalchemy import update
 
 from moerge.storage.errors import FailedPrecondition, NotFound
@@ -24,12 +22,13 @@ from moerge.storage.registry.base import (
 from moerge.storage.registry.helpers import (
     DUMMY_HASH,
     check_actor,
+    expiry,
     iso,
     page_oldest_first,
     secret_hash,
 )
 from moerge.storage.tokens import USER_PREFIX, new_token, secret_matches
-from moerge.storage.validation import check_int, check_name, check_seconds, check_text
+from moerge.storage.validation import check_int, check_name, check_text
 
 
 class ApiKeysMixin(RegistryBase):
@@ -50,10 +49,7 @@ class ApiKeysMixin(RegistryBase):
                 "rate_limit_per_minute", rate_limit_per_minute, minimum=1, maximum=1_000_000
             )
         now = utcnow()
-        expires_at = None
-        if ttl_seconds is not None:
-            ttl = check_seconds("ttl_seconds", ttl_seconds, allow_zero=False)
-            expires_at = now + timedelta(seconds=min(ttl, 100 * 365 * 86400))
+        expires_at = expiry(now, ttl_seconds)
         key_id, key = new_token(USER_PREFIX)
         row = ApiKey(
             id=key_id,

@@ -8,7 +8,6 @@ Revoking a contributor revokes its credentials but leaves its experts as they ar
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import timedelta
 from uuid import uuid4
 
 from sqlalchemy import ColumnElement, func, select, update
@@ -20,7 +19,7 @@ from moerge.storage.models import Contributor, Credential, EnrollmentToken, Expe
 from moerge.storage.records import ContributorInfo, EnrollmentTokenInfo, Page
 from moerge.storage.registry.base import CONTRIBUTOR, MAX_REASON, RegistryBase, utcnow
 from moerge.storage.registry.credentials import credential_row
-from moerge.storage.registry.helpers import check_actor, iso, page_oldest_first, secret_hash
+from moerge.storage.registry.helpers import check_actor, expiry, iso, page_oldest_first, secret_hash
 from moerge.storage.tokens import (
     CONTRIBUTOR_PREFIX,
     ENROLLMENT_PREFIX,
@@ -33,7 +32,6 @@ from moerge.storage.validation import (
     check_id,
     check_int,
     check_name,
-    check_seconds,
     check_text,
 )
 
@@ -53,10 +51,7 @@ class ContributorsMixin(RegistryBase):
         note = check_text("note", note, MAX_REASON)
         max_uses = check_int("max_uses", max_uses, minimum=1, maximum=1_000_000)
         now = utcnow()
-        expires_at = None
-        if ttl_seconds is not None:
-            ttl = check_seconds("ttl_seconds", ttl_seconds, allow_zero=False)
-            expires_at = now + timedelta(seconds=min(ttl, 100 * 365 * 86400))
+        expires_at = expiry(now, ttl_seconds)
         token_id, token = new_token(ENROLLMENT_PREFIX)
         row = EnrollmentToken(
             id=token_id,

@@ -7,7 +7,7 @@ the caller already holds.
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import ColumnElement, and_, or_, select
@@ -19,10 +19,18 @@ from moerge.storage.models import ApiKey, Contributor, EnrollmentToken, Expert
 from moerge.storage.pagination import decode_page_token, encode_page_token
 from moerge.storage.registry.base import MAX_TEXT
 from moerge.storage.tokens import hash_secret, parse_token
-from moerge.storage.validation import check_int, check_page_size, check_sha256, check_text
+from moerge.storage.validation import (
+    check_int,
+    check_page_size,
+    check_seconds,
+    check_sha256,
+    check_text,
+)
 
 # Compared against when a token id is unknown, so that unknown ids take as long as known ones.
 DUMMY_HASH = hash_secret("no such credential")
+#: Longer lifetimes are cut to this (100 years), so that ``expires_at`` stays a valid date.
+MAX_TTL_SECONDS = 100 * 365 * 86400
 
 
 def check_actor(actor: object) -> str:
@@ -51,6 +59,14 @@ def truncate(message: object) -> str:
     """Error messages come from exceptions: keep them, but bounded and printable."""
     text_ = str(message)[:MAX_TEXT]
     return "".join(c if c.isprintable() or c in "\n\t" else "?" for c in text_)
+
+
+def expiry(now: datetime, ttl_seconds: float | None) -> datetime | None:
+    """When a token minted at ``now`` with this lifetime expires (None: never)."""
+    if ttl_seconds is None:
+        return None
+    ttl = check_seconds("ttl_seconds", ttl_seconds, allow_zero=False)
+    return now + timedelta(seconds=min(ttl, MAX_TTL_SECONDS))
 
 
 def iso(value: datetime | None) -> str | None:
