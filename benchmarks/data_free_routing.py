@@ -24,8 +24,8 @@ from pathlib import Path
 
 import torch
 
+from moerge.base_model import default_base_model
 from moerge.contributor_client.datasets import load_task
-from moerge.coordinator.config import default_base_model
 from moerge.coordinator.expert_store import read_lora, read_statistics
 from moerge.coordinator.inference.engine import InferenceEngine
 from moerge.coordinator.inference.plan import Aggregation, RoutingPlan

@@ -32,13 +32,13 @@ from pathlib import Path
 
 import torch
 
+from moerge.base_model import default_base_model
 from moerge.contributor_client.batching import load_tokenizer
 from moerge.contributor_client.datasets import load_task
-from moerge.contributor_client.embedding import pooled_embeddings
 from moerge.contributor_client.privacy import DPConfig, noise_multiplier
 from moerge.contributor_client.statistics import summarize_embeddings
-from moerge.coordinator.config import default_base_model
 from moerge.demo import DEFAULT_TASKS
+from moerge.embedding import pooled_embeddings
 from moerge.router_training.base import ExpertRecord, ExpertStatistics
 from moerge.router_training.fitting import fit_router
 

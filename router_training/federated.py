@@ -303,7 +303,7 @@ class FederatedRouter(GaussianRouter):
 class ContributorData:
     """One contributor's local training data: pooled embeddings of its own examples.
 
-    ``embeddings`` [n, H] are :func:`~moerge.contributor_client.embedding.pooled_embeddings` of
+    ``embeddings`` [n, H] are :func:`~moerge.embedding.pooled_embeddings` of
     the contributor's data; ``expert_ids`` [n] name the contributor's expert for each row (one id
     for a contributor with one expert). They stay on the contributor.
     """

@@ -53,7 +53,6 @@ from typing import Any, Literal, TypeVar
 import torch
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, BatchEncoding
 
-from moerge.contributor_client.embedding import EMBEDDING_MAX_LENGTH, pooled_embeddings
 from moerge.coordinator.inference.aggregation import (
     EnsembleLogitsProcessor,
     ensemble_distributions,
@@ -79,6 +78,7 @@ from moerge.coordinator.inference.heads import ClassificationHead
 from moerge.coordinator.inference.lora_bank import LoraBank
 from moerge.coordinator.inference.plan import Aggregation, MergeOptions, RoutingPlan
 from moerge.coordinator.inference.results import ExamplePrediction, ExpertWeight
+from moerge.embedding import EMBEDDING_MAX_LENGTH, pooled_embeddings
 from moerge.router_training.base import Router
 
 TaskType = Literal["classification", "causal_lm"]

@@ -8,7 +8,7 @@ import torch
 from transformers import AutoModel, AutoModelForCausalLM
 
 from moerge.contributor_client.batching import load_tokenizer
-from moerge.contributor_client.embedding import pooled_embeddings
+from moerge.embedding import pooled_embeddings
 
 TEXTS = ["the good film", "a bad movie with an awful plot and a sad ending", "goal", "the team"]
 

@@ -11,7 +11,6 @@ import torch
 from transformers import AutoModel
 
 from moerge.contributor_client.batching import load_tokenizer
-from moerge.contributor_client.embedding import pooled_embeddings
 from moerge.contributor_client.privacy import (
     MIN_EXAMPLES_WITHOUT_DP,
     DPConfig,
@@ -31,6 +30,7 @@ from moerge.contributor_client.statistics import (
     save_statistics,
     summarize_embeddings,
 )
+from moerge.embedding import pooled_embeddings
 from moerge.expert_format import (
     COV_DIAG_KEY,
     COV_FACTOR_KEY,

@@ -16,9 +16,9 @@ from typer.testing import CliRunner
 from moerge.cli import app
 from moerge.contributor_client.batching import load_tokenizer
 from moerge.contributor_client.connection import Target
-from moerge.contributor_client.embedding import pooled_embeddings
 from moerge.contributor_client.upload import upload_expert
 from moerge.coordinator.config import CoordinatorConfig
+from moerge.embedding import pooled_embeddings
 from tests.coordinator.conftest import coordinator_config
 from tests.coordinator.harness import BackgroundCoordinator
 from tests.coordinator.test_server import enroll
