@@ -42,7 +42,7 @@ app.add_typer(keys_app, name="keys")
 
 STATE_WORDS = "active | quarantined | retired"
 #: The coordinator's routing methods, for ``router train --help`` without importing torch
-#: (tests/client checks this against router_training.registry.available_methods()).
+#: (tests/client checks this against router_training.methods.available_methods()).
 ROUTER_METHODS = (
     "arrow", "base", "centroid", "federated", "lda", "mlp", "oracle", "phatgoose", "qda",
     "uniform",

@@ -160,7 +160,7 @@ class CoordinatorConfig:
 
     def _check_router_method(self) -> None:
         """A typo here once started the server and failed every scheduled fit in the log."""
-        from moerge.router_training.registry import available_methods, get_router_class
+        from moerge.router_training.methods import available_methods, get_router_class
 
         known = available_methods()
         if self.router_method not in known:

@@ -42,7 +42,7 @@ from moerge.coordinator.registry_cache import GenerationCache
 from moerge.coordinator.routers import LoadedRouter, RouterService
 from moerge.router_training.base import Router, RoutingDecision
 from moerge.router_training.fitting import fit_router
-from moerge.router_training.registry import available_methods, get_router_class
+from moerge.router_training.methods import available_methods, get_router_class
 from moerge.storage.compositions import CompositionStore
 from moerge.storage.errors import FailedPrecondition, InvalidArgument, NotFound
 from moerge.storage.records import CompositionInfo, ExpertInfo

@@ -19,7 +19,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from moerge.coordinator.composition_handler import composition_message
 from moerge.coordinator.inference_service import expert_names
 from moerge.coordinator.state import CoordinatorState
-from moerge.router_training.registry import available_methods, get_router_class
+from moerge.router_training.methods import available_methods, get_router_class
 from moerge.storage.compositions import CompositionStore
 from moerge.storage.records import CompositionInfo, ExpertInfo, Principal, RouterVersionInfo
 from moerge.v1 import inference_pb2

@@ -27,8 +27,8 @@ from typing import TYPE_CHECKING
 from moerge.coordinator.expert_store import ExpertStore
 from moerge.router_training.base import Router, load_router
 from moerge.router_training.fitting import FitResult, build_config, fit_router, routable_experts
+from moerge.router_training.methods import available_methods, get_router_class
 from moerge.router_training.policy import RetrainPolicy
-from moerge.router_training.registry import available_methods, get_router_class
 from moerge.storage.blobstore import BlobStore
 from moerge.storage.errors import FailedPrecondition, InvalidArgument, NotFound
 from moerge.storage.records import ExpertInfo, RouterVersionInfo

@@ -1,6 +1,6 @@
 """Fit global routers over pooled LoRA experts from their adapters and uploaded statistics.
 
-Importing this package registers every built-in method (see :mod:`.registry`):
+Importing this package registers every built-in method (see :mod:`.methods`):
 
 =============  =========  =========================================================
 method         routes     fitted from
@@ -43,11 +43,11 @@ from moerge.router_training.federated import FederatedRouter, FederatedRouterCon
 from moerge.router_training.fitting import FitResult, build_config, fit_metrics, fit_router
 from moerge.router_training.gaussian import GaussianBank, GaussianRouter, GaussianRouterConfig
 from moerge.router_training.lda import LDARouter, LDARouterConfig
+from moerge.router_training.methods import available_methods, get_router_class, register_router
 from moerge.router_training.mlp import MLPRouter, MLPRouterConfig
 from moerge.router_training.phatgoose import PhatgooseRouter, PhatgooseRouterConfig
 from moerge.router_training.policy import RetrainPolicy, expert_set_fingerprint
 from moerge.router_training.qda import QDARouter, QDARouterConfig
-from moerge.router_training.registry import available_methods, get_router_class, register_router
 
 __all__ = [
     "ArrowRouter",

@@ -50,7 +50,7 @@ from typing import ClassVar
 import torch
 
 from moerge.router_training.base import ExpertRecord, LoraModuleWeights, Needs, RouterConfig
-from moerge.router_training.registry import register_router
+from moerge.router_training.methods import register_router
 from moerge.router_training.token_router import ModuleVectorRouter
 
 SOLVERS = ("power_iteration", "svd")

@@ -1,7 +1,7 @@
 """One interface for every routing method (fit from registry records, route, save, load).
 
 Modelled on PEFT's ``tuners/poly/router.py``: a small abstract ``Router`` behind a factory
-(:mod:`moerge.router_training.registry`). Two granularities exist in the MoErging survey
+(:mod:`moerge.router_training.methods`). Two granularities exist in the MoErging survey
 (Yadav et al., 2024, "A Survey on Model MoErging"):
 
 * **example-level** routers score a pooled input embedding ``[B, H]`` against the experts and
@@ -286,7 +286,7 @@ def _top_k_by_max(
 
 def load_router(path: str | Path) -> Router:
     """Read any router artifact written by :meth:`Router.save`."""
-    from moerge.router_training.registry import get_router_class
+    from moerge.router_training.methods import get_router_class
 
     meta = Router.read_metadata(path)
     cls = get_router_class(meta["method"])

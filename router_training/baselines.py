@@ -30,7 +30,7 @@ from moerge.router_training.base import (
     RouterConfig,
     RoutingDecision,
 )
-from moerge.router_training.registry import register_router
+from moerge.router_training.methods import register_router
 
 
 class _InputFreeRouter(Router):

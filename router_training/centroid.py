@@ -35,7 +35,7 @@ from moerge.router_training.base import (
 )
 from moerge.router_training.calibration import fit_temperature
 from moerge.router_training.gaussian import GaussianBank, as_float_batch
-from moerge.router_training.registry import register_router
+from moerge.router_training.methods import register_router
 from moerge.router_training.scoring import LinearScorer, check_score_dtype
 
 

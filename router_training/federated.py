@@ -55,7 +55,7 @@ from moerge.router_training.gaussian import (
     as_float_batch,
 )
 from moerge.router_training.lda import LDARouter, LDARouterConfig, pooled_covariance_solve
-from moerge.router_training.registry import register_router
+from moerge.router_training.methods import register_router
 
 #: Tensors contributors train and the strategy averages (the ``ArrayRecord`` of a round).
 FEDERATED_ARRAYS = ("weight", "bias")

@@ -41,7 +41,7 @@ from moerge.router_training.base import (
 from moerge.router_training.calibration import expected_calibration_error
 from moerge.router_training.centroid import CentroidRouter
 from moerge.router_training.gaussian import GaussianBank, GaussianRouter
-from moerge.router_training.registry import get_router_class
+from moerge.router_training.methods import get_router_class
 from moerge.router_training.token_router import ModuleVectorRouter
 
 #: Labelled draws from the experts' Gaussians used for the fit metrics.

@@ -50,7 +50,7 @@ from moerge.router_training.gaussian import (
     GaussianRouterConfig,
     as_float_batch,
 )
-from moerge.router_training.registry import register_router
+from moerge.router_training.methods import register_router
 from moerge.router_training.scoring import LinearScorer, check_score_dtype
 
 SOLVERS = ("auto", "woodbury", "dense")

@@ -51,7 +51,7 @@ from moerge.router_training.gaussian import (
     as_float_batch,
 )
 from moerge.router_training.lda import pooled_covariance_solve
-from moerge.router_training.registry import register_router
+from moerge.router_training.methods import register_router
 
 #: Each step draws ``batch_size / 8`` experts uniformly and 8 samples from each.
 _DRAWS_PER_EXPERT = 8

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from moerge.router_training.base import ExpertRecord, Needs, RouterConfig
-from moerge.router_training.registry import register_router
+from moerge.router_training.methods import register_router
 from moerge.router_training.token_router import ModuleVectorRouter
 
 

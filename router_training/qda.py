@@ -45,7 +45,7 @@ from moerge.router_training.gaussian import (
     GaussianRouterConfig,
     as_float_batch,
 )
-from moerge.router_training.registry import register_router
+from moerge.router_training.methods import register_router
 
 #: Rows of a batch scored together are capped so that ``rows * E * k`` stays below this.
 _MAX_LOWRANK_ELEMENTS = 1 << 23

@@ -44,7 +44,7 @@ from moerge.coordinator.inference_handler import MAX_NEW_TOKENS
 from moerge.coordinator.state import CoordinatorState
 from moerge.results import AGGREGATIONS, Predictions
 from moerge.results import Routing as RoutingResult
-from moerge.router_training.registry import available_methods
+from moerge.router_training.methods import available_methods
 from moerge.storage.errors import InvalidArgument, NotFound
 from moerge.storage.records import ExpertInfo, Principal
 from moerge.storage.validation import MAX_INT32

@@ -149,7 +149,7 @@ def test_my_experts_shows_state_and_reason(served: dict, running: BackgroundCoor
 
 
 def test_router_train_help_lists_the_registered_methods() -> None:
-    from moerge.router_training.registry import available_methods
+    from moerge.router_training.methods import available_methods
 
     assert sorted(ROUTER_METHODS) == available_methods()
     text = " ".join(_invoke("admin", "router", "train", "--help").stdout.split())

@@ -62,7 +62,7 @@ def test_a_router_method_that_cannot_serve_is_refused_at_start(method: str, mess
 
 
 def test_every_serving_router_method_is_accepted() -> None:
-    from moerge.router_training.registry import available_methods
+    from moerge.router_training.methods import available_methods
 
     for method in set(available_methods()) - {"oracle", "base"}:
         assert CoordinatorConfig.load(router_method=method).router_method == method

@@ -7,7 +7,7 @@ import torch
 
 from moerge.router_training import ArrowRouter, ArrowRouterConfig, ExpertRecord, LoraModuleWeights
 from moerge.router_training.base import load_router
-from moerge.router_training.registry import available_methods, get_router_class
+from moerge.router_training.methods import available_methods, get_router_class
 
 MODULES = {"layer.0.q": (16, 12), "layer.0.v": (16, 8), "layer.1.q": (16, 12)}  # d_in, d_out
 

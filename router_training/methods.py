@@ -1,8 +1,12 @@
-"""The one place where routing methods are registered and looked up by name.
+"""The catalogue of routing methods: each router class registered and looked up by its name.
 
 Every method module decorates its :class:`~moerge.router_training.base.Router` subclass with
-:func:`register_router`; importing :mod:`moerge.router_training` imports every method module, so
-``get_router_class("arrow")`` works after a plain ``import moerge.router_training``.
+:func:`register_router`. Python imports a package before any of its modules, and
+``moerge.router_training``'s ``__init__`` imports every method module, so every built-in method
+is registered before this module can be used: ``get_router_class("arrow")`` just works.
+
+(Not to be confused with :mod:`moerge.storage.registry`, the SQL registry of experts, router
+versions and the rest.)
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ if TYPE_CHECKING:
 
 RouterT = TypeVar("RouterT", bound="type[Router]")
 
-_REGISTRY: dict[str, type[Router]] = {}
+_METHODS: dict[str, type[Router]] = {}
 
 
 def register_router(cls: RouterT) -> RouterT:
@@ -26,10 +30,10 @@ def register_router(cls: RouterT) -> RouterT:
     name = getattr(cls, "method", None)
     if not isinstance(name, str) or not name:
         raise ValueError(f"{cls.__name__} must set a non-empty class attribute 'method'")
-    existing = _REGISTRY.get(name)
+    existing = _METHODS.get(name)
     if existing is not None and _path(existing) != _path(cls):
         raise ValueError(f"routing method '{name}' is already registered by {_path(existing)}")
-    _REGISTRY[name] = cls
+    _METHODS[name] = cls
     return cls
 
 
@@ -37,16 +41,10 @@ def _path(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
-def _ensure_builtin_methods() -> None:
-    # Importing the package registers every built-in method (see ``__init__.py``).
-    import moerge.router_training  # noqa: F401
-
-
 def get_router_class(name: str) -> type[Router]:
     """The router class registered as ``name``; ``ValueError`` listing known methods if none."""
-    _ensure_builtin_methods()
     try:
-        return _REGISTRY[name]
+        return _METHODS[name]
     except KeyError:
         known = ", ".join(available_methods())
         raise ValueError(f"unknown routing method {name!r}; known methods: {known}") from None
@@ -54,5 +52,4 @@ def get_router_class(name: str) -> type[Router]:
 
 def available_methods() -> list[str]:
     """Names of every registered routing method, sorted."""
-    _ensure_builtin_methods()
-    return sorted(_REGISTRY)
+    return sorted(_METHODS)
