@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 import time
+import weakref
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
@@ -127,12 +129,11 @@ async def generate(
         chosen = await asyncio.to_thread(service.choose, method, version, expert_filter)
         plan = RoutingPlan.routed(chosen.router, service._top_k(chosen.router, top_k),
                                   aggregation)
-    loop = asyncio.get_running_loop()
+    mailbox = _mailbox(asyncio.get_running_loop())
     queue: asyncio.Queue[GenerationEvent] = asyncio.Queue()
 
     def sink(event: GenerationEvent) -> None:  # the scheduler's thread
-        with contextlib.suppress(RuntimeError):  # the loop is gone (shutdown): nobody listens
-            loop.call_soon_threadsafe(queue.put_nowait, event)
+        mailbox.post(queue, event)
 
     request = GenerationRequest(prompt=rendered.text, routing_text=rendered.routing_text,
                                 sampling=sampling, sink=sink, plan=plan, chat=rendered.chat)
@@ -141,6 +142,50 @@ async def generate(
     except QueueFull as exc:
         raise ResourceExhausted(str(exc)) from None
     return GenerationStream(chosen, _events(request, queue), started)
+
+
+class _Mailbox:
+    """Events from the scheduler's thread to one event loop, with one wake-up per burst.
+
+    A decode step produces an event for every running stream at once; waking the loop once per
+    event (``call_soon_threadsafe`` each) would cost 32 wake-ups per step at 32 streams, each
+    taking the GIL from the decode loop. The first event of a burst schedules one drain; the
+    others join the pending list until it runs.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._pending: list[tuple[asyncio.Queue[GenerationEvent], GenerationEvent]] = []
+        self._lock = threading.Lock()
+        self._scheduled = False
+
+    def post(self, queue: asyncio.Queue[GenerationEvent], event: GenerationEvent) -> None:
+        with self._lock:
+            self._pending.append((queue, event))
+            if self._scheduled:
+                return
+            self._scheduled = True
+        with contextlib.suppress(RuntimeError):  # the loop is gone (shutdown): nobody listens
+            self.loop.call_soon_threadsafe(self._drain)
+
+    def _drain(self) -> None:
+        with self._lock:
+            pending, self._pending, self._scheduled = self._pending, [], False
+        for queue, event in pending:
+            queue.put_nowait(event)
+
+
+_MAILBOXES: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Mailbox] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _mailbox(loop: asyncio.AbstractEventLoop) -> _Mailbox:
+    """The loop's mailbox (called on the loop's thread)."""
+    box = _MAILBOXES.get(loop)
+    if box is None:
+        box = _MAILBOXES[loop] = _Mailbox(loop)
+    return box
 
 
 async def _events(

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 
-from moerge.coordinator.generation_service import _events
+from moerge.coordinator.generation_service import _events, _mailbox
 from moerge.coordinator.inference.generation.requests import (
     GenerationEvent,
     GenerationFinished,
@@ -50,3 +51,39 @@ def test_a_delta_read_as_soon_as_it_is_produced_is_sent_alone():
 
     events = asyncio.run(read())
     assert events[:2] == [TextDelta("a", 1), TextDelta("b", 1)]
+
+
+def test_events_posted_from_another_thread_arrive_in_order_with_one_wake_up_per_burst():
+    async def read() -> tuple[list[GenerationEvent], int]:
+        loop = asyncio.get_running_loop()
+        box = _mailbox(loop)
+        wakeups = 0
+        drain = box._drain
+
+        def counted() -> None:
+            nonlocal wakeups
+            wakeups += 1
+            drain()
+
+        box._drain = counted  # type: ignore[method-assign]
+        queues = [asyncio.Queue(), asyncio.Queue()]
+
+        def produce() -> None:  # one decode step's events for two streams, then the ends
+            for i in range(3):
+                for q in queues:
+                    box.post(q, TextDelta(str(i), 1))
+            for q in queues:
+                box.post(q, finished())
+
+        producer = threading.Thread(target=produce)
+        producer.start()
+        producer.join()  # the loop is blocked meanwhile, as it is while it writes to clients
+        got = []
+        for q in queues:
+            while not isinstance(event := await q.get(), GenerationFinished):
+                got.append(event)
+        return got, wakeups
+
+    events, wakeups = asyncio.run(read())
+    assert [e.text for e in events] == ["0", "1", "2"] * 2
+    assert wakeups == 1  # the whole burst waited for one drain

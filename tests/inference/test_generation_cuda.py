@@ -125,7 +125,8 @@ def test_graph_replayed_decode_steps_give_the_eager_steps_text(base, experts):
         assert texts["graphed"] == texts["eager"]
         assert all(text for batch in texts["graphed"] for text in batch)
         graphs = graphed.scheduler.graphs
-        assert graphs is not None and graphs.captures >= 2 and graphs.replays > 0
+        assert graphs is not None and graphs.failures == []
+        assert graphs.captures >= 2 and graphs.replays > 0  # example and token routing
         assert eager.scheduler.graphs is None
     finally:
         graphed.close()

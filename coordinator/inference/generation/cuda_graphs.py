@@ -154,6 +154,7 @@ class DecodeGraphs:
         self.buckets = sorted({min(2**i, kv.max_rows) for i in range(kv.max_rows.bit_length() + 1)})
         self._graphs: collections.OrderedDict[tuple[Any, ...], _Graph] = collections.OrderedDict()
         self._failed: set[tuple[Any, ...]] = set()
+        self.failures: list[str] = []  # why captures failed (logs, tests)
         self.captures = 0  # graphs captured (metrics, tests)
         self.replays = 0
 
@@ -188,9 +189,10 @@ class DecodeGraphs:
             fill(graph)
             try:
                 graph.capture()
-            except Exception:
+            except Exception as exc:
                 log.warning("decode step could not be captured in a CUDA graph (%s, %d rows); "
                             "it runs eagerly", type(form).__name__, rows, exc_info=True)
+                self.failures.append(f"{type(form).__name__}, {rows} rows: {exc!r}")
                 self._failed.add(key)
                 torch.cuda.synchronize()
                 return None
