@@ -8,16 +8,16 @@ The federation starts from a deliberately weak router -- LDA with ``shrinkage=1`
 nearest-mean router that ignores the covariance -- and we count the rounds until its accuracy
 (held-out draws from the experts' prior mixture) reaches that of the full statistics (LDA)
 router, and 99% of it. Every round samples all contributors, one local SGD step each (the
-defaults of :class:`~moerge.router_training.federated.FederatedRouterConfig`).
+defaults of :class:`~moerge.router_training.federated_base.FederatedRouterConfig`).
 
-Runtimes: ``inprocess`` (:class:`~moerge.router_training.federation.InProcessGrid`, the default)
-and, with ``--simulation``, Flower's Simulation Engine on Ray (``flwr[simulation]``). In process,
-one round is timed first and the setting runs as many rounds (up to ``--max-rounds``) as fit in
-``--budget`` seconds at that rate, in one call; the rounds it did not run are reported as not
-reached within the rounds run (never extrapolated as reached). "pooled optimum acc" is the
-router trained centrally to convergence on all contributors' data: what FedAvg approaches. The
-Ray runtime starts Ray and the nodes on every call: it runs 1 round and then 3 rounds, and
-reports their difference / 2 per round and the rest as start-up.
+Runtimes: ``inprocess`` (:class:`~moerge.router_training.federated_rounds.InProcessGrid`, the
+default) and, with ``--simulation``, Flower's Simulation Engine on Ray (``flwr[simulation]``). In
+process, one round is timed first and the setting runs as many rounds (up to ``--max-rounds``) as
+fit in ``--budget`` seconds at that rate, in one call; the rounds it did not run are reported as
+not reached within the rounds run (never extrapolated as reached). "pooled optimum acc" is the
+router trained centrally to convergence on all contributors' data: what FedAvg approaches. The Ray
+runtime starts Ray and the nodes on every call: it runs 1 round and then 3 rounds, and reports
+their difference / 2 per round and the rest as start-up.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/federated_rounds.py
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/federated_rounds.py --contributors 10 --quick
@@ -43,7 +43,7 @@ import torch
 
 from moerge.router_training import fit_router
 from moerge.router_training.federated import FederatedRouter, simulated_contributors
-from moerge.router_training.federation import run_federated_rounds
+from moerge.router_training.federated_rounds import run_federated_rounds
 from moerge.router_training.gaussian import GaussianBank
 from moerge.router_training.synthetic import synthetic_gaussian_experts
 

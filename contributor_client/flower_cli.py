@@ -40,7 +40,7 @@ if TYPE_CHECKING:
     from flwr.app import Context
     from flwr.clientapp import ClientApp
 
-    from moerge.router_training.federated import ContributorData
+    from moerge.router_training.federated_base import ContributorData
 
 
 def save_local_embeddings(path: str | Path, embeddings: torch.Tensor) -> None:
@@ -55,7 +55,7 @@ def load_node_data(context: Context) -> ContributorData:
     """The node's own embeddings and expert id, from its node config (see module docstring)."""
     from safetensors.torch import load_file
 
-    from moerge.router_training.federated import ContributorData
+    from moerge.router_training.federated_base import ContributorData
 
     config = context.node_config
     try:

@@ -39,7 +39,8 @@ from moerge.router_training.baselines import (
     UniformRouterConfig,
 )
 from moerge.router_training.centroid import CentroidRouter, CentroidRouterConfig
-from moerge.router_training.federated import FederatedRouter, FederatedRouterConfig
+from moerge.router_training.federated import FederatedRouter
+from moerge.router_training.federated_base import FederatedRouterConfig
 from moerge.router_training.fitting import FitResult, build_config, fit_metrics, fit_router
 from moerge.router_training.gaussian import GaussianBank, GaussianRouter, GaussianRouterConfig
 from moerge.router_training.lda import LDARouter, LDARouterConfig

@@ -7,7 +7,7 @@ holding the router's trained arrays (``ArrayRecord`` "arrays") and a ``ConfigRec
 contributor takes ``local-steps`` SGD steps on the cross-entropy of its *own* pooled embeddings,
 labelled with its own expert id(s), and replies with exactly three things:
 
-* ``ArrayRecord`` "arrays": the router's trained tensors (:data:`~.federated.FEDERATED_ARRAYS`:
+* ``ArrayRecord`` "arrays": the router's trained tensors (:data:`~.federated_base.FEDERATED_ARRAYS`:
   ``weight`` [H, E], ``bias`` [E]), nothing else -- none is per-example;
 * ``MetricRecord`` "metrics": ``num-examples`` (the FedAvg weight; ``unit-weight`` = 1 under
   DP), ``train-loss`` and
@@ -34,7 +34,7 @@ from flwr.clientapp.mod import fixedclipping_mod
 from flwr.clientapp.typing import Mod
 from safetensors.torch import load
 
-from moerge.router_training.federated import FEDERATED_ARRAYS, FROZEN_ARRAYS, ContributorData
+from moerge.router_training.federated_base import FEDERATED_ARRAYS, FROZEN_ARRAYS, ContributorData
 
 #: Reply record naming the node's contributor (self-reported; see ``docs/federated.md``).
 NODE_RECORD = "node"

@@ -42,7 +42,7 @@ from flwr.serverapp.strategy import (
 )
 from safetensors.torch import save
 
-from moerge.router_training.federated import FederatedRouter
+from moerge.router_training.federated_base import RoundsRouter
 from moerge.router_training.flower_client import CONTRIBUTOR_ID, NODE_RECORD
 
 EvaluateFn = Callable[[int, ArrayRecord], MetricRecord | None]
@@ -141,7 +141,7 @@ SERVER_OPTIMIZERS = {"sgd": RouterFedAvg, "adam": RouterFedAdam, "momentum": Rou
 
 
 def build_strategy(
-    router: FederatedRouter, num_nodes: int, min_available: int | None = None
+    router: RoundsRouter, num_nodes: int, min_available: int | None = None
 ) -> tuple[Strategy, RouterFedAvg]:
     """The round strategy for ``router``'s config: (outermost strategy, the FedAvg inside).
 
@@ -178,7 +178,7 @@ def build_strategy(
     return base, base
 
 
-def train_config(router: FederatedRouter) -> ConfigRecord:
+def train_config(router: RoundsRouter) -> ConfigRecord:
     """What every ``train`` Message carries besides the arrays (no data, no per-node values)."""
     config = router.config
     return ConfigRecord(
@@ -197,7 +197,7 @@ def train_config(router: FederatedRouter) -> ConfigRecord:
 
 
 def accuracy_evaluator(
-    router: FederatedRouter, embeddings: torch.Tensor, labels: torch.Tensor
+    router: RoundsRouter, embeddings: torch.Tensor, labels: torch.Tensor
 ) -> EvaluateFn:
     """Server-side evaluation of each round's arrays on held-out labelled embeddings."""
     probe = router.copy()
@@ -219,7 +219,7 @@ class ServerRun:
 
 
 def make_server_app(
-    router: FederatedRouter,
+    router: RoundsRouter,
     rounds: int,
     strategy: Strategy,
     evaluate_fn: EvaluateFn | None = None,
@@ -239,7 +239,7 @@ def make_server_app(
 
 def start_rounds(
     grid: Grid,
-    router: FederatedRouter,
+    router: RoundsRouter,
     rounds: int,
     strategy: Strategy,
     evaluate_fn: EvaluateFn | None = None,

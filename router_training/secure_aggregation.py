@@ -50,7 +50,7 @@ from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 from flwr.serverapp import Grid, ServerApp
 from safetensors.torch import load, save
 
-from moerge.router_training.federated import FEDERATED_ARRAYS, ContributorData, FederatedRouter
+from moerge.router_training.federated_base import FEDERATED_ARRAYS, ContributorData, RoundsRouter
 from moerge.router_training.flower_client import train_from_config
 from moerge.router_training.flower_server import RoundRecord
 
@@ -102,7 +102,7 @@ def make_secure_client_app(load_data: DataLoader) -> ClientApp:
 class SecureRouterFedAvg(FedAvg):
     """Legacy FedAvg over *updates*: adds the (securely) averaged update to the current weights."""
 
-    def __init__(self, router: FederatedRouter, num_nodes: int, min_replies: int) -> None:
+    def __init__(self, router: RoundsRouter, num_nodes: int, min_replies: int) -> None:
         config = router.config
         super().__init__(
             fraction_fit=config.fraction_train,
@@ -151,7 +151,7 @@ class SecureRouterFedAvg(FedAvg):
         return ndarrays_to_parameters(self.current), {}
 
 
-def fit_config(router: FederatedRouter) -> dict[str, Scalar]:
+def fit_config(router: RoundsRouter) -> dict[str, Scalar]:
     """:func:`~.flower_server.train_config` as legacy scalars (no lists in a legacy config)."""
     config = router.config
     return {
@@ -167,7 +167,7 @@ def fit_config(router: FederatedRouter) -> dict[str, Scalar]:
 
 
 def make_secure_server_app(
-    router: FederatedRouter, rounds: int, num_nodes: int, timeout: float = 600.0
+    router: RoundsRouter, rounds: int, num_nodes: int, timeout: float = 600.0
 ) -> tuple[ServerApp, SecureRouterFedAvg]:
     """A ``ServerApp`` running ``rounds`` SecAgg+ rounds; the strategy holds the result."""
     config = router.config

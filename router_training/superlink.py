@@ -1,6 +1,6 @@
 """Federated router rounds on Flower's deployment runtime: a SuperLink and real SuperNodes.
 
-The in-process and simulation runtimes (:mod:`.federation`) run simulated contributors. Real
+The in-process and simulation runtimes (:mod:`.federated_rounds`) run simulated contributors. Real
 contributors run Flower SuperNodes (``moerge contributor serve``) connected to a Flower
 SuperLink, and the rounds run as a Flower *run* on it, with Flower's own machinery only:
 
@@ -44,7 +44,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from moerge.router_training.base import ExpertRecord, load_router
 from moerge.router_training.federated import FederatedRouter, as_federated
-from moerge.router_training.federation import FederationOutcome, collect_outcome
+from moerge.router_training.federated_rounds import FederationOutcome, collect_outcome
 from moerge.router_training.fitting import FitResult, fit_metrics, fit_router
 from moerge.router_training.flower_server import RoundRecord, build_strategy, start_rounds
 from moerge.router_training.gaussian import GaussianBank
@@ -256,7 +256,7 @@ class SuperLinkFederation:
         min_nodes: int = 2,
         node_wait_seconds: float = 120.0,
         round_timeout: float = 600.0,
-    ) -> FederationOutcome:
+    ) -> FederationOutcome[FederatedRouter]:
         """Run ``rounds`` rounds of ``router`` over the connected SuperNodes (at least
         ``min_nodes``, waited for up to ``node_wait_seconds``); returns the trained router."""
         router = as_federated(router)
@@ -322,7 +322,7 @@ class SuperLinkFederation:
         return str(reply["run-id"])
 
 
-def read_outcome(job: Path) -> FederationOutcome:
+def read_outcome(job: Path) -> FederationOutcome[FederatedRouter]:
     """What :data:`server_app` wrote into ``job``."""
     router = as_federated(load_router(job / RESULT_ROUTER))
     raw = json.loads((job / RESULT_JSON).read_text(encoding="utf-8"))
@@ -338,7 +338,7 @@ def read_outcome(job: Path) -> FederationOutcome:
     )
 
 
-def run_job(grid: Grid, job: Path) -> FederationOutcome:
+def run_job(grid: Grid, job: Path) -> FederationOutcome[FederatedRouter]:
     """The ServerApp's work: wait for nodes, run the rounds, return the outcome."""
     spec = json.loads((job / JOB_SPEC).read_text(encoding="utf-8"))
     router = as_federated(load_router(job / JOB_ROUTER))

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from moerge.router_training.base import ExpertRecord
-from moerge.router_training.federated import ContributorData, simulated_contributors
+from moerge.router_training.federated import simulated_contributors
+from moerge.router_training.federated_base import ContributorData
 from moerge.router_training.gaussian import GaussianBank
 from moerge.router_training.synthetic import synthetic_gaussian_experts
 

@@ -9,7 +9,7 @@ from safetensors.torch import load
 
 from moerge.router_training import fit_router, load_router
 from moerge.router_training.federated import FederatedRouter
-from moerge.router_training.federation import run_federated_rounds
+from moerge.router_training.federated_rounds import run_federated_rounds
 from moerge.router_training.flower_client import make_client_app, partition_loader
 
 

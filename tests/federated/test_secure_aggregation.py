@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from moerge.router_training import fit_router
-from moerge.router_training.federation import run_federated_rounds
+from moerge.router_training.federated_rounds import run_federated_rounds
 
 
 def test_secure_aggregate_equals_plain_fedavg_within_the_quantisation_step(federation):

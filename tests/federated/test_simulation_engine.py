@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from moerge.router_training import fit_router
-from moerge.router_training.federation import run_federated_rounds
+from moerge.router_training.federated_rounds import run_federated_rounds
 
 pytest.importorskip("ray", reason="Flower's Simulation Engine needs flwr[simulation]")
 

@@ -1,4 +1,4 @@
-"""Run federated rounds of the router: one function, two Flower runtimes.
+"""Run federated rounds of a router: one function, two Flower runtimes.
 
 ``run_federated_rounds(initial_router, contributors, rounds)`` wires
 :mod:`.flower_server` (strategy + ``ServerApp``) to :mod:`.flower_client` (``ClientApp``) and
@@ -25,6 +25,7 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from types import SimpleNamespace
+from typing import Generic, TypeVar
 from uuid import uuid4
 
 import torch
@@ -35,13 +36,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Result
 from flwr.supercore.task_identity import TaskIdentity
 
-from moerge.router_training.base import Router
-from moerge.router_training.federated import (
-    FEDERATED_ARRAYS,
-    ContributorData,
-    FederatedRouter,
-    as_federated,
-)
+from moerge.router_training.federated_base import FEDERATED_ARRAYS, ContributorData, RoundsRouter
 from moerge.router_training.flower_client import make_client_app, partition_loader
 from moerge.router_training.flower_server import (
     RoundRecord,
@@ -54,12 +49,14 @@ from moerge.router_training.flower_server import (
 #: Error code of a reply whose ClientApp raised.
 CLIENT_APP_RAISED = ErrorCode.CLIENT_APP_RAISED_EXCEPTION
 
+R = TypeVar("R", bound=RoundsRouter)
+
 
 @dataclass
-class FederationOutcome:
+class FederationOutcome(Generic[R]):
     """What :func:`run_federated_rounds` returns."""
 
-    router: FederatedRouter
+    router: R
     round_metrics: list[dict[str, float]] = field(default_factory=list)
     participants: list[RoundRecord] = field(default_factory=list)
     seconds_per_round: float = 0.0
@@ -202,7 +199,7 @@ class InProcessGrid(Grid):
 
 
 def run_federated_rounds(
-    initial_router: Router,
+    initial_router: R,
     contributors: Sequence[ContributorData],
     rounds: int,
     *,
@@ -211,7 +208,7 @@ def run_federated_rounds(
     backend: str | None = None,
     keep_replies: bool = False,
     num_cpus: int = 2,
-) -> FederationOutcome:
+) -> FederationOutcome[R]:
     """Train ``initial_router`` (a ``federated`` router, left unchanged) for ``rounds`` rounds.
 
     ``contributors[i]`` is the data of simulated node ``i`` (ignored when ``client_app`` is
@@ -221,7 +218,10 @@ def run_federated_rounds(
     per-round metrics (the contributors' example-weighted ``accuracy-before``/``train-loss``
     and, with ``evaluation``, ``accuracy``), and the participants of every round.
     """
-    router = as_federated(initial_router).copy()
+    if not isinstance(initial_router, RoundsRouter):
+        method = getattr(initial_router, "method", type(initial_router).__name__)
+        raise ValueError(f"federated rounds need a 'federated' router, got '{method}'")
+    router = initial_router.copy()
     num_nodes = len(contributors)
     if num_nodes < 1:
         raise ValueError("need at least one contributor")
@@ -275,13 +275,13 @@ def run_in_process(server_app: ServerApp, client_app: ClientApp, num_nodes: int)
 
 
 def _run_secure_rounds(
-    router: FederatedRouter,
+    router: R,
     contributors: Sequence[ContributorData],
     rounds: int,
     client_app: ClientApp | None,
     evaluation: tuple[torch.Tensor, torch.Tensor] | None,
     backend: str,
-) -> FederationOutcome:
+) -> FederationOutcome[R]:
     """Rounds with SecAgg+ (:mod:`.secure_aggregation`), in process only."""
     from moerge.router_training.secure_aggregation import (
         make_secure_client_app,
@@ -313,8 +313,8 @@ def _run_secure_rounds(
 
 
 def collect_outcome(
-    router: FederatedRouter, result: Result, fedavg: RouterFedAvg, rounds: int, seconds: float
-) -> FederationOutcome:
+    router: R, result: Result, fedavg: RouterFedAvg, rounds: int, seconds: float
+) -> FederationOutcome[R]:
     """The strategy's ``Result`` as a :class:`FederationOutcome`; sets ``router``'s arrays."""
     if len(result.arrays):
         router.set_arrays(result.arrays.to_torch_state_dict())
