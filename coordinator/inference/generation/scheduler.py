@@ -610,10 +610,10 @@ class GenerationScheduler:
         total = float(usage.sum())
         if total <= 0:
             return ()
-        mean = usage / total
-        order = torch.argsort(mean, descending=True).tolist()
+        mean = (usage / total).tolist()
         ids = m.token.router.expert_ids
-        return tuple(ExpertWeight(ids[i], float(mean[i])) for i in order if mean[i] > 0)
+        order = sorted(range(len(mean)), key=mean.__getitem__, reverse=True)
+        return tuple(ExpertWeight(ids[i], mean[i]) for i in order if mean[i] > 0)
 
 
 def iter_events(
