@@ -71,7 +71,10 @@ if triton is not None:
         tl.store(idx_ptr + rows * K + j, i.to(tl.int64), mask=row_mask)
         tl.store(w_ptr + rows * K + j, w.to(w_ptr.dtype.element_ty), mask=row_mask)
 
-    @triton.jit
+    # R, E and the row stride vary with the batch and the number of experts: specialising on
+    # them (Triton's default: a value of 1 or a multiple of 16 gets its own build) recompiled
+    # the kernel when a new expert took E from 1,024 to 1,025, about 1 s on the serving path
+    @triton.jit(do_not_specialize=["R", "E", "stride_s"])
     def _top_k_softmax_kernel(
         s_ptr,
         idx_ptr,
