@@ -1,4 +1,4 @@
-"""Start-up time of the ``moerge`` command (issue 17: under 0.5 s of import time on 2 cores).
+"""Start-up time of the ``moerge`` command (goal: under 0.5 s of import time on 2 cores).
 
 Each round runs, in a fresh process each and in the same round-robin order:
 

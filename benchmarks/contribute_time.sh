@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Time from `moerge contribute` on 2,000 real examples to a registered expert (issue 3).
+# Time from `moerge contribute` on 2,000 real examples to a registered expert.
 # Starts a coordinator on 127.0.0.1 in a temp dir, joins, and times one `moerge contribute`
 # (train 1 epoch on MiniLM + PHATGOOSE gates + statistics + upload + validation + commit).
 #   bash benchmarks/contribute_time.sh [EXAMPLES] [PORT]

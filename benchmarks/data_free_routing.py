@@ -1,6 +1,6 @@
 """Why the data-free routers (Arrow, PHATGOOSE) route as they do, on a set of trained experts.
 
-Issue 21 item 4. Takes the expert folders a coordinator materialised (``<data-dir>/coordinator/
+Takes the expert folders a coordinator materialised (``<data-dir>/coordinator/
 experts/<id>/``, e.g. after ``moerge demo`` or ``benchmarks/routing_quality.py --data-dir``),
 routes each task's held-out test split (``datasets.load_task`` with the demo's seed) through
 the in-process :class:`InferenceEngine` with ``module_mix``, the way ``Predict`` serves a token

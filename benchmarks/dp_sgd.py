@@ -1,5 +1,5 @@
-"""Expert accuracy with DP-SGD (Opacus) at epsilon 4 and 8 against the non-private expert
-(issue 23), with training time and a loss-threshold membership-inference attack on each.
+"""Expert accuracy with DP-SGD (Opacus) at epsilon 4 and 8 against the non-private expert,
+with training time and a loss-threshold membership-inference attack on each.
 
 Per task: the default recipe without DP (LP-FT, early stopping), then DP-SGD
 (:mod:`moerge.contributor_client.dp_sgd`: Poisson batches of 64, per-example clipping at 1,
@@ -116,7 +116,7 @@ def main() -> None:
 
 def write(args, rows, seconds: float) -> None:
     lines = [
-        "# DP-SGD experts: accuracy, training time and a membership attack (issue 23)",
+        "# DP-SGD experts: accuracy, training time and a membership attack",
         "",
         f"`{' '.join(['python', *sys.argv])}`",
         "",

@@ -1,4 +1,4 @@
-"""Routing and task accuracy of the statistics routers at each DP epsilon (issue 23).
+"""Routing and task accuracy of the statistics routers at each DP epsilon.
 
 The statistics a contributor releases are computed from the base model's embeddings of its
 data; the adapter does not depend on the statistics' epsilon. So every expert is trained once
@@ -220,7 +220,7 @@ def _pct(values: list[float]) -> str:
 
 def write(args, rows, oracle, expert_seconds: float, seconds: float, attacks=()) -> None:
     lines = [
-        "# DP statistics: routing and task accuracy per epsilon (issue 23)",
+        "# DP statistics: routing and task accuracy per epsilon",
         "",
         f"`{' '.join(['python', *sys.argv])}`",
         "",

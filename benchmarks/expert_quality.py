@@ -1,11 +1,11 @@
-"""Expert quality (issue 22): the default training recipe against a linear probe and the majority.
+"""Expert quality: the default training recipe against a linear probe and the majority.
 
 For each public task of the demo (:mod:`moerge.contributor_client.datasets`) and each training
 size, on the task's fixed test split:
 
 * **default**: ``train_expert`` with :class:`TrainConfig`'s defaults (LP-FT, warm-up + decay,
   ``min_steps``, class weights, early stopping on the validation split);
-* **legacy**: the recipe before issue 22 (``RECIPES["legacy"]``: random head, fixed epochs);
+* **legacy**: the default recipe before LP-FT (``RECIPES["legacy"]``: random head, fixed epochs);
 * **probe**: a logistic regression (``fit_linear_probe``, C = 1) on the frozen base model's
   pooled embeddings (what the classification head reads) of the same training examples;
 * **majority**: always the most common training label.
@@ -110,7 +110,7 @@ def main() -> None:
     tasks = [t for t in args.tasks if t in available_tasks()]
     missing = sorted(set(args.tasks) - set(tasks))
     header = [
-        "# Expert quality: default recipe vs linear probe vs majority (issue 22)",
+        "# Expert quality: default recipe vs linear probe vs majority",
         "",
         f"Command: `{' '.join(['python', *sys.argv])}`  ",
         f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores shared with other jobs, "

@@ -1,4 +1,4 @@
-"""Generalization to unseen tasks (issue 21 item 3): leave one task out, route among the rest.
+"""Generalization to unseen tasks: leave one task out, route among the rest.
 
 Four real tasks share one output space, ``{negative, positive}``:
 

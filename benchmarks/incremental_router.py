@@ -5,8 +5,8 @@ q/k/v/o of 22 layers: 88 modules, d_in 2048) are generated lazily, one at a time
 coordinator streams them from its store. Measured on ``--device``:
 
 * **refit**: ``ArrowRouter.fit`` over all ``E`` experts, factors on ``--device`` (what the
-  coordinator did for every new expert before: the issue measured 11.3 s on an H100 at
-  E=1,024);
+  coordinator did for every new expert before: an earlier measurement took 11.3 s on an H100
+  at E=1,024);
 * then the router is set up as the coordinator serves it, untimed: loaded from its artifact's
   tensors (float32 tables on CPU) and 64 tokens routed in every module on ``--device`` (its
   tables placed there in the tokens' dtype, bf16 on CUDA, and the kernels warm), as on a

@@ -1,4 +1,4 @@
-"""Routing quality at full budget (issue 7): every routing method on a mixed stream of real tasks.
+"""Routing quality at full budget: every routing method on a mixed stream of real tasks.
 
 The pipeline is the one of ``moerge demo`` (:mod:`moerge.demo`, :mod:`moerge.evaluation`): a
 coordinator process, one contributor process per task that sees only its own data and uploads a
@@ -195,7 +195,7 @@ def per_task_routing(scores: list[MethodScore], names: list[str]) -> list[str]:
 
 
 def goals(scores: list[MethodScore], oracle: str, ceiling: str) -> list[str]:
-    """The issue's three goals, each with the measured number and whether it is met."""
+    """The benchmark's three goals, each with the measured number and whether it is met."""
     by_name = {s.method: s for s in scores}
     routers = [by_name[m] for m in ROUTERS if m in by_name and not by_name[m].error]
     if not routers:
@@ -456,7 +456,7 @@ def render(
 
     return "\n".join(
         [
-            "# Routing quality on real tasks (issue 7)",
+            "# Routing quality on real tasks",
             "",
             f"- command: `OMP_NUM_THREADS=1 {command}`",
             f"- date: {time.strftime('%Y-%m-%d %H:%M %Z')}; {machine()}",

@@ -1,4 +1,4 @@
-"""DP-SGD for the adapter and the PHATGOOSE gates, with Opacus (issue 23).
+"""DP-SGD for the adapter and the PHATGOOSE gates, with Opacus.
 
 ``moerge train --dp-sgd-epsilon E`` trains the LoRA adapter and its head, then the gates, with
 differentially private SGD (Abadi et al. 2016): every step takes a Poisson sample of the

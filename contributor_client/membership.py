@@ -1,4 +1,4 @@
-"""Membership-inference attacks on what an expert releases, beside the DP bound (issue 23).
+"""Membership-inference attacks on what an expert releases, beside the DP bound.
 
 Two attackers on the statistics, both run against the releases of :func:`privacy.privatize`
 (count, sum, second moment *before* moerge derives mean and covariance from them; anything

@@ -20,7 +20,7 @@ each release (epsilon/3, delta/3)-DP through the analytic Gaussian mechanism of 
 accountant shows z = 6.46 is enough (41% less noise; 36% at epsilon 8, 42% at epsilon 0.1).
 :func:`noise_saved` reports the saving for a budget.
 
-**On by default** (issue 23): ``moerge train``/``stats``/``contribute`` release the statistics
+**On by default**: ``moerge train``/``stats``/``contribute`` release the statistics
 at :data:`DEFAULT_EPSILON`, :data:`DEFAULT_DELTA` unless the contributor opts out with
 ``--no-dp``, which is recorded in ``statistics.json`` and shown by the coordinator; without DP,
 statistics of fewer than :data:`MIN_EXAMPLES_WITHOUT_DP` examples are refused (the client here,

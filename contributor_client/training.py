@@ -80,7 +80,7 @@ CLASS_WEIGHTINGS = ("none", "sqrt", "balanced")
 #: Named presets of :class:`TrainConfig` fields; "default" is the dataclass defaults.
 RECIPES: dict[str, dict[str, object]] = {
     "default": {},
-    # The recipe before issue 22: random head, fixed epochs, unweighted loss, last step kept.
+    # The default recipe before LP-FT: random head, fixed epochs, unweighted loss, last step kept.
     "legacy": {
         "learning_rate": 1e-3,
         "warmup_fraction": 0.06,

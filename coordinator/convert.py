@@ -88,8 +88,8 @@ def expert(info: ExpertInfo) -> common_pb2.Expert:
 
 
 def privacy_report(info: ExpertInfo) -> common_pb2.PrivacyReport:
-    """The expert's privacy report as recorded at upload; for experts registered before issue
-    23, derived from the statistics' DP record (adapter trained without DP)."""
+    """The expert's privacy report as recorded at upload; for experts registered before
+    privacy reports existed, derived from the statistics' DP record (adapter trained without DP)."""
     raw = (info.statistics.summary or {}).get("privacy")
     if not isinstance(raw, dict):
         dp = info.statistics.dp or {}

@@ -1,9 +1,9 @@
-"""The coordinator's privacy policy for uploaded experts (issue 23; docs/security.md).
+"""The coordinator's privacy policy for uploaded experts (docs/security.md).
 
-An expert's ``statistics.json`` declares how its statistics were released (``dp``) and, since
-issue 23, a privacy report of every release (``privacy``: statistics, adapter, gates, each with
-its mechanism and (epsilon, delta), and their composition). The coordinator cannot verify the
-noise, only hold the declaration to its policy:
+An expert's ``statistics.json`` declares how its statistics were released (``dp``) and, in
+files written since DP became the default, a privacy report of every release (``privacy``:
+statistics, adapter, gates, each with its mechanism and (epsilon, delta), and their
+composition). The coordinator cannot verify the noise, only hold the declaration to its policy:
 
 * statistics without DP of fewer than ``min_examples_without_dp`` examples are refused (the
   mean of a handful of texts is close to their embeddings, which inversion attacks read back);
@@ -29,7 +29,7 @@ class PrivacyPolicy:
 
 
 def effective_report(meta: StatisticsMeta) -> PrivacyReport:
-    """The expert's privacy report; for files written before issue 23, derived from ``dp``."""
+    """The expert's privacy report; for files written before there were any, derived from ``dp``."""
     if meta.privacy is not None:
         return meta.privacy
     from moerge.expert_format import PrivacyRelease

@@ -354,7 +354,7 @@ def expert_spec(
             summary={
                 "label_counts": checked.meta.label_counts,
                 "modules": checked.modules,
-                "privacy": asdict(effective_report(checked.meta)),  # issue 23
+                "privacy": asdict(effective_report(checked.meta)),  # docs/security.md
             },
         ),
     )

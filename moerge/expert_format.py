@@ -240,8 +240,8 @@ class StatisticsMeta:
     gate_modules: list[str] = field(default_factory=list)
     dp: DifferentialPrivacy | None = None
     format_version: int = FORMAT_VERSION
-    quality: ExpertQuality | None = None  # absent from files written before issue 22
-    privacy: PrivacyReport | None = None  # absent from files written before issue 23
+    quality: ExpertQuality | None = None  # absent from files written before the LP-FT recipe
+    privacy: PrivacyReport | None = None  # absent from files written before DP by default
     #: False for an adapter-only expert: no data statistics at all (see the module docstring)
     embedding_statistics: bool = True
 

@@ -1,7 +1,7 @@
-"""Adapter-only experts (issue 21 item 1): a bare PEFT folder joins; routers that need data skip it.
+"""Adapter-only experts: a bare PEFT folder joins; routers that need data skip it.
 
 A real coordinator (SQLite, 127.0.0.1:0) and the tiny BERT; the CLI and the Python client both
-upload over gRPC / the data channel as a contributor would.
+upload over gRPC as a contributor would.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""DP-SGD for the adapter and the gates with Opacus (issue 23): one noise multiplier for both
+"""DP-SGD for the adapter and the gates with Opacus: one noise multiplier for both
 runs, accounted together with the statistics' release in the privacy report."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Membership inference against the released statistics, at the defaults (issue 23): the
+"""Membership inference against the released statistics, at the defaults: the
 attack's advantage stays within what the DP budget allows, and matches the exact value of the
 optimal test; without DP a small release is read off."""
 

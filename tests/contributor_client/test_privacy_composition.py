@@ -30,7 +30,7 @@ def test_the_composed_releases_meet_the_budget_per_an_independent_accountant(
 
 
 def test_composition_needs_41_percent_less_noise_than_splitting_the_budget_at_epsilon_1() -> None:
-    """The issue's numbers: sigma 6.46 instead of 10.97 at epsilon 1, delta 1e-5."""
+    """Composing the releases: sigma 6.46 instead of 10.97 at epsilon 1, delta 1e-5."""
     assert noise_multiplier(1.0, 1e-5) == pytest.approx(6.46, abs=0.01)
     assert analytic_gaussian_sigma(1.0 / 3, 1e-5 / 3, 1.0) == pytest.approx(10.97, abs=0.01)
     assert noise_saved(1.0, 1e-5) == pytest.approx(0.41, abs=0.01)

@@ -1,4 +1,4 @@
-"""The default training recipe's pieces (issue 22): LP-FT head, class weights, min steps,
+"""The default training recipe's pieces: LP-FT head, class weights, min steps,
 early stopping, and the quality figures recorded beside the expert."""
 
 from __future__ import annotations

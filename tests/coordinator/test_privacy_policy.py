@@ -1,4 +1,4 @@
-"""The coordinator's privacy policy (issue 23): a minimum count without DP, a maximum epsilon,
+"""The coordinator's privacy policy: a minimum count without DP, a maximum epsilon,
 DP-SGD required, and the privacy report recorded and shown to contributors and admins."""
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ def test_policy_refusals_name_the_rule() -> None:
     default = PrivacyPolicy()
     plain = _report(None, opt_out=True)
     assert "at least 50" in privacy_refusal(meta(49, None, plain), default)
-    assert "at least 50" in privacy_refusal(meta(1, None, None), default)  # before issue 23
+    assert "at least 50" in privacy_refusal(meta(1, None, None), default)  # before privacy reports
     assert privacy_refusal(meta(50, None, plain), default) == ""
     assert privacy_refusal(meta(1, DP, _report(DPConfig(4.0, 1e-5))), default) == ""
     strict = PrivacyPolicy(max_epsilon=2.0)

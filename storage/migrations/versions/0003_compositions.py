@@ -1,4 +1,4 @@
-"""Few-shot compositions: named, versioned signed merge weights over experts (issue 21).
+"""Few-shot compositions: named, versioned signed merge weights over experts.
 
 Revision ID: 0003
 Revises: 0002
