@@ -9,7 +9,7 @@ DATA_STAMP := data/debian/.fetched
 LLM_DIR := data/models/smollm2-135m-instruct
 LLM_STAMP := $(LLM_DIR)/.converted
 
-.PHONY: setup data demo demo-llm test test-fast lint proto bench clean-demo
+.PHONY: setup data demo demo-llm test test-fast lint proto clean-demo
 
 setup: $(STAMP) $(LLM_STAMP)
 
@@ -61,5 +61,3 @@ lint: setup
 proto: setup
 	$(PY) protos/generate.py
 
-bench: setup data
-	$(PY) benchmarks/run_all.py
