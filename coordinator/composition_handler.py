@@ -150,6 +150,7 @@ async def compose(
     name = check_name("name", request.name)  # before the search, not only when storing
     inference = await inference_handler.service(state)
     inference.check_inputs(texts)
+    inference.engine.check_texts(texts)  # refused now, not at the search's first step
     if causal_lm:  # answers are text: every (requested or active) expert may take part
         experts, label_names = await asyncio.to_thread(
             _any_experts, state, list(request.expert_ids)

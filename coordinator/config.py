@@ -23,6 +23,10 @@ else:  # pragma: no cover
 
 ENV_PREFIX = "MOERGE_"
 
+#: Defaults the inference engine shares when it is built in-process, without a config.
+DEFAULT_ADAPTER_CACHE_BYTES = 512 << 20  # experts' LoRA weights kept in memory
+DEFAULT_MAX_NEW_TOKENS = 32  # tokens a causal LM generates when a request does not say
+
 
 @dataclass
 class CoordinatorConfig:
@@ -74,13 +78,13 @@ class CoordinatorConfig:
     consistency_gate_z: float = 3.5  # gate-norm check: robust z-score (MAD) threshold
     consistency_gate_ratio: float = 3.0  # gate-norm check: and at least this times the median
     consistency_min_peers: int = 4  # gate-norm check: other experts needed to judge
-    adapter_cache_bytes: int = 512 * 1024 * 1024  # experts' LoRA weights kept in memory
+    adapter_cache_bytes: int = DEFAULT_ADAPTER_CACHE_BYTES  # the engine's `cache_bytes`
     device: str = "auto"  # inference device: auto (CUDA when present), cpu, cuda, cuda:N
     dtype: str = "auto"  # inference precision: auto (bfloat16 on CUDA), float32, bfloat16, float16
     generation_max_batch: int = 32  # rows decoded together (continuous batching)
     generation_max_waiting: int = 256  # Generate requests queued beyond that; more: refused
     generation_cuda_graphs: bool = True  # on CUDA, replay decode steps as captured CUDA graphs
-    max_new_tokens: int = 32  # Generate/Predict default when a request does not say
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS  # Generate/Predict default
     batch_wait_ms: float = 5.0  # micro-batcher: how long to wait for more requests
     grace_seconds: float = 5.0  # graceful-shutdown grace for in-flight RPCs
     log_json: bool = False

@@ -35,7 +35,7 @@ from moerge.coordinator.expert_store import ExpertStore
 from moerge.coordinator.inference.batcher import MicroBatcher
 from moerge.coordinator.inference.device import resolve_placement
 from moerge.coordinator.inference.engine import InferenceEngine, InferenceRequest
-from moerge.coordinator.inference.errors import EmptyBatch, InputTooLong, InvalidTopK
+from moerge.coordinator.inference.errors import InputTooLong, InvalidTopK
 from moerge.coordinator.inference.plan import Aggregation, RoutingPlan
 from moerge.coordinator.inference.results import ExamplePrediction
 from moerge.coordinator.registry_cache import GenerationCache
@@ -94,8 +94,13 @@ class RestrictedRouter(Router):
         return RoutingDecision(indices=indices, weights=weights)
 
     def _k(self, top_k: int | None) -> int:
+        """``top_k`` (``None``: the config's), at most the allowed experts.
+
+        The engine has checked ``1 <= top_k <= num_experts`` (``planning.resolve_plan``); only
+        the bound below that, the allowed experts, is this router's to check.
+        """
         k = self.config.top_k if top_k is None else top_k
-        if k < 1 or k > self.allowed_count:
+        if k > self.allowed_count:
             raise InvalidTopK(f"top_k must be between 1 and {self.allowed_count}, got {k}")
         return k
 
@@ -295,17 +300,18 @@ class InferenceService:
 
     # -- serving ------------------------------------------------------------------------------
     def check_inputs(self, inputs: Sequence[str]) -> None:
-        if not inputs:
-            raise EmptyBatch("inputs is empty")
+        """Refuse more inputs than one call may carry (``max_batch_inputs``).
+
+        Everything else about the inputs (none at all, not strings, over ``max_input_chars``
+        characters or ``max_input_tokens`` tokens), and ``top_k`` against the router and
+        ``max_new_tokens``, is checked once, by the engine: it also serves in-process callers
+        without this service (the composition search, benchmarks), so the checks live there.
+        The count per call is an RPC limit the engine does not have.
+        """
         if len(inputs) > self.config.max_batch_inputs:
             raise InputTooLong(
                 f"inputs holds {len(inputs)} texts; at most {self.config.max_batch_inputs} per call"
             )
-        for i, text in enumerate(inputs):
-            if len(text) > self.config.max_input_chars:
-                raise InputTooLong(
-                    f"inputs[{i}] has {len(text)} characters; at most {self.config.max_input_chars}"
-                )
 
     async def predict(
         self,

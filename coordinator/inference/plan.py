@@ -12,7 +12,10 @@ plus the :class:`Aggregation` and, for TIES/DARE, :class:`MergeOptions`. Weights
 normalised to sum 1 (an all-zero row is refused), except in a *signed* linear merge: a few-shot
 composition (:mod:`moerge.router_training.composition`) is ``sum_j w_j B_j A_j`` with LoraHub's
 raw weights, which may be negative and need not sum to 1, so they are used as given (the heads
-of a classification merge take them scaled to unit L1 norm: ``engine._unit_l1``).
+of a classification merge take them scaled to unit L1 norm: ``classify.unit_l1``).
+
+An :class:`InferenceRequest` is one caller's texts with their plan. Turning a routed plan into
+an explicit one (embedding the texts, asking the router) is :mod:`.planning`.
 """
 
 from __future__ import annotations
@@ -174,6 +177,16 @@ class RoutingPlan:
             raise ValueError("a routed plan has no fixed k before routing")
         return int(self.weights.shape[1])
 
+    def expert_rows(self) -> list[tuple[tuple[str, ...], list[float]]]:
+        """Per input of an explicit plan: its expert ids and their weights, ``[B]`` pairs."""
+        if self.expert_ids is None or self.weights is None:
+            raise ValueError("only explicit plans have rows")
+        return list(zip(self.expert_ids, self.weights.tolist(), strict=True))
+
+    def distinct_experts(self) -> list[str]:
+        """Every expert an explicit plan names, once, in order of first use."""
+        return list(dict.fromkeys(e for ids in self.expert_ids or () for e in ids))
+
     def check_batch(self, batch_size: int) -> None:
         """Raise :class:`InvalidPlan` unless an explicit plan has one row per input."""
         if self.is_explicit and len(self.expert_ids or ()) != batch_size:
@@ -204,6 +217,15 @@ class RoutingPlan:
         ids = tuple(row for p in plans for row in (p.expert_ids or ()))
         weights = torch.cat([p.weights for p in plans if p.weights is not None], dim=0)
         return RoutingPlan(first.aggregation, ids, weights, merge=first.merge)
+
+
+@dataclass(frozen=True)
+class InferenceRequest:
+    """One caller's inputs for ``InferenceEngine.predict_many`` (e.g. one Predict RPC)."""
+
+    texts: Sequence[str]
+    plan: RoutingPlan | None = None  # None: the active router with its defaults
+    max_new_tokens: int | None = None  # causal LM only
 
 
 def _aggregation(value: Aggregation | str) -> Aggregation:

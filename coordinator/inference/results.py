@@ -5,6 +5,7 @@ Mirrors ``moerge.v1.Prediction`` field by field so the servicer copies values wi
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 
@@ -14,6 +15,11 @@ class ExpertWeight:
 
     expert_id: str
     weight: float
+
+
+def expert_weights(ids: Sequence[str], weights: Sequence[float]) -> tuple[ExpertWeight, ...]:
+    """``ids`` [k] paired with their ``weights`` [k]."""
+    return tuple(ExpertWeight(e, float(w)) for e, w in zip(ids, weights, strict=True))
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ from moerge.coordinator.inference.errors import (
     UnknownExpert,
 )
 from moerge.coordinator.inference.plan import Aggregation, MergeOptions, RoutingPlan
+from moerge.coordinator.inference_service import RestrictedRouter
 from moerge.embedding import pooled_embeddings
 from moerge.expert_format import ADAPTER_WEIGHTS
 from moerge.router_training.arrow import ArrowRouter, ArrowRouterConfig
@@ -288,6 +289,16 @@ def test_top_k_outside_one_to_the_number_of_experts_is_refused(engine, experts, 
                                 CentroidRouterConfig(top_k=1))
     with pytest.raises(InvalidTopK):
         engine.predict(TEXTS, RoutingPlan.routed(router, top_k=top_k))
+
+
+def test_a_restricted_router_refuses_top_k_beyond_its_allowed_experts(engine, experts):
+    router = CentroidRouter.fit(records(experts, ["sent-a", "sent-b", "topic"]),
+                                CentroidRouterConfig(top_k=1))
+    restricted = RestrictedRouter(router, ["sent-a", "topic"])
+    with pytest.raises(InvalidTopK, match="between 1 and 2"):  # 3 experts, 2 of them allowed
+        engine.predict(TEXTS, RoutingPlan.routed(restricted, top_k=3))
+    predictions = engine.predict(TEXTS, RoutingPlan.routed(restricted, top_k=2))
+    assert {w.expert_id for p in predictions for w in p.experts} <= {"sent-a", "topic"}
 
 
 def test_character_limit_is_checked_before_tokenizing(base, experts):

@@ -11,7 +11,7 @@ import torch
 
 from moerge.coordinator.expert_store import read_statistics
 from moerge.coordinator.inference.engine import InferenceEngine, InferenceRequest
-from moerge.coordinator.inference.errors import InvalidTopK
+from moerge.coordinator.inference.errors import EmptyBatch, InvalidTopK
 from moerge.coordinator.inference.plan import RoutingPlan
 from moerge.router_training.base import ExpertRecord
 from moerge.router_training.centroid import CentroidRouter, CentroidRouterConfig
@@ -79,3 +79,16 @@ def test_a_request_that_cannot_be_routed_fails_alone(engine, experts):
     results = engine.predict_many([good[0], bad, good[1]])
     assert isinstance(results[1], InvalidTopK)
     assert all(not isinstance(r, BaseException) and len(r) == 1 for r in (results[0], results[2]))
+
+
+def test_a_request_refused_for_its_texts_does_not_keep_the_others_from_routing_together(
+    engine, experts
+):
+    routers = [_router(experts, [e], 1) for e in ("sent-a", "topic")]
+    good = [InferenceRequest([TEXTS[i]], RoutingPlan.routed(r)) for i, r in enumerate(routers)]
+    empty = InferenceRequest([], RoutingPlan.routed(routers[0]))
+    with _counting_forwards(engine) as forwards:
+        results = engine.predict_many([good[0], empty, good[1]])
+    assert isinstance(results[1], EmptyBatch)
+    assert all(not isinstance(r, BaseException) and len(r) == 1 for r in (results[0], results[2]))
+    assert len(forwards) == 1 + 1  # one embedding pass, one forward for both good requests
