@@ -19,8 +19,10 @@ updated in place before the replay: the input token ids, the rows' positions (in
 A graph is keyed by that form, the rows bucket (1, 2, 4, ... up to the batch limit: a step pads
 the rows in use up to the next bucket), the KV capacity and the bank's buffers; a change of any
 of them (a new router object, the KV buffers or the bank grown) captures a new graph. Batches
-mixing both forms, or several token routers, run eagerly. A capture that fails (an operation
-that reads back to the host, say) is logged once and that key runs eagerly from then on.
+mixing both forms, or several token routers, run eagerly; so does token routing where the bank's
+token mixing reads back to the host (float32: only the fused half-precision kernel does not). A
+capture that fails (an operation that reads back, say) is logged once and that key runs eagerly
+from then on.
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
+
+from moerge.coordinator.inference.mixing import token_mixing_without_host_sync
 
 if TYPE_CHECKING:
     from moerge.coordinator.inference.engine import InferenceEngine
@@ -175,6 +179,10 @@ class DecodeGraphs:
         (a static buffer: read it before the next step)."""
         if form is None:
             return None
+        if isinstance(form, TokenForm) and not token_mixing_without_host_sync(
+            self.engine.device, self.engine.dtype
+        ):
+            return None  # float32 token mixing reads segment bounds back: not capturable
         bank = self.engine.bank
         first = next(iter(bank.modules.values()))
         key = (rows, form, self.kv.generation, self.kv.capacity, first.A.data_ptr(),
