@@ -19,7 +19,6 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
 from moerge.coordinator.composition_objective import composition_plan
-from moerge.coordinator.errors import ResourceExhausted
 from moerge.coordinator.inference.generation.requests import (
     GenerationEvent,
     GenerationFailed,
@@ -31,6 +30,7 @@ from moerge.coordinator.inference.generation.sampling import SamplingParams
 from moerge.coordinator.inference.generation.scheduler import QueueFull
 from moerge.coordinator.inference.plan import Aggregation, RoutingPlan
 from moerge.coordinator.inference_service import Chosen, InferenceService
+from moerge.coordinator.rpc.status import ResourceExhausted
 from moerge.storage.errors import FailedPrecondition, InvalidArgument
 
 CHAT_ROLES = ("system", "user", "assistant")

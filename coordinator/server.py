@@ -17,16 +17,21 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from moerge.coordinator.auth import AuthInterceptor
 from moerge.coordinator.config import CoordinatorConfig
-from moerge.coordinator.decoding import DecodeInterceptor
 from moerge.coordinator.inference.device import resolve_placement
-from moerge.coordinator.inference_limit import InferenceLimiter
-from moerge.coordinator.metrics import MetricsHTTPServer, MetricsInterceptor, RpcMetrics, collector
-from moerge.coordinator.rate_limit import UploadLimiter
+from moerge.coordinator.interceptors.auth import AuthInterceptor
+from moerge.coordinator.interceptors.decoding import DecodeInterceptor
+from moerge.coordinator.interceptors.inference_limit import InferenceLimiter
+from moerge.coordinator.interceptors.metrics import (
+    MetricsHTTPServer,
+    MetricsInterceptor,
+    RpcMetrics,
+    collector,
+)
+from moerge.coordinator.interceptors.rate_limit import UploadLimiter
 from moerge.coordinator.routers import open_federation
+from moerge.coordinator.rpc.servicers import AdminServicer, ContributorServicer, InferenceServicer
 from moerge.coordinator.screening import install as install_screen
-from moerge.coordinator.servicers import AdminServicer, ContributorServicer, InferenceServicer
 from moerge.coordinator.state import CoordinatorState
 from moerge.v1 import (
     admin_pb2,

@@ -1,7 +1,7 @@
 """The registry's tables, as SQLAlchemy models portable across SQLite and PostgreSQL.
 
 Only the registry (``registry/``, ``compositions.py``), the migrations and the metrics gauges
-(``coordinator/metrics.py``) use these; the rest of the coordinator sees records.
+(``coordinator/interceptors/metrics.py``) use these; the rest of the coordinator sees records.
 Every change here needs a new Alembic revision in ``migrations/versions/`` (a test compares
 the migrated schema with these models).
 """

@@ -21,9 +21,9 @@ import uvicorn
 from fastapi import FastAPI
 
 from moerge import __version__
-from moerge.coordinator.auth import AuthInterceptor
 from moerge.coordinator.http import errors
 from moerge.coordinator.http.api_router import router
+from moerge.coordinator.interceptors.auth import AuthInterceptor
 from moerge.coordinator.state import CoordinatorState
 
 log = logging.getLogger(__name__)

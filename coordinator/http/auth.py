@@ -1,11 +1,12 @@
 """Who calls the HTTP API: the gRPC credentials, roles and token cache, read from HTTP headers.
 
 ``Authorization: Bearer <token>`` (the scheme is case-insensitive) is parsed by the same
-:func:`~moerge.coordinator.auth.bearer_token` as gRPC metadata and looked up through the gRPC
-server's own :class:`~moerge.coordinator.auth.AuthInterceptor` (so a token revoked through
-either API is refused by both on the next call). Each route names the gRPC method it mirrors,
-and may be called by exactly the roles :func:`~moerge.coordinator.auth.required_roles` allows
-for that method: there is one role table, in :mod:`moerge.coordinator.auth`.
+:func:`~moerge.coordinator.interceptors.auth.bearer_token` as gRPC metadata and looked up
+through the gRPC server's own :class:`~moerge.coordinator.interceptors.auth.AuthInterceptor`
+(so a token revoked through either API is refused by both on the next call). Each route names
+the gRPC method it mirrors, and may be called by exactly the roles
+:func:`~moerge.coordinator.interceptors.auth.required_roles` allows for that method: there is
+one role table, in :mod:`moerge.coordinator.interceptors.auth`.
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ from collections.abc import Awaitable, Callable
 
 from fastapi import Request
 
-from moerge.coordinator.auth import AuthInterceptor, bearer_token, required_roles
 from moerge.coordinator.http.errors import ApiError
+from moerge.coordinator.interceptors.auth import AuthInterceptor, bearer_token, required_roles
 from moerge.storage.errors import PermissionDenied, Unauthenticated
 from moerge.storage.records import Principal
 

@@ -1,6 +1,6 @@
 """One table from gRPC status codes to HTTP statuses, and OpenAI-shaped JSON error bodies.
 
-Domain errors are mapped exactly as for gRPC, by :func:`moerge.coordinator.errors.status_for`;
+Domain errors are mapped exactly as for gRPC, by :func:`moerge.coordinator.rpc.status.status_for`;
 this module only turns the resulting gRPC code into an HTTP status (the mapping of
 ``google/rpc/code.proto``, which grpc-gateway uses too). FAILED_PRECONDITION is 400, as there: it
 says the request cannot be served in the coordinator's present state (no active expert, a
@@ -23,7 +23,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from moerge.coordinator.errors import status_for
+from moerge.coordinator.rpc.status import status_for
 
 HTTP_STATUS: dict[grpc.StatusCode, int] = {
     grpc.StatusCode.OK: 200,

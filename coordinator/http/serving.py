@@ -2,7 +2,7 @@
 
 Nothing here serves a request itself: a body becomes the request message the gRPC servicers
 receive (``GenerateRequest``, ``PredictRequest``, ``RouteRequest``) and goes to the same plain
-handler (:mod:`moerge.coordinator.inference_handler`) in this event loop, so checks, limits,
+handler (:mod:`moerge.coordinator.rpc.inference_handler`) in this event loop, so checks, limits,
 routing and batching are those of gRPC, and a completion, a gRPC ``Generate`` and a
 ``moerge.Client`` call with the same settings give the same text. What is HTTP's own:
 
@@ -37,10 +37,10 @@ from pydantic import BaseModel
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from moerge.coordinator import inference_handler, models_handler
 from moerge.coordinator.http import protocol as api
 from moerge.coordinator.http.errors import ApiError
-from moerge.coordinator.inference_handler import MAX_NEW_TOKENS
+from moerge.coordinator.rpc import inference_handler, models_handler
+from moerge.coordinator.rpc.inference_handler import MAX_NEW_TOKENS
 from moerge.coordinator.state import CoordinatorState
 from moerge.results import AGGREGATIONS, Predictions
 from moerge.results import Routing as RoutingResult

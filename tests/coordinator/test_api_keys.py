@@ -12,7 +12,7 @@ import pytest
 from moerge.client import Client
 from moerge.contributor_client.connection import Target
 from moerge.contributor_client.upload import upload_expert
-from moerge.coordinator import rate_limit
+from moerge.coordinator.interceptors import rate_limit
 from moerge.errors import MoergeError
 from moerge.v1 import contributor_pb2, contributor_pb2_grpc, inference_pb2, inference_pb2_grpc
 from tests.coordinator.conftest import coordinator_config

@@ -152,7 +152,7 @@ def test_generate_on_a_classification_coordinator_is_a_failed_precondition(
 def test_metrics_show_the_device_and_the_generation_load(served) -> None:
     from prometheus_client import CollectorRegistry, generate_latest
 
-    from moerge.coordinator.metrics import StateCollector
+    from moerge.coordinator.interceptors.metrics import StateCollector
 
     events(served, inference_pb2.GenerateRequest(
         prompt="one two", sampling=inference_pb2.SamplingParams(max_new_tokens=3)))

@@ -11,8 +11,8 @@ import pytest
 
 from moerge.contributor_client.connection import Target
 from moerge.contributor_client.upload import describe_files, make_manifest, upload_expert
-from moerge.coordinator import rate_limit
-from moerge.coordinator.rate_limit import TokenBucket
+from moerge.coordinator.interceptors import rate_limit
+from moerge.coordinator.interceptors.rate_limit import TokenBucket
 from moerge.v1 import contributor_pb2, contributor_pb2_grpc
 from tests.coordinator.conftest import coordinator_config
 from tests.coordinator.harness import BackgroundCoordinator

@@ -15,8 +15,8 @@ import grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from moerge.coordinator.contributor_handler import UploadSession
-from moerge.coordinator.errors import status_for
+from moerge.coordinator.rpc.contributor_handler import UploadSession
+from moerge.coordinator.rpc.status import status_for
 from moerge.storage.errors import NotFound
 from moerge.v1 import contributor_pb2_grpc
 from tests.fuzz import budget

@@ -8,9 +8,9 @@ import pytest
 from fastapi import Depends, FastAPI
 from fastapi.testclient import TestClient
 
-from moerge.coordinator.auth import AuthInterceptor
 from moerge.coordinator.http import errors
 from moerge.coordinator.http.auth import caller
+from moerge.coordinator.interceptors.auth import AuthInterceptor
 from moerge.v1 import inference_pb2, inference_pb2_grpc
 from tests.coordinator.harness import bearer
 from tests.http.conftest import Served

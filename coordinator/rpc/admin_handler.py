@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 
-from moerge.coordinator import convert
+from moerge.coordinator.rpc import convert
 from moerge.coordinator.state import CoordinatorState
 from moerge.storage.errors import InvalidArgument
 from moerge.storage.records import ApiKeyInfo, ContributorInfo, EnrollmentTokenInfo, Principal

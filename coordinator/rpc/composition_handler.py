@@ -18,11 +18,11 @@ import threading
 from collections import Counter
 from collections.abc import AsyncIterator
 
-from moerge.coordinator import inference_handler
 from moerge.coordinator.composition_objective import classification_loss, generation_loss
-from moerge.coordinator.convert import actor_of
-from moerge.coordinator.errors import ResourceExhausted
 from moerge.coordinator.inference_service import expert_names
+from moerge.coordinator.rpc import inference_handler
+from moerge.coordinator.rpc.convert import actor_of
+from moerge.coordinator.rpc.status import ResourceExhausted
 from moerge.coordinator.state import CoordinatorState
 from moerge.router_training.composition import (
     CompositionConfig,

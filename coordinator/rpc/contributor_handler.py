@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from moerge.coordinator import convert
-from moerge.coordinator.rate_limit import UploadLimiter
+from moerge.coordinator.interceptors.rate_limit import UploadLimiter
+from moerge.coordinator.rpc import convert
 from moerge.coordinator.state import CoordinatorState
 from moerge.coordinator.uploads import UPLOAD_ID, Manifest, ManifestFile
 from moerge.storage.errors import FailedPrecondition, InvalidArgument, NotFound

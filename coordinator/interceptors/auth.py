@@ -15,7 +15,7 @@ call, cached or not.
 Three roles: ``admin`` (everything but contributing), ``contributor`` (contributing and
 inference) and ``user`` (inference only: an API key from ``moerge admin keys create``). Inference
 calls are also counted against the caller's rate limit
-(:mod:`moerge.coordinator.inference_limit`).
+(:mod:`moerge.coordinator.interceptors.inference_limit`).
 """
 
 from __future__ import annotations
@@ -29,9 +29,9 @@ from typing import Any
 
 import grpc
 
-from moerge.coordinator.errors import status_for
-from moerge.coordinator.inference_limit import InferenceLimiter, InferenceRateLimited
+from moerge.coordinator.interceptors.inference_limit import InferenceLimiter, InferenceRateLimited
 from moerge.coordinator.registry_cache import GenerationCache
+from moerge.coordinator.rpc.status import status_for
 from moerge.storage.records import Principal
 
 PUBLIC_METHODS = frozenset(

@@ -16,9 +16,9 @@ from __future__ import annotations
 import math
 import threading
 
-from moerge.coordinator import rate_limit
-from moerge.coordinator.errors import ResourceExhausted
-from moerge.coordinator.rate_limit import TokenBucket
+from moerge.coordinator.interceptors import rate_limit
+from moerge.coordinator.interceptors.rate_limit import TokenBucket
+from moerge.coordinator.rpc.status import ResourceExhausted
 from moerge.storage.records import Principal
 
 MINUTE = 60.0

@@ -1,7 +1,7 @@
 """InferenceService logic: requests -> :class:`InferenceService` -> response messages.
 
 Async (the micro-batcher awaits other requests), but still grpc-free: errors are plain
-exceptions that :mod:`moerge.coordinator.errors` maps to status codes.
+exceptions that :mod:`moerge.coordinator.rpc.status` maps to status codes.
 """
 
 from __future__ import annotations

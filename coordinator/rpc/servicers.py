@@ -2,7 +2,7 @@
 
 Modelled on Flower's ``fleet_servicer.py``: each RPC hands its request, the coordinator state
 and the caller to a handler in ``*_handler.py`` (which never imports grpc) on a worker thread,
-and turns the handler's exceptions into status codes through :mod:`moerge.coordinator.errors`.
+and turns the handler's exceptions into status codes through :mod:`moerge.coordinator.rpc.status`.
 """
 
 from __future__ import annotations
@@ -15,16 +15,16 @@ from typing import Any, TypeVar
 
 import grpc
 
-from moerge.coordinator import (
+from moerge.coordinator.interceptors.auth import current_principal
+from moerge.coordinator.interceptors.rate_limit import UploadLimiter
+from moerge.coordinator.rpc import (
     admin_handler,
     composition_handler,
     contributor_handler,
     inference_handler,
     models_handler,
 )
-from moerge.coordinator.auth import current_principal
-from moerge.coordinator.errors import status_for
-from moerge.coordinator.rate_limit import UploadLimiter
+from moerge.coordinator.rpc.status import status_for
 from moerge.coordinator.state import CoordinatorState
 from moerge.v1 import (
     admin_pb2,

@@ -1,0 +1,8 @@
+"""What every RPC passes before a servicer: one interceptor per concern, and the caller's limits.
+
+:mod:`.metrics` (counts and times every call, installed first), :mod:`.auth` (token, role and the
+per-credential inference limit of :mod:`.inference_limit`) and :mod:`.decoding` (unparseable
+request bytes are INVALID_ARGUMENT). :mod:`.rate_limit` holds the token buckets and the
+per-contributor upload limits; they sit here, beside auth, because every limit is keyed by the
+authenticated caller.
+"""
