@@ -87,7 +87,7 @@ def trained_experts(root: Path, count: int) -> list[ExpertRecord]:
         sys.path.insert(0, str(ROOT))  # the tiny model and toy data live in tests/
     from moerge.contributor_client.build import build_expert
     from moerge.contributor_client.gates import GateConfig
-    from moerge.coordinator.expert_store import read_statistics
+    from moerge.coordinator.services.expert_store import read_statistics
     from tests.contributor_client.toy import toy_config, toy_examples, write_jsonl
     from tests.tiny_models import make_tiny_bert
 

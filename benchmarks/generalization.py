@@ -22,7 +22,7 @@ each held-out task, with only the *other three* experts:
 * **few-shot composition** at k = 5, 20, 50 examples of the held-out task's training split
   (stratified, seeded; mean over ``--seeds``): LoraHub's search
   (:mod:`moerge.router_training.composition`) with the coordinator's own objective
-  (:mod:`moerge.coordinator.composition_objective`);
+  (:mod:`moerge.coordinator.inference.composition_objective`);
 * **best single remaining expert**, chosen with hindsight on the test set;
 * **own expert**: the held-out task's own expert (the ceiling).
 
@@ -47,10 +47,10 @@ import torch
 from moerge.base_model import default_base_model
 from moerge.client_training import TrainOptions, build, train_config
 from moerge.contributor_client.datasets import load_amazon_food, load_rotten_tomatoes
-from moerge.coordinator.composition_objective import accuracy, classification_loss
-from moerge.coordinator.expert_store import read_lora, read_statistics
+from moerge.coordinator.inference.composition_objective import accuracy, classification_loss
 from moerge.coordinator.inference.engine import InferenceEngine
 from moerge.coordinator.inference.plan import Aggregation, RoutingPlan
+from moerge.coordinator.services.expert_store import read_lora, read_statistics
 from moerge.router_training.base import ExpertRecord
 from moerge.router_training.composition import CompositionConfig, search_weights
 from moerge.router_training.fitting import fit_router

@@ -258,7 +258,7 @@ def moerge_in_process(base: Path, folders: list[Path], prompts: list[str], args,
     elapsed, _, count = run(prompts)
     # time to first token alone, routed as the server routes: a centroid router over the same
     # statistics (the prompt is embedded by the base model first)
-    from moerge.coordinator.expert_store import read_statistics
+    from moerge.coordinator.services.expert_store import read_statistics
     from moerge.router_training import fit_router
     from moerge.router_training.base import ExpertRecord
 

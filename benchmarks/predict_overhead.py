@@ -189,10 +189,10 @@ def model_only(
     """The coordinator's engine in this process, with the router objects the server would use."""
     import torch
 
-    from moerge.coordinator.expert_store import read_statistics
     from moerge.coordinator.inference.engine import InferenceEngine, InferenceRequest
     from moerge.coordinator.inference.plan import RoutingPlan
-    from moerge.coordinator.inference_service import InferenceService, RestrictedRouter
+    from moerge.coordinator.inference.service import InferenceService, RestrictedRouter
+    from moerge.coordinator.services.expert_store import read_statistics
     from moerge.router_training.base import ExpertRecord
     from moerge.router_training.fitting import fit_router
 

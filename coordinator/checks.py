@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from moerge.coordinator.base_model import describe_base_model
 from moerge.coordinator.config import CoordinatorConfig
+from moerge.coordinator.uploads.base_model import describe_base_model
 from moerge.storage.db import current_revision, make_engine
 
 

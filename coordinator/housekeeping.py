@@ -23,13 +23,13 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from moerge.coordinator.uploads import UploadReceiver
+from moerge.coordinator.uploads.receiver import UploadReceiver
 from moerge.storage.blobstore import BlobStore
 from moerge.storage.errors import NotFound
 from moerge.storage.registry import Registry
 
 if TYPE_CHECKING:
-    from moerge.coordinator.object_uploads import ObjectUploads
+    from moerge.coordinator.uploads.object_uploads import ObjectUploads
 
 log = logging.getLogger(__name__)
 

@@ -29,10 +29,10 @@ from moerge.coordinator.interceptors.metrics import (
     collector,
 )
 from moerge.coordinator.interceptors.rate_limit import UploadLimiter
-from moerge.coordinator.routers import open_federation
 from moerge.coordinator.rpc.servicers import AdminServicer, ContributorServicer, InferenceServicer
-from moerge.coordinator.screening import install as install_screen
+from moerge.coordinator.services.routers import open_federation
 from moerge.coordinator.state import CoordinatorState
+from moerge.coordinator.uploads.screening import install as install_screen
 from moerge.v1 import (
     admin_pb2,
     admin_pb2_grpc,

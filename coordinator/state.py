@@ -18,21 +18,21 @@ from typing import TYPE_CHECKING
 
 from sqlalchemy import Engine
 
-from moerge.coordinator.base_model import BaseModelSpec, describe_base_model
 from moerge.coordinator.config import CoordinatorConfig
-from moerge.coordinator.expert_store import ExpertStore
 from moerge.coordinator.housekeeping import run_periodically
 from moerge.coordinator.leadership import Leadership
-from moerge.coordinator.privacy_policy import PrivacyPolicy
-from moerge.coordinator.routers import RouterService
-from moerge.coordinator.uploads import UploadReceiver
+from moerge.coordinator.services.expert_store import ExpertStore
+from moerge.coordinator.services.routers import RouterService
+from moerge.coordinator.uploads.base_model import BaseModelSpec, describe_base_model
+from moerge.coordinator.uploads.privacy_policy import PrivacyPolicy
+from moerge.coordinator.uploads.receiver import UploadReceiver
 from moerge.router_training.policy import RetrainPolicy
 from moerge.storage.blobstore import BlobStore, open_blob_store
 from moerge.storage.db import make_engine, upgrade
 from moerge.storage.registry import Registry
 
 if TYPE_CHECKING:  # boto3 only with an S3 store
-    from moerge.coordinator.object_uploads import ObjectUploads
+    from moerge.coordinator.uploads.object_uploads import ObjectUploads
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +163,7 @@ def open_object_uploads(
     """Direct uploads when the blobs live in an S3 store and ``object_part_bytes`` > 0."""
     if not config.blob_store or not config.object_part_bytes:
         return None
-    from moerge.coordinator.object_uploads import ObjectUploads
+    from moerge.coordinator.uploads.object_uploads import ObjectUploads
     from moerge.storage.blobstore_s3 import S3BlobStore, make_client
 
     assert isinstance(blobs, S3BlobStore)

@@ -4,7 +4,7 @@ Every expert is trained on one base model; contributors check theirs against the
 before training (``moerge train``), and the coordinator records it for every upload. Both must
 find the same default model and compute the same revision, so the definitions live here rather
 than in either package. What the coordinator checks experts against (layer shapes, LoRA
-targets) is :mod:`moerge.coordinator.base_model`.
+targets) is :mod:`moerge.coordinator.uploads.base_model`.
 """
 
 from __future__ import annotations

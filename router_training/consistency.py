@@ -4,8 +4,8 @@ Routers trust what contributors upload. A poisoner can try to capture other expe
 (a) placing its uploaded mean on another expert's centroid (a centroid or Gaussian router then
 sends that expert's inputs to it too), or (b) scaling its PHATGOOSE gates up so that its
 sigmoid gates win. These are plain functions over :class:`ExpertRecord` statistics (no
-registry, no network); :mod:`moerge.coordinator.screening` runs them at upload commit and before
-each router fit, and quarantines what they flag.
+registry, no network); :mod:`moerge.coordinator.uploads.screening` runs them at upload commit
+and before each router fit, and quarantines what they flag.
 
 **Mean copies** (:func:`mean_copies`). Expert ``e`` uploads the mean ``mu_e`` of its ``n_e``
 embeddings and their covariance ``Sigma_e = U_e U_e^T + diag(D_e)`` [H, H]. Two experts whose

@@ -6,7 +6,7 @@ one upload (multipart above 8 MiB, boto3's ``upload_file``) with an ``x-amz-chec
 per part, which the store checks, puts the whole object in place: S3 never shows a partial
 object. Reads verify the digest as they stream (:class:`~moerge.storage.blobstore.BlobStore`).
 
-Direct uploads (``coordinator/object_uploads.py``) stage contributors' bytes under
+Direct uploads (``coordinator/uploads/object_uploads.py``) stage contributors' bytes under
 ``<prefix>uploads/``, outside the content-addressed names, so gc never sees them;
 :meth:`abort_stale_multipart` ends multipart uploads nobody finished.
 

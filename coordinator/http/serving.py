@@ -17,7 +17,7 @@ routing and batching are those of gRPC, and a completion, a gRPC ``Generate`` an
   ``echo``, ``best_of``, ``suffix``, ``tools``, a ``response_format``) are refused with 400.
 * Streaming: each event of the handler's stream becomes one OpenAI chunk (``data: {...}``),
   then ``data: [DONE]``. The stream is closed when the client goes away, which cancels the
-  request in the scheduler (see :mod:`moerge.coordinator.generation_service`).
+  request in the scheduler (see :mod:`moerge.coordinator.inference.generation_service`).
 """
 
 from __future__ import annotations

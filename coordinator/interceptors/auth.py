@@ -5,12 +5,12 @@ compared in constant time against a stored hash (see :mod:`moerge.storage.tokens
 secret is logged. Each service has a set of roles that may call it; the authenticated
 :class:`~moerge.storage.records.Principal` reaches the servicer through :func:`current_principal`.
 
-Given the registry's ``generation``, accepted tokens are remembered (by their SHA-256, on the
-event loop, no thread hop) until the registry is written or
-:data:`~moerge.coordinator.registry_cache.MAX_AGE_SECONDS` pass; see
-:mod:`moerge.coordinator.registry_cache`. A revoke through this coordinator is refused on the very
-next call; rejected tokens are never remembered. A user API key's expiry is checked on every
-call, cached or not.
+Given the registry's ``generation``, accepted tokens are remembered (by their SHA-256, on the event
+loop, no thread hop) until the registry is written or
+:data:`~moerge.coordinator.services.registry_cache.MAX_AGE_SECONDS` pass; see
+:mod:`moerge.coordinator.services.registry_cache`. A revoke through this coordinator is refused on
+the very next call; rejected tokens are never remembered. A user API key's expiry is checked on
+every call, cached or not.
 
 Three roles: ``admin`` (everything but contributing), ``contributor`` (contributing and
 inference) and ``user`` (inference only: an API key from ``moerge admin keys create``). Inference
@@ -30,8 +30,8 @@ from typing import Any
 import grpc
 
 from moerge.coordinator.interceptors.inference_limit import InferenceLimiter, InferenceRateLimited
-from moerge.coordinator.registry_cache import GenerationCache
 from moerge.coordinator.rpc.status import status_for
+from moerge.coordinator.services.registry_cache import GenerationCache
 from moerge.storage.records import Principal
 
 PUBLIC_METHODS = frozenset(

@@ -1,13 +1,13 @@
 """Compose and ListCompositions: few-shot composition at the coordinator (grpc-free).
 
-``Compose`` checks the request, picks the candidate experts (the request's, or every active
-expert whose labels cover the examples' labels; for a causal LM every active expert), runs
-:func:`~moerge.router_training.composition.search_weights` on a worker thread with the engine's
-loss (:mod:`moerge.coordinator.composition_objective`), streams a progress event after every
-evaluation, then stores the weights as the next version of the name and sends it. The examples
-live only in this call unless ``keep_examples``. If the caller goes away the search is cancelled
-and nothing is stored. One search runs at a time (it shares the engine's worker with Predict);
-a second caller gets RESOURCE_EXHAUSTED rather than an unbounded wait.
+``Compose`` checks the request, picks the candidate experts (the request's, or every active expert
+whose labels cover the examples' labels; for a causal LM every active expert), runs
+:func:`~moerge.router_training.composition.search_weights` on a worker thread with the engine's loss
+(:mod:`moerge.coordinator.inference.composition_objective`), streams a progress event after every
+evaluation, then stores the weights as the next version of the name and sends it. The examples live
+only in this call unless ``keep_examples``. If the caller goes away the search is cancelled and
+nothing is stored. One search runs at a time (it shares the engine's worker with Predict); a second
+caller gets RESOURCE_EXHAUSTED rather than an unbounded wait.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ import threading
 from collections import Counter
 from collections.abc import AsyncIterator
 
-from moerge.coordinator.composition_objective import classification_loss, generation_loss
-from moerge.coordinator.inference_service import expert_names
+from moerge.coordinator.inference.composition_objective import classification_loss, generation_loss
+from moerge.coordinator.inference.service import expert_names
 from moerge.coordinator.rpc import inference_handler
 from moerge.coordinator.rpc.convert import actor_of
 from moerge.coordinator.rpc.status import ResourceExhausted

@@ -10,13 +10,13 @@ from typing import TYPE_CHECKING, Any
 from moerge.coordinator.interceptors.rate_limit import UploadLimiter
 from moerge.coordinator.rpc import convert
 from moerge.coordinator.state import CoordinatorState
-from moerge.coordinator.uploads import UPLOAD_ID, Manifest, ManifestFile
+from moerge.coordinator.uploads.receiver import UPLOAD_ID, Manifest, ManifestFile
 from moerge.storage.errors import FailedPrecondition, InvalidArgument, NotFound
 from moerge.storage.records import Principal, UploadInfo
 from moerge.v1 import contributor_pb2
 
 if TYPE_CHECKING:
-    from moerge.coordinator.object_uploads import ObjectUploads
+    from moerge.coordinator.uploads.object_uploads import ObjectUploads
 
 
 def join(request: contributor_pb2.JoinRequest, state: CoordinatorState) -> Any:

@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Sequence
 from moerge.coordinator.inference.generation.sampling import SamplingParams
 from moerge.coordinator.inference.plan import Aggregation
 from moerge.coordinator.inference.results import ExamplePrediction, ExpertWeight
-from moerge.coordinator.inference_service import InferenceService
+from moerge.coordinator.inference.service import InferenceService
 from moerge.coordinator.state import CoordinatorState
 from moerge.storage.errors import InvalidArgument
 from moerge.storage.records import Principal
@@ -209,7 +209,7 @@ async def generate(
     request: inference_pb2.GenerateRequest, state: CoordinatorState, principal: Principal
 ) -> AsyncIterator[inference_pb2.GenerateResponse]:
     """One GenerateStart, GenerateDelta per released text, one GenerateEnd (see the proto)."""
-    from moerge.coordinator import generation_service
+    from moerge.coordinator.inference import generation_service
     from moerge.coordinator.inference.generation.requests import (
         GenerationFinished,
         GenerationStarted,

@@ -16,7 +16,7 @@ import asyncio
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from moerge.coordinator.inference_service import expert_names
+from moerge.coordinator.inference.service import expert_names
 from moerge.coordinator.rpc.composition_handler import composition_message
 from moerge.coordinator.state import CoordinatorState
 from moerge.router_training.methods import available_methods, get_router_class

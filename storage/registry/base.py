@@ -72,10 +72,11 @@ class RegistryBase:
     def generation(self) -> int:
         """Changes after every write transaction of this ``Registry``, committed or not.
 
-        Request-path caches (:mod:`moerge.coordinator.registry_cache`) remember the generation
-        they read under and drop what they hold once it moves, so a revoke or a quarantine made
-        through this object is seen by the very next request. It counts after the commit: read
-        it *before* the value you remember, and a write that commits in between moves it.
+        Request-path caches (:mod:`moerge.coordinator.services.registry_cache`) remember the
+        generation they read under and drop what they hold once it moves, so a revoke or a
+        quarantine made through this object is seen by the very next request. It counts after the
+        commit: read it *before* the value you remember, and a write that commits in between moves
+        it.
         """
         return self._writes
 

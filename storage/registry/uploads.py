@@ -1,7 +1,7 @@
 """Upload rows: the resumable state of a contributor's upload, from begin to commit.
 
-The bytes travel elsewhere (:mod:`moerge.coordinator.uploads` stages them); the row records the
-manifest, how much has arrived and how the upload ended. Committing registers the expert and
+The bytes travel elsewhere (:mod:`moerge.coordinator.uploads.receiver` stages them); the row records
+the manifest, how much has arrived and how the upload ended. Committing registers the expert and
 marks the upload committed in one transaction, so it builds on
 :class:`~moerge.storage.registry.experts.ExpertsMixin`.
 """

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import threading
 
-from moerge.coordinator.generation_service import _events, _mailbox
 from moerge.coordinator.inference.generation.requests import (
     GenerationEvent,
     GenerationFinished,
@@ -13,6 +12,7 @@ from moerge.coordinator.inference.generation.requests import (
     TextDelta,
 )
 from moerge.coordinator.inference.generation.sampling import SamplingParams
+from moerge.coordinator.inference.generation_service import _events, _mailbox
 
 
 def finished() -> GenerationFinished:

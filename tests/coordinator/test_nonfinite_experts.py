@@ -77,7 +77,9 @@ def test_predict_drops_an_overflowing_expert_admitted_before_the_weight_bound(
                         weights[key] = torch.full_like(weights[key], 3e38)
                 save_file(weights, str(folder / ADAPTER_WEIGHTS))
                 # as if admitted before validation bounded magnitudes
-                monkeypatch.setattr("moerge.coordinator.validation.MAX_WEIGHT_MAGNITUDE", 1e39)
+                monkeypatch.setattr(
+                    "moerge.coordinator.uploads.validation.MAX_WEIGHT_MAGNITUDE", 1e39
+                )
             uploaded = upload_expert(target, folder, f"expert{i}", "toy", progress=False)
             ids.append(uploaded.expert.expert_id)
         with grpc.insecure_channel(running.address) as channel:

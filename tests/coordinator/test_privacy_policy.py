@@ -14,9 +14,9 @@ from moerge.client import Client
 from moerge.contributor_client.connection import Target
 from moerge.contributor_client.privacy import DPConfig, SGDAccount, privacy_report
 from moerge.contributor_client.upload import upload_expert
-from moerge.coordinator.base_model import describe_base_model
-from moerge.coordinator.privacy_policy import PrivacyPolicy, privacy_refusal
-from moerge.coordinator.validation import ExpertInvalid, validate_expert_dir
+from moerge.coordinator.uploads.base_model import describe_base_model
+from moerge.coordinator.uploads.privacy_policy import PrivacyPolicy, privacy_refusal
+from moerge.coordinator.uploads.validation import ExpertInvalid, validate_expert_dir
 from moerge.expert_format import STATISTICS_META, StatisticsMeta
 from tests.coordinator.conftest import coordinator_config
 from tests.coordinator.harness import BackgroundCoordinator

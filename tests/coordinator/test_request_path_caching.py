@@ -13,8 +13,8 @@ from sqlalchemy import event
 
 from moerge.contributor_client.connection import Target
 from moerge.contributor_client.upload import upload_expert
-from moerge.coordinator import registry_cache
-from moerge.coordinator.registry_cache import GenerationCache
+from moerge.coordinator.services import registry_cache
+from moerge.coordinator.services.registry_cache import GenerationCache
 from moerge.storage.registry import Registry
 from moerge.v1 import admin_pb2, admin_pb2_grpc, common_pb2, inference_pb2, inference_pb2_grpc
 from tests.coordinator.conftest import coordinator_config

@@ -369,7 +369,7 @@ def test_an_upload_whose_validation_breaks_is_failed_and_its_staging_removed(
     def broken(*args: object, **kwargs: object) -> None:
         raise RecursionError("maximum recursion depth exceeded")
 
-    monkeypatch.setattr("moerge.coordinator.uploads.validate_expert_dir", broken)
+    monkeypatch.setattr("moerge.coordinator.uploads.receiver.validate_expert_dir", broken)
     target = _target(coordinator)
     with pytest.raises(grpc.RpcError):  # INTERNAL (the client's own retry: refused for good)
         upload_expert(target, expert, "broken", "toy", progress=False)

@@ -14,7 +14,6 @@ from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_file
 from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 
-from moerge.coordinator.expert_store import read_lora, read_statistics
 from moerge.coordinator.inference.engine import InferenceEngine, InferenceRequest
 from moerge.coordinator.inference.errors import (
     EmptyBatch,
@@ -24,8 +23,9 @@ from moerge.coordinator.inference.errors import (
     UnknownExpert,
 )
 from moerge.coordinator.inference.plan import Aggregation, MergeOptions, RoutingPlan
-from moerge.coordinator.inference_service import RestrictedRouter
+from moerge.coordinator.inference.service import RestrictedRouter
 from moerge.coordinator.rpc.status import status_for
+from moerge.coordinator.services.expert_store import read_lora, read_statistics
 from moerge.embedding import pooled_embeddings
 from moerge.expert_format import ADAPTER_WEIGHTS
 from moerge.router_training.arrow import ArrowRouter, ArrowRouterConfig

@@ -10,10 +10,10 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from moerge.coordinator.expert_store import read_lora
 from moerge.coordinator.inference.aggregation import merge_lora_factors
 from moerge.coordinator.inference.engine import InferenceEngine
 from moerge.coordinator.inference.plan import Aggregation, MergeOptions, RoutingPlan
+from moerge.coordinator.services.expert_store import read_lora
 from moerge.router_training.arrow import ArrowRouter, ArrowRouterConfig
 from moerge.router_training.base import ExpertRecord
 from moerge.router_training.baselines import BaseModelRouter, BaseModelRouterConfig

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from moerge.coordinator.expert_store import read_lora, read_statistics
 from moerge.coordinator.inference.engine import InferenceEngine
 from moerge.coordinator.inference.plan import RoutingPlan
+from moerge.coordinator.services.expert_store import read_lora, read_statistics
 from moerge.router_training.arrow import ArrowRouter, ArrowRouterConfig
 from moerge.router_training.base import ExpertRecord
 from moerge.router_training.centroid import CentroidRouter, CentroidRouterConfig

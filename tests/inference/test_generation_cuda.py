@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from moerge.coordinator.expert_store import read_lora
 from moerge.coordinator.inference.engine import InferenceEngine
 from moerge.coordinator.inference.generation.requests import (
     GenerationFinished,
@@ -25,6 +24,7 @@ from moerge.coordinator.inference.generation.requests import (
 from moerge.coordinator.inference.generation.sampling import SamplingParams
 from moerge.coordinator.inference.generation.scheduler import iter_events
 from moerge.coordinator.inference.plan import Aggregation, RoutingPlan
+from moerge.coordinator.services.expert_store import read_lora
 from moerge.router_training.arrow import ArrowRouter, ArrowRouterConfig
 from moerge.router_training.base import ExpertRecord
 from tests.inference.engine_helpers import make_causal_experts, submit_all, text_of

@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from moerge.coordinator.expert_store import read_lora
 from moerge.coordinator.inference.engine import InferenceEngine
 from moerge.coordinator.inference.errors import InputTooLong, InvalidTopK
 from moerge.coordinator.inference.generation.requests import (
@@ -24,6 +23,7 @@ from moerge.coordinator.inference.generation.requests import (
 from moerge.coordinator.inference.generation.sampling import SamplingParams
 from moerge.coordinator.inference.generation.scheduler import QueueFull, iter_events
 from moerge.coordinator.inference.plan import Aggregation, MergeOptions, RoutingPlan
+from moerge.coordinator.services.expert_store import read_lora
 from moerge.router_training.arrow import ArrowRouter, ArrowRouterConfig
 from moerge.router_training.base import ExpertRecord
 from tests.inference.engine_helpers import (
@@ -240,7 +240,7 @@ def test_top_k_one_sampling_is_greedy(engine, own_generations):
 
 
 def test_requests_admitted_together_are_embedded_for_routing_in_one_pass(engine, experts):
-    from moerge.coordinator.expert_store import read_statistics
+    from moerge.coordinator.services.expert_store import read_statistics
     from moerge.router_training import fit_router
     from moerge.router_training.base import ExpertRecord
 

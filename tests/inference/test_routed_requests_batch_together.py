@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from moerge.coordinator.expert_store import read_statistics
 from moerge.coordinator.inference.engine import InferenceEngine, InferenceRequest
 from moerge.coordinator.inference.errors import EmptyBatch, InvalidTopK
 from moerge.coordinator.inference.plan import RoutingPlan
+from moerge.coordinator.services.expert_store import read_statistics
 from moerge.router_training.base import ExpertRecord
 from moerge.router_training.centroid import CentroidRouter, CentroidRouterConfig
 from tests.inference.engine_helpers import TEXTS, make_classification_experts

@@ -18,7 +18,7 @@ import weakref
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
-from moerge.coordinator.composition_objective import composition_plan
+from moerge.coordinator.inference.composition_objective import composition_plan
 from moerge.coordinator.inference.generation.requests import (
     GenerationEvent,
     GenerationFailed,
@@ -29,7 +29,7 @@ from moerge.coordinator.inference.generation.requests import (
 from moerge.coordinator.inference.generation.sampling import SamplingParams
 from moerge.coordinator.inference.generation.scheduler import QueueFull
 from moerge.coordinator.inference.plan import Aggregation, RoutingPlan
-from moerge.coordinator.inference_service import Chosen, InferenceService
+from moerge.coordinator.inference.service import Chosen, InferenceService
 from moerge.coordinator.rpc.status import ResourceExhausted
 from moerge.storage.errors import FailedPrecondition, InvalidArgument
 

@@ -24,8 +24,8 @@ import safetensors
 import torch
 from safetensors import SafetensorError
 
-from moerge.coordinator.base_model import BaseModelSpec
-from moerge.coordinator.privacy_policy import privacy_refusal
+from moerge.coordinator.uploads.base_model import BaseModelSpec
+from moerge.coordinator.uploads.privacy_policy import privacy_refusal
 from moerge.expert_format import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,

@@ -6,13 +6,13 @@ per file advances over the same bytes, so nothing is re-read to split or hash th
 end. The staged sizes *are* the resume offset: a coordinator killed mid-stream resumes from
 whatever reached the disk (it re-hashes that prefix once, on the first request after the
 restart). Nothing becomes visible in the registry or the blob store until every file's size and
-sha256 match the manifest and the expert passes :mod:`moerge.coordinator.validation`; the
+sha256 match the manifest and the expert passes :mod:`moerge.coordinator.uploads.validation`; the
 verified files are then hard-linked into the blob store (:meth:`BlobStore.adopt`) instead of
 copied. A refused expert leaves nothing behind.
 
 Bytes reach :class:`UploadReceiver` as gRPC ``UploadChunk`` messages
 (:meth:`~UploadReceiver.append`). With an object store, contributors PUT them into the store
-instead (:mod:`moerge.coordinator.object_uploads`), which shares :meth:`UploadReceiver.open`
+instead (:mod:`moerge.coordinator.uploads.object_uploads`), which shares :meth:`UploadReceiver.open`
 and :func:`expert_spec` with this module.
 """
 
@@ -26,9 +26,13 @@ import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from moerge.coordinator.base_model import BaseModelSpec
-from moerge.coordinator.privacy_policy import effective_report
-from moerge.coordinator.validation import ExpertInvalid, ValidatedExpert, validate_expert_dir
+from moerge.coordinator.uploads.base_model import BaseModelSpec
+from moerge.coordinator.uploads.privacy_policy import effective_report
+from moerge.coordinator.uploads.validation import (
+    ExpertInvalid,
+    ValidatedExpert,
+    validate_expert_dir,
+)
 from moerge.expert_format import EXPERT_FILES
 from moerge.storage.blobstore import BlobRef, BlobStore
 from moerge.storage.errors import FailedPrecondition, InvalidArgument

@@ -12,10 +12,11 @@ when there is no router yet. Rules (documented in ``docs/inference.md``):
   :class:`RestrictedRouter`, which renormalises its softmax over the allowed experts only.
 
 The request path reads no database when nothing changed: the active experts and the router each
-request resolves to are kept in :class:`~moerge.coordinator.registry_cache.GenerationCache`
-maps, dropped on any registry write (a quarantine is obeyed by the next request) and after
-:data:`~moerge.coordinator.registry_cache.MAX_AGE_SECONDS`. Requests that resolve alike share one
-router object, so the micro-batcher runs them as one engine batch.
+request resolves to are kept in
+:class:`~moerge.coordinator.services.registry_cache.GenerationCache` maps, dropped on any
+registry write (a quarantine is obeyed by the next request) and after
+:data:`~moerge.coordinator.services.registry_cache.MAX_AGE_SECONDS`. Requests that resolve alike
+share one router object, so the micro-batcher runs them as one engine batch.
 """
 
 from __future__ import annotations
@@ -29,17 +30,17 @@ from dataclasses import dataclass
 
 import torch
 
-from moerge.coordinator.composition_objective import composition_plan
 from moerge.coordinator.config import CoordinatorConfig
-from moerge.coordinator.expert_store import ExpertStore
 from moerge.coordinator.inference.batcher import MicroBatcher
+from moerge.coordinator.inference.composition_objective import composition_plan
 from moerge.coordinator.inference.device import resolve_placement
 from moerge.coordinator.inference.engine import InferenceEngine, InferenceRequest
 from moerge.coordinator.inference.errors import InputTooLong, InvalidTopK
 from moerge.coordinator.inference.plan import Aggregation, RoutingPlan
 from moerge.coordinator.inference.results import ExamplePrediction
-from moerge.coordinator.registry_cache import GenerationCache
-from moerge.coordinator.routers import LoadedRouter, RouterService
+from moerge.coordinator.services.expert_store import ExpertStore
+from moerge.coordinator.services.registry_cache import GenerationCache
+from moerge.coordinator.services.routers import LoadedRouter, RouterService
 from moerge.router_training.base import Router, RoutingDecision
 from moerge.router_training.fitting import fit_router
 from moerge.router_training.methods import available_methods, get_router_class

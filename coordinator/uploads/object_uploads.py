@@ -12,7 +12,7 @@ replica with nothing kept in a coordinator's memory.
 :meth:`ObjectUploads.complete` finishes each multipart upload, then reads every file back
 from the store into a private folder while hashing each part and each file (a store that does
 not check part checksums, such as moto's test server, is covered too), validates the expert
-exactly as an upload over gRPC (:func:`~moerge.coordinator.validation.validate_expert_dir`),
+exactly as an upload over gRPC (:func:`~moerge.coordinator.uploads.validation.validate_expert_dir`),
 copies the staged objects to their content-addressed names inside the store, and only then
 commits the registry row. A part that does not match its SHA-256 is dropped so the client can
 send it again; files that do not match the manifest, or fail validation, fail the upload.
@@ -28,8 +28,8 @@ from pathlib import Path
 
 from botocore.exceptions import ClientError
 
-from moerge.coordinator.uploads import SHA256, Manifest, UploadReceiver, expert_spec
-from moerge.coordinator.validation import ExpertInvalid, validate_expert_dir
+from moerge.coordinator.uploads.receiver import SHA256, Manifest, UploadReceiver, expert_spec
+from moerge.coordinator.uploads.validation import ExpertInvalid, validate_expert_dir
 from moerge.storage.blobstore import CHUNK
 from moerge.storage.blobstore_s3 import UPLOADS, S3BlobStore, checksum_header, is_not_found
 from moerge.storage.errors import FailedPrecondition, InvalidArgument

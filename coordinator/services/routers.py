@@ -3,12 +3,12 @@
 Every fit (manual, on an expert-set change, or periodic, as decided by
 :class:`~moerge.router_training.policy.RetrainPolicy`) writes a new router version: its method,
 parameters, experts, artifact blob, fit metrics and timings. Only a successful fit replaces the
-active router, by swapping one reference, so Predict never waits on training and a failed fit
-leaves the previous router serving. Quarantined and retired experts are never included, and
-experts that fail the consistency checks (:mod:`moerge.coordinator.screening`) are quarantined
-first. A scheduled refit trains the active router's method and parameters, so an admin's choice
-persists; the configured ``router_method`` is used only while no router is active. A method
-that cannot serve (evaluation only, or no expert for classification) is never activated.
+active router, by swapping one reference, so Predict never waits on training and a failed fit leaves
+the previous router serving. Quarantined and retired experts are never included, and experts that
+fail the consistency checks (:mod:`moerge.coordinator.uploads.screening`) are quarantined first. A
+scheduled refit trains the active router's method and parameters, so an admin's choice persists; the
+configured ``router_method`` is used only while no router is active. A method that cannot serve
+(evaluation only, or no expert for classification) is never activated.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from moerge.coordinator.expert_store import ExpertStore
+from moerge.coordinator.services.expert_store import ExpertStore
 from moerge.router_training.base import Router, load_router
 from moerge.router_training.fitting import FitResult, build_config, fit_router, routable_experts
 from moerge.router_training.methods import available_methods, get_router_class

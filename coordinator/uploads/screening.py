@@ -21,7 +21,7 @@ import logging
 import threading
 from typing import TYPE_CHECKING
 
-from moerge.coordinator.expert_store import ExpertStore
+from moerge.coordinator.services.expert_store import ExpertStore
 from moerge.router_training.base import ExpertRecord, ExpertStatistics
 from moerge.router_training.consistency import ConsistencyConfig, screen
 from moerge.storage.blobstore import BlobStore

@@ -15,7 +15,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from moerge.base_model import model_revision
-from moerge.coordinator.privacy_policy import PrivacyPolicy
+from moerge.coordinator.uploads.privacy_policy import PrivacyPolicy
 
 
 @dataclass(frozen=True)

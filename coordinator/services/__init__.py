@@ -1,0 +1,6 @@
+"""Long-lived services behind the handlers that are neither intake nor inference.
+
+:mod:`.routers` fits, stores and swaps router versions; :mod:`.expert_store` reads registered
+experts back out of the blob store (for routers, screening and the engine); :mod:`.registry_cache`
+remembers registry reads on the request path (auth, inference) until the registry changes.
+"""
