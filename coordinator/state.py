@@ -1,8 +1,12 @@
 """Everything the servicers share: config, registry, blobs, base model, uploads, routers, engine.
 
 :meth:`CoordinatorState.open` migrates the database, cleans up after a crash (stale temp blobs)
-and bootstraps the admin credential; it is the only place that wires the pieces together. The
-replica that leads (:mod:`moerge.coordinator.leadership`) fails router fits a dead process left.
+and bootstraps the admin credential; this class is the only place that wires the pieces
+together. The one piece built later is the inference service
+(:meth:`CoordinatorState.inference_service`), from the same fields, on the first request that
+needs it: its engine loads the base model, which a replica that only takes uploads (or a test
+that never predicts) should not pay for. The replica that leads
+(:mod:`moerge.coordinator.leadership`) fails router fits a dead process left.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import contextlib
 import logging
 import os
 import sys
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -20,6 +25,7 @@ from sqlalchemy import Engine
 
 from moerge.coordinator.config import CoordinatorConfig
 from moerge.coordinator.housekeeping import run_periodically
+from moerge.coordinator.inference.service import InferenceService
 from moerge.coordinator.leadership import Leadership
 from moerge.coordinator.services.expert_store import ExpertStore
 from moerge.coordinator.services.routers import RouterService
@@ -50,10 +56,11 @@ class CoordinatorState:
     experts: ExpertStore
     routers: RouterService
     objects: ObjectUploads | None = None  # direct uploads, with an S3 store and part size > 0
-    inference: object | None = None  # InferenceService, created lazily on first Predict
+    inference: InferenceService | None = None  # built by inference_service() on first use
     leadership: Leadership | None = None  # set by start_background unless role is inference
     _housekeeping: asyncio.Task[None] | None = field(default=None, repr=False)
     _tasks: list[asyncio.Task[None]] = field(default_factory=list, repr=False)
+    _inference_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @classmethod
     def open(cls, config: CoordinatorConfig) -> CoordinatorState:
@@ -101,6 +108,20 @@ class CoordinatorState:
             experts=experts,
             routers=routers,
         )
+
+    async def inference_service(self) -> InferenceService:
+        """The inference service, built on first use (off the event loop) and only once."""
+        if self.inference is None:
+            return await asyncio.to_thread(self._build_inference)
+        return self.inference
+
+    def _build_inference(self) -> InferenceService:
+        with self._inference_lock:  # two first requests at once build one service
+            if self.inference is None:
+                self.inference = InferenceService(
+                    self.config, self.registry, self.experts, self.routers
+                )
+            return self.inference
 
     async def start_background(self) -> None:
         """Every replica follows the active router; the leader alone also runs the scheduler
@@ -153,7 +174,7 @@ class CoordinatorState:
         await self._stop_leading()
         await self.routers.stop()
         if self.inference is not None:
-            await self.inference.aclose()  # type: ignore[attr-defined]
+            await self.inference.aclose()
         self.engine.dispose()
 
 

@@ -211,7 +211,7 @@ class StateCollector(Collector):
                               "the active router version (0: none yet)", value=active or 0),
         ]
         inference = state.inference
-        stats = inference.engine.cache.stats() if inference is not None else {}  # type: ignore[attr-defined]
+        stats = inference.engine.cache.stats() if inference is not None else {}
         families += [
             GaugeMetricFamily("moerge_adapter_cache_bytes",
                               "LoRA weights resident in the adapter cache",
@@ -237,7 +237,7 @@ class StateCollector(Collector):
         info.add_metric([], {"device": self.placement.device, "dtype": self.placement.dtype,
                              "task_type": self.state.config.task_type})
         inference = self.state.inference
-        engine = inference.engine if inference is not None else None  # type: ignore[attr-defined]
+        engine = inference.engine if inference is not None else None
         scheduler = getattr(engine, "_scheduler", None)
         running, waiting = scheduler.load if scheduler is not None else (0, 0)
         return [

@@ -20,7 +20,6 @@ from collections.abc import AsyncIterator
 
 from moerge.coordinator.inference.composition_objective import classification_loss, generation_loss
 from moerge.coordinator.inference.service import expert_names
-from moerge.coordinator.rpc import inference_handler
 from moerge.coordinator.rpc.convert import actor_of
 from moerge.coordinator.rpc.status import ResourceExhausted
 from moerge.coordinator.state import CoordinatorState
@@ -148,7 +147,7 @@ async def compose(
         raise InvalidArgument("expert_ids", "an expert is named twice")
     store = CompositionStore(state.registry)
     name = check_name("name", request.name)  # before the search, not only when storing
-    inference = await inference_handler.service(state)
+    inference = await state.inference_service()
     inference.check_inputs(texts)
     inference.engine.check_texts(texts)  # refused now, not at the search's first step
     if causal_lm:  # answers are text: every (requested or active) expert may take part

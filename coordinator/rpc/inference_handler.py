@@ -6,9 +6,7 @@ exceptions that :mod:`moerge.coordinator.rpc.status` maps to status codes.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import threading
 from collections.abc import AsyncIterator, Sequence
 
 from moerge.coordinator.inference.generation.sampling import SamplingParams
@@ -31,23 +29,6 @@ AGGREGATIONS = {
 }
 MAX_NEW_TOKENS = 512
 MAX_EXPERT_FILTER = 1024  # expert_ids per request
-_create_lock = threading.Lock()
-
-
-def _create(state: CoordinatorState) -> InferenceService:
-    with _create_lock:
-        if state.inference is None:
-            state.inference = InferenceService(
-                state.config, state.registry, state.experts, state.routers
-            )
-        return state.inference  # type: ignore[return-value]
-
-
-async def service(state: CoordinatorState) -> InferenceService:
-    """The engine is loaded on first use (the base model takes a moment), once."""
-    if state.inference is None:
-        return await asyncio.to_thread(_create, state)
-    return state.inference  # type: ignore[return-value]
 
 
 def _common_checks(top_k: int, router_version: int, expert_ids: Sequence[str] = ()) -> None:
@@ -69,7 +50,7 @@ async def predict(
         raise InvalidArgument("aggregation", f"unknown value {request.aggregation}")
     if not 0 <= request.max_new_tokens <= MAX_NEW_TOKENS:
         raise InvalidArgument("max_new_tokens", f"must be in 0..{MAX_NEW_TOKENS}")
-    inference = await service(state)
+    inference = await state.inference_service()
     if request.composition:
         return await _predict_composition(request, inference)
     predictions, chosen, latency = await inference.predict(
@@ -162,7 +143,7 @@ async def route(
     request: inference_pb2.RouteRequest, state: CoordinatorState, principal: Principal
 ) -> inference_pb2.RouteResponse:
     _common_checks(request.top_k, request.router_version, request.expert_ids)
-    inference = await service(state)
+    inference = await state.inference_service()
     decisions, chosen, latency = await inference.route(
         list(request.inputs),
         request.routing_method,
@@ -224,7 +205,7 @@ async def generate(
     if len(request.expert_ids) > MAX_EXPERT_FILTER:
         raise InvalidArgument("expert_ids", f"at most {MAX_EXPERT_FILTER} ids")
     sampling = sampling_params(request.sampling, state.config.max_new_tokens)
-    inference = await service(state)
+    inference = await state.inference_service()
     stream = await generation_service.generate(
         inference,
         request.prompt,
