@@ -16,16 +16,8 @@ the same worker interleave with decoding instead of waiting for whole generation
    budget.
 
 Rows and routing. A request occupies one row, or ``k`` adjacent rows for an output ensemble (the
-weighted mixture of its experts' next-token distributions: ``log sum_j w_j p_j``). The LoRA bank
-is told per forward how each row is routed:
-
-* every row example-routed (one expert, an exact linear merge ``sum_j w_j B_j A_j``, a temporary
-  TIES/DARE slot, or the base model): ``LoraBank.route_examples(slots [R, k], weights [R, k])``,
-  the fast path, rebuilt only when the batch changes;
-* any row token-routed (``module_mix``): ``LoraBank.route_tokens`` with a callback that asks each
-  token router about its own rows' tokens in every adapted module, at every step (*step-level
-  routing* in the MoErging survey, Yadav et al., 2024) and gives the other rows their fixed
-  slots. Mean routing weights per expert are accumulated on the device and reported at the end.
+weighted mixture of its experts' next-token distributions: ``log sum_j w_j p_j``); how the LoRA
+bank routes each row in a forward is :mod:`.batch_routing`'s job.
 
 Why not transformers' ``ContinuousBatchingManager``: it packs every sequence into one row of a
 paged cache, and the bank needs to know which request each token belongs to (see
@@ -41,7 +33,7 @@ import math
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import AbstractContextManager, ExitStack
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -49,12 +41,8 @@ import torch
 from transformers import DynamicCache
 
 from moerge.coordinator.inference.errors import InputTooLong, InvalidPlan
-from moerge.coordinator.inference.generation.cuda_graphs import (
-    DecodeGraphs,
-    ExampleForm,
-    RoutingForm,
-    TokenForm,
-)
+from moerge.coordinator.inference.generation.batch_routing import BatchRouting, TokenRouting
+from moerge.coordinator.inference.generation.cuda_graphs import DecodeGraphs
 from moerge.coordinator.inference.generation.detokenizer import StreamingDetokenizer, add_tokens
 from moerge.coordinator.inference.generation.kv_rows import KVRows
 from moerge.coordinator.inference.generation.requests import (
@@ -72,23 +60,12 @@ from moerge.coordinator.inference.results import ExpertWeight
 
 if TYPE_CHECKING:
     from moerge.coordinator.inference.engine import InferenceEngine
-    from moerge.router_training.base import Router
 
 log = logging.getLogger(__name__)
 
 
 class QueueFull(RuntimeError):
     """More requests are waiting than the scheduler accepts; the caller should retry later."""
-
-
-@dataclass
-class _TokenRouting:
-    """A token-level router bound to the bank: its slot table and module names."""
-
-    router: Router
-    top_k: int | None
-    slot_table: torch.Tensor  # [E] long: router expert index -> bank slot
-    names: dict[str, str]  # bank module -> the router's module name
 
 
 @dataclass
@@ -100,7 +77,7 @@ class _Running:
     slots: list[list[int]]  # per row (example routing); [] for token routing
     weights: list[list[float]]
     mix: torch.Tensor | None  # [k] log-weights of an output ensemble
-    token: _TokenRouting | None
+    token: TokenRouting | None
     experts: tuple[ExpertWeight, ...]
     aggregation: str
     prompt_ids: list[int]
@@ -112,118 +89,6 @@ class _Running:
     logprob_sum: float = 0.0
     first_token_at: float | None = None
     usage: torch.Tensor | None = None  # [E] token-routing weight received (token routing)
-
-
-class _Forward:
-    """The bank routing of one forward over ``rows`` rows: member ``i`` occupies rows
-    ``starts[i] ..`` (rows of no member decode nothing anyone reads: the base model); token
-    routing weights are accumulated per member."""
-
-    def __init__(self, scheduler: GenerationScheduler, members: Sequence[_Running],
-                 starts: Sequence[int], rows: int) -> None:
-        self.members = members
-        self.bank = scheduler.engine.bank
-        device, dtype = scheduler.engine.device, scheduler.engine.dtype
-        self.rows = rows
-        # token routers: id(router) -> (routing, member rows, members)
-        self.token_groups: dict[int, tuple[_TokenRouting, list[int], list[_Running]]] = {}
-        width = max((len(s) for m in members if m.token is None for s in m.slots), default=1)
-        slots = [[-1] * width for _ in range(rows)]
-        weights = [[0.0] * width for _ in range(rows)]
-        for m, start in zip(members, starts, strict=True):
-            if m.token is not None:
-                group = self.token_groups.setdefault(id(m.token.router), (m.token, [], []))
-                group[1].append(start)
-                group[2].append(m)
-                continue
-            for j in range(m.rows):
-                slots[start + j][: len(m.slots[j])] = m.slots[j]
-                weights[start + j][: len(m.weights[j])] = m.weights[j]
-        self.has_fixed = any(m.token is None for m in members)
-        self.slots = torch.tensor(slots, dtype=torch.long, device=device)  # [R, k]
-        self.weights = torch.tensor(weights, dtype=dtype, device=device)  # [R, k]
-        self.group_rows = {key: torch.tensor(rows_, dtype=torch.long, device=device)
-                           for key, (_, rows_, _) in self.token_groups.items()}
-        self.usage = {
-            key: torch.zeros(len(rows_), group.router.num_experts, device=device)
-            for key, (group, rows_, _) in self.token_groups.items()
-        }
-        self.mask: torch.Tensor | None = None  # [R, T] for prefill (padding is not usage)
-
-    def form(self) -> RoutingForm | None:
-        """This batch's routing as a CUDA graph takes it (``None``: mixed, run eagerly)."""
-        if not self.token_groups:
-            return ExampleForm(int(self.slots.shape[1]))
-        if self.has_fixed or len(self.token_groups) > 1:
-            return None
-        (routing, _, _), = self.token_groups.values()
-        return TokenForm(routing.router, routing.top_k)
-
-    def fill(self, graph: Any) -> None:
-        """Write this batch's routing into a captured step's buffers."""
-        if graph.slots is not None:
-            graph.slots.copy_(self.slots)
-            graph.weights.copy_(self.weights)
-        else:
-            (routing, _, _), = self.token_groups.values()
-            graph.table.copy_(routing.slot_table)
-
-    def collect(self, graph: Any) -> None:
-        """After a replay: add the step's token-routing weights to each member's."""
-        if graph.usage is not None:
-            for key, rows in self.group_rows.items():
-                self.usage[key] += graph.usage.index_select(0, rows)
-
-    def context(self, mask: torch.Tensor | None = None) -> AbstractContextManager[None]:
-        self.mask = mask
-        if not self.token_groups:
-            return self.bank.route_examples(self.slots, self.weights)
-        return self.bank.route_tokens(self._route)
-
-    def _route(self, module: str, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per token of ``hidden`` [N = R * T, d]: (slots [N, k], weights [N, k])."""
-        n = hidden.shape[0]
-        length = n // self.rows
-        parts: list[tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]] = []
-        if self.has_fixed:  # every row's fixed routing; token-routed rows are overwritten
-            parts.append((None, self.slots.repeat_interleave(length, 0),
-                          self.weights.repeat_interleave(length, 0)))
-        for key, (group, rows, _) in self.token_groups.items():
-            if module not in group.names:
-                continue
-            everything = len(rows) == self.rows
-            tokens = None if everything else _token_index(self.group_rows[key], length)
-            x = hidden if tokens is None else hidden.index_select(0, tokens)
-            decision = group.router.route_tokens(group.names[module], x, group.top_k)
-            dense = decision.to_dense(group.router.num_experts).float()  # [n_g, E]
-            dense = dense.view(len(rows), length, -1)
-            if self.mask is not None:
-                row_mask = self.mask if everything else self.mask[self.group_rows[key]]
-                dense = dense * row_mask.unsqueeze(-1).to(dense)
-            self.usage[key] += dense.sum(dim=1)
-            parts.append((tokens, group.slot_table[decision.indices], decision.weights))
-        if len(parts) == 1 and parts[0][0] is None:
-            return parts[0][1], parts[0][2]
-        width = max((p[1].shape[1] for p in parts), default=1)
-        slots = torch.full((n, width), -1, dtype=torch.long, device=hidden.device)
-        weights = torch.zeros(n, width, dtype=hidden.dtype, device=hidden.device)
-        for tokens, s, w in parts:
-            index = tokens if tokens is not None else slice(None)
-            slots[index, : s.shape[1]] = s
-            weights[index, : w.shape[1]] = w.to(weights.dtype)
-        return slots, weights
-
-    def flush_usage(self) -> None:
-        """Add the accumulated token-routing weights to each request's total."""
-        for key, (_, _, members) in self.token_groups.items():
-            for i, m in enumerate(members):
-                m.usage = self.usage[key][i] if m.usage is None else m.usage + self.usage[key][i]
-            self.usage[key].zero_()
-
-
-def _token_index(rows: torch.Tensor, length: int) -> torch.Tensor:
-    """Flat token positions of ``rows`` in an [R, length] batch."""
-    return (rows.unsqueeze(1) * length + torch.arange(length, device=rows.device)).flatten()
 
 
 class GenerationScheduler:
@@ -244,7 +109,7 @@ class GenerationScheduler:
         self.waiting: collections.deque[GenerationRequest] = collections.deque()
         self._lock = threading.Lock()
         self._scheduled = False
-        self._forward: _Forward | None = None  # decode routing, rebuilt when the batch changes
+        self._forward: BatchRouting | None = None  # decode routing, rebuilt when the batch changes
         tokenizer = engine.tokenizer
         eos = engine.model.generation_config.eos_token_id
         eos = tokenizer.eos_token_id if eos is None else eos
@@ -424,7 +289,7 @@ class GenerationScheduler:
             loaded = resources.enter_context(engine.cache.acquire(router.expert_ids))
             table = torch.tensor([loaded[e].slot for e in router.expert_ids],
                                  dtype=torch.long, device=engine.device)
-            token = _TokenRouting(router, plan.top_k, table, engine.router_modules(router))
+            token = TokenRouting(router, plan.top_k, table, engine.router_modules(router))
             return _Running(rows=1, slots=[], weights=[], mix=None, token=token, experts=(),
                             **common)
         assert plan.expert_ids is not None and plan.weights is not None
@@ -459,7 +324,7 @@ class GenerationScheduler:
         positions = (mask.cumsum(dim=1) - 1).clamp_min(0)
         cache = DynamicCache()
         starts = [sum(m.rows for m in members[:i]) for i in range(len(members))]
-        forward = _Forward(self, members, starts, len(prompts))
+        forward = BatchRouting(self.engine, members, starts, len(prompts))
         try:
             with forward.context(mask):
                 out = engine.model(input_ids=input_ids, attention_mask=mask,
@@ -493,7 +358,8 @@ class GenerationScheduler:
             for j in range(m.rows):
                 ids[m.row + j] = m.generated[-1]
         if self._forward is None or self._forward.rows != rows:
-            self._forward = _Forward(self, self.running, [m.row for m in self.running], rows)
+            self._forward = BatchRouting(self.engine, self.running, [m.row for m in self.running],
+                                         rows)
         forward = self._forward
         logits = None
         if self.graphs is not None:
