@@ -24,8 +24,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from moerge.coordinator.uploads.receiver import UploadReceiver
+from moerge.refusals import NotFound
 from moerge.storage.blobstore import BlobStore
-from moerge.storage.errors import NotFound
 from moerge.storage.registry import Registry
 
 if TYPE_CHECKING:

@@ -2,7 +2,8 @@
 
 The coordinator builds one :class:`Registry` from :func:`make_engine` and a :class:`BlobStore`
 (:func:`open_blob_store`: local files or an S3-compatible object store),
-calls :func:`upgrade` on every start, and never touches the ORM models directly.
+calls :func:`upgrade` on every start, and never touches the ORM models directly. A refusal
+raises one of :mod:`moerge.refusals`' errors (the coordinator raises the same ones).
 """
 
 from moerge.storage.blobstore import (
@@ -16,15 +17,6 @@ from moerge.storage.blobstore import (
 )
 from moerge.storage.blobstore_local import LocalBlobStore
 from moerge.storage.db import current_revision, make_engine, upgrade
-from moerge.storage.errors import (
-    AlreadyExists,
-    FailedPrecondition,
-    InvalidArgument,
-    NotFound,
-    PermissionDenied,
-    RegistryError,
-    Unauthenticated,
-)
 from moerge.storage.records import (
     AuditEntryInfo,
     ContributorInfo,
@@ -40,7 +32,6 @@ from moerge.storage.records import (
 from moerge.storage.registry import Registry
 
 __all__ = [
-    "AlreadyExists",
     "AuditEntryInfo",
     "BlobCorrupted",
     "BlobMismatch",
@@ -50,20 +41,14 @@ __all__ = [
     "ContributorInfo",
     "EnrollmentTokenInfo",
     "ExpertInfo",
-    "FailedPrecondition",
     "GcResult",
-    "InvalidArgument",
     "LocalBlobStore",
     "NewExpert",
-    "NotFound",
     "Page",
-    "PermissionDenied",
     "Principal",
     "Registry",
-    "RegistryError",
     "RouterVersionInfo",
     "StatisticsSummary",
-    "Unauthenticated",
     "UploadInfo",
     "current_revision",
     "make_engine",

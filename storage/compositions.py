@@ -19,7 +19,7 @@ from uuid import uuid4
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 
-from moerge.storage.errors import AlreadyExists, InvalidArgument, NotFound
+from moerge.refusals import AlreadyExists, InvalidArgument, NotFound
 from moerge.storage.models import Composition, Expert
 from moerge.storage.records import CompositionInfo, Page
 from moerge.storage.registry import Registry, utcnow

@@ -12,7 +12,7 @@ import binascii
 import json
 from datetime import datetime
 
-from moerge.storage.errors import InvalidArgument
+from moerge.refusals import InvalidArgument
 from moerge.storage.validation import fits_column
 
 Key = tuple[datetime | str | int, ...]

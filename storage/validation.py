@@ -11,7 +11,7 @@ import re
 import unicodedata
 from typing import Any
 
-from moerge.storage.errors import InvalidArgument
+from moerge.refusals import InvalidArgument
 
 MAX_PAGE_SIZE = 1000
 MAX_JSON_BYTES = 1 << 20

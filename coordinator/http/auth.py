@@ -17,7 +17,7 @@ from fastapi import Request
 
 from moerge.coordinator.http.errors import ApiError
 from moerge.coordinator.interceptors.auth import AuthInterceptor, bearer_token, required_roles
-from moerge.storage.errors import PermissionDenied, Unauthenticated
+from moerge.refusals import PermissionDenied, Unauthenticated
 from moerge.storage.records import Principal
 
 INFERENCE = "/moerge.v1.InferenceService/"

@@ -42,10 +42,10 @@ from moerge.coordinator.http.errors import ApiError
 from moerge.coordinator.rpc import inference_handler, models_handler
 from moerge.coordinator.rpc.inference_handler import MAX_NEW_TOKENS
 from moerge.coordinator.state import CoordinatorState
+from moerge.refusals import InvalidArgument, NotFound
 from moerge.results import AGGREGATIONS, Predictions
 from moerge.results import Routing as RoutingResult
 from moerge.router_training.methods import available_methods
-from moerge.storage.errors import InvalidArgument, NotFound
 from moerge.storage.records import ExpertInfo, Principal
 from moerge.storage.validation import MAX_INT32
 from moerge.v1 import common_pb2, inference_pb2

@@ -37,7 +37,7 @@ from transformers import LogitsProcessor
 
 from moerge.coordinator.inference.heads import ClassificationHead
 from moerge.coordinator.inference.results import ExpertOutput
-from moerge.storage.errors import FailedPrecondition
+from moerge.refusals import FailedPrecondition
 
 LoraFactors = tuple[torch.Tensor, torch.Tensor, float]  # A [r, d_in], B [d_out, r], scaling
 

@@ -30,8 +30,7 @@ from moerge.coordinator.inference.generation.sampling import SamplingParams
 from moerge.coordinator.inference.generation.scheduler import QueueFull
 from moerge.coordinator.inference.plan import Aggregation, RoutingPlan
 from moerge.coordinator.inference.service import Chosen, InferenceService
-from moerge.coordinator.rpc.status import ResourceExhausted
-from moerge.storage.errors import FailedPrecondition, InvalidArgument
+from moerge.refusals import FailedPrecondition, InvalidArgument, ResourceExhausted
 
 CHAT_ROLES = ("system", "user", "assistant")
 MAX_CHAT_MESSAGES = 64

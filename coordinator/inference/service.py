@@ -41,11 +41,11 @@ from moerge.coordinator.inference.results import ExamplePrediction
 from moerge.coordinator.services.expert_store import ExpertStore
 from moerge.coordinator.services.registry_cache import GenerationCache
 from moerge.coordinator.services.routers import LoadedRouter, RouterService
+from moerge.refusals import FailedPrecondition, InvalidArgument, NotFound
 from moerge.router_training.base import Router, RoutingDecision
 from moerge.router_training.fitting import fit_router
 from moerge.router_training.methods import available_methods, get_router_class
 from moerge.storage.compositions import CompositionStore
-from moerge.storage.errors import FailedPrecondition, InvalidArgument, NotFound
 from moerge.storage.records import CompositionInfo, ExpertInfo
 from moerge.storage.registry import Registry
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import grpc
 
-from moerge.storage.errors import InvalidArgument
+from moerge.refusals import InvalidArgument
 
 SERVICE_PREFIX = "/moerge.v1."
 

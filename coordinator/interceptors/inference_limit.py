@@ -18,7 +18,7 @@ import threading
 
 from moerge.coordinator.interceptors import rate_limit
 from moerge.coordinator.interceptors.rate_limit import TokenBucket
-from moerge.coordinator.rpc.status import ResourceExhausted
+from moerge.refusals import ResourceExhausted
 from moerge.storage.records import Principal
 
 MINUTE = 60.0

@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass
 
 from moerge.coordinator.config import CoordinatorConfig
-from moerge.coordinator.rpc.status import ResourceExhausted
+from moerge.refusals import ResourceExhausted
 
 HOUR = 3600.0
 

@@ -9,7 +9,7 @@ import json
 
 from moerge.coordinator.rpc import convert
 from moerge.coordinator.state import CoordinatorState
-from moerge.storage.errors import InvalidArgument
+from moerge.refusals import InvalidArgument
 from moerge.storage.records import ApiKeyInfo, ContributorInfo, EnrollmentTokenInfo, Principal
 from moerge.storage.validation import MAX_INT32, check_int, check_text
 from moerge.v1 import admin_pb2, common_pb2

@@ -21,8 +21,8 @@ from collections.abc import AsyncIterator
 from moerge.coordinator.inference.composition_objective import classification_loss, generation_loss
 from moerge.coordinator.inference.service import expert_names
 from moerge.coordinator.rpc.convert import actor_of
-from moerge.coordinator.rpc.status import ResourceExhausted
 from moerge.coordinator.state import CoordinatorState
+from moerge.refusals import FailedPrecondition, InvalidArgument, ResourceExhausted
 from moerge.router_training.composition import (
     CompositionConfig,
     SearchProgress,
@@ -31,7 +31,6 @@ from moerge.router_training.composition import (
     search_weights,
 )
 from moerge.storage.compositions import CompositionStore
-from moerge.storage.errors import FailedPrecondition, InvalidArgument
 from moerge.storage.records import CompositionInfo, ExpertInfo, Principal
 from moerge.storage.validation import check_name
 from moerge.v1 import common_pb2, inference_pb2

@@ -11,7 +11,7 @@ from moerge.coordinator.interceptors.rate_limit import UploadLimiter
 from moerge.coordinator.rpc import convert
 from moerge.coordinator.state import CoordinatorState
 from moerge.coordinator.uploads.receiver import UPLOAD_ID, Manifest, ManifestFile
-from moerge.storage.errors import FailedPrecondition, InvalidArgument, NotFound
+from moerge.refusals import FailedPrecondition, InvalidArgument, NotFound
 from moerge.storage.records import Principal, UploadInfo
 from moerge.v1 import contributor_pb2
 

@@ -7,7 +7,7 @@ from datetime import datetime
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from moerge.storage.errors import InvalidArgument
+from moerge.refusals import InvalidArgument
 from moerge.storage.records import (
     AuditEntryInfo,
     ContributorInfo,

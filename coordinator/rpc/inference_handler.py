@@ -14,7 +14,7 @@ from moerge.coordinator.inference.plan import Aggregation
 from moerge.coordinator.inference.results import ExamplePrediction, ExpertWeight
 from moerge.coordinator.inference.service import InferenceService
 from moerge.coordinator.state import CoordinatorState
-from moerge.storage.errors import InvalidArgument
+from moerge.refusals import InvalidArgument
 from moerge.storage.records import Principal
 from moerge.storage.validation import MAX_INT32
 from moerge.v1 import common_pb2, inference_pb2

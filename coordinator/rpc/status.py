@@ -1,7 +1,10 @@
 """One table from domain errors to gRPC status codes (the servicers' only error policy).
 
-Handlers raise plain exceptions; :func:`status_for` picks the code and a message that is safe to
-show the caller. Unexpected exceptions become INTERNAL with no detail (the log has the trace).
+Handlers, services and the registry raise plain exceptions, the refusals of
+:mod:`moerge.refusals` above all; :func:`status_for` picks the code and a message that is safe to
+show the caller. The HTTP API maps the code this gives to an HTTP status
+(:mod:`moerge.coordinator.http.errors`), so both edges refuse alike. Unexpected exceptions become
+INTERNAL with no detail (the log has the trace).
 """
 
 from __future__ import annotations
@@ -12,18 +15,20 @@ import logging
 import grpc
 from sqlalchemy.exc import OperationalError
 
+from moerge import refusals
 from moerge.coordinator.inference.errors import UnknownExpert
-from moerge.storage import errors as registry_errors
 
 log = logging.getLogger(__name__)
 
 STATUS_BY_ERROR: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
-    (registry_errors.NotFound, grpc.StatusCode.NOT_FOUND),
-    (registry_errors.AlreadyExists, grpc.StatusCode.ALREADY_EXISTS),
-    (registry_errors.InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
-    (registry_errors.FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
-    (registry_errors.Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
-    (registry_errors.PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
+    (refusals.NotFound, grpc.StatusCode.NOT_FOUND),
+    (refusals.AlreadyExists, grpc.StatusCode.ALREADY_EXISTS),
+    (refusals.InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
+    (refusals.FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
+    (refusals.Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
+    (refusals.PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
+    (refusals.ResourceExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (UnknownExpert, grpc.StatusCode.NOT_FOUND),  # the engine's loader, asked for an id it lacks
     (OperationalError, grpc.StatusCode.UNAVAILABLE),
 )
 
@@ -32,25 +37,18 @@ STATUS_BY_ERROR: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
 DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 
 
-class ResourceExhausted(Exception):
-    """A quota or rate limit was hit (uploads per contributor, disk space)."""
-
-
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     for error_type, code in STATUS_BY_ERROR:
         if isinstance(exc, error_type):
             if code is grpc.StatusCode.UNAVAILABLE:
                 return code, "the registry database is unavailable; try again"
             return code, str(exc)
-    if isinstance(exc, ResourceExhausted):
-        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
     if isinstance(exc, OSError) and exc.errno in DISK_FULL:
         return (
             grpc.StatusCode.RESOURCE_EXHAUSTED,
             "the coordinator is out of disk space (its storage is full); try again later",
         )
-    if isinstance(exc, UnknownExpert):
-        return grpc.StatusCode.NOT_FOUND, str(exc)
+    # the engine's input errors (coordinator/inference/errors.py) say if the caller may see them
     if isinstance(exc, (ValueError, LookupError)) and getattr(exc, "grpc_visible", False):
         return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
     log.exception("unexpected error while serving an RPC", exc_info=exc)

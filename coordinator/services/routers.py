@@ -25,12 +25,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from moerge.coordinator.services.expert_store import ExpertStore
+from moerge.refusals import FailedPrecondition, InvalidArgument, NotFound
 from moerge.router_training.base import Router, load_router
 from moerge.router_training.fitting import FitResult, build_config, fit_router, routable_experts
 from moerge.router_training.methods import available_methods, get_router_class
 from moerge.router_training.policy import RetrainPolicy
 from moerge.storage.blobstore import BlobStore
-from moerge.storage.errors import FailedPrecondition, InvalidArgument, NotFound
 from moerge.storage.records import ExpertInfo, RouterVersionInfo
 from moerge.storage.registry import Registry
 

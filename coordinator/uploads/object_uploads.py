@@ -30,9 +30,9 @@ from botocore.exceptions import ClientError
 
 from moerge.coordinator.uploads.receiver import SHA256, Manifest, UploadReceiver, expert_spec
 from moerge.coordinator.uploads.validation import ExpertInvalid, validate_expert_dir
+from moerge.refusals import FailedPrecondition, InvalidArgument
 from moerge.storage.blobstore import CHUNK
 from moerge.storage.blobstore_s3 import UPLOADS, S3BlobStore, checksum_header, is_not_found
-from moerge.storage.errors import FailedPrecondition, InvalidArgument
 from moerge.storage.records import ExpertInfo, UploadInfo
 from moerge.storage.registry import Registry
 

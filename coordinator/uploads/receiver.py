@@ -34,8 +34,8 @@ from moerge.coordinator.uploads.validation import (
     validate_expert_dir,
 )
 from moerge.expert_format import EXPERT_FILES
+from moerge.refusals import FailedPrecondition, InvalidArgument
 from moerge.storage.blobstore import BlobRef, BlobStore
-from moerge.storage.errors import FailedPrecondition, InvalidArgument
 from moerge.storage.records import ExpertInfo, NewExpert, StatisticsSummary, UploadInfo
 from moerge.storage.registry import Registry
 from moerge.storage.validation import check_name, check_text

@@ -38,7 +38,7 @@ from moerge.expert_format import (
     STATISTICS_TENSORS,
     StatisticsMeta,
 )
-from moerge.storage.errors import InvalidArgument
+from moerge.refusals import InvalidArgument
 from moerge.storage.registry import MAX_LIST_ITEMS
 from moerge.storage.validation import check_int, check_string_list, check_text
 

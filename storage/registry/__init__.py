@@ -2,8 +2,8 @@
 
 Each method runs in its own short transaction (a new session per call), so one ``Registry``
 can be shared by all of the coordinator's threads. A method that changes state writes its
-audit entry in the same transaction; a method that refuses a call raises a
-``RegistryError`` and leaves the database as it was. Database failures are not wrapped.
+audit entry in the same transaction; a method that refuses a call raises one of
+:mod:`moerge.refusals`' errors and leaves the database as it was. Database failures are not wrapped.
 
 One ``Registry`` class, one module per aggregate (each a mixin over
 :class:`~moerge.storage.registry.base.RegistryBase`, which holds the sessions):

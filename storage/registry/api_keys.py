@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from sqlalchemy import update
 
-from moerge.storage.errors import FailedPrecondition, NotFound
+from moerge.refusals import FailedPrecondition, NotFound
 from moerge.storage.models import ApiKey
 from moerge.storage.records import ApiKeyInfo, Page, Principal
 from moerge.storage.registry.base import (

@@ -16,9 +16,9 @@ from typing import Any
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from moerge.refusals import FailedPrecondition
 from moerge.storage.blobstore import BlobRef, BlobStore
 from moerge.storage.db import for_writing
-from moerge.storage.errors import FailedPrecondition
 from moerge.storage.models import AuditEntry
 from moerge.storage.records import NewExpert
 

@@ -14,7 +14,7 @@ from sqlalchemy import ColumnElement, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from moerge.storage.errors import AlreadyExists, FailedPrecondition, NotFound, Unauthenticated
+from moerge.refusals import AlreadyExists, FailedPrecondition, NotFound, Unauthenticated
 from moerge.storage.models import Contributor, Credential, EnrollmentToken, Expert
 from moerge.storage.records import ContributorInfo, EnrollmentTokenInfo, Page
 from moerge.storage.registry.base import CONTRIBUTOR, MAX_REASON, RegistryBase, utcnow

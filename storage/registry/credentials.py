@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from sqlalchemy import or_, select, update
 
-from moerge.storage.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from moerge.refusals import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from moerge.storage.models import Contributor, Credential
 from moerge.storage.records import Principal
 from moerge.storage.registry.api_keys import ApiKeysMixin

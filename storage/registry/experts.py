@@ -16,8 +16,8 @@ from uuid import uuid4
 from sqlalchemy import ColumnElement, func, select, text
 from sqlalchemy.orm import Session
 
+from moerge.refusals import InvalidArgument, NotFound, PermissionDenied
 from moerge.storage.blobstore import BlobRef, GcResult
-from moerge.storage.errors import InvalidArgument, NotFound, PermissionDenied
 from moerge.storage.models import Contributor, Expert, ExpertFile, ExpertStatistics, RouterVersion
 from moerge.storage.records import (
     EXPERT_STATES,

@@ -13,8 +13,8 @@ from typing import Any
 from sqlalchemy import ColumnElement, and_, or_, select
 from sqlalchemy.orm import Session
 
+from moerge.refusals import InvalidArgument
 from moerge.storage.blobstore import BlobRef
-from moerge.storage.errors import InvalidArgument
 from moerge.storage.models import ApiKey, Contributor, EnrollmentToken, Expert
 from moerge.storage.pagination import decode_page_token, encode_page_token
 from moerge.storage.registry.base import MAX_TEXT

@@ -12,8 +12,8 @@ from typing import Any, cast
 from sqlalchemy import select, text, update
 from sqlalchemy.orm import Session
 
+from moerge.refusals import FailedPrecondition, InvalidArgument, NotFound
 from moerge.storage.blobstore import BlobRef
-from moerge.storage.errors import FailedPrecondition, InvalidArgument, NotFound
 from moerge.storage.models import RouterVersion
 from moerge.storage.pagination import decode_page_token, encode_page_token
 from moerge.storage.records import Page, RouterStatus, RouterVersionInfo

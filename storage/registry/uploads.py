@@ -14,7 +14,7 @@ from typing import Any, cast
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from moerge.storage.errors import FailedPrecondition, NotFound, PermissionDenied
+from moerge.refusals import FailedPrecondition, NotFound, PermissionDenied
 from moerge.storage.models import Expert, Upload
 from moerge.storage.records import ExpertInfo, NewExpert, UploadInfo, UploadState
 from moerge.storage.registry.base import CONTRIBUTOR, SYSTEM_ACTOR, utcnow

@@ -15,7 +15,7 @@ from moerge.contributor_client.upload import upload_expert
 from moerge.coordinator.inference.aggregation import ensemble_distributions
 from moerge.coordinator.inference.heads import ClassificationHead
 from moerge.expert_format import ADAPTER_WEIGHTS
-from moerge.storage.errors import FailedPrecondition
+from moerge.refusals import FailedPrecondition
 from moerge.v1 import admin_pb2, admin_pb2_grpc, inference_pb2, inference_pb2_grpc
 from tests.coordinator.conftest import coordinator_config
 from tests.coordinator.harness import BackgroundCoordinator, bearer

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from moerge.coordinator.rpc.contributor_handler import UploadSession
 from moerge.coordinator.rpc.status import status_for
-from moerge.storage.errors import NotFound
+from moerge.refusals import NotFound
 from moerge.v1 import contributor_pb2_grpc
 from tests.fuzz import budget
 from tests.fuzz.conftest import FuzzServer

@@ -7,7 +7,7 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import Engine, update
 
-from moerge.storage.errors import FailedPrecondition, InvalidArgument, NotFound
+from moerge.refusals import FailedPrecondition, InvalidArgument, NotFound
 from moerge.storage.models import ApiKey
 from moerge.storage.registry import Registry, utcnow
 from moerge.storage.tokens import hash_secret, parse_token

@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine
 
+from moerge.refusals import Refused, Unauthenticated
 from moerge.storage.blobstore import BlobRef, BlobStore
-from moerge.storage.errors import RegistryError, Unauthenticated
 from moerge.storage.registry import Registry
 from moerge.storage.tokens import new_token
 from tests.storage.helpers import ADMIN, dump, new_expert
@@ -165,7 +165,7 @@ def test_refused_calls_leave_the_database_unchanged(
     ]
     for refuse in refusals:
         before = dump(engine)
-        with pytest.raises(RegistryError):
+        with pytest.raises(Refused):
             refuse()
         assert dump(engine) == before
 

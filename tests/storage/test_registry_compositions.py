@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from moerge.refusals import InvalidArgument, NotFound
 from moerge.storage.blobstore import BlobStore
 from moerge.storage.compositions import CompositionStore
-from moerge.storage.errors import InvalidArgument, NotFound
 from moerge.storage.registry import Registry
 from tests.storage.helpers import ADMIN, new_expert
 

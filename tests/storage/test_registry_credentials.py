@@ -7,14 +7,14 @@ from datetime import datetime, timedelta
 import pytest
 from sqlalchemy import Engine, update
 
-from moerge.storage.blobstore import BlobStore
-from moerge.storage.errors import (
+from moerge.refusals import (
     AlreadyExists,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
     Unauthenticated,
 )
+from moerge.storage.blobstore import BlobStore
 from moerge.storage.models import Credential, EnrollmentToken
 from moerge.storage.records import Principal
 from moerge.storage.registry import Registry, utcnow

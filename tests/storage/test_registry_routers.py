@@ -6,8 +6,8 @@ import pytest
 from sqlalchemy import Engine, update
 from sqlalchemy.exc import IntegrityError
 
+from moerge.refusals import FailedPrecondition, InvalidArgument, NotFound
 from moerge.storage.blobstore import BlobRef, BlobStore
-from moerge.storage.errors import FailedPrecondition, InvalidArgument, NotFound
 from moerge.storage.models import RouterVersion
 from moerge.storage.registry import Registry
 from tests.storage.helpers import ADMIN

@@ -8,13 +8,13 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine, update
 
-from moerge.storage.blobstore import BlobRef, BlobStore
-from moerge.storage.errors import (
+from moerge.refusals import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
     PermissionDenied,
 )
+from moerge.storage.blobstore import BlobRef, BlobStore
 from moerge.storage.models import Upload
 from moerge.storage.registry import Registry, utcnow
 from tests.storage.helpers import ADMIN, new_expert

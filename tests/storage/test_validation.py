@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from moerge.storage.errors import InvalidArgument
+from moerge.refusals import InvalidArgument
 from moerge.storage.validation import (
     check_id,
     check_int,
