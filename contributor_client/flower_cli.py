@@ -15,9 +15,12 @@ flower_client` -- on the node for each round. The node's local data is named by 
   the ClientApp returns with every update so the coordinator records who took part. It is
   self-reported: bind it to the node with SuperNode authentication (the key pair below).
 
-Only the router's weights and the example count ever leave the node. The credential is the
-contributor's SuperNode key pair (``--auth-supernode-private-key``), registered with the
-SuperLink's node authentication; TLS uses the coordinator's root certificate.
+Only the router's weights and the example count ever leave the node. The node's credential is
+its key pair (``--auth-supernode-private-key``): ``moerge contributor serve`` (or ``moerge
+contributor node-key``) creates one under ``$MOERGE_HOME/federated`` and registers its public
+key with the coordinator under the contributor's moerge credential (``RegisterNodeKey``); the
+coordinator's SuperLink (Flower's node authentication) admits the nodes of enrolled, unrevoked
+contributors only. TLS uses the coordinator's root certificate.
 
 torch, safetensors and flwr are imported where they are used (and :data:`app` is built on first
 access), so that ``moerge --help`` does not pay for them.
@@ -79,6 +82,70 @@ def __getattr__(name: str) -> ClientApp:
     return app
 
 
+def node_key_pair(private_key: Path | None = None) -> tuple[Path, str]:
+    """The SuperNode's private key file and its public key (OpenSSH text). Without
+    ``private_key``, the node key under ``$MOERGE_HOME/federated``, created on first use: an
+    ECDSA P-384 key in OpenSSH format, as Flower's node authentication reads it (what
+    ``ssh-keygen -t ecdsa -b 384`` writes), readable by this user only."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from moerge.contributor_client.connection import client_home
+
+    openssh_public = serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+    if private_key is None:
+        private_key = client_home() / "federated" / "node-key"
+        if not private_key.exists():
+            key = ec.generate_private_key(ec.SECP384R1())
+            private_key.parent.mkdir(parents=True, exist_ok=True)
+            pem = key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.OpenSSH,
+                serialization.NoEncryption(),
+            )
+            fd = os.open(private_key, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as out:
+                out.write(pem)
+            public = key.public_key().public_bytes(*openssh_public).decode()
+            private_key.with_name("node-key.pub").write_text(public + "\n", encoding="utf-8")
+    try:
+        key = serialization.load_ssh_private_key(private_key.read_bytes(), None)
+    except (ValueError, TypeError) as exc:
+        raise typer.BadParameter(f"{private_key}: not an OpenSSH private key ({exc})") from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise typer.BadParameter(f"{private_key}: not an ECDSA key (Flower needs one)")
+    return private_key, key.public_key().public_bytes(*openssh_public).decode()
+
+
+def register_node_key(target: Target, public_key: str) -> None:
+    """Register the node's public key under this contributor's credential; say whether the
+    coordinator's SuperLink admits it."""
+    from moerge.client import Client
+
+    client = Client()
+    client.target = target
+    with client:
+        done = client.register_node_key(public_key)
+    if done.admitted:
+        typer.echo(f"node key {done.node_key_id[:12]} admitted (SuperNode {done.flower_node_id})")
+    else:
+        typer.echo(
+            f"node key {done.node_key_id[:12]} recorded; the coordinator's SuperLink does not "
+            "check node keys (no TLS, or a SuperLink it did not start)"
+        )
+
+
+def node_key(
+    private_key: Path | None = typer.Option(
+        None, help="Your own OpenSSH ECDSA private key (default: the one under MOERGE_HOME)."
+    ),
+) -> None:
+    """Create this machine's SuperNode key pair (once) and register it with the coordinator."""
+    path, public = node_key_pair(private_key)
+    typer.echo(f"{path}: {public}")
+    register_node_key(Target.resolve(None, None, None), public)
+
+
 def supernode_command(
     superlink: str,
     embeddings: Path,
@@ -86,7 +153,6 @@ def supernode_command(
     *,
     root_certificates: Path | None,
     private_key: Path | None,
-    public_key: Path | None,
     insecure: bool,
     contributor_id: str = "",
     node_port: int = 0,
@@ -106,13 +172,8 @@ def supernode_command(
         argv.append("--insecure")
     elif root_certificates is not None:
         argv += ["--root-certificates", str(root_certificates)]
-    if private_key is not None and public_key is not None:
-        argv += [
-            "--auth-supernode-private-key",
-            str(private_key),
-            "--auth-supernode-public-key",
-            str(public_key),
-        ]
+    if private_key is not None:
+        argv += ["--auth-supernode-private-key", str(private_key)]
     return argv
 
 
@@ -141,9 +202,14 @@ def serve(
     base_model: str | None = typer.Option(None, help="Local base model folder (with --data)."),
     offline: bool = typer.Option(False, help="Do not ask the coordinator for the base model."),
     root_certificates: Path | None = typer.Option(None, help="Coordinator CA certificate (PEM)."),
-    private_key: Path | None = typer.Option(None, help="SuperNode auth private key (credential)."),
-    public_key: Path | None = typer.Option(None, help="SuperNode auth public key."),
-    insecure: bool = typer.Option(False, help="No TLS (local testing only)."),
+    private_key: Path | None = typer.Option(
+        None,
+        help="SuperNode OpenSSH ECDSA private key (default: created under MOERGE_HOME); its "
+        "public key is registered with the coordinator before the node starts.",
+    ),
+    insecure: bool = typer.Option(
+        False, help="No TLS and no node key (local testing only: node keys need TLS)."
+    ),
     contributor_id: str = typer.Option(
         "",
         help="Contributor id the coordinator records for this node's rounds "
@@ -162,13 +228,16 @@ def serve(
     if data is not None:
         embeddings = embed_data(target, data, text_field, base_model, offline)
     assert embeddings is not None
+    if not insecure:  # Flower authenticates nodes over TLS only
+        private_key, public = node_key_pair(private_key)
+        if not dry_run:
+            register_node_key(target, public)
     argv = supernode_command(
         superlink,
         embeddings,
         expert_id,
         root_certificates=root_certificates,
         private_key=private_key,
-        public_key=public_key,
         insecure=insecure,
         contributor_id=contributor_id or ClientConfig.load().contributor_id,
         node_port=node_port,
@@ -232,4 +301,5 @@ def register(parent: typer.Typer) -> None:
     """Attach ``moerge contributor serve`` to the top-level app."""
     group = typer.Typer(help="Contributor-side federated router rounds.", no_args_is_help=True)
     group.command()(serve)
+    group.command("node-key")(node_key)
     parent.add_typer(group, name="contributor")

@@ -30,6 +30,7 @@ from moerge.coordinator.interceptors.metrics import (
 )
 from moerge.coordinator.interceptors.rate_limit import UploadLimiter
 from moerge.coordinator.rpc.servicers import AdminServicer, ContributorServicer, InferenceServicer
+from moerge.coordinator.services.node_keys import admit_node_keys
 from moerge.coordinator.services.routers import open_federation
 from moerge.coordinator.state import CoordinatorState
 from moerge.coordinator.uploads.screening import install as install_screen
@@ -165,6 +166,7 @@ async def start(config: CoordinatorConfig, state: CoordinatorState | None = None
                  config.http_listen.rsplit(":", 1)[0], http.port)
     # A SuperLink for federated rounds (config `superlink`) before the scheduler can train.
     state.routers.federation = await asyncio.to_thread(open_federation, config)
+    await asyncio.to_thread(admit_node_keys, state)  # revocations while it was down
     await state.start_background()
     log.info("coordinator listening on %s (tls=%s)", config.listen.rsplit(":", 1)[0] + f":{port}",
              bool(config.tls_cert))

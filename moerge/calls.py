@@ -35,6 +35,7 @@ from moerge.results import (
     Expert,
     Joined,
     Models,
+    NodeKeyRegistration,
     Page,
     Predictions,
     RouterVersion,
@@ -148,6 +149,17 @@ class Calls:
             "ListMyExperts",
             request,
             lambda r: [Expert.from_proto(e) for e in r.experts],
+        )
+
+    def register_node_key(self, public_key: str) -> NodeKeyRegistration:
+        """Register this contributor's SuperNode public key (OpenSSH text) with the
+        coordinator, which has its SuperLink admit the key (docs/federated.md)."""
+        request = contributor_pb2.RegisterNodeKeyRequest(public_key=public_key)
+        return self._unary(
+            "contributor",
+            "RegisterNodeKey",
+            request,
+            lambda r: NodeKeyRegistration(r.node_key_id, r.admitted, r.flower_node_id),
         )
 
     # -- inference ---------------------------------------------------------------------------

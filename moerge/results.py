@@ -196,6 +196,16 @@ class Joined(Result):
 
 
 @dataclasses.dataclass(frozen=True)
+class NodeKeyRegistration(Result):
+    """A SuperNode key the coordinator recorded; ``admitted``: its SuperLink lets the node in
+    now (``flower_node_id`` is then Flower's id for it)."""
+
+    node_key_id: str
+    admitted: bool
+    flower_node_id: int
+
+
+@dataclasses.dataclass(frozen=True)
 class BaseModel(Result):
     """What experts must be trained against (``GetBaseModel``)."""
 

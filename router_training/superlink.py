@@ -33,6 +33,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, replace
@@ -116,7 +117,8 @@ def wait_for_port(address: str, timeout: float, process: subprocess.Popen | None
 
 
 class SuperLinkProcess:
-    """A ``flower-superlink`` child process: TLS with a certificate, else ``--insecure``."""
+    """A ``flower-superlink`` child process: TLS with a certificate, else ``--insecure``;
+    ``node_auth`` adds Flower's SuperNode authentication (``--enable-supernode-auth``)."""
 
     def __init__(
         self,
@@ -127,6 +129,7 @@ class SuperLinkProcess:
         keyfile: str = "",
         ca_certfile: str = "",
         database: str = "",
+        node_auth: bool = False,
     ) -> None:
         host, port = listen.rsplit(":", 1)
         self.listen = listen
@@ -145,6 +148,8 @@ class SuperLinkProcess:
                 self.argv += ["--ssl-ca-certfile", ca_certfile]
         else:
             self.argv.append("--insecure")
+        if node_auth:  # Flower refuses it without TLS
+            self.argv.append("--enable-supernode-auth")
         if database:
             self.argv += ["--database", database]
         self.log_path = log_path
@@ -197,11 +202,15 @@ class SuperLinkFederation:
         *,
         root_certificates: str = "",
         process: SuperLinkProcess | None = None,
+        node_auth: bool = False,
     ) -> None:
         self.address = address
         self.work_dir = Path(work_dir).resolve()
         self.root_certificates = root_certificates  # "" = plain HTTP (loopback tests only)
         self.process = process
+        #: the SuperLink admits only the SuperNode keys registered through :meth:`admit_node_keys`
+        self.node_auth = node_auth
+        self._node_keys_lock = threading.Lock()
         self.app_dir = write_app_project(self.work_dir / "app")
         self._write_flower_config()
 
@@ -216,7 +225,9 @@ class SuperLinkFederation:
         root_certificates: str = "",
         timeout: float = 60.0,
     ) -> SuperLinkFederation:
-        """Start a SuperLink child process on ``listen`` and connect to it."""
+        """Start a SuperLink child process on ``listen`` and connect to it. With TLS
+        (``certfile``) it runs Flower's SuperNode authentication: only the keys given to
+        :meth:`admit_node_keys` connect (Flower allows node authentication over TLS only)."""
         work_dir = Path(work_dir).resolve()
         process = SuperLinkProcess(
             listen,
@@ -225,9 +236,10 @@ class SuperLinkFederation:
             keyfile=keyfile,
             ca_certfile=root_certificates,
             database=str(work_dir / "superlink.db"),
+            node_auth=bool(certfile),
         ).start(timeout)
         ca = (root_certificates or certfile) if certfile else ""
-        return cls(listen, work_dir, root_certificates=ca, process=process)
+        return cls(listen, work_dir, root_certificates=ca, process=process, node_auth=bool(ca))
 
     def close(self) -> None:
         if self.process is not None:
@@ -290,6 +302,61 @@ class SuperLinkFederation:
                 next_status = time.monotonic() + 10.0
             time.sleep(0.5)
         return read_outcome(job)
+
+    def admit_node_keys(self, keys: Mapping[str, str]) -> dict[str, int]:
+        """Make the SuperLink's registered SuperNodes exactly ``keys`` (OpenSSH public key text
+        -> a name, the contributor id): register the missing ones and unregister every other
+        node, through Flower's Control API (``RegisterNode``/``UnregisterNode``, what
+        ``flwr supernode register``/``unregister`` call). Returns key text -> Flower node id
+        of the keys now admitted. An unregistered node's Fleet calls fail at once, so a
+        running SuperNode of a dropped key stops; Flower keeps an unregistered key's row, so
+        that key can never be registered again (a re-enrolled contributor needs a new key)."""
+        from cryptography.hazmat.primitives.serialization import load_ssh_public_key
+        from flwr.proto.control_pb2 import (
+            ListNodesRequest,
+            RegisterNodeRequest,
+            UnregisterNodeRequest,
+        )
+        from flwr.supercore.primitives.asymmetric import public_key_to_bytes
+
+        wanted = {public_key_to_bytes(load_ssh_public_key(k.encode())): k for k in keys}
+        admitted: dict[str, int] = {}
+        with self._node_keys_lock, self._control_client() as control:
+            nodes = control.ListNodes(ListNodesRequest()).nodes_info
+            for node in nodes:
+                if node.status == "unregistered":
+                    continue
+                if node.public_key in wanted:
+                    admitted[wanted[node.public_key]] = node.node_id
+                else:
+                    control.UnregisterNode(UnregisterNodeRequest(node_id=node.node_id))
+                    log.info("SuperNode %s (%s) unregistered", node.node_id, node.name)
+            used = {node.public_key for node in nodes}
+            for flower_key, text in wanted.items():
+                if text in admitted:
+                    continue
+                if flower_key in used:  # unregistered before: Flower keeps the key taken
+                    log.warning(
+                        "SuperNode key of %s was unregistered before; not admitted", keys[text]
+                    )
+                    continue
+                request = RegisterNodeRequest(public_key=flower_key, name=keys[text])
+                admitted[text] = control.RegisterNode(request).node_id
+                log.info("SuperNode %s of %s registered", admitted[text], keys[text])
+        return admitted
+
+    def _control_client(self) -> Any:
+        """Flower's Control API client for this SuperLink (closed on exit)."""
+        from flwr.supercore.control import ControlHttpClient
+
+        address = self.address.replace("0.0.0.0", "127.0.0.1")
+        ca = self.root_certificates
+        return ControlHttpClient.from_server_address(
+            address,
+            insecure=not ca,
+            root_certificates=Path(self.root_certificates).read_bytes() if ca else None,
+            interceptors=[],
+        )
 
     def _flwr(self, *args: str) -> dict[str, Any]:
         """Run Flower's CLI against this SuperLink; its JSON reply."""

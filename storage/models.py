@@ -109,6 +109,19 @@ class Credential(Base):
     last_used_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
 
 
+class NodeKey(Base):
+    """A contributor's Flower SuperNode public key (OpenSSH text). The coordinator's SuperLink
+    admits the nodes of these keys while their contributor is not revoked; the id is the
+    SHA-256 of the key's text, so one key belongs to one contributor."""
+
+    __tablename__ = "node_keys"
+
+    id: Mapped[str] = mapped_column(SHA256, primary_key=True)
+    contributor_id: Mapped[str] = mapped_column(ID, ForeignKey("contributors.id"), index=True)
+    public_key: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime)
+
+
 class EnrollmentToken(Base):
     """A one-time (or few-times) invitation that lets a new contributor join."""
 

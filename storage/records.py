@@ -66,6 +66,16 @@ class ContributorInfo:
 
 
 @dataclass(frozen=True)
+class NodeKeyInfo:
+    """A contributor's Flower SuperNode public key; ``id`` is the SHA-256 of its OpenSSH text."""
+
+    id: str
+    contributor_id: str
+    public_key: str
+    created_at: datetime
+
+
+@dataclass(frozen=True)
 class EnrollmentTokenInfo:
     """An invitation to join, without its secret (which is shown only when it is created)."""
 

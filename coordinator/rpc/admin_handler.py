@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 
 from moerge.coordinator.rpc import convert
+from moerge.coordinator.services.node_keys import admit_node_keys
 from moerge.coordinator.state import CoordinatorState
 from moerge.refusals import InvalidArgument
 from moerge.storage.records import ApiKeyInfo, ContributorInfo, EnrollmentTokenInfo, Principal
@@ -237,6 +238,7 @@ def revoke_contributor(
     info = state.registry.revoke_contributor(
         convert.actor_of(principal), request.contributor_id, request.reason
     )
+    admit_node_keys(state)  # its SuperNodes are unregistered: they leave the rounds
     return _contributor(info, state.registry.expert_counts([info.id])[info.id])
 
 

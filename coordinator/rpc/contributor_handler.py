@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from moerge.coordinator.interceptors.rate_limit import UploadLimiter
 from moerge.coordinator.rpc import convert
+from moerge.coordinator.services.node_keys import admit_node_keys
 from moerge.coordinator.state import CoordinatorState
 from moerge.coordinator.uploads.receiver import UPLOAD_ID, Manifest, ManifestFile
 from moerge.refusals import FailedPrecondition, InvalidArgument, NotFound
@@ -61,6 +62,19 @@ def list_my_experts(
         if not token:
             break
     return contributor_pb2.ListMyExpertsResponse(experts=[convert.expert(e) for e in experts])
+
+
+def register_node_key(
+    request: contributor_pb2.RegisterNodeKeyRequest, state: CoordinatorState, principal: Principal
+) -> contributor_pb2.RegisterNodeKeyResponse:
+    """Record the caller's SuperNode key and have the SuperLink admit it (docs/federated.md)."""
+    info = state.registry.register_node_key(
+        convert.actor_of(principal), principal.contributor_id, request.public_key
+    )
+    node_id = admit_node_keys(state).get(info.public_key, 0)
+    return contributor_pb2.RegisterNodeKeyResponse(
+        node_key_id=info.id, admitted=bool(node_id), flower_node_id=node_id
+    )
 
 
 def open_upload(

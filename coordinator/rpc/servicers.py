@@ -86,6 +86,9 @@ class ContributorServicer(contributor_pb2_grpc.ContributorServiceServicer):
     async def ListMyExperts(self, request: Any, context: Any) -> Any:
         return await _serve(contributor_handler.list_my_experts, request, self.state, context)
 
+    async def RegisterNodeKey(self, request: Any, context: Any) -> Any:
+        return await _serve(contributor_handler.register_node_key, request, self.state, context)
+
     async def StartObjectUpload(self, request: Any, context: Any) -> Any:
         limits = self.limits if self.limits.enabled else None
         handler = functools.partial(contributor_handler.start_object_upload, limits=limits)

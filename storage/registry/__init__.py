@@ -14,6 +14,7 @@ One ``Registry`` class, one module per aggregate (each a mixin over
 ``credentials``    admin and contributor credentials; ``authenticate`` any token
 ``api_keys``       users' inference-only API keys
 ``contributors``   enrollment tokens, ``join``, contributors and their revocation
+``node_keys``      contributors' Flower SuperNode keys; those the SuperLink admits
 ``experts``        registering, listing, state changes, deletion and blob GC
 ``uploads``        resumable upload rows; committing one registers its expert
 ``routers``        router versions and the one active version
@@ -38,6 +39,7 @@ from moerge.storage.registry.base import (
 from moerge.storage.registry.contributors import ContributorsMixin
 from moerge.storage.registry.credentials import CredentialsMixin
 from moerge.storage.registry.experts import ADMISSION_ACTOR, MAX_FILES, MAX_LIST_ITEMS, ExpertsMixin
+from moerge.storage.registry.node_keys import NodeKeysMixin
 from moerge.storage.registry.routers import RoutersMixin
 from moerge.storage.registry.uploads import UploadsMixin
 
@@ -46,12 +48,13 @@ class Registry(
     CredentialsMixin,
     ApiKeysMixin,
     ContributorsMixin,
+    NodeKeysMixin,
     UploadsMixin,
     ExpertsMixin,
     RoutersMixin,
     AuditMixin,
 ):
-    """Contributors, credentials, experts, uploads, router versions and the audit log.
+    """Contributors, credentials, SuperNode keys, experts, uploads, router versions, audit log.
 
     ``engine`` should come from :func:`moerge.storage.db.make_engine` (it configures SQLite
     for concurrent use) and have been migrated with :func:`moerge.storage.db.upgrade`.

@@ -84,6 +84,12 @@ RPCS: list[tuple[type, str, Callable[[], Any], bool]] = [
     ),
     (
         contributor_pb2_grpc.ContributorServiceStub,
+        "RegisterNodeKey",
+        lambda: contributor_pb2.RegisterNodeKeyRequest(public_key="not a key"),
+        False,
+    ),
+    (
+        contributor_pb2_grpc.ContributorServiceStub,
         "StartObjectUpload",
         lambda: contributor_pb2.ObjectUploadRequest(manifest=_manifest_only().manifest),
         False,
@@ -347,6 +353,10 @@ def test_health_and_reflection_answer(coordinator: BackgroundCoordinator) -> Non
 
 
 def _self_signed(tmp: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for ``localhost`` and ``127.0.0.1`` (tests/federated uses it
+    for the coordinator's SuperLink too)."""
+    import ipaddress
+
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -363,7 +373,12 @@ def _self_signed(tmp: Path) -> tuple[Path, Path]:
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(minutes=1))
         .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            ),
+            critical=False,
+        )
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
         .sign(key, hashes.SHA256())
     )

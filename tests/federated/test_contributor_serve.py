@@ -12,10 +12,12 @@ from moerge.cli import app
 from moerge.contributor_client.flower_cli import load_node_data, save_local_embeddings
 
 
-def test_serve_dry_run_prints_a_supernode_command_with_data_and_credential(tmp_path):
+def test_serve_dry_run_prints_a_supernode_command_with_data_and_node_key(tmp_path, monkeypatch):
     embeddings = tmp_path / "emb.safetensors"
     save_local_embeddings(embeddings, torch.randn(5, 8))
-    key, pub, ca = (tmp_path / n for n in ("node.key", "node.pub", "ca.pem"))
+    monkeypatch.setenv("MOERGE_HOME", str(tmp_path / "home"))
+    key = tmp_path / "home" / "federated" / "node-key"  # created by the dry run
+    ca = tmp_path / "ca.pem"
     result = CliRunner().invoke(
         app,
         [
@@ -27,10 +29,6 @@ def test_serve_dry_run_prints_a_supernode_command_with_data_and_credential(tmp_p
             str(embeddings),
             "--expert-id",
             "expert-7",
-            "--private-key",
-            str(key),
-            "--public-key",
-            str(pub),
             "--root-certificates",
             str(ca),
             "--dry-run",
@@ -43,6 +41,7 @@ def test_serve_dry_run_prints_a_supernode_command_with_data_and_credential(tmp_p
     assert f'embeddings-path="{embeddings.resolve()}"' in node_config  # TOML strings
     assert 'expert-id="expert-7"' in node_config
     assert argv[argv.index("--auth-supernode-private-key") + 1] == str(key)
+    assert key.exists() and key.with_name("node-key.pub").read_text().startswith("ecdsa-sha2-")
     assert argv[argv.index("--root-certificates") + 1] == str(ca)
     assert "--insecure" not in argv
 
@@ -75,6 +74,7 @@ def test_serve_names_the_contributor_and_the_node_port(tmp_path, monkeypatch):
     node_config = argv[argv.index("--node-config") + 1]
     assert 'contributor-id="c-1"' in node_config and 'expert-id="e 7"' in node_config
     assert argv[argv.index("--port") + 1] == "9301" and "--insecure" in argv
+    assert "--auth-supernode-private-key" not in argv  # node keys need TLS
 
 
 def test_node_loads_its_own_embeddings_labelled_with_its_expert(tmp_path):

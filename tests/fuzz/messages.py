@@ -314,6 +314,13 @@ RPCS: tuple[Rpc, ...] = (
     Rpc("ContributorService", "ListMyExperts", contributor_pb2.ListMyExpertsRequest, "contributor"),
     Rpc(
         "ContributorService",
+        "RegisterNodeKey",
+        contributor_pb2.RegisterNodeKeyRequest,
+        "contributor",
+        mutates=True,
+    ),
+    Rpc(
+        "ContributorService",
         "StartObjectUpload",
         contributor_pb2.ObjectUploadRequest,
         "contributor",

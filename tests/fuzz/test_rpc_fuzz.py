@@ -147,6 +147,7 @@ def seeds(server: FuzzServer) -> dict[str, Any]:
         "UploadExpert": upload,
         "GetUploadStatus": contributor_pb2.GetUploadStatusRequest(upload_id="fuzz-seed-0001"),
         "ListMyExperts": contributor_pb2.ListMyExpertsRequest(),
+        "RegisterNodeKey": contributor_pb2.RegisterNodeKeyRequest(public_key=_node_key()),
         "StartObjectUpload": contributor_pb2.ObjectUploadRequest(manifest=manifest),
         "CompleteObjectUpload": contributor_pb2.ObjectUploadRequest(manifest=manifest),
         "Predict": inference_pb2.PredictRequest(
@@ -199,3 +200,13 @@ def test_every_rpc_refuses_mutated_requests_cleanly(fuzz_server: FuzzServer, soa
             check_case("rpc_mutation", fuzz_server, rpc, request, raw)
         except Defect as defect:
             raise Defect(f"case {index} of MOERGE_FUZZ_SEED={seed}: {defect}") from None
+
+
+def _node_key() -> str:
+    """A valid SuperNode public key (OpenSSH ECDSA P-384) for the RegisterNodeKey seed."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP384R1()).public_key()
+    openssh = serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+    return key.public_bytes(*openssh).decode()

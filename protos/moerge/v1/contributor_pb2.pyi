@@ -517,3 +517,57 @@ class ListMyExpertsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListMyExpertsResponse: _TypeAlias = ListMyExpertsResponse  # noqa: Y015
+
+@_typing.final
+class RegisterNodeKeyRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PUBLIC_KEY_FIELD_NUMBER: _builtins.int
+    public_key: _builtins.str
+    """The SuperNode's public key as one OpenSSH line (`ecdsa-sha2-nistp384 AAAA... [comment]`):
+    an ECDSA key on a NIST curve (P-256, P-384 or P-521), what `flwr supernode register` reads
+    and the public half of the private key given to `flower-supernode
+    --auth-supernode-private-key`. At most 1024 characters; anything else is INVALID_ARGUMENT.
+    """
+    def __init__(
+        self,
+        *,
+        public_key: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["public_key", b"public_key"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RegisterNodeKeyRequest: _TypeAlias = RegisterNodeKeyRequest  # noqa: Y015
+
+@_typing.final
+class RegisterNodeKeyResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_KEY_ID_FIELD_NUMBER: _builtins.int
+    ADMITTED_FIELD_NUMBER: _builtins.int
+    FLOWER_NODE_ID_FIELD_NUMBER: _builtins.int
+    node_key_id: _builtins.str
+    """hex(sha256(the key's OpenSSH text without its comment))"""
+    admitted: _builtins.bool
+    """True when the coordinator's SuperLink runs node authentication and now admits this key;
+    false when it has none or runs without node authentication (then any node may connect).
+    """
+    flower_node_id: _builtins.int
+    """the SuperLink's node id for this key when admitted, else 0"""
+    def __init__(
+        self,
+        *,
+        node_key_id: _builtins.str = ...,
+        admitted: _builtins.bool = ...,
+        flower_node_id: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["admitted", b"admitted", "flower_node_id", b"flower_node_id", "node_key_id", b"node_key_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RegisterNodeKeyResponse: _TypeAlias = RegisterNodeKeyResponse  # noqa: Y015

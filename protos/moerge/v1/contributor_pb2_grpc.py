@@ -69,6 +69,11 @@ class ContributorServiceStub:
                 request_serializer=moerge_dot_v1_dot_contributor__pb2.ListMyExpertsRequest.SerializeToString,
                 response_deserializer=moerge_dot_v1_dot_contributor__pb2.ListMyExpertsResponse.FromString,
                 _registered_method=True)
+        self.RegisterNodeKey = channel.unary_unary(
+                '/moerge.v1.ContributorService/RegisterNodeKey',
+                request_serializer=moerge_dot_v1_dot_contributor__pb2.RegisterNodeKeyRequest.SerializeToString,
+                response_deserializer=moerge_dot_v1_dot_contributor__pb2.RegisterNodeKeyResponse.FromString,
+                _registered_method=True)
 
 
 class ContributorServiceServicer:
@@ -139,6 +144,17 @@ class ContributorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RegisterNodeKey(self, request, context):
+        """Register the public key of this contributor's Flower SuperNode (docs/federated.md, "Node
+        keys"). The coordinator's SuperLink, when it runs Flower's node authentication, admits the
+        nodes of the keys of enrolled, unrevoked contributors only; revoking the contributor
+        unregisters them. Registering the same key again is idempotent; a key another contributor
+        registered is ALREADY_EXISTS; more than 16 keys per contributor is FAILED_PRECONDITION.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ContributorServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -176,6 +192,11 @@ def add_ContributorServiceServicer_to_server(servicer, server):
                     servicer.ListMyExperts,
                     request_deserializer=moerge_dot_v1_dot_contributor__pb2.ListMyExpertsRequest.FromString,
                     response_serializer=moerge_dot_v1_dot_contributor__pb2.ListMyExpertsResponse.SerializeToString,
+            ),
+            'RegisterNodeKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.RegisterNodeKey,
+                    request_deserializer=moerge_dot_v1_dot_contributor__pb2.RegisterNodeKeyRequest.FromString,
+                    response_serializer=moerge_dot_v1_dot_contributor__pb2.RegisterNodeKeyResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -367,6 +388,33 @@ class ContributorService:
             '/moerge.v1.ContributorService/ListMyExperts',
             moerge_dot_v1_dot_contributor__pb2.ListMyExpertsRequest.SerializeToString,
             moerge_dot_v1_dot_contributor__pb2.ListMyExpertsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RegisterNodeKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/moerge.v1.ContributorService/RegisterNodeKey',
+            moerge_dot_v1_dot_contributor__pb2.RegisterNodeKeyRequest.SerializeToString,
+            moerge_dot_v1_dot_contributor__pb2.RegisterNodeKeyResponse.FromString,
             options,
             channel_credentials,
             insecure,

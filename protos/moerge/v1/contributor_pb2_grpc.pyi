@@ -73,6 +73,13 @@ class ContributorServiceStub:
     """
     ListMyExperts: _grpc.UnaryUnaryMultiCallable[_contributor_pb2.ListMyExpertsRequest, _contributor_pb2.ListMyExpertsResponse]
     """Every expert this contributor registered, every version and state (no paging)."""
+    RegisterNodeKey: _grpc.UnaryUnaryMultiCallable[_contributor_pb2.RegisterNodeKeyRequest, _contributor_pb2.RegisterNodeKeyResponse]
+    """Register the public key of this contributor's Flower SuperNode (docs/federated.md, "Node
+    keys"). The coordinator's SuperLink, when it runs Flower's node authentication, admits the
+    nodes of the keys of enrolled, unrevoked contributors only; revoking the contributor
+    unregisters them. Registering the same key again is idempotent; a key another contributor
+    registered is ALREADY_EXISTS; more than 16 keys per contributor is FAILED_PRECONDITION.
+    """
 
 @_typing.type_check_only
 class ContributorServiceAsyncStub(ContributorServiceStub):
@@ -110,6 +117,13 @@ class ContributorServiceAsyncStub(ContributorServiceStub):
     """
     ListMyExperts: _aio.UnaryUnaryMultiCallable[_contributor_pb2.ListMyExpertsRequest, _contributor_pb2.ListMyExpertsResponse]  # type: ignore[assignment]
     """Every expert this contributor registered, every version and state (no paging)."""
+    RegisterNodeKey: _aio.UnaryUnaryMultiCallable[_contributor_pb2.RegisterNodeKeyRequest, _contributor_pb2.RegisterNodeKeyResponse]  # type: ignore[assignment]
+    """Register the public key of this contributor's Flower SuperNode (docs/federated.md, "Node
+    keys"). The coordinator's SuperLink, when it runs Flower's node authentication, admits the
+    nodes of the keys of enrolled, unrevoked contributors only; revoking the contributor
+    unregisters them. Registering the same key again is idempotent; a key another contributor
+    registered is ALREADY_EXISTS; more than 16 keys per contributor is FAILED_PRECONDITION.
+    """
 
 class ContributorServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -186,5 +200,18 @@ class ContributorServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_contributor_pb2.ListMyExpertsResponse, _abc.Awaitable[_contributor_pb2.ListMyExpertsResponse]]:
         """Every expert this contributor registered, every version and state (no paging)."""
+
+    @_abc_1.abstractmethod
+    def RegisterNodeKey(
+        self,
+        request: _contributor_pb2.RegisterNodeKeyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_contributor_pb2.RegisterNodeKeyResponse, _abc.Awaitable[_contributor_pb2.RegisterNodeKeyResponse]]:
+        """Register the public key of this contributor's Flower SuperNode (docs/federated.md, "Node
+        keys"). The coordinator's SuperLink, when it runs Flower's node authentication, admits the
+        nodes of the keys of enrolled, unrevoked contributors only; revoking the contributor
+        unregisters them. Registering the same key again is idempotent; a key another contributor
+        registered is ALREADY_EXISTS; more than 16 keys per contributor is FAILED_PRECONDITION.
+        """
 
 def add_ContributorServiceServicer_to_server(servicer: ContributorServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
