@@ -1,7 +1,7 @@
 """Why a prediction request was refused, as plain exceptions the servicer maps to gRPC codes.
 
 The caller's mistakes are ``ValueError``/``LookupError`` subclasses with ``grpc_visible = True``:
-:func:`moerge.coordinator.errors.status_for` turns those into ``INVALID_ARGUMENT`` with the
+:func:`moerge.coordinator.rpc.status.status_for` turns those into ``INVALID_ARGUMENT`` with the
 message shown to the caller. Problems on the coordinator's side (an expert in the store that does
 not fit the base model) are not visible and become ``INTERNAL``.
 
