@@ -3,8 +3,9 @@
 For each public task of the demo (:mod:`moerge.contributor_client.datasets`) and each training
 size, on the task's fixed test split:
 
-* **default**: ``train_expert`` with :class:`TrainConfig`'s defaults (LP-FT, warm-up + decay,
-  ``min_steps``, class weights, early stopping on the validation split);
+* **default**: ``train_expert`` with :class:`TrainConfig`'s defaults (LP-FT, LoRA learning
+  rate with warm-up + decay, ``min_steps``, class weights, early stopping on the validation
+  split);
 * **legacy**: the default recipe before LP-FT (``RECIPES["legacy"]``: random head, fixed epochs);
 * **probe**: a logistic regression (``fit_linear_probe``, C = 1) on the frozen base model's
   pooled embeddings (what the classification head reads) of the same training examples;
@@ -116,6 +117,8 @@ def main() -> None:
         f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores shared with other jobs, "
         f"torch {torch.__version__}, {torch.get_num_threads()} threads; base model MiniLM-L6 "
         f"(`{Path(base).name}`); epochs {args.epochs}; test capped at {args.max_test}.  ",
+        f"Date: {time.strftime('%Y-%m-%d %H:%M %Z')}; load average at start "
+        f"{', '.join(f'{x:.2f}' for x in os.getloadavg())} (1, 5, 15 min).  ",
         f"Tasks missing here (data not fetched): {missing or 'none'}",
         "",
         "Test accuracy; time = training wall time (legacy without the probe fit it now does for "

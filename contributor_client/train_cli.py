@@ -40,6 +40,10 @@ Recipe = Annotated[str, typer.Option(help="training recipe: default (LP-FT) | le
 LearningRate = Annotated[
     float | None, typer.Option("--lr", help="AdamW peak learning rate [recipe's]")
 ]
+HeadLearningRate = Annotated[
+    float | None,
+    typer.Option("--head-lr", help="peak learning rate of the classification head [--lr]"),
+]
 MinSteps = Annotated[int | None, typer.Option(help="at least this many optimizer steps")]
 LrSchedule = Annotated[str | None, typer.Option(help="decay after warm-up: linear | cosine")]
 ClassWeighting = Annotated[
@@ -194,6 +198,7 @@ def _build(
 
 def _recipe(
     recipe: str,
+    head_learning_rate: float | None,
     min_steps: int | None,
     lr_schedule: str | None,
     class_weighting: str | None,
@@ -202,6 +207,7 @@ def _recipe(
 ) -> dict[str, object]:
     return {
         "recipe": recipe,
+        "head_learning_rate": head_learning_rate,
         "min_steps": min_steps,
         "lr_schedule": lr_schedule,
         "class_weighting": class_weighting,
@@ -314,6 +320,7 @@ def train(
     rank: Annotated[int, typer.Option(help="LoRA rank")] = 8,
     recipe: Recipe = "default",
     learning_rate: LearningRate = None,
+    head_learning_rate: HeadLearningRate = None,
     min_steps: MinSteps = None,
     lr_schedule: LrSchedule = None,
     class_weighting: ClassWeighting = None,
@@ -357,7 +364,10 @@ def train(
         seed,
         max_examples,
         target_module,
-        _recipe(recipe, min_steps, lr_schedule, class_weighting, probe_init, early_stopping),
+        _recipe(
+            recipe, head_learning_rate, min_steps, lr_schedule, class_weighting, probe_init,
+            early_stopping,
+        ),
     )
     report = _build(
         data,
@@ -447,6 +457,7 @@ def contribute(
     rank: int = 8,
     recipe: Recipe = "default",
     learning_rate: LearningRate = None,
+    head_learning_rate: HeadLearningRate = None,
     min_steps: MinSteps = None,
     lr_schedule: LrSchedule = None,
     class_weighting: ClassWeighting = None,
@@ -492,7 +503,10 @@ def contribute(
         seed,
         max_examples,
         None,
-        _recipe(recipe, min_steps, lr_schedule, class_weighting, probe_init, early_stopping),
+        _recipe(
+            recipe, head_learning_rate, min_steps, lr_schedule, class_weighting, probe_init,
+            early_stopping,
+        ),
     )
     with tempfile.TemporaryDirectory(prefix="moerge-expert-") as tmp:
         folder = out or Path(tmp) / "expert"

@@ -31,6 +31,7 @@ class TrainOptions:
     # below left at None take the recipe's value (see TrainConfig for what each does).
     recipe: str = "default"
     learning_rate: float | None = None  # AdamW peak learning rate
+    head_learning_rate: float | None = None  # the classification head's (None: learning_rate)
     min_steps: int | None = None  # at least this many optimizer steps
     lr_schedule: str | None = None  # "linear" | "cosine" decay after warm-up
     warmup_fraction: float | None = None  # share of the steps warming up
@@ -60,6 +61,7 @@ class TrainOptions:
 #: TrainOptions fields that override the recipe's TrainConfig value when not None.
 RECIPE_OPTIONS = (
     "learning_rate",
+    "head_learning_rate",
     "min_steps",
     "lr_schedule",
     "warmup_fraction",

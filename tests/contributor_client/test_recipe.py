@@ -181,3 +181,37 @@ def test_report_warns_when_the_expert_does_not_beat_its_baselines() -> None:
     assert len(quality_warnings(weak)) == 2
     lm = ExpertQuality(10, validation_loss=2.0, base_validation_loss=1.5)
     assert ["base model" in w for w in quality_warnings(lm)] == [True]
+
+
+def test_head_learning_rate_moves_the_head_apart_from_the_adapter(
+    tiny_bert: Path, tmp_path: Path
+) -> None:
+    """With a head rate of ~0 the probe-initialised head stays put (the same after one epoch
+    as after three) while the LoRA factors, at their own rate, keep moving."""
+    from safetensors.torch import load_file
+
+    texts, labels = toy_examples(60)
+    frozen_head = toy_config(
+        tiny_bert, head_learning_rate=1e-12, min_steps=0, early_stopping=False
+    )
+    weights = []
+    for epochs in (1, 3):
+        out = tmp_path / str(epochs)
+        train_expert(texts, labels, dataclasses.replace(frozen_head, epochs=epochs), out,
+                     progress=False)
+        weights.append(load_file(str(out / "adapter_model.safetensors")))
+    head = [k for k in weights[0] if "classifier" in k]
+    lora_b = [k for k in weights[0] if "lora_B" in k]
+    assert head and lora_b
+    for key in head:
+        torch.testing.assert_close(weights[0][key], weights[1][key])
+    assert any(not torch.equal(weights[0][k], weights[1][k]) for k in lora_b)
+    assert any(float(weights[1][k].abs().max()) > 0 for k in lora_b)
+
+
+def test_head_learning_rate_option_reaches_the_config(tiny_bert: Path) -> None:
+    config = train_config(str(tiny_bert), None, TrainOptions(head_learning_rate=1e-4))
+    assert config.head_learning_rate == 1e-4
+    assert train_config(str(tiny_bert), None, TrainOptions()).head_learning_rate is None
+    with pytest.raises(ValueError, match="head_learning_rate"):
+        TrainConfig(base_model="m", head_learning_rate=0.0).validate()
