@@ -46,6 +46,10 @@ def get_upload_status(
     request: contributor_pb2.GetUploadStatusRequest, state: CoordinatorState, principal: Principal
 ) -> contributor_pb2.UploadStatus:
     _check_upload_id(request.upload_id)
+    if state.objects is not None:  # a direct upload's bytes are in the store, not staged here
+        info = state.objects.progress(principal.contributor_id, request.upload_id)
+        if info is not None:
+            return convert.upload_status(info)
     return convert.upload_status(state.uploads.status(principal.contributor_id, request.upload_id))
 
 

@@ -130,6 +130,34 @@ class ObjectUploads:
             raise
         return int(head["ContentLength"])
 
+    def progress(self, contributor_id: str, upload_id: str) -> UploadInfo | None:
+        """A direct upload's bytes in the store (parts arrived, files already completed),
+        recorded in the registry; ``None`` when the store holds nothing of this upload (a
+        chunked gRPC upload, whose bytes the receiver stages on local disk).
+
+        The store is the truth for direct uploads: parts go to it without passing through any
+        replica, so a replica's local staging knows nothing of them.
+        """
+        info = self.registry.get_upload(contributor_id, upload_id)
+        if info.state != "receiving":
+            return info
+        held, found = 0, False
+        for f in info.manifest.get("files", ()):
+            key = self._key(contributor_id, upload_id, str(f["name"]))
+            size = self._staged_size(key)
+            if size is not None:
+                found, held = True, held + size
+                continue
+            multipart = self._multipart(key, create=False)
+            if multipart is not None:
+                found = True
+                held += sum(int(p["Size"]) for p in self._arrived(key, multipart).values())  # type: ignore[call-overload]
+        if not found:
+            return None
+        if held != info.received_bytes:
+            info = self.registry.set_upload_progress(contributor_id, upload_id, held)
+        return info
+
     def plan(
         self, contributor_id: str, manifest: Manifest, parts: dict[str, list[str]]
     ) -> tuple[UploadInfo, list[PartTarget]]:

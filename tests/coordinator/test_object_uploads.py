@@ -112,6 +112,13 @@ def test_a_cut_upload_resumes_with_urls_for_the_missing_parts_only(
             stub.CompleteObjectUpload(request, metadata=target.metadata())
         assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
         assert "have not arrived" in (refused.value.details() or "")
+        # the status counts what the store holds (the parts never passed through a replica)
+        status = stub.GetUploadStatus(
+            contributor_pb2.GetUploadStatusRequest(upload_id=request.manifest.upload_id),
+            metadata=target.metadata(),
+        )
+        assert status.state == "receiving"
+        assert status.received_bytes == sum(p.size for p in sent) > 0
     # any client (or replica) asking again learns what arrived from the store itself
     resumed = upload_expert(target, expert, "sentiment", "toy", progress=False)
     assert resumed.created
