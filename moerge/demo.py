@@ -290,7 +290,12 @@ def demo(
     """Run the end-to-end demo and print the routing table."""
     from moerge.contributor_client.connection import Target
     from moerge.contributor_client.datasets import available_tasks
-    from moerge.evaluation import mixed_stream, save_confusion_png, score_methods
+    from moerge.evaluation import (
+        majority_floor,
+        mixed_stream,
+        save_confusion_png,
+        score_methods,
+    )
     from moerge.storage.tokens import new_token
 
     data_dir = data_dir.resolve()  # contributors run in their own folders
@@ -351,7 +356,7 @@ def demo(
                 admin, methods, stream, expert_of_task,
                 on_batch=lambda n: bar.advance(evaluate, n),
             )  # fmt: skip
-        _print_table(scores, fit_seconds, len(stream), names)
+        _print_table(scores, fit_seconds, len(stream), names, majority_floor(stream).accuracy)
         best = max(
             (s for s in scores if s.method not in ("oracle", "uniform") and not s.error),
             key=lambda s: s.routing_accuracy,
@@ -370,7 +375,11 @@ def demo(
         process.wait(30)
 
 
-def _print_table(scores: list, fit_seconds: dict[str, float], n: int, tasks: list[str]) -> None:
+def _print_table(
+    scores: list, fit_seconds: dict[str, float], n: int, tasks: list[str], floor: float
+) -> None:
+    """One row per method, and the majority-class floor (each text answered with its task's most
+    common label): "% of oracle" means little when the oracle itself sits near the floor."""
     oracle = next(s for s in scores if s.method == "oracle").task_accuracy or 1.0
     grid = Table(title=f"mixed stream of {n} held-out examples from {len(tasks)} tasks")
     for column in ("method", "routing acc", "task acc", "% of oracle", "fit s", "predict s"):
@@ -387,4 +396,5 @@ def _print_table(scores: list, fit_seconds: dict[str, float], n: int, tasks: lis
             f"{fit_seconds.get(s.method, 0):.2f}",
             f"{s.seconds:.1f}",
         )
+    grid.add_row("majority floor", "-", f"{floor:.1%}", f"{floor / oracle:.1%}", "-", "-")
     console.print(grid)
