@@ -240,6 +240,7 @@ class StateCollector(Collector):
         engine = inference.engine if inference is not None else None
         scheduler = getattr(engine, "_scheduler", None)
         running, waiting = scheduler.load if scheduler is not None else (0, 0)
+        graphs = scheduler.graphs if scheduler is not None else None
         return [
             info,
             GaugeMetricFamily("moerge_generation_running",
@@ -250,6 +251,12 @@ class StateCollector(Collector):
                                 value=scheduler.tokens if scheduler is not None else 0),
             CounterMetricFamily("moerge_generation_steps", "decode steps run by Generate",
                                 value=scheduler.steps if scheduler is not None else 0),
+            CounterMetricFamily("moerge_generation_graph_replays",
+                                "decode steps replayed from a captured CUDA graph",
+                                value=graphs.replays if graphs is not None else 0),
+            CounterMetricFamily("moerge_generation_graph_captures",
+                                "decode steps captured as CUDA graphs (one per batch shape)",
+                                value=graphs.captures if graphs is not None else 0),
         ]
 
 

@@ -165,6 +165,7 @@ def test_metrics_show_the_device_and_the_generation_load(served) -> None:
                         if line.startswith("moerge_generation_tokens_total")))
     assert tokens >= 1
     assert "moerge_generation_running 0.0" in text
+    assert "moerge_generation_graph_replays_total 0.0" in text  # CPU: no CUDA graphs
 
 
 def test_moerge_generate_streams_the_text_to_stdout_and_the_routing_to_stderr(served) -> None:
