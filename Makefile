@@ -57,6 +57,7 @@ test-fast: setup
 
 lint: setup
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 proto: setup
 	$(PY) protos/generate.py

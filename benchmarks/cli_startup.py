@@ -120,9 +120,7 @@ def markdown(times: dict[str, list[float]], imports: list[float], args: argparse
     ]
     for name, values in times.items():
         median = statistics.median(values)
-        lines.append(
-            f"| `{name}` | {median:.3f} s | {min(values):.3f} s | {median / floor:.2f}x |"
-        )
+        lines.append(f"| `{name}` | {median:.3f} s | {min(values):.3f} s | {median / floor:.2f}x |")
     lines += [
         "",
         f"Import time of `moerge.cli` (`python -X importtime`, cumulative, median): "

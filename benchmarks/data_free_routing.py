@@ -55,8 +55,10 @@ def test_stream(
 
 
 def score(
-    engine: InferenceEngine, plan_of: dict[str, RoutingPlan] | RoutingPlan,
-    rows: list[tuple[str, str, str]], batch: int = 16,
+    engine: InferenceEngine,
+    plan_of: dict[str, RoutingPlan] | RoutingPlan,
+    rows: list[tuple[str, str, str]],
+    batch: int = 16,
 ) -> tuple[dict[str, list[bool]], dict[str, list[bool]]]:
     """Per task, whether each text was routed to its own expert and answered right."""
     routed, right = defaultdict(list), defaultdict(list)
@@ -109,9 +111,13 @@ def main() -> None:
     oracle = {t: RoutingPlan.explicit([[t]]) for t in tasks}
     _, oracle_right = score(engine, oracle, rows)
     oracle_acc = mean([x for v in oracle_right.values() for x in v])
-    lines += ["", "| method | routing acc | task acc | % of oracle | zero-vector experts | "
-              + " | ".join(tasks) + " |", "| --- | ---: | ---: | ---: | --- |"
-              + " ---: |" * len(tasks)]
+    lines += [
+        "",
+        "| method | routing acc | task acc | % of oracle | zero-vector experts | "
+        + " | ".join(tasks)
+        + " |",
+        "| --- | ---: | ---: | ---: | --- |" + " ---: |" * len(tasks),
+    ]
     lines.append(f"| oracle | 100.0% | {oracle_acc:.1%} | 100.0% | - |" + " 100% |" * len(tasks))
     for method in args.methods.split(","):
         fit = fit_router(method, records)

@@ -40,15 +40,22 @@ def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
-def losses(folder: Path, base: str, labels: list[str], texts: list[str], targets: list[str],
-           max_length: int) -> tuple[float, torch.Tensor]:
+def losses(
+    folder: Path,
+    base: str,
+    labels: list[str],
+    texts: list[str],
+    targets: list[str],
+    max_length: int,
+) -> tuple[float, torch.Tensor]:
     """Accuracy and per-example loss of the saved expert on ``texts``."""
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification
 
     tokenizer = load_tokenizer(base)
     model = AutoModelForSequenceClassification.from_pretrained(
-        base, num_labels=len(labels), dtype=torch.float32)
+        base, num_labels=len(labels), dtype=torch.float32
+    )
     model = PeftModel.from_pretrained(model, str(folder)).eval()
     ids = encode(tokenizer, texts, max_length)
     y = torch.tensor([labels.index(t) for t in targets])
@@ -71,8 +78,11 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--max-length", type=int, default=64)
     parser.add_argument("--attack", type=int, default=200)
-    parser.add_argument("--lora-epsilons", default="",
-                        help="also DP-SGD on head + LoRA (train_lora) at these epsilons")
+    parser.add_argument(
+        "--lora-epsilons",
+        default="",
+        help="also DP-SGD on head + LoRA (train_lora) at these epsilons",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     base = default_base_model()
@@ -86,8 +96,11 @@ def main() -> None:
         variants: list[tuple[str, DPSGDConfig | None]] = [("none", None)] + [
             (eps, DPSGDConfig(epsilon=float(eps))) for eps in args.epsilons.split(",")
         ]
-        variants += [(f"{eps} (head + LoRA)", DPSGDConfig(epsilon=float(eps), train_lora=True))
-                     for eps in args.lora_epsilons.split(",") if eps]
+        variants += [
+            (f"{eps} (head + LoRA)", DPSGDConfig(epsilon=float(eps), train_lora=True))
+            for eps in args.lora_epsilons.split(",")
+            if eps
+        ]
         baseline = None
         for label, dp_sgd in variants:
             config = TrainConfig(base_model=base, epochs=args.epochs, max_length=args.max_length)
@@ -96,20 +109,31 @@ def main() -> None:
                 begin = time.perf_counter()
                 result = train_expert(texts, labels, config, tmp, progress=False, dp_sgd=dp_sgd)
                 seconds = time.perf_counter() - begin
-                accuracy, test_loss = losses(Path(tmp), base, result.label_names, test_texts,
-                                             test_labels, args.max_length)
-                _, train_loss = losses(Path(tmp), base, result.label_names, texts[:k],
-                                       labels[:k], args.max_length)
+                accuracy, test_loss = losses(
+                    Path(tmp), base, result.label_names, test_texts, test_labels, args.max_length
+                )
+                _, train_loss = losses(
+                    Path(tmp), base, result.label_names, texts[:k], labels[:k], args.max_length
+                )
             attack = loss_attack(train_loss, test_loss[:k])
             if baseline is None:
                 baseline = (accuracy, seconds)
             account = result.dp_sgd
-            rows.append((name, len(task.label_names), label, accuracy, accuracy / baseline[0],
-                         seconds, seconds / baseline[1], attack,
-                         None if account is None else account.noise_multiplier,
-                         None if account is None else account.steps,
-                         None if dp_sgd is None else bound_advantage(dp_sgd.epsilon,
-                                                                     dp_sgd.delta)))
+            rows.append(
+                (
+                    name,
+                    len(task.label_names),
+                    label,
+                    accuracy,
+                    accuracy / baseline[0],
+                    seconds,
+                    seconds / baseline[1],
+                    attack,
+                    None if account is None else account.noise_multiplier,
+                    None if account is None else account.steps,
+                    None if dp_sgd is None else bound_advantage(dp_sgd.epsilon, dp_sgd.delta),
+                )
+            )
             log(f"  accuracy {accuracy:.3f}, {seconds:.0f} s, attack advantage {attack:.3f}")
     write(args, rows, time.perf_counter() - started)
 
@@ -131,7 +155,7 @@ def write(args, rows, seconds: float) -> None:
         "| train time | time ratio | attack advantage | DP bound |",
         "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    for (task, n_labels, eps, acc, rel, secs, ratio, attack, sigma, steps, bound) in rows:
+    for task, n_labels, eps, acc, rel, secs, ratio, attack, sigma, steps, bound in rows:
         lines.append(
             f"| {task} | {n_labels} | {eps} | {'-' if sigma is None else f'{sigma:.2f}'} | "
             f"{'-' if steps is None else steps} | {100 * acc:.1f}% | {100 * rel:.0f}% | "

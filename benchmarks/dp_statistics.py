@@ -80,8 +80,11 @@ def expert_predictions(
         if not (folder / "adapter_model.safetensors").is_file():
             log(f"training the {task.name} expert ({len(task.train)} examples)")
             result = train_expert(
-                [e.text for e in task.train], [e.label for e in task.train],
-                TrainConfig(base_model=base, epochs=epochs), folder, progress=False,
+                [e.text for e in task.train],
+                [e.label for e in task.train],
+                TrainConfig(base_model=base, epochs=epochs),
+                folder,
+                progress=False,
             )
             (folder / "labels.txt").write_text("\n".join(result.label_names))
         labels = (folder / "labels.txt").read_text().split("\n")
@@ -100,20 +103,29 @@ def expert_predictions(
 
 
 def release(
-    train: list[torch.Tensor], label_ids: list[list[int]], sizes: list[int], epsilon: float | None,
+    train: list[torch.Tensor],
+    label_ids: list[list[int]],
+    sizes: list[int],
+    epsilon: float | None,
     seed: int,
 ) -> list[ExpertRecord]:
     records = []
     for t, (x, ids, size) in enumerate(zip(train, label_ids, sizes, strict=True)):
         dp = None if epsilon is None else DPConfig(epsilon=epsilon, delta=DELTA, seed=seed * 97 + t)
         s = summarize_embeddings(x, ids, size, dp=dp)
-        records.append(ExpertRecord(
-            expert_id=f"e{t}", task_name=str(t),
-            statistics=ExpertStatistics(
-                example_count=s.count, mean=s.mean.float(), cov_diag=s.cov_diag.float(),
-                cov_factor=s.cov_factor.float(), dp_noise_std=s.noise_std,
-            ),
-        ))
+        records.append(
+            ExpertRecord(
+                expert_id=f"e{t}",
+                task_name=str(t),
+                statistics=ExpertStatistics(
+                    example_count=s.count,
+                    mean=s.mean.float(),
+                    cov_diag=s.cov_diag.float(),
+                    cov_factor=s.cov_factor.float(),
+                    dp_noise_std=s.noise_std,
+                ),
+            )
+        )
     return records
 
 
@@ -132,8 +144,10 @@ def main() -> None:
     torch.manual_seed(0)
     base = default_base_model()
     started = time.perf_counter()
-    tasks = [load_task(name, max_train=args.train_per_task, max_test=args.test_per_task)
-             for name in DEFAULT_TASKS]
+    tasks = [
+        load_task(name, max_train=args.train_per_task, max_test=args.test_per_task)
+        for name in DEFAULT_TASKS
+    ]
     test_texts = [e.text for task in tasks for e in task.test]
     test_task = torch.tensor([t for t, task in enumerate(tasks) for _ in task.test])
     cache = args.cache / f"n{args.train_per_task}"
@@ -159,8 +173,12 @@ def main() -> None:
             base, tasks, cache / "experts", args.epochs, test_texts
         )
         truth = [e.label for task in tasks for e in task.test]
-        correct_if = torch.tensor([[names[e][int(p)] == truth[n] for n, p in enumerate(row)]
-                                   for e, row in enumerate(predicted)])
+        correct_if = torch.tensor(
+            [
+                [names[e][int(p)] == truth[n] for n, p in enumerate(row)]
+                for e, row in enumerate(predicted)
+            ]
+        )
 
     epsilons = [None if e == "none" else float(e) for e in args.epsilons.split(",")]
     rows = []
@@ -181,10 +199,15 @@ def main() -> None:
         for method in ROUTERS:
             rows.append((epsilon, z, method, routing[method], task_acc[method]))
         best = max(ROUTERS, key=lambda m: pystats.mean(routing[m]))
-        log(f"epsilon {epsilon}: best {best} {100 * pystats.mean(routing[best]):.1f}% "
-            + " ".join(f"{m}={100 * pystats.mean(routing[m]):.1f}" for m in ROUTERS))
-    oracle = None if correct_if is None else float(
-        correct_if[test_task, torch.arange(len(test_task))].float().mean())
+        log(
+            f"epsilon {epsilon}: best {best} {100 * pystats.mean(routing[best]):.1f}% "
+            + " ".join(f"{m}={100 * pystats.mean(routing[m]):.1f}" for m in ROUTERS)
+        )
+    oracle = (
+        None
+        if correct_if is None
+        else float(correct_if[test_task, torch.arange(len(test_task))].float().mean())
+    )
     attacks = membership(train, test, test_task, epsilons, args.attack_trials)
     write(args, rows, oracle, expert_seconds, time.perf_counter() - started, attacks)
 
@@ -201,11 +224,14 @@ def membership(train, test, test_task, epsilons, trials: int) -> list[tuple]:
     for epsilon in epsilons:
         config = None if epsilon is None else DPConfig(epsilon=epsilon, delta=DELTA)
         worst = worst_case_attack(data[1:], data[0], config, trials=trials if config else 20)
-        population = population_attack(members, held_out[:50], reference, config,
-                                       releases=1 if config is None else 40)
+        population = population_attack(
+            members, held_out[:50], reference, config, releases=1 if config is None else 40
+        )
         rows.append((epsilon, worst, population))
-        log(f"attacks at epsilon {epsilon}: worst case {worst.advantage:.3f}, "
-            f"population {population.advantage:.3f}")
+        log(
+            f"attacks at epsilon {epsilon}: worst case {worst.advantage:.3f}, "
+            f"population {population.advantage:.3f}"
+        )
     return rows
 
 
@@ -230,33 +256,44 @@ def write(args, rows, oracle, expert_seconds: float, seconds: float, attacks=())
         f"the PLD accountant; {args.draws} noise draws per epsilon (mean +- std over draws). "
         f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
         f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}; {seconds:.0f} s"
-        + (f" (experts {expert_seconds:.0f} s)" if expert_seconds else "") + ".",
+        + (f" (experts {expert_seconds:.0f} s)" if expert_seconds else "")
+        + ".",
         "",
         "| epsilon | noise multiplier z | router | routing acc | task acc |",
         "| --- | ---: | --- | ---: | ---: |",
     ]
     for epsilon, z, method, routing, task in rows:
         eps = "none" if epsilon is None else f"{epsilon:g}"
-        lines.append(f"| {eps} | {'-' if z is None else f'{z:.2f}'} | {method} | "
-                     f"{_pct(routing)} | {_pct(task)} |")
+        lines.append(
+            f"| {eps} | {'-' if z is None else f'{z:.2f}'} | {method} | "
+            f"{_pct(routing)} | {_pct(task)} |"
+        )
     if oracle is not None:
-        lines += ["", f"Oracle routing (every example to its own task's expert): task accuracy "
-                  f"{100 * oracle:.1f}%."]
+        lines += [
+            "",
+            f"Oracle routing (every example to its own task's expert): task accuracy "
+            f"{100 * oracle:.1f}%.",
+        ]
     best_none = max((pystats.mean(r) for e, _, _, r, _ in rows if e is None), default=math.nan)
-    lines += ["", "Loss of the best statistics router against the best without DP "
-              f"({100 * best_none:.1f}%):", ""]
+    lines += [
+        "",
+        f"Loss of the best statistics router against the best without DP ({100 * best_none:.1f}%):",
+        "",
+    ]
     for epsilon in sorted({e for e, *_ in rows if e is not None}):
         best = max(pystats.mean(r) for e, _, _, r, _ in rows if e == epsilon)
         lines.append(f"* epsilon {epsilon:g}: {100 * (best_none - best):+.1f} points")
     if attacks:
         lines += [
-            "", "Membership inference on the first task's real embeddings "
+            "",
+            "Membership inference on the first task's real embeddings "
             "(`moerge.contributor_client.membership`): *worst case*, the attacker of the DP "
             f"definition (knows the other {args.train_per_task - 1} examples, likelihood-ratio "
             f"test on the raw releases, {args.attack_trials} trials), beside the exact advantage "
             "of the optimal test and the (epsilon, delta) bound; *population*, an attacker who "
             "knows only other texts of the task, on a release of 50 examples (40 releases; "
-            "50 members vs 50 held-out texts).", "",
+            "50 members vs 50 held-out texts).",
+            "",
             "| epsilon | worst-case advantage | exact (optimal test) | DP bound | "
             "population advantage (n=50) |",
             "| --- | ---: | ---: | ---: | ---: |",
@@ -264,8 +301,10 @@ def write(args, rows, oracle, expert_seconds: float, seconds: float, attacks=())
         for epsilon, worst, population in attacks:
             eps = "none" if epsilon is None else f"{epsilon:g}"
             bound = "-" if worst.dp_bound is None else f"{worst.dp_bound:.4f}"
-            lines.append(f"| {eps} | {worst.advantage:.3f} +- {worst.standard_error:.3f} | "
-                         f"{worst.exact:.3f} | {bound} | {population.advantage:.3f} |")
+            lines.append(
+                f"| {eps} | {worst.advantage:.3f} +- {worst.standard_error:.3f} | "
+                f"{worst.exact:.3f} | {bound} | {population.advantage:.3f} |"
+            )
     text = "\n".join(lines) + "\n"
     print(text)
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -86,9 +86,7 @@ def run_one(base: str, task: str, size: int, max_test: int, epochs: int) -> dict
     row["probe_s"] = time.perf_counter() - begin
 
     for recipe in ("legacy", "default"):
-        config = dataclasses.replace(
-            TrainConfig(base_model=base, epochs=epochs), **RECIPES[recipe]
-        )
+        config = dataclasses.replace(TrainConfig(base_model=base, epochs=epochs), **RECIPES[recipe])
         with tempfile.TemporaryDirectory() as tmp:
             result = train_expert(texts, labels, config, tmp, progress=False)
             row[f"{recipe}_acc"] = expert_test_accuracy(base, Path(tmp), names, test_ids, test_y)

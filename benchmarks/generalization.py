@@ -79,7 +79,7 @@ def _split(pairs: Pairs, max_train: int, max_test: int) -> tuple[Pairs, Pairs]:
     clean = sorted((t, next(iter(ls))) for t, ls in by_text.items() if t and len(ls) == 1)
     random.Random(SPLIT_SEED).shuffle(clean)
     test = clean[: max(len(clean) // 5, 1)][:max_test]
-    train = clean[max(len(clean) // 5, 1):][:max_train]
+    train = clean[max(len(clean) // 5, 1) :][:max_train]
     return train, test
 
 
@@ -142,7 +142,9 @@ def train_experts(
         data = work / f"{name}.jsonl"
         data.write_text("".join(json.dumps({"text": t, "label": y}) + "\n" for t, y in train))
         options = TrainOptions(
-            epochs=args.epochs, max_length=args.max_length, gate_steps=args.gate_steps,
+            epochs=args.epochs,
+            max_length=args.max_length,
+            gate_steps=args.gate_steps,
             target_modules=["query", "value"],
         )
         started = time.perf_counter()
@@ -153,7 +155,9 @@ def train_experts(
 
 def record(name: str, folder: Path) -> ExpertRecord:
     return ExpertRecord(
-        expert_id=name, task_name=name, statistics=read_statistics(folder),
+        expert_id=name,
+        task_name=name,
+        statistics=read_statistics(folder),
         load_lora=lambda: read_lora(folder),
     )
 
@@ -221,13 +225,16 @@ def evaluate_task(
             loss = classification_loss(
                 engine, rest, [t for t, _ in examples], [y for _, y in examples]
             )
-            result = search_weights(loss, len(rest), CompositionConfig(
-                **{**config.__dict__, "seed": seed}))
+            result = search_weights(
+                loss, len(rest), CompositionConfig(**{**config.__dict__, "seed": seed})
+            )
             accs.append(accuracy(engine, rest, result.weights, texts, gold))
             secs.append(result.elapsed_s)
-            log(f"  {held_out} k={k} seed={seed}: weights "
+            log(
+                f"  {held_out} k={k} seed={seed}: weights "
                 f"{[round(w, 2) for w in result.weights]} ({rest}) loss {result.start_loss:.3f}"
-                f" -> {result.loss:.3f}, test acc {accs[-1]:.3f}, {result.elapsed_s:.0f} s")
+                f" -> {result.loss:.3f}, test acc {accs[-1]:.3f}, {result.elapsed_s:.0f} s"
+            )
         scores[f"composition k={k}"] = sum(accs) / len(accs)
         scores[f"_seconds k={k}"] = sum(secs) / len(secs)
     log(f"{held_out}: " + ", ".join(f"{m} {v:.3f}" for m, v in scores.items()))
@@ -235,8 +242,9 @@ def evaluate_task(
 
 
 # -- report ---------------------------------------------------------------------------------------
-def report(rows: list[Row], args: argparse.Namespace, sizes: dict[str, tuple[int, int]],
-           seconds: float) -> str:
+def report(
+    rows: list[Row], args: argparse.Namespace, sizes: dict[str, tuple[int, int]], seconds: float
+) -> str:
     methods = [m for m in rows[0].scores if not m.startswith("_")]
     mean = {m: sum(r.scores[m] for r in rows) / len(rows) for m in methods}
     lines = [
@@ -280,7 +288,8 @@ def report(rows: list[Row], args: argparse.Namespace, sizes: dict[str, tuple[int
         f"{100 * own:.1f}%; composition k=20 {100 * k20:.1f}%: it recovers "
         f"**{100 * recovered:.0f}%** of the gap (goal: >= 50%).",
         "- Search time per composition (mean): "
-        + ", ".join(f"k={k} {s:.1f} s" for k, s in secs.items()) + ".",
+        + ", ".join(f"k={k} {s:.1f} s" for k, s in secs.items())
+        + ".",
     ]
     return "\n".join(lines) + "\n"
 
@@ -307,8 +316,11 @@ def main() -> None:
     log(f"sizes {sizes}")
     folders = train_experts(args.work_dir, splits, args)
     engine = InferenceEngine(
-        default_base_model(), target_modules=["query", "value"], max_length=args.max_length,
-        truncate=True, expert_loader=lambda e: folders[e],
+        default_base_model(),
+        target_modules=["query", "value"],
+        max_length=args.max_length,
+        truncate=True,
+        expert_loader=lambda e: folders[e],
     )
     try:
         rows = [evaluate_task(engine, n, folders, splits, args) for n in args.tasks]

@@ -58,10 +58,22 @@ import token_routing as tr  # noqa: E402  (moerge import shim, adapters, PEFT Ar
 RESULTS = ROOT / "benchmarks" / "results" / "generation_throughput.md"
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 PRESETS = {
-    "llama-1b": dict(hidden_size=2048, num_hidden_layers=22, num_attention_heads=32,
-                     num_key_value_heads=4, intermediate_size=5632, vocab_size=32000),
-    "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, intermediate_size=128, vocab_size=1000),
+    "llama-1b": dict(
+        hidden_size=2048,
+        num_hidden_layers=22,
+        num_attention_heads=32,
+        num_key_value_heads=4,
+        intermediate_size=5632,
+        vocab_size=32000,
+    ),
+    "tiny": dict(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=128,
+        vocab_size=1000,
+    ),
 }
 log = tr.log
 
@@ -76,15 +88,17 @@ def write_base(folder: Path, preset: str, dtype: torch.dtype) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     shape = PRESETS[preset]
-    config = LlamaConfig(**shape, max_position_embeddings=2048, pad_token_id=0,
-                         bos_token_id=None, eos_token_id=None)
+    config = LlamaConfig(
+        **shape, max_position_embeddings=2048, pad_token_id=0, bos_token_id=None, eos_token_id=None
+    )
     torch.manual_seed(0)
     LlamaForCausalLM(config).to(dtype).save_pretrained(folder)
     vocab = {"<pad>": 0, "<unk>": 1, **{f"w{i}": i for i in range(2, shape["vocab_size"])}}
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>",
-                                        unk_token="<unk>", model_max_length=2048)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>", model_max_length=2048
+    )
     tokenizer.save_pretrained(folder)
     return folder
 
@@ -105,26 +119,38 @@ def write_experts(base: Path, root: Path, count: int, rank: int) -> list[Path]:
     )
 
     with torch.device("meta"):
-        shapes = tr.target_shapes(AutoModelForCausalLM.from_config(
-            AutoConfig.from_pretrained(base)), TARGETS)
+        shapes = tr.target_shapes(
+            AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(base)), TARGETS
+        )
     hidden = AutoConfig.from_pretrained(base).hidden_size
     folders = []
     for i in range(count):
         folder = root / f"expert{i}"
         folder.mkdir(parents=True)
-        LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=TARGETS,
-                   task_type="CAUSAL_LM").save_pretrained(str(folder))
+        LoraConfig(
+            r=rank, lora_alpha=2 * rank, target_modules=TARGETS, task_type="CAUSAL_LM"
+        ).save_pretrained(str(folder))
         state = {k: v.to(torch.bfloat16) for k, v in tr.random_adapter(shapes, rank, i).items()}
         save_file(state, str(folder / "adapter_model.safetensors"))
         generator = torch.Generator().manual_seed(10_000 + i)
-        save_file({
-            MEAN_KEY: torch.randn(hidden, generator=generator),
-            COV_DIAG_KEY: torch.full((hidden,), 0.01),
-            COV_FACTOR_KEY: 0.05 * torch.randn(hidden, 2, generator=generator),
-        }, str(folder / STATISTICS_TENSORS))
-        StatisticsMeta(example_count=100, hidden_size=hidden, covariance_rank=2,
-                       task_name=f"task{i}", task_type="causal_lm", label_names=[],
-                       label_counts=[], gate_modules=[]).write(folder / STATISTICS_META)
+        save_file(
+            {
+                MEAN_KEY: torch.randn(hidden, generator=generator),
+                COV_DIAG_KEY: torch.full((hidden,), 0.01),
+                COV_FACTOR_KEY: 0.05 * torch.randn(hidden, 2, generator=generator),
+            },
+            str(folder / STATISTICS_TENSORS),
+        )
+        StatisticsMeta(
+            example_count=100,
+            hidden_size=hidden,
+            covariance_rank=2,
+            task_name=f"task{i}",
+            task_type="causal_lm",
+            label_names=[],
+            label_counts=[],
+            gate_modules=[],
+        ).write(folder / STATISTICS_META)
         folders.append(folder)
     return folders
 
@@ -159,8 +185,12 @@ def hf_baselines(base: Path, folders: list[Path], prompts: list[str], args, dtyp
     tokenizer = AutoTokenizer.from_pretrained(base)
     enc = tokenizer(prompts, return_tensors="pt", padding=True).to(args.device)
     tokens = len(prompts) * args.new_tokens
-    kwargs = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
-                  do_sample=False, pad_token_id=0)
+    kwargs = dict(
+        max_new_tokens=args.new_tokens,
+        min_new_tokens=args.new_tokens,
+        do_sample=False,
+        pad_token_id=0,
+    )
     states = [load_file(str(f / "adapter_model.safetensors")) for f in folders]
 
     def fresh():  # PEFT wraps (and changes) the model it is given
@@ -184,29 +214,37 @@ def hf_baselines(base: Path, folders: list[Path], prompts: list[str], args, dtyp
     with torch.no_grad():
         model = fresh()
         out["HF generate, base model"] = tokens / timed(
-            lambda: model.generate(**enc, **kwargs), args.device, args.reps)
+            lambda: model.generate(**enc, **kwargs), args.device, args.reps
+        )
         del model
         log("HF base done")
         model = with_adapters(1)
         out["HF generate + PEFT, one adapter"] = tokens / timed(
-            lambda: model.generate(**enc, **kwargs), args.device, args.reps)
+            lambda: model.generate(**enc, **kwargs), args.device, args.reps
+        )
         del model
         log("PEFT one adapter done")
         mixed = min(len(prompts), len(folders))
         model = with_adapters(len(folders))
         names = [f"a{i % mixed}" for i in range(len(prompts))]
         out[f"PEFT mixed-adapter generate ({mixed} adapters in the batch)"] = tokens / timed(
-            lambda: model.generate(**enc, adapter_names=names, **kwargs), args.device, 1)
+            lambda: model.generate(**enc, adapter_names=names, **kwargs), args.device, 1
+        )
         del model
         log("PEFT mixed done")
         if not args.skip_peft_arrow:
             from peft import ArrowConfig
 
             model = tr.peft_arrow_in_memory(
-                fresh(), states, args.rank, TARGETS,
-                ArrowConfig(top_k=args.top_k, router_temperature=1.0))
+                fresh(),
+                states,
+                args.rank,
+                TARGETS,
+                ArrowConfig(top_k=args.top_k, router_temperature=1.0),
+            )
             out[f"PEFT Arrow generate, top-{args.top_k} of {len(folders)}"] = tokens / timed(
-                lambda: model.generate(**enc, **kwargs), args.device, 1)
+                lambda: model.generate(**enc, **kwargs), args.device, 1
+            )
             del model
             log("PEFT Arrow done")
     gc.collect()
@@ -226,12 +264,19 @@ def moerge_in_process(base: Path, folders: list[Path], prompts: list[str], args,
     from moerge.coordinator.inference.plan import RoutingPlan
 
     ids = [f"e{i}" for i in range(len(folders))]
-    engine = InferenceEngine(base, "causal_lm", TARGETS, max_rank=args.rank,
-                             cache_bytes=16 << 30, device=args.device, dtype=dtype,
-                             max_length=args.prompt_tokens + 8,
-                             expert_loader=dict(zip(ids, folders, strict=True)).__getitem__,
-                             generation_max_batch=max(64, len(prompts)),
-                             initial_capacity=len(folders))
+    engine = InferenceEngine(
+        base,
+        "causal_lm",
+        TARGETS,
+        max_rank=args.rank,
+        cache_bytes=16 << 30,
+        device=args.device,
+        dtype=dtype,
+        max_length=args.prompt_tokens + 8,
+        expert_loader=dict(zip(ids, folders, strict=True)).__getitem__,
+        generation_max_batch=max(64, len(prompts)),
+        initial_capacity=len(folders),
+    )
     sampling = SamplingParams(max_new_tokens=args.new_tokens)
 
     def run(batch: list[str]) -> tuple[float, list[float], int]:
@@ -247,9 +292,15 @@ def moerge_in_process(base: Path, folders: list[Path], prompts: list[str], args,
                 done.release()
 
         for i, prompt in enumerate(batch):
-            engine.scheduler.submit(GenerationRequest(
-                prompt=prompt, routing_text=prompt, sampling=sampling, sink=sink,
-                plan=RoutingPlan.explicit([[ids[i % len(ids)]]])))
+            engine.scheduler.submit(
+                GenerationRequest(
+                    prompt=prompt,
+                    routing_text=prompt,
+                    sampling=sampling,
+                    sink=sink,
+                    plan=RoutingPlan.explicit([[ids[i % len(ids)]]]),
+                )
+            )
         for _ in batch:
             done.acquire()
         return time.perf_counter() - start, firsts, count[0]
@@ -262,9 +313,14 @@ def moerge_in_process(base: Path, folders: list[Path], prompts: list[str], args,
     from moerge.router_training import fit_router
     from moerge.router_training.base import ExpertRecord
 
-    centroid = fit_router("centroid", [
-        ExpertRecord(expert_id=e, statistics=read_statistics(f))
-        for e, f in zip(ids, folders, strict=True)], {"top_k": 1}).router
+    centroid = fit_router(
+        "centroid",
+        [
+            ExpertRecord(expert_id=e, statistics=read_statistics(f))
+            for e, f in zip(ids, folders, strict=True)
+        ],
+        {"top_k": 1},
+    ).router
     routed = RoutingPlan.routed(centroid, 1)
     ttft = []
     for _ in range(6):
@@ -276,9 +332,15 @@ def moerge_in_process(base: Path, folders: list[Path], prompts: list[str], args,
                 firsts.append(event.time_to_first_token_ms)
                 done.set()
 
-        engine.scheduler.submit(GenerationRequest(
-            prompt=prompts[0], routing_text=prompts[0], sampling=sampling, sink=sink,
-            plan=routed))
+        engine.scheduler.submit(
+            GenerationRequest(
+                prompt=prompts[0],
+                routing_text=prompts[0],
+                sampling=sampling,
+                sink=sink,
+                plan=routed,
+            )
+        )
         done.wait()
         ttft.append(firsts[0])
     ttft = ttft[1:]  # the first one warms the routing path up
@@ -308,25 +370,38 @@ class Server:
         self.address = f"127.0.0.1:{free_port()}"
         self.log = work / "coordinator.log"
         env = {k: v for k, v in os.environ.items() if not k.startswith("MOERGE_")}
-        env.update({
-            "MOERGE_DATA_DIR": str(work / "coord"), "MOERGE_LISTEN": self.address,
-            "MOERGE_ADMIN_TOKEN": self.admin, "MOERGE_BASE_MODEL": str(base),
-            "MOERGE_BASE_MODEL_ID": "bench-llama", "MOERGE_TASK_TYPE": "causal_lm",
-            "MOERGE_TARGET_MODULES": ",".join(TARGETS), "MOERGE_MAX_LORA_RANK": str(args.rank),
-            "MOERGE_MAX_INPUT_TOKENS": str(args.prompt_tokens + 8),
-            "MOERGE_MAX_NEW_TOKENS": str(args.new_tokens), "MOERGE_DEVICE": args.device,
-            "MOERGE_DTYPE": args.dtype, "MOERGE_ADAPTER_CACHE_BYTES": str(16 << 30),
-            "MOERGE_GENERATION_MAX_BATCH": str(max(64, args.concurrency)),
-            "MOERGE_AUTO_RETRAIN": "false", "MOERGE_CONSISTENCY_CHECKS": "false",
-            "MOERGE_BULK_LISTEN": "off", "MOERGE_UPLOADS_PER_HOUR": "0",
-            "MOERGE_UPLOAD_BYTES_PER_HOUR": "0", "HF_HUB_OFFLINE": "1",
-            "TOKENIZERS_PARALLELISM": "false",
-        })
+        env.update(
+            {
+                "MOERGE_DATA_DIR": str(work / "coord"),
+                "MOERGE_LISTEN": self.address,
+                "MOERGE_ADMIN_TOKEN": self.admin,
+                "MOERGE_BASE_MODEL": str(base),
+                "MOERGE_BASE_MODEL_ID": "bench-llama",
+                "MOERGE_TASK_TYPE": "causal_lm",
+                "MOERGE_TARGET_MODULES": ",".join(TARGETS),
+                "MOERGE_MAX_LORA_RANK": str(args.rank),
+                "MOERGE_MAX_INPUT_TOKENS": str(args.prompt_tokens + 8),
+                "MOERGE_MAX_NEW_TOKENS": str(args.new_tokens),
+                "MOERGE_DEVICE": args.device,
+                "MOERGE_DTYPE": args.dtype,
+                "MOERGE_ADAPTER_CACHE_BYTES": str(16 << 30),
+                "MOERGE_GENERATION_MAX_BATCH": str(max(64, args.concurrency)),
+                "MOERGE_AUTO_RETRAIN": "false",
+                "MOERGE_CONSISTENCY_CHECKS": "false",
+                "MOERGE_BULK_LISTEN": "off",
+                "MOERGE_UPLOADS_PER_HOUR": "0",
+                "MOERGE_UPLOAD_BYTES_PER_HOUR": "0",
+                "HF_HUB_OFFLINE": "1",
+                "TOKENIZERS_PARALLELISM": "false",
+            }
+        )
         with self.log.open("wb") as err:
             self.process = subprocess.Popen(
                 [sys.executable, "-c", "from moerge.coordinator.cli import app; app()", "serve"],
                 env=env,
-                stdout=subprocess.DEVNULL, stderr=err)
+                stdout=subprocess.DEVNULL,
+                stderr=err,
+            )
         self._wait_healthy()
 
     def _wait_healthy(self, timeout: float = 300) -> None:
@@ -339,8 +414,11 @@ class Server:
                 break
             try:
                 with grpc.insecure_channel(self.address) as channel:
-                    status = health_pb2_grpc.HealthStub(channel).Check(
-                        health_pb2.HealthCheckRequest(), timeout=1).status
+                    status = (
+                        health_pb2_grpc.HealthStub(channel)
+                        .Check(health_pb2.HealthCheckRequest(), timeout=1)
+                        .status
+                    )
                 if status == health_pb2.HealthCheckResponse.SERVING:
                     return
             except grpc.RpcError:
@@ -359,15 +437,23 @@ class Server:
         from moerge.v1 import admin_pb2, admin_pb2_grpc, contributor_pb2, contributor_pb2_grpc
 
         with grpc.insecure_channel(self.address) as channel:
-            token = admin_pb2_grpc.AdminServiceStub(channel).CreateEnrollmentToken(
-                admin_pb2.CreateEnrollmentTokenRequest(note="bench"), metadata=self.metadata()
-            ).token
-            credential = contributor_pb2_grpc.ContributorServiceStub(channel).Join(
-                contributor_pb2.JoinRequest(enrollment_token=token, name="bench")).credential
+            token = (
+                admin_pb2_grpc.AdminServiceStub(channel)
+                .CreateEnrollmentToken(
+                    admin_pb2.CreateEnrollmentTokenRequest(note="bench"), metadata=self.metadata()
+                )
+                .token
+            )
+            credential = (
+                contributor_pb2_grpc.ContributorServiceStub(channel)
+                .Join(contributor_pb2.JoinRequest(enrollment_token=token, name="bench"))
+                .credential
+            )
         target = Target(address=self.address, token=credential)
         for i, folder in enumerate(folders):
-            upload_expert(target, folder, f"expert{i}", f"task{i}", progress=False,
-                          transport="grpc")
+            upload_expert(
+                target, folder, f"expert{i}", f"task{i}", progress=False, transport="grpc"
+            )
 
     def train(self, method: str, top_k: int) -> float:
         import grpc
@@ -377,8 +463,12 @@ class Server:
         start = time.perf_counter()
         with grpc.insecure_channel(self.address) as channel:
             response = admin_pb2_grpc.AdminServiceStub(channel).TrainRouter(
-                admin_pb2.TrainRouterRequest(method=method, params_json=json.dumps(
-                    {"top_k": top_k})), metadata=self.metadata(), timeout=900)
+                admin_pb2.TrainRouterRequest(
+                    method=method, params_json=json.dumps({"top_k": top_k})
+                ),
+                metadata=self.metadata(),
+                timeout=900,
+            )
         if response.status != "ready":
             raise RuntimeError(f"router {method}: {response.status} {response.error}")
         return time.perf_counter() - start
@@ -404,8 +494,10 @@ def stream_all(server: Server, prompts: list[str], method: str, new_tokens: int)
         with grpc.insecure_channel(server.address) as channel:
             stub = inference_pb2_grpc.InferenceServiceStub(channel)
             request = inference_pb2.GenerateRequest(
-                prompt=prompts[i], routing_method=method,
-                sampling=inference_pb2.SamplingParams(max_new_tokens=new_tokens))
+                prompt=prompts[i],
+                routing_method=method,
+                sampling=inference_pb2.SamplingParams(max_new_tokens=new_tokens),
+            )
             barrier.wait()
             start = time.perf_counter()
             first = None
@@ -415,8 +507,11 @@ def stream_all(server: Server, prompts: list[str], method: str, new_tokens: int)
                     first = time.perf_counter()
                 elif kind == "end":
                     end = time.perf_counter()
-                    results[i] = {"tokens": message.end.completion_tokens,
-                                  "ttft": (first or end) - start, "total": end - start}
+                    results[i] = {
+                        "tokens": message.end.completion_tokens,
+                        "ttft": (first or end) - start,
+                        "total": end - start,
+                    }
 
     threads = [threading.Thread(target=client, args=(i,)) for i in range(len(prompts))]
     for t in threads:
@@ -428,9 +523,12 @@ def stream_all(server: Server, prompts: list[str], method: str, new_tokens: int)
     elapsed = time.perf_counter() - start
     tokens = sum(r["tokens"] for r in results)
     per_token = [(r["total"] - r["ttft"]) / max(r["tokens"] - 1, 1) for r in results]
-    return {"tokens_per_s": tokens / elapsed, "tokens": tokens,
-            "ttft_ms": statistics.median(r["ttft"] for r in results) * 1000,
-            "step_ms": statistics.median(per_token) * 1000}
+    return {
+        "tokens_per_s": tokens / elapsed,
+        "tokens": tokens,
+        "ttft_ms": statistics.median(r["ttft"] for r in results) * 1000,
+        "step_ms": statistics.median(per_token) * 1000,
+    }
 
 
 def bandwidth(device: str) -> float:
@@ -483,27 +581,45 @@ def main(argv: list[str] | None = None) -> None:
         try:
             server.enroll_and_upload(folders)
             log("experts uploaded")
-            fit = {m: server.train(m, args.top_k if m == "arrow" else 1)
-                   for m in ("centroid", "arrow")}
+            fit = {
+                m: server.train(m, args.top_k if m == "arrow" else 1) for m in ("centroid", "arrow")
+            }
             log(f"routers fitted: {fit}")
             served = {}
             for method in ("centroid", "arrow"):
                 stream_all(server, prompts, method, args.new_tokens)  # warm-up (expert loads)
                 served[method] = stream_all(server, prompts, method, args.new_tokens)
                 log(f"{method}: {served[method]}")
-            alone = [stream_all(server, prompts[:1], "centroid", args.new_tokens)["ttft_ms"]
-                     for _ in range(5)]
+            alone = [
+                stream_all(server, prompts[:1], "centroid", args.new_tokens)["ttft_ms"]
+                for _ in range(5)
+            ]
         finally:
             server.stop()
     one = baselines["HF generate + PEFT, one adapter"]
     rows = [(name, value, value / one) for name, value in baselines.items()]
-    rows.append(("moerge in-process scheduler, one expert per request", inproc["tokens_per_s"],
-                 inproc["tokens_per_s"] / one))
-    rows.append((f"moerge server, example-level routing (centroid over {args.experts})",
-                 served["centroid"]["tokens_per_s"], served["centroid"]["tokens_per_s"] / one))
-    rows.append((f"moerge server, token-level Arrow top-{args.top_k} of {args.experts}, every "
-                 "token routed", served["arrow"]["tokens_per_s"],
-                 served["arrow"]["tokens_per_s"] / one))
+    rows.append(
+        (
+            "moerge in-process scheduler, one expert per request",
+            inproc["tokens_per_s"],
+            inproc["tokens_per_s"] / one,
+        )
+    )
+    rows.append(
+        (
+            f"moerge server, example-level routing (centroid over {args.experts})",
+            served["centroid"]["tokens_per_s"],
+            served["centroid"]["tokens_per_s"] / one,
+        )
+    )
+    rows.append(
+        (
+            f"moerge server, token-level Arrow top-{args.top_k} of {args.experts}, every "
+            "token routed",
+            served["arrow"]["tokens_per_s"],
+            served["arrow"]["tokens_per_s"] / one,
+        )
+    )
     device_name = tr.device_name(args.device)
     lines = [
         f"- command: `python benchmarks/generation_throughput.py --preset {args.preset} "
@@ -533,9 +649,16 @@ def main(argv: list[str] | None = None) -> None:
     body = "\n".join(lines)
     print(body)
     title = f"{args.preset} on {device_name}"
-    tr.write_section(args.output, title, f"## {title}\n\n" + body, header=(
-        "# Routed generation through the server vs HF generate with PEFT\n\n"
-        "Written by `benchmarks/generation_throughput.py`; one section per setting and device.\n"))
+    tr.write_section(
+        args.output,
+        title,
+        f"## {title}\n\n" + body,
+        header=(
+            "# Routed generation through the server vs HF generate with PEFT\n\n"
+            "Written by `benchmarks/generation_throughput.py`; one section per setting and "
+            "device.\n"
+        ),
+    )
 
 
 if __name__ == "__main__":

@@ -66,16 +66,24 @@ T = TypeVar("T")
 def record(index: int, device: str = "cpu", load_on: str | None = None) -> ExpertRecord:
     """Expert ``index``'s factors, drawn on ``device`` (as PEFT's Arrow fits on the GPU) and
     handed over on ``load_on`` (default: ``device``)."""
+
     def load() -> dict[str, LoraModuleWeights]:
         generator = torch.Generator(device=device).manual_seed(index)
         return {
             f"model.layers.{layer}.self_attn.{name}": LoraModuleWeights(
-                (torch.randn(RANK, HIDDEN, generator=generator, device=device) / HIDDEN**0.5
-                 ).to(load_on or device),
-                0.1 * torch.randn(d_out, RANK, generator=generator, device=device
-                                  ).to(load_on or device), 2.0)
-            for layer in range(LAYERS) for name, d_out in OUT.items()
+                (torch.randn(RANK, HIDDEN, generator=generator, device=device) / HIDDEN**0.5).to(
+                    load_on or device
+                ),
+                0.1
+                * torch.randn(d_out, RANK, generator=generator, device=device).to(
+                    load_on or device
+                ),
+                2.0,
+            )
+            for layer in range(LAYERS)
+            for name, d_out in OUT.items()
         }
+
     return ExpertRecord(expert_id=f"e{index}", load_lora=load)
 
 
@@ -120,8 +128,10 @@ def main(argv: list[str] | None = None) -> None:
         _, place = timed(args.device, place_all, router, hidden)
         decisions, first = timed(args.device, route_all, router, hidden)
         steps.append((extend, place, first))
-        tr.log(f"extended to {router.num_experts}: extend {extend:.3f} s, place {place:.3f} s, "
-               f"first routed token {first:.3f} s")
+        tr.log(
+            f"extended to {router.num_experts}: extend {extend:.3f} s, place {place:.3f} s, "
+            f"first routed token {first:.3f} s"
+        )
         fresh = ArrowRouter(config, router.expert_ids)  # tables placed afresh from the same rows
         fresh.load_state_dict(router.state_dict())
         _, place_fresh = timed(args.device, place_all, fresh, hidden)
@@ -141,38 +151,49 @@ def main(argv: list[str] | None = None) -> None:
         torch.testing.assert_close(router.vectors[module][args.experts], check.vectors[module][0])
     (extend, place, first), (extend_again, place_again, first_again) = steps
     device = tr.device_name(args.device)
-    body = "\n".join([
-        f"- command: `python benchmarks/incremental_router.py --experts {args.experts} "
-        f"--device {args.device}`",
-        f"- device: {device}; torch {torch.__version__}; python {platform.python_version()}",
-        f"- experts: {args.experts} + 2, LoRA r={RANK} on q/k/v/o of {LAYERS} layers (88 "
-        f"modules), Arrow top-2; artifact {size / 1e6:,.0f} MB (sha256 {digest[:12]})",
-        f"- the serving router: float32 tables on CPU, placed on {args.device} in {dtype} by "
-        "routing 64 tokens (untimed) before the extensions; new experts' factors on CPU",
-        "",
-        "| step | seconds |",
-        "| --- | ---: |",
-        f"| refit: `ArrowRouter.fit` over {args.experts} experts on {args.device} | {refit:.3f} |",
-        f"| extend: `router.extended([new])`, first after the load (buffers grow) | {extend:.3f} |",
-        f"| place: its tables on {args.device} in {dtype}, all 88 modules | {place:.3f} |",
-        f"| first routed tokens (64) in all 88 modules | {first:.3f} |",
-        f"| extend again (buffers have room) | {extend_again:.3f} |",
-        f"| place again | {place_again:.3f} |",
-        f"| first routed tokens again | {first_again:.3f} |",
-        f"| for comparison, place afresh: all {router.num_experts} rows from the CPU tables "
-        f"(what an extension cost before) | {place_fresh:.3f} |",
-        f"| persist: artifact + SHA-256 (after serving starts) | {persist:.3f} |",
-        "",
-        f"Commit -> first routed token (extend + place + route): {extend + place + first:.3f} s "
-        f"the first time, {extend_again + place_again + first_again:.3f} s the second; "
-        f"{refit / max(extend + place + first, 1e-9):.0f}x sooner than a refit. Decisions equal "
-        "a fresh placement's, bit for bit.",
-    ])
+    body = "\n".join(
+        [
+            f"- command: `python benchmarks/incremental_router.py --experts {args.experts} "
+            f"--device {args.device}`",
+            f"- device: {device}; torch {torch.__version__}; python {platform.python_version()}",
+            f"- experts: {args.experts} + 2, LoRA r={RANK} on q/k/v/o of {LAYERS} layers (88 "
+            f"modules), Arrow top-2; artifact {size / 1e6:,.0f} MB (sha256 {digest[:12]})",
+            f"- the serving router: float32 tables on CPU, placed on {args.device} in {dtype} by "
+            "routing 64 tokens (untimed) before the extensions; new experts' factors on CPU",
+            "",
+            "| step | seconds |",
+            "| --- | ---: |",
+            f"| refit: `ArrowRouter.fit` over {args.experts} experts on {args.device} "
+            f"| {refit:.3f} |",
+            "| extend: `router.extended([new])`, first after the load (buffers grow) "
+            f"| {extend:.3f} |",
+            f"| place: its tables on {args.device} in {dtype}, all 88 modules | {place:.3f} |",
+            f"| first routed tokens (64) in all 88 modules | {first:.3f} |",
+            f"| extend again (buffers have room) | {extend_again:.3f} |",
+            f"| place again | {place_again:.3f} |",
+            f"| first routed tokens again | {first_again:.3f} |",
+            f"| for comparison, place afresh: all {router.num_experts} rows from the CPU tables "
+            f"(what an extension cost before) | {place_fresh:.3f} |",
+            f"| persist: artifact + SHA-256 (after serving starts) | {persist:.3f} |",
+            "",
+            "Commit -> first routed token (extend + place + route): "
+            f"{extend + place + first:.3f} s the first time, "
+            f"{extend_again + place_again + first_again:.3f} s the second; "
+            f"{refit / max(extend + place + first, 1e-9):.0f}x sooner than a refit. "
+            "Decisions equal a fresh placement's, bit for bit.",
+        ]
+    )
     print(body)
     title = f"## E={args.experts} on {device}, extending a serving router"  # replaced on a rerun
-    tr.write_section(args.output, title, f"{title}\n\n" + body, header=(
-        "# A new expert routable: extending an Arrow router vs refitting it\n\n"
-        "Written by `benchmarks/incremental_router.py`; one section per setting and device.\n"))
+    tr.write_section(
+        args.output,
+        title,
+        f"{title}\n\n" + body,
+        header=(
+            "# A new expert routable: extending an Arrow router vs refitting it\n\n"
+            "Written by `benchmarks/incremental_router.py`; one section per setting and device.\n"
+        ),
+    )
 
 
 if __name__ == "__main__":

@@ -109,14 +109,35 @@ class Preset:
 
 
 PRESETS = {
-    "minilm": Preset("classification", ["query", "value"], 8, 64, 64, 8,
-                     "all-MiniLM-L6-v2 (6-layer BERT with pooler, hidden 384)"),
-    "llama-1b": Preset("causal_lm", ["q_proj", "k_proj", "v_proj", "o_proj"], 16, 64, 64, 64,
-                       "Llama-shaped 1.1B (hidden 2048, 22 layers, 32 heads, 4 KV heads, "
-                       "intermediate 5632, vocab 32000), random weights"),
-    "tiny": Preset("causal_lm", ["q_proj", "k_proj", "v_proj", "o_proj"], 8, 8, 16, 4,
-                   "tiny Llama (hidden 64, 2 layers, 4 heads, 2 KV heads), random weights",
-                   new_tokens=4),
+    "minilm": Preset(
+        "classification",
+        ["query", "value"],
+        8,
+        64,
+        64,
+        8,
+        "all-MiniLM-L6-v2 (6-layer BERT with pooler, hidden 384)",
+    ),
+    "llama-1b": Preset(
+        "causal_lm",
+        ["q_proj", "k_proj", "v_proj", "o_proj"],
+        16,
+        64,
+        64,
+        64,
+        "Llama-shaped 1.1B (hidden 2048, 22 layers, 32 heads, 4 KV heads, "
+        "intermediate 5632, vocab 32000), random weights",
+    ),
+    "tiny": Preset(
+        "causal_lm",
+        ["q_proj", "k_proj", "v_proj", "o_proj"],
+        8,
+        8,
+        16,
+        4,
+        "tiny Llama (hidden 64, 2 layers, 4 heads, 2 KV heads), random weights",
+        new_tokens=4,
+    ),
 }
 
 LABELS = ("world", "sports", "business", "tech", "science", "health", "arts", "travel")
@@ -135,15 +156,28 @@ def build_base(model: str, workdir: Path, dtype: torch.dtype) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     shape = (
-        {"hidden_size": 2048, "num_hidden_layers": 22, "num_attention_heads": 32,
-         "num_key_value_heads": 4, "intermediate_size": 5632, "vocab_size": 32000}
-        if model == "llama-1b" else
-        {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
-         "num_key_value_heads": 2, "intermediate_size": 128, "vocab_size": 1000}
+        {
+            "hidden_size": 2048,
+            "num_hidden_layers": 22,
+            "num_attention_heads": 32,
+            "num_key_value_heads": 4,
+            "intermediate_size": 5632,
+            "vocab_size": 32000,
+        }
+        if model == "llama-1b"
+        else {
+            "hidden_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "intermediate_size": 128,
+            "vocab_size": 1000,
+        }
     )
     # No EOS: every variant generates exactly --new-tokens tokens.
-    config = LlamaConfig(**shape, max_position_embeddings=2048, pad_token_id=0,
-                         bos_token_id=None, eos_token_id=None)
+    config = LlamaConfig(
+        **shape, max_position_embeddings=2048, pad_token_id=0, bos_token_id=None, eos_token_id=None
+    )
     torch.manual_seed(0)
     folder = workdir / "base"
     LlamaForCausalLM(config).to(dtype).save_pretrained(folder)
@@ -160,8 +194,9 @@ def word_tokenizer(size: int):
     vocab = {"[PAD]": 0, "[UNK]": 1, **{f"w{i}": i for i in range(2, size)}}
     tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]",
-                                   pad_token="[PAD]", model_max_length=2048)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, unk_token="[UNK]", pad_token="[PAD]", model_max_length=2048
+    )
 
 
 # ------------------------------------------------------------------------------------------
@@ -175,14 +210,17 @@ def make_experts(
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     if preset.task == "classification":
-        model = AutoModelForSequenceClassification.from_pretrained(str(base),
-                                                                   num_labels=preset.labels)
+        model = AutoModelForSequenceClassification.from_pretrained(
+            str(base), num_labels=preset.labels
+        )
         task = TaskType.SEQ_CLS
     else:
         model = AutoModelForCausalLM.from_pretrained(str(base), dtype=dtype)
         task = TaskType.CAUSAL_LM
-    peft_model = get_peft_model(model, LoraConfig(task_type=task, r=rank, lora_alpha=2 * rank,
-                                                  target_modules=preset.targets))
+    peft_model = get_peft_model(
+        model,
+        LoraConfig(task_type=task, r=rank, lora_alpha=2 * rank, target_modules=preset.targets),
+    )
     hidden = int(model.config.hidden_size)
     generator = torch.Generator().manual_seed(1)
     folders = {}
@@ -191,7 +229,8 @@ def make_experts(
             for name, param in peft_model.named_parameters():
                 if "lora_A" in name:
                     fresh = torch.randn(param.shape, generator=generator) / math.sqrt(
-                        param.shape[1])
+                        param.shape[1]
+                    )
                 elif "lora_B" in name:
                     fresh = 0.05 * torch.randn(param.shape, generator=generator)
                 elif "modules_to_save" in name:
@@ -202,10 +241,19 @@ def make_experts(
         folder = workdir / f"expert-{i}"
         peft_model.save_pretrained(str(folder))
         mean = torch.nn.functional.normalize(torch.randn(hidden, generator=generator), dim=0)
-        save_file({MEAN_KEY: mean, COV_DIAG_KEY: torch.full((hidden,), 0.01),
-                   COV_FACTOR_KEY: torch.zeros(hidden, 1)}, str(folder / STATISTICS_TENSORS))
+        save_file(
+            {
+                MEAN_KEY: mean,
+                COV_DIAG_KEY: torch.full((hidden,), 0.01),
+                COV_FACTOR_KEY: torch.zeros(hidden, 1),
+            },
+            str(folder / STATISTICS_TENSORS),
+        )
         StatisticsMeta(
-            example_count=100, hidden_size=hidden, covariance_rank=1, task_name=f"task-{i}",
+            example_count=100,
+            hidden_size=hidden,
+            covariance_rank=1,
+            task_name=f"task-{i}",
             task_type=preset.task,
             label_names=list(LABELS[: preset.labels]) if preset.task == "classification" else [],
         ).write(folder / STATISTICS_META)
@@ -220,8 +268,12 @@ def read_statistics(folder: Path, statistics_class: type):
     from safetensors.torch import load_file
 
     tensors = load_file(str(folder / STATISTICS_TENSORS))
-    return statistics_class(example_count=100, mean=tensors[MEAN_KEY],
-                            cov_diag=tensors[COV_DIAG_KEY], cov_factor=tensors[COV_FACTOR_KEY])
+    return statistics_class(
+        example_count=100,
+        mean=tensors[MEAN_KEY],
+        cov_diag=tensors[COV_DIAG_KEY],
+        cov_factor=tensors[COV_FACTOR_KEY],
+    )
 
 
 def make_texts(tokenizer, batch: int, tokens: int, seed: int) -> list[str]:
@@ -230,8 +282,11 @@ def make_texts(tokenizer, batch: int, tokens: int, seed: int) -> list[str]:
 
     rng = random.Random(seed)
     specials = set(tokenizer.all_special_tokens)
-    words = sorted(w for w in tokenizer.get_vocab()
-                   if w.isalnum() and w.islower() and len(w) > 3 and w not in specials)
+    words = sorted(
+        w
+        for w in tokenizer.get_vocab()
+        if w.isalnum() and w.islower() and len(w) > 3 and w not in specials
+    )
     special = len(tokenizer("")["input_ids"])
     texts = []
     for _ in range(batch):
@@ -312,8 +367,12 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", choices=sorted(PRESETS), default="minilm")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
-                        help="default: float32 on CPU, bfloat16 on CUDA")
+    parser.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16"],
+        default=None,
+        help="default: float32 on CPU, bfloat16 on CUDA",
+    )
     parser.add_argument("--experts", type=int, default=None)
     parser.add_argument("--batch", type=int, default=None)
     parser.add_argument("--tokens", type=int, default=None, help="tokens per input")
@@ -360,22 +419,37 @@ def main(argv: list[str] | None = None) -> None:
     ids = list(folders)
 
     engine = InferenceEngine(
-        base, preset.task, preset.targets, max_rank=rank, cache_bytes=1 << 34, device=device,
-        max_length=tokens, dtype=dtype, max_new_tokens=new_tokens,
-        expert_loader=folders.__getitem__, initial_capacity=count + 2,
+        base,
+        preset.task,
+        preset.targets,
+        max_rank=rank,
+        cache_bytes=1 << 34,
+        device=device,
+        max_length=tokens,
+        dtype=dtype,
+        max_new_tokens=new_tokens,
+        expert_loader=folders.__getitem__,
+        initial_capacity=count + 2,
     )
     tokenizer = engine.tokenizer
     texts = make_texts(tokenizer, batch, tokens, seed=0)
     generator = torch.Generator().manual_seed(2)
     top1 = [ids[int(i)] for i in torch.randint(0, count, (batch,), generator=generator)]
-    second = [ids[(ids.index(e) + 1 + int(torch.randint(0, count - 1, (1,),
-                                                           generator=generator))) % count]
-              for e in top1] if count > 1 else top1
+    second = (
+        [
+            ids[
+                (ids.index(e) + 1 + int(torch.randint(0, count - 1, (1,), generator=generator)))
+                % count
+            ]
+            for e in top1
+        ]
+        if count > 1
+        else top1
+    )
     w2 = torch.softmax(torch.randn(batch, 2, generator=generator), dim=-1)
     pairs = [[a, b] for a, b in zip(top1, second, strict=True)]
     plan1 = RoutingPlan.explicit([[e] for e in top1])
-    records = [ExpertRecord(e, e, read_statistics(f, ExpertStatistics))
-               for e, f in folders.items()]
+    records = [ExpertRecord(e, e, read_statistics(f, ExpertStatistics)) for e, f in folders.items()]
     router = CentroidRouter.fit(records, CentroidRouterConfig(top_k=1))
 
     # PEFT: every expert in one PeftModel
@@ -383,7 +457,8 @@ def main(argv: list[str] | None = None) -> None:
     auto = AutoModelForCausalLM if causal else AutoModelForSequenceClassification
     extra = {} if causal else {"num_labels": preset.labels}
     peft_model = PeftModel.from_pretrained(
-        auto.from_pretrained(str(base), dtype=dtype, **extra), str(folders[ids[0]]),
+        auto.from_pretrained(str(base), dtype=dtype, **extra),
+        str(folders[ids[0]]),
         adapter_name=ids[0],
     )
     for e in ids[1:]:
@@ -400,18 +475,19 @@ def main(argv: list[str] | None = None) -> None:
         groups.setdefault(e, []).append(i)
 
     def encode(rows: list[str]):
-        return tokenizer(rows, padding=True, return_tensors="pt",
-                         return_token_type_ids=False if causal else None).to(device)
+        return tokenizer(
+            rows, padding=True, return_tensors="pt", return_token_type_ids=False if causal else None
+        ).to(device)
 
     def hf_run(model, rows: list[str], **kwargs: object) -> list:
         """Tokenize, run, and bring the result back to Python, like the engine does."""
         with torch.inference_mode():
             enc = encode(rows)
             if causal:
-                out = model.generate(**enc, max_new_tokens=new_tokens, do_sample=False,
-                                     **kwargs)
-                return tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:],
-                                              skip_special_tokens=True)
+                out = model.generate(**enc, max_new_tokens=new_tokens, do_sample=False, **kwargs)
+                return tokenizer.batch_decode(
+                    out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True
+                )
             return torch.softmax(model(**enc, **kwargs).logits.float(), dim=-1).cpu().tolist()
 
     def run_one_adapter() -> list:
@@ -422,8 +498,7 @@ def main(argv: list[str] | None = None) -> None:
         out: list = [None] * batch
         for e, rows in groups.items():
             peft_model.set_adapter(e)
-            for i, result in zip(rows, hf_run(peft_model, [texts[i] for i in rows]),
-                                 strict=True):
+            for i, result in zip(rows, hf_run(peft_model, [texts[i] for i in rows]), strict=True):
                 out[i] = result
         return out
 
@@ -441,34 +516,60 @@ def main(argv: list[str] | None = None) -> None:
         Variant("a", "base model alone (no adapter)", lambda: hf_run(plain, texts)),
         Variant("b", "one adapter for the whole batch (PEFT, unmerged)", run_one_adapter),
         Variant("c", f"naive loop: PEFT set_adapter per group ({len(groups)} groups)", run_loop),
-        Variant("d", "PEFT mixed batch (adapter_names)",
-                lambda: hf_run(peft_model, texts, adapter_names=top1)),
+        Variant(
+            "d",
+            "PEFT mixed batch (adapter_names)",
+            lambda: hf_run(peft_model, texts, adapter_names=top1),
+        ),
         Variant("e", "moerge engine, top-1 plan", engine_run(plan1)),
-        Variant("e_routed", "moerge engine, routed: embed + centroid top-1 + (e)",
-                engine_run(RoutingPlan.routed(router, top_k=1))),
-        Variant("ens2", "moerge top-2 ensembling, one forward over the batch x2 (expand)",
-                engine_run(ensemble_or_merge(Aggregation.ENSEMBLE), "expand")),
-        Variant("lin2", "moerge top-2 linear merging (exact, one forward)",
-                engine_run(ensemble_or_merge(Aggregation.MERGE_LINEAR))),
+        Variant(
+            "e_routed",
+            "moerge engine, routed: embed + centroid top-1 + (e)",
+            engine_run(RoutingPlan.routed(router, top_k=1)),
+        ),
+        Variant(
+            "ens2",
+            "moerge top-2 ensembling, one forward over the batch x2 (expand)",
+            engine_run(ensemble_or_merge(Aggregation.ENSEMBLE), "expand"),
+        ),
+        Variant(
+            "lin2",
+            "moerge top-2 linear merging (exact, one forward)",
+            engine_run(ensemble_or_merge(Aggregation.MERGE_LINEAR)),
+        ),
     ]
     if not causal:  # k forwards vs. the expanded batch (generation ensembles in one batch)
-        variants.insert(7, Variant(
-            "ens2_seq", "moerge top-2 ensembling, two forwards (sequential)",
-            engine_run(ensemble_or_merge(Aggregation.ENSEMBLE), "sequential")))
+        variants.insert(
+            7,
+            Variant(
+                "ens2_seq",
+                "moerge top-2 ensembling, two forwards (sequential)",
+                engine_run(ensemble_or_merge(Aggregation.ENSEMBLE), "sequential"),
+            ),
+        )
     if not args.skip_ties:
-        variants.append(Variant(
-            "ties2", f"moerge top-2 TIES merging (density 0.5; {batch} merged adapters)",
-            engine_run(ensemble_or_merge(Aggregation.MERGE_TIES))))
+        variants.append(
+            Variant(
+                "ties2",
+                f"moerge top-2 TIES merging (density 0.5; {batch} merged adapters)",
+                engine_run(ensemble_or_merge(Aggregation.MERGE_TIES)),
+            )
+        )
 
     # agreement of the engine with PEFT on the same mixed batch
     theirs = hf_run(peft_model, texts, adapter_names=top1)
     ours = engine.predict(texts, plan1)
     if causal:
-        agreement = (f"{sum(p.output == t for p, t in zip(ours, theirs, strict=True))}/{batch} "
-                     "generations identical to PEFT (d)")
+        agreement = (
+            f"{sum(p.output == t for p, t in zip(ours, theirs, strict=True))}/{batch} "
+            "generations identical to PEFT (d)"
+        )
     else:
-        diff = max(abs(a - b) for p, t in zip(ours, theirs, strict=True)
-                   for a, b in zip(p.probabilities, t, strict=True))
+        diff = max(
+            abs(a - b)
+            for p, t in zip(ours, theirs, strict=True)
+            for a, b in zip(p.probabilities, t, strict=True)
+        )
         agreement = f"max abs probability difference to PEFT (d): {diff:.2e}"
 
     print(f"# timing {len(variants)} variants x {args.rounds} rounds ...", flush=True)
@@ -478,8 +579,11 @@ def main(argv: list[str] | None = None) -> None:
     by_label = {v.label: v for v in variants}
     reference = by_label["b"].median
     unit = "generations" if causal else "inputs"
-    work = (f"greedy generation of {new_tokens} tokens" if causal
-            else f"{preset.labels}-way classification")
+    work = (
+        f"greedy generation of {new_tokens} tokens"
+        if causal
+        else f"{preset.labels}-way classification"
+    )
     lines = [
         f"## {args.model} on {device} ({str(dtype).removeprefix('torch.')})",
         "",
@@ -504,13 +608,18 @@ def main(argv: list[str] | None = None) -> None:
     ]
     cpu_reference = by_label["b"].cpu_median
     for v in variants:
-        lines.append(f"| {v.label} | {v.describe} | {1e3 * v.median:.1f} | "
-                     f"{batch / v.median:,.1f} | {reference / v.median:.3f}x | "
-                     f"{v.cpu_median:.2f} | {cpu_reference / v.cpu_median:.3f}x |")
-    lines += ["", "Ratios are throughput relative to (b) (higher is better), from medians over "
-              "the rounds: of wall time, and of the CPU time this process used (all its "
-              "threads), which depends less on other load on a shared machine. On CUDA, read "
-              "the wall-time columns."]
+        lines.append(
+            f"| {v.label} | {v.describe} | {1e3 * v.median:.1f} | "
+            f"{batch / v.median:,.1f} | {reference / v.median:.3f}x | "
+            f"{v.cpu_median:.2f} | {cpu_reference / v.cpu_median:.3f}x |"
+        )
+    lines += [
+        "",
+        "Ratios are throughput relative to (b) (higher is better), from medians over "
+        "the rounds: of wall time, and of the CPU time this process used (all its "
+        "threads), which depends less on other load on a shared machine. On CUDA, read "
+        "the wall-time columns.",
+    ]
     report = "\n".join(lines) + "\n"
     print(report)
     if not args.no_write:
@@ -521,9 +630,11 @@ def main(argv: list[str] | None = None) -> None:
 
 def write_section(path: Path, title: str, body: str) -> None:
     """Replace the section ``title`` of the results file (or append it)."""
-    header = ("# Routed-prediction throughput\n\n"
-              "Written by `benchmarks/inference_throughput.py`; one section per model and "
-              "device.\n")
+    header = (
+        "# Routed-prediction throughput\n\n"
+        "Written by `benchmarks/inference_throughput.py`; one section per model and "
+        "device.\n"
+    )
     text = path.read_text() if path.exists() else header
     parts = text.split("\n## ")
     head, sections = parts[0], ["## " + p for p in parts[1:]]

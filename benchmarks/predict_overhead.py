@@ -242,8 +242,9 @@ def mean_batch(log: str) -> float:
 def run(args: argparse.Namespace, workdir: Path) -> tuple[list[Phase], ModelTimes, float]:
     base = make_tiny_bert(workdir / "tiny-bert")
     folders = [
-        make_expert_dir(base, workdir / "experts" / f"e{i}", rank=args.rank, seed=i,
-                        task_name=f"task{i}")
+        make_expert_dir(
+            base, workdir / "experts" / f"e{i}", rank=args.rank, seed=i, task_name=f"task{i}"
+        )
         for i in range(args.experts)
     ]
     settings: dict[str, object] = {"adapter_cache_bytes": 64 << 20, "max_lora_rank": args.rank}
@@ -277,20 +278,26 @@ def run(args: argparse.Namespace, workdir: Path) -> tuple[list[Phase], ModelTime
                 "echo": (echo, server.address, server.pid),
                 "Predict": (predict, coordinator.address, coordinator.pid),
             }
-            hammer("warm-up", predict, coordinator.address, predict_bytes, args.clients, 3,
-                   coordinator.pid)
+            hammer(
+                "warm-up",
+                predict,
+                coordinator.address,
+                predict_bytes,
+                args.clients,
+                3,
+                coordinator.pid,
+            )
             phases = []
             for name in ("echo", "Predict", "echo"):
                 connect, address, pid = runs[name]
-                phases.append(hammer(name, connect, address, predict_bytes, args.clients,
-                                     args.seconds, pid))
+                phases.append(
+                    hammer(name, connect, address, predict_bytes, args.clients, args.seconds, pid)
+                )
     batch = mean_batch(coordinator.log_text())
     return phases, model_only(base, folders, args.rank, args.clients), batch
 
 
-def markdown(
-    phases: list[Phase], model: ModelTimes, batch: float, args: argparse.Namespace
-) -> str:
+def markdown(phases: list[Phase], model: ModelTimes, batch: float, args: argparse.Namespace) -> str:
     import torch
 
     echo = statistics.mean(p.per_second for p in phases if p.name == "echo")
@@ -352,8 +359,12 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--experts", type=int, default=4)
     parser.add_argument("--rank", type=int, default=8)
-    parser.add_argument("--batch-wait-ms", type=float, default=None,
-                        help="the coordinator's batch_wait_ms (default: its own default)")
+    parser.add_argument(
+        "--batch-wait-ms",
+        type=float,
+        default=None,
+        help="the coordinator's batch_wait_ms (default: its own default)",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--serve-echo", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()

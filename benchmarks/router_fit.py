@@ -143,16 +143,20 @@ def run_one(label: str, method: str, params: dict[str, object], num: int, repeat
     else:
         row.route_ms = time_calls(route_fn(router, x), repeats)
     if label in BF16_VARIANTS:
-        fast = fit_router(method, experts, {**params, "score_dtype": "bfloat16"},
-                          metric_samples=0).router
+        fast = fit_router(
+            method, experts, {**params, "score_dtype": "bfloat16"}, metric_samples=0
+        ).router
         row.route_bf16_ms = time_calls(route_fn(fast, x), repeats)
     return row
 
 
 def extrapolate(rows: list[Row], label: str, target: int) -> float | None:
     """Fit time at ``target`` experts from the two largest measured sizes (power law)."""
-    points = sorted((r.num_experts, r.fit_s) for r in rows
-                    if r.label == label and r.fit_s is not None and r.fit_s > 0)
+    points = sorted(
+        (r.num_experts, r.fit_s)
+        for r in rows
+        if r.label == label and r.fit_s is not None and r.fit_s > 0
+    )
     if len(points) < 2:
         return None
     (n1, t1), (n2, t2) = points[-2], points[-1]
@@ -161,8 +165,11 @@ def extrapolate(rows: list[Row], label: str, target: int) -> float | None:
 
 
 def growth(rows: list[Row], label: str, attr: str) -> str:
-    points = sorted((r.num_experts, getattr(r, attr)) for r in rows
-                    if r.label == label and getattr(r, attr) is not None)
+    points = sorted(
+        (r.num_experts, getattr(r, attr))
+        for r in rows
+        if r.label == label and getattr(r, attr) is not None
+    )
     points = [(n, v[1] if isinstance(v, tuple) else v) for n, v in points]
     points = [(n, v) for n, v in points if n >= 100 and v > 0]
     if len(points) < 2:
@@ -195,8 +202,10 @@ def table(rows: list[Row]) -> str:
 
 
 def growth_table(rows: list[Row]) -> str:
-    lines = ["| method | fit time grows as | artifact grows as | routing time grows as |",
-             "|---|---|---|---|"]
+    lines = [
+        "| method | fit time grows as | artifact grows as | routing time grows as |",
+        "|---|---|---|---|",
+    ]
     for label, _, _ in METHODS:
         cells = [growth(rows, label, attr) for attr in ("fit_s", "artifact_mb", "route_ms")]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
@@ -219,8 +228,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", type=int, nargs="*", help="numbers of experts to run")
     parser.add_argument("--methods", nargs="*", help="labels to run (default: all)")
     parser.add_argument("--repeats", type=int, default=None, help="routing timing repeats")
-    parser.add_argument("--skip-above", type=float, default=120.0,
-                        help="skip a size whose extrapolated fit time exceeds this (s)")
+    parser.add_argument(
+        "--skip-above",
+        type=float,
+        default=120.0,
+        help="skip a size whose extrapolated fit time exceeds this (s)",
+    )
     parser.add_argument("--output", type=Path, default=None, help="markdown file to write")
     args = parser.parse_args(argv)
     torch.set_num_threads(THREADS)
@@ -243,32 +256,34 @@ def main(argv: list[str] | None = None) -> int:
     elapsed = time.perf_counter() - started
     load_after = os.getloadavg()
     command = "python " + " ".join(["benchmarks/router_fit.py", *(argv or sys.argv[1:])])
-    report = "\n".join([
-        "# Router fit benchmark",
-        "",
-        f"- command: `{command}`",
-        f"- date: {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
-        f"- torch {torch.__version__}, {THREADS} threads "
-        f"(`torch.set_num_threads({THREADS})`), CPU: {cpu_model()}, {os.cpu_count()} cores",
-        f"- load average before / after: {load_before[0]:.2f} / {load_after[0]:.2f} "
-        "(other jobs share this machine; compare the min routing times); "
-        f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}",
-        f"- total wall time: {elapsed:.0f} s",
-        "- experts: synthetic, H = 384, covariance rank 16; Arrow: r = 8 LoRAs on query/value "
-        "of 6 layers (12 modules, d = 384); PHATGOOSE: 12 gate vectors of 384",
-        f"- routing: batch of {BATCH} embeddings (example-level) or {TOKENS:,} tokens in one "
-        "module (token-level), after the embedding; default configs (top_k: 1 for statistics "
-        "routers, 2 PHATGOOSE, 3 Arrow)",
-        "- sample acc: top-1 routing accuracy on 2,048 draws from the experts' Gaussians "
-        "(fit metric of `fit_router`)",
-        "",
-        table(rows),
-        "",
-        "Growth between the smallest and largest measured E >= 100 (log-log slope):",
-        "",
-        growth_table(rows),
-        "",
-    ])
+    report = "\n".join(
+        [
+            "# Router fit benchmark",
+            "",
+            f"- command: `{command}`",
+            f"- date: {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
+            f"- torch {torch.__version__}, {THREADS} threads "
+            f"(`torch.set_num_threads({THREADS})`), CPU: {cpu_model()}, {os.cpu_count()} cores",
+            f"- load average before / after: {load_before[0]:.2f} / {load_after[0]:.2f} "
+            "(other jobs share this machine; compare the min routing times); "
+            f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}",
+            f"- total wall time: {elapsed:.0f} s",
+            "- experts: synthetic, H = 384, covariance rank 16; Arrow: r = 8 LoRAs on query/value "
+            "of 6 layers (12 modules, d = 384); PHATGOOSE: 12 gate vectors of 384",
+            f"- routing: batch of {BATCH} embeddings (example-level) or {TOKENS:,} tokens in one "
+            "module (token-level), after the embedding; default configs (top_k: 1 for statistics "
+            "routers, 2 PHATGOOSE, 3 Arrow)",
+            "- sample acc: top-1 routing accuracy on 2,048 draws from the experts' Gaussians "
+            "(fit metric of `fit_router`)",
+            "",
+            table(rows),
+            "",
+            "Growth between the smallest and largest measured E >= 100 (log-log slope):",
+            "",
+            growth_table(rows),
+            "",
+        ]
+    )
     print()
     print(report)
     output.parent.mkdir(parents=True, exist_ok=True)

@@ -252,8 +252,16 @@ def main() -> None:
                 target = join(address, admin, f"bench-{round_}")
                 cache = DigestCache(Path(tmp) / f"sha256-{key}-{round_}.json")  # empty: cold
                 started = time.perf_counter()
-                response = upload_expert(target, folder, f"{key}-{round_}", "big", chunk_size=chunk,
-                                         progress=False, digest_cache=cache, transport=transport)
+                response = upload_expert(
+                    target,
+                    folder,
+                    f"{key}-{round_}",
+                    "big",
+                    chunk_size=chunk,
+                    progress=False,
+                    digest_cache=cache,
+                    transport=transport,
+                )
                 times.setdefault(key, []).append(time.perf_counter() - started)
                 assert response.created
         load_after = os.getloadavg()

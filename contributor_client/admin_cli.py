@@ -50,9 +50,7 @@ ROUTER_METHODS = (
 ExpertId = Annotated[str, typer.Argument(help="expert id or a unique prefix of it")]
 
 
-def _run(
-    coordinator: str | None, token: str | None, tls_ca: str | None, work: Any
-) -> Any:
+def _run(coordinator: str | None, token: str | None, tls_ca: str | None, work: Any) -> Any:
     """``work(client)`` with the command's client; errors print and exit 1."""
     with client(coordinator, token, tls_ca) as api:
         return guarded(lambda: work(api))

@@ -202,7 +202,9 @@ def write_expert_statistics(
     )
     # The adapter was trained elsewhere: moerge cannot say how; its gates are trained here.
     report.meta.privacy = privacy_report(
-        dp, opt_out=no_dp, adapter="external",
+        dp,
+        opt_out=no_dp,
+        adapter="external",
         gates="none" if report.meta.gate_modules else None,
     )
     report.meta.write(Path(report.out_dir) / STATISTICS_META)
@@ -260,7 +262,14 @@ def _complete_adapter(
     if not skipped and gate_config is not None:
         begin = time.perf_counter()
         gates, account = _adapter_gates(
-            base, adapter_dir, task_type, label_names, examples, labels, gate_config, progress,
+            base,
+            adapter_dir,
+            task_type,
+            label_names,
+            examples,
+            labels,
+            gate_config,
+            progress,
             dp_sgd,
         )
         gates_dp = account or "none"
@@ -287,7 +296,11 @@ def _complete_adapter(
         for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
             shutil.copyfile(adapter_dir / name, out_dir / name)
     return BuildReport(
-        out_dir=out_dir, meta=meta, train=None, gates_skipped=skipped, seconds=seconds,
+        out_dir=out_dir,
+        meta=meta,
+        train=None,
+        gates_skipped=skipped,
+        seconds=seconds,
         gates_dp=gates_dp,
     )
 
@@ -339,8 +352,14 @@ def _adapter_gates(
         from moerge.contributor_client.dp_sgd import train_gates_dp
 
         return train_gates_dp(
-            model, tokenizer, examples.texts, label_ids, gate_config, dp_sgd,
-            causal_lm=task_type == "causal_lm", progress=progress,
+            model,
+            tokenizer,
+            examples.texts,
+            label_ids,
+            gate_config,
+            dp_sgd,
+            causal_lm=task_type == "causal_lm",
+            progress=progress,
         )
     gates = train_gates(
         model,

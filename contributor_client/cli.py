@@ -91,8 +91,12 @@ def upload(
             label_names = [x.strip() for x in labels.split(",")] if labels else None
             result = guarded(
                 lambda: api.upload_adapter(
-                    expert_dir, str(task_name), name, label_names=label_names,
-                    description=description or "", **options,
+                    expert_dir,
+                    str(task_name),
+                    name,
+                    label_names=label_names,
+                    description=description or "",
+                    **options,
                 )
             )
         else:
@@ -123,12 +127,19 @@ def my_experts(
         emit_json({"experts": experts})
         return
     rows = [
-        (e.expert_id[:12], e.name, e.version, e.task_name, e.state, e.example_count,
-         e.privacy_report.summary() if e.privacy_report else "", e.state_reason)
+        (
+            e.expert_id[:12],
+            e.name,
+            e.version,
+            e.task_name,
+            e.state,
+            e.example_count,
+            e.privacy_report.summary() if e.privacy_report else "",
+            e.state_reason,
+        )
         for e in experts
     ]
-    table("my experts", ("id", "name", "v", "task", "state", "examples", "privacy", "reason"),
-          rows)
+    table("my experts", ("id", "name", "v", "task", "state", "examples", "privacy", "reason"), rows)
 
 
 def read_inputs(texts: list[str] | None, file: Path | None) -> list[str]:
@@ -247,9 +258,7 @@ def route(
     if json_out:
         emit_json(result)
         return
-    rows = [
-        (text[:60], _weights(d)) for text, d in zip(inputs, result.decisions, strict=True)
-    ]
+    rows = [(text[:60], _weights(d)) for text, d in zip(inputs, result.decisions, strict=True)]
     table(
         f"routing (router v{result.router_version} {result.routing_method})",
         ("input", "experts"),

@@ -17,16 +17,22 @@ from moerge.contributor_client.options import Coordinator, Json, TlsCa, Token
 from moerge.contributor_client.output import emit_json, err_console, table
 from moerge.contributor_client.rpc import client, guarded
 
-app = typer.Typer(help="Few-shot composition: merge weights of experts fitted to a few examples.",
-                  no_args_is_help=True)
+app = typer.Typer(
+    help="Few-shot composition: merge weights of experts fitted to a few examples.",
+    no_args_is_help=True,
+)
 
 
-def read_examples(path: Path, text_field: str = "text", label_field: str = "label"
-                  ) -> list[tuple[str, str]]:
+def read_examples(
+    path: Path, text_field: str = "text", label_field: str = "label"
+) -> list[tuple[str, str]]:
     """(text, label) pairs of a JSON Lines file; a label may be a number (read as its text)."""
     source = "stdin" if str(path) == "-" else str(path)
-    lines = typer.get_text_stream("stdin").read() if source == "stdin" else path.read_text(
-        encoding="utf-8")
+    lines = (
+        typer.get_text_stream("stdin").read()
+        if source == "stdin"
+        else path.read_text(encoding="utf-8")
+    )
     examples = []
     for number, line in enumerate(lines.splitlines(), start=1):
         if not line.strip():
@@ -37,8 +43,10 @@ def read_examples(path: Path, text_field: str = "text", label_field: str = "labe
             record = None
         text = record.get(text_field) if isinstance(record, dict) else None
         label = record.get(label_field) if isinstance(record, dict) else None
-        if not isinstance(text, str) or isinstance(label, bool) or not isinstance(
-            label, str | int | float
+        if (
+            not isinstance(text, str)
+            or isinstance(label, bool)
+            or not isinstance(label, str | int | float)
         ):
             raise typer.BadParameter(
                 f'{source}:{number}: expected a JSON object with a string "{text_field}" and a '
@@ -49,8 +57,9 @@ def read_examples(path: Path, text_field: str = "text", label_field: str = "labe
 
 
 def _weights(composition) -> str:  # type: ignore[no-untyped-def]
-    return ", ".join(f"{e.expert_name or e.expert_id[:8]}:{e.weight:+.2f}"
-                     for e in composition.experts)
+    return ", ".join(
+        f"{e.expert_name or e.expert_id[:8]}:{e.weight:+.2f}" for e in composition.experts
+    )
 
 
 @app.command()
@@ -61,8 +70,10 @@ def create(
     ],
     expert: Annotated[
         list[str] | None,
-        typer.Option(help="candidate expert ids (unique prefixes ok); default: every active "
-                     "expert whose labels cover the examples'"),
+        typer.Option(
+            help="candidate expert ids (unique prefixes ok); default: every active "
+            "expert whose labels cover the examples'"
+        ),
     ] = None,
     budget: Annotated[int, typer.Option(help="loss evaluations at most (0: 40)")] = 0,
     time_limit: Annotated[float, typer.Option(help="seconds at most (0: 120)")] = 0.0,
@@ -86,22 +97,35 @@ def create(
     examples = read_examples(data, text_field, label_field)
     with client(coordinator, token, tls_ca) as api:
         progress = Progress(
-            TextColumn("composing {task.fields[name]}"), BarColumn(),
+            TextColumn("composing {task.fields[name]}"),
+            BarColumn(),
             TextColumn("{task.completed}/{task.total} evaluations"),
-            TextColumn("best loss {task.fields[loss]}"), TimeElapsedColumn(),
-            console=err_console, transient=True,
+            TextColumn("best loss {task.fields[loss]}"),
+            TimeElapsedColumn(),
+            console=err_console,
+            transient=True,
         )
 
         def run():  # type: ignore[no-untyped-def]
             with progress:
                 bar = progress.add_task("search", total=None, name=name, loss="-")
                 for event in api.compose(
-                    name, examples, experts=expert or [], budget=budget, time_limit_s=time_limit,
-                    l1=l1, seed=seed, keep_examples=keep_examples,
+                    name,
+                    examples,
+                    experts=expert or [],
+                    budget=budget,
+                    time_limit_s=time_limit,
+                    l1=l1,
+                    seed=seed,
+                    keep_examples=keep_examples,
                 ):
                     if isinstance(event, ComposeProgress):
-                        progress.update(bar, completed=event.evaluations, total=event.budget,
-                                        loss=f"{event.best_loss:.4f}")
+                        progress.update(
+                            bar,
+                            completed=event.evaluations,
+                            total=event.budget,
+                            loss=f"{event.best_loss:.4f}",
+                        )
                     else:
                         return event
             raise RuntimeError("the coordinator ended the stream without a composition")
@@ -112,11 +136,24 @@ def create(
         return
     table(
         f"composition {result.name} v{result.version}",
-        ("experts (signed weights)", "loss", "uniform-merge loss", "evaluations", "seconds",
-         "examples"),
-        [(_weights(result), f"{result.loss:.4f}", f"{result.start_loss:.4f}",
-          f"{result.evaluations} ({result.stopped_by})", f"{result.elapsed_s:.1f}",
-          f"{result.example_count}{' kept' if result.examples_kept else ' dropped'}")],
+        (
+            "experts (signed weights)",
+            "loss",
+            "uniform-merge loss",
+            "evaluations",
+            "seconds",
+            "examples",
+        ),
+        [
+            (
+                _weights(result),
+                f"{result.loss:.4f}",
+                f"{result.start_loss:.4f}",
+                f"{result.evaluations} ({result.stopped_by})",
+                f"{result.elapsed_s:.1f}",
+                f"{result.example_count}{' kept' if result.examples_kept else ' dropped'}",
+            )
+        ],
     )
     err_console.print(f"serve it with: moerge predict --composition {result.name} ...")
 
@@ -138,6 +175,8 @@ def list_compositions(
     table(
         "compositions",
         ("name", "version", "experts (signed weights)", "loss", "examples", "created"),
-        [(c.name, c.version, _weights(c), f"{c.loss:.4f}", c.example_count,
-          c.created_at[:19]) for c in found],
+        [
+            (c.name, c.version, _weights(c), f"{c.loss:.4f}", c.example_count, c.created_at[:19])
+            for c in found
+        ],
     )

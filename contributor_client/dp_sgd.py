@@ -69,8 +69,9 @@ class DPSGDConfig:
         """(sampling rate, steps) of the adapter run and, if any, the gates' run."""
         runs = [adapter_steps(self, train_count, epochs)]
         if self.gate_steps:
-            runs.append((min(1.0, self.gate_batch_size / max(self.gate_examples, 1)),
-                         self.gate_steps))
+            runs.append(
+                (min(1.0, self.gate_batch_size / max(self.gate_examples, 1)), self.gate_steps)
+            )
         return runs
 
     def validate(self) -> None:
@@ -122,8 +123,12 @@ def account(config: DPSGDConfig, q: float, steps: int, parameters: str = "") -> 
     assert config.noise_multiplier is not None
     epsilon = composed_epsilon([dp_sgd_event(config.noise_multiplier, q, steps)], config.delta)
     return SGDAccount(
-        noise_multiplier=config.noise_multiplier, sample_rate=q, steps=steps,
-        max_grad_norm=config.max_grad_norm, epsilon=epsilon, delta=config.delta,
+        noise_multiplier=config.noise_multiplier,
+        sample_rate=q,
+        steps=steps,
+        max_grad_norm=config.max_grad_norm,
+        epsilon=epsilon,
+        delta=config.delta,
         parameters=parameters,
     )
 
@@ -269,8 +274,10 @@ def train_gates_dp(
     model.eval()
     gates = LoraGates(model, gate_config.init)
     modules = torch.nn.ModuleDict(
-        {str(i): GateModule(layer.in_features, gate_config.init)
-         for i, layer in enumerate(gates.layers.values())}
+        {
+            str(i): GateModule(layer.in_features, gate_config.init)
+            for i, layer in enumerate(gates.layers.values())
+        }
     )
     for (name, _), module in zip(gates.layers.items(), modules.values(), strict=True):
         gates.gates[name] = module.vector
@@ -289,8 +296,9 @@ def train_gates_dp(
                     noisy_empty_step(optimizer, parameters)
                     bar.update(task, advance=1)
                     continue
-                batch = collate([token_ids[i] for i in rows], tokenizer,
-                                [label_ids[i] for i in rows])
+                batch = collate(
+                    [token_ids[i] for i in rows], tokenizer, [label_ids[i] for i in rows]
+                )
                 loss = model(**batch).loss
                 loss.backward()
                 optimizer.step()

@@ -74,12 +74,18 @@ def evaluate(
             models = moerge_client.models()
             chosen = _methods(models, methods)
             experts = models.experts
-            stream = assign_tasks(rows, [(e.expert_id, e.name, e.task_name) for e in experts],
-                                  source)
+            stream = assign_tasks(
+                rows, [(e.expert_id, e.name, e.task_name) for e in experts], source
+            )
             expert_of_task = {e.task_name: e.expert_id for e in experts}
             causal_lm = any(e.task_type == "causal_lm" for e in experts)
             return run_evaluation(
-                moerge_client.target, stream, chosen, expert_of_task, causal_lm, batch_size,
+                moerge_client.target,
+                stream,
+                chosen,
+                expert_of_task,
+                causal_lm,
+                batch_size,
                 max_new_tokens,
             )
 
@@ -126,9 +132,16 @@ def _print(result: Evaluation, plot: Path | None) -> None:
         routing = f"{s.routing_accuracy:.1%}" if s.method != "uniform" else "-"
         rows.append((s.method, routing, f"{s.task_accuracy:.1%}", share, f"{s.seconds:.1f}", ""))
     floor = result.floor
-    rows.append(("majority floor", "-", f"{floor.accuracy:.1%}",
-                 f"{floor.accuracy / reference:.1%}" if reference else "-", "-",
-                 "from this file's own labels, per task"))
+    rows.append(
+        (
+            "majority floor",
+            "-",
+            f"{floor.accuracy:.1%}",
+            f"{floor.accuracy / reference:.1%}" if reference else "-",
+            "-",
+            "from this file's own labels, per task",
+        )
+    )
     table(
         f"{result.examples} labelled examples from {len(result.tasks)} tasks "
         f"(task accuracy: {result.metric})",
@@ -137,8 +150,9 @@ def _print(result: Evaluation, plot: Path | None) -> None:
     )
     console = stdout_console()
     for task, (label, count, n) in floor.by_task.items():
-        console.print(f"majority floor of {task}: {label!r} {count}/{n} = {count / n:.1%}",
-                      highlight=False)
+        console.print(
+            f"majority floor of {task}: {label!r} {count}/{n} = {count / n:.1%}", highlight=False
+        )
     if plot is not None:
         best = result.best_router() or oracle
         console.print(f"routing confusion matrix of {best.method}: {plot}", highlight=False)

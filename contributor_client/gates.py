@@ -205,4 +205,3 @@ def _cycled_batches(
         if not batches:
             batches = length_grouped_batches(lengths, batch_size, generator)
         yield batches.pop(0)
-

@@ -26,8 +26,9 @@ def generate(
     max_new_tokens: Annotated[int, typer.Option(help="0: the coordinator's default")] = 0,
     temperature: Annotated[float | None, typer.Option(help="unset or 0: greedy")] = None,
     top_p: Annotated[float | None, typer.Option(help="nucleus sampling (unset: off)")] = None,
-    top_k: Annotated[int, typer.Option("--sample-top-k", help="sample among k tokens (0: off)")]
-    = 0,
+    top_k: Annotated[
+        int, typer.Option("--sample-top-k", help="sample among k tokens (0: off)")
+    ] = 0,
     seed: Annotated[int | None, typer.Option(help="fixes the sample")] = None,
     stop: Annotated[list[str] | None, typer.Option(help="stop string (repeatable)")] = None,
     repetition_penalty: Annotated[float | None, typer.Option(help="unset: off")] = None,
@@ -60,10 +61,19 @@ def generate(
         messages = [{"role": "system", "content": system}] if system else []
         messages.append({"role": "user", "content": text})
     options = {
-        "messages": messages, "max_new_tokens": max_new_tokens, "sample_top_k": top_k,
-        "temperature": temperature, "top_p": top_p, "seed": seed, "stop": stop or (),
-        "repetition_penalty": repetition_penalty, "top_k": experts, "method": method,
-        "experts": expert or (), "aggregation": aggregation, "composition": composition,
+        "messages": messages,
+        "max_new_tokens": max_new_tokens,
+        "sample_top_k": top_k,
+        "temperature": temperature,
+        "top_p": top_p,
+        "seed": seed,
+        "stop": stop or (),
+        "repetition_penalty": repetition_penalty,
+        "top_k": experts,
+        "method": method,
+        "experts": expert or (),
+        "aggregation": aggregation,
+        "composition": composition,
         "composition_version": composition_version,
     }
 
@@ -73,8 +83,9 @@ def generate(
             try:
                 for event in events:
                     if json_out:
-                        typer.echo(json.dumps({type(event).__name__: event.to_dict()},
-                                              ensure_ascii=False))
+                        typer.echo(
+                            json.dumps({type(event).__name__: event.to_dict()}, ensure_ascii=False)
+                        )
                     else:
                         _show(event, err_console)
             except KeyboardInterrupt:
@@ -86,8 +97,10 @@ def generate(
 
 
 def _experts(weights: object) -> str:
-    return ", ".join(f"{w.expert_name or w.expert_id[:8]}:{w.weight:.2f}"  # type: ignore[attr-defined]
-                     for w in weights)  # type: ignore[attr-defined]
+    return ", ".join(
+        f"{w.expert_name or w.expert_id[:8]}:{w.weight:.2f}"  # type: ignore[attr-defined]
+        for w in weights
+    )  # type: ignore[attr-defined]
 
 
 def _show(event: object, err_console: object) -> None:

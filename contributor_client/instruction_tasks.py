@@ -171,8 +171,7 @@ def load_word_class(
         data,
         "word_class",
         lambda word: (
-            f'Which part of speech is the English word "{word}": '
-            "noun, verb, adjective or adverb?"
+            f'Which part of speech is the English word "{word}": noun, verb, adjective or adverb?'
         ),
         str,
         "an English word -> its part of speech (noun, verb, adjective or adverb)",

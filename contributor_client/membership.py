@@ -75,7 +75,10 @@ def _upper(matrix: torch.Tensor) -> torch.Tensor:
 
 
 def worst_case_attack(
-    known: torch.Tensor, candidate: torch.Tensor, config: DPConfig | None, trials: int,
+    known: torch.Tensor,
+    candidate: torch.Tensor,
+    config: DPConfig | None,
+    trials: int,
     seed: int = 0,
 ) -> AttackResult:
     """The DP adversary: ``known`` [n-1, H] are the other examples, ``candidate`` [H] the one
@@ -98,12 +101,17 @@ def worst_case_attack(
             stds = {"count": 0.0, "sum": 0.0, "second_moment": 0.0}
             n_count, n_total, n_second = counts, total, second
         else:
-            one = DPConfig(config.epsilon, config.delta, config.clip_norm, seed=seed * 1_000_003
-                           + trial)
+            one = DPConfig(
+                config.epsilon, config.delta, config.clip_norm, seed=seed * 1_000_003 + trial
+            )
             n_count, n_total, n_second, stds = privatize(counts, total, second, one)
         score = _likelihood_ratio(
-            n_count - len(x), n_total - base_sum, _upper(n_second - base_second),
-            c, _upper(torch.outer(c, c)), stds,
+            n_count - len(x),
+            n_total - base_sum,
+            _upper(n_second - base_second),
+            c,
+            _upper(torch.outer(c, c)),
+            stds,
         )
         (members if member else others).append(score)
     return AttackResult(
@@ -115,8 +123,12 @@ def worst_case_attack(
 
 
 def _likelihood_ratio(
-    r_count: torch.Tensor, r_sum: torch.Tensor, r_second: torch.Tensor,
-    c: torch.Tensor, c_second: torch.Tensor, stds: dict[str, float],
+    r_count: torch.Tensor,
+    r_sum: torch.Tensor,
+    r_second: torch.Tensor,
+    c: torch.Tensor,
+    c_second: torch.Tensor,
+    stds: dict[str, float],
 ) -> float:
     """log p(residuals | member) - log p(residuals | not): Gaussian, so linear in them."""
     score = 0.0
@@ -133,8 +145,12 @@ def _likelihood_ratio(
 
 
 def population_attack(
-    members: torch.Tensor, non_members: torch.Tensor, reference: torch.Tensor,
-    config: DPConfig | None, releases: int, seed: int = 0,
+    members: torch.Tensor,
+    non_members: torch.Tensor,
+    reference: torch.Tensor,
+    config: DPConfig | None,
+    releases: int,
+    seed: int = 0,
 ) -> AttackResult:
     """The realistic adversary: ``releases`` times, a data set of ``members`` [n, H] is
     released; the attacker scores each member and each of ``non_members`` [m, H] (same
@@ -147,8 +163,9 @@ def population_attack(
     for release in range(releases):
         dp = None
         if config is not None:
-            dp = DPConfig(config.epsilon, config.delta, config.clip_norm,
-                          seed=seed * 7919 + release)
+            dp = DPConfig(
+                config.epsilon, config.delta, config.clip_norm, seed=seed * 7919 + release
+            )
         mean = summarize_embeddings(members, rank=0, dp=dp).mean
         direction = mean - reference_mean
         scores_in.append(members.double() @ direction)

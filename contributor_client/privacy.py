@@ -229,7 +229,10 @@ class SGDAccount:
 
     def release(self, what: str) -> PrivacyRelease:
         return PrivacyRelease(
-            what=what, mechanism="dp_sgd", epsilon=round(self.epsilon, 4), delta=self.delta,
+            what=what,
+            mechanism="dp_sgd",
+            epsilon=round(self.epsilon, 4),
+            delta=self.delta,
             details={
                 "noise_multiplier": round(self.noise_multiplier, 4),
                 "sample_rate": round(self.sample_rate, 6),
@@ -258,11 +261,17 @@ def privacy_report(
         PrivacyRelease(what="statistics", mechanism="none")
         if statistics is None
         else PrivacyRelease(
-            what="statistics", mechanism=MECHANISM, epsilon=statistics.epsilon,
+            what="statistics",
+            mechanism=MECHANISM,
+            epsilon=statistics.epsilon,
             delta=statistics.delta,
-            details={"noise_multiplier": round(noise_multiplier(statistics.epsilon,
-                                                                statistics.delta), 4),
-                     "clip_norm": statistics.clip_norm, "releases": list(RELEASES)},
+            details={
+                "noise_multiplier": round(
+                    noise_multiplier(statistics.epsilon, statistics.delta), 4
+                ),
+                "clip_norm": statistics.clip_norm,
+                "releases": list(RELEASES),
+            },
         )
     ]
     events, deltas = [], []

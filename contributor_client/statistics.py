@@ -230,7 +230,8 @@ def denoise_covariance(cov: torch.Tensor, noise: float) -> torch.Tensor:
     values, vectors = torch.linalg.eigh(0.5 * (cov + cov.T))
     spikes = values > 2.0 * s
     theta = torch.where(
-        spikes, 0.5 * (values + (values**2 - 4.0 * s * s).clamp(min=0.0).sqrt()),
+        spikes,
+        0.5 * (values + (values**2 - 4.0 * s * s).clamp(min=0.0).sqrt()),
         torch.zeros_like(values),
     )
     rest = (torch.diagonal(cov).sum() - theta.sum()) / max(size - int(spikes.sum()), 1)

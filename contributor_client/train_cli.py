@@ -237,15 +237,18 @@ def quality_warnings(quality: object) -> list[str]:
     """Why the expert may not be worth routing to (empty when it beats its baselines)."""
     accuracy = getattr(quality, "validation_accuracy", None)
     warnings = []
-    for name, label in (("majority_accuracy", "the majority class"),
-                        ("probe_accuracy", "a linear probe on the base model")):
+    for name, label in (
+        ("majority_accuracy", "the majority class"),
+        ("probe_accuracy", "a linear probe on the base model"),
+    ):
         floor = getattr(quality, name, None)
         if accuracy is not None and floor is not None and accuracy <= floor:
             warnings.append(
                 f"validation accuracy {accuracy:.3f} does not beat {label} ({floor:.3f})"
             )
-    loss, base_loss = (getattr(quality, n, None) for n in ("validation_loss",
-                                                           "base_validation_loss"))
+    loss, base_loss = (
+        getattr(quality, n, None) for n in ("validation_loss", "base_validation_loss")
+    )
     if loss is not None and base_loss is not None and loss >= base_loss:
         warnings.append(
             f"validation loss {loss:.3f} is not below the base model's ({base_loss:.3f})"
@@ -300,8 +303,11 @@ def privacy_rows(report: Any) -> list[tuple[object, ...]]:
 
 def privacy_table(report: Any) -> None:
     """The privacy report as a table (what was released, mechanism, epsilon, delta)."""
-    table(f"privacy (per {report.unit})", ("released", "mechanism", "epsilon", "delta"),
-          privacy_rows(report))
+    table(
+        f"privacy (per {report.unit})",
+        ("released", "mechanism", "epsilon", "delta"),
+        privacy_rows(report),
+    )
     if report.statistics_opt_out:
         err_console.print("[yellow]warning[/yellow] DP on the statistics was turned off (--no-dp)")
 
@@ -365,7 +371,12 @@ def train(
         max_examples,
         target_module,
         _recipe(
-            recipe, head_learning_rate, min_steps, lr_schedule, class_weighting, probe_init,
+            recipe,
+            head_learning_rate,
+            min_steps,
+            lr_schedule,
+            class_weighting,
+            probe_init,
             early_stopping,
         ),
     )
@@ -504,7 +515,12 @@ def contribute(
         max_examples,
         None,
         _recipe(
-            recipe, head_learning_rate, min_steps, lr_schedule, class_weighting, probe_init,
+            recipe,
+            head_learning_rate,
+            min_steps,
+            lr_schedule,
+            class_weighting,
+            probe_init,
             early_stopping,
         ),
     )
@@ -550,9 +566,9 @@ def contribute(
                 "created": response.created,
                 "validation_accuracy": report.train.val_accuracy if report.train else None,
                 **({} if report.meta.quality is None else quality_rows(report.meta.quality)),
-                "warnings": [] if report.meta.quality is None else quality_warnings(
-                    report.meta.quality
-                ),
+                "warnings": []
+                if report.meta.quality is None
+                else quality_warnings(report.meta.quality),
                 "privacy_report": report.meta.privacy,
             }
         )

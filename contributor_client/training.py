@@ -262,9 +262,7 @@ def train_expert(
     tokenizer = load_tokenizer(config.base_model)
     prompt_lengths = None
     if causal_lm and labels is not None:
-        token_ids, prompt_lengths = encode_completions(
-            tokenizer, texts, labels, config.max_length
-        )
+        token_ids, prompt_lengths = encode_completions(tokenizer, texts, labels, config.max_length)
     else:
         token_ids = encode(tokenizer, texts, config.max_length)
 
@@ -289,8 +287,15 @@ def train_expert(
         if causal_lm and val_idx:
             with model.disable_adapter():
                 _, base_val_loss = evaluate(
-                    model, tokenizer, token_ids, None, val_idx, config.batch_size, True,
-                    config.bf16, prompt_lengths,
+                    model,
+                    tokenizer,
+                    token_ids,
+                    None,
+                    val_idx,
+                    config.batch_size,
+                    True,
+                    config.bf16,
+                    prompt_lengths,
                 )
         sgd_account = None
         if dp_sgd is not None:
@@ -298,21 +303,44 @@ def train_expert(
 
             calibrate(dp_sgd, dp_sgd.runs(len(train_idx), config.epochs))
             curve, sgd_account = train_adapter_dp(
-                model, tokenizer, token_ids, label_ids, train_idx, dp_sgd, config.epochs,
-                config.seed, config.warmup_fraction, progress,
+                model,
+                tokenizer,
+                token_ids,
+                label_ids,
+                train_idx,
+                dp_sgd,
+                config.epochs,
+                config.seed,
+                config.warmup_fraction,
+                progress,
             )
             best_step = None
         else:
             curve, best_step = _train(
-                model, tokenizer, token_ids, label_ids, train_idx, val_idx, config, progress,
-                prompt_lengths, class_weights,
+                model,
+                tokenizer,
+                token_ids,
+                label_ids,
+                train_idx,
+                val_idx,
+                config,
+                progress,
+                prompt_lengths,
+                class_weights,
             )
 
     val_accuracy = val_loss = None
     if val_idx:
         val_accuracy, val_loss = evaluate(
-            model, tokenizer, token_ids, label_ids, val_idx, config.batch_size, causal_lm,
-            config.bf16, prompt_lengths,
+            model,
+            tokenizer,
+            token_ids,
+            label_ids,
+            val_idx,
+            config.batch_size,
+            causal_lm,
+            config.bf16,
+            prompt_lengths,
         )
     save_adapter(model, out_dir, config.base_model_id or config.base_model)
     return TrainResult(
@@ -381,8 +409,13 @@ def fit_linear_probe(
     bias = torch.zeros(num_labels, dtype=torch.float64, requires_grad=True)
     sample_weights = None if class_weights is None else class_weights.double()
     optimizer = torch.optim.LBFGS(
-        [weight, bias], lr=1.0, max_iter=max_iter, history_size=20,
-        tolerance_grad=1e-10, tolerance_change=1e-14, line_search_fn="strong_wolfe",
+        [weight, bias],
+        lr=1.0,
+        max_iter=max_iter,
+        history_size=20,
+        tolerance_grad=1e-10,
+        tolerance_change=1e-14,
+        line_search_fn="strong_wolfe",
     )
 
     def objective() -> torch.Tensor:
@@ -620,16 +653,19 @@ def _train(
     epochs = math.ceil(total_steps / per_epoch)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
-        _parameter_groups(model, config), lr=config.learning_rate,
+        _parameter_groups(model, config),
+        lr=config.learning_rate,
         weight_decay=config.weight_decay,
     )
     warmup = max(1, round(config.warmup_fraction * total_steps))
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: _lr_factor(step, warmup, total_steps, config.lr_schedule)
     )
-    stopper = _EarlyStopping(
-        model, tokenizer, token_ids, label_ids, val_idx, config, prompt_lengths
-    ) if config.early_stopping and val_idx else None
+    stopper = (
+        _EarlyStopping(model, tokenizer, token_ids, label_ids, val_idx, config, prompt_lengths)
+        if config.early_stopping and val_idx
+        else None
+    )
     eval_every = config.eval_every or per_epoch
     curve: list[float] = []
     step = 0
@@ -653,8 +689,10 @@ def _train(
                 labels = None if causal_lm else batch.pop("labels")
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16):
                     output = model(**batch)
-                    loss = output.loss if causal_lm else F.cross_entropy(
-                        output.logits.float(), labels, weight=class_weights
+                    loss = (
+                        output.loss
+                        if causal_lm
+                        else F.cross_entropy(output.logits.float(), labels, weight=class_weights)
                     )
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(trainable, max_norm=1.0)
@@ -735,8 +773,11 @@ class _EarlyStopping:
 
     def check(self, step: int) -> None:
         accuracy, loss = evaluate(
-            self.model, *self.evaluate_args, self.config.task_type == "causal_lm",
-            self.config.bf16, self.prompt_lengths,
+            self.model,
+            *self.evaluate_args,
+            self.config.task_type == "causal_lm",
+            self.config.bf16,
+            self.prompt_lengths,
         )
         key = (accuracy, -loss)
         if self.best is not None and key <= self.best:
@@ -744,9 +785,7 @@ class _EarlyStopping:
             return
         self.best, self.best_step, self.stale = key, step, 0
         self.best_state = {
-            name: p.detach().clone()
-            for name, p in self.model.named_parameters()
-            if p.requires_grad
+            name: p.detach().clone() for name, p in self.model.named_parameters() if p.requires_grad
         }
 
     def restore(self) -> int:

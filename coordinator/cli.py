@@ -49,9 +49,18 @@ def serve(
     """Serve the moerge gRPC API until SIGINT/SIGTERM."""
     try:
         settings = CoordinatorConfig.load(
-            config, data_dir=data_dir, db_url=db, listen=listen, tls_cert=tls_cert,
-            tls_key=tls_key, base_model=base_model, router_method=router_method, log_json=log_json,
-            device=device, dtype=dtype, http_listen=http_listen,
+            config,
+            data_dir=data_dir,
+            db_url=db,
+            listen=listen,
+            tls_cert=tls_cert,
+            tls_key=tls_key,
+            base_model=base_model,
+            router_method=router_method,
+            log_json=log_json,
+            device=device,
+            dtype=dtype,
+            http_listen=http_listen,
         )
     except (OSError, ValueError) as exc:
         typer.echo(f"error: {exc}", err=True)

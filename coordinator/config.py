@@ -116,8 +116,13 @@ class CoordinatorConfig:
             raise ValueError("min_examples_without_dp must be >= 1 and max_epsilon >= 0")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ValueError("tls_cert and tls_key must be given together")
-        for name in ("upload_bytes_per_second", "upload_bytes_per_hour", "uploads_per_hour",
-                     "inference_requests_per_minute", "enrollment_token_ttl_days"):
+        for name in (
+            "upload_bytes_per_second",
+            "upload_bytes_per_hour",
+            "uploads_per_hour",
+            "inference_requests_per_minute",
+            "enrollment_token_ttl_days",
+        ):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0 (0 = unlimited)")
         if not 0 < self.consistency_copy_p_value < 1:

@@ -20,7 +20,8 @@ def check_health(address: str, service: str = "", timeout: float = 5.0, tls_ca: 
 
     channel = (
         grpc.secure_channel(address, grpc.ssl_channel_credentials(Path(tls_ca).read_bytes()))
-        if tls_ca else grpc.insecure_channel(address)
+        if tls_ca
+        else grpc.insecure_channel(address)
     )
     with channel:
         try:

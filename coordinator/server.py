@@ -101,8 +101,12 @@ async def start(config: CoordinatorConfig, state: CoordinatorState | None = None
     install_screen(state)  # poisoning checks at upload commit and before router fits
     # Resolve the inference device now: a missing GPU stops the start instead of a first request
     placement = await asyncio.to_thread(resolve_placement, config.device, config.dtype)
-    log.info("inference on %s (task %s, base model %s)", placement.description,
-             config.task_type, config.base_model_id)
+    log.info(
+        "inference on %s (task %s, base model %s)",
+        placement.description,
+        config.task_type,
+        config.base_model_id,
+    )
     options = [
         ("grpc.max_receive_message_length", config.max_message_bytes),
         ("grpc.max_send_message_length", config.max_message_bytes),
@@ -150,28 +154,50 @@ async def start(config: CoordinatorConfig, state: CoordinatorState | None = None
         from moerge.coordinator.http.app import HttpServer, build_app  # FastAPI only when used
 
         # bound now: a busy port stops the start, as a busy gRPC port does
-        http = HttpServer(build_app(state, auth), config.http_listen, config.grace_seconds,
-                          config.tls_cert, config.tls_key)
+        http = HttpServer(
+            build_app(state, auth),
+            config.http_listen,
+            config.grace_seconds,
+            config.tls_cert,
+            config.tls_key,
+        )
     await server.start()
     for name in ("", *services):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     metrics_http = None
     if config.metrics_listen:
         metrics_http = MetricsHTTPServer(config.metrics_listen, collector(metrics, state)).start()
-        log.info("metrics on http://%s:%d/metrics", config.metrics_listen.rsplit(":", 1)[0],
-                 metrics_http.port)
+        log.info(
+            "metrics on http://%s:%d/metrics",
+            config.metrics_listen.rsplit(":", 1)[0],
+            metrics_http.port,
+        )
     if http is not None:
         await http.start()
-        log.info("HTTP API on %s://%s:%d/v1", "https" if config.tls_cert else "http",
-                 config.http_listen.rsplit(":", 1)[0], http.port)
+        log.info(
+            "HTTP API on %s://%s:%d/v1",
+            "https" if config.tls_cert else "http",
+            config.http_listen.rsplit(":", 1)[0],
+            http.port,
+        )
     # A SuperLink for federated rounds (config `superlink`) before the scheduler can train.
     state.routers.federation = await asyncio.to_thread(open_federation, config)
     await asyncio.to_thread(admit_node_keys, state)  # revocations while it was down
     await state.start_background()
-    log.info("coordinator listening on %s (tls=%s)", config.listen.rsplit(":", 1)[0] + f":{port}",
-             bool(config.tls_cert))
-    return RunningServer(server=server, state=state, port=port, health=health_servicer,
-                         metrics=metrics, metrics_http=metrics_http, http=http)
+    log.info(
+        "coordinator listening on %s (tls=%s)",
+        config.listen.rsplit(":", 1)[0] + f":{port}",
+        bool(config.tls_cert),
+    )
+    return RunningServer(
+        server=server,
+        state=state,
+        port=port,
+        health=health_servicer,
+        metrics=metrics,
+        metrics_http=metrics_http,
+        http=http,
+    )
 
 
 async def serve(config: CoordinatorConfig) -> None:

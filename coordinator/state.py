@@ -126,13 +126,17 @@ class CoordinatorState:
     async def start_background(self) -> None:
         """Every replica follows the active router; the leader alone also runs the scheduler
         and housekeeping (``coordinator/leadership.py``; on SQLite this process, at once)."""
-        self._tasks.append(asyncio.create_task(
-            self.routers.follow_active(self.config.router_poll_seconds), name="moerge-router-follow"
-        ))
+        self._tasks.append(
+            asyncio.create_task(
+                self.routers.follow_active(self.config.router_poll_seconds),
+                name="moerge-router-follow",
+            )
+        )
         if self.config.role == "inference":
             return
-        self.leadership = Leadership(self.engine, self._lead, self._stop_leading,
-                                     self.config.leader_check_seconds)
+        self.leadership = Leadership(
+            self.engine, self._lead, self._stop_leading, self.config.leader_check_seconds
+        )
         if not self.leadership.shared:
             self.leadership.is_leader = True
             await self._lead()
@@ -191,8 +195,9 @@ def open_object_uploads(
     presigner = None
     if config.s3_public_endpoint_url:
         presigner = make_client(config.s3_public_endpoint_url, config.s3_region)
-    return ObjectUploads(registry, blobs, uploads, config.object_part_bytes,
-                         config.object_url_seconds, presigner)
+    return ObjectUploads(
+        registry, blobs, uploads, config.object_part_bytes, config.object_url_seconds, presigner
+    )
 
 
 def bootstrap_admin(registry: Registry, config: CoordinatorConfig) -> None:

@@ -186,21 +186,33 @@ class Calls:
         version, or ``composition_version``); the routing arguments must then stay unset.
         """
         fields = {
-            "inputs": list(inputs), "top_k": top_k, "routing_method": method,
-            "aggregation": _aggregation(aggregation), "router_version": router_version,
-            "max_new_tokens": max_new_tokens, "composition": composition,
+            "inputs": list(inputs),
+            "top_k": top_k,
+            "routing_method": method,
+            "aggregation": _aggregation(aggregation),
+            "router_version": router_version,
+            "max_new_tokens": max_new_tokens,
+            "composition": composition,
             "composition_version": composition_version,
         }
-        return self._with_ids("expert", experts, lambda ids: self._unary(
-            "inference", "Predict", inference_pb2.PredictRequest(expert_ids=ids, **fields),
-            Predictions.from_proto,
-        ))
+        return self._with_ids(
+            "expert",
+            experts,
+            lambda ids: self._unary(
+                "inference",
+                "Predict",
+                inference_pb2.PredictRequest(expert_ids=ids, **fields),
+                Predictions.from_proto,
+            ),
+        )
 
     def compositions(self, name: str = "") -> list[Composition]:
         """Stored few-shot compositions (every version; only ``name``'s if given), newest first."""
         request = inference_pb2.ListCompositionsRequest(name=name)
         return self._unary(
-            "inference", "ListCompositions", request,
+            "inference",
+            "ListCompositions",
+            request,
             lambda r: [Composition.from_proto(c) for c in r.compositions],
         )
 
@@ -214,12 +226,22 @@ class Calls:
         router_version: int = 0,
     ) -> Routing:
         """The routing decision only: which experts, with which weights, for each input."""
-        fields = {"inputs": list(inputs), "top_k": top_k, "routing_method": method,
-                  "router_version": router_version}
-        return self._with_ids("expert", experts, lambda ids: self._unary(
-            "inference", "Route", inference_pb2.RouteRequest(expert_ids=ids, **fields),
-            Routing.from_proto,
-        ))
+        fields = {
+            "inputs": list(inputs),
+            "top_k": top_k,
+            "routing_method": method,
+            "router_version": router_version,
+        }
+        return self._with_ids(
+            "expert",
+            experts,
+            lambda ids: self._unary(
+                "inference",
+                "Route",
+                inference_pb2.RouteRequest(expert_ids=ids, **fields),
+                Routing.from_proto,
+            ),
+        )
 
     def models(self) -> Models:
         """What a request may name: the active experts, the routing methods with a trained
@@ -241,8 +263,12 @@ class Calls:
     ) -> Page[Expert]:
         """One page of the registry's experts (``state``: active, quarantined or retired;
         ``contributor``: an id or a unique prefix of it)."""
-        fields = {"page_size": page_size, "page_token": page_token, "state": _state(state),
-                  "task_name": task}
+        fields = {
+            "page_size": page_size,
+            "page_token": page_token,
+            "state": _state(state),
+            "task_name": task,
+        }
         return self._with_ids("contributor", [contributor] if contributor else [],
                               lambda ids: self._unary(
             "admin", "ListExperts",
@@ -252,25 +278,43 @@ class Calls:
 
     def get_expert(self, expert_id: str) -> Expert:
         """Every field of one expert (``expert_id``: an id or a unique prefix of it)."""
-        return self._with_ids("expert", [expert_id], lambda ids: self._unary(
-            "admin", "GetExpert", admin_pb2.GetExpertRequest(expert_id=ids[0]), Expert.from_proto
-        ))
+        return self._with_ids(
+            "expert",
+            [expert_id],
+            lambda ids: self._unary(
+                "admin",
+                "GetExpert",
+                admin_pb2.GetExpertRequest(expert_id=ids[0]),
+                Expert.from_proto,
+            ),
+        )
 
     def set_expert_state(self, expert_id: str, state: str, reason: str = "") -> Expert:
         """Activate, quarantine or retire an expert (the reason goes to the audit log)."""
         number = _state(state)
-        return self._with_ids("expert", [expert_id], lambda ids: self._unary(
-            "admin", "SetExpertState",
-            admin_pb2.SetExpertStateRequest(expert_id=ids[0], state=number, reason=reason),
-            Expert.from_proto,
-        ))
+        return self._with_ids(
+            "expert",
+            [expert_id],
+            lambda ids: self._unary(
+                "admin",
+                "SetExpertState",
+                admin_pb2.SetExpertStateRequest(expert_id=ids[0], state=number, reason=reason),
+                Expert.from_proto,
+            ),
+        )
 
     def delete_expert(self, expert_id: str) -> DeletedExpert:
         """Delete an expert and garbage-collect the blobs nothing else uses."""
-        return self._with_ids("expert", [expert_id], lambda ids: self._unary(
-            "admin", "DeleteExpert", admin_pb2.DeleteExpertRequest(expert_id=ids[0]),
-            lambda r: scalars(DeletedExpert, r),
-        ))
+        return self._with_ids(
+            "expert",
+            [expert_id],
+            lambda ids: self._unary(
+                "admin",
+                "DeleteExpert",
+                admin_pb2.DeleteExpertRequest(expert_id=ids[0]),
+                lambda r: scalars(DeletedExpert, r),
+            ),
+        )
 
     def list_router_versions(
         self, *, method: str = "", page_size: int = 50, page_token: str = ""
@@ -325,10 +369,16 @@ class Calls:
 
     def revoke_enrollment_token(self, token_id: str) -> EnrollmentTokenInfo:
         """Stop an enrollment token from letting anyone else join (an id or unique prefix)."""
-        return self._with_ids("enrollment token", [token_id], lambda ids: self._unary(
-            "admin", "RevokeEnrollmentToken", admin_pb2.RevokeEnrollmentTokenRequest(
-                token_id=ids[0]), EnrollmentTokenInfo.from_proto,
-        ))
+        return self._with_ids(
+            "enrollment token",
+            [token_id],
+            lambda ids: self._unary(
+                "admin",
+                "RevokeEnrollmentToken",
+                admin_pb2.RevokeEnrollmentTokenRequest(token_id=ids[0]),
+                EnrollmentTokenInfo.from_proto,
+            ),
+        )
 
     def create_api_key(
         self, *, note: str = "", ttl_seconds: int = 0, rate_limit_per_minute: int = 0
@@ -350,10 +400,16 @@ class Calls:
 
     def revoke_api_key(self, key_id: str) -> ApiKey:
         """Refuse the key from its very next request on (an id or a unique prefix of it)."""
-        return self._with_ids("API key", [key_id], lambda ids: self._unary(
-            "admin", "RevokeApiKey", admin_pb2.RevokeApiKeyRequest(key_id=ids[0]),
-            ApiKey.from_proto,
-        ))
+        return self._with_ids(
+            "API key",
+            [key_id],
+            lambda ids: self._unary(
+                "admin",
+                "RevokeApiKey",
+                admin_pb2.RevokeApiKeyRequest(key_id=ids[0]),
+                ApiKey.from_proto,
+            ),
+        )
 
     def list_contributors(
         self, *, exclude_revoked: bool = False, page_size: int = 50, page_token: str = ""
@@ -366,11 +422,16 @@ class Calls:
 
     def revoke_contributor(self, contributor_id: str, reason: str = "") -> Contributor:
         """Revoke a contributor's credential (its experts keep their state)."""
-        return self._with_ids("contributor", [contributor_id], lambda ids: self._unary(
-            "admin", "RevokeContributor",
-            admin_pb2.RevokeContributorRequest(contributor_id=ids[0], reason=reason),
-            Contributor.from_proto,
-        ))
+        return self._with_ids(
+            "contributor",
+            [contributor_id],
+            lambda ids: self._unary(
+                "admin",
+                "RevokeContributor",
+                admin_pb2.RevokeContributorRequest(contributor_id=ids[0], reason=reason),
+                Contributor.from_proto,
+            ),
+        )
 
     def audit_log(
         self, *, action: str = "", target: str = "", page_size: int = 100, page_token: str = ""

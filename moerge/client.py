@@ -374,8 +374,9 @@ class AsyncClient(Calls):
     ) -> AsyncIterator[GenerateEvent]:
         """:meth:`Client.generate`, as an async iterator (``async for event in ...``)."""
         options["experts"] = await self.resolve_ids("expert", options.get("experts", ()))
-        async for event in self._stream("Generate", generate_request(prompt, **options),
-                                        generate_event):
+        async for event in self._stream(
+            "Generate", generate_request(prompt, **options), generate_event
+        ):
             yield event
 
     async def compose(
@@ -383,8 +384,9 @@ class AsyncClient(Calls):
     ) -> AsyncIterator[ComposeEvent]:
         """:meth:`Client.compose`, as an async iterator (``async for event in ...``)."""
         options["experts"] = await self.resolve_ids("expert", options.get("experts", ()))
-        async for event in self._stream("Compose", compose_request(name, examples, **options),
-                                        compose_event):
+        async for event in self._stream(
+            "Compose", compose_request(name, examples, **options), compose_event
+        ):
             yield event
 
     async def _stream(

@@ -97,8 +97,15 @@ def score_method(
     """
     if method == "oracle":
         return score_assigned(
-            target, method, stream, [ex.task for ex in stream], expert_of_task, batch_size,
-            on_batch, max_new_tokens, match,
+            target,
+            method,
+            stream,
+            [ex.task for ex in stream],
+            expert_of_task,
+            batch_size,
+            on_batch,
+            max_new_tokens,
+            match,
         )
     default = (method, inference_pb2.AGGREGATION_OUTPUT_ENSEMBLE, 1)
     routing_method, aggregation, top_k = METHODS.get(method, default)
@@ -194,9 +201,7 @@ def score_methods(
     """:func:`score_method` for each method in turn; a method the coordinator refuses (not
     trained, unknown) comes back with ``error`` set rather than stopping the others."""
     return [
-        score_method(
-            target, m, stream, expert_of_task, batch_size, on_batch, max_new_tokens, match
-        )
+        score_method(target, m, stream, expert_of_task, batch_size, on_batch, max_new_tokens, match)
         for m in methods
     ]
 
@@ -280,14 +285,14 @@ def read_labelled(lines: Iterable[str], source: str = "DATA") -> list[LabelledRo
             raise LabelledDataError(f"{where}: expected a JSON object, got {type(record).__name__}")
         text, label = record.get("text"), record.get("label")
         if not isinstance(text, str) or not text.strip():
-            raise LabelledDataError(f"{where}: \"text\" must be a non-empty string")
+            raise LabelledDataError(f'{where}: "text" must be a non-empty string')
         if isinstance(label, bool) or not isinstance(label, str | int | float):
-            raise LabelledDataError(f"{where}: \"label\" must be a string or a number")
+            raise LabelledDataError(f'{where}: "label" must be a string or a number')
         task, expert = record.get("task", ""), record.get("expert", "")
         if not isinstance(task, str) or not isinstance(expert, str) or bool(task) == bool(expert):
             raise LabelledDataError(
-                f"{where}: give exactly one of \"task\" (a registered task name) or "
-                "\"expert\" (an expert id or name)"
+                f'{where}: give exactly one of "task" (a registered task name) or '
+                '"expert" (an expert id or name)'
             )
         rows.append(LabelledRow(number, text, str(label), task, expert))
     if not rows:

@@ -151,8 +151,9 @@ class PrivacyReport:
                         f"statistics.json: field 'privacy.releases[{i}].{name}' must be a "
                         "short string"
                     )
-            _check_budget(f"privacy.releases[{i}]", r.epsilon, r.delta,
-                          r.mechanism in DP_MECHANISMS)
+            _check_budget(
+                f"privacy.releases[{i}]", r.epsilon, r.delta, r.mechanism in DP_MECHANISMS
+            )
             if not isinstance(r.details, dict):
                 raise ValueError(f"statistics.json: 'privacy.releases[{i}].details' not an object")
         _check_budget("privacy", self.epsilon, self.delta, self.all_dp)
@@ -184,15 +185,16 @@ def _check_budget(name: str, epsilon: object, delta: object, required: bool) -> 
     if epsilon is None and delta is None and not required:
         return
     ok = (
-        isinstance(epsilon, (int, float)) and not isinstance(epsilon, bool)
-        and math.isfinite(epsilon) and epsilon > 0
-        and isinstance(delta, (int, float)) and not isinstance(delta, bool)
+        isinstance(epsilon, (int, float))
+        and not isinstance(epsilon, bool)
+        and math.isfinite(epsilon)
+        and epsilon > 0
+        and isinstance(delta, (int, float))
+        and not isinstance(delta, bool)
         and 0 <= delta < 1
     )
     if not ok:
-        raise ValueError(
-            f"statistics.json: field '{name}' needs epsilon > 0 and delta in [0, 1)"
-        )
+        raise ValueError(f"statistics.json: field '{name}' needs epsilon > 0 and delta in [0, 1)")
 
 
 @dataclass
@@ -340,7 +342,6 @@ class StatisticsMeta:
             self.quality.validate()
         if self.privacy is not None:
             self.privacy.validate()
-
 
     def _validate_adapter_only(self) -> None:
         """An adapter-only expert claims no data: nothing counted, summarised or gated."""

@@ -84,9 +84,7 @@ def load_chat_task(tokenizer: PreTrainedTokenizerBase, name: str, **caps: int) -
     return as_chat(INSTRUCTION_TASKS[name](**caps), tokenizer)
 
 
-def generation_score(
-    score: MethodScore, tasks: dict[str, TaskData]
-) -> GenerationScore:
+def generation_score(score: MethodScore, tasks: dict[str, TaskData]) -> GenerationScore:
     """Exact match and first-option-named accuracy of one method's generated answers."""
     from moerge.contributor_client.instruction_tasks import answers_match, first_option_named
 
@@ -154,7 +152,9 @@ def run_llm_demo(
     _, admin_token = new_token("mga")
     console.rule("moerge demo --llm (SmolLM2-135M-Instruct)")
     process, address = start_coordinator(
-        coordinator_dir, admin_token, data_dir / "coordinator.log",
+        coordinator_dir,
+        admin_token,
+        data_dir / "coordinator.log",
         coordinator_settings(model_dir),
     )
     admin = Target(address=address, token=admin_token)
@@ -166,7 +166,12 @@ def run_llm_demo(
                 total=len(names),
             )
             jobs = contributor_jobs(
-                admin, data_dir, names, epochs, train_per_task, gate_steps=0,
+                admin,
+                data_dir,
+                names,
+                epochs,
+                train_per_task,
+                gate_steps=0,
                 max_length=MAX_LENGTH,
                 extra=contribute_options(model_dir),
             )
@@ -201,8 +206,11 @@ def run_llm_demo(
 
 
 def _label(method: str) -> str:
-    return {"oracle": "oracle (own task's expert)", "uniform": "uniform merge",
-            "base": "base model (no expert)"}.get(method, method)
+    return {
+        "oracle": "oracle (own task's expert)",
+        "uniform": "uniform merge",
+        "base": "base model (no expert)",
+    }.get(method, method)
 
 
 def _print_table(
@@ -226,16 +234,10 @@ def _print_table(
         )
     # piped to a file, rich would wrap the table at 80 columns
     (console if console.is_terminal else Console(width=120)).print(grid)
-    console.print(
-        "wall time: " + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items())
-    )
+    console.print("wall time: " + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items()))
 
 
-def _save_results(
-    path: Path, scores: list[GenerationScore], seconds: dict[str, float]
-) -> None:
+def _save_results(path: Path, scores: list[GenerationScore], seconds: dict[str, float]) -> None:
     path.write_text(
-        json.dumps(
-            {"seconds": seconds, "methods": [s.__dict__ for s in scores]}, indent=2
-        ) + "\n"
+        json.dumps({"seconds": seconds, "methods": [s.__dict__ for s in scores]}, indent=2) + "\n"
     )

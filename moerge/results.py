@@ -113,8 +113,9 @@ class PrivacyReport(Result):
     def from_proto(cls, m: common_pb2.PrivacyReport) -> PrivacyReport:
         def release(r: common_pb2.PrivacyRelease) -> PrivacyRelease:
             dp = r.mechanism not in ("none", "external", "")
-            return PrivacyRelease(r.what, r.mechanism, r.epsilon if dp else None,
-                                  r.delta if dp else None)
+            return PrivacyRelease(
+                r.what, r.mechanism, r.epsilon if dp else None, r.delta if dp else None
+            )
 
         any_dp = m.epsilon > 0
         return cls(
@@ -173,8 +174,7 @@ class Expert(Result):
             privacy=_scalars(Privacy, m.privacy) if m.HasField("privacy") else None,
             created_at=_time(m.created_at),
             privacy_report=(
-                PrivacyReport.from_proto(m.privacy_report)
-                if m.HasField("privacy_report") else None
+                PrivacyReport.from_proto(m.privacy_report) if m.HasField("privacy_report") else None
             ),
         )
 

@@ -126,8 +126,10 @@ class ModuleVectorRouter(Router):
         with self._place_lock:  # what this router placed, or inherited and did not place yet
             router._inherited = {
                 **self._inherited,
-                **{key: (table, len(self._placed[key][1]))
-                   for key, table in self._placed_tables.items()},
+                **{
+                    key: (table, len(self._placed[key][1]))
+                    for key, table in self._placed_tables.items()
+                },
             }
         return router
 

@@ -53,8 +53,9 @@ class CompositionStore:
         for _ in range(3):  # two writers may race for the same next version
             try:
                 with self.registry._write() as session:
-                    known = set(session.scalars(select(Expert.id).where(
-                        Expert.id.in_(list(expert_ids)))))
+                    known = set(
+                        session.scalars(select(Expert.id).where(Expert.id.in_(list(expert_ids))))
+                    )
                     missing = [e for e in expert_ids if e not in known]
                     if missing:
                         raise NotFound(f"expert {missing[0]} not found")
@@ -69,18 +70,26 @@ class CompositionStore:
                         weights=[float(w) for w in weights],
                         label_names=list(label_names),
                         search=dict(search),
-                        examples=None if examples is None else [
-                            {"text": t, "label": y} for t, y in examples
-                        ],
+                        examples=None
+                        if examples is None
+                        else [{"text": t, "label": y} for t, y in examples],
                         created_by=actor,
                         created_at=utcnow(),
                     )
                     session.add(row)
                     session.flush()
                     self.registry._audit(
-                        session, actor, "composition.create", "composition", row.id,
-                        {"name": name, "version": row.version, "experts": len(expert_ids),
-                         "examples_kept": examples is not None},
+                        session,
+                        actor,
+                        "composition.create",
+                        "composition",
+                        row.id,
+                        {
+                            "name": name,
+                            "version": row.version,
+                            "experts": len(expert_ids),
+                            "examples_kept": examples is not None,
+                        },
                     )
                     return _info(row)
             except IntegrityError:
@@ -110,8 +119,9 @@ class CompositionStore:
             query = query.where(Composition.name == check_name("name", name))
         with self.registry._read() as session:
             rows = session.scalars(
-                query.order_by(Composition.created_at.desc(), Composition.version.desc())
-                .limit(page_size)
+                query.order_by(Composition.created_at.desc(), Composition.version.desc()).limit(
+                    page_size
+                )
             )
             return Page(tuple(_info(row) for row in rows), None)
 

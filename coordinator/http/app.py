@@ -31,8 +31,11 @@ log = logging.getLogger(__name__)
 
 def build_app(state: CoordinatorState, authenticator: AuthInterceptor) -> FastAPI:
     """The HTTP API over ``state``; ``authenticator`` is the gRPC server's (one token cache)."""
-    app = FastAPI(title="moerge", version=__version__,
-                  summary="OpenAI-compatible routed completions, predictions and routing")
+    app = FastAPI(
+        title="moerge",
+        version=__version__,
+        summary="OpenAI-compatible routed completions, predictions and routing",
+    )
     app.state.coordinator = state
     app.state.authenticator = authenticator
     app.state.started = time.time()
@@ -58,14 +61,20 @@ def bind(listen: str) -> socket.socket:
 class HttpServer:
     """uvicorn on a socket we bound, as an asyncio task; :meth:`stop` lets requests finish."""
 
-    def __init__(self, app: FastAPI, listen: str, grace_seconds: float,
-                 tls_cert: str = "", tls_key: str = "") -> None:
+    def __init__(
+        self, app: FastAPI, listen: str, grace_seconds: float, tls_cert: str = "", tls_key: str = ""
+    ) -> None:
         self._socket = bind(listen)
         self.port: int = self._socket.getsockname()[1]
         config = uvicorn.Config(
-            app, lifespan="off", ws="none", log_config=None, access_log=False,
+            app,
+            lifespan="off",
+            ws="none",
+            log_config=None,
+            access_log=False,
             timeout_graceful_shutdown=max(1, int(grace_seconds)),
-            ssl_certfile=tls_cert or None, ssl_keyfile=tls_key or None,
+            ssl_certfile=tls_cert or None,
+            ssl_keyfile=tls_key or None,
         )
         self._server = _Server(config)
         self._task: asyncio.Task[None] | None = None

@@ -60,8 +60,9 @@ ERROR_TYPES: dict[int, str] = {
 class ApiError(Exception):
     """A refusal already turned into an HTTP status, an OpenAI error body and headers."""
 
-    def __init__(self, status: int, message: str, code: str,
-                 headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, status: int, message: str, code: str, headers: dict[str, str] | None = None
+    ) -> None:
         super().__init__(message)
         self.status, self.message, self.code = status, message, code
         self.headers = headers or {}
@@ -75,8 +76,9 @@ class ApiError(Exception):
         return cls(HTTP_STATUS[code], message, code.name.lower(), headers)
 
     def body(self) -> dict[str, Any]:
-        kind = ERROR_TYPES.get(self.status, "server_error" if self.status >= 500 else
-                               "invalid_request_error")
+        kind = ERROR_TYPES.get(
+            self.status, "server_error" if self.status >= 500 else "invalid_request_error"
+        )
         return {"error": {"message": self.message, "type": kind, "code": self.code}}
 
     def response(self) -> JSONResponse:

@@ -90,28 +90,53 @@ async def list_models(state: CoordinatorState, started: float) -> api.ModelList:
     with a trained router, every active expert and every servable composition."""
     models = await asyncio.to_thread(models_handler.models, state)
     routed = api.ModelCard(
-        id=api.ROUTED_MODEL, created=int(started), owned_by="moerge", root=api.ROUTED_MODEL,
-        moerge={"kind": "routed", "router_version": models.active_router_version,
-                "routing_method": models.active_router_method},
+        id=api.ROUTED_MODEL,
+        created=int(started),
+        owned_by="moerge",
+        root=api.ROUTED_MODEL,
+        moerge={
+            "kind": "routed",
+            "router_version": models.active_router_version,
+            "routing_method": models.active_router_method,
+        },
     )
     routers = [
-        api.ModelCard(id=r.method, created=int(started), owned_by="moerge", root=r.method,
-                      moerge={"kind": "router", "version": r.version})
+        api.ModelCard(
+            id=r.method,
+            created=int(started),
+            owned_by="moerge",
+            root=r.method,
+            moerge={"kind": "router", "version": r.version},
+        )
         for r in models.routers
     ]
     experts = [
-        api.ModelCard(id=e.expert_id, created=e.created_at.seconds, owned_by=e.contributor_id,
-                      root=e.expert_id, moerge={"kind": "expert", "name": e.name,
-                                                "version": e.version, "task_name": e.task_name})
+        api.ModelCard(
+            id=e.expert_id,
+            created=e.created_at.seconds,
+            owned_by=e.contributor_id,
+            root=e.expert_id,
+            moerge={
+                "kind": "expert",
+                "name": e.name,
+                "version": e.version,
+                "task_name": e.task_name,
+            },
+        )
         for e in models.experts
     ]
     compositions = [
         api.ModelCard(
             id=api.COMPOSITION_PREFIX + c.name,
             created=int(datetime.fromisoformat(c.created_at).timestamp()),
-            owned_by=c.created_by, root=f"{api.COMPOSITION_PREFIX}{c.name}/v{c.version}",
-            moerge={"kind": "composition", "name": c.name, "version": c.version,
-                    "experts": [_weight(w).model_dump() for w in c.experts]},
+            owned_by=c.created_by,
+            root=f"{api.COMPOSITION_PREFIX}{c.name}/v{c.version}",
+            moerge={
+                "kind": "composition",
+                "name": c.name,
+                "version": c.version,
+                "experts": [_weight(w).model_dump() for w in c.experts],
+            },
         )
         for c in models.compositions
     ]
@@ -126,8 +151,9 @@ def _pinned(model: str, experts: Sequence[ExpertInfo]) -> ExpertInfo:
     named = [e for e in experts if e.name == model]
     if len({e.contributor_id for e in named}) > 1:
         raise InvalidArgument(
-            "model", f"{model!r} names experts of several contributors; use one id: "
-            + ", ".join(e.id for e in named)
+            "model",
+            f"{model!r} names experts of several contributors; use one id: "
+            + ", ".join(e.id for e in named),
         )
     if not named:
         raise NotFound(f"model {model!r} is not served; GET /v1/models lists the models")
@@ -138,8 +164,9 @@ def _composition(model: str) -> tuple[str, int]:
     """``"composition/NAME"`` -> (NAME, 0: newest); ``"composition/NAME/vN"`` -> (NAME, N)."""
     name, _, version = model.removeprefix(api.COMPOSITION_PREFIX).partition("/")
     if not name or (version and not (version[:1] == "v" and version[1:].isdigit())):
-        raise InvalidArgument("model", 'a composition is "composition/NAME" or '
-                              '"composition/NAME/vN"')
+        raise InvalidArgument(
+            "model", 'a composition is "composition/NAME" or "composition/NAME/vN"'
+        )
     number = int(version[1:]) if version else 0
     if not 0 <= number <= MAX_INT32:
         raise InvalidArgument("model", f"composition version must be in 1..{MAX_INT32}")
@@ -154,13 +181,15 @@ async def _routing(model: str, routing: api.Routing, state: CoordinatorState) ->
     if model.startswith(api.COMPOSITION_PREFIX):
         name, version = _composition(model)
         if routing.composition not in ("", name):
-            raise InvalidArgument("model", f"names composition {name!r}, moerge.composition "
-                                  f"{routing.composition!r}")
+            raise InvalidArgument(
+                "model", f"names composition {name!r}, moerge.composition {routing.composition!r}"
+            )
         return routing.model_copy(update={"composition": name, "composition_version": version})
     if model in available_methods():
         if routing.routing_method not in ("", model):
-            raise InvalidArgument("model", f"names method {model!r}, moerge.routing_method "
-                                  f"{routing.routing_method!r}")
+            raise InvalidArgument(
+                "model", f"names method {model!r}, moerge.routing_method {routing.routing_method!r}"
+            )
         return routing.model_copy(update={"routing_method": model})
     expert = _pinned(model, await asyncio.to_thread(models_handler.active_experts, state))
     if routing.expert_ids not in ([], [expert.id]):
@@ -174,10 +203,15 @@ async def predict(
     body: api.InputsRequest, state: CoordinatorState, principal: Principal
 ) -> api.PredictResponse:
     request = _message(
-        inference_pb2.PredictRequest, inputs=body.inputs, top_k=body.top_k,
-        routing_method=body.routing_method, expert_ids=body.expert_ids,
-        aggregation=_aggregation(body.aggregation), router_version=body.router_version,
-        max_new_tokens=body.max_new_tokens, composition=body.composition,
+        inference_pb2.PredictRequest,
+        inputs=body.inputs,
+        top_k=body.top_k,
+        routing_method=body.routing_method,
+        expert_ids=body.expert_ids,
+        aggregation=_aggregation(body.aggregation),
+        router_version=body.router_version,
+        max_new_tokens=body.max_new_tokens,
+        composition=body.composition,
         composition_version=body.composition_version,
     )
     response = await inference_handler.predict(request, state, principal)
@@ -191,11 +225,17 @@ async def route(
     if body.aggregation != "default" or body.max_new_tokens:
         raise InvalidArgument("aggregation", "and max_new_tokens are for /v1/predict")
     if body.composition or body.composition_version:
-        raise InvalidArgument("composition", "does not route: its fixed expert weights are in "
-                              "GET /v1/models; use /v1/predict to serve it")
+        raise InvalidArgument(
+            "composition",
+            "does not route: its fixed expert weights are in "
+            "GET /v1/models; use /v1/predict to serve it",
+        )
     request = _message(
-        inference_pb2.RouteRequest, inputs=body.inputs, top_k=body.top_k,
-        routing_method=body.routing_method, expert_ids=body.expert_ids,
+        inference_pb2.RouteRequest,
+        inputs=body.inputs,
+        top_k=body.top_k,
+        routing_method=body.routing_method,
+        expert_ids=body.expert_ids,
         router_version=body.router_version,
     )
     response = await inference_handler.route(request, state, principal)
@@ -212,11 +252,16 @@ def _refuse_unsupported(body: api.SamplingRequest) -> None:
             raise InvalidArgument(name, "is not supported (only 0); repetition_penalty is")
     unsupported = {"logit_bias": bool(body.logit_bias)}
     if isinstance(body, api.CompletionRequest):
-        unsupported.update(echo=body.echo, logprobs=body.logprobs is not None,
-                           best_of=body.best_of not in (None, 1), suffix=body.suffix is not None)
+        unsupported.update(
+            echo=body.echo,
+            logprobs=body.logprobs is not None,
+            best_of=body.best_of not in (None, 1),
+            suffix=body.suffix is not None,
+        )
     if isinstance(body, api.ChatCompletionRequest):
         unsupported.update(
-            logprobs=body.logprobs, tools=bool(body.tools),
+            logprobs=body.logprobs,
+            tools=bool(body.tools),
             response_format=body.response_format not in (None, {"type": "text"}),
         )
     for name, used in unsupported.items():
@@ -232,8 +277,11 @@ def _sampling(body: api.SamplingRequest) -> inference_pb2.SamplingParams:
         max_tokens = body.max_completion_tokens
     if max_tokens is not None and not 1 <= max_tokens <= MAX_NEW_TOKENS:
         raise InvalidArgument("max_tokens", f"must be in 1..{MAX_NEW_TOKENS}")
-    optional = {"top_p": body.top_p, "seed": body.seed,
-                "repetition_penalty": body.repetition_penalty}
+    optional = {
+        "top_p": body.top_p,
+        "seed": body.seed,
+        "repetition_penalty": body.repetition_penalty,
+    }
     return _message(
         inference_pb2.SamplingParams,
         max_new_tokens=max_tokens or 0,
@@ -254,8 +302,12 @@ def _prompt(body: api.CompletionRequest) -> str:
 
 def _messages(body: api.ChatCompletionRequest) -> list[inference_pb2.ChatMessage]:
     return [
-        inference_pb2.ChatMessage(role=m.role, content=m.content if isinstance(m.content, str)
-                                  else "\n".join(part.text for part in m.content))
+        inference_pb2.ChatMessage(
+            role=m.role,
+            content=m.content
+            if isinstance(m.content, str)
+            else "\n".join(part.text for part in m.content),
+        )
         for m in body.messages
     ]
 
@@ -281,8 +333,10 @@ class Generation:
         start = self.start
         info = api.RoutingInfo(
             experts=[_weight(w) for w in (end.experts if end and end.experts else start.experts)],
-            router_version=start.router_version, routing_method=start.routing_method,
-            aggregation=start.aggregation, note=start.note,
+            router_version=start.router_version,
+            routing_method=start.routing_method,
+            aggregation=start.aggregation,
+            note=start.note,
         )
         if end is not None:
             info.confidence = end.confidence
@@ -307,21 +361,32 @@ def _weight(w: common_pb2.ExpertWeight) -> api.ExpertWeight:
 
 
 def _usage(end: inference_pb2.GenerateEnd) -> api.Usage:
-    return api.Usage(prompt_tokens=end.prompt_tokens, completion_tokens=end.completion_tokens,
-                     total_tokens=end.prompt_tokens + end.completion_tokens)
+    return api.Usage(
+        prompt_tokens=end.prompt_tokens,
+        completion_tokens=end.completion_tokens,
+        total_tokens=end.prompt_tokens + end.completion_tokens,
+    )
 
 
 async def _start(
-    body: api.SamplingRequest, state: CoordinatorState, principal: Principal, prefix: str,
+    body: api.SamplingRequest,
+    state: CoordinatorState,
+    principal: Principal,
+    prefix: str,
     **prompt: Any,
 ) -> Generation:
     """Route and queue the request; refusals surface here, before any byte is sent."""
     routing = await _routing(body.model, body.moerge, state)
     request = _message(
-        inference_pb2.GenerateRequest, sampling=_sampling(body), top_k=routing.top_k,
-        routing_method=routing.routing_method, expert_ids=routing.expert_ids,
-        aggregation=_aggregation(routing.aggregation), router_version=routing.router_version,
-        composition=routing.composition, composition_version=routing.composition_version,
+        inference_pb2.GenerateRequest,
+        sampling=_sampling(body),
+        top_k=routing.top_k,
+        routing_method=routing.routing_method,
+        expert_ids=routing.expert_ids,
+        aggregation=_aggregation(routing.aggregation),
+        router_version=routing.router_version,
+        composition=routing.composition,
+        composition_version=routing.composition_version,
         **prompt,
     )
     events = inference_handler.generate(request, state, principal)
@@ -331,8 +396,11 @@ async def _start(
         await events.aclose()
         raise
     return Generation(
-        id=f"{prefix}-{uuid.uuid4().hex}", created=int(time.time()), model=body.model,
-        start=first.start, events=events,
+        id=f"{prefix}-{uuid.uuid4().hex}",
+        created=int(time.time()),
+        model=body.model,
+        start=first.start,
+        events=events,
         include_usage=bool(body.stream_options and body.stream_options.include_usage),
     )
 
@@ -346,7 +414,9 @@ async def completion(
         return EventStream(_chunks(generation, api.CompletionResponse, _text_choice))
     text, end = await generation.collect()
     return api.CompletionResponse(
-        **generation.head, choices=[_text_choice(text, end.finish_reason)], usage=_usage(end),
+        **generation.head,
+        choices=[_text_choice(text, end.finish_reason)],
+        usage=_usage(end),
         moerge=generation.routing(end),
     )
 
@@ -359,10 +429,14 @@ async def chat_completion(
     if body.stream:
         return EventStream(_chunks(generation, api.ChatCompletionChunk, _delta_choice))
     text, end = await generation.collect()
-    choice = api.ChatChoice(message=api.AssistantMessage(content=text),
-                            finish_reason=end.finish_reason)
+    choice = api.ChatChoice(
+        message=api.AssistantMessage(content=text), finish_reason=end.finish_reason
+    )
     return api.ChatCompletionResponse(
-        **generation.head, choices=[choice], usage=_usage(end), moerge=generation.routing(end),
+        **generation.head,
+        choices=[choice],
+        usage=_usage(end),
+        moerge=generation.routing(end),
     )
 
 
@@ -393,8 +467,11 @@ async def _chunks(
             if event.HasField("delta"):
                 yield kind(**head, choices=[choice(event.delta.text, None)])
             elif event.HasField("end"):
-                yield kind(**head, choices=[choice("", event.end.finish_reason)],
-                           moerge=generation.routing(event.end))
+                yield kind(
+                    **head,
+                    choices=[choice("", event.end.finish_reason)],
+                    moerge=generation.routing(event.end),
+                )
                 if generation.include_usage:
                     yield kind(**head, choices=[], usage=_usage(event.end))
 

@@ -195,10 +195,12 @@ def merge_lora_factors(
         a_list.append(a)
         b_list.append(b)
     device = a_list[0].device
-    merged_a = _merge(method, a_list, torch.tensor(w_a, device=device), density,
-                      majority_sign_method)
-    merged_b = _merge(method, b_list, torch.tensor(w_b, device=device), density,
-                      majority_sign_method)
+    merged_a = _merge(
+        method, a_list, torch.tensor(w_a, device=device), density, majority_sign_method
+    )
+    merged_b = _merge(
+        method, b_list, torch.tensor(w_b, device=device), density, majority_sign_method
+    )
     return merged_a.contiguous(), merged_b.contiguous(), 1.0
 
 
@@ -221,8 +223,18 @@ def merge_heads(
         return heads[0]
     aligned = [h.aligned_to(labels) for h in heads]
     w = torch.tensor([float(x) for x in weights])
-    weight = _merge(method, [h.weight for h in aligned], w.to(aligned[0].weight.device),
-                    density, majority_sign_method)
-    bias = _merge(method, [h.bias for h in aligned], w.to(aligned[0].bias.device),
-                  density, majority_sign_method)
+    weight = _merge(
+        method,
+        [h.weight for h in aligned],
+        w.to(aligned[0].weight.device),
+        density,
+        majority_sign_method,
+    )
+    bias = _merge(
+        method,
+        [h.bias for h in aligned],
+        w.to(aligned[0].bias.device),
+        density,
+        majority_sign_method,
+    )
     return ClassificationHead(weight.contiguous(), bias.contiguous(), labels)

@@ -169,4 +169,3 @@ class MicroBatcher(Generic[Item, Result]):
                 p.future.set_exception(result)
             else:
                 p.future.set_result(result)
-

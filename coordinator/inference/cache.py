@@ -239,9 +239,7 @@ class ExpertCache:
         return self._install(expert_id, self._read(expert_id, None))
 
     def _read(self, expert_id: str, folder: str | Path | None) -> ExpertFiles:
-        if not isinstance(expert_id, str) or not expert_id or expert_id.startswith(
-            RESERVED_PREFIX
-        ):
+        if not isinstance(expert_id, str) or not expert_id or expert_id.startswith(RESERVED_PREFIX):
             raise UnknownExpert(str(expert_id))
         if folder is None:
             if self.loader is None:

@@ -81,16 +81,19 @@ class Classifier:
         predictions = []
         for b, (ids, weights) in enumerate(rows):
             heads = [head_of(experts[e]) for e in ids]
-            result = ensemble_distributions(
-                ids, weights, distributions[b * k : (b + 1) * k], heads
+            result = ensemble_distributions(ids, weights, distributions[b * k : (b + 1) * k], heads)
+            predictions.append(
+                ExamplePrediction(
+                    output=result.label,
+                    confidence=result.confidence,
+                    experts=expert_weights(result.expert_ids, result.weights),
+                    expert_outputs=result.expert_outputs,
+                    labels=result.labels,
+                    probabilities=result.probabilities,
+                    aggregation=Aggregation.ENSEMBLE.value,
+                    notes=result.notes,
+                )
             )
-            predictions.append(ExamplePrediction(
-                output=result.label, confidence=result.confidence,
-                experts=expert_weights(result.expert_ids, result.weights),
-                expert_outputs=result.expert_outputs, labels=result.labels,
-                probabilities=result.probabilities, aggregation=Aggregation.ENSEMBLE.value,
-                notes=result.notes,
-            ))
         return predictions
 
     def _merged(
@@ -109,19 +112,28 @@ class Classifier:
             if key not in by_key:
                 with seeded(plan.merge.seed, key, "head", self.forward.device):
                     by_key[key] = merge_heads(
-                        [head_of(experts[e]) for e in ids], unit_l1(weights), method,
-                        plan.merge.density, plan.merge.majority_sign_method,
+                        [head_of(experts[e]) for e in ids],
+                        unit_l1(weights),
+                        method,
+                        plan.merge.density,
+                        plan.merge.majority_sign_method,
                     )
             heads.append(by_key[key])
         predictions = []
-        for (ids, weights), head, probs in zip(rows, heads, through_heads(pooled, heads),
-                                               strict=True):
+        for (ids, weights), head, probs in zip(
+            rows, heads, through_heads(pooled, heads), strict=True
+        ):
             best = max(range(len(probs)), key=probs.__getitem__)
-            predictions.append(ExamplePrediction(
-                output=head.label_names[best], confidence=probs[best],
-                experts=expert_weights(ids, weights), labels=head.label_names,
-                probabilities=tuple(probs), aggregation=plan.aggregation.value,
-            ))
+            predictions.append(
+                ExamplePrediction(
+                    output=head.label_names[best],
+                    confidence=probs[best],
+                    experts=expert_weights(ids, weights),
+                    labels=head.label_names,
+                    probabilities=tuple(probs),
+                    aggregation=plan.aggregation.value,
+                )
+            )
         return predictions
 
     def _module_mix(self, enc: BatchEncoding, plan: RoutingPlan) -> list[ExamplePrediction]:
@@ -136,16 +148,21 @@ class Classifier:
             tops = [router.expert_ids[int(torch.argmax(mean))] for mean in means]
             heads = [head_of(experts[top]) for top in tops]
             predictions = []
-            for mean, top, head, probs in zip(means, tops, heads, through_heads(pooled, heads),
-                                              strict=True):
+            for mean, top, head, probs in zip(
+                means, tops, heads, through_heads(pooled, heads), strict=True
+            ):
                 best = max(range(len(probs)), key=probs.__getitem__)
-                predictions.append(ExamplePrediction(
-                    output=head.label_names[best], confidence=probs[best],
-                    experts=used_experts(router.expert_ids, mean),
-                    labels=head.label_names, probabilities=tuple(probs),
-                    aggregation=Aggregation.MODULE_MIX.value,
-                    notes=(f"head of {top} (largest total routing weight)",),
-                ))
+                predictions.append(
+                    ExamplePrediction(
+                        output=head.label_names[best],
+                        confidence=probs[best],
+                        experts=used_experts(router.expert_ids, mean),
+                        labels=head.label_names,
+                        probabilities=tuple(probs),
+                        aggregation=Aggregation.MODULE_MIX.value,
+                        notes=(f"head of {top} (largest total routing weight)",),
+                    )
+                )
         return predictions
 
 

@@ -251,7 +251,9 @@ class InferenceEngine:
             raise InvalidPlan("streamed generation needs a causal-LM base model")
         if self._scheduler is None:
             self._scheduler = GenerationScheduler(
-                self, self.generation_max_batch, self.generation_max_waiting,
+                self,
+                self.generation_max_batch,
+                self.generation_max_waiting,
                 cuda_graphs=self.generation_cuda_graphs,
             )
         return self._scheduler
@@ -314,8 +316,11 @@ class InferenceEngine:
     def _encode(self, texts: list[str]) -> BatchEncoding:
         """Tokenize with padding; inputs over ``max_length`` tokens are refused (or truncated)."""
         enc = self.tokenizer(
-            texts, padding=True, truncation=self.truncate,
-            max_length=self.max_length if self.truncate else None, return_tensors="pt",
+            texts,
+            padding=True,
+            truncation=self.truncate,
+            max_length=self.max_length if self.truncate else None,
+            return_tensors="pt",
             # decoders take no segment ids (generate() refuses unused inputs)
             return_token_type_ids=False if self.is_causal_lm else None,
         )
@@ -336,8 +341,11 @@ class InferenceEngine:
     def _embed(self, texts: list[str]) -> torch.Tensor:
         with self.bank.no_routing():
             return pooled_embeddings(
-                self.model, self.tokenizer, texts,
-                batch_size=max(len(texts), 1), max_length=EMBEDDING_MAX_LENGTH,
+                self.model,
+                self.tokenizer,
+                texts,
+                batch_size=max(len(texts), 1),
+                max_length=EMBEDDING_MAX_LENGTH,
             )
 
     def resolve_plan(

@@ -65,8 +65,10 @@ class Generator:
             router = plan.router
             assert router is not None
             mask = enc["attention_mask"]
-            with self.cache.acquire(router.expert_ids) as loaded, \
-                    self.forward.token_routing(router, plan.top_k, mask, loaded) as usage:
+            with (
+                self.cache.acquire(router.expert_ids) as loaded,
+                self.forward.token_routing(router, plan.top_k, mask, loaded) as usage,
+            ):
                 out = model.generate(**enc, **kwargs)
             experts = [used_experts(router.expert_ids, usage.mean_weights(b)) for b in range(batch)]
             return self._texts(out, batch, 1, prompt_length, experts, aggregation)
@@ -115,8 +117,12 @@ class Generator:
                 n = tokens.index(eos) + 1  # count the EOS, nothing after it
             mean = float(chosen[b, :n].mean()) if n else 0.0
             text = self.tokenizer.decode(tokens[:n], skip_special_tokens=True)
-            predictions.append(ExamplePrediction(
-                output=text, confidence=float(torch.tensor(mean).exp()), experts=experts[b],
-                aggregation=aggregation.value,
-            ))
+            predictions.append(
+                ExamplePrediction(
+                    output=text,
+                    confidence=float(torch.tensor(mean).exp()),
+                    experts=experts[b],
+                    aggregation=aggregation.value,
+                )
+            )
         return predictions

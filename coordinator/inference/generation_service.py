@@ -80,7 +80,8 @@ def render_prompt(
         )
     text = tokenizer.apply_chat_template(  # type: ignore[attr-defined]
         [{"role": r, "content": c} for r, c in messages],
-        tokenize=False, add_generation_prompt=True,
+        tokenize=False,
+        add_generation_prompt=True,
     )
     return RenderedPrompt(text, users[-1], chat=True)
 
@@ -126,16 +127,21 @@ async def generate(
         chosen = Chosen(None, 0, f"composition {info.name} v{info.version}")
     else:
         chosen = await asyncio.to_thread(service.choose, method, version, expert_filter)
-        plan = RoutingPlan.routed(chosen.router, service._top_k(chosen.router, top_k),
-                                  aggregation)
+        plan = RoutingPlan.routed(chosen.router, service._top_k(chosen.router, top_k), aggregation)
     mailbox = _mailbox(asyncio.get_running_loop())
     queue: asyncio.Queue[GenerationEvent] = asyncio.Queue()
 
     def sink(event: GenerationEvent) -> None:  # the scheduler's thread
         mailbox.post(queue, event)
 
-    request = GenerationRequest(prompt=rendered.text, routing_text=rendered.routing_text,
-                                sampling=sampling, sink=sink, plan=plan, chat=rendered.chat)
+    request = GenerationRequest(
+        prompt=rendered.text,
+        routing_text=rendered.routing_text,
+        sampling=sampling,
+        sink=sink,
+        plan=plan,
+        chat=rendered.chat,
+    )
     try:
         engine.scheduler.submit(request)
     except QueueFull as exc:

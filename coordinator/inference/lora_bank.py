@@ -68,7 +68,6 @@ __all__ = ["LoraBank", "RoutedLoraLinear", "TokenRouterFn"]
 TokenRouterFn = Callable[[str, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
-
 # ------------------------------------------------------------------------------------------
 # routing state
 # ------------------------------------------------------------------------------------------

@@ -112,9 +112,7 @@ def combination_key(ids: Sequence[str], weights: Sequence[float]) -> tuple[objec
 
 
 @contextmanager
-def seeded(
-    seed: int, key: tuple[object, ...], salt: str, device: torch.device
-) -> Iterator[None]:
+def seeded(seed: int, key: tuple[object, ...], salt: str, device: torch.device) -> Iterator[None]:
     """Seed torch's RNGs from (seed, combination) so DARE does not depend on batching."""
     devices = [device.index or 0] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
@@ -137,7 +135,10 @@ def merge_experts(
     for module in dict.fromkeys(m for f in factors for m in f):
         present = [(f[module], w) for f, w in zip(factors, weights, strict=True) if module in f]
         merged[module] = merge_lora_factors(
-            [p for p, _ in present], [w for _, w in present], method,
-            merge.density, merge.majority_sign_method,
+            [p for p, _ in present],
+            [w for _, w in present],
+            method,
+            merge.density,
+            merge.majority_sign_method,
         )
     return merged

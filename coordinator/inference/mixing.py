@@ -339,8 +339,12 @@ def token_mixing_without_host_sync(device: torch.device, dtype: torch.dtype) -> 
     """Whether :func:`add_token_mixed_delta_` runs here without reading back to the host (so a
     CUDA graph can capture it): the fused Triton kernel (CUDA, half precision) does; the
     grouped paths read segment bounds back (``tolist``, ``unique_consecutive``)."""
-    return (device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
-            and sgmv_triton.available() and not _TRITON_BROKEN)
+    return (
+        device.type == "cuda"
+        and dtype in (torch.float16, torch.bfloat16)
+        and sgmv_triton.available()
+        and not _TRITON_BROKEN
+    )
 
 
 def add_token_mixed_delta_(

@@ -56,7 +56,7 @@ class Aggregation(str, Enum):
         """PEFT's ``combination_type`` name (``ties``, ``dare_linear``, ...)."""
         if not self.is_merge:
             raise ValueError(f"{self.value} is not a merge")
-        return self.value[len("merge_"):]
+        return self.value[len("merge_") :]
 
 
 @dataclass(frozen=True)

@@ -70,8 +70,12 @@ def resolve_plan(
         raise InvalidPlan(f"router '{router.method}' routes examples: module_mix needs tokens")
     decision = router.route_examples(embed(texts) if embeddings is None else embeddings, k)
     if decision.k == 0:  # the ``base`` router: no expert at all
-        return RoutingPlan(aggregation, expert_ids=((),) * len(texts),
-                           weights=torch.empty(len(texts), 0), merge=plan.merge)
+        return RoutingPlan(
+            aggregation,
+            expert_ids=((),) * len(texts),
+            weights=torch.empty(len(texts), 0),
+            merge=plan.merge,
+        )
     return RoutingPlan.from_decision(router, decision, aggregation, plan.merge)
 
 
@@ -100,7 +104,8 @@ def route_together(
     route gets its error in its place; the others are returned unchanged.
     """
     members = {
-        i: r for i, r in enumerate(requests)
+        i: r
+        for i, r in enumerate(requests)
         if isinstance(r, InferenceRequest) and routes_examples(r.plan, active)
     }
     routed = list(requests)
@@ -123,7 +128,10 @@ def route_together(
         plan = members[group[0]].plan or RoutingPlan.routed()
         try:
             whole = resolve_plan(
-                [t for i in group for t in members[i].texts], plan, active, embed,
+                [t for i in group for t in members[i].texts],
+                plan,
+                active,
+                embed,
                 embeddings[[r for i in group for r in rows[i]]],
             )
         except Exception as exc:

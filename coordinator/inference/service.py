@@ -174,15 +174,11 @@ class InferenceService:
         )
         self._fallback: tuple[str, Router] | None = None
         self._lock = threading.Lock()
-        self._active: GenerationCache[dict[str, ExpertInfo]] = GenerationCache(
-            registry.generation
-        )
+        self._active: GenerationCache[dict[str, ExpertInfo]] = GenerationCache(registry.generation)
         #: (method, version, expert filter, active router) -> the request's router
         self._chosen: GenerationCache[Chosen] = GenerationCache(registry.generation)
         #: (composition name, version) -> the stored composition
-        self._compositions: GenerationCache[CompositionInfo] = GenerationCache(
-            registry.generation
-        )
+        self._compositions: GenerationCache[CompositionInfo] = GenerationCache(registry.generation)
 
     def _expert_folder(self, expert_id: str):
         return self.experts.folder(self.registry.get_expert(expert_id))
@@ -192,7 +188,9 @@ class InferenceService:
         batches, items = self.batcher.batches, self.batcher.items
         log.info(
             "inference: served %d requests in %d engine batches (%.1f per batch)",
-            items, batches, items / max(1, batches),
+            items,
+            batches,
+            items / max(1, batches),
         )
         await asyncio.to_thread(self.engine.close)
 

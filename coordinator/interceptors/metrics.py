@@ -52,7 +52,21 @@ log = logging.getLogger(__name__)
 
 #: latency histogram bucket bounds, seconds (Predict on CPU is milliseconds to seconds)
 LATENCY_BUCKETS: tuple[float, ...] = (
-    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
 )
 
 
@@ -124,6 +138,7 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
 
         def timed(behaviour: Any) -> Any:
             if inspect.isasyncgenfunction(behaviour):
+
                 async def stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
                     start, error = time.perf_counter(), None
                     try:
@@ -150,19 +165,25 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
 
             return call
 
-        kwargs = {"request_deserializer": handler.request_deserializer,
-                  "response_serializer": handler.response_serializer}
+        kwargs = {
+            "request_deserializer": handler.request_deserializer,
+            "response_serializer": handler.response_serializer,
+        }
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(timed(handler.unary_unary), **kwargs)
         if handler.stream_unary:
             return grpc.stream_unary_rpc_method_handler(timed(handler.stream_unary), **kwargs)
         if handler.unary_stream:
-            if not (inspect.isasyncgenfunction(handler.unary_stream)
-                    or inspect.iscoroutinefunction(handler.unary_stream)):
+            if not (
+                inspect.isasyncgenfunction(handler.unary_stream)
+                or inspect.iscoroutinefunction(handler.unary_stream)
+            ):
                 return handler  # a sync generator: leave it alone rather than block the loop
             return grpc.unary_stream_rpc_method_handler(timed(handler.unary_stream), **kwargs)
-        if not (inspect.isasyncgenfunction(handler.stream_stream)
-                or inspect.iscoroutinefunction(handler.stream_stream)):
+        if not (
+            inspect.isasyncgenfunction(handler.stream_stream)
+            or inspect.iscoroutinefunction(handler.stream_stream)
+        ):
             return handler
         return grpc.stream_stream_rpc_method_handler(timed(handler.stream_stream), **kwargs)
 
@@ -188,45 +209,89 @@ class StateCollector(Collector):
 
         state = self.state
         with state.engine.connect() as connection:
-            uploads = {s: (n, b) for s, n, b in connection.execute(
-                select(Upload.state, func.count(),
-                       func.coalesce(func.sum(Upload.received_bytes), 0))
-                .group_by(Upload.state))}
-            experts = dict(connection.execute(  # type: ignore[arg-type]
-                select(Expert.state, func.count()).group_by(Expert.state)).all())
-            routers = dict(connection.execute(  # type: ignore[arg-type]
-                select(RouterVersion.status, func.count()).group_by(RouterVersion.status)).all())
+            uploads = {
+                s: (n, b)
+                for s, n, b in connection.execute(
+                    select(
+                        Upload.state,
+                        func.count(),
+                        func.coalesce(func.sum(Upload.received_bytes), 0),
+                    ).group_by(Upload.state)
+                )
+            }
+            experts = dict(
+                connection.execute(  # type: ignore[arg-type]
+                    select(Expert.state, func.count()).group_by(Expert.state)
+                ).all()
+            )
+            routers = dict(
+                connection.execute(  # type: ignore[arg-type]
+                    select(RouterVersion.status, func.count()).group_by(RouterVersion.status)
+                ).all()
+            )
             active = connection.execute(
-                select(RouterVersion.version).where(RouterVersion.active.is_(True))).scalar()
+                select(RouterVersion.version).where(RouterVersion.active.is_(True))
+            ).scalar()
         families = [
-            _by_label("moerge_uploads", "expert uploads in the registry, by state", "state",
-                      {s: uploads.get(s, (0, 0))[0] for s in UPLOAD_STATES}),
-            _by_label("moerge_upload_bytes", "bytes received by expert uploads, by state",
-                      "state", {s: uploads.get(s, (0, 0))[1] for s in UPLOAD_STATES}),
-            _by_label("moerge_experts", "registered experts, by state", "state",
-                      {s: experts.get(s, 0) for s in EXPERT_STATES}),
-            _by_label("moerge_router_versions", "router fits, by status", "status",
-                      dict(sorted(routers.items()))),
-            GaugeMetricFamily("moerge_router_active_version",
-                              "the active router version (0: none yet)", value=active or 0),
+            _by_label(
+                "moerge_uploads",
+                "expert uploads in the registry, by state",
+                "state",
+                {s: uploads.get(s, (0, 0))[0] for s in UPLOAD_STATES},
+            ),
+            _by_label(
+                "moerge_upload_bytes",
+                "bytes received by expert uploads, by state",
+                "state",
+                {s: uploads.get(s, (0, 0))[1] for s in UPLOAD_STATES},
+            ),
+            _by_label(
+                "moerge_experts",
+                "registered experts, by state",
+                "state",
+                {s: experts.get(s, 0) for s in EXPERT_STATES},
+            ),
+            _by_label(
+                "moerge_router_versions",
+                "router fits, by status",
+                "status",
+                dict(sorted(routers.items())),
+            ),
+            GaugeMetricFamily(
+                "moerge_router_active_version",
+                "the active router version (0: none yet)",
+                value=active or 0,
+            ),
         ]
         inference = state.inference
         stats = inference.engine.cache.stats() if inference is not None else {}
         families += [
-            GaugeMetricFamily("moerge_adapter_cache_bytes",
-                              "LoRA weights resident in the adapter cache",
-                              value=stats.get("resident_bytes", 0)),
-            GaugeMetricFamily("moerge_adapter_cache_budget_bytes",
-                              "the adapter cache's byte budget",
-                              value=stats.get("budget_bytes", state.config.adapter_cache_bytes)),
-            GaugeMetricFamily("moerge_adapter_cache_experts",
-                              "experts resident in the adapter cache",
-                              value=stats.get("resident", 0)),
+            GaugeMetricFamily(
+                "moerge_adapter_cache_bytes",
+                "LoRA weights resident in the adapter cache",
+                value=stats.get("resident_bytes", 0),
+            ),
+            GaugeMetricFamily(
+                "moerge_adapter_cache_budget_bytes",
+                "the adapter cache's byte budget",
+                value=stats.get("budget_bytes", state.config.adapter_cache_bytes),
+            ),
+            GaugeMetricFamily(
+                "moerge_adapter_cache_experts",
+                "experts resident in the adapter cache",
+                value=stats.get("resident", 0),
+            ),
         ]
-        for key, text in (("hits", "cache hits"), ("loads", "experts loaded"),
-                          ("evictions", "experts evicted")):
-            families.append(CounterMetricFamily(f"moerge_adapter_cache_{key}",
-                                                f"adapter cache: {text}", value=stats.get(key, 0)))
+        for key, text in (
+            ("hits", "cache hits"),
+            ("loads", "experts loaded"),
+            ("evictions", "experts evicted"),
+        ):
+            families.append(
+                CounterMetricFamily(
+                    f"moerge_adapter_cache_{key}", f"adapter cache: {text}", value=stats.get(key, 0)
+                )
+            )
         return families + self._inference_families()
 
     def _inference_families(self) -> list[Metric]:
@@ -234,8 +299,14 @@ class StateCollector(Collector):
         if self.placement is None:
             self.placement = resolve_placement(self.state.config.device, self.state.config.dtype)
         info = InfoMetricFamily("moerge_inference_device", "the inference device and precision")
-        info.add_metric([], {"device": self.placement.device, "dtype": self.placement.dtype,
-                             "task_type": self.state.config.task_type})
+        info.add_metric(
+            [],
+            {
+                "device": self.placement.device,
+                "dtype": self.placement.dtype,
+                "task_type": self.state.config.task_type,
+            },
+        )
         inference = self.state.inference
         engine = inference.engine if inference is not None else None
         scheduler = getattr(engine, "_scheduler", None)
@@ -243,20 +314,32 @@ class StateCollector(Collector):
         graphs = scheduler.graphs if scheduler is not None else None
         return [
             info,
-            GaugeMetricFamily("moerge_generation_running",
-                              "Generate requests in the running batch", value=running),
-            GaugeMetricFamily("moerge_generation_waiting",
-                              "Generate requests waiting for a row", value=waiting),
-            CounterMetricFamily("moerge_generation_tokens", "tokens generated by Generate",
-                                value=scheduler.tokens if scheduler is not None else 0),
-            CounterMetricFamily("moerge_generation_steps", "decode steps run by Generate",
-                                value=scheduler.steps if scheduler is not None else 0),
-            CounterMetricFamily("moerge_generation_graph_replays",
-                                "decode steps replayed from a captured CUDA graph",
-                                value=graphs.replays if graphs is not None else 0),
-            CounterMetricFamily("moerge_generation_graph_captures",
-                                "decode steps captured as CUDA graphs (one per batch shape)",
-                                value=graphs.captures if graphs is not None else 0),
+            GaugeMetricFamily(
+                "moerge_generation_running", "Generate requests in the running batch", value=running
+            ),
+            GaugeMetricFamily(
+                "moerge_generation_waiting", "Generate requests waiting for a row", value=waiting
+            ),
+            CounterMetricFamily(
+                "moerge_generation_tokens",
+                "tokens generated by Generate",
+                value=scheduler.tokens if scheduler is not None else 0,
+            ),
+            CounterMetricFamily(
+                "moerge_generation_steps",
+                "decode steps run by Generate",
+                value=scheduler.steps if scheduler is not None else 0,
+            ),
+            CounterMetricFamily(
+                "moerge_generation_graph_replays",
+                "decode steps replayed from a captured CUDA graph",
+                value=graphs.replays if graphs is not None else 0,
+            ),
+            CounterMetricFamily(
+                "moerge_generation_graph_captures",
+                "decode steps captured as CUDA graphs (one per batch shape)",
+                value=graphs.captures if graphs is not None else 0,
+            ),
         ]
 
 
@@ -293,11 +376,17 @@ class MetricsHTTPServer:
                 return [b"only /metrics is served here\n"]
             return metrics_app(environ, start_response)
 
-        self._server = make_server(host.strip("[]") or "0.0.0.0", int(port), app,
-                                   _ThreadingWSGIServer, handler_class=_QuietHandler)
+        self._server = make_server(
+            host.strip("[]") or "0.0.0.0",
+            int(port),
+            app,
+            _ThreadingWSGIServer,
+            handler_class=_QuietHandler,
+        )
         self.port = int(self._server.server_address[1])
-        self._thread = threading.Thread(target=self._server.serve_forever, name="metrics",
-                                        daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, name="metrics", daemon=True
+        )
 
     def start(self) -> MetricsHTTPServer:
         self._thread.start()

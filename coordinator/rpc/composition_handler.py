@@ -115,8 +115,9 @@ def _candidates(
             )
         sets = Counter(frozenset(e.label_names) for e in covering)
         common = max(sets, key=lambda s: (sets[s], sorted(s)))
-        chosen = sorted((e for e in covering if frozenset(e.label_names) == common),
-                        key=lambda e: e.id)
+        chosen = sorted(
+            (e for e in covering if frozenset(e.label_names) == common), key=lambda e: e.id
+        )
     label_sets = {frozenset(e.label_names) for e in chosen}
     if len(label_sets) > 1:
         raise FailedPrecondition(
@@ -168,7 +169,9 @@ async def compose(
         try:
             loss = build_loss(inference.engine, experts, texts, labels)
             result = search_weights(
-                loss, len(experts), config,
+                loss,
+                len(experts),
+                config,
                 on_progress=lambda p: loop.call_soon_threadsafe(events.put_nowait, p),
                 cancelled=stop.is_set,
             )
@@ -188,22 +191,40 @@ async def compose(
         while not isinstance(event := await events.get(), SearchResult):
             if isinstance(event, BaseException):
                 raise event
-            yield inference_pb2.ComposeResponse(progress=inference_pb2.ComposeProgress(
-                evaluations=event.evaluations, budget=event.budget,
-                best_loss=event.best_loss, elapsed_s=event.elapsed_s,
-            ))
+            yield inference_pb2.ComposeResponse(
+                progress=inference_pb2.ComposeProgress(
+                    evaluations=event.evaluations,
+                    budget=event.budget,
+                    best_loss=event.best_loss,
+                    elapsed_s=event.elapsed_s,
+                )
+            )
     finally:
         stop.set()  # the caller left or the search failed: stop it, store nothing
     search = {
-        "config": {"budget": config.budget, "time_limit_s": config.time_limit_s,
-                   "l1": config.l1, "optimizer": config.optimizer, "seed": config.seed},
+        "config": {
+            "budget": config.budget,
+            "time_limit_s": config.time_limit_s,
+            "l1": config.l1,
+            "optimizer": config.optimizer,
+            "seed": config.seed,
+        },
         "example_count": len(texts),
-        "loss": event.loss, "start_loss": event.start_loss,
-        "objective": event.objective, "evaluations": event.evaluations,
-        "elapsed_s": event.elapsed_s, "stopped_by": event.stopped_by,
+        "loss": event.loss,
+        "start_loss": event.start_loss,
+        "objective": event.objective,
+        "evaluations": event.evaluations,
+        "elapsed_s": event.elapsed_s,
+        "stopped_by": event.stopped_by,
     }
     info = await asyncio.to_thread(
-        store.create, actor_of(principal), name, experts, event.weights, label_names, search,
+        store.create,
+        actor_of(principal),
+        name,
+        experts,
+        event.weights,
+        label_names,
+        search,
         list(zip(texts, labels, strict=True)) if request.keep_examples else None,
     )
     names = await inference.expert_names(info.expert_ids)

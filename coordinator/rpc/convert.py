@@ -95,19 +95,26 @@ def privacy_report(info: ExpertInfo) -> common_pb2.PrivacyReport:
         dp = info.statistics.dp or {}
         epsilon, delta = float(dp.get("epsilon", 0.0)), float(dp.get("delta", 0.0))
         stats = common_pb2.PrivacyRelease(
-            what="statistics", mechanism="gaussian" if dp else "none", epsilon=epsilon,
+            what="statistics",
+            mechanism="gaussian" if dp else "none",
+            epsilon=epsilon,
             delta=delta,
         )
         return common_pb2.PrivacyReport(
             releases=[stats, common_pb2.PrivacyRelease(what="adapter", mechanism="none")],
-            epsilon=epsilon, delta=delta, all_dp=False, statistics_opt_out=not dp,
+            epsilon=epsilon,
+            delta=delta,
+            all_dp=False,
+            statistics_opt_out=not dp,
             unit="example",
         )
     return common_pb2.PrivacyReport(
         releases=[
             common_pb2.PrivacyRelease(
-                what=str(r.get("what", "")), mechanism=str(r.get("mechanism", "")),
-                epsilon=float(r.get("epsilon") or 0.0), delta=float(r.get("delta") or 0.0),
+                what=str(r.get("what", "")),
+                mechanism=str(r.get("mechanism", "")),
+                epsilon=float(r.get("epsilon") or 0.0),
+                delta=float(r.get("delta") or 0.0),
             )
             for r in raw.get("releases", [])
             if isinstance(r, dict)

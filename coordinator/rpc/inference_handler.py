@@ -73,7 +73,9 @@ async def _predict_composition(
     """A composition pinned by name: no router, so no routing field may be set."""
     _check_composition_request(request)
     predictions, info, latency = await inference.predict_composition(
-        list(request.inputs), request.composition, request.composition_version,
+        list(request.inputs),
+        request.composition,
+        request.composition_version,
         request.max_new_tokens,
     )
     note = f"composition {info.name} v{info.version}"
@@ -85,8 +87,9 @@ def _check_composition_request(
 ) -> None:
     if request.routing_method or request.router_version or request.expert_ids or request.top_k:
         raise InvalidArgument(
-            "composition", "a composition fixes its experts: leave routing_method, "
-            "router_version, expert_ids and top_k unset"
+            "composition",
+            "a composition fixes its experts: leave routing_method, "
+            "router_version, expert_ids and top_k unset",
         )
     if AGGREGATIONS[request.aggregation] not in (None, Aggregation.MERGE_LINEAR):
         raise InvalidArgument("aggregation", "a composition is served as a linear merge")
@@ -222,8 +225,12 @@ async def generate(
 
     async def weights(experts: Sequence[ExpertWeight]) -> list[common_pb2.ExpertWeight]:
         names = await inference.expert_names([w.expert_id for w in experts])
-        return [common_pb2.ExpertWeight(expert_id=w.expert_id, weight=w.weight,
-                                        expert_name=names.get(w.expert_id, "")) for w in experts]
+        return [
+            common_pb2.ExpertWeight(
+                expert_id=w.expert_id, weight=w.weight, expert_name=names.get(w.expert_id, "")
+            )
+            for w in experts
+        ]
 
     async with contextlib.aclosing(stream.events) as events:
         async for event in events:
@@ -232,21 +239,25 @@ async def generate(
                     delta=inference_pb2.GenerateDelta(text=event.text, tokens=event.tokens)
                 )
             elif isinstance(event, GenerationStarted):
-                yield inference_pb2.GenerateResponse(start=inference_pb2.GenerateStart(
-                    experts=await weights(event.experts),
-                    router_version=stream.chosen.version,
-                    routing_method=stream.chosen.method,
-                    aggregation=event.aggregation,
-                    note=stream.chosen.note,
-                    prompt_tokens=event.prompt_tokens,
-                ))
+                yield inference_pb2.GenerateResponse(
+                    start=inference_pb2.GenerateStart(
+                        experts=await weights(event.experts),
+                        router_version=stream.chosen.version,
+                        routing_method=stream.chosen.method,
+                        aggregation=event.aggregation,
+                        note=stream.chosen.note,
+                        prompt_tokens=event.prompt_tokens,
+                    )
+                )
             elif isinstance(event, GenerationFinished):
-                yield inference_pb2.GenerateResponse(end=inference_pb2.GenerateEnd(
-                    finish_reason=event.finish_reason,
-                    prompt_tokens=event.prompt_tokens,
-                    completion_tokens=event.completion_tokens,
-                    experts=await weights(event.experts),
-                    confidence=event.confidence,
-                    time_to_first_token_ms=event.time_to_first_token_ms,
-                    latency_ms=event.latency_ms,
-                ))
+                yield inference_pb2.GenerateResponse(
+                    end=inference_pb2.GenerateEnd(
+                        finish_reason=event.finish_reason,
+                        prompt_tokens=event.prompt_tokens,
+                        completion_tokens=event.completion_tokens,
+                        experts=await weights(event.experts),
+                        confidence=event.confidence,
+                        time_to_first_token_ms=event.time_to_first_token_ms,
+                        latency_ms=event.latency_ms,
+                    )
+                )

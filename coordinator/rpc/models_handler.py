@@ -57,31 +57,34 @@ def servable_routers(state: CoordinatorState) -> dict[str, RouterVersionInfo]:
         if not token:
             break
     return {
-        method: info for method, info in sorted(newest.items())
+        method: info
+        for method, info in sorted(newest.items())
         if not get_router_class(method).evaluation_only
     }
 
 
-def servable_compositions(
-    state: CoordinatorState, active: set[str]
-) -> list[CompositionInfo]:
+def servable_compositions(state: CoordinatorState, active: set[str]) -> list[CompositionInfo]:
     """The newest version of each composition name whose experts are all ``active`` (Predict
     refuses the others: "compose it again"), by name. Blocking: call it in a thread."""
     newest: dict[str, CompositionInfo] = {}
     for info in CompositionStore(state.registry).list().items:
         if info.name not in newest or info.version > newest[info.name].version:
             newest[info.name] = info
-    return [newest[name] for name in sorted(newest)
-            if set(newest[name].expert_ids) <= active]
+    return [newest[name] for name in sorted(newest) if set(newest[name].expert_ids) <= active]
 
 
 def _served_expert(e: ExpertInfo) -> inference_pb2.ServedExpert:
     created = Timestamp()
     created.FromDatetime(e.created_at)
     return inference_pb2.ServedExpert(
-        expert_id=e.id, name=e.name, version=e.version, task_name=e.task_name,
-        task_type=e.task_type, label_names=list(e.label_names),
-        contributor_id=e.contributor_id, created_at=created,
+        expert_id=e.id,
+        name=e.name,
+        version=e.version,
+        task_name=e.task_name,
+        task_type=e.task_type,
+        label_names=list(e.label_names),
+        contributor_id=e.contributor_id,
+        created_at=created,
     )
 
 
@@ -94,8 +97,9 @@ def models(state: CoordinatorState) -> inference_pb2.ListModelsResponse:
     names = expert_names(state.registry, [e for c in compositions for e in c.expert_ids])
     return inference_pb2.ListModelsResponse(
         experts=[_served_expert(e) for e in experts],
-        routers=[inference_pb2.ServedRouter(method=m, version=v.version)
-                 for m, v in routers.items()],
+        routers=[
+            inference_pb2.ServedRouter(method=m, version=v.version) for m, v in routers.items()
+        ],
         active_router_version=active.version if active else 0,
         active_router_method=active.method if active else "",
         compositions=[composition_message(c, names) for c in compositions],

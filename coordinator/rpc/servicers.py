@@ -95,8 +95,9 @@ class ContributorServicer(contributor_pb2_grpc.ContributorServiceServicer):
         return await _serve(handler, request, self.state, context)
 
     async def CompleteObjectUpload(self, request: Any, context: Any) -> Any:
-        return await _serve(contributor_handler.complete_object_upload, request, self.state,
-                            context)
+        return await _serve(
+            contributor_handler.complete_object_upload, request, self.state, context
+        )
 
     async def UploadExpert(
         self, request_iterator: AsyncIterator[contributor_pb2.UploadExpertRequest], context: Any

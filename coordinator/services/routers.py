@@ -149,7 +149,8 @@ class RouterService:
             if skipped:
                 log.warning(
                     "router %s leaves out %d expert(s) it cannot learn from: %s",
-                    method, len(skipped),
+                    method,
+                    len(skipped),
                     "; ".join(f"{e} ({why})" for e, why in list(skipped.items())[:10]),
                 )
             version = self.registry.create_router_version(
@@ -162,7 +163,8 @@ class RouterService:
                     log.warning(
                         "router %s knows nothing about %d expert(s): their %s zero (a LoRA "
                         "update of zero, e.g. training kept the linear probe's start): %s",
-                        method, len(blind),
+                        method,
+                        len(blind),
                         "gates are" if method == "phatgoose" else "LoRA updates are",
                         ", ".join(blind[:10]),
                     )
@@ -217,8 +219,11 @@ class RouterService:
             started = time.perf_counter()
             router = active.router.extended([self.experts.record(e) for e in new])
             version = self.registry.create_router_version(
-                actor, active.version.method, dict(active.version.params),
-                list(router.expert_ids), "expert_added",
+                actor,
+                active.version.method,
+                dict(active.version.params),
+                list(router.expert_ids),
+                "expert_added",
             )
             self._active = LoadedRouter(version=version, router=router)  # serves from now on
             served_after = time.perf_counter() - started
@@ -228,10 +233,15 @@ class RouterService:
                     router.save(path)
                     ref = self.blobs.put_file(path)
                 info = self.registry.complete_router_version(
-                    version.version, (ref.sha256, ref.size),
-                    {"artifact_bytes": float(ref.size), "added_experts": float(len(new)),
-                     "serving_after_seconds": served_after},
-                    time.perf_counter() - started, activate=True,
+                    version.version,
+                    (ref.sha256, ref.size),
+                    {
+                        "artifact_bytes": float(ref.size),
+                        "added_experts": float(len(new)),
+                        "serving_after_seconds": served_after,
+                    },
+                    time.perf_counter() - started,
+                    activate=True,
                 )
             except Exception as exc:
                 self._active = active
@@ -240,8 +250,13 @@ class RouterService:
             loaded = LoadedRouter(version=info, router=router)
             self._loaded[info.version] = loaded
             self._active = loaded
-            log.info("router v%d: %s extended by %d expert(s), serving after %.3f s",
-                     info.version, info.method, len(new), served_after)
+            log.info(
+                "router v%d: %s extended by %d expert(s), serving after %.3f s",
+                info.version,
+                info.method,
+                len(new),
+                served_after,
+            )
             return info
 
     def _fit(self, method: str, records: list, params: dict[str, object]) -> FitResult:
@@ -318,8 +333,12 @@ class RouterService:
         policy = self.policy
         assert policy is not None
         active = self._active
-        if (policy.running or fingerprint == policy.trained_fingerprint or active is None
-                or not active.router.incremental):
+        if (
+            policy.running
+            or fingerprint == policy.trained_fingerprint
+            or active is None
+            or not active.router.incremental
+        ):
             return False
         try:
             info = await asyncio.to_thread(self.try_extend)

@@ -212,8 +212,9 @@ class ObjectUploads:
             raise FailedPrecondition(f"upload {upload_id} is {info.state}")
         self._check_parts(manifest, parts)
         for f in manifest.files:
-            self._finish_file(self._key(contributor_id, upload_id, f.name), f.name, f.size,
-                              len(parts[f.name]))
+            self._finish_file(
+                self._key(contributor_id, upload_id, f.name), f.name, f.size, len(parts[f.name])
+            )
         folder = self.receiver.staging_dir / contributor_id / f"{upload_id}.o"
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)
@@ -222,8 +223,11 @@ class ObjectUploads:
                 key = self._key(contributor_id, upload_id, f.name)
                 whole = self._read_back(key, folder / f.name, parts[f.name], f.name)
                 if whole != f.sha256 or (folder / f.name).stat().st_size != f.size:
-                    self._refuse(contributor_id, manifest, f"{f.name}: sha256 or size does not "
-                                 "match the manifest")
+                    self._refuse(
+                        contributor_id,
+                        manifest,
+                        f"{f.name}: sha256 or size does not match the manifest",
+                    )
             try:
                 checked = validate_expert_dir(folder, self.receiver.spec, self.receiver.max_bytes)
             except ExpertInvalid as exc:

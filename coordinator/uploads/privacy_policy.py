@@ -40,8 +40,12 @@ def effective_report(meta: StatisticsMeta) -> PrivacyReport:
     stats = (
         PrivacyRelease(what="statistics", mechanism="none")
         if meta.dp is None
-        else PrivacyRelease(what="statistics", mechanism=meta.dp.mechanism,
-                            epsilon=meta.dp.epsilon, delta=meta.dp.delta)
+        else PrivacyRelease(
+            what="statistics",
+            mechanism=meta.dp.mechanism,
+            epsilon=meta.dp.epsilon,
+            delta=meta.dp.delta,
+        )
     )
     return PrivacyReport(
         releases=[stats, PrivacyRelease(what="adapter", mechanism="none")],
@@ -57,8 +61,10 @@ def privacy_refusal(meta: StatisticsMeta, policy: PrivacyPolicy) -> str:
     report = effective_report(meta)
     if not meta.embedding_statistics:  # adapter-only: no statistics of any data are released
         if policy.require_dp_training:
-            return ("this coordinator requires DP-SGD training; an adapter-only expert does not "
-                    "say how its adapter was trained")
+            return (
+                "this coordinator requires DP-SGD training; an adapter-only expert does not "
+                "say how its adapter was trained"
+            )
         return ""
     if meta.dp is None and meta.example_count < policy.min_examples_without_dp:
         return (
@@ -72,8 +78,10 @@ def privacy_refusal(meta: StatisticsMeta, policy: PrivacyPolicy) -> str:
     if policy.max_epsilon > 0:
         limit = policy.max_epsilon
         if meta.dp is None:
-            return (f"this coordinator requires DP statistics (max_epsilon {limit:g}); "
-                    "these have none (--no-dp)")
+            return (
+                f"this coordinator requires DP statistics (max_epsilon {limit:g}); "
+                "these have none (--no-dp)"
+            )
         declared = [("statistics", meta.dp.epsilon)]
         declared += [(r.what, r.epsilon) for r in report.releases if r.epsilon is not None]
         if report.epsilon is not None:
@@ -84,6 +92,8 @@ def privacy_refusal(meta: StatisticsMeta, policy: PrivacyPolicy) -> str:
     if policy.require_dp_training:
         for r in report.releases:
             if r.what in ("adapter", "gates") and r.mechanism != "dp_sgd":
-                return (f"this coordinator requires DP-SGD training; the {r.what} was trained "
-                        f"with mechanism {r.mechanism!r} (use --dp-sgd-epsilon)")
+                return (
+                    f"this coordinator requires DP-SGD training; the {r.what} was trained "
+                    f"with mechanism {r.mechanism!r} (use --dp-sgd-epsilon)"
+                )
     return ""

@@ -244,9 +244,7 @@ class UploadReceiver:
                 raise
             return staged.held
 
-    def _receiving(
-        self, contributor_id: str, upload_id: str, offset: int, count: int
-    ) -> _Staged:
+    def _receiving(self, contributor_id: str, upload_id: str, offset: int, count: int) -> _Staged:
         """The staging state of a receiving upload that ``count`` bytes at ``offset`` fit.
 
         The registry is asked only when this process has no staging state for the upload:

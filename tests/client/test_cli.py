@@ -115,9 +115,7 @@ def test_predict_and_route_read_jsonl_or_lines_from_a_file_or_stdin(
 
 def test_predict_takes_expert_id_prefixes(served: dict) -> None:
     expert_id = served["ids"][0]
-    result = _invoke(
-        "predict", "hello", "--expert", expert_id[:7], *served["admin"], "--json"
-    )
+    result = _invoke("predict", "hello", "--expert", expert_id[:7], *served["admin"], "--json")
     assert result.exit_code == 0, result.output
     (prediction,) = json.loads(result.stdout)["predictions"]
     assert [e["expert_id"] for e in prediction["experts"]] == [expert_id]
@@ -135,9 +133,12 @@ def test_piped_tables_are_not_cut_at_80_columns(
     assert served["ids"][0][:12] in listed.stdout
     assert "superseded by a better expert" in listed.stdout
     contributors = _invoke("admin", "contributors", "list", *served["admin"]).stdout
-    assert json.loads(
-        _invoke("admin", "contributors", "list", *served["admin"], "--json").stdout
-    )["contributors"][0]["contributor_id"] in contributors
+    assert (
+        json.loads(_invoke("admin", "contributors", "list", *served["admin"], "--json").stdout)[
+            "contributors"
+        ][0]["contributor_id"]
+        in contributors
+    )
 
 
 def test_my_experts_shows_state_and_reason(served: dict, running: BackgroundCoordinator) -> None:
@@ -209,4 +210,3 @@ def test_contribute_json_keeps_stdout_for_json_and_reports_progress_on_stderr(
     assert report["created"] is True and len(report["expert"]) == 32
     assert "steps  loss" in done.stderr  # the training bar
     assert "upload toy" in done.stderr  # the upload bar
-

@@ -158,8 +158,15 @@ def test_contribute_trains_against_the_coordinators_base_model_and_uploads(
     data = write_jsonl(tmp_path / "data.jsonl", *toy_examples(60))
     with _contributor(running) as client:
         upload, report = client.contribute(
-            data, "toy", base_model=str(tiny_bert), out=tmp_path / "kept",
-            epochs=1, gates=False, stats_rank=4, max_length=16, no_dp=True,
+            data,
+            "toy",
+            base_model=str(tiny_bert),
+            out=tmp_path / "kept",
+            epochs=1,
+            gates=False,
+            stats_rank=4,
+            max_length=16,
+            no_dp=True,
         )  # fmt: skip  (no_dp: the exact count; DP noisy counts are tested elsewhere)
         assert upload.created and upload.expert.task_name == "toy"
         assert set(upload.expert.label_names) == {"sport", "finance"}

@@ -14,8 +14,13 @@ from moerge.results import ComposeProgress, Composition
 from tests.coordinator.harness import BackgroundCoordinator
 from tests.experts import make_expert_dir
 
-EXAMPLES = [("the film was great", "pos"), ("a dull, tired plot", "neg"),
-            ("what a delight", "pos"), ("I want my money back", "neg"), ("superb acting", "pos")]
+EXAMPLES = [
+    ("the film was great", "pos"),
+    ("a dull, tired plot", "neg"),
+    ("what a delight", "pos"),
+    ("I want my money back", "neg"),
+    ("superb acting", "pos"),
+]
 
 
 @pytest.fixture
@@ -27,8 +32,9 @@ def experts(running: BackgroundCoordinator, tiny_bert: Path, tmp_path: Path) -> 
         client.join(invite.token, "lab")
         ids = []
         for i, labels in enumerate((("neg", "pos"), ("pos", "neg"), ("sport", "tech"))):
-            folder = make_expert_dir(tiny_bert, tmp_path / f"e{i}", labels=labels, seed=i,
-                                     task_name=f"task{i}")
+            folder = make_expert_dir(
+                tiny_bert, tmp_path / f"e{i}", labels=labels, seed=i, task_name=f"task{i}"
+            )
             ids.append(client.upload(folder, f"expert{i}").expert.expert_id)
     return ids
 
@@ -58,8 +64,11 @@ def test_compose_streams_progress_then_stores_a_version_that_predict_serves(
             assert prediction.output in {"neg", "pos"}
             assert {e.expert_id: e.weight for e in prediction.experts} == pytest.approx(weights)
 
-        again = list(admin.compose("reviews", EXAMPLES[:3], experts=[experts[0]], budget=2,
-                                   keep_examples=True))[-1]
+        again = list(
+            admin.compose(
+                "reviews", EXAMPLES[:3], experts=[experts[0]], budget=2, keep_examples=True
+            )
+        )[-1]
         assert again.version == 2 and again.examples_kept
         assert [c.version for c in admin.compositions("reviews")] == [2, 1]
         pinned = admin.predict(["fine"], composition="reviews", composition_version=1)
@@ -72,13 +81,21 @@ def test_composition_requests_that_cannot_work_are_refused_with_the_right_code(
     with moerge.Client(running.address, token=running.admin_token()) as admin:
         cases = [
             (lambda: admin.predict(["x"], composition="missing"), grpc.StatusCode.NOT_FOUND),
-            (lambda: list(admin.compose("mixed", EXAMPLES, experts=[experts[0], experts[2]],
-                                        budget=2)), grpc.StatusCode.FAILED_PRECONDITION),
-            (lambda: list(admin.compose("none", [("a goal", "football")], budget=2)),
-             grpc.StatusCode.FAILED_PRECONDITION),
+            (
+                lambda: list(
+                    admin.compose("mixed", EXAMPLES, experts=[experts[0], experts[2]], budget=2)
+                ),
+                grpc.StatusCode.FAILED_PRECONDITION,
+            ),
+            (
+                lambda: list(admin.compose("none", [("a goal", "football")], budget=2)),
+                grpc.StatusCode.FAILED_PRECONDITION,
+            ),
             (lambda: list(admin.compose("empty", [], budget=2)), grpc.StatusCode.INVALID_ARGUMENT),
-            (lambda: list(admin.compose("big", EXAMPLES, budget=100_000)),
-             grpc.StatusCode.INVALID_ARGUMENT),
+            (
+                lambda: list(admin.compose("big", EXAMPLES, budget=100_000)),
+                grpc.StatusCode.INVALID_ARGUMENT,
+            ),
         ]
         for call, code in cases:
             with pytest.raises(moerge.MoergeError) as caught:
@@ -113,16 +130,31 @@ def test_the_cli_composes_from_a_jsonl_file_lists_it_and_predicts_with_it(
     data = tmp_path / "few.jsonl"
     data.write_text("".join(json.dumps({"text": t, "label": y}) + "\n" for t, y in EXAMPLES))
     runner = CliRunner()
-    created = runner.invoke(app, ["compose", "create", "cli", str(data), "--budget", "3",
-                                  "--expert", experts[0][:8], "--expert", experts[1][:8],
-                                  *admin, "--json"])
+    created = runner.invoke(
+        app,
+        [
+            "compose",
+            "create",
+            "cli",
+            str(data),
+            "--budget",
+            "3",
+            "--expert",
+            experts[0][:8],
+            "--expert",
+            experts[1][:8],
+            *admin,
+            "--json",
+        ],
+    )
     assert created.exit_code == 0, created.output
     stored = json.loads(created.stdout)
     assert (stored["name"], stored["version"], stored["evaluations"]) == ("cli", 1, 3)
     table = runner.invoke(app, ["compose", "list", *admin])
     assert table.exit_code == 0 and "cli" in table.stdout
-    predicted = runner.invoke(app, ["predict", "a fine film", "--composition", "cli", *admin,
-                                    "--json"])
+    predicted = runner.invoke(
+        app, ["predict", "a fine film", "--composition", "cli", *admin, "--json"]
+    )
     assert predicted.exit_code == 0, predicted.output
     assert json.loads(predicted.stdout)["routing_method"] == "composition"
     bad = tmp_path / "bad.jsonl"

@@ -14,8 +14,13 @@ import typer
 from moerge.cli import app
 
 ROOT = Path(__file__).parents[2]
-DOCUMENTS = ["README.md", "docs/python-client.md", "docs/http-api.md", "docs/evaluate.md",
-             "docs/composition.md"]
+DOCUMENTS = [
+    "README.md",
+    "docs/python-client.md",
+    "docs/http-api.md",
+    "docs/evaluate.md",
+    "docs/composition.md",
+]
 _ENV = re.compile(r"[A-Z_]+=\S*")
 
 
@@ -40,8 +45,12 @@ def _check(words: list[str]) -> None:
     while isinstance(command, click.Group) and words and not words[0].startswith("-"):
         assert words[0] in command.commands, f"no command {words[0]!r}"
         command, words = command.commands[words[0]], words[1:]
-    options = {name: p for p in command.params if isinstance(p, click.Option)
-               for name in (*p.opts, *p.secondary_opts)}
+    options = {
+        name: p
+        for p in command.params
+        if isinstance(p, click.Option)
+        for name in (*p.opts, *p.secondary_opts)
+    }
     given, positional = set(), []
     while words:
         word, words = words[0], words[1:]

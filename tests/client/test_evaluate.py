@@ -113,7 +113,10 @@ def test_a_user_api_key_evaluates_as_the_admin_does(evaluated: dict, tmp_path: P
     for method in admin["methods"]:  # the same experts, routers and answers
         ours = scored[method["method"]]
         assert (ours["routing_accuracy"], ours["task_accuracy"], ours["confusion"]) == (
-            method["routing_accuracy"], method["task_accuracy"], method["confusion"])
+            method["routing_accuracy"],
+            method["task_accuracy"],
+            method["confusion"],
+        )
 
 
 def test_jsonl_errors_name_the_line(tmp_path: Path) -> None:
@@ -122,7 +125,7 @@ def test_jsonl_errors_name_the_line(tmp_path: Path) -> None:
         f"{good}\n\n{{not json\n": "f.jsonl:3: not JSON",
         f'{good}\n{{"text": "a", "label": "b"}}\n': 'f.jsonl:2: give exactly one of "task"',
         '{"text": "", "label": "b", "task": "t"}\n': 'f.jsonl:1: "text" must be',
-        '[1, 2]\n': "f.jsonl:1: expected a JSON object",
+        "[1, 2]\n": "f.jsonl:1: expected a JSON object",
         "\n": "f.jsonl: no examples",
     }
     for content, message in cases.items():
@@ -136,8 +139,10 @@ def test_jsonl_errors_name_the_line(tmp_path: Path) -> None:
 
 
 def test_majority_floor_counts_each_tasks_own_labels() -> None:
-    stream = [StreamExample("a", y, t) for t, y in
-              [("x", "1"), ("x", "1"), ("x", "2"), ("y", "3"), ("y", "4")]]
+    stream = [
+        StreamExample("a", y, t)
+        for t, y in [("x", "1"), ("x", "1"), ("x", "2"), ("y", "3"), ("y", "4")]
+    ]
     floor = majority_floor(stream)
     assert floor.by_task == {"x": ("1", 2, 3), "y": ("3", 1, 2)}
     assert floor.accuracy == pytest.approx(3 / 5)

@@ -17,7 +17,8 @@ PROMPTS = {"task0": ["the film was", "a story of"], "task1": ["shares fell", "th
 
 
 def test_generated_answers_count_right_up_to_case_quotes_and_final_punctuation(
-    served: BackgroundCoordinator, tmp_path: Path  # noqa: F811
+    served: BackgroundCoordinator,  # noqa: F811
+    tmp_path: Path,
 ) -> None:
     with moerge.Client(served.address, token=served.admin_token()) as api:
         expert_of = {e.task_name: e.expert_id for e in api.list_experts().items}

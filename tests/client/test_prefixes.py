@@ -22,7 +22,9 @@ def admin(running: BackgroundCoordinator) -> moerge.Client:
 
 
 def test_any_inference_credential_lists_what_a_request_may_name(
-    served: dict, running: BackgroundCoordinator, admin: moerge.Client,  # noqa: F811
+    served: dict,  # noqa: F811
+    running: BackgroundCoordinator,
+    admin: moerge.Client,
 ) -> None:
     active, quarantined = served["ids"]
     admin.set_expert_state(quarantined, "quarantined", reason="test")
@@ -35,17 +37,22 @@ def test_any_inference_credential_lists_what_a_request_may_name(
             user.list_experts()
     assert refused.value.code == grpc.StatusCode.PERMISSION_DENIED
     assert [(e.expert_id, e.name, e.task_name, e.label_names) for e in models.experts] == [
-        (active, "expert0", "t0", ("neg", "pos"))]  # the quarantined expert is not listed
+        (active, "expert0", "t0", ("neg", "pos"))
+    ]  # the quarantined expert is not listed
     assert models.experts[0].created_at is not None and models.experts[0].contributor_id
     assert [(r.method, r.version) for r in models.routers] == [("centroid", trained.version)]
     assert (models.active_router_method, models.active_router_version) == (
-        "centroid", trained.version)
+        "centroid",
+        trained.version,
+    )
     assert [(c.name, c.version) for c in models.compositions] == [("reviews", composed.version)]
     assert models.to_dict()["experts"][0]["version"] == 1  # numbers stay numbers
 
 
 def test_every_method_that_takes_an_id_takes_a_unique_prefix(
-    served: dict, running: BackgroundCoordinator, admin: moerge.Client,  # noqa: F811
+    served: dict,  # noqa: F811
+    running: BackgroundCoordinator,
+    admin: moerge.Client,
 ) -> None:
     first, second = served["ids"]
     assert admin.get_expert(first[:6]).expert_id == first
@@ -56,7 +63,8 @@ def test_every_method_that_takes_an_id_takes_a_unique_prefix(
     predicted = admin.predict(["hello"], experts=[first[:8]])
     assert [e.expert_id for e in predicted.predictions[0].experts] == [first]
     assert [e.expert_id for e in admin.route(["hello"], experts=[first[:8]]).decisions[0]] == [
-        first]
+        first
+    ]
     composed = list(admin.compose("pinned", REVIEWS, experts=[first[:9]], budget=1))[-1]
     assert [e.expert_id for e in composed.experts] == [first]
 
@@ -76,7 +84,9 @@ def test_every_method_that_takes_an_id_takes_a_unique_prefix(
 
 
 def test_a_user_key_resolves_prefixes_among_the_active_experts(
-    served: dict, running: BackgroundCoordinator, admin: moerge.Client,  # noqa: F811
+    served: dict,  # noqa: F811
+    running: BackgroundCoordinator,
+    admin: moerge.Client,
 ) -> None:
     first, _ = served["ids"]
     key = admin.create_api_key(note="user prefixes").api_key
@@ -87,7 +97,8 @@ def test_a_user_key_resolves_prefixes_among_the_active_experts(
 
 
 def test_the_async_client_resolves_the_same_prefixes(
-    served: dict, running: BackgroundCoordinator,  # noqa: F811
+    served: dict,  # noqa: F811
+    running: BackgroundCoordinator,
 ) -> None:
     first, second = served["ids"]
 
@@ -97,7 +108,11 @@ def test_the_async_client_resolves_the_same_prefixes(
             resolved = await client.resolve_expert_id(first[:6])
             routed = await client.route(["hello"], experts=[first[:6]])
             models = await client.models()
-        return expert.expert_id, resolved, [e.expert_id for e in routed.decisions[0]], len(
-            models.experts)
+        return (
+            expert.expert_id,
+            resolved,
+            [e.expert_id for e in routed.decisions[0]],
+            len(models.experts),
+        )
 
     assert asyncio.run(calls()) == (second, first, [first], 2)

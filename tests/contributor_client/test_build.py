@@ -40,9 +40,14 @@ def test_build_expert_writes_a_complete_classification_expert(
     texts, labels = toy_examples(60)
     data = write_jsonl(tmp_path / "data.jsonl", texts, labels)
     report = build_expert(
-        data, tmp_path / "expert", "toy", toy_config(tiny_bert, epochs=1),
-        task_description="sport or money", gate_config=QUICK_GATES,
-        base_model_revision="rev-1", progress=False,
+        data,
+        tmp_path / "expert",
+        "toy",
+        toy_config(tiny_bert, epochs=1),
+        task_description="sport or money",
+        gate_config=QUICK_GATES,
+        base_model_revision="rev-1",
+        progress=False,
     )
     assert_complete_expert(tmp_path / "expert")
     assert report.train is not None and report.gates_skipped == ""
@@ -54,7 +59,9 @@ def test_build_expert_writes_a_complete_classification_expert(
     privacy = report.meta.privacy
     assert privacy is not None and not privacy.statistics_opt_out and not privacy.all_dp
     assert [(r.what, r.mechanism) for r in privacy.releases] == [
-        ("statistics", "gaussian_pld"), ("adapter", "none"), ("gates", "none")
+        ("statistics", "gaussian_pld"),
+        ("adapter", "none"),
+        ("gates", "none"),
     ]
     assert (privacy.epsilon, privacy.delta) == (DEFAULT_EPSILON, DEFAULT_DELTA)
     assert report.meta.task_type == "classification"
@@ -68,16 +75,29 @@ def test_build_expert_without_dp_is_an_explicit_recorded_choice(
 ) -> None:
     texts, labels = toy_examples(60)
     data = write_jsonl(tmp_path / "data.jsonl", texts, labels)
-    report = build_expert(data, tmp_path / "expert", "toy", toy_config(tiny_bert, epochs=1),
-                          with_gates=False, no_dp=True, progress=False)
+    report = build_expert(
+        data,
+        tmp_path / "expert",
+        "toy",
+        toy_config(tiny_bert, epochs=1),
+        with_gates=False,
+        no_dp=True,
+        progress=False,
+    )
     assert report.meta.dp is None
     assert report.meta.label_counts == [30, 30] and report.meta.example_count == 60
     assert report.meta.privacy.statistics_opt_out and report.meta.privacy.epsilon is None
     assert load_statistics(tmp_path / "expert")[1].privacy.statistics_opt_out
     small = write_jsonl(tmp_path / "small.jsonl", *toy_examples(MIN_EXAMPLES_WITHOUT_DP - 1))
     with pytest.raises(TooFewExamples):  # refused before any training
-        build_expert(small, tmp_path / "no", "toy", toy_config(tiny_bert, epochs=1),
-                     no_dp=True, progress=False)
+        build_expert(
+            small,
+            tmp_path / "no",
+            "toy",
+            toy_config(tiny_bert, epochs=1),
+            no_dp=True,
+            progress=False,
+        )
     assert not (tmp_path / "no").exists()
 
 
@@ -87,8 +107,9 @@ def test_build_expert_for_a_causal_lm_from_label_free_data(
     texts, _ = toy_examples(30)
     data = write_jsonl(tmp_path / "data.jsonl", texts, None)
     config = TrainConfig(base_model=str(tiny_llama), task_type="causal_lm", epochs=1)
-    report = build_expert(data, tmp_path / "expert", "lm", config, gate_config=QUICK_GATES,
-                          progress=False)
+    report = build_expert(
+        data, tmp_path / "expert", "lm", config, gate_config=QUICK_GATES, progress=False
+    )
     assert_complete_expert(tmp_path / "expert")
     assert report.meta.task_type == "causal_lm"
     assert report.meta.label_names == [] and report.meta.label_counts == []
@@ -98,8 +119,14 @@ def test_build_expert_for_a_causal_lm_from_label_free_data(
 def test_build_expert_without_gates(tiny_bert: Path, tmp_path: Path) -> None:
     texts, labels = toy_examples(20)
     data = write_jsonl(tmp_path / "data.jsonl", texts, labels)
-    report = build_expert(data, tmp_path / "expert", "toy", toy_config(tiny_bert, epochs=1),
-                          with_gates=False, progress=False)
+    report = build_expert(
+        data,
+        tmp_path / "expert",
+        "toy",
+        toy_config(tiny_bert, epochs=1),
+        with_gates=False,
+        progress=False,
+    )
     assert_complete_expert(tmp_path / "expert")
     assert report.meta.gate_modules == [] and report.gates_skipped == "gates disabled"
 
@@ -111,8 +138,14 @@ def test_brought_classification_adapter_gets_gates_and_a_copy(
     texts, labels = toy_examples(40, seed=5)
     data = write_jsonl(tmp_path / "data.jsonl", texts, labels)
     report = write_expert_statistics(
-        adapter_dir, data, "toy", base_model_path=tiny_bert, out_dir=tmp_path / "expert",
-        gate_config=QUICK_GATES, base_model_revision="rev-2", progress=False,
+        adapter_dir,
+        data,
+        "toy",
+        base_model_path=tiny_bert,
+        out_dir=tmp_path / "expert",
+        gate_config=QUICK_GATES,
+        base_model_revision="rev-2",
+        progress=False,
     )
     assert_complete_expert(tmp_path / "expert")
     assert report.train is None and report.gates_skipped == ""
@@ -144,8 +177,14 @@ def test_brought_adapter_with_unlabelled_data_skips_gates(
 ) -> None:
     texts, _ = toy_examples(20)
     data = write_jsonl(tmp_path / "data.jsonl", texts, None)
-    report = write_expert_statistics(toy_expert[0], data, "toy", base_model_path=tiny_bert,
-                                     out_dir=tmp_path / "expert", progress=False)
+    report = write_expert_statistics(
+        toy_expert[0],
+        data,
+        "toy",
+        base_model_path=tiny_bert,
+        out_dir=tmp_path / "expert",
+        progress=False,
+    )
     assert report.gates_skipped == "the data has no labels for the classification loss"
     assert report.meta.label_names == [] and report.meta.gate_modules == []
 
@@ -155,8 +194,14 @@ def test_brought_adapter_whose_head_disagrees_with_the_labels_is_rejected(
 ) -> None:
     data = write_jsonl(tmp_path / "data.jsonl", ["a", "b", "c"], ["x", "y", "z"])
     with pytest.raises(ValueError, match="the head has 2 outputs but there are 3 label names"):
-        write_expert_statistics(toy_expert[0], data, "toy", base_model_path=tiny_bert,
-                                out_dir=tmp_path / "expert", progress=False)
+        write_expert_statistics(
+            toy_expert[0],
+            data,
+            "toy",
+            base_model_path=tiny_bert,
+            out_dir=tmp_path / "expert",
+            progress=False,
+        )
 
 
 def test_brought_adapter_needs_a_local_base_model(

@@ -18,11 +18,14 @@ def write_lines(path: Path, lines: list[str]) -> Path:
 
 
 def test_jsonl_gives_texts_and_string_labels(tmp_path: Path) -> None:
-    path = write_lines(tmp_path / "d.jsonl", [
-        json.dumps({"text": "good film", "label": "pos"}),
-        "",
-        json.dumps({"text": "bad film", "label": 0, "extra": 1}),
-    ])
+    path = write_lines(
+        tmp_path / "d.jsonl",
+        [
+            json.dumps({"text": "good film", "label": "pos"}),
+            "",
+            json.dumps({"text": "bad film", "label": 0, "extra": 1}),
+        ],
+    )
     examples = load_examples(path)
     assert examples.texts == ["good film", "bad film"]
     assert examples.labels == ["pos", "0"]

@@ -35,13 +35,22 @@ def test_dp_sgd_expert_reports_every_release_and_keeps_quality_local(
     texts, labels = toy_examples(80)
     data = write_jsonl(tmp_path / "data.jsonl", texts, labels)
     dp_sgd = DPSGDConfig(epsilon=8.0, min_steps=6, batch_size=16, gate_batch_size=16)
-    report = build_expert(data, tmp_path / "expert", "toy", toy_config(tiny_bert, epochs=1),
-                          gate_config=GateConfig(steps=4), dp_sgd=dp_sgd, progress=False)
+    report = build_expert(
+        data,
+        tmp_path / "expert",
+        "toy",
+        toy_config(tiny_bert, epochs=1),
+        gate_config=GateConfig(steps=4),
+        dp_sgd=dp_sgd,
+        progress=False,
+    )
     meta = StatisticsMeta.read(tmp_path / "expert" / STATISTICS_META)
     privacy = meta.privacy
     assert privacy is not None and privacy.all_dp and not privacy.statistics_opt_out
     assert [(r.what, r.mechanism) for r in privacy.releases] == [
-        ("statistics", "gaussian_pld"), ("adapter", "dp_sgd"), ("gates", "dp_sgd")
+        ("statistics", "gaussian_pld"),
+        ("adapter", "dp_sgd"),
+        ("gates", "dp_sgd"),
     ]
     adapter, gates = privacy.release("adapter"), privacy.release("gates")
     assert adapter.details["noise_multiplier"] == gates.details["noise_multiplier"]
@@ -64,14 +73,15 @@ def test_dp_sgd_refuses_causal_lm_experts(tiny_llama: Path, tmp_path: Path) -> N
     texts, _ = toy_examples(20)
     config = TrainConfig(base_model=str(tiny_llama), task_type="causal_lm", epochs=1)
     with pytest.raises(ValueError, match="classification experts only"):
-        train_expert(texts, None, config, tmp_path / "x", progress=False,
-                     dp_sgd=DPSGDConfig(epsilon=8.0))
+        train_expert(
+            texts, None, config, tmp_path / "x", progress=False, dp_sgd=DPSGDConfig(epsilon=8.0)
+        )
 
 
 def test_the_cli_refuses_contradicting_privacy_options(tmp_path: Path) -> None:
     data = write_jsonl(tmp_path / "data.jsonl", *toy_examples(10))
     result = CliRunner().invoke(
-        app, ["train", str(data), "--task-name", "t", "--no-dp", "--dp-epsilon", "1",
-              "--offline"],
+        app,
+        ["train", str(data), "--task-name", "t", "--no-dp", "--dp-epsilon", "1", "--offline"],
     )
     assert result.exit_code == 2 and "contradict" in result.output

@@ -25,8 +25,9 @@ def toy_gates(tiny_bert: Path, model: PeftModel, steps: int = 30) -> dict[str, t
     texts, labels = toy_examples(64)
     label_ids = [["finance", "sport"].index(label) for label in labels]
     config = GateConfig(steps=steps, learning_rate=5e-2, batch_size=16)
-    return train_gates(model, load_tokenizer(str(tiny_bert)), texts, label_ids, config,
-                       progress=False)
+    return train_gates(
+        model, load_tokenizer(str(tiny_bert)), texts, label_ids, config, progress=False
+    )
 
 
 def test_one_gate_per_lora_module_keyed_by_base_model_path(
@@ -100,8 +101,13 @@ def test_causal_lm_gates_train_with_the_lm_loss(tiny_llama: Path) -> None:
     model = get_peft_model(base, config)
     texts, _ = toy_examples(32)
     gates = train_gates(
-        model, load_tokenizer(str(tiny_llama)), texts, None,
-        GateConfig(steps=5, learning_rate=5e-2), causal_lm=True, progress=False,
+        model,
+        load_tokenizer(str(tiny_llama)),
+        texts,
+        None,
+        GateConfig(steps=5, learning_rate=5e-2),
+        causal_lm=True,
+        progress=False,
     )
     modules = [f"layers.{i}.self_attn.{m}" for i in (0, 1) for m in ("q_proj", "v_proj")]
     assert list(gates) == modules
@@ -113,5 +119,6 @@ def test_classification_gates_need_labels(
 ) -> None:
     model = load_expert(tiny_bert, toy_expert[0])
     with pytest.raises(ValueError, match="one label id per text"):
-        train_gates(model, load_tokenizer(str(tiny_bert)), ["a b"], None, GateConfig(),
-                    progress=False)
+        train_gates(
+            model, load_tokenizer(str(tiny_bert)), ["a b"], None, GateConfig(), progress=False
+        )

@@ -51,7 +51,8 @@ def test_a_population_attacker_reads_a_small_release_without_dp_but_not_with_it(
     people = _population(400)
     members, others, reference = people[:5], people[5:10], people[200:]
     plain = population_attack(members, others, reference, None, releases=1)
-    private = population_attack(members, others, reference,
-                                DPConfig(DEFAULT_EPSILON, DEFAULT_DELTA), releases=300)
+    private = population_attack(
+        members, others, reference, DPConfig(DEFAULT_EPSILON, DEFAULT_DELTA), releases=300
+    )
     assert plain.advantage >= 0.6
     assert private.advantage < plain.advantage and private.advantage <= private.dp_bound

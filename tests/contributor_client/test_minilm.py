@@ -37,8 +37,16 @@ FINANCE = [
     "The retailer cut its forecast after a weak holiday season",
     "Quarterly earnings beat analyst estimates for the tech giant",
 ]
-OPENERS = ["", "Report: ", "Breaking: ", "Update - ", "Today, ", "Late news: ", "Analysis: ",
-           "In brief: "]
+OPENERS = [
+    "",
+    "Report: ",
+    "Breaking: ",
+    "Update - ",
+    "Today, ",
+    "Late news: ",
+    "Analysis: ",
+    "In brief: ",
+]
 
 
 @pytest.mark.slow
@@ -56,8 +64,9 @@ def test_minilm_expert_end_to_end(tmp_path: Path) -> None:
         validation_fraction=0.25,
     )
     gates = GateConfig(steps=20)  # the default 100 steps take about a minute on two cores
-    report = build_expert(data, tmp_path / "expert", "news-topic", config, gate_config=gates,
-                          progress=False)
+    report = build_expert(
+        data, tmp_path / "expert", "news-topic", config, gate_config=gates, progress=False
+    )
 
     assert len(texts) == 64
     assert sorted(p.name for p in (tmp_path / "expert").iterdir()) == sorted(EXPERT_FILES)

@@ -23,9 +23,11 @@ def test_the_composed_releases_meet_the_budget_per_an_independent_accountant(
     stds = noise_stds(DPConfig(epsilon=epsilon, delta=delta, clip_norm=0.5))
     sensitivities = {"count": 1.0, "sum": 0.5, "second_moment": 0.25}
     accountant = PLDAccountant(value_discretization_interval=1e-4)  # finer than the search's
-    accountant.compose(dp_accounting.ComposedDpEvent([
-        dp_accounting.GaussianDpEvent(stds[name] / sensitivities[name]) for name in RELEASES
-    ]))
+    accountant.compose(
+        dp_accounting.ComposedDpEvent(
+            [dp_accounting.GaussianDpEvent(stds[name] / sensitivities[name]) for name in RELEASES]
+        )
+    )
     assert accountant.get_epsilon(delta) <= epsilon * (1 + 1e-6)
 
 

@@ -72,9 +72,7 @@ def test_probe_initialised_head_holds_the_fitted_probe(tiny_bert: Path) -> None:
 
 def test_class_weights_lift_rare_labels() -> None:
     ids = [0, 0, 0, 1]
-    torch.testing.assert_close(
-        class_weight_vector(ids, 2, "balanced"), torch.tensor([4 / 6, 2.0])
-    )
+    torch.testing.assert_close(class_weight_vector(ids, 2, "balanced"), torch.tensor([4 / 6, 2.0]))
     torch.testing.assert_close(
         class_weight_vector(ids, 2, "sqrt"), torch.tensor([4 / 6, 2.0]).sqrt()
     )
@@ -95,7 +93,10 @@ def test_early_stopping_restores_the_best_checkpoint(tiny_bert: Path, tmp_path: 
     texts, labels = toy_examples(100)
     wrecking = toy_config(tiny_bert, epochs=4, learning_rate=3.0, min_steps=0, patience=99)
     kept = train_expert(
-        texts, labels, dataclasses.replace(wrecking, early_stopping=False), tmp_path / "a",
+        texts,
+        labels,
+        dataclasses.replace(wrecking, early_stopping=False),
+        tmp_path / "a",
         progress=False,
     )
     restored = train_expert(texts, labels, wrecking, tmp_path / "b", progress=False)
@@ -114,7 +115,9 @@ def test_legacy_recipe_and_overrides_reach_the_config(tiny_bert: Path) -> None:
         str(tiny_bert), None, TrainOptions(learning_rate=1e-4, class_weighting="balanced")
     )
     assert (tuned.learning_rate, tuned.class_weighting, tuned.probe_init) == (
-        1e-4, "balanced", True,
+        1e-4,
+        "balanced",
+        True,
     )
 
 
@@ -124,8 +127,12 @@ def test_quality_figures_are_written_to_statistics_json_and_read_back(
     texts, labels = toy_examples(60)
     data = write_jsonl(tmp_path / "data.jsonl", texts, labels)
     report = build_expert(
-        data, tmp_path / "expert", "toy", toy_config(tiny_bert, epochs=1, min_steps=0),
-        with_gates=False, progress=False,
+        data,
+        tmp_path / "expert",
+        "toy",
+        toy_config(tiny_bert, epochs=1, min_steps=0),
+        with_gates=False,
+        progress=False,
     )
     meta = StatisticsMeta.read(tmp_path / "expert" / STATISTICS_META)
     assert meta.quality == report.meta.quality
@@ -145,23 +152,35 @@ def test_statistics_json_without_quality_still_loads(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     "quality",
-    [{"validation_accuracy": 1.5}, {"probe_accuracy": -0.1}, {"validation_loss": float("nan")},
-     {"validation_examples": -1}, {"majority_accuracy": True}, {"surprise": 1}],
+    [
+        {"validation_accuracy": 1.5},
+        {"probe_accuracy": -0.1},
+        {"validation_loss": float("nan")},
+        {"validation_examples": -1},
+        {"majority_accuracy": True},
+        {"surprise": 1},
+    ],
 )
 def test_out_of_range_quality_is_rejected(quality: dict[str, object]) -> None:
-    raw = {"example_count": 3, "hidden_size": 4, "covariance_rank": 0, "task_name": "t",
-           "quality": quality}
+    raw = {
+        "example_count": 3,
+        "hidden_size": 4,
+        "covariance_rank": 0,
+        "task_name": "t",
+        "quality": quality,
+    }
     with pytest.raises(ValueError, match="quality"):
         StatisticsMeta.from_dict(raw)
 
 
-def test_causal_lm_reports_its_loss_beside_the_base_model(
-    tiny_llama: Path, tmp_path: Path
-) -> None:
+def test_causal_lm_reports_its_loss_beside_the_base_model(tiny_llama: Path, tmp_path: Path) -> None:
     prompts = [f"question {i}:" for i in range(20)]
     answers = ["yes" if i % 2 else "no" for i in range(20)]
     config = TrainConfig(
-        base_model=str(tiny_llama), task_type="causal_lm", epochs=2, learning_rate=1e-2,
+        base_model=str(tiny_llama),
+        task_type="causal_lm",
+        epochs=2,
+        learning_rate=1e-2,
         validation_fraction=0.2,
     )
     result = train_expert(prompts, answers, config, tmp_path, progress=False)
@@ -191,14 +210,13 @@ def test_head_learning_rate_moves_the_head_apart_from_the_adapter(
     from safetensors.torch import load_file
 
     texts, labels = toy_examples(60)
-    frozen_head = toy_config(
-        tiny_bert, head_learning_rate=1e-12, min_steps=0, early_stopping=False
-    )
+    frozen_head = toy_config(tiny_bert, head_learning_rate=1e-12, min_steps=0, early_stopping=False)
     weights = []
     for epochs in (1, 3):
         out = tmp_path / str(epochs)
-        train_expert(texts, labels, dataclasses.replace(frozen_head, epochs=epochs), out,
-                     progress=False)
+        train_expert(
+            texts, labels, dataclasses.replace(frozen_head, epochs=epochs), out, progress=False
+        )
         weights.append(load_file(str(out / "adapter_model.safetensors")))
     head = [k for k in weights[0] if "classifier" in k]
     lora_b = [k for k in weights[0] if "lora_B" in k]

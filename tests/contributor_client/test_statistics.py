@@ -94,8 +94,15 @@ def test_compute_statistics_summarises_base_model_embeddings(tiny_bert: Path) ->
     texts, labels = toy_examples(60)  # without DP, at least MIN_EXAMPLES_WITHOUT_DP
     gates = {"encoder.layer.0.attention.self.query": torch.ones(32)}
     tensors, meta = compute_statistics(
-        tiny_bert, texts, labels, ["finance", "sport"], "toy", "sport or money",
-        rank=4, gates=gates, base_model_id="tiny-bert",
+        tiny_bert,
+        texts,
+        labels,
+        ["finance", "sport"],
+        "toy",
+        "sport or money",
+        rank=4,
+        gates=gates,
+        base_model_id="tiny-bert",
     )
     model = AutoModel.from_pretrained(tiny_bert)
     embeddings = pooled_embeddings(model, load_tokenizer(str(tiny_bert)), texts)
@@ -107,7 +114,9 @@ def test_compute_statistics_summarises_base_model_embeddings(tiny_bert: Path) ->
     assert (meta.hidden_size, meta.covariance_rank) == (32, 4)
     assert meta.gate_modules == list(gates)
     assert (meta.task_name, meta.task_description, meta.base_model_id) == (
-        "toy", "sport or money", "tiny-bert"
+        "toy",
+        "sport or money",
+        "tiny-bert",
     )
     assert meta.dp is None
     assert meta.privacy is not None and meta.privacy.statistics_opt_out
@@ -166,8 +175,9 @@ def test_statistics_without_dp_of_too_few_examples_are_refused(tiny_bert: Path) 
         compute_statistics(tiny_bert, ["good film"], None, [], "t", task_type="causal_lm")
     # Under DP the noise protects any count: a single example is released, noised.
     dp = DPConfig(epsilon=1.0, delta=1e-5, seed=0)
-    _, meta = compute_statistics(tiny_bert, ["good film"], None, [], "t", dp=dp,
-                                 task_type="causal_lm")
+    _, meta = compute_statistics(
+        tiny_bert, ["good film"], None, [], "t", dp=dp, task_type="causal_lm"
+    )
     assert meta.dp is not None and not meta.privacy.statistics_opt_out
 
 
@@ -210,8 +220,9 @@ def test_dp_covariance_is_positive_semi_definite_and_meta_records_the_budget(
 ) -> None:
     texts, labels = toy_examples(40)
     dp = DPConfig(epsilon=0.5, delta=1e-6, clip_norm=0.5, seed=1)
-    tensors, meta = compute_statistics(tiny_bert, texts, labels, ["finance", "sport"], "t",
-                                       rank=32, dp=dp)
+    tensors, meta = compute_statistics(
+        tiny_bert, texts, labels, ["finance", "sport"], "t", rank=32, dp=dp
+    )
     factor, diag = tensors[COV_FACTOR_KEY], tensors[COV_DIAG_KEY]
     assert torch.linalg.eigvalsh((factor @ factor.T + torch.diag(diag)).double()).min() > 0
     assert meta.dp is not None

@@ -52,7 +52,7 @@ def test_expert_learns_a_separable_task(toy_expert: tuple[Path, TrainResult]) ->
     assert result.val_accuracy is not None and result.val_accuracy >= 0.9
     curve = result.train_loss_curve
     # 6 epochs of 160 / 16 steps, raised to min_steps; early stopping may end it sooner.
-    assert 0 < len(curve) <= max(6 * 10, TrainConfig(base_model='').min_steps)
+    assert 0 < len(curve) <= max(6 * 10, TrainConfig(base_model="").min_steps)
     assert sum(curve[-10:]) / 10 < 0.5 * sum(curve[:10]) / 10
 
 
@@ -127,8 +127,13 @@ def test_classification_needs_two_distinct_labels(tiny_bert: Path, tmp_path: Pat
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("task_type", "regression"), ("lora_rank", 0), ("validation_fraction", 1.0),
-     ("learning_rate", -1.0), ("max_examples", 1)],
+    [
+        ("task_type", "regression"),
+        ("lora_rank", 0),
+        ("validation_fraction", 1.0),
+        ("learning_rate", -1.0),
+        ("max_examples", 1),
+    ],
 )
 def test_invalid_config_is_rejected_naming_the_field(field: str, value: object) -> None:
     config = TrainConfig(base_model="unused")
@@ -139,8 +144,7 @@ def test_invalid_config_is_rejected_naming_the_field(field: str, value: object) 
 
 def test_bf16_autocast_learns_and_saves_float32_weights(tiny_bert: Path, tmp_path: Path) -> None:
     texts, labels = toy_examples(200)
-    result = train_expert(texts, labels, toy_config(tiny_bert, bf16=True), tmp_path,
-                          progress=False)
+    result = train_expert(texts, labels, toy_config(tiny_bert, bf16=True), tmp_path, progress=False)
     assert result.val_accuracy is not None and result.val_accuracy >= 0.9
     weights = load_file(str(tmp_path / ADAPTER_WEIGHTS))
     assert all(tensor.dtype == torch.float32 for tensor in weights.values())

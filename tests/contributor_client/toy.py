@@ -23,8 +23,10 @@ def toy_examples(count: int, seed: int = 0) -> tuple[list[str], list[str]]:
     for i in range(count):
         label = "sport" if i % 2 else "finance"
         topic = SPORT if label == "sport" else MONEY
-        words = [rng.choice(topic) if rng.random() < 0.7 else rng.choice(FILLER)
-                 for _ in range(rng.randint(3, 10))]
+        words = [
+            rng.choice(topic) if rng.random() < 0.7 else rng.choice(FILLER)
+            for _ in range(rng.randint(3, 10))
+        ]
         texts.append(" ".join(words))
         labels.append(label)
     return texts, labels

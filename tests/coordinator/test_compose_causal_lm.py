@@ -18,12 +18,18 @@ EXAMPLES = [("Define: harbour", "port"), ("Define: canine", "dog"), ("Define: fe
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory, tiny_llama: Path) -> Iterator[
-        BackgroundCoordinator]:
+def served(
+    tmp_path_factory: pytest.TempPathFactory, tiny_llama: Path
+) -> Iterator[BackgroundCoordinator]:
     root = tmp_path_factory.mktemp("compose-lm")
     config = coordinator_config(
-        root / "data", tiny_llama, base_model_id="tiny-llama", task_type="causal_lm",
-        target_modules=("q_proj", "v_proj"), max_input_tokens=32, max_new_tokens=8,
+        root / "data",
+        tiny_llama,
+        base_model_id="tiny-llama",
+        task_type="causal_lm",
+        target_modules=("q_proj", "v_proj"),
+        max_input_tokens=32,
+        max_new_tokens=8,
     )
     with BackgroundCoordinator(config) as running:
         with moerge.Client(running.address, token=running.admin_token()) as admin:
@@ -31,8 +37,14 @@ def served(tmp_path_factory: pytest.TempPathFactory, tiny_llama: Path) -> Iterat
         with moerge.Client(running.address) as lab:
             lab.join(invite, "lab")
             for i in range(2):
-                folder = make_expert_dir(tiny_llama, root / f"lm{i}", rank=4, seed=10 + i,
-                                         task_type="causal_lm", task_name=f"task{i}")
+                folder = make_expert_dir(
+                    tiny_llama,
+                    root / f"lm{i}",
+                    rank=4,
+                    seed=10 + i,
+                    task_type="causal_lm",
+                    task_name=f"task{i}",
+                )
                 lab.upload(folder, f"lm{i}")
         yield running
 
@@ -47,8 +59,7 @@ def test_a_causal_lm_composition_is_searched_on_answers_and_served_by_generate_a
         assert 0.0 <= done.loss <= done.start_loss <= 1.0  # share of wrong answers
         weights = {e.expert_id: e.weight for e in done.experts}
 
-        events = list(admin.generate("Define: harbour", composition="define",
-                                     max_new_tokens=4))
+        events = list(admin.generate("Define: harbour", composition="define", max_new_tokens=4))
         start, end = events[0], events[-1]
         assert isinstance(start, GenerateStart) and isinstance(end, GenerateEnd)
         assert start.routing_method == "composition" and start.note == "composition define v1"
@@ -71,8 +82,19 @@ def test_moerge_generate_takes_a_composition(served: BackgroundCoordinator) -> N
     admin = ["-c", served.address, "--token", served.admin_token()]
     with moerge.Client(served.address, token=served.admin_token()) as client:
         list(client.compose("cli-define", EXAMPLES[:2], budget=2))
-    result = CliRunner().invoke(app, ["generate", "Define: canine", "--composition",
-                                      "cli-define", "--max-new-tokens", "3", *admin, "--json"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "generate",
+            "Define: canine",
+            "--composition",
+            "cli-define",
+            "--max-new-tokens",
+            "3",
+            *admin,
+            "--json",
+        ],
+    )
     assert result.exit_code == 0, result.output
     first = json.loads(result.stdout.splitlines()[0])
     assert first["GenerateStart"]["routing_method"] == "composition"

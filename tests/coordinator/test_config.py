@@ -16,8 +16,9 @@ def test_flags_beat_environment_beat_file_beat_defaults(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     toml = tmp_path / "moerge.toml"
-    toml.write_text('[coordinator]\nlisten = "127.0.0.1:1111"\nmax_lora_rank = 8\n'
-                    'router_method = "lda"\n')
+    toml.write_text(
+        '[coordinator]\nlisten = "127.0.0.1:1111"\nmax_lora_rank = 8\nrouter_method = "lda"\n'
+    )
     monkeypatch.setenv("MOERGE_MAX_LORA_RANK", "16")
     monkeypatch.setenv("MOERGE_TARGET_MODULES", "query, key,value")
     monkeypatch.setenv("MOERGE_AUTO_RETRAIN", "no")
@@ -30,8 +31,9 @@ def test_flags_beat_environment_beat_file_beat_defaults(
     assert config.database_url.startswith("sqlite:///")
 
 
-def test_unknown_keys_and_bad_values_are_refused_by_name(tmp_path: Path,
-                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+def test_unknown_keys_and_bad_values_are_refused_by_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     toml = tmp_path / "bad.toml"
     toml.write_text('lisen = "x"\n')
     with pytest.raises(ValueError, match="lisen"):

@@ -48,8 +48,16 @@ def joined(tmp_path: Path, tiny_bert: Path, monkeypatch: pytest.MonkeyPatch):
 
 def _serve(*options: str) -> list[str]:
     result = CliRunner().invoke(
-        app, ["contributor", "serve", "--superlink", "127.0.0.1:9092", "--insecure",
-              "--dry-run", *options]
+        app,
+        [
+            "contributor",
+            "serve",
+            "--superlink",
+            "127.0.0.1:9092",
+            "--insecure",
+            "--dry-run",
+            *options,
+        ],
     )
     assert result.exit_code == 0, result.output
     return shlex.split(result.output.strip().splitlines()[-1])
@@ -62,8 +70,9 @@ def _node_config(argv: list[str]) -> dict[str, str]:
 
 def test_serve_embeds_the_data_file_and_finds_the_expert_by_name(joined, tiny_bert: Path) -> None:
     _, ids, data = joined
-    argv = _serve("--data", str(data), "--expert", "topics", "--base-model", str(tiny_bert),
-                  "--offline")
+    argv = _serve(
+        "--data", str(data), "--expert", "topics", "--base-model", str(tiny_bert), "--offline"
+    )
     config = _node_config(argv)
     assert config["expert-id"] == ids["topics"]
     stored = load_file(config["embeddings-path"])["embeddings"]  # [n, H]
@@ -71,11 +80,35 @@ def test_serve_embeds_the_data_file_and_finds_the_expert_by_name(joined, tiny_be
     expected = pooled_embeddings(model, load_tokenizer(str(tiny_bert)), TEXTS)
     torch.testing.assert_close(stored, expected.float())
     # the same data and model again: the cached file, not a second embedding pass
-    assert _node_config(_serve("--data", str(data), "--expert", "topics", "--base-model",
-                               str(tiny_bert), "--offline")) == config
+    assert (
+        _node_config(
+            _serve(
+                "--data",
+                str(data),
+                "--expert",
+                "topics",
+                "--base-model",
+                str(tiny_bert),
+                "--offline",
+            )
+        )
+        == config
+    )
     # a unique prefix of the id names it too (among the contributor's own experts only)
-    assert _node_config(_serve("--data", str(data), "--expert", ids["topics"][:6],
-                               "--base-model", str(tiny_bert), "--offline")) == config
+    assert (
+        _node_config(
+            _serve(
+                "--data",
+                str(data),
+                "--expert",
+                ids["topics"][:6],
+                "--base-model",
+                str(tiny_bert),
+                "--offline",
+            )
+        )
+        == config
+    )
 
 
 def test_serve_needs_a_name_when_the_contributor_has_several_experts(
@@ -83,8 +116,20 @@ def test_serve_needs_a_name_when_the_contributor_has_several_experts(
 ) -> None:
     _, _, data = joined
     result = CliRunner().invoke(
-        app, ["contributor", "serve", "--superlink", "127.0.0.1:9092", "--insecure", "--dry-run",
-              "--data", str(data), "--base-model", str(tiny_bert), "--offline"]
+        app,
+        [
+            "contributor",
+            "serve",
+            "--superlink",
+            "127.0.0.1:9092",
+            "--insecure",
+            "--dry-run",
+            "--data",
+            str(data),
+            "--base-model",
+            str(tiny_bert),
+            "--offline",
+        ],
     )
     assert result.exit_code != 0
     assert "--expert" in result.output and "sentiment" in result.output

@@ -20,21 +20,34 @@ from tests.experts import make_expert_dir
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory, tiny_llama: Path) -> Iterator[
-        BackgroundCoordinator]:
+def served(
+    tmp_path_factory: pytest.TempPathFactory, tiny_llama: Path
+) -> Iterator[BackgroundCoordinator]:
     """A causal-LM coordinator (SQLite) with two uploaded experts."""
     root = tmp_path_factory.mktemp("generate")
     config = coordinator_config(
-        root / "data", tiny_llama, base_model_id="tiny-llama", task_type="causal_lm",
-        target_modules=("q_proj", "v_proj"), max_input_tokens=32, max_new_tokens=8,
-        device="auto", dtype="auto",
+        root / "data",
+        tiny_llama,
+        base_model_id="tiny-llama",
+        task_type="causal_lm",
+        target_modules=("q_proj", "v_proj"),
+        max_input_tokens=32,
+        max_new_tokens=8,
+        device="auto",
+        dtype="auto",
     )
     with BackgroundCoordinator(config) as running:
         _, credential = enroll(running.address, running.admin_token(), "lab")
         target = Target(address=running.address, token=credential)
         for i in range(2):
-            folder = make_expert_dir(tiny_llama, root / f"lm{i}", rank=4, seed=10 + i,
-                                     task_type="causal_lm", task_name=f"task{i}")
+            folder = make_expert_dir(
+                tiny_llama,
+                root / f"lm{i}",
+                rank=4,
+                seed=10 + i,
+                task_type="causal_lm",
+                task_name=f"task{i}",
+            )
             upload_expert(target, folder, f"lm{i}", f"task{i}", progress=False)
         yield running
 
@@ -74,8 +87,10 @@ def test_a_stream_is_start_then_deltas_then_end_and_equals_predict(served) -> No
 
 def test_chat_messages_use_the_chat_template_and_route_on_the_last_user_message(served) -> None:
     request = inference_pb2.GenerateRequest(
-        messages=[inference_pb2.ChatMessage(role="system", content="be brief"),
-                  inference_pb2.ChatMessage(role="user", content="the film was good")],
+        messages=[
+            inference_pb2.ChatMessage(role="system", content="be brief"),
+            inference_pb2.ChatMessage(role="user", content="the film was good"),
+        ],
         sampling=inference_pb2.SamplingParams(max_new_tokens=4),
     )
     got = events(served, request)
@@ -92,20 +107,42 @@ def test_chat_messages_use_the_chat_template_and_route_on_the_last_user_message(
     [
         (inference_pb2.GenerateRequest(), "exactly one of prompt and messages"),
         (inference_pb2.GenerateRequest(prompt="   "), "blank"),
-        (inference_pb2.GenerateRequest(
-            prompt="x", messages=[inference_pb2.ChatMessage(role="user", content="y")]),
-         "exactly one"),
-        (inference_pb2.GenerateRequest(
-            messages=[inference_pb2.ChatMessage(role="robot", content="y")]), "role"),
-        (inference_pb2.GenerateRequest(
-            prompt="x", sampling=inference_pb2.SamplingParams(temperature=1e9)), "temperature"),
-        (inference_pb2.GenerateRequest(
-            prompt="x", sampling=inference_pb2.SamplingParams(top_p=-1)), "top_p"),
-        (inference_pb2.GenerateRequest(
-            prompt="x", sampling=inference_pb2.SamplingParams(max_new_tokens=100_000)),
-         "max_new_tokens"),
-        (inference_pb2.GenerateRequest(
-            prompt="x", sampling=inference_pb2.SamplingParams(stop=["s"] * 20)), "stop"),
+        (
+            inference_pb2.GenerateRequest(
+                prompt="x", messages=[inference_pb2.ChatMessage(role="user", content="y")]
+            ),
+            "exactly one",
+        ),
+        (
+            inference_pb2.GenerateRequest(
+                messages=[inference_pb2.ChatMessage(role="robot", content="y")]
+            ),
+            "role",
+        ),
+        (
+            inference_pb2.GenerateRequest(
+                prompt="x", sampling=inference_pb2.SamplingParams(temperature=1e9)
+            ),
+            "temperature",
+        ),
+        (
+            inference_pb2.GenerateRequest(
+                prompt="x", sampling=inference_pb2.SamplingParams(top_p=-1)
+            ),
+            "top_p",
+        ),
+        (
+            inference_pb2.GenerateRequest(
+                prompt="x", sampling=inference_pb2.SamplingParams(max_new_tokens=100_000)
+            ),
+            "max_new_tokens",
+        ),
+        (
+            inference_pb2.GenerateRequest(
+                prompt="x", sampling=inference_pb2.SamplingParams(stop=["s"] * 20)
+            ),
+            "stop",
+        ),
         (inference_pb2.GenerateRequest(prompt=" ".join(["one"] * 60)), "tokens"),
         (inference_pb2.GenerateRequest(prompt="x", top_k=9), "top_k"),
     ],
@@ -126,7 +163,8 @@ def test_a_client_that_leaves_mid_stream_frees_its_place(served) -> None:
     with channel:
         call = inference.Generate(  # type: ignore[attr-defined]
             inference_pb2.GenerateRequest(
-                prompt="one", sampling=inference_pb2.SamplingParams(max_new_tokens=100)),
+                prompt="one", sampling=inference_pb2.SamplingParams(max_new_tokens=100)
+            ),
             metadata=auth,
         )
         first = next(call)
@@ -154,15 +192,26 @@ def test_metrics_show_the_device_and_the_generation_load(served) -> None:
 
     from moerge.coordinator.interceptors.metrics import StateCollector
 
-    events(served, inference_pb2.GenerateRequest(
-        prompt="one two", sampling=inference_pb2.SamplingParams(max_new_tokens=3)))
+    events(
+        served,
+        inference_pb2.GenerateRequest(
+            prompt="one two", sampling=inference_pb2.SamplingParams(max_new_tokens=3)
+        ),
+    )
     registry = CollectorRegistry()
     registry.register(StateCollector(served.state))
     text = generate_latest(registry).decode()
-    assert 'moerge_inference_device_info{device="cpu",dtype="float32",task_type="causal_lm"} 1.0' \
+    assert (
+        'moerge_inference_device_info{device="cpu",dtype="float32",task_type="causal_lm"} 1.0'
         in text
-    tokens = float(next(line.split()[-1] for line in text.splitlines()
-                        if line.startswith("moerge_generation_tokens_total")))
+    )
+    tokens = float(
+        next(
+            line.split()[-1]
+            for line in text.splitlines()
+            if line.startswith("moerge_generation_tokens_total")
+        )
+    )
     assert tokens >= 1
     assert "moerge_generation_running 0.0" in text
     assert "moerge_generation_graph_replays_total 0.0" in text  # CPU: no CUDA graphs
@@ -176,15 +225,19 @@ def test_moerge_generate_streams_the_text_to_stdout_and_the_routing_to_stderr(se
     from moerge.cli import app
 
     prompt = "the film was"
-    expected = "".join(m.delta.text for m in events(
-        served, inference_pb2.GenerateRequest(prompt=prompt))[1:-1])
+    expected = "".join(
+        m.delta.text for m in events(served, inference_pb2.GenerateRequest(prompt=prompt))[1:-1]
+    )
     auth = ["--coordinator", served.address, "--token", served.admin_token()]
     result = CliRunner().invoke(app, ["generate", prompt, *auth])
     assert result.exit_code == 0, result.output
     assert result.stdout.rstrip("\n") == expected
     assert "centroid" in result.stderr and "generated tokens" in result.stderr
-    lines = CliRunner().invoke(app, ["generate", prompt, "--json", "--max-new-tokens", "2",
-                                     *auth]).stdout.splitlines()
+    lines = (
+        CliRunner()
+        .invoke(app, ["generate", prompt, "--json", "--max-new-tokens", "2", *auth])
+        .stdout.splitlines()
+    )
     kinds = [next(iter(json_module.loads(line))) for line in lines]
     assert kinds[0] == "GenerateStart" and kinds[-1] == "GenerateEnd"
     bad = CliRunner().invoke(app, ["generate", prompt, "--temperature", "99", *auth])

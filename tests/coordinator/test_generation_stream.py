@@ -16,9 +16,15 @@ from moerge.coordinator.inference.generation_service import _events, _mailbox
 
 
 def finished() -> GenerationFinished:
-    return GenerationFinished(finish_reason="length", prompt_tokens=2, completion_tokens=3,
-                              experts=(), confidence=1.0, time_to_first_token_ms=1.0,
-                              latency_ms=2.0)
+    return GenerationFinished(
+        finish_reason="length",
+        prompt_tokens=2,
+        completion_tokens=3,
+        experts=(),
+        confidence=1.0,
+        time_to_first_token_ms=1.0,
+        latency_ms=2.0,
+    )
 
 
 def test_text_waiting_behind_a_delta_is_joined_and_the_end_still_follows():
@@ -26,8 +32,9 @@ def test_text_waiting_behind_a_delta_is_joined_and_the_end_still_follows():
         queue: asyncio.Queue[GenerationEvent] = asyncio.Queue()
         for event in (TextDelta("Hel", 1), TextDelta("lo", 1), TextDelta(" you", 1), finished()):
             queue.put_nowait(event)
-        request = GenerationRequest(prompt="p", routing_text="p", sampling=SamplingParams(),
-                                    sink=queue.put_nowait)
+        request = GenerationRequest(
+            prompt="p", routing_text="p", sampling=SamplingParams(), sink=queue.put_nowait
+        )
         return [event async for event in _events(request, queue)]
 
     events = asyncio.run(read())
@@ -38,8 +45,9 @@ def test_text_waiting_behind_a_delta_is_joined_and_the_end_still_follows():
 def test_a_delta_read_as_soon_as_it_is_produced_is_sent_alone():
     async def read() -> list[GenerationEvent]:
         queue: asyncio.Queue[GenerationEvent] = asyncio.Queue()
-        request = GenerationRequest(prompt="p", routing_text="p", sampling=SamplingParams(),
-                                    sink=queue.put_nowait)
+        request = GenerationRequest(
+            prompt="p", routing_text="p", sampling=SamplingParams(), sink=queue.put_nowait
+        )
         out = []
         stream = _events(request, queue)
         for event in (TextDelta("a", 1), TextDelta("b", 1)):

@@ -19,9 +19,13 @@ from tests.experts import make_expert_dir
 
 def active_version(running: BackgroundCoordinator) -> admin_pb2.RouterVersion:
     with grpc.insecure_channel(running.address) as channel:
-        versions = admin_pb2_grpc.AdminServiceStub(channel).ListRouterVersions(
-            admin_pb2.ListRouterVersionsRequest(), metadata=bearer(running.admin_token())
-        ).versions
+        versions = (
+            admin_pb2_grpc.AdminServiceStub(channel)
+            .ListRouterVersions(
+                admin_pb2.ListRouterVersionsRequest(), metadata=bearer(running.admin_token())
+            )
+            .versions
+        )
     return next(v for v in versions if v.active)
 
 
@@ -36,9 +40,15 @@ def test_an_uploaded_expert_joins_the_active_arrow_router_without_a_refit(
     tmp_path: Path, tiny_llama: Path
 ) -> None:
     config = coordinator_config(
-        tmp_path / "data", tiny_llama, base_model_id="tiny-llama", task_type="causal_lm",
-        target_modules=("q_proj", "v_proj"), max_input_tokens=32,
-        auto_retrain=True, retrain_debounce_seconds=3600, retrain_interval_seconds=3600,
+        tmp_path / "data",
+        tiny_llama,
+        base_model_id="tiny-llama",
+        task_type="causal_lm",
+        target_modules=("q_proj", "v_proj"),
+        max_input_tokens=32,
+        auto_retrain=True,
+        retrain_debounce_seconds=3600,
+        retrain_interval_seconds=3600,
         consistency_checks=False,
     )
     with BackgroundCoordinator(config) as running:
@@ -46,8 +56,14 @@ def test_an_uploaded_expert_joins_the_active_arrow_router_without_a_refit(
         target = Target(address=running.address, token=credential)
 
         def upload(i: int) -> str:
-            folder = make_expert_dir(tiny_llama, tmp_path / f"lm{i}", rank=4, seed=10 + i,
-                                     task_type="causal_lm", task_name=f"task{i}")
+            folder = make_expert_dir(
+                tiny_llama,
+                tmp_path / f"lm{i}",
+                rank=4,
+                seed=10 + i,
+                task_type="causal_lm",
+                task_name=f"task{i}",
+            )
             response = upload_expert(target, folder, f"lm{i}", f"task{i}", progress=False)
             return response.expert.expert_id
 
@@ -55,7 +71,8 @@ def test_an_uploaded_expert_joins_the_active_arrow_router_without_a_refit(
         with grpc.insecure_channel(running.address) as channel:
             trained = admin_pb2_grpc.AdminServiceStub(channel).TrainRouter(
                 admin_pb2.TrainRouterRequest(method="arrow", params_json='{"top_k": 1}'),
-                metadata=bearer(running.admin_token()))
+                metadata=bearer(running.admin_token()),
+            )
         assert trained.active and sorted(trained.expert_ids) == sorted(first)
         added = upload(2)
         wait_for(lambda: active_version(running).version > trained.version)
@@ -68,10 +85,10 @@ def test_an_uploaded_expert_joins_the_active_arrow_router_without_a_refit(
         # a retired expert is not handled incrementally: the debounced refit (an hour) waits
         with grpc.insecure_channel(running.address) as channel:
             admin_pb2_grpc.AdminServiceStub(channel).SetExpertState(
-                admin_pb2.SetExpertStateRequest(expert_id=first[0],
-                                                state=common_pb2.EXPERT_STATE_RETIRED,
-                                                reason="test"),
-                metadata=bearer(running.admin_token()))
+                admin_pb2.SetExpertStateRequest(
+                    expert_id=first[0], state=common_pb2.EXPERT_STATE_RETIRED, reason="test"
+                ),
+                metadata=bearer(running.admin_token()),
+            )
         time.sleep(1.5)  # more than a scheduler tick
         assert active_version(running).version == extended.version
-

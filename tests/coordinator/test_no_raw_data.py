@@ -29,8 +29,9 @@ def test_every_byte_sent_holds_no_text_and_only_the_expert_files(
     proxy = CuttingProxy(coordinator.address, cut_after=None)
     try:
         target = Target(address=proxy.address, token=credential)
-        response = upload_expert(target, tmp_path / "expert", "careful", "secret-task",
-                                 progress=False)
+        response = upload_expert(
+            target, tmp_path / "expert", "careful", "secret-task", progress=False
+        )
     finally:
         proxy.close()
     assert response.created

@@ -76,8 +76,9 @@ def _request(expert: Path, name: str = "sentiment") -> contributor_pb2.ObjectUpl
 
 
 def _put(part: contributor_pb2.UploadPart, data: bytes) -> httpx.Response:
-    return httpx.put(part.url, content=data,
-                     headers={"x-amz-checksum-sha256": part.checksum_sha256})
+    return httpx.put(
+        part.url, content=data, headers={"x-amz-checksum-sha256": part.checksum_sha256}
+    )
 
 
 def test_an_expert_goes_straight_into_the_store_and_again_is_idempotent(

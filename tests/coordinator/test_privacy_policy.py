@@ -23,10 +23,16 @@ from tests.coordinator.harness import BackgroundCoordinator
 from tests.coordinator.test_server import enroll
 from tests.experts import make_expert_dir, rewrite_json
 
-DP = {"epsilon": 4.0, "delta": 1e-5, "clip_norm": 1.0, "noise_std": {"sum": 1.9},
-      "mechanism": "gaussian_pld"}
-SGD = SGDAccount(noise_multiplier=1.1, sample_rate=0.1, steps=100, max_grad_norm=1.0,
-                 epsilon=6.0, delta=1e-5)
+DP = {
+    "epsilon": 4.0,
+    "delta": 1e-5,
+    "clip_norm": 1.0,
+    "noise_std": {"sum": 1.9},
+    "mechanism": "gaussian_pld",
+}
+SGD = SGDAccount(
+    noise_multiplier=1.1, sample_rate=0.1, steps=100, max_grad_norm=1.0, epsilon=6.0, delta=1e-5
+)
 
 
 @pytest.fixture(scope="module")
@@ -47,10 +53,16 @@ def _report(dp: DPConfig | None, adapter: object = "none", opt_out: bool = False
 
 def test_policy_refusals_name_the_rule() -> None:
     def meta(count: int, dp: dict | None, report: dict | None) -> StatisticsMeta:
-        return StatisticsMeta.from_dict({
-            "example_count": count, "hidden_size": 4, "covariance_rank": 0, "task_name": "t",
-            "dp": dp, "privacy": report,
-        })
+        return StatisticsMeta.from_dict(
+            {
+                "example_count": count,
+                "hidden_size": 4,
+                "covariance_rank": 0,
+                "task_name": "t",
+                "dp": dp,
+                "privacy": report,
+            }
+        )
 
     default = PrivacyPolicy()
     plain = _report(None, opt_out=True)
@@ -61,7 +73,8 @@ def test_policy_refusals_name_the_rule() -> None:
     strict = PrivacyPolicy(max_epsilon=2.0)
     assert "requires DP statistics" in privacy_refusal(meta(500, None, plain), strict)
     assert "statistics: epsilon 4 exceeds" in privacy_refusal(
-        meta(500, DP, _report(DPConfig(4.0, 1e-5))), strict)
+        meta(500, DP, _report(DPConfig(4.0, 1e-5))), strict
+    )
     loose = PrivacyPolicy(max_epsilon=6.5)
     assert privacy_refusal(meta(500, DP, _report(DPConfig(4.0, 1e-5))), loose) == ""
     # Each part within 6.5 (4 and 6) but everything together above it: the composition counts
@@ -71,7 +84,8 @@ def test_policy_refusals_name_the_rule() -> None:
     assert "everything released" in privacy_refusal(meta(500, DP, both), loose)
     training = PrivacyPolicy(require_dp_training=True)
     assert "requires DP-SGD" in privacy_refusal(
-        meta(500, DP, _report(DPConfig(4.0, 1e-5))), training)
+        meta(500, DP, _report(DPConfig(4.0, 1e-5))), training
+    )
     assert privacy_refusal(meta(500, DP, both), training) == ""
     # A report claiming DP statistics while the 'dp' record says none is refused.
     assert "disagree" in privacy_refusal(meta(500, None, _report(DPConfig(4.0, 1e-5))), default)
@@ -98,8 +112,13 @@ def test_the_report_is_recorded_and_shown_and_the_opt_out_too(
 ) -> None:
     target = _target(coordinator)
     private = _expert(template, tmp_path / "a", dp=DP, privacy=_report(DPConfig(4.0, 1e-5)))
-    opted_out = _expert(template, tmp_path / "b", example_count=80, task_name="other",
-                        privacy=_report(None, opt_out=True))
+    opted_out = _expert(
+        template,
+        tmp_path / "b",
+        example_count=80,
+        task_name="other",
+        privacy=_report(None, opt_out=True),
+    )
     upload_expert(target, private, "private", "toy", progress=False)
     upload_expert(target, opted_out, "plain", "other", progress=False)
     with Client(target.address, token=target.token) as client:
@@ -107,7 +126,8 @@ def test_the_report_is_recorded_and_shown_and_the_opt_out_too(
     report = mine["private"].privacy_report
     assert report is not None and not report.statistics_opt_out
     assert [(r.what, r.mechanism, r.epsilon) for r in report.releases] == [
-        ("statistics", "gaussian_pld", 4.0), ("adapter", "none", None)
+        ("statistics", "gaussian_pld", 4.0),
+        ("adapter", "none", None),
     ]
     assert report.summary() == "statistics eps 4; adapter not DP"
     plain = mine["plain"].privacy_report
@@ -134,6 +154,7 @@ def test_a_coordinator_with_a_maximum_epsilon_refuses_what_exceeds_it(
             assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
             assert "epsilon" in err.value.details() or "max_epsilon" in err.value.details()
         tight = {**DP, "epsilon": 1.5}
-        folder = _expert(template, tmp_path / "tight", dp=tight,
-                         privacy=_report(DPConfig(1.5, 1e-5)))
+        folder = _expert(
+            template, tmp_path / "tight", dp=tight, privacy=_report(DPConfig(1.5, 1e-5))
+        )
         assert upload_expert(target, folder, "tight", "toy", progress=False).created

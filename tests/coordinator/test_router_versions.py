@@ -21,8 +21,9 @@ def _upload(running: BackgroundCoordinator, tiny_bert: Path, tmp: Path, count: i
     _, credential = enroll(running.address, running.admin_token(), f"lab{count}")
     target = Target(address=running.address, token=credential)
     for i in range(count):
-        folder = make_expert_dir(tiny_bert, tmp / f"e{count}-{i}", seed=10 * count + i,
-                                 task_name=f"task{i}")
+        folder = make_expert_dir(
+            tiny_bert, tmp / f"e{count}-{i}", seed=10 * count + i, task_name=f"task{i}"
+        )
         upload_expert(target, folder, f"expert{i}", f"task{i}", progress=False)
 
 
@@ -35,15 +36,20 @@ def test_a_fit_refused_for_its_params_records_nothing_and_the_previous_router_st
             admin = admin_pb2_grpc.AdminServiceStub(channel)
             auth = bearer(running.admin_token())
             good = admin.TrainRouter(admin_pb2.TrainRouterRequest(method="lda"), metadata=auth)
-            for params, named in (('{"no_such_parameter": 1}', "no_such_parameter"),
-                                  ('{"top_k": 5}', "top_k")):
+            for params, named in (
+                ('{"no_such_parameter": 1}', "no_such_parameter"),
+                ('{"top_k": 5}', "top_k"),
+            ):
                 with pytest.raises(grpc.RpcError) as err:
-                    admin.TrainRouter(admin_pb2.TrainRouterRequest(
-                        method="lda", params_json=params), metadata=auth)
+                    admin.TrainRouter(
+                        admin_pb2.TrainRouterRequest(method="lda", params_json=params),
+                        metadata=auth,
+                    )
                 assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
                 assert named in err.value.details()
-            versions = admin.ListRouterVersions(admin_pb2.ListRouterVersionsRequest(),
-                                                metadata=auth).versions
+            versions = admin.ListRouterVersions(
+                admin_pb2.ListRouterVersionsRequest(), metadata=auth
+            ).versions
         assert [v.version for v in versions] == [good.version]
         assert [v.version for v in versions if v.active] == [good.version]
         assert running.state.routers.active.version.version == good.version
@@ -52,8 +58,13 @@ def test_a_fit_refused_for_its_params_records_nothing_and_the_previous_router_st
 def test_new_and_quarantined_experts_trigger_a_refit_after_the_debounce(
     tmp_path: Path, tiny_bert: Path
 ) -> None:
-    config = coordinator_config(tmp_path / "d", tiny_bert, auto_retrain=True,
-                                retrain_debounce_seconds=0.5, retrain_interval_seconds=3600)
+    config = coordinator_config(
+        tmp_path / "d",
+        tiny_bert,
+        auto_retrain=True,
+        retrain_debounce_seconds=0.5,
+        retrain_interval_seconds=3600,
+    )
     with BackgroundCoordinator(config) as running:
         _upload(running, tiny_bert, tmp_path, 2)
         registry = running.state.registry
@@ -62,9 +73,11 @@ def test_new_and_quarantined_experts_trigger_a_refit_after_the_debounce(
         victim = first.expert_ids[0]
         with grpc.insecure_channel(running.address) as channel:
             admin_pb2_grpc.AdminServiceStub(channel).SetExpertState(
-                admin_pb2.SetExpertStateRequest(expert_id=victim, reason="test",
-                                                state=common_pb2.EXPERT_STATE_QUARANTINED),
-                metadata=bearer(running.admin_token()))
+                admin_pb2.SetExpertStateRequest(
+                    expert_id=victim, reason="test", state=common_pb2.EXPERT_STATE_QUARANTINED
+                ),
+                metadata=bearer(running.admin_token()),
+            )
         second = _wait_for_version(registry, lambda v: v.version > first.version)
         assert victim not in second.expert_ids and second.active
 
@@ -83,8 +96,14 @@ def test_an_admins_router_method_persists_across_scheduled_refits(
     tmp_path: Path, tiny_bert: Path
 ) -> None:
     """``router train --method arrow`` was replaced by the default (centroid) at the next refit."""
-    config = coordinator_config(tmp_path / "d", tiny_bert, auto_retrain=True, router_method="lda",
-                                retrain_debounce_seconds=0.5, retrain_interval_seconds=3600)
+    config = coordinator_config(
+        tmp_path / "d",
+        tiny_bert,
+        auto_retrain=True,
+        router_method="lda",
+        retrain_debounce_seconds=0.5,
+        retrain_interval_seconds=3600,
+    )
     with BackgroundCoordinator(config) as running:
         _upload(running, tiny_bert, tmp_path, 2)
         registry = running.state.registry
@@ -97,16 +116,21 @@ def test_an_admins_router_method_persists_across_scheduled_refits(
                 metadata=auth,
             )
             admin.SetExpertState(
-                admin_pb2.SetExpertStateRequest(expert_id=chosen.expert_ids[0], reason="test",
-                                                state=common_pb2.EXPERT_STATE_QUARANTINED),
-                metadata=auth)
+                admin_pb2.SetExpertStateRequest(
+                    expert_id=chosen.expert_ids[0],
+                    reason="test",
+                    state=common_pb2.EXPERT_STATE_QUARANTINED,
+                ),
+                metadata=auth,
+            )
         refit = _wait_for_version(registry, lambda v: v.version > chosen.version)
         assert refit.trigger == "expert_change"
         assert (refit.method, refit.params) == ("centroid", {"top_k": 1})
 
 
-@pytest.mark.parametrize(("method", "why"), [("oracle", "evaluation only"),
-                                             ("base", "routes to no expert")])
+@pytest.mark.parametrize(
+    ("method", "why"), [("oracle", "evaluation only"), ("base", "routes to no expert")]
+)
 def test_a_router_that_cannot_serve_classification_is_not_activated(
     tmp_path: Path, tiny_bert: Path, method: str, why: str
 ) -> None:
@@ -135,9 +159,13 @@ def test_list_contributors_counts_each_contributors_experts(
         _upload(running, tiny_bert, tmp_path, 1)
         enroll(running.address, running.admin_token(), "idle")
         with grpc.insecure_channel(running.address) as channel:
-            listed = admin_pb2_grpc.AdminServiceStub(channel).ListContributors(
-                admin_pb2.ListContributorsRequest(), metadata=bearer(running.admin_token())
-            ).contributors
+            listed = (
+                admin_pb2_grpc.AdminServiceStub(channel)
+                .ListContributors(
+                    admin_pb2.ListContributorsRequest(), metadata=bearer(running.admin_token())
+                )
+                .contributors
+            )
     assert {c.name: c.expert_count for c in listed} == {"lab2": 2, "lab1": 1, "idle": 0}
 
 

@@ -126,7 +126,5 @@ def test_as_chat_renders_system_and_user_turns_ready_for_the_answer(tmp_path: Pa
     data = load_word_class(max_train=8, max_test=4)
     chat = as_chat(data, tokenizer)
     for plain, rendered in zip(data.train + data.test, chat.train + chat.test, strict=True):
-        assert rendered.text == (
-            f"<|system|>{SYSTEM_PROMPT}\n<|user|>{plain.text}\n<|assistant|>"
-        )
+        assert rendered.text == (f"<|system|>{SYSTEM_PROMPT}\n<|user|>{plain.text}\n<|assistant|>")
         assert rendered.label == plain.label

@@ -13,10 +13,12 @@ def test_the_demo_table_shows_the_majority_floor_as_a_share_of_the_oracle(monkey
     console = Console(record=True, width=120)
     monkeypatch.setattr(demo, "console", console)
     scores = [
-        SimpleNamespace(method="oracle", error="", routing_accuracy=1.0, task_accuracy=0.5,
-                        seconds=1.0),
-        SimpleNamespace(method="lda", error="", routing_accuracy=0.9, task_accuracy=0.45,
-                        seconds=2.0),
+        SimpleNamespace(
+            method="oracle", error="", routing_accuracy=1.0, task_accuracy=0.5, seconds=1.0
+        ),
+        SimpleNamespace(
+            method="lda", error="", routing_accuracy=0.9, task_accuracy=0.45, seconds=2.0
+        ),
     ]
     demo._print_table(scores, {"lda": 0.25}, 200, ["a", "b"], floor=0.34)
     text = console.export_text()

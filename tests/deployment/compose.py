@@ -118,7 +118,7 @@ class LocalService:
         """Container paths -> host paths; addresses of published ports -> loopback ports."""
         for container, host in sorted(self.mounts().items(), key=lambda m: -len(m[0])):
             if value == container or value.startswith(container + "/"):
-                value = str(host) + value[len(container):]
+                value = str(host) + value[len(container) :]
                 break
         local_hosts = {"0.0.0.0", "127.0.0.1", "localhost", *self.service_names}
 
@@ -148,8 +148,10 @@ class LocalService:
 
     def command(self) -> list[str]:
         command = self.spec["command"]
-        return [self.rewrite(part) for part in (command if isinstance(command, list)
-                                                else command.split())]
+        return [
+            self.rewrite(part)
+            for part in (command if isinstance(command, list) else command.split())
+        ]
 
     def healthcheck(self) -> list[str]:
         test = self.spec["healthcheck"]["test"]

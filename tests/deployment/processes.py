@@ -16,8 +16,9 @@ from moerge.coordinator.health_cli import check_health
 def run(
     command: list[str], env: dict[str, str], timeout: float = 60
 ) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout,
-                          check=False)
+    return subprocess.run(
+        command, env=env, capture_output=True, text=True, timeout=timeout, check=False
+    )
 
 
 @contextmanager
@@ -35,8 +36,10 @@ def coordinator_process(
     """
     address = health[health.index("--address") + 1]
     log_dir.mkdir(parents=True, exist_ok=True)
-    with (log_dir / "coordinator.out").open("wb") as out, \
-            (log_dir / "coordinator.err").open("wb") as err:
+    with (
+        (log_dir / "coordinator.out").open("wb") as out,
+        (log_dir / "coordinator.err").open("wb") as err,
+    ):
         process = subprocess.Popen(command, env=env, stdout=out, stderr=err)
         try:
             deadline = time.monotonic() + timeout

@@ -39,9 +39,15 @@ def coordinator_env(stack: Stack, database_url: str) -> dict[str, str]:
     assert compose_url.drivername == "postgresql+psycopg"
     assert compose_url.host == "postgres", "the coordinator must reach the postgres service"
     assert (compose_url.username, compose_url.password, compose_url.database) == (
-        postgres["POSTGRES_USER"], postgres["POSTGRES_PASSWORD"], postgres["POSTGRES_DB"])
+        postgres["POSTGRES_USER"],
+        postgres["POSTGRES_PASSWORD"],
+        postgres["POSTGRES_DB"],
+    )
     env["MOERGE_DB_URL"] = compose_url.set(
-        host=local.host, port=local.port, username=local.username, password=local.password,
+        host=local.host,
+        port=local.port,
+        username=local.username,
+        password=local.password,
         database=local.database,
     ).render_as_string(hide_password=False)
     return env
@@ -76,16 +82,21 @@ def test_contributors_experts_reach_the_registry_and_predict_answers(
     coordinator = stack.service("coordinator")
     env = coordinator_env(stack, fresh_postgres_url)
     grpc_port, metrics_port = stack.ports[50051], stack.ports[9100]
-    with coordinator_process(coordinator.command(), env, coordinator.healthcheck(),
-                             tmp_path / "logs"):
+    with coordinator_process(
+        coordinator.command(), env, coordinator.healthcheck(), tmp_path / "logs"
+    ):
         created = run(["sh", "-c", coordinator.rewrite(CREATE_ENROLLMENT_TOKEN)], env)
         assert created.returncode == 0, created.stderr
         stack.set_env("MOERGE_ENROLLMENT_TOKEN", created.stdout.strip())
 
         contributors = {
-            name: subprocess.Popen(stack.service(name).command(),
-                                   env=stack.service(name).environment(),
-                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            name: subprocess.Popen(
+                stack.service(name).command(),
+                env=stack.service(name).environment(),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
             for name in CONTRIBUTORS
         }
         for name, process in contributors.items():
@@ -95,15 +106,20 @@ def test_contributors_experts_reach_the_registry_and_predict_answers(
 
         metadata = (("authorization", f"Bearer {stack.admin_token}"),)
         with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
-            experts = admin_pb2_grpc.AdminServiceStub(channel).ListExperts(
-                admin_pb2.ListExpertsRequest(), metadata=metadata, timeout=30).experts
+            experts = (
+                admin_pb2_grpc.AdminServiceStub(channel)
+                .ListExperts(admin_pb2.ListExpertsRequest(), metadata=metadata, timeout=30)
+                .experts
+            )
             assert sorted(e.name for e in experts) == [
-                "alice-movie-review-sentiment", "bob-news-topic"]
+                "alice-movie-review-sentiment",
+                "bob-news-topic",
+            ]
             assert sorted(e.task_name for e in experts) == ["movie-review-sentiment", "news-topic"]
             inputs = ["a warm, funny and moving film", "shares fell after the bank's results"]
             predicted = inference_pb2_grpc.InferenceServiceStub(channel).Predict(
-                inference_pb2.PredictRequest(inputs=inputs, top_k=2), metadata=metadata,
-                timeout=120)
+                inference_pb2.PredictRequest(inputs=inputs, top_k=2), metadata=metadata, timeout=120
+            )
         assert len(predicted.predictions) == len(inputs)
         assert all(p.output and p.experts for p in predicted.predictions)
 

@@ -24,7 +24,8 @@ def test_configuration_docs_toml_example_loads(tmp_path: Path, tiny_base_model: 
     assert config.metrics_listen == "0.0.0.0:9100"
     assert config.target_modules == ("query", "value")
     assert tomllib.loads(example.group(1))["coordinator"].keys() <= set(
-        CoordinatorConfig.__dataclass_fields__)
+        CoordinatorConfig.__dataclass_fields__
+    )
 
 
 def test_dockerfile_copies_every_installed_package_folder() -> None:

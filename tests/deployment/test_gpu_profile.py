@@ -22,11 +22,15 @@ def test_gpu_coordinator_reserves_the_gpus_builds_cuda_torch_and_asks_for_cuda(
     assert "/whl/cu" in gpu["build"]["args"]["TORCH_INDEX_URL"]
     assert gpu["environment"]["MOERGE_DEVICE"] == "cuda"
     # everything else as the CPU coordinator: same database, ports, data and command
-    same = {k: v for k, v in gpu["environment"].items() if k not in ("MOERGE_DEVICE",
-                                                                     "MOERGE_DTYPE")}
+    same = {
+        k: v for k, v in gpu["environment"].items() if k not in ("MOERGE_DEVICE", "MOERGE_DTYPE")
+    }
     assert same == cpu["environment"]
     assert (gpu["ports"], gpu["volumes"], gpu["command"]) == (
-        cpu["ports"], cpu["volumes"], cpu["command"])
+        cpu["ports"],
+        cpu["volumes"],
+        cpu["command"],
+    )
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a GPU-less machine")

@@ -26,8 +26,9 @@ def serving(
     address = env["MOERGE_LISTEN"]
     env.pop("MOERGE_LOG_JSON")
     health = [MOERGE, "coordinator", "health", "--address", address]
-    with coordinator_process([MOERGE, "coordinator", "serve", "--log-json"], env, health,
-                             root / "logs"):
+    with coordinator_process(
+        [MOERGE, "coordinator", "serve", "--log-json"], env, health, root / "logs"
+    ):
         yield address, env, root / "logs"
 
 
@@ -36,8 +37,9 @@ def test_health_exits_zero_and_prints_serving_for_a_running_coordinator(
 ) -> None:
     address, env, _ = serving
     for service in ("", "moerge.v1.InferenceService"):
-        result = run([MOERGE, "coordinator", "health", "--address", address, "--service", service],
-                     env)
+        result = run(
+            [MOERGE, "coordinator", "health", "--address", address, "--service", service], env
+        )
         assert (result.returncode, result.stdout.strip()) == (0, "SERVING")
 
 
@@ -50,8 +52,19 @@ def test_health_exits_one_for_an_unknown_service(serving: tuple[str, dict[str, s
 
 def test_health_exits_one_when_nothing_listens() -> None:
     result = subprocess.run(
-        [MOERGE, "coordinator", "health", "--address", f"127.0.0.1:{free_port()}",
-         "--timeout", "2"], capture_output=True, text=True, timeout=60, check=False,
+        [
+            MOERGE,
+            "coordinator",
+            "health",
+            "--address",
+            f"127.0.0.1:{free_port()}",
+            "--timeout",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
     assert result.returncode == 1
     assert result.stdout.startswith("UNREACHABLE")

@@ -24,8 +24,12 @@ HEALTH_CHECK = "/grpc.health.v1.Health/Check"
 
 def config(tmp_path: Path, base_model: Path, metrics_listen: str) -> CoordinatorConfig:
     return CoordinatorConfig(
-        data_dir=tmp_path / "data", listen="127.0.0.1:0", admin_token=new_token("mga")[1],
-        base_model=str(base_model), base_model_id="tiny-bert", auto_retrain=False,
+        data_dir=tmp_path / "data",
+        listen="127.0.0.1:0",
+        admin_token=new_token("mga")[1],
+        base_model=str(base_model),
+        base_model_id="tiny-bert",
+        auto_retrain=False,
         metrics_listen=metrics_listen,
     )
 
@@ -55,7 +59,8 @@ def test_scrape_counts_requests_by_method_and_status_code(
         assert unauthenticated.value.code() == grpc.StatusCode.UNAUTHENTICATED
         with pytest.raises(grpc.RpcError) as denied:  # admins may not call contributor methods
             contributor_pb2_grpc.ContributorServiceStub(channel).GetBaseModel(
-                contributor_pb2.GetBaseModelRequest(), metadata=admin, timeout=10)
+                contributor_pb2.GetBaseModelRequest(), metadata=admin, timeout=10
+            )
         assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED
 
     text = scrape(metrics_port(coordinator))
@@ -120,7 +125,8 @@ def test_streaming_health_watch_still_works_through_the_interceptor(
 ) -> None:
     with grpc.insecure_channel(coordinator.address) as channel:
         stream = health_pb2_grpc.HealthStub(channel).Watch(
-            health_pb2.HealthCheckRequest(), timeout=10)
+            health_pb2.HealthCheckRequest(), timeout=10
+        )
         first = next(stream)
         stream.cancel()
     assert first.status == health_pb2.HealthCheckResponse.SERVING

@@ -58,7 +58,9 @@ def test_minio_setup_creates_the_bucket_the_replicas_use(stack: Stack) -> None:
     minio = stack.compose.service("minio")["environment"]
     replica = stack.compose.service("coordinator-1")["environment"]
     assert (replica["AWS_ACCESS_KEY_ID"], replica["AWS_SECRET_ACCESS_KEY"]) == (
-        minio["MINIO_ROOT_USER"], minio["MINIO_ROOT_PASSWORD"])
+        minio["MINIO_ROOT_USER"],
+        minio["MINIO_ROOT_PASSWORD"],
+    )
 
 
 def test_the_balancer_passes_grpc_and_http_to_both_replicas(stack: Stack) -> None:

@@ -50,8 +50,9 @@ def _serve(root: Path, base_model: Path, **config: object) -> Iterator[Served]:
             extra = {"labels": (("neg", "pos"), ("sport", "tech", "money"))[i]}
             if task_type == "causal_lm":
                 extra = {"task_type": "causal_lm", "rank": 4}
-            folder = make_expert_dir(base_model, root / f"e{i}", seed=10 + i,
-                                     task_name=f"task{i}", **extra)
+            folder = make_expert_dir(
+                base_model, root / f"e{i}", seed=10 + i, task_name=f"task{i}", **extra
+            )
             upload_expert(target, folder, f"expert{i}", f"task{i}", progress=False)
         yield Served(running, credential)
 
@@ -60,8 +61,12 @@ def _serve(root: Path, base_model: Path, **config: object) -> Iterator[Served]:
 def lm(tmp_path_factory: pytest.TempPathFactory, tiny_llama: Path) -> Iterator[Served]:  # noqa: F811
     """A causal-LM coordinator (tiny Llama with a chat template) serving HTTP."""
     yield from _serve(
-        tmp_path_factory.mktemp("http-lm"), tiny_llama, base_model_id="tiny-llama",
-        task_type="causal_lm", target_modules=("q_proj", "v_proj"), max_input_tokens=32,
+        tmp_path_factory.mktemp("http-lm"),
+        tiny_llama,
+        base_model_id="tiny-llama",
+        task_type="causal_lm",
+        target_modules=("q_proj", "v_proj"),
+        max_input_tokens=32,
         max_new_tokens=8,
     )
 

@@ -28,14 +28,16 @@ def grpc_text(served: Served, **request: object) -> str:
     """The same request through gRPC Generate, for comparison."""
     with grpc.insecure_channel(served.running.address) as channel:
         stub = inference_pb2_grpc.InferenceServiceStub(channel)
-        events = stub.Generate(inference_pb2.GenerateRequest(**request),
-                               metadata=bearer(served.admin_token))
+        events = stub.Generate(
+            inference_pb2.GenerateRequest(**request), metadata=bearer(served.admin_token)
+        )
         return "".join(e.delta.text for e in events if e.WhichOneof("event") == "delta")
 
 
 def openai_client(served: Served, token: str | None = None) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{served.url}/v1", api_key=token or served.admin_token,
-                         max_retries=0, timeout=120)
+    return openai.OpenAI(
+        base_url=f"{served.url}/v1", api_key=token or served.admin_token, max_retries=0, timeout=120
+    )
 
 
 def expert_ids(served: Served) -> dict[str, str]:
@@ -46,8 +48,9 @@ def expert_ids(served: Served) -> dict[str, str]:
 
 def test_a_completion_has_openai_fields_usage_routing_and_the_grpc_text(lm: Served) -> None:
     with lm.client() as http:
-        response = http.post("/v1/completions", json={"prompt": "the film was",
-                                                      "temperature": 0, "max_tokens": 6})
+        response = http.post(
+            "/v1/completions", json={"prompt": "the film was", "temperature": 0, "max_tokens": 6}
+        )
     assert response.status_code == 200
     body = response.json()
     assert body["object"] == "text_completion" and body["model"] == "moerge"
@@ -65,8 +68,12 @@ def test_a_completion_has_openai_fields_usage_routing_and_the_grpc_text(lm: Serv
 
 
 def test_a_streamed_chat_is_role_then_deltas_then_finish_usage_and_done(lm: Served) -> None:
-    request = {"messages": CHAT, "stream": True, "temperature": 0,
-               "stream_options": {"include_usage": True}}
+    request = {
+        "messages": CHAT,
+        "stream": True,
+        "temperature": 0,
+        "stream_options": {"include_usage": True},
+    }
     with lm.client() as http, http.stream("POST", "/v1/chat/completions", json=request) as stream:
         assert stream.status_code == 200
         assert stream.headers["content-type"].startswith("text/event-stream")
@@ -90,21 +97,29 @@ def test_a_streamed_chat_is_role_then_deltas_then_finish_usage_and_done(lm: Serv
 
 def test_the_openai_package_gets_completions_and_chat_streamed_and_not(lm: Served) -> None:
     client = openai_client(lm)
-    completion = client.completions.create(model="moerge", prompt="the film was",
-                                           max_tokens=5, temperature=0)
+    completion = client.completions.create(
+        model="moerge", prompt="the film was", max_tokens=5, temperature=0
+    )
     assert completion.usage.completion_tokens <= 5
     assert completion.model_extra["moerge"]["experts"]
-    streamed = client.completions.create(model="moerge", prompt="the film was", max_tokens=5,
-                                         temperature=0, stream=True)
+    streamed = client.completions.create(
+        model="moerge", prompt="the film was", max_tokens=5, temperature=0, stream=True
+    )
     assert "".join(c.choices[0].text for c in streamed if c.choices) == completion.choices[0].text
 
     chat = client.chat.completions.create(model="moerge", messages=CHAT, max_tokens=5, seed=7)
     assert chat.choices[0].message.role == "assistant"
     assert chat.choices[0].finish_reason in ("stop", "length")
-    chunks = list(client.chat.completions.create(
-        model="moerge", messages=CHAT, max_tokens=5, seed=7, stream=True,
-        stream_options={"include_usage": True},
-    ))
+    chunks = list(
+        client.chat.completions.create(
+            model="moerge",
+            messages=CHAT,
+            max_tokens=5,
+            seed=7,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == chat.choices[0].message.content  # same seed: same sampled text
     assert chunks[-1].usage.completion_tokens == chat.usage.completion_tokens
@@ -113,8 +128,11 @@ def test_the_openai_package_gets_completions_and_chat_streamed_and_not(lm: Serve
 def test_models_list_the_routed_model_and_each_active_expert(lm: Served) -> None:
     models = openai_client(lm).models.list().data
     assert models[0].id == "moerge" and models[0].model_extra["moerge"]["kind"] == "routed"
-    experts = {m.model_extra["moerge"]["name"]: m for m in models
-               if m.model_extra["moerge"]["kind"] == "expert"}
+    experts = {
+        m.model_extra["moerge"]["name"]: m
+        for m in models
+        if m.model_extra["moerge"]["kind"] == "expert"
+    }
     assert sorted(experts) == ["expert0", "expert1"]
     assert all(m.owned_by and m.model_extra["root"] == m.id for m in experts.values())
 
@@ -123,26 +141,31 @@ def test_models_list_the_routed_model_and_each_active_expert(lm: Served) -> None
 def test_model_pins_one_expert_like_expert_ids(lm: Served, naming: str) -> None:
     target = expert_ids(lm)["expert1"]
     model = {"id": target, "name vN": "expert1 v1", "name": "expert1"}[naming]
-    completion = openai_client(lm).completions.create(model=model, prompt="the film was",
-                                                      max_tokens=5, temperature=0)
+    completion = openai_client(lm).completions.create(
+        model=model, prompt="the film was", max_tokens=5, temperature=0
+    )
     assert completion.model == model
     assert [e["expert_id"] for e in completion.model_extra["moerge"]["experts"]] == [target]
     sampling = inference_pb2.SamplingParams(max_new_tokens=5, temperature=0)
     assert completion.choices[0].text == grpc_text(
-        lm, prompt="the film was", sampling=sampling, expert_ids=[target])
+        lm, prompt="the film was", sampling=sampling, expert_ids=[target]
+    )
 
 
 def test_a_method_name_as_model_and_the_moerge_extension_reach_the_router(lm: Served) -> None:
     with grpc.insecure_channel(lm.running.address) as channel:  # `model="centroid"` needs one
         trained = admin_pb2_grpc.AdminServiceStub(channel).TrainRouter(
-            admin_pb2.TrainRouterRequest(method="centroid"), metadata=bearer(lm.admin_token))
+            admin_pb2.TrainRouterRequest(method="centroid"), metadata=bearer(lm.admin_token)
+        )
     with lm.client() as http:  # now listed, as the router that `model="centroid"` serves
         models = {m["id"]: m["moerge"] for m in http.get("/v1/models").json()["data"]}
     assert models["centroid"] == {"kind": "router", "version": trained.version}
     assert models["moerge"]["router_version"] == trained.version
     target = expert_ids(lm)["expert0"]
     chat = openai_client(lm).chat.completions.create(
-        model="centroid", messages=CHAT, max_tokens=3,
+        model="centroid",
+        messages=CHAT,
+        max_tokens=3,
         extra_body={"moerge": {"expert_ids": [target], "top_k": 1, "aggregation": "merge"}},
     )
     routing = chat.model_extra["moerge"]
@@ -188,8 +211,9 @@ def test_bad_requests_get_400_with_an_openai_error_and_the_server_keeps_serving(
 
 def test_the_openai_package_raises_its_own_errors(lm: Served) -> None:
     with pytest.raises(openai.BadRequestError, match="frequency_penalty"):
-        openai_client(lm).chat.completions.create(model="moerge", messages=CHAT,
-                                                  frequency_penalty=1.0)
+        openai_client(lm).chat.completions.create(
+            model="moerge", messages=CHAT, frequency_penalty=1.0
+        )
     with pytest.raises(openai.NotFoundError, match="GET /v1/models"):
         openai_client(lm).completions.create(model="no-such-expert", prompt="x")
     with pytest.raises(openai.AuthenticationError):

@@ -13,8 +13,12 @@ from moerge.v1 import inference_pb2
 from tests.http.conftest import Served
 from tests.http.test_completions import grpc_text, openai_client, sse
 
-REVIEWS = [("the film was great", "pos"), ("a dull, tired plot", "neg"),
-           ("what a delight", "pos"), ("I want my money back", "neg")]
+REVIEWS = [
+    ("the film was great", "pos"),
+    ("a dull, tired plot", "neg"),
+    ("what a delight", "pos"),
+    ("I want my money back", "neg"),
+]
 DEFINITIONS = [("Define: harbour", "port"), ("Define: canine", "dog")]
 
 
@@ -51,18 +55,20 @@ def test_predict_serves_a_composition_as_grpc_predict_does(classifier: Served) -
         expected = admin.predict(texts, composition="reviews")
     with classifier.client() as http:
         body = http.post("/v1/predict", json={"inputs": texts, "composition": "reviews"})
-        pinned = http.post("/v1/predict", json={"inputs": texts, "composition": "reviews",
-                                                "composition_version": done.version})
+        pinned = http.post(
+            "/v1/predict",
+            json={"inputs": texts, "composition": "reviews", "composition_version": done.version},
+        )
     assert body.status_code == 200 and pinned.status_code == 200
     answer = body.json()
     assert answer["routing_method"] == "composition" and answer["router_version"] == 0
     assert answer["note"].startswith(f"composition reviews v{done.version}")
-    assert [p["output"] for p in answer["predictions"]] == [
-        p.output for p in expected.predictions]
+    assert [p["output"] for p in answer["predictions"]] == [p.output for p in expected.predictions]
     weights = {e.expert_id: e.weight for e in done.experts}
     for prediction in answer["predictions"]:
         assert {e["expert_id"]: e["weight"] for e in prediction["experts"]} == pytest.approx(
-            weights)
+            weights
+        )
     assert pinned.json()["predictions"] == answer["predictions"]
 
 
@@ -71,10 +77,14 @@ def test_a_composition_is_refused_where_it_cannot_be_served(classifier: Served) 
     with classifier.client() as http:
         route = http.post("/v1/route", json={"inputs": ["x"], "composition": "refusals"})
         unknown = http.post("/v1/predict", json={"inputs": ["x"], "composition": "nope"})
-        mixed = http.post("/v1/predict", json={"inputs": ["x"], "composition": "refusals",
-                                               "routing_method": "centroid"})
-        too_new = http.post("/v1/predict", json={"inputs": ["x"], "composition": "refusals",
-                                                 "composition_version": 9})
+        mixed = http.post(
+            "/v1/predict",
+            json={"inputs": ["x"], "composition": "refusals", "routing_method": "centroid"},
+        )
+        too_new = http.post(
+            "/v1/predict",
+            json={"inputs": ["x"], "composition": "refusals", "composition_version": 9},
+        )
     assert route.status_code == 400 and "does not route" in route.json()["error"]["message"]
     assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "not_found"
     assert mixed.status_code == 400 and "fixes its experts" in mixed.json()["error"]["message"]
@@ -99,11 +109,18 @@ def test_model_names_a_composition_in_completions_over_plain_http(lm: Served) ->
     request = {"prompt": "Define: feline", "max_tokens": 4, "temperature": 0}
     with lm.client() as http:
         newest = http.post("/v1/completions", json={"model": "composition/define", **request})
-        pinned = http.post("/v1/completions",
-                           json={"model": f"composition/define/v{done.version}", **request})
-        with http.stream("POST", "/v1/completions", json={
-            "model": "composition/define", "stream": True, **request,
-        }) as response:
+        pinned = http.post(
+            "/v1/completions", json={"model": f"composition/define/v{done.version}", **request}
+        )
+        with http.stream(
+            "POST",
+            "/v1/completions",
+            json={
+                "model": "composition/define",
+                "stream": True,
+                **request,
+            },
+        ) as response:
             chunks = sse(list(response.iter_lines()))
     assert newest.status_code == 200, newest.text
     answer = newest.json()
@@ -111,7 +128,8 @@ def test_model_names_a_composition_in_completions_over_plain_http(lm: Served) ->
     routing = answer["moerge"]
     assert routing["routing_method"] == "composition" and routing["note"] == "composition define v1"
     assert {e["expert_id"]: e["weight"] for e in routing["experts"]} == pytest.approx(
-        {e.expert_id: e.weight for e in done.experts})
+        {e.expert_id: e.weight for e in done.experts}
+    )
     assert pinned.json()["choices"][0]["text"] == expected
     assert chunks[-1] == "[DONE]"
     assert "".join(c["choices"][0]["text"] for c in chunks[:-1] if c["choices"]) == expected
@@ -122,11 +140,13 @@ def test_the_openai_package_gets_composition_completions_streamed_and_not(lm: Se
     client = openai_client(lm)
     assert "composition/chat-define" in [m.id for m in client.models.list()]
     messages = [{"role": "user", "content": "Define: feline"}]
-    chat = client.chat.completions.create(model="composition/chat-define", messages=messages,
-                                          max_tokens=4, temperature=0)
+    chat = client.chat.completions.create(
+        model="composition/chat-define", messages=messages, max_tokens=4, temperature=0
+    )
     assert chat.model_extra["moerge"]["routing_method"] == "composition"
-    stream = client.chat.completions.create(model="composition/chat-define", messages=messages,
-                                            max_tokens=4, temperature=0, stream=True)
+    stream = client.chat.completions.create(
+        model="composition/chat-define", messages=messages, max_tokens=4, temperature=0, stream=True
+    )
     text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
     assert text == chat.choices[0].message.content
     with pytest.raises(openai.NotFoundError, match="composition 'missing' not found"):

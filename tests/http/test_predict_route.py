@@ -29,7 +29,8 @@ def test_predict_answers_as_grpc_predict_does(classifier: Served) -> None:
     with grpc.insecure_channel(classifier.running.address) as channel:
         expected = inference_pb2_grpc.InferenceServiceStub(channel).Predict(
             inference_pb2.PredictRequest(
-                inputs=TEXTS, aggregation=inference_pb2.AGGREGATION_OUTPUT_ENSEMBLE),
+                inputs=TEXTS, aggregation=inference_pb2.AGGREGATION_OUTPUT_ENSEMBLE
+            ),
             metadata=bearer(classifier.admin_token),
         )
     for got, want in zip(body["predictions"], expected.predictions, strict=True):
@@ -69,8 +70,12 @@ def test_route_gives_experts_and_weights_per_input_and_honours_expert_ids(
         ("/v1/route", {"inputs": ["x"], "expert_ids": ["0" * 32]}, 404, "not_found"),
         ("/v1/route", {"inputs": ["x"], "routing_method": "lda"}, 400, "failed_precondition"),
         ("/v1/completions", {"prompt": "hello"}, 400, "failed_precondition"),
-        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}, 400,
-         "failed_precondition"),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": "hi"}]},
+            400,
+            "failed_precondition",
+        ),
     ],
 )
 def test_refusals_map_to_http_statuses_with_openai_error_bodies(
@@ -105,8 +110,9 @@ def test_a_role_the_grpc_method_refuses_gets_403(classifier: Served) -> None:
     either (today every role may infer, so an admin-only route stands in for the check)."""
     state = classifier.running.state
     app = FastAPI()
-    app.state.authenticator = AuthInterceptor(state.registry.authenticate,
-                                              state.registry.generation)
+    app.state.authenticator = AuthInterceptor(
+        state.registry.authenticate, state.registry.generation
+    )
     errors.install(app)
 
     @app.get("/admin-only", dependencies=[Depends(caller("/moerge.v1.AdminService/ListExperts"))])
@@ -121,6 +127,7 @@ def test_a_role_the_grpc_method_refuses_gets_403(classifier: Served) -> None:
     assert contributor.status_code == 403
     assert contributor.json()["error"] == {
         "message": "role 'contributor' may not call /moerge.v1.AdminService/ListExperts",
-        "type": "permission_error", "code": "permission_denied",
+        "type": "permission_error",
+        "code": "permission_denied",
     }
     assert admin.status_code == 200

@@ -17,13 +17,16 @@ from tests.coordinator.test_server import _self_signed
 
 
 def test_http_is_off_by_default_and_set_by_env_or_flag(
-    monkeypatch: pytest.MonkeyPatch, tiny_bert: Path  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+    tiny_bert: Path,  # noqa: F811
 ) -> None:
     assert CoordinatorConfig(base_model=str(tiny_bert)).http_listen == ""
     monkeypatch.setenv("MOERGE_HTTP_LISTEN", "0.0.0.0:8000")
     assert CoordinatorConfig.load(base_model=str(tiny_bert)).http_listen == "0.0.0.0:8000"
-    assert CoordinatorConfig.load(base_model=str(tiny_bert),
-                                  http_listen="127.0.0.1:0").http_listen == "127.0.0.1:0"
+    assert (
+        CoordinatorConfig.load(base_model=str(tiny_bert), http_listen="127.0.0.1:0").http_listen
+        == "127.0.0.1:0"
+    )
     with pytest.raises(ValueError, match="http_listen must be HOST:PORT"):
         CoordinatorConfig.load(base_model=str(tiny_bert), http_listen="8000")
 
@@ -36,8 +39,7 @@ def test_without_http_listen_no_http_port_is_open(tmp_path: Path, tiny_bert: Pat
 def test_a_busy_http_port_stops_the_start(tmp_path: Path, tiny_bert: Path) -> None:  # noqa: F811
     with socket.create_server(("127.0.0.1", 0)) as busy:
         port = busy.getsockname()[1]
-        config = coordinator_config(tmp_path / "data", tiny_bert,
-                                    http_listen=f"127.0.0.1:{port}")
+        config = coordinator_config(tmp_path / "data", tiny_bert, http_listen=f"127.0.0.1:{port}")
         coordinator = BackgroundCoordinator(config)
         with pytest.raises(OSError), coordinator:
             pass
@@ -55,8 +57,13 @@ def test_the_http_api_stops_with_the_coordinator(tmp_path: Path, tiny_bert: Path
 
 def test_with_a_tls_certificate_http_is_https_only(tmp_path: Path, tiny_bert: Path) -> None:  # noqa: F811
     cert, key = _self_signed(tmp_path)
-    config = coordinator_config(tmp_path / "data", tiny_bert, tls_cert=str(cert),
-                                tls_key=str(key), http_listen="127.0.0.1:0")
+    config = coordinator_config(
+        tmp_path / "data",
+        tiny_bert,
+        tls_cert=str(cert),
+        tls_key=str(key),
+        http_listen="127.0.0.1:0",
+    )
     with BackgroundCoordinator(config) as running:
         port = running.running.http_port
         headers = {"Authorization": f"Bearer {config.admin_token}"}

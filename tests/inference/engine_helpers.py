@@ -58,8 +58,9 @@ def make_classification_experts(base: Path, root: Path) -> dict[str, Path]:
     }
     folders = {}
     for expert_id, (labels, rank, seed) in specs.items():
-        folder = make_expert_dir(base, root / expert_id, labels=labels, rank=rank, seed=seed,
-                                 task_name=expert_id)
+        folder = make_expert_dir(
+            base, root / expert_id, labels=labels, rank=rank, seed=seed, task_name=expert_id
+        )
         sharpen_head(folder, seed)
         folders[expert_id] = folder
     return folders
@@ -67,8 +68,9 @@ def make_classification_experts(base: Path, root: Path) -> dict[str, Path]:
 
 def make_causal_experts(base: Path, root: Path, count: int = 2) -> dict[str, Path]:
     return {
-        f"lm-{i}": make_expert_dir(base, root / f"lm-{i}", rank=4, seed=10 + i,
-                                   task_type="causal_lm", task_name=f"lm-{i}")
+        f"lm-{i}": make_expert_dir(
+            base, root / f"lm-{i}", rank=4, seed=10 + i, task_type="causal_lm", task_name=f"lm-{i}"
+        )
         for i in range(count)
     }
 
@@ -87,7 +89,10 @@ def peft_probabilities(base: Path, folder: Path, texts: list[str]) -> torch.Tens
 
 @torch.no_grad()
 def peft_generate(
-    base: Path, adapters: dict[str, Path], texts: list[str], max_new_tokens: int,
+    base: Path,
+    adapters: dict[str, Path],
+    texts: list[str],
+    max_new_tokens: int,
     combine: tuple[str, list[float], dict[str, object]] | None = None,
 ) -> list[str]:
     """PEFT greedy generation (left-padded batch) with one adapter or a weighted combination.
@@ -109,9 +114,10 @@ def peft_generate(
         peft_model.set_adapter(names[0])
     peft_model.eval()
     enc = tokenizer(texts, padding=True, return_tensors="pt")
-    out = peft_model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                              pad_token_id=tokenizer.pad_token_id)
-    new = out[:, enc["input_ids"].shape[1]:]
+    out = peft_model.generate(
+        **enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
+    )
+    new = out[:, enc["input_ids"].shape[1] :]
     texts_out = []
     for row in new.tolist():
         if tokenizer.eos_token_id in row:
@@ -140,8 +146,9 @@ class Held:
         self.release.set()
 
 
-def submit_all(engine: InferenceEngine, specs: list[tuple[str, RoutingPlan | None,
-                                                          SamplingParams]]):
+def submit_all(
+    engine: InferenceEngine, specs: list[tuple[str, RoutingPlan | None, SamplingParams]]
+):
     """Submit every spec while the worker is held; return each request's events when done."""
     results: list[list[GenerationEvent]] = [[] for _ in specs]
     done = [threading.Event() for _ in specs]
@@ -151,13 +158,15 @@ def submit_all(engine: InferenceEngine, specs: list[tuple[str, RoutingPlan | Non
             results[i].append(event)
             if isinstance(event, (GenerationFinished, GenerationFailed)):
                 done[i].set()
+
         return sink
 
     requests = []
     with Held(engine):
         for i, (prompt, plan, sampling) in enumerate(specs):
-            request = GenerationRequest(prompt=prompt, routing_text=prompt, sampling=sampling,
-                                        sink=sink_for(i), plan=plan)
+            request = GenerationRequest(
+                prompt=prompt, routing_text=prompt, sampling=sampling, sink=sink_for(i), plan=plan
+            )
             engine.scheduler.submit(request)
             requests.append(request)
     for event in done:

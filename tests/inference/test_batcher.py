@@ -79,13 +79,15 @@ def test_an_item_error_reaches_only_its_caller_and_a_batch_error_reaches_every_c
 
     async def main() -> None:
         async with MicroBatcher(fn, max_wait_ms=50) as batcher:
-            results = await asyncio.gather(batcher.submit(1), batcher.submit(-1),
-                                           batcher.submit(3), return_exceptions=True)
+            results = await asyncio.gather(
+                batcher.submit(1), batcher.submit(-1), batcher.submit(3), return_exceptions=True
+            )
             assert results[0] == 2 and results[2] == 6
             assert isinstance(results[1], ValueError) and "bad item -1" in str(results[1])
         async with MicroBatcher(broken, max_wait_ms=50) as batcher:
-            results = await asyncio.gather(*(batcher.submit(i) for i in range(3)),
-                                           return_exceptions=True)
+            results = await asyncio.gather(
+                *(batcher.submit(i) for i in range(3)), return_exceptions=True
+            )
             assert all(isinstance(r, RuntimeError) and "engine down" in str(r) for r in results)
 
     asyncio.run(main())
@@ -116,13 +118,18 @@ def test_engine_requests_from_concurrent_callers_share_one_engine_pass(tmp_path:
     bad = InferenceRequest([TEXTS[0]], RoutingPlan.explicit([["ghost"]]))
     direct = [engine.predict(r.texts, r.plan) for r in requests]
 
-    batcher = MicroBatcher(engine.predict_many, max_wait_ms=50, executor=engine.executor,
-                           size_of=lambda r: len(r.texts))
+    batcher = MicroBatcher(
+        engine.predict_many,
+        max_wait_ms=50,
+        executor=engine.executor,
+        size_of=lambda r: len(r.texts),
+    )
 
     async def main() -> list[object]:
         async with batcher:
-            return await asyncio.gather(*(batcher.submit(r) for r in [*requests, bad]),
-                                        return_exceptions=True)
+            return await asyncio.gather(
+                *(batcher.submit(r) for r in [*requests, bad]), return_exceptions=True
+            )
 
     *served, failed = asyncio.run(main())
     assert batcher.batch_sizes == [len(requests) + 1]  # one engine call for all callers
@@ -130,6 +137,10 @@ def test_engine_requests_from_concurrent_callers_share_one_engine_pass(tmp_path:
     assert isinstance(failed, UnknownExpert)
     for got, expected in zip(served, direct, strict=True):
         assert [p.output for p in got] == [p.output for p in expected]
-        torch.testing.assert_close(torch.tensor(got[0].probabilities),
-                                   torch.tensor(expected[0].probabilities), atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            torch.tensor(got[0].probabilities),
+            torch.tensor(expected[0].probabilities),
+            atol=1e-5,
+            rtol=0,
+        )
     engine.close()

@@ -30,8 +30,9 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Pat
 @pytest.fixture
 def engine(setup) -> Iterator[InferenceEngine]:
     base, folders = setup
-    engine = InferenceEngine(base, max_rank=8, max_length=24, cache_bytes=1 << 30,
-                             expert_loader=folders.__getitem__)
+    engine = InferenceEngine(
+        base, max_rank=8, max_length=24, cache_bytes=1 << 30, expert_loader=folders.__getitem__
+    )
     yield engine
     engine.close()
 
@@ -93,7 +94,8 @@ def test_unknown_expert_raises_and_leaves_the_cache_unchanged(engine):
         engine.predict(TEXTS[:2], RoutingPlan.explicit([["sent-b"], ["ghost"]]))
     assert engine.cache.resident_ids == ["sent-a", "sent-b"]
     assert engine.cache.resident_bytes == sum(
-        e.nbytes for e in engine.cache._resident.values()  # the accounting stays exact
+        e.nbytes
+        for e in engine.cache._resident.values()  # the accounting stays exact
     )
 
 

@@ -61,8 +61,15 @@ def reference(base: Path, experts: dict[str, Path]) -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def engine(base: Path, experts: dict[str, Path]) -> Iterator[InferenceEngine]:
-    engine = InferenceEngine(base, "classification", ["query", "value"], max_rank=8,
-                             cache_bytes=1 << 30, max_length=24, expert_loader=experts.__getitem__)
+    engine = InferenceEngine(
+        base,
+        "classification",
+        ["query", "value"],
+        max_rank=8,
+        cache_bytes=1 << 30,
+        max_length=24,
+        expert_loader=experts.__getitem__,
+    )
     yield engine
     engine.close()
 
@@ -96,13 +103,19 @@ def test_top1_routing_returns_each_chosen_experts_own_peft_output(engine, refere
 @pytest.mark.filterwarnings("ignore:The density")  # PEFT warns that density 1 prunes nothing
 @pytest.mark.parametrize(
     "aggregation",
-    [Aggregation.ENSEMBLE, Aggregation.MERGE_LINEAR, Aggregation.MERGE_TIES,
-     Aggregation.MERGE_DARE_LINEAR, Aggregation.MERGE_DARE_TIES],
+    [
+        Aggregation.ENSEMBLE,
+        Aggregation.MERGE_LINEAR,
+        Aggregation.MERGE_TIES,
+        Aggregation.MERGE_DARE_LINEAR,
+        Aggregation.MERGE_DARE_TIES,
+    ],
 )
 def test_any_aggregation_of_one_expert_equals_its_peft_output(engine, reference, aggregation):
     # density 1 keeps every entry: merging one expert must give the expert back exactly
-    plan = RoutingPlan.explicit([["sent-a"]] * len(TEXTS), aggregation=aggregation,
-                                merge=MergeOptions(density=1.0))
+    plan = RoutingPlan.explicit(
+        [["sent-a"]] * len(TEXTS), aggregation=aggregation, merge=MergeOptions(density=1.0)
+    )
     predictions = engine.predict(TEXTS, plan)
     got = torch.stack([probs(p.probabilities) for p in predictions])
     torch.testing.assert_close(got, reference["sent-a"], atol=ATOL, rtol=0)
@@ -110,12 +123,23 @@ def test_any_aggregation_of_one_expert_equals_its_peft_output(engine, reference,
 
 
 @pytest.mark.parametrize(
-    "aggregation", [Aggregation.ENSEMBLE, Aggregation.MERGE_LINEAR, Aggregation.MERGE_TIES,
-                    Aggregation.MERGE_DARE_TIES],
+    "aggregation",
+    [
+        Aggregation.ENSEMBLE,
+        Aggregation.MERGE_LINEAR,
+        Aggregation.MERGE_TIES,
+        Aggregation.MERGE_DARE_TIES,
+    ],
 )
 def test_mixed_batch_gives_the_same_predictions_as_one_by_one_calls(engine, aggregation):
-    pairs = [["sent-a", "sent-b"], ["topic", "sent-a"], ["sent-rev", "sent-b"],
-             ["sent-b", "sent-a"], ["sent-a", "topic"], ["topic", "sent-rev"]]
+    pairs = [
+        ["sent-a", "sent-b"],
+        ["topic", "sent-a"],
+        ["sent-rev", "sent-b"],
+        ["sent-b", "sent-a"],
+        ["sent-a", "topic"],
+        ["topic", "sent-rev"],
+    ]
     weights = [[0.7, 0.3], [0.5, 0.5], [0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.35, 0.65]]
     plan = RoutingPlan.explicit(pairs, weights, aggregation, MergeOptions(density=0.6, seed=3))
     batched = engine.predict(TEXTS, plan)
@@ -123,11 +147,13 @@ def test_mixed_batch_gives_the_same_predictions_as_one_by_one_calls(engine, aggr
         (single,) = engine.predict([text], plan.rows([i]))
         assert single.output == batched[i].output
         assert single.labels == batched[i].labels
-        torch.testing.assert_close(probs(single.probabilities), probs(batched[i].probabilities),
-                                   atol=ATOL, rtol=0)
+        torch.testing.assert_close(
+            probs(single.probabilities), probs(batched[i].probabilities), atol=ATOL, rtol=0
+        )
         for one, many in zip(single.expert_outputs, batched[i].expert_outputs, strict=True):
-            torch.testing.assert_close(probs(one.probabilities), probs(many.probabilities),
-                                       atol=ATOL, rtol=0)
+            torch.testing.assert_close(
+                probs(one.probabilities), probs(many.probabilities), atol=ATOL, rtol=0
+            )
 
 
 @pytest.mark.parametrize("mode", ["expand", "sequential"])
@@ -145,8 +171,9 @@ def test_ensemble_of_experts_with_the_same_labels_is_the_weighted_average_of_pef
         assert p.labels == SENTIMENT
         assert p.output == SENTIMENT[int(expected[i].argmax())]
         assert [w.weight for w in p.experts] == pytest.approx([0.25, 0.75])
-        torch.testing.assert_close(probs(p.expert_outputs[1].probabilities),
-                                   reference["sent-rev"][i], atol=ATOL, rtol=0)
+        torch.testing.assert_close(
+            probs(p.expert_outputs[1].probabilities), reference["sent-rev"][i], atol=ATOL, rtol=0
+        )
 
 
 def test_ensemble_of_experts_with_different_labels_answers_with_the_top_expert(engine, reference):
@@ -156,8 +183,9 @@ def test_ensemble_of_experts_with_different_labels_answers_with_the_top_expert(e
         assert p.confidence == pytest.approx(float(reference["topic"][i].max()), abs=ATOL)
         assert p.labels == () and p.probabilities == ()
         assert [o.labels for o in p.expert_outputs] == [SENTIMENT, TOPIC]
-        torch.testing.assert_close(probs(p.expert_outputs[0].probabilities),
-                                   reference["sent-a"][i], atol=ATOL, rtol=0)
+        torch.testing.assert_close(
+            probs(p.expert_outputs[0].probabilities), reference["sent-a"][i], atol=ATOL, rtol=0
+        )
 
 
 @torch.no_grad()
@@ -177,18 +205,27 @@ def test_linear_merge_equals_peft_with_both_adapters_active_and_the_merged_head(
             module.scaling["a"] *= w[0]
             module.scaling["b"] *= w[1]
     peft_model.eval()
-    pooled = peft_model.base_model.model.bert(**tokenizer(TEXTS, padding=True,
-                                                           return_tensors="pt")).pooler_output
+    pooled = peft_model.base_model.model.bert(
+        **tokenizer(TEXTS, padding=True, return_tensors="pt")
+    ).pooler_output
     heads = [load_file(str(experts[e] / ADAPTER_WEIGHTS)) for e in ("sent-a", "sent-b")]
     h = [x / sum(abs(y) for y in w) for x in w]  # heads: weights with unit L1 norm
-    weight = h[0] * heads[0]["base_model.model.classifier.weight"] + h[1] * heads[1][
-        "base_model.model.classifier.weight"]
-    bias = h[0] * heads[0]["base_model.model.classifier.bias"] + h[1] * heads[1][
-        "base_model.model.classifier.bias"]
+    weight = (
+        h[0] * heads[0]["base_model.model.classifier.weight"]
+        + h[1] * heads[1]["base_model.model.classifier.weight"]
+    )
+    bias = (
+        h[0] * heads[0]["base_model.model.classifier.bias"]
+        + h[1] * heads[1]["base_model.model.classifier.bias"]
+    )
     expected = torch.softmax(pooled @ weight.T + bias, dim=-1)
 
-    plan = RoutingPlan.explicit([["sent-a", "sent-b"]] * len(TEXTS), [w] * len(TEXTS),
-                                Aggregation.MERGE_LINEAR, signed=signed)
+    plan = RoutingPlan.explicit(
+        [["sent-a", "sent-b"]] * len(TEXTS),
+        [w] * len(TEXTS),
+        Aggregation.MERGE_LINEAR,
+        signed=signed,
+    )
     got = torch.stack([probs(p.probabilities) for p in engine.predict(TEXTS, plan)])
     torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
 
@@ -197,15 +234,17 @@ def test_signed_weights_are_refused_outside_a_linear_merge_and_when_not_finite()
     with pytest.raises(InvalidPlan, match="merge_linear"):
         RoutingPlan.explicit([["a", "b"]], [[1.0, -0.5]], Aggregation.MERGE_TIES, signed=True)
     with pytest.raises(InvalidPlan, match="finite"):
-        RoutingPlan.explicit([["a", "b"]], [[1.0, float("inf")]], Aggregation.MERGE_LINEAR,
-                             signed=True)
+        RoutingPlan.explicit(
+            [["a", "b"]], [[1.0, float("inf")]], Aggregation.MERGE_LINEAR, signed=True
+        )
     with pytest.raises(InvalidPlan, match="non-negative"):
         RoutingPlan.explicit([["a", "b"]], [[1.0, -0.5]], Aggregation.MERGE_LINEAR)
 
 
 def test_merge_with_different_label_sets_uses_the_top_experts_head(engine):
-    plan = RoutingPlan.explicit([["sent-a", "topic"], ["topic", "sent-a"]], [[0.8, 0.2]] * 2,
-                                Aggregation.MERGE_TIES)
+    plan = RoutingPlan.explicit(
+        [["sent-a", "topic"], ["topic", "sent-a"]], [[0.8, 0.2]] * 2, Aggregation.MERGE_TIES
+    )
     first, second = engine.predict(TEXTS[:2], plan)
     assert first.labels == SENTIMENT and second.labels == TOPIC
 
@@ -215,8 +254,9 @@ def test_example_router_routes_on_the_frozen_base_embedding(engine, base, expert
     router = CentroidRouter.fit(records(experts, ids), CentroidRouterConfig(top_k=2))
     embeddings = engine.embed(TEXTS)
     with torch.no_grad():
-        own = pooled_embeddings(AutoModel.from_pretrained(str(base)),
-                                AutoTokenizer.from_pretrained(str(base)), TEXTS)
+        own = pooled_embeddings(
+            AutoModel.from_pretrained(str(base)), AutoTokenizer.from_pretrained(str(base)), TEXTS
+        )
     torch.testing.assert_close(embeddings, own, atol=1e-6, rtol=0)  # no expert leaks in
 
     explicit = RoutingPlan.from_decision(router, router.route_examples(embeddings, 2))
@@ -235,8 +275,10 @@ def test_module_mixing_through_a_token_router_over_one_expert_equals_its_peft_ou
     got = torch.stack([probs(p.probabilities) for p in predictions])
     torch.testing.assert_close(got, reference["sent-a"], atol=ATOL, rtol=0)
     assert all(p.aggregation == "module_mix" for p in predictions)
-    assert all([(w.expert_id, round(w.weight, 6)) for w in p.experts] == [("sent-a", 1.0)]
-               for p in predictions)
+    assert all(
+        [(w.expert_id, round(w.weight, 6)) for w in p.experts] == [("sent-a", 1.0)]
+        for p in predictions
+    )
 
 
 def test_module_mixing_reports_mean_token_weights_and_the_most_used_experts_head(engine, experts):
@@ -258,20 +300,33 @@ def test_predict_many_batches_compatible_requests_and_isolates_bad_ones(engine, 
     assert isinstance(results[1], UnknownExpert)
     for i, result in zip([0, 1, 2], [results[0], results[2], results[3]], strict=True):
         assert not isinstance(result, BaseException)
-        torch.testing.assert_close(probs(result[0].probabilities), reference["sent-a"][i],
-                                   atol=ATOL, rtol=0)
+        torch.testing.assert_close(
+            probs(result[0].probabilities), reference["sent-a"][i], atol=ATOL, rtol=0
+        )
 
 
 @pytest.mark.parametrize(
     ("texts", "plan", "error", "code"),
     [
         ([], RoutingPlan.explicit([]), EmptyBatch, grpc.StatusCode.INVALID_ARGUMENT),
-        (["good " * 40], RoutingPlan.explicit([["sent-a"]]), InputTooLong,
-         grpc.StatusCode.INVALID_ARGUMENT),
-        (TEXTS[:1], RoutingPlan.explicit([["sent-a"], ["sent-b"]]), InvalidPlan,
-         grpc.StatusCode.INVALID_ARGUMENT),
-        (TEXTS[:1], RoutingPlan.explicit([["no-such-expert"]]), UnknownExpert,
-         grpc.StatusCode.NOT_FOUND),
+        (
+            ["good " * 40],
+            RoutingPlan.explicit([["sent-a"]]),
+            InputTooLong,
+            grpc.StatusCode.INVALID_ARGUMENT,
+        ),
+        (
+            TEXTS[:1],
+            RoutingPlan.explicit([["sent-a"], ["sent-b"]]),
+            InvalidPlan,
+            grpc.StatusCode.INVALID_ARGUMENT,
+        ),
+        (
+            TEXTS[:1],
+            RoutingPlan.explicit([["no-such-expert"]]),
+            UnknownExpert,
+            grpc.StatusCode.NOT_FOUND,
+        ),
     ],
 )
 def test_bad_requests_raise_errors_the_servicer_shows_to_the_caller(
@@ -285,15 +340,17 @@ def test_bad_requests_raise_errors_the_servicer_shows_to_the_caller(
 
 @pytest.mark.parametrize("top_k", [0, 4])
 def test_top_k_outside_one_to_the_number_of_experts_is_refused(engine, experts, top_k):
-    router = CentroidRouter.fit(records(experts, ["sent-a", "sent-b", "topic"]),
-                                CentroidRouterConfig(top_k=1))
+    router = CentroidRouter.fit(
+        records(experts, ["sent-a", "sent-b", "topic"]), CentroidRouterConfig(top_k=1)
+    )
     with pytest.raises(InvalidTopK):
         engine.predict(TEXTS, RoutingPlan.routed(router, top_k=top_k))
 
 
 def test_a_restricted_router_refuses_top_k_beyond_its_allowed_experts(engine, experts):
-    router = CentroidRouter.fit(records(experts, ["sent-a", "sent-b", "topic"]),
-                                CentroidRouterConfig(top_k=1))
+    router = CentroidRouter.fit(
+        records(experts, ["sent-a", "sent-b", "topic"]), CentroidRouterConfig(top_k=1)
+    )
     restricted = RestrictedRouter(router, ["sent-a", "topic"])
     with pytest.raises(InvalidTopK, match="between 1 and 2"):  # 3 experts, 2 of them allowed
         engine.predict(TEXTS, RoutingPlan.routed(restricted, top_k=3))

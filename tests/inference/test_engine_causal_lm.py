@@ -36,9 +36,16 @@ def experts(base: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, P
 
 @pytest.fixture(scope="module")
 def engine(base: Path, experts: dict[str, Path]) -> Iterator[InferenceEngine]:
-    engine = InferenceEngine(base, "causal_lm", ["q_proj", "v_proj"], max_rank=8,
-                             cache_bytes=1 << 30, max_length=32, max_new_tokens=NEW_TOKENS,
-                             expert_loader=experts.__getitem__)
+    engine = InferenceEngine(
+        base,
+        "causal_lm",
+        ["q_proj", "v_proj"],
+        max_rank=8,
+        cache_bytes=1 << 30,
+        max_length=32,
+        max_new_tokens=NEW_TOKENS,
+        expert_loader=experts.__getitem__,
+    )
     yield engine
     engine.close()
 
@@ -68,17 +75,23 @@ def test_mixed_batch_generation_gives_each_input_its_own_experts_generation(
 def test_linear_merge_generation_equals_peft_concatenated_adapter(engine, base, experts):
     weights = [0.3, 0.7]
     expected = peft_generate(base, experts, PROMPTS, NEW_TOKENS, combine=("cat", weights, {}))
-    plan = RoutingPlan.explicit([["lm-0", "lm-1"]] * len(PROMPTS), [weights] * len(PROMPTS),
-                                Aggregation.MERGE_LINEAR)
+    plan = RoutingPlan.explicit(
+        [["lm-0", "lm-1"]] * len(PROMPTS), [weights] * len(PROMPTS), Aggregation.MERGE_LINEAR
+    )
     assert [p.output for p in engine.generate(PROMPTS, plan)] == expected
 
 
 def test_ties_merge_generation_equals_peft_add_weighted_adapter_ties(engine, base, experts):
     weights = [0.4, 0.6]
-    expected = peft_generate(base, experts, PROMPTS, NEW_TOKENS,
-                             combine=("ties", weights, {"density": 0.5}))
-    plan = RoutingPlan.explicit([["lm-0", "lm-1"]] * len(PROMPTS), [weights] * len(PROMPTS),
-                                Aggregation.MERGE_TIES, MergeOptions(density=0.5))
+    expected = peft_generate(
+        base, experts, PROMPTS, NEW_TOKENS, combine=("ties", weights, {"density": 0.5})
+    )
+    plan = RoutingPlan.explicit(
+        [["lm-0", "lm-1"]] * len(PROMPTS),
+        [weights] * len(PROMPTS),
+        Aggregation.MERGE_TIES,
+        MergeOptions(density=0.5),
+    )
     assert [p.output for p in engine.generate(PROMPTS, plan)] == expected
 
 
@@ -87,8 +100,9 @@ def test_ties_merged_factors_equal_peft_add_weighted_adapter(base, experts):
     model = AutoModelForCausalLM.from_pretrained(str(base))
     peft_model = PeftModel.from_pretrained(model, str(experts["lm-0"]), adapter_name="a")
     peft_model.load_adapter(str(experts["lm-1"]), adapter_name="b")
-    peft_model.add_weighted_adapter(["a", "b"], [0.25, 0.75], "m", combination_type="ties",
-                                    density=0.3)
+    peft_model.add_weighted_adapter(
+        ["a", "b"], [0.25, 0.75], "m", combination_type="ties", density=0.3
+    )
     layer = peft_model.base_model.model.model.layers[0].self_attn.q_proj
     factors = [(layer.lora_A[n].weight, layer.lora_B[n].weight, layer.scaling[n]) for n in "ab"]
     a, b, scaling = merge_lora_factors(factors, [0.25, 0.75], "ties", density=0.3)
@@ -112,8 +126,10 @@ def test_ensemble_generation_decodes_the_weighted_mixture_of_next_token_distribu
         ids = tokenizer([prompt], return_tensors="pt")["input_ids"]
         new: list[int] = []
         for _ in range(NEW_TOKENS):
-            mixed = sum(w * torch.softmax(m(input_ids=ids).logits[0, -1], dim=-1)
-                        for w, m in zip(weights, models, strict=True))
+            mixed = sum(
+                w * torch.softmax(m(input_ids=ids).logits[0, -1], dim=-1)
+                for w, m in zip(weights, models, strict=True)
+            )
             token = int(torch.argmax(mixed))
             new.append(token)
             ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
@@ -143,8 +159,9 @@ def test_the_base_router_generates_with_the_frozen_base_model(engine, base):
     tokenizer.padding_side = "left"
     model = AutoModelForCausalLM.from_pretrained(str(base)).eval()
     enc = tokenizer(PROMPTS, padding=True, return_tensors="pt")
-    out = model.generate(**enc, max_new_tokens=NEW_TOKENS, do_sample=False,
-                         pad_token_id=tokenizer.pad_token_id)[:, enc["input_ids"].shape[1]:]
+    out = model.generate(
+        **enc, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=tokenizer.pad_token_id
+    )[:, enc["input_ids"].shape[1] :]
     expected = []
     for row in out.tolist():
         if tokenizer.eos_token_id in row:

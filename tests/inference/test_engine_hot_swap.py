@@ -34,8 +34,9 @@ def test_router_and_expert_swaps_under_concurrent_requests_fail_nothing(tmp_path
     base = make_tiny_bert(tmp_path / "bert")
     folders = make_classification_experts(base, tmp_path / "experts")
     registered = {e: folders[e] for e in ("sent-a", "sent-b")}  # grows while serving
-    engine = InferenceEngine(base, max_rank=8, max_length=24,
-                             expert_loader=lambda expert_id: registered[expert_id])
+    engine = InferenceEngine(
+        base, max_rank=8, max_length=24, expert_loader=lambda expert_id: registered[expert_id]
+    )
     first = CentroidRouter.fit(records(folders, ["sent-a", "sent-b"]), CentroidRouterConfig())
     second = CentroidRouter.fit(records(folders, ["topic", "sent-rev"]), CentroidRouterConfig())
     token_level = ArrowRouter.fit(records(folders, ["sent-a", "topic"]), ArrowRouterConfig(top_k=1))
@@ -83,7 +84,9 @@ def test_router_and_expert_swaps_under_concurrent_requests_fail_nothing(tmp_path
     replaced = engine.predict(TEXTS, RoutingPlan.explicit([["sent-a"]] * len(TEXTS)))
     torch.testing.assert_close(
         torch.tensor([p.probabilities for p in replaced]),
-        peft_probabilities(base, folders["sent-b"], TEXTS), atol=1e-5, rtol=0,
+        peft_probabilities(base, folders["sent-b"], TEXTS),
+        atol=1e-5,
+        rtol=0,
     )
     engine.close()
 

@@ -46,11 +46,21 @@ def experts(base: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, P
     return make_causal_experts(base, tmp_path_factory.mktemp("lm-experts"))
 
 
-def make_engine(base: Path, experts: dict[str, Path], device: str,
-                dtype: torch.dtype | None = None) -> InferenceEngine:
-    return InferenceEngine(base, "causal_lm", ["q_proj", "v_proj"], max_rank=8,
-                           cache_bytes=1 << 30, max_length=32, max_new_tokens=NEW_TOKENS,
-                           expert_loader=experts.__getitem__, device=device, dtype=dtype)
+def make_engine(
+    base: Path, experts: dict[str, Path], device: str, dtype: torch.dtype | None = None
+) -> InferenceEngine:
+    return InferenceEngine(
+        base,
+        "causal_lm",
+        ["q_proj", "v_proj"],
+        max_rank=8,
+        cache_bytes=1 << 30,
+        max_length=32,
+        max_new_tokens=NEW_TOKENS,
+        expert_loader=experts.__getitem__,
+        device=device,
+        dtype=dtype,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -62,9 +72,16 @@ def engines(base: Path, experts: dict[str, Path]) -> Iterator[dict[str, Inferenc
 
 
 def stream(engine: InferenceEngine, prompt: str, plan: RoutingPlan) -> tuple[str, list]:
-    events = list(iter_events(engine.scheduler, GenerationRequest, prompt=prompt,
-                              routing_text=prompt, sampling=SamplingParams(
-                                  max_new_tokens=NEW_TOKENS), plan=plan))
+    events = list(
+        iter_events(
+            engine.scheduler,
+            GenerationRequest,
+            prompt=prompt,
+            routing_text=prompt,
+            sampling=SamplingParams(max_new_tokens=NEW_TOKENS),
+            plan=plan,
+        )
+    )
     assert isinstance(events[-1], GenerationFinished), events[-1]
     return "".join(e.text for e in events if isinstance(e, TextDelta)), events
 
@@ -79,8 +96,9 @@ def test_cuda_engine_streams_the_cpu_engines_greedy_text_per_expert(engines, exp
     for expert in experts:
         plan = RoutingPlan.explicit([[expert]])
         for prompt in PROMPTS:
-            assert stream(engines["cuda"], prompt, plan)[0] == stream(
-                engines["cpu"], prompt, plan)[0]
+            assert (
+                stream(engines["cuda"], prompt, plan)[0] == stream(engines["cpu"], prompt, plan)[0]
+            )
 
 
 def test_cuda_token_level_routing_streams_the_cpu_engines_text(engines, experts):
@@ -108,10 +126,18 @@ def test_graph_replayed_decode_steps_give_the_eager_steps_text(base, experts):
     equal the same batches decoded step by step; token routing (float32 mixing reads back to
     the host) and a mixed batch run eagerly, with the same text."""
     graphed = make_engine(base, experts, "cuda")
-    eager = InferenceEngine(base, "causal_lm", ["q_proj", "v_proj"], max_rank=8,
-                            cache_bytes=1 << 30, max_length=32, max_new_tokens=NEW_TOKENS,
-                            expert_loader=experts.__getitem__, device="cuda",
-                            generation_cuda_graphs=False)
+    eager = InferenceEngine(
+        base,
+        "causal_lm",
+        ["q_proj", "v_proj"],
+        max_rank=8,
+        cache_bytes=1 << 30,
+        max_length=32,
+        max_new_tokens=NEW_TOKENS,
+        expert_loader=experts.__getitem__,
+        device="cuda",
+        generation_cuda_graphs=False,
+    )
     try:
         sampling = SamplingParams(max_new_tokens=NEW_TOKENS)
         merge = RoutingPlan.explicit([["lm-0", "lm-1"]], [[0.3, 0.7]], Aggregation.MERGE_LINEAR)
@@ -121,8 +147,9 @@ def test_graph_replayed_decode_steps_give_the_eager_steps_text(base, experts):
         batches = [example, token, example[:2] + token[:1]]
         texts = {}
         for name, engine in (("graphed", graphed), ("eager", eager)):
-            texts[name] = [[text_of(events) for events in submit_all(engine, batch)[0]]
-                           for batch in batches]
+            texts[name] = [
+                [text_of(events) for events in submit_all(engine, batch)[0]] for batch in batches
+            ]
         assert texts["graphed"] == texts["eager"]
         assert all(text for batch in texts["graphed"] for text in batch)
         graphs = graphed.scheduler.graphs
@@ -139,8 +166,9 @@ def test_bfloat16_token_routing_decodes_by_graph_replays(base, experts):
     every-token routing is captured and replayed like example routing."""
     engine = make_engine(base, experts, "cuda", torch.bfloat16)
     try:
-        batch = [(p, arrow_plan(experts), SamplingParams(max_new_tokens=NEW_TOKENS))
-                 for p in PROMPTS]
+        batch = [
+            (p, arrow_plan(experts), SamplingParams(max_new_tokens=NEW_TOKENS)) for p in PROMPTS
+        ]
         results, _ = submit_all(engine, batch)
         graphs = engine.scheduler.graphs
         assert graphs is not None and graphs.failures == []

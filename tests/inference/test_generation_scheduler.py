@@ -51,9 +51,16 @@ def experts(base: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, P
 
 @pytest.fixture(scope="module")
 def engine(base: Path, experts: dict[str, Path]) -> Iterator[InferenceEngine]:
-    engine = InferenceEngine(base, "causal_lm", ["q_proj", "v_proj"], max_rank=8,
-                             cache_bytes=1 << 30, max_length=32, max_new_tokens=NEW_TOKENS,
-                             expert_loader=experts.__getitem__)
+    engine = InferenceEngine(
+        base,
+        "causal_lm",
+        ["q_proj", "v_proj"],
+        max_rank=8,
+        cache_bytes=1 << 30,
+        max_length=32,
+        max_new_tokens=NEW_TOKENS,
+        expert_loader=experts.__getitem__,
+    )
     yield engine
     engine.close()
 
@@ -67,19 +74,29 @@ def greedy(max_new_tokens: int = NEW_TOKENS, **kwargs: object) -> SamplingParams
     return SamplingParams(max_new_tokens=max_new_tokens, **kwargs)  # type: ignore[arg-type]
 
 
-def events_of(engine: InferenceEngine, prompt: str, plan: RoutingPlan | None = None,
-              sampling: SamplingParams | None = None) -> list[GenerationEvent]:
-    return list(iter_events(engine.scheduler, GenerationRequest, prompt=prompt,
-                            routing_text=prompt, sampling=sampling or greedy(), plan=plan))
+def events_of(
+    engine: InferenceEngine,
+    prompt: str,
+    plan: RoutingPlan | None = None,
+    sampling: SamplingParams | None = None,
+) -> list[GenerationEvent]:
+    return list(
+        iter_events(
+            engine.scheduler,
+            GenerationRequest,
+            prompt=prompt,
+            routing_text=prompt,
+            sampling=sampling or greedy(),
+            plan=plan,
+        )
+    )
 
 
 def one(expert: str) -> RoutingPlan:
     return RoutingPlan.explicit([[expert]])
 
 
-def test_streamed_generation_with_one_expert_equals_peft_greedy_generation(
-    engine, own_generations
-):
+def test_streamed_generation_with_one_expert_equals_peft_greedy_generation(engine, own_generations):
     for expert, expected in own_generations.items():
         for prompt, text in zip(PROMPTS, expected, strict=True):
             events = events_of(engine, prompt, one(expert))
@@ -93,8 +110,9 @@ def test_requests_batched_together_each_get_their_own_experts_text(engine, own_g
     chosen = ["lm-1", "lm-0", "lm-1", "lm-0"]
     prompts = [PROMPTS[0], PROMPTS[1], PROMPTS[2], PROMPTS[2]]
     steps = engine.scheduler.steps
-    results, _ = submit_all(engine, [(p, one(e), greedy()) for p, e in zip(prompts, chosen,
-                                                                            strict=True)])
+    results, _ = submit_all(
+        engine, [(p, one(e), greedy()) for p, e in zip(prompts, chosen, strict=True)]
+    )
     for events, prompt, expert in zip(results, prompts, chosen, strict=True):
         assert text_of(events) == own_generations[expert][PROMPTS.index(prompt)]
     # all four shared the decode steps: at most NEW_TOKENS - 1 steps for 4 x 8 tokens
@@ -102,8 +120,13 @@ def test_requests_batched_together_each_get_their_own_experts_text(engine, own_g
 
 
 def test_a_request_joining_a_running_batch_gets_the_same_text(engine, own_generations):
-    long_running = GenerationRequest(prompt=PROMPTS[2], routing_text=PROMPTS[2],
-                                     sampling=greedy(), sink=lambda e: None, plan=one("lm-0"))
+    long_running = GenerationRequest(
+        prompt=PROMPTS[2],
+        routing_text=PROMPTS[2],
+        sampling=greedy(),
+        sink=lambda e: None,
+        plan=one("lm-0"),
+    )
     events: list[GenerationEvent] = []
     first_delta = threading.Event()
 
@@ -127,19 +150,30 @@ def test_merges_ensembles_and_module_mixing_share_one_batch_with_exact_results(
 ):
     weights = [0.3, 0.7]
     linear = RoutingPlan.explicit([["lm-0", "lm-1"]], [weights], Aggregation.MERGE_LINEAR)
-    ties = RoutingPlan.explicit([["lm-0", "lm-1"]], [[0.4, 0.6]], Aggregation.MERGE_TIES,
-                                MergeOptions(density=0.5))
+    ties = RoutingPlan.explicit(
+        [["lm-0", "lm-1"]], [[0.4, 0.6]], Aggregation.MERGE_TIES, MergeOptions(density=0.5)
+    )
     ensemble = RoutingPlan.explicit([["lm-0", "lm-1"]], [weights])
     record = ExpertRecord("lm-1", "lm-1", None, lambda: read_lora(experts["lm-1"]))
     arrow = RoutingPlan.routed(ArrowRouter.fit([record], ArrowRouterConfig(top_k=1)))
-    specs = [(PROMPTS[0], linear, greedy()), (PROMPTS[1], ties, greedy()),
-             (PROMPTS[2], arrow, greedy()), (PROMPTS[0], ensemble, greedy()),
-             (PROMPTS[1], one("lm-0"), greedy())]
+    specs = [
+        (PROMPTS[0], linear, greedy()),
+        (PROMPTS[1], ties, greedy()),
+        (PROMPTS[2], arrow, greedy()),
+        (PROMPTS[0], ensemble, greedy()),
+        (PROMPTS[1], one("lm-0"), greedy()),
+    ]
     results, _ = submit_all(engine, specs)
-    assert text_of(results[0]) == peft_generate(
-        base, experts, PROMPTS, NEW_TOKENS, combine=("cat", weights, {}))[0]
-    assert text_of(results[1]) == peft_generate(
-        base, experts, PROMPTS, NEW_TOKENS, combine=("ties", [0.4, 0.6], {"density": 0.5}))[1]
+    assert (
+        text_of(results[0])
+        == peft_generate(base, experts, PROMPTS, NEW_TOKENS, combine=("cat", weights, {}))[0]
+    )
+    assert (
+        text_of(results[1])
+        == peft_generate(
+            base, experts, PROMPTS, NEW_TOKENS, combine=("ties", [0.4, 0.6], {"density": 0.5})
+        )[1]
+    )
     assert text_of(results[2]) == own_generations["lm-1"][2]  # Arrow over one expert
     final = results[2][-1]
     assert isinstance(final, GenerationFinished)
@@ -167,19 +201,26 @@ def test_max_new_tokens_and_stop_strings_end_the_stream(engine, own_generations)
 def test_the_same_seed_gives_the_same_sample_whatever_shares_the_batch(engine):
     sampling = greedy(temperature=1.5, top_p=0.95, top_k=20, seed=1234)
     alone = text_of(events_of(engine, PROMPTS[0], one("lm-0"), sampling))
-    results, _ = submit_all(engine, [
-        (PROMPTS[1], one("lm-1"), greedy(temperature=1.0)),
-        (PROMPTS[0], one("lm-0"), sampling),
-        (PROMPTS[2], one("lm-0"), greedy(repetition_penalty=1.3)),
-    ])
+    results, _ = submit_all(
+        engine,
+        [
+            (PROMPTS[1], one("lm-1"), greedy(temperature=1.0)),
+            (PROMPTS[0], one("lm-0"), sampling),
+            (PROMPTS[2], one("lm-0"), greedy(repetition_penalty=1.3)),
+        ],
+    )
     assert text_of(results[1]) == alone
 
 
 def test_a_cancelled_request_leaves_the_batch_and_frees_its_experts(engine, own_generations):
     events: list[GenerationEvent] = []
-    request = GenerationRequest(prompt=PROMPTS[2], routing_text=PROMPTS[2],
-                                sampling=greedy(max_new_tokens=30), sink=events.append,
-                                plan=one("lm-1"))
+    request = GenerationRequest(
+        prompt=PROMPTS[2],
+        routing_text=PROMPTS[2],
+        sampling=greedy(max_new_tokens=30),
+        sink=events.append,
+        plan=one("lm-1"),
+    )
     with Held(engine):
         engine.scheduler.submit(request)
         request.cancel()
@@ -191,11 +232,14 @@ def test_a_cancelled_request_leaves_the_batch_and_frees_its_experts(engine, own_
 
 def test_bad_requests_fail_alone_with_a_clear_error(engine, own_generations):
     too_long = " ".join(["one"] * 40)
-    results, _ = submit_all(engine, [
-        (too_long, one("lm-0"), greedy()),
-        (PROMPTS[0], RoutingPlan.routed(top_k=5), greedy()),
-        (PROMPTS[0], one("lm-1"), greedy()),
-    ])
+    results, _ = submit_all(
+        engine,
+        [
+            (too_long, one("lm-0"), greedy()),
+            (PROMPTS[0], RoutingPlan.routed(top_k=5), greedy()),
+            (PROMPTS[0], one("lm-1"), greedy()),
+        ],
+    )
     assert isinstance(results[0][-1], GenerationFailed)
     assert isinstance(results[0][-1].error, InputTooLong)
     assert isinstance(results[1][-1], GenerationFailed)
@@ -204,26 +248,52 @@ def test_bad_requests_fail_alone_with_a_clear_error(engine, own_generations):
 
 
 def test_a_full_queue_refuses_new_requests(base, experts):
-    engine = InferenceEngine(base, "causal_lm", ["q_proj", "v_proj"], max_rank=8, max_length=32,
-                             expert_loader=experts.__getitem__, generation_max_waiting=1)
+    engine = InferenceEngine(
+        base,
+        "causal_lm",
+        ["q_proj", "v_proj"],
+        max_rank=8,
+        max_length=32,
+        expert_loader=experts.__getitem__,
+        generation_max_waiting=1,
+    )
     try:
         with Held(engine):
-            first = GenerationRequest(prompt="one", routing_text="one", sampling=greedy(2),
-                                      sink=lambda e: None, plan=one("lm-0"))
+            first = GenerationRequest(
+                prompt="one",
+                routing_text="one",
+                sampling=greedy(2),
+                sink=lambda e: None,
+                plan=one("lm-0"),
+            )
             engine.scheduler.submit(first)
             with pytest.raises(QueueFull):
-                engine.scheduler.submit(GenerationRequest(
-                    prompt="two", routing_text="two", sampling=greedy(2), sink=lambda e: None,
-                    plan=one("lm-0")))
+                engine.scheduler.submit(
+                    GenerationRequest(
+                        prompt="two",
+                        routing_text="two",
+                        sampling=greedy(2),
+                        sink=lambda e: None,
+                        plan=one("lm-0"),
+                    )
+                )
     finally:
         engine.close()
 
 
 @pytest.mark.parametrize(
     "field, value",
-    [("max_new_tokens", 0), ("max_new_tokens", 10_000), ("temperature", -1.0),
-     ("temperature", float("nan")), ("top_p", 0.0), ("top_k", -3),
-     ("repetition_penalty", 0.0), ("stop", ("",)), ("stop", tuple("abcdefghi"))],
+    [
+        ("max_new_tokens", 0),
+        ("max_new_tokens", 10_000),
+        ("temperature", -1.0),
+        ("temperature", float("nan")),
+        ("top_p", 0.0),
+        ("top_k", -3),
+        ("repetition_penalty", 0.0),
+        ("stop", ("",)),
+        ("stop", tuple("abcdefghi")),
+    ],
 )
 def test_absurd_sampling_values_are_refused(field, value):
     from moerge.coordinator.inference.generation.sampling import InvalidSampling
@@ -234,8 +304,9 @@ def test_absurd_sampling_values_are_refused(field, value):
 
 def test_top_k_one_sampling_is_greedy(engine, own_generations):
     sampling = greedy(temperature=2.0, top_k=1)
-    assert text_of(events_of(engine, PROMPTS[1], one("lm-0"), sampling)) == \
-        own_generations["lm-0"][1]
+    assert (
+        text_of(events_of(engine, PROMPTS[1], one("lm-0"), sampling)) == own_generations["lm-0"][1]
+    )
     assert torch.is_grad_enabled()  # the scheduler never leaks no_grad into callers
 
 
@@ -244,8 +315,11 @@ def test_requests_admitted_together_are_embedded_for_routing_in_one_pass(engine,
     from moerge.router_training import fit_router
     from moerge.router_training.base import ExpertRecord
 
-    router = fit_router("centroid", [ExpertRecord(e, statistics=read_statistics(f))
-                                     for e, f in experts.items()], {"top_k": 1}).router
+    router = fit_router(
+        "centroid",
+        [ExpertRecord(e, statistics=read_statistics(f)) for e, f in experts.items()],
+        {"top_k": 1},
+    ).router
     plan = RoutingPlan.routed(router, 1)
     alone = [engine.route([p], plan)[0] for p in PROMPTS]
     calls = []
@@ -265,11 +339,22 @@ def test_requests_admitted_together_are_embedded_for_routing_in_one_pass(engine,
 def test_a_row_freed_mid_batch_is_reused_and_no_neighbours_text_changes(base, experts):
     """Three rows: the middle request is cancelled and a newcomer takes its row while the
     others decode; every text equals the same request generated alone."""
-    engine = InferenceEngine(base, "causal_lm", ["q_proj", "v_proj"], max_rank=8, max_length=32,
-                             expert_loader=experts.__getitem__, generation_max_batch=3)
+    engine = InferenceEngine(
+        base,
+        "causal_lm",
+        ["q_proj", "v_proj"],
+        max_rank=8,
+        max_length=32,
+        expert_loader=experts.__getitem__,
+        generation_max_batch=3,
+    )
     try:
-        specs = [(PROMPTS[2], one("lm-0")), (PROMPTS[1], one("lm-1")),
-                 (PROMPTS[0], one("lm-1")), (PROMPTS[1], one("lm-0"))]
+        specs = [
+            (PROMPTS[2], one("lm-0")),
+            (PROMPTS[1], one("lm-1")),
+            (PROMPTS[0], one("lm-1")),
+            (PROMPTS[1], one("lm-0")),
+        ]
         alone = [text_of(events_of(engine, p, plan, greedy(24))) for p, plan in specs]
         results: list[list[GenerationEvent]] = [[] for _ in specs]
         finished = [threading.Event() for _ in specs]
@@ -283,11 +368,19 @@ def test_a_row_freed_mid_batch_is_reused_and_no_neighbours_text_changes(base, ex
                     engine.scheduler.submit(requests[3])
                 if isinstance(event, (GenerationFinished, GenerationFailed)):
                     finished[i].set()
+
             return sink
 
         for i, (prompt, plan) in enumerate(specs):
-            requests.append(GenerationRequest(prompt=prompt, routing_text=prompt,
-                                              sampling=greedy(24), sink=sink_for(i), plan=plan))
+            requests.append(
+                GenerationRequest(
+                    prompt=prompt,
+                    routing_text=prompt,
+                    sampling=greedy(24),
+                    sink=sink_for(i),
+                    plan=plan,
+                )
+            )
         with Held(engine):
             for request in requests[:3]:
                 engine.scheduler.submit(request)
@@ -301,8 +394,15 @@ def test_a_row_freed_mid_batch_is_reused_and_no_neighbours_text_changes(base, ex
 
 
 def test_an_ensemble_wider_than_the_batch_fails_with_the_setting_to_raise(base, experts):
-    engine = InferenceEngine(base, "causal_lm", ["q_proj", "v_proj"], max_rank=8, max_length=32,
-                             expert_loader=experts.__getitem__, generation_max_batch=1)
+    engine = InferenceEngine(
+        base,
+        "causal_lm",
+        ["q_proj", "v_proj"],
+        max_rank=8,
+        max_length=32,
+        expert_loader=experts.__getitem__,
+        generation_max_batch=1,
+    )
     try:
         ensemble = RoutingPlan.explicit([["lm-0", "lm-1"]], [[0.5, 0.5]])
         events = events_of(engine, PROMPTS[0], ensemble)

@@ -44,8 +44,9 @@ def save_adapter(
 
 def read_adapter(folder: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
     config = json.loads((folder / "adapter_config.json").read_text())
-    return LoraBank.lora_weights_from_peft(load_file(str(folder / "adapter_model.safetensors")),
-                                           config)
+    return LoraBank.lora_weights_from_peft(
+        load_file(str(folder / "adapter_model.safetensors")), config
+    )
 
 
 @pytest.fixture(scope="module")

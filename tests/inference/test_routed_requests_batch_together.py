@@ -30,8 +30,15 @@ def experts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def engine(experts: dict[str, Path]) -> Iterator[InferenceEngine]:
     base = next(iter(experts.values())).parent.parent / "bert"
-    engine = InferenceEngine(base, "classification", ["query", "value"], max_rank=8,
-                             cache_bytes=1 << 30, max_length=24, expert_loader=experts.__getitem__)
+    engine = InferenceEngine(
+        base,
+        "classification",
+        ["query", "value"],
+        max_rank=8,
+        cache_bytes=1 << 30,
+        max_length=24,
+        expert_loader=experts.__getitem__,
+    )
     yield engine
     engine.close()
 
@@ -55,8 +62,7 @@ def test_requests_of_different_routers_run_in_one_pass_with_their_own_results(en
     # one router per expert (as requests restricted to one expert each get), plus a top-2 one
     routers = [_router(experts, [e], 1) for e in experts] + [_router(experts, list(experts), 2)]
     requests = [
-        InferenceRequest([TEXTS[i]], RoutingPlan.routed(router))
-        for i, router in enumerate(routers)
+        InferenceRequest([TEXTS[i]], RoutingPlan.routed(router)) for i, router in enumerate(routers)
     ]
     alone = [engine.predict(r.texts, r.plan) for r in requests]
     with _counting_forwards(engine) as forwards:
@@ -68,8 +74,12 @@ def test_requests_of_different_routers_run_in_one_pass_with_their_own_results(en
         assert not isinstance(mine, BaseException)
         assert [w.expert_id for w in mine[0].experts] == [w.expert_id for w in reference[0].experts]
         assert mine[0].output == reference[0].output
-        torch.testing.assert_close(torch.tensor(mine[0].probabilities),
-                                   torch.tensor(reference[0].probabilities), atol=ATOL, rtol=0)
+        torch.testing.assert_close(
+            torch.tensor(mine[0].probabilities),
+            torch.tensor(reference[0].probabilities),
+            atol=ATOL,
+            rtol=0,
+        )
 
 
 def test_a_request_that_cannot_be_routed_fails_alone(engine, experts):

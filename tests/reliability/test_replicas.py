@@ -79,8 +79,14 @@ def test_replicas_share_uploads_and_routers_and_a_new_leader_takes_over(
     }
     admin = new_token("mga")[1]
     replicas = [
-        CoordinatorProcess(tmp_path / name, tiny_bert, fresh_postgres_url, admin_token=admin,
-                           log_dir=tmp_path / f"logs-{name}", **settings)
+        CoordinatorProcess(
+            tmp_path / name,
+            tiny_bert,
+            fresh_postgres_url,
+            admin_token=admin,
+            log_dir=tmp_path / f"logs-{name}",
+            **settings,
+        )
         for name in ("a", "b")
     ]
     try:
@@ -89,8 +95,14 @@ def test_replicas_share_uploads_and_routers_and_a_new_leader_takes_over(
         first, second = replicas
         credential = first.enroll("alice")
         for folder in expert_pool[:2]:  # straight into the object store, through replica a
-            response = upload_expert(Target(first.address, credential), folder, folder.name,
-                                     folder.name, progress=False, transport="object")
+            response = upload_expert(
+                Target(first.address, credential),
+                folder,
+                folder.name,
+                folder.name,
+                progress=False,
+                transport="object",
+            )
             assert response.created
         # whichever replica leads fits the router; replica b serves it
         served = eventually(lambda: second.predict().router_version, 60, "b predicts")
@@ -108,8 +120,11 @@ def test_replicas_share_uploads_and_routers_and_a_new_leader_takes_over(
                 request, metadata=bearer(credential), timeout=30
             )
         for part in plan.parts[:2]:
-            put = httpx.put(part.url, content=(third / part.file).read_bytes(),
-                            headers={"x-amz-checksum-sha256": part.checksum_sha256})
+            put = httpx.put(
+                part.url,
+                content=(third / part.file).read_bytes(),
+                headers={"x-amz-checksum-sha256": part.checksum_sha256},
+            )
             assert put.status_code == 200
 
         leader.kill()
@@ -123,14 +138,19 @@ def test_replicas_share_uploads_and_routers_and_a_new_leader_takes_over(
             )
         assert [p.uploaded for p in resumed.parts] == [True, True, False, False]
         # the new leader fits the next expert change, completed through the survivor
-        assert upload_expert(Target(survivor.address, credential), third, third.name,
-                             third.name, progress=False).created
+        assert upload_expert(
+            Target(survivor.address, credential), third, third.name, third.name, progress=False
+        ).created
         newest = eventually(
-            lambda: [v for v in ready_versions(survivor) if len(v.expert_ids) == 3], 60,
+            lambda: [v for v in ready_versions(survivor) if len(v.expert_ids) == 3],
+            60,
             "a router over all three experts",
         )[0]
-        eventually(lambda: survivor.predict().router_version == newest.version, 10,
-                   "the survivor serves the new version")
+        eventually(
+            lambda: survivor.predict().router_version == newest.version,
+            10,
+            "the survivor serves the new version",
+        )
         print(f"failover: {failover:.1f} s")
         assert failover < 5
     finally:

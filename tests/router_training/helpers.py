@@ -76,9 +76,9 @@ def planted_directions(num_experts: int = NUM_EXPERTS, seed: int = 0) -> torch.T
     return orthonormal(num_experts, HIDDEN, seed)
 
 
-def probe_inputs(num_experts: int = NUM_EXPERTS, per_expert: int = 6, seed: int = 1) -> tuple[
-    torch.Tensor, torch.Tensor
-]:
+def probe_inputs(
+    num_experts: int = NUM_EXPERTS, per_expert: int = 6, seed: int = 1
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Unit-norm inputs near each planted direction: ``x`` [E * per_expert, HIDDEN], experts."""
     gen = torch.Generator().manual_seed(seed)
     directions = planted_directions(num_experts)

@@ -29,8 +29,12 @@ def test_the_search_finds_the_minimum_of_a_known_loss_within_the_bounds() -> Non
 
 def test_the_first_point_is_the_uniform_merge_and_progress_follows_every_evaluation() -> None:
     seen, progress = [], []
-    search_weights(lambda w: seen.append(w.copy()) or 1.0, 3, CompositionConfig(budget=5),
-                   on_progress=progress.append)
+    search_weights(
+        lambda w: seen.append(w.copy()) or 1.0,
+        3,
+        CompositionConfig(budget=5),
+        on_progress=progress.append,
+    )
     assert np.allclose(seen[0], [1 / 3] * 3)
     assert [p.evaluations for p in progress] == [1, 2, 3, 4, 5]
     assert all(p.budget == 5 for p in progress)
@@ -49,26 +53,31 @@ def test_the_l1_penalty_prefers_the_sparser_of_two_equally_good_mixtures() -> No
 
 def test_a_search_stops_at_its_time_limit_and_when_cancelled() -> None:
     started = time.monotonic()
-    slow = search_weights(lambda w: time.sleep(0.05) or 1.0, 2,
-                          CompositionConfig(budget=1000, time_limit_s=0.2))
+    slow = search_weights(
+        lambda w: time.sleep(0.05) or 1.0, 2, CompositionConfig(budget=1000, time_limit_s=0.2)
+    )
     assert slow.stopped_by == "time" and slow.evaluations < 20
     assert time.monotonic() - started < 2.0
-    cancelled = search_weights(lambda w: 1.0, 2, CompositionConfig(budget=100),
-                               cancelled=lambda: True)
+    cancelled = search_weights(
+        lambda w: 1.0, 2, CompositionConfig(budget=100), cancelled=lambda: True
+    )
     assert cancelled.stopped_by == "cancelled" and cancelled.evaluations == 0
 
 
 def test_the_same_seed_gives_the_same_weights() -> None:
     def loss(w: np.ndarray) -> float:
-        return float(np.sin(3 * w).sum() + (w ** 2).sum())
+        return float(np.sin(3 * w).sum() + (w**2).sum())
 
     config = CompositionConfig(budget=30, seed=7)
     assert search_weights(loss, 3, config).weights == search_weights(loss, 3, config).weights
 
 
 def test_a_non_finite_loss_counts_as_infinitely_bad() -> None:
-    result = search_weights(lambda w: math.nan if w[0] > 0.6 else float((w[0] - 1) ** 2), 2,
-                            CompositionConfig(budget=40, l1=0.0))
+    result = search_weights(
+        lambda w: math.nan if w[0] > 0.6 else float((w[0] - 1) ** 2),
+        2,
+        CompositionConfig(budget=40, l1=0.0),
+    )
     assert math.isfinite(result.loss) and result.weights[0] <= 0.6
 
 
@@ -96,7 +105,12 @@ def test_invalid_settings_are_refused(config: CompositionConfig, message: str) -
 
 def test_examples_must_be_one_to_a_hundred_non_empty_labelled_texts() -> None:
     check_examples(["a"], ["x"])
-    for texts, labels in ([[], []], [["a"] * 101, ["x"] * 101], [["a"], [""]], [[" "], ["x"]],
-                          [["a", "b"], ["x"]]):
+    for texts, labels in (
+        [[], []],
+        [["a"] * 101, ["x"] * 101],
+        [["a"], [""]],
+        [[" "], ["x"]],
+        [["a", "b"], ["x"]],
+    ):
         with pytest.raises(ValueError):
             check_examples(texts, labels)

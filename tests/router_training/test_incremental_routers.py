@@ -15,8 +15,11 @@ MODULES = {"layer.0.q": (16, 12), "layer.0.v": (16, 8), "layer.1.q": (16, 12)}  
 def expert(name: str, seed: int, modules: dict[str, tuple[int, int]] = MODULES) -> ExpertRecord:
     generator = torch.Generator().manual_seed(seed)
     lora = {
-        m: LoraModuleWeights(torch.randn(4, d_in, generator=generator),
-                             torch.randn(d_out, 4, generator=generator), 2.0)
+        m: LoraModuleWeights(
+            torch.randn(4, d_in, generator=generator),
+            torch.randn(d_out, 4, generator=generator),
+            2.0,
+        )
         for m, (d_in, d_out) in modules.items()
     }
     return ExpertRecord(expert_id=name, load_lora=lambda: lora)
@@ -82,12 +85,19 @@ def test_extended_routers_route_bf16_tokens_exactly_as_a_fresh_fit() -> None:
     hidden = torch.randn(9, 16, generator=torch.Generator().manual_seed(0)).bfloat16()
     router = ArrowRouter.fit(experts, config)
     route_all(router, hidden)
-    for i, new in enumerate([expert("n0", 10), expert("n1", 11), expert("n2", 12),
-                             expert("n3", 13, {"layer.1.q": (16, 12), "layer.2.o": (16, 4)})]):
+    for i, new in enumerate(
+        [
+            expert("n0", 10),
+            expert("n1", 11),
+            expert("n2", 12),
+            expert("n3", 13, {"layer.1.q": (16, 12), "layer.2.o": (16, 4)}),
+        ]
+    ):
         router = router.extended([new])
         experts.append(new)
-        assert_same_routing(route_all(router, hidden), route_all(ArrowRouter.fit(experts, config),
-                                                                 hidden))
+        assert_same_routing(
+            route_all(router, hidden), route_all(ArrowRouter.fit(experts, config), hidden)
+        )
         assert router.scores("layer.0.q", hidden).dtype == torch.bfloat16, i
 
 
@@ -126,10 +136,12 @@ def test_a_router_extended_twice_gives_two_independent_routers() -> None:
     route_all(base, hidden)
     a, b = base.extended([expert("a", 20)]), base.extended([expert("b", 21)])
     routed_a, routed_b = route_all(a, hidden), route_all(b, hidden)
-    assert_same_routing(routed_a, route_all(ArrowRouter.fit([*experts, expert("a", 20)], config),
-                                            hidden))
-    assert_same_routing(routed_b, route_all(ArrowRouter.fit([*experts, expert("b", 21)], config),
-                                            hidden))
+    assert_same_routing(
+        routed_a, route_all(ArrowRouter.fit([*experts, expert("a", 20)], config), hidden)
+    )
+    assert_same_routing(
+        routed_b, route_all(ArrowRouter.fit([*experts, expert("b", 21)], config), hidden)
+    )
     assert_same_routing(route_all(a, hidden), routed_a)  # b's rows did not land in a's tables
 
 

@@ -25,7 +25,10 @@ def gate_experts(gates: list[dict[str, torch.Tensor]]) -> list[ExpertRecord]:
         ExpertRecord(
             expert_id=f"e{i}",
             statistics=ExpertStatistics(
-                example_count=10, mean=empty, cov_diag=empty + 1, cov_factor=torch.zeros(D, 0),
+                example_count=10,
+                mean=empty,
+                cov_diag=empty + 1,
+                cov_factor=torch.zeros(D, 0),
                 gates=g,
             ),
         )

@@ -51,7 +51,9 @@ def contributor_statistics(samples: torch.Tensor, rank: int) -> ExpertStatistics
     factor = evecs[:, -rank:] * evals[-rank:].sqrt()
     diag = torch.diagonal(cov - factor @ factor.T)
     return ExpertStatistics(
-        example_count=len(samples), mean=mean.float(), cov_diag=diag.float(),
+        example_count=len(samples),
+        mean=mean.float(),
+        cov_diag=diag.float(),
         cov_factor=factor.float(),
     )
 
@@ -71,10 +73,16 @@ def sample_fitted_posteriors(
     if shared:
         pooled = sum(n * c for n, c in zip(counts, covs, strict=True)) / counts.sum()
         covs = [pooled] * len(covs)
-    log_joint = torch.stack(
-        [MultivariateNormal(m, c).log_prob(x.double()) for m, c in zip(means, covs, strict=True)],
-        dim=1,
-    ) + (counts / counts.sum()).log()
+    log_joint = (
+        torch.stack(
+            [
+                MultivariateNormal(m, c).log_prob(x.double())
+                for m, c in zip(means, covs, strict=True)
+            ],
+            dim=1,
+        )
+        + (counts / counts.sum()).log()
+    )
     return torch.softmax(log_joint, dim=1).float()
 
 
@@ -82,8 +90,9 @@ def compare_with_sample_fit(
     router_class: type, gaussians: list[tuple[torch.Tensor, torch.Tensor]], upload_rank: int
 ) -> tuple[float, float, float, float]:
     """(max |d posterior|, mean |d posterior|, argmax agreement, mean top reference posterior)."""
-    samples = [draw(m, c, n, seed=i) for i, ((m, c), n) in enumerate(
-        zip(gaussians, COUNTS, strict=True))]
+    samples = [
+        draw(m, c, n, seed=i) for i, ((m, c), n) in enumerate(zip(gaussians, COUNTS, strict=True))
+    ]
     records = [
         ExpertRecord(expert_id=f"e{i}", statistics=contributor_statistics(s, upload_rank))
         for i, s in enumerate(samples)
@@ -147,7 +156,8 @@ def test_qda_log_joint_equals_low_rank_gaussian_log_density(records) -> None:
         [
             LowRankMultivariateNormal(
                 bank.means[e].double(), bank.cov_factor[e].double(), bank.cov_diag[e].double()
-            ).log_prob(x.double()) + log_prior[e]
+            ).log_prob(x.double())
+            + log_prior[e]
             for e in range(bank.num_experts)
         ],
         dim=1,
@@ -166,7 +176,7 @@ def test_lda_discriminant_equals_dense_shared_gaussian(
         records, LDARouterConfig(calibrate=False, solver=solver, shrinkage=shrinkage)
     )
     bank = GaussianBank.from_experts(records)
-    w = (bank.counts / bank.counts.sum())
+    w = bank.counts / bank.counts.sum()
     covs = [
         bank.cov_factor[e].double() @ bank.cov_factor[e].double().T
         + torch.diag(bank.cov_diag[e].double())
@@ -178,8 +188,10 @@ def test_lda_discriminant_equals_dense_shared_gaussian(
     )
     x = torch.randn(40, H) * 0.6
     expected = torch.stack(
-        [MultivariateNormal(bank.means[e].double(), pooled).log_prob(x.double()) + w[e].log()
-         for e in range(bank.num_experts)],
+        [
+            MultivariateNormal(bank.means[e].double(), pooled).log_prob(x.double()) + w[e].log()
+            for e in range(bank.num_experts)
+        ],
         dim=1,
     )
     ours = router.logits(x).double()
@@ -193,7 +205,9 @@ def twin_experts(counts: tuple[int, int]) -> list[ExpertRecord]:
         ExpertRecord(
             expert_id=f"twin-{i}",
             statistics=ExpertStatistics(
-                example_count=n, mean=stats.mean, cov_diag=stats.cov_diag,
+                example_count=n,
+                mean=stats.mean,
+                cov_diag=stats.cov_diag,
                 cov_factor=stats.cov_factor,
             ),
         )
@@ -313,10 +327,17 @@ def test_rank_zero_statistics_are_supported() -> None:
 
 def test_mlp_with_lda_skip_starts_from_the_lda_discriminant(records) -> None:
     lda = LDARouter.fit(records, LDARouterConfig(priors="uniform", calibrate=False))
-    mlp = MLPRouter.fit(records, MLPRouterConfig(
-        priors="uniform", calibrate=False, steps=1, learning_rate=1e-9, hidden_sizes=[8],
-        normalize_samples=False,
-    ))
+    mlp = MLPRouter.fit(
+        records,
+        MLPRouterConfig(
+            priors="uniform",
+            calibrate=False,
+            steps=1,
+            learning_rate=1e-9,
+            hidden_sizes=[8],
+            normalize_samples=False,
+        ),
+    )
     x = torch.randn(30, H) * 0.6
     a, b = lda.logits(x).double(), mlp.logits(x).double()
     torch.testing.assert_close(a - a[:, :1], b - b[:, :1], atol=1e-3, rtol=1e-4)

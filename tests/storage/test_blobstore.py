@@ -69,8 +69,9 @@ def local(tmp_path: Path) -> LocalBlobStore:
 @pytest.fixture
 def s3(s3_server: S3Server, tmp_path: Path) -> S3BlobStore:
     url = f"s3://{s3_server.new_bucket()}/some/prefix"
-    store = open_blob_store(url, tmp_path / "unused", tmp_path / "s3-tmp", s3_server.endpoint_url,
-                            REGION)
+    store = open_blob_store(
+        url, tmp_path / "unused", tmp_path / "s3-tmp", s3_server.endpoint_url, REGION
+    )
     assert isinstance(store, S3BlobStore)
     return store
 

@@ -39,11 +39,14 @@ def test_saving_a_name_again_adds_its_next_version_and_get_pins_either(
 def test_examples_are_stored_only_when_kept(registry: Registry, blobs: BlobStore) -> None:
     experts = two_experts(registry, blobs)
     store = CompositionStore(registry)
-    kept = store.create(ADMIN, "kept", experts, [1.0, 0.0], ["a"], {},
-                        examples=[("great soup", "positive")])
+    kept = store.create(
+        ADMIN, "kept", experts, [1.0, 0.0], ["a"], {}, examples=[("great soup", "positive")]
+    )
     assert store.get("kept").examples == (("great soup", "positive"),) == kept.examples
-    assert store.get(store.create(ADMIN, "dropped", experts, [1.0, 0.0], ["a"], {}).name
-                     ).examples == ()
+    assert (
+        store.get(store.create(ADMIN, "dropped", experts, [1.0, 0.0], ["a"], {}).name).examples
+        == ()
+    )
 
 
 def test_unknown_names_versions_and_experts_are_refused(

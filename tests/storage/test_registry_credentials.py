@@ -198,8 +198,17 @@ def test_join_refuses_a_taken_name_without_using_up_the_token(registry: Registry
 
 def test_join_refuses_bad_names(registry: Registry) -> None:
     _, enrollment = registry.create_enrollment_token(ADMIN)
-    for name in ["", "../etc", "a/b", " padded", "ctl\x1b", "x" * 129, "x;DROP TABLE contributors",
-                 "<b>", "a'b"]:
+    for name in [
+        "",
+        "../etc",
+        "a/b",
+        " padded",
+        "ctl\x1b",
+        "x" * 129,
+        "x;DROP TABLE contributors",
+        "<b>",
+        "a'b",
+    ]:
         with pytest.raises(InvalidArgument) as raised:
             registry.join(enrollment, name)
         assert raised.value.field == "name"

@@ -45,7 +45,6 @@ class TokenRouting:
     names: dict[str, str]  # bank module -> the router's module name
 
 
-
 class RoutedRows(Protocol):
     """What the routing needs of a running request (the scheduler's bookkeeping has more)."""
 
@@ -61,8 +60,13 @@ class BatchRouting:
     ``starts[i] ..`` (rows of no member decode nothing anyone reads: the base model); token
     routing weights are accumulated per member."""
 
-    def __init__(self, engine: InferenceEngine, members: Sequence[RoutedRows],
-                 starts: Sequence[int], rows: int) -> None:
+    def __init__(
+        self,
+        engine: InferenceEngine,
+        members: Sequence[RoutedRows],
+        starts: Sequence[int],
+        rows: int,
+    ) -> None:
         self.members = members
         self.bank = engine.bank
         device, dtype = engine.device, engine.dtype
@@ -84,8 +88,10 @@ class BatchRouting:
         self.has_fixed = any(m.token is None for m in members)
         self.slots = torch.tensor(slots, dtype=torch.long, device=device)  # [R, k]
         self.weights = torch.tensor(weights, dtype=dtype, device=device)  # [R, k]
-        self.group_rows = {key: torch.tensor(rows_, dtype=torch.long, device=device)
-                           for key, (_, rows_, _) in self.token_groups.items()}
+        self.group_rows = {
+            key: torch.tensor(rows_, dtype=torch.long, device=device)
+            for key, (_, rows_, _) in self.token_groups.items()
+        }
         self.usage = {
             key: torch.zeros(len(rows_), group.router.num_experts, device=device)
             for key, (group, rows_, _) in self.token_groups.items()
@@ -98,7 +104,7 @@ class BatchRouting:
             return ExampleForm(int(self.slots.shape[1]))
         if self.has_fixed or len(self.token_groups) > 1:
             return None
-        (routing, _, _), = self.token_groups.values()
+        ((routing, _, _),) = self.token_groups.values()
         return TokenForm(routing.router, routing.top_k)
 
     def fill(self, graph: Any) -> None:
@@ -107,7 +113,7 @@ class BatchRouting:
             graph.slots.copy_(self.slots)
             graph.weights.copy_(self.weights)
         else:
-            (routing, _, _), = self.token_groups.values()
+            ((routing, _, _),) = self.token_groups.values()
             graph.table.copy_(routing.slot_table)
 
     def collect(self, graph: Any) -> None:
@@ -128,8 +134,13 @@ class BatchRouting:
         length = n // self.rows
         parts: list[tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]] = []
         if self.has_fixed:  # every row's fixed routing; token-routed rows are overwritten
-            parts.append((None, self.slots.repeat_interleave(length, 0),
-                          self.weights.repeat_interleave(length, 0)))
+            parts.append(
+                (
+                    None,
+                    self.slots.repeat_interleave(length, 0),
+                    self.weights.repeat_interleave(length, 0),
+                )
+            )
         for key, (group, rows, _) in self.token_groups.items():
             if module not in group.names:
                 continue

@@ -64,8 +64,11 @@ class TokenForm:
         return hash((id(self.router), self.top_k))
 
     def __eq__(self, other: object) -> bool:
-        return (isinstance(other, TokenForm) and other.router is self.router
-                and other.top_k == self.top_k)
+        return (
+            isinstance(other, TokenForm)
+            and other.router is self.router
+            and other.top_k == self.top_k
+        )
 
 
 RoutingForm = ExampleForm | TokenForm
@@ -74,8 +77,15 @@ RoutingForm = ExampleForm | TokenForm
 class _Graph:
     """One captured decode step and the static buffers it reads and writes."""
 
-    def __init__(self, rows: int, form: RoutingForm, engine: InferenceEngine, kv: KVRows,
-                 cache_kwarg: str, pad_id: int) -> None:
+    def __init__(
+        self,
+        rows: int,
+        form: RoutingForm,
+        engine: InferenceEngine,
+        kv: KVRows,
+        cache_kwarg: str,
+        pad_id: int,
+    ) -> None:
         device = engine.device
         self.rows, self.form = rows, form
         self.input_ids = torch.full((rows, 1), pad_id, dtype=torch.long, device=device)
@@ -107,9 +117,10 @@ class _Graph:
         def route(module: str, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             name = names.get(module)
             if name is None:  # a module this router does not route: no expert
-                return (torch.full((hidden.shape[0], 1), -1, dtype=torch.long,
-                                   device=hidden.device),
-                        hidden.new_zeros(hidden.shape[0], 1))
+                return (
+                    torch.full((hidden.shape[0], 1), -1, dtype=torch.long, device=hidden.device),
+                    hidden.new_zeros(hidden.shape[0], 1),
+                )
             decision = form.router.route_tokens(name, hidden, form.top_k)
             usage.add_(decision.to_dense(experts).float())
             return table[decision.indices], decision.weights
@@ -124,8 +135,10 @@ class _Graph:
         assert kv.positions is not None
         with self._routing():
             out = self._engine.model(
-                input_ids=self.input_ids, attention_mask=mask,
-                position_ids=kv.positions[: self.rows, None], use_cache=True,
+                input_ids=self.input_ids,
+                attention_mask=mask,
+                position_ids=kv.positions[: self.rows, None],
+                use_cache=True,
                 **{self._cache_kwarg: kv.cache},
             )
         return out.logits[:, -1]
@@ -150,8 +163,14 @@ class _Graph:
 class DecodeGraphs:
     """The captured decode steps of one scheduler (see the module docstring)."""
 
-    def __init__(self, engine: InferenceEngine, kv: KVRows, cache_kwarg: str, pad_id: int,
-                 max_graphs: int = 16) -> None:
+    def __init__(
+        self,
+        engine: InferenceEngine,
+        kv: KVRows,
+        cache_kwarg: str,
+        pad_id: int,
+        max_graphs: int = 16,
+    ) -> None:
         self.engine, self.kv = engine, kv
         self.cache_kwarg, self.pad_id = cache_kwarg, pad_id
         self.max_graphs = max_graphs
@@ -170,9 +189,14 @@ class DecodeGraphs:
         """The smallest captured batch size holding ``rows`` rows."""
         return next(b for b in self.buckets if b >= rows)
 
-    def run(self, rows: int, form: RoutingForm | None, input_ids: list[int],
-            fill: Callable[[_Graph], None], collect: Callable[[_Graph], None],
-            ) -> torch.Tensor | None:
+    def run(
+        self,
+        rows: int,
+        form: RoutingForm | None,
+        input_ids: list[int],
+        fill: Callable[[_Graph], None],
+        collect: Callable[[_Graph], None],
+    ) -> torch.Tensor | None:
         """Replay the step for ``rows`` rows (a bucket; ``input_ids``: one token per row)
         after ``fill(graph)`` wrote the routing buffers, then ``collect(graph)`` reads its
         routing usage; ``None`` when this batch runs eagerly instead. Returns logits [rows, V]
@@ -185,8 +209,14 @@ class DecodeGraphs:
             return None  # float32 token mixing reads segment bounds back: not capturable
         bank = self.engine.bank
         first = next(iter(bank.modules.values()))
-        key = (rows, form, self.kv.generation, self.kv.capacity, first.A.data_ptr(),
-               first.A.shape[0])
+        key = (
+            rows,
+            form,
+            self.kv.generation,
+            self.kv.capacity,
+            first.A.data_ptr(),
+            first.A.shape[0],
+        )
         if key in self._failed:
             return None
         graph = self._graphs.get(key)
@@ -198,8 +228,13 @@ class DecodeGraphs:
             try:
                 graph.capture()
             except Exception as exc:
-                log.warning("decode step could not be captured in a CUDA graph (%s, %d rows); "
-                            "it runs eagerly", type(form).__name__, rows, exc_info=True)
+                log.warning(
+                    "decode step could not be captured in a CUDA graph (%s, %d rows); "
+                    "it runs eagerly",
+                    type(form).__name__,
+                    rows,
+                    exc_info=True,
+                )
                 self.failures.append(f"{type(form).__name__}, {rows} rows: {exc!r}")
                 self._failed.add(key)
                 torch.cuda.synchronize()

@@ -65,7 +65,10 @@ class RowCacheLayer(CacheLayerMixin):
         """Allocated up front by :class:`KVRows`."""
 
     def update(
-        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: object,
+        self,
+        key_states: torch.Tensor,
+        value_states: torch.Tensor,
+        *args: object,
         **kwargs: object,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         rows, columns = self._rows.view
@@ -187,8 +190,12 @@ class KVRows:
         self.generation += 1
 
     def write_prompt(
-        self, starts: Sequence[int], counts: Sequence[int], cache: DynamicCache,
-        mask: torch.Tensor, need: int,
+        self,
+        starts: Sequence[int],
+        counts: Sequence[int],
+        cache: DynamicCache,
+        mask: torch.Tensor,
+        need: int,
     ) -> None:
         """Copy a prefilled, left-padded batch into the taken rows.
 
@@ -201,8 +208,9 @@ class KVRows:
             self._allocate(layers, max(_MIN_CAPACITY, self.capacity * 2, _round_up(need, 256)))
         assert self.cache is not None
         device = layers[0][0].device
-        targets = [start + j for start, count in zip(starts, counts, strict=True)
-                   for j in range(count)]
+        targets = [
+            start + j for start, count in zip(starts, counts, strict=True) for j in range(count)
+        ]
         lengths = mask.sum(dim=1).tolist()  # [R_new]
         width = int(mask.shape[1])
         # one gather/scatter per layer: (source row, source column) -> (target row, column)
@@ -213,8 +221,10 @@ class KVRows:
             dst_rows += [target] * n
             dst_cols += range(n)
             self.lengths[target] = n
-        index = [torch.tensor(x, dtype=torch.long, device=device)
-                 for x in (src_rows, src_cols, dst_rows, dst_cols)]
+        index = [
+            torch.tensor(x, dtype=torch.long, device=device)
+            for x in (src_rows, src_cols, dst_rows, dst_cols)
+        ]
         for (k, v), layer in zip(layers, self.cache.layers, strict=True):
             layer.keys[index[2], :, index[3]] = k[index[0], :, index[1]]
             layer.values[index[2], :, index[3]] = v[index[0], :, index[1]]
@@ -227,8 +237,9 @@ class KVRows:
         """
         assert self.positions is not None
         longest = max(self.lengths[:rows], default=0) + 1
-        columns = self.capacity if full_width else min(self.capacity,
-                                                       _round_up(longest, _COLUMN_STEP))
+        columns = (
+            self.capacity if full_width else min(self.capacity, _round_up(longest, _COLUMN_STEP))
+        )
         self.view = (rows, columns)
         self.positions.copy_(torch.tensor(self.lengths, dtype=torch.long), non_blocking=True)
         return self.step_mask(rows, columns)

@@ -95,7 +95,10 @@ class GenerationScheduler:
     """Continuous batching over one engine (see the module docstring)."""
 
     def __init__(
-        self, engine: InferenceEngine, max_batch_rows: int = 32, max_waiting: int = 256,
+        self,
+        engine: InferenceEngine,
+        max_batch_rows: int = 32,
+        max_waiting: int = 256,
         cuda_graphs: bool = True,
     ) -> None:
         if max_batch_rows < 1 or max_waiting < 0:
@@ -119,8 +122,11 @@ class GenerationScheduler:
         forward = inspect.signature(engine.model.forward).parameters
         self.cache_kwarg = "cache" if "cache" in forward else "past_key_values"
         #: captured decode steps (CUDA only; see :mod:`.cuda_graphs`)
-        self.graphs = (DecodeGraphs(engine, self.kv, self.cache_kwarg, self.pad_id)
-                       if cuda_graphs and DecodeGraphs.enabled_for(engine) else None)
+        self.graphs = (
+            DecodeGraphs(engine, self.kv, self.cache_kwarg, self.pad_id)
+            if cuda_graphs and DecodeGraphs.enabled_for(engine)
+            else None
+        )
         config = engine.model.config
         self.max_positions = int(getattr(config, "max_position_embeddings", 0) or 0)
         self.steps = 0  # decode steps run (for metrics and tests)
@@ -167,8 +173,9 @@ class GenerationScheduler:
                 if self.running:
                     self._decode()
         except Exception as exc:  # a failed forward: fail what ran, keep serving
-            log.exception("generation step failed; failing %d running request(s)",
-                          len(self.running))
+            log.exception(
+                "generation step failed; failing %d running request(s)", len(self.running)
+            )
             self._retire(list(self.running), error=exc)
         finally:
             with self._lock:
@@ -205,9 +212,15 @@ class GenerationScheduler:
             if member.rows > self.kv.max_rows:
                 member.resources.close()
                 request.state = RequestState.FAILED
-                request.sink(GenerationFailed(InvalidPlan(
-                    f"an output ensemble of {member.rows} experts decodes {member.rows} rows; "
-                    f"the batch holds {self.kv.max_rows} (generation_max_batch)")))
+                request.sink(
+                    GenerationFailed(
+                        InvalidPlan(
+                            f"an output ensemble of {member.rows} experts decodes "
+                            f"{member.rows} rows; the batch holds {self.kv.max_rows} "
+                            "(generation_max_batch)"
+                        )
+                    )
+                )
                 continue
             start = self.kv.allocate(member.rows)
             if start is None:
@@ -217,8 +230,13 @@ class GenerationScheduler:
                 break
             member.row = start
             request.state = RequestState.RUNNING
-            request.sink(GenerationStarted(experts=member.experts, aggregation=member.aggregation,
-                                           prompt_tokens=len(member.prompt_ids)))
+            request.sink(
+                GenerationStarted(
+                    experts=member.experts,
+                    aggregation=member.aggregation,
+                    prompt_tokens=len(member.prompt_ids),
+                )
+            )
             admitted.append(member)
             free -= member.rows
         if admitted:
@@ -253,16 +271,18 @@ class GenerationScheduler:
         if not ids:
             raise InputTooLong("the prompt is empty after tokenization")
         if len(ids) > engine.max_length:
-            raise InputTooLong(f"the prompt has {len(ids)} tokens; the limit is "
-                               f"{engine.max_length}")
+            raise InputTooLong(
+                f"the prompt has {len(ids)} tokens; the limit is {engine.max_length}"
+            )
         budget = request.sampling.max_new_tokens
         if self.max_positions and len(ids) + budget > self.max_positions:
             raise InputTooLong(
                 f"prompt ({len(ids)} tokens) + max_new_tokens ({budget}) exceeds the model's "
                 f"{self.max_positions} positions"
             )
-        plan = engine.resolve_plan([request.routing_text], request.plan or RoutingPlan.routed(),
-                                   embedding)
+        plan = engine.resolve_plan(
+            [request.routing_text], request.plan or RoutingPlan.routed(), embedding
+        )
         resources = ExitStack()
         try:
             return self._bind(request, plan, resources, ids)
@@ -271,14 +291,19 @@ class GenerationScheduler:
             raise
 
     def _bind(
-        self, request: GenerationRequest, plan: RoutingPlan, resources: ExitStack,
+        self,
+        request: GenerationRequest,
+        plan: RoutingPlan,
+        resources: ExitStack,
         prompt_ids: list[int],
     ) -> _Running:
         engine = self.engine
         aggregation = plan.aggregation or Aggregation.ENSEMBLE
         seed = request.sampling.seed
         common: dict[str, Any] = {
-            "request": request, "prompt_ids": prompt_ids, "resources": resources,
+            "request": request,
+            "prompt_ids": prompt_ids,
+            "resources": resources,
             "aggregation": aggregation.value,
             "detokenizer": StreamingDetokenizer(engine.tokenizer, request.sampling.stop),
             "generator": None if seed is None else self.sampler.new_generator(seed),
@@ -287,11 +312,13 @@ class GenerationScheduler:
             router = plan.router
             assert router is not None
             loaded = resources.enter_context(engine.cache.acquire(router.expert_ids))
-            table = torch.tensor([loaded[e].slot for e in router.expert_ids],
-                                 dtype=torch.long, device=engine.device)
+            table = torch.tensor(
+                [loaded[e].slot for e in router.expert_ids], dtype=torch.long, device=engine.device
+            )
             token = TokenRouting(router, plan.top_k, table, engine.router_modules(router))
-            return _Running(rows=1, slots=[], weights=[], mix=None, token=token, experts=(),
-                            **common)
+            return _Running(
+                rows=1, slots=[], weights=[], mix=None, token=token, experts=(), **common
+            )
         assert plan.expert_ids is not None and plan.weights is not None
         ids, weights = plan.expert_ids[0], [float(w) for w in plan.weights[0].tolist()]
         experts = tuple(ExpertWeight(e, w) for e, w in zip(ids, weights, strict=True))
@@ -302,8 +329,14 @@ class GenerationScheduler:
         slots = [loaded[e].slot for e in ids]
         if aggregation is Aggregation.ENSEMBLE and len(ids) > 1:
             mix = torch.tensor(weights, device=engine.device).clamp_min(1e-30).log()
-            return _Running(rows=len(ids), slots=[[s] for s in slots],
-                            weights=[[1.0]] * len(ids), mix=mix, **base, **common)
+            return _Running(
+                rows=len(ids),
+                slots=[[s] for s in slots],
+                weights=[[1.0]] * len(ids),
+                mix=mix,
+                **base,
+                **common,
+            )
         if aggregation in (Aggregation.ENSEMBLE, Aggregation.MERGE_LINEAR):
             return _Running(rows=1, slots=[slots], weights=[weights], mix=None, **base, **common)
         method = aggregation.merge_method
@@ -317,23 +350,31 @@ class GenerationScheduler:
         engine = self.engine
         prompts = [m.prompt_ids for m in members for _ in range(m.rows)]
         length = max(len(p) for p in prompts)
-        input_ids = torch.tensor([[self.pad_id] * (length - len(p)) + p for p in prompts],
-                                 device=engine.device)  # [R_new, P]
-        mask = torch.tensor([[0] * (length - len(p)) + [1] * len(p) for p in prompts],
-                            device=engine.device)
+        input_ids = torch.tensor(
+            [[self.pad_id] * (length - len(p)) + p for p in prompts], device=engine.device
+        )  # [R_new, P]
+        mask = torch.tensor(
+            [[0] * (length - len(p)) + [1] * len(p) for p in prompts], device=engine.device
+        )
         positions = (mask.cumsum(dim=1) - 1).clamp_min(0)
         cache = DynamicCache()
         starts = [sum(m.rows for m in members[:i]) for i in range(len(members))]
         forward = BatchRouting(self.engine, members, starts, len(prompts))
         try:
             with forward.context(mask):
-                out = engine.model(input_ids=input_ids, attention_mask=mask,
-                                   position_ids=positions, use_cache=True, logits_to_keep=1,
-                                   **{self.cache_kwarg: cache})
+                out = engine.model(
+                    input_ids=input_ids,
+                    attention_mask=mask,
+                    position_ids=positions,
+                    use_cache=True,
+                    logits_to_keep=1,
+                    **{self.cache_kwarg: cache},
+                )
             forward.flush_usage()
             need = max(len(m.prompt_ids) + m.request.sampling.max_new_tokens for m in members)
-            self.kv.write_prompt([m.row for m in members], [m.rows for m in members], cache,
-                                 mask, need)
+            self.kv.write_prompt(
+                [m.row for m in members], [m.rows for m in members], cache, mask, need
+            )
         except Exception as exc:  # these newcomers fail; the running batch goes on
             log.exception("prefill of %d request(s) failed", len(members))
             for m in members:
@@ -358,8 +399,9 @@ class GenerationScheduler:
             for j in range(m.rows):
                 ids[m.row + j] = m.generated[-1]
         if self._forward is None or self._forward.rows != rows:
-            self._forward = BatchRouting(self.engine, self.running, [m.row for m in self.running],
-                                         rows)
+            self._forward = BatchRouting(
+                self.engine, self.running, [m.row for m in self.running], rows
+            )
         forward = self._forward
         logits = None
         if self.graphs is not None:
@@ -369,9 +411,13 @@ class GenerationScheduler:
             assert kv.positions is not None
             input_ids = torch.tensor(ids, device=engine.device).unsqueeze(1)  # [R, 1]
             with forward.context():
-                out = engine.model(input_ids=input_ids, attention_mask=mask,
-                                   position_ids=kv.positions[:rows, None], use_cache=True,
-                                   **{self.cache_kwarg: kv.cache})
+                out = engine.model(
+                    input_ids=input_ids,
+                    attention_mask=mask,
+                    position_ids=kv.positions[:rows, None],
+                    use_cache=True,
+                    **{self.cache_kwarg: kv.cache},
+                )
             logits = out.logits[:, -1]
         kv.advance(order)
         self.steps += 1
@@ -396,8 +442,7 @@ class GenerationScheduler:
             seen = torch.zeros(logits.shape, dtype=torch.bool, device=logits.device)
             for q, m in enumerate(members):
                 seen[q, torch.tensor(m.prompt_ids + m.generated, device=logits.device)] = True
-        tokens, logprobs = self.sampler.sample(logits, params, [m.generator for m in members],
-                                               seen)
+        tokens, logprobs = self.sampler.sample(logits, params, [m.generator for m in members], seen)
         # one read-back for both (float64 holds every token id exactly)
         token_list, logprob_list = torch.stack((tokens.double(), logprobs.double())).tolist()
         now = time.perf_counter()
@@ -458,15 +503,17 @@ class GenerationScheduler:
                 continue
             request.state = RequestState.FINISHED
             count = len(m.generated)
-            request.sink(GenerationFinished(
-                finish_reason=(reasons or {}).get(id(m), "length"),
-                prompt_tokens=len(m.prompt_ids),
-                completion_tokens=count,
-                experts=self._experts_used(m),
-                confidence=math.exp(m.logprob_sum / count) if count else 0.0,
-                time_to_first_token_ms=((m.first_token_at or now) - request.created) * 1000.0,
-                latency_ms=(now - request.created) * 1000.0,
-            ))
+            request.sink(
+                GenerationFinished(
+                    finish_reason=(reasons or {}).get(id(m), "length"),
+                    prompt_tokens=len(m.prompt_ids),
+                    completion_tokens=count,
+                    experts=self._experts_used(m),
+                    confidence=math.exp(m.logprob_sum / count) if count else 0.0,
+                    time_to_first_token_ms=((m.first_token_at or now) - request.created) * 1000.0,
+                    latency_ms=(now - request.created) * 1000.0,
+                )
+            )
 
     @staticmethod
     def _experts_used(m: _Running) -> tuple[ExpertWeight, ...]:
