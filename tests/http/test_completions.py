@@ -237,10 +237,21 @@ def test_the_bearer_scheme_is_case_insensitive_and_contributors_may_infer(lm: Se
             assert response.status_code == 200
 
 
-def test_a_client_that_leaves_mid_stream_cancels_its_generation(lm: Served) -> None:
+def test_a_client_that_leaves_mid_stream_cancels_its_generation(
+    lm: Served, monkeypatch: pytest.MonkeyPatch
+) -> None:
     with lm.client() as http:  # the engine starts on the first request
         assert http.post("/v1/completions", json={"prompt": "one"}).status_code == 200
     scheduler = lm.running.state.inference.engine.scheduler
+    decode = scheduler._decode
+
+    def slow_decode() -> None:  # a model slower than its reader: 120 tokens take >= 2.4 s
+        time.sleep(0.02)
+        decode()
+
+    # (the tiny Llama could otherwise finish before the client leaves: a lagging reader gets
+    # the waiting text joined into one event, so three events may already hold all 120 tokens)
+    monkeypatch.setattr(scheduler, "_decode", slow_decode)
     before = scheduler.tokens
     request = {"prompt": "one", "max_tokens": 120, "stream": True, "stop": ["never-said"]}
     with lm.client() as http, http.stream("POST", "/v1/completions", json=request) as stream:
