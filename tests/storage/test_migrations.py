@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import multiprocessing
+import sqlite3
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -12,7 +14,7 @@ from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import CheckConstraint, Column, Engine, Integer, MetaData, inspect
+from sqlalchemy import CheckConstraint, Column, Engine, Integer, MetaData, inspect, text
 
 from moerge.storage.blobstore_local import LocalBlobStore
 from moerge.storage.db import alembic_config, current_revision, head_revision, make_engine, upgrade
@@ -157,4 +159,24 @@ def test_alembic_ini_runs_the_migrations_for_developers(
     try:
         assert current_revision(engine) == head_revision()
     finally:
+        engine.dispose()
+
+
+def test_opening_the_database_waits_out_another_process_lock_beyond_5_s(tmp_path: Path) -> None:
+    """A coordinator starting while another one migrates the same SQLite file waits for its
+    lock (the busy timeout), also when switching the file to WAL: sqlite3's own 5 s default
+    made the third of three coordinators starting together fail under load."""
+    path = tmp_path / "registry.db"
+    holder = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    holder.execute("CREATE TABLE held (x)")
+    holder.execute("BEGIN EXCLUSIVE")  # rollback journal: even the switch to WAL must wait
+    release = threading.Timer(6.0, holder.execute, args=("COMMIT",))
+    release.start()
+    engine = make_engine(f"sqlite:///{path}")
+    try:
+        with engine.connect() as connection:
+            assert connection.execute(text("PRAGMA journal_mode")).scalar() == "wal"
+    finally:
+        release.join()
+        holder.close()
         engine.dispose()
