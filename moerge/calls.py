@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import re
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
@@ -76,8 +77,9 @@ def _page(convert: Callable[[Any], T], field: str) -> Callable[[Any], Page[T]]:
     return lambda r: Page(tuple(convert(x) for x in getattr(r, field)), r.next_page_token)
 
 
-class Calls:
-    """The unary calls, shared by :class:`~moerge.Client` and :class:`~moerge.AsyncClient`."""
+class Calls(ABC):
+    """The unary calls, shared by :class:`~moerge.Client` and :class:`~moerge.AsyncClient`;
+    each subclass sends them its own way (blocking or awaited) through :meth:`_unary`."""
 
     def __init__(
         self,
@@ -93,8 +95,9 @@ class Calls:
         self.target = Target.resolve(coordinator, token, tls_ca)
         self.timeout = timeout
 
+    @abstractmethod
     def _unary(self, service: str, method: str, request: Any, convert: Callable[[Any], T]) -> T:
-        raise NotImplementedError
+        """Send one unary call and ``convert`` its answer."""
 
     def _with_ids(self, kind: str, ids: Iterable[str], call: Callable[[list[str]], T]) -> T:
         """``call(full_ids)``: ids of ``kind`` as given when complete, else resolved first."""
@@ -103,9 +106,9 @@ class Calls:
             return call(given)
         return self._resolving(kind, given, call)
 
+    @abstractmethod
     def _resolving(self, kind: str, prefixes: list[str], call: Callable[[list[str]], T]) -> T:
         """``call`` with each of ``prefixes`` resolved to the one id of ``kind`` it starts."""
-        raise NotImplementedError
 
     # -- contributors ------------------------------------------------------------------------
 
