@@ -49,18 +49,22 @@ def experts(base: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, P
     return make_causal_experts(base, tmp_path_factory.mktemp("lm-experts"))
 
 
-@pytest.fixture(scope="module")
-def engine(base: Path, experts: dict[str, Path]) -> Iterator[InferenceEngine]:
-    engine = InferenceEngine(
+def lm_engine(base: Path, experts: dict[str, Path], **settings: object) -> InferenceEngine:
+    """A causal-LM engine over the tiny Llama and its experts (``settings``: engine keywords)."""
+    return InferenceEngine(
         base,
         "causal_lm",
         ["q_proj", "v_proj"],
         max_rank=8,
-        cache_bytes=1 << 30,
         max_length=32,
-        max_new_tokens=NEW_TOKENS,
         expert_loader=experts.__getitem__,
+        **settings,  # type: ignore[arg-type]
     )
+
+
+@pytest.fixture(scope="module")
+def engine(base: Path, experts: dict[str, Path]) -> Iterator[InferenceEngine]:
+    engine = lm_engine(base, experts, cache_bytes=1 << 30, max_new_tokens=NEW_TOKENS)
     yield engine
     engine.close()
 
@@ -248,15 +252,7 @@ def test_bad_requests_fail_alone_with_a_clear_error(engine, own_generations):
 
 
 def test_a_full_queue_refuses_new_requests(base, experts):
-    engine = InferenceEngine(
-        base,
-        "causal_lm",
-        ["q_proj", "v_proj"],
-        max_rank=8,
-        max_length=32,
-        expert_loader=experts.__getitem__,
-        generation_max_waiting=1,
-    )
+    engine = lm_engine(base, experts, generation_max_waiting=1)
     try:
         with Held(engine):
             first = GenerationRequest(
@@ -339,15 +335,7 @@ def test_requests_admitted_together_are_embedded_for_routing_in_one_pass(engine,
 def test_a_row_freed_mid_batch_is_reused_and_no_neighbours_text_changes(base, experts):
     """Three rows: the middle request is cancelled and a newcomer takes its row while the
     others decode; every text equals the same request generated alone."""
-    engine = InferenceEngine(
-        base,
-        "causal_lm",
-        ["q_proj", "v_proj"],
-        max_rank=8,
-        max_length=32,
-        expert_loader=experts.__getitem__,
-        generation_max_batch=3,
-    )
+    engine = lm_engine(base, experts, generation_max_batch=3)
     try:
         specs = [
             (PROMPTS[2], one("lm-0")),
@@ -394,15 +382,7 @@ def test_a_row_freed_mid_batch_is_reused_and_no_neighbours_text_changes(base, ex
 
 
 def test_an_ensemble_wider_than_the_batch_fails_with_the_setting_to_raise(base, experts):
-    engine = InferenceEngine(
-        base,
-        "causal_lm",
-        ["q_proj", "v_proj"],
-        max_rank=8,
-        max_length=32,
-        expert_loader=experts.__getitem__,
-        generation_max_batch=1,
-    )
+    engine = lm_engine(base, experts, generation_max_batch=1)
     try:
         ensemble = RoutingPlan.explicit([["lm-0", "lm-1"]], [[0.5, 0.5]])
         events = events_of(engine, PROMPTS[0], ensemble)
