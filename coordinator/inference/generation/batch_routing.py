@@ -67,7 +67,6 @@ class BatchRouting:
         starts: Sequence[int],
         rows: int,
     ) -> None:
-        self.members = members
         self.bank = engine.bank
         device, dtype = engine.device, engine.dtype
         self.rows = rows

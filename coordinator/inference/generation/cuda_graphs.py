@@ -251,7 +251,3 @@ class DecodeGraphs:
         logits = graph.replay()
         collect(graph)
         return logits
-
-    def clear(self) -> None:
-        self._graphs.clear()
-        self._failed.clear()

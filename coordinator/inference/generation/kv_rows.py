@@ -165,10 +165,6 @@ class KVRows:
             self.lengths[row] = 0
 
     # -- storage ---------------------------------------------------------------------------
-    def fits(self, tokens: int) -> bool:
-        """Whether a row can hold ``tokens`` without growing the buffers."""
-        return tokens <= self.capacity
-
     def _allocate(self, like: list[tuple[torch.Tensor, torch.Tensor]], capacity: int) -> None:
         """(Re)allocate every layer for ``capacity`` columns, keeping what rows hold."""
         old = self.cache
