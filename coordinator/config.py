@@ -26,6 +26,7 @@ ENV_PREFIX = "MOERGE_"
 #: Defaults the inference engine shares when it is built in-process, without a config.
 DEFAULT_ADAPTER_CACHE_BYTES = 512 << 20  # experts' LoRA weights kept in memory
 DEFAULT_MAX_NEW_TOKENS = 32  # tokens a causal LM generates when a request does not say
+DEFAULT_CUDA_STEPS_PER_SYNC = 8  # greedy decode steps per host round trip on CUDA (auto)
 
 
 @dataclass
@@ -62,6 +63,7 @@ class CoordinatorConfig:
     upload_bytes_per_hour: int = 16 * 1024**3  # per contributor quota; 0 = unlimited
     uploads_per_hour: int = 240  # new upload ids per contributor and hour; 0 = unlimited
     inference_requests_per_minute: int = 0  # per caller (Predict/Route/Generate); 0 = unlimited
+    rate_limit_lease_seconds: float = 1.0  # PostgreSQL: tokens a replica leases from a limit
     enrollment_token_ttl_days: float = 7.0  # default expiry of new enrollment tokens; 0 = never
     max_batch_inputs: int = 256  # inputs per Predict/Route call
     max_input_chars: int = 20_000  # characters per input
@@ -84,6 +86,7 @@ class CoordinatorConfig:
     generation_max_batch: int = 32  # rows decoded together (continuous batching)
     generation_max_waiting: int = 256  # Generate requests queued beyond that; more: refused
     generation_cuda_graphs: bool = True  # on CUDA, replay decode steps as captured CUDA graphs
+    generation_steps_per_sync: int = 0  # greedy steps per host round trip; 0: 8 on CUDA, else 1
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS  # Generate/Predict default
     batch_wait_ms: float = 5.0  # micro-batcher: how long to wait for more requests
     grace_seconds: float = 5.0  # graceful-shutdown grace for in-flight RPCs
@@ -143,6 +146,8 @@ class CoordinatorConfig:
         check_device_settings(self.device, self.dtype)
         if self.generation_max_batch < 1 or self.generation_max_waiting < 0:
             raise ValueError("generation_max_batch must be >= 1 and generation_max_waiting >= 0")
+        if self.generation_steps_per_sync < 0:
+            raise ValueError("generation_steps_per_sync must be >= 0 (0: auto)")
         if not 1 <= self.max_new_tokens <= 512:
             raise ValueError("max_new_tokens must be in 1..512")
         if self.max_lora_rank < 1:
@@ -154,6 +159,8 @@ class CoordinatorConfig:
             raise ValueError("object_part_bytes must be 0 (off) or >= 5 MiB (S3's minimum part)")
         if self.role not in ("all", "inference"):
             raise ValueError(f"role must be 'all' or 'inference', got {self.role!r}")
+        if self.rate_limit_lease_seconds <= 0:
+            raise ValueError("rate_limit_lease_seconds must be > 0")
         if self.router_poll_seconds <= 0 or self.leader_check_seconds <= 0:
             raise ValueError("router_poll_seconds and leader_check_seconds must be > 0")
         if self.object_url_seconds <= 0:

@@ -59,9 +59,19 @@ from typing import Any, Literal, TypeVar
 import torch
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, BatchEncoding
 
-from moerge.coordinator.config import DEFAULT_ADAPTER_CACHE_BYTES, DEFAULT_MAX_NEW_TOKENS
+from moerge.coordinator.config import (
+    DEFAULT_ADAPTER_CACHE_BYTES,
+    DEFAULT_CUDA_STEPS_PER_SYNC,
+    DEFAULT_MAX_NEW_TOKENS,
+)
 from moerge.coordinator.inference.cache import ExpertCache, ExpertLoader, LoadedExpert
 from moerge.coordinator.inference.classify import Classifier, EnsembleMode
+from moerge.coordinator.inference.encoding import (
+    SharedEncoding,
+    check_lengths,
+    embeddings_of,
+    tokenise,
+)
 from moerge.coordinator.inference.errors import (
     EmptyBatch,
     InferenceInputError,
@@ -76,7 +86,7 @@ from moerge.coordinator.inference.merging import FactorCache, MergedSlots
 from moerge.coordinator.inference.plan import InferenceRequest, MergeOptions, RoutingPlan
 from moerge.coordinator.inference.planning import resolve_plan, route_together
 from moerge.coordinator.inference.results import ExamplePrediction, ExpertWeight, expert_weights
-from moerge.embedding import EMBEDDING_MAX_LENGTH, pooled_embeddings
+from moerge.embedding import EMBEDDING_MAX_LENGTH
 from moerge.router_training.base import Router
 
 #: What callers import from here; ``InferenceRequest`` lives in :mod:`.plan`, beside the plan.
@@ -115,6 +125,7 @@ class InferenceEngine:
         generation_max_batch: int = 32,
         generation_max_waiting: int = 256,
         generation_cuda_graphs: bool = True,
+        generation_steps_per_sync: int = 0,
     ) -> None:
         if task_type not in ("classification", "causal_lm"):
             raise ValueError(f"task_type must be classification|causal_lm, got {task_type!r}")
@@ -174,6 +185,14 @@ class InferenceEngine:
         self.generation_max_batch = int(generation_max_batch)
         self.generation_max_waiting = int(generation_max_waiting)
         self.generation_cuda_graphs = bool(generation_cuda_graphs)
+        if generation_steps_per_sync < 0:
+            raise ValueError(
+                f"generation_steps_per_sync must be >= 0 (0: auto), got {generation_steps_per_sync}"
+            )
+        #: greedy decode steps per host round trip (0, auto: 8 on CUDA, 1 elsewhere)
+        self.generation_steps_per_sync = generation_steps_per_sync or (
+            DEFAULT_CUDA_STEPS_PER_SYNC if self.device.type == "cuda" else 1
+        )
         self._scheduler: GenerationScheduler | None = None
 
     # -- configuration (atomic swaps) ---------------------------------------------------------
@@ -255,6 +274,7 @@ class InferenceEngine:
                 self.generation_max_batch,
                 self.generation_max_waiting,
                 cuda_graphs=self.generation_cuda_graphs,
+                steps_per_sync=self.generation_steps_per_sync,
             )
         return self._scheduler
 
@@ -315,23 +335,24 @@ class InferenceEngine:
 
     def _encode(self, texts: list[str]) -> BatchEncoding:
         """Tokenize with padding; inputs over ``max_length`` tokens are refused (or truncated)."""
-        enc = self.tokenizer(
-            texts,
-            padding=True,
-            truncation=self.truncate,
-            max_length=self.max_length if self.truncate else None,
-            return_tensors="pt",
-            # decoders take no segment ids (generate() refuses unused inputs)
-            return_token_type_ids=False if self.is_causal_lm else None,
-        )
-        lengths = enc["attention_mask"].sum(dim=1)  # [B]
-        too_long = (lengths > self.max_length).nonzero().flatten().tolist()
-        if too_long:
-            i = too_long[0]
-            raise InputTooLong(
-                f"input {i} has {int(lengths[i])} tokens; the limit is {self.max_length}"
-            )
-        return enc.to(self.device)
+        enc = self._tokenise(texts)
+        check_lengths(enc, self.max_length)
+        return enc
+
+    def _tokenise(self, texts: list[str]) -> BatchEncoding:
+        """The engine's tokenisation of ``texts`` on its device, lengths not checked."""
+        max_length = self.max_length if self.truncate else None
+        return tokenise(self.tokenizer, texts, max_length, self.is_causal_lm).to(self.device)
+
+    def _shared_encoding(self, texts: list[str]) -> SharedEncoding | None:
+        """One tokenisation of a batch's ``texts`` for routing and forwards (None: failed)."""
+        distinct = list(dict.fromkeys(texts))
+        try:
+            enc = self._tokenise(distinct)
+        except Exception:
+            return None  # each group meets its own error when it tokenises alone
+        truncated_at = self.max_length if self.truncate else None
+        return SharedEncoding(enc, distinct, truncated_at, self._embed_encoded, self._embed)
 
     # -- routing ------------------------------------------------------------------------------
     def embed_batch(self, texts: list[str]) -> torch.Tensor:
@@ -339,14 +360,17 @@ class InferenceEngine:
         return self._embed(texts)
 
     def _embed(self, texts: list[str]) -> torch.Tensor:
+        """:func:`moerge.embedding.pooled_embeddings` of ``texts`` in one pass."""
+        if not texts:
+            return torch.empty(0, self.hidden_size)
+        causal = self.is_causal_lm
+        enc = tokenise(self.tokenizer, texts, EMBEDDING_MAX_LENGTH, causal).to(self.device)
+        return self._embed_encoded(enc)
+
+    def _embed_encoded(self, enc: BatchEncoding) -> torch.Tensor:
+        """Routing embeddings [B, H] of tokenised rows: the base model alone, no expert."""
         with self.bank.no_routing():
-            return pooled_embeddings(
-                self.model,
-                self.tokenizer,
-                texts,
-                batch_size=max(len(texts), 1),
-                max_length=EMBEDDING_MAX_LENGTH,
-            )
+            return embeddings_of(self.model, enc, self.is_causal_lm)
 
     def resolve_plan(
         self, texts: list[str], plan: RoutingPlan, embeddings: torch.Tensor | None = None
@@ -393,7 +417,12 @@ class InferenceEngine:
                 checked.append(replace(request, texts=self.check_texts(request.texts)))
             except Exception as exc:
                 checked.append(exc)
-        routed = route_together(checked, self._router, self._embed)
+        # one tokenisation for the routing embedding and every group's forward
+        shared = self._shared_encoding(
+            [t for r in checked if isinstance(r, InferenceRequest) for t in r.texts]
+        )
+        embed = shared.embed if shared is not None else self._embed
+        routed = route_together(checked, self._router, embed)
         results: list[list[ExamplePrediction] | BaseException | None] = [None] * len(requests)
         runnable: dict[int, InferenceRequest] = {}
         groups: dict[tuple[object, ...], list[int]] = {}
@@ -412,17 +441,17 @@ class InferenceEngine:
             groups.setdefault(key, []).append(i)
         for members in groups.values():
             if len(members) == 1:
-                results[members[0]] = self._run_isolated(runnable[members[0]])
+                results[members[0]] = self._run_isolated(runnable[members[0]], shared)
                 continue
             texts = [t for i in members for t in runnable[i].texts]
             plans = [runnable[i].plan or RoutingPlan.routed() for i in members]
             first = plans[0]
             plan = RoutingPlan.concat(plans) if first.is_explicit else first
             try:
-                merged = self._run(texts, plan, runnable[members[0]].max_new_tokens)
+                merged = self._run(texts, plan, runnable[members[0]].max_new_tokens, shared)
             except Exception:
                 for i in members:  # isolate the failing request(s)
-                    results[i] = self._run_isolated(runnable[i])
+                    results[i] = self._run_isolated(runnable[i], shared)
                 continue
             start = 0
             for i in members:
@@ -431,10 +460,12 @@ class InferenceEngine:
                 start += n
         return [r if r is not None else RuntimeError("request was not executed") for r in results]
 
-    def _run_isolated(self, request: InferenceRequest) -> list[ExamplePrediction] | BaseException:
+    def _run_isolated(
+        self, request: InferenceRequest, shared: SharedEncoding | None = None
+    ) -> list[ExamplePrediction] | BaseException:
         """:meth:`_run` of one request whose texts are checked; its error instead of raising."""
         try:
-            return self._run(list(request.texts), request.plan, request.max_new_tokens)
+            return self._run(list(request.texts), request.plan, request.max_new_tokens, shared)
         except Exception as exc:
             return exc
 
@@ -442,14 +473,24 @@ class InferenceEngine:
         return self._run(self.check_texts(request.texts), request.plan, request.max_new_tokens)
 
     def _run(
-        self, texts: list[str], plan: RoutingPlan | None, max_new_tokens: int | None
+        self,
+        texts: list[str],
+        plan: RoutingPlan | None,
+        max_new_tokens: int | None,
+        shared: SharedEncoding | None = None,
     ) -> list[ExamplePrediction]:
-        """Encode, resolve the plan, classify or generate; ``texts`` checked already."""
+        """Encode (or take the rows of ``shared``), resolve the plan, classify or generate;
+        ``texts`` checked already."""
         start = time.perf_counter()
         if max_new_tokens is not None and max_new_tokens < 1:
             raise InferenceInputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        enc = self._encode(texts)
-        plan = self.resolve_plan(texts, plan or RoutingPlan.routed())
+        enc = shared.of(texts) if shared is not None else None
+        if enc is None:
+            enc = self._encode(texts)
+        else:
+            check_lengths(enc, self.max_length)
+        embed = shared.embed if shared is not None else self._embed
+        plan = resolve_plan(texts, plan or RoutingPlan.routed(), self._router, embed)
         if self.is_causal_lm:
             predictions = self.generator(enc, plan, max_new_tokens or self.max_new_tokens)
         else:

@@ -47,8 +47,13 @@ def experts(base: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, P
 
 
 def make_engine(
-    base: Path, experts: dict[str, Path], device: str, dtype: torch.dtype | None = None
+    base: Path,
+    experts: dict[str, Path],
+    device: str,
+    dtype: torch.dtype | None = None,
+    **settings: object,
 ) -> InferenceEngine:
+    """A causal-LM engine over the tiny Llama (``settings``: more engine keywords)."""
     return InferenceEngine(
         base,
         "causal_lm",
@@ -60,6 +65,7 @@ def make_engine(
         expert_loader=experts.__getitem__,
         device=device,
         dtype=dtype,
+        **settings,  # type: ignore[arg-type]
     )
 
 
@@ -122,22 +128,17 @@ def test_bfloat16_cuda_engine_generates_with_its_weights_on_the_gpu(base, expert
 
 
 def test_graph_replayed_decode_steps_give_the_eager_steps_text(base, experts):
-    """float32: batches decoded by replaying captured CUDA graphs (example routing, merges)
-    equal the same batches decoded step by step; token routing (float32 mixing reads back to
-    the host) and a mixed batch run eagerly, with the same text."""
-    graphed = make_engine(base, experts, "cuda")
-    eager = InferenceEngine(
-        base,
-        "causal_lm",
-        ["q_proj", "v_proj"],
-        max_rank=8,
-        cache_bytes=1 << 30,
-        max_length=32,
-        max_new_tokens=NEW_TOKENS,
-        expert_loader=experts.__getitem__,
-        device="cuda",
-        generation_cuda_graphs=False,
-    )
+    """float32: batches decoded by replaying captured CUDA graphs (example routing, merges),
+    one step or a greedy chunk of steps per replay, equal the same batches decoded eagerly one
+    step at a time; token routing (float32 mixing reads back to the host) and a mixed batch run
+    eagerly, with the same text."""
+    engines = {
+        "chunks": make_engine(base, experts, "cuda"),  # auto: 8 greedy steps per replay
+        "steps": make_engine(base, experts, "cuda", generation_steps_per_sync=1),
+        "eager": make_engine(
+            base, experts, "cuda", generation_cuda_graphs=False, generation_steps_per_sync=1
+        ),
+    }
     try:
         sampling = SamplingParams(max_new_tokens=NEW_TOKENS)
         merge = RoutingPlan.explicit([["lm-0", "lm-1"]], [[0.3, 0.7]], Aggregation.MERGE_LINEAR)
@@ -145,20 +146,23 @@ def test_graph_replayed_decode_steps_give_the_eager_steps_text(base, experts):
         example.append((PROMPTS[0], merge, sampling))
         token = [(p, arrow_plan(experts), sampling) for p in PROMPTS]
         batches = [example, token, example[:2] + token[:1]]
-        texts = {}
-        for name, engine in (("graphed", graphed), ("eager", eager)):
-            texts[name] = [
-                [text_of(events) for events in submit_all(engine, batch)[0]] for batch in batches
-            ]
-        assert texts["graphed"] == texts["eager"]
-        assert all(text for batch in texts["graphed"] for text in batch)
-        graphs = graphed.scheduler.graphs
-        assert graphs is not None and graphs.failures == []
-        assert graphs.captures >= 1 and graphs.replays > 0
-        assert eager.scheduler.graphs is None
+        texts = {
+            name: [[text_of(events) for events in submit_all(engine, b)[0]] for b in batches]
+            for name, engine in engines.items()
+        }
+        assert texts["chunks"] == texts["eager"]
+        assert texts["steps"] == texts["eager"]
+        assert all(text for batch in texts["eager"] for text in batch)
+        for name in ("chunks", "steps"):
+            graphs = engines[name].scheduler.graphs
+            assert graphs is not None and graphs.failures == []
+            assert graphs.captures >= 1 and graphs.replays > 0
+        chunks, steps = engines["chunks"].scheduler, engines["steps"].scheduler
+        assert chunks.decodes < steps.decodes  # several steps per host round trip
+        assert engines["eager"].scheduler.graphs is None
     finally:
-        graphed.close()
-        eager.close()
+        for engine in engines.values():
+            engine.close()
 
 
 def test_bfloat16_token_routing_decodes_by_graph_replays(base, experts):

@@ -391,3 +391,71 @@ def test_an_ensemble_wider_than_the_batch_fails_with_the_setting_to_raise(base, 
         assert text_of(events_of(engine, PROMPTS[0], one("lm-0"))) != ""  # still serving
     finally:
         engine.close()
+
+
+@pytest.fixture(scope="module")
+def chunked(base: Path, experts: dict[str, Path]) -> Iterator[InferenceEngine]:
+    """An engine decoding greedy batches four steps per host round trip."""
+    engine = lm_engine(
+        base, experts, cache_bytes=1 << 30, max_new_tokens=NEW_TOKENS, generation_steps_per_sync=4
+    )
+    yield engine
+    engine.close()
+
+
+def test_greedy_chunks_of_steps_give_the_text_of_single_steps(chunked, experts, own_generations):
+    record = ExpertRecord("lm-1", "lm-1", None, lambda: read_lora(experts["lm-1"]))
+    arrow = RoutingPlan.routed(ArrowRouter.fit([record], ArrowRouterConfig(top_k=1)))
+    specs = [(p, one(e), greedy()) for e in ("lm-0", "lm-1") for p in PROMPTS]
+    specs.append((PROMPTS[2], arrow, greedy()))  # token routing inside the chunk
+    decodes = chunked.scheduler.decodes
+    results, _ = submit_all(chunked, specs)
+    for events, (prompt, plan, _) in zip(results[:-1], specs, strict=False):
+        expert = plan.expert_ids[0][0]
+        assert text_of(events) == own_generations[expert][PROMPTS.index(prompt)]
+    assert text_of(results[-1]) == own_generations["lm-1"][2]
+    assert [w.expert_id for w in results[-1][-1].experts] == ["lm-1"]
+    # the first token comes from the prefill; the other 7 in chunks of 4 (4 + 4, one unread)
+    assert chunked.scheduler.decodes - decodes == 2
+    assert all(e[-1].completion_tokens == NEW_TOKENS for e in results)
+
+
+def test_a_chunk_stops_each_request_at_its_budget_stop_string_or_eos(chunked, own_generations):
+    full = own_generations["lm-0"][1]
+    stop = " " + full.split()[2]
+    results, _ = submit_all(
+        chunked,
+        [
+            (PROMPTS[1], one("lm-0"), greedy(max_new_tokens=3)),
+            (PROMPTS[1], one("lm-0"), greedy(stop=(stop,))),
+            (PROMPTS[1], one("lm-0"), greedy(max_new_tokens=6)),
+        ],
+    )
+    assert results[0][-1].finish_reason == "length" and results[0][-1].completion_tokens == 3
+    assert results[1][-1].finish_reason == "stop"
+    assert text_of(results[1]) == full[: full.index(stop)]
+    assert results[2][-1].completion_tokens == 6
+    assert full.startswith(text_of(results[2]))
+    # an end-of-sequence token inside a chunk ends the request there
+    scheduler = chunked.scheduler
+    third = chunked.tokenizer(full, add_special_tokens=False)["input_ids"][2]
+    scheduler.eos_ids.add(third)
+    try:
+        ended = events_of(chunked, PROMPTS[1], one("lm-0"))
+    finally:
+        scheduler.eos_ids.discard(third)
+    assert ended[-1].finish_reason == "stop" and ended[-1].completion_tokens == 3
+    assert full.startswith(text_of(ended))
+    assert scheduler.kv.free_rows == scheduler.kv.max_rows  # every row given back
+
+
+def test_a_sampling_request_makes_the_batch_decode_one_step_at_a_time(chunked, own_generations):
+    sampling = greedy(temperature=1.5, top_p=0.95, top_k=20, seed=1234)
+    alone = text_of(events_of(chunked, PROMPTS[0], one("lm-0"), sampling))
+    decodes = chunked.scheduler.decodes
+    results, _ = submit_all(
+        chunked, [(PROMPTS[0], one("lm-0"), sampling), (PROMPTS[1], one("lm-1"), greedy())]
+    )
+    assert text_of(results[0]) == alone
+    assert text_of(results[1]) == own_generations["lm-1"][1]
+    assert chunked.scheduler.decodes - decodes == NEW_TOKENS - 1

@@ -16,8 +16,11 @@ updated in place before the replay: the input token ids, the rows' positions (in
   are fixed tensors, the router-expert -> bank-slot table is an [E] buffer, and the routing
   weights each row received in this step accumulate into a [R, E] buffer.
 
-A graph is keyed by that form, the rows bucket (1, 2, 4, ... up to the batch limit: a step pads
-the rows in use up to the next bucket), the KV capacity and the bank's buffers; a change of any
+A graph returns the step's logits (the host samples), or, when every running request decodes
+greedily, holds ``K`` steps with the greedy choice fed back on the device and returns their
+tokens (:mod:`.multi_step`). A graph is keyed by that form, the steps, the rows bucket (1, 2, 4,
+... up to the batch limit: a step pads the rows in use up to the next bucket), the KV capacity
+and the bank's buffers; a change of any
 of them (a new router object, the KV buffers or the bank grown) captures a new graph. Batches
 mixing both forms, or several token routers, run eagerly; so does token routing where the bank's
 token mixing reads back to the host (float32: only the fused half-precision kernel does not). A
@@ -36,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from moerge.coordinator.inference.generation.multi_step import greedy_chunk
 from moerge.coordinator.inference.mixing import token_mixing_without_host_sync
 
 if TYPE_CHECKING:
@@ -75,7 +79,8 @@ RoutingForm = ExampleForm | TokenForm
 
 
 class _Graph:
-    """One captured decode step and the static buffers it reads and writes."""
+    """One captured decode step (``steps`` 0: it returns logits) or chunk of ``steps`` greedy
+    steps, and the static buffers it reads and writes."""
 
     def __init__(
         self,
@@ -85,10 +90,13 @@ class _Graph:
         kv: KVRows,
         cache_kwarg: str,
         pad_id: int,
+        steps: int = 0,
     ) -> None:
         device = engine.device
-        self.rows, self.form = rows, form
+        self.rows, self.form, self.steps = rows, form, steps
         self.input_ids = torch.full((rows, 1), pad_id, dtype=torch.long, device=device)
+        self.tokens = torch.zeros(steps, rows, dtype=torch.long, device=device)  # [K, R]
+        self.logprobs = torch.zeros(steps, rows, dtype=torch.float32, device=device)
         self.slots: torch.Tensor | None = None
         self.weights: torch.Tensor | None = None
         self.table: torch.Tensor | None = None
@@ -127,10 +135,17 @@ class _Graph:
 
         return bank.route_tokens(route)
 
-    def _forward(self) -> torch.Tensor:
-        kv = self._kv
+    def _run(self) -> torch.Tensor | None:
+        """What the graph holds: one step's logits [R, V], or a greedy chunk (``None``)."""
         if self.usage is not None:
             self.usage.zero_()
+        if not self.steps:
+            return self._forward()
+        greedy_chunk(self._forward, self.input_ids, self._kv, self.tokens, self.logprobs)
+        return None
+
+    def _forward(self) -> torch.Tensor:
+        kv = self._kv
         mask = kv.step_mask(self.rows, kv.capacity)
         assert kv.positions is not None
         with self._routing():
@@ -144,19 +159,28 @@ class _Graph:
         return out.logits[:, -1]
 
     def capture(self) -> None:
-        """Warm up on a side stream (Triton builds, router tables placed), then capture."""
+        """Warm up on a side stream (Triton builds, router tables placed), then capture.
+
+        The warm-up runs really write keys/values at the rows' next columns (the replay
+        overwrites them) and, for a chunk, move the positions and input ids: both are put back.
+        """
+        kv = self._kv
+        assert kv.positions is not None
+        positions, input_ids = kv.positions.clone(), self.input_ids.clone()
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(2):
-                self._forward()
+                self._run()
+                kv.positions.copy_(positions)
+                self.input_ids.copy_(input_ids)
         torch.cuda.current_stream().wait_stream(stream)
         with torch.cuda.graph(self.graph):
-            self.logits = self._forward()
+            self.logits = self._run()
 
-    def replay(self) -> torch.Tensor:
+    def replay(self) -> torch.Tensor | None:
+        """Run the step; its logits [R, V], or ``None`` for a chunk (see ``tokens``)."""
         self.graph.replay()
-        assert self.logits is not None
         return self.logits
 
 
@@ -196,11 +220,13 @@ class DecodeGraphs:
         input_ids: list[int],
         fill: Callable[[_Graph], None],
         collect: Callable[[_Graph], None],
-    ) -> torch.Tensor | None:
+        steps: int = 0,
+    ) -> _Graph | None:
         """Replay the step for ``rows`` rows (a bucket; ``input_ids``: one token per row)
         after ``fill(graph)`` wrote the routing buffers, then ``collect(graph)`` reads its
-        routing usage; ``None`` when this batch runs eagerly instead. Returns logits [rows, V]
-        (a static buffer: read it before the next step)."""
+        routing usage; ``None`` when this batch runs eagerly instead. ``steps`` 0: the graph's
+        ``logits`` [rows, V] hold the step's logits; else its ``tokens``/``logprobs`` [steps,
+        rows] hold a greedy chunk (static buffers: read them before the next replay)."""
         if form is None:
             return None
         if isinstance(form, TokenForm) and not token_mixing_without_host_sync(
@@ -212,6 +238,7 @@ class DecodeGraphs:
         key = (
             rows,
             form,
+            steps,
             self.kv.generation,
             self.kv.capacity,
             first.A.data_ptr(),
@@ -222,7 +249,7 @@ class DecodeGraphs:
         graph = self._graphs.get(key)
         self.kv.prepare_step(rows, full_width=True)
         if graph is None:
-            graph = _Graph(rows, form, self.engine, self.kv, self.cache_kwarg, self.pad_id)
+            graph = _Graph(rows, form, self.engine, self.kv, self.cache_kwarg, self.pad_id, steps)
             graph.input_ids.copy_(torch.tensor(input_ids).view(rows, 1))
             fill(graph)
             try:
@@ -248,6 +275,6 @@ class DecodeGraphs:
             graph.input_ids.copy_(torch.tensor(input_ids).view(rows, 1), non_blocking=True)
             fill(graph)
         self.replays += 1
-        logits = graph.replay()
+        graph.replay()
         collect(graph)
-        return logits
+        return graph

@@ -225,14 +225,14 @@ class KVRows:
             layer.keys[index[2], :, index[3]] = k[index[0], :, index[1]]
             layer.values[index[2], :, index[3]] = v[index[0], :, index[1]]
 
-    def prepare_step(self, rows: int, full_width: bool) -> torch.Tensor:
+    def prepare_step(self, rows: int, full_width: bool, steps: int = 1) -> torch.Tensor:
         """Set the next step's view and device inputs; returns the mask [rows, 1, 1, C].
 
         ``full_width``: attend over all ``L`` columns (a CUDA graph's fixed shape); otherwise
-        over the columns in use, rounded up to 64.
+        over the columns in use after ``steps`` more tokens, rounded up to 64.
         """
         assert self.positions is not None
-        longest = max(self.lengths[:rows], default=0) + 1
+        longest = min(max(self.lengths[:rows], default=0) + steps, self.capacity)
         columns = (
             self.capacity if full_width else min(self.capacity, _round_up(longest, _COLUMN_STEP))
         )
@@ -246,7 +246,7 @@ class KVRows:
         allowed = self._columns[:columns] <= self.positions[:rows, None]  # [rows, C]
         return torch.where(allowed, self._open, self._blocked)[:, None, None, :]
 
-    def advance(self, rows: Sequence[int]) -> None:
-        """Each of ``rows`` now holds one more token (after a decode step)."""
+    def advance(self, rows: Sequence[int], tokens: int = 1) -> None:
+        """Each of ``rows`` now holds ``tokens`` more tokens (after a decode step or chunk)."""
         for row in rows:
-            self.lengths[row] += 1
+            self.lengths[row] += tokens

@@ -11,9 +11,10 @@ the same worker interleave with decoding instead of waiting for whole generation
    their keys and values into free rows of the running batch (:class:`~.kv_rows.KVRows`);
 3. runs one decode step for every running row (on CUDA, a replay of a captured graph:
    :mod:`.cuda_graphs`) and samples each request's next token
-   (:class:`~.sampling.BatchSampler`), streams text deltas (:class:`~.detokenizer.
-   StreamingDetokenizer`), and retires requests that hit EOS, a stop string or their token
-   budget.
+   (:class:`~.sampling.BatchSampler`), or, when every running request is greedy, a chunk of
+   up to ``steps_per_sync`` greedy steps without the host (:mod:`.multi_step`); streams text
+   deltas (:class:`~.detokenizer.StreamingDetokenizer`), and retires requests that hit EOS, a
+   stop string or their token budget.
 
 Rows and routing. A request occupies one row, or ``k`` adjacent rows for an output ensemble (the
 weighted mixture of its experts' next-token distributions: ``log sum_j w_j p_j``); how the LoRA
@@ -45,6 +46,11 @@ from moerge.coordinator.inference.generation.batch_routing import BatchRouting, 
 from moerge.coordinator.inference.generation.cuda_graphs import DecodeGraphs
 from moerge.coordinator.inference.generation.detokenizer import StreamingDetokenizer, add_tokens
 from moerge.coordinator.inference.generation.kv_rows import KVRows
+from moerge.coordinator.inference.generation.multi_step import (
+    chunk_steps,
+    decodes_greedily,
+    greedy_chunk,
+)
 from moerge.coordinator.inference.generation.requests import (
     GenerationEvent,
     GenerationFailed,
@@ -100,10 +106,12 @@ class GenerationScheduler:
         max_batch_rows: int = 32,
         max_waiting: int = 256,
         cuda_graphs: bool = True,
+        steps_per_sync: int = 1,
     ) -> None:
-        if max_batch_rows < 1 or max_waiting < 0:
-            raise ValueError("max_batch_rows must be >= 1 and max_waiting >= 0")
+        if max_batch_rows < 1 or max_waiting < 0 or steps_per_sync < 1:
+            raise ValueError("max_batch_rows and steps_per_sync must be >= 1 and max_waiting >= 0")
         self.engine = engine
+        self.steps_per_sync = steps_per_sync
         self.max_batch_rows = max_batch_rows
         self.max_waiting = max_waiting
         self.sampler = BatchSampler(engine.device)
@@ -130,6 +138,7 @@ class GenerationScheduler:
         config = engine.model.config
         self.max_positions = int(getattr(config, "max_position_embeddings", 0) or 0)
         self.steps = 0  # decode steps run (for metrics and tests)
+        self.decodes = 0  # host round trips of decoding: steps, or chunks of greedy steps
         self.tokens = 0  # tokens generated (for metrics)
 
     # -- the caller's side (any thread) ----------------------------------------------------
@@ -388,7 +397,8 @@ class GenerationScheduler:
         self._advance(members, out.logits[:, -1])
 
     def _decode(self) -> None:
-        """One decode step over the rows in use (padded up to a graph's bucket on CUDA)."""
+        """One decode step, or a greedy chunk, over the rows in use (padded up to a graph's
+        bucket on CUDA)."""
         engine, kv = self.engine, self.kv
         rows = kv.used_bound
         if self.graphs is not None:
@@ -403,27 +413,60 @@ class GenerationScheduler:
                 self.engine, self.running, [m.row for m in self.running], rows
             )
         forward = self._forward
-        logits = None
+        steps = self._chunk_steps()  # 0: one step, sampled on the host
+        graph = None
         if self.graphs is not None:
-            logits = self.graphs.run(rows, forward.form(), ids, forward.fill, forward.collect)
-        if logits is None:
-            mask = kv.prepare_step(rows, full_width=False)
-            assert kv.positions is not None
+            graph = self.graphs.run(rows, forward.form(), ids, forward.fill, forward.collect, steps)
+        if graph is not None:
+            logits, tokens, logprobs = graph.logits, graph.tokens, graph.logprobs
+        else:
+            kv.prepare_step(rows, full_width=False, steps=max(steps, 1))
             input_ids = torch.tensor(ids, device=engine.device).unsqueeze(1)  # [R, 1]
-            with forward.context():
-                out = engine.model(
-                    input_ids=input_ids,
-                    attention_mask=mask,
-                    position_ids=kv.positions[:rows, None],
-                    use_cache=True,
-                    **{self.cache_kwarg: kv.cache},
-                )
-            logits = out.logits[:, -1]
-        kv.advance(order)
-        self.steps += 1
+
+            def step() -> torch.Tensor:
+                assert kv.positions is not None
+                with forward.context():
+                    out = engine.model(
+                        input_ids=input_ids,
+                        attention_mask=kv.step_mask(rows, kv.view[1]),
+                        position_ids=kv.positions[:rows, None],
+                        use_cache=True,
+                        **{self.cache_kwarg: kv.cache},
+                    )
+                return out.logits[:, -1]
+
+            logits = None
+            tokens = torch.empty(steps, rows, dtype=torch.long, device=engine.device)
+            logprobs = torch.empty(steps, rows, dtype=torch.float32, device=engine.device)
+            if steps:
+                greedy_chunk(step, input_ids, kv, tokens, logprobs)
+            else:
+                logits = step()
+        kv.advance(order, max(steps, 1))
+        self.steps += max(steps, 1)
+        self.decodes += 1
+        if steps:  # one read-back for the chunk (float64 holds every token id exactly)
+            both = torch.stack((tokens.double(), logprobs.double())).tolist()  # [2, K, R]
+            self._accept(
+                self.running,
+                [[int(t[m.row]) for t in both[0]] for m in self.running],
+                [[lp[m.row] for lp in both[1]] for m in self.running],
+            )
+            return
+        assert logits is not None
         if order != list(range(rows)):
             logits = logits.index_select(0, torch.tensor(order, device=logits.device))
         self._advance(self.running, logits)
+
+    def _chunk_steps(self) -> int:
+        """Greedy steps the next decode runs without the host (0: one sampled step)."""
+        if self.steps_per_sync < 2:
+            return 0
+        params = [m.request.sampling for m in self.running]
+        if not decodes_greedily(params, ensembles=any(m.mix is not None for m in self.running)):
+            return 0
+        remaining = max(m.request.sampling.max_new_tokens - len(m.generated) for m in self.running)
+        return chunk_steps(self.steps_per_sync, remaining)
 
     def _advance(self, members: Sequence[_Running], logits: torch.Tensor) -> None:
         """Sample one token per member from ``logits`` [R, V]; stream it; retire the done."""
@@ -445,28 +488,52 @@ class GenerationScheduler:
         tokens, logprobs = self.sampler.sample(logits, params, [m.generator for m in members], seen)
         # one read-back for both (float64 holds every token id exactly)
         token_list, logprob_list = torch.stack((tokens.double(), logprobs.double())).tolist()
+        self._accept(members, [[int(t)] for t in token_list], [[lp] for lp in logprob_list])
+
+    def _accept(
+        self,
+        members: Sequence[_Running],
+        tokens: list[list[int]],
+        logprobs: list[list[float]],
+    ) -> None:
+        """Take each member's new ``tokens`` (one list per member, in order) up to the first
+        that finishes it; stream the text as one delta per member; retire the done."""
         now = time.perf_counter()
-        self.tokens += len(members)
         done: list[tuple[_Running, str]] = []
-        texts: list[_Running] = []
-        for m, token, logprob in zip(members, token_list, logprob_list, strict=True):
-            token = int(token)
-            m.generated.append(token)
-            m.logprob_sum += logprob
-            if m.first_token_at is None:
-                m.first_token_at = now
-            if token in self.eos_ids:
-                done.append((m, "stop"))
-            else:
-                texts.append(m)
-        deltas = add_tokens([m.detokenizer for m in texts], [m.generated[-1] for m in texts])
-        for m, text in zip(texts, deltas, strict=True):
-            if text:
-                m.request.sink(TextDelta(text, 1))
-            if m.detokenizer.stopped:
-                done.append((m, "stop"))
-            elif len(m.generated) >= m.request.sampling.max_new_tokens:
-                done.append((m, "length"))
+        text = [""] * len(members)
+        counts = [0] * len(members)
+        active = list(range(len(members)))
+        for step in range(len(tokens[0]) if tokens else 0):
+            texts: list[int] = []
+            for i in active:
+                m, token = members[i], tokens[i][step]
+                m.generated.append(token)
+                m.logprob_sum += logprobs[i][step]
+                if m.first_token_at is None:
+                    m.first_token_at = now
+                if token in self.eos_ids:
+                    done.append((m, "stop"))
+                else:
+                    texts.append(i)
+            self.tokens += len(active)
+            deltas = add_tokens(
+                [members[i].detokenizer for i in texts], [members[i].generated[-1] for i in texts]
+            )
+            active = []
+            for i, delta in zip(texts, deltas, strict=True):
+                m = members[i]
+                if delta:
+                    text[i] += delta
+                    counts[i] += 1
+                if m.detokenizer.stopped:
+                    done.append((m, "stop"))
+                elif len(m.generated) >= m.request.sampling.max_new_tokens:
+                    done.append((m, "length"))
+                else:
+                    active.append(i)
+        for m, delta, count in zip(members, text, counts, strict=True):
+            if delta:
+                m.request.sink(TextDelta(delta, count))
         for m, _ in done:
             tail = m.detokenizer.flush()
             if tail:
