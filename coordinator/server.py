@@ -117,7 +117,7 @@ async def start(config: CoordinatorConfig, state: CoordinatorState | None = None
     auth = AuthInterceptor(
         state.registry.authenticate,
         state.registry.generation,
-        InferenceLimiter(config.inference_requests_per_minute),
+        InferenceLimiter(config.inference_requests_per_minute, state.buckets),
     )
     server = grpc.aio.server(
         interceptors=[
@@ -129,7 +129,7 @@ async def start(config: CoordinatorConfig, state: CoordinatorState | None = None
     )
     services = served_services(config)
     if CONTRIBUTOR in services:  # an inference-only replica (role) takes no uploads
-        limits = UploadLimiter.from_config(config)  # one budget for both upload paths
+        limits = UploadLimiter.from_config(config, state.buckets)  # both upload paths
         contributor_pb2_grpc.add_ContributorServiceServicer_to_server(
             ContributorServicer(state, limits), server
         )

@@ -26,6 +26,8 @@ from sqlalchemy import Engine
 from moerge.coordinator.config import CoordinatorConfig
 from moerge.coordinator.housekeeping import run_periodically
 from moerge.coordinator.inference.service import InferenceService
+from moerge.coordinator.interceptors.rate_limit import Buckets, LocalBuckets
+from moerge.coordinator.interceptors.shared_limits import open_buckets
 from moerge.coordinator.leadership import Leadership
 from moerge.coordinator.services.expert_store import ExpertStore
 from moerge.coordinator.services.routers import RouterService
@@ -56,6 +58,8 @@ class CoordinatorState:
     experts: ExpertStore
     routers: RouterService
     objects: ObjectUploads | None = None  # direct uploads, with an S3 store and part size > 0
+    # the rate limits' token buckets: shared by the replicas on PostgreSQL, else in memory
+    buckets: Buckets = field(default_factory=LocalBuckets)
     inference: InferenceService | None = None  # built by inference_service() on first use
     leadership: Leadership | None = None  # set by start_background unless role is inference
     _housekeeping: asyncio.Task[None] | None = field(default=None, repr=False)
@@ -99,6 +103,7 @@ class CoordinatorState:
         uploads = UploadReceiver(registry, blobs, config.staging_dir, spec, config.max_upload_bytes)
         return cls(
             objects=open_object_uploads(config, registry, blobs, uploads),
+            buckets=open_buckets(engine, config.rate_limit_lease_seconds),
             config=config,
             engine=engine,
             registry=registry,

@@ -307,3 +307,17 @@ class Composition(Base):
     examples: Mapped[list[dict[str, str]] | None] = mapped_column(JSON)
     created_by: Mapped[str] = mapped_column(ACTOR)
     created_at: Mapped[datetime] = mapped_column(UtcDateTime)
+
+
+class RateBucket(Base):
+    """One token bucket of the rate limits that replicas on PostgreSQL share
+    (``coordinator/interceptors/shared_limits.py``); SQLite keeps its buckets in memory.
+    ``updated`` is the database's clock (epoch seconds), so the replicas' clocks do not matter;
+    ``granted`` is what the last draw lent its replica."""
+
+    __tablename__ = "rate_buckets"
+
+    key: Mapped[str] = mapped_column(String(200), primary_key=True)
+    tokens: Mapped[float] = mapped_column(Float)
+    granted: Mapped[float] = mapped_column(Float)
+    updated: Mapped[float] = mapped_column(Float)

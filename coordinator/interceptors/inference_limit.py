@@ -8,16 +8,15 @@ key's own ``rate_limit_per_minute`` when it has one, else
 :attr:`~moerge.coordinator.config.CoordinatorConfig.inference_requests_per_minute` (``0`` =
 unlimited). gRPC and HTTP calls draw from the same bucket. A refused request is
 :class:`InferenceRateLimited` (RESOURCE_EXHAUSTED with ``retry-after`` seconds over gRPC, HTTP
-429 with ``Retry-After``). State is in memory, per coordinator process: a restart forgets it.
+429 with ``Retry-After``). The buckets are a :class:`~.rate_limit.Buckets`: in memory (one
+process), or shared by the replicas over PostgreSQL (:mod:`.shared_limits`).
 """
 
 from __future__ import annotations
 
 import math
-import threading
 
-from moerge.coordinator.interceptors import rate_limit
-from moerge.coordinator.interceptors.rate_limit import TokenBucket
+from moerge.coordinator.interceptors.rate_limit import Buckets, LocalBuckets
 from moerge.refusals import ResourceExhausted
 from moerge.storage.records import Principal
 
@@ -44,13 +43,11 @@ class InferenceRateLimited(ResourceExhausted):
 
 
 class InferenceLimiter:
-    """One bucket per credential; thread-safe."""
+    """One bucket per credential (and limit: a changed limit starts a full bucket)."""
 
-    def __init__(self, default_per_minute: int = 0, max_callers: int = 100_000) -> None:
+    def __init__(self, default_per_minute: int = 0, buckets: Buckets | None = None) -> None:
         self.default_per_minute = int(default_per_minute)
-        self.max_callers = max_callers
-        self._buckets: dict[str, tuple[int, TokenBucket]] = {}
-        self._lock = threading.Lock()
+        self.buckets: Buckets = buckets if buckets is not None else LocalBuckets()
 
     def limit_for(self, principal: Principal) -> int:
         """Requests per minute allowed to ``principal`` (0: unlimited)."""
@@ -63,14 +60,7 @@ class InferenceLimiter:
         limit = self.limit_for(principal)
         if not limit:
             return
-        with self._lock:
-            at = rate_limit.now()
-            held = self._buckets.get(principal.credential_id)
-            if held is None or held[0] != limit:  # new caller, or its limit changed
-                if len(self._buckets) >= self.max_callers:
-                    self._buckets.clear()  # bounded memory; forgetting only lets calls through
-                held = (limit, TokenBucket.full(limit / MINUTE, limit, at))
-                self._buckets[principal.credential_id] = held
-            wait = held[1].take(1, at)
+        key = f"inference/{limit}/{principal.credential_id}"
+        wait = self.buckets.take(key, limit / MINUTE, limit, 1)
         if wait:
             raise InferenceRateLimited(limit, wait)

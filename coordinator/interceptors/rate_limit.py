@@ -13,7 +13,10 @@ take all of the coordinator's upload bandwidth. Three limits, each ``0`` = unlim
   never counted, so a refused or cut stream can always be finished.
 
 A bucket refills continuously at ``limit / period`` and holds at most one period's allowance
-(the burst). State is in memory, per coordinator process: a restart forgets it.
+(the burst). The limiters name their buckets and leave keeping them to a :class:`Buckets`:
+:class:`LocalBuckets` in this process's memory (SQLite: one process; a restart forgets them), or
+:class:`~moerge.coordinator.interceptors.shared_limits.SharedBuckets` in PostgreSQL, so that the
+limits hold across replicas.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import math
 import threading
 import time
 from dataclasses import dataclass
+from typing import Protocol
 
 from moerge.coordinator.config import CoordinatorConfig
 from moerge.refusals import ResourceExhausted
@@ -82,58 +86,93 @@ class TokenBucket:
         return max(0.0, -self.tokens / self.rate)
 
 
+class Buckets(Protocol):
+    """Named token buckets; ``rate`` and ``capacity`` come with every call (a key's limit may
+    change, as an API key's ``rate_limit_per_minute`` does)."""
+
+    def take(self, key: str, rate: float, capacity: float, amount: float) -> float:
+        """:meth:`TokenBucket.take` on the bucket ``key``: 0 if taken, else the wait (s)."""
+        ...
+
+    def pace(self, key: str, rate: float, capacity: float, amount: float) -> float:
+        """:meth:`TokenBucket.pace` on the bucket ``key``: the wait that keeps the rate (s)."""
+        ...
+
+
+class LocalBuckets:
+    """Buckets in this process's memory; thread-safe, at most ``max_keys`` of them."""
+
+    def __init__(self, max_keys: int = 100_000) -> None:
+        self.max_keys = max_keys
+        self._buckets: dict[str, TokenBucket] = {}
+        self._lock = threading.Lock()
+
+    def _bucket(self, key: str, rate: float, capacity: float, at: float) -> TokenBucket:
+        bucket = self._buckets.get(key)
+        if bucket is None or (bucket.rate, bucket.capacity) != (rate, capacity):
+            if len(self._buckets) >= self.max_keys:
+                self._buckets.clear()  # bounded memory; forgetting only lets calls through
+            bucket = self._buckets[key] = TokenBucket.full(rate, capacity, at)
+        return bucket
+
+    def take(self, key: str, rate: float, capacity: float, amount: float) -> float:
+        with self._lock:
+            at = now()
+            return self._bucket(key, rate, capacity, at).take(amount, at)
+
+    def pace(self, key: str, rate: float, capacity: float, amount: float) -> float:
+        with self._lock:
+            at = now()
+            return self._bucket(key, rate, capacity, at).pace(amount, at)
+
+
 class UploadLimiter:
-    """The three upload limits of every contributor; thread-safe."""
+    """The three upload limits of every contributor, kept in ``buckets``."""
 
     def __init__(
-        self, bytes_per_second: float = 0, bytes_per_hour: float = 0, uploads_per_hour: float = 0
+        self,
+        bytes_per_second: float = 0,
+        bytes_per_hour: float = 0,
+        uploads_per_hour: float = 0,
+        buckets: Buckets | None = None,
     ) -> None:
         self.bytes_per_second = float(bytes_per_second)
         self.bytes_per_hour = float(bytes_per_hour)
         self.uploads_per_hour = float(uploads_per_hour)
-        self._buckets: dict[tuple[str, str], TokenBucket] = {}
-        self._lock = threading.Lock()
+        self.buckets: Buckets = buckets if buckets is not None else LocalBuckets()
 
     @classmethod
-    def from_config(cls, config: CoordinatorConfig) -> UploadLimiter:
+    def from_config(
+        cls, config: CoordinatorConfig, buckets: Buckets | None = None
+    ) -> UploadLimiter:
         return cls(
-            config.upload_bytes_per_second, config.upload_bytes_per_hour, config.uploads_per_hour
+            config.upload_bytes_per_second,
+            config.upload_bytes_per_hour,
+            config.uploads_per_hour,
+            buckets,
         )
 
     @property
     def enabled(self) -> bool:
         return bool(self.bytes_per_second or self.bytes_per_hour or self.uploads_per_hour)
 
-    def _bucket(
-        self, contributor_id: str, kind: str, per_period: float, period: float
-    ) -> TokenBucket:
-        key = (contributor_id, kind)
-        bucket = self._buckets.get(key)
-        if bucket is None:
-            bucket = self._buckets[key] = TokenBucket.full(per_period / period, per_period, now())
-        return bucket
-
     def start_upload(self, contributor_id: str) -> None:
         """Count a new upload id; raise :class:`RateLimited` beyond ``uploads_per_hour``."""
         if not self.uploads_per_hour:
             return
-        with self._lock:
-            bucket = self._bucket(contributor_id, "starts", self.uploads_per_hour, HOUR)
-            wait = bucket.take(1, now())
+        per_hour = self.uploads_per_hour
+        wait = self.buckets.take(f"starts/{contributor_id}", per_hour / HOUR, per_hour, 1)
         if wait:
-            raise RateLimited(f"{self.uploads_per_hour:g} new uploads per hour", wait)
+            raise RateLimited(f"{per_hour:g} new uploads per hour", wait)
 
     def receive(self, contributor_id: str, nbytes: int) -> float:
         """Count a chunk; raise beyond the hourly quota, else return the pacing delay (s)."""
-        with self._lock:
-            at = now()
-            if self.bytes_per_hour:
-                hourly = self._bucket(contributor_id, "bytes/h", self.bytes_per_hour, HOUR)
-                wait = hourly.take(nbytes, at)
-                if wait:
-                    raise RateLimited(f"{self.bytes_per_hour:g} bytes per hour", wait)
-            if not self.bytes_per_second:
-                return 0.0
-            return self._bucket(contributor_id, "bytes/s", self.bytes_per_second, 1.0).pace(
-                nbytes, at
-            )
+        if self.bytes_per_hour:
+            per_hour = self.bytes_per_hour
+            wait = self.buckets.take(f"bytes-h/{contributor_id}", per_hour / HOUR, per_hour, nbytes)
+            if wait:
+                raise RateLimited(f"{per_hour:g} bytes per hour", wait)
+        if not self.bytes_per_second:
+            return 0.0
+        per_second = self.bytes_per_second
+        return self.buckets.pace(f"bytes-s/{contributor_id}", per_second, per_second, nbytes)
