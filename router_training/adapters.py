@@ -55,8 +55,8 @@ def read_peft_lora(adapter_dir: str | Path, strip_prefix: str = "") -> dict[str,
             raise ValueError(f"{adapter_dir}: {key} has no matching lora_B")
         if path.startswith(PEFT_PREFIX):
             path = path[len(PEFT_PREFIX) :]
-        r = int(rank_pattern.get(get_pattern_key(rank_pattern.keys(), path), default_r))
-        alpha = float(alpha_pattern.get(get_pattern_key(alpha_pattern.keys(), path), default_alpha))
+        r = int(rank_pattern.get(get_pattern_key(list(rank_pattern), path), default_r))
+        alpha = float(alpha_pattern.get(get_pattern_key(list(alpha_pattern), path), default_alpha))
         scaling = alpha / math.sqrt(r) if rslora else alpha / r
         if strip_prefix and path.startswith(strip_prefix):
             path = path[len(strip_prefix) :]

@@ -163,7 +163,7 @@ class ArrowRouter(ModuleVectorRouter):
 
     @classmethod
     def fit(cls, experts: Sequence[ExpertRecord], config: RouterConfig) -> ArrowRouter:
-        router = cls(config, [e.expert_id for e in experts])  # type: ignore[arg-type]
+        router = cls(config, [e.expert_id for e in experts])
         router._set_vectors(router._prototypes(experts, first_index=0))
         return router
 

@@ -26,7 +26,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, TypeGuard
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -110,7 +110,9 @@ class RoutingDecision:
 class RouterConfig:
     """Fields every method shares. Subclasses add their own, each with a comment."""
 
-    top_k: int = 1  # experts per example (or per token and module)
+    # Experts per example (or per token and module). None only where a subclass allows it: the
+    # uniform router's "every expert", so readers of a router's config handle None.
+    top_k: int | None = 1
 
     def validate(self) -> None:
         if not _is_int(self.top_k) or self.top_k < 1:
@@ -231,7 +233,8 @@ class Router(ABC):
         return k
 
 
-def _is_int(value: object) -> bool:
+def _is_int(value: object) -> TypeGuard[int]:
+    """An int that is not a bool (JSON configs and callers may pass either)."""
     return isinstance(value, int) and not isinstance(value, bool)
 
 

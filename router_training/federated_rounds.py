@@ -24,16 +24,16 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from types import SimpleNamespace
 from typing import Generic, TypeVar
 from uuid import uuid4
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, RecordDict
+from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Result
+from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
 from moerge.router_training.federated_base import FEDERATED_ARRAYS, ContributorData, RoundsRouter
@@ -44,6 +44,7 @@ from moerge.router_training.flower_server import (
     accuracy_evaluator,
     build_strategy,
     make_server_app,
+    router_accuracy,
 )
 
 #: Error code of a reply whose ClientApp raised.
@@ -148,9 +149,9 @@ class InProcessGrid(Grid):
         raise NotImplementedError("InProcessGrid serves one fixed run")
 
     @property
-    def run(self) -> SimpleNamespace:
+    def run(self) -> Run:
         """Only the run id (Flower's legacy workflows, e.g. SecAgg+, read ``grid.run.run_id``)."""
-        return SimpleNamespace(run_id=self._run_id)
+        return Run.create_empty(self._run_id)
 
     def create_message(
         self,
@@ -302,8 +303,7 @@ def _run_secure_rounds(
         {"round": float(r), **strategy.round_metrics.get(r, {})} for r in range(rounds + 1)
     ]
     if evaluation is not None:  # the final router only: the workflow keeps no per-round copies
-        evaluate = accuracy_evaluator(router, *evaluation)
-        round_metrics[-1].update(evaluate(rounds, ArrayRecord(router.arrays())).items())
+        round_metrics[-1]["accuracy"] = router_accuracy(router, *evaluation)
     return FederationOutcome(
         router=router,
         round_metrics=round_metrics,

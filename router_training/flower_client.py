@@ -130,16 +130,20 @@ def make_client_app(
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        config = msg.content["config"]
-        arrays = msg.content["arrays"].to_torch_state_dict()
+        config = msg.content.config_records["config"]
+        arrays = msg.content.array_records["arrays"].to_torch_state_dict()
         data = load_data(context)
-        frozen = load(bytes(config["frozen-arrays"]))
+        frozen_blob, expert_ids = config["frozen-arrays"], config["expert-ids"]
+        if not isinstance(frozen_blob, bytes) or not isinstance(expert_ids, list):
+            raise ValueError("the config must carry frozen-arrays (bytes) and expert-ids (a list)")
+        frozen = load(frozen_blob)
         if set(frozen) != set(FROZEN_ARRAYS):
             raise ValueError(f"frozen-arrays must hold {FROZEN_ARRAYS}, got {sorted(frozen)}")
         new_arrays, metrics = train_from_config(
-            arrays, frozen, data, list(config["expert-ids"]), config, context.node_id
+            arrays, frozen, data, [str(e) for e in expert_ids], config, context.node_id
         )
-        content = RecordDict({"arrays": ArrayRecord(new_arrays), "metrics": MetricRecord(metrics)})
+        metric_record = MetricRecord({**metrics})
+        content = RecordDict({"arrays": ArrayRecord(new_arrays), "metrics": metric_record})
         contributor = context.node_config.get(CONTRIBUTOR_ID)
         if contributor:  # a deployed node names its contributor (moerge contributor serve)
             content[NODE_RECORD] = ConfigRecord({CONTRIBUTOR_ID: str(contributor)})

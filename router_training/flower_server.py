@@ -196,6 +196,12 @@ def train_config(router: RoundsRouter) -> ConfigRecord:
     )
 
 
+def router_accuracy(router: RoundsRouter, embeddings: torch.Tensor, labels: torch.Tensor) -> float:
+    """The share of held-out labelled embeddings whose top-scored expert is their label."""
+    with torch.no_grad():
+        return float((router.logits(embeddings).argmax(-1) == labels).float().mean())
+
+
 def accuracy_evaluator(
     router: RoundsRouter, embeddings: torch.Tensor, labels: torch.Tensor
 ) -> EvaluateFn:
@@ -204,9 +210,7 @@ def accuracy_evaluator(
 
     def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         probe.set_arrays(arrays.to_torch_state_dict())
-        with torch.no_grad():
-            accuracy = (probe.logits(embeddings).argmax(-1) == labels).float().mean()
-        return MetricRecord({"accuracy": float(accuracy)})
+        return MetricRecord({"accuracy": router_accuracy(probe, embeddings, labels)})
 
     return evaluate
 

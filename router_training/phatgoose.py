@@ -71,7 +71,7 @@ class PhatgooseRouter(ModuleVectorRouter):
 
     @classmethod
     def fit(cls, experts: Sequence[ExpertRecord], config: RouterConfig) -> PhatgooseRouter:
-        router = cls(config, [e.expert_id for e in experts])  # type: ignore[arg-type]
+        router = cls(config, [e.expert_id for e in experts])
         missing = [e.expert_id for e in experts if e.statistics is None or not e.statistics.gates]
         if missing:
             raise ValueError(f"experts without PHATGOOSE gate vectors: {missing[:10]}")

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping, Sequence
 
@@ -123,7 +124,7 @@ def synthetic_lora_experts(
         ExpertRecord(
             expert_id=f"expert-{e:05d}",
             task_name=f"task-{e}",
-            load_lora=lambda s=seed * 1_000_003 + e: _lora_loader(modules, rank, s, alpha),
+            load_lora=functools.partial(_lora_loader, modules, rank, seed * 1_000_003 + e, alpha),
         )
         for e in range(num_experts)
     ]

@@ -114,7 +114,7 @@ class S3BlobStore(BlobStore):
             if is_not_found(error):
                 raise BlobNotFound(sha256) from None
             raise
-        return response["Body"]  # type: ignore[no-any-return]
+        return response["Body"]
 
     def _install(self, temp_path: Path, ref: BlobRef) -> None:
         try:

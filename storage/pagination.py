@@ -24,7 +24,9 @@ def encode_page_token(listing: str, key: Key) -> str:
     return base64.urlsafe_b64encode(raw).decode("ascii").rstrip("=")
 
 
-def decode_page_token(listing: str, token: object, types: tuple[type, ...]) -> Key:
+def decode_page_token(
+    listing: str, token: object, types: tuple[type[datetime] | type[str] | type[int], ...]
+) -> Key:
     """Parse a token made by ``encode_page_token`` for ``listing`` whose key has ``types``."""
     malformed = InvalidArgument("page_token", "malformed or from another listing")
     if not isinstance(token, str) or not token or len(token) > 1024:

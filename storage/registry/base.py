@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
-from typing import Any
+from typing import Any, Final
 
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
@@ -22,9 +22,10 @@ from moerge.storage.db import for_writing
 from moerge.storage.models import AuditEntry
 from moerge.storage.records import NewExpert
 
-ADMIN = "admin"
-CONTRIBUTOR = "contributor"
-USER = "user"
+# Final: each is its own Literal, so it passes where a records.Role is expected.
+ADMIN: Final = "admin"
+CONTRIBUTOR: Final = "contributor"
+USER: Final = "user"
 SYSTEM_ACTOR = "system"
 
 #: ``last_used_at`` is refreshed at most this often, so authentication is mostly read-only.

@@ -19,7 +19,14 @@ from moerge.storage.models import Contributor, Credential, EnrollmentToken, Expe
 from moerge.storage.records import ContributorInfo, EnrollmentTokenInfo, Page
 from moerge.storage.registry.base import CONTRIBUTOR, MAX_REASON, RegistryBase, utcnow
 from moerge.storage.registry.credentials import credential_row
-from moerge.storage.registry.helpers import check_actor, expiry, iso, page_oldest_first, secret_hash
+from moerge.storage.registry.helpers import (
+    check_actor,
+    expiry,
+    iso,
+    page_oldest_first,
+    rows_matched,
+    secret_hash,
+)
 from moerge.storage.tokens import (
     CONTRIBUTOR_PREFIX,
     ENROLLMENT_PREFIX,
@@ -138,7 +145,7 @@ class ContributorsMixin(RegistryBase):
                 .values(uses=EnrollmentToken.uses + 1)
                 .execution_options(synchronize_session=False)
             )
-            if claimed.rowcount != 1:
+            if rows_matched(claimed) != 1:
                 raise Unauthenticated("enrollment token has been used up")
             contributor = Contributor(
                 id=uuid4().hex, name=checked_name, created_at=now, revoked_at=None, revoke_reason=""
@@ -220,7 +227,7 @@ class ContributorsMixin(RegistryBase):
                 "contributor.revoke",
                 "contributor",
                 contributor_id,
-                {"reason": reason, "credentials_revoked": revoked.rowcount},
+                {"reason": reason, "credentials_revoked": rows_matched(revoked)},
             )
             return _contributor_info(contributor)
 

@@ -7,10 +7,11 @@ the caller already holds.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
-from sqlalchemy import ColumnElement, and_, or_, select
+from sqlalchemy import ColumnElement, CursorResult, Result, and_, or_, select
 from sqlalchemy.orm import Session
 
 from moerge.refusals import InvalidArgument
@@ -74,14 +75,28 @@ def iso(value: datetime | None) -> str | None:
     return None if value is None else value.isoformat()
 
 
+def rows_matched(result: Result[Any]) -> int:
+    """The number of rows an UPDATE matched.
+
+    ``Session.execute`` is typed to return a plain ``Result``; for an UPDATE it is a
+    ``CursorResult``, the one that has ``rowcount``.
+    """
+    assert isinstance(result, CursorResult)
+    return result.rowcount
+
+
+#: The tables listed oldest first: each has an ``id`` and a ``created_at``.
+Listed = TypeVar("Listed", Contributor, Expert, ApiKey, EnrollmentToken)
+
+
 def page_oldest_first(
     session: Session,
-    model: type[Contributor] | type[Expert] | type[ApiKey] | type[EnrollmentToken],
+    model: type[Listed],
     listing: str,
-    conditions: list[ColumnElement[bool]],
+    conditions: Sequence[ColumnElement[bool]],
     page_size: int,
     page_token: str | None,
-) -> tuple[list[Any], str | None]:
+) -> tuple[list[Listed], str | None]:
     """Keyset pagination on ``(created_at, id)``: stable while rows are added."""
     page_size = check_page_size(page_size)
     query = select(model).where(*conditions)
