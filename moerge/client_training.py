@@ -17,6 +17,8 @@ from moerge.results import BaseModel
 
 if TYPE_CHECKING:
     from moerge.contributor_client.build import BuildReport
+    from moerge.contributor_client.dp_sgd import DPSGDConfig
+    from moerge.contributor_client.privacy import DPConfig
     from moerge.contributor_client.training import TrainConfig
 
 
@@ -175,7 +177,7 @@ def build(
         raise MoergeError.invalid(str(exc)) from None
 
 
-def privacy_options(options: TrainOptions) -> tuple[object, object]:
+def privacy_options(options: TrainOptions) -> tuple[DPConfig | None, DPSGDConfig | None]:
     """The statistics' ``DPConfig`` (None: the default budget, or the opt-out) and the
     ``DPSGDConfig`` (None: no DP-SGD) of ``options``; ``ValueError`` when they contradict."""
     from moerge.contributor_client.dp_sgd import DPSGDConfig
@@ -183,11 +185,11 @@ def privacy_options(options: TrainOptions) -> tuple[object, object]:
 
     if options.no_dp and options.dp_epsilon is not None:
         raise ValueError("--no-dp and --dp-epsilon contradict: choose one")
-    dp = None
+    dp: DPConfig | None = None
     if not options.no_dp:
         dp = DPConfig(epsilon=options.dp_epsilon or DEFAULT_EPSILON, delta=options.dp_delta)
         dp.validate()
-    dp_sgd = None
+    dp_sgd: DPSGDConfig | None = None
     if options.dp_sgd_epsilon is not None:
         dp_sgd = DPSGDConfig(epsilon=options.dp_sgd_epsilon, delta=options.dp_sgd_delta)
         dp_sgd.validate()

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
-from transformers import PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 #: Token limit of the embedding space (all-MiniLM-L6-v2's ``max_seq_length``).
 EMBEDDING_MAX_LENGTH = 256
@@ -30,7 +30,7 @@ def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tenso
 
 @torch.inference_mode()
 def pooled_embeddings(
-    model: nn.Module,
+    model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     texts: Sequence[str],
     batch_size: int = EMBEDDING_BATCH_SIZE,
