@@ -13,7 +13,7 @@ work=$(mktemp -d)
 trap 'kill $coordinator 2>/dev/null || true; rm -rf "$work"' EXIT
 cd "$work"
 "$py" -c "
-from moerge.contributor_client.datasets import load_task, write_jsonl
+from moerge.datasets import load_task, write_jsonl
 write_jsonl(load_task('rotten_tomatoes', max_train=$examples, seed=0).train, 'data.jsonl')"
 export MOERGE_ADMIN_TOKEN=$("$py" -c "from moerge.storage.tokens import new_token; print(new_token('mga')[1])")
 MOERGE_AUTO_RETRAIN=false "$moerge" coordinator serve --data-dir coord --listen "127.0.0.1:$port" \

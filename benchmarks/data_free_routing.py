@@ -25,10 +25,10 @@ from pathlib import Path
 import torch
 
 from moerge.base_model import default_base_model
-from moerge.contributor_client.datasets import load_task
 from moerge.coordinator.inference.engine import InferenceEngine
 from moerge.coordinator.inference.plan import Aggregation, RoutingPlan
 from moerge.coordinator.services.expert_store import read_lora, read_statistics
+from moerge.datasets import load_task
 from moerge.router_training.base import ExpertRecord
 from moerge.router_training.fitting import fit_router
 

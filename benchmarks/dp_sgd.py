@@ -27,11 +27,11 @@ import torch.nn.functional as F
 
 from moerge.base_model import default_base_model
 from moerge.contributor_client.batching import collate, encode, load_tokenizer, sorted_batches
-from moerge.contributor_client.datasets import load_task
 from moerge.contributor_client.dp_sgd import DPSGDConfig
 from moerge.contributor_client.membership import loss_attack
 from moerge.contributor_client.privacy import bound_advantage
 from moerge.contributor_client.training import TrainConfig, train_expert
+from moerge.datasets import load_task
 
 RESULTS = Path(__file__).parent / "results" / "dp_sgd.md"
 

@@ -34,9 +34,9 @@ import torch
 
 from moerge.base_model import default_base_model
 from moerge.contributor_client.batching import load_tokenizer
-from moerge.contributor_client.datasets import load_task
 from moerge.contributor_client.privacy import DPConfig, noise_multiplier
 from moerge.contributor_client.statistics import summarize_embeddings
+from moerge.datasets import load_task
 from moerge.demo import DEFAULT_TASKS
 from moerge.embedding import pooled_embeddings
 from moerge.router_training.base import ExpertRecord, ExpertStatistics

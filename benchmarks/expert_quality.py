@@ -1,6 +1,6 @@
 """Expert quality: the default training recipe against a linear probe and the majority.
 
-For each public task of the demo (:mod:`moerge.contributor_client.datasets`) and each training
+For each public task of the demo (:mod:`moerge.datasets`) and each training
 size, on the task's fixed test split:
 
 * **default**: ``train_expert`` with :class:`TrainConfig`'s defaults (LP-FT, LoRA learning
@@ -34,7 +34,6 @@ from peft import PeftModel
 
 from moerge.base_model import default_base_model
 from moerge.contributor_client.batching import encode, load_tokenizer
-from moerge.contributor_client.datasets import TASKS, available_tasks, load_task
 from moerge.contributor_client.training import (
     RECIPES,
     TrainConfig,
@@ -44,6 +43,7 @@ from moerge.contributor_client.training import (
     pooled_features,
     train_expert,
 )
+from moerge.datasets import TASKS, available_tasks, load_task
 
 RESULTS = Path(__file__).parent / "results" / "expert_quality.md"
 

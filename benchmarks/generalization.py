@@ -46,11 +46,11 @@ import torch
 
 from moerge.base_model import default_base_model
 from moerge.client_training import TrainOptions, build, train_config
-from moerge.contributor_client.datasets import load_amazon_food, load_rotten_tomatoes
 from moerge.coordinator.inference.composition_objective import accuracy, classification_loss
 from moerge.coordinator.inference.engine import InferenceEngine
 from moerge.coordinator.inference.plan import Aggregation, RoutingPlan
 from moerge.coordinator.services.expert_store import read_lora, read_statistics
+from moerge.datasets import load_amazon_food, load_rotten_tomatoes
 from moerge.router_training.base import ExpertRecord
 from moerge.router_training.composition import CompositionConfig, search_weights
 from moerge.router_training.fitting import fit_router

@@ -397,7 +397,7 @@ class Server:
         )
         with self.log.open("wb") as err:
             self.process = subprocess.Popen(
-                [sys.executable, "-c", "from moerge.coordinator.cli import app; app()", "serve"],
+                [sys.executable, "-c", "from moerge.cli.coordinator import app; app()", "serve"],
                 env=env,
                 stdout=subprocess.DEVNULL,
                 stderr=err,

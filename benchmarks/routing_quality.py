@@ -32,9 +32,9 @@ from pathlib import Path
 
 import torch
 
+from moerge.cli.rpc import call
 from moerge.contributor_client.connection import Target
-from moerge.contributor_client.datasets import TaskData, available_tasks
-from moerge.contributor_client.rpc import call
+from moerge.datasets import TaskData, available_tasks
 from moerge.demo import (
     DEFAULT_TASKS,
     contributor_jobs,

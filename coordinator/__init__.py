@@ -9,9 +9,9 @@ The folder is grouped by role, in the order a request meets the pieces::
 
     coordinator/
       config.py state.py server.py    the process: settings; CoordinatorState.open, the one
-      cli.py checks.py health_cli.py  place that wires the pieces; the grpc.aio server;
-      logs.py leadership.py           ``moerge coordinator serve|health``; logging; which
-      housekeeping.py                 replica leads; the sweep of orphan blobs and uploads
+      checks.py logs.py               place that wires the pieces; the grpc.aio server;
+      leadership.py                   ``serve --check``; logging; which replica leads; the
+      housekeeping.py                 sweep of orphan blobs and uploads
       interceptors/  every RPC before a servicer: metrics, auth and the caller's limits, decoding
       rpc/           the gRPC edge: servicers, one grpc-free handler per service, the status table
       http/          the OpenAI-compatible HTTP API over the same handlers and the same table
@@ -23,7 +23,8 @@ The folder is grouped by role, in the order a request meets the pieces::
 Why these lines: "what happens to every request" is ``interceptors/`` then ``rpc/``; "what
 happens to an upload" is ``uploads/``; "how a prediction is served" is ``inference/`` and
 nowhere else (the handler in ``rpc/`` only checks and converts messages). The process-level
-modules stay at the top because they build and run everything below. Calls go down the list:
+modules stay at the top because they build and run everything below. The coordinator's commands
+(``moerge coordinator serve|health``) are :mod:`moerge.cli.coordinator`. Calls go down the list:
 the edges call ``uploads/``, ``services/`` and ``inference/``, which use ``services/``; only the
 edges import grpc. A refusal anywhere is one of :mod:`moerge.refusals`' errors, given its gRPC
 status by one table (:mod:`.rpc.status`) and its HTTP status from that (:mod:`.http.errors`).

@@ -1,7 +1,7 @@
 """Write the small example data sets the compose contributors train on (``examples/data``).
 
 Why a script: the files are real examples cut from the offline data sets of
-:mod:`moerge.contributor_client.datasets`, and this shows (and repeats) how they were made.
+:mod:`moerge.datasets`, and this shows (and repeats) how they were made.
 Run from the repository root after ``make data``: ``python examples/make_data.py``.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from moerge.contributor_client.datasets import load_task, write_jsonl
+from moerge.datasets import load_task, write_jsonl
 
 #: contributor name -> (task, training examples kept)
 EXAMPLES: dict[str, tuple[str, int]] = {

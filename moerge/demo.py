@@ -34,12 +34,12 @@ from rich.table import Table
 
 if TYPE_CHECKING:
     from moerge.contributor_client.connection import Target
-    from moerge.contributor_client.datasets import TaskData
+    from moerge.datasets import TaskData
 
 console = Console()
 
 DEFAULT_TASKS = ("bbc_news", "rotten_tomatoes", "amazon_food", "fortunes", "wordnet_supersense")
-#: ``--llm``: the instruction tasks of moerge.contributor_client.instruction_tasks
+#: ``--llm``: the instruction tasks of moerge.datasets.instruction_tasks
 LLM_TASKS = ("word_class", "news_topic", "review_verdict")
 ROUTERS = ("centroid", "lda", "qda", "mlp", "arrow", "phatgoose", "uniform")
 
@@ -167,7 +167,7 @@ def write_contributor_data(
 
     ``load(name, max_train=, max_test=, seed=)`` reads a task (default: ``datasets.load_task``).
     """
-    from moerge.contributor_client.datasets import load_task, write_jsonl
+    from moerge.datasets import load_task, write_jsonl
 
     tasks = {}
     for task in names:
@@ -192,7 +192,7 @@ def contributor_jobs(
     extra: Sequence[str] = (),
 ) -> list[tuple[str, Callable[[], subprocess.Popen]]]:
     """One enrollment token and one deferred contributor process per task."""
-    from moerge.contributor_client.rpc import call
+    from moerge.cli.rpc import call
     from moerge.v1 import admin_pb2
 
     jobs = []
@@ -222,7 +222,7 @@ def contributor_jobs(
 
 def experts_by_task(admin: Target) -> dict[str, str]:
     """Task name -> expert id of every registered expert."""
-    from moerge.contributor_client.rpc import call
+    from moerge.cli.rpc import call
     from moerge.v1 import admin_pb2
 
     experts = call(admin, "admin", "ListExperts", admin_pb2.ListExpertsRequest(page_size=1000))
@@ -233,7 +233,7 @@ def fit_routers(
     admin: Target, methods: Sequence[str], on_fit: Callable[[str], None] | None = None
 ) -> dict[str, float]:
     """Train one router version per method (only ``centroid`` is activated); fit seconds each."""
-    from moerge.contributor_client.rpc import call
+    from moerge.cli.rpc import call
     from moerge.v1 import admin_pb2
 
     fit_seconds = {}
@@ -289,7 +289,7 @@ def demo(
 ) -> None:
     """Run the end-to-end demo and print the routing table."""
     from moerge.contributor_client.connection import Target
-    from moerge.contributor_client.datasets import available_tasks
+    from moerge.datasets import available_tasks
     from moerge.evaluation import (
         majority_floor,
         mixed_stream,
@@ -304,7 +304,7 @@ def demo(
     train_per_task = train_per_task or (48 if llm else 200)
     test_per_task = test_per_task or (20 if llm else 40)
     if llm:
-        from moerge.contributor_client.instruction_tasks import INSTRUCTION_TASKS
+        from moerge.datasets.instruction_tasks import INSTRUCTION_TASKS
         from moerge.llm_demo import run_llm_demo
 
         unknown = [t for t in names if t not in INSTRUCTION_TASKS]

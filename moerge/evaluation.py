@@ -423,7 +423,7 @@ def evaluate(
     """Score the oracle and ``methods`` on ``stream``, beside its majority-class floor."""
     match: Match = None
     if causal_lm:
-        from moerge.contributor_client.instruction_tasks import answers_match
+        from moerge.answers import answers_match
 
         match = answers_match
     ordered = ["oracle", *(m for m in dict.fromkeys(methods) if m != "oracle")]

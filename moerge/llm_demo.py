@@ -1,7 +1,7 @@
 """``moerge demo --llm``: routed generation from a real causal LM, end to end, on 2 CPU cores.
 
 The same pipeline as :mod:`moerge.demo`, with SmolLM2-135M-Instruct (:mod:`moerge.smollm2`) as
-the base model and instruction tasks (:mod:`~moerge.contributor_client.instruction_tasks`):
+the base model and instruction tasks (:mod:`~moerge.datasets.instruction_tasks`):
 
 1. the coordinator serves ``task_type=causal_lm`` with LoRA on ``q_proj``/``v_proj``;
 2. one contributor per task, each a separate process seeing only its ``data.jsonl`` of
@@ -31,7 +31,7 @@ from rich.table import Table
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-    from moerge.contributor_client.datasets import TaskData
+    from moerge.datasets import TaskData
     from moerge.evaluation import MethodScore
 
 console = Console()
@@ -79,14 +79,14 @@ def contribute_options(model_dir: Path) -> list[str]:
 
 def load_chat_task(tokenizer: PreTrainedTokenizerBase, name: str, **caps: int) -> TaskData:
     """Instruction task ``name`` with its prompts rendered by the base model's chat template."""
-    from moerge.contributor_client.instruction_tasks import INSTRUCTION_TASKS, as_chat
+    from moerge.datasets.instruction_tasks import INSTRUCTION_TASKS, as_chat
 
     return as_chat(INSTRUCTION_TASKS[name](**caps), tokenizer)
 
 
 def generation_score(score: MethodScore, tasks: dict[str, TaskData]) -> GenerationScore:
     """Exact match and first-option-named accuracy of one method's generated answers."""
-    from moerge.contributor_client.instruction_tasks import answers_match, first_option_named
+    from moerge.answers import answers_match, first_option_named
 
     if score.error:
         return GenerationScore(score.method, 0.0, 0.0, 0.0, {}, score.seconds, score.error)
@@ -125,8 +125,8 @@ def run_llm_demo(
     """
     from transformers import AutoTokenizer
 
+    from moerge.answers import answers_match
     from moerge.contributor_client.connection import Target
-    from moerge.contributor_client.instruction_tasks import answers_match
     from moerge.demo import (
         contributor_jobs,
         demo_progress,

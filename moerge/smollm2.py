@@ -28,7 +28,7 @@ COMPLETE_MARKER = "model.safetensors"
 
 def default_model_dir() -> Path:
     """``data/models/smollm2-135m-instruct`` under ``$MOERGE_DATASETS_DIR`` or the repo's data/."""
-    from moerge.contributor_client.datasets import default_data_dir
+    from moerge.datasets import default_data_dir
 
     return default_data_dir() / "models" / "smollm2-135m-instruct"
 

@@ -10,7 +10,7 @@ SuperLink, and the rounds run as a Flower *run* on it, with Flower's own machine
 2. :meth:`SuperLinkFederation.run_rounds` writes a *job* directory (the starting router as a
    safetensors artifact, the round settings as JSON), writes the Flower app project (a
    ``pyproject.toml`` whose components are :data:`server_app` and
-   :data:`moerge.contributor_client.flower_cli.app`, see :func:`write_app_project`) and submits
+   :data:`moerge.contributor_client.supernode.app`, see :func:`write_app_project`) and submits
    it with ``flwr run APP moerge --run-config job-dir=...`` (Flower builds the FAB and starts the
    run through the Control API).
 3. The SuperLink starts ``flwr-serverapp`` for the run, which runs :data:`server_app`: it waits
@@ -70,7 +70,7 @@ publisher = "moerge"
 
 [tool.flwr.app.components]
 serverapp = "moerge.router_training.superlink:server_app"
-clientapp = "moerge.contributor_client.flower_cli:app"
+clientapp = "moerge.contributor_client.supernode:app"
 
 [tool.flwr.app.config]
 job-dir = ""

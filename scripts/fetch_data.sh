@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Fetches the Debian packages that hold the offline data sets used by moerge.contributor_client.datasets.
+# Fetches the Debian packages that hold the offline data sets used by moerge.datasets.
 #
 # Each package is downloaded with `apt-get download` (no installation, nothing system-wide) and
 # unpacked with `dpkg-deb -x` into data/debian/<package>/ under the repository root, or under

@@ -13,8 +13,8 @@ from typer.testing import CliRunner
 
 import moerge
 from moerge.cli import app
+from moerge.cli.admin import ROUTER_METHODS
 from moerge.client import unique_prefix
-from moerge.contributor_client.admin_cli import ROUTER_METHODS
 from tests.coordinator.harness import BackgroundCoordinator
 from tests.experts import make_expert_dir
 

@@ -53,10 +53,10 @@ def test_help_version_and_admin_list_run_without_heavy_imports() -> None:
 
 
 def test_the_flower_client_app_is_still_built_on_first_access() -> None:
-    """``flower_cli:app`` is the FAB's ClientApp reference: lazy, but it must still resolve."""
+    """``supernode:app`` is the FAB's ClientApp reference: lazy, but it must still resolve."""
     from flwr.clientapp import ClientApp
 
-    from moerge.contributor_client import flower_cli
+    from moerge.contributor_client import supernode
 
-    assert isinstance(flower_cli.app, ClientApp)
-    assert flower_cli.app is flower_cli.app
+    assert isinstance(supernode.app, ClientApp)
+    assert supernode.app is supernode.app

@@ -192,7 +192,7 @@ def test_causal_lm_reports_its_loss_beside_the_base_model(tiny_llama: Path, tmp_
 
 
 def test_report_warns_when_the_expert_does_not_beat_its_baselines() -> None:
-    from moerge.contributor_client.train_cli import quality_warnings
+    from moerge.cli.training import quality_warnings
 
     good = ExpertQuality(10, validation_accuracy=0.9, probe_accuracy=0.8, majority_accuracy=0.5)
     assert quality_warnings(good) == []

@@ -15,10 +15,10 @@ import pytest
 
 from moerge.contributor_client.build import build_expert
 from moerge.contributor_client.connection import Target
-from moerge.contributor_client.datasets import load_rotten_tomatoes, write_jsonl
 from moerge.contributor_client.gates import GateConfig
 from moerge.contributor_client.training import TrainConfig
 from moerge.contributor_client.upload import upload_expert
+from moerge.datasets import load_rotten_tomatoes, write_jsonl
 from moerge.v1 import common_pb2, inference_pb2, inference_pb2_grpc
 from tests.coordinator.conftest import coordinator_config
 from tests.coordinator.harness import BackgroundCoordinator, bearer

@@ -9,8 +9,8 @@ from functools import cache
 
 import pytest
 
-from moerge.contributor_client import datasets
-from moerge.contributor_client.datasets import Example, TaskData
+from moerge.datasets import Example, TaskData
+from moerge.datasets import tasks as datasets
 
 EXPECTED_LABELS = {
     "bbc_news": ["business", "entertainment", "politics", "sports", "tech"],

@@ -6,7 +6,7 @@ import os
 import subprocess
 from pathlib import Path
 
-from moerge.contributor_client.datasets import default_data_dir
+from moerge.datasets import default_data_dir
 
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "fetch_data.sh"
 PACKAGES = ["r-cran-modeldata", "wordnet-base", "fortunes"]

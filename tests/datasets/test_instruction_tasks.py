@@ -7,14 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from moerge.contributor_client.instruction_tasks import (
+from moerge.answers import answers_match, first_option_named, normalise_answer
+from moerge.datasets.instruction_tasks import (
     INSTRUCTION_TASKS,
     SYSTEM_PROMPT,
-    answers_match,
     as_chat,
-    first_option_named,
     load_word_class,
-    normalise_answer,
 )
 from tests.tiny_models import make_tiny_llama
 

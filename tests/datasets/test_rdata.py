@@ -11,8 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from moerge.contributor_client import rdata
-from moerge.contributor_client.datasets import default_data_dir
+from moerge.datasets import default_data_dir, rdata
 
 from . import xdr
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from moerge.contributor_client.datasets import Example, TaskData
 from moerge.coordinator.config import CoordinatorConfig
+from moerge.datasets import Example, TaskData
 from moerge.evaluation import MethodScore, StreamExample
 from moerge.llm_demo import LORA_TARGETS, coordinator_settings, generation_score
 from tests.tiny_models import make_tiny_llama

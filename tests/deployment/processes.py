@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from moerge.coordinator.health_cli import check_health
+from moerge.cli.coordinator import check_health
 
 
 def run(

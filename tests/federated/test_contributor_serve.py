@@ -9,7 +9,7 @@ from flwr.app import Context, RecordDict
 from typer.testing import CliRunner
 
 from moerge.cli import app
-from moerge.contributor_client.flower_cli import load_node_data, save_local_embeddings
+from moerge.contributor_client.supernode import load_node_data, save_local_embeddings
 
 
 def test_serve_dry_run_prints_a_supernode_command_with_data_and_node_key(tmp_path, monkeypatch):

@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from moerge.client import Client
 from moerge.contributor_client.connection import Target
-from moerge.contributor_client.flower_cli import (
+from moerge.contributor_client.supernode import (
     node_key_pair,
     save_local_embeddings,
     supernode_command,

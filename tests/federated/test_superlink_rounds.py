@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from moerge.contributor_client.flower_cli import save_local_embeddings, supernode_command
+from moerge.contributor_client.supernode import save_local_embeddings, supernode_command
 from moerge.router_training import fit_router
 from moerge.router_training.superlink import (
     SuperLinkFederation,

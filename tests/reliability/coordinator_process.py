@@ -19,7 +19,7 @@ from pathlib import Path
 
 import grpc
 
-from moerge.coordinator.health_cli import check_health
+from moerge.cli.coordinator import check_health
 from moerge.storage.tokens import new_token
 from moerge.v1 import (
     inference_pb2,

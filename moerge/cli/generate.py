@@ -14,7 +14,7 @@ from typing import Annotated
 
 import typer
 
-from moerge.contributor_client.options import Coordinator, TlsCa, Token
+from moerge.cli.options import Coordinator, TlsCa, Token
 
 
 def generate(
@@ -52,8 +52,8 @@ def generate(
     ] = False,
 ) -> None:
     """Routed generation from a causal-LM coordinator, streamed as it is produced."""
-    from moerge.contributor_client.output import err_console
-    from moerge.contributor_client.rpc import client, guarded
+    from moerge.cli.output import err_console
+    from moerge.cli.rpc import client, guarded
 
     text = prompt if prompt is not None else sys.stdin.read()
     messages = None

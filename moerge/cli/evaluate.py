@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from moerge.contributor_client.options import Coordinator, Json, TlsCa, Token
+from moerge.cli.options import Coordinator, Json, TlsCa, Token
 
 if TYPE_CHECKING:
     from moerge.evaluation import Evaluation
@@ -53,8 +53,8 @@ def evaluate(
     json_out: Json = False,
 ) -> None:
     """Routing accuracy per method, task accuracy beside the oracle's and the majority floor."""
-    from moerge.contributor_client.output import emit_json, error
-    from moerge.contributor_client.rpc import client, guarded
+    from moerge.cli.output import emit_json, error
+    from moerge.cli.rpc import client, guarded
     from moerge.evaluation import LabelledDataError, assign_tasks, read_labelled
     from moerge.evaluation import evaluate as run_evaluation
 
@@ -119,7 +119,7 @@ def _plot(result: Evaluation, path: Path) -> None:
 
 
 def _print(result: Evaluation, plot: Path | None) -> None:
-    from moerge.contributor_client.output import stdout_console, table
+    from moerge.cli.output import stdout_console, table
 
     oracle = result.scores[0]
     reference = oracle.task_accuracy if not oracle.error else 0.0

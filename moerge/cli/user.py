@@ -1,8 +1,10 @@
-"""Contributor commands: ``join``, ``upload``, ``my-experts``, ``predict``, ``route``.
+"""User commands: ``predict`` and ``route`` (``generate``, ``evaluate`` and ``compose`` have
+modules of their own, :mod:`.generate`, :mod:`.evaluate`, :mod:`.compose`).
 
-A thin layer over :class:`moerge.Client`: each command parses its options, makes one or two
-calls and prints the result as a table or, with ``--json``, as JSON. Training commands live in
-:mod:`~moerge.contributor_client.train_cli`.
+What someone who only uses the pooled experts runs, with an inference API key or any
+credential: a thin layer over :meth:`moerge.Client.predict` and :meth:`moerge.Client.route`
+that reads the inputs (arguments, a JSONL or text file, or stdin) and prints a table or, with
+``--json``, JSON.
 """
 
 from __future__ import annotations
@@ -14,16 +16,9 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from moerge.contributor_client.options import (
-    Coordinator,
-    Json,
-    TlsCa,
-    Token,
-    Transport,
-    TransportChoice,
-)
-from moerge.contributor_client.output import emit_json, err_console, table
-from moerge.contributor_client.rpc import client, guarded
+from moerge.cli.options import Coordinator, Json, TlsCa, Token
+from moerge.cli.output import emit_json, err_console, table
+from moerge.cli.rpc import client, guarded
 
 if TYPE_CHECKING:
     from moerge.results import ExpertWeight
@@ -38,108 +33,6 @@ InputsFile = Annotated[
         "input per line; - reads stdin, as does piping with no inputs and no --file",
     ),
 ]
-
-
-def join(
-    coordinator: Annotated[str, typer.Option("--coordinator", "-c", help="HOST:PORT")],
-    token: Annotated[str, typer.Option("--token", help="enrollment token from an admin")],
-    name: Annotated[str | None, typer.Option(help="contributor name (default: host name)")] = None,
-    tls_ca: TlsCa = None,
-) -> None:
-    """Join a coordinator; stores the credential in a 0600 file."""
-    with client(coordinator, None, tls_ca) as api:
-        joined = guarded(lambda: api.join(token, name))
-    typer.echo(
-        f"joined as {joined.name} ({joined.contributor_id}); "
-        f"credential saved in {joined.config_path}"
-    )
-
-
-def upload(
-    expert_dir: Annotated[Path, typer.Argument(help="folder with the expert's four files")],
-    name: Annotated[str | None, typer.Option(help="expert name (default: folder name)")] = None,
-    task_name: Annotated[
-        str | None, typer.Option(help="task name (default: statistics.json)")
-    ] = None,
-    description: Annotated[str | None, typer.Option(help="task description")] = None,
-    chunk_size: Annotated[int, typer.Option(help="bytes per chunk")] = 1024 * 1024,
-    transport: Transport = TransportChoice.auto,
-    coordinator: Coordinator = None,
-    token: Token = None,
-    tls_ca: TlsCa = None,
-    json_out: Json = False,
-    no_statistics: Annotated[
-        bool,
-        typer.Option(
-            "--no-statistics",
-            help="a bare PEFT adapter folder whose data is gone: upload it as an adapter-only "
-            "expert (needs --task-name; routed by Arrow, left out by statistics routers)",
-        ),
-    ] = False,
-    labels: Annotated[
-        str | None,
-        typer.Option(help="--no-statistics: the head's label names in order, comma-separated"),
-    ] = None,
-) -> None:
-    """Upload an expert folder (resumes an interrupted upload)."""
-    # the progress bar is on stderr: shown with --json too, whose JSON alone is on stdout
-    options = {"transport": transport.value, "chunk_size": chunk_size, "progress": True}
-    if no_statistics and not task_name:
-        raise typer.BadParameter("--no-statistics needs --task-name")
-    with client(coordinator, token, tls_ca) as api:
-        if no_statistics:
-            label_names = [x.strip() for x in labels.split(",")] if labels else None
-            result = guarded(
-                lambda: api.upload_adapter(
-                    expert_dir,
-                    str(task_name),
-                    name,
-                    label_names=label_names,
-                    description=description or "",
-                    **options,
-                )
-            )
-        else:
-            result = guarded(
-                lambda: api.upload(
-                    expert_dir, name, task_name=task_name, description=description, **options
-                )
-            )
-    if json_out:
-        emit_json(result)
-        return
-    e = result.expert
-    verb = "registered" if result.created else "already registered"
-    typer.echo(f"{verb}: expert {e.expert_id} ({e.name} v{e.version}, task {e.task_name})")
-
-
-def my_experts(
-    coordinator: Coordinator = None,
-    token: Token = None,
-    tls_ca: TlsCa = None,
-    json_out: Json = False,
-) -> None:
-    """List the experts this contributor has registered: state and its reason, and privacy (what
-    each releases under which epsilon; ``--json`` gives the whole report)."""
-    with client(coordinator, token, tls_ca) as api:
-        experts = guarded(api.my_experts)
-    if json_out:
-        emit_json({"experts": experts})
-        return
-    rows = [
-        (
-            e.expert_id[:12],
-            e.name,
-            e.version,
-            e.task_name,
-            e.state,
-            e.example_count,
-            e.privacy_report.summary() if e.privacy_report else "",
-            e.state_reason,
-        )
-        for e in experts
-    ]
-    table("my experts", ("id", "name", "v", "task", "state", "examples", "privacy", "reason"), rows)
 
 
 def read_inputs(texts: list[str] | None, file: Path | None) -> list[str]:
@@ -264,17 +157,3 @@ def route(
         ("input", "experts"),
         rows,
     )
-
-
-def register(app: typer.Typer) -> None:
-    """Attach the contributor commands to the top-level app."""
-    app.command()(join)
-    app.command()(upload)
-    app.command("my-experts")(my_experts)
-    app.command()(predict)
-    app.command()(route)
-    from moerge.contributor_client.train_cli import contribute, stats, train
-
-    app.command()(train)
-    app.command()(stats)
-    app.command()(contribute)

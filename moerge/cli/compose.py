@@ -13,9 +13,9 @@ from typing import Annotated
 
 import typer
 
-from moerge.contributor_client.options import Coordinator, Json, TlsCa, Token
-from moerge.contributor_client.output import emit_json, err_console, table
-from moerge.contributor_client.rpc import client, guarded
+from moerge.cli.options import Coordinator, Json, TlsCa, Token
+from moerge.cli.output import emit_json, err_console, table
+from moerge.cli.rpc import client, guarded
 
 app = typer.Typer(
     help="Few-shot composition: merge weights of experts fitted to a few examples.",

@@ -13,9 +13,9 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from moerge.contributor_client.options import Coordinator, Json, TlsCa, Token
-from moerge.contributor_client.output import emit_json, fields, table
-from moerge.contributor_client.rpc import client, guarded
+from moerge.cli.options import Coordinator, Json, TlsCa, Token
+from moerge.cli.output import emit_json, fields, table
+from moerge.cli.rpc import client, guarded
 
 if TYPE_CHECKING:
     from moerge.client import Client
@@ -139,7 +139,7 @@ def experts_show(
         return
     fields(f"expert {expert.expert_id}", expert)
     if expert.privacy_report is not None:
-        from moerge.contributor_client.train_cli import privacy_table
+        from moerge.cli.training import privacy_table
 
         privacy_table(expert.privacy_report)
 

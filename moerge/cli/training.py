@@ -16,8 +16,7 @@ from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 
-from moerge.contributor_client.connection import Target
-from moerge.contributor_client.options import (
+from moerge.cli.options import (
     Coordinator,
     Json,
     TlsCa,
@@ -25,8 +24,9 @@ from moerge.contributor_client.options import (
     Transport,
     TransportChoice,
 )
-from moerge.contributor_client.output import emit_json, err_console, error, table
-from moerge.contributor_client.rpc import guarded
+from moerge.cli.output import emit_json, err_console, error, table
+from moerge.cli.rpc import guarded
+from moerge.contributor_client.connection import Target
 
 if TYPE_CHECKING:
     from moerge.results import BaseModel

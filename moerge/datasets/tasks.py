@@ -31,22 +31,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from moerge.contributor_client import rdata
-
-__all__ = [
-    "TASKS",
-    "Example",
-    "TaskData",
-    "available_tasks",
-    "default_data_dir",
-    "load_amazon_food",
-    "load_bbc_news",
-    "load_fortunes",
-    "load_rotten_tomatoes",
-    "load_task",
-    "load_wordnet_supersense",
-    "write_jsonl",
-]
+from moerge.datasets import rdata
 
 #: Seed of the train/test split; constant so that test sets never change between runs.
 SPLIT_SEED = 20240611
@@ -132,7 +117,7 @@ class TaskData:
 def default_data_dir() -> Path:
     """``$MOERGE_DATASETS_DIR`` if set, else ``data/`` at the repository root."""
     configured = os.environ.get("MOERGE_DATASETS_DIR")
-    return Path(configured) if configured else Path(__file__).resolve().parents[1] / "data"
+    return Path(configured) if configured else Path(__file__).resolve().parents[2] / "data"
 
 
 def _debian_path(package: str, relative: str, data_dir: str | Path | None) -> Path:

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import typer
 
-from moerge.contributor_client.output import error
+from moerge.cli.output import error
 
 if TYPE_CHECKING:
     from moerge.client import Client
