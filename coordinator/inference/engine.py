@@ -198,7 +198,16 @@ class InferenceEngine:
     # -- configuration (atomic swaps) ---------------------------------------------------------
     @property
     def is_causal_lm(self) -> bool:
+        """Whether the base model generates text (else it classifies)."""
         return self.task_type == "causal_lm"
+
+    @property
+    def vocab_size(self) -> int:
+        """Columns of the causal LM's logits (the output embedding's rows)."""
+        head = self.model.get_output_embeddings()
+        if head is not None and hasattr(head, "weight"):
+            return int(head.weight.shape[0])
+        return int(self.model.config.vocab_size)
 
     @property
     def router(self) -> Router | None:

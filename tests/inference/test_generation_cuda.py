@@ -159,6 +159,11 @@ def test_graph_replayed_decode_steps_give_the_eager_steps_text(base, experts):
             assert graphs.captures >= 1 and graphs.replays > 0
         chunks, steps = engines["chunks"].scheduler, engines["steps"].scheduler
         assert chunks.decodes < steps.decodes  # several steps per host round trip
+        # unseeded sampling runs in captured chunks too (noise drawn before each chunk)
+        hot = SamplingParams(max_new_tokens=NEW_TOKENS, temperature=1.0, top_k=50, top_p=0.9)
+        sampled, _ = submit_all(engines["chunks"], [(p, example[0][1], hot) for p in PROMPTS])
+        assert all(events[-1].completion_tokens >= 1 for events in sampled)
+        assert chunks.graphs is not None and chunks.graphs.failures == []
         assert engines["eager"].scheduler.graphs is None
     finally:
         for engine in engines.values():

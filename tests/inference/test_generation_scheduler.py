@@ -11,6 +11,7 @@ import torch
 
 from moerge.coordinator.inference.engine import InferenceEngine
 from moerge.coordinator.inference.errors import InputTooLong, InvalidTopK
+from moerge.coordinator.inference.generation.multi_step import RowSampling
 from moerge.coordinator.inference.generation.requests import (
     GenerationEvent,
     GenerationFailed,
@@ -20,7 +21,7 @@ from moerge.coordinator.inference.generation.requests import (
     RequestState,
     TextDelta,
 )
-from moerge.coordinator.inference.generation.sampling import SamplingParams
+from moerge.coordinator.inference.generation.sampling import SamplingParams, filter_top_k_top_p
 from moerge.coordinator.inference.generation.scheduler import QueueFull, iter_events
 from moerge.coordinator.inference.plan import Aggregation, MergeOptions, RoutingPlan
 from moerge.coordinator.services.expert_store import read_lora
@@ -449,7 +450,9 @@ def test_a_chunk_stops_each_request_at_its_budget_stop_string_or_eos(chunked, ow
     assert scheduler.kv.free_rows == scheduler.kv.max_rows  # every row given back
 
 
-def test_a_sampling_request_makes_the_batch_decode_one_step_at_a_time(chunked, own_generations):
+def test_a_seeded_sampling_request_makes_the_batch_decode_one_step_at_a_time(
+    chunked, own_generations
+):
     sampling = greedy(temperature=1.5, top_p=0.95, top_k=20, seed=1234)
     alone = text_of(events_of(chunked, PROMPTS[0], one("lm-0"), sampling))
     decodes = chunked.scheduler.decodes
@@ -459,3 +462,39 @@ def test_a_sampling_request_makes_the_batch_decode_one_step_at_a_time(chunked, o
     assert text_of(results[0]) == alone
     assert text_of(results[1]) == own_generations["lm-1"][1]
     assert chunked.scheduler.decodes - decodes == NEW_TOKENS - 1
+
+
+def test_unseeded_sampling_decodes_in_chunks_beside_greedy_requests(chunked, own_generations):
+    decodes = chunked.scheduler.decodes
+    results, _ = submit_all(
+        chunked,
+        [
+            (PROMPTS[0], one("lm-0"), greedy(temperature=1.0, top_p=0.9)),
+            (PROMPTS[1], one("lm-1"), greedy()),
+        ],
+    )
+    assert results[0][-1].completion_tokens == NEW_TOKENS
+    assert text_of(results[1]) == own_generations["lm-1"][1]  # greedy rows stay greedy
+    assert chunked.scheduler.decodes - decodes == 2
+
+
+@pytest.mark.parametrize(
+    ("temperature", "top_k", "top_p"), [(1.0, 0, 1.0), (0.5, 3, 1.0), (1.5, 0, 0.8)]
+)
+def test_chunk_sampling_draws_from_the_samplers_distribution(temperature, top_k, top_p):
+    """The Gumbel-max draw of a chunk samples softmax(filtered / T), as BatchSampler does."""
+    rows, vocab = 40_000, 6
+    logits = torch.tensor([2.0, 1.5, 1.0, 0.5, 0.0, -1.0]).expand(rows, vocab)
+    params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
+    sampling = RowSampling(1, rows, vocab, torch.device("cpu"))
+    sampling.fill([params] * rows, torch.Generator().manual_seed(0))
+    drawn = sampling.choose(0, logits)
+    observed = torch.bincount(drawn, minlength=vocab).float() / rows
+    expected = torch.softmax(
+        filter_top_k_top_p(logits[:1] / temperature, torch.tensor([top_k]), torch.tensor([top_p])),
+        -1,
+    )[0]
+    assert torch.allclose(observed, expected, atol=0.01), (observed, expected)
+    greedy_row = RowSampling(1, 1, vocab, torch.device("cpu"))
+    greedy_row.fill([None], None)
+    assert greedy_row.choose(0, logits[:1]).item() == 0  # rows of no request: argmax

@@ -16,11 +16,12 @@ updated in place before the replay: the input token ids, the rows' positions (in
   are fixed tensors, the router-expert -> bank-slot table is an [E] buffer, and the routing
   weights each row received in this step accumulate into a [R, E] buffer.
 
-A graph returns the step's logits (the host samples), or, when every running request decodes
-greedily, holds ``K`` steps with the greedy choice fed back on the device and returns their
-tokens (:mod:`.multi_step`). A graph is keyed by that form, the steps, the rows bucket (1, 2, 4,
-... up to the batch limit: a step pads the rows in use up to the next bucket), the KV capacity
-and the bank's buffers; a change of any
+A graph returns the step's logits (the host samples), or, when no running request needs the
+host between steps, holds ``K`` steps with each step's choice (greedy, or sampled from noise
+drawn before the chunk) fed back on the device and returns their tokens (:mod:`.multi_step`). A
+graph is keyed by that form, the steps, whether it samples, the rows bucket (1, 2, 4, ... up to
+the batch limit: a step pads the rows in use up to the next bucket), the KV capacity and the
+bank's buffers; a change of any
 of them (a new router object, the KV buffers or the bank grown) captures a new graph. Batches
 mixing both forms, or several token routers, run eagerly; so does token routing where the bank's
 token mixing reads back to the host (float32: only the fused half-precision kernel does not). A
@@ -32,19 +33,20 @@ from __future__ import annotations
 
 import collections
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from moerge.coordinator.inference.generation.multi_step import greedy_chunk
+from moerge.coordinator.inference.generation.multi_step import RowSampling, decode_chunk
 from moerge.coordinator.inference.mixing import token_mixing_without_host_sync
 
 if TYPE_CHECKING:
     from moerge.coordinator.inference.engine import InferenceEngine
     from moerge.coordinator.inference.generation.kv_rows import KVRows
+    from moerge.coordinator.inference.generation.sampling import SamplingParams
     from moerge.router_training.base import Router
 
 log = logging.getLogger(__name__)
@@ -79,8 +81,8 @@ RoutingForm = ExampleForm | TokenForm
 
 
 class _Graph:
-    """One captured decode step (``steps`` 0: it returns logits) or chunk of ``steps`` greedy
-    steps, and the static buffers it reads and writes."""
+    """One captured decode step (``steps`` 0: it returns logits) or chunk of ``steps`` steps
+    (greedy, or ``sampled``), and the static buffers it reads and writes."""
 
     def __init__(
         self,
@@ -91,9 +93,13 @@ class _Graph:
         cache_kwarg: str,
         pad_id: int,
         steps: int = 0,
+        sampled: bool = False,
     ) -> None:
         device = engine.device
         self.rows, self.form, self.steps = rows, form, steps
+        self.sampling = (
+            RowSampling(steps, rows, engine.vocab_size, device) if steps and sampled else None
+        )
         self.input_ids = torch.full((rows, 1), pad_id, dtype=torch.long, device=device)
         self.tokens = torch.zeros(steps, rows, dtype=torch.long, device=device)  # [K, R]
         self.logprobs = torch.zeros(steps, rows, dtype=torch.float32, device=device)
@@ -141,7 +147,9 @@ class _Graph:
             self.usage.zero_()
         if not self.steps:
             return self._forward()
-        greedy_chunk(self._forward, self.input_ids, self._kv, self.tokens, self.logprobs)
+        decode_chunk(
+            self._forward, self.input_ids, self._kv, self.tokens, self.logprobs, self.sampling
+        )
         return None
 
     def _forward(self) -> torch.Tensor:
@@ -221,12 +229,16 @@ class DecodeGraphs:
         fill: Callable[[_Graph], None],
         collect: Callable[[_Graph], None],
         steps: int = 0,
+        sampling: Sequence[SamplingParams | None] | None = None,
+        generator: torch.Generator | None = None,
     ) -> _Graph | None:
         """Replay the step for ``rows`` rows (a bucket; ``input_ids``: one token per row)
         after ``fill(graph)`` wrote the routing buffers, then ``collect(graph)`` reads its
         routing usage; ``None`` when this batch runs eagerly instead. ``steps`` 0: the graph's
         ``logits`` [rows, V] hold the step's logits; else its ``tokens``/``logprobs`` [steps,
-        rows] hold a greedy chunk (static buffers: read them before the next replay)."""
+        rows] hold a chunk, greedy or, with ``sampling`` (each row's parameters; ``None``: a
+        row no request uses), sampled with noise from ``generator`` (static buffers: read them
+        before the next replay)."""
         if form is None:
             return None
         if isinstance(form, TokenForm) and not token_mixing_without_host_sync(
@@ -239,6 +251,7 @@ class DecodeGraphs:
             rows,
             form,
             steps,
+            sampling is not None,
             self.kv.generation,
             self.kv.capacity,
             first.A.data_ptr(),
@@ -249,9 +262,20 @@ class DecodeGraphs:
         graph = self._graphs.get(key)
         self.kv.prepare_step(rows, full_width=True)
         if graph is None:
-            graph = _Graph(rows, form, self.engine, self.kv, self.cache_kwarg, self.pad_id, steps)
+            graph = _Graph(
+                rows,
+                form,
+                self.engine,
+                self.kv,
+                self.cache_kwarg,
+                self.pad_id,
+                steps,
+                sampled=sampling is not None,
+            )
             graph.input_ids.copy_(torch.tensor(input_ids).view(rows, 1))
             fill(graph)
+            if graph.sampling is not None and sampling is not None:
+                graph.sampling.fill(sampling, generator)
             try:
                 graph.capture()
             except Exception as exc:
@@ -274,6 +298,8 @@ class DecodeGraphs:
             self._graphs.move_to_end(key)
             graph.input_ids.copy_(torch.tensor(input_ids).view(rows, 1), non_blocking=True)
             fill(graph)
+            if graph.sampling is not None and sampling is not None:
+                graph.sampling.fill(sampling, generator)
         self.replays += 1
         graph.replay()
         collect(graph)

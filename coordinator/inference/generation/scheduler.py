@@ -11,8 +11,9 @@ the same worker interleave with decoding instead of waiting for whole generation
    their keys and values into free rows of the running batch (:class:`~.kv_rows.KVRows`);
 3. runs one decode step for every running row (on CUDA, a replay of a captured graph:
    :mod:`.cuda_graphs`) and samples each request's next token
-   (:class:`~.sampling.BatchSampler`), or, when every running request is greedy, a chunk of
-   up to ``steps_per_sync`` greedy steps without the host (:mod:`.multi_step`); streams text
+   (:class:`~.sampling.BatchSampler`), or, when no running request needs the host between
+   steps, a chunk of up to ``steps_per_sync`` steps on the device (:mod:`.multi_step`); streams
+   text
    deltas (:class:`~.detokenizer.StreamingDetokenizer`), and retires requests that hit EOS, a
    stop string or their token budget.
 
@@ -47,9 +48,10 @@ from moerge.coordinator.inference.generation.cuda_graphs import DecodeGraphs
 from moerge.coordinator.inference.generation.detokenizer import StreamingDetokenizer, add_tokens
 from moerge.coordinator.inference.generation.kv_rows import KVRows
 from moerge.coordinator.inference.generation.multi_step import (
+    RowSampling,
+    chunk_mode,
     chunk_steps,
-    decodes_greedily,
-    greedy_chunk,
+    decode_chunk,
 )
 from moerge.coordinator.inference.generation.requests import (
     GenerationEvent,
@@ -60,7 +62,7 @@ from moerge.coordinator.inference.generation.requests import (
     RequestState,
     TextDelta,
 )
-from moerge.coordinator.inference.generation.sampling import BatchSampler
+from moerge.coordinator.inference.generation.sampling import BatchSampler, SamplingParams
 from moerge.coordinator.inference.plan import Aggregation, RoutingPlan
 from moerge.coordinator.inference.results import ExpertWeight
 
@@ -413,10 +415,18 @@ class GenerationScheduler:
                 self.engine, self.running, [m.row for m in self.running], rows
             )
         forward = self._forward
-        steps = self._chunk_steps()  # 0: one step, sampled on the host
+        steps, sampled = self._chunk()  # 0 steps: one step, sampled on the host
+        sampling: list[SamplingParams | None] | None = None
+        if sampled:
+            sampling = [None] * rows
+            for m in self.running:
+                sampling[m.row] = m.request.sampling
+        generator = self.sampler.generator
         graph = None
         if self.graphs is not None:
-            graph = self.graphs.run(rows, forward.form(), ids, forward.fill, forward.collect, steps)
+            graph = self.graphs.run(
+                rows, forward.form(), ids, forward.fill, forward.collect, steps, sampling, generator
+            )
         if graph is not None:
             logits, tokens, logprobs = graph.logits, graph.tokens, graph.logprobs
         else:
@@ -439,7 +449,11 @@ class GenerationScheduler:
             tokens = torch.empty(steps, rows, dtype=torch.long, device=engine.device)
             logprobs = torch.empty(steps, rows, dtype=torch.float32, device=engine.device)
             if steps:
-                greedy_chunk(step, input_ids, kv, tokens, logprobs)
+                noise = None
+                if sampling is not None:
+                    noise = RowSampling(steps, rows, engine.vocab_size, engine.device)
+                    noise.fill(sampling, generator)
+                decode_chunk(step, input_ids, kv, tokens, logprobs, noise)
             else:
                 logits = step()
         kv.advance(order, max(steps, 1))
@@ -458,15 +472,19 @@ class GenerationScheduler:
             logits = logits.index_select(0, torch.tensor(order, device=logits.device))
         self._advance(self.running, logits)
 
-    def _chunk_steps(self) -> int:
-        """Greedy steps the next decode runs without the host (0: one sampled step)."""
+    def _chunk(self) -> tuple[int, bool]:
+        """(steps the next decode runs on the device, whether it samples); 0 steps: one step,
+        sampled on the host (:class:`~.sampling.BatchSampler`)."""
         if self.steps_per_sync < 2:
-            return 0
+            return 0, False
         params = [m.request.sampling for m in self.running]
-        if not decodes_greedily(params, ensembles=any(m.mix is not None for m in self.running)):
-            return 0
-        remaining = max(m.request.sampling.max_new_tokens - len(m.generated) for m in self.running)
-        return chunk_steps(self.steps_per_sync, remaining)
+        mode = chunk_mode(params, ensembles=any(m.mix is not None for m in self.running))
+        if mode is None:
+            return 0, False
+        remaining = max(
+            p.max_new_tokens - len(m.generated) for p, m in zip(params, self.running, strict=True)
+        )
+        return chunk_steps(self.steps_per_sync, remaining), mode == "sampled"
 
     def _advance(self, members: Sequence[_Running], logits: torch.Tensor) -> None:
         """Sample one token per member from ``logits`` [R, V]; stream it; retire the done."""
