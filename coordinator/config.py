@@ -86,7 +86,7 @@ class CoordinatorConfig:
     generation_max_batch: int = 32  # rows decoded together (continuous batching)
     generation_max_waiting: int = 256  # Generate requests queued beyond that; more: refused
     generation_cuda_graphs: bool = True  # on CUDA, replay decode steps as captured CUDA graphs
-    generation_steps_per_sync: int = 0  # greedy steps per host round trip; 0: 8 on CUDA, else 1
+    generation_steps_per_sync: int = 0  # decode steps per host round trip; 0: 8 on CUDA, else 1
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS  # Generate/Predict default
     batch_wait_ms: float = 5.0  # micro-batcher: how long to wait for more requests
     grace_seconds: float = 5.0  # graceful-shutdown grace for in-flight RPCs
@@ -213,7 +213,12 @@ class CoordinatorConfig:
 
 def _coerce(f: dataclasses.Field[Any], value: Any) -> Any:
     """Turn env/TOML strings into the field's type, with an error naming the field."""
-    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+    if f.default is not dataclasses.MISSING:
+        default = f.default
+    elif f.default_factory is not dataclasses.MISSING:
+        default = f.default_factory()
+    else:
+        default = None  # every field has a default; this keeps the value as given
     try:
         if isinstance(default, bool):
             if isinstance(value, str):

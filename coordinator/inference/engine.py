@@ -189,7 +189,7 @@ class InferenceEngine:
             raise ValueError(
                 f"generation_steps_per_sync must be >= 0 (0: auto), got {generation_steps_per_sync}"
             )
-        #: greedy decode steps per host round trip (0, auto: 8 on CUDA, 1 elsewhere)
+        #: decode steps per host round trip (0, auto: 8 on CUDA, 1 elsewhere)
         self.generation_steps_per_sync = generation_steps_per_sync or (
             DEFAULT_CUDA_STEPS_PER_SYNC if self.device.type == "cuda" else 1
         )
