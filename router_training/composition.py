@@ -107,7 +107,7 @@ def search_weights(
     loss: Callable[[np.ndarray], float],
     num_experts: int,
     config: CompositionConfig,
-    on_progress: Callable[[SearchProgress], None] | None = None,
+    on_progress: Callable[[SearchProgress], object] | None = None,
     cancelled: Callable[[], bool] | None = None,
 ) -> SearchResult:
     """Minimise ``loss(w) + l1 * mean|w|`` over ``w`` [num_experts] in [-bound, bound].

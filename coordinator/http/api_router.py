@@ -6,7 +6,7 @@ method (:mod:`.auth`). Responses and refusals are documented in ``docs/http-api.
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
 from starlette.responses import StreamingResponse
@@ -18,7 +18,9 @@ from moerge.coordinator.state import CoordinatorState
 from moerge.storage.records import Principal
 
 router = APIRouter()
-ERRORS = {status: {"model": api.ErrorResponse} for status in (400, 401, 403, 404, 429, 503)}
+ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": api.ErrorResponse} for status in (400, 401, 403, 404, 429, 503)
+}
 
 GenerateCaller = Annotated[Principal, Depends(caller(INFERENCE + "Generate"))]
 PredictCaller = Annotated[Principal, Depends(caller(INFERENCE + "Predict"))]

@@ -28,7 +28,7 @@ import functools
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, ParamSpec, TypeVar
@@ -320,7 +320,7 @@ class Generation:
     created: int
     model: str
     start: inference_pb2.GenerateStart
-    events: AsyncIterator[inference_pb2.GenerateResponse]
+    events: AsyncGenerator[inference_pb2.GenerateResponse, None]
     include_usage: bool
 
     @property
@@ -457,7 +457,7 @@ async def _chunks(
     generation: Generation,
     kind: type[api.CompletionResponse] | type[api.ChatCompletionChunk],
     choice: Callable[[str | None, str | None], Any],
-) -> AsyncIterator[BaseModel]:
+) -> AsyncGenerator[BaseModel, None]:
     """One chunk per event: the start (with the routing), each delta, the end (finish reason,
     final routing), then the usage alone when ``stream_options.include_usage`` asks, as OpenAI."""
     head = generation.head
@@ -476,7 +476,7 @@ async def _chunks(
                     yield kind(**head, choices=[], usage=_usage(event.end))
 
 
-async def _server_sent_events(chunks: AsyncIterator[BaseModel]) -> AsyncIterator[str]:
+async def _server_sent_events(chunks: AsyncGenerator[BaseModel, None]) -> AsyncGenerator[str, None]:
     """``data: {chunk}`` per chunk, then ``data: [DONE]``; a late error is an error event."""
     try:
         try:
@@ -499,7 +499,7 @@ class EventStream(StreamingResponse):
 
     media_type = "text/event-stream"
 
-    def __init__(self, chunks: AsyncIterator[BaseModel]) -> None:
+    def __init__(self, chunks: AsyncGenerator[BaseModel, None]) -> None:
         self._events = _server_sent_events(chunks)
         super().__init__(self._events, headers={"Cache-Control": "no-cache"})
 

@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import threading
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 from moerge.coordinator.inference.composition_objective import classification_loss, generation_loss
 from moerge.coordinator.inference.service import expert_names
@@ -133,7 +133,7 @@ def _candidates(
 
 async def compose(
     request: inference_pb2.ComposeRequest, state: CoordinatorState, principal: Principal
-) -> AsyncIterator[inference_pb2.ComposeResponse]:
+) -> AsyncGenerator[inference_pb2.ComposeResponse, None]:
     """Progress events, then the stored composition (see the module docstring)."""
     causal_lm = state.config.task_type == "causal_lm"
     texts = [e.text for e in request.examples]

@@ -12,8 +12,8 @@ from moerge.coordinator.rpc import convert
 from moerge.coordinator.services.node_keys import admit_node_keys
 from moerge.coordinator.state import CoordinatorState
 from moerge.coordinator.uploads.receiver import UPLOAD_ID, Manifest, ManifestFile
-from moerge.refusals import FailedPrecondition, InvalidArgument, NotFound
-from moerge.storage.records import Principal, UploadInfo
+from moerge.refusals import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
+from moerge.storage.records import ExpertInfo, Principal, UploadInfo
 from moerge.v1 import contributor_pb2
 
 if TYPE_CHECKING:
@@ -47,19 +47,22 @@ def get_upload_status(
 ) -> contributor_pb2.UploadStatus:
     _check_upload_id(request.upload_id)
     if state.objects is not None:  # a direct upload's bytes are in the store, not staged here
-        info = state.objects.progress(principal.contributor_id, request.upload_id)
+        info = state.objects.progress(_contributor_id(principal), request.upload_id)
         if info is not None:
             return convert.upload_status(info)
-    return convert.upload_status(state.uploads.status(principal.contributor_id, request.upload_id))
+    return convert.upload_status(
+        state.uploads.status(_contributor_id(principal), request.upload_id)
+    )
 
 
 def list_my_experts(
     request: contributor_pb2.ListMyExpertsRequest, state: CoordinatorState, principal: Principal
 ) -> contributor_pb2.ListMyExpertsResponse:
-    experts, token = [], None
+    experts: list[ExpertInfo] = []
+    token = None
     while True:
         page = state.registry.list_experts(
-            page_size=500, page_token=token, contributor_id=principal.contributor_id
+            page_size=500, page_token=token, contributor_id=_contributor_id(principal)
         )
         experts.extend(page.items)
         token = page.next_page_token
@@ -73,7 +76,7 @@ def register_node_key(
 ) -> contributor_pb2.RegisterNodeKeyResponse:
     """Record the caller's SuperNode key and have the SuperLink admit it (docs/federated.md)."""
     info = state.registry.register_node_key(
-        convert.actor_of(principal), principal.contributor_id, request.public_key
+        convert.actor_of(principal), _contributor_id(principal), request.public_key
     )
     node_id = admit_node_keys(state).get(info.public_key, 0)
     return contributor_pb2.RegisterNodeKeyResponse(
@@ -85,11 +88,12 @@ def open_upload(
     state: CoordinatorState, principal: Principal, limits: UploadLimiter | None, manifest: Manifest
 ) -> UploadInfo:
     """Begin or resume a chunked upload: count new ids against the rate limit."""
+    contributor_id = _contributor_id(principal)
     if limits is not None and limits.uploads_per_hour:
         manifest.check(state.config.max_upload_bytes)  # count only valid ones
-        if _is_new(state, principal.contributor_id, manifest.upload_id):
-            limits.start_upload(principal.contributor_id)
-    return state.uploads.start(principal.contributor_id, manifest)
+        if _is_new(state, contributor_id, manifest.upload_id):
+            limits.start_upload(contributor_id)
+    return state.uploads.start(contributor_id, manifest)
 
 
 def start_object_upload(
@@ -105,16 +109,17 @@ def start_object_upload(
     """
     from moerge.storage.blobstore_s3 import checksum_header  # boto3: only with an S3 store
 
+    contributor_id = _contributor_id(principal)
     objects = _objects(state)
     manifest = _manifest(request.manifest)
     if limits is not None and limits.uploads_per_hour:
         manifest.check(state.config.max_upload_bytes)
-        if _is_new(state, principal.contributor_id, manifest.upload_id):
-            limits.start_upload(principal.contributor_id)
-    info, targets = objects.plan(principal.contributor_id, manifest, _part_digests(request))
+        if _is_new(state, contributor_id, manifest.upload_id):
+            limits.start_upload(contributor_id)
+    info, targets = objects.plan(contributor_id, manifest, _part_digests(request))
     missing = sum(t.size for t in targets if not t.uploaded)
     if limits is not None and limits.bytes_per_hour and missing:
-        limits.receive(principal.contributor_id, missing)
+        limits.receive(contributor_id, missing)
     return contributor_pb2.ObjectUploadPlan(
         status=convert.upload_status(info),
         part_size=objects.part_size,
@@ -139,11 +144,20 @@ def complete_object_upload(
 ) -> contributor_pb2.UploadExpertResponse:
     manifest = _manifest(request.manifest)
     info, created = _objects(state).complete(
-        convert.actor_of(principal), principal.contributor_id, manifest, _part_digests(request)
+        convert.actor_of(principal), _contributor_id(principal), manifest, _part_digests(request)
     )
     return contributor_pb2.UploadExpertResponse(
         upload_id=manifest.upload_id, expert=convert.expert(info), created=created
     )
+
+
+def _contributor_id(principal: Principal) -> str:
+    """The caller's contributor id. The auth interceptor lets only contributors call this
+    service; an admin's principal (no contributor id) reaching a handler would otherwise list
+    every expert or upload under no one."""
+    if principal.contributor_id is None:
+        raise PermissionDenied("only a contributor may call ContributorService")
+    return principal.contributor_id
 
 
 def _objects(state: CoordinatorState) -> ObjectUploads:
@@ -167,6 +181,7 @@ class UploadSession:
     ) -> None:
         self.state = state
         self.principal = principal
+        self.contributor_id = _contributor_id(principal)
         self.limits = limits
         self.manifest: Manifest | None = None
         self.offset = 0
@@ -185,9 +200,9 @@ class UploadSession:
             if self.manifest is None:
                 raise InvalidArgument("manifest", "the first message must be a manifest")
             if self.limits is not None:
-                delay = self.limits.receive(self.principal.contributor_id, len(message.chunk.data))
+                delay = self.limits.receive(self.contributor_id, len(message.chunk.data))
             self.offset = self.state.uploads.append(
-                self.principal.contributor_id,
+                self.contributor_id,
                 self.manifest.upload_id,
                 message.chunk.offset,
                 message.chunk.data,
@@ -201,7 +216,7 @@ class UploadSession:
             raise InvalidArgument("manifest", "the stream held no manifest")
         info, created = self.state.uploads.finish(
             convert.actor_of(self.principal),
-            self.principal.contributor_id,
+            self.contributor_id,
             self.manifest.upload_id,
         )
         return contributor_pb2.UploadExpertResponse(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from datetime import datetime
+from typing import Literal, overload
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
@@ -18,7 +19,7 @@ from moerge.storage.records import (
 )
 from moerge.v1 import admin_pb2, common_pb2, contributor_pb2
 
-STATE_NAMES = {
+STATE_NAMES: dict[common_pb2.ExpertState.ValueType, str] = {
     common_pb2.EXPERT_STATE_ACTIVE: "active",
     common_pb2.EXPERT_STATE_QUARANTINED: "quarantined",
     common_pb2.EXPERT_STATE_RETIRED: "retired",
@@ -33,7 +34,17 @@ def actor_of(principal: Principal) -> str:
     return f"{principal.role}:{principal.credential_id}"
 
 
-def state_name(value: int, field: str, allow_unspecified: bool) -> str | None:
+@overload
+def state_name(
+    value: common_pb2.ExpertState.ValueType, field: str, allow_unspecified: Literal[False]
+) -> str: ...
+@overload
+def state_name(
+    value: common_pb2.ExpertState.ValueType, field: str, allow_unspecified: bool
+) -> str | None: ...
+def state_name(
+    value: common_pb2.ExpertState.ValueType, field: str, allow_unspecified: bool
+) -> str | None:
     """Protobuf enum -> registry state; unknown or (where required) unset values are refused."""
     if value == common_pb2.EXPERT_STATE_UNSPECIFIED and allow_unspecified:
         return None
@@ -42,7 +53,12 @@ def state_name(value: int, field: str, allow_unspecified: bool) -> str | None:
     return STATE_NAMES[value]
 
 
+@overload
+def timestamp(moment: datetime) -> Timestamp: ...
+@overload
+def timestamp(moment: datetime | None) -> Timestamp | None: ...
 def timestamp(moment: datetime | None) -> Timestamp | None:
+    """A protobuf Timestamp of ``moment``; None stays None (an unset message field)."""
     if moment is None:
         return None
     stamp = Timestamp()

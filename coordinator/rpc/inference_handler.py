@@ -7,7 +7,7 @@ exceptions that :mod:`moerge.coordinator.rpc.status` maps to status codes.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 
 from moerge.coordinator.inference.generation.sampling import SamplingParams
 from moerge.coordinator.inference.plan import Aggregation
@@ -191,7 +191,7 @@ def sampling_params(
 
 async def generate(
     request: inference_pb2.GenerateRequest, state: CoordinatorState, principal: Principal
-) -> AsyncIterator[inference_pb2.GenerateResponse]:
+) -> AsyncGenerator[inference_pb2.GenerateResponse, None]:
     """One GenerateStart, GenerateDelta per released text, one GenerateEnd (see the proto)."""
     from moerge.coordinator.inference import generation_service
     from moerge.coordinator.inference.generation.requests import (

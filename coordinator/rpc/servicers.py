@@ -117,8 +117,8 @@ class ContributorServicer(contributor_pb2_grpc.ContributorServiceServicer):
                     await asyncio.sleep(pause)
             return await asyncio.to_thread(upload.finish)
         except Exception as exc:
-            code, message = status_for(exc)
-            await context.abort(code, message, trailing_metadata=_retry_after(exc))
+            code, detail = status_for(exc)
+            await context.abort(code, detail, trailing_metadata=_retry_after(exc))
             raise
 
 
@@ -132,8 +132,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         try:
             return await handler(request, self.state, current_principal())
         except Exception as exc:
-            code, message = status_for(exc)
-            await context.abort(code, message)
+            code, detail = status_for(exc)
+            await context.abort(code, detail)
             raise
 
     async def Predict(self, request: inference_pb2.PredictRequest, context: Any) -> Any:
@@ -149,8 +149,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                 async for message in messages:
                     yield message
         except Exception as exc:
-            code, message = status_for(exc)
-            await context.abort(code, message)
+            code, detail = status_for(exc)
+            await context.abort(code, detail)
 
     async def Compose(self, request: inference_pb2.ComposeRequest, context: Any) -> Any:
         try:
@@ -159,8 +159,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                 async for message in messages:
                     yield message
         except Exception as exc:
-            code, message = status_for(exc)
-            await context.abort(code, message)
+            code, detail = status_for(exc)
+            await context.abort(code, detail)
 
     async def ListCompositions(
         self, request: inference_pb2.ListCompositionsRequest, context: Any

@@ -158,7 +158,7 @@ class RouterService:
             )
             try:
                 result = self._fit(method, records, params)
-                blind = getattr(result.router, "zero_vector_experts", list)()
+                blind: list[str] = getattr(result.router, "zero_vector_experts", list)()
                 if blind:
                     log.warning(
                         "router %s knows nothing about %d expert(s): their %s zero (a LoRA "
