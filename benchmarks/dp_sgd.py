@@ -30,7 +30,8 @@ from moerge.contributor_client.batching import collate, encode, load_tokenizer, 
 from moerge.contributor_client.dp_sgd import DPSGDConfig
 from moerge.contributor_client.membership import loss_attack
 from moerge.contributor_client.privacy import bound_advantage
-from moerge.contributor_client.training import TrainConfig, train_expert
+from moerge.contributor_client.recipe import TrainConfig
+from moerge.contributor_client.training import train_expert
 from moerge.datasets import load_task
 
 RESULTS = Path(__file__).parent / "results" / "dp_sgd.md"

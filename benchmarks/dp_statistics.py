@@ -69,7 +69,8 @@ def expert_predictions(
     from transformers import AutoModelForSequenceClassification
 
     from moerge.contributor_client.batching import collate, encode, sorted_batches
-    from moerge.contributor_client.training import TrainConfig, train_expert
+    from moerge.contributor_client.recipe import TrainConfig
+    from moerge.contributor_client.training import train_expert
 
     started = time.perf_counter()
     tokenizer = load_tokenizer(base)

@@ -34,15 +34,10 @@ from peft import PeftModel
 
 from moerge.base_model import default_base_model
 from moerge.contributor_client.batching import encode, load_tokenizer
-from moerge.contributor_client.training import (
-    RECIPES,
-    TrainConfig,
-    evaluate,
-    fit_linear_probe,
-    load_task_model,
-    pooled_features,
-    train_expert,
-)
+from moerge.contributor_client.linear_probe import fit_linear_probe, pooled_features
+from moerge.contributor_client.recipe import RECIPES, TrainConfig
+from moerge.contributor_client.training import load_task_model, train_expert
+from moerge.contributor_client.training_loop import evaluate
 from moerge.datasets import TASKS, available_tasks, load_task
 
 RESULTS = Path(__file__).parent / "results" / "expert_quality.md"

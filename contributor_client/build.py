@@ -30,6 +30,7 @@ from moerge.contributor_client.privacy import (
     SGDAccount,
     privacy_report,
 )
+from moerge.contributor_client.recipe import TrainConfig
 from moerge.contributor_client.statistics import (
     COVARIANCE_RANK,
     check_release_size,
@@ -37,7 +38,6 @@ from moerge.contributor_client.statistics import (
     save_statistics,
 )
 from moerge.contributor_client.training import (
-    TrainConfig,
     TrainResult,
     load_task_model,
     select_examples,

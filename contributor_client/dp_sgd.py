@@ -185,7 +185,7 @@ def train_adapter_dp(
     from opacus import GradSampleModule
 
     from moerge.contributor_client.batching import collate
-    from moerge.contributor_client.training import _lr_factor, training_progress
+    from moerge.contributor_client.training_loop import lr_factor, training_progress
 
     q, steps = adapter_steps(config, len(train_idx), epochs)
     generator = torch.Generator().manual_seed(seed)
@@ -198,7 +198,7 @@ def train_adapter_dp(
     optimizer = private_optimizer(trainable, config, config.learning_rate)
     warmup = max(1, round(warmup_fraction * steps))
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer.original_optimizer, lambda step: _lr_factor(step, warmup, steps, "linear")
+        optimizer.original_optimizer, lambda step: lr_factor(step, warmup, steps, "linear")
     )
     curve: list[float] = []
     wrapped.train()
@@ -258,7 +258,7 @@ def train_gates_dp(
 
     from moerge.contributor_client.batching import collate, encode
     from moerge.contributor_client.gates import LoraGates
-    from moerge.contributor_client.training import training_progress
+    from moerge.contributor_client.training_loop import training_progress
 
     if causal_lm or label_ids is None:
         raise ValueError("DP-SGD gates need a classification expert with labels")

@@ -31,7 +31,7 @@ from torch.utils.hooks import RemovableHandle
 from transformers import PreTrainedTokenizerBase
 
 from moerge.contributor_client.batching import collate, encode, length_grouped_batches
-from moerge.contributor_client.training import training_progress
+from moerge.contributor_client.training_loop import training_progress
 
 #: PEFT's prefix in front of every module path of a ``PeftModel``.
 PEFT_PREFIX = "base_model.model."

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from moerge.contributor_client.build import BuildReport
     from moerge.contributor_client.dp_sgd import DPSGDConfig
     from moerge.contributor_client.privacy import DPConfig
-    from moerge.contributor_client.training import TrainConfig
+    from moerge.contributor_client.recipe import TrainConfig
 
 
 @dataclasses.dataclass
@@ -94,7 +94,7 @@ def local_base_model(base_model: str | None, info: BaseModel | None) -> str:
 
 def train_config(path: str, info: BaseModel | None, options: TrainOptions) -> TrainConfig:
     """The :class:`TrainConfig` for ``options``, within the coordinator's limits (``info``)."""
-    from moerge.contributor_client.training import RECIPES, TrainConfig
+    from moerge.contributor_client.recipe import RECIPES, TrainConfig
 
     if options.recipe not in RECIPES:
         raise MoergeError.invalid(f"--recipe must be one of {sorted(RECIPES)}")

@@ -10,12 +10,14 @@ user            ``predict``, ``route``                                 :mod:`.us
                 ``generate``                                           :mod:`.generate`
                 ``evaluate``                                           :mod:`.evaluate`
                 ``compose create|list``                                :mod:`.compose`
-admin           ``admin ...``                                          :mod:`.admin`
+admin           ``admin experts|router|audit``                         :mod:`.admin`
+                ``admin tokens|contributors|keys``                     :mod:`.admin_access`
 coordinator     ``coordinator serve|health``                           :mod:`.coordinator`
 ==============  =====================================================  ==========================
 
 Beside them: the options every client command shares (:mod:`.options`), tables and JSON
-(:mod:`.output`) and one client per command with errors as one line (:mod:`.rpc`). ``demo`` is
+(:mod:`.output`), one client per command with errors as one line (:mod:`.rpc`) and what is
+shown of an expert's quality and privacy (:mod:`.expert_report`). ``demo`` is
 :func:`moerge.demo.demo`.
 
 Commands are thin: the work is done by the package that owns it (training and statistics by

@@ -1,5 +1,8 @@
 """``moerge admin ...``: one command per AdminService call, as tables or ``--json``.
 
+This module holds the registry's commands (``experts``, ``router``, ``audit``);
+:mod:`.admin_access` those about who may call (``tokens``, ``contributors``, ``keys``).
+
 A thin layer over :class:`moerge.Client`'s admin calls. Wherever a command takes an expert,
 contributor, API key or enrollment token id, a unique prefix of it will do (as git takes commit
 ids): the client resolves it with a list call, and a prefix that matches several ids is refused,
@@ -9,17 +12,18 @@ naming them. ``audit --target`` is the exception: it filters entries about any k
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from moerge.cli import admin_access
 from moerge.cli.options import Coordinator, Json, TlsCa, Token
 from moerge.cli.output import emit_json, fields, table
-from moerge.cli.rpc import client, guarded
+from moerge.cli.rpc import client, guarded, with_client
 
 if TYPE_CHECKING:
     from moerge.client import Client
-    from moerge.results import ApiKey, EnrollmentTokenInfo, Expert, RouterVersion
+    from moerge.results import Expert, RouterVersion
 
 app = typer.Typer(help="Administer the registry, routers and contributors.", no_args_is_help=True)
 experts_app = typer.Typer(
@@ -28,17 +32,11 @@ experts_app = typer.Typer(
 router_app = typer.Typer(
     help="Router versions: list, train now, activate (roll back).", no_args_is_help=True
 )
-tokens_app = typer.Typer(help="Enrollment tokens for new contributors.", no_args_is_help=True)
-contributors_app = typer.Typer(help="List and revoke contributors.", no_args_is_help=True)
-keys_app = typer.Typer(
-    help="API keys for users: inference only (predict, route, generate, the HTTP API).",
-    no_args_is_help=True,
-)
 app.add_typer(experts_app, name="experts")
 app.add_typer(router_app, name="router")
-app.add_typer(tokens_app, name="tokens")
-app.add_typer(contributors_app, name="contributors")
-app.add_typer(keys_app, name="keys")
+app.add_typer(admin_access.tokens_app, name="tokens")
+app.add_typer(admin_access.contributors_app, name="contributors")
+app.add_typer(admin_access.keys_app, name="keys")
 
 STATE_WORDS = "active | quarantined | retired"
 #: The coordinator's routing methods, for ``router train --help`` without importing torch
@@ -48,12 +46,6 @@ ROUTER_METHODS = (
     "uniform",
 )  # fmt: skip
 ExpertId = Annotated[str, typer.Argument(help="expert id or a unique prefix of it")]
-
-
-def _run(coordinator: str | None, token: str | None, tls_ca: str | None, work: Any) -> Any:
-    """``work(client)`` with the command's client; errors print and exit 1."""
-    with client(coordinator, token, tls_ca) as api:
-        return guarded(lambda: work(api))
 
 
 def _expert_rows(experts: list[Expert]) -> list[tuple[object, ...]]:
@@ -115,7 +107,7 @@ def experts_list(
             if not (all_pages and next_token):
                 return experts, next_token
 
-    experts, next_token = _run(coordinator, token, tls_ca, pages)
+    experts, next_token = with_client(coordinator, token, tls_ca, pages)
     if json_out:
         emit_json({"experts": experts, "next_page_token": next_token})
         return
@@ -133,13 +125,13 @@ def experts_show(
     json_out: Json = False,
 ) -> None:
     """Every field of one expert."""
-    expert = _run(coordinator, token, tls_ca, lambda api: api.get_expert(expert_id))
+    expert = with_client(coordinator, token, tls_ca, lambda api: api.get_expert(expert_id))
     if json_out:
         emit_json(expert)
         return
     fields(f"expert {expert.expert_id}", expert)
     if expert.privacy_report is not None:
-        from moerge.cli.training import privacy_table
+        from moerge.cli.expert_report import privacy_table
 
         privacy_table(expert.privacy_report)
 
@@ -155,7 +147,7 @@ def experts_set_state(
     json_out: Json = False,
 ) -> None:
     """Activate, quarantine or retire an expert."""
-    expert = _run(
+    expert = with_client(
         coordinator,
         token,
         tls_ca,
@@ -223,7 +215,7 @@ def router_list(
     json_out: Json = False,
 ) -> None:
     """Router versions, newest first; the active one is starred."""
-    page = _run(
+    page = with_client(
         coordinator,
         token,
         tls_ca,
@@ -260,7 +252,7 @@ def router_train(
         parsed = json.loads(params) if params else None
     except json.JSONDecodeError as exc:
         raise typer.BadParameter(f"--params is not JSON: {exc}") from None
-    version = _run(
+    version = with_client(
         coordinator,
         token,
         tls_ca,
@@ -282,222 +274,8 @@ def router_activate(
     json_out: Json = False,
 ) -> None:
     """Make an earlier router version active again (roll back)."""
-    info = _run(coordinator, token, tls_ca, lambda api: api.activate_router_version(version))
+    info = with_client(coordinator, token, tls_ca, lambda api: api.activate_router_version(version))
     emit_json(info) if json_out else table("active router", VERSION_COLUMNS, _version_rows([info]))
-
-
-@tokens_app.command("create")
-def tokens_create(
-    note: Annotated[str, typer.Option(help="what the token is for")] = "",
-    ttl: Annotated[
-        int,
-        typer.Option(help="seconds until it expires (0: the coordinator's default, 7 days)"),
-    ] = 0,
-    max_uses: Annotated[int, typer.Option(help="how many contributors may join with it")] = 1,
-    coordinator: Coordinator = None,
-    token: Token = None,
-    tls_ca: TlsCa = None,
-    json_out: Json = False,
-) -> None:
-    """Create an enrollment token (shown once)."""
-    created = _run(
-        coordinator,
-        token,
-        tls_ca,
-        lambda api: api.create_enrollment_token(note=note, ttl_seconds=ttl, max_uses=max_uses),
-    )
-    emit_json(created) if json_out else typer.echo(created.token)
-
-
-def _when(moment: object) -> str:
-    return moment.isoformat(timespec="seconds") if moment else ""  # type: ignore[attr-defined]
-
-
-def _token_rows(tokens: list[EnrollmentTokenInfo]) -> list[tuple[object, ...]]:
-    return [
-        (t.token_id, t.note, _when(t.created_at), _when(t.expires_at) or "never",
-         f"{t.uses}/{t.max_uses}", "revoked" if t.revoked else "")
-        for t in tokens
-    ]  # fmt: skip
-
-
-@tokens_app.command("list")
-def tokens_list(
-    exclude_revoked: Annotated[bool, typer.Option("--exclude-revoked")] = False,
-    page_size: int = 50,
-    page_token: str = "",
-    coordinator: Coordinator = None,
-    token: Token = None,
-    tls_ca: TlsCa = None,
-    json_out: Json = False,
-) -> None:
-    """Enrollment tokens: note, expiry, uses and whether revoked (never their secrets)."""
-    page = _run(
-        coordinator,
-        token,
-        tls_ca,
-        lambda api: api.list_enrollment_tokens(
-            exclude_revoked=exclude_revoked, page_size=page_size, page_token=page_token
-        ),
-    )
-    if json_out:
-        emit_json({"tokens": page.items, "next_page_token": page.next_page_token})
-        return
-    columns = ("id", "note", "created", "expires", "uses", "status")
-    table("enrollment tokens", columns, _token_rows(list(page.items)))
-
-
-@tokens_app.command("revoke")
-def tokens_revoke(
-    token_id: Annotated[
-        str, typer.Argument(help="the token id (as `tokens list` shows it) or a unique prefix")
-    ],
-    coordinator: Coordinator = None,
-    token: Token = None,
-    tls_ca: TlsCa = None,
-    json_out: Json = False,
-) -> None:
-    """Revoke an enrollment token: nobody else can join with it."""
-    info = _run(coordinator, token, tls_ca, lambda api: api.revoke_enrollment_token(token_id))
-    emit_json(info) if json_out else typer.echo(f"revoked enrollment token {info.token_id}")
-
-
-def _key_rows(keys: list[ApiKey]) -> list[tuple[object, ...]]:
-    return [
-        (k.key_id, k.note, _when(k.created_at), _when(k.expires_at) or "never",
-         k.rate_limit_per_minute or "default", _when(k.last_used_at),
-         "revoked" if k.revoked else "")
-        for k in keys
-    ]  # fmt: skip
-
-
-KEY_COLUMNS = ("id", "note", "created", "expires", "per minute", "last used", "status")
-
-
-@keys_app.command("create")
-def keys_create(
-    note: Annotated[str, typer.Option(help="who or what the key is for")] = "",
-    expires_in: Annotated[
-        float, typer.Option("--expires-in", help="days until it expires (0: never)")
-    ] = 0,
-    rate_limit: Annotated[
-        int,
-        typer.Option(
-            "--rate-limit",
-            help="inference requests per minute (0: the coordinator's default)",
-        ),
-    ] = 0,
-    coordinator: Coordinator = None,
-    token: Token = None,
-    tls_ca: TlsCa = None,
-    json_out: Json = False,
-) -> None:
-    """Create a user's API key (shown once): it may call predict, route and generate only."""
-    if expires_in < 0:
-        raise typer.BadParameter("must be >= 0", param_hint="--expires-in")
-    created = _run(
-        coordinator,
-        token,
-        tls_ca,
-        lambda api: api.create_api_key(
-            note=note, ttl_seconds=round(expires_in * 86400), rate_limit_per_minute=rate_limit
-        ),
-    )
-    emit_json(created) if json_out else typer.echo(created.api_key)
-
-
-@keys_app.command("list")
-def keys_list(
-    exclude_revoked: Annotated[bool, typer.Option("--exclude-revoked")] = False,
-    page_size: int = 50,
-    page_token: str = "",
-    coordinator: Coordinator = None,
-    token: Token = None,
-    tls_ca: TlsCa = None,
-    json_out: Json = False,
-) -> None:
-    """API keys: note, expiry, rate limit, last use and whether revoked (never their secrets)."""
-    page = _run(
-        coordinator,
-        token,
-        tls_ca,
-        lambda api: api.list_api_keys(
-            exclude_revoked=exclude_revoked, page_size=page_size, page_token=page_token
-        ),
-    )
-    if json_out:
-        emit_json({"keys": page.items, "next_page_token": page.next_page_token})
-        return
-    table("API keys", KEY_COLUMNS, _key_rows(list(page.items)))
-
-
-@keys_app.command("revoke")
-def keys_revoke(
-    key_id: Annotated[
-        str, typer.Argument(help="the key id (as `keys list` shows it) or a unique prefix")
-    ],
-    coordinator: Coordinator = None,
-    token: Token = None,
-    tls_ca: TlsCa = None,
-    json_out: Json = False,
-) -> None:
-    """Revoke an API key: its very next request is refused."""
-    info = _run(coordinator, token, tls_ca, lambda api: api.revoke_api_key(key_id))
-    emit_json(info) if json_out else typer.echo(f"revoked API key {info.key_id}")
-
-
-@contributors_app.command("list")
-def contributors_list(
-    exclude_revoked: Annotated[bool, typer.Option("--exclude-revoked")] = False,
-    page_size: int = 50,
-    page_token: str = "",
-    coordinator: Coordinator = None,
-    token: Token = None,
-    tls_ca: TlsCa = None,
-    json_out: Json = False,
-) -> None:
-    """Contributors and whether they are revoked."""
-    page = _run(
-        coordinator,
-        token,
-        tls_ca,
-        lambda api: api.list_contributors(
-            exclude_revoked=exclude_revoked, page_size=page_size, page_token=page_token
-        ),
-    )
-    if json_out:
-        emit_json({"contributors": page.items, "next_page_token": page.next_page_token})
-        return
-    rows = [
-        (
-            c.contributor_id,
-            c.name,
-            c.created_at.isoformat(timespec="seconds") if c.created_at else "",
-            "revoked" if c.revoked else "",
-            c.revoke_reason,
-        )
-        for c in page.items
-    ]
-    table("contributors", ("id", "name", "joined", "status", "reason"), rows)
-
-
-@contributors_app.command("revoke")
-def contributors_revoke(
-    contributor_id: Annotated[str, typer.Argument(help="contributor id or a unique prefix")],
-    reason: Annotated[str, typer.Option(help="why (kept in the audit log)")] = "",
-    coordinator: Coordinator = None,
-    token: Token = None,
-    tls_ca: TlsCa = None,
-    json_out: Json = False,
-) -> None:
-    """Revoke a contributor's credentials (its experts keep their state)."""
-    info = _run(
-        coordinator,
-        token,
-        tls_ca,
-        lambda api: api.revoke_contributor(contributor_id, reason),
-    )
-    emit_json(info) if json_out else typer.echo(f"revoked {info.contributor_id} ({info.name})")
 
 
 @app.command("audit")
@@ -514,7 +292,7 @@ def audit(
     json_out: Json = False,
 ) -> None:
     """The audit log, newest first."""
-    page = _run(
+    page = with_client(
         coordinator,
         token,
         tls_ca,

@@ -44,6 +44,14 @@ def guarded(thunk: Callable[[], T]) -> T:
     raise typer.Exit(1)
 
 
+def with_client(
+    coordinator: str | None, token: str | None, tls_ca: str | None, work: Callable[[Client], T]
+) -> T:
+    """``work(client)`` with the command's client; errors print and exit 1."""
+    with client(coordinator, token, tls_ca) as api:
+        return guarded(lambda: work(api))
+
+
 def call(target: Target, service: str, method: str, request: Any, timeout: float = 300.0) -> Any:
     """One unary RPC with the target's credential, returning the raw response message.
 

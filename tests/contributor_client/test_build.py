@@ -17,8 +17,9 @@ from moerge.contributor_client.privacy import (
     DEFAULT_EPSILON,
     MIN_EXAMPLES_WITHOUT_DP,
 )
+from moerge.contributor_client.recipe import TrainConfig
 from moerge.contributor_client.statistics import TooFewExamples, load_statistics
-from moerge.contributor_client.training import TrainConfig, TrainResult
+from moerge.contributor_client.training import TrainResult
 from moerge.expert_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS, EXPERT_FILES, gate_key
 
 from .toy import toy_config, toy_examples, write_jsonl

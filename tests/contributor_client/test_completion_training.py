@@ -14,7 +14,8 @@ from moerge.contributor_client.batching import (
     encode_completions,
     load_tokenizer,
 )
-from moerge.contributor_client.training import TrainConfig, train_expert
+from moerge.contributor_client.recipe import TrainConfig
+from moerge.contributor_client.training import train_expert
 from moerge.expert_format import ADAPTER_CONFIG
 
 

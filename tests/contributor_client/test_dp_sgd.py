@@ -14,7 +14,8 @@ from moerge.contributor_client.build import build_expert
 from moerge.contributor_client.dp_sgd import DPSGDConfig, adapter_steps, calibrate
 from moerge.contributor_client.gates import GateConfig
 from moerge.contributor_client.privacy import composed_epsilon, dp_sgd_event
-from moerge.contributor_client.training import TrainConfig, train_expert
+from moerge.contributor_client.recipe import TrainConfig
+from moerge.contributor_client.training import train_expert
 from moerge.expert_format import ADAPTER_WEIGHTS, STATISTICS_META, StatisticsMeta
 
 from .toy import toy_config, toy_examples, write_jsonl

@@ -11,8 +11,8 @@ from safetensors.torch import load_file
 
 from moerge.contributor_client.build import build_expert
 from moerge.contributor_client.gates import GateConfig
+from moerge.contributor_client.recipe import TrainConfig
 from moerge.contributor_client.statistics import load_statistics
-from moerge.contributor_client.training import TrainConfig
 from moerge.expert_format import ADAPTER_WEIGHTS, EXPERT_FILES
 
 from .toy import write_jsonl

@@ -14,16 +14,10 @@ import torch.nn.functional as F
 from moerge.client_training import TrainOptions, train_config
 from moerge.contributor_client.batching import encode, load_tokenizer
 from moerge.contributor_client.build import build_expert
-from moerge.contributor_client.training import (
-    RECIPES,
-    TrainConfig,
-    class_weight_vector,
-    fit_linear_probe,
-    load_task_model,
-    pooled_features,
-    probe_head,
-    train_expert,
-)
+from moerge.contributor_client.linear_probe import fit_linear_probe, pooled_features, probe_head
+from moerge.contributor_client.recipe import RECIPES, TrainConfig
+from moerge.contributor_client.training import load_task_model, train_expert
+from moerge.contributor_client.training_loop import class_weight_vector
 from moerge.expert_format import STATISTICS_META, ExpertQuality, StatisticsMeta
 
 from .toy import toy_config, toy_examples, write_jsonl
@@ -192,7 +186,7 @@ def test_causal_lm_reports_its_loss_beside_the_base_model(tiny_llama: Path, tmp_
 
 
 def test_report_warns_when_the_expert_does_not_beat_its_baselines() -> None:
-    from moerge.cli.training import quality_warnings
+    from moerge.cli.expert_report import quality_warnings
 
     good = ExpertQuality(10, validation_accuracy=0.9, probe_accuracy=0.8, majority_accuracy=0.5)
     assert quality_warnings(good) == []

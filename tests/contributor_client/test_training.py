@@ -13,7 +13,8 @@ from transformers import AutoModelForSequenceClassification
 
 from moerge.contributor_client.batching import collate, encode, load_tokenizer
 from moerge.contributor_client.data import train_validation_split
-from moerge.contributor_client.training import TrainConfig, TrainResult, train_expert
+from moerge.contributor_client.recipe import TrainConfig
+from moerge.contributor_client.training import TrainResult, train_expert
 from moerge.expert_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 
 from .toy import toy_config, toy_examples

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from moerge.contributor_client.training import TrainConfig
+from moerge.contributor_client.recipe import TrainConfig
 
 SPORT = ["sport", "match", "team", "goal", "player", "win", "lose", "score", "league", "cup"]
 MONEY = ["money", "bank", "market", "stock", "price", "trade", "growth", "profit", "economy"]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from moerge.contributor_client.build import build_expert
 from moerge.contributor_client.connection import Target
-from moerge.contributor_client.training import TrainConfig
+from moerge.contributor_client.recipe import TrainConfig
 from moerge.contributor_client.upload import describe_files, upload_expert
 from tests.coordinator.harness import BackgroundCoordinator
 from tests.coordinator.test_server import enroll

@@ -16,7 +16,7 @@ import pytest
 from moerge.contributor_client.build import build_expert
 from moerge.contributor_client.connection import Target
 from moerge.contributor_client.gates import GateConfig
-from moerge.contributor_client.training import TrainConfig
+from moerge.contributor_client.recipe import TrainConfig
 from moerge.contributor_client.upload import upload_expert
 from moerge.datasets import load_rotten_tomatoes, write_jsonl
 from moerge.v1 import common_pb2, inference_pb2, inference_pb2_grpc
