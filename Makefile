@@ -9,7 +9,7 @@ DATA_STAMP := data/debian/.fetched
 LLM_DIR := data/models/smollm2-135m-instruct
 LLM_STAMP := $(LLM_DIR)/.converted
 
-.PHONY: setup data demo demo-llm test test-fast lint proto clean-demo
+.PHONY: setup data demo demo-llm test test-fast lint typecheck proto clean-demo
 
 setup: $(STAMP) $(LLM_STAMP)
 
@@ -58,6 +58,10 @@ test-fast: setup
 lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+
+# mypy on every package under its import name (see scripts/typecheck.py); also a test.
+typecheck: setup
+	$(PY) scripts/typecheck.py
 
 proto: setup
 	$(PY) protos/generate.py
