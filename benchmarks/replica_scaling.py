@@ -1,0 +1,559 @@
+"""Predict throughput with 1, 2 and 4 inference replicas behind a load balancer, one run.
+
+Set-up (every piece a real process on this machine):
+
+* one shared registry: PostgreSQL when ``initdb``/``pg_ctl`` are found (a throw-away cluster on
+  loopback, ``tests/postgres.py``), else one SQLite file in WAL mode, which serves this
+  read-only workload (the replicas only read experts, routers and credentials);
+* one blob store: a blob folder every replica's ``data_dir/blobs`` links to, as replicas on one
+  host sharing a filesystem would (content-addressed files, atomic renames);
+* a seeding coordinator (role ``all``) takes ``--experts`` tiny experts and fits a centroid
+  router, then stops; the replicas (role ``inference``, one torch thread each) load that router;
+* a load balancer: nginx with ``grpc_pass`` when the ``nginx`` binary is found, else gRPC's
+  client-side ``round_robin`` policy over the replicas' addresses;
+* closed-loop Predict clients in separate processes (one per replica served, each
+  ``--clients-per-replica`` calls in flight on grpc.aio), the request mix and tiny model of
+  ``benchmarks/predict_overhead.py``.
+
+Each phase serves through the first N replicas and reports requests/s, p50/p99, the CPU the
+replicas and the clients used, and the ratio to linear: (requests/s at N / N) over (requests/s
+at the fewest replicas / that number), measured in the same run. Replicas start with
+``python benchmarks/replica_scaling.py --serve-replica`` (the coordinator's own
+``moerge.coordinator.server.serve``), not the ``moerge`` script, so the package may be laid
+out on PYTHONPATH; seeding speaks the gRPC API directly, so nothing beyond the coordinator's
+own dependencies is needed.
+
+    python benchmarks/replica_scaling.py --replicas 1 2 4 --seconds 20 --clients-per-replica 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+import os
+import platform
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    # last: the tiny model, expert builder and PostgreSQL helper live in tests/, while a
+    # ``moerge`` package laid out on PYTHONPATH must win over this checkout's partial moerge/
+    sys.path.append(str(ROOT))
+
+import grpc  # noqa: E402
+
+from moerge.v1 import (  # noqa: E402
+    admin_pb2,
+    admin_pb2_grpc,
+    contributor_pb2,
+    contributor_pb2_grpc,
+    inference_pb2,
+)
+
+RESULTS = Path(__file__).parent / "results" / "replica_scaling.md"
+PREDICT = "/moerge.v1.InferenceService/Predict"
+SERVING = "moerge coordinator serving on port "
+WORDS = ("the", "film", "was", "a", "delight", "dull", "plot", "strong", "cast", "weak", "ending")
+
+
+def bearer(token: str) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {token}"),)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process ``pid`` so far, all its threads."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def python_path() -> str:
+    """The children's PYTHONPATH: the caller's own, then this repository (tests/ helpers)."""
+    return os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), str(ROOT)]))
+
+
+def predict_request(rng: random.Random, expert_ids: list[str]) -> bytes:
+    """One input; half of the calls restricted to one random expert (predict_overhead's mix)."""
+    only = [rng.choice(expert_ids)] if rng.random() < 0.5 else []
+    text = " ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 12)))
+    return inference_pb2.PredictRequest(inputs=[text], expert_ids=only).SerializeToString()
+
+
+# -- the coordinator processes -----------------------------------------------------------------
+def serve_replica() -> None:
+    """The child: one coordinator from ``MOERGE_*`` variables, until SIGTERM."""
+    from moerge.coordinator.config import CoordinatorConfig
+    from moerge.coordinator.logs import setup_logging
+    from moerge.coordinator.server import serve
+
+    setup_logging()
+    asyncio.run(serve(CoordinatorConfig.load()))
+
+
+class Replica:
+    """A coordinator child process on a free loopback port; ``address`` once it serves."""
+
+    def __init__(self, data_dir: Path, blobs: Path, settings: dict[str, object]) -> None:
+        data_dir.mkdir(parents=True)
+        (data_dir / "blobs").symlink_to(blobs, target_is_directory=True)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MOERGE_")}
+        env |= {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+        env |= {"HF_HUB_OFFLINE": "1", "MOERGE_DATA_DIR": str(data_dir)}
+        env |= {f"MOERGE_{k.upper()}": str(v) for k, v in settings.items()}
+        env["PYTHONPATH"] = python_path()
+        self.log = data_dir / "coordinator.err"
+        with self.log.open("wb") as err:
+            self.process = subprocess.Popen(
+                [sys.executable, __file__, "--serve-replica"],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=err,
+                text=True,
+            )
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            if line.startswith(SERVING):
+                self.address = f"127.0.0.1:{int(line[len(SERVING) :])}"
+                return
+        self.stop()
+        raise RuntimeError(f"a replica did not start:\n{self.log.read_text()[-4000:]}")
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(30)
+
+
+def upload(channel: grpc.Channel, token: str, folder: Path) -> str:
+    """One expert over ``UploadExpert`` in one chunk (tiny experts); its id."""
+    from moerge.expert_format import EXPERT_FILES
+
+    data = {name: (folder / name).read_bytes() for name in EXPERT_FILES}
+    files = [
+        contributor_pb2.UploadFile(name=n, size=len(d), sha256=hashlib.sha256(d).hexdigest())
+        for n, d in data.items()
+    ]
+    manifest = contributor_pb2.UploadManifest(
+        upload_id=hashlib.sha256(folder.name.encode()).hexdigest()[:32],
+        expert_name=folder.name,
+        task_name=folder.name,
+        files=files,
+    )
+    chunk = contributor_pb2.UploadChunk(offset=0, data=b"".join(data.values()))
+    messages = [
+        contributor_pb2.UploadExpertRequest(manifest=manifest),
+        contributor_pb2.UploadExpertRequest(chunk=chunk),
+    ]
+    stub = contributor_pb2_grpc.ContributorServiceStub(channel)
+    return stub.UploadExpert(iter(messages), metadata=bearer(token), timeout=120).expert.expert_id
+
+
+def seed(address: str, admin: str, folders: list[Path]) -> list[str]:
+    """Enroll a contributor, upload ``folders``, fit and activate a centroid router."""
+    with grpc.insecure_channel(address) as channel:
+        admin_stub = admin_pb2_grpc.AdminServiceStub(channel)
+        token = admin_stub.CreateEnrollmentToken(
+            admin_pb2.CreateEnrollmentTokenRequest(note="benchmark"), metadata=bearer(admin)
+        ).token
+        credential = (
+            contributor_pb2_grpc.ContributorServiceStub(channel)
+            .Join(contributor_pb2.JoinRequest(enrollment_token=token, name="seeder"))
+            .credential
+        )
+        expert_ids = [upload(channel, credential, folder) for folder in folders]
+        admin_stub.TrainRouter(
+            admin_pb2.TrainRouterRequest(method="centroid"), metadata=bearer(admin), timeout=300
+        )
+    return expert_ids
+
+
+def warm(address: str, admin: str, expert_ids: list[str]) -> None:
+    """Every expert into the replica's adapter cache, and one routed call."""
+    with grpc.insecure_channel(address) as channel:
+        predict = channel.unary_unary(PREDICT)
+        for expert_id in [*expert_ids, ""]:
+            request = inference_pb2.PredictRequest(inputs=["the film was good"])
+            request.expert_ids[:] = [expert_id] if expert_id else []
+            predict(request.SerializeToString(), metadata=bearer(admin), timeout=120)
+
+
+# -- the shared registry and the balancer -----------------------------------------------------
+class Registry:
+    """PostgreSQL (a private cluster) when its binaries are here, else a SQLite file."""
+
+    def __init__(self, kind: str, workdir: Path) -> None:
+        from tests.postgres import PostgresCluster, find_postgres_bin
+
+        self.cluster = None
+        bin_dir = find_postgres_bin() if kind in ("auto", "postgresql") else None
+        if kind == "postgresql" and bin_dir is None:
+            raise SystemExit("--registry postgresql: initdb/pg_ctl not found")
+        if bin_dir is not None:
+            self.cluster = PostgresCluster(bin_dir)
+            self.cluster.start()
+            self.url = self.cluster.create_database("moerge")
+            self.description = "PostgreSQL (a private cluster on loopback)"
+        else:
+            self.url = f"sqlite:///{workdir / 'registry.db'}"
+            why = "asked for" if kind == "sqlite" else "no PostgreSQL binaries here"
+            self.description = f"one SQLite file in WAL mode ({why})"
+
+    def close(self) -> None:
+        if self.cluster is not None:
+            self.cluster.stop()
+
+
+class Balancer:
+    """nginx (``grpc_pass``, a round robin per call) when found, else the clients' own
+    ``round_robin`` policy over the replicas; ``target`` and channel ``options`` for clients."""
+
+    def __init__(self, kind: str, workdir: Path) -> None:
+        self.nginx = shutil.which("nginx") if kind in ("auto", "nginx") else None
+        if kind == "nginx" and self.nginx is None:
+            raise SystemExit("--balancer nginx: no nginx binary on PATH")
+        self.kind = "nginx" if self.nginx else "round_robin"
+        self.workdir = workdir
+        self.process: subprocess.Popen[bytes] | None = None
+        self.description = (
+            "nginx grpc_pass (one upstream per replica, keepalive)"
+            if self.nginx
+            else "gRPC client-side round_robin over the replicas' addresses ("
+            + ("asked for)" if kind == "round_robin" else "no nginx here)")
+        )
+
+    def serve(self, addresses: list[str]) -> tuple[str, list[tuple[str, object]]]:
+        """Balance over ``addresses``; the clients' channel target and options."""
+        self.stop()
+        if self.nginx is None:
+            target = "ipv4:" + ",".join(addresses)
+            return target, [("grpc.lb_policy_name", "round_robin")]
+        with socket.socket() as probe:  # a free port for nginx to listen on
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        prefix = self.workdir / "nginx"
+        prefix.mkdir(exist_ok=True)
+        servers = "".join(f"    server {a};\n" for a in addresses)
+        temp = "".join(
+            f"  {what}_temp_path {prefix / what};\n"
+            for what in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+        )
+        (prefix / "nginx.conf").write_text(
+            f"daemon off;\nworker_processes auto;\npid {prefix / 'nginx.pid'};\n"
+            f"error_log {prefix / 'error.log'} warn;\nevents {{ worker_connections 4096; }}\n"
+            f"http {{\n  access_log off;\n{temp}"
+            f"  upstream replicas {{\n{servers}    keepalive 64;\n  }}\n"
+            f"  server {{\n    listen 127.0.0.1:{port} http2;\n"
+            f"    location / {{ grpc_pass grpc://replicas; }}\n  }}\n}}\n"
+        )
+        self.process = subprocess.Popen(
+            [self.nginx, "-p", str(prefix), "-c", str(prefix / "nginx.conf")],
+            stderr=subprocess.DEVNULL,
+        )
+        time.sleep(1.0)  # nginx binds at once; a second is plenty
+        return f"127.0.0.1:{port}", []
+
+    def cpu_seconds(self) -> float:
+        """nginx's CPU so far, master and workers (round_robin runs inside the clients: 0)."""
+        if self.process is None:
+            return 0.0
+        pid = self.process.pid
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        return sum(cpu_seconds(int(p)) for p in [pid, *children])
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(30)
+            self.process = None
+
+
+# -- closed-loop clients (their own processes) ------------------------------------------------
+async def client_loop(config: dict[str, object]) -> dict[str, object]:
+    """``in_flight`` calls back to back; warm until the parent says go, then timed."""
+    options = [tuple(o) for o in config["options"]]  # type: ignore[union-attr]
+    expert_ids: list[str] = config["expert_ids"]  # type: ignore[assignment]
+    metadata = bearer(str(config["admin"]))
+    latencies: list[float] = []
+    errors: dict[str, int] = {}
+    phase = {"timed": False, "stop": False}
+    async with grpc.aio.insecure_channel(str(config["target"]), options=options) as channel:
+        predict = channel.unary_unary(PREDICT)
+
+        async def one(index: int) -> None:
+            rng = random.Random(index)
+            while not phase["stop"]:
+                request = predict_request(rng, expert_ids)
+                timed = phase["timed"]
+                began = time.perf_counter()
+                try:
+                    await predict(request, metadata=metadata, timeout=60)
+                    code = None
+                except grpc.aio.AioRpcError as exc:
+                    code = exc.code().name
+                if timed and not phase["stop"]:  # calls begun and ended inside the window
+                    if code is None:
+                        latencies.append((time.perf_counter() - began) * 1000)
+                    else:
+                        errors[code] = errors.get(code, 0) + 1
+
+        loop = asyncio.get_running_loop()
+        tasks = [asyncio.create_task(one(i)) for i in range(int(config["in_flight"]))]  # type: ignore[call-overload]
+        await asyncio.sleep(float(config["warm_seconds"]))  # type: ignore[arg-type]
+        print("ready", flush=True)
+        await loop.run_in_executor(None, sys.stdin.readline)  # "go"
+        phase["timed"] = True
+        cpu = time.process_time()
+        await asyncio.sleep(float(config["seconds"]))  # type: ignore[arg-type]
+        phase["stop"] = True
+        cpu = time.process_time() - cpu
+        await asyncio.gather(*tasks)
+    return {"latencies_ms": latencies, "errors": errors, "cpu_seconds": cpu}
+
+
+@dataclass
+class Phase:
+    replicas: int
+    clients: int
+    seconds: float
+    latencies_ms: list[float] = field(default_factory=list)
+    errors: dict[str, int] = field(default_factory=dict)
+    replica_cpu_seconds: float = 0.0
+    balancer_cpu_seconds: float = 0.0  # nginx's; round_robin's work is in the clients'
+    client_cpu_seconds: list[float] = field(default_factory=list)  # per client process
+
+    @property
+    def per_second(self) -> float:
+        return len(self.latencies_ms) / self.seconds
+
+    def percentile(self, q: float) -> float:
+        ordered = sorted(self.latencies_ms)
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
+
+
+def run_phase(
+    replicas: list[Replica],
+    balancer: Balancer,
+    args: argparse.Namespace,
+    admin: str,
+    expert_ids: list[str],
+) -> Phase:
+    target, options = balancer.serve([r.address for r in replicas])
+    config = {
+        "target": target,
+        "options": options,
+        "admin": admin,
+        "expert_ids": expert_ids,
+        "in_flight": args.clients_per_replica,
+        "seconds": args.seconds,
+        "warm_seconds": min(3.0, max(1.0, args.seconds / 4)),
+    }
+    env = {**os.environ, "PYTHONPATH": python_path()}
+    clients = [
+        subprocess.Popen(
+            [sys.executable, __file__, "--client", json.dumps(config)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for _ in replicas
+    ]
+    try:
+        for client in clients:
+            assert client.stdout is not None
+            if client.stdout.readline().strip() != "ready":
+                raise RuntimeError("a client process did not start")
+        phase = Phase(len(replicas), len(clients) * args.clients_per_replica, args.seconds)
+        before = sum(cpu_seconds(r.pid) for r in replicas)
+        balancer_before = balancer.cpu_seconds()
+        for client in clients:
+            assert client.stdin is not None
+            client.stdin.write("go\n")
+            client.stdin.flush()
+        time.sleep(args.seconds)
+        phase.replica_cpu_seconds = sum(cpu_seconds(r.pid) for r in replicas) - before
+        phase.balancer_cpu_seconds = balancer.cpu_seconds() - balancer_before
+        for client in clients:
+            out, _ = client.communicate(timeout=120)
+            result = json.loads(out.strip().splitlines()[-1])
+            phase.latencies_ms += result["latencies_ms"]
+            phase.client_cpu_seconds.append(result["cpu_seconds"])
+            for code, count in result["errors"].items():
+                phase.errors[code] = phase.errors.get(code, 0) + count
+        return phase
+    finally:
+        for client in clients:
+            if client.poll() is None:
+                client.kill()
+        balancer.stop()
+
+
+# -- the run -----------------------------------------------------------------------------------
+@dataclass
+class Run:
+    registry: str
+    balancer: str
+    phases: list[Phase]
+
+
+def run(args: argparse.Namespace, workdir: Path) -> Run:
+    from moerge.storage.tokens import new_token
+    from tests.experts import make_expert_dir
+    from tests.tiny_models import make_tiny_bert
+
+    base = make_tiny_bert(workdir / "tiny-bert")
+    folders = [
+        make_expert_dir(base, workdir / "experts" / f"e{i}", rank=8, seed=i, task_name=f"t{i}")
+        for i in range(args.experts)
+    ]
+    admin = new_token("mga")[1]
+    blobs = workdir / "blobs"
+    blobs.mkdir()
+    registry = Registry(args.registry, workdir)
+    balancer = Balancer(args.balancer, workdir)
+    settings: dict[str, object] = {
+        "db_url": registry.url,
+        "admin_token": admin,
+        "base_model": base,
+        "base_model_id": "tiny-bert",
+        "listen": "127.0.0.1:0",
+        "device": "cpu",
+        "auto_retrain": "false",
+        "adapter_cache_bytes": 64 << 20,
+        "max_lora_rank": 8,
+        "grace_seconds": 1,
+    }
+    replicas: list[Replica] = []
+    try:
+        seeder = Replica(workdir / "seeder", blobs, settings)
+        try:
+            expert_ids = seed(seeder.address, admin, folders)
+        finally:
+            seeder.stop()
+        for i in range(max(args.replicas)):
+            replicas.append(Replica(workdir / f"r{i}", blobs, settings | {"role": "inference"}))
+        for replica in replicas:
+            warm(replica.address, admin, expert_ids)
+        phases = [run_phase(replicas[:n], balancer, args, admin, expert_ids) for n in args.replicas]
+    finally:
+        for replica in replicas:
+            replica.stop()
+        registry.close()
+    return Run(registry.description, balancer.description, phases)
+
+
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown CPU"
+
+
+def markdown(result: Run, args: argparse.Namespace) -> str:
+    import torch
+
+    cores = os.cpu_count() or 1
+    base = min(result.phases, key=lambda p: p.replicas)
+    per_replica = base.per_second / base.replicas
+    load = os.getloadavg()
+    command = " ".join(["python benchmarks/replica_scaling.py", *sys.argv[1:]])
+    lines = [
+        "# Predict throughput with several inference replicas behind a load balancer",
+        "",
+        f"- command: `{command}`",
+        f"- date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC; python "
+        f"{platform.python_version()}, grpcio {grpc.__version__}, torch {torch.__version__}",
+        f"- machine: {platform.machine()} {cpu_model()}, {cores} cores, CPU only, shared by the "
+        f"replicas, the clients and other jobs; load average at the end {load[0]:.1f} / "
+        f"{load[1]:.1f} / {load[2]:.1f} (1/5/15 min)",
+        f"- registry: {result.registry}; blob store: one folder shared by every replica",
+        f"- balancer: {result.balancer}",
+        f"- workload: tiny random BERT, {args.experts} experts (LoRA r=8) behind a centroid "
+        f"router, adapter caches warm; replicas of role `inference`, one torch thread each; one "
+        f"client process per replica served, {args.clients_per_replica} closed-loop Predict "
+        f"calls in flight each (one input, half restricted to one random expert); "
+        f"{args.seconds:.0f} s per phase",
+        "",
+        "| replicas | clients | requests | errors | requests/s | ratio to linear | p50 | p99 "
+        "| replica CPU (cores) | balancer CPU (cores) | client CPU (cores; busiest process) |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for p in result.phases:
+        ratio = p.per_second / (per_replica * p.replicas) if per_replica else float("nan")
+        client_cores = sum(p.client_cpu_seconds) / p.seconds
+        busiest = max(p.client_cpu_seconds) / p.seconds
+        lines.append(
+            f"| {p.replicas} | {p.clients} | {len(p.latencies_ms)} | "
+            f"{sum(p.errors.values())} {p.errors or ''} | {p.per_second:.1f} | {ratio:.2f}x | "
+            f"{p.percentile(0.5):.1f} ms | {p.percentile(0.99):.1f} ms | "
+            f"{p.replica_cpu_seconds / p.seconds:.2f} | {p.balancer_cpu_seconds / p.seconds:.2f} | "
+            f"{client_cores:.2f}; {busiest:.2f} |"
+        )
+    lines += [
+        "",
+        f"Ratio to linear: requests/s at N replicas over N x the requests/s per replica at "
+        f"{base.replicas} replica(s) ({per_replica:.1f}), same run; goal >= 0.9x. A client "
+        f"process whose CPU nears 1.00 core (one GIL) would be the bottleneck, not the replicas.",
+    ]
+    needed = 2 * max(p.replicas for p in result.phases) + 1
+    if cores < needed:
+        lines += [
+            "",
+            f"**Scaling cannot be shown on this machine**: {cores} cores for "
+            f"{max(p.replicas for p in result.phases)} replica(s) (about one core each) and their "
+            f"clients (about {needed} cores wanted): the phases share the same cores, so this "
+            f"run only shows that the set-up works.",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=20.0, help="timed seconds per phase")
+    parser.add_argument("--replicas", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--clients-per-replica", type=int, default=16)
+    parser.add_argument("--experts", type=int, default=4)
+    parser.add_argument("--registry", choices=("auto", "postgresql", "sqlite"), default="auto")
+    parser.add_argument("--balancer", choices=("auto", "nginx", "round_robin"), default="auto")
+    parser.add_argument("--output", type=Path, default=RESULTS)
+    parser.add_argument("--serve-replica", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--client", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve_replica:
+        serve_replica()
+        return
+    if args.client:
+        print(json.dumps(asyncio.run(client_loop(json.loads(args.client)))), flush=True)
+        return
+    workdir = Path(tempfile.mkdtemp(prefix="moerge-replicas-"))
+    try:
+        result = run(args, workdir)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    text = markdown(result, args)
+    print(text)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(text)
+
+
+if __name__ == "__main__":
+    main()

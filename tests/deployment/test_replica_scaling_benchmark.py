@@ -1,0 +1,30 @@
+"""``benchmarks/replica_scaling.py`` at its smallest setting, as a command: one inference
+replica, a 2-second phase, on the fallbacks a machine without PostgreSQL and nginx uses (one
+SQLite file, the clients' round_robin policy), so the benchmark keeps working there."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+BENCHMARK = Path(__file__).resolve().parents[2] / "benchmarks" / "replica_scaling.py"
+
+
+def test_one_replica_for_two_seconds_answers_every_call_and_writes_the_report(
+    tmp_path: Path,
+) -> None:
+    report = tmp_path / "replica_scaling.md"
+    command = [sys.executable, str(BENCHMARK), "--replicas", "1", "--seconds", "2"]
+    command += ["--clients-per-replica", "4", "--experts", "2", "--output", str(report)]
+    command += ["--registry", "sqlite", "--balancer", "round_robin"]
+    subprocess.run(command, check=True, timeout=300, capture_output=True)
+    text = report.read_text()
+    assert "registry: one SQLite file in WAL mode" in text
+    assert "balancer: gRPC client-side round_robin" in text
+    assert "cores, CPU only" in text and "command: `python benchmarks/replica_scaling.py" in text
+    row = next(line for line in text.splitlines() if line.startswith("| 1 | 4 |"))
+    cells = [cell.strip() for cell in row.strip("|").split("|")]
+    requests, errors, per_second, ratio = int(cells[2]), cells[3], float(cells[4]), cells[5]
+    assert requests > 0 and errors == "0" and per_second > 0
+    assert ratio == "1.00x"  # the one phase is its own baseline
