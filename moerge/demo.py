@@ -195,7 +195,7 @@ def contributor_jobs(
     from moerge.cli.rpc import call
     from moerge.v1 import admin_pb2
 
-    jobs = []
+    jobs: list[tuple[str, Callable[[], subprocess.Popen]]] = []
     for task in names:
         token = call(
             admin,

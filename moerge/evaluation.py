@@ -16,7 +16,7 @@ import json
 import random
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -72,7 +72,9 @@ class MethodScore:
         return self.labelled_right / self.examples if self.examples else 0.0
 
 
-def mixed_stream(tests: dict[str, Sequence[tuple[str, str]]], seed: int = 0) -> list[StreamExample]:
+def mixed_stream(
+    tests: Mapping[str, Sequence[tuple[str, str]]], seed: int = 0
+) -> list[StreamExample]:
     """Every task's held-out (text, label) pairs, shuffled together."""
     stream = [StreamExample(t, y, task) for task, pairs in tests.items() for t, y in pairs]
     random.Random(seed).shuffle(stream)

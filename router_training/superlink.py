@@ -311,6 +311,7 @@ class SuperLinkFederation:
         of the keys now admitted. An unregistered node's Fleet calls fail at once, so a
         running SuperNode of a dropped key stops; Flower keeps an unregistered key's row, so
         that key can never be registered again (a re-enrolled contributor needs a new key)."""
+        from cryptography.hazmat.primitives.asymmetric.ec import EllipticCurvePublicKey
         from cryptography.hazmat.primitives.serialization import load_ssh_public_key
         from flwr.proto.control_pb2 import (
             ListNodesRequest,
@@ -319,7 +320,12 @@ class SuperLinkFederation:
         )
         from flwr.supercore.primitives.asymmetric import public_key_to_bytes
 
-        wanted = {public_key_to_bytes(load_ssh_public_key(k.encode())): k for k in keys}
+        wanted: dict[bytes, str] = {}
+        for k in keys:  # the registry takes only ECDSA P-384 keys, the only kind Flower admits
+            key = load_ssh_public_key(k.encode())
+            if not isinstance(key, EllipticCurvePublicKey):
+                raise ValueError(f"a SuperNode key must be ECDSA, got {type(key).__name__}")
+            wanted[public_key_to_bytes(key)] = k
         admitted: dict[str, int] = {}
         with self._node_keys_lock, self._control_client() as control:
             nodes = control.ListNodes(ListNodesRequest()).nodes_info

@@ -39,11 +39,13 @@ from pathlib import Path
 
 from transformers import PreTrainedTokenizerBase
 
-from moerge.datasets.tasks import (
+from moerge.datasets.splits import (  # the same cleaning and fixed split as every other task
     Example,
     TaskData,
-    _debian_path,
-    _load_and_split,  # the same cleaning and fixed stratified split as every other task
+    split_task,
+)
+from moerge.datasets.tasks import (
+    debian_path,
     load_bbc_news,
     load_rotten_tomatoes,
     load_wordnet_supersense,
@@ -102,7 +104,7 @@ def _word_class_pairs(data_dir: str | Path | None = None) -> list[tuple[str, str
     parts: dict[str, set[str]] = {}
     tagged: set[tuple[str, str]] = set()
     for suffix, part in WORDNET_INDEXES.items():
-        path = _debian_path("wordnet-base", f"usr/share/wordnet/index.{suffix}", data_dir)
+        path = debian_path("wordnet-base", f"usr/share/wordnet/index.{suffix}", data_dir)
         for line in path.read_text(encoding="utf-8").splitlines():
             if line.startswith(" "):  # the licence header
                 continue
@@ -132,7 +134,7 @@ def load_word_class(
     data_dir: str | Path | None = None,
 ) -> TaskData:
     """WordNet words -> their only part of speech (noun, verb, adjective, adverb)."""
-    data = _load_and_split(
+    data = split_task(
         "word_class",
         "WordNet 3.0 words with one part of speech",
         _word_class_pairs(data_dir),
@@ -224,7 +226,9 @@ def chat_prompt(tokenizer: PreTrainedTokenizerBase, instruction: str) -> str:
         {"role": "system", "content": SYSTEM_PROMPT},
         {"role": "user", "content": instruction},
     ]
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert isinstance(text, str)  # tokenize=False: the rendered text, not token ids
+    return text
 
 
 def as_chat(data: TaskData, tokenizer: PreTrainedTokenizerBase) -> TaskData:

@@ -171,11 +171,11 @@ class _Reader:
         self.pos += n
         return chunk
 
-    def int(self) -> int:
+    def int32(self) -> int:
         return struct.unpack(">i", self.take(4))[0]
 
     def length(self) -> int:
-        n = self.int()
+        n = self.int32()
         if n == -1:  # long vector: two more ints, upper and lower 32 bits
             upper, lower = struct.unpack(">II", self.take(8))
             n = (upper << 32) + lower
@@ -204,11 +204,11 @@ class _Reader:
             kinds = {b"A\n": "ASCII", b"B\n": "native binary", b"RD": "an .RData save file"}
             found = kinds.get(magic, repr(magic))
             raise RDataError(f"not XDR R serialization (format {found}); only XDR is supported")
-        version = self.int()
-        self.int()  # version of R that wrote it
-        self.int()  # minimal version of R needed to read it
+        version = self.int32()
+        self.int32()  # version of R that wrote it
+        self.int32()  # minimal version of R needed to read it
         if version == 3:
-            self.native_encoding = self.take(self.int()).decode("ascii", "replace")
+            self.native_encoding = self.take(self.int32()).decode("ascii", "replace")
         elif version != 2:
             raise RDataError(f"unsupported serialization version {version} (2 and 3 are)")
 
@@ -217,7 +217,7 @@ class _Reader:
         if self.depth > MAX_DEPTH:
             raise RDataError(f"objects nested deeper than {MAX_DEPTH} levels")
         try:
-            return self.item_with_flags(self.int())
+            return self.item_with_flags(self.int32())
         finally:
             self.depth -= 1
 
@@ -229,12 +229,12 @@ class _Reader:
         if sexp_type in SPECIAL_VALUES:
             return RSymbol(SPECIAL_VALUES[sexp_type])
         if sexp_type == REFSXP:
-            index = flags >> 8 or self.int()
+            index = flags >> 8 or self.int32()
             if not 1 <= index <= len(self.refs):
                 raise RDataError(f"reference {index} to an object not read yet")
             return self.refs[index - 1]
         if sexp_type == SYMSXP:
-            symbol = RSymbol(self.item_with_flags(self.int()) or "")
+            symbol = RSymbol(self.item_with_flags(self.int32()) or "")
             self.refs.append(symbol)
             return symbol
         if sexp_type == LISTSXP:
@@ -274,7 +274,7 @@ class _Reader:
         if sexp_type == STRSXP:
             strings = []
             for _ in range(n):
-                flags = self.int()
+                flags = self.int32()
                 if flags & 0xFF != CHARSXP:
                     raise RDataError(f"character vector element of type {flags & 0xFF}")
                 strings.append(self.charsxp(flags))
@@ -287,7 +287,7 @@ class _Reader:
         return n > len(self.data) - self.pos  # every element takes at least one byte
 
     def charsxp(self, flags: int) -> str | None:
-        n = self.int()
+        n = self.int32()
         if n == -1:
             return None  # NA_character_
         raw = self.take(n)
@@ -311,7 +311,7 @@ class _Reader:
             tag = self.item() if flags & HAS_TAG_BIT else None
             tags.append(tag.name if isinstance(tag, RSymbol) else None)
             values.append(self.item())
-            flags = self.int()
+            flags = self.int32()
         tail = self.item_with_flags(flags)
         if tail is not None:  # a dotted pair, as ALTREP wrappers use: keep the tail as last value
             tags.append(None)
