@@ -65,7 +65,7 @@ def _state(word: str | None) -> int:
     return STATES[word]
 
 
-def aggregation_number(word: str) -> int:
+def aggregation_number(word: str) -> inference_pb2.Aggregation.ValueType:
     """The ``Aggregation`` enum value of the CLI's word for it (``"merge"``, ...)."""
     if word not in AGGREGATIONS:
         raise MoergeError.invalid(

@@ -9,6 +9,7 @@ checked the same way for both clients.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 from moerge.calls import aggregation_number
 from moerge.errors import MoergeError
@@ -46,7 +47,7 @@ def generate_request(
     """
     if (prompt is None) == (messages is None):
         raise MoergeError.invalid("pass exactly one of prompt and messages")
-    optional = {"temperature": temperature, "top_p": top_p, "seed": seed}
+    optional: dict[str, Any] = {"temperature": temperature, "top_p": top_p, "seed": seed}
     optional["repetition_penalty"] = repetition_penalty
     sampling = inference_pb2.SamplingParams(
         max_new_tokens=max_new_tokens,
