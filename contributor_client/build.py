@@ -241,7 +241,7 @@ def _complete_adapter(
     """Gates (when possible) and statistics for the adapter in ``adapter_dir``."""
     adapter_config = _read_adapter_config(adapter_dir)
     base = _base_model_path(adapter_config, base_model_path)
-    peft_task = adapter_config.get("task_type")
+    peft_task = str(adapter_config.get("task_type") or "")
     task_type = PEFT_TASK_TYPES.get(peft_task) or (
         "classification" if examples.labels is not None else "causal_lm"
     )
@@ -339,8 +339,8 @@ def _adapter_gates(
     with torch.random.fork_rng(devices=[]):
         # The head is replaced by the adapter's; seeding keeps even its throwaway init fixed.
         torch.manual_seed(gate_config.seed)
-        model = load_task_model(base, task_type, label_names, tokenizer)
-    model = PeftModel.from_pretrained(model, str(adapter_dir))
+        base_model = load_task_model(base, task_type, label_names, tokenizer)
+    model = PeftModel.from_pretrained(base_model, str(adapter_dir))
     label_ids = None
     if labels is not None:
         index = {name: i for i, name in enumerate(label_names)}

@@ -163,7 +163,8 @@ def noisy_empty_step(optimizer: Any, parameters: list[torch.nn.Parameter]) -> No
     """A step on an empty Poisson sample: the noise alone (skipping it would tell that the
     sample was empty, which depends on the data set's size)."""
     for p in parameters:
-        p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)
+        # Opacus keeps per-sample gradients in an attribute it adds to parameters at run time.
+        p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)  # type: ignore[attr-defined]
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
 
@@ -257,7 +258,7 @@ def train_gates_dp(
     from opacus import GradSampleModule
 
     from moerge.contributor_client.batching import collate, encode
-    from moerge.contributor_client.gates import LoraGates
+    from moerge.contributor_client.gates import LoraGates, gate_width
     from moerge.contributor_client.training_loop import training_progress
 
     if causal_lm or label_ids is None:
@@ -273,13 +274,11 @@ def train_gates_dp(
     model.requires_grad_(False)
     model.eval()
     gates = LoraGates(model, gate_config.init)
-    modules = torch.nn.ModuleDict(
-        {
-            str(i): GateModule(layer.in_features, gate_config.init)
-            for i, layer in enumerate(gates.layers.values())
-        }
-    )
-    for (name, _), module in zip(gates.layers.items(), modules.values(), strict=True):
+    gate_modules = [
+        GateModule(gate_width(layer), gate_config.init) for layer in gates.layers.values()
+    ]
+    modules = torch.nn.ModuleDict({str(i): module for i, module in enumerate(gate_modules)})
+    for name, module in zip(gates.layers, gate_modules, strict=True):
         gates.gates[name] = module.vector
         gates.score_modules[name] = module
     wrapped = GradSampleModule(modules, batch_first=True, loss_reduction="mean")

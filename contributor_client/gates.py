@@ -83,6 +83,13 @@ def lora_layers(model: PeftModel, adapter: str = "default") -> dict[str, LoraLay
     }
 
 
+def gate_width(layer: LoraLayer) -> int:
+    """The width of the activation a gate scores: the input of the layer's base ``nn.Linear``."""
+    base = layer.get_base_layer()
+    assert isinstance(base, nn.Linear)  # lora_layers keeps only layers over nn.Linear
+    return base.in_features
+
+
 class LoraGates:
     """Adds a PHATGOOSE gate to every LoRA layer of a model while used as a context manager.
 
@@ -96,7 +103,7 @@ class LoraGates:
             raise ValueError(f"the model has no LoRA layers of adapter '{adapter}'")
         self.adapter = adapter
         self.gates: dict[str, torch.Tensor] = {
-            name: nn.Parameter(torch.full((layer.in_features,), float(init)))
+            name: nn.Parameter(torch.full((gate_width(layer),), float(init)))
             for name, layer in self.layers.items()
         }
         # Optional modules computing a gate's score (DP-SGD: Opacus must see the gate's calls).
@@ -109,6 +116,7 @@ class LoraGates:
 
     def __enter__(self) -> LoraGates:
         for name, layer in self.layers.items():
+            assert isinstance(layer, nn.Module)  # LoraLayer is a mixin of PEFT's LoRA modules
             score = self._score_hook(name)
             self._handles.append(layer.register_forward_pre_hook(score, with_kwargs=True))
             lora_b = layer.lora_B[self.adapter]

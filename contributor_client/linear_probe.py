@@ -99,7 +99,9 @@ def pooled_features(
     """
     model.eval()
     captured: list[torch.Tensor] = []
-    hook = model.classifier.register_forward_pre_hook(
+    classifier = model.classifier
+    assert isinstance(classifier, torch.nn.Module)  # a submodule, not a tensor attribute
+    hook = classifier.register_forward_pre_hook(
         lambda _module, args: captured.append(args[0].float())
     )
     order: list[int] = []

@@ -92,7 +92,8 @@ def worst_case_attack(
     c = c[0]
     base_sum, base_second = x.sum(0), x.T @ x
     with_sum, with_second = base_sum + c, base_second + torch.outer(c, c)
-    members, others = [], []
+    members: list[float] = []
+    others: list[float] = []
     for trial in range(trials):
         member = trial % 2 == 0
         counts = torch.tensor([len(x) + (1.0 if member else 0.0)])

@@ -44,6 +44,9 @@ if TYPE_CHECKING:
     from moerge.results import BaseModel
     from moerge.router_training.federated_base import ContributorData
 
+#: Declared, not bound: the module's __getattr__ builds it on first access (see below).
+app: ClientApp
+
 
 def save_local_embeddings(path: str | Path, embeddings: torch.Tensor) -> None:
     """Write ``embeddings`` [n, H] where :func:`load_node_data` reads them (never pickled)."""
@@ -95,9 +98,9 @@ def node_key_pair(private_key: Path | None = None) -> tuple[Path, str]:
     if private_key is None:
         private_key = client_home() / "federated" / "node-key"
         if not private_key.exists():
-            key = ec.generate_private_key(ec.SECP384R1())
+            new_key = ec.generate_private_key(ec.SECP384R1())
             private_key.parent.mkdir(parents=True, exist_ok=True)
-            pem = key.private_bytes(
+            pem = new_key.private_bytes(
                 serialization.Encoding.PEM,
                 serialization.PrivateFormat.OpenSSH,
                 serialization.NoEncryption(),
@@ -105,7 +108,7 @@ def node_key_pair(private_key: Path | None = None) -> tuple[Path, str]:
             fd = os.open(private_key, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "wb") as out:
                 out.write(pem)
-            public = key.public_key().public_bytes(*openssh_public).decode()
+            public = new_key.public_key().public_bytes(*openssh_public).decode()
             private_key.with_name("node-key.pub").write_text(public + "\n", encoding="utf-8")
     try:
         key = serialization.load_ssh_private_key(private_key.read_bytes(), None)

@@ -119,9 +119,10 @@ def train_expert(
     texts, labels = select_examples(texts, labels, config.max_examples, config.seed)
     causal_lm = config.task_type == "causal_lm"
     label_names: list[str] = []
-    label_ids: list[int] | None = None
+    class_ids: list[int] = []  # classification: each example's index in label_names
     if not causal_lm:
-        label_names, label_ids = _label_ids(labels)
+        label_names, class_ids = _label_ids(labels)
+    label_ids = None if causal_lm else class_ids  # None: a causal LM's completions
     split_labels = None if causal_lm else labels
     train_idx, val_idx = train_validation_split(
         split_labels, len(texts), config.validation_fraction, config.seed
@@ -138,16 +139,16 @@ def train_expert(
     probe_seconds = 0.0
     if not causal_lm:
         class_weights = class_weight_vector(
-            [label_ids[i] for i in train_idx], len(label_names), config.class_weighting
+            [class_ids[i] for i in train_idx], len(label_names), config.class_weighting
         )
-        majority_accuracy = majority_class_accuracy(label_ids, train_idx, val_idx)
+        majority_accuracy = majority_class_accuracy(class_ids, train_idx, val_idx)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         base = load_task_model(config.base_model, config.task_type, label_names, tokenizer)
         if not causal_lm:
             begin = time.perf_counter()
             probe_accuracy = probe_head(
-                base, tokenizer, token_ids, label_ids, train_idx, val_idx, config, class_weights
+                base, tokenizer, token_ids, class_ids, train_idx, val_idx, config, class_weights
             )
             probe_seconds = time.perf_counter() - begin
         model = get_peft_model(base, lora_config(config))
@@ -173,7 +174,7 @@ def train_expert(
                 model,
                 tokenizer,
                 token_ids,
-                label_ids,
+                class_ids,
                 train_idx,
                 dp_sgd,
                 config.epochs,
@@ -260,7 +261,8 @@ def lora_config(config: TrainConfig) -> LoraConfig:
     return LoraConfig(
         task_type=TaskType.CAUSAL_LM if config.task_type == "causal_lm" else TaskType.SEQ_CLS,
         r=config.lora_rank,
-        lora_alpha=config.lora_alpha,
+        # PEFT annotates lora_alpha as int but only divides it by r (or sqrt r): a float is fine.
+        lora_alpha=config.lora_alpha,  # type: ignore[arg-type]
         lora_dropout=config.lora_dropout,
         target_modules=targets,
     )

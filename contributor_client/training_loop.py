@@ -165,11 +165,10 @@ def tune_adapter(
                 labels = None if causal_lm else batch.pop("labels")
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16):
                     output = model(**batch)
-                    loss = (
-                        output.loss
-                        if causal_lm
-                        else F.cross_entropy(output.logits.float(), labels, weight=class_weights)
-                    )
+                    if labels is None:  # a causal LM: the model's loss on the completion
+                        loss = output.loss
+                    else:
+                        loss = F.cross_entropy(output.logits.float(), labels, weight=class_weights)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(trainable, max_norm=1.0)
                 optimizer.step()
@@ -200,7 +199,8 @@ def _parameter_groups(model: torch.nn.Module, config: TrainConfig) -> list[dict[
     """The trainable parameters, the LoRA factors at ``learning_rate`` and the head (PEFT's
     ``modules_to_save`` copy) at ``head_learning_rate``."""
     head_lr = config.head_learning_rate
-    lora, head = [], []
+    lora: list[torch.nn.Parameter] = []
+    head: list[torch.nn.Parameter] = []
     for name, parameter in model.named_parameters():
         if parameter.requires_grad:
             (head if "modules_to_save" in name else lora).append(parameter)

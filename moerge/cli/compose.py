@@ -8,14 +8,18 @@ stored composition. Serve it with ``moerge predict --composition NAME``.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from moerge.cli.options import Coordinator, Json, TlsCa, Token
 from moerge.cli.output import emit_json, err_console, table
 from moerge.cli.rpc import client, guarded
+
+if TYPE_CHECKING:
+    from moerge.results import Composition
 
 app = typer.Typer(
     help="Few-shot composition: merge weights of experts fitted to a few examples.",
@@ -29,7 +33,7 @@ def read_examples(
     """(text, label) pairs of a JSON Lines file; a label may be a number (read as its text)."""
     source = "stdin" if str(path) == "-" else str(path)
     lines = (
-        typer.get_text_stream("stdin").read()
+        sys.stdin.read()  # click deprecated get_text_stream (gone in Click 9)
         if source == "stdin"
         else path.read_text(encoding="utf-8")
     )
@@ -56,7 +60,7 @@ def read_examples(
     return examples
 
 
-def _weights(composition) -> str:  # type: ignore[no-untyped-def]
+def _weights(composition: Composition) -> str:
     return ", ".join(
         f"{e.expert_name or e.expert_id[:8]}:{e.weight:+.2f}" for e in composition.experts
     )
@@ -106,7 +110,7 @@ def create(
             transient=True,
         )
 
-        def run():  # type: ignore[no-untyped-def]
+        def run() -> Composition:
             with progress:
                 bar = progress.add_task("search", total=None, name=name, loss="-")
                 for event in api.compose(

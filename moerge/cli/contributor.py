@@ -74,7 +74,6 @@ def upload(
 ) -> None:
     """Upload an expert folder (resumes an interrupted upload)."""
     # the progress bar is on stderr: shown with --json too, whose JSON alone is on stdout
-    options = {"transport": transport.value, "chunk_size": chunk_size, "progress": True}
     if no_statistics and not task_name:
         raise typer.BadParameter("--no-statistics needs --task-name")
     with client(coordinator, token, tls_ca) as api:
@@ -87,13 +86,21 @@ def upload(
                     name,
                     label_names=label_names,
                     description=description or "",
-                    **options,
+                    transport=transport.value,
+                    chunk_size=chunk_size,
+                    progress=True,
                 )
             )
         else:
             result = guarded(
                 lambda: api.upload(
-                    expert_dir, name, task_name=task_name, description=description, **options
+                    expert_dir,
+                    name,
+                    task_name=task_name,
+                    description=description,
+                    transport=transport.value,
+                    chunk_size=chunk_size,
+                    progress=True,
                 )
             )
     if json_out:
@@ -110,8 +117,9 @@ def my_experts(
     tls_ca: TlsCa = None,
     json_out: Json = False,
 ) -> None:
-    """List the experts this contributor has registered: state and its reason, and privacy (what
-    each releases under which epsilon; ``--json`` gives the whole report)."""
+    """List the experts this contributor has registered: state and its reason, validation quality
+    beside its baselines, and privacy (what each releases under which epsilon; ``--json`` gives
+    the whole report)."""
     with client(coordinator, token, tls_ca) as api:
         experts = guarded(api.my_experts)
     if json_out:
@@ -125,12 +133,14 @@ def my_experts(
             e.task_name,
             e.state,
             e.example_count,
+            e.quality.summary() if e.quality else "",
             e.privacy_report.summary() if e.privacy_report else "",
             e.state_reason,
         )
         for e in experts
     ]
-    table("my experts", ("id", "name", "v", "task", "state", "examples", "privacy", "reason"), rows)
+    columns = ("id", "name", "v", "task", "state", "examples", "quality", "privacy", "reason")
+    table("my experts", columns, rows)
 
 
 def register_node_key(target: Target, public_key: str) -> None:

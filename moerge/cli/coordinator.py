@@ -98,7 +98,8 @@ def check_health(address: str, service: str = "", timeout: float = 5.0, tls_ca: 
     )
     with channel:
         try:
-            response = health_pb2_grpc.HealthStub(channel).Check(
+            # types-grpcio-health-checking leaves out the stub's methods (set in its __init__).
+            response = health_pb2_grpc.HealthStub(channel).Check(  # type: ignore[attr-defined]
                 health_pb2.HealthCheckRequest(service=service), timeout=timeout
             )
         except grpc.RpcError as exc:

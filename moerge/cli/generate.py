@@ -10,11 +10,15 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Annotated
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from moerge.cli.options import Coordinator, TlsCa, Token
+
+if TYPE_CHECKING:
+    from moerge.results import ExpertWeight
 
 
 def generate(
@@ -96,11 +100,8 @@ def generate(
     guarded(stream)
 
 
-def _experts(weights: object) -> str:
-    return ", ".join(
-        f"{w.expert_name or w.expert_id[:8]}:{w.weight:.2f}"  # type: ignore[attr-defined]
-        for w in weights
-    )  # type: ignore[attr-defined]
+def _experts(weights: Iterable[ExpertWeight]) -> str:
+    return ", ".join(f"{w.expert_name or w.expert_id[:8]}:{w.weight:.2f}" for w in weights)
 
 
 def _show(event: object, err_console: object) -> None:

@@ -30,6 +30,9 @@ from moerge.cli.rpc import guarded
 from moerge.contributor_client.connection import Target
 
 if TYPE_CHECKING:
+    from moerge.contributor_client.build import BuildReport
+    from moerge.contributor_client.privacy import DPConfig
+    from moerge.contributor_client.training import TrainConfig
     from moerge.results import BaseModel
 
 T = TypeVar("T")
@@ -93,14 +96,14 @@ def _train_config(
     task_type: str | None,
     epochs: int,
     rank: int,
-    learning_rate: float,
+    learning_rate: float | None,
     batch_size: int,
     max_length: int,
     seed: int,
     max_examples: int | None,
     target_modules: list[str] | None,
     recipe: dict[str, object],
-) -> object:
+) -> TrainConfig:
     from moerge.client_training import TrainOptions, train_config
 
     options = TrainOptions(
@@ -149,7 +152,7 @@ class Privacy:
     dp_sgd_epsilon: float | None = None
     dp_sgd_delta: float = 1e-5
 
-    def statistics(self) -> object:
+    def statistics(self) -> DPConfig | None:
         """The statistics' ``DPConfig`` (None only with --no-dp); bad options exit with 2."""
         from moerge.client_training import TrainOptions, privacy_options
 
@@ -165,7 +168,7 @@ def _build(
     data: Path,
     out: Path,
     task_name: str,
-    config: object,
+    config: TrainConfig,
     info: BaseModel | None,
     description: str,
     text_field: str,
@@ -178,7 +181,7 @@ def _build(
     stats_rank: int,
     *,
     progress: bool,
-) -> object:
+) -> BuildReport:
     """Train + gates + statistics into ``out``; a bad data file exits with its message."""
     from moerge.client_training import TrainOptions, build
 
@@ -193,7 +196,7 @@ def _build(
         **vars(privacy),
     )
     return _or_exit(
-        lambda: build(data, out, task_name, description, options, config, info, progress)  # type: ignore[arg-type]
+        lambda: build(data, out, task_name, description, options, config, info, progress)
     )
 
 
