@@ -71,6 +71,8 @@ class ArrowRouterConfig(RouterConfig):
     rng_seed: int = 0  # seed of the power iteration's start vector (PEFT's ``rng_seed``)
 
     def validate(self) -> None:
+        """Refuse out-of-range settings with a ``ValueError`` naming the field (configs come from
+        JSON and the CLI)."""
         super().validate()
         if not isinstance(self.temperature, (int, float)) or not self.temperature > 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature!r}")
@@ -163,6 +165,8 @@ class ArrowRouter(ModuleVectorRouter):
 
     @classmethod
     def fit(cls, experts: Sequence[ExpertRecord], config: RouterConfig) -> ArrowRouter:
+        """Arrow's prototypes from the experts' LoRA weights alone: per module, the top right
+        singular vector of each expert's update ``B A``."""
         router = cls(config, [e.expert_id for e in experts])
         router._set_vectors(router._prototypes(experts, first_index=0))
         return router
@@ -224,5 +228,7 @@ class ArrowRouter(ModuleVectorRouter):
     absolute_scores: ClassVar[bool] = True  # a prototype's sign is arbitrary: score |<v, h>|
 
     def linear_scores(self, module: str, hidden: torch.Tensor) -> torch.Tensor:
+        """Tokens' projections onto the module's expert prototypes (their absolute values are
+        scored: see ``absolute_scores``)."""
         prototypes, _ = self._placed_for(module, hidden)
         return hidden.to(prototypes.dtype) @ prototypes.T

@@ -115,10 +115,13 @@ class RouterConfig:
     top_k: int | None = 1
 
     def validate(self) -> None:
+        """Refuse out-of-range settings with a ``ValueError`` naming the field (configs come from
+        JSON and the CLI)."""
         if not _is_int(self.top_k) or self.top_k < 1:
             raise ValueError(f"top_k must be an integer >= 1, got {self.top_k!r}")
 
     def to_json(self) -> str:
+        """The config as sorted-key JSON: stored in router artifacts and compared between fits."""
         return json.dumps(asdict(self), sort_keys=True)
 
 
@@ -155,6 +158,7 @@ class Router(ABC):
 
     @property
     def num_experts(self) -> int:
+        """How many experts the router was fitted on (the columns of its decisions)."""
         return len(self.expert_ids)
 
     # -- fitting ------------------------------------------------------------------------------
@@ -198,6 +202,8 @@ class Router(ABC):
         """Inverse of :meth:`state_dict`."""
 
     def save(self, path: str | Path) -> None:
+        """Write the router as a safetensors artifact: its tensors, with the method, config and
+        expert ids as metadata."""
         metadata = {
             "method": self.method,
             "config": self.config.to_json(),
@@ -208,6 +214,8 @@ class Router(ABC):
 
     @staticmethod
     def read_metadata(path: str | Path) -> dict[str, Any]:
+        """The method, config and expert ids of an artifact, read without loading its tensors;
+        ``ValueError`` for a file that is not a router."""
         from safetensors import safe_open
 
         with safe_open(str(path), framework="pt") as handle:

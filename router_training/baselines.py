@@ -73,6 +73,8 @@ class UniformRouterConfig(RouterConfig):
     top_k: int | None = None  # None or the number of experts: the uniform router uses them all
 
     def validate(self) -> None:
+        """``top_k`` is optional here (None: every expert); a given one is checked as any
+        router's."""
         if self.top_k is not None:
             super().validate()
 
@@ -113,6 +115,7 @@ class BaseModelRouterConfig(RouterConfig):
     top_k: int = 0  # always 0: no expert is used
 
     def validate(self) -> None:
+        """The base-model router routes to no expert: ``top_k`` must be 0."""
         if self.top_k != 0 or isinstance(self.top_k, bool):
             raise ValueError(f"the base router uses no expert: top_k must be 0, got {self.top_k!r}")
 
@@ -140,6 +143,7 @@ class OracleRouterConfig(RouterConfig):
     top_k: int = 1  # always 1: the source expert alone
 
     def validate(self) -> None:
+        """The oracle picks exactly the example's source expert: ``top_k`` must be 1."""
         if self.top_k != 1 or isinstance(self.top_k, bool):
             raise ValueError(
                 f"the oracle routes to one expert: top_k must be 1, got {self.top_k!r}"
@@ -162,6 +166,8 @@ class OracleRouter(Router):
 
     @classmethod
     def fit(cls, experts: Sequence[ExpertRecord], config: RouterConfig) -> OracleRouter:
+        """Nothing to fit: the oracle only needs the expert ids, to look up each example's
+        source."""
         return cls(config, [e.expert_id for e in experts])  # type: ignore[arg-type]
 
     def route_sources(
@@ -178,13 +184,18 @@ class OracleRouter(Router):
         )
 
     def route_examples(self, embeddings: torch.Tensor, top_k: int | None = None) -> RoutingDecision:
+        """Refused: the oracle cannot route from embeddings, only from known sources
+        (:meth:`route_sources`)."""
         raise TypeError(
             "the oracle router needs each example's source expert: use route_sources(ids)"
         )
 
     def state_dict(self) -> dict[str, torch.Tensor]:
+        """No tensors: expert ids and config describe the oracle fully."""
         return {}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Accept only an empty state, so an artifact of another method is not taken for an
+        oracle."""
         if state:
             raise ValueError(f"router '{self.method}' has no tensors, got {sorted(state)}")

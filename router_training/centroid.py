@@ -50,6 +50,8 @@ class CentroidRouterConfig(RouterConfig):
     score_dtype: str = "float32"  # "float32" or "bfloat16" for the routing product
 
     def validate(self) -> None:
+        """Refuse out-of-range settings with a ``ValueError`` naming the field (configs come from
+        JSON and the CLI)."""
         super().validate()
         if not isinstance(self.temperature, (int, float)) or not self.temperature > 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature!r}")
@@ -85,6 +87,8 @@ class CentroidRouter(Router):
 
     @classmethod
     def fit(cls, experts: Sequence[ExpertRecord], config: RouterConfig) -> CentroidRouter:
+        """Centroids are the experts' normalised embedding means; the temperature is fitted on
+        samples drawn from their Gaussians when ``calibrate`` is set."""
         router = cls(config, [e.expert_id for e in experts])  # type: ignore[arg-type]
         bank = GaussianBank.from_experts(experts)
         router._set_centroids(F.normalize(bank.means, dim=-1))
@@ -111,15 +115,19 @@ class CentroidRouter(Router):
         return self._scorer(F.normalize(x, dim=-1))
 
     def route_examples(self, embeddings: torch.Tensor, top_k: int | None = None) -> RoutingDecision:
+        """Softmax over the top-k cosine similarities to the centroids, at the fitted
+        temperature."""
         k = self._resolve_top_k(top_k)
         return top_k_softmax(self.similarities(embeddings), k, self.temperature)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
+        """The centroids and the temperature (float64, so it round-trips exactly)."""
         return {
             "centroids": self.centroids,
             "temperature": torch.tensor([self.temperature], dtype=torch.float64),
         }
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Inverse of :meth:`state_dict`."""
         self._set_centroids(state["centroids"])
         self.temperature = float(state["temperature"][0])

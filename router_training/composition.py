@@ -55,6 +55,8 @@ class CompositionConfig:
     seed: int = 0  # seeds the optimiser: same examples and seed, same weights
 
     def validate(self) -> None:
+        """Refuse a search budget, time limit, L1 weight or weight bound out of range (they come
+        from an RPC)."""
         if not 1 <= self.budget <= MAX_BUDGET:
             raise ValueError(f"budget must be in 1..{MAX_BUDGET} evaluations, got {self.budget}")
         if not (math.isfinite(self.time_limit_s) and 0 < self.time_limit_s <= 3600):

@@ -65,6 +65,7 @@ class ExpertTable:
 
     @property
     def capacity(self) -> int:
+        """How many expert slots the table holds, used or not."""
         return len(self._members)
 
     def view(self, rows: int) -> tuple[torch.Tensor, torch.Tensor]:

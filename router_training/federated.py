@@ -148,6 +148,8 @@ class FederatedRouter(GaussianRouter):
         return (vectors * values.sqrt()) @ vectors.T, (vectors * values.rsqrt()) @ vectors.T
 
     def logits(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """Logits of the federated linear head over centred (and, if trained so, whitened)
+        embeddings."""
         x = as_float_batch(embeddings, int(self.weight.shape[0]))
         return torch.addmm(self.bias, x - self.center, self._routing_weight)
 
@@ -182,9 +184,11 @@ class FederatedRouter(GaussianRouter):
 
     # -- serialisation ------------------------------------------------------------------------
     def state_dict(self) -> dict[str, torch.Tensor]:
+        """The base LDA state, the frozen arrays and the arrays the rounds trained."""
         return {**self._base_state(), **self.frozen_arrays(), **self.arrays()}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Inverse of :meth:`state_dict`."""
         self._load_base_state(state)
         for name in FROZEN_ARRAYS:
             setattr(self, name, state[name].to(torch.float32).contiguous())

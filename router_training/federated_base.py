@@ -70,6 +70,8 @@ class FederatedRouterConfig(GaussianRouterConfig):
     node_wait_seconds: float = 120.0  # superlink: how long to wait for them
 
     def validate(self) -> None:
+        """Refuse out-of-range settings with a ``ValueError`` naming the field (configs come from
+        JSON and the CLI)."""
         super().validate()
         LDARouterConfig(shrinkage=self.shrinkage).validate()
         LDARouterConfig(shrinkage=self.whitening_shrinkage).validate()
@@ -154,6 +156,8 @@ class ContributorData:
 
     @classmethod
     def single_expert(cls, embeddings: torch.Tensor, expert_id: str) -> ContributorData:
+        """A contributor's embeddings that all belong to one expert (the usual case: one
+        contributor, one task)."""
         return cls(embeddings=embeddings, expert_ids=[expert_id] * int(embeddings.shape[0]))
 
     def labels(self, expert_ids: Sequence[str]) -> torch.Tensor:

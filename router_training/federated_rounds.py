@@ -146,6 +146,7 @@ class InProcessGrid(Grid):
         self._replies: dict[str, Message] = {}
 
     def set_run(self, run: object) -> None:
+        """Refused: the in-process grid serves the one run it was made for."""
         raise NotImplementedError("InProcessGrid serves one fixed run")
 
     @property
@@ -161,12 +162,16 @@ class InProcessGrid(Grid):
         group_id: str,
         ttl: float | None = None,
     ) -> Message:
+        """A Message to one node, as Flower's grids build them."""
         return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
 
     def get_node_ids(self) -> Iterable[int]:
+        """The simulated nodes, one per contributor."""
         return list(self._node_ids)
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        """Run each message's ClientApp at once on its node's context (a copy of the content, as if
+        serialised) and keep the reply for :meth:`pull_messages`; the new message ids."""
         ids = []
         for msg in messages:
             msg.metadata.__dict__["_message_id"] = str(uuid4())
@@ -191,11 +196,13 @@ class InProcessGrid(Grid):
         return ids
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        """The replies to these ids that have not been pulled yet."""
         return [self._replies.pop(i) for i in message_ids if i in self._replies]
 
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
     ) -> Iterable[Message]:
+        """Push and pull at once: replies are ready as soon as the push returns."""
         return list(self.pull_messages(self.push_messages(messages)))
 
 

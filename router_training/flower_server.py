@@ -101,6 +101,7 @@ class RouterFedAvg(FedAvg):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
+        """FedAvg's train messages, with the sampled nodes recorded for the round."""
         messages = list(super().configure_train(server_round, arrays, config, grid))
         self.rounds.append(
             RoundRecord(server_round, sampled=[m.metadata.dst_node_id for m in messages])
@@ -110,6 +111,8 @@ class RouterFedAvg(FedAvg):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """FedAvg's aggregate, with each round's succeeded and failed nodes recorded (and the
+        replies kept when asked)."""
         replies = list(replies)
         if self.keep_replies:
             self.replies.extend(replies)

@@ -68,14 +68,17 @@ class GaussianBank:
 
     @property
     def num_experts(self) -> int:
+        """Experts in the bank (E)."""
         return int(self.means.shape[0])
 
     @property
     def hidden_size(self) -> int:
+        """Embedding width (H)."""
         return int(self.means.shape[1])
 
     @property
     def rank(self) -> int:
+        """Rank of each expert's low-rank covariance factor."""
         return int(self.cov_factor.shape[2])
 
     @classmethod
@@ -204,6 +207,8 @@ class GaussianRouterConfig(RouterConfig):
     seed: int = 0  # seeds every draw made while fitting
 
     def validate(self) -> None:
+        """Refuse out-of-range settings with a ``ValueError`` naming the field (configs come from
+        JSON and the CLI)."""
         super().validate()
         if self.priors not in PRIOR_CHOICES:
             raise ValueError(f"priors must be one of {PRIOR_CHOICES}, got {self.priors!r}")
@@ -240,6 +245,8 @@ class GaussianRouter(Router):
 
     @classmethod
     def fit(cls, experts: Sequence[ExpertRecord], config: RouterConfig) -> GaussianRouter:
+        """Fit the class-conditional Gaussian scorer from the experts' statistics (means, low-rank
+        covariances) and priors; calibrate the temperature on drawn samples when asked."""
         router = cls(config, [e.expert_id for e in experts])  # type: ignore[arg-type]
         bank = GaussianBank.from_experts(experts, router.config.variance_floor)
         generator = torch.Generator().manual_seed(router.config.seed)
@@ -268,6 +275,8 @@ class GaussianRouter(Router):
         return torch.softmax(self.logits(embeddings) / self.temperature, dim=-1)
 
     def route_examples(self, embeddings: torch.Tensor, top_k: int | None = None) -> RoutingDecision:
+        """Softmax over the top-k Gaussian log-likelihoods plus log-priors, at the fitted
+        temperature."""
         k = self._resolve_top_k(top_k)
         return top_k_softmax(self.logits(embeddings), k, self.temperature)
 

@@ -65,6 +65,8 @@ class LDARouterConfig(GaussianRouterConfig):
     score_dtype: str = "float32"  # "float32" or "bfloat16" for the routing product
 
     def validate(self) -> None:
+        """Refuse out-of-range settings with a ``ValueError`` naming the field (configs come from
+        JSON and the CLI)."""
         super().validate()
         if not isinstance(self.shrinkage, (int, float)) or not 0.0 <= self.shrinkage <= 1.0:
             raise ValueError(f"shrinkage must be in [0, 1], got {self.shrinkage!r}")
@@ -128,9 +130,11 @@ class LDARouter(GaussianRouter):
         self.scorer = LinearScorer(weight, bias, center, self.config.score_dtype)
 
     def logits(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """LDA's linear discriminant scores of the embeddings [N, H] -> [N, E]."""
         return self.scorer(as_float_batch(embeddings, self.scorer.hidden_size))
 
     def state_dict(self) -> dict[str, torch.Tensor]:
+        """The base state and the scorer's weight, bias and centre."""
         return {
             **self._base_state(),
             "weight": self.scorer.weight,
@@ -139,6 +143,7 @@ class LDARouter(GaussianRouter):
         }
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Inverse of :meth:`state_dict`; the scorer is rebuilt in the config's score dtype."""
         self._load_base_state(state)
         self.scorer = LinearScorer(
             state["weight"], state["bias"], state["center"], self.config.score_dtype

@@ -70,6 +70,8 @@ class MLPRouterConfig(GaussianRouterConfig):
     lda_skip: bool = True  # add the (fixed) LDA discriminant as a linear skip
 
     def validate(self) -> None:
+        """Refuse out-of-range settings with a ``ValueError`` naming the field (configs come from
+        JSON and the CLI)."""
         super().validate()
         if not isinstance(self.hidden_sizes, (list, tuple)) or not all(
             isinstance(h, int) and not isinstance(h, bool) and h >= 1 for h in self.hidden_sizes
@@ -116,6 +118,8 @@ class ResidualClassifier(nn.Module):
             nn.init.zeros_(last.bias)
 
     def forward(self, centred: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """Logits of centred embeddings: the linear skip (LDA's start) plus the MLP body's residual
+        on the scaled input."""
         out = self.skip(centred) if self.skip is not None else None
         if self.body is not None:
             residual = self.body(centred * scale)
@@ -145,6 +149,7 @@ class MLPRouter(GaussianRouter):
         return self.prepare_samples(x), labels
 
     def prepare_samples(self, samples: torch.Tensor) -> torch.Tensor:
+        """Normalise the drawn training samples when the config says so, as real embeddings are."""
         return F.normalize(samples, dim=-1) if self.config.normalize_samples else samples
 
     def _fit_bank(self, bank: GaussianBank, generator: torch.Generator) -> None:
@@ -187,11 +192,14 @@ class MLPRouter(GaussianRouter):
         self.network.requires_grad_(False)
 
     def logits(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """The classifier's logits plus the experts' log-priors, without gradients."""
         x = as_float_batch(embeddings, self.input_mean.shape[0])
         with torch.no_grad():
             return self.network(x - self.input_mean, self.input_scale) + self.log_priors
 
     def state_dict(self) -> dict[str, torch.Tensor]:
+        """The base state, the input normalisation and the network's parameters under
+        ``network.``."""
         state = {
             **self._base_state(),
             "input_mean": self.input_mean,
@@ -201,6 +209,7 @@ class MLPRouter(GaussianRouter):
         return state
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Inverse of :meth:`state_dict`: the network is rebuilt from the config, then loaded."""
         self._load_base_state(state)
         self.input_mean = state["input_mean"]
         self.input_scale = state["input_scale"]

@@ -47,6 +47,8 @@ class PhatgooseRouterConfig(RouterConfig):
     eps: float = 1e-5  # variance epsilon of the standardisation (torch LayerNorm's default)
 
     def validate(self) -> None:
+        """Refuse out-of-range settings with a ``ValueError`` naming the field (configs come from
+        JSON and the CLI)."""
         super().validate()
         if not isinstance(self.temperature, (int, float)) or not self.temperature > 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature!r}")
@@ -71,6 +73,8 @@ class PhatgooseRouter(ModuleVectorRouter):
 
     @classmethod
     def fit(cls, experts: Sequence[ExpertRecord], config: RouterConfig) -> PhatgooseRouter:
+        """PHATGOOSE's per-module expert vectors are the gate vectors each contributor trained;
+        experts without gates are refused."""
         router = cls(config, [e.expert_id for e in experts])
         missing = [e.expert_id for e in experts if e.statistics is None or not e.statistics.gates]
         if missing:
@@ -90,5 +94,6 @@ class PhatgooseRouter(ModuleVectorRouter):
         return router
 
     def linear_scores(self, module: str, hidden: torch.Tensor) -> torch.Tensor:
+        """Tokens' standardised hidden states projected onto the module's gate vectors."""
         vectors, _ = self._placed_for(module, hidden)
         return standardise(hidden, self.config.eps).to(vectors.dtype) @ vectors.T

@@ -102,6 +102,8 @@ class QDARouter(GaussianRouter):
         self.bias = (-0.5 * (logdet + const) + self.log_priors.to(torch.float64)).to(torch.float32)
 
     def logits(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """Quadratic discriminant scores [N, E], in row blocks so the low-rank terms stay within a
+        memory bound."""
         x = as_float_batch(embeddings, self.center.shape[0]) - self.center
         num, rank, hidden = self.lowrank.shape
         rows = max(1, _MAX_LOWRANK_ELEMENTS // max(num * rank, 1))
@@ -117,6 +119,7 @@ class QDARouter(GaussianRouter):
         return out
 
     def state_dict(self) -> dict[str, torch.Tensor]:
+        """The base state and QDA's centre, diagonal weights, low-rank factors and bias."""
         return {
             **self._base_state(),
             "center": self.center,
@@ -127,6 +130,7 @@ class QDARouter(GaussianRouter):
         }
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Inverse of :meth:`state_dict`."""
         self._load_base_state(state)
         self.center = state["center"]
         self.diag_weight = state["diag_weight"]

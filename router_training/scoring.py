@@ -17,6 +17,7 @@ SCORE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def check_score_dtype(name: str) -> None:
+    """Refuse a ``score_dtype`` the scorers cannot compute in."""
     if name not in SCORE_DTYPES:
         raise ValueError(f"score_dtype must be one of {sorted(SCORE_DTYPES)}, got {name!r}")
 
@@ -45,9 +46,12 @@ class LinearScorer:
 
     @property
     def hidden_size(self) -> int:
+        """Embedding width the scorer expects (H)."""
         return int(self.weight.shape[0])
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """Scores of embeddings [N, H] -> [N, E]: float32, or the low-precision weight's dtype with
+        a float32 bias."""
         centred = x.to(torch.float32) - self.center
         if self._weight_low is None:
             return torch.addmm(self.bias, centred, self.weight)

@@ -67,6 +67,8 @@ class RouterNumPyClient(NumPyClient):
     def fit(
         self, parameters: list[np.ndarray], config: dict[str, Scalar]
     ) -> tuple[list[np.ndarray], int, dict[str, Scalar]]:
+        """One round of local training on this node's data, from the arrays and config the server
+        sent; Flower's legacy NumPy client interface, which SecAgg+ needs."""
         arrays = {
             k: torch.from_numpy(np.asarray(p, dtype=np.float32))
             for k, p in zip(FEDERATED_ARRAYS, parameters, strict=True)
@@ -124,6 +126,7 @@ class SecureRouterFedAvg(FedAvg):
     def configure_fit(
         self, server_round: int, parameters: Parameters, client_manager: ClientManager
     ) -> list[tuple[ClientProxy, FitIns]]:
+        """FedAvg's fit instructions, with the sampled nodes recorded for the round."""
         pairs = super().configure_fit(server_round, parameters, client_manager)
         self.rounds.append(RoundRecord(server_round, sampled=[p.node_id for p, _ in pairs]))
         return pairs
@@ -134,6 +137,8 @@ class SecureRouterFedAvg(FedAvg):
         results: list[tuple[ClientProxy, FitRes]],
         failures: list,
     ) -> tuple[Parameters | None, dict[str, Scalar]]:
+        """FedAvg's aggregate of the securely summed updates, with the round's succeeded and failed
+        nodes recorded."""
         record = self.rounds[-1]
         record.succeeded = [proxy.node_id for proxy, _ in results]
         record.failed = [n for n in record.sampled if n not in record.succeeded]

@@ -156,6 +156,8 @@ class SuperLinkProcess:
         self.process: subprocess.Popen | None = None
 
     def start(self, timeout: float = 60.0) -> SuperLinkProcess:
+        """Start ``flower-superlink`` in its own session (its children stop with it), logging to
+        ``log_path``, and wait up to ``timeout`` for its ports."""
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as out:
             self.process = subprocess.Popen(
@@ -174,6 +176,7 @@ class SuperLinkProcess:
         return self
 
     def stop(self, grace: float = 10.0) -> None:
+        """Terminate the SuperLink, killing it if it has not exited after ``grace`` seconds."""
         if self.process is None or self.process.poll() is not None:
             return
         self.process.terminate()
@@ -242,6 +245,7 @@ class SuperLinkFederation:
         return cls(listen, work_dir, root_certificates=ca, process=process, node_auth=bool(ca))
 
     def close(self) -> None:
+        """Stop the SuperLink this federation started, if any."""
         if self.process is not None:
             self.process.stop()
 

@@ -75,10 +75,12 @@ class ModuleVectorRouter(Router):
 
     @property
     def modules(self) -> list[str]:
+        """The module paths the router has expert vectors for, sorted."""
         return sorted(self.vectors)
 
     @property
     def temperature(self) -> float:
+        """The softmax temperature of the config (every module-vector method has one)."""
         return float(self.config.temperature)  # type: ignore[attr-defined]
 
     def _set_vectors(self, per_module: Mapping[str, Sequence[tuple[int, torch.Tensor]]]) -> None:
@@ -195,6 +197,8 @@ class ModuleVectorRouter(Router):
     def route_tokens(
         self, module: str, hidden: torch.Tensor, top_k: int | None = None
     ) -> RoutingDecision:
+        """Route each token at one module among the experts that adapt it: top-k softmax of
+        :meth:`linear_scores`, indices in the router's expert order."""
         vectors, members = self._placed_for(module, hidden)
         if hidden.ndim != 2 or hidden.shape[1] != vectors.shape[1]:
             raise ValueError(
@@ -251,6 +255,7 @@ class ModuleVectorRouter(Router):
         return {"mean_abs_cos": sum(means) / len(means), "max_abs_cos": max(maxes)}
 
     def state_dict(self) -> dict[str, torch.Tensor]:
+        """Per module, the expert vectors and which experts they belong to."""
         state: dict[str, torch.Tensor] = {}
         for module in self.modules:
             state[VECTORS_PREFIX + module] = self.vectors[module]
@@ -258,6 +263,7 @@ class ModuleVectorRouter(Router):
         return state
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Inverse of :meth:`state_dict`; placed copies of the tables are dropped."""
         modules = sorted(k[len(VECTORS_PREFIX) :] for k in state if k.startswith(VECTORS_PREFIX))
         self.vectors, self.members, self._tables = {}, {}, {}
         for module in modules:

@@ -90,6 +90,7 @@ def check_sha256(sha256: object) -> str:
 
 
 def write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
+    """Write all of ``data`` to ``fd``: ``os.write`` may write less than it is given."""
     view = memoryview(data)
     while view:
         written = os.write(fd, view)
@@ -163,9 +164,12 @@ class VerifyingReader(io.RawIOBase):
         self._verified = False
 
     def readable(self) -> bool:
+        """Always readable: io.BufferedReader asks before it reads."""
         return True
 
     def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
+        """Fill ``buffer`` from the source and hash what passes; at the end of the stream, compare
+        the digest (``BlobCorrupted`` when it is off)."""
         if len(buffer) == 0:
             return 0
         data = self._source.read(len(buffer))
@@ -180,6 +184,7 @@ class VerifyingReader(io.RawIOBase):
         return count
 
     def close(self) -> None:
+        """Close the source stream too, once."""
         if not self.closed:
             self._source.close()
         super().close()
@@ -234,6 +239,7 @@ class BlobStore(ABC):
     # -- shared -------------------------------------------------------------------------------
 
     def exists(self, sha256: str) -> bool:
+        """Whether a blob with this digest is stored."""
         return self.size(sha256) is not None
 
     def open(self, sha256: str) -> io.BufferedReader:
@@ -242,6 +248,7 @@ class BlobStore(ABC):
         return io.BufferedReader(VerifyingReader(sha256, self._open_raw(sha256)), CHUNK)
 
     def read_bytes(self, sha256: str) -> bytes:
+        """The whole blob in memory, digest checked; for small blobs such as a router artifact."""
         with self.open(sha256) as blob:
             return blob.read()
 
@@ -302,12 +309,14 @@ class BlobStore(ABC):
             raise
 
     def put_bytes(self, data: bytes) -> BlobRef:
+        """Store ``data`` through a writer (hashed, staged, installed atomically); its reference."""
         with self.writer() as writer:
             writer.write(data)
         assert writer.ref is not None
         return writer.ref
 
     def put_file(self, path: str | os.PathLike[str]) -> BlobRef:
+        """Store a file's bytes in chunks, never the whole file in memory; its reference."""
         with open(path, "rb") as source, self.writer() as writer:
             while chunk := source.read(CHUNK):
                 writer.write(chunk)

@@ -60,6 +60,7 @@ class LocalBlobStore(BlobStore):
         return self._blob_dir / sha256[:2] / sha256[2:]
 
     def size(self, sha256: str) -> int | None:
+        """The blob file's size, or None when no file has this digest."""
         try:
             return self.path(sha256).stat().st_size
         except FileNotFoundError:
@@ -120,6 +121,8 @@ class LocalBlobStore(BlobStore):
         return BlobRef(sha256, size)
 
     def delete(self, sha256: str) -> int:
+        """Unlink the blob file and fsync its folder so the removal survives a crash; the bytes
+        freed (0 if it was not there)."""
         path = self.path(sha256)
         try:
             size = path.stat().st_size

@@ -64,6 +64,8 @@ def make_client(endpoint_url: str = "", region: str = "") -> Any:
 
 
 def is_not_found(error: ClientError) -> bool:
+    """Whether an S3 error means the object is missing (providers answer 404, NoSuchKey or
+    NotFound)."""
     return str(error.response.get("Error", {}).get("Code")) in _NOT_FOUND
 
 
@@ -99,6 +101,7 @@ class S3BlobStore(BlobStore):
         return f"{self.prefix}sha256/{sha256[:2]}/{sha256[2:]}"
 
     def size(self, sha256: str) -> int | None:
+        """The object's ContentLength from a HEAD request, or None when it is missing."""
         try:
             head = self.client.head_object(Bucket=self.bucket, Key=self.key(sha256))
         except ClientError as error:
@@ -155,6 +158,8 @@ class S3BlobStore(BlobStore):
         return BlobRef(sha256, size)
 
     def delete(self, sha256: str) -> int:
+        """Delete the object; the bytes freed, from a HEAD first because S3's DELETE does not say (0
+        if it was not there)."""
         size = self.size(sha256)
         if size is None:
             return 0

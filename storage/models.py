@@ -55,6 +55,8 @@ class UtcDateTime(TypeDecorator[datetime]):
     cache_ok = True
 
     def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        """Refuse naive datetimes and store UTC; SQLite has no time zones, so it gets the naive UTC
+        value."""
         if value is None:
             return None
         if value.tzinfo is None:
@@ -63,6 +65,7 @@ class UtcDateTime(TypeDecorator[datetime]):
         return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
 
     def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        """Hand back an aware UTC datetime whatever the database returned (SQLite's are naive)."""
         if value is None:
             return None
         if value.tzinfo is None:
@@ -71,6 +74,9 @@ class UtcDateTime(TypeDecorator[datetime]):
 
 
 class Base(DeclarativeBase):
+    """Declarative base of the registry's tables; the naming convention gives constraints stable
+    names that Alembic migrations can refer to."""
+
     metadata = MetaData(naming_convention=NAMING_CONVENTION)
 
 

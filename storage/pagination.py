@@ -19,6 +19,8 @@ Key = tuple[datetime | str | int, ...]
 
 
 def encode_page_token(listing: str, key: Key) -> str:
+    """An opaque page token for ``listing`` that resumes after ``key`` (base64 of JSON, datetimes as
+    ISO text)."""
     parts = [v.isoformat() if isinstance(v, datetime) else v for v in key]
     raw = json.dumps([listing, *parts], separators=(",", ":")).encode("utf-8")
     return base64.urlsafe_b64encode(raw).decode("ascii").rstrip("=")

@@ -132,6 +132,8 @@ class NewExpert:
 
     @property
     def content_sha256(self) -> str:
+        """The digest of the expert's files taken together: two uploads of the same files have the
+        same one."""
         return content_digest(self.files)
 
 

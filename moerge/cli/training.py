@@ -261,7 +261,6 @@ def train(
     json_out: Json = False,
 ) -> None:
     """Train a LoRA expert on DATA and write its statistics (nothing leaves this machine)."""
-
     privacy = Privacy(dp_epsilon, dp_delta, no_dp, dp_sgd_epsilon, dp_sgd_delta)
     privacy.statistics()  # contradicting options exit before anything is loaded
     target = Target.resolve(coordinator, token, tls_ca)

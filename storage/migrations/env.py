@@ -55,6 +55,8 @@ def run_migrations_offline() -> None:
 
 
 def run_migrations_online() -> None:
+    """Migrate on the connection ``moerge.storage.db.upgrade`` passed, else on a new engine in one
+    write transaction."""
     connection = config.attributes.get("connection")
     if connection is not None:
         _run_on(connection)

@@ -85,6 +85,7 @@ class ContributorsMixin(RegistryBase):
         return info, token
 
     def get_enrollment_token(self, token_id: str) -> EnrollmentTokenInfo:
+        """One enrollment token's record (never its secret); ``NotFound`` for an unknown id."""
         token_id = check_name("token_id", token_id, max_len=16)
         with self._read() as session:
             row = session.get(EnrollmentToken, token_id)
@@ -104,6 +105,8 @@ class ContributorsMixin(RegistryBase):
             return Page(tuple(_enrollment_info(row) for row in rows), next_token)
 
     def revoke_enrollment_token(self, actor: str, token_id: str) -> EnrollmentTokenInfo:
+        """Revoke an unused or partly used enrollment token, audited; revoking one twice is
+        ``FailedPrecondition``."""
         actor = check_actor(actor)
         token_id = check_name("token_id", token_id, max_len=16)
         with self._write() as session:
@@ -170,6 +173,7 @@ class ContributorsMixin(RegistryBase):
             return _contributor_info(contributor), credential_token
 
     def get_contributor(self, contributor_id: str) -> ContributorInfo:
+        """One contributor's record, revoked or not; ``NotFound`` for an unknown id."""
         contributor_id = check_id("contributor_id", contributor_id)
         with self._read() as session:
             return _contributor_info(get_contributor_row(session, contributor_id))

@@ -176,6 +176,7 @@ class ExpertsMixin(RegistryBase):
         return expert_info(expert), True
 
     def get_expert(self, expert_id: str) -> ExpertInfo:
+        """One expert's record in any state; ``NotFound`` for an unknown id."""
         expert_id = check_id("expert_id", expert_id)
         with self._read() as session:
             return expert_info(_get_expert(session, expert_id))

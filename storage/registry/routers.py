@@ -117,6 +117,8 @@ class RoutersMixin(RegistryBase):
             return _router_info(row)
 
     def fail_router_version(self, version: int, error: str) -> RouterVersionInfo:
+        """Mark a router version still training as failed, with its (truncated) error; the active
+        version stays as it is."""
         version = check_int("version", version, minimum=1)
         with self._write() as session:
             row = _get_router_version(session, version)
@@ -181,11 +183,13 @@ class RoutersMixin(RegistryBase):
         )
 
     def active_router_version(self) -> RouterVersionInfo | None:
+        """The router version that serves requests, or None before the first fit."""
         with self._read() as session:
             row = session.scalar(select(RouterVersion).where(RouterVersion.active.is_(True)))
             return None if row is None else _router_info(row)
 
     def get_router_version(self, version: int) -> RouterVersionInfo:
+        """One router version, whatever its status; ``NotFound`` for an unknown number."""
         version = check_int("version", version, minimum=1)
         with self._read() as session:
             return _router_info(_get_router_version(session, version))

@@ -87,6 +87,8 @@ class UploadsMixin(ExpertsMixin):
             return _upload_info(upload)
 
     def get_upload(self, contributor_id: str, upload_id: str) -> UploadInfo:
+        """A contributor's upload by its id (upload ids are per contributor); ``NotFound`` when that
+        contributor has none by this id."""
         with self._read() as session:
             return _upload_info(_get_upload(session, contributor_id, upload_id))
 
