@@ -56,6 +56,7 @@ class CoordinatorConfig:
     require_dp_training: bool = False
     max_message_bytes: int = 8 * 1024 * 1024  # gRPC receive limit (chunks are smaller)
     chunk_size: int = 1024 * 1024  # preferred upload chunk size told to clients
+    upload_staging_dir: str = ""  # chunked uploads' staging; "" = <data_dir>/uploads
     object_part_bytes: int = 16 * 1024 * 1024  # direct uploads (S3 store): part size; 0 = off
     object_url_seconds: float = 900.0  # lifetime of a presigned part URL
     s3_public_endpoint_url: str = ""  # S3 endpoint contributors reach, if not s3_endpoint_url
@@ -110,7 +111,7 @@ class CoordinatorConfig:
 
     @property
     def staging_dir(self) -> Path:
-        return Path(self.data_dir) / "uploads"
+        return Path(self.upload_staging_dir or Path(self.data_dir) / "uploads")
 
     def validate(self) -> None:
         if self.task_type not in ("classification", "causal_lm"):

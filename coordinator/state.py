@@ -100,7 +100,14 @@ class CoordinatorState:
         )
         routers = RouterService(registry, blobs, experts, config.router_method, policy)
         routers.load_active()
-        uploads = UploadReceiver(registry, blobs, config.staging_dir, spec, config.max_upload_bytes)
+        uploads = UploadReceiver(
+            registry,
+            blobs,
+            config.staging_dir,
+            spec,
+            config.max_upload_bytes,
+            shared=bool(config.upload_staging_dir),
+        )
         return cls(
             objects=open_object_uploads(config, registry, blobs, uploads),
             buckets=open_buckets(engine, config.rate_limit_lease_seconds),

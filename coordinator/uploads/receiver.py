@@ -10,6 +10,11 @@ sha256 match the manifest and the expert passes :mod:`moerge.coordinator.uploads
 verified files are then hard-linked into the blob store (:meth:`BlobStore.adopt`) instead of
 copied. A refused expert leaves nothing behind.
 
+Replicas may share one staging folder (``upload_staging_dir``, on a filesystem they all mount):
+a chunked upload then resumes through any of them. Each takes an ``flock`` on the upload while
+it writes, and checks before each chunk that the files still hold what it last saw, since
+another replica may have written since.
+
 Bytes reach :class:`UploadReceiver` as gRPC ``UploadChunk`` messages
 (:meth:`~UploadReceiver.append`). With an object store, contributors PUT them into the store
 instead (:mod:`moerge.coordinator.uploads.object_uploads`), which shares :meth:`UploadReceiver.open`
@@ -18,11 +23,14 @@ and :func:`expert_spec` with this module.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import logging
 import re
 import shutil
 import threading
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -154,6 +162,15 @@ class _Staged:
             self.hashes[index].update(view[start:end])
         self.held += len(view)
 
+    def current(self) -> bool:
+        """Whether the files on disk still hold ``held`` bytes (a replica sharing the staging
+        folder may have written or removed them since)."""
+        try:
+            on_disk = sum((self.folder / name).stat().st_size for name, _, _ in self.files)
+        except FileNotFoundError:
+            return False
+        return on_disk == self.held
+
     def mismatch(self) -> str | None:
         """The first file whose size or sha256 differs from the manifest, if any."""
         for (name, size, want), digest in zip(self.files, self.hashes, strict=True):
@@ -172,19 +189,37 @@ class UploadReceiver:
         staging_dir: Path,
         spec: BaseModelSpec,
         max_bytes: int,
+        shared: bool = False,
     ) -> None:
         self.registry = registry
         self.blobs = blobs
         self.staging_dir = Path(staging_dir)
+        self.shared = shared  # other processes stage in the same folder (upload_staging_dir)
         self.spec = spec
         self.max_bytes = max_bytes
         self._locks: dict[tuple[str, str], threading.Lock] = {}
         self._locks_guard = threading.Lock()
         self._staged: dict[tuple[str, str], _Staged] = {}
 
-    def _lock(self, contributor_id: str, upload_id: str) -> threading.Lock:
+    @contextlib.contextmanager
+    def _lock(self, contributor_id: str, upload_id: str) -> Iterator[None]:
+        """The upload to this thread alone: a lock per upload in this process and, when the
+        staging folder is shared, an ``flock`` on ``<contributor>/<upload_id>.lock`` against
+        other processes. The lock file goes with the upload's staged files; a process that
+        waited on the removed one then finds the upload committed or refused and writes
+        nothing. Asking the status of an upload that is not receiving leaves its empty lock
+        file: one per upload id asked about."""
         with self._locks_guard:
-            return self._locks.setdefault((contributor_id, upload_id), threading.Lock())
+            lock = self._locks.setdefault((contributor_id, upload_id), threading.Lock())
+        with lock:
+            if not self.shared:
+                yield
+                return
+            folder = self.staging_dir / contributor_id
+            folder.mkdir(parents=True, exist_ok=True)
+            with open(folder / f"{upload_id}.lock", "ab") as handle:
+                fcntl.flock(handle, fcntl.LOCK_EX)  # released when the file is closed
+                yield
 
     def _folder(self, contributor_id: str, upload_id: str) -> Path:
         return self.staging_dir / contributor_id / f"{upload_id}.d"
@@ -196,15 +231,17 @@ class UploadReceiver:
         """
         key = (contributor_id, upload_id)
         staged = self._staged.get(key)
-        if staged is None:
+        if staged is None or not staged.current():
             folder = self._folder(contributor_id, upload_id)
             staged = self._staged[key] = _Staged(folder, info.manifest["files"])
         return staged
 
     def _drop(self, contributor_id: str, upload_id: str) -> None:
-        """Forget the staging state and remove the staged files."""
+        """Forget the staging state and remove the staged files (and the lock file: see
+        :meth:`_lock`)."""
         self._staged.pop((contributor_id, upload_id), None)
         shutil.rmtree(self._folder(contributor_id, upload_id), ignore_errors=True)
+        (self.staging_dir / contributor_id / f"{upload_id}.lock").unlink(missing_ok=True)
 
     def status(self, contributor_id: str, upload_id: str) -> UploadInfo:
         with self._lock(contributor_id, upload_id):
@@ -247,12 +284,13 @@ class UploadReceiver:
     def _receiving(self, contributor_id: str, upload_id: str, offset: int, count: int) -> _Staged:
         """The staging state of a receiving upload that ``count`` bytes at ``offset`` fit.
 
-        The registry is asked only when this process has no staging state for the upload:
-        while it has, the upload is ``receiving`` (finishing or refusing it drops the state).
+        The registry is asked only when this process has no current staging state for the
+        upload: while it has, the upload is ``receiving`` (finishing or refusing it drops the
+        state, and a replica sharing the folder that finishes it removes the files).
         Call with the upload's lock held.
         """
         staged = self._staged.get((contributor_id, upload_id))
-        if staged is None:
+        if staged is None or not staged.current():  # new here, or written by another replica
             info = self.registry.get_upload(contributor_id, upload_id)
             if info.state != "receiving":
                 raise FailedPrecondition(f"upload {upload_id} is {info.state}")
@@ -357,6 +395,8 @@ def expert_spec(
                 "label_counts": checked.meta.label_counts,
                 "modules": checked.modules,
                 "privacy": asdict(effective_report(checked.meta)),  # docs/security.md
+                # as recorded by `moerge train`; shown by `admin experts show` (docs/training.md)
+                "quality": None if checked.meta.quality is None else asdict(checked.meta.quality),
             },
         ),
     )

@@ -155,3 +155,23 @@ class CoordinatorProcess:
                 metadata=bearer(self.admin_token),
                 timeout=60,
             )
+
+
+def replica_pair(
+    root: Path, base_model: Path, db_url: str, **settings: object
+) -> tuple[CoordinatorProcess, CoordinatorProcess]:
+    """Replicas ``a`` and ``b`` (not started) over one database, as an operator sets them up:
+    one admin token, the same settings, a data dir and log folder each under ``root``."""
+    admin = new_token("mga")[1]
+    first, second = (
+        CoordinatorProcess(
+            root / name,
+            base_model,
+            db_url,
+            admin_token=admin,
+            log_dir=root / f"logs-{name}",
+            **settings,
+        )
+        for name in ("a", "b")
+    )
+    return first, second

@@ -21,9 +21,8 @@ import pytest
 from moerge.contributor_client.connection import Target
 from moerge.contributor_client.object_upload import part_digests
 from moerge.contributor_client.upload import describe_files, make_manifest, upload_expert
-from moerge.storage.tokens import new_token
 from moerge.v1 import admin_pb2, admin_pb2_grpc, contributor_pb2, contributor_pb2_grpc
-from tests.reliability.coordinator_process import CoordinatorProcess, bearer
+from tests.reliability.coordinator_process import CoordinatorProcess, bearer, replica_pair
 from tests.s3server import REGION, S3Server
 
 T = TypeVar("T")
@@ -77,18 +76,7 @@ def test_replicas_share_uploads_and_routers_and_a_new_leader_takes_over(
         "router_poll_seconds": 0.5,
         "leader_check_seconds": 0.5,
     }
-    admin = new_token("mga")[1]
-    replicas = [
-        CoordinatorProcess(
-            tmp_path / name,
-            tiny_bert,
-            fresh_postgres_url,
-            admin_token=admin,
-            log_dir=tmp_path / f"logs-{name}",
-            **settings,
-        )
-        for name in ("a", "b")
-    ]
+    replicas = replica_pair(tmp_path, tiny_bert, fresh_postgres_url, **settings)
     try:
         for replica in replicas:
             replica.start()

@@ -13,9 +13,8 @@ import pytest
 
 from moerge.contributor_client.connection import Target
 from moerge.contributor_client.upload import upload_expert
-from moerge.storage.tokens import new_token
 from moerge.v1 import inference_pb2, inference_pb2_grpc
-from tests.reliability.coordinator_process import CoordinatorProcess, bearer
+from tests.reliability.coordinator_process import CoordinatorProcess, bearer, replica_pair
 
 EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED
 
@@ -39,18 +38,7 @@ def test_a_callers_budget_split_across_two_replicas_is_refused_once_spent(
     tmp_path: Path, tiny_bert: Path, expert_pool: list[Path], fresh_postgres_url: str
 ) -> None:
     limits = {"inference_requests_per_minute": 4, "uploads_per_hour": 2}
-    admin = new_token("mga")[1]
-    replicas = [
-        CoordinatorProcess(
-            tmp_path / name,
-            tiny_bert,
-            fresh_postgres_url,
-            admin_token=admin,
-            log_dir=tmp_path / f"logs-{name}",
-            **limits,
-        )
-        for name in ("a", "b")
-    ]
+    replicas = replica_pair(tmp_path, tiny_bert, fresh_postgres_url, **limits)
     try:
         for replica in replicas:
             replica.start()
