@@ -38,6 +38,8 @@ ACTOR = "system:housekeeping"
 
 @dataclass(frozen=True)
 class SweepResult:
+    """What one garbage-collection sweep removed: blobs, their bytes and stale uploads."""
+
     blobs_removed: int
     bytes_freed: int
     uploads_removed: int

@@ -10,7 +10,11 @@ from datetime import datetime, timezone
 
 
 class JsonFormatter(logging.Formatter):
+    """One JSON object per log line (time, level, logger, message, exception), for log
+    collectors."""
+
     def format(self, record: logging.LogRecord) -> str:
+        """The record as one line of JSON."""
         entry = {
             "ts": datetime.fromtimestamp(record.created, timezone.utc).isoformat(),
             "level": record.levelname.lower(),
@@ -23,6 +27,8 @@ class JsonFormatter(logging.Formatter):
 
 
 def setup_logging(level: int = logging.INFO, json_lines: bool = False) -> None:
+    """Send the root logger to stderr, as plain lines or JSON lines, replacing any handler set
+    before."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(
         JsonFormatter()

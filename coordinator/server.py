@@ -65,6 +65,9 @@ def served_services(config: CoordinatorConfig) -> tuple[str, ...]:
 
 @dataclass
 class RunningServer:
+    """A started coordinator: the gRPC server, its state and the optional metrics and HTTP
+    servers."""
+
     server: grpc.aio.Server
     state: CoordinatorState
     port: int
@@ -75,10 +78,12 @@ class RunningServer:
 
     @property
     def http_port(self) -> int | None:
+        """The HTTP API's port, or None when it is off."""
         return self.http.port if self.http is not None else None
 
     @property
     def address(self) -> str:
+        """The gRPC address a local client dials."""
         return f"127.0.0.1:{self.port}"
 
     async def stop(self, grace: float | None = None) -> None:

@@ -59,6 +59,7 @@ class Client(Calls):
         self.close()
 
     def close(self) -> None:
+        """Close the channel; the client may be closed twice."""
         if self._channel is not None:
             self._channel.close()
             self._channel = None
@@ -351,6 +352,7 @@ class AsyncClient(Calls):
         await self.close()
 
     async def close(self) -> None:
+        """Close the channel; the client may be closed twice."""
         if self._channel is not None:
             await self._channel.close()
             self._channel = None
@@ -430,9 +432,11 @@ class AsyncClient(Calls):
             return await asyncio.to_thread(client.resolve_ids, kind, given)
 
     async def resolve_expert_id(self, prefix: str) -> str:
+        """The one expert id that starts with ``prefix`` (see :meth:`resolve_id`)."""
         return await self.resolve_id("expert", prefix)
 
     async def resolve_contributor_id(self, prefix: str) -> str:
+        """The one contributor id that starts with ``prefix`` (see :meth:`resolve_id`)."""
         return await self.resolve_id("contributor", prefix)
 
     async def upload(

@@ -47,6 +47,8 @@ Match = Callable[[str, str], bool] | None
 
 @dataclass(frozen=True)
 class StreamExample:
+    """One held-out example of the mixed stream, with the task it came from (the routing target)."""
+
     text: str
     label: str
     task: str
@@ -54,6 +56,9 @@ class StreamExample:
 
 @dataclass
 class MethodScore:
+    """One routing method's tally over the stream: routed to the source expert, labelled right, time
+    and the confusion of source and routed expert."""
+
     method: str
     examples: int = 0
     routed_right: int = 0
@@ -65,10 +70,12 @@ class MethodScore:
 
     @property
     def routing_accuracy(self) -> float:
+        """Share of examples routed to their source expert (0 for none)."""
         return self.routed_right / self.examples if self.examples else 0.0
 
     @property
     def task_accuracy(self) -> float:
+        """Share of examples whose label came out right (0 for none)."""
         return self.labelled_right / self.examples if self.examples else 0.0
 
 
@@ -339,6 +346,7 @@ class MajorityFloor:
 
     @property
     def accuracy(self) -> float:
+        """The floor's accuracy over all tasks' examples together (0 for none)."""
         right = sum(count for _, count, _ in self.by_task.values())
         total = sum(n for _, _, n in self.by_task.values())
         return right / total if total else 0.0
@@ -368,6 +376,7 @@ class Evaluation:
 
     @property
     def examples(self) -> int:
+        """How many labelled examples were evaluated."""
         return sum(n for _, _, n in self.floor.by_task.values())
 
     def best_router(self) -> MethodScore | None:

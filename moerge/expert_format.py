@@ -122,6 +122,8 @@ class PrivacyReport:
     not_covered: list[str] = field(default_factory=list)
 
     def release(self, what: str) -> PrivacyRelease | None:
+        """The release of one part (``statistics``, ``adapter`` or ``gates``), or None when the
+        report has none."""
         return next((r for r in self.releases if r.what == what), None)
 
     def summary(self) -> str:
@@ -139,6 +141,7 @@ class PrivacyReport:
         return text
 
     def validate(self) -> None:
+        """Refuse malformed releases with a ``ValueError`` naming the field of statistics.json."""
         if not isinstance(self.releases, list):
             raise ValueError("statistics.json: field 'privacy.releases' must be a list")
         for i, r in enumerate(self.releases):
@@ -165,6 +168,8 @@ class PrivacyReport:
 
     @classmethod
     def from_dict(cls, raw: Any) -> PrivacyReport:
+        """Parse the ``privacy`` object of statistics.json; a ``ValueError`` names what is
+        malformed."""
         if not isinstance(raw, dict):
             raise ValueError("statistics.json: field 'privacy' must be an object or null")
         data = dict(raw)
@@ -217,6 +222,8 @@ class ExpertQuality:
     base_validation_loss: float | None = None
 
     def validate(self) -> None:
+        """Refuse counts, accuracies and losses outside their ranges, naming the field of
+        statistics.json."""
         _check_int("quality.validation_examples", self.validation_examples, minimum=0)
         for name in ("validation_accuracy", "probe_accuracy", "majority_accuracy"):
             _check_number(f"quality.{name}", getattr(self, name), 0.0, 1.0)
@@ -248,6 +255,8 @@ class StatisticsMeta:
     embedding_statistics: bool = True
 
     def to_json(self) -> str:
+        """statistics.json's text; ``embedding_statistics`` is written only when false, so older
+        coordinators still read the file."""
         fields = asdict(self)
         if self.embedding_statistics:  # written only when false: older coordinators accept it
             del fields["embedding_statistics"]
@@ -290,6 +299,7 @@ class StatisticsMeta:
 
     @classmethod
     def read(cls, path: str | Path) -> StatisticsMeta:
+        """Read and validate statistics.json; unreadable JSON is a ``ValueError`` too."""
         try:
             raw = json.loads(Path(path).read_text(encoding="utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -297,6 +307,7 @@ class StatisticsMeta:
         return cls.from_dict(raw)
 
     def write(self, path: str | Path) -> None:
+        """Write statistics.json as :meth:`to_json` gives it."""
         Path(path).write_text(self.to_json(), encoding="utf-8")
 
     def validate(self) -> None:

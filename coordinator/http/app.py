@@ -80,6 +80,8 @@ class HttpServer:
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> HttpServer:
+        """Serve on the bound socket in a task and return once uvicorn has started (or raise what
+        stopped it)."""
         self._task = asyncio.create_task(self._server.serve(sockets=[self._socket]))
         while not self._server.started:  # startup binds nothing: this takes a few ms
             if self._task.done():
@@ -89,6 +91,7 @@ class HttpServer:
         return self
 
     async def stop(self) -> None:
+        """Ask uvicorn to exit, wait for it, then close the socket."""
         self._server.should_exit = True
         if self._task is not None:
             await self._task

@@ -76,12 +76,15 @@ class ApiError(Exception):
         return cls(HTTP_STATUS[code], message, code.name.lower(), headers)
 
     def body(self) -> dict[str, Any]:
+        """The OpenAI-style error body: message, OpenAI's error type for the status and the gRPC
+        code's name."""
         kind = ERROR_TYPES.get(
             self.status, "server_error" if self.status >= 500 else "invalid_request_error"
         )
         return {"error": {"message": self.message, "type": kind, "code": self.code}}
 
     def response(self) -> JSONResponse:
+        """The error as a JSON response with its status and headers (Retry-After)."""
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 

@@ -43,6 +43,8 @@ class Routing(BaseModel):
 
 
 class StreamOptions(BaseModel):
+    """OpenAI's ``stream_options``: ``include_usage`` adds a last chunk with the token counts."""
+
     include_usage: bool = False
 
 
@@ -68,6 +70,9 @@ class SamplingRequest(BaseModel):
 
 
 class CompletionRequest(SamplingRequest):
+    """The body of ``/v1/completions``; ``echo``, ``logprobs``, ``best_of`` and ``suffix`` are named
+    only to be refused."""
+
     prompt: str | list[str]
     echo: bool = False
     logprobs: int | None = None
@@ -76,16 +81,23 @@ class CompletionRequest(SamplingRequest):
 
 
 class TextPart(BaseModel):
+    """One text part of a chat message's content (the only kind of part accepted)."""
+
     type: Literal["text"]
     text: str
 
 
 class ChatMessage(BaseModel):
+    """One chat message: a role and its text, or its text parts."""
+
     role: str
     content: str | list[TextPart]
 
 
 class ChatCompletionRequest(SamplingRequest):
+    """The body of ``/v1/chat/completions``; ``logprobs``, ``tools`` and ``response_format`` are
+    named only to be refused."""
+
     messages: list[ChatMessage]
     max_completion_tokens: int | None = None  # OpenAI's newer name for max_tokens
     logprobs: bool = False
@@ -95,6 +107,8 @@ class ChatCompletionRequest(SamplingRequest):
 
 # -- responses --------------------------------------------------------------------------------
 class ExpertWeight(BaseModel):
+    """One expert of a routing decision and its weight."""
+
     expert_id: str
     expert_name: str  # "name vN"
     weight: float
@@ -114,12 +128,16 @@ class RoutingInfo(BaseModel):
 
 
 class Usage(BaseModel):
+    """Token counts of a generation, as OpenAI reports them."""
+
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
 
 
 class CompletionChoice(BaseModel):
+    """The generated text of a completion and why it stopped."""
+
     index: int = 0
     text: str
     logprobs: None = None
@@ -144,11 +162,15 @@ class CompletionResponse(Envelope):
 
 
 class AssistantMessage(BaseModel):
+    """The generated reply of a chat completion."""
+
     role: Literal["assistant"] = "assistant"
     content: str
 
 
 class ChatChoice(BaseModel):
+    """A chat completion's reply and why it stopped."""
+
     index: int = 0
     message: AssistantMessage
     logprobs: None = None
@@ -156,6 +178,8 @@ class ChatChoice(BaseModel):
 
 
 class ChatCompletionResponse(Envelope):
+    """A whole chat completion, with its usage and routing."""
+
     object: Literal["chat.completion"] = "chat.completion"
     choices: list[ChatChoice]
     usage: Usage
@@ -163,11 +187,15 @@ class ChatCompletionResponse(Envelope):
 
 
 class DeltaMessage(BaseModel):
+    """The text a chat completion chunk adds (the role only in the first)."""
+
     role: Literal["assistant"] | None = None
     content: str | None = None
 
 
 class ChatChunkChoice(BaseModel):
+    """One streamed chat completion chunk's delta, and at the end why it stopped."""
+
     index: int = 0
     delta: DeltaMessage
     logprobs: None = None
@@ -175,6 +203,8 @@ class ChatChunkChoice(BaseModel):
 
 
 class ChatCompletionChunk(Envelope):
+    """One server-sent event of a streamed chat completion."""
+
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
     choices: list[ChatChunkChoice]
     usage: Usage | None = None
@@ -198,6 +228,8 @@ class ModelCard(BaseModel):
 
 
 class ModelList(BaseModel):
+    """The answer of ``/v1/models``: what ``model`` may name."""
+
     object: Literal["list"] = "list"
     data: list[ModelCard]
 
@@ -210,17 +242,23 @@ class InputsRequest(Routing):
 
 
 class LabelScore(BaseModel):
+    """One label's probability in an expert's output."""
+
     label: str
     probability: float
 
 
 class ExpertOutput(BaseModel):
+    """One expert's output for an input: its label scores, or its generated text."""
+
     expert_id: str
     scores: list[LabelScore]
     text: str
 
 
 class Prediction(BaseModel):
+    """The aggregated answer for one input, with the routing and each expert's output."""
+
     output: str
     confidence: float
     experts: list[ExpertWeight]
@@ -228,6 +266,8 @@ class Prediction(BaseModel):
 
 
 class PredictResponse(BaseModel):
+    """The answer of ``/v1/predict``: a prediction per input and how they were routed."""
+
     predictions: list[Prediction]
     router_version: int
     routing_method: str
@@ -237,6 +277,8 @@ class PredictResponse(BaseModel):
 
 
 class RouteResponse(BaseModel):
+    """The answer of ``/v1/route``: each input's routing decision."""
+
     decisions: list[list[ExpertWeight]]
     router_version: int
     routing_method: str
@@ -245,10 +287,14 @@ class RouteResponse(BaseModel):
 
 
 class ErrorInfo(BaseModel):
+    """What went wrong, in OpenAI's error shape."""
+
     message: str
     type: str  # OpenAI's words: invalid_request_error, authentication_error, ...
     code: str  # the gRPC status code's name in lower case: invalid_argument, ...
 
 
 class ErrorResponse(BaseModel):
+    """The body of every error response."""
+
     error: ErrorInfo

@@ -202,6 +202,7 @@ async def _routing(model: str, routing: api.Routing, state: CoordinatorState) ->
 async def predict(
     body: api.InputsRequest, state: CoordinatorState, principal: Principal
 ) -> api.PredictResponse:
+    """POST /v1/predict: the body as a PredictRequest, answered by the gRPC handler, in JSON."""
     request = _message(
         inference_pb2.PredictRequest,
         inputs=body.inputs,
@@ -222,6 +223,7 @@ async def predict(
 async def route(
     body: api.InputsRequest, state: CoordinatorState, principal: Principal
 ) -> api.RouteResponse:
+    """POST /v1/route: the routing decision alone; generation and composition fields are refused."""
     if body.aggregation != "default" or body.max_new_tokens:
         raise InvalidArgument("aggregation", "and max_new_tokens are for /v1/predict")
     if body.composition or body.composition_version:
@@ -409,6 +411,7 @@ async def _start(
 async def completion(
     body: api.CompletionRequest, state: CoordinatorState, principal: Principal
 ) -> api.CompletionResponse | StreamingResponse:
+    """POST /v1/completions: one generation, whole or streamed as server-sent events."""
     generation = await _start(body, state, principal, "cmpl", prompt=_prompt(body))
     if body.stream:
         return EventStream(_chunks(generation, api.CompletionResponse, _text_choice))
@@ -425,6 +428,8 @@ async def completion(
 async def chat_completion(
     body: api.ChatCompletionRequest, state: CoordinatorState, principal: Principal
 ) -> api.ChatCompletionResponse | StreamingResponse:
+    """POST /v1/chat/completions: one generation from the messages, whole or streamed as server-sent
+    events."""
     generation = await _start(body, state, principal, "chatcmpl", messages=_messages(body))
     if body.stream:
         return EventStream(_chunks(generation, api.ChatCompletionChunk, _delta_choice))
@@ -504,6 +509,7 @@ class EventStream(StreamingResponse):
         super().__init__(self._events, headers={"Cache-Control": "no-cache"})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Send the stream, then close its iterator however the response ended."""
         try:
             await super().__call__(scope, receive, send)
         finally:

@@ -24,6 +24,7 @@ MAX_RATE_LIMIT = 1_000_000  # requests per minute
 def list_experts(
     request: admin_pb2.ListExpertsRequest, state: CoordinatorState, principal: Principal
 ) -> admin_pb2.ListExpertsResponse:
+    """A page of experts (50 by default), filtered by state when one is given."""
     page = state.registry.list_experts(
         page_size=request.page_size or 50,
         page_token=request.page_token or None,
@@ -39,12 +40,14 @@ def list_experts(
 def get_expert(
     request: admin_pb2.GetExpertRequest, state: CoordinatorState, principal: Principal
 ) -> common_pb2.Expert:
+    """One expert by id."""
     return convert.expert(state.registry.get_expert(request.expert_id))
 
 
 def set_expert_state(
     request: admin_pb2.SetExpertStateRequest, state: CoordinatorState, principal: Principal
 ) -> common_pb2.Expert:
+    """Move an expert to a new state (unset is refused), audited with the reason."""
     new_state = convert.state_name(request.state, "state", allow_unspecified=False)
     check_text("reason", request.reason, MAX_REASON)
     info = state.registry.set_expert_state(
@@ -56,6 +59,8 @@ def set_expert_state(
 def delete_expert(
     request: admin_pb2.DeleteExpertRequest, state: CoordinatorState, principal: Principal
 ) -> admin_pb2.DeleteExpertResponse:
+    """Delete an expert's rows, its unshared blobs and its local unpacked copy; how many blobs and
+    bytes went."""
     result = state.registry.delete_expert(convert.actor_of(principal), request.expert_id)
     state.experts.forget(request.expert_id)
     return admin_pb2.DeleteExpertResponse(
@@ -66,6 +71,7 @@ def delete_expert(
 def list_router_versions(
     request: admin_pb2.ListRouterVersionsRequest, state: CoordinatorState, principal: Principal
 ) -> admin_pb2.ListRouterVersionsResponse:
+    """A page of router versions (50 by default), optionally of one method."""
     page = state.registry.list_router_versions(
         page_size=request.page_size or 50,
         page_token=request.page_token or None,
@@ -80,6 +86,8 @@ def list_router_versions(
 def train_router(
     request: admin_pb2.TrainRouterRequest, state: CoordinatorState, principal: Principal
 ) -> admin_pb2.RouterVersion:
+    """Fit a router version now: the given method and JSON params (the active version's when empty),
+    ``rounds`` for federated methods; activated unless ``no_activate``."""
     params = parse_params(request.params_json)
     if request.rounds:
         if request.rounds < 0:
@@ -98,6 +106,7 @@ def train_router(
 def activate_router_version(
     request: admin_pb2.ActivateRouterVersionRequest, state: CoordinatorState, principal: Principal
 ) -> admin_pb2.RouterVersion:
+    """Make a trained version the active router again."""
     check_int("version", request.version, minimum=1, maximum=MAX_INT32)
     return convert.router_version(
         state.routers.activate(convert.actor_of(principal), request.version)
@@ -107,6 +116,8 @@ def activate_router_version(
 def create_enrollment_token(
     request: admin_pb2.CreateEnrollmentTokenRequest, state: CoordinatorState, principal: Principal
 ) -> admin_pb2.CreateEnrollmentTokenResponse:
+    """A new enrollment token (its secret shown only here), with a lifetime and a number of uses
+    within the registry's bounds."""
     check_text("note", request.note, MAX_REASON)
     if not 0 <= request.ttl_seconds <= MAX_TTL_SECONDS:
         raise InvalidArgument("ttl_seconds", f"must be in 0..{MAX_TTL_SECONDS}")
@@ -143,6 +154,7 @@ def _enrollment_token(info: EnrollmentTokenInfo) -> admin_pb2.EnrollmentToken:
 def list_enrollment_tokens(
     request: admin_pb2.ListEnrollmentTokensRequest, state: CoordinatorState, principal: Principal
 ) -> admin_pb2.ListEnrollmentTokensResponse:
+    """A page of enrollment tokens, revoked ones included unless excluded."""
     page = state.registry.list_enrollment_tokens(
         page_size=request.page_size or 50,
         page_token=request.page_token or None,
@@ -157,6 +169,7 @@ def list_enrollment_tokens(
 def revoke_enrollment_token(
     request: admin_pb2.RevokeEnrollmentTokenRequest, state: CoordinatorState, principal: Principal
 ) -> admin_pb2.EnrollmentToken:
+    """Revoke an enrollment token, audited."""
     info = state.registry.revoke_enrollment_token(convert.actor_of(principal), request.token_id)
     return _enrollment_token(info)
 
@@ -177,6 +190,8 @@ def _api_key(info: ApiKeyInfo) -> admin_pb2.ApiKey:
 def create_api_key(
     request: admin_pb2.CreateApiKeyRequest, state: CoordinatorState, principal: Principal
 ) -> admin_pb2.CreateApiKeyResponse:
+    """A new user API key (its secret shown only here), with an optional lifetime and per-minute
+    limit within the registry's bounds."""
     check_text("note", request.note, MAX_REASON)
     if not 0 <= request.ttl_seconds <= MAX_TTL_SECONDS:
         raise InvalidArgument("ttl_seconds", f"must be in 0..{MAX_TTL_SECONDS}")
@@ -194,6 +209,7 @@ def create_api_key(
 def list_api_keys(
     request: admin_pb2.ListApiKeysRequest, state: CoordinatorState, principal: Principal
 ) -> admin_pb2.ListApiKeysResponse:
+    """A page of API keys, revoked ones included unless excluded."""
     page = state.registry.list_api_keys(
         page_size=request.page_size or 50,
         page_token=request.page_token or None,
@@ -207,12 +223,14 @@ def list_api_keys(
 def revoke_api_key(
     request: admin_pb2.RevokeApiKeyRequest, state: CoordinatorState, principal: Principal
 ) -> admin_pb2.ApiKey:
+    """Revoke an API key, audited."""
     return _api_key(state.registry.revoke_api_key(convert.actor_of(principal), request.key_id))
 
 
 def list_contributors(
     request: admin_pb2.ListContributorsRequest, state: CoordinatorState, principal: Principal
 ) -> admin_pb2.ListContributorsResponse:
+    """A page of contributors, each with how many experts it registered."""
     page = state.registry.list_contributors(
         page_size=request.page_size or 50,
         page_token=request.page_token or None,
@@ -234,6 +252,8 @@ def _contributor(info: ContributorInfo, expert_count: int) -> admin_pb2.Contribu
 def revoke_contributor(
     request: admin_pb2.RevokeContributorRequest, state: CoordinatorState, principal: Principal
 ) -> admin_pb2.Contributor:
+    """Revoke a contributor and its credentials, audited with the reason; its SuperNode keys leave
+    the SuperLink."""
     check_text("reason", request.reason, MAX_REASON)
     info = state.registry.revoke_contributor(
         convert.actor_of(principal), request.contributor_id, request.reason
@@ -245,6 +265,7 @@ def revoke_contributor(
 def list_audit_log(
     request: admin_pb2.ListAuditLogRequest, state: CoordinatorState, principal: Principal
 ) -> admin_pb2.ListAuditLogResponse:
+    """A page of the audit log (100 by default), optionally of one action."""
     page = state.registry.list_audit(
         page_size=request.page_size or 100,
         page_token=request.page_token or None,

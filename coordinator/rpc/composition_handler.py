@@ -39,6 +39,7 @@ _busy = threading.Lock()  # one search per coordinator process
 
 
 def composition_message(info: CompositionInfo, names: dict[str, str]) -> inference_pb2.Composition:
+    """A stored composition as its protobuf message, experts named when ``names`` knows them."""
     search = info.search
     return inference_pb2.Composition(
         name=info.name,
@@ -234,6 +235,7 @@ async def compose(
 async def list_compositions(
     request: inference_pb2.ListCompositionsRequest, state: CoordinatorState, principal: Principal
 ) -> inference_pb2.ListCompositionsResponse:
+    """The stored compositions (all, or one name's versions), with their experts' names."""
     page = await asyncio.to_thread(CompositionStore(state.registry).list, request.name)
     ids = [e for c in page.items for e in c.expert_ids]
     names = await asyncio.to_thread(expert_names, state.registry, ids)

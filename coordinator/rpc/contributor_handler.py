@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 
 
 def join(request: contributor_pb2.JoinRequest, state: CoordinatorState) -> Any:
+    """Exchange an enrollment token for a contributor id and a credential (shown once)."""
     info, credential = state.registry.join(request.enrollment_token, request.name)
     return contributor_pb2.JoinResponse(contributor_id=info.id, credential=credential)
 
@@ -28,6 +29,7 @@ def join(request: contributor_pb2.JoinRequest, state: CoordinatorState) -> Any:
 def get_base_model(
     request: contributor_pb2.GetBaseModelRequest, state: CoordinatorState, principal: Principal
 ) -> contributor_pb2.BaseModelInfo:
+    """The base model's id, revision and LoRA limits, and this coordinator's upload sizes."""
     spec = state.spec
     return contributor_pb2.BaseModelInfo(
         base_model_id=spec.model_id,
@@ -45,6 +47,8 @@ def get_base_model(
 def get_upload_status(
     request: contributor_pb2.GetUploadStatusRequest, state: CoordinatorState, principal: Principal
 ) -> contributor_pb2.UploadStatus:
+    """An upload's progress: a direct upload's parts in the object store, else the bytes staged
+    here."""
     _check_upload_id(request.upload_id)
     if state.objects is not None:  # a direct upload's bytes are in the store, not staged here
         info = state.objects.progress(_contributor_id(principal), request.upload_id)
@@ -58,6 +62,7 @@ def get_upload_status(
 def list_my_experts(
     request: contributor_pb2.ListMyExpertsRequest, state: CoordinatorState, principal: Principal
 ) -> contributor_pb2.ListMyExpertsResponse:
+    """All of the caller's experts, every page of the registry's listing gathered."""
     experts: list[ExpertInfo] = []
     token = None
     while True:
@@ -142,6 +147,7 @@ def start_object_upload(
 def complete_object_upload(
     request: contributor_pb2.ObjectUploadRequest, state: CoordinatorState, principal: Principal
 ) -> contributor_pb2.UploadExpertResponse:
+    """Commit a direct upload whose parts are all in the object store."""
     manifest = _manifest(request.manifest)
     info, created = _objects(state).complete(
         convert.actor_of(principal), _contributor_id(principal), manifest, _part_digests(request)
@@ -212,6 +218,8 @@ class UploadSession:
         return delay
 
     def finish(self) -> contributor_pb2.UploadExpertResponse:
+        """Commit the streamed upload once its last byte is in; a stream without a manifest is
+        refused."""
         if self.manifest is None:
             raise InvalidArgument("manifest", "the stream held no manifest")
         info, created = self.state.uploads.finish(

@@ -45,6 +45,7 @@ def _common_checks(top_k: int, router_version: int, expert_ids: Sequence[str] = 
 async def predict(
     request: inference_pb2.PredictRequest, state: CoordinatorState, principal: Principal
 ) -> inference_pb2.PredictResponse:
+    """Check the request, then route, run the experts and aggregate on the inference service."""
     _common_checks(request.top_k, request.router_version, request.expert_ids)
     if request.aggregation not in AGGREGATIONS:
         raise InvalidArgument("aggregation", f"unknown value {request.aggregation}")
@@ -145,6 +146,7 @@ async def _response(
 async def route(
     request: inference_pb2.RouteRequest, state: CoordinatorState, principal: Principal
 ) -> inference_pb2.RouteResponse:
+    """Check the request, then the routing decision of each input alone."""
     _common_checks(request.top_k, request.router_version, request.expert_ids)
     inference = await state.inference_service()
     decisions, chosen, latency = await inference.route(

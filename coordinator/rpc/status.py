@@ -38,6 +38,9 @@ DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 
 
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    """The gRPC status and message an exception is answered with: the table's code for a refusal,
+    RESOURCE_EXHAUSTED for a full disk, INVALID_ARGUMENT for an engine input error meant for the
+    caller, else INTERNAL (logged here, no details sent)."""
     for error_type, code in STATUS_BY_ERROR:
         if isinstance(exc, error_type):
             if code is grpc.StatusCode.UNAVAILABLE:

@@ -73,6 +73,7 @@ class ExpertStore:
             return read_statistics(Path(tmp))
 
     def forget(self, expert_id: str) -> None:
+        """Drop an expert's unpacked local copy (a deleted expert); missing is fine."""
         shutil.rmtree(self.root / expert_id, ignore_errors=True)
 
     def record(self, expert: ExpertInfo) -> ExpertRecord:

@@ -57,6 +57,8 @@ class GenerationCache(Generic[Value]):
         self._entries: dict[Hashable, _Entry[Value]] = {}
 
     def get(self, key: Hashable) -> Value | None:
+        """The cached value, or None when absent, expired or cached under an older registry
+        generation."""
         entry = self._entries.get(key)
         if entry is None:
             return None
@@ -82,4 +84,5 @@ class GenerationCache(Generic[Value]):
         return value if value is None else self.put(key, value, generation)
 
     def clear(self) -> None:
+        """Forget every entry."""
         self._entries.clear()

@@ -43,6 +43,8 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class LoadedRouter:
+    """A router version with its loaded router, as served."""
+
     version: RouterVersionInfo
     router: Router
 
@@ -76,6 +78,7 @@ class RouterService:
     # -- reading ------------------------------------------------------------------------------
     @property
     def active(self) -> LoadedRouter | None:
+        """The router that serves requests now, or None before the first fit."""
         return self._active
 
     def load_active(self) -> None:
@@ -276,6 +279,7 @@ class RouterService:
         return fit_router(method, records, params)
 
     def activate(self, actor: str, version: int) -> RouterVersionInfo:
+        """Activate a trained version in the registry and load it to serve."""
         info = self.registry.activate_router_version(actor, version)
         self._active = self.get(version)
         return info
@@ -352,10 +356,12 @@ class RouterService:
         return True
 
     def start(self) -> None:
+        """Start the retraining scheduler when a policy is set (once)."""
         if self.policy is not None and self._task is None:
             self._task = asyncio.get_running_loop().create_task(self.run_scheduler())
 
     async def stop_scheduler(self) -> None:
+        """Cancel the retraining scheduler and wait for it."""
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -377,6 +383,7 @@ class RouterService:
                 log.warning("cannot read the active router version", exc_info=True)
 
     async def stop(self) -> None:
+        """Stop the scheduler and any SuperLink this coordinator started."""
         await self.stop_scheduler()
         if self.federation is not None:  # a SuperLink this coordinator started stops with it
             await asyncio.to_thread(self.federation.close)

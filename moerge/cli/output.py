@@ -40,10 +40,13 @@ def plain(value: Any) -> Any:
 
 
 def emit_json(value: Any) -> None:
+    """Print ``value`` as indented, key-sorted JSON on stdout (what ``--json`` prints): results as
+    their dicts, anything JSON lacks as its text."""
     print(json.dumps(plain(value), indent=2, sort_keys=True, default=str))
 
 
 def table(title: str, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
+    """Print rows as a rich table on stdout; None cells are left empty and long values fold."""
     grid = Table(title=title, show_lines=False)
     for column in columns:
         grid.add_column(column, overflow="fold")

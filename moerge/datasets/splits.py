@@ -155,6 +155,8 @@ def make_task(
     max_test: int | None,
     seed: int,
 ) -> TaskData:
+    """A task of already split examples, each split capped to a seeded, label-stratified
+    subsample."""
     label_names = sorted({example.label for example in train} | {example.label for example in test})
     return TaskData(
         name=name,
@@ -173,6 +175,8 @@ def split_task(
     max_test: int | None,
     seed: int,
 ) -> TaskData:
+    """A task from raw (text, label) pairs: cleaned, split stratified by label with the fixed split
+    seed, then capped as :func:`make_task` does."""
     train, test = _stratified_split(clean_examples(pairs))
     return make_task(name, description, train, test, max_train, max_test, seed)
 

@@ -68,6 +68,8 @@ def default_data_dir() -> Path:
 
 
 def debian_path(package: str, relative: str, data_dir: str | Path | None) -> Path:
+    """A file of an unpacked Debian data package under the data folder; a missing one says how to
+    fetch it."""
     root = Path(data_dir) if data_dir is not None else default_data_dir()
     path = root / "debian" / package / relative
     if not path.exists():
