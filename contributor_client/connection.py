@@ -24,11 +24,16 @@ _OPTIONS = [
 
 
 def client_home() -> Path:
+    """Where the client keeps its credential and node key: ``$MOERGE_HOME``, else
+    ``~/.config/moerge``."""
     return Path(os.environ.get("MOERGE_HOME") or Path.home() / ".config" / "moerge")
 
 
 @dataclass
 class ClientConfig:
+    """What ``moerge join`` saved: the coordinator, this contributor's id, name and credential, and
+    a TLS CA."""
+
     coordinator: str = DEFAULT_COORDINATOR
     contributor_id: str = ""
     name: str = ""
@@ -37,10 +42,13 @@ class ClientConfig:
 
     @classmethod
     def path(cls) -> Path:
+        """The saved configuration's file, ``client.json`` under :func:`client_home`."""
         return client_home() / "client.json"
 
     @classmethod
     def load(cls) -> ClientConfig:
+        """The saved configuration, or the defaults before any join; unknown keys of a newer client
+        are skipped."""
         path = cls.path()
         if not path.exists():
             return cls()
@@ -72,6 +80,8 @@ class Target:
     def resolve(
         cls, coordinator: str | None = None, token: str | None = None, tls_ca: str | None = None
     ) -> Target:
+        """Where to connect and as whom: each of the arguments, else its ``MOERGE_*`` variable, else
+        what ``moerge join`` saved."""
         saved = ClientConfig.load()
         return cls(
             address=coordinator or os.environ.get("MOERGE_COORDINATOR") or saved.coordinator,
@@ -80,6 +90,7 @@ class Target:
         )
 
     def channel(self) -> grpc.Channel:
+        """A gRPC channel to the coordinator, TLS when a CA is set."""
         if self.tls_ca:
             return grpc.secure_channel(self.address, self._credentials(), options=_OPTIONS)
         return grpc.insecure_channel(self.address, options=_OPTIONS)
@@ -94,4 +105,5 @@ class Target:
         return grpc.ssl_channel_credentials(Path(self.tls_ca).read_bytes())
 
     def metadata(self) -> tuple[tuple[str, str], ...]:
+        """The bearer-token header of every call, none without a token."""
         return (("authorization", f"Bearer {self.token}"),) if self.token else ()

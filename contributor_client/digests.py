@@ -29,6 +29,7 @@ def _stamp(st: os.stat_result) -> list[int]:
 
 
 def sha256_file(path: Path) -> str:
+    """A file's SHA-256, read in 1 MiB blocks into one reused buffer."""
     digest = hashlib.sha256()
     buffer = bytearray(1 << 20)  # one reused buffer: no fresh memory per block
     view = memoryview(buffer)
@@ -76,6 +77,8 @@ class DigestCache:
         return digest
 
     def save(self) -> None:
+        """Write the newest entries (at most ``MAX_ENTRIES``) through a temporary file and an atomic
+        rename, so a concurrent writer or a crash never leaves a torn file."""
         if self._entries is None:
             return
         keep = dict(list(self._entries.items())[-MAX_ENTRIES:])

@@ -75,6 +75,8 @@ class DPSGDConfig:
         return runs
 
     def validate(self) -> None:
+        """Refuse a non-positive epsilon, a delta outside (0, 1) and non-positive training
+        settings."""
         if not (math.isfinite(self.epsilon) and self.epsilon > 0):
             raise ValueError(f"DP-SGD epsilon must be a positive number, got {self.epsilon!r}")
         if not 0.0 < self.delta < 1.0:
@@ -239,6 +241,8 @@ class GateModule(torch.nn.Module):
         self.vector = torch.nn.Parameter(torch.full((size,), float(init)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The gate's score ``sigmoid(x . v)`` for each activation row [..., 1]; a module so that
+        Opacus sees the gate's calls."""
         return torch.sigmoid(x @ self.vector.to(x.dtype)).unsqueeze(-1)
 
 

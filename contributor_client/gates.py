@@ -112,6 +112,7 @@ class LoraGates:
         self._handles: list[RemovableHandle] = []
 
     def parameters(self) -> Iterator[torch.Tensor]:
+        """The gate vectors, for an optimiser (only they are trained)."""
         return iter(self.gates.values())
 
     def __enter__(self) -> LoraGates:

@@ -225,9 +225,12 @@ class SGDAccount:
     parameters: str = ""  # what the run trained, e.g. "head" or "head+lora" or "gates"
 
     def event(self) -> dp_accounting.DpEvent:
+        """The DP event of this DP-SGD run (Poisson-sampled Gaussian steps), for the accountant."""
         return dp_sgd_event(self.noise_multiplier, self.sample_rate, self.steps)
 
     def release(self, what: str) -> PrivacyRelease:
+        """The run as a release of ``what`` (``adapter`` or ``gates``) in the expert's privacy
+        report."""
         return PrivacyRelease(
             what=what,
             mechanism="dp_sgd",

@@ -52,6 +52,8 @@ RETRYABLE = {
 
 @dataclass(frozen=True)
 class LocalFile:
+    """One file of an expert folder as the upload manifest lists it: name, size and SHA-256."""
+
     name: str
     path: Path
     size: int
@@ -83,6 +85,8 @@ def describe_files(expert_dir: Path, cache: DigestCache | None = None) -> list[L
 def make_manifest(
     files: list[LocalFile], expert_name: str, task_name: str, task_description: str
 ) -> contributor_pb2.UploadManifest:
+    """The upload manifest of an expert folder; its upload id is a digest of the names and file
+    digests, so re-running an interrupted upload resumes it."""
     key = "\n".join([expert_name, task_name, *(f"{f.name}:{f.size}:{f.sha256}" for f in files)])
     upload_id = hashlib.sha256(key.encode()).hexdigest()[:32]
     return contributor_pb2.UploadManifest(
