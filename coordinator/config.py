@@ -103,17 +103,23 @@ class CoordinatorConfig:
 
     @property
     def database_url(self) -> str:
+        """The registry's SQLAlchemy URL: ``db_url``, else a SQLite file in the data folder."""
         return self.db_url or f"sqlite:///{Path(self.data_dir).resolve() / 'registry.db'}"
 
     @property
     def blob_dir(self) -> Path:
+        """Where a local blob store keeps the blobs: ``blobs`` in the data folder."""
         return Path(self.data_dir) / "blobs"
 
     @property
     def staging_dir(self) -> Path:
+        """Where streamed uploads are staged: ``upload_staging_dir``, else ``uploads`` in the data
+        folder."""
         return Path(self.upload_staging_dir or Path(self.data_dir) / "uploads")
 
     def validate(self) -> None:
+        """Refuse contradicting or out-of-range settings with a ``ValueError`` naming them, before
+        anything starts."""
         if self.task_type not in ("classification", "causal_lm"):
             raise ValueError("task_type must be 'classification' or 'causal_lm'")
         if self.min_examples_without_dp < 1 or self.max_epsilon < 0:

@@ -49,6 +49,8 @@ ADMIN_TOKEN_FILE = "admin-token"
 
 @dataclass
 class CoordinatorState:
+    """The coordinator's shared pieces, wired once by :meth:`open` and closed by :meth:`aclose`."""
+
     config: CoordinatorConfig
     engine: Engine
     registry: Registry
@@ -68,6 +70,8 @@ class CoordinatorState:
 
     @classmethod
     def open(cls, config: CoordinatorConfig) -> CoordinatorState:
+        """Open the data folder, migrate the registry, open the blob store and wire every piece to
+        them (see the module docstring)."""
         data_dir = Path(config.data_dir)
         data_dir.mkdir(parents=True, exist_ok=True)
         engine = make_engine(config.database_url)
@@ -183,6 +187,8 @@ class CoordinatorState:
         await self.routers.stop_scheduler()
 
     async def aclose(self) -> None:
+        """Stop the background tasks and the leader's housekeeping, the router service, the
+        inference service if one was built, then dispose of the database engine."""
         for task in self._tasks:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

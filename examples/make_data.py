@@ -20,6 +20,8 @@ MAX_CHARS = 400  # keep lines short: the files are for a quick demonstration, no
 
 
 def main(out_dir: Path = Path(__file__).resolve().parent / "data") -> None:
+    """Write the example JSONL files: a few demo tasks' training examples, texts cut to
+    ``MAX_CHARS``."""
     for name, (task, count) in EXAMPLES.items():
         data = load_task(task, max_train=count, max_test=None, seed=0)
         examples = [type(e)(text=e.text[:MAX_CHARS], label=e.label) for e in data.train]

@@ -46,6 +46,8 @@ def generate(out_dir: Path) -> list[Path]:
 
 
 def main() -> int:
+    """Command line: regenerate the modules (default: next to the .proto files) and print the files
+    written."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=PROTO_ROOT, help="output root folder")
     written = generate(parser.parse_args().out)

