@@ -163,6 +163,19 @@ def test_the_cli_composes_from_a_jsonl_file_lists_it_and_predicts_with_it(
     assert refused.exit_code == 2 and "expected a JSON object" in " ".join(refused.output.split())
 
 
+def test_compose_create_reads_its_examples_from_stdin_given_a_dash(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # sys.stdin, not click's get_text_stream (deprecated, gone in Click 9)
+    import io
+
+    from moerge.cli.compose import read_examples
+
+    lines = "".join(json.dumps({"text": t, "label": y}) + "\n" for t, y in EXAMPLES[:2])
+    monkeypatch.setattr("sys.stdin", io.StringIO(lines))
+    assert read_examples(Path("-")) == EXAMPLES[:2]
+
+
 def test_leaving_the_stream_cancels_the_search_and_stores_nothing(
     running: BackgroundCoordinator, experts: list[str]
 ) -> None:
