@@ -48,7 +48,7 @@ def caller(method: str, *, counted: bool = True) -> Callable[[Request], Awaitabl
             raise ApiError.of(PermissionDenied(f"role '{principal.role}' may not call {method}"))
         try:
             if counted:
-                authenticator.admit(principal, method)  # 429 with Retry-After beyond the rate limit
+                await authenticator.admit(principal, method)  # 429 + Retry-After beyond the limit
         except Exception as exc:
             raise ApiError.of(exc) from None
         return principal

@@ -118,10 +118,10 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             return None  # expired while remembered
         return principal
 
-    def admit(self, principal: Principal, method: str) -> None:
+    async def admit(self, principal: Principal, method: str) -> None:
         """Count an inference call against the caller's rate limit (raises when over it)."""
         if self.limiter is not None:
-            self.limiter.admit(principal, method)
+            await self.limiter.admit(principal, method)
 
     async def intercept_service(
         self,
@@ -149,7 +149,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
                 f"role '{principal.role}' may not call {method}",
             )
         try:
-            self.admit(principal, method)
+            await self.admit(principal, method)
         except InferenceRateLimited as exc:
             trailer = (("retry-after", str(exc.retry_after_seconds)),)
             return _rejecting(handler, *status_for(exc), trailer)

@@ -14,6 +14,7 @@ process), or shared by the replicas over PostgreSQL (:mod:`.shared_limits`).
 
 from __future__ import annotations
 
+import asyncio
 import math
 
 from moerge.coordinator.interceptors.rate_limit import Buckets, LocalBuckets
@@ -53,14 +54,25 @@ class InferenceLimiter:
         """Requests per minute allowed to ``principal`` (0: unlimited)."""
         return principal.rate_limit_per_minute or self.default_per_minute
 
-    def admit(self, principal: Principal, method: str) -> None:
-        """Count one call of ``method``; raise :class:`InferenceRateLimited` beyond the limit."""
-        if method not in LIMITED_METHODS:
-            return
-        limit = self.limit_for(principal)
+    async def admit(self, principal: Principal, method: str) -> None:
+        """Count one call of ``method``; raise :class:`InferenceRateLimited` beyond the limit.
+
+        Called from the event loop: a draw that must ask the database (shared buckets,
+        :mod:`.shared_limits`) runs in a worker thread, one answered from memory right here.
+        """
+        limit = self.limit_for(principal) if method in LIMITED_METHODS else 0
         if not limit:
             return
-        key = f"inference/{limit}/{principal.credential_id}"
-        wait = self.buckets.take(key, limit / MINUTE, limit, 1)
+        if self.buckets.answers_from_memory(self._key(principal, limit), 1):
+            wait = self._take(principal, limit)
+        else:
+            wait = await asyncio.to_thread(self._take, principal, limit)
         if wait:
             raise InferenceRateLimited(limit, wait)
+
+    @staticmethod
+    def _key(principal: Principal, limit: int) -> str:
+        return f"inference/{limit}/{principal.credential_id}"
+
+    def _take(self, principal: Principal, limit: int) -> float:
+        return self.buckets.take(self._key(principal, limit), limit / MINUTE, limit, 1)

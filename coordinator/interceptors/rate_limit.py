@@ -98,6 +98,11 @@ class Buckets(Protocol):
         """:meth:`TokenBucket.pace` on the bucket ``key``: the wait that keeps the rate (s)."""
         ...
 
+    def answers_from_memory(self, key: str, amount: float) -> bool:
+        """Whether taking ``amount`` from ``key`` now needs no database round trip (so that
+        a caller on the event loop may take it there, else in a worker thread)."""
+        ...
+
 
 class LocalBuckets:
     """Buckets in this process's memory; thread-safe, at most ``max_keys`` of them."""
@@ -124,6 +129,9 @@ class LocalBuckets:
         with self._lock:
             at = now()
             return self._bucket(key, rate, capacity, at).pace(amount, at)
+
+    def answers_from_memory(self, key: str, amount: float) -> bool:
+        return True
 
 
 class UploadLimiter:

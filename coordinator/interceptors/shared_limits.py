@@ -20,11 +20,12 @@ given back to the bucket in the replica's next round trip for that key. What tha
 * a refused key is refused from memory, with no round trip, until the bucket would hold enough
   again (the ``retry-after`` the refusal reported).
 
-The round trip runs in the calling thread (the interceptor's, on the event loop): about a
-millisecond on a local network, once per lease and key. If PostgreSQL cannot be reached, the
-replica falls back to buckets in its own memory (the per-replica limit) until it can. Rows of
-buckets untouched for two hours (full again: no period is longer than an hour) are deleted,
-by each replica at most once a minute.
+The round trip runs in the calling thread, about a millisecond on a local network, once per
+lease and key; :meth:`SharedBuckets.answers_from_memory` tells a caller on the event loop (the
+inference limit) when to hand the draw to a worker thread instead. If PostgreSQL cannot be
+reached, the replica falls back to buckets in its own memory (the per-replica limit) until it
+can. Rows of buckets untouched for two hours (full again: no period is longer than an hour)
+are deleted, by each replica at most once a minute.
 """
 
 from __future__ import annotations
@@ -102,6 +103,15 @@ class SharedBuckets:
 
     def pace(self, key: str, rate: float, capacity: float, amount: float) -> float:
         return self._draw(key, rate, capacity, amount, debt=True)
+
+    def answers_from_memory(self, key: str, amount: float) -> bool:
+        """A lease that holds ``amount``, or a refusal still standing (a quota's)."""
+        with self._lock:
+            at = rate_limit.now()
+            lease = self._leases.get(key)
+            if lease is None:
+                return False
+            return (lease.expires > at and lease.tokens >= amount) or lease.refused_until > at
 
     def _draw(self, key: str, rate: float, capacity: float, need: float, debt: bool) -> float:
         if need <= 0:

@@ -112,3 +112,16 @@ def test_without_postgresql_a_replica_limits_in_its_own_memory(tmp_path: Path) -
     assert buckets.take("inference/erin", 2 / HOUR, 2, 1) == 0  # falls back, still limits
     assert buckets.take("inference/erin", 2 / HOUR, 2, 1) == 0
     assert buckets.take("inference/erin", 2 / HOUR, 2, 1) > 0
+
+
+@pytest.mark.postgres
+def test_a_draw_says_when_it_can_be_answered_without_the_database(engine: Engine) -> None:
+    replica = SharedBuckets(engine)
+    assert not replica.answers_from_memory("inference/frank", 1)  # no lease yet: ask
+    assert replica.take("inference/frank", 10.0, 600, 1) == 0  # leases 10 (one second's)
+    assert replica.answers_from_memory("inference/frank", 1)
+    assert not replica.answers_from_memory("inference/frank", 100)  # more than the lease holds
+    assert replica.take("starts/frank", 1 / HOUR, 1, 1) == 0
+    assert replica.take("starts/frank", 1 / HOUR, 1, 1) > 0
+    assert replica.answers_from_memory("starts/frank", 1)  # the refusal stands until retry-after
+    assert LocalBuckets().answers_from_memory("anything", 1)
