@@ -190,7 +190,6 @@ def model_only(
     import torch
 
     from moerge.coordinator.inference.engine import InferenceEngine, InferenceRequest
-    from moerge.coordinator.inference.plan import RoutingPlan
     from moerge.coordinator.inference.service import InferenceService, RestrictedRouter
     from moerge.coordinator.services.expert_store import read_statistics
     from moerge.router_training.base import ExpertRecord
@@ -208,8 +207,8 @@ def model_only(
     def plan(rng: random.Random) -> InferenceRequest:
         message = predict_request(rng, list(by_id))
         chosen = restricted[message.expert_ids[0]] if message.expert_ids else router
-        routed = RoutingPlan.routed(chosen, InferenceService._top_k(chosen, 0))
-        return InferenceRequest(list(message.inputs), routed)
+        plan = InferenceService.request_plan(chosen, 0, None, len(message.inputs))
+        return InferenceRequest(list(message.inputs), plan)
 
     rng = random.Random(0)
     batches = [[plan(rng) for _ in range(clients)] for _ in range(rounds)]

@@ -70,6 +70,12 @@ class RestrictedRouter(Router):
         allowed_set = set(allowed)
         self.mask = torch.tensor([e in allowed_set for e in self.expert_ids])  # [E] bool
         self.allowed_count = int(self.mask.sum())
+        #: the one expert it may choose, if only one: routing that needs no embedding
+        self.only_expert = (
+            next(e for e in self.expert_ids if e in allowed_set)
+            if self.allowed_count == 1
+            else None
+        )
 
     @classmethod
     def fit(cls, experts, config):  # type: ignore[no-untyped-def]
@@ -326,10 +332,38 @@ class InferenceService:
         started = time.perf_counter()
         self.check_inputs(inputs)
         chosen = await self.chosen(method, version, expert_filter)
-        plan = RoutingPlan.routed(chosen.router, self._top_k(chosen.router, top_k), aggregation)
+        plan = self.request_plan(chosen.router, top_k, aggregation, len(inputs))
         request = InferenceRequest(list(inputs), plan, max_new_tokens or None)
         predictions = await self.batcher.submit(request)
         return predictions, chosen, (time.perf_counter() - started) * 1000
+
+    @classmethod
+    def request_plan(
+        cls, router: Router | None, top_k: int, aggregation: Aggregation | None, inputs: int
+    ) -> RoutingPlan:
+        """The request's routed plan; explicit when its router can choose one expert only.
+
+        A request restricted to one expert (``expert_ids``, or one active expert left of the
+        router's) is routed to it with weight 1 whatever its embedding: its plan names that
+        expert, so the engine neither embeds its texts nor asks the router, and runs it in the
+        same forward as the batch's other requests of one expert each.
+        """
+        k = cls._top_k(router, top_k) if router is not None else None
+        only = getattr(router, "only_expert", None)
+        if (
+            only is not None
+            and router is not None
+            and router.granularity == "example"
+            and (k if k is not None else router.config.top_k) == 1
+            and aggregation is not Aggregation.MODULE_MIX
+        ):
+            # the plan RoutingPlan.explicit would build, without re-checking a known-good row
+            return RoutingPlan(
+                aggregation or Aggregation.ENSEMBLE,
+                expert_ids=((only,),) * inputs,
+                weights=torch.ones(inputs, 1),
+            )
+        return RoutingPlan.routed(router, k, aggregation)
 
     async def predict_composition(
         self, inputs: Sequence[str], name: str, version: int, max_new_tokens: int

@@ -48,6 +48,20 @@ def sharpen_head(folder: Path, seed: int) -> None:
     save_file(state, str(path), metadata={"format": "pt"})
 
 
+def assert_same_predictions(together: list, alone: list, atol: float = 1e-5) -> None:
+    """Per request, one-input predictions agree: experts, label and probabilities (``atol``)."""
+    for mine, reference in zip(together, alone, strict=True):
+        assert not isinstance(mine, BaseException)
+        assert [w.expert_id for w in mine[0].experts] == [w.expert_id for w in reference[0].experts]
+        assert mine[0].output == reference[0].output
+        torch.testing.assert_close(
+            torch.tensor(mine[0].probabilities),
+            torch.tensor(reference[0].probabilities),
+            atol=atol,
+            rtol=0,
+        )
+
+
 def make_classification_experts(base: Path, root: Path) -> dict[str, Path]:
     """Two sentiment experts (ranks 4, 2), one with the labels reordered, one topic expert."""
     specs = {

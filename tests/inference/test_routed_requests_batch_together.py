@@ -7,7 +7,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-import torch
 
 from moerge.coordinator.inference.engine import InferenceEngine, InferenceRequest
 from moerge.coordinator.inference.errors import EmptyBatch, InvalidTopK
@@ -15,7 +14,11 @@ from moerge.coordinator.inference.plan import RoutingPlan
 from moerge.coordinator.services.expert_store import read_statistics
 from moerge.router_training.base import ExpertRecord
 from moerge.router_training.centroid import CentroidRouter, CentroidRouterConfig
-from tests.inference.engine_helpers import TEXTS, make_classification_experts
+from tests.inference.engine_helpers import (
+    TEXTS,
+    assert_same_predictions,
+    make_classification_experts,
+)
 from tests.tiny_models import make_tiny_bert
 
 ATOL = 1e-5
@@ -70,16 +73,7 @@ def test_requests_of_different_routers_run_in_one_pass_with_their_own_results(en
     # one embedding pass, one forward for the top-1 rows, two for the top-2 row (sequential
     # ensembling on CPU); one by one it was an embedding pass and k forwards per request
     assert len(forwards) == 1 + 1 + 2
-    for mine, reference in zip(together, alone, strict=True):
-        assert not isinstance(mine, BaseException)
-        assert [w.expert_id for w in mine[0].experts] == [w.expert_id for w in reference[0].experts]
-        assert mine[0].output == reference[0].output
-        torch.testing.assert_close(
-            torch.tensor(mine[0].probabilities),
-            torch.tensor(reference[0].probabilities),
-            atol=ATOL,
-            rtol=0,
-        )
+    assert_same_predictions(together, alone, ATOL)
 
 
 def test_a_request_that_cannot_be_routed_fails_alone(engine, experts):
