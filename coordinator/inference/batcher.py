@@ -75,7 +75,7 @@ class MicroBatcher(Generic[Item, Result]):
             raise BatcherClosed("the batcher is closed")
         queue = self._ensure_started()
         future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
-        await queue.put(_Pending(item, max(1, int(self.size_of(item))), future))
+        queue.put_nowait(_Pending(item, max(1, int(self.size_of(item))), future))  # unbounded
         return await future
 
     async def aclose(self) -> None:

@@ -46,7 +46,15 @@ async def _checked(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
 
 
 class DecodeInterceptor(grpc.aio.ServerInterceptor):
-    """Innermost interceptor: lenient parsing plus an INVALID_ARGUMENT refusal of bad bytes."""
+    """Innermost interceptor: lenient parsing plus an INVALID_ARGUMENT refusal of bad bytes.
+
+    The lenient handler depends on the servicer's handler only, so it is built once per method
+    and handed out again while the servicer's handler is the same object (every call).
+    """
+
+    def __init__(self) -> None:
+        #: method -> (the servicer's handler, its lenient wrapper)
+        self._lenient: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
     async def intercept_service(
         self,
@@ -54,30 +62,42 @@ class DecodeInterceptor(grpc.aio.ServerInterceptor):
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler | None:
         handler = await continuation(handler_call_details)
+        method = handler_call_details.method
         if (
             handler is None
             or handler.request_deserializer is None
-            or not handler_call_details.method.startswith(SERVICE_PREFIX)
+            or not method.startswith(SERVICE_PREFIX)
         ):
             return handler
-        kwargs = {
-            "request_deserializer": _lenient(handler.request_deserializer),
-            "response_serializer": handler.response_serializer,
-        }
-        if handler.unary_unary:
-            inner = handler.unary_unary
+        known = self._lenient.get(method)
+        if known is not None and known[0] is handler:
+            return known[1]
+        wrapped = _lenient_handler(handler)
+        self._lenient[method] = (handler, wrapped)
+        return wrapped
 
-            async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                if isinstance(request, Undecodable):
-                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
-                return await inner(request, context)
 
-            return grpc.unary_unary_rpc_method_handler(unary, **kwargs)
-        if handler.stream_unary:
-            inner_stream = handler.stream_unary
+def _lenient_handler(handler: Any) -> grpc.RpcMethodHandler:
+    """``handler`` (grpc.RpcMethodHandler, untyped in grpc) with a parser that marks bad bytes,
+    and a refusal of the marker."""
+    kwargs = {
+        "request_deserializer": _lenient(handler.request_deserializer),
+        "response_serializer": handler.response_serializer,
+    }
+    if handler.unary_unary:
+        inner = handler.unary_unary
 
-            async def stream(requests: AsyncIterator[Any], context: Any) -> Any:
-                return await inner_stream(_checked(requests), context)
+        async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            if isinstance(request, Undecodable):
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+            return await inner(request, context)
 
-            return grpc.stream_unary_rpc_method_handler(stream, **kwargs)
-        return handler  # moerge has no server-streaming RPCs
+        return grpc.unary_unary_rpc_method_handler(unary, **kwargs)
+    if handler.stream_unary:
+        inner_stream = handler.stream_unary
+
+        async def stream(requests: AsyncIterator[Any], context: Any) -> Any:
+            return await inner_stream(_checked(requests), context)
+
+        return grpc.stream_unary_rpc_method_handler(stream, **kwargs)
+    return handler  # moerge has no server-streaming RPCs
