@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import hashlib
 import json
 import os
@@ -230,7 +231,6 @@ class Balancer:
         self.nginx = shutil.which("nginx") if kind in ("auto", "nginx") else None
         if kind == "nginx" and self.nginx is None:
             raise SystemExit("--balancer nginx: no nginx binary on PATH")
-        self.kind = "nginx" if self.nginx else "round_robin"
         self.workdir = workdir
         self.process: subprocess.Popen[bytes] | None = None
         self.description = (
@@ -287,21 +287,33 @@ class Balancer:
 
 
 # -- closed-loop clients (their own processes) ------------------------------------------------
-async def client_loop(config: dict[str, object]) -> dict[str, object]:
+@dataclass
+class ClientPlan:
+    """What one client process does; it travels as JSON on the command line."""
+
+    target: str
+    options: list[tuple[str, object]]
+    admin: str
+    expert_ids: list[str]
+    in_flight: int
+    seconds: float
+    warm_seconds: float
+
+
+async def client_loop(plan: ClientPlan) -> dict[str, object]:
     """``in_flight`` calls back to back; warm until the parent says go, then timed."""
-    options = [tuple(o) for o in config["options"]]  # type: ignore[union-attr]
-    expert_ids: list[str] = config["expert_ids"]  # type: ignore[assignment]
-    metadata = bearer(str(config["admin"]))
+    metadata = bearer(plan.admin)
     latencies: list[float] = []
     errors: dict[str, int] = {}
     phase = {"timed": False, "stop": False}
-    async with grpc.aio.insecure_channel(str(config["target"]), options=options) as channel:
+    options = [tuple(option) for option in plan.options]  # JSON made them lists
+    async with grpc.aio.insecure_channel(plan.target, options=options) as channel:
         predict = channel.unary_unary(PREDICT)
 
         async def one(index: int) -> None:
-            rng = random.Random(index)
+            rng = random.Random(f"{os.getpid()}-{index}")
             while not phase["stop"]:
-                request = predict_request(rng, expert_ids)
+                request = predict_request(rng, plan.expert_ids)
                 timed = phase["timed"]
                 began = time.perf_counter()
                 try:
@@ -315,14 +327,13 @@ async def client_loop(config: dict[str, object]) -> dict[str, object]:
                     else:
                         errors[code] = errors.get(code, 0) + 1
 
-        loop = asyncio.get_running_loop()
-        tasks = [asyncio.create_task(one(i)) for i in range(int(config["in_flight"]))]  # type: ignore[call-overload]
-        await asyncio.sleep(float(config["warm_seconds"]))  # type: ignore[arg-type]
+        tasks = [asyncio.create_task(one(i)) for i in range(plan.in_flight)]
+        await asyncio.sleep(plan.warm_seconds)
         print("ready", flush=True)
-        await loop.run_in_executor(None, sys.stdin.readline)  # "go"
+        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)  # "go"
         phase["timed"] = True
-        cpu = time.process_time()
-        await asyncio.sleep(float(config["seconds"]))  # type: ignore[arg-type]
+        cpu = time.process_time()  # every thread of this process, gRPC's included
+        await asyncio.sleep(plan.seconds)
         phase["stop"] = True
         cpu = time.process_time() - cpu
         await asyncio.gather(*tasks)
@@ -357,19 +368,19 @@ def run_phase(
     expert_ids: list[str],
 ) -> Phase:
     target, options = balancer.serve([r.address for r in replicas])
-    config = {
-        "target": target,
-        "options": options,
-        "admin": admin,
-        "expert_ids": expert_ids,
-        "in_flight": args.clients_per_replica,
-        "seconds": args.seconds,
-        "warm_seconds": min(3.0, max(1.0, args.seconds / 4)),
-    }
+    plan = ClientPlan(
+        target=target,
+        options=options,
+        admin=admin,
+        expert_ids=expert_ids,
+        in_flight=args.clients_per_replica,
+        seconds=args.seconds,
+        warm_seconds=min(3.0, max(1.0, args.seconds / 4)),
+    )
     env = {**os.environ, "PYTHONPATH": python_path()}
     clients = [
         subprocess.Popen(
-            [sys.executable, __file__, "--client", json.dumps(config)],
+            [sys.executable, __file__, "--client", json.dumps(dataclasses.asdict(plan))],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
@@ -542,7 +553,8 @@ def main() -> None:
         serve_replica()
         return
     if args.client:
-        print(json.dumps(asyncio.run(client_loop(json.loads(args.client)))), flush=True)
+        plan = ClientPlan(**json.loads(args.client))
+        print(json.dumps(asyncio.run(client_loop(plan))), flush=True)
         return
     workdir = Path(tempfile.mkdtemp(prefix="moerge-replicas-"))
     try:
