@@ -98,6 +98,9 @@ def expert(info: ExpertInfo) -> common_pb2.Expert:
             )
         )
     message.privacy_report.CopyFrom(privacy_report(info))
+    recorded = quality(info)
+    if recorded is not None:
+        message.quality.CopyFrom(recorded)
     if info.created_at:
         message.created_at.CopyFrom(timestamp(info.created_at))
     return message
@@ -141,6 +144,29 @@ def privacy_report(info: ExpertInfo) -> common_pb2.PrivacyReport:
         statistics_opt_out=bool(raw.get("statistics_opt_out")),
         unit=str(raw.get("unit") or "example"),
     )
+
+
+QUALITY_FIGURES = (
+    "validation_accuracy",
+    "probe_accuracy",
+    "majority_accuracy",
+    "validation_loss",
+    "base_validation_loss",
+)
+
+
+def quality(info: ExpertInfo) -> common_pb2.ExpertQuality | None:
+    """The expert's validation figures beside its baselines, as its statistics.json recorded
+    them at upload (checked then by :meth:`~moerge.expert_format.ExpertQuality.validate`);
+    None for an expert without them (trained before they were recorded, or adapter-only)."""
+    raw = (info.statistics.summary or {}).get("quality")
+    if not isinstance(raw, dict):
+        return None
+    message = common_pb2.ExpertQuality(validation_examples=int(raw.get("validation_examples") or 0))
+    for name in QUALITY_FIGURES:
+        if raw.get(name) is not None:  # unset: not measured
+            setattr(message, name, float(raw[name]))
+    return message
 
 
 def router_version(info: RouterVersionInfo) -> admin_pb2.RouterVersion:

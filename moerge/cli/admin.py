@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from moerge.cli import admin_access
+from moerge.cli.expert_report import privacy_table, quality_table
 from moerge.cli.options import Coordinator, Json, TlsCa, Token
 from moerge.cli.output import emit_json, fields, table
 from moerge.cli.rpc import client, guarded, with_client
@@ -124,15 +125,15 @@ def experts_show(
     tls_ca: TlsCa = None,
     json_out: Json = False,
 ) -> None:
-    """Every field of one expert."""
+    """Every field of one expert, its recorded quality and its privacy report."""
     expert = with_client(coordinator, token, tls_ca, lambda api: api.get_expert(expert_id))
     if json_out:
         emit_json(expert)
         return
     fields(f"expert {expert.expert_id}", expert)
+    if expert.quality is not None:
+        quality_table(expert.quality)
     if expert.privacy_report is not None:
-        from moerge.cli.expert_report import privacy_table
-
         privacy_table(expert.privacy_report)
 
 

@@ -117,8 +117,9 @@ def my_experts(
     tls_ca: TlsCa = None,
     json_out: Json = False,
 ) -> None:
-    """List the experts this contributor has registered: state and its reason, and privacy (what
-    each releases under which epsilon; ``--json`` gives the whole report)."""
+    """List the experts this contributor has registered: state and its reason, validation quality
+    beside its baselines, and privacy (what each releases under which epsilon; ``--json`` gives
+    the whole report)."""
     with client(coordinator, token, tls_ca) as api:
         experts = guarded(api.my_experts)
     if json_out:
@@ -132,12 +133,14 @@ def my_experts(
             e.task_name,
             e.state,
             e.example_count,
+            e.quality.summary() if e.quality else "",
             e.privacy_report.summary() if e.privacy_report else "",
             e.state_reason,
         )
         for e in experts
     ]
-    table("my experts", ("id", "name", "v", "task", "state", "examples", "privacy", "reason"), rows)
+    columns = ("id", "name", "v", "task", "state", "examples", "quality", "privacy", "reason")
+    table("my experts", columns, rows)
 
 
 def register_node_key(target: Target, public_key: str) -> None:

@@ -1,8 +1,9 @@
 """What the CLI shows about an expert beyond its registry fields: quality and privacy.
 
 ``moerge train``, ``stats`` and ``contribute`` print the expert they wrote with
-:func:`print_report`; ``moerge admin experts show`` prints an uploaded expert's privacy
-report with the same :func:`privacy_table`. Quality is the expert's validation figures beside
+:func:`print_report`; ``moerge admin experts show`` prints an uploaded expert's quality
+(:func:`quality_table`, the figures ``train`` recorded) and privacy report with the same
+functions. Quality is the expert's validation figures beside
 its baselines (``ExpertQuality`` of :mod:`moerge.expert_format`): the linear probe's and the
 majority class's accuracy, or the base model's validation loss, with a warning wherever the
 expert does not beat them.
@@ -53,6 +54,19 @@ def quality_warnings(quality: object) -> list[str]:
             f"validation loss {loss:.3f} is not below the base model's ({base_loss:.3f})"
         )
     return warnings
+
+
+def quality_table(quality: object) -> None:
+    """An uploaded expert's recorded quality as a table (``admin experts show``), with the
+    warnings ``train`` gave its contributor on stderr."""
+    examples = getattr(quality, "validation_examples", 0)
+    table(
+        f"quality ({examples} validation examples)",
+        ("figure", "value"),
+        list(quality_rows(quality).items()),
+    )
+    for warning in quality_warnings(quality):
+        err_console.print(f"[yellow]warning[/yellow] {warning}")
 
 
 def print_report(report: object, json_out: bool) -> None:

@@ -32,6 +32,7 @@ from moerge.results.experts import (
     Privacy,
     PrivacyRelease,
     PrivacyReport,
+    Quality,
     Upload,
 )
 from moerge.results.inference import (
@@ -89,6 +90,7 @@ __all__ = [
     "Privacy",
     "PrivacyRelease",
     "PrivacyReport",
+    "Quality",
     "Result",
     "RouterVersion",
     "Routing",

@@ -86,6 +86,50 @@ class PrivacyReport(Result):
 
 
 @dataclasses.dataclass(frozen=True)
+class Quality(Result):
+    """How good an expert was on its contributor's validation split, beside its baselines.
+
+    What ``moerge train`` recorded in statistics.json (``ExpertQuality`` of
+    :mod:`moerge.expert_format`): reported by the contributor's client, not verified by the
+    coordinator. A figure that was not measured is None.
+    """
+
+    validation_examples: int
+    validation_accuracy: float | None  # classification
+    probe_accuracy: float | None  # logistic regression on the frozen base model's embeddings
+    majority_accuracy: float | None  # always the most common training label
+    validation_loss: float | None  # mean cross-entropy (causal LM: per token)
+    base_validation_loss: float | None  # causal LM: the base model's, without the adapter
+
+    @classmethod
+    def from_proto(cls, m: common_pb2.ExpertQuality) -> Quality:
+        """The result of the protobuf message ``m`` (an unset figure is None)."""
+        names = [f.name for f in dataclasses.fields(cls) if f.name != "validation_examples"]
+        figures = {name: getattr(m, name) if m.HasField(name) else None for name in names}
+        return cls(validation_examples=m.validation_examples, **figures)
+
+    def summary(self) -> str:
+        """One short line: accuracy beside the probe's and the majority class's, or the
+        validation loss beside the base model's."""
+        if self.validation_accuracy is not None:
+            baselines = [
+                f"{label} {value:.3f}"
+                for label, value in (
+                    ("probe", self.probe_accuracy),
+                    ("majority", self.majority_accuracy),
+                )
+                if value is not None
+            ]
+            extra = f" ({', '.join(baselines)})" if baselines else ""
+            return f"accuracy {self.validation_accuracy:.3f}{extra}"
+        if self.validation_loss is not None:
+            base = self.base_validation_loss
+            extra = "" if base is None else f" (base {base:.3f})"
+            return f"loss {self.validation_loss:.3f}{extra}"
+        return ""
+
+
+@dataclasses.dataclass(frozen=True)
 class Expert(Result):
     """A registered expert: what it was trained for, its state and its privacy report."""
 
@@ -108,6 +152,7 @@ class Expert(Result):
     created_at: datetime | None
     content_sha256: str
     privacy_report: PrivacyReport | None = None  # what was released, under which (eps, delta)
+    quality: Quality | None = None  # None: statistics.json recorded no validation figures
 
     @classmethod
     def from_proto(cls, m: common_pb2.Expert) -> Expert:
@@ -124,6 +169,7 @@ class Expert(Result):
             privacy_report=(
                 PrivacyReport.from_proto(m.privacy_report) if m.HasField("privacy_report") else None
             ),
+            quality=Quality.from_proto(m.quality) if m.HasField("quality") else None,
         )
 
 

@@ -176,6 +176,68 @@ class PrivacyReport(_message.Message):
 Global___PrivacyReport: _TypeAlias = PrivacyReport  # noqa: Y015
 
 @_typing.final
+class ExpertQuality(_message.Message):
+    """How good the expert was on its contributor's held-out validation split, beside what a router
+    could get cheaper (recorded by `moerge train` in statistics.json; reported by the
+    contributor's client, not verified). A figure that was not measured is unset.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VALIDATION_EXAMPLES_FIELD_NUMBER: _builtins.int
+    VALIDATION_ACCURACY_FIELD_NUMBER: _builtins.int
+    PROBE_ACCURACY_FIELD_NUMBER: _builtins.int
+    MAJORITY_ACCURACY_FIELD_NUMBER: _builtins.int
+    VALIDATION_LOSS_FIELD_NUMBER: _builtins.int
+    BASE_VALIDATION_LOSS_FIELD_NUMBER: _builtins.int
+    validation_examples: _builtins.int
+    validation_accuracy: _builtins.float
+    probe_accuracy: _builtins.float
+    """logistic regression on frozen pooled embeddings"""
+    majority_accuracy: _builtins.float
+    """always the most common training label"""
+    validation_loss: _builtins.float
+    """mean cross-entropy (causal LM: per token)"""
+    base_validation_loss: _builtins.float
+    """causal LM: the base model's, without the adapter"""
+    def __init__(
+        self,
+        *,
+        validation_examples: _builtins.int = ...,
+        validation_accuracy: _builtins.float | None = ...,
+        probe_accuracy: _builtins.float | None = ...,
+        majority_accuracy: _builtins.float | None = ...,
+        validation_loss: _builtins.float | None = ...,
+        base_validation_loss: _builtins.float | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_base_validation_loss", b"_base_validation_loss", "_majority_accuracy", b"_majority_accuracy", "_probe_accuracy", b"_probe_accuracy", "_validation_accuracy", b"_validation_accuracy", "_validation_loss", b"_validation_loss", "base_validation_loss", b"base_validation_loss", "majority_accuracy", b"majority_accuracy", "probe_accuracy", b"probe_accuracy", "validation_accuracy", b"validation_accuracy", "validation_loss", b"validation_loss"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_base_validation_loss", b"_base_validation_loss", "_majority_accuracy", b"_majority_accuracy", "_probe_accuracy", b"_probe_accuracy", "_validation_accuracy", b"_validation_accuracy", "_validation_loss", b"_validation_loss", "base_validation_loss", b"base_validation_loss", "majority_accuracy", b"majority_accuracy", "probe_accuracy", b"probe_accuracy", "validation_accuracy", b"validation_accuracy", "validation_examples", b"validation_examples", "validation_loss", b"validation_loss"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__base_validation_loss: _TypeAlias = _typing.Literal["base_validation_loss"]  # noqa: Y015
+    _WhichOneofArgType__base_validation_loss: _TypeAlias = _typing.Literal["_base_validation_loss", b"_base_validation_loss"]  # noqa: Y015
+    _WhichOneofReturnType__majority_accuracy: _TypeAlias = _typing.Literal["majority_accuracy"]  # noqa: Y015
+    _WhichOneofArgType__majority_accuracy: _TypeAlias = _typing.Literal["_majority_accuracy", b"_majority_accuracy"]  # noqa: Y015
+    _WhichOneofReturnType__probe_accuracy: _TypeAlias = _typing.Literal["probe_accuracy"]  # noqa: Y015
+    _WhichOneofArgType__probe_accuracy: _TypeAlias = _typing.Literal["_probe_accuracy", b"_probe_accuracy"]  # noqa: Y015
+    _WhichOneofReturnType__validation_accuracy: _TypeAlias = _typing.Literal["validation_accuracy"]  # noqa: Y015
+    _WhichOneofArgType__validation_accuracy: _TypeAlias = _typing.Literal["_validation_accuracy", b"_validation_accuracy"]  # noqa: Y015
+    _WhichOneofReturnType__validation_loss: _TypeAlias = _typing.Literal["validation_loss"]  # noqa: Y015
+    _WhichOneofArgType__validation_loss: _TypeAlias = _typing.Literal["_validation_loss", b"_validation_loss"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__base_validation_loss) -> _WhichOneofReturnType__base_validation_loss | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__majority_accuracy) -> _WhichOneofReturnType__majority_accuracy | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__probe_accuracy) -> _WhichOneofReturnType__probe_accuracy | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__validation_accuracy) -> _WhichOneofReturnType__validation_accuracy | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__validation_loss) -> _WhichOneofReturnType__validation_loss | None: ...
+
+Global___ExpertQuality: _TypeAlias = ExpertQuality  # noqa: Y015
+
+@_typing.final
 class Expert(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -198,6 +260,7 @@ class Expert(_message.Message):
     CREATED_AT_FIELD_NUMBER: _builtins.int
     CONTENT_SHA256_FIELD_NUMBER: _builtins.int
     PRIVACY_REPORT_FIELD_NUMBER: _builtins.int
+    QUALITY_FIELD_NUMBER: _builtins.int
     expert_id: _builtins.str
     name: _builtins.str
     version: _builtins.int
@@ -228,6 +291,10 @@ class Expert(_message.Message):
     def privacy_report(self) -> Global___PrivacyReport:
         """always set (derived from `privacy` for older experts)"""
 
+    @_builtins.property
+    def quality(self) -> Global___ExpertQuality:
+        """unset when the expert's statistics.json records none"""
+
     def __init__(
         self,
         *,
@@ -250,10 +317,11 @@ class Expert(_message.Message):
         created_at: _timestamp_pb2.Timestamp | None = ...,
         content_sha256: _builtins.str = ...,
         privacy_report: Global___PrivacyReport | None = ...,
+        quality: Global___ExpertQuality | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "privacy", b"privacy", "privacy_report", b"privacy_report"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "privacy", b"privacy", "privacy_report", b"privacy_report", "quality", b"quality"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_model_id", b"base_model_id", "content_sha256", b"content_sha256", "contributor_id", b"contributor_id", "created_at", b"created_at", "example_count", b"example_count", "expert_id", b"expert_id", "files", b"files", "label_names", b"label_names", "lora_rank", b"lora_rank", "name", b"name", "privacy", b"privacy", "privacy_report", b"privacy_report", "state", b"state", "state_reason", b"state_reason", "target_modules", b"target_modules", "task_description", b"task_description", "task_name", b"task_name", "task_type", b"task_type", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_model_id", b"base_model_id", "content_sha256", b"content_sha256", "contributor_id", b"contributor_id", "created_at", b"created_at", "example_count", b"example_count", "expert_id", b"expert_id", "files", b"files", "label_names", b"label_names", "lora_rank", b"lora_rank", "name", b"name", "privacy", b"privacy", "privacy_report", b"privacy_report", "quality", b"quality", "state", b"state", "state_reason", b"state_reason", "target_modules", b"target_modules", "task_description", b"task_description", "task_name", b"task_name", "task_type", b"task_type", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
