@@ -53,7 +53,9 @@ import torch
 from torch import nn
 
 from moerge.coordinator.inference.mixing import (
+    add_example_mixed_delta_,
     add_token_mixed_delta_,
+    clean_example_decision,
     example_mixed_delta,
     token_mixed_delta,
 )
@@ -75,6 +77,8 @@ TokenRouterFn = Callable[[str, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 class _ExampleRouting:
     slots: torch.Tensor  # [B, k] long
     weights: torch.Tensor  # [B, k]
+    #: (slots with -1 -> 0, weights in the bank's dtype with 0 there), shared by every module
+    clean: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 @dataclass
@@ -217,6 +221,12 @@ class RoutedLoraLinear(nn.Module):
         if routing is None:
             return out
         if isinstance(routing, _ExampleRouting):
+            if self._adds_in_place(x, out, routing):
+                assert routing.clean is not None
+                x3 = x.reshape(x.shape[0], -1, self.in_features)  # [B, T, d_in]
+                out3 = out.view(x.shape[0], -1, self.out_features)  # [B, T, d_out]
+                add_example_mixed_delta_(out3, x3, self.A, self.B, *routing.clean)
+                return out
             delta = self._example_delta(x, routing)
         elif torch.is_grad_enabled():
             delta = self._token_delta(x, routing.router)
@@ -235,6 +245,25 @@ class RoutedLoraLinear(nn.Module):
         if not torch.is_grad_enabled():  # serving: add in place, rounding once to out's dtype
             return out.add_(delta)
         return out + delta.to(out.dtype)
+
+    def _adds_in_place(self, x: torch.Tensor, out: torch.Tensor, routing: _ExampleRouting) -> bool:
+        """Serving, one routing row per example, one dtype: add the delta into ``out`` with
+        the decision cleaned once per forward (a CPU batch of wide top-1 layers takes the
+        grouped path of :func:`example_mixed_delta` instead)."""
+        return (
+            routing.clean is not None
+            and not torch.is_grad_enabled()
+            and x.dim() >= 2
+            and x.shape[0] == routing.slots.shape[0]
+            and x.dtype == out.dtype == self.A.dtype
+            and out.is_contiguous()
+            and not (
+                x.device.type == "cpu"
+                and routing.slots.shape[1] == 1
+                and self.in_features >= 1024
+                and x.shape[0] > 1
+            )
+        )
 
     def _example_delta(self, x: torch.Tensor, routing: _ExampleRouting) -> torch.Tensor:
         if x.dim() < 2:
@@ -453,9 +482,13 @@ class LoraBank:
             )
         if validate:
             self._check_slots(slots)
-        device = next(iter(self.modules.values())).A.device
-        routing = _ExampleRouting(slots.to(device=device, dtype=torch.long), weights.to(device))
-        return self._state.use(routing)
+        first = next(iter(self.modules.values()))
+        slots = slots.to(device=first.A.device, dtype=torch.long)
+        weights = weights.to(first.A.device)
+        clean = None
+        if not torch.is_grad_enabled():  # serving: clean the decision once for every module
+            clean = clean_example_decision(slots, weights, first.A.dtype)
+        return self._state.use(_ExampleRouting(slots, weights, clean))
 
     def route_tokens(self, router: TokenRouterFn) -> AbstractContextManager[None]:
         """Per module: ``router(module_name, hidden [N, d_in]) -> (slots [N, k], weights

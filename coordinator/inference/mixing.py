@@ -90,7 +90,9 @@ from moerge.coordinator.inference import sgmv_triton
 from moerge.triton_support import run_or_fall_back
 
 __all__ = [
+    "add_example_mixed_delta_",
     "add_token_mixed_delta_",
+    "clean_example_decision",
     "example_mixed_delta",
     "grouped_mm_supported",
     "segment_matmul",
@@ -257,6 +259,40 @@ def example_mixed_delta(
         z = z * weights.to(z.dtype).repeat_interleave(r, dim=1).unsqueeze(1)
         delta = torch.bmm(z, Bt_sel)  # [B, T, d_out]
     return delta.to(x.dtype)
+
+
+def clean_example_decision(
+    slots: torch.Tensor, weights: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``slots``/``weights`` [B, k] -> (slots with ``-1`` mapped to 0, weights in ``dtype``
+    with 0 there), once per forward: every adapted module of a step shares them."""
+    return _clean_decision(slots, weights, slots.shape[0], dtype)
+
+
+def add_example_mixed_delta_(
+    out: torch.Tensor,
+    x: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    slots: torch.Tensor,
+    weights: torch.Tensor,
+) -> torch.Tensor:
+    """``out += example_mixed_delta(x, A, B, slots, weights)`` in place, in five kernels.
+
+    Serving's path: ``out`` [B, T, d_out] (the frozen layer's output), ``x`` [B, T, d_in], both
+    in the bank's dtype; ``slots``/``weights`` [B, k] already cleaned
+    (:func:`clean_example_decision`). A decode step runs this in every adapted module (88 in a
+    22-layer model), so the kernel count, not the bytes, sets its cost: two gathers, the
+    down-projection, the weighting and an up-projection that adds into ``out`` (``baddbmm_``).
+    """
+    nb, T, d_in = x.shape
+    k, r, d_out = slots.shape[1], A.shape[1], B.shape[1]
+    flat = slots.reshape(-1)  # [B k]
+    A_sel = A.index_select(0, flat).view(nb, k * r, d_in)
+    Bt_sel = B.transpose(1, 2).index_select(0, flat).view(nb, k * r, d_out)
+    z = torch.bmm(x, A_sel.transpose(1, 2)).view(nb, T, k, r)  # [B, T, k, r]
+    z = (z * weights.view(nb, 1, k, 1)).view(nb, T, k * r)
+    return out.baddbmm_(z, Bt_sel)
 
 
 def _example_delta_segmented(

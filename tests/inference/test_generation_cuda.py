@@ -144,7 +144,8 @@ def test_graph_replayed_decode_steps_give_the_eager_steps_text(base, experts):
         merge = RoutingPlan.explicit([["lm-0", "lm-1"]], [[0.3, 0.7]], Aggregation.MERGE_LINEAR)
         example = [(p, RoutingPlan.explicit([[e]]), sampling) for e in experts for p in PROMPTS]
         example.append((PROMPTS[0], merge, sampling))
-        token = [(p, arrow_plan(experts), sampling) for p in PROMPTS]
+        arrow = arrow_plan(experts)  # one router object: one token-routing form, one graph
+        token = [(p, arrow, sampling) for p in PROMPTS]
         batches = [example, token, example[:2] + token[:1]]
         texts = {
             name: [[text_of(events) for events in submit_all(engine, b)[0]] for b in batches]
@@ -175,9 +176,8 @@ def test_bfloat16_token_routing_decodes_by_graph_replays(base, experts):
     every-token routing is captured and replayed like example routing."""
     engine = make_engine(base, experts, "cuda", torch.bfloat16)
     try:
-        batch = [
-            (p, arrow_plan(experts), SamplingParams(max_new_tokens=NEW_TOKENS)) for p in PROMPTS
-        ]
+        arrow = arrow_plan(experts)  # one router for the batch (a router each would run eagerly)
+        batch = [(p, arrow, SamplingParams(max_new_tokens=NEW_TOKENS)) for p in PROMPTS]
         results, _ = submit_all(engine, batch)
         graphs = engine.scheduler.graphs
         assert graphs is not None and graphs.failures == []

@@ -380,3 +380,25 @@ def test_bfloat16_bank_matches_float32_peft_within_tolerance(bert, peft_bert):
     # bf16 keeps 8 bits of mantissa; hidden states are layer-normed (unit scale)
     torch.testing.assert_close(got, expected, rtol=0.05, atol=0.1)
     assert (got - expected).abs().mean() < 0.02
+
+
+def test_serving_adds_the_example_delta_in_place_exactly_as_computed_apart():
+    """The decode path (decision cleaned once, delta added into the layer's output) equals
+    ``out + example_mixed_delta`` for top-2 mixtures with an empty slot."""
+    from moerge.coordinator.inference.mixing import (
+        add_example_mixed_delta_,
+        clean_example_decision,
+        example_mixed_delta,
+    )
+
+    torch.manual_seed(0)
+    experts, rank, d_in, d_out, rows, tokens = 5, 4, 24, 16, 6, 3
+    A = torch.randn(experts, rank, d_in)
+    B = torch.randn(experts, rank, d_out).transpose(1, 2)  # the bank's layout: a view
+    x = torch.randn(rows, tokens, d_in)
+    out = torch.randn(rows, tokens, d_out)
+    slots = torch.tensor([[0, 1], [2, -1], [4, 4], [-1, -1], [3, 0], [1, 2]])
+    weights = torch.rand(rows, 2)
+    expected = out + example_mixed_delta(x, A, B, slots, weights)
+    add_example_mixed_delta_(out, x, A, B, *clean_example_decision(slots, weights, x.dtype))
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)

@@ -43,6 +43,7 @@ import torch
 from transformers import DynamicCache
 
 from moerge.coordinator.inference.errors import InputTooLong, InvalidPlan
+from moerge.coordinator.inference.generation.attention import use_decode_attention
 from moerge.coordinator.inference.generation.batch_routing import BatchRouting, TokenRouting
 from moerge.coordinator.inference.generation.cuda_graphs import DecodeGraphs
 from moerge.coordinator.inference.generation.detokenizer import StreamingDetokenizer, add_tokens
@@ -128,6 +129,7 @@ class GenerationScheduler:
         eos = tokenizer.eos_token_id if eos is None else eos
         self.eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        use_decode_attention(engine.model)  # grouped heads attend without copied keys
         # transformers renamed ``past_key_values`` to ``cache`` (5.2x); accept both releases
         forward = inspect.signature(engine.model.forward).parameters
         self.cache_kwarg = "cache" if "cache" in forward else "past_key_values"
