@@ -224,14 +224,15 @@ def hf_baselines(base: Path, folders: list[Path], prompts: list[str], args, dtyp
         )
         del model
         log("PEFT one adapter done")
-        mixed = min(len(prompts), len(folders))
-        model = with_adapters(len(folders))
-        names = [f"a{i % mixed}" for i in range(len(prompts))]
-        out[f"PEFT mixed-adapter generate ({mixed} adapters in the batch)"] = tokens / timed(
-            lambda: model.generate(**enc, adapter_names=names, **kwargs), args.device, 1
-        )
-        del model
-        log("PEFT mixed done")
+        if not args.skip_peft_mixed:
+            mixed = min(len(prompts), len(folders))
+            model = with_adapters(len(folders))
+            names = [f"a{i % mixed}" for i in range(len(prompts))]
+            out[f"PEFT mixed-adapter generate ({mixed} adapters in the batch)"] = tokens / timed(
+                lambda: model.generate(**enc, adapter_names=names, **kwargs), args.device, 1
+            )
+            del model
+            log("PEFT mixed done")
         if not args.skip_peft_arrow:
             from peft import ArrowConfig
 
@@ -554,6 +555,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--top-k", type=int, default=2)
     parser.add_argument("--reps", type=int, default=2)
     parser.add_argument("--skip-peft-arrow", action="store_true")
+    parser.add_argument(
+        "--skip-peft-mixed", action="store_true", help="skip PEFT's mixed-adapter baseline (slow)"
+    )
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
@@ -623,7 +627,11 @@ def main(argv: list[str] | None = None) -> None:
     device_name = tr.device_name(args.device)
     lines = [
         f"- command: `python benchmarks/generation_throughput.py --preset {args.preset} "
-        f"--device {args.device}`",
+        f"--device {args.device}"
+        + (f" --reps {args.reps}" if args.reps != 2 else "")
+        + (" --skip-peft-mixed" if args.skip_peft_mixed else "")
+        + (" --skip-peft-arrow" if args.skip_peft_arrow else "")
+        + "`",
         f"- date: {datetime.date.today()}; device: {device_name}; torch {torch.__version__}; "
         f"python {platform.python_version()}",
         f"- model: {args.preset} ({params / 1e9:.2f}B parameters, {args.dtype}); "
