@@ -94,10 +94,19 @@ class EchoProcess:
 
 
 # -- closed-loop clients -----------------------------------------------------------------------
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of process ``pid`` so far, all its threads."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+def cpu_seconds(pid: int, tid: int | None = None) -> float:
+    """User + system CPU time so far of process ``pid``, all its threads (or thread ``tid``)."""
+    stat = Path(f"/proc/{pid}/task/{tid}/stat" if tid else f"/proc/{pid}/stat")
+    try:
+        fields = stat.read_text().rsplit(")", 1)[1].split()
+    except OSError:  # a thread that has ended
+        return 0.0
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def thread_seconds(pid: int) -> dict[int, float]:
+    """CPU time so far of each thread of ``pid`` by thread id."""
+    return {int(t.name): cpu_seconds(pid, int(t.name)) for t in Path(f"/proc/{pid}/task").iterdir()}
 
 
 @dataclass
@@ -107,6 +116,9 @@ class Phase:
     latencies_ms: list[float] = field(default_factory=list)
     errors: dict[str, int] = field(default_factory=dict)
     server_cpu_seconds: float = 0.0  # the server process's CPU time during the phase
+    #: the server's main thread (the event loop), its busiest other thread (the coordinator's
+    #: model thread), all its other threads: CPU seconds during the phase
+    thread_cpu_seconds: tuple[float, float, float] = (0.0, 0.0, 0.0)
 
     @property
     def per_second(self) -> float:
@@ -115,6 +127,9 @@ class Phase:
     @property
     def cpu_us_per_request(self) -> float:
         return self.server_cpu_seconds / max(1, len(self.latencies_ms)) * 1e6
+
+    def thread_us_per_request(self) -> tuple[float, ...]:
+        return tuple(t / max(1, len(self.latencies_ms)) * 1e6 for t in self.thread_cpu_seconds)
 
     def percentile(self, q: float) -> float:
         ordered = sorted(self.latencies_ms)
@@ -164,10 +179,14 @@ def hammer(
     for thread in threads:
         thread.start()
     start.wait()
-    cpu = cpu_seconds(server_pid)
+    cpu, before = cpu_seconds(server_pid), thread_seconds(server_pid)
     time.sleep(seconds)
     stop.set()
     phase.server_cpu_seconds = cpu_seconds(server_pid) - cpu
+    spent = {t: s - before.get(t, 0.0) for t, s in thread_seconds(server_pid).items()}
+    main = spent.pop(server_pid, 0.0)
+    busiest = max(spent.values(), default=0.0)
+    phase.thread_cpu_seconds = (main, busiest, sum(spent.values()) - busiest)
     for thread in threads:
         thread.join(120)
     return phase
@@ -176,11 +195,14 @@ def hammer(
 # -- the model alone ---------------------------------------------------------------------------
 @dataclass
 class ModelTimes:
-    """Median CPU time of the engine (this process, one thread: other jobs' load cannot
-    inflate it as it inflates wall time on a shared machine)."""
+    """Median CPU time of the engine's worker thread (this process, torch on one thread: other
+    jobs' load cannot inflate it as it inflates wall time on a shared machine)."""
 
     batch_ms: float  # one batch of ``clients`` requests
     single_ms: float  # one request alone
+    #: one batch of ``clients`` requests while another thread of the process runs Python (as
+    #: the coordinator's event loop does beside its model thread)
+    contended_batch_ms: float
 
 
 def model_only(
@@ -213,20 +235,37 @@ def model_only(
     rng = random.Random(0)
     batches = [[plan(rng) for _ in range(clients)] for _ in range(rounds)]
 
-    def median_cpu_ms(run: Callable[[list[InferenceRequest]], object], items: list) -> float:
-        run(items[0])  # warm: experts loaded, kernels picked
-        times = []
-        for item in items:
-            began = time.process_time()
-            run(item)
-            times.append((time.process_time() - began) * 1000)
-        return statistics.median(times)
+    def median_cpu_ms(items: list[list[InferenceRequest]]) -> float:
+        """Median CPU time of the engine's worker thread per ``predict_many`` of an item."""
+
+        def timed(requests: list[InferenceRequest]) -> float:
+            began = time.thread_time()
+            engine.predict_many(requests)  # on the worker already: runs here
+            return time.thread_time() - began
+
+        def on_worker(requests: list[InferenceRequest]) -> float:
+            return engine.executor.submit(timed, requests).result()
+
+        on_worker(items[0])  # warm: experts loaded, kernels picked
+        return statistics.median(on_worker(item) for item in items) * 1000
+
+    stop = threading.Event()
+
+    def python_work() -> None:  # holds the GIL as much as the interpreter lets it
+        while not stop.is_set():
+            sum(range(1000))
 
     try:
-        return ModelTimes(
-            batch_ms=median_cpu_ms(engine.predict_many, batches),
-            single_ms=median_cpu_ms(engine.predict_many, [[b[0]] for b in batches]),
-        )
+        batch_ms = median_cpu_ms(batches)
+        single_ms = median_cpu_ms([[b[0]] for b in batches])
+        busy = threading.Thread(target=python_work)
+        busy.start()
+        try:
+            contended_ms = median_cpu_ms(batches[:10])  # slow: the GIL changes hands per op
+        finally:
+            stop.set()
+            busy.join()
+        return ModelTimes(batch_ms, single_ms, contended_ms)
     finally:
         engine.close()
 
@@ -305,6 +344,7 @@ def markdown(phases: list[Phase], model: ModelTimes, batch: float, args: argpars
     model_us = model.batch_ms * 1000 / args.clients  # per prediction, full batches
     floor_us = echo_cpu + model_us
     predict_cpu = predict.cpu_us_per_request
+    loop_us, model_thread_us, other_us = predict.thread_us_per_request()
     load = os.getloadavg()
     lines = [
         "# Predict overhead: the coordinator against a bare grpc.aio echo server",
@@ -347,6 +387,14 @@ def markdown(phases: list[Phase], model: ModelTimes, batch: float, args: argpars
         f"routing bookkeeping, thread hand-offs) adds {predict_cpu - floor_us:.0f} us. Held to "
         f"the same CPU as the echo server, Predict could not pass {echo_cpu / floor_us:.2f}x of "
         f"its throughput even with none of that code.",
+        "",
+        f"By thread, per Predict: the event loop (the server's main thread) {loop_us:.0f} us, "
+        f"the model thread (its busiest other thread) {model_thread_us:.0f} us, all other "
+        f"threads {other_us:.0f} us. The engine alone, its worker thread's CPU time per batch of "
+        f"{args.clients}: {model.batch_ms:.1f} ms, and {model.contended_batch_ms:.1f} ms while "
+        f"another thread of the process runs Python "
+        f"({model.contended_batch_ms / model.batch_ms:.2f}x: torch's operator bindings release "
+        f"the GIL, so two busy threads hand it over hundreds of times per forward).",
         "",
     ]
     return "\n".join(lines)

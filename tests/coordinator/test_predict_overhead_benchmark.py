@@ -1,5 +1,6 @@
 """A short run of ``benchmarks/predict_overhead.py``: both servers answer every call, and the
-report gives the ratio, the latencies, the server's CPU per call and the engine's batch size."""
+report gives the ratio, the latencies, the server's CPU per call (and per thread) and the
+engine's batch size."""
 
 from __future__ import annotations
 
@@ -30,6 +31,9 @@ def test_a_short_run_measures_both_servers_without_errors(tmp_path: Path) -> Non
         assert phase.latencies_ms and not phase.errors
         assert phase.server_cpu_seconds > 0
     assert batch >= 1.0  # parsed from the coordinator's shutdown line
-    assert model.batch_ms > 0 and model.single_ms > 0
+    assert model.batch_ms > 0 and model.single_ms > 0 and model.contended_batch_ms > 0
+    loop, model_thread, _ = phases[1].thread_cpu_seconds  # Predict: both threads worked
+    assert loop > 0 and model_thread > 0
     report = bench.markdown(phases, model, batch, args)
     assert "Predict / echo" in report and "server CPU per request" in report
+    assert "By thread, per Predict" in report
