@@ -201,7 +201,7 @@ class DecodeGraphs:
         kv: KVRows,
         cache_kwarg: str,
         pad_id: int,
-        max_graphs: int = 16,
+        max_graphs: int = 48,
     ) -> None:
         self.engine, self.kv = engine, kv
         self.cache_kwarg, self.pad_id = cache_kwarg, pad_id

@@ -19,7 +19,11 @@ rows) need the host between steps, so a batch holding any of them decodes one st
 
 What it costs: a request that finishes (EOS, a stop string, its token budget) inside a chunk
 decoded up to ``K - 1`` tokens nobody reads, text reaches clients ``K`` tokens at a time, and a
-request that arrives waits for the running chunk before it joins.
+request that arrives waits for the running chunk before it joins. ``K`` stays fixed even when
+every request needs fewer tokens: each (rows bucket, ``K``) pair is a graph to capture (about a
+quarter of a second for a 1.1B model), and shrinking ``K`` as a batch drains multiplied the
+shapes; measured on an H100, captures inside a burst of 32 requests pushed their time to first
+token to 1.4 s.
 
 Tensors (``R``: rows of the step, ``K``: steps of the chunk, ``V``: vocabulary)::
 
@@ -51,15 +55,6 @@ def chunk_mode(params: Sequence[SamplingParams], ensembles: bool) -> str | None:
     if any(p.seed is not None and not p.greedy for p in params):
         return None
     return "sampled"
-
-
-def chunk_steps(limit: int, remaining: int) -> int:
-    """Steps of the next chunk: the smallest power of two covering ``remaining`` tokens (the
-    most any running request still needs), at most ``limit`` (fewer shapes to capture)."""
-    steps = 1
-    while steps < min(limit, remaining):
-        steps *= 2
-    return min(steps, max(limit, 1))
 
 
 class RowSampling:

@@ -51,7 +51,6 @@ from moerge.coordinator.inference.generation.kv_rows import KVRows
 from moerge.coordinator.inference.generation.multi_step import (
     RowSampling,
     chunk_mode,
-    chunk_steps,
     decode_chunk,
 )
 from moerge.coordinator.inference.generation.requests import (
@@ -476,17 +475,15 @@ class GenerationScheduler:
 
     def _chunk(self) -> tuple[int, bool]:
         """(steps the next decode runs on the device, whether it samples); 0 steps: one step,
-        sampled on the host (:class:`~.sampling.BatchSampler`)."""
+        sampled on the host (:class:`~.sampling.BatchSampler`). A chunk is always
+        ``steps_per_sync`` long (one graph per rows bucket; see :mod:`.multi_step`)."""
         if self.steps_per_sync < 2:
             return 0, False
         params = [m.request.sampling for m in self.running]
         mode = chunk_mode(params, ensembles=any(m.mix is not None for m in self.running))
         if mode is None:
             return 0, False
-        remaining = max(
-            p.max_new_tokens - len(m.generated) for p, m in zip(params, self.running, strict=True)
-        )
-        return chunk_steps(self.steps_per_sync, remaining), mode == "sampled"
+        return self.steps_per_sync, mode == "sampled"
 
     def _advance(self, members: Sequence[_Running], logits: torch.Tensor) -> None:
         """Sample one token per member from ``logits`` [R, V]; stream it; retire the done."""
