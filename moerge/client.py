@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import tempfile
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Generator, Iterable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -77,7 +77,9 @@ class Client(Calls):
             raise MoergeError.from_rpc(exc, self.target.address) from None
         return convert(response)
 
-    def generate(self, prompt: str | None = None, **options: Any) -> Iterator[GenerateEvent]:
+    def generate(
+        self, prompt: str | None = None, **options: Any
+    ) -> Generator[GenerateEvent, None, None]:
         """Routed generation, streamed: a :class:`GenerateStart`, :class:`GenerateDelta` events
         as tokens come, a :class:`GenerateEnd` (causal-LM coordinators only).
 
@@ -90,7 +92,7 @@ class Client(Calls):
 
     def compose(
         self, name: str, examples: Iterable[tuple[str, str]], **options: Any
-    ) -> Iterator[ComposeEvent]:
+    ) -> Generator[ComposeEvent, None, None]:
         """Few-shot composition, streamed: a :class:`ComposeProgress` after every loss
         evaluation, then the stored :class:`Composition` (serve it with
         ``predict(..., composition=name)``).
@@ -104,7 +106,9 @@ class Client(Calls):
             "Compose", compose_request(name, examples, **options), compose_event
         )
 
-    def _stream(self, method: str, request: Any, convert: Callable[[Any], T]) -> Iterator[T]:
+    def _stream(
+        self, method: str, request: Any, convert: Callable[[Any], T]
+    ) -> Generator[T, None, None]:
         """A server-streaming InferenceService call, each response converted; cancelled when
         the caller stops iterating."""
         stream = getattr(self._stub("inference"), method)(
@@ -374,7 +378,7 @@ class AsyncClient(Calls):
 
     async def generate(
         self, prompt: str | None = None, **options: Any
-    ) -> AsyncIterator[GenerateEvent]:
+    ) -> AsyncGenerator[GenerateEvent, None]:
         """:meth:`Client.generate`, as an async iterator (``async for event in ...``)."""
         options["experts"] = await self.resolve_ids("expert", options.get("experts", ()))
         async for event in self._stream(
@@ -384,7 +388,7 @@ class AsyncClient(Calls):
 
     async def compose(
         self, name: str, examples: Iterable[tuple[str, str]], **options: Any
-    ) -> AsyncIterator[ComposeEvent]:
+    ) -> AsyncGenerator[ComposeEvent, None]:
         """:meth:`Client.compose`, as an async iterator (``async for event in ...``)."""
         options["experts"] = await self.resolve_ids("expert", options.get("experts", ()))
         async for event in self._stream(
@@ -394,7 +398,7 @@ class AsyncClient(Calls):
 
     async def _stream(
         self, method: str, request: Any, convert: Callable[[Any], T]
-    ) -> AsyncIterator[T]:
+    ) -> AsyncGenerator[T, None]:
         """:meth:`Client._stream`, awaited."""
         call = getattr(self._stub("inference"), method)(
             request, metadata=self.target.metadata(), timeout=self.timeout
