@@ -57,7 +57,7 @@ FULL_IDS: dict[str, re.Pattern[str]] = {
 }
 
 
-def _state(word: str | None) -> int:
+def _state(word: str | None) -> common_pb2.ExpertState.ValueType:
     if word is None:
         return common_pb2.EXPERT_STATE_UNSPECIFIED
     if word not in STATES:
@@ -189,7 +189,7 @@ class Calls(ABC):
         ``composition``: serve this few-shot composition instead of routing (its newest
         version, or ``composition_version``); the routing arguments must then stay unset.
         """
-        fields = {
+        fields: dict[str, Any] = {
             "inputs": list(inputs),
             "top_k": top_k,
             "routing_method": method,
@@ -230,7 +230,7 @@ class Calls(ABC):
         router_version: int = 0,
     ) -> Routing:
         """The routing decision only: which experts, with which weights, for each input."""
-        fields = {
+        fields: dict[str, Any] = {
             "inputs": list(inputs),
             "top_k": top_k,
             "routing_method": method,
@@ -267,7 +267,7 @@ class Calls(ABC):
     ) -> Page[Expert]:
         """One page of the registry's experts (``state``: active, quarantined or retired;
         ``contributor``: an id or a unique prefix of it)."""
-        fields = {
+        fields: dict[str, Any] = {
             "page_size": page_size,
             "page_token": page_token,
             "state": _state(state),

@@ -6,9 +6,8 @@ from __future__ import annotations
 import dataclasses
 from datetime import datetime
 
-from google.protobuf.message import Message
-
 from moerge.results.base import Result, scalars, utc_time
+from moerge.v1 import admin_pb2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,7 +29,7 @@ class RouterVersion(Result):
     fit_seconds: float
 
     @classmethod
-    def from_proto(cls, m: Message) -> RouterVersion:
+    def from_proto(cls, m: admin_pb2.RouterVersion) -> RouterVersion:
         """The result of the protobuf message ``m``."""
         return scalars(
             cls,
@@ -53,7 +52,7 @@ class Contributor(Result):
     expert_count: int
 
     @classmethod
-    def from_proto(cls, m: Message) -> Contributor:
+    def from_proto(cls, m: admin_pb2.Contributor) -> Contributor:
         """The result of the protobuf message ``m``."""
         return scalars(cls, m, created_at=utc_time(m.created_at))
 
@@ -68,7 +67,7 @@ class EnrollmentToken(Result):
     max_uses: int
 
     @classmethod
-    def from_proto(cls, m: Message) -> EnrollmentToken:
+    def from_proto(cls, m: admin_pb2.CreateEnrollmentTokenResponse) -> EnrollmentToken:
         """The result of the protobuf message ``m``."""
         return scalars(cls, m, expires_at=utc_time(m.expires_at))
 
@@ -87,7 +86,7 @@ class EnrollmentTokenInfo(Result):
     revoked: bool
 
     @classmethod
-    def from_proto(cls, m: Message) -> EnrollmentTokenInfo:
+    def from_proto(cls, m: admin_pb2.EnrollmentToken) -> EnrollmentTokenInfo:
         """The result of the protobuf message ``m``."""
         return scalars(cls, m, created_at=utc_time(m.created_at), expires_at=utc_time(m.expires_at))
 
@@ -106,7 +105,7 @@ class ApiKey(Result):
     last_used_at: datetime | None
 
     @classmethod
-    def from_proto(cls, m: Message) -> ApiKey:
+    def from_proto(cls, m: admin_pb2.ApiKey) -> ApiKey:
         """The result of the protobuf message ``m``."""
         return scalars(
             cls,
@@ -125,7 +124,7 @@ class CreatedApiKey(Result):
     api_key: str  # shown once: pass it as the token (Authorization: Bearer) of inference calls
 
     @classmethod
-    def from_proto(cls, m: Message) -> CreatedApiKey:
+    def from_proto(cls, m: admin_pb2.CreateApiKeyResponse) -> CreatedApiKey:
         """The result of the protobuf message ``m``."""
         return cls(key=ApiKey.from_proto(m.key), api_key=m.api_key)
 
@@ -151,6 +150,6 @@ class AuditEntry(Result):
     details_json: str
 
     @classmethod
-    def from_proto(cls, m: Message) -> AuditEntry:
+    def from_proto(cls, m: admin_pb2.AuditEntry) -> AuditEntry:
         """The result of the protobuf message ``m``."""
         return scalars(cls, m, at=utc_time(m.at))

@@ -6,12 +6,15 @@ from __future__ import annotations
 import dataclasses
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from moerge.v1 import common_pb2, inference_pb2
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
 
 #: Expert states by the CLI's word for them (``moerge admin experts set-state ID quarantined``).
 STATES = {
@@ -32,6 +35,7 @@ AGGREGATIONS = {
 STATE_WORDS = {number: word for word, number in STATES.items()}
 
 T = TypeVar("T")
+D = TypeVar("D", bound="DataclassInstance")  # a result dataclass
 
 
 class Result:
@@ -39,7 +43,7 @@ class Result:
 
     def to_dict(self) -> dict[str, Any]:
         """The fields as JSON-ready values (what ``--json`` prints)."""
-        return _plain(self)  # type: ignore[return-value]
+        return _plain(self)
 
 
 def _plain(value: Any) -> Any:
@@ -63,7 +67,7 @@ def utc_time(stamp: Timestamp) -> datetime | None:
     return stamp.ToDatetime(tzinfo=timezone.utc)
 
 
-def scalars(cls: type[T], message: Message, **given: Any) -> T:
+def scalars(cls: type[D], message: Message, **given: Any) -> D:
     """``cls`` with every field not in ``given`` copied from the message's field of that name."""
     names = [f.name for f in dataclasses.fields(cls) if f.name not in given]
     return cls(**{name: getattr(message, name) for name in names}, **given)

@@ -7,10 +7,8 @@ import dataclasses
 from datetime import datetime
 from pathlib import Path
 
-from google.protobuf.message import Message
-
 from moerge.results.base import STATE_WORDS, Result, scalars, utc_time
-from moerge.v1 import common_pb2
+from moerge.v1 import common_pb2, contributor_pb2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,7 +103,8 @@ class Quality(Result):
     def from_proto(cls, m: common_pb2.ExpertQuality) -> Quality:
         """The result of the protobuf message ``m`` (an unset figure is None)."""
         names = [f.name for f in dataclasses.fields(cls) if f.name != "validation_examples"]
-        figures = {name: getattr(m, name) if m.HasField(name) else None for name in names}
+        present = {field.name: value for field, value in m.ListFields()}  # set figures only
+        figures = {name: present.get(name) for name in names}
         return cls(validation_examples=m.validation_examples, **figures)
 
     def summary(self) -> str:
@@ -207,7 +206,7 @@ class BaseModel(Result):
     chunk_size: int
 
     @classmethod
-    def from_proto(cls, m: Message) -> BaseModel:
+    def from_proto(cls, m: contributor_pb2.BaseModelInfo) -> BaseModel:
         """The result of the protobuf message ``m``."""
         return scalars(cls, m, allowed_target_modules=tuple(m.allowed_target_modules))
 
@@ -221,6 +220,6 @@ class Upload(Result):
     upload_id: str
 
     @classmethod
-    def from_proto(cls, m: Message) -> Upload:
+    def from_proto(cls, m: contributor_pb2.UploadExpertResponse) -> Upload:
         """The result of the protobuf message ``m``."""
         return cls(Expert.from_proto(m.expert), m.created, m.upload_id)

@@ -7,8 +7,6 @@ import dataclasses
 from datetime import datetime
 from typing import Any
 
-from google.protobuf.message import Message
-
 from moerge.results.base import Result, scalars, utc_time
 from moerge.v1 import inference_pb2
 
@@ -184,7 +182,7 @@ ComposeEvent = ComposeProgress | Composition
 def compose_event(response: Any) -> ComposeEvent:
     """One ``ComposeResponse`` of the stream as its event."""
     if response.WhichOneof("event") == "progress":
-        return scalars(ComposeProgress, response.progress)  # type: ignore[no-any-return]
+        return scalars(ComposeProgress, response.progress)
     return Composition.from_proto(response.composition)
 
 
@@ -202,7 +200,7 @@ class ServedExpert(Result):
     created_at: datetime | None
 
     @classmethod
-    def from_proto(cls, m: Message) -> ServedExpert:
+    def from_proto(cls, m: inference_pb2.ServedExpert) -> ServedExpert:
         """The result of the protobuf message ``m``."""
         return scalars(cls, m, label_names=tuple(m.label_names), created_at=utc_time(m.created_at))
 
