@@ -365,6 +365,8 @@ class Calls(ABC):
     def list_enrollment_tokens(
         self, *, exclude_revoked: bool = False, page_size: int = 50, page_token: str = ""
     ) -> Page[EnrollmentTokenInfo]:
+        """One page of enrollment tokens, oldest first (never their secrets); revoked ones too
+        unless ``exclude_revoked``."""
         request = admin_pb2.ListEnrollmentTokensRequest(
             page_size=page_size, page_token=page_token, exclude_revoked=exclude_revoked
         )
@@ -397,6 +399,8 @@ class Calls(ABC):
     def list_api_keys(
         self, *, exclude_revoked: bool = False, page_size: int = 50, page_token: str = ""
     ) -> Page[ApiKey]:
+        """One page of user API keys, oldest first (never their secrets); revoked ones too unless
+        ``exclude_revoked``."""
         request = admin_pb2.ListApiKeysRequest(
             page_size=page_size, page_token=page_token, exclude_revoked=exclude_revoked
         )
@@ -418,6 +422,8 @@ class Calls(ABC):
     def list_contributors(
         self, *, exclude_revoked: bool = False, page_size: int = 50, page_token: str = ""
     ) -> Page[Contributor]:
+        """One page of contributors, oldest first, each with its expert count; revoked ones too
+        unless ``exclude_revoked``."""
         request = admin_pb2.ListContributorsRequest(
             page_size=page_size, page_token=page_token, exclude_revoked=exclude_revoked
         )
