@@ -35,18 +35,16 @@ import math
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import ExitStack
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers import DynamicCache
 
-from moerge.coordinator.inference.errors import InputTooLong, InvalidPlan
+from moerge.coordinator.inference.errors import InvalidPlan
 from moerge.coordinator.inference.generation.attention import use_decode_attention
-from moerge.coordinator.inference.generation.batch_routing import BatchRouting, TokenRouting
+from moerge.coordinator.inference.generation.batch_routing import BatchRouting
 from moerge.coordinator.inference.generation.cuda_graphs import DecodeGraphs
-from moerge.coordinator.inference.generation.detokenizer import StreamingDetokenizer, add_tokens
+from moerge.coordinator.inference.generation.detokenizer import add_tokens
 from moerge.coordinator.inference.generation.kv_rows import KVRows
 from moerge.coordinator.inference.generation.multi_step import (
     RowSampling,
@@ -62,9 +60,12 @@ from moerge.coordinator.inference.generation.requests import (
     RequestState,
     TextDelta,
 )
+from moerge.coordinator.inference.generation.running import (
+    Running,
+    prepare,
+    routing_embeddings,
+)
 from moerge.coordinator.inference.generation.sampling import BatchSampler, SamplingParams
-from moerge.coordinator.inference.plan import Aggregation, RoutingPlan
-from moerge.coordinator.inference.results import ExpertWeight
 
 if TYPE_CHECKING:
     from moerge.coordinator.inference.engine import InferenceEngine
@@ -74,29 +75,6 @@ log = logging.getLogger(__name__)
 
 class QueueFull(RuntimeError):
     """More requests are waiting than the scheduler accepts; the caller should retry later."""
-
-
-@dataclass
-class _Running:
-    """A request in the running batch, with everything freed when it leaves."""
-
-    request: GenerationRequest
-    rows: int  # k for an output ensemble, else 1
-    slots: list[list[int]]  # per row (example routing); [] for token routing
-    weights: list[list[float]]
-    mix: torch.Tensor | None  # [k] log-weights of an output ensemble
-    token: TokenRouting | None
-    experts: tuple[ExpertWeight, ...]
-    aggregation: str
-    prompt_ids: list[int]
-    resources: ExitStack
-    detokenizer: StreamingDetokenizer
-    generator: torch.Generator | None
-    row: int = -1  # first of its rows in the KV buffers (KVRows), once admitted
-    generated: list[int] = field(default_factory=list)
-    logprob_sum: float = 0.0
-    first_token_at: float | None = None
-    usage: torch.Tensor | None = None  # [E] token-routing weight received (token routing)
 
 
 class GenerationScheduler:
@@ -118,7 +96,7 @@ class GenerationScheduler:
         self.max_waiting = max_waiting
         self.sampler = BatchSampler(engine.device)
         self.kv = KVRows(max_batch_rows)
-        self.running: list[_Running] = []
+        self.running: list[Running] = []
         self.waiting: collections.deque[GenerationRequest] = collections.deque()
         self._lock = threading.Lock()
         self._scheduled = False
@@ -212,11 +190,13 @@ class GenerationScheduler:
                     candidates.append(request)
         if not candidates:
             return
-        embeddings = self._routing_embeddings(candidates)
-        admitted: list[_Running] = []
+        embeddings = routing_embeddings(self.engine, candidates)
+        admitted: list[Running] = []
         for i, request in enumerate(candidates):
             try:
-                member = self._prepare(request, embeddings.get(i))
+                member = prepare(
+                    self.engine, self.sampler, request, embeddings.get(i), self.max_positions
+                )
             except Exception as exc:
                 request.state = RequestState.FAILED
                 request.sink(GenerationFailed(exc))
@@ -254,111 +234,7 @@ class GenerationScheduler:
         if admitted:
             self._prefill(admitted)
 
-    def _routing_embeddings(self, requests: list[GenerationRequest]) -> dict[int, torch.Tensor]:
-        """One batched embedding pass for every request an example-level router will route
-        (``{index: [1, H]}``), instead of one base-model forward per admitted request."""
-        engine = self.engine
-        wanted = []
-        for i, request in enumerate(requests):
-            plan = request.plan or RoutingPlan.routed()
-            router = plan.router if plan.router is not None else engine.router
-            if not plan.is_explicit and router is not None and router.granularity == "example":
-                wanted.append(i)
-        if not wanted:
-            return {}
-        try:
-            pooled = engine.embed_batch([requests[i].routing_text for i in wanted])  # [n, H]
-        except Exception:  # each request meets its own error when routed alone
-            return {}
-        return {i: pooled[j : j + 1] for j, i in enumerate(wanted)}
-
-    def _prepare(
-        self, request: GenerationRequest, embedding: torch.Tensor | None = None
-    ) -> _Running:
-        """Route and tokenize one request; pin its experts. Raises on a bad request."""
-        engine = self.engine
-        ids = engine.tokenizer(
-            request.prompt, add_special_tokens=not request.chat, return_token_type_ids=False
-        )["input_ids"]
-        if not ids:
-            raise InputTooLong("the prompt is empty after tokenization")
-        if len(ids) > engine.max_length:
-            raise InputTooLong(
-                f"the prompt has {len(ids)} tokens; the limit is {engine.max_length}"
-            )
-        budget = request.sampling.max_new_tokens
-        if self.max_positions and len(ids) + budget > self.max_positions:
-            raise InputTooLong(
-                f"prompt ({len(ids)} tokens) + max_new_tokens ({budget}) exceeds the model's "
-                f"{self.max_positions} positions"
-            )
-        plan = engine.resolve_plan(
-            [request.routing_text], request.plan or RoutingPlan.routed(), embedding
-        )
-        resources = ExitStack()
-        try:
-            return self._bind(request, plan, resources, ids)
-        except BaseException:
-            resources.close()
-            raise
-
-    def _bind(
-        self,
-        request: GenerationRequest,
-        plan: RoutingPlan,
-        resources: ExitStack,
-        prompt_ids: list[int],
-    ) -> _Running:
-        engine = self.engine
-        aggregation = plan.aggregation or Aggregation.ENSEMBLE
-        seed = request.sampling.seed
-        common: dict[str, Any] = {
-            "request": request,
-            "prompt_ids": prompt_ids,
-            "resources": resources,
-            "aggregation": aggregation.value,
-            "detokenizer": StreamingDetokenizer(engine.tokenizer, request.sampling.stop),
-            "generator": None if seed is None else self.sampler.new_generator(seed),
-        }
-        if aggregation is Aggregation.MODULE_MIX:
-            router = plan.router
-            assert router is not None
-            loaded = resources.enter_context(engine.cache.acquire(router.expert_ids))
-            table = torch.tensor(
-                [loaded[e].slot for e in router.expert_ids], dtype=torch.long, device=engine.device
-            )
-            token = TokenRouting(router, plan.top_k, table, engine.router_modules(router))
-            return _Running(
-                rows=1, slots=[], weights=[], mix=None, token=token, experts=(), **common
-            )
-        assert plan.expert_ids is not None and plan.weights is not None
-        ids, weights = plan.expert_ids[0], [float(w) for w in plan.weights[0].tolist()]
-        experts = tuple(ExpertWeight(e, w) for e, w in zip(ids, weights, strict=True))
-        base = {"token": None, "experts": experts}
-        if not ids:  # the base router: no expert
-            return _Running(rows=1, slots=[[-1]], weights=[[0.0]], mix=None, **base, **common)
-        loaded = resources.enter_context(engine.cache.acquire(list(ids)))
-        slots = [loaded[e].slot for e in ids]
-        if aggregation is Aggregation.ENSEMBLE and len(ids) > 1:
-            mix = torch.tensor(weights, device=engine.device).clamp_min(1e-30).log()
-            return _Running(
-                rows=len(ids),
-                slots=[[s] for s in slots],
-                weights=[[1.0]] * len(ids),
-                mix=mix,
-                **base,
-                **common,
-            )
-        if aggregation in (Aggregation.ENSEMBLE, Aggregation.MERGE_LINEAR):
-            return _Running(rows=1, slots=[slots], weights=[weights], mix=None, **base, **common)
-        method = aggregation.merge_method
-        if method is None:
-            raise InvalidPlan(f"aggregation {aggregation.value} cannot serve generation")
-        temp_id, slot = engine.add_merged_slot(ids, weights, method, plan.merge, loaded)
-        resources.callback(engine.bank.remove_expert, temp_id)
-        return _Running(rows=1, slots=[[slot]], weights=[[1.0]], mix=None, **base, **common)
-
-    def _prefill(self, members: list[_Running]) -> None:
+    def _prefill(self, members: list[Running]) -> None:
         engine = self.engine
         prompts = [m.prompt_ids for m in members for _ in range(m.rows)]
         length = max(len(p) for p in prompts)
@@ -485,7 +361,7 @@ class GenerationScheduler:
             return 0, False
         return self.steps_per_sync, mode == "sampled"
 
-    def _advance(self, members: Sequence[_Running], logits: torch.Tensor) -> None:
+    def _advance(self, members: Sequence[Running], logits: torch.Tensor) -> None:
         """Sample one token per member from ``logits`` [R, V]; stream it; retire the done."""
         if any(m.mix is not None for m in members):
             rows, start = [], 0
@@ -509,14 +385,14 @@ class GenerationScheduler:
 
     def _accept(
         self,
-        members: Sequence[_Running],
+        members: Sequence[Running],
         tokens: list[list[int]],
         logprobs: list[list[float]],
     ) -> None:
         """Take each member's new ``tokens`` (one list per member, in order) up to the first
         that finishes it; stream the text as one delta per member; retire the done."""
         now = time.perf_counter()
-        done: list[tuple[_Running, str]] = []
+        done: list[tuple[Running, str]] = []
         text = [""] * len(members)
         counts = [0] * len(members)
         active = list(range(len(members)))
@@ -560,7 +436,7 @@ class GenerationScheduler:
 
     def _retire(
         self,
-        members: list[_Running],
+        members: list[Running],
         reasons: dict[int, str] | None = None,
         cancelled: bool = False,
         error: BaseException | None = None,
@@ -592,25 +468,12 @@ class GenerationScheduler:
                     finish_reason=(reasons or {}).get(id(m), "length"),
                     prompt_tokens=len(m.prompt_ids),
                     completion_tokens=count,
-                    experts=self._experts_used(m),
+                    experts=m.experts_used(),
                     confidence=math.exp(m.logprob_sum / count) if count else 0.0,
                     time_to_first_token_ms=((m.first_token_at or now) - request.created) * 1000.0,
                     latency_ms=(now - request.created) * 1000.0,
                 )
             )
-
-    @staticmethod
-    def _experts_used(m: _Running) -> tuple[ExpertWeight, ...]:
-        if m.token is None or m.usage is None:
-            return m.experts
-        usage = m.usage.cpu()
-        total = float(usage.sum())
-        if total <= 0:
-            return ()
-        mean = (usage / total).tolist()
-        ids = m.token.router.expert_ids
-        order = sorted(range(len(mean)), key=mean.__getitem__, reverse=True)
-        return tuple(ExpertWeight(ids[i], mean[i]) for i in order if mean[i] > 0)
 
 
 def iter_events(
