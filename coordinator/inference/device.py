@@ -11,6 +11,10 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -34,7 +38,8 @@ class Placement:
     description: str  # e.g. "cuda:0 (NVIDIA H100 80GB HBM3), bfloat16"
 
     @property
-    def torch_dtype(self):  # type: ignore[no-untyped-def]
+    def torch_dtype(self) -> torch.dtype:
+        """The ``torch.dtype`` named by ``dtype`` (torch imported only when asked)."""
         import torch
 
         return getattr(torch, self.dtype)
