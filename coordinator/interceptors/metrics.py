@@ -98,6 +98,7 @@ class RpcMetrics:
     def observe(self, method: str, code: grpc.StatusCode, seconds: float) -> None:
         # the labelled children are looked up once per (method, code): ``labels()`` takes a
         # lock and builds a key on every call: 7 us per RPC, 2.3 us with them remembered
+        """Count one call and its latency under its method and status code."""
         children = self._children.get((method, code))
         if children is None:
             children = (self._requests.labels(method, code.name), self._latency.labels(method))
@@ -106,6 +107,7 @@ class RpcMetrics:
         children[1].observe(seconds)
 
     def requests(self, method: str, code: str = "OK") -> int:
+        """Calls counted for a method and status code (for tests and benchmarks)."""
         value = self.registry.get_sample_value(
             "moerge_grpc_requests_total", {"method": method, "code": code}
         )
@@ -137,6 +139,7 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
         continuation: Callable[[grpc.HandlerCallDetails], Any],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler | None:
+        """Wrap the method's handler so each call is counted and timed."""
         handler = await continuation(handler_call_details)
         if handler is None:
             return None
@@ -205,6 +208,8 @@ class StateCollector(Collector):
         self.placement: Placement | None = None  # resolved at the first scrape
 
     def collect(self) -> Iterator[Metric]:
+        """The registry's gauges at scrape time; a failed read logs and yields nothing rather than
+        failing the scrape."""
         try:
             families = self._families()
         except Exception:  # a scrape must never take the coordinator down; RPC metrics stay
@@ -229,12 +234,10 @@ class StateCollector(Collector):
                 )
             }
             experts = dict(
-                connection.execute(  # type: ignore[arg-type]
-                    select(Expert.state, func.count()).group_by(Expert.state)
-                ).all()
+                connection.execute(select(Expert.state, func.count()).group_by(Expert.state)).all()
             )
             routers = dict(
-                connection.execute(  # type: ignore[arg-type]
+                connection.execute(
                     select(RouterVersion.status, func.count()).group_by(RouterVersion.status)
                 ).all()
             )
@@ -398,10 +401,12 @@ class MetricsHTTPServer:
         )
 
     def start(self) -> MetricsHTTPServer:
+        """Serve /metrics from a daemon thread."""
         self._thread.start()
         return self
 
     def stop(self) -> None:
+        """Shut the server down and wait for its thread (5 s at most)."""
         self._server.shutdown()
         self._server.server_close()
         self._thread.join(5)
