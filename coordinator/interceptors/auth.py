@@ -128,6 +128,8 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         continuation: Callable[[grpc.HandlerCallDetails], Any],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler | None:
+        """Wrap the method's handler so that each call authenticates its token and checks the role
+        before the handler runs; unknown methods pass through."""
         handler = await continuation(handler_call_details)
         method = handler_call_details.method
         roles = required_roles(method)
