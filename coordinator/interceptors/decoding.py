@@ -61,6 +61,9 @@ class DecodeInterceptor(grpc.aio.ServerInterceptor):
         continuation: Callable[[grpc.HandlerCallDetails], Any],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler | None:
+        """Give a moerge method's handler a lenient request parser (an ``Undecodable`` marker,
+        refused as INVALID_ARGUMENT, instead of grpc's UNKNOWN); other services' handlers pass
+        through. Wrapped handlers are kept per method."""
         handler = await continuation(handler_call_details)
         method = handler_call_details.method
         if (
