@@ -60,6 +60,7 @@ class TokenBucket:
 
     @classmethod
     def full(cls, rate: float, capacity: float, at: float) -> TokenBucket:
+        """A bucket that starts full at ``at``."""
         return cls(rate=rate, capacity=capacity, tokens=capacity, updated=at)
 
     def _refill(self, at: float) -> None:
@@ -121,16 +122,20 @@ class LocalBuckets:
         return bucket
 
     def take(self, key: str, rate: float, capacity: float, amount: float) -> float:
+        """Take ``amount`` from the key's bucket now if it holds it; else how long to wait (s)."""
         with self._lock:
             at = now()
             return self._bucket(key, rate, capacity, at).take(amount, at)
 
     def pace(self, key: str, rate: float, capacity: float, amount: float) -> float:
+        """Take ``amount``, going into debt if needed; how long the caller should pause to pay it
+        back (s)."""
         with self._lock:
             at = now()
             return self._bucket(key, rate, capacity, at).pace(amount, at)
 
     def answers_from_memory(self, key: str, amount: float) -> bool:
+        """Always: these buckets live in this process."""
         return True
 
 
@@ -153,6 +158,7 @@ class UploadLimiter:
     def from_config(
         cls, config: CoordinatorConfig, buckets: Buckets | None = None
     ) -> UploadLimiter:
+        """The limiter of the config's upload limits, on shared buckets when given."""
         return cls(
             config.upload_bytes_per_second,
             config.upload_bytes_per_hour,
@@ -162,6 +168,7 @@ class UploadLimiter:
 
     @property
     def enabled(self) -> bool:
+        """Whether any upload limit is set."""
         return bool(self.bytes_per_second or self.bytes_per_hour or self.uploads_per_hour)
 
     def start_upload(self, contributor_id: str) -> None:
