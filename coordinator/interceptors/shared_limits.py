@@ -99,9 +99,12 @@ class SharedBuckets:
         self._swept = rate_limit.now()
 
     def take(self, key: str, rate: float, capacity: float, amount: float) -> float:
+        """Take ``amount`` (at most a full bucket) from the shared bucket if it holds it; else how
+        long to wait (s)."""
         return self._draw(key, rate, capacity, min(amount, capacity), debt=False)
 
     def pace(self, key: str, rate: float, capacity: float, amount: float) -> float:
+        """Take ``amount`` from the shared bucket, into debt if needed; how long to pause (s)."""
         return self._draw(key, rate, capacity, amount, debt=True)
 
     def answers_from_memory(self, key: str, amount: float) -> bool:
