@@ -20,6 +20,9 @@ from moerge.coordinator.uploads.privacy_policy import PrivacyPolicy
 
 @dataclass(frozen=True)
 class BaseModelSpec:
+    """The base model experts must be trained against: id, local path, content revision, task type
+    and the linear modules a LoRA may target."""
+
     model_id: str
     path: str
     revision: str  # sha256 over the weight files (name + content), so any change is visible
