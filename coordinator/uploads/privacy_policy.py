@@ -23,6 +23,8 @@ from moerge.expert_format import PrivacyReport, StatisticsMeta
 
 @dataclass(frozen=True)
 class PrivacyPolicy:
+    """What an expert's privacy report must show to be accepted (see the module docstring)."""
+
     min_examples_without_dp: int = 50
     max_epsilon: float = 0.0  # 0: no maximum
     require_dp_training: bool = False
