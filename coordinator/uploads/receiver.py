@@ -33,6 +33,7 @@ import threading
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from moerge.coordinator.uploads.base_model import BaseModelSpec
 from moerge.coordinator.uploads.privacy_policy import effective_report
@@ -58,6 +59,8 @@ MAX_DESCRIPTION = 4000
 
 @dataclass(frozen=True)
 class ManifestFile:
+    """One file an upload announces: name, size and SHA-256."""
+
     name: str
     size: int
     sha256: str
@@ -65,6 +68,8 @@ class ManifestFile:
 
 @dataclass(frozen=True)
 class Manifest:
+    """What an upload announces before its bytes: ids, names and files."""
+
     upload_id: str
     expert_name: str
     task_name: str
@@ -73,9 +78,11 @@ class Manifest:
 
     @property
     def total_bytes(self) -> int:
+        """The bytes of all the files together."""
         return sum(f.size for f in self.files)
 
     def as_dict(self) -> dict[str, object]:
+        """The manifest as JSON-ready values, as the registry records it."""
         return {
             "upload_id": self.upload_id,
             "expert_name": self.expert_name,
@@ -118,7 +125,7 @@ class _Staged:
     before the next one gets any).
     """
 
-    def __init__(self, folder: Path, files: list[dict[str, object]]) -> None:
+    def __init__(self, folder: Path, files: list[dict[str, Any]]) -> None:
         self.folder = folder
         self.files = [(str(f["name"]), int(f["size"]), str(f["sha256"])) for f in files]
         self.total = sum(size for _, size, _ in self.files)
@@ -244,6 +251,8 @@ class UploadReceiver:
         (self.staging_dir / contributor_id / f"{upload_id}.lock").unlink(missing_ok=True)
 
     def status(self, contributor_id: str, upload_id: str) -> UploadInfo:
+        """An upload's record, its received bytes brought up to what is staged here (the record is
+        not written chunk by chunk)."""
         with self._lock(contributor_id, upload_id):
             info = self.registry.get_upload(contributor_id, upload_id)
             if info.state == "receiving":
