@@ -47,7 +47,7 @@ import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -115,6 +115,10 @@ class RoutedLoraLinear(nn.Module):
     apart from the ``base_layer.`` prefix of the wrapped layer.
     """
 
+    # The buffers, declared so that they type as tensors (not nn.Module.__getattr__'s union).
+    A: torch.Tensor
+    B_t: torch.Tensor
+
     def __init__(
         self,
         base_layer: nn.Linear,
@@ -136,7 +140,7 @@ class RoutedLoraLinear(nn.Module):
         self.out_features = base_layer.out_features
         self._state = state if state is not None else _RoutingState()
         weight = base_layer.weight
-        opts = {"dtype": weight.dtype, "device": weight.device}
+        opts: dict[str, Any] = {"dtype": weight.dtype, "device": weight.device}
         self.register_buffer(
             "A", torch.zeros(capacity, self.r_max, self.in_features, **opts), persistent=False
         )
@@ -147,10 +151,12 @@ class RoutedLoraLinear(nn.Module):
     # -- the base layer's attributes, for code that reads them (e.g. ``q_proj.weight.dtype``)
     @property
     def weight(self) -> torch.Tensor:
+        """The wrapped layer's weight, so code that reads ``module.weight`` still works."""
         return self.base_layer.weight
 
     @property
     def bias(self) -> torch.Tensor | None:
+        """The wrapped layer's bias."""
         return self.base_layer.bias
 
     @property
@@ -160,6 +166,7 @@ class RoutedLoraLinear(nn.Module):
 
     @property
     def capacity(self) -> int:
+        """Expert slots of this module's factor buffers."""
         return self.A.shape[0]
 
     def reserve(self, capacity: int) -> None:
@@ -212,6 +219,7 @@ class RoutedLoraLinear(nn.Module):
         self.B_t[slot].zero_()
 
     def nbytes_per_slot(self) -> int:
+        """Bytes one expert's A and B take at the maximum rank."""
         return self.r_max * (self.in_features + self.out_features) * self.A.element_size()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -292,6 +300,7 @@ class RoutedLoraLinear(nn.Module):
         return delta.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
+        """The module's shapes and capacity in ``print(model)``."""
         return (
             f"name={self.name!r}, in_features={self.in_features}, "
             f"out_features={self.out_features}, r_max={self.r_max}, capacity={self.capacity}"
@@ -358,6 +367,7 @@ class LoraBank:
 
     @property
     def capacity(self) -> int:
+        """Experts the bank can hold at once (the smallest module's capacity)."""
         return min(m.capacity for m in self.modules.values())
 
     def reserve(self, capacity: int) -> None:
@@ -373,6 +383,7 @@ class LoraBank:
         return len(self._slots)
 
     def slot_of(self, expert_id: str) -> int:
+        """The slot an expert is loaded in; ``KeyError`` naming it when it is not."""
         try:
             return self._slots[expert_id]
         except KeyError:
