@@ -156,6 +156,7 @@ class ExpertCache:
 
     @property
     def resident_bytes(self) -> int:
+        """Bytes of the experts loaded in the bank now."""
         with self._lock:
             return sum(e.nbytes for e in self._resident.values())
 
@@ -164,6 +165,7 @@ class ExpertCache:
             return expert_id in self._resident
 
     def stats(self) -> dict[str, int]:
+        """Counters for /metrics and tests: residents, bytes, budget, hits, loads and evictions."""
         with self._lock:
             return {
                 "resident": len(self._resident),
@@ -225,6 +227,7 @@ class ExpertCache:
             return self._drop(expert_id)
 
     def set_budget(self, budget_bytes: int) -> None:
+        """Change the byte budget, evicting unpinned experts at once if it shrank."""
         with self._lock:
             self.budget_bytes = int(budget_bytes)
             self._trim()
