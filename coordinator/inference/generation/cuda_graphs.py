@@ -215,6 +215,7 @@ class DecodeGraphs:
 
     @staticmethod
     def enabled_for(engine: InferenceEngine) -> bool:
+        """Whether decode steps can be captured as CUDA graphs: the engine runs on a CUDA device."""
         return engine.device.type == "cuda" and torch.cuda.is_available()
 
     def bucket(self, rows: int) -> int:
