@@ -1,29 +1,44 @@
-"""Why a prediction request was refused, as plain exceptions the servicer maps to gRPC codes.
+"""Why a prediction request was refused: the engine's refusals, in the platform's one hierarchy.
 
-The caller's mistakes are ``ValueError``/``LookupError`` subclasses with ``grpc_visible = True``:
-:func:`moerge.coordinator.rpc.status.status_for` turns those into ``INVALID_ARGUMENT`` with the
-message shown to the caller. Problems on the coordinator's side (an expert in the store that does
-not fit the base model) are not visible and become ``INTERNAL``.
+The caller's mistakes are :mod:`moerge.refusals` exceptions (``InvalidArgument``, ``NotFound``),
+so the edges' one status table (:mod:`moerge.coordinator.rpc.status`) answers them like any
+other refusal, with the message shown to the caller. They stay ``ValueError``/``LookupError``
+too, as the engine's in-process callers (tests, benchmarks, the Python API) catch them. Problems
+on the coordinator's side (an expert in the store that does not fit the base model) are not
+refusals and become ``INTERNAL``.
 
-=====================  ===============  ==================================================
-exception              base             raised when
-=====================  ===============  ==================================================
-``EmptyBatch``         ``ValueError``   no input texts
-``InputTooLong``       ``ValueError``   a text is over the character or token limit
-``InvalidTopK``        ``ValueError``   ``top_k < 1`` or more than the experts available
-``InvalidPlan``        ``ValueError``   a malformed routing plan (shapes, weights, method)
-``UnknownExpert``      ``LookupError``  the expert loader does not know an expert id
-``IncompatibleExpert`` ``ValueError``   a stored expert does not fit the base model
-=====================  ===============  ==================================================
+=====================  ==================================  ==================================
+exception              bases                               raised when
+=====================  ==================================  ==================================
+``EmptyBatch``         ``InvalidArgument``, ``ValueError``  no input texts
+``InputTooLong``       ``InvalidArgument``, ``ValueError``  a text is over the character or
+                                                           token limit
+``InvalidTopK``        ``InvalidArgument``, ``ValueError``  ``top_k < 1`` or more than the
+                                                           experts available
+``InvalidPlan``        ``InvalidArgument``, ``ValueError``  a malformed routing plan (shapes,
+                                                           weights, method)
+``UnknownExpert``      ``NotFound``, ``LookupError``       the expert loader does not know an
+                                                           expert id
+``IncompatibleExpert`` ``ValueError``                      a stored expert does not fit the
+                                                           base model
+=====================  ==================================  ==================================
 """
 
 from __future__ import annotations
 
+from moerge.refusals import InvalidArgument, NotFound
 
-class InferenceInputError(ValueError):
-    """Base of every refused request caused by the caller's input."""
 
-    grpc_visible = True
+class InferenceInputError(InvalidArgument, ValueError):
+    """Base of every refused request caused by the caller's input.
+
+    The message says what is wrong and names the value; ``field`` is set where one request
+    field is to blame (``InvalidArgument`` would prefix the message with it).
+    """
+
+    def __init__(self, message: str, field: str = "") -> None:
+        Exception.__init__(self, message)
+        self.field = field
 
 
 class EmptyBatch(InferenceInputError):
@@ -42,10 +57,8 @@ class InvalidPlan(InferenceInputError):
     """A routing plan that cannot be executed (shapes, weights, aggregation method)."""
 
 
-class UnknownExpert(LookupError):
+class UnknownExpert(NotFound, LookupError):
     """An expert id the loader cannot resolve (never registered, or deleted)."""
-
-    grpc_visible = True
 
     def __init__(self, expert_id: str) -> None:
         super().__init__(f"unknown expert {expert_id!r}")
@@ -53,6 +66,5 @@ class UnknownExpert(LookupError):
 
 
 class IncompatibleExpert(ValueError):
-    """A stored expert whose adapter or head does not fit the served base model."""
-
-    grpc_visible = False
+    """A stored expert whose adapter or head does not fit the served base model (not the
+    caller's mistake: answered as INTERNAL)."""

@@ -16,7 +16,6 @@ import grpc
 from sqlalchemy.exc import OperationalError
 
 from moerge import refusals
-from moerge.coordinator.inference.errors import UnknownExpert
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +27,6 @@ STATUS_BY_ERROR: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (refusals.Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
     (refusals.PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
     (refusals.ResourceExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED),
-    (UnknownExpert, grpc.StatusCode.NOT_FOUND),  # the engine's loader, asked for an id it lacks
     (OperationalError, grpc.StatusCode.UNAVAILABLE),
 )
 
@@ -38,9 +36,9 @@ DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 
 
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
-    """The gRPC status and message an exception is answered with: the table's code for a refusal,
-    RESOURCE_EXHAUSTED for a full disk, INVALID_ARGUMENT for an engine input error meant for the
-    caller, else INTERNAL (logged here, no details sent)."""
+    """The gRPC status and message an exception is answered with: the table's code for a refusal
+    (the engine's input errors are refusals too), RESOURCE_EXHAUSTED for a full disk, else
+    INTERNAL (logged here, no details sent)."""
     for error_type, code in STATUS_BY_ERROR:
         if isinstance(exc, error_type):
             if code is grpc.StatusCode.UNAVAILABLE:
@@ -51,8 +49,5 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
             grpc.StatusCode.RESOURCE_EXHAUSTED,
             "the coordinator is out of disk space (its storage is full); try again later",
         )
-    # the engine's input errors (coordinator/inference/errors.py) say if the caller may see them
-    if isinstance(exc, (ValueError, LookupError)) and getattr(exc, "grpc_visible", False):
-        return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
     log.exception("unexpected error while serving an RPC", exc_info=exc)
     return grpc.StatusCode.INTERNAL, "internal error (see the coordinator's log)"
