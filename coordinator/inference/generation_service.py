@@ -15,7 +15,7 @@ import contextlib
 import threading
 import time
 import weakref
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 
 from moerge.coordinator.inference.composition_objective import composition_plan
@@ -91,7 +91,7 @@ class GenerationStream:
     """The chosen router (for the first message) and the engine's events."""
 
     chosen: Chosen
-    events: AsyncIterator[GenerationEvent]
+    events: AsyncGenerator[GenerationEvent, None]  # aclose() it to cancel the request
     started: float
 
 
@@ -195,7 +195,7 @@ def _mailbox(loop: asyncio.AbstractEventLoop) -> _Mailbox:
 
 async def _events(
     request: GenerationRequest, queue: asyncio.Queue[GenerationEvent]
-) -> AsyncIterator[GenerationEvent]:
+) -> AsyncGenerator[GenerationEvent, None]:
     try:
         while True:
             event = await queue.get()
