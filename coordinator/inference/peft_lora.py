@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping
+from typing import TypeVar
 
 import torch
 
@@ -69,7 +70,10 @@ def lora_weights_from_peft(
     return out
 
 
-def _pattern_value(module: str, pattern: Mapping[str, object], default: object) -> object:
+V = TypeVar("V")
+
+
+def _pattern_value(module: str, pattern: Mapping[str, V], default: V) -> V:
     """PEFT's ``get_pattern_key``: the first pattern key matching the end of the module path."""
     for key, value in pattern.items():
         if re.match(rf"(.*\.)?({key})$", module):
