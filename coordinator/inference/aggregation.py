@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import torch
 from peft.utils import merge_utils
@@ -140,11 +140,15 @@ class EnsembleLogitsProcessor(LogitsProcessor):
         self.weights = weights  # [B, k]
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        """Mix the k rows of each request into one next-token distribution (weighted probabilities),
+        returned as log-probabilities on every one of its rows so they all pick the same token."""
         batch, k = self.weights.shape
         probs = torch.softmax(scores.float(), dim=-1).view(batch, k, -1)  # [B, k, V]
         w = self.weights.to(probs.device).unsqueeze(-1)  # [B, k, 1]
         mixed = (probs * w).sum(dim=1).clamp_min(torch.finfo(torch.float32).tiny)  # [B, V]
-        return mixed.log().repeat_interleave(k, dim=0).to(scores.dtype)  # [B * k, V]
+        # transformers annotates processors as returning FloatTensor, a subclass torch ops never
+        # return; every processor of its own returns a plain float tensor like this one.
+        return mixed.log().repeat_interleave(k, dim=0).to(scores.dtype)  # type: ignore[return-value]
 
 
 # -- parameter merging -------------------------------------------------------------------------
@@ -153,7 +157,7 @@ def _merge(
     tensors: list[torch.Tensor],
     weights: torch.Tensor,
     density: float,
-    majority_sign_method: str,
+    majority_sign_method: Literal["total", "frequency"],
 ) -> torch.Tensor:
     if method == "linear":
         return merge_utils.task_arithmetic(tensors, weights)
@@ -173,7 +177,7 @@ def merge_lora_factors(
     weights: Sequence[float],
     method: str,
     density: float = 0.5,
-    majority_sign_method: str = "total",
+    majority_sign_method: Literal["total", "frequency"] = "total",
 ) -> LoraFactors:
     """Merge one module's LoRA factors of k experts into one adapter (PEFT semantics).
 
@@ -209,7 +213,7 @@ def merge_heads(
     weights: Sequence[float],
     method: str,
     density: float = 0.5,
-    majority_sign_method: str = "total",
+    majority_sign_method: Literal["total", "frequency"] = "total",
 ) -> ClassificationHead:
     """Merge heads with the same rule as the adapters, or pick the top expert's head.
 
