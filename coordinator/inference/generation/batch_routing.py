@@ -122,6 +122,8 @@ class BatchRouting:
                 self.usage[key] += graph.usage.index_select(0, rows)
 
     def context(self, mask: torch.Tensor | None = None) -> AbstractContextManager[None]:
+        """The bank's routing context for one forward: example routing by slots and weights, or
+        token routing through the routers; ``mask`` marks the real tokens."""
         self.mask = mask
         if not self.token_groups:
             return self.bank.route_examples(self.slots, self.weights)
