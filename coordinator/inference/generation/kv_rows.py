@@ -71,6 +71,8 @@ class RowCacheLayer(CacheLayerMixin):
         *args: object,
         **kwargs: object,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write one decode step's keys and values into the rows' next column and return the rows'
+        whole view, as transformers' cache layers do."""
         rows, columns = self._rows.view
         if key_states.shape[0] != rows or key_states.shape[2] != 1:
             raise ValueError(
@@ -83,12 +85,15 @@ class RowCacheLayer(CacheLayerMixin):
         return self.keys[:rows, :, :columns], self.values[:rows, :, :columns]
 
     def get_mask_sizes(self, query_length: int, *args: object) -> tuple[int, int]:
+        """The attention mask's key length (the view's columns) and offset 0."""
         return self._rows.view[1], 0
 
     def get_seq_length(self, *args: object) -> int:
+        """Columns in the current view (the longest row's length)."""
         return self._rows.view[1]
 
     def get_max_length(self) -> int:
+        """Columns the buffers hold at most."""
         return self._rows.capacity
 
 
@@ -137,6 +142,7 @@ class KVRows:
     # -- rows ------------------------------------------------------------------------------
     @property
     def free_rows(self) -> int:
+        """Rows not held by any running request."""
         return self.taken.count(False)
 
     @property
@@ -160,6 +166,7 @@ class KVRows:
         return None
 
     def release(self, start: int, count: int) -> None:
+        """Give back a request's rows: they are free and empty again."""
         for row in range(start, start + count):
             self.taken[row] = False
             self.lengths[row] = 0
