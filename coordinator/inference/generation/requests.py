@@ -29,6 +29,9 @@ from moerge.coordinator.inference.results import ExpertWeight
 
 
 class RequestState(enum.Enum):
+    """Where a generation request is: waiting for rows, decoding, or ended (finished, cancelled,
+    failed)."""
+
     WAITING = "waiting"
     RUNNING = "running"
     FINISHED = "finished"
@@ -96,8 +99,10 @@ class GenerationRequest:
 
     @property
     def cancelled(self) -> bool:
+        """Whether the caller cancelled the request."""
         return self._cancelled.is_set()
 
     @property
     def done(self) -> bool:
+        """Whether the request has ended, one way or another."""
         return self.state in (RequestState.FINISHED, RequestState.CANCELLED, RequestState.FAILED)
