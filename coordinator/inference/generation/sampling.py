@@ -72,6 +72,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
+        """Temperature 0 means greedy decoding (argmax, no randomness)."""
         return self.temperature == 0.0
 
 
@@ -114,6 +115,8 @@ class BatchSampler:
         self.generator.seed()
 
     def new_generator(self, seed: int) -> torch.Generator:
+        """A generator on the sampler's device seeded with a request's own seed, so its draws do not
+        depend on the other requests."""
         generator = torch.Generator(device=self.device)
         generator.manual_seed(seed)
         return generator
