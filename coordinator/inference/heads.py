@@ -33,10 +33,12 @@ class ClassificationHead:
 
     @property
     def num_labels(self) -> int:
+        """Labels the head scores."""
         return int(self.weight.shape[0])
 
     @property
     def nbytes(self) -> int:
+        """Bytes of the head's weight and bias."""
         return sum(t.numel() * t.element_size() for t in (self.weight, self.bias))
 
     def logits(self, pooled: torch.Tensor) -> torch.Tensor:
@@ -48,6 +50,7 @@ class ClassificationHead:
     def to(
         self, device: torch.device | str, dtype: torch.dtype | None = None
     ) -> ClassificationHead:
+        """A copy on ``device`` (and in ``dtype``), labels kept."""
         return ClassificationHead(
             self.weight.to(device=device, dtype=dtype),
             self.bias.to(device=device, dtype=dtype),
