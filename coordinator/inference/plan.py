@@ -49,6 +49,7 @@ class Aggregation(str, Enum):
 
     @property
     def is_merge(self) -> bool:
+        """Whether the aggregation merges the experts' weights into one adapter."""
         return self.name.startswith("MERGE_")
 
     @property
@@ -68,6 +69,7 @@ class MergeOptions:
     seed: int = 0  # DARE's random pruning is seeded per expert combination: reproducible
 
     def validate(self) -> None:
+        """Refuse a density outside (0, 1] or an unknown sign method (``InvalidPlan``)."""
         if not isinstance(self.density, (int, float)) or not 0.0 < self.density <= 1.0:
             raise InvalidPlan(f"merge density must be in (0, 1], got {self.density!r}")
         if self.majority_sign_method not in ("total", "frequency"):
@@ -168,6 +170,8 @@ class RoutingPlan:
     # -- inspection ---------------------------------------------------------------------------
     @property
     def is_explicit(self) -> bool:
+        """Whether the plan names each input's experts and weights itself, rather than leaving them
+        to a router."""
         return self.expert_ids is not None
 
     @property
