@@ -79,16 +79,20 @@ class RestrictedRouter(Router):
 
     @classmethod
     def fit(cls, experts, config):  # type: ignore[no-untyped-def]
+        """Refused: a restricted router only wraps a fitted one."""
         raise TypeError("a RestrictedRouter wraps a fitted router; it is never fitted")
 
     def state_dict(self) -> dict[str, torch.Tensor]:
+        """The wrapped router's tensors."""
         return self.inner.state_dict()
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Load the wrapped router's tensors."""
         self.inner.load_state_dict(state)
 
     @property
     def modules(self) -> list[str]:
+        """The wrapped token router's modules."""
         return self.inner.modules
 
     def _restrict(self, full: RoutingDecision, k: int) -> RoutingDecision:
@@ -112,12 +116,16 @@ class RestrictedRouter(Router):
         return k
 
     def route_examples(self, embeddings: torch.Tensor, top_k: int | None = None) -> RoutingDecision:
+        """The wrapped router's decision over every expert, restricted to the allowed ones and cut
+        to ``top_k``."""
         k = self._k(top_k)
         return self._restrict(self.inner.route_examples(embeddings, self.num_experts), k)
 
     def route_tokens(
         self, module: str, hidden: torch.Tensor, top_k: int | None = None
     ) -> RoutingDecision:
+        """The wrapped router's per-token decision, restricted to the allowed experts and cut to
+        ``top_k``."""
         k = self._k(top_k)
         return self._restrict(self.inner.route_tokens(module, hidden, self.num_experts), k)
 
@@ -136,6 +144,7 @@ class Chosen:
 
     @property
     def method(self) -> str:
+        """The routing method that served, or ``composition`` for a stored composition."""
         return self.router.method if self.router is not None else "composition"
 
 
@@ -191,6 +200,7 @@ class InferenceService:
         return self.experts.folder(self.registry.get_expert(expert_id))
 
     async def aclose(self) -> None:
+        """Stop the batcher and log how many requests each engine batch served."""
         await self.batcher.aclose()
         batches, items = self.batcher.batches, self.batcher.items
         log.info(
@@ -329,6 +339,8 @@ class InferenceService:
         aggregation: Aggregation | None,
         max_new_tokens: int,
     ) -> tuple[list[ExamplePrediction], Chosen, float]:
+        """Route, run and aggregate a batch of inputs through the batcher; the results, what served
+        them and the latency."""
         started = time.perf_counter()
         self.check_inputs(inputs)
         chosen = await self.chosen(method, version, expert_filter)
@@ -403,6 +415,8 @@ class InferenceService:
         expert_filter: Sequence[str],
         top_k: int,
     ) -> tuple[list[list[tuple[str, float]]], Chosen, float]:
+        """The routing decision of each input, on the engine's thread, with what served it and
+        the latency."""
         started = time.perf_counter()
         self.check_inputs(inputs)
         chosen = await self.chosen(method, version, expert_filter)
@@ -427,6 +441,8 @@ class InferenceService:
 
 
 def expert_names(registry: Registry, expert_ids: Sequence[str]) -> dict[str, str]:
+    """``name vN`` of each expert id, for responses; an id no longer in the registry gets an empty
+    name."""
     names = {}
     for expert_id in set(expert_ids):
         try:
