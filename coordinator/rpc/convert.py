@@ -67,6 +67,7 @@ def timestamp(moment: datetime | None) -> Timestamp | None:
 
 
 def expert(info: ExpertInfo) -> common_pb2.Expert:
+    """An expert record as its protobuf message."""
     message = common_pb2.Expert(
         expert_id=info.id,
         name=info.name,
@@ -170,6 +171,7 @@ def quality(info: ExpertInfo) -> common_pb2.ExpertQuality | None:
 
 
 def router_version(info: RouterVersionInfo) -> admin_pb2.RouterVersion:
+    """A router version as its protobuf message."""
     message = admin_pb2.RouterVersion(
         version=info.version,
         method=info.method,
@@ -190,6 +192,7 @@ def router_version(info: RouterVersionInfo) -> admin_pb2.RouterVersion:
 
 
 def contributor(info: ContributorInfo) -> admin_pb2.Contributor:
+    """A contributor record as its protobuf message."""
     message = admin_pb2.Contributor(
         contributor_id=info.id,
         name=info.name,
@@ -202,6 +205,7 @@ def contributor(info: ContributorInfo) -> admin_pb2.Contributor:
 
 
 def audit_entry(info: AuditEntryInfo) -> admin_pb2.AuditEntry:
+    """An audit entry as its protobuf message, details as sorted JSON."""
     message = admin_pb2.AuditEntry(
         id=info.id,
         actor=info.actor,
@@ -215,6 +219,7 @@ def audit_entry(info: AuditEntryInfo) -> admin_pb2.AuditEntry:
 
 
 def upload_status(info: UploadInfo) -> contributor_pb2.UploadStatus:
+    """An upload's record as its protobuf status."""
     return contributor_pb2.UploadStatus(
         upload_id=info.upload_id,
         state=info.state,
