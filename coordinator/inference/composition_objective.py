@@ -15,7 +15,7 @@ mostly tells apart mixtures that answer differently.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -25,7 +25,7 @@ from moerge.router_training.composition import cross_entropy
 
 
 def composition_plan(
-    expert_ids: Sequence[str], weights: Sequence[float], batch: int
+    expert_ids: Sequence[str], weights: Iterable[float], batch: int
 ) -> RoutingPlan:
     """The plan serving a composition to ``batch`` inputs: the same signed weights per input."""
     return RoutingPlan.explicit(
