@@ -57,6 +57,7 @@ from moerge.coordinator.inference.mixing import (
     add_token_mixed_delta_,
     clean_example_decision,
     example_mixed_delta,
+    groups_example_mixing,
     token_mixed_delta,
 )
 from moerge.coordinator.inference.peft_lora import lora_weights_from_peft
@@ -256,20 +257,18 @@ class RoutedLoraLinear(nn.Module):
 
     def _adds_in_place(self, x: torch.Tensor, out: torch.Tensor, routing: _ExampleRouting) -> bool:
         """Serving, one routing row per example, one dtype: add the delta into ``out`` with
-        the decision cleaned once per forward (a CPU batch of wide top-1 layers takes the
-        grouped path of :func:`example_mixed_delta` instead)."""
+        the decision cleaned once per forward, unless :func:`example_mixed_delta` would group
+        the examples by expert instead."""
+        rows, k = routing.slots.shape
         return (
             routing.clean is not None
             and not torch.is_grad_enabled()
             and x.dim() >= 2
-            and x.shape[0] == routing.slots.shape[0]
+            and x.shape[0] == rows
             and x.dtype == out.dtype == self.A.dtype
             and out.is_contiguous()
-            and not (
-                x.device.type == "cpu"
-                and routing.slots.shape[1] == 1
-                and self.in_features >= 1024
-                and x.shape[0] > 1
+            and not groups_example_mixing(
+                x.device, k, self.r_max, x[0].numel() // self.in_features, self.in_features, rows
             )
         )
 

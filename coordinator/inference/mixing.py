@@ -95,6 +95,7 @@ __all__ = [
     "clean_example_decision",
     "example_mixed_delta",
     "grouped_mm_supported",
+    "groups_example_mixing",
     "segment_matmul",
     "token_mixed_delta",
 ]
@@ -221,6 +222,16 @@ def segment_matmul(x: torch.Tensor, W: torch.Tensor, offs: torch.Tensor) -> torc
 # ------------------------------------------------------------------------------------------
 # example-level mixing
 # ------------------------------------------------------------------------------------------
+def groups_example_mixing(
+    device: torch.device, k: int, r: int, T: int, d_in: int, examples: int
+) -> bool:
+    """Whether :func:`example_mixed_delta` groups examples by expert (a CPU batch of wide top-1
+    layers, where one grouped matmul per expert beats gathering every example's factors)."""
+    return (
+        k == 1 and device.type == "cpu" and r >= T and d_in >= _SEGMENT_MIN_WIDTH and examples > 1
+    )
+
+
 def example_mixed_delta(
     x: torch.Tensor,
     A: torch.Tensor,
@@ -248,7 +259,7 @@ def example_mixed_delta(
     k = slots.shape[-1] if slots.dim() == 2 else 0
     slots, weights = _clean_decision(slots, weights, nb, x.dtype)
     xw = x.to(A.dtype)
-    if k == 1 and x.device.type == "cpu" and r >= T and d_in >= _SEGMENT_MIN_WIDTH and nb > 1:
+    if groups_example_mixing(x.device, k, r, T, d_in, nb):
         delta = _example_delta_segmented(xw, A, B, slots[:, 0], weights[:, 0])
     else:
         # Gather: [B, k r, d_in] and [B, k r, d_out]

@@ -18,6 +18,11 @@ from safetensors.torch import load_file
 from transformers import AutoModel
 
 from moerge.coordinator.inference.lora_bank import LoraBank, RoutedLoraLinear
+from moerge.coordinator.inference.mixing import (
+    add_example_mixed_delta_,
+    clean_example_decision,
+    example_mixed_delta,
+)
 from tests.tiny_models import make_tiny_bert, make_tiny_llama
 
 TARGETS = ["query", "value"]
@@ -385,12 +390,6 @@ def test_bfloat16_bank_matches_float32_peft_within_tolerance(bert, peft_bert):
 def test_serving_adds_the_example_delta_in_place_exactly_as_computed_apart():
     """The decode path (decision cleaned once, delta added into the layer's output) equals
     ``out + example_mixed_delta`` for top-2 mixtures with an empty slot."""
-    from moerge.coordinator.inference.mixing import (
-        add_example_mixed_delta_,
-        clean_example_decision,
-        example_mixed_delta,
-    )
-
     torch.manual_seed(0)
     experts, rank, d_in, d_out, rows, tokens = 5, 4, 24, 16, 6, 3
     A = torch.randn(experts, rank, d_in)
