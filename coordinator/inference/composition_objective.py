@@ -61,7 +61,7 @@ def generation_loss(
     answers: Sequence[str],
 ) -> Callable[[np.ndarray], float]:
     """``w`` [E] -> share of ``prompts`` whose greedy answer under the merge is not the answer."""
-    from moerge.contributor_client.instruction_tasks import answers_match, normalise_answer
+    from moerge.answers import answers_match, normalise_answer
 
     prompts, answers = list(prompts), list(answers)
     # room for the longest answer and a little more: an answer that runs on is wrong anyway
