@@ -105,12 +105,15 @@ class RestrictedRouter(Router):
         return RoutingDecision(indices=indices, weights=weights)
 
     def _k(self, top_k: int | None) -> int:
-        """``top_k`` (``None``: the config's), at most the allowed experts.
+        """``top_k`` (``None``: the config's), at most the allowed experts; a config without
+        one (the uniform router's "every expert") gives every allowed expert.
 
         The engine has checked ``1 <= top_k <= num_experts`` (``planning.resolve_plan``); only
         the bound below that, the allowed experts, is this router's to check.
         """
         k = self.config.top_k if top_k is None else top_k
+        if k is None:
+            return self.allowed_count
         if k > self.allowed_count:
             raise InvalidTopK(f"top_k must be between 1 and {self.allowed_count}, got {k}")
         return k

@@ -30,6 +30,7 @@ from moerge.embedding import pooled_embeddings
 from moerge.expert_format import ADAPTER_WEIGHTS
 from moerge.router_training.arrow import ArrowRouter, ArrowRouterConfig
 from moerge.router_training.base import ExpertRecord
+from moerge.router_training.baselines import UniformRouter, UniformRouterConfig
 from moerge.router_training.centroid import CentroidRouter, CentroidRouterConfig
 from tests.inference.engine_helpers import (
     SENTIMENT,
@@ -356,6 +357,14 @@ def test_a_restricted_router_refuses_top_k_beyond_its_allowed_experts(engine, ex
         engine.predict(TEXTS, RoutingPlan.routed(restricted, top_k=3))
     predictions = engine.predict(TEXTS, RoutingPlan.routed(restricted, top_k=2))
     assert {w.expert_id for p in predictions for w in p.experts} <= {"sent-a", "topic"}
+
+
+def test_a_restricted_uniform_router_uses_every_allowed_expert_by_default():
+    # the uniform router's config has no top_k ("every expert"): restricted, every allowed one
+    router = UniformRouter(UniformRouterConfig(), ["sent-a", "sent-b", "topic"])
+    decision = RestrictedRouter(router, ["sent-a", "topic"]).route_examples(torch.zeros(2, 4))
+    assert decision.indices.tolist() == [[0, 2], [0, 2]]
+    assert decision.weights.tolist() == [[0.5, 0.5], [0.5, 0.5]]
 
 
 def test_character_limit_is_checked_before_tokenizing(base, experts):
