@@ -19,7 +19,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from transformers import BatchEncoding, PreTrainedTokenizerBase
+from transformers import BatchEncoding, GenerationMixin, PreTrainedTokenizerBase
 
 from moerge.coordinator.inference.aggregation import EnsembleLogitsProcessor
 from moerge.coordinator.inference.cache import ExpertCache
@@ -50,6 +50,8 @@ class Generator:
         """One answer per row of ``enc`` [B, T] (left-padded prompts), at most
         ``max_new_tokens`` tokens each."""
         model = self.forward.model
+        # a causal LM (AutoModelForCausalLM's classes generate; PreTrainedModel itself does not)
+        assert isinstance(model, GenerationMixin)
         kwargs: dict[str, Any] = {
             "max_new_tokens": max_new_tokens,
             "do_sample": False,
@@ -78,10 +80,11 @@ class Generator:
             with self.forward.bank.no_routing():
                 out = model.generate(**enc, **kwargs)
             return self._texts(out, batch, 1, prompt_length, experts_used, aggregation)
-        with self.cache.acquire(plan.distinct_experts()) as experts:
+        with self.cache.acquire(plan.distinct_experts()) as loaded:
             if aggregation is Aggregation.ENSEMBLE and plan.k > 1:
                 k = plan.k
-                slots = self.forward.slots([[experts[e].slot] for ids, _ in rows for e in ids])
+                slots = self.forward.slots([[loaded[e].slot] for ids, _ in rows for e in ids])
+                assert plan.weights is not None  # k > 1: an explicit plan's [B, k] weights
                 processor = EnsembleLogitsProcessor(plan.weights.to(self.forward.device))
                 with self.forward.one_expert_per_row(slots):  # [B * k, 1]
                     out = model.generate(
@@ -89,7 +92,7 @@ class Generator:
                     )
                 return self._texts(out, batch, k, prompt_length, experts_used, aggregation)
             method = "linear" if aggregation is Aggregation.ENSEMBLE else aggregation.merge_method
-            with self.merges.routing(rows, method, plan.merge, experts):
+            with self.merges.routing(rows, method, plan.merge, loaded):
                 out = model.generate(**enc, **kwargs)
             return self._texts(out, batch, 1, prompt_length, experts_used, aggregation)
 
@@ -117,6 +120,7 @@ class Generator:
                 n = tokens.index(eos) + 1  # count the EOS, nothing after it
             mean = float(chosen[b, :n].mean()) if n else 0.0
             text = self.tokenizer.decode(tokens[:n], skip_special_tokens=True)
+            assert isinstance(text, str)  # one sequence of ids decodes to one string
             predictions.append(
                 ExamplePrediction(
                     output=text,

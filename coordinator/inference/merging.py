@@ -80,10 +80,10 @@ class MergedSlots:
         forward = self.forward
         if method == "linear":
             slots = forward.slots([[experts[e].slot for e in ids] for ids, _ in rows])  # [B, k]
-            weights = torch.tensor(
+            row_weights = torch.tensor(
                 [w for _, w in rows], dtype=forward.dtype, device=forward.device
             )  # [B, k]
-            with forward.bank.route_examples(slots, weights):
+            with forward.bank.route_examples(slots, row_weights):
                 yield
             return
         temporary: list[str] = []
