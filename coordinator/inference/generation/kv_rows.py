@@ -54,6 +54,9 @@ class RowCacheLayer(CacheLayerMixin):
 
     is_compileable = False
     is_sliding = False
+    # allocated up front by KVRows, never None (the mixin's are None until lazily initialised)
+    keys: torch.Tensor
+    values: torch.Tensor
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, rows: KVRows) -> None:
         super().__init__()
@@ -74,12 +77,14 @@ class RowCacheLayer(CacheLayerMixin):
         """Write one decode step's keys and values into the rows' next column and return the rows'
         whole view, as transformers' cache layers do."""
         rows, columns = self._rows.view
+        positions = self._rows.positions
+        assert positions is not None  # allocated with the buffers
         if key_states.shape[0] != rows or key_states.shape[2] != 1:
             raise ValueError(
                 f"a decode step writes one token in each of {rows} rows, got key states "
                 f"{tuple(key_states.shape)}"
             )
-        index = self._rows.positions[:rows].view(rows, 1, 1, 1)
+        index = positions[:rows].view(rows, 1, 1, 1)
         self.keys[:rows].scatter_(2, index.expand_as(key_states), key_states)
         self.values[:rows].scatter_(2, index.expand_as(value_states), value_states)
         return self.keys[:rows, :, :columns], self.values[:rows, :, :columns]
@@ -101,13 +106,21 @@ class RowCache(Cache):
     """The model-facing cache of :class:`KVRows` (one :class:`RowCacheLayer` per layer)."""
 
     def __init__(self, layers: list[RowCacheLayer]) -> None:
-        super().__init__(layers=layers)  # type: ignore[arg-type]
+        super().__init__(layers=list(layers))
+        #: the layers of ``self.layers``, typed as what they are (``Cache.layers`` is typed as
+        #: the union of every kind of layer transformers has)
+        self.row_layers = layers
 
 
 def _layers(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
     out = []
     for layer in cache.layers:
-        if getattr(layer, "is_sliding", False) or getattr(layer, "keys", None) is None:
+        if (
+            not isinstance(layer, CacheLayerMixin)
+            or getattr(layer, "is_sliding", False)
+            or layer.keys is None
+            or layer.values is None
+        ):
             raise UnsupportedCache(
                 f"continuous batching supports full-attention KV caches only, got "
                 f"{type(layer).__name__}"
@@ -180,8 +193,8 @@ class KVRows:
             keys = k.new_zeros(self.max_rows, k.shape[1], capacity, k.shape[3])
             values = v.new_zeros(self.max_rows, v.shape[1], capacity, v.shape[3])
             if old is not None:
-                keys[:, :, : self.capacity].copy_(old.layers[i].keys)
-                values[:, :, : self.capacity].copy_(old.layers[i].values)
+                keys[:, :, : self.capacity].copy_(old.row_layers[i].keys)
+                values[:, :, : self.capacity].copy_(old.row_layers[i].values)
             layers.append(RowCacheLayer(keys, values, self))
         device, dtype = like[0][0].device, like[0][0].dtype
         self.cache = RowCache(layers)
@@ -217,7 +230,10 @@ class KVRows:
         lengths = mask.sum(dim=1).tolist()  # [R_new]
         width = int(mask.shape[1])
         # one gather/scatter per layer: (source row, source column) -> (target row, column)
-        src_rows, src_cols, dst_rows, dst_cols = [], [], [], []
+        src_rows: list[int] = []
+        src_cols: list[int] = []
+        dst_rows: list[int] = []
+        dst_cols: list[int] = []
         for i, (target, n) in enumerate(zip(targets, lengths, strict=True)):
             src_rows += [i] * n
             src_cols += range(width - n, width)
@@ -228,7 +244,7 @@ class KVRows:
             torch.tensor(x, dtype=torch.long, device=device)
             for x in (src_rows, src_cols, dst_rows, dst_cols)
         ]
-        for (k, v), layer in zip(layers, self.cache.layers, strict=True):
+        for (k, v), layer in zip(layers, self.cache.row_layers, strict=True):
             layer.keys[index[2], :, index[3]] = k[index[0], :, index[1]]
             layer.values[index[2], :, index[3]] = v[index[0], :, index[1]]
 
