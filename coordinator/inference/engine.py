@@ -90,10 +90,19 @@ from moerge.embedding import EMBEDDING_MAX_LENGTH
 from moerge.router_training.base import Router
 
 #: What callers import from here; ``InferenceRequest`` lives in :mod:`.plan`, beside the plan.
-__all__ = ["InferenceEngine", "InferenceRequest"]
+__all__ = ["InferenceEngine", "InferenceRequest", "TaskType", "checked_task_type"]
 
 TaskType = Literal["classification", "causal_lm"]
 T = TypeVar("T")
+
+
+def checked_task_type(task_type: str) -> TaskType:
+    """``task_type`` as a :data:`TaskType` (settings hold it as a string); ``ValueError`` if it
+    names neither."""
+    match task_type:
+        case "classification" | "causal_lm":
+            return task_type
+    raise ValueError(f"task_type must be classification|causal_lm, got {task_type!r}")
 
 
 class InferenceEngine:
@@ -127,8 +136,7 @@ class InferenceEngine:
         generation_cuda_graphs: bool = True,
         generation_steps_per_sync: int = 0,
     ) -> None:
-        if task_type not in ("classification", "causal_lm"):
-            raise ValueError(f"task_type must be classification|causal_lm, got {task_type!r}")
+        task_type = checked_task_type(task_type)
         if ensemble_mode not in (None, "expand", "sequential"):
             raise ValueError(f"ensemble_mode must be expand|sequential, got {ensemble_mode!r}")
         if max_length < 1:
@@ -159,7 +167,10 @@ class InferenceEngine:
                 raise ValueError(
                     f"{path}: classification needs an encoder with a pooler (BERT family)"
                 )
-        self.model.to(self.device).eval().requires_grad_(False)
+        # through nn.Module's signature: PreTrainedModel.to is wrapped with functools.wraps, whose
+        # typeshed stub does not bind self (the call still runs PreTrainedModel.to)
+        module: torch.nn.Module = self.model
+        module.to(self.device).eval().requires_grad_(False)
         self.dtype = next(self.model.parameters()).dtype
         self.hidden_size = int(self.model.config.hidden_size)
         self.bank = LoraBank.inject(self.model, list(target_modules), max_rank, initial_capacity)
@@ -435,18 +446,18 @@ class InferenceEngine:
         results: list[list[ExamplePrediction] | BaseException | None] = [None] * len(requests)
         runnable: dict[int, InferenceRequest] = {}
         groups: dict[tuple[object, ...], list[int]] = {}
-        for i, request in enumerate(routed):
-            if isinstance(request, BaseException):
-                results[i] = request
+        for i, routed_request in enumerate(routed):
+            if isinstance(routed_request, BaseException):
+                results[i] = routed_request
                 continue
-            plan = request.plan or RoutingPlan.routed()
+            plan = routed_request.plan or RoutingPlan.routed()
             try:
-                plan.check_batch(len(request.texts))
+                plan.check_batch(len(routed_request.texts))
             except Exception as exc:
                 results[i] = exc
                 continue
-            runnable[i] = request
-            key = (*plan.batch_key(), request.max_new_tokens)
+            runnable[i] = routed_request
+            key = (*plan.batch_key(), routed_request.max_new_tokens)
             groups.setdefault(key, []).append(i)
         for members in groups.values():
             if len(members) == 1:

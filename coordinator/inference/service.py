@@ -34,7 +34,11 @@ from moerge.coordinator.config import CoordinatorConfig
 from moerge.coordinator.inference.batcher import MicroBatcher
 from moerge.coordinator.inference.composition_objective import composition_plan
 from moerge.coordinator.inference.device import resolve_placement
-from moerge.coordinator.inference.engine import InferenceEngine, InferenceRequest
+from moerge.coordinator.inference.engine import (
+    InferenceEngine,
+    InferenceRequest,
+    checked_task_type,
+)
 from moerge.coordinator.inference.errors import InputTooLong, InvalidTopK
 from moerge.coordinator.inference.plan import Aggregation, RoutingPlan
 from moerge.coordinator.inference.results import ExamplePrediction
@@ -42,7 +46,7 @@ from moerge.coordinator.services.expert_store import ExpertStore
 from moerge.coordinator.services.registry_cache import GenerationCache
 from moerge.coordinator.services.routers import LoadedRouter, RouterService
 from moerge.refusals import FailedPrecondition, InvalidArgument, NotFound
-from moerge.router_training.base import Router, RoutingDecision
+from moerge.router_training.base import ExpertRecord, Router, RouterConfig, RoutingDecision
 from moerge.router_training.fitting import fit_router
 from moerge.router_training.methods import available_methods, get_router_class
 from moerge.storage.compositions import CompositionStore
@@ -78,7 +82,7 @@ class RestrictedRouter(Router):
         )
 
     @classmethod
-    def fit(cls, experts, config):  # type: ignore[no-untyped-def]
+    def fit(cls, experts: Sequence[ExpertRecord], config: RouterConfig) -> Router:
         """Refused: a restricted router only wraps a fitted one."""
         raise TypeError("a RestrictedRouter wraps a fitted router; it is never fitted")
 
@@ -169,7 +173,7 @@ class InferenceService:
         log.info("inference on %s", self.placement.description)
         self.engine = InferenceEngine(
             config.base_model,
-            task_type=config.task_type,
+            task_type=checked_task_type(config.task_type),
             target_modules=list(config.target_modules),
             max_rank=config.max_lora_rank,
             cache_bytes=config.adapter_cache_bytes,
@@ -247,6 +251,7 @@ class InferenceService:
                 info = self.registry.get_expert(expert_id)  # NotFound for unknown ids
                 raise FailedPrecondition(f"expert {expert_id} is {info.state}, not active")
         note = ""
+        loaded: LoadedRouter | None
         if version:
             loaded = self.routers.get(version)
         elif method:
@@ -423,7 +428,9 @@ class InferenceService:
         started = time.perf_counter()
         self.check_inputs(inputs)
         chosen = await self.chosen(method, version, expert_filter)
-        plan = RoutingPlan.routed(chosen.router, self._top_k(chosen.router, top_k))
+        router = chosen.router
+        assert router is not None  # choose() always picks one; only a composition has none
+        plan = RoutingPlan.routed(router, self._top_k(router, top_k))
         routed = await asyncio.get_running_loop().run_in_executor(  # straight to the model thread
             self.engine.executor, self.engine.route, list(inputs), plan
         )
