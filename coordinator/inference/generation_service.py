@@ -127,7 +127,9 @@ async def generate(
         chosen = Chosen(None, 0, f"composition {info.name} v{info.version}")
     else:
         chosen = await asyncio.to_thread(service.choose, method, version, expert_filter)
-        plan = RoutingPlan.routed(chosen.router, service._top_k(chosen.router, top_k), aggregation)
+        router = chosen.router
+        assert router is not None  # choose() always picks one; only a composition has none
+        plan = RoutingPlan.routed(router, service._top_k(router, top_k), aggregation)
     mailbox = _mailbox(asyncio.get_running_loop())
     queue: asyncio.Queue[GenerationEvent] = asyncio.Queue()
 
