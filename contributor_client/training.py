@@ -167,10 +167,16 @@ def train_expert(
                 )
         sgd_account = None
         if dp_sgd is not None:
-            from moerge.contributor_client.dp_sgd import calibrate, train_adapter_dp
+            from moerge.contributor_client.dp_sgd import (
+                calibrate,
+                train_adapter_dp,
+                train_head_dp,
+            )
 
             calibrate(dp_sgd, dp_sgd.runs(len(train_idx), config.epochs))
-            curve, sgd_account = train_adapter_dp(
+            # the head alone over features computed once, unless LoRA is trained too
+            train_dp = train_adapter_dp if dp_sgd.train_lora else train_head_dp
+            curve, sgd_account = train_dp(
                 model,
                 tokenizer,
                 token_ids,

@@ -4,14 +4,16 @@ runs, accounted together with the statistics' release in the privacy report."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
+import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from moerge.cli import app
 from moerge.contributor_client.build import build_expert
-from moerge.contributor_client.dp_sgd import DPSGDConfig, adapter_steps, calibrate
+from moerge.contributor_client.dp_sgd import DPSGDConfig, adapter_steps, calibrate, private_head
 from moerge.contributor_client.gates import GateConfig
 from moerge.contributor_client.privacy import composed_epsilon, dp_sgd_event
 from moerge.contributor_client.recipe import TrainConfig
@@ -21,13 +23,15 @@ from moerge.expert_format import ADAPTER_WEIGHTS, STATISTICS_META, StatisticsMet
 from .toy import toy_config, toy_examples, write_jsonl
 
 
-def test_one_noise_multiplier_spends_the_budget_over_both_runs() -> None:
+def test_adapter_and_gates_add_the_same_noise_to_their_mean_gradient_within_the_budget() -> None:
     config = DPSGDConfig(epsilon=8.0, delta=1e-5, gate_steps=100, gate_examples=500)
     runs = config.runs(450, epochs=3)
-    assert runs[0] == adapter_steps(config, 450, 3) and runs[1] == (64 / 500, 100)
+    assert runs[0] == (*adapter_steps(config, 450, 3), 256) and runs[1] == (64 / 500, 100, 64)
     sigma = calibrate(config, runs)
-    spent = composed_epsilon([dp_sgd_event(sigma, q, t) for q, t in runs], 1e-5)
-    assert 0.97 * 8.0 <= spent <= 8.0 + 1e-6
+    gate_sigma = config.gate_noise_multiplier
+    assert gate_sigma is not None and sigma / 256 == pytest.approx(gate_sigma / 64)
+    events = [dp_sgd_event(sigma, *runs[0][:2]), dp_sgd_event(gate_sigma, *runs[1][:2])]
+    assert 0.97 * 8.0 <= composed_epsilon(events, 1e-5) <= 8.0 + 1e-6
 
 
 def test_dp_sgd_expert_reports_every_release_and_keeps_quality_local(
@@ -35,7 +39,7 @@ def test_dp_sgd_expert_reports_every_release_and_keeps_quality_local(
 ) -> None:
     texts, labels = toy_examples(80)
     data = write_jsonl(tmp_path / "data.jsonl", texts, labels)
-    dp_sgd = DPSGDConfig(epsilon=8.0, min_steps=6, batch_size=16, gate_batch_size=16)
+    dp_sgd = DPSGDConfig(epsilon=8.0, min_steps=6, batch_size=16, gate_batch_size=8)
     report = build_expert(
         data,
         tmp_path / "expert",
@@ -54,7 +58,10 @@ def test_dp_sgd_expert_reports_every_release_and_keeps_quality_local(
         ("gates", "dp_sgd"),
     ]
     adapter, gates = privacy.release("adapter"), privacy.release("gates")
-    assert adapter.details["noise_multiplier"] == gates.details["noise_multiplier"]
+    # the same noise on both runs' mean gradient (noise multiplier / expected batch)
+    assert adapter.details["noise_multiplier"] / 16 == pytest.approx(
+        gates.details["noise_multiplier"] / 8, rel=1e-3
+    )
     assert adapter.details["library"] == "opacus" and adapter.details["steps"] >= 6
     assert adapter.details["parameters"] == "head" and gates.details["parameters"] == "gates"
     weights = load_file(str(tmp_path / "expert" / ADAPTER_WEIGHTS))
@@ -68,6 +75,72 @@ def test_dp_sgd_expert_reports_every_release_and_keeps_quality_local(
     # Validation figures would be a release without DP: local only.
     assert meta.quality is None and report.quality is not None
     assert report.train is not None and report.train.dp_sgd is not None
+
+
+SHARED = torch.tensor([1.0] + [0.25] * 15)  # along class 0's direction: an unfolded centre
+# would make the head answer class 0 for everything
+
+
+def _offset_blobs(count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Three well-separated classes riding on a large shared component, as BERT's pooled
+    features do (a shared vector of norm ~1.2, the classes ~0.4 apart around it)."""
+    generator = torch.Generator().manual_seed(seed)
+    shared = SHARED
+    means = 0.3 * torch.eye(3, 16)
+    labels = torch.arange(count) % 3
+    noise = 0.03 * torch.randn(count, 16, generator=generator)
+    return shared + means[labels] + noise, labels
+
+
+def test_private_head_centres_its_features_and_still_reads_the_raw_ones() -> None:
+    features, labels = _offset_blobs(600, seed=0)
+    test_features, test_labels = _offset_blobs(300, seed=1)
+    config = DPSGDConfig(epsilon=8.0)
+    config.noise_multiplier = calibrate(config, [(256 / 600, 150, 256)])
+    centre = SHARED  # what the empty text would give
+    weight, bias, curve = private_head(features, labels, 3, centre, config, 150, 0, 0.1)
+    assert len(curve) == 150 and curve[-1] < curve[0]
+    # The returned head has the centre folded into its bias: it reads raw features.
+    predicted = (test_features @ weight.T + bias).argmax(-1)
+    assert float((predicted == test_labels).float().mean()) > 0.9
+
+
+def test_head_only_dp_sgd_runs_the_encoder_once_per_example_not_once_per_step(
+    tiny_bert: Path, tmp_path: Path
+) -> None:
+    from transformers import BertModel
+
+    examples = 0
+
+    def count(module: torch.nn.Module, _args: object, output: Any) -> None:
+        nonlocal examples
+        if isinstance(module, BertModel):
+            examples += output.last_hidden_state.shape[0]
+
+    texts, labels = toy_examples(60)
+    dp_sgd = DPSGDConfig(epsilon=8.0, min_steps=200, batch_size=16)
+    handle = torch.nn.modules.module.register_module_forward_hook(count)
+    try:
+        result = train_expert(
+            texts, labels, toy_config(tiny_bert, epochs=1), tmp_path, False, dp_sgd
+        )
+    finally:
+        handle.remove()
+    assert result.dp_sgd is not None and result.dp_sgd.steps == 200
+    # the probe, the head's features (+ the empty text) and the validation pass: a few
+    # passes over the data, where one forward per step would be 200 x 16 examples
+    assert examples <= 3 * len(texts) + 1
+
+
+def test_dp_sgd_with_train_lora_noises_the_lora_factors_too(
+    tiny_bert: Path, tmp_path: Path
+) -> None:
+    texts, labels = toy_examples(40)
+    dp_sgd = DPSGDConfig(epsilon=8.0, min_steps=3, batch_size=8, train_lora=True)
+    result = train_expert(texts, labels, toy_config(tiny_bert, epochs=1), tmp_path, False, dp_sgd)
+    assert result.dp_sgd is not None and result.dp_sgd.parameters == "head+lora"
+    weights = load_file(str(tmp_path / ADAPTER_WEIGHTS))
+    assert any(float(v.abs().max()) > 0.0 for k, v in weights.items() if "lora_B" in k)
 
 
 def test_dp_sgd_refuses_causal_lm_experts(tiny_llama: Path, tmp_path: Path) -> None:
