@@ -2,14 +2,15 @@
 with training time and a loss-threshold membership-inference attack on each.
 
 Per task: the default recipe without DP (LP-FT, early stopping), then DP-SGD
-(:mod:`moerge.contributor_client.dp_sgd`: Poisson batches of 64, per-example clipping at 1,
-AdamW, at least 150 steps; the head alone by default, head + LoRA with ``--lora-epsilons``; the
-whole epsilon on the adapter, no gates) at each epsilon.
+(:mod:`moerge.contributor_client.dp_sgd`'s defaults: the head alone over frozen features
+centred at the empty text's, Poisson batches of 256, per-example clipping at 1, AdamW, at least
+150 steps; head + LoRA with ``--lora-epsilons``; the whole epsilon on the adapter, no gates) at
+each epsilon.
 Accuracy is on the task's held-out test split; the attack (Yeom et al. 2018) compares the
 loss of ``--attack`` training members with that of as many test examples.
 Writes ``benchmarks/results/dp_sgd.md``.
 
-    OMP_NUM_THREADS=2 python benchmarks/dp_sgd.py --tasks rotten_tomatoes bbc_news --train 600
+    OMP_NUM_THREADS=1 python benchmarks/dp_sgd.py --tasks bbc_news rotten_tomatoes --train 600
 """
 
 from __future__ import annotations
@@ -140,14 +141,17 @@ def main() -> None:
 
 
 def write(args, rows, seconds: float) -> None:
+    dp = DPSGDConfig(epsilon=1.0)
     lines = [
         "# DP-SGD experts: accuracy, training time and a membership attack",
         "",
         f"`{' '.join(['python', *sys.argv])}`",
         "",
         f"{args.train} training examples per task (10% held out for validation), "
-        f"{args.test} test examples, {args.epochs} epochs (DP-SGD: at least 150 steps of "
-        f"expected batch 64), max length {args.max_length} tokens, delta 1e-5, MiniLM, no gates. "
+        f"{args.test} test examples, {args.epochs} epochs (DP-SGD: at least {dp.min_steps} "
+        f"steps of expected batch {dp.batch_size}, clip {dp.max_grad_norm}, AdamW "
+        f"{dp.learning_rate:g}), max length {args.max_length} tokens, delta 1e-5, MiniLM, "
+        "no gates. "
         f"Attack: loss threshold on {args.attack} members vs as many test examples. "
         f"torch {torch.__version__}, {platform.machine()}, {os.cpu_count()} cores, load "
         f"average {os.getloadavg()[0]:.1f} at the end; {seconds:.0f} s in all.",
