@@ -56,8 +56,12 @@ def test_probe_initialised_head_holds_the_fitted_probe(tiny_bert: Path) -> None:
     model = load_task_model(str(tiny_bert), "classification", ["finance", "sport"], tokenizer)
     config = toy_config(tiny_bert)
     train_idx, val_idx = list(range(32)), list(range(32, 40))
-    features = pooled_features(model, tokenizer, token_ids, train_idx, 16)
-    expected_w, expected_b = fit_linear_probe(features, torch.tensor(label_ids[:32]), 2)
+    # The same features probe_head computes (train and validation rows in the same batches):
+    # other batches pad differently, and float noise would move the fitted probe by ~1e-4.
+    features = pooled_features(model, tokenizer, token_ids, train_idx + val_idx, config.batch_size)
+    expected_w, expected_b = fit_linear_probe(
+        features[:32], torch.tensor(label_ids[:32]), 2, config.probe_c
+    )
     accuracy = probe_head(model, tokenizer, token_ids, label_ids, train_idx, val_idx, config, None)
     assert accuracy is not None and 0.0 <= accuracy <= 1.0
     torch.testing.assert_close(model.classifier.weight.detach(), expected_w)
