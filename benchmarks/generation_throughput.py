@@ -277,6 +277,7 @@ def moerge_in_process(base: Path, folders: list[Path], prompts: list[str], args,
         expert_loader=dict(zip(ids, folders, strict=True)).__getitem__,
         generation_max_batch=max(64, len(prompts)),
         initial_capacity=len(folders),
+        generation_bgmv_kernels=args.bgmv,
     )
     sampling = SamplingParams(max_new_tokens=args.new_tokens)
 
@@ -389,6 +390,7 @@ class Server:
                 "MOERGE_DTYPE": args.dtype,
                 "MOERGE_ADAPTER_CACHE_BYTES": str(16 << 30),
                 "MOERGE_GENERATION_MAX_BATCH": str(max(64, args.concurrency)),
+                "MOERGE_GENERATION_BGMV_KERNELS": str(args.bgmv).lower(),
                 "MOERGE_AUTO_RETRAIN": "false",
                 "MOERGE_CONSISTENCY_CHECKS": "false",
                 "MOERGE_BULK_LISTEN": "off",
@@ -575,6 +577,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--top-k", type=int, default=2)
     parser.add_argument("--reps", type=int, default=2)
+    parser.add_argument(
+        "--bgmv",
+        action="store_true",
+        help="decode example routing with the Triton BGMV kernels (generation_bgmv_kernels)",
+    )
     parser.add_argument("--skip-peft-arrow", action="store_true")
     parser.add_argument(
         "--skip-peft-mixed", action="store_true", help="skip PEFT's mixed-adapter baseline (slow)"
@@ -656,6 +663,7 @@ def main(argv: list[str] | None = None) -> None:
         f"--device {args.device}"
         + (f" --reps {args.reps}" if args.reps != 2 else "")
         + (" --skip-peft-mixed" if args.skip_peft_mixed else "")
+        + (" --bgmv" if args.bgmv else "")
         + (" --skip-peft-arrow" if args.skip_peft_arrow else "")
         + "`",
         f"- date: {datetime.date.today()}; device: {device_name}; torch {torch.__version__}; "

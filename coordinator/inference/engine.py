@@ -135,6 +135,7 @@ class InferenceEngine:
         generation_max_waiting: int = 256,
         generation_cuda_graphs: bool = True,
         generation_steps_per_sync: int = 0,
+        generation_bgmv_kernels: bool = False,
     ) -> None:
         task_type = checked_task_type(task_type)
         if ensemble_mode not in (None, "expand", "sequential"):
@@ -174,6 +175,7 @@ class InferenceEngine:
         self.dtype = next(self.model.parameters()).dtype
         self.hidden_size = int(self.model.config.hidden_size)
         self.bank = LoraBank.inject(self.model, list(target_modules), max_rank, initial_capacity)
+        self.bank.bgmv_kernels = bool(generation_bgmv_kernels)
         self.cache = ExpertCache(
             self.bank,
             expert_loader,

@@ -92,6 +92,8 @@ class _RoutingState:
 
     def __init__(self) -> None:
         self.current: _ExampleRouting | _TokenRouting | None = None
+        #: example routing of one token per row (decode) through the Triton BGMV kernels
+        self.bgmv_kernels = False
 
     @contextmanager
     def use(self, routing: _ExampleRouting | _TokenRouting | None) -> Iterator[None]:
@@ -234,7 +236,9 @@ class RoutedLoraLinear(nn.Module):
                 assert routing.clean is not None
                 x3 = x.reshape(x.shape[0], -1, self.in_features)  # [B, T, d_in]
                 out3 = out.view(x.shape[0], -1, self.out_features)  # [B, T, d_out]
-                add_example_mixed_delta_(out3, x3, self.A, self.B, *routing.clean)
+                add_example_mixed_delta_(
+                    out3, x3, self.A, self.B, *routing.clean, kernels=self._state.bgmv_kernels
+                )
                 return out
             delta = self._example_delta(x, routing)
         elif torch.is_grad_enabled():
@@ -327,6 +331,17 @@ class LoraBank:
         self._slots: dict[str, int] = {}
         self._free: list[int] = []  # released slots, reused lowest first
         self._next_slot = 0
+
+    @property
+    def bgmv_kernels(self) -> bool:
+        """Whether example routing of one token per row (a decode step) runs as the Triton
+        BGMV kernels (:mod:`.bgmv_triton`) on CUDA in half precision; else PyTorch's gathered
+        batched matmuls."""
+        return self._state.bgmv_kernels
+
+    @bgmv_kernels.setter
+    def bgmv_kernels(self, enabled: bool) -> None:
+        self._state.bgmv_kernels = enabled
 
     # -- construction ---------------------------------------------------------------------
     @classmethod

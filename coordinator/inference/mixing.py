@@ -86,7 +86,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from moerge.coordinator.inference import sgmv_triton
+from moerge.coordinator.inference import bgmv_triton, sgmv_triton
 from moerge.triton_support import run_or_fall_back
 
 __all__ = [
@@ -102,6 +102,8 @@ __all__ = [
 
 #: Set (with the error) when the Triton kernel failed to build or run here: it is not retried.
 _TRITON_BROKEN: list[str] = []
+#: The same for the example-routing (BGMV) kernels.
+_BGMV_BROKEN: list[str] = []
 
 #: ``torch._grouped_mm`` on CUDA refuses many segments ("Can't process more than 1024 groups",
 #: PyTorch 2.11, raised on an H100 for exactly 1024); more are processed in chunks of this many.
@@ -287,6 +289,8 @@ def add_example_mixed_delta_(
     B: torch.Tensor,
     slots: torch.Tensor,
     weights: torch.Tensor,
+    *,
+    kernels: bool = False,
 ) -> torch.Tensor:
     """``out += example_mixed_delta(x, A, B, slots, weights)`` in place, in five kernels.
 
@@ -295,12 +299,34 @@ def add_example_mixed_delta_(
     (:func:`clean_example_decision`). A decode step runs this in every adapted module (88 in a
     22-layer model), so the kernel count, not the bytes, sets its cost: two gathers, the
     down-projection, the weighting and an up-projection that adds into ``out`` (``baddbmm_``).
+    With ``kernels``, one token per example on CUDA in half precision, two Triton kernels do it
+    instead, reading each row's factors in the bank without gathering them (:mod:`.bgmv_triton`).
     """
     nb, T, d_in = x.shape
     k, r, d_out = slots.shape[1], A.shape[1], B.shape[1]
+    Bt = B.transpose(1, 2)  # [E, r, d_out]: the bank's own buffer
+    if (
+        kernels
+        and T == 1
+        and x.device.type == "cuda"
+        and A.dtype in (torch.float16, torch.bfloat16)
+        and all(t.stride(-1) == 1 for t in (out, x, A, Bt))
+        and bgmv_triton.available()
+        and not _BGMV_BROKEN
+    ):
+        added = run_or_fall_back(
+            lambda: bgmv_triton.bgmv_add_(
+                out.view(nb, d_out), x.view(nb, d_in), A, Bt, slots, weights
+            ),
+            _BGMV_BROKEN,
+            "BGMV kernels",
+            "PyTorch's gathered batched matmuls",
+        )
+        if added is not None:
+            return out
     flat = slots.reshape(-1)  # [B k]
     A_sel = A.index_select(0, flat).view(nb, k * r, d_in)
-    Bt_sel = B.transpose(1, 2).index_select(0, flat).view(nb, k * r, d_out)
+    Bt_sel = Bt.index_select(0, flat).view(nb, k * r, d_out)
     z = torch.bmm(x, A_sel.transpose(1, 2)).view(nb, T, k, r)  # [B, T, k, r]
     z = (z * weights.view(nb, 1, k, 1)).view(nb, T, k * r)
     return out.baddbmm_(z, Bt_sel)

@@ -188,6 +188,7 @@ class InferenceService:
             generation_max_waiting=config.generation_max_waiting,
             generation_cuda_graphs=config.generation_cuda_graphs,
             generation_steps_per_sync=config.generation_steps_per_sync,
+            generation_bgmv_kernels=config.generation_bgmv_kernels,
         )
         self.batcher: MicroBatcher[InferenceRequest, list[ExamplePrediction]] = MicroBatcher(
             self.engine.predict_many,

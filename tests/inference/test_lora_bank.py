@@ -170,6 +170,19 @@ def test_top1_example_routing_equals_peft_with_that_adapter_active(bert, peft_be
     peft_bert.set_adapter("a")
 
 
+def test_bgmv_switch_is_shared_by_every_module_and_changes_nothing_off_cuda(bert, peft_bert):
+    model, bank = bank_model(bert["base"])
+    slot = bank.add_expert("a", read_adapter(bert["a"]))
+    assert bank.bgmv_kernels is False  # off by default
+    bank.bgmv_kernels = True
+    assert all(m._state.bgmv_kernels for m in bank.modules.values())
+    peft_bert.set_adapter("a")
+    inputs = batch(length=1)  # one token per row: the decode shape the kernels serve on CUDA
+    with route(bank, [[slot]] * 4, [[1.0]] * 4):
+        got = hidden(model, inputs)
+    torch.testing.assert_close(got, hidden(peft_bert, inputs), rtol=1e-5, atol=1e-5)
+
+
 def test_mixed_batch_equals_peft_adapter_names_and_one_by_one_calls(bert, peft_bert):
     model, bank = bank_model(bert["base"])
     slots = {name: bank.add_expert(name, read_adapter(bert[name])) for name, *_ in ADAPTERS}
