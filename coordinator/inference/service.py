@@ -67,6 +67,8 @@ class RestrictedRouter(Router):
 
     def __init__(self, inner: Router, allowed: Sequence[str]) -> None:
         self.inner = inner
+        # Router declares these per class (ClassVar); a restriction takes the identity of the
+        # router it wraps, which only an instance attribute can do, hence the ignores.
         self.method = inner.method  # type: ignore[misc]
         self.granularity = inner.granularity  # type: ignore[misc]
         self.config = inner.config
