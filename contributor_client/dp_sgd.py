@@ -6,7 +6,8 @@ training examples (each with probability ``q = batch_size / n``), computes each 
 gradient (Opacus' ``GradSampleModule``), clips it to ``max_grad_norm`` and adds Gaussian noise of
 std ``noise_multiplier * max_grad_norm`` to their sum (Opacus' ``DPOptimizer``). The two runs
 add the same noise to their mean gradient (each run's noise multiplier is proportional to its
-expected batch), at the smallest level for which they compose to (E, delta)-DP under
+expected batch; with the default prototype head, below, the same noise multiplier), at the
+smallest level for which they compose to (E, delta)-DP under
 ``dp_accounting``'s PLD accountant, the accountant of the statistics' release
 (:mod:`privacy`), so that :func:`privacy.privacy_report` composes all three into one guarantee.
 
@@ -31,6 +32,24 @@ test splits; two DP seeds per fold): head-only accuracy at epsilon 8 went from 8
 (batch 64, uncentred, as before) to 86.3% / 62.3% (batch 256, centred); learning rates of
 5e-2 to 2e-1, clipping at 0.3 or 1, 300 steps or full batches all came within a point of it.
 
+The head alone is released by default as noisy class prototypes (``head_mechanism=
+"prototypes"``, :func:`private_prototypes`): per class, the sum of its examples' centred
+features scaled to norm 1, plus Gaussian noise, each row normalised -- a cosine classifier.
+That is one full-batch DP-SGD step (sampling rate 1, clipping norm 1, a linear loss), accounted
+as such, where the Poisson-sampled run above takes 150. At epsilon 8 its noise is small against
+the sums of a few hundred examples. Chosen by 5-fold cross-validation on the 600 training
+examples (four noise draws per fold; the DP-SGD run two): BBC news 87.5% against 85.3% for
+the DP-SGD run at epsilon 8, 85.6% against 79.3% at epsilon 4; Rotten Tomatoes 61.5% against
+61.7%, and 61.5% against 59.3%. Without noise the prototypes reach 87.8% and 62.0%, a
+logistic regression on the same features 88.5% and 61.5%: at epsilon 8 the noise costs the
+prototypes little, the classifier's form the rest. Also tried there (BBC news, epsilon 8),
+none better than the prototypes: features scaled to norm 1, averaging the iterates (EMA 0.9 /
+0.95, the last half), clipping at 0.3 / 0.5, learning rate 0.2, 300 steps, full batches of 540
+(82.4% to 85.8%, within 0.6 point of the DP-SGD run or below it), and DP-SGD started from
+noisy prototypes, the budget split by the accountant (86.4% at best).
+``head_mechanism="sgd"`` keeps the DP-SGD run. The prototypes' noise is seeded from the OS's
+entropy, not from the training seed (``noise_seed`` fixes it, for tests).
+
 What DP-SGD changes beside the optimizer, because each would otherwise release something
 about the data without noise: the head starts at zero (no linear probe fitted on the data),
 the loss is unweighted (class weights count labels), no checkpoint is chosen on validation
@@ -46,6 +65,7 @@ it with its generic ``functorch`` mode.
 from __future__ import annotations
 
 import math
+import secrets
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -84,10 +104,30 @@ class DPSGDConfig:
     # Also train the LoRA factors (else the head alone, the LoRA update staying zero): with a
     # few hundred examples the noise on ~75k LoRA entries swamps them (benchmarks/dp_sgd.py).
     train_lora: bool = False
+    # How the head alone is released (train_lora=False): "prototypes", one noisy full-batch
+    # step (:func:`private_prototypes`; cross-validated on training data, epsilon 8: BBC news
+    # 87.5% against 85.3% for "sgd", Rotten Tomatoes 61.5% / 61.7%; epsilon 4: 85.6% / 79.3%
+    # and 61.5% / 59.3%), or "sgd", the Poisson-sampled DP-SGD run of :func:`private_head`.
+    head_mechanism: str = "prototypes"
+    # The prototypes' logit scale: a data-independent constant (argmax does not depend on it).
+    prototype_scale: float = 10.0
+    # Seeds the prototypes' noise; None (the default) draws the seed from the OS's entropy, so
+    # that nobody who knows the training seed can subtract the noise.
+    noise_seed: int | None = None
+
+    @property
+    def prototypes(self) -> bool:
+        """Whether the head is released as noisy class prototypes (one step, no Opacus run)."""
+        return not self.train_lora and self.head_mechanism == "prototypes"
 
     def runs(self, train_count: int, epochs: int) -> list[tuple[float, int, int]]:
-        """(sampling rate, steps, expected batch) of the adapter run and, if any, the gates'."""
-        runs = [(*adapter_steps(self, train_count, epochs), self.batch_size)]
+        """(sampling rate, steps, expected batch) of the adapter run and, if any, the gates'.
+
+        The prototypes' one step is given the gates' batch, so that calibrate() gives both the
+        same noise multiplier (adding a mean gradient's noise to a one-off sum makes no sense).
+        """
+        batch = self.gate_batch_size if self.prototypes else self.batch_size
+        runs = [(*adapter_steps(self, train_count, epochs), batch)]
         if self.gate_steps:
             q = min(1.0, self.gate_batch_size / max(self.gate_examples, 1))
             runs.append((q, self.gate_steps, self.gate_batch_size))
@@ -100,13 +140,31 @@ class DPSGDConfig:
             raise ValueError(f"DP-SGD epsilon must be a positive number, got {self.epsilon!r}")
         if not 0.0 < self.delta < 1.0:
             raise ValueError(f"DP-SGD delta must be in (0, 1), got {self.delta!r}")
-        for name in ("max_grad_norm", "batch_size", "learning_rate", "gate_batch_size"):
+        for name in (
+            "max_grad_norm",
+            "batch_size",
+            "learning_rate",
+            "gate_batch_size",
+            "prototype_scale",
+        ):
             if not getattr(self, name) > 0:
                 raise ValueError(f"DP-SGD {name} must be positive")
+        if self.head_mechanism not in HEAD_MECHANISMS:
+            raise ValueError(
+                f"DP-SGD head_mechanism must be one of {HEAD_MECHANISMS}, "
+                f"got {self.head_mechanism!r}"
+            )
+
+
+#: How the head alone can be released: noisy class prototypes, or a DP-SGD run.
+HEAD_MECHANISMS = ("prototypes", "sgd")
 
 
 def adapter_steps(config: DPSGDConfig, train_count: int, epochs: int) -> tuple[float, int]:
-    """Sampling rate and steps of the adapter run over ``train_count`` examples."""
+    """Sampling rate and steps of the adapter run over ``train_count`` examples (prototypes:
+    one step over all of them)."""
+    if config.prototypes:
+        return 1.0, 1
     q = min(1.0, config.batch_size / max(train_count, 1))
     return q, max(config.min_steps, math.ceil(epochs / q))
 
@@ -135,7 +193,7 @@ def calibrate(config: DPSGDConfig, runs: Sequence[tuple[float, int, int]]) -> fl
         composed,
         config.epsilon,
         config.delta,
-        mechanism_calibration.LowerEndpointAndGuess(0.3, 1.0),
+        mechanism_calibration.LowerEndpointAndGuess(0.05, 1.0),
         tol=1e-3,
     )
     config.noise_multiplier = float(sigma)
@@ -143,7 +201,14 @@ def calibrate(config: DPSGDConfig, runs: Sequence[tuple[float, int, int]]) -> fl
     return config.noise_multiplier
 
 
-def account(config: DPSGDConfig, q: float, steps: int, parameters: str = "") -> SGDAccount:
+def account(
+    config: DPSGDConfig,
+    q: float,
+    steps: int,
+    parameters: str = "",
+    max_grad_norm: float | None = None,
+    library: str = "opacus",
+) -> SGDAccount:
     """The :class:`SGDAccount` of one run at the calibrated noise multiplier."""
     from moerge.contributor_client.privacy import SGDAccount, composed_epsilon, dp_sgd_event
 
@@ -153,10 +218,11 @@ def account(config: DPSGDConfig, q: float, steps: int, parameters: str = "") -> 
         noise_multiplier=config.noise_multiplier,
         sample_rate=q,
         steps=steps,
-        max_grad_norm=config.max_grad_norm,
+        max_grad_norm=config.max_grad_norm if max_grad_norm is None else max_grad_norm,
         epsilon=epsilon,
         delta=config.delta,
         parameters=parameters,
+        library=library,
     )
 
 
@@ -332,6 +398,23 @@ def train_head_dp(
     if empty[0]:  # a tokenizer without special tokens has no empty text to read
         centre = pooled_features(model, tokenizer, empty, [0], 1)[0].clone()
     targets = torch.tensor([label_ids[i] for i in train_idx])
+    if config.prototypes:
+        assert config.noise_multiplier is not None
+        seed = secrets.randbits(63) if config.noise_seed is None else config.noise_seed
+        weight, bias = private_prototypes(
+            raw,
+            targets,
+            head.out_features,
+            centre,
+            config.noise_multiplier,
+            config.prototype_scale,
+            torch.Generator().manual_seed(seed),
+        )
+        with torch.no_grad():
+            head.weight.copy_(weight)
+            head.bias.copy_(bias)
+        # one step's clipping norm is the norm of every example's contribution: 1
+        return [], account(config, q, steps, "head (prototypes)", 1.0, "torch")
     # clone: pooled_features returns inference tensors, which autograd cannot save
     weight, bias, curve = private_head(
         raw.clone(),
@@ -391,6 +474,45 @@ def private_head(
     )
     weight = linear.weight.detach().clone()
     return weight, linear.bias.detach() - weight @ centre, curve
+
+
+def prototype_sums(
+    features: torch.Tensor, targets: torch.Tensor, num_labels: int, centre: torch.Tensor
+) -> torch.Tensor:
+    """Per class, the sum [L, H] of its examples' centred features scaled to norm 1: one
+    example moves it by at most 1 (L2), the sensitivity :func:`private_prototypes` noises."""
+    centred = features.float() - centre
+    units = centred / centred.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    return torch.zeros(num_labels, units.shape[1]).index_add_(0, targets, units)
+
+
+def private_prototypes(
+    features: torch.Tensor,
+    targets: torch.Tensor,
+    num_labels: int,
+    centre: torch.Tensor,
+    noise_multiplier: float,
+    scale: float,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A linear head [L, H], [L] of noisy class prototypes over ``features`` [N, H]: a cosine
+    classifier, released by one Gaussian mechanism.
+
+    Each example's centred features are scaled to norm 1 (``u_i = (x_i - c) / ||x_i - c||``) and
+    added to its class's row, ``S[y_i] += u_i`` (:func:`prototype_sums`); Gaussian noise of std
+    ``noise_multiplier`` is added to every entry of ``S`` [L, H]. Adding or removing one example
+    moves ``S`` by at most 1 in L2 norm, so this is the Gaussian mechanism with sensitivity 1:
+    one full-batch step of DP-SGD (sampling rate 1, clipping norm 1) on the linear loss
+    ``-W[y_i] . u_i`` from ``W = 0``, and is accounted as such. The rest is post-processing:
+    the rows are scaled to norm ``scale`` and the centre is folded into the bias
+    (``W (x - c) = W x - W c``). The head reading the raw features ranks the classes as the
+    normalised classifier does: dividing ``x - c`` by its norm multiplies every logit of a text
+    by the same positive number.
+    """
+    sums = prototype_sums(features, targets, num_labels, centre)
+    sums += noise_multiplier * torch.randn(sums.shape, generator=generator)
+    weight = scale * sums / sums.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    return weight, -(weight @ centre.float())
 
 
 class GateModule(torch.nn.Module):

@@ -223,6 +223,8 @@ class SGDAccount:
     epsilon: float  # of this run alone, at `delta`
     delta: float
     parameters: str = ""  # what the run trained, e.g. "head" or "head+lora" or "gates"
+    # what computed the clipped sums: Opacus, or torch for the one-step prototype head
+    library: str = "opacus"
 
     def event(self) -> dp_accounting.DpEvent:
         """The DP event of this DP-SGD run (Poisson-sampled Gaussian steps), for the accountant."""
@@ -241,7 +243,7 @@ class SGDAccount:
                 "sample_rate": round(self.sample_rate, 6),
                 "steps": self.steps,
                 "max_grad_norm": self.max_grad_norm,
-                "library": "opacus",
+                "library": self.library,
                 **({"parameters": self.parameters} if self.parameters else {}),
             },
         )

@@ -13,7 +13,14 @@ from typer.testing import CliRunner
 
 from moerge.cli import app
 from moerge.contributor_client.build import build_expert
-from moerge.contributor_client.dp_sgd import DPSGDConfig, adapter_steps, calibrate, private_head
+from moerge.contributor_client.dp_sgd import (
+    DPSGDConfig,
+    adapter_steps,
+    calibrate,
+    private_head,
+    private_prototypes,
+    prototype_sums,
+)
 from moerge.contributor_client.gates import GateConfig
 from moerge.contributor_client.privacy import composed_epsilon, dp_sgd_event
 from moerge.contributor_client.recipe import TrainConfig
@@ -24,7 +31,9 @@ from .toy import toy_config, toy_examples, write_jsonl
 
 
 def test_adapter_and_gates_add_the_same_noise_to_their_mean_gradient_within_the_budget() -> None:
-    config = DPSGDConfig(epsilon=8.0, delta=1e-5, gate_steps=100, gate_examples=500)
+    config = DPSGDConfig(
+        epsilon=8.0, delta=1e-5, gate_steps=100, gate_examples=500, head_mechanism="sgd"
+    )
     runs = config.runs(450, epochs=3)
     assert runs[0] == (*adapter_steps(config, 450, 3), 256) and runs[1] == (64 / 500, 100, 64)
     sigma = calibrate(config, runs)
@@ -39,7 +48,9 @@ def test_dp_sgd_expert_reports_every_release_and_keeps_quality_local(
 ) -> None:
     texts, labels = toy_examples(80)
     data = write_jsonl(tmp_path / "data.jsonl", texts, labels)
-    dp_sgd = DPSGDConfig(epsilon=8.0, min_steps=6, batch_size=16, gate_batch_size=8)
+    dp_sgd = DPSGDConfig(
+        epsilon=8.0, min_steps=6, batch_size=16, gate_batch_size=8, head_mechanism="sgd"
+    )
     report = build_expert(
         data,
         tmp_path / "expert",
@@ -75,6 +86,31 @@ def test_dp_sgd_expert_reports_every_release_and_keeps_quality_local(
     # Validation figures would be a release without DP: local only.
     assert meta.quality is None and report.quality is not None
     assert report.train is not None and report.train.dp_sgd is not None
+
+
+def test_default_prototype_head_and_gates_are_reported_as_one_step_and_a_run(
+    tiny_bert: Path, tmp_path: Path
+) -> None:
+    texts, labels = toy_examples(80)
+    data = write_jsonl(tmp_path / "data.jsonl", texts, labels)
+    build_expert(
+        data,
+        tmp_path / "expert",
+        "toy",
+        toy_config(tiny_bert, epochs=1),
+        gate_config=GateConfig(steps=4),
+        dp_sgd=DPSGDConfig(epsilon=8.0, gate_batch_size=8),
+        progress=False,
+    )
+    privacy = StatisticsMeta.read(tmp_path / "expert" / STATISTICS_META).privacy
+    assert privacy is not None and privacy.all_dp
+    adapter, gates = privacy.release("adapter"), privacy.release("gates")
+    assert adapter.mechanism == gates.mechanism == "dp_sgd"
+    assert (adapter.details["steps"], adapter.details["sample_rate"]) == (1, 1.0)
+    assert adapter.details["library"] == "torch" and gates.details["library"] == "opacus"
+    assert adapter.details["parameters"] == "head (prototypes)"
+    assert adapter.details["noise_multiplier"] == gates.details["noise_multiplier"]
+    assert max(adapter.epsilon, gates.epsilon) < 8.0 < privacy.epsilon < 8.0 + 8.0
 
 
 SHARED = torch.tensor([1.0] + [0.25] * 15)  # along class 0's direction: an unfolded centre
@@ -118,7 +154,7 @@ def test_head_only_dp_sgd_runs_the_encoder_once_per_example_not_once_per_step(
             examples += output.last_hidden_state.shape[0]
 
     texts, labels = toy_examples(60)
-    dp_sgd = DPSGDConfig(epsilon=8.0, min_steps=200, batch_size=16)
+    dp_sgd = DPSGDConfig(epsilon=8.0, min_steps=200, batch_size=16, head_mechanism="sgd")
     handle = torch.nn.modules.module.register_module_forward_hook(count)
     try:
         result = train_expert(
@@ -130,6 +166,76 @@ def test_head_only_dp_sgd_runs_the_encoder_once_per_example_not_once_per_step(
     # the probe, the head's features (+ the empty text) and the validation pass: a few
     # passes over the data, where one forward per step would be 200 x 16 examples
     assert examples <= 3 * len(texts) + 1
+
+
+def test_prototype_head_is_one_gaussian_release_of_sensitivity_one_within_the_budget() -> None:
+    import dp_accounting
+
+    config = DPSGDConfig(epsilon=8.0, delta=1e-5)
+    assert config.prototypes and adapter_steps(config, 450, 3) == (1.0, 1)
+    sigma = calibrate(config, config.runs(450, epochs=3))
+    # one full-batch step is the Gaussian mechanism itself
+    gaussian = composed_epsilon([dp_accounting.GaussianDpEvent(sigma)], 1e-5)
+    assert gaussian == pytest.approx(composed_epsilon([dp_sgd_event(sigma, 1.0, 1)], 1e-5))
+    assert 0.97 * 8.0 <= gaussian <= 8.0 + 1e-6
+    # adding or removing any one example moves the class sums by at most 1 (L2)
+    features, labels = _offset_blobs(50, seed=2)
+    features[7] = SHARED  # an example at the centre itself contributes nothing
+    full = prototype_sums(features, labels, 3, SHARED)
+    for i in range(len(features)):
+        rest = torch.cat([features[:i], features[i + 1 :]])
+        rest_labels = torch.cat([labels[:i], labels[i + 1 :]])
+        moved = float((full - prototype_sums(rest, rest_labels, 3, SHARED)).norm())
+        assert moved <= 1.0 + 1e-5
+
+
+def test_prototype_head_and_gates_get_the_same_noise_multiplier_within_the_budget() -> None:
+    config = DPSGDConfig(epsilon=8.0, delta=1e-5, gate_steps=100, gate_examples=500)
+    runs = config.runs(450, epochs=3)
+    assert runs == [(1.0, 1, 64), (64 / 500, 100, 64)]
+    sigma = calibrate(config, runs)
+    assert config.gate_noise_multiplier == pytest.approx(sigma)
+    events = [dp_sgd_event(sigma, 1.0, 1), dp_sgd_event(sigma, 64 / 500, 100)]
+    assert 0.97 * 8.0 <= composed_epsilon(events, 1e-5) <= 8.0 + 1e-6
+
+
+def test_prototype_head_reads_the_raw_features_and_ranks_as_the_normalised_classifier() -> None:
+    features, labels = _offset_blobs(600, seed=0)
+    test_features, test_labels = _offset_blobs(300, seed=1)
+    generator = torch.Generator().manual_seed(0)
+    weight, bias = private_prototypes(features, labels, 3, SHARED, 0.6, 10.0, generator)
+    assert weight.norm(dim=1) == pytest.approx(torch.full((3,), 10.0))
+    raw = (test_features @ weight.T + bias).argmax(-1)
+    centred = test_features - SHARED
+    normalised = (centred / centred.norm(dim=1, keepdim=True)) @ weight.T
+    assert torch.equal(raw, normalised.argmax(-1))
+    assert float((raw == test_labels).float().mean()) > 0.9
+
+
+def test_prototype_noise_is_drawn_afresh_unless_its_seed_is_fixed(
+    tiny_bert: Path, tmp_path: Path
+) -> None:
+    texts, labels = toy_examples(40)
+    heads = []
+    for run, noise_seed in enumerate([None, None, 5, 5]):
+        dp_sgd = DPSGDConfig(epsilon=8.0, noise_seed=noise_seed)
+        result = train_expert(
+            texts, labels, toy_config(tiny_bert, epochs=1), tmp_path / str(run), False, dp_sgd
+        )
+        account = result.dp_sgd
+        assert account is not None and (account.steps, account.sample_rate) == (1, 1.0)
+        assert account.parameters == "head (prototypes)" and account.library == "torch"
+        heads.append(load_file(str(tmp_path / str(run) / ADAPTER_WEIGHTS)))
+    key = "base_model.model.classifier.weight"
+    # the same training seed: the noise must not be predictable from it
+    assert not torch.equal(heads[0][key], heads[1][key])
+    assert torch.equal(heads[2][key], heads[3][key])
+    assert all(float(v.abs().max()) == 0.0 for k, v in heads[0].items() if "lora_B" in k)
+
+
+def test_dp_sgd_refuses_an_unknown_head_mechanism() -> None:
+    with pytest.raises(ValueError, match="head_mechanism"):
+        DPSGDConfig(epsilon=8.0, head_mechanism="probe").validate()
 
 
 def test_dp_sgd_with_train_lora_noises_the_lora_factors_too(
