@@ -47,8 +47,12 @@ none better than the prototypes: features scaled to norm 1, averaging the iterat
 0.95, the last half), clipping at 0.3 / 0.5, learning rate 0.2, 300 steps, full batches of 540
 (82.4% to 85.8%, within 0.6 point of the DP-SGD run or below it), and DP-SGD started from
 noisy prototypes, the budget split by the accountant (86.4% at best).
-``head_mechanism="sgd"`` keeps the DP-SGD run. The prototypes' noise is seeded from the OS's
-entropy, not from the training seed (``noise_seed`` fixes it, for tests).
+``head_mechanism="sgd"`` keeps the DP-SGD run.
+
+The noise and the Poisson samples of every run here (prototypes, DP-SGD, gates) come from a
+generator seeded from the OS's entropy (:func:`noise_generator`), not from the training seed:
+anyone who knows that seed (0 by default) could otherwise draw the same noise and subtract
+it, or tell which examples each step sampled. ``noise_seed`` fixes it, for tests.
 
 What DP-SGD changes beside the optimizer, because each would otherwise release something
 about the data without noise: the head starts at zero (no linear probe fitted on the data),
@@ -111,8 +115,8 @@ class DPSGDConfig:
     head_mechanism: str = "prototypes"
     # The prototypes' logit scale: a data-independent constant (argmax does not depend on it).
     prototype_scale: float = 10.0
-    # Seeds the prototypes' noise; None (the default) draws the seed from the OS's entropy, so
-    # that nobody who knows the training seed can subtract the noise.
+    # Seeds the DP noise and the Poisson samples; None (the default) draws the seed from the
+    # OS's entropy, so that nobody who knows the training seed can subtract the noise.
     noise_seed: int | None = None
 
     @property
@@ -231,15 +235,26 @@ def account(
 _HOOK_WARNING = "Full backward hook is firing when gradients are computed with respect to module"
 
 
+def noise_generator(config: DPSGDConfig) -> torch.Generator:
+    """The generator of a run's noise and Poisson samples: seeded with ``config.noise_seed``, or
+    from the OS's entropy when it is None (the default), never from the training seed."""
+    seed = secrets.randbits(63) if config.noise_seed is None else config.noise_seed
+    return torch.Generator().manual_seed(seed)
+
+
 def poisson_rows(count: int, q: float, generator: torch.Generator) -> list[int]:
     """Each of ``range(count)`` independently with probability ``q`` (Opacus' DPDataLoader)."""
     return torch.nonzero(torch.rand(count, generator=generator) < q).flatten().tolist()
 
 
 def private_optimizer(
-    parameters: list[torch.nn.Parameter], config: DPSGDConfig, learning_rate: float
+    parameters: list[torch.nn.Parameter],
+    config: DPSGDConfig,
+    learning_rate: float,
+    generator: torch.Generator,
 ) -> Any:
-    """AdamW wrapped in Opacus' ``DPOptimizer`` (clip each example, sum, add noise, average)."""
+    """AdamW wrapped in Opacus' ``DPOptimizer`` (clip each example, sum, add noise, average),
+    its noise drawn from ``generator``."""
     from opacus.optimizers import DPOptimizer
 
     assert config.noise_multiplier is not None
@@ -249,6 +264,7 @@ def private_optimizer(
         max_grad_norm=config.max_grad_norm,
         expected_batch_size=config.batch_size,
         loss_reduction="mean",
+        generator=generator,
     )
 
 
@@ -276,7 +292,9 @@ def train_adapter_dp(
 ) -> tuple[list[float], SGDAccount]:
     """Train LoRA + head of PEFT ``model`` with DP-SGD, a forward pass of the whole model per
     step (``config.train_lora``; the head alone is :func:`train_head_dp`). The noise multiplier
-    must be calibrated. Returns the loss of every step and the run's account."""
+    must be calibrated. Returns the loss of every step and the run's account. ``seed`` (the
+    training seed, as :func:`training.train_expert` passes it) does not seed the noise or the
+    samples: :func:`noise_generator` does."""
     from opacus import GradSampleModule
 
     from moerge.contributor_client.batching import collate
@@ -300,7 +318,6 @@ def train_adapter_dp(
         len(train_idx),
         config,
         steps,
-        seed,
         warmup_fraction,
         "training (DP-SGD)",
         progress,
@@ -315,23 +332,23 @@ def private_steps(
     count: int,
     config: DPSGDConfig,
     steps: int,
-    seed: int,
     warmup_fraction: float,
     what: str,
     progress: bool,
 ) -> list[float]:
     """``steps`` DP-SGD steps on Poisson samples of ``range(count)`` (``loss_of(rows)`` is the
     mean loss of a sample), AdamW with warm-up and linear decay; closes Opacus' ``wrapped``
-    module. The loss of every non-empty step."""
+    module. The noise and the samples come from :func:`noise_generator`. The loss of every
+    non-empty step."""
     from moerge.contributor_client.training_loop import lr_factor, training_progress
 
     q = min(1.0, config.batch_size / max(count, 1))
-    optimizer = private_optimizer(trainable, config, config.learning_rate)
+    generator = noise_generator(config)
+    optimizer = private_optimizer(trainable, config, config.learning_rate, generator)
     warmup = max(1, round(warmup_fraction * steps))
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer.original_optimizer, lambda step: lr_factor(step, warmup, steps, "linear")
     )
-    generator = torch.Generator().manual_seed(seed)
     curve: list[float] = []
     try:
         with training_progress(progress) as bar:
@@ -385,7 +402,8 @@ def train_head_dp(
     head starts at zero, is trained with Opacus on Poisson batches of the features, and is
     written back with the centre folded into its bias (``W (x - c) + b = W x + (b - W c)``).
     The LoRA update stays zero. Each example's gradient still depends on that example alone,
-    so the account is that of the same run on the whole model.
+    so the account is that of the same run on the whole model. ``seed`` does not seed the noise
+    or the samples (:func:`noise_generator` does).
     """
     from moerge.contributor_client.batching import encode
     from moerge.contributor_client.linear_probe import pooled_features
@@ -400,7 +418,6 @@ def train_head_dp(
     targets = torch.tensor([label_ids[i] for i in train_idx])
     if config.prototypes:
         assert config.noise_multiplier is not None
-        seed = secrets.randbits(63) if config.noise_seed is None else config.noise_seed
         weight, bias = private_prototypes(
             raw,
             targets,
@@ -408,7 +425,7 @@ def train_head_dp(
             centre,
             config.noise_multiplier,
             config.prototype_scale,
-            torch.Generator().manual_seed(seed),
+            noise_generator(config),
         )
         with torch.no_grad():
             head.weight.copy_(weight)
@@ -423,7 +440,6 @@ def train_head_dp(
         centre,
         config,
         steps,
-        seed,
         warmup_fraction,
         progress=progress,
     )
@@ -440,7 +456,6 @@ def private_head(
     centre: torch.Tensor,
     config: DPSGDConfig,
     steps: int,
-    seed: int,
     warmup_fraction: float,
     progress: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
@@ -467,7 +482,6 @@ def private_head(
         len(centred),
         config,
         steps,
-        seed,
         warmup_fraction,
         "training the head (DP-SGD)",
         progress,
@@ -556,7 +570,7 @@ def train_gates_dp(
     # Priced with the adapter (calibrate), the gates' multiplier is scaled to their batch.
     sigma = config.gate_noise_multiplier or config.noise_multiplier
     token_ids = encode(tokenizer, texts, gate_config.max_length)
-    generator = torch.Generator().manual_seed(gate_config.seed)
+    generator = noise_generator(config)
     was_training = model.training
     requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
     model.requires_grad_(False)
@@ -574,7 +588,7 @@ def train_gates_dp(
     private = DPSGDConfig(
         **{**config.__dict__, "batch_size": config.gate_batch_size, "noise_multiplier": sigma}
     )
-    optimizer = private_optimizer(parameters, private, gate_config.learning_rate)
+    optimizer = private_optimizer(parameters, private, gate_config.learning_rate, generator)
     warnings.filterwarnings("ignore", message=_HOOK_WARNING)
     try:
         with gates, training_progress(progress) as bar:

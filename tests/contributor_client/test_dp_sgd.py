@@ -134,11 +134,25 @@ def test_private_head_centres_its_features_and_still_reads_the_raw_ones() -> Non
     config = DPSGDConfig(epsilon=8.0)
     config.noise_multiplier = calibrate(config, [(256 / 600, 150, 256)])
     centre = SHARED  # what the empty text would give
-    weight, bias, curve = private_head(features, labels, 3, centre, config, 150, 0, 0.1)
+    weight, bias, curve = private_head(features, labels, 3, centre, config, 150, 0.1)
     assert len(curve) == 150 and curve[-1] < curve[0]
     # The returned head has the centre folded into its bias: it reads raw features.
     predicted = (test_features @ weight.T + bias).argmax(-1)
     assert float((predicted == test_labels).float().mean()) > 0.9
+
+
+def test_dp_sgd_noise_and_samples_come_from_the_os_unless_their_seed_is_fixed() -> None:
+    features, labels = _offset_blobs(200, seed=0)
+
+    def head(noise_seed: int | None) -> torch.Tensor:
+        config = DPSGDConfig(
+            epsilon=8.0, batch_size=64, head_mechanism="sgd", noise_seed=noise_seed
+        )
+        config.noise_multiplier = calibrate(config, [(64 / 200, 20, 64)])
+        return private_head(features, labels, 3, SHARED, config, 20, 0.1)[0]
+
+    assert not torch.equal(head(None), head(None))  # nothing a training seed would replay
+    assert torch.equal(head(3), head(3))
 
 
 def test_head_only_dp_sgd_runs_the_encoder_once_per_example_not_once_per_step(
