@@ -395,11 +395,13 @@ def train_head_dp(
     warmup_fraction: float,
     progress: bool,
 ) -> tuple[list[float], SGDAccount]:
-    """DP-SGD on the classification head of ``model`` alone, over features computed once.
+    """The classification head of ``model`` alone, released with DP over features computed once.
 
     The features are what the head reads in eval mode (:func:`linear_probe.pooled_features`),
-    minus those of the empty text (a data-independent centre, see the module's docstring); the
-    head starts at zero, is trained with Opacus on Poisson batches of the features, and is
+    minus those of the empty text (a data-independent centre, see the module's docstring). By
+    default (``config.prototypes``) the head is the noisy class prototypes of
+    :func:`private_prototypes`, one Gaussian release; with ``head_mechanism="sgd"`` it starts
+    at zero and is trained with Opacus on Poisson batches of the features. Either way it is
     written back with the centre folded into its bias (``W (x - c) + b = W x + (b - W c)``).
     The LoRA update stays zero. Each example's gradient still depends on that example alone,
     so the account is that of the same run on the whole model. ``seed`` does not seed the noise
