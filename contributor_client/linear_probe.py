@@ -4,12 +4,15 @@ A logistic regression on the frozen base model's pooled embeddings (the features
 classification head reads) is a few seconds of work; an expert that does not beat it, or the
 majority class, is not worth routing to. :func:`probe_head` fits that probe on the training
 split, reports its validation accuracy and, with ``probe_init`` (LP-FT, the default recipe),
-makes it the head that fine-tuning starts from.
+makes it the head that fine-tuning starts from; with ``probe_refit`` it also fits the probe on
+all examples, validation split included, which :func:`set_head` makes the final head when early
+stopping keeps the probe (no tuned checkpoint beat it on validation).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -119,6 +122,16 @@ def pooled_features(
     return features
 
 
+@dataclass(frozen=True)
+class ProbeFit:
+    """What :func:`probe_head` fitted: the probe's validation accuracy and its all-data refit."""
+
+    accuracy: float | None  # the training-split probe on the validation split (None: no split)
+    # (weight [L, H], bias [L]) of the probe fitted on training + validation examples; None
+    # without probe_init, probe_refit or a validation split
+    refit: tuple[torch.Tensor, torch.Tensor] | None = None
+
+
 def probe_head(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -128,14 +141,18 @@ def probe_head(
     val_idx: Sequence[int],
     config: TrainConfig,
     class_weights: torch.Tensor | None,
-) -> float | None:
+) -> ProbeFit:
     """Fit the linear probe; with ``probe_init`` it becomes the head. Its validation accuracy.
 
-    None (and the head left random) when the head is not one ``Linear`` named ``classifier``.
+    Accuracy None (and the head left random) when the head is not one ``Linear`` named
+    ``classifier``. With ``probe_init`` and ``probe_refit``, the probe is fitted a second time
+    on all examples (same features, same class weights): once the validation split has chosen
+    the probe over every tuned checkpoint, it no longer needs holding out (the probe the
+    benchmarks compare with is fitted on all examples too).
     """
     head = getattr(model, "classifier", None)
     if not isinstance(head, torch.nn.Linear):
-        return None
+        return ProbeFit(None)
     chosen = list(train_idx) + list(val_idx)
     features = pooled_features(model, tokenizer, token_ids, chosen, config.batch_size, config.bf16)
     targets = torch.tensor([label_ids[i] for i in chosen])
@@ -153,9 +170,31 @@ def probe_head(
         if isinstance(dropout, torch.nn.Dropout):
             dropout.p = 0.0
     if not val_idx:
-        return None
+        return ProbeFit(None)
     predicted = (features[n:] @ weight.T + bias).argmax(dim=-1)
-    return float((predicted == targets[n:]).float().mean())
+    accuracy = float((predicted == targets[n:]).float().mean())
+    refit = None
+    if config.probe_init and config.probe_refit:
+        refit = fit_linear_probe(
+            features, targets, head.out_features, config.probe_c, class_weights
+        )
+    return ProbeFit(accuracy, refit)
+
+
+def set_head(model: torch.nn.Module, weight: torch.Tensor, bias: torch.Tensor) -> None:
+    """Copy ``weight`` and ``bias`` into the trained classification head of a PEFT model.
+
+    The head PEFT trains and saves is the ``modules_to_save`` copy of ``classifier``.
+    """
+    values = {"weight": weight, "bias": bias}
+    copied = 0
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "classifier" in name and "modules_to_save" in name and parameter.requires_grad:
+                parameter.copy_(values[name.rsplit(".", 1)[-1]])
+                copied += 1
+    if copied != 2:
+        raise ValueError(f"expected the head's weight and bias, found {copied} parameters")
 
 
 def majority_class_accuracy(

@@ -6,7 +6,8 @@ reads (:mod:`.linear_probe`), so tuning begins from the probe instead of from no
 not distort the features early on; then LoRA + head are tuned at a rate suited to LoRA (3e-3;
 the head's may be set apart) with warm-up and linear (or cosine) decay, for at least
 ``min_steps`` optimizer steps (small data sets get enough updates), with a class-weighted loss,
-and the best validation checkpoint is restored (early stopping; :mod:`.training_loop`).
+and the best validation checkpoint is restored (early stopping; :mod:`.training_loop`); when
+that is the probe itself, it is refitted on all examples (``probe_refit``).
 ``RECIPES["legacy"]`` gives back the earlier recipe (random head, fixed epochs, unweighted
 loss, last step kept). Every field can be overridden (``moerge train --help``).
 """
@@ -69,6 +70,10 @@ class TrainConfig:
     # pooled embeddings the head reads (the head must be a Linear named "classifier").
     probe_init: bool = True
     probe_c: float = 1.0  # inverse L2 strength of the probe (scikit-learn's C)
+    # When early stopping keeps the probe (no tuned checkpoint beat it on validation, so the
+    # LoRA update stays zero), refit the probe on all examples, validation split included,
+    # as the final head; the reported validation accuracy is the training-split probe's.
+    probe_refit: bool = True
     # Loss weight of class c: "balanced" n / (L n_c), "sqrt" its square root, "none" 1.
     class_weighting: str = "sqrt"
     # Evaluate on the validation split every eval_every steps (0: once per epoch) and restore

@@ -48,7 +48,12 @@ from moerge.contributor_client.batching import (
     load_tokenizer,
 )
 from moerge.contributor_client.data import label_order, train_validation_split
-from moerge.contributor_client.linear_probe import majority_class_accuracy, probe_head
+from moerge.contributor_client.linear_probe import (
+    ProbeFit,
+    majority_class_accuracy,
+    probe_head,
+    set_head,
+)
 from moerge.contributor_client.recipe import TrainConfig
 from moerge.contributor_client.training_loop import class_weight_vector, evaluate, tune_adapter
 from moerge.expert_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS, ExpertQuality
@@ -137,6 +142,7 @@ def train_expert(
     class_weights = None
     probe_accuracy = majority_accuracy = base_val_loss = None
     probe_seconds = 0.0
+    probe = ProbeFit(None)
     if not causal_lm:
         class_weights = class_weight_vector(
             [class_ids[i] for i in train_idx], len(label_names), config.class_weighting
@@ -147,9 +153,10 @@ def train_expert(
         base = load_task_model(config.base_model, config.task_type, label_names, tokenizer)
         if not causal_lm:
             begin = time.perf_counter()
-            probe_accuracy = probe_head(
+            probe = probe_head(
                 base, tokenizer, token_ids, class_ids, train_idx, val_idx, config, class_weights
             )
+            probe_accuracy = probe.accuracy
             probe_seconds = time.perf_counter() - begin
         model = get_peft_model(base, lora_config(config))
         if causal_lm and val_idx:
@@ -216,6 +223,9 @@ def train_expert(
             config.bf16,
             prompt_lengths,
         )
+    if best_step == 0 and probe.refit is not None:
+        # The probe itself was kept: refit on all examples now that validation has chosen.
+        set_head(model, *probe.refit)
     save_adapter(model, out_dir, config.base_model_id or config.base_model)
     return TrainResult(
         label_names=label_names,

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 
 from moerge.client_training import TrainOptions, train_config
 from moerge.contributor_client.batching import encode, load_tokenizer
@@ -62,7 +63,8 @@ def test_probe_initialised_head_holds_the_fitted_probe(tiny_bert: Path) -> None:
     expected_w, expected_b = fit_linear_probe(
         features[:32], torch.tensor(label_ids[:32]), 2, config.probe_c
     )
-    accuracy = probe_head(model, tokenizer, token_ids, label_ids, train_idx, val_idx, config, None)
+    fit = probe_head(model, tokenizer, token_ids, label_ids, train_idx, val_idx, config, None)
+    accuracy = fit.accuracy
     assert accuracy is not None and 0.0 <= accuracy <= 1.0
     torch.testing.assert_close(model.classifier.weight.detach(), expected_w)
     torch.testing.assert_close(model.classifier.bias.detach(), expected_b)
@@ -103,6 +105,30 @@ def test_early_stopping_restores_the_best_checkpoint(tiny_bert: Path, tmp_path: 
     assert restored.probe_val_accuracy is not None
     assert restored.val_accuracy >= restored.probe_val_accuracy
     assert restored.val_accuracy > kept.val_accuracy
+
+
+def test_a_kept_probe_is_refitted_on_all_examples(tiny_bert: Path, tmp_path: Path) -> None:
+    """When no tuned checkpoint beats the probe, the saved head is the probe refitted on
+    training + validation examples (``probe_refit``); the reported validation figures stay
+    those of the training-split probe."""
+    texts, labels = toy_examples(100)
+    wrecking = toy_config(tiny_bert, epochs=2, learning_rate=3.0, min_steps=0)
+    refitted = train_expert(texts, labels, wrecking, tmp_path / "a", progress=False)
+    held_out = train_expert(
+        texts,
+        labels,
+        dataclasses.replace(wrecking, probe_refit=False),
+        tmp_path / "b",
+        progress=False,
+    )
+    assert refitted.best_step == held_out.best_step == 0
+    assert refitted.val_accuracy == held_out.val_accuracy
+    assert refitted.val_accuracy == pytest.approx(held_out.probe_val_accuracy)
+    assert refitted.val_loss == held_out.val_loss
+    key = "base_model.model.classifier.weight"
+    a = load_file(str(tmp_path / "a" / "adapter_model.safetensors"))[key]
+    b = load_file(str(tmp_path / "b" / "adapter_model.safetensors"))[key]
+    assert not torch.allclose(a, b)
 
 
 def test_legacy_recipe_and_overrides_reach_the_config(tiny_bert: Path) -> None:
