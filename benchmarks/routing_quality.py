@@ -47,6 +47,7 @@ from moerge.demo import (
 from moerge.evaluation import (
     MethodScore,
     StreamExample,
+    majority_floor,
     mixed_stream,
     save_confusion_png,
     score_assigned,
@@ -155,9 +156,15 @@ class CeilingEmbeddings(threading.Thread):
 
 # -- tables ---------------------------------------------------------------------------------------
 def score_table(
-    scores: list[MethodScore], fit_seconds: dict[str, float], oracle: str, ceiling: str
+    scores: list[MethodScore],
+    fit_seconds: dict[str, float],
+    oracle: str,
+    ceiling: str,
+    floor: float | None = None,
 ) -> list[str]:
-    """Markdown rows: routing and task accuracy, as shares of the ceiling and of the oracle."""
+    """Markdown rows: routing and task accuracy, as shares of the ceiling and of the oracle,
+    and the majority-class ``floor`` (each text answered with its task's most common label):
+    when the experts sit near it, a share of the oracle says nothing about routing."""
     by_name = {s.method: s for s in scores}
     oracle_task = by_name[oracle].task_accuracy or 1.0
     ceiling_routing = by_name[ceiling].routing_accuracy or 1.0
@@ -175,6 +182,10 @@ def score_table(
             f"{s.routing_accuracy / ceiling_routing:.1%} | {s.task_accuracy:.1%} | "
             f"{s.task_accuracy / oracle_task:.1%} | {fit_seconds.get(s.method, 0.0):.2f} | "
             f"{s.seconds:.1f} |"
+        )
+    if floor is not None:
+        lines.append(
+            f"| majority floor | - | - | {floor:.1%} | {floor / oracle_task:.1%} | - | - |"
         )
     return lines
 
@@ -420,6 +431,7 @@ def main(argv: list[str] | None = None) -> None:
         early=[t for t, _ in early],
         loads=loads,
         timings={"early": train_early, "late": train_late, "total": total},
+        floor=majority_floor(stream).accuracy,
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(report)
@@ -440,6 +452,7 @@ def render(
     early: list[str],
     loads: dict[str, str],
     timings: dict[str, float],
+    floor: float | None = None,
 ) -> str:
     """The results file: command, versions, machine, load, budget, tables and goals."""
     command = " ".join(["python benchmarks/routing_quality.py", *(argv or sys.argv[1:])])
@@ -482,7 +495,7 @@ def render(
             f"classification head. The `{args.retrain_method}` row is the router that the "
             "retraining scheduler fitted over all experts in the late-join run below.",
             "",
-            *score_table(scores, fit_seconds, "oracle", CEILING),
+            *score_table(scores, fit_seconds, "oracle", CEILING, floor),
             "",
             "### Goals",
             "",
