@@ -8,7 +8,9 @@ failing half way with "database is locked".
 
 from __future__ import annotations
 
+import sqlite3
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -72,7 +74,17 @@ def _on_sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
         # coordinator migrating the same file), and would otherwise give up after sqlite3's
         # default 5 s with "database is locked".
         cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
-        cursor.execute("PRAGMA journal_mode=WAL")
+        # SQLite may refuse a journal-mode change at once, without its busy handler, while
+        # another process holds a lock (seen with three coordinators starting together): retry
+        deadline = time.monotonic() + SQLITE_BUSY_TIMEOUT_MS / 1000
+        while True:
+            try:
+                cursor.execute("PRAGMA journal_mode=WAL")
+                break
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
         cursor.execute("PRAGMA foreign_keys=ON")
     finally:
         cursor.close()
