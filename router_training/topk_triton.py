@@ -29,6 +29,9 @@ MAX_K = 4
 #: Set (with the error) when the kernel failed to build or run here: it is not retried.
 _BROKEN: list[str] = []
 
+#: (device, dtype, k, absolute, has members) whose builds for both alignments exist
+_BUILT: set[tuple[torch.device, torch.dtype, int, bool, bool]] = set()
+
 
 if triton is not None:
 
@@ -73,23 +76,29 @@ if triton is not None:
 
     # R, E and the row stride vary with the batch and the number of experts: specialising on
     # them (Triton's default: a value of 1 or a multiple of 16 gets its own build) recompiled
-    # the kernel when a new expert took E from 1,024 to 1,025, about 1 s on the serving path
-    @triton.jit(do_not_specialize=["R", "E", "stride_s"])
+    # the kernel when a new expert took E from 1,024 to 1,025, about 1 s on the serving path.
+    # Unspecialised, though, the compiler cannot prove a row starts 16-aligned and loads one
+    # element per instruction. So E and the stride arrive in units of ALIGN (16 when both are
+    # multiples of 16, else 1): two builds at most, and wide loads whenever E allows them.
+    @triton.jit(do_not_specialize=["R", "E_units", "stride_units"])
     def _top_k_softmax_kernel(
         s_ptr,
         idx_ptr,
         w_ptr,
         members_ptr,
         R,
-        E,
-        stride_s,
+        E_units,
+        stride_units,
         inv_temperature,
         K: tl.constexpr,
         ABSOLUTE: tl.constexpr,
         HAS_MEMBERS: tl.constexpr,
+        ALIGN: tl.constexpr,
         BLOCK_R: tl.constexpr,
         BLOCK_E: tl.constexpr,
     ):
+        E = E_units * ALIGN
+        stride_s = stride_units * ALIGN
         rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)  # [BR]
         row_mask = rows < R
         neg = tl.full((BLOCK_R,), float("-inf"), tl.float32)
@@ -164,6 +173,7 @@ def top_k_softmax_rows(
     weights = torch.empty(R, k, dtype=scores.dtype, device=scores.device)
     if R == 0:
         return indices, weights
+    align = 16 if E % 16 == 0 and scores.stride(0) % 16 == 0 else 1
     grid = (triton.cdiv(R, block_r),)
     _top_k_softmax_kernel[grid](
         scores,
@@ -171,17 +181,34 @@ def top_k_softmax_rows(
         weights,
         members if members is not None else indices,
         R,
-        E,
-        scores.stride(0),
+        E // align,
+        scores.stride(0) // align,
         1.0 / float(temperature),
         K=k,
         ABSOLUTE=absolute,
         HAS_MEMBERS=members is not None,
+        ALIGN=align,
         BLOCK_R=block_r,
         BLOCK_E=block_e,
         num_warps=num_warps,
     )
     return indices, weights
+
+
+def _build_both_alignments(
+    scores: torch.Tensor, k: int, absolute: bool, members: torch.Tensor | None
+) -> None:
+    """Build the kernel for both column alignments on a router's first call (a few rows), so
+    that an expert joining later (E from 1,024 to 1,025, say) finds its build ready instead of
+    compiling on the serving path."""
+    key = (scores.device, scores.dtype, k, absolute, members is not None)
+    if key in _BUILT:
+        return
+    for width in (16 * MAX_K, 16 * MAX_K + 1):
+        dummy = torch.zeros(1, width, dtype=scores.dtype, device=scores.device)
+        ids = None if members is None else torch.arange(width, device=scores.device)
+        top_k_softmax_rows(dummy, k, absolute=absolute, members=ids)
+    _BUILT.add(key)
 
 
 def try_top_k_softmax(
@@ -202,8 +229,13 @@ def try_top_k_softmax(
         and not _BROKEN
     ):
         return None
+
+    def run() -> tuple[torch.Tensor, torch.Tensor]:
+        _build_both_alignments(scores, k, absolute, members)
+        return top_k_softmax_rows(scores, k, temperature, absolute=absolute, members=members)
+
     return run_or_fall_back(
-        lambda: top_k_softmax_rows(scores, k, temperature, absolute=absolute, members=members),
+        run,
         _BROKEN,
         "top-k kernel",
         "torch.topk",

@@ -14,7 +14,7 @@ pytestmark = pytest.mark.skipif(
 
 
 @pytest.mark.parametrize("k", [1, 2, 3, 4])
-@pytest.mark.parametrize("E", [4, 64, 1030])
+@pytest.mark.parametrize("E", [4, 64, 1024, 1030])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("absolute", [False, True])
 def test_kernel_keeps_the_k_best_scores_and_their_softmax(k, E, dtype, absolute):
