@@ -46,6 +46,10 @@ ExpertLoader = Callable[[str], Path]
 #: Ids of the engine's temporary merged adapters; never accepted from a loader.
 RESERVED_PREFIX = "__moerge_tmp__/"
 
+#: Bank slots kept beyond a router's experts by :meth:`ExpertCache.reserve_for`, for the
+#: temporary slots of per-request merges (TIES/DARE)
+SPARE_SLOTS = 4
+
 
 @dataclass(frozen=True)
 class ExpertFiles:
@@ -225,6 +229,22 @@ class ExpertCache:
             if self._pins[expert_id]:
                 raise RuntimeError(f"expert {expert_id!r} is in use by a running batch")
             return self._drop(expert_id)
+
+    def reserve_for(self, experts: int) -> None:
+        """Grow the bank now to hold ``experts`` (a router's expert count, capped by what the
+        budget holds) plus :data:`SPARE_SLOTS` for temporary merges.
+
+        Without it the bank doubles (8 -> 16 -> 32 -> 64) as a router's experts are first used;
+        each growth reallocates every module's buffers, and CUDA graphs captured against the old
+        buffers must be captured again, under load. One growth, when the router's first request
+        arrives, costs the same memory (the budget bounds both) without the recaptures.
+        Worker thread only (growing moves the buffers that running batches read)."""
+        with self._lock:
+            slot_bytes = self._slot_bytes()
+            fits = self.budget_bytes // slot_bytes if slot_bytes else experts
+            target = min(int(experts), fits) + SPARE_SLOTS
+            if target > self.bank.capacity:
+                self.bank.reserve(target)
 
     def set_budget(self, budget_bytes: int) -> None:
         """Change the byte budget, evicting unpinned experts at once if it shrank."""

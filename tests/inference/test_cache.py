@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from moerge.coordinator.inference.cache import SPARE_SLOTS
 from moerge.coordinator.inference.engine import InferenceEngine
 from moerge.coordinator.inference.errors import IncompatibleExpert, UnknownExpert
 from moerge.coordinator.inference.lora_bank import LoraBank
@@ -145,3 +146,17 @@ def test_merging_reads_each_experts_own_factors_back_from_the_bank(engine, setup
         torch.testing.assert_close(got[match][0], a)
         torch.testing.assert_close(got[match][1], b)
         assert got[match][2] == pytest.approx(scaling)
+
+
+def test_reserving_for_a_router_grows_the_bank_once_to_its_experts_and_spare_slots(engine):
+    engine.cache.reserve_for(40)
+    assert engine.bank.capacity == 40 + SPARE_SLOTS
+    engine.cache.reserve_for(12)  # already room: no reallocation
+    assert engine.bank.capacity == 40 + SPARE_SLOTS
+
+
+def test_reserving_never_holds_more_slots_than_the_budget_pays_for(engine):
+    slot = sum(m.nbytes_per_slot() for m in engine.bank.modules.values())
+    engine.cache.set_budget(20 * slot)
+    engine.cache.reserve_for(1000)
+    assert engine.bank.capacity == 20 + SPARE_SLOTS

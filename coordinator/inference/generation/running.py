@@ -164,9 +164,11 @@ def prepare(
             f"prompt ({len(ids)} tokens) + max_new_tokens ({budget}) exceeds the model's "
             f"{max_positions} positions"
         )
-    plan = engine.resolve_plan(
-        [request.routing_text], request.plan or RoutingPlan.routed(), embedding
-    )
+    asked = request.plan or RoutingPlan.routed()
+    router = asked.router if asked.router is not None else engine.router
+    if router is not None:  # size the bank for the router once, not by doubling under load
+        engine.cache.reserve_for(len(router.expert_ids))
+    plan = engine.resolve_plan([request.routing_text], asked, embedding)
     resources = ExitStack()
     try:
         return bind(engine, sampler, request, plan, resources, ids)
