@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from moerge.coordinator.inference.cache import SPARE_SLOTS
 from moerge.coordinator.inference.engine import InferenceEngine
 from moerge.coordinator.inference.errors import InputTooLong, InvalidTopK
 from moerge.coordinator.inference.generation.multi_step import RowSampling
@@ -498,3 +499,16 @@ def test_chunk_sampling_draws_from_the_samplers_distribution(temperature, top_k,
     greedy_row = RowSampling(1, 1, vocab, torch.device("cpu"))
     greedy_row.fill([None], None)
     assert greedy_row.choose(0, logits[:1]).item() == 0  # rows of no request: argmax
+
+
+def test_a_routers_first_request_sizes_the_bank_for_all_its_experts_at_once(base, experts):
+    records = [ExpertRecord(e, e, None, lambda f=f: read_lora(f)) for e, f in experts.items()]
+    arrow = RoutingPlan.routed(ArrowRouter.fit(records, ArrowRouterConfig(top_k=1)))
+    engine = lm_engine(base, experts, cache_bytes=1 << 30, initial_capacity=1)
+    try:
+        results, _ = submit_all(engine, [(PROMPTS[0], arrow, greedy())])
+        assert text_of(results[0])
+        # one growth to the router's experts plus the merge spares, not doubling as they load
+        assert engine.bank.capacity == len(records) + SPARE_SLOTS
+    finally:
+        engine.close()
