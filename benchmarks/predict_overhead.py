@@ -14,6 +14,7 @@ model-only time of the engine (in this process, no gRPC, no registry) for one ba
 ``--clients`` such requests and for one request alone: what the model itself allows.
 
     python benchmarks/predict_overhead.py [--seconds 20] [--clients 16] [--experts 4]
+        [--batch-wait-ms MS] [--traced-forwards]
 """
 
 from __future__ import annotations
@@ -206,7 +207,12 @@ class ModelTimes:
 
 
 def model_only(
-    base: Path, folders: list[Path], rank: int, clients: int, rounds: int = 30
+    base: Path,
+    folders: list[Path],
+    rank: int,
+    clients: int,
+    rounds: int = 30,
+    traced_forwards: bool = False,
 ) -> ModelTimes:
     """The coordinator's engine in this process, with the router objects the server would use."""
     import torch
@@ -222,7 +228,12 @@ def model_only(
     records = [ExpertRecord(e, e, read_statistics(f)) for e, f in by_id.items()]
     router = fit_router("centroid", records, {}).router
     engine = InferenceEngine(
-        base, max_rank=rank, expert_loader=by_id.__getitem__, router=router, truncate=True
+        base,
+        max_rank=rank,
+        expert_loader=by_id.__getitem__,
+        router=router,
+        truncate=True,
+        traced_forwards=traced_forwards,
     )
     restricted = {e: RestrictedRouter(router, [e]) for e in by_id}
 
@@ -288,6 +299,8 @@ def run(args: argparse.Namespace, workdir: Path) -> tuple[list[Phase], ModelTime
     settings: dict[str, object] = {"adapter_cache_bytes": 64 << 20, "max_lora_rank": args.rank}
     if args.batch_wait_ms is not None:
         settings["batch_wait_ms"] = args.batch_wait_ms
+    if args.traced_forwards:
+        settings["traced_forwards"] = "true"
     with CoordinatorProcess(workdir / "data", base, **settings) as coordinator:
         expert_ids = seed(coordinator, folders)
         metadata = bearer(coordinator.admin_token)
@@ -332,7 +345,8 @@ def run(args: argparse.Namespace, workdir: Path) -> tuple[list[Phase], ModelTime
                     hammer(name, connect, address, predict_bytes, args.clients, args.seconds, pid)
                 )
     batch = mean_batch(coordinator.log_text())
-    return phases, model_only(base, folders, args.rank, args.clients), batch
+    model = model_only(base, folders, args.rank, args.clients, traced_forwards=args.traced_forwards)
+    return phases, model, batch
 
 
 def markdown(phases: list[Phase], model: ModelTimes, batch: float, args: argparse.Namespace) -> str:
@@ -358,7 +372,8 @@ def markdown(phases: list[Phase], model: ModelTimes, batch: float, args: argpars
         f"- workload: {args.clients} closed-loop client threads (one channel each), one input per "
         f"call, half restricted to one random expert; tiny random BERT, {args.experts} experts "
         f"(LoRA r={args.rank}) behind a centroid router, adapter cache warm; "
-        f"{args.seconds:.0f} s per phase, echo before and after Predict",
+        f"{args.seconds:.0f} s per phase, echo before and after Predict"
+        + ("; traced forwards (`traced_forwards = true`)" if args.traced_forwards else ""),
         "",
         "| phase | requests | errors | requests/s | p50 | p99 | server CPU per request |",
         "|---|---:|---:|---:|---:|---:|---:|",
@@ -411,6 +426,11 @@ def main() -> None:
         type=float,
         default=None,
         help="the coordinator's batch_wait_ms (default: its own default)",
+    )
+    parser.add_argument(
+        "--traced-forwards",
+        action="store_true",
+        help="the coordinator (and the model-only engine) with traced_forwards = true",
     )
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--serve-echo", action="store_true", help=argparse.SUPPRESS)

@@ -91,6 +91,7 @@ class CoordinatorConfig:
     generation_bgmv_kernels: bool = False  # CUDA decode: example-routed LoRA in Triton (BGMV)
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS  # Generate/Predict default
     batch_wait_ms: float = 5.0  # micro-batcher: how long to wait for more requests
+    traced_forwards: bool = False  # classification: forwards as TorchScript graphs
     grace_seconds: float = 5.0  # graceful-shutdown grace for in-flight RPCs
     log_json: bool = False
     metrics_listen: str = ""  # host:port of the Prometheus /metrics endpoint; "" = off

@@ -68,14 +68,12 @@ class Classifier:
         row_experts = [e for ids, _ in rows for e in ids]  # [B * k], input-major
         if k == 1 or ensemble_mode == "expand":
             slots = forward.slots([[experts[e].slot] for e in row_experts])  # [B * k, 1]
-            with forward.one_expert_per_row(slots):
-                pooled = forward.pooled(repeat_rows(enc, k))  # [B * k, H]
+            pooled = forward.pooled_per_row(repeat_rows(enc, k), slots)  # [B * k, H]
         else:
             parts = []
             for j in range(k):
                 slots = forward.slots([[experts[ids[j]].slot] for ids, _ in rows])  # [B, 1]
-                with forward.one_expert_per_row(slots):
-                    parts.append(forward.pooled(enc))  # [B, H]
+                parts.append(forward.pooled_per_row(enc, slots))  # [B, H]
             pooled = torch.stack(parts, dim=1).flatten(0, 1)  # [B * k, H]
         distributions = through_heads(pooled, [head_of(experts[e]) for e in row_experts])
         predictions = []

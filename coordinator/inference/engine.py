@@ -86,6 +86,7 @@ from moerge.coordinator.inference.merging import FactorCache, MergedSlots
 from moerge.coordinator.inference.plan import InferenceRequest, MergeOptions, RoutingPlan
 from moerge.coordinator.inference.planning import resolve_plan, route_together
 from moerge.coordinator.inference.results import ExamplePrediction, ExpertWeight, expert_weights
+from moerge.coordinator.inference.traced import TracedForwards
 from moerge.embedding import EMBEDDING_MAX_LENGTH
 from moerge.router_training.base import Router
 
@@ -111,6 +112,8 @@ class InferenceEngine:
     ``cache_bytes`` bounds the experts' LoRA weights kept resident (the coordinator's
     ``adapter_cache_bytes``, same default); ``max_chars`` and ``max_length`` bound an input in
     characters and tokens; ``max_new_tokens`` is the default answer length of a causal LM.
+    ``traced_forwards`` (classification) runs the one-expert-per-row and routing-embedding
+    forwards as TorchScript graphs (:mod:`.traced`).
     """
 
     def __init__(
@@ -136,6 +139,7 @@ class InferenceEngine:
         generation_cuda_graphs: bool = True,
         generation_steps_per_sync: int = 0,
         generation_bgmv_kernels: bool = False,
+        traced_forwards: bool = False,
     ) -> None:
         task_type = checked_task_type(task_type)
         if ensemble_mode not in (None, "expand", "sequential"):
@@ -186,6 +190,8 @@ class InferenceEngine:
             dtype=self.dtype,
         )
         self.forward = Forward(self.model, self.bank, self.device, self.dtype)
+        if traced_forwards and not self.is_causal_lm:
+            self.forward.traced = TracedForwards(self.model, self.bank)
         self.merges = MergedSlots(self.forward)
         self.classifier = Classifier(self.forward, self.cache, self.merges)
         self.generator = Generator(self.forward, self.cache, self.merges, self.tokenizer)
@@ -391,6 +397,10 @@ class InferenceEngine:
 
     def _embed_encoded(self, enc: BatchEncoding) -> torch.Tensor:
         """Routing embeddings [B, H] of tokenised rows: the base model alone, no expert."""
+        traced = self.forward.traced
+        embeddings = traced.embeddings(enc) if traced is not None else None
+        if embeddings is not None:
+            return embeddings
         with self.bank.no_routing():
             return embeddings_of(self.model, enc, self.is_causal_lm)
 

@@ -29,6 +29,7 @@ from moerge.coordinator.inference.cache import LoadedExpert, bank_module_name
 from moerge.coordinator.inference.errors import InvalidPlan
 from moerge.coordinator.inference.lora_bank import LoraBank
 from moerge.coordinator.inference.results import ExpertWeight
+from moerge.coordinator.inference.traced import TracedForwards
 from moerge.router_training.base import Router
 
 
@@ -42,6 +43,8 @@ class Forward:
         self.bank = bank
         self.device = device
         self.dtype = dtype
+        #: traced graphs of the classification forwards (the engine's ``traced_forwards``)
+        self.traced: TracedForwards | None = None
 
     def slots(self, rows: Sequence[Sequence[int]]) -> torch.Tensor:
         """Bank slots per row as a long tensor [R, n] on the engine's device."""
@@ -56,6 +59,16 @@ class Forward:
     def pooled(self, enc: BatchEncoding) -> torch.Tensor:
         """The encoder's ``pooler_output`` [B, H] (classification), under the active routing."""
         return self.model(**enc).pooler_output
+
+    def pooled_per_row(self, enc: BatchEncoding, slots: torch.Tensor) -> torch.Tensor:
+        """``pooler_output`` [B, H] with row ``r`` through the expert in ``slots[r]`` [B, 1]
+        alone: the traced graph where there is one (:mod:`.traced`), else the eager forward."""
+        if self.traced is not None:
+            pooled = self.traced.pooled_per_row(enc, slots)
+            if pooled is not None:
+                return pooled
+        with self.one_expert_per_row(slots):
+            return self.pooled(enc)
 
     def router_modules(self, router: Router) -> dict[str, str]:
         """Bank module name -> the token router's name for the same module."""

@@ -506,7 +506,7 @@ class LoraBank:
                 f"{tuple(weights.shape)}"
             )
         if validate:
-            self._check_slots(slots)
+            self.check_slots(slots)
         first = next(iter(self.modules.values()))
         slots = slots.to(device=first.A.device, dtype=torch.long)
         weights = weights.to(first.A.device)
@@ -536,7 +536,8 @@ class LoraBank:
 
         return route
 
-    def _check_slots(self, slots: torch.Tensor) -> None:
+    def check_slots(self, slots: torch.Tensor) -> None:
+        """``ValueError`` unless every slot lies in ``[-1, capacity)`` (read back to the host)."""
         if slots.numel() == 0:
             return
         low, high = int(slots.min()), int(slots.max())

@@ -60,8 +60,11 @@ def reference(base: Path, experts: dict[str, Path]) -> dict[str, torch.Tensor]:
     return {e: peft_probabilities(base, folder, TEXTS) for e, folder in experts.items()}
 
 
-@pytest.fixture(scope="module")
-def engine(base: Path, experts: dict[str, Path]) -> Iterator[InferenceEngine]:
+@pytest.fixture(scope="module", params=[False, True], ids=["eager", "traced"])
+def engine(
+    base: Path, experts: dict[str, Path], request: pytest.FixtureRequest
+) -> Iterator[InferenceEngine]:
+    """Every behaviour below holds with the forwards run eagerly and as traced graphs."""
     engine = InferenceEngine(
         base,
         "classification",
@@ -70,6 +73,7 @@ def engine(base: Path, experts: dict[str, Path]) -> Iterator[InferenceEngine]:
         cache_bytes=1 << 30,
         max_length=24,
         expert_loader=experts.__getitem__,
+        traced_forwards=request.param,
     )
     yield engine
     engine.close()
