@@ -10,6 +10,8 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
+import pytest
+
 BENCHMARK = Path(__file__).resolve().parents[2] / "benchmarks" / "predict_overhead.py"
 
 
@@ -22,9 +24,13 @@ def _bench() -> ModuleType:
     return module
 
 
-def test_a_short_run_measures_both_servers_without_errors(tmp_path: Path) -> None:
+@pytest.mark.parametrize("traced_forwards", [False, True], ids=["eager", "traced"])
+def test_a_short_run_measures_both_servers_without_errors(
+    tmp_path: Path, traced_forwards: bool
+) -> None:
     bench = _bench()
     args = argparse.Namespace(seconds=1.0, clients=4, experts=2, rank=4, batch_wait_ms=None)
+    args.traced_forwards = traced_forwards
     phases, model, batch = bench.run(args, tmp_path)
     assert [p.name for p in phases] == ["echo", "Predict", "echo"]
     for phase in phases:
@@ -37,3 +43,4 @@ def test_a_short_run_measures_both_servers_without_errors(tmp_path: Path) -> Non
     report = bench.markdown(phases, model, batch, args)
     assert "Predict / echo" in report and "server CPU per request" in report
     assert "By thread, per Predict" in report
+    assert ("traced forwards" in report) == traced_forwards
