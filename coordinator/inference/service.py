@@ -191,6 +191,7 @@ class InferenceService:
             generation_cuda_graphs=config.generation_cuda_graphs,
             generation_steps_per_sync=config.generation_steps_per_sync,
             generation_bgmv_kernels=config.generation_bgmv_kernels,
+            generation_fused_rotary=config.generation_fused_rotary,
             traced_forwards=config.traced_forwards,
         )
         self.batcher: MicroBatcher[InferenceRequest, list[ExamplePrediction]] = MicroBatcher(

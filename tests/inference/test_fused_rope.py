@@ -1,0 +1,88 @@
+"""The fused rotary swap: which modeling modules it takes, and that it keeps transformers'
+result (CUDA with Liger-Kernel for the kernel itself)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+from transformers.models.gpt_neox import modeling_gpt_neox
+from transformers.models.llama import modeling_llama
+from transformers.models.qwen2 import modeling_qwen2
+
+from moerge.coordinator.inference.generation import fused_rope
+from moerge.coordinator.inference.generation.fused_rope import (
+    fused_or_original,
+    fused_rotary_available,
+    has_llama_rotary,
+    use_fused_rotary,
+)
+from tests.tiny_models import make_tiny_llama
+
+
+def rotary_inputs(device: str = "cpu", dtype: torch.dtype = torch.float32):
+    generator = torch.Generator().manual_seed(0)
+    q = torch.randn(3, 1, 8, 16, generator=generator).transpose(1, 2)  # [R, H_q, T, D]
+    k = torch.randn(3, 1, 2, 16, generator=generator).transpose(1, 2)  # [R, H_kv, T, D]
+    angles = torch.rand(3, 1, 8, generator=generator) * 6.28
+    cos = torch.cat([angles.cos()] * 2, dim=-1)  # [R, T, D]
+    sin = torch.cat([angles.sin()] * 2, dim=-1)
+    return [t.to(device, dtype) for t in (q, k, cos, sin)]
+
+
+def test_llama_formula_rotary_is_recognised_and_neoxs_partial_one_is_not() -> None:
+    assert has_llama_rotary(modeling_llama)
+    assert has_llama_rotary(modeling_qwen2)  # generated from Llama's code
+    assert not has_llama_rotary(modeling_gpt_neox)  # rotates only part of each head
+
+
+def test_tensors_off_cuda_keep_transformers_rotary() -> None:
+    def fused(*args: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raise AssertionError("the fused kernel is for CUDA tensors only")
+
+    rotary = fused_or_original(modeling_llama.apply_rotary_pos_emb, fused)
+    q, k, cos, sin = rotary_inputs()
+    for got, want in zip(
+        rotary(q, k, cos, sin), modeling_llama.apply_rotary_pos_emb(q, k, cos, sin), strict=True
+    ):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_cpu_models_leave_the_modeling_module_alone(tmp_path: Path) -> None:
+    model = AutoModelForCausalLM.from_pretrained(make_tiny_llama(tmp_path / "llama"))
+    original = modeling_llama.apply_rotary_pos_emb
+    assert use_fused_rotary(model) is False
+    assert modeling_llama.apply_rotary_pos_emb is original
+
+
+@pytest.mark.skipif(not fused_rotary_available(), reason="needs CUDA and Liger-Kernel")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_rotary_gives_transformers_result(dtype: torch.dtype) -> None:
+    q, k, cos, sin = rotary_inputs("cuda", dtype)
+    want = modeling_llama.apply_rotary_pos_emb(q, k, cos, sin)
+    rotary = fused_or_original(modeling_llama.apply_rotary_pos_emb, fused_rope._liger_rotary())
+    got = rotary(q.clone(), k.clone(), cos, sin)
+    tolerance = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {}
+    for g, w in zip(got, want, strict=True):
+        assert g.shape == w.shape
+        torch.testing.assert_close(g, w, **tolerance)
+
+
+@pytest.mark.skipif(not fused_rotary_available(), reason="needs CUDA and Liger-Kernel")
+def test_cuda_model_takes_the_fused_rotary_and_its_logits_stay(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # restored after the test: the swap is process-wide for the modeling module
+    monkeypatch.setattr(modeling_llama, "apply_rotary_pos_emb", modeling_llama.apply_rotary_pos_emb)
+    monkeypatch.setattr(modeling_llama, fused_rope._MARK, None, raising=False)
+    model = AutoModelForCausalLM.from_pretrained(make_tiny_llama(tmp_path / "llama"))
+    model = model.to("cuda").eval()
+    ids = torch.randint(3, model.config.vocab_size, (4, 12), device="cuda")
+    with torch.no_grad():
+        before = model(ids).logits
+        assert use_fused_rotary(model)
+        after = model(ids).logits
+    assert getattr(modeling_llama, fused_rope._MARK) is not None
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
