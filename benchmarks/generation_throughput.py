@@ -254,6 +254,42 @@ def hf_baselines(base: Path, folders: list[Path], prompts: list[str], args, dtyp
     return out
 
 
+def burst(engine, prompts: list[str], ids: list[str], sampling) -> tuple[float, list[float], int]:
+    """Submit every prompt to the engine's scheduler at once, request i pinned to expert
+    ``ids[i % len(ids)]``; wait for all. Returns (seconds, each time to first token in ms,
+    tokens generated)."""
+    from moerge.coordinator.inference.generation.requests import (
+        GenerationFinished,
+        GenerationRequest,
+    )
+    from moerge.coordinator.inference.plan import RoutingPlan
+
+    done = threading.Semaphore(0)
+    firsts: list[float] = []
+    count = [0]
+    start = time.perf_counter()
+
+    def sink(event):
+        if isinstance(event, GenerationFinished):
+            firsts.append(event.time_to_first_token_ms)
+            count[0] += event.completion_tokens
+            done.release()
+
+    for i, prompt in enumerate(prompts):
+        engine.scheduler.submit(
+            GenerationRequest(
+                prompt=prompt,
+                routing_text=prompt,
+                sampling=sampling,
+                sink=sink,
+                plan=RoutingPlan.explicit([[ids[i % len(ids)]]]),
+            )
+        )
+    for _ in prompts:
+        done.acquire()
+    return time.perf_counter() - start, firsts, count[0]
+
+
 def moerge_in_process(base: Path, folders: list[Path], prompts: list[str], args, dtype) -> dict:
     """The engine's scheduler in this process: batched throughput and time to first token."""
     from moerge.coordinator.inference.engine import InferenceEngine
@@ -281,35 +317,8 @@ def moerge_in_process(base: Path, folders: list[Path], prompts: list[str], args,
         generation_fused_rotary=args.fused_rotary,
     )
     sampling = SamplingParams(max_new_tokens=args.new_tokens)
-
-    def run(batch: list[str]) -> tuple[float, list[float], int]:
-        done = threading.Semaphore(0)
-        firsts: list[float] = []
-        count = [0]
-        start = time.perf_counter()
-
-        def sink(event):
-            if isinstance(event, GenerationFinished):
-                firsts.append(event.time_to_first_token_ms)
-                count[0] += event.completion_tokens
-                done.release()
-
-        for i, prompt in enumerate(batch):
-            engine.scheduler.submit(
-                GenerationRequest(
-                    prompt=prompt,
-                    routing_text=prompt,
-                    sampling=sampling,
-                    sink=sink,
-                    plan=RoutingPlan.explicit([[ids[i % len(ids)]]]),
-                )
-            )
-        for _ in batch:
-            done.acquire()
-        return time.perf_counter() - start, firsts, count[0]
-
-    run(prompts)  # warm-up: loads every expert used
-    elapsed, _, count = run(prompts)
+    burst(engine, prompts, ids, sampling)  # warm-up: loads every expert used
+    elapsed, _, count = burst(engine, prompts, ids, sampling)
     # time to first token alone, routed as the server routes: a centroid router over the same
     # statistics (the prompt is embedded by the base model first)
     from moerge.coordinator.services.expert_store import read_statistics
