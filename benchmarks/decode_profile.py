@@ -28,7 +28,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # generation_throughpu
 
 import generation_throughput as gt
 
-from moerge.coordinator.inference.engine import InferenceEngine
 from moerge.coordinator.inference.generation.sampling import SamplingParams
 
 
@@ -38,21 +37,7 @@ def profile_decode(args: argparse.Namespace, workdir: Path) -> dict[str, object]
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     base = gt.write_base(workdir / "base", args.preset, dtype)
     folders = gt.write_experts(base, workdir / "experts", args.experts, args.rank)
-    ids = [f"e{i}" for i in range(len(folders))]
-    engine = InferenceEngine(
-        base,
-        "causal_lm",
-        gt.TARGETS,
-        max_rank=args.rank,
-        cache_bytes=16 << 30,
-        device=args.device,
-        dtype=dtype,
-        max_length=args.prompt_tokens + 8,
-        expert_loader=dict(zip(ids, folders, strict=True)).__getitem__,
-        generation_max_batch=max(64, args.concurrency),
-        generation_bgmv_kernels=args.bgmv,
-        generation_fused_rotary=args.fused_rotary,
-    )
+    ids, engine = gt.pinned_engine(base, folders, args, dtype, args.concurrency)
     vocab = gt.PRESETS[args.preset]["vocab_size"]
     prompts = gt.prompts_for(args.concurrency, args.prompt_tokens, vocab)
     sampling = SamplingParams(max_new_tokens=args.new_tokens)

@@ -254,6 +254,31 @@ def hf_baselines(base: Path, folders: list[Path], prompts: list[str], args, dtyp
     return out
 
 
+def pinned_engine(base: Path, folders: list[Path], args, dtype, rows: int):
+    """``(expert ids, InferenceEngine)``: the benchmark's causal-LM engine over ``folders``,
+    with room for ``rows`` running requests and every expert; ``args`` give the rank, device,
+    prompt length and the optional kernels."""
+    from moerge.coordinator.inference.engine import InferenceEngine
+
+    ids = [f"e{i}" for i in range(len(folders))]
+    engine = InferenceEngine(
+        base,
+        "causal_lm",
+        TARGETS,
+        max_rank=args.rank,
+        cache_bytes=16 << 30,
+        device=args.device,
+        dtype=dtype,
+        max_length=args.prompt_tokens + 8,
+        expert_loader=dict(zip(ids, folders, strict=True)).__getitem__,
+        generation_max_batch=max(64, rows),
+        initial_capacity=len(folders),
+        generation_bgmv_kernels=args.bgmv,
+        generation_fused_rotary=args.fused_rotary,
+    )
+    return ids, engine
+
+
 def burst(engine, prompts: list[str], ids: list[str], sampling) -> tuple[float, list[float], int]:
     """Submit every prompt to the engine's scheduler at once, request i pinned to expert
     ``ids[i % len(ids)]``; wait for all. Returns (seconds, each time to first token in ms,
@@ -292,7 +317,6 @@ def burst(engine, prompts: list[str], ids: list[str], sampling) -> tuple[float, 
 
 def moerge_in_process(base: Path, folders: list[Path], prompts: list[str], args, dtype) -> dict:
     """The engine's scheduler in this process: batched throughput and time to first token."""
-    from moerge.coordinator.inference.engine import InferenceEngine
     from moerge.coordinator.inference.generation.requests import (
         GenerationFinished,
         GenerationRequest,
@@ -300,22 +324,7 @@ def moerge_in_process(base: Path, folders: list[Path], prompts: list[str], args,
     from moerge.coordinator.inference.generation.sampling import SamplingParams
     from moerge.coordinator.inference.plan import RoutingPlan
 
-    ids = [f"e{i}" for i in range(len(folders))]
-    engine = InferenceEngine(
-        base,
-        "causal_lm",
-        TARGETS,
-        max_rank=args.rank,
-        cache_bytes=16 << 30,
-        device=args.device,
-        dtype=dtype,
-        max_length=args.prompt_tokens + 8,
-        expert_loader=dict(zip(ids, folders, strict=True)).__getitem__,
-        generation_max_batch=max(64, len(prompts)),
-        initial_capacity=len(folders),
-        generation_bgmv_kernels=args.bgmv,
-        generation_fused_rotary=args.fused_rotary,
-    )
+    ids, engine = pinned_engine(base, folders, args, dtype, len(prompts))
     sampling = SamplingParams(max_new_tokens=args.new_tokens)
     burst(engine, prompts, ids, sampling)  # warm-up: loads every expert used
     elapsed, _, count = burst(engine, prompts, ids, sampling)
