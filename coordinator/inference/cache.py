@@ -150,6 +150,7 @@ class ExpertCache:
         self.hits = 0
         self.loads = 0
         self.evictions = 0
+        self._reserved_for = 0  # the largest expert count reserve_for has made room for
 
     # -- inspection ---------------------------------------------------------------------------
     @property
@@ -239,17 +240,21 @@ class ExpertCache:
         buffers must be captured again, under load. One growth, when the router's first request
         arrives, costs the same memory (the budget bounds both) without the recaptures.
         Worker thread only (growing moves the buffers that running batches read)."""
+        if experts <= self._reserved_for:  # every admitted request asks: O(1) when done
+            return
         with self._lock:
             slot_bytes = self._slot_bytes()
             fits = self.budget_bytes // slot_bytes if slot_bytes else experts
             target = min(int(experts), fits) + SPARE_SLOTS
             if target > self.bank.capacity:
                 self.bank.reserve(target)
+            self._reserved_for = int(experts)
 
     def set_budget(self, budget_bytes: int) -> None:
         """Change the byte budget, evicting unpinned experts at once if it shrank."""
         with self._lock:
             self.budget_bytes = int(budget_bytes)
+            self._reserved_for = 0  # a larger budget may pay for more slots
             self._trim()
 
     # -- internals ----------------------------------------------------------------------------

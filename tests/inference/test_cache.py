@@ -160,3 +160,13 @@ def test_reserving_never_holds_more_slots_than_the_budget_pays_for(engine):
     engine.cache.set_budget(20 * slot)
     engine.cache.reserve_for(1000)
     assert engine.bank.capacity == 20 + SPARE_SLOTS
+
+
+def test_a_larger_budget_lets_the_next_reservation_grow_the_bank_again(engine):
+    slot = sum(m.nbytes_per_slot() for m in engine.bank.modules.values())
+    engine.cache.set_budget(20 * slot)
+    engine.cache.reserve_for(60)
+    assert engine.bank.capacity == 20 + SPARE_SLOTS
+    engine.cache.set_budget(60 * slot)
+    engine.cache.reserve_for(60)
+    assert engine.bank.capacity == 60 + SPARE_SLOTS
