@@ -299,7 +299,7 @@ def main() -> None:
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp/moerge-generalization"))
     parser.add_argument("--max-train", type=int, default=400)
     parser.add_argument("--max-test", type=int, default=200)
-    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--epochs", type=int, default=TrainOptions.epochs, help="the CLI's default")
     parser.add_argument("--max-length", type=int, default=64)
     parser.add_argument("--gate-steps", type=int, default=50)
     parser.add_argument("--seeds", type=int, default=2)
