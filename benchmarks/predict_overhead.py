@@ -301,7 +301,10 @@ def run(args: argparse.Namespace, workdir: Path) -> tuple[list[Phase], ModelTime
         settings["batch_wait_ms"] = args.batch_wait_ms
     if args.traced_forwards:
         settings["traced_forwards"] = "true"
-    with CoordinatorProcess(workdir / "data", base, **settings) as coordinator:
+    coordinator = CoordinatorProcess(workdir / "data", base, **settings)
+    for name in args.unset_env:  # run the coordinator as it is deployed, without the harness's
+        coordinator.env.pop(name, None)  # thread limits
+    with coordinator:
         expert_ids = seed(coordinator, folders)
         metadata = bearer(coordinator.admin_token)
 
@@ -431,6 +434,14 @@ def main() -> None:
         "--traced-forwards",
         action="store_true",
         help="the coordinator (and the model-only engine) with traced_forwards = true",
+    )
+    parser.add_argument(
+        "--unset-env",
+        nargs="*",
+        default=[],
+        metavar="NAME",
+        help="variables the test harness sets for the coordinator (OMP_NUM_THREADS, "
+        "MKL_NUM_THREADS, TOKENIZERS_PARALLELISM) to leave unset, as a deployment would",
     )
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--serve-echo", action="store_true", help=argparse.SUPPRESS)
