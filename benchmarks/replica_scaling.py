@@ -24,6 +24,12 @@ out on PYTHONPATH; seeding speaks the gRPC API directly, so nothing beyond the c
 own dependencies is needed.
 
     python benchmarks/replica_scaling.py --replicas 1 2 4 --seconds 20 --clients-per-replica 16
+
+``--pin`` (Linux) gives each replica a physical core of its own (both hyperthreads) and the
+client processes the cores left, so that a replica added never shares a core with another
+replica or a client: on the 16-vCPU host, 4 unpinned replicas served 0.74x linear while each
+replica stayed at about one core, a loss that the kernel's placement (two replicas on the
+hyperthreads of one core, clients beside them) would explain and pinning removes.
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -102,10 +109,40 @@ def serve_replica() -> None:
     asyncio.run(serve(CoordinatorConfig.load()))
 
 
+def physical_cores() -> list[set[int]]:
+    """The logical CPUs this process may use, grouped by physical core (hyperthread siblings
+    together; Linux sysfs), in CPU order. One group per CPU where the topology is unreadable."""
+    groups: list[set[int]] = []
+    for cpu in sorted(os.sched_getaffinity(0)):
+        if any(cpu in group for group in groups):
+            continue
+        siblings = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list")
+        try:
+            group = set()
+            for part in siblings.read_text().strip().split(","):
+                low, _, high = part.partition("-")
+                group |= set(range(int(low), int(high or low) + 1))
+        except (OSError, ValueError):
+            group = {cpu}
+        groups.append(group & os.sched_getaffinity(0) or {cpu})
+    return groups
+
+
+def pinned(cpus: set[int] | None) -> Callable[[], None] | None:
+    """A ``preexec_fn`` that confines a child (and every thread it starts) to ``cpus``."""
+    return None if cpus is None else lambda: os.sched_setaffinity(0, cpus)
+
+
 class Replica:
     """A coordinator child process on a free loopback port; ``address`` once it serves."""
 
-    def __init__(self, data_dir: Path, blobs: Path, settings: dict[str, object]) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        blobs: Path,
+        settings: dict[str, object],
+        cpus: set[int] | None = None,
+    ) -> None:
         data_dir.mkdir(parents=True)
         (data_dir / "blobs").symlink_to(blobs, target_is_directory=True)
         env = {k: v for k, v in os.environ.items() if not k.startswith("MOERGE_")}
@@ -121,6 +158,7 @@ class Replica:
                 stdout=subprocess.PIPE,
                 stderr=err,
                 text=True,
+                preexec_fn=pinned(cpus),
             )
         assert self.process.stdout is not None
         for line in self.process.stdout:
@@ -366,6 +404,7 @@ def run_phase(
     args: argparse.Namespace,
     admin: str,
     expert_ids: list[str],
+    client_cpus: set[int] | None = None,
 ) -> Phase:
     target, options = balancer.serve([r.address for r in replicas])
     plan = ClientPlan(
@@ -385,6 +424,7 @@ def run_phase(
             stdout=subprocess.PIPE,
             text=True,
             env=env,
+            preexec_fn=pinned(client_cpus),
         )
         for _ in replicas
     ]
@@ -420,10 +460,33 @@ def run_phase(
 
 # -- the run -----------------------------------------------------------------------------------
 @dataclass
+class Placement:
+    """With ``--pin``: replica i alone on physical core i (both hyperthreads), the clients on
+    the cores left; so a replica added never shares a core, and the clients never take one."""
+
+    replicas: list[set[int]]
+    clients: set[int] | None
+
+    @classmethod
+    def plan(cls, count: int) -> Placement:
+        cores = physical_cores()
+        if len(cores) < count + 1:
+            raise SystemExit(f"--pin needs {count + 1} physical cores, found {len(cores)}")
+        return cls(cores[:count], set().union(*cores[count:]))
+
+    def describe(self) -> str:
+        if not self.replicas:
+            return "none (the kernel places every process)"
+        mapping = "; ".join(f"replica {i}: {sorted(c)}" for i, c in enumerate(self.replicas))
+        return f"{mapping}; client processes: {sorted(self.clients or ())}"
+
+
+@dataclass
 class Run:
     registry: str
     balancer: str
     phases: list[Phase]
+    placement: str
 
 
 def run(args: argparse.Namespace, workdir: Path) -> Run:
@@ -460,16 +523,27 @@ def run(args: argparse.Namespace, workdir: Path) -> Run:
             expert_ids = seed(seeder.address, admin, folders)
         finally:
             seeder.stop()
+        placement = Placement.plan(max(args.replicas)) if args.pin else Placement([], None)
         for i in range(max(args.replicas)):
-            replicas.append(Replica(workdir / f"r{i}", blobs, settings | {"role": "inference"}))
+            replicas.append(
+                Replica(
+                    workdir / f"r{i}",
+                    blobs,
+                    settings | {"role": "inference"},
+                    placement.replicas[i] if placement.replicas else None,
+                )
+            )
         for replica in replicas:
             warm(replica.address, admin, expert_ids)
-        phases = [run_phase(replicas[:n], balancer, args, admin, expert_ids) for n in args.replicas]
+        phases = [
+            run_phase(replicas[:n], balancer, args, admin, expert_ids, placement.clients)
+            for n in args.replicas
+        ]
     finally:
         for replica in replicas:
             replica.stop()
         registry.close()
-    return Run(registry.description, balancer.description, phases)
+    return Run(registry.description, balancer.description, phases, placement.describe())
 
 
 def cpu_model() -> str:
@@ -498,6 +572,7 @@ def markdown(result: Run, args: argparse.Namespace) -> str:
         f"{load[1]:.1f} / {load[2]:.1f} (1/5/15 min)",
         f"- registry: {result.registry}; blob store: one folder shared by every replica",
         f"- balancer: {result.balancer}",
+        f"- CPU placement: {result.placement}",
         f"- workload: tiny random BERT, {args.experts} experts (LoRA r=8) behind a centroid "
         f"router, adapter caches warm; replicas of role `inference`, one torch thread each; one "
         f"client process per replica served, {args.clients_per_replica} closed-loop Predict "
@@ -545,6 +620,11 @@ def main() -> None:
     parser.add_argument("--experts", type=int, default=4)
     parser.add_argument("--registry", choices=("auto", "postgresql", "sqlite"), default="auto")
     parser.add_argument("--balancer", choices=("auto", "nginx", "round_robin"), default="auto")
+    parser.add_argument(
+        "--pin",
+        action="store_true",
+        help="each replica on a physical core of its own, the clients on the rest (Linux)",
+    )
     parser.add_argument("--output", type=Path, default=RESULTS)
     parser.add_argument("--serve-replica", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--client", help=argparse.SUPPRESS)

@@ -28,3 +28,33 @@ def test_one_replica_for_two_seconds_answers_every_call_and_writes_the_report(
     requests, errors, per_second, ratio = int(cells[2]), cells[3], float(cells[4]), cells[5]
     assert requests > 0 and errors == "0" and per_second > 0
     assert ratio == "1.00x"  # the one phase is its own baseline
+
+
+def _benchmark_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("replica_scaling", BENCHMARK)
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_pinned_placement_gives_each_replica_a_core_of_its_own_and_the_clients_the_rest() -> None:
+    import os
+
+    import pytest
+
+    module = _benchmark_module()
+    cores = module.physical_cores()
+    allowed = os.sched_getaffinity(0)
+    assert set().union(*cores) == allowed  # every usable CPU, in exactly one group
+    assert sum(len(group) for group in cores) == len(allowed)
+    if len(cores) < 2:
+        pytest.skip("one physical core: nothing to place apart")
+    placement = module.Placement.plan(len(cores) - 1)
+    assert placement.replicas == cores[:-1] and placement.clients == cores[-1]
+    assert "replica 0:" in placement.describe()
+    with pytest.raises(SystemExit, match="physical cores"):
+        module.Placement.plan(len(cores))
