@@ -29,7 +29,9 @@ def test_a_short_run_measures_both_servers_without_errors(
     tmp_path: Path, traced_forwards: bool
 ) -> None:
     bench = _bench()
-    args = argparse.Namespace(seconds=1.0, clients=4, experts=2, rank=4, batch_wait_ms=None)
+    args = argparse.Namespace(
+        seconds=1.0, clients=4, experts=2, rank=4, batch_wait_ms=None, unset_env=[]
+    )
     args.traced_forwards = traced_forwards
     phases, model, batch = bench.run(args, tmp_path)
     assert [p.name for p in phases] == ["echo", "Predict", "echo"]
