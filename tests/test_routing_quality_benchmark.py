@@ -6,10 +6,7 @@ caller decides (oracle, ceiling) through a real coordinator's Predict with tiny 
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from collections.abc import Iterator
-from pathlib import Path
 from types import ModuleType
 
 import pytest
@@ -18,23 +15,17 @@ import torch
 from moerge.contributor_client.connection import Target
 from moerge.contributor_client.upload import upload_expert
 from moerge.evaluation import MethodScore, StreamExample, mixed_stream, score_assigned
+from tests.benchmark_scripts import load_benchmark
 from tests.coordinator.conftest import coordinator_config
 from tests.coordinator.harness import BackgroundCoordinator
 from tests.coordinator.test_server import enroll
 from tests.experts import make_expert_dir
 from tests.tiny_models import make_tiny_bert
 
-BENCHMARK = Path(__file__).parents[1] / "benchmarks" / "routing_quality.py"
-
 
 @pytest.fixture(scope="module")
 def bench() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("routing_quality", BENCHMARK)
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("routing_quality")
 
 
 def _clusters(n_per_class: tuple[int, ...], dim: int = 16, seed: int = 0):

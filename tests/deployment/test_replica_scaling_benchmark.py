@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tests.benchmark_scripts import load_benchmark
+
 BENCHMARK = Path(__file__).resolve().parents[2] / "benchmarks" / "replica_scaling.py"
 
 
@@ -30,23 +32,12 @@ def test_one_replica_for_two_seconds_answers_every_call_and_writes_the_report(
     assert ratio == "1.00x"  # the one phase is its own baseline
 
 
-def _benchmark_module():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("replica_scaling", BENCHMARK)
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_pinned_placement_gives_each_replica_a_core_of_its_own_and_the_clients_the_rest() -> None:
     import os
 
     import pytest
 
-    module = _benchmark_module()
+    module = load_benchmark("replica_scaling")
     cores = module.physical_cores()
     allowed = os.sched_getaffinity(0)
     assert set().union(*cores) == allowed  # every usable CPU, in exactly one group

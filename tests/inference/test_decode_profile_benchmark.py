@@ -3,21 +3,13 @@ its bursts and returns the profiler's table."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
 from types import ModuleType
 
-BENCHMARK = Path(__file__).resolve().parents[2] / "benchmarks" / "decode_profile.py"
+from tests.benchmark_scripts import load_benchmark
 
 
 def _bench() -> ModuleType:
-    sys.path.insert(0, str(BENCHMARK.parent))  # it imports generation_throughput by folder
-    spec = importlib.util.spec_from_file_location("decode_profile", BENCHMARK)
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("decode_profile")
 
 
 def test_a_tiny_cpu_run_times_every_burst_and_returns_the_kernel_table() -> None:

@@ -6,23 +6,17 @@ what one micro-batch pins (the cache's documented exception), and back under it 
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
 
-BENCHMARK = Path(__file__).resolve().parents[2] / "benchmarks" / "load_test.py"
+from tests.benchmark_scripts import load_benchmark
+
 PREDICTORS, EXPERTS, RANK = 8, 8, 8
 
 
 def _load_test_module():
-    spec = importlib.util.spec_from_file_location("load_test", BENCHMARK)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["load_test"] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("load_test")
 
 
 def test_short_load_has_no_errors_and_keeps_the_cache_within_budget(
