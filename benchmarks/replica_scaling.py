@@ -28,8 +28,9 @@ own dependencies is needed.
 ``--pin`` (Linux) gives each replica a physical core of its own (both hyperthreads) and the
 client processes the cores left, so that a replica added never shares a core with another
 replica or a client: on the 16-vCPU host, 4 unpinned replicas served 0.74x linear while each
-replica stayed at about one core, a loss that the kernel's placement (two replicas on the
-hyperthreads of one core, clients beside them) would explain and pinning removes.
+replica stayed at about one core; the kernel's placement (two replicas on the hyperthreads of
+one core, clients beside them) is one candidate cause, which a pinned run tells apart (not yet
+measured on that host).
 """
 
 from __future__ import annotations

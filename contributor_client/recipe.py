@@ -65,7 +65,7 @@ class TrainConfig:
     # epochs if needed; causal LM training keeps to `epochs`): 200 examples at batch 16 are
     # only 36 steps in 3 epochs. At 3e-3, 60 steps did as well as 100 on the 200-example
     # screens, and 40 as well as 60 on all five public tasks (mean +3.4 pt over the probe
-    # both) in 1.26-1.42x the legacy recipe's time instead of 1.79-2.18x
+    # both) in 1.23-1.50x the legacy recipe's time instead of 1.79-2.18x
     # (benchmarks/results/expert_quality.md).
     min_steps: int = 40
     # LP-FT: start the classification head from a logistic regression fitted on the frozen
