@@ -18,6 +18,7 @@ from moerge.results import BaseModel
 if TYPE_CHECKING:
     from moerge.contributor_client.build import BuildReport
     from moerge.contributor_client.dp_sgd import DPSGDConfig
+    from moerge.contributor_client.gates import GateConfig
     from moerge.contributor_client.privacy import DPConfig
     from moerge.contributor_client.recipe import TrainConfig
 
@@ -50,6 +51,7 @@ class TrainOptions:
     stats_rank: int = 16  # covariance rank of the statistics
     gates: bool = True  # train PHATGOOSE gates
     gate_steps: int = 100  # PHATGOOSE gate training steps
+    gate_learning_rate: float | None = None  # None: GateConfig's default (5e-2)
     # Differential privacy of the statistics: on by default (None: privacy.DEFAULT_EPSILON);
     # no_dp=True is the explicit opt-out, recorded in statistics.json and by the coordinator.
     dp_epsilon: float | None = None
@@ -151,10 +153,9 @@ def build(
 ) -> BuildReport:
     """Train + gates + statistics into ``out``; a bad data file is ``INVALID_ARGUMENT``."""
     from moerge.contributor_client.build import build_expert
-    from moerge.contributor_client.gates import GateConfig
 
-    gates = GateConfig(steps=options.gate_steps, max_length=options.max_length, seed=options.seed)
     try:
+        gates = gate_config(options)  # a bad value fails here, not after training the expert
         dp, dp_sgd = privacy_options(options)
         return build_expert(
             data,
@@ -175,6 +176,19 @@ def build(
         )
     except (ValueError, FileNotFoundError) as exc:
         raise MoergeError.invalid(str(exc)) from None
+
+
+def gate_config(options: TrainOptions) -> GateConfig:
+    """The PHATGOOSE gates' ``GateConfig`` of ``options``; when gates are trained, validated
+    (``ValueError``) before anything is."""
+    from moerge.contributor_client.gates import GateConfig
+
+    gates = GateConfig(steps=options.gate_steps, max_length=options.max_length, seed=options.seed)
+    if options.gate_learning_rate is not None:
+        gates.learning_rate = options.gate_learning_rate
+    if options.gates:
+        gates.validate()
+    return gates
 
 
 def privacy_options(options: TrainOptions) -> tuple[DPConfig | None, DPSGDConfig | None]:

@@ -48,6 +48,10 @@ HeadLearningRate = Annotated[
     float | None,
     typer.Option("--head-lr", help="peak learning rate of the classification head [--lr]"),
 ]
+GateLearningRate = Annotated[
+    float | None,
+    typer.Option("--gate-lr", help="PHATGOOSE gates' AdamW learning rate [5e-2]"),
+]
 MinSteps = Annotated[int | None, typer.Option(help="at least this many optimizer steps")]
 LrSchedule = Annotated[str | None, typer.Option(help="decay after warm-up: linear | cosine")]
 ClassWeighting = Annotated[
@@ -175,6 +179,7 @@ def _build(
     label_field: str,
     with_gates: bool,
     gate_steps: int,
+    gate_learning_rate: float | None,
     max_length: int,
     seed: int,
     privacy: Privacy,
@@ -193,6 +198,7 @@ def _build(
         stats_rank=stats_rank,
         gates=with_gates,
         gate_steps=gate_steps,
+        gate_learning_rate=gate_learning_rate,
         **vars(privacy),
     )
     return _or_exit(
@@ -248,6 +254,7 @@ def train(
     stats_rank: Annotated[int, typer.Option(help="covariance rank of the statistics")] = 16,
     no_gates: Annotated[bool, typer.Option("--no-gates", help="skip PHATGOOSE gates")] = False,
     gate_steps: Annotated[int, typer.Option(help="PHATGOOSE gate training steps")] = 100,
+    gate_learning_rate: GateLearningRate = None,
     dp_epsilon: DpEpsilon = None,
     dp_delta: DpDelta = 1e-5,
     no_dp: NoDp = False,
@@ -298,6 +305,7 @@ def train(
         label_field,
         not no_gates,
         gate_steps,
+        gate_learning_rate,
         max_length,
         seed,
         privacy,
@@ -388,6 +396,7 @@ def contribute(
     stats_rank: int = 16,
     no_gates: Annotated[bool, typer.Option("--no-gates")] = False,
     gate_steps: Annotated[int, typer.Option(help="PHATGOOSE gate training steps")] = 100,
+    gate_learning_rate: GateLearningRate = None,
     dp_epsilon: DpEpsilon = None,
     dp_delta: DpDelta = 1e-5,
     no_dp: NoDp = False,
@@ -444,6 +453,7 @@ def contribute(
             label_field,
             not no_gates,
             gate_steps,
+            gate_learning_rate,
             max_length,
             seed,
             privacy,

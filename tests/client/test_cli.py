@@ -181,6 +181,21 @@ def test_library_noise_is_silenced_unless_verbose(tiny_bert: Path, tmp_path: Pat
     assert "it/s]" not in outputs[False]  # no tqdm bar between moerge's own progress bars
 
 
+def test_train_refuses_a_bad_gate_learning_rate_before_training(
+    tiny_bert: Path, tmp_path: Path
+) -> None:
+    from tests.contributor_client.toy import toy_examples, write_jsonl
+
+    data = write_jsonl(tmp_path / "data.jsonl", *toy_examples(40))
+    done = _invoke(
+        "train", str(data), "--task-name", "toy", "--out", str(tmp_path / "x"), "--offline",
+        "--base-model", str(tiny_bert), "--gate-lr", "-0.5",
+    )  # fmt: skip
+    assert done.exit_code != 0
+    assert "learning_rate must be positive" in " ".join(done.output.split())
+    assert not (tmp_path / "x").exists()
+
+
 def test_experts_show_prints_every_field_whole(served: dict) -> None:
     shown = _invoke("admin", "experts", "show", served["ids"][0][:6], *served["admin"])
     assert shown.exit_code == 0, shown.output

@@ -12,13 +12,14 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from moerge.client_training import TrainOptions, train_config
+from moerge.client_training import TrainOptions, build, gate_config, train_config
 from moerge.contributor_client.batching import encode, load_tokenizer
 from moerge.contributor_client.build import build_expert
 from moerge.contributor_client.linear_probe import fit_linear_probe, pooled_features, probe_head
 from moerge.contributor_client.recipe import RECIPES, TrainConfig
 from moerge.contributor_client.training import load_task_model, train_expert
 from moerge.contributor_client.training_loop import class_weight_vector
+from moerge.errors import MoergeError
 from moerge.expert_format import STATISTICS_META, ExpertQuality, StatisticsMeta
 
 from .toy import toy_config, toy_examples, write_jsonl
@@ -257,3 +258,19 @@ def test_head_learning_rate_option_reaches_the_config(tiny_bert: Path) -> None:
     assert train_config(str(tiny_bert), None, TrainOptions()).head_learning_rate is None
     with pytest.raises(ValueError, match="head_learning_rate"):
         TrainConfig(base_model="m", head_learning_rate=0.0).validate()
+
+
+def test_gate_learning_rate_option_reaches_the_gate_config() -> None:
+    assert gate_config(TrainOptions(gate_learning_rate=5e-3)).learning_rate == 5e-3
+    assert gate_config(TrainOptions()).learning_rate == 5e-2  # the default: gates.py says why
+    assert gate_config(TrainOptions(gate_steps=30, seed=3)).steps == 30
+
+
+def test_bad_gate_learning_rate_is_refused_before_training(tmp_path: Path) -> None:
+    data = tmp_path / "never-read.jsonl"  # refused before the data or the model is touched
+    options = TrainOptions(gate_learning_rate=-1.0)
+    with pytest.raises(MoergeError, match="learning_rate must be positive"):
+        build(data, tmp_path / "out", "task", "", options, TrainConfig(base_model="m"), None, False)
+    assert not (tmp_path / "out").exists()
+    # without gates the value is never used, so it is not an error
+    assert gate_config(TrainOptions(gates=False, gate_learning_rate=-1.0)).learning_rate == -1.0
