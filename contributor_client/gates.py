@@ -17,11 +17,12 @@ LoRA, 0.32 at all of it), so at 5e-3 the gates hardly leave their start (mean si
 0.50-0.61 on any text) and their direction is the noise of the first steps: PHATGOOSE routed
 34-43% of the public suite's stream over three gate seeds, 23-31% of the oracle's task
 accuracy. At 5e-2 the same experts gave 42-64% routing, 41-63% of the oracle, better on every
-seed; end to end (benchmarks/routing_quality.py, other data and 64 tokens) 54.7% of the oracle
-against 53.8%, within the spread of gate seeds (benchmarks/results/data_free_routing.md,
-2026-12-07). Never worse where measured, so it is the default, but not a fix: routing by the
-same scoring over each task's mean token states (a statistic of the data) reaches 88% of the
-oracle, so the limit is what the gates learn, not the scoring.
+seed (gates trained on 128 tokens, the CLI's default). End to end at 64 tokens (the demo's and
+benchmarks/routing_quality.py's) it moved PHATGOOSE by about a point either way: 54.7% of the
+oracle against 53.8% on the public suite, 54.3% against 55.2% in the demo
+(benchmarks/results/data_free_routing.md, 2026-12-07). So it is not a fix: routing by the same
+scoring over each task's mean token states (a statistic of the data) reaches 88% of the
+oracle; the limit is what the gates learn, not the scoring.
 
 The gate is added with forward hooks on PEFT's LoRA layers (PEFT itself is not changed): a
 pre-hook on the LoRA layer reads its input ``x`` and computes ``sigmoid(v_m . x)``, and a hook on
