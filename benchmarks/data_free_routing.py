@@ -29,14 +29,16 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from transformers import PreTrainedTokenizerBase
 
 from moerge.base_model import default_base_model
 from moerge.coordinator.inference.engine import InferenceEngine
 from moerge.coordinator.inference.plan import Aggregation, RoutingPlan
 from moerge.coordinator.services.expert_store import read_lora, read_statistics
 from moerge.datasets import load_task
-from moerge.router_training.base import ExpertRecord, ExpertStatistics
+from moerge.router_training.base import ExpertRecord
 from moerge.router_training.fitting import fit_router
+from moerge.router_training.phatgoose import standardise
 
 
 def expert_folders(root: Path) -> dict[str, Path]:
@@ -83,18 +85,17 @@ def score(
 
 
 def token_centroids(
-    base_model: str | Path, modules: list[str], texts: list[str], max_length: int = 128
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    modules: list[str],
+    texts: list[str],
+    max_length: int = 128,
 ) -> dict[str, torch.Tensor]:
     """Per module, the mean over ``texts``' tokens of the standardised input ``z(h)`` [d_in]
     (``z`` as in :mod:`moerge.router_training.phatgoose`), read with pre-hooks on the base
-    model's modules (paths as the gates are keyed, e.g. ``encoder.layer.0.attention.self.query``).
+    ``model``'s modules (paths as the gates are keyed, e.g.
+    ``encoder.layer.0.attention.self.query``).
     """
-    from transformers import AutoModel, AutoTokenizer
-
-    from moerge.router_training.phatgoose import standardise
-
-    tokenizer = AutoTokenizer.from_pretrained(base_model)
-    model = AutoModel.from_pretrained(base_model).eval()
     found = dict(model.named_modules())
     missing = [m for m in modules if m not in found]
     if missing:
@@ -134,14 +135,18 @@ def token_centroids(
 def with_token_centroid_gates(
     records: list[ExpertRecord], base_model: str | Path, train: dict[str, list[str]]
 ) -> list[ExpertRecord]:
-    """The records with each expert's gates replaced by its task's token centroids."""
+    """The records with each expert's gates replaced by its task's token centroids (the base
+    model loaded once)."""
+    from transformers import AutoModel, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(base_model)
+    model = AutoModel.from_pretrained(base_model).eval()
     out = []
     for record in records:
         stats = record.statistics
         assert stats is not None and stats.gates, f"{record.expert_id}: no gates to replace"
-        gates = token_centroids(base_model, sorted(stats.gates), train[record.task_name])
-        replaced: ExpertStatistics = dataclasses.replace(stats, gates=gates)
-        out.append(dataclasses.replace(record, statistics=replaced))
+        gates = token_centroids(model, tokenizer, sorted(stats.gates), train[record.task_name])
+        out.append(dataclasses.replace(record, statistics=dataclasses.replace(stats, gates=gates)))
     return out
 
 

@@ -37,10 +37,10 @@ def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_token_centroid_is_the_mean_standardised_module_input_over_real_tokens(
     bench: ModuleType, base: Path
 ) -> None:
-    centroids = bench.token_centroids(base, [QUERY0, VALUE1], TEXTS)
-
     tokenizer = AutoTokenizer.from_pretrained(base)
     model = AutoModel.from_pretrained(base).eval()
+    centroids = bench.token_centroids(model, tokenizer, [QUERY0, VALUE1], TEXTS)
+
     per_text = []
     with torch.no_grad():
         for text in TEXTS:  # one at a time: no padding can leak into the mean
@@ -74,4 +74,9 @@ def test_bound_replaces_only_the_gates(bench: ModuleType, base: Path) -> None:
 
 def test_unknown_module_is_refused_by_name(bench: ModuleType, base: Path) -> None:
     with pytest.raises(ValueError, match=r"encoder\.layer\.9"):
-        bench.token_centroids(base, ["encoder.layer.9.attention.self.query"], TEXTS)
+        bench.token_centroids(
+            AutoModel.from_pretrained(base),
+            AutoTokenizer.from_pretrained(base),
+            ["encoder.layer.9.attention.self.query"],
+            TEXTS,
+        )
