@@ -34,7 +34,7 @@ import torch
 
 from moerge.base_model import default_base_model
 from moerge.contributor_client.batching import load_tokenizer
-from moerge.contributor_client.privacy import DPConfig, noise_multiplier
+from moerge.contributor_client.privacy import NOISE_RATIOS, RELEASES, DPConfig, noise_multiplier
 from moerge.contributor_client.statistics import summarize_embeddings
 from moerge.datasets import load_task
 from moerge.demo import DEFAULT_TASKS
@@ -254,13 +254,16 @@ def write(args, rows, oracle, expert_seconds: float, seconds: float, attacks=())
         f"5 tasks ({', '.join(DEFAULT_TASKS)}), {args.train_per_task} training examples per "
         f"task (one contributor each), a mixed stream of {args.test_per_task} held-out examples "
         f"per task, routed top-1; delta {DELTA:g}, clip norm 1, the three releases composed by "
-        f"the PLD accountant; {args.draws} noise draws per epsilon (mean +- std over draws). "
+        f"the PLD accountant, noise multipliers count:sum:second moment = "
+        f"{':'.join(f'{NOISE_RATIOS[r]:g}' for r in RELEASES)}, the second moment's "
+        f"off-diagonal noise 1/sqrt(2) of its diagonal's; {args.draws} noise draws per epsilon "
+        f"(mean +- std over draws). "
         f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
         f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}; {seconds:.0f} s"
         + (f" (experts {expert_seconds:.0f} s)" if expert_seconds else "")
         + ".",
         "",
-        "| epsilon | noise multiplier z | router | routing acc | task acc |",
+        "| epsilon | second moment's noise multiplier z | router | routing acc | task acc |",
         "| --- | ---: | --- | ---: | ---: |",
     ]
     for epsilon, z, method, routing, task in rows:

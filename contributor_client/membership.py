@@ -29,7 +29,7 @@ from moerge.contributor_client.privacy import (
     DPConfig,
     bound_advantage,
     clip_rows,
-    noise_multiplier,
+    noise_multipliers,
     privatize,
 )
 
@@ -61,17 +61,20 @@ def advantage(member_scores: torch.Tensor, other_scores: torch.Tensor) -> float:
 
 def gdp_advantage(config: DPConfig, norm: float = 1.0) -> float:
     """The optimal test's advantage against one example of L2 norm ``norm`` (after clipping):
-    the three releases are together a Gaussian shift of ``mu = sqrt(1 + n^2 + n^4) / z`` (in
-    units of the clip norm, ``n = norm / C``), so the advantage is ``2 Phi(mu / 2) - 1``."""
-    z = noise_multiplier(config.epsilon, config.delta)
+    the three releases are together a Gaussian shift of
+    ``mu = sqrt(z_count^-2 + n^2 z_sum^-2 + n^4 z_second^-2)`` (in units of the clip norm,
+    ``n = norm / C``), so the advantage is ``2 Phi(mu / 2) - 1``."""
+    z = noise_multipliers(config.epsilon, config.delta)
     n = min(norm, config.clip_norm) / config.clip_norm
-    mu = math.sqrt(1 + n**2 + n**4) / z
+    mu = math.sqrt(z["count"] ** -2 + (n / z["sum"]) ** 2 + (n * n / z["second_moment"]) ** 2)
     return math.erf(mu / (2 * math.sqrt(2)))
 
 
-def _upper(matrix: torch.Tensor) -> torch.Tensor:
-    rows, cols = torch.triu_indices(*matrix.shape)
-    return matrix[rows, cols]
+def _vectorised(matrix: torch.Tensor) -> torch.Tensor:
+    """``vec(M) = (M_ii, sqrt(2) M_ij for i < j)``: the space in which the second moment's
+    noise is i.i.d. (see :func:`privacy.privatize`)."""
+    rows, cols = torch.triu_indices(*matrix.shape, offset=1)
+    return torch.cat([torch.diagonal(matrix), math.sqrt(2.0) * matrix[rows, cols]])
 
 
 def worst_case_attack(
@@ -109,9 +112,9 @@ def worst_case_attack(
         score = _likelihood_ratio(
             n_count - len(x),
             n_total - base_sum,
-            _upper(n_second - base_second),
+            _vectorised(n_second - base_second),
             c,
-            _upper(torch.outer(c, c)),
+            _vectorised(torch.outer(c, c)),
             stds,
         )
         (members if member else others).append(score)

@@ -34,6 +34,7 @@ from moerge.contributor_client.batching import load_tokenizer
 from moerge.contributor_client.privacy import (
     MECHANISM,
     MIN_EXAMPLES_WITHOUT_DP,
+    OFF_DIAGONAL_NOISE,
     DPConfig,
     clip_rows,
     privacy_report,
@@ -182,7 +183,8 @@ def summarize_embeddings(
     count = float(counts.sum().clamp(min=1.0))
     mean, cov = mean_and_covariance(count, total, second)
     if dp is not None:
-        cov = denoise_covariance(cov, noise_std["second_moment"] / max(count - 1.0, 1.0))
+        off_diagonal = OFF_DIAGONAL_NOISE * noise_std["second_moment"]
+        cov = denoise_covariance(cov, off_diagonal / max(count - 1.0, 1.0))
         noise_std["mean"] = noise_std["sum"] / count  # std of each mean entry, to first order
     factor, diag = low_rank_plus_diag(cov, rank)
     return EmbeddingSummary(
@@ -216,7 +218,8 @@ def nearest_psd(matrix: torch.Tensor) -> torch.Tensor:
 
 def denoise_covariance(cov: torch.Tensor, noise: float) -> torch.Tensor:
     """The covariance behind ``cov`` [H, H] = true + symmetric Gaussian noise of std ``noise``
-    per entry: a positive semi-definite estimate (post-processing: no privacy cost).
+    per off-diagonal entry (and ``sqrt(2) noise`` on the diagonal, as :func:`privacy.privatize`
+    releases it): a positive semi-definite estimate (post-processing: no privacy cost).
 
     The noise's eigenvalues fill a semicircle of radius ``2 s``, ``s = noise sqrt(H)``; an
     eigenvalue above it is a true direction ``theta`` seen at ``theta + s^2 / theta``

@@ -13,6 +13,7 @@ from transformers import AutoModel
 from moerge.contributor_client.batching import load_tokenizer
 from moerge.contributor_client.privacy import (
     MIN_EXAMPLES_WITHOUT_DP,
+    NOISE_RATIOS,
     DPConfig,
     analytic_gaussian_sigma,
     classic_gaussian_sigma,
@@ -207,7 +208,9 @@ def test_dp_noise_matches_the_recorded_noise_std() -> None:
         summary = summarize_embeddings(x, label_ids, num_labels=2, rank=4, dp=config)
         mean_errors.append(summary.mean - x.mean(dim=0))
         count_errors.append(float(summary.count - 400))
-        assert summary.noise_std == pytest.approx({**stds, "mean": stds["sum"] / 400}, rel=0.2)
+        # The mean's std is the sum's over the (noisy) count it was divided by.
+        expected = {**stds, "mean": stds["sum"] / summary.count}
+        assert summary.noise_std == pytest.approx(expected, rel=0.01)
     empirical_mean_std = torch.stack(mean_errors).std().item()
     assert 0.8 < empirical_mean_std / (stds["sum"] / 400) < 1.25
     # The count is the sum of two noisy label counts.
@@ -231,8 +234,10 @@ def test_dp_covariance_is_positive_semi_definite_and_meta_records_the_budget(
     expected = noise_stds(dp)
     for name in ("count", "sum", "second_moment"):
         assert meta.dp.noise_std[name] == expected[name]
-    assert expected["sum"] == pytest.approx(0.5 * expected["count"])
-    assert expected["second_moment"] == pytest.approx(0.25 * expected["count"])
+    # Each std is the release's sensitivity (1, C, C^2) times its multiplier.
+    ratio = {name: expected[name] / NOISE_RATIOS[name] for name in NOISE_RATIOS}
+    assert ratio["sum"] == pytest.approx(0.5 * ratio["count"])
+    assert ratio["second_moment"] == pytest.approx(0.25 * ratio["count"])
     assert all(count >= 0 for count in meta.label_counts)
 
 
