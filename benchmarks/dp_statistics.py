@@ -253,8 +253,8 @@ def write(args, rows, oracle, expert_seconds: float, seconds: float, attacks=())
         "",
         f"5 tasks ({', '.join(DEFAULT_TASKS)}), {args.train_per_task} training examples per "
         f"task (one contributor each), a mixed stream of {args.test_per_task} held-out examples "
-        f"per task, routed top-1; delta {DELTA:g}, clip norm 1, the three releases composed by "
-        f"the PLD accountant, noise multipliers count:sum:second moment = "
+        f"per task, routed top-1; delta {DELTA:g}, clip norm 1, the {len(RELEASES)} releases "
+        f"composed by the PLD accountant, noise multipliers {':'.join(RELEASES)} = "
         f"{':'.join(f'{NOISE_RATIOS[r]:g}' for r in RELEASES)}, the second moment's "
         f"off-diagonal noise 1/sqrt(2) of its diagonal's; {args.draws} noise draws per epsilon "
         f"(mean +- std over draws). "

@@ -1,8 +1,9 @@
 """Membership-inference attacks on what an expert releases, beside the DP bound.
 
 Two attackers on the statistics, both run against the releases of :func:`privacy.privatize`
-(count, sum, second moment *before* moerge derives mean and covariance from them; anything
-derived is post-processing, so an attack on the raw releases is at least as strong):
+(count, label counts, sum, second moment *before* moerge derives mean and covariance from
+them; anything derived is post-processing, so an attack on the raw releases is at least as
+strong):
 
 * :func:`worst_case_attack`, the adversary of the DP definition: it knows every example but
   one candidate ``x`` and must tell whether ``x`` was in the data. The likelihood-ratio test
@@ -61,19 +62,25 @@ def advantage(member_scores: torch.Tensor, other_scores: torch.Tensor) -> float:
 
 def gdp_advantage(config: DPConfig, norm: float = 1.0) -> float:
     """The optimal test's advantage against one example of L2 norm ``norm`` (after clipping):
-    the three releases are together a Gaussian shift of
-    ``mu = sqrt(z_count^-2 + n^2 z_sum^-2 + n^4 z_second^-2)`` (in units of the clip norm,
-    ``n = norm / C``), so the advantage is ``2 Phi(mu / 2) - 1``."""
+    the four releases are together a Gaussian shift of
+    ``mu = sqrt(z_count^-2 + z_labels^-2 + n^2 z_sum^-2 + n^4 z_second^-2)`` (in units of the
+    clip norm, ``n = norm / C``), so the advantage is ``2 Phi(mu / 2) - 1``."""
     z = noise_multipliers(config.epsilon, config.delta)
     n = min(norm, config.clip_norm) / config.clip_norm
-    mu = math.sqrt(z["count"] ** -2 + (n / z["sum"]) ** 2 + (n * n / z["second_moment"]) ** 2)
+    mu = math.sqrt(
+        z["count"] ** -2
+        + z["label_counts"] ** -2
+        + (n / z["sum"]) ** 2
+        + (n * n / z["second_moment"]) ** 2
+    )
     return math.erf(mu / (2 * math.sqrt(2)))
 
 
 def _vectorised(matrix: torch.Tensor) -> torch.Tensor:
     """``vec(M) = (M_ii, sqrt(2) M_ij for i < j)``: the space in which the second moment's
     noise is i.i.d. (see :func:`privacy.privatize`)."""
-    rows, cols = torch.triu_indices(*matrix.shape, offset=1)
+    size = matrix.shape[0]
+    rows, cols = torch.triu_indices(size, size, offset=1)
     return torch.cat([torch.diagonal(matrix), math.sqrt(2.0) * matrix[rows, cols]])
 
 
@@ -102,20 +109,26 @@ def worst_case_attack(
         counts = torch.tensor([len(x) + (1.0 if member else 0.0)])
         total, second = (with_sum, with_second) if member else (base_sum, base_second)
         if config is None:
-            stds = {"count": 0.0, "sum": 0.0, "second_moment": 0.0}
-            n_count, n_total, n_second = counts, total, second
+            stds = dict.fromkeys(("count", "label_counts", "sum", "second_moment"), 0.0)
+            n_count, n_labels, n_total, n_second = counts.sum(), counts, total, second
         else:
             one = DPConfig(
                 config.epsilon, config.delta, config.clip_norm, seed=seed * 1_000_003 + trial
             )
-            n_count, n_total, n_second, stds = privatize(counts, total, second, one)
+            noisy = privatize(counts, total, second, one)
+            n_count, n_labels = torch.tensor([noisy.count]), noisy.label_counts
+            n_total, n_second, stds = noisy.total, noisy.second, noisy.noise_std
         score = _likelihood_ratio(
-            n_count - len(x),
-            n_total - base_sum,
-            _vectorised(n_second - base_second),
-            c,
-            _vectorised(torch.outer(c, c)),
-            stds,
+            [
+                (torch.atleast_1d(n_count - len(x)).double(), _one(), stds["count"]),
+                (n_labels - len(x), _one(), stds["label_counts"]),
+                (n_total - base_sum, c, stds["sum"]),
+                (
+                    _vectorised(n_second - base_second),
+                    _vectorised(torch.outer(c, c)),
+                    stds["second_moment"],
+                ),
+            ]
         )
         (members if member else others).append(score)
     return AttackResult(
@@ -126,21 +139,15 @@ def worst_case_attack(
     )
 
 
-def _likelihood_ratio(
-    r_count: torch.Tensor,
-    r_sum: torch.Tensor,
-    r_second: torch.Tensor,
-    c: torch.Tensor,
-    c_second: torch.Tensor,
-    stds: dict[str, float],
-) -> float:
-    """log p(residuals | member) - log p(residuals | not): Gaussian, so linear in them."""
+def _one() -> torch.Tensor:
+    return torch.ones(1, dtype=torch.float64)
+
+
+def _likelihood_ratio(releases: list[tuple[torch.Tensor, torch.Tensor, float]]) -> float:
+    """log p(residuals | member) - log p(residuals | not) over ``(residual, shift, std)`` per
+    release (the member's contribution ``shift``, Gaussian noise): linear in the residuals."""
     score = 0.0
-    for residual, shift, std in (
-        (r_count.double(), torch.ones(1, dtype=torch.float64), stds["count"]),
-        (r_sum, c, stds["sum"]),
-        (r_second, c_second, stds["second_moment"]),
-    ):
+    for residual, shift, std in releases:
         if std == 0.0:  # an exact release: the residual is either 0 or the shift
             score += 1e9 if float((residual - shift).abs().max()) < 1e-6 else -1e9
             continue

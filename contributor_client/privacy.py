@@ -2,22 +2,26 @@
 
 What is protected: the statistics of ``statistics.safetensors``/``statistics.json`` (count, label
 counts, mean, covariance) are (epsilon, delta)-DP with respect to adding or removing one
-example (one text). They are derived from three noisy releases of the clipped embeddings
+example (one text). They are derived from four noisy releases of the clipped embeddings
 ``x_i`` (``||x_i|| <= C`` after clipping)::
 
-    counts  n_l = #{i : label_i = l}      [L] (L = 1 without labels)   L2 sensitivity 1
-    sum     S = sum_i x_i                 [H]                          L2 sensitivity C
-    second  M = sum_i x_i x_i^T           [H, H] (noise on the upper   L2 sensitivity C^2
-                                          triangle, mirrored)
+    count         n = #{i}                          [1]                       L2 sensitivity 1
+    label_counts  n_l = #{i : label_i = l}          [L] (L = 1 without labels) L2 sensitivity 1
+    sum           S = sum_i x_i                     [H]                       L2 sensitivity C
+    second        M = sum_i x_i x_i^T               [H, H] (see below)        L2 sensitivity C^2
 
-The three releases are Gaussian mechanisms, each noised in proportion to its sensitivity
+The four releases are Gaussian mechanisms, each noised in proportion to its sensitivity
 times its own *noise multiplier* (noise std / L2 sensitivity), ``z_r = NOISE_RATIOS[r] * z``:
 
 * **The budget goes where the routers need it.** The second moment is what DP costs the
   statistics routers (LDA, QDA, MLP): its noise spreads over a semicircle of radius
   ``~2 z sqrt(H) / n`` that covers the covariance's small directions, the ones LDA weighs most.
-  The count only scales the mean and the sum only moves it, so both take more noise (3x and
-  1.5x the second moment's multiplier, :data:`NOISE_RATIOS`).
+  The sum only moves the mean (1.5x the second moment's multiplier). The count divides both,
+  and an error ``e`` in it bends the covariance by ``e mu mu^T`` along the mean, which has a
+  large norm for a single task's embeddings; so the count is released on its own (2x), not
+  as the sum of the label histogram, whose noise grows with ``sqrt(L)`` and which only sets
+  priors (8x). (With 200 examples per task at epsilon 1, the count taken from a histogram
+  noised at 3x made LDA route 51-59% instead of 72%.)
 * **The second moment is released as a vector of its upper triangle with the off-diagonal
   entries scaled by sqrt(2)**, ``vec(M) = (M_ii, sqrt(2) M_ij for i < j)``, whose L2 norm is
   ``||M||_F``; so ``vec(x x^T)`` has norm ``||x||^2 <= C^2`` and noise of std ``sigma`` on
@@ -27,15 +31,15 @@ times its own *noise multiplier* (noise std / L2 sensitivity), ``z_r = NOISE_RAT
 
 Measured on the public suite (600 examples per task; benchmarks/results/dp_statistics.md): at
 epsilon 8 the off-diagonal release alone moves LDA from 88.0% to 89.5% routing, with the ratios
-to 90.4% (92.1% without DP). Larger ratios for the sum (2x) help no more at epsilon 8 and cost
-2-3 points at epsilon 1, where the mean's noise starts to matter.
+to 90.3-90.6% (92.1% without DP). Larger ratios for the sum (2x) help no more at epsilon 8 and
+cost 2-3 points at epsilon 1, where the mean's noise starts to matter.
 
-z is the smallest value for which the three, composed, are (epsilon, delta)-DP according to
+z is the smallest value for which the four, composed, are (epsilon, delta)-DP according to
 ``dp_accounting``'s privacy loss distribution (PLD) accountant (Koskela et al. 2020; Doroshenko
 et al. 2022), whose estimate is pessimistic, so the guarantee holds. Splitting the budget in
-three instead (basic composition, each release (epsilon/3, delta/3)-DP through the analytic
+four instead (basic composition, each release (epsilon/4, delta/4)-DP through the analytic
 Gaussian mechanism of Balle & Wang, 2018) is valid too but wasteful: at epsilon 1, delta 1e-5
-it needs z = 10.97 on the second moment where the accountant and the ratios need z = 4.65.
+it needs z = 14.6 on the second moment where the accountant and the ratios need z = 4.88.
 :func:`noise_saved` reports the saving for a budget.
 
 **On by default**: ``moerge train``/``stats``/``contribute`` release the statistics
@@ -77,10 +81,10 @@ MIN_EXAMPLES_WITHOUT_DP = 50
 NOT_COVERED = ("label_names (taken as the task's public schema)",)
 
 #: Releases that share the budget, and the name of each noise std in ``meta.dp.noise_std``.
-RELEASES = ("count", "sum", "second_moment")
+RELEASES = ("count", "label_counts", "sum", "second_moment")
 #: Each release's noise multiplier relative to the second moment's (see the module docstring;
 #: chosen on the public suite at epsilon 8 and 1, benchmarks/results/dp_statistics.md).
-NOISE_RATIOS = {"count": 3.0, "sum": 1.5, "second_moment": 1.0}
+NOISE_RATIOS = {"count": 2.0, "label_counts": 8.0, "sum": 1.5, "second_moment": 1.0}
 #: The noise std of an off-diagonal entry of the released second moment, relative to
 #: ``noise_std["second_moment"]`` (the std of the vectorised release and of a diagonal entry).
 OFF_DIAGONAL_NOISE = 1.0 / math.sqrt(2.0)
@@ -91,7 +95,7 @@ MECHANISM = "gaussian_pld"  # Gaussian releases composed by the PLD accountant
 class DPConfig:
     """Privacy budget of the statistics (see the module docstring for what it covers)."""
 
-    epsilon: float  # total budget of the three releases, composed (see the module docstring)
+    epsilon: float  # total budget of the four releases, composed (see the module docstring)
     delta: float  # total failure probability; keep it well below 1 / N
     clip_norm: float = 1.0  # each embedding is scaled to at most this L2 norm before summing
     seed: int | None = None  # noise seed, for tests only (a known seed lets anyone remove it)
@@ -182,24 +186,36 @@ def noise_stds(config: DPConfig) -> dict[str, float]:
     moment's is that of its vectorised release (off-diagonal entries: ``OFF_DIAGONAL_NOISE``
     times it)."""
     multipliers = noise_multipliers(config.epsilon, config.delta)
-    sensitivities = {"count": 1.0, "sum": config.clip_norm, "second_moment": config.clip_norm**2}
+    c = config.clip_norm
+    sensitivities = {"count": 1.0, "label_counts": 1.0, "sum": c, "second_moment": c * c}
     return {name: multipliers[name] * s for name, s in sensitivities.items()}
 
 
 def noise_saved(epsilon: float, delta: float) -> float:
-    """The fraction of the second moment's noise std saved over splitting the budget in three
-    equal Gaussian releases (basic composition)."""
+    """The fraction of the second moment's noise std saved over splitting the budget equally
+    over the Gaussian releases (basic composition)."""
     basic = analytic_gaussian_sigma(epsilon / len(RELEASES), delta / len(RELEASES), 1.0)
     return 1.0 - noise_multiplier(epsilon, delta) / basic
 
 
-def privatize(
-    counts: torch.Tensor, total: torch.Tensor, second: torch.Tensor, config: DPConfig
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, float]]:
-    """Add calibrated Gaussian noise to ``counts`` [L], ``total`` [H] and ``second`` [H, H].
+@dataclass
+class NoisyStatistics:
+    """The four releases after noise (float64), and the noise std of each (keys ``RELEASES``)."""
 
-    The inputs must come from embeddings clipped to ``config.clip_norm``. Returns the noisy
-    releases (float64) and the noise std of each.
+    count: float  # the number of examples
+    label_counts: torch.Tensor  # [L]
+    total: torch.Tensor  # [H], the sum
+    second: torch.Tensor  # [H, H], the second moment (symmetric)
+    noise_std: dict[str, float]
+
+
+def privatize(
+    label_counts: torch.Tensor, total: torch.Tensor, second: torch.Tensor, config: DPConfig
+) -> NoisyStatistics:
+    """Release the count, ``label_counts`` [L], ``total`` [H] and ``second`` [H, H] with
+    calibrated Gaussian noise (the count is ``label_counts.sum()``, released on its own).
+
+    The inputs must come from embeddings clipped to ``config.clip_norm``.
     """
     config.validate()
     stds = noise_stds(config)
@@ -212,11 +228,14 @@ def privatize(
     # Noise of std 1 on vec(M) = (M_ii, sqrt(2) M_ij, i < j): 1 / sqrt(2) on each M_ij.
     upper = torch.triu(noise(tuple(second.shape)), diagonal=1) * OFF_DIAGONAL_NOISE  # [H, H]
     symmetric = upper + upper.T + torch.diag(noise((second.shape[0],)))  # [H, H]
-    return (
-        counts.double() + stds["count"] * noise(tuple(counts.shape)),
-        total.double() + stds["sum"] * noise(tuple(total.shape)),
-        second.double() + stds["second_moment"] * symmetric,
-        stds,
+    count = float(label_counts.double().sum()) + stds["count"] * float(noise((1,))[0])
+    return NoisyStatistics(
+        count=count,
+        label_counts=label_counts.double()
+        + stds["label_counts"] * noise(tuple(label_counts.shape)),
+        total=total.double() + stds["sum"] * noise(tuple(total.shape)),
+        second=second.double() + stds["second_moment"] * symmetric,
+        noise_std=stds,
     )
 
 
@@ -227,7 +246,7 @@ def _releases_event(z: float) -> dp_accounting.DpEvent:
 
 
 def statistics_event(config: DPConfig) -> dp_accounting.DpEvent:
-    """The statistics' release as a ``dp_accounting`` event (three Gaussian mechanisms)."""
+    """The statistics' release as a ``dp_accounting`` event (four Gaussian mechanisms)."""
     return _releases_event(noise_multiplier(config.epsilon, config.delta))
 
 

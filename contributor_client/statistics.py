@@ -167,7 +167,7 @@ def summarize_embeddings(
     """Count, label counts, mean and low-rank + diagonal covariance of ``embeddings`` [N, H].
 
     Without labels the label counts are a single bin (the count). Under ``dp`` the embeddings
-    are clipped, the three releases noised, and everything derived from the noisy releases.
+    are clipped, the four releases noised, and everything derived from the noisy releases.
     """
     x = embeddings.double()  # [N, H]
     bins = max(num_labels, 1)
@@ -177,10 +177,13 @@ def summarize_embeddings(
     counts = torch.bincount(ids, minlength=bins).double()  # [L]
     total = x.sum(dim=0)  # [H]
     second = x.T @ x  # [H, H]
+    count = float(len(x))
     noise_std: dict[str, float] = {}
     if dp is not None:
-        counts, total, second, noise_std = privatize(counts, total, second, dp)
-    count = float(counts.sum().clamp(min=1.0))
+        noisy = privatize(counts, total, second, dp)
+        count, counts, total, second = noisy.count, noisy.label_counts, noisy.total, noisy.second
+        noise_std = dict(noisy.noise_std)
+    count = max(count, 1.0)
     mean, cov = mean_and_covariance(count, total, second)
     if dp is not None:
         off_diagonal = OFF_DIAGONAL_NOISE * noise_std["second_moment"]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import pytest
@@ -213,9 +212,9 @@ def test_dp_noise_matches_the_recorded_noise_std() -> None:
         assert summary.noise_std == pytest.approx(expected, rel=0.01)
     empirical_mean_std = torch.stack(mean_errors).std().item()
     assert 0.8 < empirical_mean_std / (stds["sum"] / 400) < 1.25
-    # The count is the sum of two noisy label counts.
+    # The count is its own release, not the sum of the noisy label counts.
     empirical_count_std = torch.tensor(count_errors).std().item()
-    assert 0.8 < empirical_count_std / (stds["count"] * math.sqrt(2)) < 1.25
+    assert 0.8 < empirical_count_std / stds["count"] < 1.25
 
 
 def test_dp_covariance_is_positive_semi_definite_and_meta_records_the_budget(
@@ -232,10 +231,11 @@ def test_dp_covariance_is_positive_semi_definite_and_meta_records_the_budget(
     assert (meta.dp.epsilon, meta.dp.delta, meta.dp.clip_norm) == (0.5, 1e-6, 0.5)
     assert meta.dp.mechanism == "gaussian_pld"
     expected = noise_stds(dp)
-    for name in ("count", "sum", "second_moment"):
+    for name in ("count", "label_counts", "sum", "second_moment"):
         assert meta.dp.noise_std[name] == expected[name]
-    # Each std is the release's sensitivity (1, C, C^2) times its multiplier.
+    # Each std is the release's sensitivity (1, 1, C, C^2) times its multiplier.
     ratio = {name: expected[name] / NOISE_RATIOS[name] for name in NOISE_RATIOS}
+    assert ratio["label_counts"] == pytest.approx(ratio["count"])
     assert ratio["sum"] == pytest.approx(0.5 * ratio["count"])
     assert ratio["second_moment"] == pytest.approx(0.25 * ratio["count"])
     assert all(count >= 0 for count in meta.label_counts)
