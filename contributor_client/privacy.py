@@ -147,9 +147,9 @@ def clip_rows(x: torch.Tensor, clip_norm: float) -> torch.Tensor:
 
 @functools.lru_cache(maxsize=64)  # a pure function of the budget; a search takes ~0.1-2 s
 def noise_multiplier(epsilon: float, delta: float) -> float:
-    """The second moment's noise multiplier z: the smallest value such that the three
-    releases, of multipliers ``z * NOISE_RATIOS[r]``, compose to (epsilon, delta)-DP under the
-    PLD accountant.
+    """The second moment's noise multiplier z: the smallest value such that the releases, of
+    multipliers ``z * NOISE_RATIOS[r]``, compose to (epsilon, delta)-DP under the PLD
+    accountant.
 
     The search is bracketed by the exact answer (Gaussian mechanisms of multipliers ``z_r``
     compose to one of multiplier ``1 / sqrt(sum_r z_r^-2)``, which the pessimistic accountant
