@@ -11,12 +11,17 @@ adapted modules) those kernels took about 1.5 ms of a 4.9 ms step on an H100, th
 Here the rows read their experts' factors where they lie in the bank (Punica's BGMV, "batched
 gather matrix-vector", Chen et al., 2023, https://arxiv.org/abs/2310.18547), in two kernels::
 
-    shrink   z[b, j] = w[b, j] * (A[s[b, j]] @ x[b])          [B, k, R]     float32
-    expand   out[b] += sum_j z[b, j] @ B^T[s[b, j]]            [B, d_out]    one rounding
+    shrink   z[b, j, s] = w[b, j] * (A[s[b, j], :, s-block] @ x[b, s-block])   [B, k, S, R]
+    expand   out[b] += sum_j (sum_s z[b, j, s]) @ B^T[s[b, j]]                  [B, d_out]
 
 ``R`` is the bank's rank padded to a power of two (rows past ``r`` read as zero). The shrink
-runs one program per (row, expert) and streams ``d_in`` in blocks; the expand one program per
-(row, block of ``d_out``), so the output is written once, by one program, without atomics.
+runs one program per (row, expert, block of ``BLOCK_K`` inputs): split over ``d_in``, so a
+decode step of 32 rows has 256 programs for a 2,048-wide layer to spread over the GPU's 132
+SMs. One program per (row, expert) streaming all of ``d_in`` left most SMs idle and took 14.9
+us a call, a third of the decode step's GPU time (H100, ``benchmarks/decode_profile.py --bgmv``).
+The expand, one program per (row, block of ``d_out``), adds the ``S`` partial sums (a few
+hundred bytes) before its product, so each output is written once, by one program, without
+atomics, and the result does not depend on the order programs run in.
 ``z`` stays in float32 (the PyTorch path rounds it to the bank's dtype twice), so results agree
 with it to the bank dtype's rounding, not bit for bit. Slots must already be cleaned (no
 ``-1``: :func:`~.mixing.clean_example_decision` maps them to slot 0 with weight 0). Nothing
@@ -31,7 +36,7 @@ from moerge.triton_support import KERNEL_ERRORS, available, tl, triton
 
 __all__ = ["KERNEL_ERRORS", "available", "bgmv_add_"]
 
-BLOCK_K = 128  # d_in per step of the shrink loop
+BLOCK_K = 256  # d_in per shrink program
 BLOCK_N = 128  # d_out per program of the expand
 
 
@@ -53,24 +58,25 @@ if triton is not None:
         R: tl.constexpr,
         BLOCK: tl.constexpr,
     ):
-        """Program (b, j): ``z[b, j, :] = w[b, j] * A[s[b, j], :r] @ x[b]`` in float32."""
+        """Program (b, j, s): ``z[b, j, s, :] = w[b, j] * A[s[b, j], :r, s-block] @ x[b, s-block]``
+        in float32, one block of ``d_in`` per program (the expand sums the blocks)."""
         row = tl.program_id(0)
         j = tl.program_id(1)
+        split = tl.program_id(2)
+        splits = tl.num_programs(2)
         slot = tl.load(slots_ptr + row * k + j).to(tl.int64)
         weight = tl.load(weights_ptr + row * k + j).to(tl.float32)
         ranks = tl.arange(0, R)
-        acc = tl.zeros((R,), dtype=tl.float32)
-        for start in range(0, d_in, BLOCK):
-            cols = start + tl.arange(0, BLOCK)
-            in_cols = cols < d_in
-            xv = tl.load(x_ptr + row * stride_xb + cols, mask=in_cols, other=0.0).to(tl.float32)
-            a = tl.load(
-                a_ptr + slot * stride_ae + ranks[:, None] * stride_ar + cols[None, :],
-                mask=(ranks[:, None] < r) & in_cols[None, :],
-                other=0.0,
-            ).to(tl.float32)  # [R, BLOCK]
-            acc += tl.sum(a * xv[None, :], axis=1)
-        tl.store(z_ptr + (row * k + j) * R + ranks, acc * weight)
+        cols = split * BLOCK + tl.arange(0, BLOCK)
+        in_cols = cols < d_in
+        xv = tl.load(x_ptr + row * stride_xb + cols, mask=in_cols, other=0.0).to(tl.float32)
+        a = tl.load(
+            a_ptr + slot * stride_ae + ranks[:, None] * stride_ar + cols[None, :],
+            mask=(ranks[:, None] < r) & in_cols[None, :],
+            other=0.0,
+        ).to(tl.float32)  # [R, BLOCK]
+        partial = tl.sum(a * xv[None, :], axis=1)
+        tl.store(z_ptr + ((row * k + j) * splits + split) * R + ranks, partial * weight)
 
     @triton.jit
     def _expand_add_kernel(
@@ -79,6 +85,7 @@ if triton is not None:
         bt_ptr,
         slots_ptr,
         k,
+        splits,
         d_out,
         r,
         stride_ob,
@@ -87,7 +94,8 @@ if triton is not None:
         R: tl.constexpr,
         BLOCK: tl.constexpr,
     ):
-        """Program (b, n): ``out[b, n-block] += sum_j z[b, j] @ B^T[s[b, j], :r, n-block]``."""
+        """Program (b, n): ``out[b, n-block] += sum_j (sum_s z[b, j, s]) @ B^T[s[b, j], :r,
+        n-block]``."""
         row = tl.program_id(0)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         in_cols = cols < d_out
@@ -95,7 +103,9 @@ if triton is not None:
         acc = tl.zeros((BLOCK,), dtype=tl.float32)
         for j in range(k):
             slot = tl.load(slots_ptr + row * k + j).to(tl.int64)
-            z = tl.load(z_ptr + (row * k + j) * R + ranks)  # [R] float32
+            z = tl.zeros((R,), dtype=tl.float32)
+            for split in range(splits):  # the shrink's blocks of d_in
+                z += tl.load(z_ptr + ((row * k + j) * splits + split) * R + ranks)  # [R]
             bt = tl.load(
                 bt_ptr + slot * stride_be + ranks[:, None] * stride_br + cols[None, :],
                 mask=(ranks[:, None] < r) & in_cols[None, :],
@@ -143,8 +153,9 @@ def bgmv_add_(
     R = max(16, triton.next_power_of_2(r))
     slots = slots.contiguous()
     weights = weights.to(torch.float32).contiguous()
-    z = torch.empty(rows, k, R, device=x.device, dtype=torch.float32)  # [B, k, R]
-    _shrink_kernel[(rows, k)](
+    splits = triton.cdiv(d_in, BLOCK_K)
+    z = torch.empty(rows, k, splits, R, device=x.device, dtype=torch.float32)  # [B, k, S, R]
+    _shrink_kernel[(rows, k, splits)](
         x,
         A,
         slots,
@@ -165,6 +176,7 @@ def bgmv_add_(
         Bt,
         slots,
         k,
+        splits,
         d_out,
         r,
         out.stride(0),

@@ -16,6 +16,7 @@ SHAPES = [  # E, r, d_in, d_out, rows, k
     (8, 16, 2048, 2048, 32, 1),
     (8, 16, 2048, 256, 32, 2),
     (6, 8, 200, 300, 5, 3),  # rank below the padded 16, widths not multiples of the blocks
+    (4, 16, 8192, 512, 3, 2),  # an MLP down-projection's width: 32 blocks of d_in summed
 ]
 
 
