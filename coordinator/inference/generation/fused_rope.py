@@ -89,7 +89,8 @@ def has_llama_rotary(module: ModuleType) -> bool:
     function = getattr(module, _MARK, None) or getattr(module, "apply_rotary_pos_emb", None)
     if function is None:
         return False
-    reference = _source(getattr(modeling_llama, _MARK, modeling_llama.apply_rotary_pos_emb))
+    # Llama's own function, also where Llama's module was swapped (the mark keeps it)
+    reference = _source(getattr(modeling_llama, _MARK, None) or modeling_llama.apply_rotary_pos_emb)
     return reference is not None and _source(function) == reference
 
 
