@@ -38,6 +38,7 @@ import json
 import os
 import platform
 import random
+import shutil
 import socket
 import statistics
 import subprocess
@@ -315,6 +316,14 @@ def burst(engine, prompts: list[str], ids: list[str], sampling) -> tuple[float, 
     return time.perf_counter() - start, firsts, count[0]
 
 
+def settle(engine, timeout: float = 180) -> None:
+    """Wait until the idle worker has captured the graphs the warm-up's shapes need."""
+    start = time.perf_counter()
+    time.sleep(0.2)
+    while engine.scheduler.graphs_pending and time.perf_counter() - start < timeout:
+        time.sleep(0.05)
+
+
 def moerge_in_process(base: Path, folders: list[Path], prompts: list[str], args, dtype) -> dict:
     """The engine's scheduler in this process: batched throughput and time to first token."""
     from moerge.coordinator.inference.generation.requests import (
@@ -327,6 +336,7 @@ def moerge_in_process(base: Path, folders: list[Path], prompts: list[str], args,
     ids, engine = pinned_engine(base, folders, args, dtype, len(prompts))
     sampling = SamplingParams(max_new_tokens=args.new_tokens)
     burst(engine, prompts, ids, sampling)  # warm-up: loads every expert used
+    settle(engine)
     elapsed, _, count = burst(engine, prompts, ids, sampling)
     # time to first token alone, routed as the server routes: a centroid router over the same
     # statistics (the prompt is embedded by the base model first)
@@ -468,7 +478,35 @@ class Server:
             name = name.removesuffix("_total")
             if name in wanted:
                 found[name.removeprefix("moerge_")] = float(value)
+            elif name.startswith("moerge_generation_seconds_total{phase="):
+                phase = name.split('"')[1]
+                found[f"worker seconds: {phase}"] = float(value)
         return found
+
+    def settle(self, timeout: float = 180) -> float:
+        """Wait until the idle worker has captured the graphs recent bursts need (the
+        ``moerge_generation_graphs_pending`` gauge at 0): the steady state a served burst
+        meets. Returns the seconds waited."""
+        import urllib.request
+
+        start = time.perf_counter()
+        time.sleep(0.2)
+        while time.perf_counter() - start < timeout:
+            url = f"http://{self.metrics_address}/metrics"
+            with urllib.request.urlopen(url, timeout=10) as r:
+                text = r.read().decode()
+            pending = next(
+                (
+                    float(line.split()[-1])
+                    for line in text.splitlines()
+                    if line.startswith("moerge_generation_graphs_pending ")
+                ),
+                0.0,
+            )
+            if not pending:
+                break
+            time.sleep(0.1)
+        return time.perf_counter() - start
 
     def metadata(self) -> tuple[tuple[str, str], ...]:
         return (("authorization", f"Bearer {self.admin}"),)
@@ -612,6 +650,9 @@ def main(argv: list[str] | None = None) -> None:
         "--skip-peft-mixed", action="store_true", help="skip PEFT's mixed-adapter baseline (slow)"
     )
     parser.add_argument("--output", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--server-log", type=Path, default=None, help="keep the coordinator's log at this path"
+    )
     args = parser.parse_args(argv)
     args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
     dtype = getattr(torch, args.dtype)
@@ -645,6 +686,7 @@ def main(argv: list[str] | None = None) -> None:
             served = {}
             for method in ("centroid", "arrow"):
                 stream_all(server, prompts, method, args.new_tokens)  # warm-up (expert loads)
+                log(f"{method}: idle graph captures took {server.settle():.1f} s")
                 before = server.counters()
                 served[method] = stream_all(server, prompts, method, args.new_tokens)
                 after = server.counters()
@@ -658,6 +700,8 @@ def main(argv: list[str] | None = None) -> None:
             ]
         finally:
             server.stop()
+            if args.server_log is not None:
+                shutil.copyfile(server.log, args.server_log)
     one = baselines["HF generate + PEFT, one adapter"]
     rows = [(name, value, value / one) for name, value in baselines.items()]
     rows.append(
@@ -716,7 +760,9 @@ def main(argv: list[str] | None = None) -> None:
         *(
             f"- {m} burst: median time to first token {served[m]['ttft_ms']:.0f} ms; during it "
             + ", ".join(
-                f"{k.replace('_', ' ')} {v:.0f}"
+                f"{k.replace('_', ' ')} {v:.2f}"
+                if "seconds" in k
+                else f"{k.replace('_', ' ')} {v:.0f}"
                 for k, v in served[m]["during the timed burst"].items()
             )
             for m in ("centroid", "arrow")

@@ -352,7 +352,29 @@ class StateCollector(Collector):
                 "decode steps captured as CUDA graphs (one per batch shape)",
                 value=graphs.captures if graphs is not None else 0,
             ),
+            GaugeMetricFamily(
+                "moerge_generation_graphs_pending",
+                "CUDA graphs of recent batch shapes the idle worker has yet to capture",
+                value=scheduler.graphs_pending if scheduler is not None else 0,
+            ),
+            _generation_seconds(scheduler),
         ]
+
+
+def _generation_seconds(scheduler: Any) -> Metric:
+    """The generation worker's time by phase: where a slow time to first token went."""
+    family = CounterMetricFamily(
+        "moerge_generation_seconds",
+        "generation worker time by phase (route: embed, tokenize and bind newcomers; prefill; "
+        "decode; capture: CUDA graph captures)",
+        labels=("phase",),
+    )
+    seconds = dict(scheduler.seconds) if scheduler is not None else {}
+    graphs = scheduler.graphs if scheduler is not None else None
+    seconds["capture"] = graphs.capture_seconds if graphs is not None else 0.0
+    for phase in ("route", "prefill", "decode", "capture"):
+        family.add_metric((phase,), seconds.get(phase, 0.0))
+    return family
 
 
 def _by_label(name: str, documentation: str, label: str, values: dict[str, float]) -> Metric:

@@ -215,6 +215,15 @@ def test_metrics_show_the_device_and_the_generation_load(served) -> None:
     assert tokens >= 1
     assert "moerge_generation_running 0.0" in text
     assert "moerge_generation_graph_replays_total 0.0" in text  # CPU: no CUDA graphs
+    assert "moerge_generation_graphs_pending 0.0" in text
+    phases = {
+        line.split('"')[1]: float(line.split()[-1])
+        for line in text.splitlines()
+        if line.startswith("moerge_generation_seconds_total{")
+    }
+    assert phases.keys() == {"route", "prefill", "decode", "capture"}
+    assert phases["route"] > 0 and phases["prefill"] > 0 and phases["decode"] > 0
+    assert phases["capture"] == 0.0  # CPU: nothing captured
 
 
 def test_moerge_generate_streams_the_text_to_stdout_and_the_routing_to_stderr(served) -> None:

@@ -9,6 +9,7 @@ greedy decoding comparable token for token; bfloat16 is checked to run and stay 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -186,5 +187,30 @@ def test_bfloat16_token_routing_decodes_by_graph_replays(base, experts):
             final = events[-1]
             assert isinstance(final, GenerationFinished)
             assert final.completion_tokens >= 1 and final.experts  # routed, usage reported
+    finally:
+        engine.close()
+
+
+def test_idle_worker_captures_every_rows_bucket_so_later_bursts_capture_nothing(base, experts):
+    """After a batch of 3 rows (bucket 4) the idle worker captures the form's other buckets;
+    a later batch of another size replays a graph at once, and its text is unchanged."""
+    engine = make_engine(base, experts, "cuda", generation_max_batch=8)
+    try:
+        plan = RoutingPlan.explicit([["lm-0"]])
+        sampling = SamplingParams(max_new_tokens=NEW_TOKENS)
+        first, _ = submit_all(engine, [(p, plan, sampling) for p in PROMPTS])
+        graphs = engine.scheduler.graphs
+        assert graphs is not None
+        deadline = time.monotonic() + 120
+        time.sleep(0.2)  # the worker's step after the batch counts what is missing
+        while engine.scheduler.graphs_pending and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert engine.executor.submit(graphs.pending).result() == 0
+        assert graphs.failures == []
+        captured = graphs.captures
+        assert captured >= len(graphs.buckets)  # 1, 2, 4, 8 rows
+        again, _ = submit_all(engine, [(p, plan, sampling) for p in PROMPTS[:1]])
+        assert graphs.captures == captured  # one row: bucket 1, captured while idle
+        assert text_of(again[0]) == text_of(first[0])
     finally:
         engine.close()

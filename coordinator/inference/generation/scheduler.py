@@ -126,6 +126,12 @@ class GenerationScheduler:
         self.steps = 0  # decode steps run (for metrics and tests)
         self.decodes = 0  # host round trips of decoding: steps, or chunks of greedy steps
         self.tokens = 0  # tokens generated (for metrics)
+        #: worker seconds per phase (metrics): routing the newcomers (embedding, tokenizing,
+        #: binding experts), their prefill, and decoding (graph captures counted apart, in
+        #: :attr:`.cuda_graphs.DecodeGraphs.capture_seconds`)
+        self.seconds = {"route": 0.0, "prefill": 0.0, "decode": 0.0}
+        #: CUDA graphs the idle worker will still capture (metrics; read from any thread)
+        self.graphs_pending = 0
 
     # -- the caller's side (any thread) ----------------------------------------------------
     def submit(self, request: GenerationRequest) -> None:
@@ -166,8 +172,19 @@ class GenerationScheduler:
                 self._drop_cancelled()
                 self._admit()
                 if self.running:
+                    began = time.perf_counter()
+                    captured = self.graphs.capture_seconds if self.graphs is not None else 0.0
                     self._decode()
+                    captured = (self.graphs.capture_seconds if self.graphs else 0.0) - captured
+                    self.seconds["decode"] += time.perf_counter() - began - captured
+                elif self.graphs is not None and not self.waiting:
+                    # nothing to serve: capture a graph the next bursts will need, one per
+                    # turn so that a request arriving meanwhile waits for one capture at most
+                    self.graphs.capture_missing()
+                if self.graphs is not None:
+                    self.graphs_pending = self.graphs.pending()
         except Exception as exc:  # a failed forward: fail what ran, keep serving
+            self.graphs_pending = 0  # and no idle capture retried in a loop
             log.exception(
                 "generation step failed; failing %d running request(s)", len(self.running)
             )
@@ -175,7 +192,7 @@ class GenerationScheduler:
         finally:
             with self._lock:
                 self._scheduled = False
-                if self.running or self.waiting:
+                if self.running or self.waiting or self.graphs_pending:
                     self._schedule_locked()
 
     def _drop_cancelled(self) -> None:
@@ -195,6 +212,7 @@ class GenerationScheduler:
                     candidates.append(request)
         if not candidates:
             return
+        began = time.perf_counter()
         embeddings = routing_embeddings(self.engine, candidates)
         admitted: list[Running] = []
         for i, request in enumerate(candidates):
@@ -236,8 +254,11 @@ class GenerationScheduler:
             )
             admitted.append(member)
             free -= member.rows
+        routed = time.perf_counter()
+        self.seconds["route"] += routed - began
         if admitted:
             self._prefill(admitted)
+            self.seconds["prefill"] += time.perf_counter() - routed
 
     def _prefill(self, members: list[Running]) -> None:
         engine = self.engine
