@@ -637,13 +637,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--reps", type=int, default=2)
     parser.add_argument(
         "--bgmv",
-        action="store_true",
-        help="decode example routing with the Triton BGMV kernels (generation_bgmv_kernels)",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="decode example routing with the Triton BGMV kernels (generation_bgmv_kernels, "
+        "on by default)",
     )
     parser.add_argument(
         "--fused-rotary",
-        action="store_true",
-        help="rotary embeddings in one Liger-Kernel kernel per layer (generation_fused_rotary)",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="rotary embeddings in one Liger-Kernel kernel per layer (generation_fused_rotary, "
+        "on by default)",
     )
     parser.add_argument("--skip-peft-arrow", action="store_true")
     parser.add_argument(
@@ -732,8 +736,8 @@ def main(argv: list[str] | None = None) -> None:
         f"--device {args.device}"
         + (f" --reps {args.reps}" if args.reps != 2 else "")
         + (" --skip-peft-mixed" if args.skip_peft_mixed else "")
-        + (" --bgmv" if args.bgmv else "")
-        + (" --fused-rotary" if args.fused_rotary else "")
+        + ("" if args.bgmv else " --no-bgmv")
+        + ("" if args.fused_rotary else " --no-fused-rotary")
         + (" --skip-peft-arrow" if args.skip_peft_arrow else "")
         + "`",
         f"- date: {datetime.date.today()}; device: {device_name}; torch {torch.__version__}; "

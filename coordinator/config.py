@@ -88,8 +88,8 @@ class CoordinatorConfig:
     generation_max_waiting: int = 256  # Generate requests queued beyond that; more: refused
     generation_cuda_graphs: bool = True  # on CUDA, replay decode steps as captured CUDA graphs
     generation_steps_per_sync: int = 0  # decode steps per host round trip; 0: 8 on CUDA, else 1
-    generation_bgmv_kernels: bool = False  # CUDA decode: example-routed LoRA in Triton (BGMV)
-    generation_fused_rotary: bool = False  # CUDA decode: RoPE in one Liger kernel per layer
+    generation_bgmv_kernels: bool = True  # CUDA decode: example-routed LoRA in Triton (BGMV)
+    generation_fused_rotary: bool = True  # CUDA decode: RoPE in one Liger kernel per layer
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS  # Generate/Predict default
     batch_wait_ms: float = 5.0  # micro-batcher: how long to wait for more requests
     traced_forwards: bool = False  # classification: forwards as TorchScript graphs

@@ -138,8 +138,8 @@ class InferenceEngine:
         generation_max_waiting: int = 256,
         generation_cuda_graphs: bool = True,
         generation_steps_per_sync: int = 0,
-        generation_bgmv_kernels: bool = False,
-        generation_fused_rotary: bool = False,
+        generation_bgmv_kernels: bool = True,
+        generation_fused_rotary: bool = True,
         traced_forwards: bool = False,
     ) -> None:
         task_type = checked_task_type(task_type)
