@@ -224,6 +224,7 @@ class DecodeGraphs:
         self._families: collections.OrderedDict[tuple[RoutingForm, int, bool], None] = (
             collections.OrderedDict()
         )
+        self._widest = 0  # the most rows a batch has used: idle capture stops there
         self.failures: list[str] = []  # why captures failed (logs, tests)
         self.captures = 0  # graphs captured (metrics, tests)
         self.capture_seconds = 0.0  # worker time spent capturing (metrics)
@@ -262,6 +263,7 @@ class DecodeGraphs:
             self.engine.device, self.engine.dtype
         ):
             return None  # float32 token mixing reads segment bounds back: not capturable
+        self._widest = max(self._widest, rows)
         family = (form, steps, sampling is not None)
         self._families[family] = None
         self._families.move_to_end(family)
@@ -296,8 +298,9 @@ class DecodeGraphs:
         bursts did not: each first use captured its graph on the spot, and every request in the
         batch waited for it (0.7 s each for a 1.1B Llama's chunk of 8 steps on an H100, a median
         time to first token of 2.1 s for a 32-request burst against 0.4 s without). Capturing
-        every bucket of the :data:`PRECAPTURED_FAMILIES` most recent routing forms while idle
-        (as vLLM captures its batch sizes at start) moves that cost out of the requests' way.
+        every bucket up to the widest batch so far, for the :data:`PRECAPTURED_FAMILIES` most
+        recent routing forms, while idle (as vLLM captures its batch sizes at start) moves that
+        cost out of the requests' way.
         A capture neither reads nor changes a request: no row is in use.
         """
         for rows, family, key in self._missing():
@@ -318,6 +321,8 @@ class DecodeGraphs:
         room = self.max_graphs - len(self._graphs)
         for family in reversed(self._families):
             for rows in self.buckets:
+                if rows > self._widest:  # wider batches capture on first use: no memory for
+                    break  # graphs of a width the traffic never reached
                 key = self._key(rows, family)
                 if key in self._graphs or key in self._failed:
                     continue
