@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
@@ -82,6 +83,11 @@ RoutingForm = ExampleForm | TokenForm
 
 #: routing forms (with steps and sampling) whose every rows bucket idle time captures
 PRECAPTURED_FAMILIES = 2
+
+#: One capture at a time in the process. Entering a capture synchronises the whole device,
+#: which fails while another thread captures (two engines in one process, seen on an H100
+#: when one engine captured while idle and the other started decoding) and breaks that capture.
+_CAPTURING = threading.Lock()
 
 
 def describe(form: RoutingForm) -> str:
@@ -194,7 +200,10 @@ class _Graph:
                 kv.positions.copy_(positions)
                 self.input_ids.copy_(input_ids)
         torch.cuda.current_stream().wait_stream(stream)
-        with torch.cuda.graph(self.graph):
+        # thread_local: another thread's synchronising call (a Predict, a router fit, another
+        # engine) neither fails nor invalidates this capture, which runs on its own stream;
+        # under the default "global" mode it did both (seen on an H100 with two engines)
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
             self.logits = self._run()
 
     def replay(self) -> torch.Tensor | None:
@@ -367,7 +376,8 @@ class DecodeGraphs:
         built = any(k[1:4] == key[1:4] for k in self._graphs)
         start = time.perf_counter()
         try:
-            graph.capture(warmups=1 if built else 2)
+            with _CAPTURING:
+                graph.capture(warmups=1 if built else 2)
         except Exception as exc:
             log.warning(
                 "decode step could not be captured in a CUDA graph (%s, %d rows); it runs eagerly",
