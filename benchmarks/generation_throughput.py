@@ -581,6 +581,7 @@ def stream_all(server: Server, prompts: list[str], method: str, new_tokens: int)
                 routing_method=method,
                 sampling=inference_pb2.SamplingParams(max_new_tokens=new_tokens),
             )
+            grpc.channel_ready_future(channel).result(timeout=60)  # connected before timing
             barrier.wait()
             start = time.perf_counter()
             first = None
