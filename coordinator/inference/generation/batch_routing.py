@@ -149,12 +149,7 @@ class BatchRouting:
             tokens = None if everything else _token_index(self.group_rows[key], length)
             x = hidden if tokens is None else hidden.index_select(0, tokens)
             decision = group.router.route_tokens(group.names[module], x, group.top_k)
-            dense = decision.to_dense(group.router.num_experts).float()  # [n_g, E]
-            dense = dense.view(len(rows), length, -1)
-            if self.mask is not None:
-                row_mask = self.mask if everything else self.mask[self.group_rows[key]]
-                dense = dense * row_mask.unsqueeze(-1).to(dense)
-            self.usage[key] += dense.sum(dim=1)
+            self._add_usage(key, decision.indices, decision.weights, len(rows), length)
             parts.append((tokens, group.slot_table[decision.indices], decision.weights))
         if len(parts) == 1 and parts[0][0] is None:
             return parts[0][1], parts[0][2]
@@ -167,11 +162,30 @@ class BatchRouting:
             weights[index, : w.shape[1]] = w.to(weights.dtype)
         return slots, weights
 
+    def _add_usage(
+        self, key: int, indices: torch.Tensor, weights: torch.Tensor, members: int, length: int
+    ) -> None:
+        """Add each member's tokens' routing weights (``indices``/``weights`` [members * length,
+        k]) to its usage [members, E], padding excluded: ``O(N k)`` scattered adds where a dense
+        [N, E] matrix cost ``O(N E)`` (at E = 4,096 and a prefill of 4,096 tokens, 67 MB written
+        and read again in each of 88 modules)."""
+        usage = self.usage[key]  # [members, E] float32
+        experts = usage.shape[1]
+        added = weights.float()  # [N, k]
+        if self.mask is not None:
+            rows = self.mask if members == self.rows else self.mask[self.group_rows[key]]
+            added = added * rows.reshape(-1, 1).to(added)
+        member = torch.arange(members, device=indices.device).repeat_interleave(length)  # [N]
+        flat = (member.unsqueeze(1) * experts + indices).flatten()  # [N k]
+        usage.view(-1).index_add_(0, flat, added.flatten())
+
     def flush_usage(self) -> None:
         """Add the accumulated token-routing weights to each request's total."""
         for key, (_, _, members) in self.token_groups.items():
             for i, m in enumerate(members):
-                m.usage = self.usage[key][i] if m.usage is None else m.usage + self.usage[key][i]
+                # a copy: the accumulator is zeroed below (a view of it lost the prompt's usage)
+                step = self.usage[key][i]
+                m.usage = step.clone() if m.usage is None else m.usage + step
             self.usage[key].zero_()
 
 
