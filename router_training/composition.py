@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -105,6 +106,18 @@ def l1_penalty(weights: np.ndarray, l1: float) -> float:
     return float(l1 * np.abs(weights).mean())
 
 
+def _quiet_cma_injections() -> None:
+    """Silence CMA-ES's ``InjectionWarning`` ("orphanated injected solution ... could be a bug in
+    the calling order"). nevergrad tells CMA the suggested uniform start, which CMA did not
+    sample itself; CMA evaluates it like any point but warned twice for each search, in the
+    coordinator's log for every composition request. Checked on every search: something that
+    restores the warning filters (a test harness) may have removed it."""
+    from cma.evolution_strategy import InjectionWarning
+
+    if not any(f[0] == "ignore" and f[2] is InjectionWarning for f in warnings.filters):
+        warnings.filterwarnings("ignore", category=InjectionWarning)
+
+
 def search_weights(
     loss: Callable[[np.ndarray], float],
     num_experts: int,
@@ -120,6 +133,7 @@ def search_weights(
     """
     import nevergrad as ng
 
+    _quiet_cma_injections()
     config.validate()
     if num_experts < 1:
         raise ValueError("a composition needs at least one expert")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -114,3 +115,9 @@ def test_examples_must_be_one_to_a_hundred_non_empty_labelled_texts() -> None:
     ):
         with pytest.raises(ValueError):
             check_examples(texts, labels)
+
+
+def test_a_search_does_not_fill_the_log_with_cma_injection_warnings() -> None:
+    with warnings.catch_warnings(record=True) as caught:
+        search_weights(lambda w: float((w**2).sum()), 3, CompositionConfig(budget=20))
+    assert not [w for w in caught if "injected solution" in str(w.message)]
