@@ -27,6 +27,12 @@ mixing both forms, or several token routers, run eagerly; so does token routing 
 token mixing reads back to the host (float32: only the fused half-precision kernel does not). A
 capture that fails (an operation that reads back, say) is logged once and that key runs eagerly
 from then on.
+
+A capture takes most of a second for a 1.1B model, and every request of the batch waits for it.
+So the worker also captures while idle (:meth:`DecodeGraphs.capture_missing`): the buckets, up
+to the widest batch so far, of the two most recent (form, steps, sampled) families, one graph
+per turn. Captures run one at a time in the process, in CUDA's ``thread_local`` mode, so that
+another thread's synchronising call neither fails nor invalidates them.
 """
 
 from __future__ import annotations
