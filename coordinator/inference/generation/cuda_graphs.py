@@ -318,12 +318,14 @@ class DecodeGraphs:
         cost out of the requests' way.
         A capture neither reads nor changes a request: no row is in use.
         """
-        for rows, family, key in self._missing():
-            self.kv.prepare_step(rows, full_width=True)
-            ids = torch.full((rows, 1), self.pad_id, dtype=torch.long)
-            sampling = [None] * rows if family[2] else None
-            return self._capture(key, rows, family, ids, _no_routing, sampling, None) is not None
-        return False
+        missing = next(self._missing(), None)
+        if missing is None:
+            return False
+        rows, family, key = missing
+        self.kv.prepare_step(rows, full_width=True)
+        ids = torch.full((rows, 1), self.pad_id, dtype=torch.long)
+        sampling = [None] * rows if family[2] else None
+        return self._capture(key, rows, family, ids, _no_routing, sampling, None) is not None
 
     def pending(self) -> int:
         """Graphs :meth:`capture_missing` would still capture."""

@@ -181,8 +181,8 @@ class GenerationScheduler:
                     # nothing to serve: capture a graph the next bursts will need, one per
                     # turn so that a request arriving meanwhile waits for one capture at most
                     self.graphs.capture_missing()
-                if self.graphs is not None:
-                    self.graphs_pending = self.graphs.pending()
+                if self.graphs is not None and not self.running:  # counted when idle only:
+                    self.graphs_pending = self.graphs.pending()  # not on every decode step
         except Exception as exc:  # a failed forward: fail what ran, keep serving
             self.graphs_pending = 0  # and no idle capture retried in a loop
             log.exception(
