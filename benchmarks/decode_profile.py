@@ -6,10 +6,12 @@ prompts of ``--prompt-tokens`` tokens, each request pinned to one of ``--experts
 then once under ``torch.profiler``. Prints the bursts' wall time and tokens/s, the GPU time per
 decode step (all kernels of the profiled burst over its steps; prefill included, so an upper
 bound) and the kernels by total GPU time. The decode-step breakdown in docs/inference.md comes
-from this script; ``--bgmv`` and ``--fused-rotary`` turn on the kernels that are off by
-default, to compare.
+from this script; ``--bgmv`` and ``--fused-rotary`` turn on the kernels the server uses by
+default (this script leaves them off unless asked, to compare); ``--plain-norm-and-kv`` turns
+off the Triton RMSNorm and KV-write kernels, to compare.
 
     python benchmarks/decode_profile.py [--preset llama-1b] [--bgmv] [--fused-rotary]
+        [--plain-norm-and-kv]
 
 On a CPU (``--device cpu --preset tiny``) it times the bursts only (a smoke test): the profiler
 sees this thread's operators, not the engine worker's.
@@ -28,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # generation_throughpu
 
 import generation_throughput as gt
 
+from moerge.coordinator.inference.generation import fused_norm, kv_write_triton
 from moerge.coordinator.inference.generation.sampling import SamplingParams
 
 
@@ -81,7 +84,15 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     parser.add_argument("--rows", type=int, default=30, help="kernels listed")
     parser.add_argument("--bgmv", action="store_true", help="generation_bgmv_kernels on")
     parser.add_argument("--fused-rotary", action="store_true", help="generation_fused_rotary on")
+    parser.add_argument(
+        "--plain-norm-and-kv",
+        action="store_true",
+        help="RMSNorm in two PyTorch kernels and the KV write as two scatters (not the Triton "
+        "kernels of fused_norm.py and kv_write_triton.py), to compare",
+    )
     args = parser.parse_args(argv)
+    if args.plain_norm_and_kv:
+        fused_norm.TRITON_KERNEL = kv_write_triton.TRITON_KERNEL = False
     with tempfile.TemporaryDirectory() as tmp:
         result = profile_decode(args, Path(tmp))
     walls = ", ".join(f"{w:.3f}" for w in result["walls"])  # type: ignore[attr-defined]
@@ -93,7 +104,9 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     print(
         f"{args.preset} on {gt.tr.device_name(args.device)}, {args.concurrency} requests x "
         f"{args.new_tokens} new tokens, {args.experts} experts; bgmv {args.bgmv}, fused rotary "
-        f"{args.fused_rotary}\nbursts {walls} s; {result['tokens_per_s']:.0f} tokens/s; {step}\n"
+        f"{args.fused_rotary}, Triton norm and KV write "
+        f"{not args.plain_norm_and_kv}\nbursts {walls} s; "
+        f"{result['tokens_per_s']:.0f} tokens/s; {step}\n"
         f"{result['table']}"
     )
     return result

@@ -3,10 +3,13 @@ position, and growing the buffers keeps what rows hold."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from transformers import DynamicCache
 
+from moerge.coordinator.inference.generation import kv_write_triton
 from moerge.coordinator.inference.generation.kv_rows import KVRows
+from tests.inference.triton_device import triton_device
 
 LAYERS, HEADS, DIM = 2, 2, 4
 
@@ -74,3 +77,23 @@ def test_rows_are_taken_lowest_first_and_runs_stay_adjacent():
     assert rows.allocate(2) == 3  # an ensemble's two rows: the first adjacent free pair
     assert rows.allocate(1) == 1
     assert rows.allocate(1) is None
+
+
+@pytest.mark.skipif(triton_device() is None, reason="needs Triton (CUDA or its interpreter)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_write_is_the_two_scatters_bit_for_bit(dtype: torch.dtype) -> None:
+    device = triton_device()
+    R_max, heads, L, D, rows = 6, 3, 16, 24, 4  # D not a power of two: masked lanes
+    torch.manual_seed(0)
+    keys = torch.randn(R_max, heads, L, D).to(device, dtype)
+    values = torch.randn(R_max, heads, L, D).to(device, dtype)
+    # as a model produces them: [rows, 1, heads, D] transposed, so not contiguous
+    new_k = torch.randn(rows, 1, heads, D).to(device, dtype).transpose(1, 2)
+    new_v = torch.randn(rows, 1, heads, D).to(device, dtype).transpose(1, 2)
+    positions = torch.tensor([3, 0, 15, 7, 9, 9], device=device)
+    expected_k, expected_v = keys.clone(), values.clone()
+    index = positions[:rows].view(rows, 1, 1, 1)
+    expected_k[:rows].scatter_(2, index.expand_as(new_k), new_k)
+    expected_v[:rows].scatter_(2, index.expand_as(new_v), new_v)
+    kv_write_triton.write_step_(keys, values, new_k, new_v, positions)
+    assert torch.equal(keys, expected_k) and torch.equal(values, expected_v)

@@ -13,10 +13,11 @@ preallocated buffer per layer, as vLLM's and TGI's CUDA-graph decoders do::
 * a request takes a free row (``k`` adjacent rows for an output ensemble); its prompt, prefilled
   on its own (:meth:`KVRows.write_prompt`), is copied to columns ``0 .. P - 1`` of its row, so
   rows never need padding or re-alignment when others join or leave;
-* a decode step writes each row's new key/value at column ``n_r`` (one ``scatter_`` per layer,
-  :class:`RowCacheLayer`) and attends to columns ``0 .. n_r`` through an additive mask
-  ``[R, 1, 1, L]`` (0 where ``column <= n_r``, the dtype's minimum elsewhere), with RoPE
-  position ``n_r``: the same keys, positions and attention as an unpadded run;
+* a decode step writes each row's new key/value at column ``n_r`` (one ``scatter_`` each per
+  layer, :class:`RowCacheLayer`; on CUDA one Triton kernel for both, :mod:`.kv_write_triton`)
+  and attends to columns ``0 .. n_r`` through an additive mask ``[R, 1, 1, L]`` (0 where
+  ``column <= n_r``, the dtype's minimum elsewhere), with RoPE position ``n_r``: the same keys,
+  positions and attention as an unpadded run;
 * freeing a row is bookkeeping only; rows not in use decode garbage that nobody reads.
 
 Every shape of a decode step is fixed (the rows used are padded up to a *bucket*, the
@@ -36,6 +37,8 @@ from collections.abc import Sequence
 import torch
 from transformers import DynamicCache
 from transformers.cache_utils import Cache, CacheLayerMixin
+
+from moerge.coordinator.inference.generation.kv_write_triton import try_write_step_
 
 #: columns of a step without a graph are rounded up to this (fewer distinct shapes)
 _COLUMN_STEP = 64
@@ -84,9 +87,10 @@ class RowCacheLayer(CacheLayerMixin):
                 f"a decode step writes one token in each of {rows} rows, got key states "
                 f"{tuple(key_states.shape)}"
             )
-        index = positions[:rows].view(rows, 1, 1, 1)
-        self.keys[:rows].scatter_(2, index.expand_as(key_states), key_states)
-        self.values[:rows].scatter_(2, index.expand_as(value_states), value_states)
+        if not try_write_step_(self.keys, self.values, key_states, value_states, positions):
+            index = positions[:rows].view(rows, 1, 1, 1)
+            self.keys[:rows].scatter_(2, index.expand_as(key_states), key_states)
+            self.values[:rows].scatter_(2, index.expand_as(value_states), value_states)
         return self.keys[:rows, :, :columns], self.values[:rows, :, :columns]
 
     def get_mask_sizes(self, query_length: int, *args: object) -> tuple[int, int]:
