@@ -27,10 +27,12 @@ own dependencies is needed.
 
 ``--pin`` (Linux) gives each replica a physical core of its own (both hyperthreads) and the
 client processes the cores left, so that a replica added never shares a core with another
-replica or a client: on the 16-vCPU host, 4 unpinned replicas served 0.74x linear while each
-replica stayed at about one core; the kernel's placement (two replicas on the hyperthreads of
-one core, clients beside them) is one candidate cause, which a pinned run tells apart (not yet
-measured on that host).
+replica or a client. On the 16-vCPU host, 4 replicas served 0.74x linear unpinned and 0.67x
+pinned (2026-12-06/07): the kernel's placement is not the cause. Each phase also reports the
+replicas' CPU per request and their requests per engine batch (from each replica's
+``/metrics``): with every client's calls spread over all replicas, a replica's batches may hold
+fewer requests than one replica's lockstep batches, and the engine's cost per request grows as
+its batches shrink.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ import json
 import os
 import platform
 import random
+import re
 import shutil
 import signal
 import socket
@@ -50,6 +53,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -165,6 +169,8 @@ class Replica:
         for line in self.process.stdout:
             if line.startswith(SERVING):
                 self.address = f"127.0.0.1:{int(line[len(SERVING) :])}"
+                found = re.search(r"metrics on http://[^:]+:(\d+)/metrics", self.log.read_text())
+                self.metrics_port = int(found.group(1)) if found else None
                 return
         self.stop()
         raise RuntimeError(f"a replica did not start:\n{self.log.read_text()[-4000:]}")
@@ -172,6 +178,22 @@ class Replica:
     @property
     def pid(self) -> int:
         return self.process.pid
+
+    def batch_counters(self) -> tuple[float, float]:
+        """(engine batches run for Predict, requests they served) so far, from /metrics;
+        (0, 0) if the replica serves no metrics."""
+        if self.metrics_port is None:
+            return 0.0, 0.0
+        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as response:
+            text = response.read().decode()
+        values = {}
+        for name in ("moerge_predict_batches_total", "moerge_predict_batched_requests_total"):
+            found = re.search(rf"^{name} (\S+)$", text, re.M)
+            values[name] = float(found.group(1)) if found else 0.0
+        return values["moerge_predict_batches_total"], values[
+            "moerge_predict_batched_requests_total"
+        ]
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -389,6 +411,8 @@ class Phase:
     replica_cpu_seconds: float = 0.0
     balancer_cpu_seconds: float = 0.0  # nginx's; round_robin's work is in the clients'
     client_cpu_seconds: list[float] = field(default_factory=list)  # per client process
+    batches: float = 0.0  # the replicas' engine batches for Predict during the phase
+    batched_requests: float = 0.0  # and the requests they served
 
     @property
     def per_second(self) -> float:
@@ -436,6 +460,7 @@ def run_phase(
                 raise RuntimeError("a client process did not start")
         phase = Phase(len(replicas), len(clients) * args.clients_per_replica, args.seconds)
         before = sum(cpu_seconds(r.pid) for r in replicas)
+        batches_before = [r.batch_counters() for r in replicas]
         balancer_before = balancer.cpu_seconds()
         for client in clients:
             assert client.stdin is not None
@@ -444,6 +469,10 @@ def run_phase(
         time.sleep(args.seconds)
         phase.replica_cpu_seconds = sum(cpu_seconds(r.pid) for r in replicas) - before
         phase.balancer_cpu_seconds = balancer.cpu_seconds() - balancer_before
+        for replica, (batches, requests) in zip(replicas, batches_before, strict=True):
+            batches_now, requests_now = replica.batch_counters()
+            phase.batches += batches_now - batches
+            phase.batched_requests += requests_now - requests
         for client in clients:
             out, _ = client.communicate(timeout=120)
             result = json.loads(out.strip().splitlines()[-1])
@@ -516,6 +545,7 @@ def run(args: argparse.Namespace, workdir: Path) -> Run:
         "adapter_cache_bytes": 64 << 20,
         "max_lora_rank": 8,
         "grace_seconds": 1,
+        "metrics_listen": "127.0.0.1:0",  # requests per engine batch, from each replica
     }
     replicas: list[Replica] = []
     try:
@@ -581,8 +611,9 @@ def markdown(result: Run, args: argparse.Namespace) -> str:
         f"{args.seconds:.0f} s per phase",
         "",
         "| replicas | clients | requests | errors | requests/s | ratio to linear | p50 | p99 "
-        "| replica CPU (cores) | balancer CPU (cores) | client CPU (cores; busiest process) |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| replica CPU (cores) | replica CPU per request | requests per engine batch "
+        "| balancer CPU (cores) | client CPU (cores; busiest process) |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for p in result.phases:
         ratio = p.per_second / (per_replica * p.replicas) if per_replica else float("nan")
@@ -592,7 +623,10 @@ def markdown(result: Run, args: argparse.Namespace) -> str:
             f"| {p.replicas} | {p.clients} | {len(p.latencies_ms)} | "
             f"{sum(p.errors.values())} {p.errors or ''} | {p.per_second:.1f} | {ratio:.2f}x | "
             f"{p.percentile(0.5):.1f} ms | {p.percentile(0.99):.1f} ms | "
-            f"{p.replica_cpu_seconds / p.seconds:.2f} | {p.balancer_cpu_seconds / p.seconds:.2f} | "
+            f"{p.replica_cpu_seconds / p.seconds:.2f} | "
+            f"{1e6 * p.replica_cpu_seconds / max(1, len(p.latencies_ms)):.0f} us | "
+            f"{p.batched_requests / p.batches if p.batches else float('nan'):.1f} | "
+            f"{p.balancer_cpu_seconds / p.seconds:.2f} | "
             f"{client_cores:.2f}; {busiest:.2f} |"
         )
     lines += [

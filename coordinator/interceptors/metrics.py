@@ -307,7 +307,8 @@ class StateCollector(Collector):
         return families + self._inference_families()
 
     def _inference_families(self) -> list[Metric]:
-        """Where inference runs, and the generation scheduler's load and output."""
+        """Where inference runs, how Predict batches, and the generation scheduler's load and
+        output."""
         if self.placement is None:
             self.placement = resolve_placement(self.state.config.device, self.state.config.dtype)
         info = InfoMetricFamily("moerge_inference_device", "the inference device and precision")
@@ -321,11 +322,22 @@ class StateCollector(Collector):
         )
         inference = self.state.inference
         engine = inference.engine if inference is not None else None
+        batcher = inference.batcher if inference is not None else None
         scheduler = getattr(engine, "_scheduler", None)
         running, waiting = scheduler.load if scheduler is not None else (0, 0)
         graphs = scheduler.graphs if scheduler is not None else None
         return [
             info,
+            CounterMetricFamily(
+                "moerge_predict_batches",
+                "engine batches run for Predict",
+                value=batcher.batches if batcher is not None else 0,
+            ),
+            CounterMetricFamily(
+                "moerge_predict_batched_requests",
+                "Predict requests served in those batches (over batches: the mean batch size)",
+                value=batcher.items if batcher is not None else 0,
+            ),
             GaugeMetricFamily(
                 "moerge_generation_running", "Generate requests in the running batch", value=running
             ),

@@ -136,6 +136,8 @@ def test_contributors_experts_reach_the_registry_and_predict_answers(
         assert sample(metrics, "moerge_experts", state="active") == 2
         assert sample(metrics, "moerge_adapter_cache_experts") >= 1
         assert sample(metrics, "moerge_adapter_cache_bytes") > 0
+        assert sample(metrics, "moerge_predict_batches_total") == 1  # one request, one batch
+        assert sample(metrics, "moerge_predict_batched_requests_total") == 1
     # compose sets MOERGE_LOG_JSON=true: every line the coordinator logged is one JSON object
     records = json_log_lines(tmp_path / "logs" / "coordinator.err")
     assert any("coordinator listening" in str(r["msg"]) for r in records)

@@ -86,6 +86,7 @@ def test_scrape_reports_empty_registry_and_cold_adapter_cache(
     assert sample(text, "moerge_experts", state="active") == 0
     assert sample(text, "moerge_router_active_version") == 0
     assert sample(text, "moerge_adapter_cache_experts") == 0
+    assert sample(text, "moerge_predict_batches_total") == 0
     budget = coordinator.config.adapter_cache_bytes
     assert sample(text, "moerge_adapter_cache_budget_bytes") == budget
 

@@ -30,6 +30,8 @@ def test_one_replica_for_two_seconds_answers_every_call_and_writes_the_report(
     requests, errors, per_second, ratio = int(cells[2]), cells[3], float(cells[4]), cells[5]
     assert requests > 0 and errors == "0" and per_second > 0
     assert ratio == "1.00x"  # the one phase is its own baseline
+    per_batch = float(cells[10])  # from the replica's /metrics: batches and requests served
+    assert 1.0 <= per_batch <= 4.0  # 4 calls in flight, so at most 4 per batch
 
 
 def test_pinned_placement_gives_each_replica_a_core_of_its_own_and_the_clients_the_rest() -> None:
