@@ -126,7 +126,9 @@ async def generate(
         plan = composition_plan(info.expert_ids, info.weights, 1)
         chosen = Chosen(None, 0, f"composition {info.name} v{info.version}")
     else:
-        chosen = await asyncio.to_thread(service.choose, method, version, expert_filter)
+        # remembered per request shape while the registry is unchanged, as for Predict: a
+        # burst of requests does not each read the router versions on a thread of its own
+        chosen = await service.chosen(method, version, expert_filter)
         router = chosen.router
         assert router is not None  # choose() always picks one; only a composition has none
         plan = RoutingPlan.routed(router, service._top_k(router, top_k), aggregation)
