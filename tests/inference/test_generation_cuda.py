@@ -28,6 +28,7 @@ from moerge.coordinator.inference.plan import Aggregation, RoutingPlan
 from moerge.coordinator.services.expert_store import read_lora
 from moerge.router_training.arrow import ArrowRouter, ArrowRouterConfig
 from moerge.router_training.base import ExpertRecord
+from moerge.triton_support import triton
 from tests.inference.engine_helpers import make_causal_experts, submit_all, text_of
 from tests.tiny_models import make_tiny_llama
 
@@ -124,6 +125,11 @@ def test_bfloat16_cuda_engine_generates_with_its_weights_on_the_gpu(base, expert
         assert parameter.is_cuda and parameter.dtype == torch.bfloat16
         _text, events = stream(engine, PROMPTS[2], arrow_plan(experts))
         assert 1 <= events[-1].completion_tokens <= NEW_TOKENS
+        path = engine.scheduler.decode_path  # bf16 on CUDA: the fused paths are on
+        assert path["fused RMSNorm"] and path["CUDA graphs"]
+        if triton is not None:
+            assert path["RMSNorm in one Triton kernel"] and path["BGMV kernels"]
+            assert path["KV write in one Triton kernel"]
     finally:
         engine.close()
 

@@ -512,3 +512,13 @@ def test_a_routers_first_request_sizes_the_bank_for_all_its_experts_at_once(base
         assert engine.bank.capacity == len(records) + SPARE_SLOTS
     finally:
         engine.close()
+
+
+def test_the_decode_path_says_which_fast_paths_run(engine) -> None:
+    path = engine.scheduler.decode_path
+    # the tiny Llama on the CPU in float32: attention is SDPA, so the grouped-query path takes
+    # it; every CUDA or half-precision path stays off
+    assert path["grouped-query decode attention"] is True
+    off = [name for name, on in path.items() if name != "grouped-query decode attention"]
+    assert not any(path[name] for name in off)
+    assert set(path) >= {"BGMV kernels", "CUDA graphs", "KV write in one Triton kernel"}

@@ -41,6 +41,7 @@ import torch
 from transformers import DynamicCache
 
 from moerge.coordinator.inference.errors import InvalidPlan
+from moerge.coordinator.inference.generation import fused_norm, kv_write_triton
 from moerge.coordinator.inference.generation.attention import use_decode_attention
 from moerge.coordinator.inference.generation.batch_routing import BatchRouting
 from moerge.coordinator.inference.generation.cuda_graphs import DecodeGraphs
@@ -68,11 +69,34 @@ from moerge.coordinator.inference.generation.running import (
     routing_embeddings,
 )
 from moerge.coordinator.inference.generation.sampling import BatchSampler, SamplingParams
+from moerge.triton_support import triton
 
 if TYPE_CHECKING:
     from moerge.coordinator.inference.engine import InferenceEngine
 
 log = logging.getLogger(__name__)
+
+
+def decode_path(
+    engine: InferenceEngine, packed: bool, norms: int, rotary: bool, graphs: bool
+) -> dict[str, bool]:
+    """The decode step's fast paths, by name, and whether each is in use: what an operator
+    checks in the log when a GPU server decodes slower than expected (docs/inference.md)."""
+    parameter = next(engine.model.parameters(), None)
+    triton_here = triton is not None and parameter is not None and parameter.is_cuda
+    half = parameter is not None and parameter.dtype in (torch.float16, torch.bfloat16)
+    return {
+        "grouped-query decode attention": packed,
+        "fused RMSNorm": norms > 0,
+        "RMSNorm in one Triton kernel": norms > 0
+        and triton_here
+        and half
+        and fused_norm.TRITON_KERNEL,
+        "fused rotary (Liger)": rotary,
+        "BGMV kernels": bool(engine.bank.bgmv_kernels) and triton_here and half,
+        "KV write in one Triton kernel": triton_here and kv_write_triton.TRITON_KERNEL,
+        "CUDA graphs": graphs,
+    }
 
 
 class QueueFull(RuntimeError):
@@ -108,10 +132,10 @@ class GenerationScheduler:
         eos = tokenizer.eos_token_id if eos is None else eos
         self.eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        use_decode_attention(engine.model)  # grouped heads attend without copied keys
-        use_fused_rms_norm(engine.model)  # on CUDA: two kernels per norm instead of eight
-        if engine.generation_fused_rotary:  # on CUDA with Liger-Kernel: one kernel per layer
-            use_fused_rotary(engine.model)
+        packed = use_decode_attention(engine.model)  # grouped heads attend without copied keys
+        norms = use_fused_rms_norm(engine.model)  # on CUDA: one or two kernels per norm, not 8
+        # on CUDA with Liger-Kernel: one kernel per layer
+        rotary = bool(engine.generation_fused_rotary) and use_fused_rotary(engine.model)
         # transformers renamed ``past_key_values`` to ``cache`` (5.2x); accept both releases
         forward = inspect.signature(engine.model.forward).parameters
         self.cache_kwarg = "cache" if "cache" in forward else "past_key_values"
@@ -120,6 +144,12 @@ class GenerationScheduler:
             DecodeGraphs(engine, self.kv, self.cache_kwarg, self.pad_id)
             if cuda_graphs and DecodeGraphs.enabled_for(engine)
             else None
+        )
+        #: which of the decode step's fast paths this model and device got (logged once)
+        self.decode_path = decode_path(engine, packed, norms, rotary, self.graphs is not None)
+        log.info(
+            "generation decode path: %s",
+            "; ".join(f"{name} {'on' if on else 'off'}" for name, on in self.decode_path.items()),
         )
         config = engine.model.config
         self.max_positions = int(getattr(config, "max_position_embeddings", 0) or 0)
