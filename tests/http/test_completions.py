@@ -246,8 +246,9 @@ def test_a_client_that_leaves_mid_stream_cancels_its_generation(
     decode = scheduler._decode
 
     def slow_decode() -> None:  # a model slower than its reader: 120 tokens take >= 2.4 s
-        time.sleep(0.02)
-        decode()
+        made = scheduler.tokens
+        decode()  # one step, or a chunk of greedy steps: 20 ms for each token it made
+        time.sleep(0.02 * max(1, scheduler.tokens - made))
 
     # (the tiny Llama could otherwise finish before the client leaves: a lagging reader gets
     # the waiting text joined into one event, so three events may already hold all 120 tokens)
