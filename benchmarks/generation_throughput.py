@@ -463,13 +463,16 @@ class Server:
         raise RuntimeError("coordinator did not start:\n" + self.log.read_text()[-4000:])
 
     def counters(self) -> dict[str, float]:
-        """Graph captures, replays and adapter loads so far (the server's /metrics)."""
+        """Graph captures, replays, adapter loads, admission rounds and worker seconds so far
+        (the server's /metrics)."""
         import urllib.request
 
         wanted = (
             "moerge_generation_graph_captures",
             "moerge_generation_graph_replays",
             "moerge_adapter_cache_loads",
+            "moerge_generation_admissions",
+            "moerge_generation_admitted_requests",
         )
         with urllib.request.urlopen(f"http://{self.metrics_address}/metrics", timeout=10) as r:
             text = r.read().decode()

@@ -213,6 +213,15 @@ def test_metrics_show_the_device_and_the_generation_load(served) -> None:
         )
     )
     assert tokens >= 1
+
+    def value(name: str) -> float:
+        return float(next(ln.split()[-1] for ln in text.splitlines() if ln.startswith(name)))
+
+    # every request so far was admitted in a round of its own or with others
+    assert value("moerge_generation_admissions_total") >= 1
+    assert value("moerge_generation_admissions_total") <= value(
+        "moerge_generation_admitted_requests_total"
+    )
     assert "moerge_generation_running 0.0" in text
     assert "moerge_generation_graph_replays_total 0.0" in text  # CPU: no CUDA graphs
     assert "moerge_generation_graphs_pending 0.0" in text

@@ -116,6 +116,7 @@ def test_requests_batched_together_each_get_their_own_experts_text(engine, own_g
     chosen = ["lm-1", "lm-0", "lm-1", "lm-0"]
     prompts = [PROMPTS[0], PROMPTS[1], PROMPTS[2], PROMPTS[2]]
     steps = engine.scheduler.steps
+    rounds, admitted = engine.scheduler.admissions, engine.scheduler.admitted
     results, _ = submit_all(
         engine, [(p, one(e), greedy()) for p, e in zip(prompts, chosen, strict=True)]
     )
@@ -123,6 +124,9 @@ def test_requests_batched_together_each_get_their_own_experts_text(engine, own_g
         assert text_of(events) == own_generations[expert][PROMPTS.index(prompt)]
     # all four shared the decode steps: at most NEW_TOKENS - 1 steps for 4 x 8 tokens
     assert engine.scheduler.steps - steps <= NEW_TOKENS - 1
+    # queued together, so admitted (embedded and prefilled) in one round
+    assert engine.scheduler.admissions - rounds == 1
+    assert engine.scheduler.admitted - admitted == 4
 
 
 def test_a_request_joining_a_running_batch_gets_the_same_text(engine, own_generations):

@@ -156,6 +156,11 @@ class GenerationScheduler:
         self.steps = 0  # decode steps run (for metrics and tests)
         self.decodes = 0  # host round trips of decoding: steps, or chunks of greedy steps
         self.tokens = 0  # tokens generated (for metrics)
+        #: admission rounds that admitted requests, and the requests they admitted (metrics:
+        #: a burst whose requests arrive spread out is admitted in many small rounds, each with
+        #: its own embedding pass and prefill)
+        self.admissions = 0
+        self.admitted = 0
         #: worker seconds per phase (metrics): routing the newcomers (embedding, tokenizing,
         #: binding experts), their prefill, and decoding (graph captures counted apart, in
         #: :attr:`.cuda_graphs.DecodeGraphs.capture_seconds`)
@@ -287,6 +292,8 @@ class GenerationScheduler:
         routed = time.perf_counter()
         self.seconds["route"] += routed - began
         if admitted:
+            self.admissions += 1
+            self.admitted += len(admitted)
             self._prefill(admitted)
             self.seconds["prefill"] += time.perf_counter() - routed
 
