@@ -58,6 +58,10 @@ MAX_WEIGHT_MAGNITUDE = 1e4
 #: entries still fit float32.
 MAX_STATISTIC_MAGNITUDE = 1e12
 HEAD_NAMES = ("classifier", "score")
+#: Names ``modules_to_save`` may list: the heads, and DistilBERT's ``pre_classifier``, which PEFT
+#: (0.22 and later) adds to every sequence-classification adapter's config. A model without
+#: that module saves no tensor for it, and tensors are checked on their own (heads' only).
+MODULES_TO_SAVE_NAMES = (*HEAD_NAMES, "pre_classifier")
 _LORA_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<which>[AB])\.weight$")
 
 
@@ -194,7 +198,7 @@ def check_adapter_config(raw: Any, spec: BaseModelSpec) -> tuple[int, float, lis
             raise ExpertInvalid(ADAPTER_CONFIG, f"{flag} adapters are not supported")
     if raw.get("rank_pattern") or raw.get("alpha_pattern"):
         raise ExpertInvalid(ADAPTER_CONFIG, "rank_pattern/alpha_pattern are not supported")
-    extra = [m for m in raw.get("modules_to_save") or [] if m not in HEAD_NAMES]
+    extra = [m for m in raw.get("modules_to_save") or [] if m not in MODULES_TO_SAVE_NAMES]
     if extra:
         raise ExpertInvalid(ADAPTER_CONFIG, f"modules_to_save {extra} not allowed")
     return rank, float(alpha), sorted(set(targets))

@@ -283,6 +283,21 @@ def test_bfloat16_weights_are_checked_for_inf_and_accepted_when_finite(
     assert upload_expert(target, expert, "half", "toy", progress=False).created
 
 
+def test_peft_default_heads_in_modules_to_save_are_accepted_and_other_modules_refused(
+    coordinator: BackgroundCoordinator, expert: Path
+) -> None:
+    """PEFT 0.22 writes DistilBERT's ``pre_classifier`` beside ``classifier`` and ``score`` into
+    every sequence-classification adapter's ``modules_to_save``; a BERT adapter saves no tensor
+    for it. A module that is not a head is still refused."""
+    target = _target(coordinator)
+    rewrite_json(expert / ADAPTER_CONFIG, modules_to_save=["classifier", "score", "pre_classifier"])
+    assert upload_expert(target, expert, "peft-0.22", "toy", progress=False).created
+    rewrite_json(expert / ADAPTER_CONFIG, modules_to_save=["classifier", "pooler"])
+    with pytest.raises(grpc.RpcError) as err:
+        upload_expert(target, expert, "pooler", "toy", progress=False)
+    assert "modules_to_save ['pooler'] not allowed" in err.value.details()
+
+
 def _pickle_payload(path: Path) -> None:
     path.write_bytes(pickle.dumps({"evil": "payload"}))
 
