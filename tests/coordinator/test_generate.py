@@ -10,13 +10,10 @@ from pathlib import Path
 import grpc
 import pytest
 
-from moerge.contributor_client.connection import Target
-from moerge.contributor_client.upload import upload_expert
 from moerge.v1 import inference_pb2, inference_pb2_grpc
+from tests.coordinator.causal_lm import causal_lm_coordinator
 from tests.coordinator.conftest import coordinator_config
 from tests.coordinator.harness import BackgroundCoordinator, bearer
-from tests.coordinator.test_server import enroll
-from tests.experts import make_expert_dir
 
 
 @pytest.fixture(scope="module")
@@ -24,31 +21,7 @@ def served(
     tmp_path_factory: pytest.TempPathFactory, tiny_llama: Path
 ) -> Iterator[BackgroundCoordinator]:
     """A causal-LM coordinator (SQLite) with two uploaded experts."""
-    root = tmp_path_factory.mktemp("generate")
-    config = coordinator_config(
-        root / "data",
-        tiny_llama,
-        base_model_id="tiny-llama",
-        task_type="causal_lm",
-        target_modules=("q_proj", "v_proj"),
-        max_input_tokens=32,
-        max_new_tokens=8,
-        device="auto",
-        dtype="auto",
-    )
-    with BackgroundCoordinator(config) as running:
-        _, credential = enroll(running.address, running.admin_token(), "lab")
-        target = Target(address=running.address, token=credential)
-        for i in range(2):
-            folder = make_expert_dir(
-                tiny_llama,
-                root / f"lm{i}",
-                rank=4,
-                seed=10 + i,
-                task_type="causal_lm",
-                task_name=f"task{i}",
-            )
-            upload_expert(target, folder, f"lm{i}", f"task{i}", progress=False)
+    with causal_lm_coordinator(tmp_path_factory.mktemp("generate"), tiny_llama) as running:
         yield running
 
 
