@@ -14,7 +14,7 @@ model-only time of the engine (in this process, no gRPC, no registry) for one ba
 ``--clients`` such requests and for one request alone: what the model itself allows.
 
     python benchmarks/predict_overhead.py [--seconds 20] [--clients 16] [--experts 4]
-        [--batch-wait-ms MS] [--traced-forwards]
+        [--batch-wait-ms MS] [--traced-forwards] [--predict-process]
 """
 
 from __future__ import annotations
@@ -105,6 +105,23 @@ def cpu_seconds(pid: int, tid: int | None = None) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def children(pid: int) -> list[int]:
+    """The child processes of ``pid`` (the coordinator's engine process, with
+    ``predict_process``)."""
+    found: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            found += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            continue
+    return found
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU time so far of ``pid`` and its child processes."""
+    return cpu_seconds(pid) + sum(cpu_seconds(child) for child in children(pid))
+
+
 def thread_seconds(pid: int) -> dict[int, float]:
     """CPU time so far of each thread of ``pid`` by thread id."""
     return {int(t.name): cpu_seconds(pid, int(t.name)) for t in Path(f"/proc/{pid}/task").iterdir()}
@@ -116,7 +133,8 @@ class Phase:
     seconds: float
     latencies_ms: list[float] = field(default_factory=list)
     errors: dict[str, int] = field(default_factory=dict)
-    server_cpu_seconds: float = 0.0  # the server process's CPU time during the phase
+    server_cpu_seconds: float = 0.0  # the server's CPU time during the phase, children included
+    engine_cpu_seconds: float = 0.0  # of which its engine process (``predict_process``)
     #: the server's main thread (the event loop), its busiest other thread (the coordinator's
     #: model thread), all its other threads: CPU seconds during the phase
     thread_cpu_seconds: tuple[float, float, float] = (0.0, 0.0, 0.0)
@@ -180,10 +198,12 @@ def hammer(
     for thread in threads:
         thread.start()
     start.wait()
-    cpu, before = cpu_seconds(server_pid), thread_seconds(server_pid)
+    cpu, before = tree_cpu_seconds(server_pid), thread_seconds(server_pid)
+    engine = sum(cpu_seconds(child) for child in children(server_pid))
     time.sleep(seconds)
     stop.set()
-    phase.server_cpu_seconds = cpu_seconds(server_pid) - cpu
+    phase.server_cpu_seconds = tree_cpu_seconds(server_pid) - cpu
+    phase.engine_cpu_seconds = sum(cpu_seconds(c) for c in children(server_pid)) - engine
     spent = {t: s - before.get(t, 0.0) for t, s in thread_seconds(server_pid).items()}
     main = spent.pop(server_pid, 0.0)
     busiest = max(spent.values(), default=0.0)
@@ -301,6 +321,8 @@ def run(args: argparse.Namespace, workdir: Path) -> tuple[list[Phase], ModelTime
         settings["batch_wait_ms"] = args.batch_wait_ms
     if args.traced_forwards:
         settings["traced_forwards"] = "true"
+    if args.predict_process:
+        settings["predict_process"] = "true"
     coordinator = CoordinatorProcess(workdir / "data", base, **settings)
     for name in args.unset_env:  # run the coordinator as it is deployed, without the harness's
         coordinator.env.pop(name, None)  # thread limits
@@ -362,6 +384,7 @@ def markdown(phases: list[Phase], model: ModelTimes, batch: float, args: argpars
     floor_us = echo_cpu + model_us
     predict_cpu = predict.cpu_us_per_request
     loop_us, model_thread_us, other_us = predict.thread_us_per_request()
+    engine_us = predict.engine_cpu_seconds / max(1, len(predict.latencies_ms)) * 1e6
     load = os.getloadavg()
     lines = [
         "# Predict overhead: the coordinator against a bare grpc.aio echo server",
@@ -376,7 +399,12 @@ def markdown(phases: list[Phase], model: ModelTimes, batch: float, args: argpars
         f"call, half restricted to one random expert; tiny random BERT, {args.experts} experts "
         f"(LoRA r={args.rank}) behind a centroid router, adapter cache warm; "
         f"{args.seconds:.0f} s per phase, echo before and after Predict"
-        + ("; traced forwards (`traced_forwards = true`)" if args.traced_forwards else ""),
+        + ("; traced forwards (`traced_forwards = true`)" if args.traced_forwards else "")
+        + (
+            "; the model in its own process (`predict_process = true`)"
+            if args.predict_process
+            else ""
+        ),
         "",
         "| phase | requests | errors | requests/s | p50 | p99 | server CPU per request |",
         "|---|---:|---:|---:|---:|---:|---:|",
@@ -408,7 +436,13 @@ def markdown(phases: list[Phase], model: ModelTimes, batch: float, args: argpars
         "",
         f"By thread, per Predict: the event loop (the server's main thread) {loop_us:.0f} us, "
         f"the model thread (its busiest other thread) {model_thread_us:.0f} us, all other "
-        f"threads {other_us:.0f} us. The engine alone, its worker thread's CPU time per batch of "
+        f"threads {other_us:.0f} us"
+        + (
+            f"; the engine process (`predict_process`) {engine_us:.0f} us"
+            if args.predict_process
+            else ""
+        )
+        + f". The engine alone, its worker thread's CPU time per batch of "
         f"{args.clients}: {model.batch_ms:.1f} ms, and {model.contended_batch_ms:.1f} ms while "
         f"another thread of the process runs Python "
         f"({model.contended_batch_ms / model.batch_ms:.2f}x: torch's operator bindings release "
@@ -434,6 +468,11 @@ def main() -> None:
         "--traced-forwards",
         action="store_true",
         help="the coordinator (and the model-only engine) with traced_forwards = true",
+    )
+    parser.add_argument(
+        "--predict-process",
+        action="store_true",
+        help="the coordinator with predict_process = true (Predict's model in its own process)",
     )
     parser.add_argument(
         "--unset-env",

@@ -12,9 +12,12 @@ import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from moerge.base_model import default_base_model
+
+if TYPE_CHECKING:
+    from moerge.storage.blobstore import BlobStore
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -93,6 +96,7 @@ class CoordinatorConfig:
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS  # Generate/Predict default
     batch_wait_ms: float = 5.0  # micro-batcher: how long to wait for more requests
     traced_forwards: bool = False  # classification: forwards as TorchScript graphs
+    predict_process: bool = False  # Predict's model in a process of its own (CPU serving)
     grace_seconds: float = 5.0  # graceful-shutdown grace for in-flight RPCs
     log_json: bool = False
     metrics_listen: str = ""  # host:port of the Prometheus /metrics endpoint; "" = off
@@ -113,6 +117,18 @@ class CoordinatorConfig:
     def blob_dir(self) -> Path:
         """Where a local blob store keeps the blobs: ``blobs`` in the data folder."""
         return Path(self.data_dir) / "blobs"
+
+    def open_blob_store(self) -> BlobStore:
+        """The blob store this config names (``blob_store``: local folder or S3)."""
+        from moerge.storage.blobstore import open_blob_store
+
+        return open_blob_store(
+            self.blob_store,
+            self.blob_dir,
+            Path(self.data_dir) / "blob-tmp",
+            self.s3_endpoint_url,
+            self.s3_region,
+        )
 
     @property
     def staging_dir(self) -> Path:

@@ -25,6 +25,7 @@ from sqlalchemy import Engine
 
 from moerge.coordinator.config import CoordinatorConfig
 from moerge.coordinator.housekeeping import run_periodically
+from moerge.coordinator.inference.engine_process import EngineProcess
 from moerge.coordinator.inference.service import InferenceService
 from moerge.coordinator.interceptors.rate_limit import Buckets, LocalBuckets
 from moerge.coordinator.interceptors.shared_limits import open_buckets
@@ -35,7 +36,7 @@ from moerge.coordinator.uploads.base_model import BaseModelSpec, describe_base_m
 from moerge.coordinator.uploads.privacy_policy import PrivacyPolicy
 from moerge.coordinator.uploads.receiver import UploadReceiver
 from moerge.router_training.policy import RetrainPolicy
-from moerge.storage.blobstore import BlobStore, open_blob_store
+from moerge.storage.blobstore import BlobStore
 from moerge.storage.db import make_engine, upgrade
 from moerge.storage.registry import Registry
 
@@ -76,13 +77,7 @@ class CoordinatorState:
         data_dir.mkdir(parents=True, exist_ok=True)
         engine = make_engine(config.database_url)
         upgrade(engine)
-        blobs = open_blob_store(
-            config.blob_store,
-            config.blob_dir,
-            data_dir / "blob-tmp",
-            config.s3_endpoint_url,
-            config.s3_region,
-        )
+        blobs = config.open_blob_store()
         blobs.cleanup_temp()  # this process's temp files only
         registry = Registry(engine, blobs)
         bootstrap_admin(registry, config)
@@ -134,8 +129,13 @@ class CoordinatorState:
     def _build_inference(self) -> InferenceService:
         with self._inference_lock:  # two first requests at once build one service
             if self.inference is None:
+                remote = (
+                    EngineProcess(self.config, self.registry.generation)
+                    if self.config.predict_process
+                    else None
+                )
                 self.inference = InferenceService(
-                    self.config, self.registry, self.experts, self.routers
+                    self.config, self.registry, self.experts, self.routers, engine_process=remote
                 )
             return self.inference
 

@@ -25,8 +25,9 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -140,6 +141,39 @@ class RestrictedRouter(Router):
 
 
 @dataclass(frozen=True)
+class RemoteRequest:
+    """One Predict as an engine process receives it (``predict_process``): plain fields.
+
+    Routed: ``router_version`` is the version the front resolved (0: no router trained, the
+    on-the-fly fallback), restricted to ``expert_filter`` and the active experts. A stored
+    composition: ``composition`` holds its experts and signed weights; no router.
+    """
+
+    texts: list[str]
+    router_version: int = 0
+    expert_filter: tuple[str, ...] = ()
+    top_k: int = 0
+    aggregation: str | None = None  # an Aggregation value
+    max_new_tokens: int = 0
+    composition: tuple[tuple[str, ...], tuple[float, ...]] | None = None
+
+
+class RemoteEngine(Protocol):
+    """Where Predict's batches run when not in this process
+    (:class:`~moerge.coordinator.inference.engine_process.EngineProcess`)."""
+
+    def predict_many(
+        self, requests: Sequence[RemoteRequest]
+    ) -> list[list[ExamplePrediction] | BaseException]:
+        """One batch: each request's predictions or its error, in order."""
+        ...
+
+    def close(self) -> None:
+        """Stop it."""
+        ...
+
+
+@dataclass(frozen=True)
 class Chosen:
     """The router a request will use, and what to tell the caller about it.
 
@@ -166,11 +200,17 @@ class InferenceService:
         registry: Registry,
         experts: ExpertStore,
         routers: RouterService,
+        generation: Callable[[], int] | None = None,
+        engine_process: RemoteEngine | None = None,
     ) -> None:
+        """``generation``: what the request-path caches are valid under (default: the
+        registry's; the engine process adds the front's). ``engine_process``: where Predict's
+        batches run instead of this process's engine (``predict_process``)."""
         self.config = config
         self.registry = registry
         self.experts = experts
         self.routers = routers
+        generation = generation or registry.generation
         self.placement = resolve_placement(config.device, config.dtype)
         log.info("inference on %s", self.placement.description)
         self.engine = InferenceEngine(
@@ -194,19 +234,29 @@ class InferenceService:
             generation_fused_rotary=config.generation_fused_rotary,
             traced_forwards=config.traced_forwards,
         )
-        self.batcher: MicroBatcher[InferenceRequest, list[ExamplePrediction]] = MicroBatcher(
-            self.engine.predict_many,
-            max_wait_ms=config.batch_wait_ms,
-            executor=self.engine.executor,
-            size_of=lambda request: len(request.texts),
+        #: Predict's model in a process of its own (``predict_process``), else None
+        self.engine_process = engine_process
+        self.batcher: MicroBatcher[InferenceRequest | RemoteRequest, list[ExamplePrediction]] = (
+            MicroBatcher(
+                self.engine_process.predict_many,  # type: ignore[arg-type]
+                max_wait_ms=config.batch_wait_ms,
+                size_of=lambda request: len(request.texts),
+            )
+            if self.engine_process is not None
+            else MicroBatcher(
+                self.engine.predict_many,  # type: ignore[arg-type]
+                max_wait_ms=config.batch_wait_ms,
+                executor=self.engine.executor,
+                size_of=lambda request: len(request.texts),
+            )
         )
         self._fallback: tuple[str, Router] | None = None
         self._lock = threading.Lock()
-        self._active: GenerationCache[dict[str, ExpertInfo]] = GenerationCache(registry.generation)
+        self._active: GenerationCache[dict[str, ExpertInfo]] = GenerationCache(generation)
         #: (method, version, expert filter, active router) -> the request's router
-        self._chosen: GenerationCache[Chosen] = GenerationCache(registry.generation)
+        self._chosen: GenerationCache[Chosen] = GenerationCache(generation)
         #: (composition name, version) -> the stored composition
-        self._compositions: GenerationCache[CompositionInfo] = GenerationCache(registry.generation)
+        self._compositions: GenerationCache[CompositionInfo] = GenerationCache(generation)
 
     def _expert_folder(self, expert_id: str):
         return self.experts.folder(self.registry.get_expert(expert_id))
@@ -221,6 +271,8 @@ class InferenceService:
             batches,
             items / max(1, batches),
         )
+        if self.engine_process is not None:
+            await asyncio.to_thread(self.engine_process.close)
         await asyncio.to_thread(self.engine.close)
 
     # -- choosing a router --------------------------------------------------------------------
@@ -241,8 +293,18 @@ class InferenceService:
         key = (method, version, tuple(expert_filter), id(self.routers.active))
         chosen = self._chosen.get(key)
         if chosen is None:
-            generation = self.registry.generation()
+            generation = self._chosen.generation()
             chosen = await asyncio.to_thread(self.choose, method, version, expert_filter)
+            self._chosen.put(key, chosen, generation)
+        return chosen
+
+    def chosen_now(self, method: str, version: int, expert_filter: Sequence[str]) -> Chosen:
+        """:meth:`chosen` for a caller that may block on the database (the engine process)."""
+        key = (method, version, tuple(expert_filter), id(self.routers.active))
+        chosen = self._chosen.get(key)
+        if chosen is None:
+            generation = self._chosen.generation()
+            chosen = self.choose(method, version, expert_filter)
             self._chosen.put(key, chosen, generation)
         return chosen
 
@@ -357,8 +419,19 @@ class InferenceService:
         started = time.perf_counter()
         self.check_inputs(inputs)
         chosen = await self.chosen(method, version, expert_filter)
-        plan = self.request_plan(chosen.router, top_k, aggregation, len(inputs))
-        request = InferenceRequest(list(inputs), plan, max_new_tokens or None)
+        request: InferenceRequest | RemoteRequest
+        if self.engine_process is not None:  # the engine process resolves the same version
+            request = RemoteRequest(
+                list(inputs),
+                chosen.version,
+                tuple(expert_filter),
+                top_k,
+                aggregation.value if aggregation is not None else None,
+                max_new_tokens,
+            )
+        else:
+            plan = self.request_plan(chosen.router, top_k, aggregation, len(inputs))
+            request = InferenceRequest(list(inputs), plan, max_new_tokens or None)
         predictions = await self.batcher.submit(request)
         return predictions, chosen, (time.perf_counter() - started) * 1000
 
@@ -397,8 +470,15 @@ class InferenceService:
         started = time.perf_counter()
         self.check_inputs(inputs)
         info = await self.composition(name, version)
-        plan = composition_plan(info.expert_ids, info.weights, len(inputs))
-        request = InferenceRequest(list(inputs), plan, max_new_tokens or None)
+        request: InferenceRequest | RemoteRequest
+        if self.engine_process is not None:
+            composition = (tuple(info.expert_ids), tuple(info.weights))
+            request = RemoteRequest(
+                list(inputs), max_new_tokens=max_new_tokens, composition=composition
+            )
+        else:
+            plan = composition_plan(info.expert_ids, info.weights, len(inputs))
+            request = InferenceRequest(list(inputs), plan, max_new_tokens or None)
         predictions = await self.batcher.submit(request)
         return predictions, info, (time.perf_counter() - started) * 1000
 

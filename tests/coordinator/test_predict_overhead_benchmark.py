@@ -17,15 +17,20 @@ def _bench() -> ModuleType:
     return load_benchmark("predict_overhead")
 
 
-@pytest.mark.parametrize("traced_forwards", [False, True], ids=["eager", "traced"])
+@pytest.mark.parametrize(
+    ("traced_forwards", "predict_process"),
+    [(False, False), (True, False), (False, True)],
+    ids=["eager", "traced", "engine-process"],
+)
 def test_a_short_run_measures_both_servers_without_errors(
-    tmp_path: Path, traced_forwards: bool
+    tmp_path: Path, traced_forwards: bool, predict_process: bool
 ) -> None:
     bench = _bench()
     args = argparse.Namespace(
         seconds=1.0, clients=4, experts=2, rank=4, batch_wait_ms=None, unset_env=[]
     )
     args.traced_forwards = traced_forwards
+    args.predict_process = predict_process
     phases, model, batch = bench.run(args, tmp_path)
     assert [p.name for p in phases] == ["echo", "Predict", "echo"]
     for phase in phases:
@@ -39,3 +44,6 @@ def test_a_short_run_measures_both_servers_without_errors(
     assert "Predict / echo" in report and "server CPU per request" in report
     assert "By thread, per Predict" in report
     assert ("traced forwards" in report) == traced_forwards
+    # the engine process's CPU is the server's too, and reported on its own
+    assert (phases[1].engine_cpu_seconds > 0) == predict_process
+    assert ("the engine process (`predict_process`)" in report) == predict_process
