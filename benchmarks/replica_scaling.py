@@ -11,9 +11,17 @@ Set-up (every piece a real process on this machine):
   router, then stops; the replicas (role ``inference``, one torch thread each) load that router;
 * a load balancer: nginx with ``grpc_pass`` when the ``nginx`` binary is found, else gRPC's
   client-side ``round_robin`` policy over the replicas' addresses;
-* closed-loop Predict clients in separate processes (one per replica served, each
-  ``--clients-per-replica`` calls in flight on grpc.aio), the request mix and tiny model of
-  ``benchmarks/predict_overhead.py``.
+* closed-loop Predict clients in separate processes, ``--clients-per-replica`` calls in flight
+  per replica served on grpc.aio, spread over the same number of client processes in every
+  phase (``--client-processes``, default the most replicas asked for); the request mix and
+  tiny model of ``benchmarks/predict_overhead.py``.
+
+Why the same client processes in every phase: one client process whose calls all go to one
+replica answers a whole engine batch at once and sends the next batch's calls together, a
+lockstep that fills every batch; spread over several replicas, its calls arrive at each replica
+in pieces. The same client processes in every phase give every phase the same clients; they do
+not stop the lockstep (4 processes still filled one replica's batches on 2026-12-07, and 4
+replicas then served 0.78x linear; results/replica_scaling.md).
 
 Each phase serves through the first N replicas and reports requests/s, p50/p99, the CPU the
 replicas and the clients used, and the ratio to linear: (requests/s at N / N) over (requests/s
@@ -27,12 +35,8 @@ own dependencies is needed.
 
 ``--pin`` (Linux) gives each replica a physical core of its own (both hyperthreads) and the
 client processes the cores left, so that a replica added never shares a core with another
-replica or a client. On the 16-vCPU host, 4 replicas served 0.74x linear unpinned and 0.67x
-pinned (2026-12-06/07): the kernel's placement is not the cause. Each phase also reports the
-replicas' CPU per request and their requests per engine batch (from each replica's
-``/metrics``): with every client's calls spread over all replicas, a replica's batches may hold
-fewer requests than one replica's lockstep batches, and the engine's cost per request grows as
-its batches shrink.
+replica or a client. Each phase also reports the replicas' CPU per request and their requests
+per engine batch (from each replica's ``/metrics``).
 """
 
 from __future__ import annotations
@@ -89,6 +93,18 @@ def cpu_seconds(pid: int) -> float:
     """User + system CPU time of process ``pid`` so far, all its threads."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU time of ``pid`` and its child processes (a replica's engine process, with
+    ``predict_process``)."""
+    children: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            children += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            continue
+    return cpu_seconds(pid) + sum(cpu_seconds(child) for child in children)
 
 
 def python_path() -> str:
@@ -432,15 +448,20 @@ def run_phase(
     client_cpus: set[int] | None = None,
 ) -> Phase:
     target, options = balancer.serve([r.address for r in replicas])
-    plan = ClientPlan(
-        target=target,
-        options=options,
-        admin=admin,
-        expert_ids=expert_ids,
-        in_flight=args.clients_per_replica,
-        seconds=args.seconds,
-        warm_seconds=min(3.0, max(1.0, args.seconds / 4)),
-    )
+    processes = args.client_processes or max(args.replicas)
+    calls = args.clients_per_replica * len(replicas)  # in flight, spread over the processes
+    plans = [
+        ClientPlan(
+            target=target,
+            options=options,
+            admin=admin,
+            expert_ids=expert_ids,
+            in_flight=calls // processes + (i < calls % processes),
+            seconds=args.seconds,
+            warm_seconds=min(3.0, max(1.0, args.seconds / 4)),
+        )
+        for i in range(processes)
+    ]
     env = {**os.environ, "PYTHONPATH": python_path()}
     clients = [
         subprocess.Popen(
@@ -451,15 +472,15 @@ def run_phase(
             env=env,
             preexec_fn=pinned(client_cpus),
         )
-        for _ in replicas
+        for plan in plans
     ]
     try:
         for client in clients:
             assert client.stdout is not None
             if client.stdout.readline().strip() != "ready":
                 raise RuntimeError("a client process did not start")
-        phase = Phase(len(replicas), len(clients) * args.clients_per_replica, args.seconds)
-        before = sum(cpu_seconds(r.pid) for r in replicas)
+        phase = Phase(len(replicas), calls, args.seconds)
+        before = sum(tree_cpu_seconds(r.pid) for r in replicas)
         batches_before = [r.batch_counters() for r in replicas]
         balancer_before = balancer.cpu_seconds()
         for client in clients:
@@ -467,7 +488,7 @@ def run_phase(
             client.stdin.write("go\n")
             client.stdin.flush()
         time.sleep(args.seconds)
-        phase.replica_cpu_seconds = sum(cpu_seconds(r.pid) for r in replicas) - before
+        phase.replica_cpu_seconds = sum(tree_cpu_seconds(r.pid) for r in replicas) - before
         phase.balancer_cpu_seconds = balancer.cpu_seconds() - balancer_before
         for replica, (batches, requests) in zip(replicas, batches_before, strict=True):
             batches_now, requests_now = replica.batch_counters()
@@ -498,11 +519,17 @@ class Placement:
     clients: set[int] | None
 
     @classmethod
-    def plan(cls, count: int) -> Placement:
+    def plan(cls, count: int, per_replica: int = 1) -> Placement:
+        """``per_replica`` physical cores each (2 with ``predict_process``: the front and its
+        engine process)."""
         cores = physical_cores()
-        if len(cores) < count + 1:
-            raise SystemExit(f"--pin needs {count + 1} physical cores, found {len(cores)}")
-        return cls(cores[:count], set().union(*cores[count:]))
+        needed = count * per_replica + 1
+        if len(cores) < needed:
+            raise SystemExit(f"--pin needs {needed} physical cores, found {len(cores)}")
+        replicas = [
+            set().union(*cores[i * per_replica : (i + 1) * per_replica]) for i in range(count)
+        ]
+        return cls(replicas, set().union(*cores[count * per_replica :]))
 
     def describe(self) -> str:
         if not self.replicas:
@@ -547,6 +574,8 @@ def run(args: argparse.Namespace, workdir: Path) -> Run:
         "grace_seconds": 1,
         "metrics_listen": "127.0.0.1:0",  # requests per engine batch, from each replica
     }
+    if args.predict_process:
+        settings["predict_process"] = "true"
     replicas: list[Replica] = []
     try:
         seeder = Replica(workdir / "seeder", blobs, settings)
@@ -554,7 +583,11 @@ def run(args: argparse.Namespace, workdir: Path) -> Run:
             expert_ids = seed(seeder.address, admin, folders)
         finally:
             seeder.stop()
-        placement = Placement.plan(max(args.replicas)) if args.pin else Placement([], None)
+        placement = (
+            Placement.plan(max(args.replicas), 2 if args.predict_process else 1)
+            if args.pin
+            else Placement([], None)
+        )
         for i in range(max(args.replicas)):
             replicas.append(
                 Replica(
@@ -605,10 +638,12 @@ def markdown(result: Run, args: argparse.Namespace) -> str:
         f"- balancer: {result.balancer}",
         f"- CPU placement: {result.placement}",
         f"- workload: tiny random BERT, {args.experts} experts (LoRA r=8) behind a centroid "
-        f"router, adapter caches warm; replicas of role `inference`, one torch thread each; one "
-        f"client process per replica served, {args.clients_per_replica} closed-loop Predict "
-        f"calls in flight each (one input, half restricted to one random expert); "
-        f"{args.seconds:.0f} s per phase",
+        f"router, adapter caches warm; replicas of role `inference`, one torch thread each; "
+        f"{args.clients_per_replica} closed-loop Predict calls in flight per replica served "
+        f"(one input, half restricted to one random expert), "
+        f"spread over {args.client_processes or max(args.replicas)} client processes in every "
+        f"phase; {args.seconds:.0f} s per phase"
+        + ("; `predict_process = true`" if args.predict_process else ""),
         "",
         "| replicas | clients | requests | errors | requests/s | ratio to linear | p50 | p99 "
         "| replica CPU (cores) | replica CPU per request | requests per engine batch "
@@ -659,6 +694,18 @@ def main() -> None:
         "--pin",
         action="store_true",
         help="each replica on a physical core of its own, the clients on the rest (Linux)",
+    )
+    parser.add_argument(
+        "--client-processes",
+        type=int,
+        help="client processes in every phase, the phase's calls in flight spread over them "
+        "(default: the most replicas of --replicas), so that every phase's replicas see the "
+        "same arrival pattern",
+    )
+    parser.add_argument(
+        "--predict-process",
+        action="store_true",
+        help="replicas with predict_process = true (each replica's model in a process of its own)",
     )
     parser.add_argument("--output", type=Path, default=RESULTS)
     parser.add_argument("--serve-replica", action="store_true", help=argparse.SUPPRESS)

@@ -1,6 +1,7 @@
 """``benchmarks/replica_scaling.py`` at its smallest setting, as a command: one inference
-replica, a 2-second phase, on the fallbacks a machine without PostgreSQL and nginx uses (one
-SQLite file, the clients' round_robin policy), so the benchmark keeps working there."""
+replica, a 2-second phase, its calls from two client processes, on the fallbacks a machine
+without PostgreSQL and nginx uses (one SQLite file, the clients' round_robin policy), so the
+benchmark keeps working there."""
 
 from __future__ import annotations
 
@@ -19,9 +20,11 @@ def test_one_replica_for_two_seconds_answers_every_call_and_writes_the_report(
     report = tmp_path / "replica_scaling.md"
     command = [sys.executable, str(BENCHMARK), "--replicas", "1", "--seconds", "2"]
     command += ["--clients-per-replica", "4", "--experts", "2", "--output", str(report)]
-    command += ["--registry", "sqlite", "--balancer", "round_robin"]
+    command += ["--registry", "sqlite", "--balancer", "round_robin", "--client-processes", "2"]
     subprocess.run(command, check=True, timeout=300, capture_output=True)
     text = report.read_text()
+    assert "4 closed-loop Predict calls in flight per replica served" in text
+    assert "spread over 2 client processes in every phase" in text
     assert "registry: one SQLite file in WAL mode" in text
     assert "balancer: gRPC client-side round_robin" in text
     assert "cores, CPU only" in text and "command: `python benchmarks/replica_scaling.py" in text
