@@ -23,16 +23,19 @@ TEXTS = ["the film was great", "the bank stock fell", "a dull match"]
 
 
 @pytest.fixture
-def pair(tmp_path: Path, tiny_bert: Path) -> Iterator[tuple[BackgroundCoordinator, ...]]:
-    """Two coordinators over the same experts: the engine in-process, and in its own process."""
+def pair(
+    tmp_path: Path, tiny_bert: Path, db_url: str
+) -> Iterator[tuple[BackgroundCoordinator, ...]]:
+    """Two coordinators over the same experts: the engine in-process (SQLite), and in its own
+    process, whose registry is SQLite in one run and PostgreSQL in the other."""
     folders = [
         make_expert_dir(tiny_bert, tmp_path / f"e{i}", labels=labels, seed=i, task_name=f"t{i}")
         for i, labels in enumerate((("neg", "pos"), ("sport", "tech", "money"), ("neg", "pos")))
     ]
     running = []
     try:
-        for name, separate in (("inline", False), ("process", True)):
-            config = coordinator_config(tmp_path / name, tiny_bert, predict_process=separate)
+        for name, separate, url in (("inline", False, ""), ("process", True, db_url)):
+            config = coordinator_config(tmp_path / name, tiny_bert, url, predict_process=separate)
             coordinator = BackgroundCoordinator(config).__enter__()
             running.append(coordinator)
             _, credential = enroll(coordinator.address, coordinator.admin_token(), "lab")
