@@ -29,8 +29,8 @@ the network is unpickled. A child that dies fails its batch with INTERNAL and is
 for the next one.
 
 Route, Generate and composition searches stay on the front's own engine: this is for Predict's
-throughput on CPUs (on a GPU it would hold a second copy of the model). The adapter-cache
-metrics count the front's engine only.
+throughput on CPUs (on a GPU it would hold a second copy of the model). Each reply carries the
+engine process's adapter-cache stats, which /metrics adds to the front engine's.
 """
 
 from __future__ import annotations
@@ -109,6 +109,8 @@ class RemoteRefusal:
 
 
 Result = list[ExamplePrediction] | BaseException
+#: adapter-cache counters (the rest of ``AdapterCache.stats`` are levels)
+COUNTERS = ("hits", "loads", "evictions")
 
 
 class EngineProcess:
@@ -125,6 +127,10 @@ class EngineProcess:
         self._process: multiprocessing.process.BaseProcess | None = None
         self._conn: Connection | None = None
         self.starts = 0
+        #: the engine process's adapter-cache stats after its latest batch, and the counters
+        #: of engine processes that died
+        self._stats: dict[str, int] = {}
+        self._retired = dict.fromkeys(COUNTERS, 0)
         self._start()
 
     @property
@@ -165,13 +171,24 @@ class EngineProcess:
             assert self._conn is not None and self._process is not None
             try:
                 self._conn.send((self.generation(), list(requests)))
-                replies = self._conn.recv()
+                replies, self._stats = self._conn.recv()
             except (EOFError, OSError) as exc:
                 code = self._process.exitcode
+                for key in COUNTERS:  # a restarted engine counts from 0 again
+                    self._retired[key] += self._stats.get(key, 0)
+                self._stats = {}
                 self._stop()
                 log.error("the engine process died (exit code %s); restarting it", code)
                 raise RuntimeError("the engine process died; it is started again") from exc
         return [r.exception() if isinstance(r, RemoteRefusal) else r for r in replies]
+
+    def cache_stats(self) -> dict[str, int]:
+        """The engine process's adapter cache (``AdapterCache.stats``), its counters including
+        those of engine processes that died."""
+        stats = dict(self._stats)
+        for key, value in self._retired.items():
+            stats[key] = stats.get(key, 0) + value
+        return stats
 
     def _stop(self) -> None:
         if self._conn is not None:
@@ -275,7 +292,7 @@ def serve(config: CoordinatorConfig, conn: Connection) -> None:
             if message is None:
                 break
             generation.front, batch = message
-            conn.send(run_batch(service, batch))
+            conn.send((run_batch(service, batch), service.engine.cache.stats()))
 
     try:
         service.engine.executor.submit(answer).result()

@@ -168,6 +168,10 @@ class RemoteEngine(Protocol):
         """One batch: each request's predictions or its error, in order."""
         ...
 
+    def cache_stats(self) -> dict[str, int]:
+        """Its adapter cache's ``AdapterCache.stats``."""
+        ...
+
     def close(self) -> None:
         """Stop it."""
         ...
@@ -274,6 +278,15 @@ class InferenceService:
         if self.engine_process is not None:
             await asyncio.to_thread(self.engine_process.close)
         await asyncio.to_thread(self.engine.close)
+
+    def cache_stats(self) -> dict[str, int]:
+        """The adapter caches' ``AdapterCache.stats``: this process's engine plus the engine
+        process's, if Predict runs in one (each holds its own adapters and budget)."""
+        stats = self.engine.cache.stats()
+        if self.engine_process is not None:
+            for key, value in self.engine_process.cache_stats().items():
+                stats[key] = stats.get(key, 0) + value
+        return stats
 
     # -- choosing a router --------------------------------------------------------------------
     def active_experts(self) -> dict[str, ExpertInfo]:

@@ -276,7 +276,7 @@ class StateCollector(Collector):
             ),
         ]
         inference = state.inference
-        stats = inference.engine.cache.stats() if inference is not None else {}
+        stats = inference.cache_stats() if inference is not None else {}
         families += [
             GaugeMetricFamily(
                 "moerge_adapter_cache_bytes",

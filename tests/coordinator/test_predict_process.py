@@ -106,6 +106,12 @@ def test_engine_process_answers_as_the_engine_in_process_does(
     assert answers(only) == answers(predict(inline, expert_ids=[expert_id(inline, "expert1")]))
     batcher = process.state.inference.batcher
     assert batcher.batches >= 5 and process.state.inference.engine_process.starts == 1
+    # the experts were loaded in the engine process; /metrics reads these sums
+    front = process.state.inference.engine.cache.stats()
+    total = process.state.inference.cache_stats()
+    assert front["loads"] == 0 and total["loads"] >= 2  # the experts these texts routed to
+    assert total["resident"] == total["loads"]  # nothing evicted
+    assert total["budget_bytes"] == 2 * front["budget_bytes"]  # two caches, one budget each
 
 
 def test_engine_process_obeys_a_quarantine_in_the_next_request(
@@ -152,5 +158,8 @@ def test_a_killed_engine_process_fails_one_batch_and_is_started_again(
     with pytest.raises(grpc.RpcError) as failed:
         predict(process)
     assert failed.value.code() == grpc.StatusCode.INTERNAL
+    loads = process.state.inference.cache_stats()["loads"]
     assert answers(predict(process)) == answers(first)
     assert engine.starts == 2
+    # the new engine process loads the experts again; the dead one's loads still count
+    assert process.state.inference.cache_stats()["loads"] > loads
