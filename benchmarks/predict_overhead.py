@@ -49,6 +49,7 @@ from load_test import predict_request, seed  # noqa: E402
 
 from moerge.v1 import inference_pb2  # noqa: E402
 from tests.experts import make_expert_dir  # noqa: E402
+from tests.processes import children  # noqa: E402
 from tests.reliability.coordinator_process import CoordinatorProcess, bearer  # noqa: E402
 from tests.tiny_models import make_tiny_bert  # noqa: E402
 
@@ -103,18 +104,6 @@ def cpu_seconds(pid: int, tid: int | None = None) -> float:
     except OSError:  # a thread that has ended
         return 0.0
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def children(pid: int) -> list[int]:
-    """The child processes of ``pid`` (the coordinator's engine process, with
-    ``predict_process``)."""
-    found: list[int] = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
-            found += [int(c) for c in (task / "children").read_text().split()]
-        except OSError:
-            continue
-    return found
 
 
 def tree_cpu_seconds(pid: int) -> float:

@@ -98,13 +98,9 @@ def cpu_seconds(pid: int) -> float:
 def tree_cpu_seconds(pid: int) -> float:
     """CPU time of ``pid`` and its child processes (a replica's engine process, with
     ``predict_process``)."""
-    children: list[int] = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
-            children += [int(c) for c in (task / "children").read_text().split()]
-        except OSError:
-            continue
-    return cpu_seconds(pid) + sum(cpu_seconds(child) for child in children)
+    from tests.processes import children
+
+    return cpu_seconds(pid) + sum(cpu_seconds(child) for child in children(pid))
 
 
 def python_path() -> str:

@@ -14,18 +14,8 @@ import pytest
 
 from moerge.contributor_client.connection import Target
 from moerge.contributor_client.upload import upload_expert
+from tests.processes import children
 from tests.reliability.coordinator_process import CoordinatorProcess
-
-
-def children(pid: int) -> list[int]:
-    """The live child processes of ``pid`` (Linux procfs)."""
-    found: list[int] = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
-            found += [int(c) for c in (task / "children").read_text().split()]
-        except OSError:
-            continue
-    return found
 
 
 def exited(pid: int, seconds: float) -> bool:
