@@ -46,7 +46,10 @@ def run_checks(config: CoordinatorConfig) -> bool:
     try:
         from moerge.coordinator.inference.device import resolve_placement
 
-        report("inference device", True, resolve_placement(config.device, config.dtype).description)
+        described = resolve_placement(config.device, config.dtype).description
+        if config.predict_process:
+            described += "; Predict's model in a process of its own (predict_process)"
+        report("inference device", True, described)
     except Exception as exc:
         report("inference device", False, f"{type(exc).__name__}: {exc}")
     for name in ("tls_cert", "tls_key"):

@@ -56,6 +56,11 @@ def test_cpu_coordinator_check_says_which_device_it_will_use(stack: Stack) -> No
     assert result.returncode == 0, result.stdout + result.stderr
     assert "[ok] inference device: cpu" in result.stdout
     assert "float32" in result.stdout
+    assert "process of its own" not in result.stdout
+    env["MOERGE_PREDICT_PROCESS"] = "true"
+    result = run(["moerge", "coordinator", "serve", "--check"], env, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Predict's model in a process of its own (predict_process)" in result.stdout
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a GPU-less machine")
