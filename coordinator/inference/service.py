@@ -303,17 +303,17 @@ class InferenceService:
         A hit costs no thread hop and returns the same router object as the last request of its
         shape, which is what lets the batcher put them in one engine call.
         """
-        key = (method, version, tuple(expert_filter), id(self.routers.active))
-        chosen = self._chosen.get(key)
-        if chosen is None:
-            generation = self._chosen.generation()
-            chosen = await asyncio.to_thread(self.choose, method, version, expert_filter)
-            self._chosen.put(key, chosen, generation)
-        return chosen
+        cached = self._chosen.get(self._chosen_key(method, version, expert_filter))
+        if cached is not None:
+            return cached
+        return await asyncio.to_thread(self.chosen_now, method, version, expert_filter)
+
+    def _chosen_key(self, method: str, version: int, expert_filter: Sequence[str]) -> tuple:
+        return (method, version, tuple(expert_filter), id(self.routers.active))
 
     def chosen_now(self, method: str, version: int, expert_filter: Sequence[str]) -> Chosen:
         """:meth:`chosen` for a caller that may block on the database (the engine process)."""
-        key = (method, version, tuple(expert_filter), id(self.routers.active))
+        key = self._chosen_key(method, version, expert_filter)
         chosen = self._chosen.get(key)
         if chosen is None:
             generation = self._chosen.generation()
