@@ -13,21 +13,22 @@ from tests.coordinator.harness import BackgroundCoordinator
 from tests.coordinator.test_server import enroll
 from tests.experts import make_expert_dir
 
+#: coordinator settings for the tiny Llama (session fixture ``tiny_llama``) as a causal LM
+TINY_LLAMA_SETTINGS: dict[str, object] = {
+    "base_model_id": "tiny-llama",
+    "task_type": "causal_lm",
+    "target_modules": ("q_proj", "v_proj"),
+    "max_input_tokens": 32,
+    "max_new_tokens": 8,
+}
+
 
 @contextmanager
 def causal_lm_coordinator(root: Path, tiny_llama: Path) -> Iterator[BackgroundCoordinator]:
     """A coordinator (SQLite, the tiny Llama on ``device = auto``) with two experts, ``lm0``
     and ``lm1``, uploaded by one enrolled contributor; no router trained yet."""
     config = coordinator_config(
-        root / "data",
-        tiny_llama,
-        base_model_id="tiny-llama",
-        task_type="causal_lm",
-        target_modules=("q_proj", "v_proj"),
-        max_input_tokens=32,
-        max_new_tokens=8,
-        device="auto",
-        dtype="auto",
+        root / "data", tiny_llama, **TINY_LLAMA_SETTINGS, device="auto", dtype="auto"
     )
     with BackgroundCoordinator(config) as running:
         _, credential = enroll(running.address, running.admin_token(), "lab")

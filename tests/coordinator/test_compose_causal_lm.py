@@ -10,6 +10,7 @@ import pytest
 
 import moerge
 from moerge.results import Composition, GenerateEnd, GenerateStart
+from tests.coordinator.causal_lm import TINY_LLAMA_SETTINGS
 from tests.coordinator.conftest import coordinator_config
 from tests.coordinator.harness import BackgroundCoordinator
 from tests.experts import make_expert_dir
@@ -22,15 +23,7 @@ def served(
     tmp_path_factory: pytest.TempPathFactory, tiny_llama: Path
 ) -> Iterator[BackgroundCoordinator]:
     root = tmp_path_factory.mktemp("compose-lm")
-    config = coordinator_config(
-        root / "data",
-        tiny_llama,
-        base_model_id="tiny-llama",
-        task_type="causal_lm",
-        target_modules=("q_proj", "v_proj"),
-        max_input_tokens=32,
-        max_new_tokens=8,
-    )
+    config = coordinator_config(root / "data", tiny_llama, **TINY_LLAMA_SETTINGS)
     with BackgroundCoordinator(config) as running:
         with moerge.Client(running.address, token=running.admin_token()) as admin:
             invite = admin.create_enrollment_token(note="lab").token

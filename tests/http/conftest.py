@@ -12,6 +12,7 @@ import pytest
 
 from moerge.contributor_client.connection import Target
 from moerge.contributor_client.upload import upload_expert
+from tests.coordinator.causal_lm import TINY_LLAMA_SETTINGS
 from tests.coordinator.conftest import coordinator_config, tiny_bert, tiny_llama  # noqa: F401
 from tests.coordinator.harness import BackgroundCoordinator
 from tests.coordinator.test_server import enroll
@@ -60,15 +61,7 @@ def _serve(root: Path, base_model: Path, **config: object) -> Iterator[Served]:
 @pytest.fixture(scope="module")
 def lm(tmp_path_factory: pytest.TempPathFactory, tiny_llama: Path) -> Iterator[Served]:  # noqa: F811
     """A causal-LM coordinator (tiny Llama with a chat template) serving HTTP."""
-    yield from _serve(
-        tmp_path_factory.mktemp("http-lm"),
-        tiny_llama,
-        base_model_id="tiny-llama",
-        task_type="causal_lm",
-        target_modules=("q_proj", "v_proj"),
-        max_input_tokens=32,
-        max_new_tokens=8,
-    )
+    yield from _serve(tmp_path_factory.mktemp("http-lm"), tiny_llama, **TINY_LLAMA_SETTINGS)
 
 
 @pytest.fixture(scope="module")
