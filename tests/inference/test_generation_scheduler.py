@@ -338,6 +338,18 @@ def test_requests_admitted_together_are_embedded_for_routing_in_one_pass(engine,
         assert [w.expert_id for w in started.experts] == [w.expert_id for w in expected]
 
 
+def test_causal_lm_routing_embeddings_are_the_contributors_embedding_space(engine, base):
+    """The engine embeds prompts through the bare decoder (no LM head, no KV cache); the
+    numbers must stay those contributors summarise with the whole causal LM."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from moerge.embedding import pooled_embeddings
+
+    model = AutoModelForCausalLM.from_pretrained(base)
+    expected = pooled_embeddings(model, AutoTokenizer.from_pretrained(base), PROMPTS)
+    torch.testing.assert_close(engine.embed(PROMPTS), expected, atol=1e-5, rtol=1e-5)
+
+
 def test_a_row_freed_mid_batch_is_reused_and_no_neighbours_text_changes(base, experts):
     """Three rows: the middle request is cancelled and a newcomer takes its row while the
     others decode; every text equals the same request generated alone."""
