@@ -280,10 +280,12 @@ def pinned_engine(base: Path, folders: list[Path], args, dtype, rows: int):
     return ids, engine
 
 
-def burst(engine, prompts: list[str], ids: list[str], sampling) -> tuple[float, list[float], int]:
+def burst(
+    engine, prompts: list[str], ids: list[str], sampling, plan=None
+) -> tuple[float, list[float], int]:
     """Submit every prompt to the engine's scheduler at once, request i pinned to expert
-    ``ids[i % len(ids)]``; wait for all. Returns (seconds, each time to first token in ms,
-    tokens generated)."""
+    ``ids[i % len(ids)]`` (or every request routed by ``plan``); wait for all. Returns
+    (seconds, each time to first token in ms, tokens generated)."""
     from moerge.coordinator.inference.generation.requests import (
         GenerationFinished,
         GenerationRequest,
@@ -308,7 +310,7 @@ def burst(engine, prompts: list[str], ids: list[str], sampling) -> tuple[float, 
                 routing_text=prompt,
                 sampling=sampling,
                 sink=sink,
-                plan=RoutingPlan.explicit([[ids[i % len(ids)]]]),
+                plan=plan or RoutingPlan.explicit([[ids[i % len(ids)]]]),
             )
         )
     for _ in prompts:
@@ -337,7 +339,7 @@ def moerge_in_process(base: Path, folders: list[Path], prompts: list[str], args,
     sampling = SamplingParams(max_new_tokens=args.new_tokens)
     burst(engine, prompts, ids, sampling)  # warm-up: loads every expert used
     settle(engine)
-    elapsed, _, count = burst(engine, prompts, ids, sampling)
+    elapsed, pinned_firsts, count = burst(engine, prompts, ids, sampling)
     # time to first token alone, routed as the server routes: a centroid router over the same
     # statistics (the prompt is embedded by the base model first)
     from moerge.coordinator.services.expert_store import read_statistics
@@ -376,11 +378,24 @@ def moerge_in_process(base: Path, folders: list[Path], prompts: list[str], args,
         done.wait()
         ttft.append(firsts[0])
     ttft = ttft[1:]  # the first one warms the routing path up
+    # the same burst routed by the centroid router, as the server's timed burst is: where its
+    # time to first token goes without gRPC (worker seconds per phase)
+    burst(engine, prompts, ids, sampling, routed)  # warm-up: loads the experts it picks
+    settle(engine)
+    before = dict(engine.scheduler.seconds)
+    _, routed_firsts, _ = burst(engine, prompts, ids, sampling, routed)
+    phases = {k: v - before[k] for k, v in engine.scheduler.seconds.items()}
     engine.close()
     gc.collect()
     if args.device == "cuda":
         torch.cuda.empty_cache()
-    return {"tokens_per_s": count / elapsed, "ttft_ms": statistics.median(ttft)}
+    return {
+        "tokens_per_s": count / elapsed,
+        "ttft_ms": statistics.median(ttft),
+        "burst_ttft_ms": statistics.median(pinned_firsts),
+        "routed_burst_ttft_ms": statistics.median(routed_firsts),
+        "routed_burst_seconds": phases,
+    }
 
 
 # ------------------------------------------------------------------------------------------
@@ -768,6 +783,11 @@ def main(argv: list[str] | None = None) -> None:
         f"{inproc['ttft_ms']:.1f} ms; difference {statistics.median(alone) - inproc['ttft_ms']:.1f}"
         f" ms (goal <= 10 ms)",
         "- router fit on the server: " + ", ".join(f"{m} {s:.1f} s" for m, s in fit.items()),
+        f"- in-process bursts of {args.concurrency}: median time to first token "
+        f"{inproc['burst_ttft_ms']:.0f} ms with one expert pinned per request, "
+        f"{inproc['routed_burst_ttft_ms']:.0f} ms routed by the centroid router (worker seconds: "
+        + ", ".join(f"{k} {v:.2f}" for k, v in inproc["routed_burst_seconds"].items())
+        + ")",
         *(
             f"- {m} burst: median time to first token {served[m]['ttft_ms']:.0f} ms; during it "
             + ", ".join(

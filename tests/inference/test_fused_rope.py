@@ -17,16 +17,19 @@ from moerge.coordinator.inference.generation.fused_rope import (
     fused_or_original,
     fused_rotary_available,
     has_llama_rotary,
+    rows_folded,
     use_fused_rotary,
 )
 from tests.tiny_models import make_tiny_llama
 
 
-def rotary_inputs(device: str = "cpu", dtype: torch.dtype = torch.float32):
+def rotary_inputs(device: str = "cpu", dtype: torch.dtype = torch.float32, length: int = 1):
+    """q, k, cos, sin of 3 rows of ``length`` tokens (1: a decode step), 8 query heads and 2
+    key heads of 16 dimensions, in the projections' layout (views of [R, T, H, D])."""
     generator = torch.Generator().manual_seed(0)
-    q = torch.randn(3, 1, 8, 16, generator=generator).transpose(1, 2)  # [R, H_q, T, D]
-    k = torch.randn(3, 1, 2, 16, generator=generator).transpose(1, 2)  # [R, H_kv, T, D]
-    angles = torch.rand(3, 1, 8, generator=generator) * 6.28
+    q = torch.randn(3, length, 8, 16, generator=generator).transpose(1, 2)  # [R, H_q, T, D]
+    k = torch.randn(3, length, 2, 16, generator=generator).transpose(1, 2)  # [R, H_kv, T, D]
+    angles = torch.rand(3, length, 8, generator=generator) * 6.28
     cos = torch.cat([angles.cos()] * 2, dim=-1)  # [R, T, D]
     sin = torch.cat([angles.sin()] * 2, dim=-1)
     return [t.to(device, dtype) for t in (q, k, cos, sin)]
@@ -48,6 +51,39 @@ def test_tensors_off_cuda_keep_transformers_rotary() -> None:
         rotary(q, k, cos, sin), modeling_llama.apply_rotary_pos_emb(q, k, cos, sin), strict=True
     ):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("length", [1, 5], ids=["decode", "prefill"])
+@pytest.mark.parametrize("shared_cos", [False, True], ids=["cos-per-row", "cos-shared"])
+def test_rows_fold_into_one_sequence_and_keep_each_rows_rotation(
+    shared_cos: bool, length: int
+) -> None:
+    """Liger compiles a kernel per batch size: the fused function must only ever see a batch
+    of one, and the rows must come back rotated by their own positions."""
+    q, k, cos, sin = rotary_inputs(length=length)
+    if shared_cos:  # every row at the same positions (a prefill without per-row offsets)
+        cos, sin = cos[:1], sin[:1]
+    seen = []
+
+    def fused(*args: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        seen.append([tuple(a.shape) for a in args])
+        return modeling_llama.apply_rotary_pos_emb(*args)
+
+    got = rows_folded(fused)(q, k, cos, sin)
+    want = modeling_llama.apply_rotary_pos_emb(q, k, cos, sin)
+    for g, w in zip(got, want, strict=True):
+        assert g.shape == w.shape
+        torch.testing.assert_close(g, w, rtol=0, atol=1e-6)
+    rows, _, _, dim = q.shape
+    tokens = rows * length
+    assert seen == [
+        [
+            (1, q.shape[1], tokens, dim),
+            (1, k.shape[1], tokens, dim),
+            (1, tokens, dim),
+            (1, tokens, dim),
+        ]
+    ]
 
 
 def test_cpu_models_leave_the_modeling_module_alone(tmp_path: Path) -> None:

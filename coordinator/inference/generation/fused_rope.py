@@ -94,8 +94,44 @@ def has_llama_rotary(module: ModuleType) -> bool:
     return reference is not None and _source(function) == reference
 
 
+def rows_folded(fused: Rotary) -> Rotary:
+    """``fused`` called on one sequence of ``R * T`` tokens instead of ``R`` rows of ``T``.
+
+    Liger's kernel takes the batch size and cos's batch size as compile-time constants
+    (``tl.constexpr``), so every new number of rows would build a kernel of its own, a few
+    hundred milliseconds of Triton compilation inside a request: each prefill of a new number
+    of admitted requests, each routing-embedding pass, each eagerly run decode step of a new
+    number of rows. Folded, the rows are one sequence of a batch of one, and one kernel serves
+    every shape (the token count is an ordinary argument). Rows keep their own positions: cos
+    and sin are laid out per token, ``[1, R * T, D]``. The reshapes are views of the
+    projections' ``[R, T, H, D]`` layout; only a cos shared by every row ([1, T, D]) is copied
+    out per row, ``R * T * D`` values.
+    """
+
+    def apply_rotary_pos_emb(
+        q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """q [R, H_q, T, D], k [R, H_kv, T, D], cos and sin [R or 1, T, D]."""
+        rows, heads, length, dim = q.shape
+        kv_heads = k.shape[1]
+        tokens = rows * length
+        cos = cos.expand(rows, -1, -1).reshape(1, tokens, cos.shape[-1])
+        sin = sin.expand(rows, -1, -1).reshape(1, tokens, sin.shape[-1])
+        q_folded = q.transpose(1, 2).reshape(1, tokens, heads, dim).transpose(1, 2)
+        k_folded = k.transpose(1, 2).reshape(1, tokens, kv_heads, dim).transpose(1, 2)
+        q_out, k_out = fused(q_folded, k_folded, cos, sin)
+        return (
+            q_out.transpose(1, 2).reshape(rows, length, heads, dim).transpose(1, 2),
+            k_out.transpose(1, 2).reshape(rows, length, kv_heads, dim).transpose(1, 2),
+        )
+
+    return apply_rotary_pos_emb
+
+
 def fused_or_original(original: Rotary, fused: Rotary) -> Rotary:
-    """``fused`` for CUDA tensors in transformers' default layout, else ``original``."""
+    """``fused`` (rows folded: :func:`rows_folded`) for CUDA tensors in transformers' default
+    layout, else ``original``."""
+    folded = rows_folded(fused)
 
     def apply_rotary_pos_emb(
         q: torch.Tensor,
@@ -106,7 +142,7 @@ def fused_or_original(original: Rotary, fused: Rotary) -> Rotary:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """q [R, H_q, T, D], k [R, H_kv, T, D], cos and sin [R or 1, T, D]."""
         if q.is_cuda and unsqueeze_dim == 1 and q.dim() == 4 and cos.dim() == 3:
-            return fused(q, k, cos, sin)
+            return folded(q, k, cos, sin)
         return original(q, k, cos, sin, unsqueeze_dim)
 
     return apply_rotary_pos_emb
