@@ -68,12 +68,12 @@ def embeddings_of(model: nn.Module, enc: BatchEncoding, causal_lm: bool) -> torc
     hidden state over real tokens, L2-normalised. The engine's model is always in eval mode.
     """
     if causal_lm:
-        # The bare decoder's last hidden state is the final (normed) one, the causal LM's last
+        # The bare decoder (transformers' ``base_model``: ``model`` of a Llama, ``transformer``
+        # of a GPT-2) ends with the final norm, so its last hidden state is the causal LM's last
         # entry of ``hidden_states``: the same numbers without the LM head over every position
         # or a KV cache (an extra forward per routed batch, so it counts).
-        get_decoder: Callable[[], nn.Module] | None = getattr(model, "get_decoder", None)
-        decoder = get_decoder() if get_decoder is not None else model
-        if decoder is not model:
+        decoder = getattr(model, "base_model", model)
+        if isinstance(decoder, nn.Module) and decoder is not model:
             hidden = decoder(**enc, use_cache=False).last_hidden_state
         else:
             hidden = model(**enc, output_hidden_states=True, use_cache=False).hidden_states[-1]
