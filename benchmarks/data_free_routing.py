@@ -166,6 +166,11 @@ def main() -> None:
         action="store_true",
         help="also route by PHATGOOSE's scoring over the tasks' token centroids (uses data)",
     )
+    parser.add_argument(
+        "--target-modules",
+        default="query,value",
+        help="the modules the experts' LoRA adapts (the coordinator's target_modules)",
+    )
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -177,7 +182,11 @@ def main() -> None:
     ]
     rows = test_stream(tasks, args.test_per_task, args.train_per_task, args.seed)
     engine = InferenceEngine(
-        default_base_model(), expert_loader=folders.__getitem__, max_length=128, truncate=True
+        default_base_model(),
+        expert_loader=folders.__getitem__,
+        target_modules=args.target_modules.split(","),
+        max_length=128,
+        truncate=True,
     )
     lines = [f"experts: `{args.experts}`; {len(rows)} held-out texts, {len(tasks)} tasks", ""]
     lines += ["| expert | mean ‖s·B·A‖_F | mean ‖gate‖ |", "| --- | ---: | ---: |"]
