@@ -7,10 +7,10 @@ exactly as Predict serves the stored composition), and the engine runs it on its
 The benchmark (``benchmarks/generalization.py``) calls the same function, so what it measures is
 what the coordinator stores.
 
-For a causal LM the loss is ``1 - exact match`` of the greedy answer (normalised as
-``moerge evaluate`` scores it), not LoraHub's token cross-entropy: the engine has no path that
-scores a given answer yet, and this loss is coarse (k + 1 values for k examples), so the search
-mostly tells apart mixtures that answer differently.
+For a causal LM the loss is LoraHub's: the mean over the examples of each answer's negative
+log-likelihood per token after its prompt (:mod:`.answer_scoring`), so that every change of the
+weights moves it. (Until 2026-12-07 it was ``1 - exact match`` of the greedy answers, which
+takes only k + 1 values; ``benchmarks/generalization_llm.py`` measured both.)
 """
 
 from __future__ import annotations
@@ -60,18 +60,13 @@ def generation_loss(
     prompts: Sequence[str],
     answers: Sequence[str],
 ) -> Callable[[np.ndarray], float]:
-    """``w`` [E] -> share of ``prompts`` whose greedy answer under the merge is not the answer."""
-    from moerge.answers import answers_match, normalise_answer
-
+    """``w`` [E] -> mean negative log-likelihood per token of ``answers`` under the merge."""
     prompts, answers = list(prompts), list(answers)
-    # room for the longest answer and a little more: an answer that runs on is wrong anyway
-    budget = max(len(engine.tokenizer(normalise_answer(a))["input_ids"]) for a in answers) + 4
 
     def loss(weights: np.ndarray) -> float:
         plan = composition_plan(expert_ids, weights, len(prompts))
-        outputs = [p.output for p in engine.predict(prompts, plan, max_new_tokens=budget)]
-        wrong = sum(not answers_match(o, a) for o, a in zip(outputs, answers, strict=True))
-        return wrong / len(answers)
+        losses = engine.answer_losses(prompts, answers, plan)
+        return sum(losses) / len(losses)
 
     return loss
 

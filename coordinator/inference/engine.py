@@ -64,6 +64,7 @@ from moerge.coordinator.config import (
     DEFAULT_CUDA_STEPS_PER_SYNC,
     DEFAULT_MAX_NEW_TOKENS,
 )
+from moerge.coordinator.inference.answer_scoring import AnswerScorer
 from moerge.coordinator.inference.cache import ExpertCache, ExpertLoader, LoadedExpert
 from moerge.coordinator.inference.classify import Classifier, EnsembleMode
 from moerge.coordinator.inference.encoding import (
@@ -196,6 +197,7 @@ class InferenceEngine:
         self.merges = MergedSlots(self.forward)
         self.classifier = Classifier(self.forward, self.cache, self.merges)
         self.generator = Generator(self.forward, self.cache, self.merges, self.tokenizer)
+        self.answer_scorer = AnswerScorer(self.generator)
         self._router = router
         self._worker: int | None = None
         self._executor = ThreadPoolExecutor(
@@ -293,6 +295,24 @@ class InferenceEngine:
         if not self.is_causal_lm:
             raise InvalidPlan("generate needs a causal LM engine")
         return self.predict(texts, plan, max_new_tokens)
+
+    def answer_losses(
+        self, prompts: Sequence[str], answers: Sequence[str], plan: RoutingPlan | None = None
+    ) -> list[float]:
+        """Mean negative log-likelihood of each answer after its prompt under ``plan`` (causal
+        LM; nats per answer token, EOS included; see :mod:`.answer_scoring`)."""
+        if not self.is_causal_lm:
+            raise InvalidPlan("scoring answers needs a causal LM engine")
+        if isinstance(answers, str) or len(answers) != len(prompts):
+            raise InferenceInputError("give one answer per prompt")
+        return self._call(self._answer_losses, self.check_texts(prompts), list(answers), plan)
+
+    def _answer_losses(
+        self, prompts: list[str], answers: list[str], plan: RoutingPlan | None
+    ) -> list[float]:
+        self._encode(prompts)  # the prompts' lengths are checked as a request's would be
+        resolved = resolve_plan(prompts, plan or RoutingPlan.routed(), self._router, self._embed)
+        return self.answer_scorer(prompts, answers, resolved)
 
     @property
     def scheduler(self) -> GenerationScheduler:

@@ -16,6 +16,9 @@ An answer's ``confidence`` is the geometric mean of its tokens' probabilities, E
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -23,10 +26,59 @@ from transformers import BatchEncoding, GenerationMixin, PreTrainedTokenizerBase
 
 from moerge.coordinator.inference.aggregation import EnsembleLogitsProcessor
 from moerge.coordinator.inference.cache import ExpertCache
-from moerge.coordinator.inference.forward import Forward, repeat_rows, used_experts
+from moerge.coordinator.inference.forward import Forward, TokenUsage, repeat_rows, used_experts
 from moerge.coordinator.inference.merging import MergedSlots
 from moerge.coordinator.inference.plan import Aggregation, RoutingPlan
 from moerge.coordinator.inference.results import ExamplePrediction, ExpertWeight, expert_weights
+
+
+@dataclass(frozen=True)
+class AppliedPlan:
+    """What the caller of :func:`applied_plan` needs while the plan is applied."""
+
+    k: int = 1  # rows per input: k of an ensemble of k > 1 (rows expanded), else 1
+    usage: TokenUsage | None = None  # the token router's usage under module mixing
+
+
+@contextmanager
+def applied_plan(
+    forward: Forward,
+    cache: ExpertCache,
+    merges: MergedSlots,
+    plan: RoutingPlan,
+    attention_mask: torch.Tensor,
+) -> Iterator[AppliedPlan]:
+    """The model with ``plan`` applied to a batch whose attention mask is ``attention_mask``
+    [B, T], for generation and for scoring given answers (:mod:`.answer_scoring`).
+
+    Yields the rows per input: an ensemble of k > 1 experts wants the batch expanded k times
+    (row ``b*k+j`` uses expert j of input b, :func:`~.forward.repeat_rows`) and its outputs
+    mixed by the caller; every other plan runs the batch as it is.
+    """
+    aggregation = plan.aggregation or Aggregation.ENSEMBLE
+    if aggregation is Aggregation.MODULE_MIX:
+        router = plan.router
+        assert router is not None
+        with (
+            cache.acquire(router.expert_ids) as loaded,
+            forward.token_routing(router, plan.top_k, attention_mask, loaded) as usage,
+        ):
+            yield AppliedPlan(usage=usage)
+        return
+    if plan.k == 0:
+        with forward.bank.no_routing():
+            yield AppliedPlan()
+        return
+    rows = plan.expert_rows()
+    with cache.acquire(plan.distinct_experts()) as loaded:
+        if aggregation is Aggregation.ENSEMBLE and plan.k > 1:
+            slots = forward.slots([[loaded[e].slot] for ids, _ in rows for e in ids])
+            with forward.one_expert_per_row(slots):  # [B * k, 1]
+                yield AppliedPlan(k=plan.k)
+            return
+        method = "linear" if aggregation is Aggregation.ENSEMBLE else aggregation.merge_method
+        with merges.routing(rows, method, plan.merge, loaded):
+            yield AppliedPlan()
 
 
 class Generator:
@@ -63,38 +115,22 @@ class Generator:
         batch = int(enc["input_ids"].shape[0])
         prompt_length = int(enc["input_ids"].shape[1])
         aggregation = plan.aggregation or Aggregation.ENSEMBLE
-        if aggregation is Aggregation.MODULE_MIX:
-            router = plan.router
-            assert router is not None
-            mask = enc["attention_mask"]
-            with (
-                self.cache.acquire(router.expert_ids) as loaded,
-                self.forward.token_routing(router, plan.top_k, mask, loaded) as usage,
-            ):
-                out = model.generate(**enc, **kwargs)
-            experts = [used_experts(router.expert_ids, usage.mean_weights(b)) for b in range(batch)]
-            return self._texts(out, batch, 1, prompt_length, experts, aggregation)
-        rows = plan.expert_rows()
-        experts_used = [expert_weights(ids, w) for ids, w in rows]
-        if plan.k == 0:
-            with self.forward.bank.no_routing():
-                out = model.generate(**enc, **kwargs)
-            return self._texts(out, batch, 1, prompt_length, experts_used, aggregation)
-        with self.cache.acquire(plan.distinct_experts()) as loaded:
-            if aggregation is Aggregation.ENSEMBLE and plan.k > 1:
-                k = plan.k
-                slots = self.forward.slots([[loaded[e].slot] for ids, _ in rows for e in ids])
+        mask = enc["attention_mask"]
+        with applied_plan(self.forward, self.cache, self.merges, plan, mask) as applied:
+            k, usage = applied.k, applied.usage
+            if k > 1:  # an ensemble of k: the rows expanded, the next tokens mixed
                 assert plan.weights is not None  # k > 1: an explicit plan's [B, k] weights
                 processor = EnsembleLogitsProcessor(plan.weights.to(self.forward.device))
-                with self.forward.one_expert_per_row(slots):  # [B * k, 1]
-                    out = model.generate(
-                        **repeat_rows(enc, k), logits_processor=[processor], **kwargs
-                    )
-                return self._texts(out, batch, k, prompt_length, experts_used, aggregation)
-            method = "linear" if aggregation is Aggregation.ENSEMBLE else aggregation.merge_method
-            with self.merges.routing(rows, method, plan.merge, loaded):
+                out = model.generate(**repeat_rows(enc, k), logits_processor=[processor], **kwargs)
+            else:
                 out = model.generate(**enc, **kwargs)
-            return self._texts(out, batch, 1, prompt_length, experts_used, aggregation)
+        if usage is not None:  # module_mix: the experts each answer used, from the routing
+            router = plan.router
+            assert router is not None
+            experts = [used_experts(router.expert_ids, usage.mean_weights(b)) for b in range(batch)]
+        else:
+            experts = [expert_weights(ids, w) for ids, w in plan.expert_rows()]
+        return self._texts(out, batch, k, prompt_length, experts, aggregation)
 
     def _texts(
         self,
