@@ -2,8 +2,9 @@
 
 Why on the ground floor: the same comparison scores the demo's causal-LM experts
 (:mod:`moerge.llm_demo`), a user's labelled file (:mod:`moerge.evaluation`) and the
-coordinator's few-shot composition search of causal-LM experts, so that all three count the
-same answers right.
+generalization benchmarks, so that all of them count the same answers right. (The few-shot
+composition search scores the answers' likelihood instead: :mod:`moerge.coordinator.inference.
+answer_scoring`.)
 """
 
 from __future__ import annotations
